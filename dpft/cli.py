@@ -47,9 +47,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
     module = importlib.import_module(COMMANDS[name][0])
-    parser = argparse.ArgumentParser(prog=f"dpft {name}", description=COMMANDS[name][1])
+    parser = argparse.ArgumentParser(prog=f"dpft {name}", description=COMMANDS[name][1], allow_abbrev=False)
     module.add_arguments(parser)
-    args = parser.parse_args(rest)
+    if parser.get_default("accepts_config_overrides"):
+        # `--config.privacy.epsilon=4` style overrides go to the command as args.overrides.
+        args, unknown = parser.parse_known_args(rest)
+        bad = [u for u in unknown if u.startswith("-") and not u.lstrip("-").startswith("config.")]
+        if bad:
+            parser.error(f"unrecognized arguments: {' '.join(bad)}")
+        args.overrides = unknown
+    else:
+        args = parser.parse_args(rest)
     try:
         return int(module.run(args) or 0)
     except UsageError as e:

@@ -1,1 +1,10 @@
-"""dpft.evaluate."""
+"""dpft.evaluate: metrics, subgroup fairness gaps and reports from predictions files.
+
+Modules (import the one you need; this package imports nothing heavy):
+  predictions  read/write WORKDIR/predictions/<step>/<split>.{npz,json}; synthetic workdirs
+  metrics      top-1/top-5, per-class accuracy, AUC (sklearn; weighted for the bootstrap)
+  fairness     validation thresholds, per-group metrics, gaps, fairlearn parity differences
+  bootstrap    patient-level (cluster) bootstrap as weight matrices, percentile CIs
+  reports      evaluate_predictions(test_path, val_path=None, **cfg) -> metrics.json, report.md, PNGs
+  compare      compare_runs(run_dirs, out_dir) -> sweep table and epsilon/utility/gap plot
+"""

@@ -1,0 +1,20 @@
+"""NFNet-F0 fine-tuned with DP-SGD on CheXpert (Berrada et al. 2023 recipe, see _medical.py).
+
+    dpft train --config configs/chexpert_nfnet_f0.py --workdir runs/chexpert_eps8 \
+        --config.data.root=/data/chexpert --config.model.checkpoint=/ckpt/F0_haiku.npz
+    --config.privacy.epsilon=1            # paper set {0.5, 1, 2, 4, 8}; or configs/...py:eps=1
+    --config.privacy.enabled=False        # the non-private baseline
+"""
+import importlib.util
+import os
+
+_spec = importlib.util.spec_from_file_location("dpft_configs_medical", os.path.join(os.path.dirname(__file__), "_medical.py"))
+_medical = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_medical)
+PAPER_EPSILONS = _medical.PAPER_EPSILONS
+
+
+def get_config(arg=None):
+    c = _medical.medical_config("chexpert", arg)
+    c.eval.splits = ("valid",)  # CheXpert-v1.0-small/valid.csv
+    return _medical.finalize(c)

@@ -1,0 +1,57 @@
+"""A tiny NFNet on a fake CheXpert copy (dpft.data.fake) for the end-to-end test; seconds on CPU.
+
+    dpft train --config configs/fake_chexpert_tiny.py --workdir /tmp/e2e --config.data.root=/tmp/fake_chexpert
+
+Shapes are chosen for 8 fake CPU devices: physical batch 16 = 8 devices x 2, microbatch 2.
+"""
+from dpft.train.config_base import apply_config_arg, base_config, finalize
+
+ALIASES = {"eps": "privacy.epsilon", "steps": "train.num_updates", "root": "data.root"}
+
+
+def get_config(arg=None):
+    c = base_config(locked=False)
+    c.seed = 0
+    c.model.name = "nfnet_tiny"
+    c.model.checkpoint = ""
+    c.model.dtype = "float32"
+    c.data.name = "chexpert"
+    c.data.root = ""  # set to the fake data directory
+    c.data.image_size = 32
+    c.data.eval_image_size = 32
+    c.data.augmult = 2
+    c.data.random_crop = True
+    c.data.random_flip = True
+    c.data.num_workers = 0
+    c.data.options.uncertainty = "ones"
+    c.data.options.frontal_only = True
+    c.data.options.age_bins = (0, 40, 60, 80, 200)
+    c.data.options.minority_fraction = 1.0
+
+    c.privacy.enabled = True
+    c.privacy.epsilon = 8.0
+    c.privacy.delta = 0.0
+    c.privacy.noise_multiplier = 0.0
+    c.privacy.clip_norm = 1e-3
+
+    c.train.batch_size = 16
+    c.train.physical_batch_size = 16
+    c.train.microbatch_size = 2
+    c.train.num_updates = 4
+    c.train.optimizer.name = "sgd"
+    c.train.optimizer.learning_rate = 4.0
+    c.train.lr_schedule.name = "constant"
+    c.train.ema_decay = 0.9
+    c.train.polyak = True
+    c.train.eval_every = 2
+    c.train.checkpoint_every = 2
+    c.train.log_every = 1
+    c.train.keep_checkpoints = 2
+
+    c.eval.batch_size = 16
+    c.eval.params = "ema"
+    c.eval.splits = ("valid",)
+    c.individual.enabled = False
+    c.individual.every = 2
+    apply_config_arg(c, arg, ALIASES)
+    return finalize(c)

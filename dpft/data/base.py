@@ -1,0 +1,261 @@
+"""`ExampleTable`: one split of a data set as a random-access list of records.
+
+A record is a dict (see docs/interfaces.md):
+  example_id  int, stable across runs (a function of the files, never of a seed)
+  patient_id  str (== str(example_id) where a data set has no patients)
+  image       uint8 [H, W, C] array, a path (str), or encoded bytes
+  label       int (multiclass) or float32 [L] with values 0/1 (multilabel)
+  label_mask  float32 [L] (multilabel only): 0 where the label is ignored
+  attrs       dict str -> str of subgroup attributes
+
+The table is grain `RandomAccessDataSource` compatible (`__len__`, `__getitem__`).
+Also here: `DataError`, the patient-split check, and the CSV index cache that
+`dpft prepare` writes and the loaders reuse.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from dpft.cli import UsageError
+
+TASKS = ("multiclass", "multilabel")
+INDEX_VERSION = 1
+
+
+class DataError(UsageError):
+    """Bad data on disk or bad data options: the message names file, row, column and value.
+
+    A `ValueError` (through `dpft.cli.UsageError`), so the CLI prints it on one line, exit 2.
+    """
+
+
+@dataclasses.dataclass(frozen=True)
+class TableMeta:
+    """Metadata shared by all splits of a data set."""
+
+    name: str
+    task: str  # "multiclass" | "multilabel"
+    class_names: tuple[str, ...]
+    eval_tasks: tuple[str, ...] = ()
+    attribute_names: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise DataError(f"{self.name}: task must be one of {TASKS}, got {self.task!r}")
+        unknown = [t for t in self.eval_tasks if t not in self.class_names]
+        if unknown:
+            raise DataError(f"{self.name}: eval_tasks {unknown} are not among class_names")
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "TableMeta":
+        return cls(
+            name=d["name"], task=d["task"], class_names=tuple(d["class_names"]),
+            eval_tasks=tuple(d.get("eval_tasks", ())), attribute_names=tuple(d.get("attribute_names", ())),
+        )
+
+
+class ExampleTable:
+    """One split: `len(table)` records, `table[i]` -> record dict (see module doc).
+
+    `source` is any random-access sequence; `transform` (optional) maps its items to
+    records lazily (used by the TFDS-backed tables, whose items are decoded on access).
+    `indices` (optional) restricts/reorders the source without copying.
+    """
+
+    def __init__(
+        self,
+        source: Sequence[Any],
+        *,
+        split: str,
+        meta: TableMeta,
+        transform: Callable[[Any], dict] | None = None,
+        indices: np.ndarray | None = None,
+    ) -> None:
+        self._source = source
+        self._transform = transform
+        self._indices = None if indices is None else np.asarray(indices, dtype=np.int64)
+        self.split = split
+        self.meta = meta
+
+    # -- grain RandomAccessDataSource protocol --
+    def __len__(self) -> int:
+        return len(self._source) if self._indices is None else int(self._indices.shape[0])
+
+    def __getitem__(self, i: int) -> dict:
+        i = int(i)
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"{self.meta.name}/{self.split}: index {i} out of range [0, {n})")
+        j = i % n if self._indices is None else int(self._indices[i])
+        item = self._source[j]
+        return self._transform(item) if self._transform is not None else dict(item)
+
+    def __repr__(self) -> str:
+        return f"ExampleTable({self.meta.name!r}, split={self.split!r}, n={len(self)}, task={self.meta.task!r})"
+
+    # -- conveniences --
+    @property
+    def task(self) -> str:
+        return self.meta.task
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.meta.class_names
+
+    @property
+    def eval_tasks(self) -> tuple[str, ...]:
+        return self.meta.eval_tasks
+
+    @property
+    def attribute_names(self) -> tuple[str, ...]:
+        return self.meta.attribute_names
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.meta.class_names)
+
+    def subset(self, positions: Iterable[int], split: str | None = None) -> "ExampleTable":
+        """A view on rows `positions` (positions into this table)."""
+        pos = np.asarray(list(positions) if not isinstance(positions, np.ndarray) else positions, dtype=np.int64)
+        base = pos if self._indices is None else self._indices[pos]
+        return ExampleTable(self._source, split=split or self.split, meta=self.meta,
+                            transform=self._transform, indices=base)
+
+    def records(self) -> Iterable[dict]:
+        for i in range(len(self)):
+            yield self[i]
+
+    def column(self, key: str) -> np.ndarray:
+        """A record field for every row: "example_id", "patient_id", "label", or "attr:<name>".
+
+        Reads every record: cheap for path-backed tables, decodes images for TFDS tables.
+        """
+        if key.startswith("attr:"):
+            name = key[5:]
+            return np.asarray([r["attrs"].get(name, "Unknown") for r in self.records()], dtype=object)
+        vals = [r[key] for r in self.records()]
+        if key == "example_id":
+            return np.asarray(vals, dtype=np.int64)
+        if key == "label" and self.task == "multilabel":
+            return np.stack(vals).astype(np.float32) if vals else np.zeros((0, self.num_classes), np.float32)
+        return np.asarray(vals, dtype=object if key == "patient_id" else None)
+
+
+def from_records(records: Sequence[dict], *, split: str, meta: TableMeta) -> ExampleTable:
+    """A table over an in-memory list of records (checks ids are unique)."""
+    ids = [int(r["example_id"]) for r in records]
+    if len(set(ids)) != len(ids):
+        raise DataError(f"{meta.name}/{split}: example_id values are not unique")
+    return ExampleTable(list(records), split=split, meta=meta)
+
+
+def stable_unit_hash(key: str, salt: str = "") -> float:
+    """A number in [0, 1) from sha256(salt + key): the same on every machine and run."""
+    digest = hashlib.sha256(f"{salt}{key}".encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def hash_split(patient_ids: Sequence[str], fraction: float, salt: str = "dpft-val") -> np.ndarray:
+    """Boolean [N]: True for the patients whose hash falls under `fraction` (a whole patient goes one way)."""
+    if not 0.0 <= fraction < 1.0:
+        raise DataError(f"validation fraction must be in [0, 1), got {fraction!r}")
+    cache: dict[str, bool] = {}
+    out = np.zeros(len(patient_ids), dtype=bool)
+    for i, p in enumerate(patient_ids):
+        if p not in cache:
+            cache[p] = stable_unit_hash(p, salt) < fraction
+        out[i] = cache[p]
+    return out
+
+
+def check_patient_disjoint(splits: Mapping[str, Sequence[str]], where: str) -> None:
+    """Raise `DataError` if a patient id occurs in two splits ({split: patient ids})."""
+    seen: dict[str, str] = {}
+    for split, pids in splits.items():
+        for p in set(pids):
+            if p in seen and seen[p] != split:
+                raise DataError(f"{where}: patient {p!r} occurs in split {seen[p]!r} and in split {split!r}")
+            seen[p] = split
+
+
+def check_nonempty(splits: Mapping[str, ExampleTable], where: str) -> None:
+    for name, t in splits.items():
+        if len(t) == 0:
+            raise DataError(f"{where}: split {name!r} is empty after filtering")
+
+
+# ---------------------------------------------------------------- index cache (CSV)
+
+def write_index(tables: Mapping[str, ExampleTable], out_dir: str, extra: Mapping[str, Any] | None = None) -> str:
+    """Write `index/<split>.csv` + `index/meta.json` for path-backed tables; returns the index dir.
+
+    Columns: example_id, patient_id, image (path), label or label:<name> and mask:<name>,
+    attr:<name>. Loaders read it back with `read_index` instead of re-parsing the sources.
+    """
+    import pandas as pd
+
+    index_dir = os.path.join(out_dir, "index")
+    os.makedirs(index_dir, exist_ok=True)
+    meta = next(iter(tables.values())).meta
+    for split, table in tables.items():
+        rows = []
+        for r in table.records():
+            if not isinstance(r["image"], str):
+                raise DataError(f"{meta.name}/{split}: only path-backed tables can be indexed")
+            row = {"example_id": int(r["example_id"]), "patient_id": str(r["patient_id"]), "image": r["image"]}
+            if meta.task == "multilabel":
+                for j, c in enumerate(meta.class_names):
+                    row[f"label:{c}"] = float(r["label"][j])
+                    row[f"mask:{c}"] = float(r["label_mask"][j])
+            else:
+                row["label"] = int(r["label"])
+            for a in meta.attribute_names:
+                row[f"attr:{a}"] = r["attrs"].get(a, "Unknown")
+            rows.append(row)
+        pd.DataFrame(rows).to_csv(os.path.join(index_dir, f"{split}.csv"), index=False)
+    with open(os.path.join(index_dir, "meta.json"), "w", encoding="utf-8") as f:
+        json.dump({"version": INDEX_VERSION, "meta": meta.to_json(), "splits": sorted(tables),
+                   "options": dict(extra or {})}, f, indent=2, sort_keys=True)
+    return index_dir
+
+
+def read_index(index_dir: str, options: Mapping[str, Any] | None = None) -> dict[str, ExampleTable]:
+    """Read the tables `write_index` wrote. If `options` is given it must equal the stored options."""
+    import pandas as pd
+
+    meta_path = os.path.join(index_dir, "meta.json")
+    if not os.path.exists(meta_path):
+        raise DataError(f"{meta_path}: no index here; run `dpft prepare` first")
+    with open(meta_path, encoding="utf-8") as f:
+        stored = json.load(f)
+    if stored.get("version") != INDEX_VERSION:
+        raise DataError(f"{meta_path}: index version {stored.get('version')!r}, expected {INDEX_VERSION}")
+    if options is not None and dict(stored.get("options", {})) != json.loads(json.dumps(dict(options))):
+        raise DataError(f"{meta_path}: index was built with options {stored.get('options')}, "
+                        f"requested {dict(options)}; rerun `dpft prepare` with these options")
+    meta = TableMeta.from_json(stored["meta"])
+    out = {}
+    for split in stored["splits"]:
+        path = os.path.join(index_dir, f"{split}.csv")
+        df = pd.read_csv(path, dtype={"patient_id": str, "image": str}, keep_default_na=False)
+        records = []
+        for row in df.to_dict("records"):
+            rec = {"example_id": int(row["example_id"]), "patient_id": str(row["patient_id"]), "image": row["image"],
+                   "attrs": {a: str(row[f"attr:{a}"]) for a in meta.attribute_names}}
+            if meta.task == "multilabel":
+                rec["label"] = np.asarray([row[f"label:{c}"] for c in meta.class_names], np.float32)
+                rec["label_mask"] = np.asarray([row[f"mask:{c}"] for c in meta.class_names], np.float32)
+            else:
+                rec["label"] = int(row["label"])
+            records.append(rec)
+        out[split] = from_records(records, split=split, meta=meta)
+    return out

@@ -1,0 +1,248 @@
+"""CheXpert v1.0 / v1.0-small: 14 observations, multi-label, patient-level splits.
+
+Files: `<root>/CheXpert-v1.0-small/{train,valid}.csv` (or `CheXpert-v1.0/`), columns
+`Path,Sex,Age,Frontal/Lateral,AP/PA,<14 observations>`, label values 1.0, 0.0, -1.0, blank.
+Optional race table `CHEXPERT DEMO.xlsx` / `.csv` (PATIENT, GENDER, AGE_AT_CXR,
+PRIMARY_RACE, ETHNICITY) in <root> or the data set folder, joined on the patient id.
+
+Uncertainty policies (`uncertainty`), for the value -1.0:
+  "ones"   -> 1 (U-Ones)        "zeros"  -> 0 (U-Zeros)      "ignore" -> loss mask 0
+  "mixed"  -> 1 for Atelectasis and Edema (U-Ones), 0 for every other label (U-Zeros;
+              this covers Cardiomegaly, Consolidation, Pleural Effusion), as in Irvin et al.
+Blank -> 0 (negative) with mask 1, or mask 0 with `mask_blank=True`. Any other value is a
+`DataError` naming file, line, column and value.
+
+Splits: "test" = the official valid.csv; "validation" = the train.csv patients whose
+sha256 hash falls under `val_fraction`; "train" = the rest. No patient in two splits.
+Example ids: train.csv row r -> r; valid.csv row r -> (rows in train.csv) + r.
+Attributes: sex (Male/Female/Unknown), age (bins, `age_edges`), race (only with the DEMO table).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from dpft.data import subgroups
+from dpft.data.base import (DataError, ExampleTable, TableMeta, check_nonempty, check_patient_disjoint,
+                            from_records, hash_split, read_index)
+
+LABELS: tuple[str, ...] = (
+    "No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
+    "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other",
+    "Fracture", "Support Devices",
+)
+EVAL_TASKS: tuple[str, ...] = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
+META_COLUMNS: tuple[str, ...] = ("Path", "Sex", "Age", "Frontal/Lateral", "AP/PA")
+DEMO_COLUMNS: tuple[str, ...] = ("PATIENT", "GENDER", "AGE_AT_CXR", "PRIMARY_RACE", "ETHNICITY")
+DEMO_NAMES: tuple[str, ...] = ("CHEXPERT DEMO.xlsx", "CHEXPERT DEMO.csv", "CHEXPERT_DEMO.xlsx", "CHEXPERT_DEMO.csv")
+DATASET_DIRS: tuple[str, ...] = ("CheXpert-v1.0-small", "CheXpert-v1.0")
+UNCERTAINTY_POLICIES: tuple[str, ...] = ("ones", "zeros", "ignore", "mixed")
+U_ONES_IN_MIXED: frozenset[str] = frozenset({"Atelectasis", "Edema"})
+_PATIENT_RE = re.compile(r"(patient\d+)")
+_VALUES = {"1.0": 1.0, "1": 1.0, "0.0": 0.0, "0": 0.0, "-1.0": -1.0, "-1": -1.0, "": np.nan}
+
+
+@dataclasses.dataclass(frozen=True)
+class CheXpertOptions:
+    uncertainty: str = "ones"
+    mask_blank: bool = False
+    frontal_only: bool = False
+    val_fraction: float = 0.1
+    age_edges: tuple[int, ...] = subgroups.DEFAULT_AGE_EDGES
+    demo_path: str | None = None  # None: look for DEMO_NAMES
+    check_files: bool = True  # every image path must exist
+    on_bad_image: str = "error"  # "error" | "skip": missing image files
+
+    def __post_init__(self) -> None:
+        check_policy(self.uncertainty)
+        if self.on_bad_image not in ("error", "skip"):
+            raise DataError(f"chexpert.on_bad_image must be 'error' or 'skip', got {self.on_bad_image!r}")
+        subgroups.age_bin_labels(self.age_edges)
+
+    def index_key(self) -> dict[str, Any]:
+        """The options that change the index content (not the file checks)."""
+        d = dataclasses.asdict(self)
+        del d["check_files"], d["on_bad_image"]
+        d["age_edges"] = list(d["age_edges"])
+        return d
+
+
+def options_from(cls: type, options: Mapping[str, Any], where: str) -> Any:
+    """Build an options dataclass from keyword options; unknown keys are an error."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(options) - names)
+    if unknown:
+        raise DataError(f"{where}: unknown option(s) {unknown}; known: {sorted(names)}")
+    d = dict(options)
+    if "age_edges" in d:
+        d["age_edges"] = tuple(int(x) for x in d["age_edges"])
+    return cls(**d)
+
+
+def check_policy(policy: str) -> None:
+    if policy not in UNCERTAINTY_POLICIES:
+        raise DataError(f"uncertainty policy must be one of {UNCERTAINTY_POLICIES}, got {policy!r}")
+
+
+def parse_label_values(df: Any, path: str, first_line: int = 2) -> np.ndarray:
+    """The 14 label columns of a str DataFrame -> float32 [N, 14] with 1, 0, -1, NaN (blank)."""
+    missing = [c for c in LABELS if c not in df.columns]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {missing}; columns present: {list(df.columns)}")
+    out = np.empty((len(df), len(LABELS)), np.float32)
+    for j, col in enumerate(LABELS):
+        vals = df[col].astype(str).str.strip().tolist()
+        for i, v in enumerate(vals):
+            try:
+                out[i, j] = _VALUES[v]
+            except KeyError:
+                raise DataError(f"{path}: line {i + first_line}, column {col!r}: unknown label value {v!r} "
+                                f"(expected 1.0, 0.0, -1.0 or blank)") from None
+    return out
+
+
+def apply_policy(raw: np.ndarray, policy: str, mask_blank: bool = False,
+                 class_names: Sequence[str] = LABELS) -> tuple[np.ndarray, np.ndarray]:
+    """raw float [N, L] (1, 0, -1, NaN) -> (label float32 [N, L] in {0,1}, label_mask float32 [N, L])."""
+    check_policy(policy)
+    raw = np.asarray(raw, np.float32)
+    ok = np.isnan(raw) | np.isin(raw, (1.0, 0.0, -1.0))
+    if not ok.all():
+        i, j = np.argwhere(~ok)[0]
+        raise DataError(f"label value {raw[i, j]!r} at row {i}, label {class_names[j]!r} is not 1, 0, -1 or blank")
+    blank, unc = np.isnan(raw), raw == -1.0
+    label = (raw == 1.0).astype(np.float32)
+    mask = np.ones_like(label)
+    if policy == "ones":
+        label[unc] = 1.0
+    elif policy == "ignore":
+        mask[unc] = 0.0
+    elif policy == "mixed":
+        ones_cols = np.asarray([c in U_ONES_IN_MIXED for c in class_names])
+        label[unc & ones_cols[None, :]] = 1.0
+    if mask_blank:
+        mask[blank] = 0.0
+    return label, mask
+
+
+def patient_id_from_path(path: str, where: str) -> str:
+    m = _PATIENT_RE.search(path)
+    if not m:
+        raise DataError(f"{where}: cannot parse a patient id (patientNNNNN) from path {path!r}")
+    return m.group(1)
+
+
+def locate(root: str) -> tuple[str, str]:
+    """(dataset dir holding train.csv/valid.csv, base dir the CSV paths are relative to)."""
+    for name in DATASET_DIRS:
+        d = os.path.join(root, name)
+        if os.path.exists(os.path.join(d, "train.csv")):
+            return d, root
+    if os.path.exists(os.path.join(root, "train.csv")):
+        return root, os.path.dirname(os.path.abspath(root))
+    raise DataError(f"{root}: no CheXpert train.csv found (looked in {', '.join(DATASET_DIRS)} and the folder itself)")
+
+
+def read_demo(path: str) -> dict[str, str]:
+    """CHEXPERT DEMO table -> {patient id: raw PRIMARY_RACE} (CSV or XLSX)."""
+    import pandas as pd
+
+    try:
+        if path.lower().endswith((".xlsx", ".xls")):
+            df = pd.read_excel(path, dtype=str, keep_default_na=False)
+        else:
+            df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except FileNotFoundError as e:
+        raise DataError(f"{path}: demographics table not found") from e
+    except Exception as e:  # noqa: BLE001 - any parse failure is a data error here
+        raise DataError(f"{path}: cannot read demographics table ({e})") from e
+    missing = [c for c in DEMO_COLUMNS if c not in df.columns]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {missing}; columns present: {list(df.columns)}")
+    return dict(zip(df["PATIENT"].str.strip(), df["PRIMARY_RACE"]))
+
+
+def _find_demo(root: str, dataset_dir: str, demo_path: str | None) -> str | None:
+    if demo_path:
+        if not os.path.exists(demo_path):
+            raise DataError(f"{demo_path}: demographics table not found (option demo_path)")
+        return demo_path
+    for d in (root, dataset_dir):
+        for n in DEMO_NAMES:
+            if os.path.exists(os.path.join(d, n)):
+                return os.path.join(d, n)
+    return None
+
+
+def _read_csv(path: str) -> Any:
+    import pandas as pd
+
+    if not os.path.exists(path):
+        raise DataError(f"{path}: file not found")
+    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    missing = [c for c in META_COLUMNS if c not in df.columns]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {missing}; columns present: {list(df.columns)}")
+    return df
+
+
+def _records(df: Any, csv_path: str, base: str, id_offset: int, opts: CheXpertOptions,
+             race: dict[str, str] | None) -> tuple[list[dict], list[int]]:
+    raw = parse_label_values(df, csv_path)
+    label, mask = apply_policy(raw, opts.uncertainty, opts.mask_blank)
+    records, missing = [], []
+    for i, row in enumerate(df[list(META_COLUMNS)].itertuples(index=False)):
+        rel, sex, age, view = row[0], row[1], row[2], row[3]
+        if opts.frontal_only and view.strip() != "Frontal":
+            continue
+        pid = patient_id_from_path(rel, f"{csv_path}: line {i + 2}, column 'Path'")
+        img = os.path.join(base, rel)
+        if opts.check_files and not os.path.exists(img):
+            if opts.on_bad_image == "error":
+                raise DataError(f"{csv_path}: line {i + 2}, column 'Path': image {img!r} does not exist")
+            missing.append(i + 2)
+            continue
+        attrs = {"sex": subgroups.group_sex(sex), "age": subgroups.age_bin(age, opts.age_edges)}
+        if race is not None:
+            attrs["race"] = subgroups.group_race(race.get(pid))
+        records.append({"example_id": id_offset + i, "patient_id": pid, "image": img,
+                        "label": label[i], "label_mask": mask[i], "attrs": attrs})
+    return records, missing
+
+
+def load_splits(root: str, *, index_dir: str | None = None, **options: Any) -> dict[str, ExampleTable]:
+    """{"train", "validation", "test"} tables of CheXpert at `root` (see module doc for options)."""
+    import logging
+
+    opts = options_from(CheXpertOptions, options, "chexpert")
+    if index_dir is not None:
+        return read_index(index_dir, {"dataset": "chexpert", **opts.index_key()})
+    dataset_dir, base = locate(root)
+    demo = _find_demo(root, dataset_dir, opts.demo_path)
+    race = read_demo(demo) if demo else None
+    train_csv, valid_csv = os.path.join(dataset_dir, "train.csv"), os.path.join(dataset_dir, "valid.csv")
+    train_df, valid_df = _read_csv(train_csv), _read_csv(valid_csv)
+    train_recs, miss_t = _records(train_df, train_csv, base, 0, opts, race)
+    test_recs, miss_v = _records(valid_df, valid_csv, base, len(train_df), opts, race)
+    if miss_t or miss_v:
+        logging.getLogger(__name__).warning("chexpert: skipped %d missing images (train.csv lines %s, "
+                                            "valid.csv lines %s)", len(miss_t) + len(miss_v), miss_t[:5], miss_v[:5])
+    # The official CSVs must not share patients.
+    check_patient_disjoint({"train.csv": [r["patient_id"] for r in train_recs],
+                            "valid.csv": [r["patient_id"] for r in test_recs]}, dataset_dir)
+    is_val = hash_split([r["patient_id"] for r in train_recs], opts.val_fraction)
+    meta = TableMeta(name="chexpert", task="multilabel", class_names=LABELS, eval_tasks=EVAL_TASKS,
+                     attribute_names=("sex", "age") + (("race",) if race is not None else ()))
+    splits = {
+        "train": from_records([r for r, v in zip(train_recs, is_val) if not v], split="train", meta=meta),
+        "validation": from_records([r for r, v in zip(train_recs, is_val) if v], split="validation", meta=meta),
+        "test": from_records(test_recs, split="test", meta=meta),
+    }
+    if opts.val_fraction == 0:
+        del splits["validation"]
+    check_nonempty(splits, f"chexpert at {dataset_dir}")
+    return splits

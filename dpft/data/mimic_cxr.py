@@ -1,0 +1,196 @@
+"""MIMIC-CXR-JPG 2.0.0 with MIMIC-IV demographics: 14 CheXpert labels, multi-label.
+
+Files under <root>: `files/p{NN}/p{subject}/s{study}/{dicom_id}.jpg` (NN = first two digits
+of the subject id), `mimic-cxr-2.0.0-metadata.csv.gz`, `mimic-cxr-2.0.0-{chexpert,negbio}.csv.gz`
+(labels per study; `labeler`), `mimic-cxr-2.0.0-split.csv.gz` (train / validate / test).
+Demographics from MIMIC-IV `patients.csv.gz` and `admissions.csv.gz`, looked for in
+`mimic_iv_dir` (default <root>), also in its `hosp/` sub-folder. Without them the only
+attribute is `view`.
+
+Attributes: sex ("M"/"F" -> Male/Female), age at the study = anchor_age + (year of
+StudyDate YYYYMMDD) - anchor_year, binned with `age_edges`; race from `race` (MIMIC-IV v2+)
+or `ethnicity` (v1) grouped by `subgroups.group_race`; insurance grouped by
+`subgroups.group_insurance`; view (ViewPosition). A subject's race and insurance are the
+most frequent non-blank values over their admissions (ties: alphabetical first); no
+admission -> "Unknown".
+Labels and uncertainty policies as in `dpft.data.chexpert`. Splits from the official split
+file ("validate" -> "validation"); a subject in two splits is an error.
+Example id = row of the metadata file; patient id = str(subject_id).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any
+
+import numpy as np
+
+from dpft.data import subgroups
+from dpft.data.base import DataError, ExampleTable, TableMeta, check_nonempty, check_patient_disjoint, from_records, read_index
+from dpft.data.chexpert import EVAL_TASKS, LABELS, apply_policy, check_policy, options_from, parse_label_values
+
+PREFIX = "mimic-cxr-2.0.0"
+METADATA_COLUMNS = ("dicom_id", "subject_id", "study_id", "ViewPosition", "StudyDate")
+SPLIT_NAMES = {"train": "train", "validate": "validation", "test": "test"}
+LABELERS = ("chexpert", "negbio")
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class MimicOptions:
+    uncertainty: str = "ones"
+    mask_blank: bool = False
+    labeler: str = "chexpert"  # "chexpert" | "negbio"
+    views: tuple[str, ...] = ("PA", "AP")  # ViewPosition filter; () keeps every view
+    age_edges: tuple[int, ...] = subgroups.DEFAULT_AGE_EDGES
+    mimic_iv_dir: str | None = None
+    check_files: bool = True
+    on_bad_image: str = "error"  # "error" | "skip": missing image files
+
+    def __post_init__(self) -> None:
+        check_policy(self.uncertainty)
+        if self.labeler not in LABELERS:
+            raise DataError(f"mimic_cxr.labeler must be one of {LABELERS}, got {self.labeler!r}")
+        if self.on_bad_image not in ("error", "skip"):
+            raise DataError(f"mimic_cxr.on_bad_image must be 'error' or 'skip', got {self.on_bad_image!r}")
+        object.__setattr__(self, "views", tuple(self.views))
+        subgroups.age_bin_labels(self.age_edges)
+
+    def index_key(self) -> dict[str, Any]:
+        """The options that change the index content (not the file checks)."""
+        d = dataclasses.asdict(self)
+        del d["check_files"], d["on_bad_image"]
+        d["age_edges"], d["views"] = list(d["age_edges"]), list(d["views"])
+        return d
+
+
+def image_path(root: str, subject_id: str, study_id: str, dicom_id: str) -> str:
+    """`files/p{NN}/p{subject}/s{study}/{dicom}.jpg` under root."""
+    s = str(subject_id)
+    return os.path.join(root, "files", f"p{s[:2]}", f"p{s}", f"s{study_id}", f"{dicom_id}.jpg")
+
+
+def _read(path: str, columns: tuple[str, ...]) -> Any:
+    import pandas as pd
+
+    if not os.path.exists(path):
+        raise DataError(f"{path}: file not found")
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except Exception as e:  # noqa: BLE001
+        raise DataError(f"{path}: cannot read CSV ({e})") from e
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {missing}; columns present: {list(df.columns)}")
+    return df
+
+
+def _mode(values: list[str]) -> str:
+    vals = [v for v in values if v.strip()]
+    if not vals:
+        return ""
+    uniq, counts = np.unique(np.asarray(vals, dtype=str), return_counts=True)
+    return str(uniq[int(np.argmax(counts))])  # np.unique sorts: ties -> alphabetical first
+
+
+def _find_iv(root: str, iv_dir: str | None) -> str | None:
+    for d in ([iv_dir] if iv_dir else [root]):
+        for sub in ("", "hosp"):
+            if os.path.exists(os.path.join(d, sub, "patients.csv.gz")):
+                return os.path.join(d, sub)
+    if iv_dir:
+        raise DataError(f"{iv_dir}: no patients.csv.gz here or in hosp/ (option mimic_iv_dir)")
+    return None
+
+
+def read_demographics(iv: str) -> tuple[dict[str, tuple[str, int | None, int | None]], dict[str, tuple[str, str]]]:
+    """({subject: (gender, anchor_age, anchor_year)}, {subject: (raw race, raw insurance)})."""
+    p_path, a_path = os.path.join(iv, "patients.csv.gz"), os.path.join(iv, "admissions.csv.gz")
+    pat = _read(p_path, ("subject_id", "gender", "anchor_age", "anchor_year"))
+    people = {}
+    for i, (s, g, age, year) in enumerate(pat[["subject_id", "gender", "anchor_age", "anchor_year"]].itertuples(index=False)):
+        try:
+            people[s] = (g, int(age) if age.strip() else None, int(year) if year.strip() else None)
+        except ValueError:
+            raise DataError(f"{p_path}: line {i + 2}: anchor_age {age!r} / anchor_year {year!r} not integers") from None
+    adm = _read(a_path, ("subject_id", "insurance"))
+    race_col = "race" if "race" in adm.columns else "ethnicity" if "ethnicity" in adm.columns else None
+    if race_col is None:
+        raise DataError(f"{a_path}: missing column 'race' (MIMIC-IV v2+) or 'ethnicity' (v1); "
+                        f"columns present: {list(adm.columns)}")
+    social = {}
+    for s, grp in adm.groupby("subject_id"):
+        social[s] = (_mode(grp[race_col].tolist()), _mode(grp["insurance"].tolist()))
+    return people, social
+
+
+def load_splits(root: str, *, index_dir: str | None = None, **options: Any) -> dict[str, ExampleTable]:
+    """{"train", "validation", "test"} tables of MIMIC-CXR-JPG at `root` (options: `MimicOptions`)."""
+    opts = options_from(MimicOptions, options, "mimic_cxr")
+    if index_dir is not None:
+        return read_index(index_dir, {"dataset": "mimic_cxr", **opts.index_key()})
+    meta_path = os.path.join(root, f"{PREFIX}-metadata.csv.gz")
+    label_path = os.path.join(root, f"{PREFIX}-{opts.labeler}.csv.gz")
+    split_path = os.path.join(root, f"{PREFIX}-split.csv.gz")
+    md = _read(meta_path, METADATA_COLUMNS)
+    lab = _read(label_path, ("subject_id", "study_id") + LABELS)
+    sp = _read(split_path, ("dicom_id", "study_id", "subject_id", "split"))
+
+    raw = parse_label_values(lab, label_path)
+    label, mask = apply_policy(raw, opts.uncertainty, opts.mask_blank)
+    study_row: dict[tuple[str, str], int] = {}
+    for i, key in enumerate(zip(lab["subject_id"], lab["study_id"])):
+        if key in study_row:
+            raise DataError(f"{label_path}: line {i + 2}: study {key[1]} of subject {key[0]} listed twice")
+        study_row[key] = i
+    split_of: dict[str, str] = {}
+    for i, (d, s) in enumerate(zip(sp["dicom_id"], sp["split"])):
+        if s not in SPLIT_NAMES:
+            raise DataError(f"{split_path}: line {i + 2}, column 'split': unknown value {s!r} "
+                            f"(expected {sorted(SPLIT_NAMES)})")
+        split_of[d] = SPLIT_NAMES[s]
+
+    iv = _find_iv(root, opts.mimic_iv_dir)
+    people, social = read_demographics(iv) if iv else ({}, {})
+    attribute_names = ("sex", "age", "race", "insurance", "view") if iv else ("view",)
+
+    by_split: dict[str, list[dict]] = {"train": [], "validation": [], "test": []}
+    missing = 0
+    cols = md[list(METADATA_COLUMNS)].itertuples(index=False)
+    for i, (dicom, subj, study, view, date) in enumerate(cols):
+        where = f"{meta_path}: line {i + 2}"
+        if opts.views and view not in opts.views:
+            continue
+        if dicom not in split_of:
+            raise DataError(f"{where}: dicom_id {dicom!r} not in {split_path}")
+        if (subj, study) not in study_row:
+            raise DataError(f"{where}: study {study!r} of subject {subj!r} has no row in {label_path}")
+        img = image_path(root, subj, study, dicom)
+        if opts.check_files and not os.path.exists(img):
+            if opts.on_bad_image == "error":
+                raise DataError(f"{where}: image {img!r} does not exist")
+            missing += 1
+            continue
+        j = study_row[(subj, study)]
+        attrs = {"view": view or "Unknown"}
+        if iv:
+            gender, anchor_age, anchor_year = people.get(subj, ("", None, None))
+            age = None
+            if anchor_age is not None and anchor_year is not None:
+                if len(date) < 4 or not date[:4].isdigit():
+                    raise DataError(f"{where}, column 'StudyDate': {date!r} is not YYYYMMDD")
+                age = anchor_age + int(date[:4]) - anchor_year
+            race, ins = social.get(subj, ("", ""))
+            attrs.update(sex=subgroups.group_sex(gender), age=subgroups.age_bin(age, opts.age_edges),
+                         race=subgroups.group_race(race), insurance=subgroups.group_insurance(ins))
+        by_split[split_of[dicom]].append({"example_id": i, "patient_id": str(subj), "image": img,
+                                          "label": label[j], "label_mask": mask[j], "attrs": attrs})
+    if missing:
+        log.warning("mimic_cxr: skipped %d missing images", missing)
+    check_patient_disjoint({k: [r["patient_id"] for r in v] for k, v in by_split.items()}, split_path)
+    meta = TableMeta(name="mimic_cxr", task="multilabel", class_names=LABELS, eval_tasks=EVAL_TASKS,
+                     attribute_names=attribute_names)
+    splits = {k: from_records(v, split=k, meta=meta) for k, v in by_split.items()}
+    check_nonempty(splits, f"mimic_cxr at {root}")
+    return splits

@@ -1,0 +1,284 @@
+"""The grain input pipeline: Poisson-selected training batches and in-order eval batches.
+
+Training (`TrainIterator`): for update u, `dpft.privacy.sampling.poisson_selection(seed, u, N, q)`
+picks table positions; `physical_batches(..., num_shards, shard_index)` cuts this host's
+part into fixed-size chunks padded with -1; only those rows are read and decoded (grain
+`MapDataset` over the positions, `ReadOptions(num_threads=num_workers)` decoding threads;
+PIL releases the GIL while decoding). Each example gets K views from
+`example_rng(seed, u, example_id)`, so batches are a pure function of (config, u, chunk).
+The iterator state is `{"update_index": u, "physical_batch_index": j}` (the next chunk to
+produce): checkpoint it and `set_state` resumes exactly.
+
+Batch format: docs/interfaces.md ("The training batch"). Evaluation (`eval_batches`):
+`image` [B, H, W, C], `label`, `label_mask` (multilabel), `mask` [B], `example_id` [B]
+(-1 padding), and for the predictions file `patient_id` str [B] and `attr_<name>` str [B]
+("" for padding).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import threading
+from typing import Any, Iterator
+
+import grain
+import numpy as np
+
+from dpft.data.augment import AugmentConfig, decode_image, eval_view, example_rng, train_views
+from dpft.data.base import DataError, ExampleTable
+
+log = logging.getLogger(__name__)
+BAD_IMAGE_POLICIES = ("error", "skip")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Training-input options. `sampling_rate` q = expected batch size / N (Poisson)."""
+
+    sampling_rate: float
+    physical_batch_size: int
+    seed: int = 0
+    num_workers: int = 0  # decoding threads; 0 = decode in the calling thread
+    num_shards: int = 1  # hosts; each decodes only its part of the selection
+    shard_index: int = 0
+    on_bad_image: str = "error"  # "error" | "skip" (the row becomes padding, counted and logged)
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.sampling_rate <= 1.0:
+            raise DataError(f"data.sampling_rate must be in (0, 1], got {self.sampling_rate!r}")
+        if self.physical_batch_size < 1 or self.num_workers < 0:
+            raise DataError(f"data: physical_batch_size >= 1 and num_workers >= 0 required, got "
+                            f"{self.physical_batch_size}, {self.num_workers}")
+        if not 0 <= self.shard_index < self.num_shards:
+            raise DataError(f"data: shard_index {self.shard_index} not in [0, {self.num_shards})")
+        if self.on_bad_image not in BAD_IMAGE_POLICIES:
+            raise DataError(f"data.on_bad_image must be one of {BAD_IMAGE_POLICIES}, got {self.on_bad_image!r}")
+
+
+class _SkipCounter:
+    def __init__(self) -> None:
+        self.count = 0
+        self._lock = threading.Lock()
+
+    def add(self, where: str, err: Exception) -> None:
+        with self._lock:
+            self.count += 1
+        log.warning("skipping bad image (%s): %s", where, err)
+
+
+def _read_options(num_workers: int, batch_size: int) -> grain.ReadOptions:
+    if num_workers <= 0:
+        return grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+    return grain.ReadOptions(num_threads=num_workers, prefetch_buffer_size=max(2 * batch_size, num_workers))
+
+
+def _label_arrays(table: ExampleTable, rec: dict | None) -> tuple[Any, np.ndarray | None]:
+    """(label, label_mask) of one record; zeros for padding (rec is None)."""
+    if table.task == "multilabel":
+        L = table.num_classes
+        if rec is None:
+            return np.zeros(L, np.float32), np.zeros(L, np.float32)
+        return np.asarray(rec["label"], np.float32), np.asarray(rec["label_mask"], np.float32)
+    return (0 if rec is None else int(rec["label"])), None
+
+
+class TrainIterator:
+    """Training batches of one host, update after update. See the module doc.
+
+    Use:  `for batch in it.update_batches(): ...` gives the (remaining) physical batches of
+    the current update; afterwards `it.state == {"update_index": u + 1, "physical_batch_index": 0}`.
+    Iterating `it` itself yields batches across updates forever (read `it.state`).
+    """
+
+    def __init__(self, table: ExampleTable, config: TrainConfig, augment: AugmentConfig | None = None,
+                 state: dict | None = None) -> None:
+        if len(table) == 0:
+            raise DataError(f"{table.meta.name}/{table.split}: cannot train on an empty split")
+        self.table = table
+        self.config = config
+        self.augment = augment or AugmentConfig()
+        self._skips = _SkipCounter()
+        self._update = 0
+        self._chunk = 0
+        if state is not None:
+            self.set_state(state)
+
+    # ---- state ----
+    @property
+    def state(self) -> dict:
+        return {"update_index": self._update, "physical_batch_index": self._chunk}
+
+    def get_state(self) -> dict:
+        return dict(self.state)
+
+    def set_state(self, state: dict) -> None:
+        try:
+            u, j = int(state["update_index"]), int(state["physical_batch_index"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise DataError(f"data iterator state must have integer update_index and physical_batch_index, "
+                            f"got {state!r}") from e
+        if u < 0 or j < 0:
+            raise DataError(f"data iterator state must be non-negative, got {state!r}")
+        self._update, self._chunk = u, j
+
+    @property
+    def skipped_images(self) -> int:
+        return self._skips.count
+
+    @property
+    def expected_batch_size(self) -> float:
+        """q * N: the public constant the noisy sum is divided by (over all shards)."""
+        return self.config.sampling_rate * len(self.table)
+
+    # ---- selection ----
+    def selection(self, update_index: int) -> np.ndarray:
+        """Sorted table positions selected (all shards) for `update_index`."""
+        from dpft.privacy.sampling import poisson_selection
+
+        return np.asarray(poisson_selection(int(self.config.seed), int(update_index), len(self.table),
+                                            float(self.config.sampling_rate)), dtype=np.int64)
+
+    def chunks(self, update_index: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """This shard's physical chunks of `update_index`: [(positions padded with -1, mask)]."""
+        from dpft.privacy.sampling import physical_batches
+
+        c = self.config
+        return physical_batches(self.selection(update_index), int(c.physical_batch_size),
+                                num_shards=int(c.num_shards), shard_index=int(c.shard_index))
+
+    # ---- loading ----
+    def _load(self, update_index: int, pos: int) -> dict:
+        aug = self.augment
+        k, s, ch = aug.augmult, aug.image_size, aug.channels
+        rec = None
+        if pos >= 0:
+            rec = self.table[pos]
+            try:
+                views = train_views(rec["image"], example_rng(self.config.seed, update_index, rec["example_id"]), aug)
+            except DataError as e:
+                if self.config.on_bad_image == "error":
+                    raise DataError(f"{self.table.meta.name}/{self.table.split} row {pos} "
+                                    f"(example_id {rec['example_id']}): {e}") from e
+                self._skips.add(f"{self.table.meta.name}/{self.table.split} row {pos}", e)
+                rec = None
+        if rec is None:
+            views = np.zeros((k, s, s, ch), np.float32)
+        label, label_mask = _label_arrays(self.table, rec)
+        out = {"image": views, "example_id": -1 if rec is None else int(rec["example_id"]),
+               "mask": 0.0 if rec is None else 1.0}
+        if label_mask is None:
+            out["label"] = np.full((k,), label, np.int32)
+        else:
+            out["label"] = np.broadcast_to(label, (k, label.shape[0])).astype(np.float32)
+            out["label_mask"] = np.broadcast_to(label_mask, (k, label_mask.shape[0])).astype(np.float32)
+        return out
+
+    @staticmethod
+    def _collate(rows: list[dict]) -> dict:
+        batch = {key: np.stack([r[key] for r in rows]) for key in rows[0] if key not in ("mask", "example_id")}
+        batch["mask"] = np.asarray([r["mask"] for r in rows], np.float32)
+        batch["example_id"] = np.asarray([r["example_id"] for r in rows], np.int32)
+        return batch
+
+    def batches_for_update(self, update_index: int, start: int = 0) -> Iterator[dict]:
+        """Physical batches `start`, `start + 1`, ... of `update_index` for this shard (stateless)."""
+        chunks = self.chunks(update_index)[start:]
+        if not chunks:
+            return
+        b = self.config.physical_batch_size
+        positions = np.concatenate([np.asarray(p, np.int64) for p, _ in chunks])
+        masks = np.concatenate([np.asarray(m, np.float32) for _, m in chunks])
+        if positions.shape[0] != b * len(chunks):
+            raise DataError(f"physical_batches returned chunks not of size {b}")
+        if np.any((positions >= 0) != (masks > 0)):
+            raise DataError("physical_batches: mask disagrees with the -1 padding")
+        ds = (grain.MapDataset.source(positions.tolist())
+              .map(lambda p: self._load(update_index, int(p)))
+              .batch(b, batch_fn=self._collate))
+        yield from ds.to_iter_dataset(_read_options(self.config.num_workers, b))
+
+    def update_batches(self) -> Iterator[dict]:
+        """The remaining batches of the current update; advances the state per batch."""
+        u, j = self._update, self._chunk
+        n = len(self.chunks(u))
+        for batch in self.batches_for_update(u, start=j):
+            j += 1
+            if j >= n:
+                self._update, self._chunk = u + 1, 0
+            else:
+                self._chunk = j
+            yield batch
+        if j >= n:  # also covers an update with no chunks
+            self._update, self._chunk = u + 1, 0
+
+    def __iter__(self) -> Iterator[dict]:
+        while True:
+            yield from self.update_batches()
+
+
+# ---------------------------------------------------------------- evaluation
+
+def num_eval_batches(num_examples: int, batch_size: int, num_shards: int = 1) -> int:
+    """Batches per shard to cover `num_examples` in order (the last ones padded)."""
+    return max(1, math.ceil(num_examples / (batch_size * num_shards)))
+
+
+def eval_batches(table: ExampleTable, *, batch_size: int, augment: AugmentConfig | None = None,
+                 num_workers: int = 0, num_shards: int = 1, shard_index: int = 0,
+                 on_bad_image: str = "error") -> Iterator[dict]:
+    """The whole split in order, fixed `batch_size`, mask 0 on padding.
+
+    Global batch g covers positions [g*B*S, (g+1)*B*S); shard s takes the s-th block of B.
+    Every shard yields `num_eval_batches(N, B, S)` batches.
+    """
+    aug = augment or AugmentConfig()
+    if on_bad_image not in BAD_IMAGE_POLICIES:
+        raise DataError(f"data.on_bad_image must be one of {BAD_IMAGE_POLICIES}, got {on_bad_image!r}")
+    if not 0 <= shard_index < num_shards:
+        raise DataError(f"eval: shard_index {shard_index} not in [0, {num_shards})")
+    n = len(table)
+    nb = num_eval_batches(n, batch_size, num_shards)
+    pos = np.arange(nb * batch_size * num_shards).reshape(nb, num_shards, batch_size)[:, shard_index].reshape(-1)
+    pos = np.where(pos < n, pos, -1)
+    s = aug.eval_image_size or aug.image_size
+    attr_names = table.attribute_names
+    skips = _SkipCounter()
+
+    def load(p: int) -> dict:
+        rec = table[p] if p >= 0 else None
+        img = np.zeros((s, s, aug.channels), np.float32)
+        if rec is not None:
+            try:
+                img = eval_view(decode_image(rec["image"], channels=aug.channels), aug)
+            except DataError as e:
+                if on_bad_image == "error":
+                    raise DataError(f"{table.meta.name}/{table.split} row {p}: {e}") from e
+                skips.add(f"{table.meta.name}/{table.split} row {p}", e)
+                rec = None
+        label, label_mask = _label_arrays(table, rec)
+        out = {"image": img, "label": label, "mask": 0.0 if rec is None else 1.0,
+               "example_id": -1 if rec is None else int(rec["example_id"]),
+               "patient_id": "" if rec is None else str(rec["patient_id"])}
+        if label_mask is not None:
+            out["label_mask"] = label_mask
+        for a in attr_names:
+            out[f"attr_{a}"] = "" if rec is None else str(rec["attrs"].get(a, "Unknown"))
+        return out
+
+    def collate(rows: list[dict]) -> dict:
+        batch = {}
+        for key in rows[0]:
+            vals = [r[key] for r in rows]
+            if key == "patient_id" or key.startswith("attr_"):
+                batch[key] = np.asarray(vals, dtype=str)
+            elif key == "example_id":
+                batch[key] = np.asarray(vals, np.int32)
+            elif key == "label" and table.task == "multiclass":
+                batch[key] = np.asarray(vals, np.int32)
+            else:
+                batch[key] = np.stack(vals).astype(np.float32)
+        return batch
+
+    ds = grain.MapDataset.source(pos.tolist()).map(lambda p: load(int(p))).batch(batch_size, batch_fn=collate)
+    yield from ds.to_iter_dataset(_read_options(num_workers, batch_size))

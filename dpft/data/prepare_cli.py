@@ -1,0 +1,142 @@
+"""`dpft prepare <dataset> --source DIR [--out DIR]`: validate a data dir and build its index.
+
+Checks: the CSV columns and label values (while loading), every referenced image exists
+and decodes (fully, so truncated JPEGs fail), patient split integrity, no empty split.
+Writes `<out>/summary.json` (counts per split and per subgroup) and, for the path-backed
+data sets (chexpert, mimic_cxr), `<out>/index/{<split>.csv, meta.json}`: load them again
+with `load_splits(name, root, index_dir="<out>/index", <same options>)`.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import concurrent.futures
+import json
+import logging
+import os
+from typing import Any
+
+from dpft.cli import UsageError
+from dpft.data import DATASETS, load_splits
+from dpft.data.augment import decode_image
+from dpft.data.base import DataError, ExampleTable, write_index
+
+log = logging.getLogger(__name__)
+INDEXED = ("chexpert", "mimic_cxr")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dataset", choices=sorted(DATASETS))
+    parser.add_argument("--source", help="data directory (not needed for digits)")
+    parser.add_argument("--out", help="where to write summary.json and index/ (default: <source>/dpft-index)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a loader option, e.g. uncertainty=zeros, frontal_only=true (JSON values)")
+    parser.add_argument("--on-bad-image", choices=("error", "skip"), default="error",
+                        help="a missing / undecodable image: stop with an error or skip it (counted, logged)")
+    parser.add_argument("--workers", type=int, default=2, help="decoding threads")
+    parser.add_argument("--max-check", type=int, default=None,
+                        help="decode at most this many images per split (default: all)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def parse_options(items: list[str]) -> dict[str, Any]:
+    """["k=v", ...] -> {k: json.loads(v) or the string v}."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise UsageError(f"--set expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+def check_images(table: ExampleTable, *, on_bad_image: str, workers: int, max_check: int | None,
+                 progress: bool) -> tuple[ExampleTable, list[str]]:
+    """Decode every image of `table` (or the first `max_check`). Returns (table without bad rows, problems)."""
+    from tqdm import tqdm
+
+    n = len(table) if max_check is None else min(len(table), max_check)
+
+    def check(i: int) -> str | None:
+        rec = table[i]
+        try:
+            decode_image(rec["image"], channels=3)
+            return None
+        except DataError as e:
+            return f"{table.meta.name}/{table.split} row {i} (example_id {rec['example_id']}): {e}"
+
+    problems: list[str] = []
+    bad: set[int] = set()
+    with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
+        results = pool.map(check, range(n))
+        for i, msg in enumerate(tqdm(results, total=n, desc=f"{table.split}", disable=not progress, unit="img")):
+            if msg is None:
+                continue
+            if on_bad_image == "error":
+                raise DataError(msg)
+            log.warning("skipping: %s", msg)
+            problems.append(msg)
+            bad.add(i)
+    if bad:
+        table = table.subset([i for i in range(len(table)) if i not in bad])
+    return table, problems
+
+
+def summarize(tables: dict[str, ExampleTable]) -> dict[str, Any]:
+    """{"splits": {split: {"examples", "patients", "attrs": {name: {value: count}}, "positives"?}}}."""
+    out: dict[str, Any] = {}
+    for split, t in tables.items():
+        info: dict[str, Any] = {"examples": len(t)}
+        recs = list(t.records()) if t.attribute_names or t.task == "multilabel" else []
+        if recs:
+            info["patients"] = len({r["patient_id"] for r in recs})
+            info["attrs"] = {a: dict(sorted(collections.Counter(r["attrs"].get(a, "Unknown") for r in recs).items()))
+                             for a in t.attribute_names}
+            if t.task == "multilabel":
+                info["positives"] = {c: int(sum(float(r["label"][j]) for r in recs))
+                                     for j, c in enumerate(t.class_names)}
+        out[split] = info
+    return {"splits": out}
+
+
+def run(args: argparse.Namespace) -> int:
+    options = parse_options(args.set)
+    if args.dataset in INDEXED:
+        options.setdefault("on_bad_image", args.on_bad_image)
+    if args.dataset != "digits" and not args.source:
+        raise UsageError(f"--source is required for {args.dataset}")
+    if args.source and not os.path.isdir(args.source):
+        raise UsageError(f"--source {args.source!r} is not a directory")
+    tables = load_splits(args.dataset, args.source, **options)
+    problems: list[str] = []
+    if args.dataset != "digits":  # digits images are arrays made in memory
+        for split in list(tables):
+            tables[split], p = check_images(tables[split], on_bad_image=args.on_bad_image, workers=args.workers,
+                                            max_check=args.max_check, progress=not args.no_progress)
+            problems += p
+            if len(tables[split]) == 0:
+                raise DataError(f"{args.dataset}: split {split!r} is empty after skipping bad images")
+    out = args.out or os.path.join(args.source or ".", "dpft-index")
+    os.makedirs(out, exist_ok=True)
+    if args.dataset in INDEXED:
+        mod = __import__(DATASETS[args.dataset], fromlist=["load_splits"])
+        opts_cls = mod.CheXpertOptions if args.dataset == "chexpert" else mod.MimicOptions
+        from dpft.data.chexpert import options_from
+
+        key = options_from(opts_cls, options, args.dataset).index_key()
+        write_index(tables, out, extra={"dataset": args.dataset, **key})
+    summary = summarize(tables)
+    summary.update(dataset=args.dataset, source=args.source, options=options, skipped=len(problems),
+                   skipped_examples=problems[:100])
+    with open(os.path.join(out, "summary.json"), "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=2, sort_keys=True)
+    for split, info in summary["splits"].items():
+        attrs = "; ".join(f"{a}: " + ", ".join(f"{v}={c}" for v, c in vc.items())
+                          for a, vc in info.get("attrs", {}).items())
+        print(f"{split}: {info['examples']} examples" + (f", {info['patients']} patients" if "patients" in info else "")
+              + (f" | {attrs}" if attrs else ""))
+    print(f"skipped {len(problems)} bad images; wrote {out}")
+    return 0

@@ -1,0 +1,104 @@
+"""`dpft evaluate`: metrics and subgroup gaps from a run's saved checkpoints.
+
+    dpft evaluate --workdir DIR [--checkpoint STEP|latest] [--split test] [--params ema|raw]
+    dpft evaluate --compare DIR1 DIR2 ... [--out DIR]
+
+The first form restores the checkpoint, runs the model over the split (and over the
+validation split, where the decision thresholds are chosen), writes
+`DIR/predictions/<step>/<split>.npz`, then `DIR/eval/<step>/{metrics.json, report.md, *.png}`.
+The second builds the sweep table and plots (epsilon vs utility vs gap) of several runs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from dpft.cli import UsageError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workdir", help="run directory written by `dpft train`")
+    parser.add_argument("--checkpoint", default="latest", help="update index of the checkpoint, or 'latest'")
+    parser.add_argument("--split", default="test", help="split to evaluate (default test)")
+    parser.add_argument("--params", choices=("ema", "raw", "polyak"), default=None,
+                        help="which parameters (default: the run's eval.params, EMA)")
+    parser.add_argument("--compare", nargs="+", metavar="DIR", help="build the sweep comparison of these runs")
+    parser.add_argument("--out", help="output directory for --compare (default ./compare)")
+    parser.add_argument("--bootstrap", type=int, default=200, help="patient-level bootstrap resamples")
+    parser.add_argument("--min-group-size", type=int, default=30, help="flag groups smaller than this")
+    parser.add_argument("--reuse-predictions", action="store_true",
+                        help="use existing predictions files instead of running the model")
+
+
+def _checkpoint_step(workdir: str, which: str) -> int:
+    from dpft.train import checkpointing
+
+    steps = checkpointing.Checkpointer(workdir).all_steps()
+    if not steps:
+        raise UsageError(f"{workdir}: no checkpoint found under {checkpointing.checkpoint_dir(workdir)}")
+    if which == "latest":
+        return steps[-1]
+    try:
+        step = int(which)
+    except ValueError:
+        raise UsageError(f"--checkpoint must be an update index or 'latest', got {which!r}") from None
+    if step not in steps:
+        raise UsageError(f"{workdir}: no checkpoint for update {step}; have {steps}")
+    return step
+
+
+def predict_from_checkpoint(workdir: str, step: int, splits: list[str], params: str | None) -> dict[str, str]:
+    """Restores checkpoint `step` of the run in `workdir` and writes its predictions files."""
+    from dpft.train import checkpointing, loop
+    from dpft.train.config_base import config_from_json
+
+    config_path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(config_path):
+        raise UsageError(f"{workdir}: no config.json (is this a `dpft train` workdir?)")
+    with open(config_path, encoding="utf-8") as f:
+        config = config_from_json(f.read())
+    if params is not None:
+        with config.unlocked():
+            config.eval.params = params
+    with config.unlocked():
+        config.eval.splits = tuple(splits)
+    trainer = loop.Trainer(config, workdir)
+    with checkpointing.Checkpointer(workdir) as ckpt:
+        restored = ckpt.restore(step, targets=trainer._pytrees())
+    trainer.state = dict(trainer.state, **restored.pytrees)
+    trainer.ledger = trainer.ledger.from_dict(restored.json_items["ledger"])
+    return trainer.write_predictions()
+
+
+def run(args: argparse.Namespace) -> int:
+    from dpft.evaluate import compare, reports
+
+    if args.compare:
+        out = args.out or "compare"
+        result = compare.compare_runs(args.compare, out)
+        print(compare.render_compare_markdown(result))
+        print(f"wrote {', '.join(result['files'].values())}")
+        return 0
+    if not args.workdir:
+        raise UsageError("give --workdir DIR (or --compare DIR ...)")
+    workdir = os.path.abspath(args.workdir)
+    step = _checkpoint_step(workdir, args.checkpoint)
+    pred_dir = os.path.join(workdir, "predictions", str(step))
+    test_path = os.path.join(pred_dir, f"{args.split}.npz")
+    val_path = os.path.join(pred_dir, "validation.npz")
+    if not (args.reuse_predictions and os.path.isfile(test_path)):
+        print(f"running the model of checkpoint {step} over {args.split} (and validation)...")
+        paths = predict_from_checkpoint(workdir, step, [args.split], args.params)
+        test_path = paths.get(args.split, test_path)
+        val_path = paths.get("validation", val_path)
+    if not os.path.isfile(test_path):
+        raise UsageError(f"{workdir}: split {args.split!r} has no predictions (does the data set have it?)")
+    result = reports.evaluate_predictions(
+        test_path, val_path if os.path.isfile(val_path) and args.split != "validation" else None,
+        n_resamples=args.bootstrap, min_group_size=args.min_group_size)
+    out_dir = os.path.join(workdir, "eval", str(step))
+    print(reports.render_markdown(result))
+    print(f"wrote {out_dir}/metrics.json, report.md and plots")
+    json.dumps(result["meta"], default=str)
+    return 0

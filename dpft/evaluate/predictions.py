@@ -1,0 +1,250 @@
+"""Predictions files: `WORKDIR/predictions/<step>/<split>.npz` + `<split>.json` (docs/interfaces.md).
+
+`<split>.npz` holds `example_id` int [N], `patient_id` str [N], `logits` float32 [N, C],
+`label` int [N] (multiclass) or float32 [N, L] (multilabel, 0/1), `label_mask` float32 [N, L]
+(multilabel; 0 = ignored), `attr_<name>` str [N] per subgroup attribute. `<split>.json` beside it
+holds `{"task", "class_names", "eval_tasks", "step", "params", "epsilon", "delta"}`.
+
+Strings are stored as fixed-width unicode arrays so the file loads with `allow_pickle=False`.
+`synthetic_predictions` / `write_synthetic_workdir` build tiny workdirs for tests and notebooks.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from dpft.cli import UsageError
+
+TASKS = ("multiclass", "multilabel")
+META_KEYS = ("task", "class_names", "eval_tasks", "step", "params", "epsilon", "delta")
+CHEXPERT_CLASSES = ("No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion",
+                    "Edema", "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion",
+                    "Pleural Other", "Fracture", "Support Devices")
+CHEXPERT_EVAL_TASKS = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
+
+
+@dataclasses.dataclass(frozen=True)
+class Predictions:
+    """One split's predictions. N examples, C logits (C == L for multilabel)."""
+
+    example_id: np.ndarray  # int64 [N]
+    patient_id: np.ndarray  # str [N]
+    logits: np.ndarray  # float32 [N, C]
+    label: np.ndarray  # int64 [N] (multiclass) or float32 [N, L] (multilabel)
+    label_mask: np.ndarray | None  # float32 [N, L] (multilabel) or None
+    attrs: dict[str, np.ndarray]  # attribute name -> str [N]
+    task: str
+    class_names: tuple[str, ...]
+    eval_tasks: tuple[str, ...]
+    step: int
+    params: str
+    epsilon: float | None
+    delta: float | None
+    path: str = ""
+
+    @property
+    def n(self) -> int:
+        return int(self.logits.shape[0])
+
+    @property
+    def multilabel(self) -> bool:
+        return self.task == "multilabel"
+
+    def probabilities(self) -> np.ndarray:
+        """float64 [N, C]: softmax over classes (multiclass) or per-label sigmoid (multilabel)."""
+        z = self.logits.astype(np.float64)
+        if self.multilabel:
+            return 1.0 / (1.0 + np.exp(-z))
+        z = z - z.max(axis=1, keepdims=True)
+        e = np.exp(z)
+        return e / e.sum(axis=1, keepdims=True)
+
+    def meta(self) -> dict[str, Any]:
+        return {"task": self.task, "class_names": list(self.class_names), "eval_tasks": list(self.eval_tasks),
+                "step": self.step, "params": self.params, "epsilon": self.epsilon, "delta": self.delta}
+
+
+def split_paths(path: str | os.PathLike) -> tuple[Path, Path]:
+    """(`<split>.npz`, `<split>.json`) for `path` given with or without the `.npz` suffix."""
+    p = Path(path)
+    if p.suffix in (".npz", ".json"):
+        p = p.with_suffix("")
+    return p.with_name(p.name + ".npz"), p.with_name(p.name + ".json")
+
+
+def _fail(file: Path, field: str, msg: str) -> UsageError:
+    return UsageError(f"{file}: field {field!r}: {msg}")
+
+
+def _validate(npz: Path, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:
+    """Raise UsageError naming file and field for any shape/key/dtype problem."""
+    js = npz.with_suffix(".json")
+    for key in META_KEYS:
+        if key not in meta:
+            raise _fail(js, key, "missing")
+    task = meta["task"]
+    if task not in TASKS:
+        raise _fail(js, "task", f"must be one of {TASKS}, got {task!r}")
+    class_names = list(meta["class_names"])
+    if meta["params"] not in ("ema", "raw"):
+        raise _fail(js, "params", f"must be 'ema' or 'raw', got {meta['params']!r}")
+    unknown = [t for t in meta["eval_tasks"] if t not in class_names]
+    if unknown:
+        raise _fail(js, "eval_tasks", f"{unknown} are not among class_names")
+    for key in ("example_id", "patient_id", "logits", "label"):
+        if key not in arrays:
+            raise _fail(npz, key, f"missing (keys present: {sorted(arrays)})")
+    logits = arrays["logits"]
+    if logits.ndim != 2 or logits.shape[1] != len(class_names):
+        raise _fail(npz, "logits", f"shape {logits.shape}, expected [N, {len(class_names)}] (len(class_names))")
+    if not np.issubdtype(logits.dtype, np.floating) or not np.all(np.isfinite(logits)):
+        raise _fail(npz, "logits", f"must be finite floats, got dtype {logits.dtype}")
+    n = logits.shape[0]
+    for key in ("example_id", "patient_id"):
+        if arrays[key].shape != (n,):
+            raise _fail(npz, key, f"shape {arrays[key].shape}, expected ({n},)")
+    if not np.issubdtype(arrays["example_id"].dtype, np.integer):
+        raise _fail(npz, "example_id", f"must be integers, got dtype {arrays['example_id'].dtype}")
+    label = arrays["label"]
+    if task == "multiclass":
+        if label.shape != (n,) or not np.issubdtype(label.dtype, np.integer):
+            raise _fail(npz, "label", f"shape {label.shape} dtype {label.dtype}, expected int [{n}]")
+        if n and (label.min() < 0 or label.max() >= len(class_names)):
+            raise _fail(npz, "label", f"values must be in [0, {len(class_names)}), got {label.min()}..{label.max()}")
+    else:
+        shape = (n, len(class_names))
+        if label.shape != shape:
+            raise _fail(npz, "label", f"shape {label.shape}, expected {list(shape)}")
+        if not np.all(np.isin(label, (0.0, 1.0))):
+            raise _fail(npz, "label", "multilabel values must be 0 or 1")
+        if "label_mask" not in arrays:
+            raise _fail(npz, "label_mask", "missing (required for multilabel)")
+        if arrays["label_mask"].shape != shape:
+            raise _fail(npz, "label_mask", f"shape {arrays['label_mask'].shape}, expected {list(shape)}")
+    for key, value in arrays.items():
+        if key.startswith("attr_") and value.shape != (n,):
+            raise _fail(npz, key, f"shape {value.shape}, expected ({n},)")
+        if key not in ("example_id", "patient_id", "logits", "label", "label_mask") and not key.startswith("attr_"):
+            raise _fail(npz, key, "unknown key (expected example_id, patient_id, logits, label, label_mask, attr_*)")
+
+
+def write_predictions(path: str | os.PathLike, *, example_id: np.ndarray, patient_id: Sequence[str] | np.ndarray,
+                      logits: np.ndarray, label: np.ndarray, label_mask: np.ndarray | None = None,
+                      attrs: Mapping[str, Sequence[str] | np.ndarray] | None = None, task: str,
+                      class_names: Sequence[str], eval_tasks: Sequence[str] = (), step: int, params: str = "ema",
+                      epsilon: float | None = None, delta: float | None = None) -> tuple[str, str]:
+    """Write `<split>.npz` and `<split>.json` (path with or without `.npz`); returns both paths.
+
+    Validates like `load_predictions`, so a file written here always loads.
+    """
+    npz, js = split_paths(path)
+    arrays: dict[str, np.ndarray] = {
+        "example_id": np.asarray(example_id, np.int64),
+        "patient_id": np.asarray(patient_id).astype(str),
+        "logits": np.asarray(logits, np.float32),
+        "label": np.asarray(label, np.int64 if task == "multiclass" else np.float32),
+    }
+    if label_mask is not None:
+        arrays["label_mask"] = np.asarray(label_mask, np.float32)
+    for name, values in (attrs or {}).items():
+        arrays[f"attr_{name}"] = np.asarray(values).astype(str)
+    meta = {"task": task, "class_names": [str(c) for c in class_names], "eval_tasks": [str(t) for t in eval_tasks],
+            "step": int(step), "params": params, "epsilon": None if epsilon is None else float(epsilon),
+            "delta": None if delta is None else float(delta)}
+    _validate(npz, arrays, meta)
+    npz.parent.mkdir(parents=True, exist_ok=True)
+    with open(str(npz) + ".tmp", "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(str(npz) + ".tmp", npz)
+    js.write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    return str(npz), str(js)
+
+
+def load_predictions(path: str | os.PathLike) -> Predictions:
+    """Read and validate `<split>.npz` + `<split>.json`; UsageError names the file and field."""
+    npz, js = split_paths(path)
+    for f in (npz, js):
+        if not f.is_file():
+            raise UsageError(f"{f}: predictions file not found")
+    try:
+        meta = json.loads(js.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{js}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise UsageError(f"{js}: expected a JSON object, got {type(meta).__name__}")
+    try:
+        with np.load(npz, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except ValueError as e:
+        raise UsageError(f"{npz}: cannot read without pickle ({e}); store strings as unicode arrays") from None
+    _validate(npz, arrays, meta)
+    attrs = {k[len("attr_"):]: arrays[k].astype(str) for k in sorted(arrays) if k.startswith("attr_")}
+    mask = arrays.get("label_mask")
+    return Predictions(
+        example_id=arrays["example_id"].astype(np.int64), patient_id=arrays["patient_id"].astype(str),
+        logits=arrays["logits"].astype(np.float32),
+        label=arrays["label"].astype(np.int64 if meta["task"] == "multiclass" else np.float32),
+        label_mask=None if mask is None else mask.astype(np.float32), attrs=attrs, task=meta["task"],
+        class_names=tuple(meta["class_names"]), eval_tasks=tuple(meta["eval_tasks"]), step=int(meta["step"]),
+        params=meta["params"], epsilon=meta["epsilon"], delta=meta["delta"], path=str(npz))
+
+
+def synthetic_predictions(n: int = 400, *, task: str = "multilabel", seed: int = 0, images_per_patient: int = 2,
+                          num_classes: int = 5, bias: float = 1.0) -> dict[str, Any]:
+    """Keyword arguments for `write_predictions` with random but informative logits.
+
+    multilabel: CheXpert's 14 classes and 5 eval tasks, ~10% masked labels, attrs sex/age/race;
+    multiclass: `num_classes` classes, attr group A/B. Group "F" / "B" gets noisier scores
+    (`bias` scales the disadvantage) so gaps are visible. Patients have `images_per_patient` images.
+    """
+    rng = np.random.default_rng(seed)
+    patients = np.arange(n) // max(1, images_per_patient)
+    pid_codes = rng.permutation(patients.max() + 1)[patients]
+    per_patient = lambda values: np.asarray(values)[pid_codes]  # noqa: E731  (attrs constant per patient)
+    n_pat = int(pid_codes.max()) + 1
+    if task == "multilabel":
+        classes = CHEXPERT_CLASSES
+        attrs = {"sex": per_patient(rng.choice(["F", "M"], n_pat)),
+                 "age": per_patient(rng.choice(["18-40", "40-60", "60-80", "80+"], n_pat, p=[.2, .3, .4, .1])),
+                 "race": per_patient(rng.choice(["White", "Black", "Asian"], n_pat, p=[.6, .25, .15]))}
+        findings = (rng.random((n, len(classes) - 1)) < 0.3).astype(np.float32)
+        no_finding = (findings.sum(1, keepdims=True) == 0).astype(np.float32)
+        label = np.concatenate([no_finding, findings], axis=1)
+        noise = 1.0 + bias * (attrs["sex"] == "F")[:, None]
+        logits = (2 * label - 1) * 1.5 + noise * rng.normal(size=label.shape) - 0.5
+        mask = (rng.random(label.shape) > 0.1).astype(np.float32)
+        extra: dict[str, Any] = {"label_mask": mask, "eval_tasks": CHEXPERT_EVAL_TASKS}
+    elif task == "multiclass":
+        classes = tuple(f"class_{i}" for i in range(num_classes))
+        attrs = {"group": per_patient(rng.choice(["A", "B"], n_pat, p=[0.7, 0.3]))}
+        label = rng.integers(0, num_classes, n)
+        noise = 1.0 + bias * (attrs["group"] == "B")[:, None]
+        logits = 2.5 * np.eye(num_classes)[label] + noise * rng.normal(size=(n, num_classes))
+        extra = {}
+    else:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    return dict(example_id=np.arange(n), patient_id=np.char.add("p", pid_codes.astype(str)), logits=logits,
+                label=label, attrs=attrs, task=task, class_names=classes, **extra)
+
+
+def write_synthetic_workdir(workdir: str | os.PathLike, *, task: str = "multilabel", step: int = 100,
+                            n_test: int = 400, n_val: int = 300, epsilon: float | None = 8.0, seed: int = 0,
+                            bias: float = 1.0) -> dict[str, str]:
+    """A tiny workdir: config.json + predictions/<step>/{validation,test}.{npz,json}. Returns their paths."""
+    workdir = Path(workdir)
+    pred_dir = workdir / "predictions" / str(step)
+    delta = 1e-5 if epsilon is not None else None
+    out = {}
+    for split, n, s in (("validation", n_val, seed + 1), ("test", n_test, seed)):
+        npz, _ = write_predictions(pred_dir / split, step=step, epsilon=epsilon, delta=delta,
+                                   **synthetic_predictions(n, task=task, seed=s, bias=bias))
+        out[split] = npz
+    config = {"privacy": {"enabled": epsilon is not None, "epsilon": epsilon, "delta": delta}}
+    (workdir / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    out["config"] = str(workdir / "config.json")
+    return out

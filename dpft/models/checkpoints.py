@@ -1,0 +1,390 @@
+"""DeepMind Haiku checkpoints <-> Flax NNX models.
+
+Formats read (``read_checkpoint`` picks by content):
+  * DeepMind's ``F*_haiku.npz``: despite the name a (dill) pickle of
+    ``{module_name: {param_name: ndarray}}`` whose dict nodes may be Haiku
+    ``FlatMapping``/``FlatMap`` objects. Read with a *restricted* unpickler: only a
+    whitelist of plain builders (numpy array/dtype reconstruction, dicts, the Haiku
+    mapping names -> a local dict stand-in, dill's ``_create_array``) may be
+    referenced; any other global raises ``CheckpointError`` naming it, before anything
+    runs. Neither haiku nor dill is needed.
+  * a plain ``.npz`` zip of flat keys ``"NFNet/~/stem_conv0/w"`` (``allow_pickle=False``);
+  * an orbax checkpoint directory holding ``params`` (and optionally ``state``) as a
+    Haiku tree or as the model's pure NNX state dict.
+
+Formats written: the Haiku pickle (plain nested dicts of numpy arrays, protocol 4,
+readable by the restricted unpickler) and the flat ``.npz``; round trips are exact.
+
+Names: the NNX attribute path maps to the Haiku name by joining with ``/~/`` under
+the model's root (``NFNet``) and renaming list entries ``blocks[i]`` to
+``nf_block`` (i = 0) / ``nf_block_{i}``, e.g. ``blocks[3].squeeze_excite.linear_1.w``
+<-> ``("NFNet/~/nf_block_3/~/squeeze_excite/~/linear_1", "w")``.
+"""
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import zipfile
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+try:  # numpy >= 2
+    from numpy._core import multiarray as _np_multiarray
+    from numpy._core import numeric as _np_numeric
+except ImportError:  # numpy 1.x
+    from numpy.core import multiarray as _np_multiarray  # type: ignore[no-redef]
+    from numpy.core import numeric as _np_numeric  # type: ignore[no-redef]
+import jax.numpy as jnp
+from flax import nnx
+
+from dpft.cli import UsageError
+from dpft.models.nfnet import NFNet
+from dpft.models.wrn import WideResNet
+
+HaikuTree = dict[str, dict[str, np.ndarray]]
+
+#: Per model class: (Haiku root module name, {list attribute: Haiku module prefix}).
+HAIKU_LAYOUT: dict[type, tuple[str, dict[str, str]]] = {
+    NFNet: ("NFNet", {"blocks": "nf_block"}),
+    WideResNet: ("WideResNet", {"blocks": "wrn_block"}),
+}
+#: The NNX attribute of the classification head of every model class.
+HEAD_ATTR = "linear"
+
+
+class CheckpointError(UsageError):
+    """A checkpoint file is unreadable, unsafe, or does not fit the model."""
+
+
+# --------------------------------------------------------------------------- names
+
+def _layout(model: nnx.Module) -> tuple[str, dict[str, str]]:
+    for cls, layout in HAIKU_LAYOUT.items():
+        if isinstance(model, cls):
+            return layout
+    raise CheckpointError(f"no Haiku name layout for model class {type(model).__name__}")
+
+
+def haiku_name(model: nnx.Module, path: tuple) -> tuple[str, str]:
+    """NNX parameter path (e.g. ``('blocks', 3, 'conv1', 'w')``) -> (Haiku module, param)."""
+    root, lists = _layout(model)
+    parts, i = [root], 0
+    *mods, param = path
+    while i < len(mods):
+        key = mods[i]
+        if key in lists and i + 1 < len(mods):
+            idx = int(mods[i + 1])
+            parts.append(lists[key] if idx == 0 else f"{lists[key]}_{idx}")
+            i += 2
+        else:
+            parts.append(str(key))
+            i += 1
+    return "/~/".join(parts), str(param)
+
+
+def param_table(model: nnx.Module) -> dict[tuple[str, str], tuple[tuple, Any]]:
+    """{(Haiku module, param): (NNX path, shape)} for every ``nnx.Param`` of ``model``.
+
+    Works on abstract models from ``nnx.eval_shape`` too (nothing is read)."""
+    table = {}
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        value = var.get_value()
+        table[haiku_name(model, tuple(path))] = (tuple(path), tuple(value.shape))
+    return table
+
+
+def head_modules(model: nnx.Module) -> list[str]:
+    """Haiku module names of the classification head (e.g. ``["NFNet/~/linear"]``)."""
+    root, _ = _layout(model)
+    return [f"{root}/~/{HEAD_ATTR}"]
+
+
+def to_haiku_tree(model: nnx.Module) -> HaikuTree:
+    """Export all parameters as ``{module: {param: np.ndarray}}`` (float32 copies)."""
+    tree: HaikuTree = {}
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        module, param = haiku_name(model, tuple(path))
+        value = var.get_value()
+        tree.setdefault(module, {})[param] = np.array(value)
+    return tree
+
+
+def apply_haiku_tree(model: nnx.Module, tree: Mapping[str, Mapping[str, Any]], *,
+                     allow_missing: Iterable[str] = (), source: str = "checkpoint") -> list[str]:
+    """Load ``tree`` into ``model`` in place; returns the Haiku modules left at their init.
+
+    Every parameter of the model must be in ``tree`` with the same shape, and every
+    entry of ``tree`` must be a parameter of the model, except modules named in
+    ``allow_missing`` (Haiku module names, or ``"head"`` for the classifier): those
+    keep their initial values if absent or shaped differently. Errors name the parameter.
+    """
+    allowed = set()
+    for name in allow_missing:
+        allowed.update(head_modules(model) if name == "head" else [name])
+    table = param_table(model)
+    kept: set[str] = set()
+    for module, params in tree.items():
+        for param in params:
+            if (module, param) not in table and module not in allowed:
+                raise CheckpointError(f"{source}: unexpected parameter {module}/{param} "
+                                      f"(not in {type(model).__name__})")
+    state = nnx.state(model, nnx.Param)
+    flat = dict(nnx.to_flat_state(state))
+    for (module, param), (path, shape) in table.items():
+        value = tree.get(module, {}).get(param)
+        if value is None or tuple(np.shape(value)) != shape:
+            if module in allowed:
+                kept.add(module)
+                continue
+            if value is None:
+                raise CheckpointError(f"{source}: missing parameter {module}/{param} (shape {shape})")
+            raise CheckpointError(f"{source}: parameter {module}/{param} has shape "
+                                  f"{tuple(np.shape(value))}, model expects {shape}")
+        var = flat[path]
+        var.set_value(jnp.asarray(np.asarray(value), dtype=var.get_value().dtype))
+    nnx.update(model, state)
+    return sorted(kept)
+
+
+def pure_to_haiku_tree(model: nnx.Module, pure: Mapping) -> HaikuTree:
+    """A nested pure-dict NNX state (as orbax restores it, list indices possibly as
+    strings) -> Haiku tree."""
+    tree: HaikuTree = {}
+
+    def walk(node: Any, path: tuple) -> None:
+        if isinstance(node, Mapping):
+            for k, v in node.items():
+                walk(v, path + (int(k) if isinstance(k, str) and k.isdigit() else k,))
+        else:
+            module, param = haiku_name(model, path)
+            tree.setdefault(module, {})[param] = np.asarray(node)
+
+    walk(pure, ())
+    return tree
+
+
+# --------------------------------------------------------------- restricted pickle
+
+class HaikuMappingStandIn(dict):
+    """Local stand-in for ``haiku._src.data_structures.FlatMapping`` / ``FlatMap``
+    (pickled as ``FlatMapping(dict)``); a plain dict."""
+
+    def __setstate__(self, state: Any) -> None:
+        if state:
+            raise CheckpointError("Haiku FlatMapping with unsupported pickled state "
+                                  f"(keys {sorted(state) if isinstance(state, dict) else type(state)})")
+
+
+def _create_array(f: Any, args: tuple, state: Any, npdict: Any = None) -> np.ndarray:
+    """dill's ``_create_array``: ``f(*args).__setstate__(state)``; ``f`` is itself
+    resolved through the whitelist, and array ``__dict__`` extras are refused."""
+    if f is not _NP_RECONSTRUCT:
+        raise CheckpointError(f"dill _create_array with non-array builder {f!r}")
+    if npdict:
+        raise CheckpointError("dill _create_array with an array __dict__ is not supported")
+    array = f(*args)
+    array.__setstate__(state)
+    return array
+
+
+_DILL_TYPES = {"DictType": dict, "ListType": list, "TupleType": tuple}
+
+
+def _load_type(name: str) -> type:
+    """dill's ``_load_type`` restricted to plain container types."""
+    if name not in _DILL_TYPES:
+        raise CheckpointError(f"forbidden dill type {name!r} in checkpoint")
+    return _DILL_TYPES[name]
+
+
+def _codecs_encode(text: str, encoding: str = "utf-8") -> bytes:
+    """``_codecs.encode`` as protocol-2 pickles use it for bytes (latin1 text only)."""
+    if not isinstance(text, str) or encoding != "latin1":
+        raise CheckpointError(f"forbidden _codecs.encode({type(text).__name__}, {encoding!r})")
+    return text.encode("latin1")
+
+
+_NP_RECONSTRUCT = _np_multiarray._reconstruct
+
+_SAFE_GLOBALS: dict[tuple[str, str], Any] = {}
+for _mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
+    _SAFE_GLOBALS[(_mod, "_reconstruct")] = _NP_RECONSTRUCT
+    _SAFE_GLOBALS[(_mod, "scalar")] = _np_multiarray.scalar
+for _mod in ("numpy.core.numeric", "numpy._core.numeric"):
+    _SAFE_GLOBALS[(_mod, "_frombuffer")] = _np_numeric._frombuffer
+_SAFE_GLOBALS.update({
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("collections", "OrderedDict"): dict,
+    ("builtins", "dict"): dict,
+    ("_codecs", "encode"): _codecs_encode,
+    ("dill._dill", "_create_array"): _create_array,
+    ("dill.dill", "_create_array"): _create_array,
+    ("dill._dill", "_load_type"): _load_type,
+    ("dill.dill", "_load_type"): _load_type,
+})
+for _mod in ("haiku._src.data_structures", "haiku.data_structures"):
+    for _name in ("FlatMapping", "FlatMap"):
+        _SAFE_GLOBALS[(_mod, _name)] = HaikuMappingStandIn
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler that resolves only whitelisted globals (see module docstring)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return _SAFE_GLOBALS[(module, name)]
+        except KeyError:
+            raise CheckpointError(f"checkpoint references forbidden global {module}.{name}; "
+                                  "refusing to load (only numpy arrays and dicts are allowed)") from None
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise CheckpointError(f"checkpoint uses a persistent id {pid!r}; refusing to load")
+
+
+def _to_plain(node: Any, where: str) -> Any:
+    if isinstance(node, Mapping):
+        return {str(k): _to_plain(v, f"{where}/{k}" if where else str(k)) for k, v in node.items()}
+    if isinstance(node, (np.ndarray, np.generic)):
+        return np.asarray(node)
+    raise CheckpointError(f"checkpoint entry {where!r} is a {type(node).__name__}, not an array")
+
+
+def _check_tree(tree: Any, source: str) -> HaikuTree:
+    if not isinstance(tree, Mapping):
+        raise CheckpointError(f"{source}: top level is a {type(tree).__name__}, expected "
+                              "{module_name: {param_name: array}}")
+    for module, params in tree.items():
+        if not isinstance(params, Mapping):
+            raise CheckpointError(f"{source}: module {module!r} holds a {type(params).__name__}, "
+                                  "expected {param_name: array}")
+        for name, value in params.items():
+            if not isinstance(value, np.ndarray):
+                raise CheckpointError(f"{source}: {module}/{name} is not an array")
+    return tree  # type: ignore[return-value]
+
+
+def loads_haiku_pickle(data: bytes, source: str = "<bytes>") -> HaikuTree:
+    """Restricted-unpickle a Haiku params pickle -> ``{module: {param: np.ndarray}}``."""
+    try:
+        obj = RestrictedUnpickler(io.BytesIO(data)).load()
+    except CheckpointError as e:
+        raise CheckpointError(f"{source}: {e}") from None
+    except Exception as e:  # malformed pickle
+        raise CheckpointError(f"{source}: not a readable params pickle ({type(e).__name__}: {e})") from None
+    return _check_tree(_to_plain(obj, ""), source)
+
+
+def read_haiku_pickle(path: str | os.PathLike) -> HaikuTree:
+    """Read a DeepMind ``*_haiku.npz`` (a dill pickle) without dill or haiku."""
+    with open(path, "rb") as f:
+        return loads_haiku_pickle(f.read(), os.fspath(path))
+
+
+def unflatten(flat: Mapping[str, Any], source: str = "<flat>") -> HaikuTree:
+    """``{"NFNet/~/stem_conv0/w": a}`` -> ``{"NFNet/~/stem_conv0": {"w": a}}``."""
+    tree: HaikuTree = {}
+    for key, value in flat.items():
+        if "/" not in key:
+            raise CheckpointError(f"{source}: key {key!r} is not of the form module/param")
+        module, param = key.rsplit("/", 1)
+        tree.setdefault(module, {})[param] = np.asarray(value)
+    return tree
+
+
+def flatten(tree: Mapping[str, Mapping[str, Any]]) -> dict[str, np.ndarray]:
+    """Inverse of ``unflatten``."""
+    return {f"{m}/{p}": np.asarray(v) for m, params in tree.items() for p, v in params.items()}
+
+
+def read_npz(path: str | os.PathLike) -> HaikuTree:
+    """Read a flat ``.npz`` of ``module/param`` keys (no pickles allowed)."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            flat = {k: data[k] for k in data.files}
+    except ValueError as e:
+        raise CheckpointError(f"{os.fspath(path)}: npz holds object arrays or is malformed ({e})") from None
+    return unflatten(flat, os.fspath(path))
+
+
+def read_orbax(path: str | os.PathLike, model: nnx.Module | None = None) -> HaikuTree:
+    """Read an orbax checkpoint with ``params`` (and optional ``state``) entries.
+
+    ``params`` may be a Haiku tree (keys with ``/``) or the model's pure NNX state
+    (then ``model`` is needed for the names). A non-empty ``state`` is merged in.
+    """
+    import orbax.checkpoint as ocp  # local: orbax is slow to import
+
+    path = os.path.abspath(os.fspath(path))
+    try:
+        restored = ocp.StandardCheckpointer().restore(path)
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot restore orbax checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(restored, Mapping) or "params" not in restored:
+        keys = sorted(restored) if isinstance(restored, Mapping) else type(restored).__name__
+        raise CheckpointError(f"{path}: orbax checkpoint has no 'params' entry (found {keys})")
+    tree: HaikuTree = {}
+    for part in ("params", "state"):
+        node = restored.get(part) or {}
+        if node and all(isinstance(k, str) and "/" in k for k in node):
+            sub = _to_plain(node, part)
+        elif node:
+            if model is None:
+                raise CheckpointError(f"{path}: '{part}' is an NNX state tree; pass the model to map names")
+            sub = pure_to_haiku_tree(model, node)
+        else:
+            sub = {}
+        for module, params in sub.items():
+            tree.setdefault(module, {}).update(params)
+    return _check_tree(tree, path)
+
+
+def read_checkpoint(path: str | os.PathLike, model: nnx.Module | None = None) -> HaikuTree:
+    """Read any supported checkpoint (format from the content, not the name)."""
+    p = os.fspath(path)
+    if os.path.isdir(p):
+        return read_orbax(p, model)
+    if not os.path.isfile(p):
+        raise CheckpointError(f"checkpoint {p!r} does not exist")
+    with open(p, "rb") as f:
+        head = f.read(4)
+    if zipfile.is_zipfile(p):
+        return read_npz(p)
+    if head[:1] == b"\x80":
+        return read_haiku_pickle(p)
+    raise CheckpointError(f"{p}: unknown checkpoint format (neither pickle, npz nor orbax directory)")
+
+
+def _atomic_write(path: str | os.PathLike, write: Any) -> None:
+    p = os.fspath(path)
+    tmp = p + ".tmp"
+    with open(tmp, "wb") as f:
+        write(f)
+    os.replace(tmp, p)
+
+
+def write_haiku_pickle(tree: Mapping[str, Mapping[str, Any]], path: str | os.PathLike) -> None:
+    """Write the DeepMind layout as a plain pickle (nested dicts of numpy arrays)."""
+    plain = {m: {p: np.array(v) for p, v in params.items()} for m, params in tree.items()}
+    _atomic_write(path, lambda f: pickle.dump(plain, f, protocol=4))
+
+
+def write_npz(tree: Mapping[str, Mapping[str, Any]], path: str | os.PathLike) -> None:
+    """Write a flat ``.npz`` of ``module/param`` keys."""
+    _atomic_write(path, lambda f: np.savez(f, **flatten(tree)))
+
+
+def save_model(model: nnx.Module, path: str | os.PathLike, fmt: str = "pickle") -> None:
+    """Export ``model``'s parameters: ``fmt`` "pickle" (Haiku layout) or "npz" (flat)."""
+    writers = {"pickle": write_haiku_pickle, "npz": write_npz}
+    if fmt not in writers:
+        raise CheckpointError(f"unknown export format {fmt!r}; use pickle or npz")
+    writers[fmt](to_haiku_tree(model), path)
+
+
+def load_into(model: nnx.Module, path: str | os.PathLike, *,
+              allow_missing: Iterable[str] = ()) -> list[str]:
+    """Read ``path`` and load it into ``model`` in place; returns modules kept at init."""
+    return apply_haiku_tree(model, read_checkpoint(path, model), allow_missing=allow_missing,
+                            source=os.fspath(path))

@@ -1,0 +1,198 @@
+"""Building blocks shared by the NFNet and WRN models (Flax NNX).
+
+Numerics are pure functions (``scaled_gelu``, ``standardize_weight``,
+``avg_pool_same``, ``stochastic_depth``, ``dropout``); the modules only hold
+parameters. Layouts: images NHWC, conv kernels HWIO, linear weights [in, out].
+Parameter names follow Haiku (``w``, ``gain``, ``bias`` / ``w``, ``b``) so the
+mapping to DeepMind checkpoints is one-to-one.
+
+Modules take a ``key`` for their initial values (models take ``nnx.Rngs`` and
+split it once: drawing from ``nnx.Rngs`` per layer makes ``nnx.eval_shape`` of the
+deep variants quadratic in depth).
+
+Mixed precision: every module takes ``dtype`` (the compute dtype). Parameters
+are stored in float32 and cast at use; weight standardisation is computed in
+float32 before the cast.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import numpy as np
+import jax.numpy as jnp
+from jax import lax
+from flax import nnx
+
+Array = jax.Array
+DType = Any
+
+#: Gamma of the tanh-approximate GELU so that act(N(0,1)) has unit second moment
+#: (Brock et al. 2021, the `nonlinearities` table of the reference).
+GELU_GAMMA = 1.7015043497085571
+#: Epsilon of the scaled weight standardisation (reference default).
+WS_EPS = 1e-4
+
+
+def scaled_gelu(x: Array) -> Array:
+    """tanh-approximate GELU times ``GELU_GAMMA``; same shape and dtype as ``x``."""
+    return jax.nn.gelu(x, approximate=True) * jnp.asarray(GELU_GAMMA, x.dtype)
+
+
+def scaled_relu(x: Array) -> Array:
+    """ReLU times its signal-preserving gamma (reference table)."""
+    return jax.nn.relu(x) * jnp.asarray(1.7139588594436646, x.dtype)
+
+
+ACTIVATIONS = {"gelu": scaled_gelu, "relu": scaled_relu, "plain_relu": jax.nn.relu}
+
+
+def standardize_weight(w: Array, gain: Array, eps: float = WS_EPS) -> Array:
+    """Scaled weight standardisation of an HWIO kernel.
+
+    ``(w - mean) * rsqrt(max(var * fan_in, eps)) * gain`` with the mean and the
+    biased variance over H, W, I and ``fan_in = H * W * I``; computed as the
+    reference does (``w * scale - mean * scale``). w: [H, W, I, O], gain: [O].
+    """
+    mean = jnp.mean(w, axis=(0, 1, 2), keepdims=True)
+    var = jnp.var(w, axis=(0, 1, 2), keepdims=True)
+    fan_in = math.prod(w.shape[:-1])
+    scale = lax.rsqrt(jnp.maximum(var * fan_in, eps)) * gain
+    return w * scale - mean * scale
+
+
+def avg_pool_same(x: Array, window: int = 2, stride: int = 2) -> Array:
+    """Average pool with SAME padding over H, W of NHWC ``x``; padding is
+    excluded from each average (as ``hk.avg_pool``; flax's counts it).
+
+    [B, H, W, C] -> [B, ceil(H/stride), ceil(W/stride), C].
+    """
+    dims = (1, window, window, 1)
+    strides = (1, stride, stride, 1)
+    pads = lax.padtype_to_pads(x.shape, dims, strides, "SAME")
+    # A concrete numpy zero lets jax pick the differentiable reduce_window_sum (a traced
+    # jnp zero gives the generic reduce_window, which has no reverse-mode rule).
+    zero = np.zeros((), x.dtype)
+    sums = lax.reduce_window(x, zero, lax.add, dims, strides, pads)
+    ones = jnp.ones((1, x.shape[1], x.shape[2], 1), x.dtype)
+    counts = lax.reduce_window(ones, zero, lax.add, dims, strides, pads)
+    return sums / counts
+
+
+def stochastic_depth(x: Array, rate: float, key: Array) -> Array:
+    """Drop whole examples of ``x`` [B, ...] with probability ``rate``, no rescaling
+    (reference ``StochDepth(scale_by_keep=False)``)."""
+    r = jax.random.uniform(key, (x.shape[0],) + (1,) * (x.ndim - 1), dtype=jnp.float32)
+    keep = jnp.floor(1.0 - rate + r)
+    return x * keep.astype(x.dtype)
+
+
+def dropout(x: Array, rate: float, key: Array) -> Array:
+    """Inverted dropout (as ``hk.dropout``): keep with prob 1-rate, scale by 1/(1-rate)."""
+    keep_prob = 1.0 - rate
+    keep = jax.random.bernoulli(key, keep_prob, x.shape)
+    return jnp.where(keep, x / jnp.asarray(keep_prob, x.dtype), jnp.zeros((), x.dtype))
+
+
+class WSConv2D(nnx.Module):
+    """2-D convolution with scaled weight standardisation, gain and bias.
+
+    Params: ``w`` [k, k, in/groups, out] (N(0, 1/fan_in) init; WS makes the
+    choice immaterial), ``gain`` [out] (ones),
+    ``bias`` [out] (zeros). Call: [B, H, W, in] -> [B, H/stride, W/stride, out], SAME padding.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, kernel: int = 3, *, stride: int = 1,
+                 groups: int = 1, dtype: DType = jnp.float32, key: Array):
+        if in_ch % groups or out_ch % groups:
+            raise ValueError(f"WSConv2D: channels {in_ch}->{out_ch} not divisible by groups={groups}")
+        shape = (kernel, kernel, in_ch // groups, out_ch)
+        std = 1.0 / math.sqrt(math.prod(shape[:-1]))
+        self.w = nnx.Param(std * jax.random.normal(key, shape, jnp.float32))
+        self.gain = nnx.Param(jnp.ones((out_ch,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((out_ch,), jnp.float32))
+        self.stride = stride
+        self.groups = groups
+        self.dtype = dtype
+
+    def __call__(self, x: Array) -> Array:
+        w = standardize_weight(self.w[...].astype(jnp.float32), self.gain[...].astype(jnp.float32))
+        out = lax.conv_general_dilated(
+            x.astype(self.dtype), w.astype(self.dtype),
+            window_strides=(self.stride, self.stride), padding="SAME",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=self.groups)
+        return out + self.bias[...].astype(self.dtype)
+
+
+class Linear(nnx.Module):
+    """Dense layer with Haiku names: ``w`` [in, out], ``b`` [out]. [..., in] -> [..., out].
+
+    ``w_init``: "default" (N(0, 1/in); Haiku truncates it, immaterial here), "zeros", or
+    "normal" (N(0, 0.01), the reference NFNet head).
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, w_init: str = "default",
+                 dtype: DType = jnp.float32, key: Array):
+        shape = (in_features, out_features)
+        if w_init == "default":
+            w = jax.random.normal(key, shape, jnp.float32) / math.sqrt(in_features)
+        elif w_init == "zeros":
+            w = jnp.zeros(shape, jnp.float32)
+        elif w_init == "normal":
+            w = 0.01 * jax.random.normal(key, shape, jnp.float32)
+        else:
+            raise ValueError(f"Linear: unknown w_init {w_init!r}; use default, zeros or normal")
+        self.w = nnx.Param(w)
+        self.b = nnx.Param(jnp.zeros((out_features,), jnp.float32))
+        self.dtype = dtype
+
+    def __call__(self, x: Array) -> Array:
+        return x.astype(self.dtype) @ self.w[...].astype(self.dtype) + self.b[...].astype(self.dtype)
+
+
+class SqueezeExcite(nnx.Module):
+    """Squeeze-and-excite: mean over H, W -> linear -> relu -> linear -> sigmoid.
+
+    Returns the gates [B, 1, 1, out_ch] (in (0, 1)); hidden = max(1, int(in_ch * se_ratio)).
+    Sub-modules are named as Haiku names them: ``linear``, ``linear_1``.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, se_ratio: float = 0.5, *,
+                 dtype: DType = jnp.float32, key: Array):
+        hidden = max(1, int(in_ch * se_ratio))
+        k0, k1 = jax.random.split(key)
+        self.linear = Linear(in_ch, hidden, dtype=dtype, key=k0)
+        self.linear_1 = Linear(hidden, out_ch, dtype=dtype, key=k1)
+
+    def __call__(self, x: Array) -> Array:
+        h = jnp.mean(x, axis=(1, 2))
+        h = self.linear_1(jax.nn.relu(self.linear(h)))
+        return jax.nn.sigmoid(h)[:, None, None, :]
+
+
+class GroupNorm(nnx.Module):
+    """Group normalisation over (H, W, C/groups) per example; params ``scale``, ``offset`` [C].
+
+    Statistics in float32 (biased variance, eps 1e-5); no batch statistics. [B,H,W,C] -> same.
+    """
+
+    def __init__(self, channels: int, groups: int = 16, *, eps: float = 1e-5,
+                 dtype: DType = jnp.float32):
+        if channels % groups:
+            raise ValueError(f"GroupNorm: channels={channels} not divisible by groups={groups}")
+        self.scale = nnx.Param(jnp.ones((channels,), jnp.float32))
+        self.offset = nnx.Param(jnp.zeros((channels,), jnp.float32))
+        self.groups = groups
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x: Array) -> Array:
+        b, h, w, c = x.shape
+        xg = x.astype(jnp.float32).reshape(b, h, w, self.groups, c // self.groups)
+        mean = jnp.mean(xg, axis=(1, 2, 4), keepdims=True)
+        var = jnp.var(xg, axis=(1, 2, 4), keepdims=True)
+        xg = (xg - mean) * lax.rsqrt(var + self.eps)
+        out = xg.reshape(b, h, w, c) * self.scale[...] + self.offset[...]
+        return out.astype(self.dtype)

@@ -1,0 +1,77 @@
+"""`dpft audit`: empirical epsilon lower bound (one run, Dirac canaries) vs the accountant.
+
+Exit codes: 0 the bound does not exceed the claimed epsilon; 1 it does ("AUDIT FAILED");
+2 invalid input.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+
+from dpft.cli import UsageError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = _defaults()
+    parser.add_argument("--epsilon", type=float, default=d.epsilon,
+                        help="target epsilon; the noise multiplier is calibrated to it (default %(default)s)")
+    parser.add_argument("--noise-multiplier", type=float, default=None,
+                        help="use this sigma instead of calibrating to --epsilon")
+    parser.add_argument("--canaries", type=int, default=d.num_canaries, help="number of canaries m (%(default)s)")
+    parser.add_argument("--steps", type=int, default=d.steps, help="optimizer updates T (%(default)s)")
+    parser.add_argument("--sampling-rate", type=float, default=d.sampling_rate, help="Poisson rate q (%(default)s)")
+    parser.add_argument("--delta", type=float, default=d.delta, help="delta (%(default)s)")
+    parser.add_argument("--confidence", type=float, default=d.confidence, help="confidence of the bound (%(default)s)")
+    parser.add_argument("--accountant", choices=("pld", "rdp"), default=d.accountant)
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    # Deliberately breaks DP (scales the noise); only for testing that the audit can fail.
+    parser.add_argument("--noise-scale-for-testing", type=float, default=1.0, help=argparse.SUPPRESS)
+
+
+def _defaults():
+    from dpft.privacy.audit import AuditConfig
+
+    return AuditConfig()
+
+
+def run(args: argparse.Namespace) -> int:
+    from dpft.privacy import audit
+
+    config = audit.AuditConfig(
+        num_canaries=args.canaries, steps=args.steps, sampling_rate=args.sampling_rate, epsilon=args.epsilon,
+        noise_multiplier=args.noise_multiplier, delta=args.delta, confidence=args.confidence,
+        accountant=args.accountant, seed=args.seed, noise_scale_for_testing=args.noise_scale_for_testing)
+    try:
+        config.validate()
+        sigma = audit.resolve_noise_multiplier(config)  # raises on an unreachable epsilon
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    result = audit.run_audit(dataclasses.replace(config, noise_multiplier=sigma))
+    if args.noise_scale_for_testing != 1.0:
+        print(f"WARNING: noise scaled by {args.noise_scale_for_testing}: the run is NOT "
+              f"{result.epsilon_claimed:.4g}-DP (testing the audit only)", file=sys.stderr)
+    if args.json:
+        print(json.dumps({k: _jsonable(v) for k, v in result.to_dict().items()}, sort_keys=True))
+    else:
+        print(f"empirical epsilon lower bound ({result.confidence:.0%} confidence): "
+              f"{result.epsilon_lower_bound:.4f}")
+        print(f"claimed epsilon (accountant {config.accountant}, delta={config.delta:g}): "
+              f"{result.epsilon_claimed:.4f}")
+        print(f"canaries {result.num_canaries} ({result.num_included} included), guesses {result.num_guesses}, "
+              f"correct {result.correct}, noise multiplier {result.noise_multiplier:.4f}, steps {config.steps}, "
+              f"q {config.sampling_rate:g}")
+    if not result.passed:
+        print(f"AUDIT FAILED: empirical lower bound {result.epsilon_lower_bound:.4f} exceeds claimed epsilon "
+              f"{result.epsilon_claimed:.4f}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _jsonable(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v

@@ -1,0 +1,282 @@
+"""Per-example gradients, clipping and summation: the model-agnostic DP-SGD engine.
+
+`clipped_grad_sum` takes any pure `loss_fn(params, views, rng) -> (loss, aux)` (see
+docs/interfaces.md) and a batch dict whose leaves have a leading example axis B, and
+returns the sum over real (mask == 1) examples of their clipped gradients. It adds no
+noise: noise is added once per update, after summing over microbatches, devices and
+hosts, by `dpft.privacy.noise.privatize`.
+
+Clipping modes (`ClippingConfig.mode`), with g the per-example gradient over the whole
+parameter pytree, ||g|| its float32 L2 norm, C = `clip_norm`:
+
+* "flat":      g * min(1, C / ||g||)          (sensitivity C)
+* "per_layer": each leaf g_l * min(1, C_l / ||g_l||), with C_l from `per_layer_norms`,
+               or C_l = C / sqrt(n_leaves) when it is None (sensitivity sqrt(sum C_l^2)).
+* "automatic": g * C / (||g|| + gamma)        (Bu et al. 2022, scaled by C; sensitivity C)
+* "none":      non-private: no per-example gradients at all. One backward pass of
+               sum_i mask_i * loss_i; stats["norms"] is all zeros.
+
+Use `sensitivity(clipping, params)` for the L2 sensitivity that `privatize` must use as
+`clip_norm`.
+
+Everything here is jit-able and can run inside `jax.shard_map`: no host callbacks and no
+Python branches on traced values. Under `shard_map`, pass `position_offset` (e.g.
+`jax.lax.axis_index("data") * B_local`) so that per-example keys differ across devices.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+PyTree = Any
+LossFn = Callable[[PyTree, Mapping[str, jax.Array], jax.Array], tuple[jax.Array, Mapping[str, jax.Array]]]
+
+CLIPPING_MODES = ("flat", "per_layer", "automatic", "none")
+# Batch keys that are never passed to the loss function.
+NON_VIEW_KEYS = ("mask", "example_id")
+RESERVED_STATS = ("norms", "loss", "mask")
+
+
+@dataclasses.dataclass(frozen=True)
+class ClippingConfig:
+    """How per-example gradients are bounded.
+
+    mode: "flat" | "per_layer" | "automatic" | "none" (see the module docstring).
+    clip_norm: C > 0 (L2 norm over the whole parameter pytree; ignored by "none").
+    per_layer_norms: for "per_layer" only: a pytree with the structure of params whose
+      leaves are floats C_l > 0; None splits C equally in squared norm, C_l = C/sqrt(n).
+    gamma: stabiliser of automatic clipping, g * C / (||g|| + gamma); gamma > 0.
+
+    Holds a pytree, so it is not hashable when per_layer_norms is set: close over it
+    instead of passing it as a static jit argument.
+    """
+
+    mode: str = "flat"
+    clip_norm: float = 1.0
+    per_layer_norms: PyTree | None = None
+    gamma: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.mode not in CLIPPING_MODES:
+            raise ValueError(f"ClippingConfig.mode: {self.mode!r} is not one of {CLIPPING_MODES}")
+        if self.mode != "none" and not (isinstance(self.clip_norm, (int, float)) and self.clip_norm > 0
+                                        and math.isfinite(self.clip_norm)):
+            raise ValueError(f"ClippingConfig.clip_norm: must be a finite float > 0, got {self.clip_norm!r}")
+        if self.mode == "automatic" and not self.gamma > 0:
+            raise ValueError(f"ClippingConfig.gamma: must be > 0, got {self.gamma!r}")
+        if self.per_layer_norms is not None:
+            if self.mode != "per_layer":
+                raise ValueError(f"ClippingConfig.per_layer_norms: only valid with mode='per_layer', "
+                                 f"got mode={self.mode!r}")
+            bad = [v for v in jax.tree.leaves(self.per_layer_norms) if not float(v) > 0]
+            if bad:
+                raise ValueError(f"ClippingConfig.per_layer_norms: every leaf must be > 0, got {bad[:3]}")
+
+
+def layer_clip_norms(clipping: ClippingConfig, params: PyTree) -> PyTree:
+    """The per-leaf clipping norms C_l of "per_layer" mode, a pytree like params of floats."""
+    if clipping.per_layer_norms is None:
+        n = len(jax.tree.leaves(params))
+        return jax.tree.map(lambda _: clipping.clip_norm / math.sqrt(n), params)
+    try:
+        return jax.tree.map(lambda _, c: float(c), params, clipping.per_layer_norms)
+    except ValueError as e:
+        raise ValueError(f"ClippingConfig.per_layer_norms: structure does not match params: {e}") from e
+
+
+def sensitivity(clipping: ClippingConfig, params: PyTree) -> float:
+    """L2 sensitivity of the clipped sum to adding/removing one example (the `clip_norm`
+    that `privatize` needs). 0.0 for mode "none" (nothing is bounded: no DP)."""
+    if clipping.mode == "none":
+        return 0.0
+    if clipping.mode == "per_layer":
+        return math.sqrt(sum(c * c for c in jax.tree.leaves(layer_clip_norms(clipping, params))))
+    return float(clipping.clip_norm)
+
+
+def global_norm_f32(tree: PyTree) -> jax.Array:
+    """L2 norm over all leaves of a pytree, accumulated in float32. Shape []."""
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+def clip_factors(norm: jax.Array, clip_norm: float, mode: str, gamma: float) -> jax.Array:
+    """Multiplier applied to a gradient of L2 norm `norm` (any shape, float32)."""
+    if mode == "automatic":
+        return clip_norm / (norm + gamma)
+    # min(1, C/||g||) without dividing by zero: C / max(||g||, C).
+    return clip_norm / jnp.maximum(norm, clip_norm)
+
+
+def clip_gradient(grad: PyTree, clipping: ClippingConfig, layer_norms: PyTree | None = None
+                  ) -> tuple[PyTree, jax.Array]:
+    """Clip ONE example's gradient. Returns (clipped grad in float32, pre-clipping norm [])."""
+    grad = jax.tree.map(lambda g: g.astype(jnp.float32), grad)
+    norm = global_norm_f32(grad)
+    if clipping.mode == "none":
+        return grad, norm
+    if clipping.mode == "per_layer":
+        if layer_norms is None:
+            raise ValueError("clip_gradient: per_layer mode needs layer_norms (see layer_clip_norms)")
+        clipped = jax.tree.map(
+            lambda g, c: g * clip_factors(global_norm_f32(g), c, "flat", 0.0), grad, layer_norms)
+        return clipped, norm
+    factor = clip_factors(norm, clipping.clip_norm, clipping.mode, clipping.gamma)
+    return jax.tree.map(lambda g: g * factor, grad), norm
+
+
+def _split_batch(batch: Mapping[str, jax.Array]) -> tuple[dict[str, jax.Array], jax.Array]:
+    if "mask" not in batch:
+        raise ValueError("clipped_grad_sum: batch has no 'mask' entry (float32 [B], 1 = real example)")
+    views = {k: v for k, v in batch.items() if k not in NON_VIEW_KEYS}
+    if not views:
+        raise ValueError("clipped_grad_sum: batch has no view entries (e.g. 'image')")
+    return views, jnp.asarray(batch["mask"], jnp.float32)
+
+
+def _aux_to_stats(aux: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    clash = [k for k in aux if k in RESERVED_STATS]
+    if clash:
+        raise ValueError(f"loss_fn aux keys {clash} clash with the engine's stats keys {RESERVED_STATS}")
+    return {k: jnp.asarray(v, jnp.float32) for k, v in aux.items()}
+
+
+def _raw_key(rng: jax.Array) -> jax.Array:
+    """uint32 data of a typed or legacy key."""
+    if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        return jax.random.key_data(rng)
+    return rng
+
+
+def clipped_grad_sum(loss_fn: LossFn, params: PyTree, batch: Mapping[str, jax.Array], rng: jax.Array, *,
+                     clipping: ClippingConfig, microbatch_size: int, position_offset: int | jax.Array = 0
+                     ) -> tuple[PyTree, dict[str, jax.Array]]:
+    """Sum over the batch of clipped per-example gradients (no noise).
+
+    Args:
+      loss_fn: `loss_fn(params, views, rng) -> (loss [], aux {name: []})` for ONE example,
+        views leaves [K, ...] (docs/interfaces.md).
+      params: pytree of float arrays (any float dtype; gradients are summed in float32).
+      batch: dict with `mask` float [B], optional `example_id` [B], other leaves [B, K, ...].
+      rng: key; example i gets `fold_in(rng, position_offset + i)`.
+      clipping: a `ClippingConfig`.
+      microbatch_size: examples per vmapped chunk; B must be a multiple. The chunks are
+        accumulated with `lax.scan`, so peak memory is that of one chunk.
+      position_offset: added to the position of each example before `fold_in` (use the
+        device's offset under shard_map).
+
+    Returns:
+      grad_sum: pytree like params, float32: sum_i mask_i * clip(g_i).
+      stats: {"norms": [B] pre-clipping per-example L2 norm (0 in mode "none"),
+              "loss": [B], "mask": [B], <aux key>: [B]}; all 0 on padding rows.
+    """
+    views, mask = _split_batch(batch)
+    batch_size = mask.shape[0]
+    for k, v in views.items():
+        if v.ndim < 1 or v.shape[0] != batch_size:
+            raise ValueError(f"clipped_grad_sum: batch[{k!r}] has shape {v.shape}; expected leading axis "
+                             f"B={batch_size} (the length of batch['mask'])")
+    if not isinstance(microbatch_size, int) or microbatch_size < 1 or batch_size % microbatch_size:
+        raise ValueError(f"clipped_grad_sum: microbatch_size={microbatch_size!r} must be a positive int "
+                         f"dividing the batch size B={batch_size}")
+    num_micro = batch_size // microbatch_size
+    positions = jnp.arange(batch_size, dtype=jnp.uint32) + jnp.asarray(position_offset, jnp.uint32)
+    layer_norms = layer_clip_norms(clipping, params) if clipping.mode == "per_layer" else None
+    # Under jax.shard_map, differentiating w.r.t. replicated (invariant) params would make JAX
+    # psum every (per-example!) cotangent over the mesh axes, i.e. clip sums of examples from
+    # different devices. So differentiate w.r.t. a device-local copy that varies over the same
+    # axes as the data: adding zeros_like(...) keeps values exactly and never reads the data.
+    # The caller psums the returned per-device sums. Outside shard_map this is a no-op.
+    anchor = sum(jnp.zeros_like(jnp.ravel(x)[:1], jnp.float32)
+                 for x in [mask, positions, _raw_key(rng), *jax.tree.leaves(views)]).reshape(())
+    params = jax.tree.map(lambda p: p + jnp.zeros_like(anchor, p.dtype), params)
+
+    def chunk(x: jax.Array) -> jax.Array:
+        return x.reshape((num_micro, microbatch_size) + x.shape[1:])
+
+    xs = (jax.tree.map(chunk, views), chunk(mask), chunk(positions))
+    per_example_value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def private_body(acc: PyTree, x):
+        views_mb, mask_mb, pos_mb = x
+        keys = jax.vmap(lambda p: jax.random.fold_in(rng, p))(pos_mb)
+        (losses, aux), grads = jax.vmap(per_example_value_and_grad, in_axes=(None, 0, 0))(params, views_mb, keys)
+        clipped, norms = jax.vmap(lambda g: clip_gradient(g, clipping, layer_norms))(grads)
+        real = mask_mb > 0
+
+        def masked_sum(g: jax.Array) -> jax.Array:
+            # where (not multiply): a NaN/inf gradient of a padding row still gives exactly 0.
+            return jnp.sum(jnp.where(real.reshape((-1,) + (1,) * (g.ndim - 1)), g, 0.0), axis=0)
+
+        acc = jax.tree.map(lambda a, g: a + masked_sum(g), acc, clipped)
+        stats = {"norms": norms, "loss": losses, **_aux_to_stats(aux)}
+        stats = {k: jnp.where(real, v.astype(jnp.float32), 0.0) for k, v in stats.items()}
+        return acc, stats
+
+    def nonprivate_body(acc: PyTree, x):
+        views_mb, mask_mb, pos_mb = x
+        keys = jax.vmap(lambda p: jax.random.fold_in(rng, p))(pos_mb)
+        real = mask_mb > 0
+
+        def summed_loss(p: PyTree):
+            losses, aux = jax.vmap(loss_fn, in_axes=(None, 0, 0))(p, views_mb, keys)
+            return jnp.sum(jnp.where(real, losses, 0.0).astype(jnp.float32)), (losses, aux)
+
+        grad, (losses, aux) = jax.grad(summed_loss, has_aux=True)(params)
+        acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, grad)
+        stats = {"norms": jnp.zeros_like(mask_mb), "loss": losses, **_aux_to_stats(aux)}
+        stats = {k: jnp.where(real, v.astype(jnp.float32), 0.0) for k, v in stats.items()}
+        return acc, stats
+
+    body = nonprivate_body if clipping.mode == "none" else private_body
+    init = jax.tree.map(lambda p: jnp.zeros_like(p, jnp.float32), params)
+    grad_sum, stats = jax.lax.scan(body, init, xs)
+    stats = {k: v.reshape((batch_size,)) for k, v in stats.items()}
+    stats["mask"] = mask
+    return grad_sum, stats
+
+
+def accumulate(grad_sum_a: PyTree, grad_sum_b: PyTree) -> PyTree:
+    """Leaf-wise sum of two clipped gradient sums (e.g. over physical batches of one update)."""
+    return jax.tree.map(jnp.add, grad_sum_a, grad_sum_b)
+
+
+def zeros_like_grad_sum(params: PyTree) -> PyTree:
+    """A float32 zero accumulator with the structure of params."""
+    return jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
+
+
+class DpAggregateState(NamedTuple):
+    """State of `dp_aggregate`: the index of the next optimizer update (int32 [])."""
+
+    update_index: jax.Array
+
+
+def dp_aggregate(*, seed: int, noise_multiplier: float, clip_norm: float,
+                 expected_batch_size: float) -> optax.GradientTransformation:
+    """Optax transformation: clipped gradient SUM -> noisy mean gradient.
+
+    `updates` fed to it must be the global `clipped_grad_sum` of one update (already summed
+    over physical batches, devices and hosts). It calls `dpft.privacy.noise.privatize` with
+    key `noise_key(seed, update_index)` and counts updates in its state, so chain it before
+    any optax optimizer: `optax.chain(dp_aggregate(...), optax.adam(1e-3))`.
+    Shapes are unchanged; output leaves are float32.
+    """
+    from dpft.privacy import noise  # local import: noise imports nothing from here
+
+    def init_fn(params: PyTree) -> DpAggregateState:
+        del params
+        return DpAggregateState(update_index=jnp.zeros([], jnp.int32))
+
+    def update_fn(updates: PyTree, state: DpAggregateState, params: PyTree | None = None):
+        del params
+        key = noise.noise_key(seed, state.update_index)
+        noisy = noise.privatize(updates, key, noise_multiplier=noise_multiplier, clip_norm=clip_norm,
+                                expected_batch_size=expected_batch_size)
+        return noisy, DpAggregateState(update_index=state.update_index + 1)
+
+    return optax.GradientTransformation(init_fn, update_fn)

@@ -1,0 +1,62 @@
+"""Gaussian noise of DP-SGD: THE one place in dpft where privacy noise is added.
+
+Per optimizer update, the global sum of clipped per-example gradients (summed over
+microbatches, devices and hosts) gets one independent N(0, (sigma * C)^2) draw per
+coordinate, then is divided by the *expected* batch size N*q (a public constant, never
+the realised count). The key comes from (seed, update index) only, so every device and
+host draws the same noise and applies the same update.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+PyTree = Any
+
+
+def noise_key(seed: int, update_index: int | jax.Array) -> jax.Array:
+    """Key of the noise of update `update_index`: fold_in(key(seed), update_index).
+
+    Pure function of its inputs, so identical on every device and host. `update_index` may
+    be a traced integer scalar.
+    """
+    return jax.random.fold_in(jax.random.key(seed), update_index)
+
+
+def _is_concrete_zero(x: Any) -> bool:
+    return isinstance(x, (int, float)) and x == 0
+
+
+def privatize(grad_sum: PyTree, key: jax.Array, *, noise_multiplier: float | jax.Array, clip_norm: float,
+              expected_batch_size: float, noise_scale_for_testing: float = 1.0) -> PyTree:
+    """Noisy mean gradient: (grad_sum + N(0, (sigma*C)^2 I)) / expected_batch_size.
+
+    Args:
+      grad_sum: pytree of float arrays, the global sum of clipped per-example gradients.
+      key: from `noise_key(seed, update_index)`; leaf i uses `split(key, n_leaves)[i]`
+        (leaves in `jax.tree.leaves` order).
+      noise_multiplier: sigma >= 0 (a Python 0 skips drawing: exact mean of the clipped sum).
+      clip_norm: C, the L2 sensitivity of grad_sum (`engine.sensitivity`).
+      expected_batch_size: N*q > 0 (`sampling.expected_batch_size`).
+      noise_scale_for_testing: multiplies the noise std. ONLY for tests and privacy
+        auditing experiments; any value other than 1.0 voids the DP guarantee. Never set
+        it from a config or the CLI.
+
+    Returns: pytree like grad_sum, float32 leaves.
+    """
+    if isinstance(expected_batch_size, (int, float)) and not expected_batch_size > 0:
+        raise ValueError(f"privatize: expected_batch_size must be > 0, got {expected_batch_size!r}")
+    if isinstance(noise_multiplier, (int, float)) and not noise_multiplier >= 0:
+        raise ValueError(f"privatize: noise_multiplier must be >= 0, got {noise_multiplier!r}")
+    if isinstance(clip_norm, (int, float)) and not clip_norm >= 0:
+        raise ValueError(f"privatize: clip_norm must be >= 0, got {clip_norm!r}")
+    leaves, treedef = jax.tree.flatten(grad_sum)
+    leaves = [jnp.asarray(x, jnp.float32) for x in leaves]
+    if not _is_concrete_zero(noise_multiplier) and not _is_concrete_zero(noise_scale_for_testing) and leaves:
+        std = jnp.asarray(noise_multiplier, jnp.float32) * clip_norm * noise_scale_for_testing
+        keys = jax.random.split(key, len(leaves))
+        leaves = [x + std * jax.random.normal(k, x.shape, jnp.float32) for x, k in zip(leaves, keys)]
+    leaves = [x / expected_batch_size for x in leaves]
+    return jax.tree.unflatten(treedef, leaves)

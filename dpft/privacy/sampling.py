@@ -1,0 +1,138 @@
+"""Which examples take part in each optimizer update (host-side numpy, no jax).
+
+Poisson selection (the default, what the accountant assumes): for update t every example
+is included independently with probability q, from a counter-based generator
+(numpy Philox seeded with (seed, t, tag)), so every host computes the same global
+selection from (seed, t) alone, cheaply for N up to millions, and a resumed run
+reproduces it exactly.
+
+Physical batches: the selected indices are dealt round-robin to `num_shards` shards and
+cut into fixed-shape chunks of `physical_batch_size`, padded with index -1 / mask 0.
+Every shard runs ceil(max_s |shard s| / physical_batch_size) chunks (at least one), so
+all hosts take the same number of steps.
+
+NO truncation cap: a realised batch larger than expected simply takes more physical
+batches, so the Poisson sampling guarantee the accountant uses holds exactly. The price
+is a timing side channel: the wall-clock time (number of physical batches) of an update
+reveals roughly how many examples were sampled. That count is the one thing an observer
+of the timing learns; DP of the model output is not affected, but do not publish
+per-update timings if that matters to you.
+
+Shuffling (`shuffled_selection`) gives fixed-size batches from a per-epoch permutation.
+The accountant's Poisson assumption does NOT hold for it and dpft provides no shuffle
+accounting: the reported epsilon is then not a proven guarantee. It warns loudly.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+
+import numpy as np
+
+_POISSON_TAG = 0x5053  # "PS": separates these streams from other users of (seed, index)
+_SHUFFLE_TAG = 0x5348  # "SH"
+
+SHUFFLE_WARNING = ("shuffled (fixed-size) batches: the privacy accountant assumes Poisson sampling, "
+                   "which does NOT hold here; the reported epsilon is not a proven DP guarantee")
+
+log = logging.getLogger(__name__)
+
+
+def _check_nonneg_int(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    return int(value)
+
+
+def _generator(seed: int, index: int, tag: int) -> np.random.Generator:
+    return np.random.Generator(np.random.Philox(np.random.SeedSequence([seed, index, tag])))
+
+
+def expected_batch_size(num_examples: int, sampling_rate: float) -> float:
+    """N * q: the public constant the noisy gradient sum is divided by."""
+    _check_rate(sampling_rate)
+    if _check_nonneg_int("num_examples", num_examples) < 1:
+        raise ValueError(f"num_examples must be >= 1, got {num_examples!r}")
+    return float(num_examples) * float(sampling_rate)
+
+
+def _check_rate(sampling_rate: float) -> None:
+    if not (isinstance(sampling_rate, (int, float)) and 0 < sampling_rate <= 1):
+        raise ValueError(f"sampling_rate must be in (0, 1], got {sampling_rate!r}")
+
+
+def poisson_selection(seed: int, update_index: int, num_examples: int, sampling_rate: float) -> np.ndarray:
+    """Sorted int64 indices in [0, N) of the examples selected for update `update_index`.
+
+    Each example is selected independently with probability `sampling_rate`; the result is
+    a pure function of (seed, update_index, num_examples, sampling_rate).
+    """
+    seed = _check_nonneg_int("seed", seed)
+    update_index = _check_nonneg_int("update_index", update_index)
+    num_examples = _check_nonneg_int("num_examples", num_examples)
+    _check_rate(sampling_rate)
+    rng = _generator(seed, update_index, _POISSON_TAG)
+    return np.flatnonzero(rng.random(num_examples) < sampling_rate).astype(np.int64)
+
+
+def num_physical_batches(num_selected: int, physical_batch_size: int, num_shards: int = 1) -> int:
+    """Chunks every shard runs for `num_selected` examples dealt round-robin (>= 1)."""
+    per_shard = -(-num_selected // num_shards)  # the largest shard
+    return max(1, -(-per_shard // physical_batch_size))
+
+
+def physical_batches(indices: np.ndarray, physical_batch_size: int, *, num_shards: int = 1,
+                     shard_index: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Cut this shard's share of `indices` into fixed-shape padded chunks.
+
+    Shard s gets indices[s::num_shards]. Returns a list (same length on every shard) of
+    (indices int64 [physical_batch_size], padded with -1; mask float32 [physical_batch_size]).
+    An empty selection still gives one all-padding chunk: the update (noise only) must run.
+    """
+    if not isinstance(physical_batch_size, (int, np.integer)) or physical_batch_size < 1:
+        raise ValueError(f"physical_batch_size must be an int >= 1, got {physical_batch_size!r}")
+    if not isinstance(num_shards, (int, np.integer)) or num_shards < 1:
+        raise ValueError(f"num_shards must be an int >= 1, got {num_shards!r}")
+    if not isinstance(shard_index, (int, np.integer)) or not 0 <= shard_index < num_shards:
+        raise ValueError(f"shard_index must be in [0, {num_shards}), got {shard_index!r}")
+    indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+    mine = indices[shard_index::num_shards]
+    count = num_physical_batches(len(indices), physical_batch_size, num_shards)
+    padded = np.full(count * physical_batch_size, -1, dtype=np.int64)
+    padded[:len(mine)] = mine
+    mask = np.zeros(count * physical_batch_size, dtype=np.float32)
+    mask[:len(mine)] = 1.0
+    return [(padded[i * physical_batch_size:(i + 1) * physical_batch_size],
+             mask[i * physical_batch_size:(i + 1) * physical_batch_size]) for i in range(count)]
+
+
+def shuffled_selection(seed: int, update_index: int, num_examples: int, batch_size: int) -> np.ndarray:
+    """Sorted int64 indices of a fixed-size batch from a per-epoch permutation.
+
+    Update t belongs to epoch t // (N // batch_size) (the remainder of each epoch is
+    dropped). NOT covered by the accountant: warns with `warnings.warn` on every call and
+    logs a warning at the first update of each epoch.
+    """
+    seed = _check_nonneg_int("seed", seed)
+    update_index = _check_nonneg_int("update_index", update_index)
+    num_examples = _check_nonneg_int("num_examples", num_examples)
+    if not isinstance(batch_size, (int, np.integer)) or not 1 <= batch_size <= num_examples:
+        raise ValueError(f"batch_size must be an int in [1, num_examples={num_examples}], got {batch_size!r}")
+    steps_per_epoch = num_examples // batch_size
+    epoch, position = divmod(update_index, steps_per_epoch)
+    warnings.warn(SHUFFLE_WARNING, UserWarning, stacklevel=2)
+    if position == 0:
+        log.warning("%s (epoch %d)", SHUFFLE_WARNING, epoch)
+    perm = _generator(seed, epoch, _SHUFFLE_TAG).permutation(num_examples)
+    return np.sort(perm[position * batch_size:(position + 1) * batch_size]).astype(np.int64)
+
+
+def sampling_rate_for(batch_size: float, num_examples: int) -> float:
+    """q = B / N for a desired expected batch size B (clear error if B > N)."""
+    if not 0 < batch_size <= num_examples:
+        raise ValueError(f"expected batch size must be in (0, num_examples={num_examples}], got {batch_size!r}")
+    return float(batch_size) / float(num_examples)
+
+
+__all__ = ["expected_batch_size", "poisson_selection", "physical_batches", "num_physical_batches",
+           "shuffled_selection", "sampling_rate_for", "SHUFFLE_WARNING"]

@@ -1,0 +1,180 @@
+"""Metric files of a run (metrics.jsonl, metrics.csv, TensorBoard) and a progress line.
+
+`MetricWriter(workdir)` appends one record per call to `write(step, metrics)`:
+  - metrics.jsonl: `{"step": step, **metrics}` per line (every value, strings included);
+  - metrics.csv: columns `step` + every key seen so far, in first-seen order. When a
+    record brings a new key the header grows: the file is rewritten (atomically, via a
+    temporary file and `os.replace`) with the wider header and empty cells for old rows.
+    Re-opening an existing workdir (resume) continues the same files;
+  - TensorBoard event files (tensorboardX) in WORKDIR for the numeric values.
+Only process 0 writes (multi-host runs log once).
+
+`Progress(total_updates)` formats one line per log step:
+  "update 120/1000 (12.0%) | 512.3 ex/s | loss 0.6931 | eps 1.23 | ETA 0:14:02"
+examples/s and ETA use the time between consecutive log calls (an injectable clock).
+"""
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import math
+import numbers
+import os
+import time
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+
+def _plain(value: Any) -> Any:
+    """numpy/jax scalars -> Python numbers; other values unchanged."""
+    if hasattr(value, "item") and getattr(value, "shape", None) == ():
+        return value.item()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+class MetricWriter:
+    """Writes metrics to WORKDIR/metrics.jsonl, WORKDIR/metrics.csv and TensorBoard."""
+
+    JSONL = "metrics.jsonl"
+    CSV = "metrics.csv"
+
+    def __init__(self, workdir: str | os.PathLike, *, tensorboard: bool = True, process_index: int | None = None):
+        if process_index is None:
+            import jax
+
+            process_index = jax.process_index()
+        self.workdir = os.fspath(workdir)
+        self.active = process_index == 0
+        self._columns: list[str] = []
+        self._tb = None
+        if not self.active:
+            return
+        os.makedirs(self.workdir, exist_ok=True)
+        self._jsonl_path = os.path.join(self.workdir, self.JSONL)
+        self._csv_path = os.path.join(self.workdir, self.CSV)
+        if os.path.exists(self._csv_path):
+            with open(self._csv_path, newline="", encoding="utf-8") as f:
+                header = next(csv.reader(f), None)
+            self._columns = [c for c in (header or []) if c != "step"]
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(logdir=self.workdir)
+
+    def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+        """Record `metrics` (name -> scalar or string) for update `step`."""
+        if not self.active:
+            return
+        record = {str(k): _plain(v) for k, v in metrics.items()}
+        if "step" in record:
+            raise ValueError("metric name 'step' is reserved")
+        with open(self._jsonl_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": int(step), **record}, default=str) + "\n")
+        self._write_csv(int(step), record)
+        if self._tb is not None:
+            for k, v in record.items():
+                if _is_number(v) and math.isfinite(float(v)):
+                    self._tb.add_scalar(k, float(v), int(step))
+
+    def _write_csv(self, step: int, record: Mapping[str, Any]) -> None:
+        new = [k for k in record if k not in self._columns]
+        if new or not os.path.exists(self._csv_path):
+            old_rows: list[dict[str, str]] = []
+            if os.path.exists(self._csv_path):
+                with open(self._csv_path, newline="", encoding="utf-8") as f:
+                    old_rows = list(csv.DictReader(f))
+            self._columns += new
+            tmp = self._csv_path + ".tmp"
+            with open(tmp, "w", newline="", encoding="utf-8") as f:
+                w = csv.DictWriter(f, fieldnames=["step"] + self._columns, restval="")
+                w.writeheader()
+                w.writerows(old_rows)
+            os.replace(tmp, self._csv_path)
+        with open(self._csv_path, "a", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=["step"] + self._columns, restval="")
+            w.writerow({"step": step, **record})
+
+    def flush(self) -> None:
+        if self._tb is not None:
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+    def __enter__(self) -> "MetricWriter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def format_duration(seconds: float) -> str:
+    """Seconds -> 'H:MM:SS' ('D days, H:MM:SS' beyond a day); '?' when unknown."""
+    if seconds is None or not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    return str(datetime.timedelta(seconds=int(round(seconds))))
+
+
+class Progress:
+    """One-line progress reports; `clock` (seconds) is injectable for tests.
+
+    Call `log(step, examples=..., loss=..., epsilon=...)` at each log step, where `step` is
+    the number of updates completed and `examples` the number of (real) examples processed
+    since the previous call. Rates use the interval since the previous call (or since
+    construction / `restart()`), so compilation time only affects the first line.
+    """
+
+    def __init__(
+        self,
+        total_updates: int,
+        *,
+        start_step: int = 0,
+        clock: Callable[[], float] = time.monotonic,
+        print_fn: Callable[[str], Any] | None = print,
+    ):
+        self.total = int(total_updates)
+        self._clock = clock
+        self._print = print_fn
+        self._last_step = int(start_step)
+        self._last_time = clock()
+
+    def restart(self, step: int) -> None:
+        """Reset the reference point (e.g. after an evaluation pause)."""
+        self._last_step = int(step)
+        self._last_time = self._clock()
+
+    def line(self, step: int, *, examples: float, loss: float | None = None, epsilon: float | None = None) -> str:
+        """The progress line for `step` (updates done); advances the reference point."""
+        now = self._clock()
+        dt = now - self._last_time
+        dsteps = step - self._last_step
+        rate = examples / dt if dt > 0 else float("nan")
+        sec_per_update = dt / dsteps if dsteps > 0 else float("nan")
+        eta = (self.total - step) * sec_per_update
+        self._last_time, self._last_step = now, step
+        width = len(str(self.total))
+        parts = [f"update {step:>{width}d}/{self.total} ({100.0 * step / max(self.total, 1):5.1f}%)"]
+        parts.append(f"{rate:.1f} ex/s" if math.isfinite(rate) else "? ex/s")
+        if loss is not None:
+            parts.append(f"loss {float(loss):.4f}")
+        if epsilon is not None:
+            parts.append(f"eps {float(epsilon):.3g}")
+        parts.append(f"ETA {format_duration(eta)}")
+        return " | ".join(parts)
+
+    def log(self, step: int, *, examples: float, loss: float | None = None, epsilon: float | None = None) -> str:
+        """Format (see `line`) and print the line; returns it."""
+        text = self.line(step, examples=examples, loss=loss, epsilon=epsilon)
+        if self._print is not None:
+            self._print(text)
+        return text

@@ -1,0 +1,449 @@
+"""The `dpft train` loop: Poisson-sampled DP-SGD updates, EMA, ledger, checkpoints, evaluation.
+
+One update u:
+  selection = Poisson(seed, u)        dpft.privacy.sampling via dpft.data.pipeline
+  for each physical batch j:          fixed shapes, padded; this host's share only
+      acc += clipped per-example grads (dpft.train.step.accumulate, on every device)
+  state = apply(state, acc)           psum, noise once, optax, EMA (dpft.train.step.apply)
+  ledger.record(q, sigma)             the accountant event that ran
+Checkpoints (orbax) hold params, opt state, EMA, update index, data-iterator state, ledger
+and config; a run on a workdir with a checkpoint resumes from it and ends with the same
+parameters as an uninterrupted run. SIGTERM/SIGINT save a checkpoint and return.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import multihost_utils
+import ml_collections
+import numpy as np
+
+from dpft.cli import UsageError
+from dpft.data import pipeline
+from dpft.evaluate import predictions as predictions_lib
+from dpft.privacy import accounting, engine
+from dpft.train import checkpointing, distributed, logging_utils, optim, step as step_lib
+from dpft.train import setup as setup_lib
+from dpft.train.config_base import config_from_json, config_to_json
+from dpft.train.validation import validate
+
+log = logging.getLogger(__name__)
+
+# Fields that may change between a run and its resume (they do not affect what is trained).
+RESUMABLE_CHANGES = ("train.eval_every", "train.log_every", "train.checkpoint_every",
+                     "train.keep_checkpoints", "data.num_workers", "eval.batch_size", "eval.splits",
+                     "eval.params")
+
+
+@dataclasses.dataclass
+class RunResult:
+    """What `train` returns: the final update index, plan and paths written."""
+
+    workdir: str
+    updates_done: int
+    plan: setup_lib.PrivacyPlan
+    epsilon_spent: float
+    preempted: bool
+    predictions: dict[str, str]
+
+
+def _flatten_config(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten_config(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def check_resume_config(old: ml_collections.ConfigDict, new: ml_collections.ConfigDict, workdir: str) -> None:
+    """Refuse to resume with a config that changes what is trained (and so the guarantee)."""
+    a = _flatten_config(json.loads(config_to_json(old)))
+    b = _flatten_config(json.loads(config_to_json(new)))
+    changed = sorted(k for k in set(a) | set(b)
+                     if a.get(k) != b.get(k) and not k.startswith(RESUMABLE_CHANGES))
+    if changed:
+        details = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in changed[:5])
+        raise UsageError(f"{workdir} holds a checkpoint of a different config ({details}); "
+                         f"use a new --workdir, or the same config to resume")
+
+
+def _device_batch(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k in ("image", "label", "label_mask", "mask", "example_id")}
+
+
+class Trainer:
+    """Holds the compiled functions and state of one run; `run()` trains to the end."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str, *,
+                 noise_scale_for_testing: float = 1.0, print_fn=print):
+        self.config = config
+        self.workdir = os.path.abspath(workdir)
+        self.print = print_fn if jax.process_index() == 0 else (lambda *a, **k: None)
+        distributed.initialize_distributed()
+        self.mesh = distributed.make_data_mesh()
+        self.tables = setup_lib.load_tables(config)
+        if "train" not in self.tables:
+            raise UsageError(f"data set {config.data.name!r} has no 'train' split")
+        self.train_table = self.tables["train"]
+        validate(config, num_examples=len(self.train_table), num_devices=jax.local_device_count())
+        self.plan = setup_lib.privacy_plan(config, len(self.train_table))
+        self.augment = setup_lib.augment_config(config)
+        model = setup_lib.build_model(config, self.train_table.num_classes)
+        loss_fn, params, self.merge = self._loss(model)
+        self.clipping = setup_lib.clipping_config(config)
+        self.step_cfg = step_lib.StepConfig(
+            clipping=self.clipping,
+            microbatch_size=int(config.train.microbatch_size),
+            noise_multiplier=float(self.plan.noise_multiplier),
+            expected_batch_size=float(self.plan.expected_batch_size),
+            seed=int(config.seed),
+            sensitivity=engine.sensitivity(self.clipping, params),
+            ema_decay=float(config.train.ema_decay),
+            polyak=bool(config.train.polyak),
+        )
+        self.optimizer = optim.make_optimizer(config.train)
+        self.state = step_lib.replicate(step_lib.init_state(params, self.optimizer, self.step_cfg), self.mesh)
+        self.accumulate = step_lib.make_accumulate_fn(loss_fn, self.step_cfg, self.mesh)
+        self.apply = step_lib.make_apply_fn(self.optimizer, self.step_cfg, self.mesh,
+                                            noise_scale_for_testing=noise_scale_for_testing)
+        self.ledger = accounting.Ledger()
+        self.iterator = pipeline.TrainIterator(
+            self.train_table,
+            pipeline.TrainConfig(
+                sampling_rate=self.plan.sampling_rate,
+                physical_batch_size=int(config.train.physical_batch_size),
+                seed=int(config.seed),
+                num_workers=int(config.data.num_workers),
+                num_shards=jax.process_count(),
+                shard_index=jax.process_index(),
+                on_bad_image=str(config.data.options.get("on_bad_image", "error")),
+            ),
+            self.augment,
+        )
+        self._predict = jax.jit(lambda p, images: self.merge(p)(images, train=False))
+        self.recorder = None
+        if config.individual.enabled and self.plan.enabled:
+            from dpft.privacy import individual
+            self.recorder = individual.NormRecorder(num_examples=len(self.train_table),
+                                                    grid_width=float(config.individual.norm_grid),
+                                                    every=int(config.individual.every))
+
+    def _loss(self, model):
+        from dpft.privacy import adapters
+        return adapters.nnx_loss_fn(model, setup_lib.per_view_loss(self.train_table.task))
+
+    # ------------------------------------------------------------------ checkpoints
+    def _pytrees(self) -> dict:
+        s = self.state
+        trees = {"params": s["params"], "opt_state": s["opt_state"], "update": s["update"]}
+        if self.step_cfg.ema_decay > 0:
+            trees["ema"] = s["ema"]
+        if self.step_cfg.polyak:
+            trees["polyak"] = s["polyak"]
+        return trees
+
+    def save(self, ckpt: checkpointing.Checkpointer) -> None:
+        u = int(self.state["update"])
+        json_items = {
+            "data_state": self.iterator.get_state(),
+            "ledger": self.ledger.to_dict(),
+            "config": json.loads(config_to_json(self.config)),
+            "plan": self.plan.to_dict(),
+        }
+        if self.recorder is not None:
+            path = os.path.join(self.workdir, "individual_norms", f"{u}.npz")
+            if jax.process_index() == 0:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                self.recorder.save(path)
+            json_items["individual"] = {"norms_file": os.path.relpath(path, self.workdir)}
+        ckpt.save(u, pytrees=self._pytrees(), json_items=json_items)
+        if jax.process_index() == 0:
+            _atomic_write_text(os.path.join(self.workdir, "ledger.json"), self.ledger.to_json())
+
+    def restore(self, ckpt: checkpointing.Checkpointer) -> bool:
+        step = ckpt.latest_step()
+        if step is None:
+            return False
+        restored = ckpt.restore(step, targets=self._pytrees())
+        old = config_from_json(json.dumps(restored.json_items["config"]))
+        check_resume_config(old, self.config, self.workdir)
+        self.state = dict(self.state, **restored.pytrees)
+        self.iterator.set_state(restored.json_items["data_state"])
+        self.ledger = accounting.Ledger.from_dict(restored.json_items["ledger"])
+        if self.recorder is not None and "individual" in restored.json_items:
+            from dpft.privacy import individual
+            self.recorder = individual.NormRecorder.load(
+                os.path.join(self.workdir, restored.json_items["individual"]["norms_file"]))
+        self.print(f"resumed from {ckpt.directory}/{step}: update {int(self.state['update'])}, "
+                   f"epsilon spent {self.epsilon_spent():.4g}")
+        return True
+
+    # ------------------------------------------------------------------ accounting
+    def epsilon_spent(self) -> float:
+        if not self.plan.enabled:
+            return math.inf
+        if self.ledger.total_steps == 0:
+            return 0.0
+        return self.ledger.epsilon(self.plan.delta, self.plan.accountant)
+
+    # ------------------------------------------------------------------ one update
+    def train_update(self) -> dict:
+        """Runs the next update; returns host-side statistics of it."""
+        u = int(self.state["update"])
+        if self.iterator.state["update_index"] != u:
+            raise RuntimeError(f"data iterator at update {self.iterator.state} but state at {u}")
+        acc = step_lib.zeros_accumulator(self.state["params"], self.mesh)
+        stats_list = []
+        for j, batch in enumerate(self.iterator.update_batches()):
+            key = step_lib.physical_batch_key(self.step_cfg.seed, u, j)
+            device_batch = step_lib.shard_batch(_device_batch(batch), self.mesh)
+            acc, stats = self.accumulate(self.state["params"], acc, device_batch, key)
+            stats_list.append(stats)
+        self.state, info = self.apply(self.state, acc)
+        if self.plan.enabled:
+            self.ledger.record(self.plan.sampling_rate, self.plan.noise_multiplier)
+        n = sum(float(jnp.sum(s["mask"])) for s in stats_list)
+        loss = sum(float(jnp.sum(s["loss"])) for s in stats_list)
+        acc_sum = sum(float(jnp.sum(s["accuracy"])) for s in stats_list if "accuracy" in s)
+        clipped = sum(float(jnp.sum((s["norms"] > self.plan.clip_norm) * s["mask"])) for s in stats_list) \
+            if self.plan.enabled else 0.0
+        return {"examples": n, "loss_sum": loss, "accuracy_sum": acc_sum, "clipped": clipped,
+                "grad_norm": float(info["grad_norm"])}
+
+    # ------------------------------------------------------------------ evaluation
+    def eval_params(self, which: str | None = None):
+        which = which or self.config.eval.params
+        if which == "ema" and self.step_cfg.ema_decay > 0:
+            return self.state["ema"], "ema"
+        if which == "polyak" and self.step_cfg.polyak:
+            return self.state["polyak"], "polyak"
+        return self.state["params"], "raw"
+
+    def predict_split(self, split: str, params) -> dict[str, np.ndarray]:
+        """Logits [N, C] and the metadata columns of every example of `split`, in table order.
+
+        Each host decodes only its shard of every eval batch; logits are gathered across
+        hosts, and the metadata comes from the table itself (same order on every host).
+        """
+        table = self.tables[split]
+        ndev = jax.local_device_count()
+        bs = max(ndev, int(self.config.eval.batch_size) // ndev * ndev)
+        chunks = []
+        for batch in pipeline.eval_batches(table, batch_size=bs, augment=self.augment,
+                                           num_workers=int(self.config.data.num_workers),
+                                           num_shards=jax.process_count(), shard_index=jax.process_index()):
+            images = step_lib.shard_batch({"image": batch["image"]}, self.mesh)["image"]
+            logits = self._predict(params, images)
+            if jax.process_count() > 1:
+                logits = multihost_utils.process_allgather(logits, tiled=True)
+            chunks.append(np.asarray(logits, np.float32))
+        logits = np.concatenate(chunks)[: len(table)]
+        cols = table_columns(table)
+        cols["logits"] = logits
+        return cols
+    def quick_eval(self, split: str) -> dict[str, float]:
+        """Accuracy (multiclass: top-1; multilabel: mean AUC over eval tasks) on `split`."""
+        params, _ = self.eval_params()
+        out = self.predict_split(split, params)
+        if self.train_table.task == "multiclass":
+            return {f"{split}/accuracy": float(np.mean(np.argmax(out["logits"], -1) == out["label"]))}
+        from sklearn.metrics import roc_auc_score
+        aucs = []
+        names = list(self.train_table.class_names)
+        for t in self.train_table.eval_tasks or names:
+            i = names.index(t)
+            m = out["label_mask"][:, i] > 0 if "label_mask" in out else slice(None)
+            y = out["label"][m, i]
+            if len(np.unique(y)) == 2:
+                aucs.append(roc_auc_score(y, out["logits"][m, i]))
+        return {f"{split}/mean_auc": float(np.mean(aucs)) if aucs else float("nan")}
+
+    def write_predictions(self) -> dict[str, str]:
+        """`predictions/<update>/<split>.npz` for every eval split (and validation, for thresholds)."""
+        u = int(self.state["update"])
+        params, which = self.eval_params()
+        splits = list(dict.fromkeys(list(self.config.eval.splits) + ["validation"]))
+        paths = {}
+        for split in splits:
+            if split not in self.tables:
+                continue
+            out = self.predict_split(split, params)
+            if jax.process_index() != 0:
+                continue
+            attrs = {k[len("attr_"):]: v for k, v in out.items() if k.startswith("attr_")}
+            path = os.path.join(self.workdir, "predictions", str(u), f"{split}.npz")
+            predictions_lib.write_predictions(
+                path, example_id=out["example_id"], patient_id=out["patient_id"], logits=out["logits"],
+                label=out["label"], label_mask=out.get("label_mask"), attrs=attrs,
+                task=self.train_table.task, class_names=self.train_table.class_names,
+                eval_tasks=self.train_table.eval_tasks, step=u, params=which,
+                epsilon=self.epsilon_spent() if self.plan.enabled else None,
+                delta=self.plan.delta if self.plan.enabled else None)
+            paths[split] = path
+        return paths
+
+    # ------------------------------------------------------------------ individual accounting
+    def record_norms(self) -> None:
+        """Per-example gradient norms of ALL training examples at the current params."""
+        u = int(self.state["update"])
+        norms = np.zeros(len(self.train_table), np.float64)
+        ids = []
+        vals = []
+        bs = int(self.config.train.physical_batch_size)
+        for batch in pipeline.eval_batches(self.train_table, batch_size=bs, augment=self.augment,
+                                           num_workers=int(self.config.data.num_workers)):
+            dev = {k: v for k, v in batch.items() if k in ("image", "label", "label_mask", "mask", "example_id")}
+            dev["image"] = dev["image"][:, None]
+            for k in ("label", "label_mask"):
+                if k in dev:
+                    dev[k] = dev[k][:, None]
+            acc = step_lib.zeros_accumulator(self.state["params"], self.mesh)
+            key = step_lib.physical_batch_key(self.step_cfg.seed, u, 10_000_000)
+            _, stats = self.accumulate(self.state["params"], acc, step_lib.shard_batch(dev, self.mesh), key)
+            keep = batch["mask"] > 0
+            ids.append(batch["example_id"][keep])
+            vals.append(np.asarray(stats["norms"])[keep])
+        ids, vals = np.concatenate(ids), np.concatenate(vals)
+        position = {int(e): i for i, e in enumerate(table_columns(self.train_table)["example_id"])}
+        norms[[position[int(e)] for e in ids]] = vals
+        self.recorder.record_all(u, norms)
+
+    def write_individual(self) -> None:
+        from dpft.privacy import individual
+        eps = individual.individual_epsilons(
+            self.recorder, sampling_rate=self.plan.sampling_rate, noise_multiplier=self.plan.noise_multiplier,
+            clip_norm=self.plan.clip_norm, num_updates=int(self.state["update"]), delta=self.plan.delta)
+        cols = table_columns(self.train_table)
+        attrs = {k[len("attr_"):]: v for k, v in cols.items() if k.startswith("attr_")}
+        summary = individual.summarise(eps, attrs, cols["label"] if self.train_table.task == "multiclass" else None,
+                                       worst_case_epsilon=self.epsilon_spent())
+        individual.write_individual_epsilons(self.workdir, cols["example_id"], eps, attrs, summary=summary)
+
+    # ------------------------------------------------------------------ the run
+    def run(self, *, max_updates_this_call: int | None = None) -> RunResult:
+        cfg = self.config
+        os.makedirs(self.workdir, exist_ok=True)
+        preempted = False
+        with checkpointing.Checkpointer(self.workdir, keep=int(cfg.train.keep_checkpoints)) as ckpt, \
+                checkpointing.PreemptionFlag() as flag, \
+                logging_utils.MetricWriter(self.workdir) as writer:
+            resumed = self.restore(ckpt)
+            if jax.process_index() == 0:
+                _atomic_write_text(os.path.join(self.workdir, "config.json"), config_to_json(cfg))
+                _atomic_write_text(os.path.join(self.workdir, "privacy_plan.json"),
+                                   json.dumps(self.plan.to_dict(), indent=2))
+            start = int(self.state["update"])
+            total = self.plan.num_updates
+            if not resumed:
+                self._announce()
+            progress = logging_utils.Progress(total, start_step=start, print_fn=self.print)
+            window = {"examples": 0.0, "loss_sum": 0.0, "accuracy_sum": 0.0, "clipped": 0.0}
+            done_this_call = 0
+            while int(self.state["update"]) < total:
+                if self.recorder is not None and self.recorder.should_record(int(self.state["update"])):
+                    self.record_norms()
+                info = self.train_update()
+                done_this_call += 1
+                u = int(self.state["update"])
+                for k in window:
+                    window[k] += info[k]
+                if u % int(cfg.train.log_every) == 0 or u == total:
+                    eps = self.epsilon_spent()
+                    n = max(window["examples"], 1.0)
+                    metrics = {"loss": window["loss_sum"] / n, "train_accuracy": window["accuracy_sum"] / n,
+                               "clipped_fraction": window["clipped"] / n, "grad_norm": info["grad_norm"],
+                               "examples": window["examples"]}
+                    if self.plan.enabled:
+                        metrics["epsilon"] = eps
+                    progress.log(u, examples=window["examples"], loss=metrics["loss"],
+                                 epsilon=eps if self.plan.enabled else None)
+                    writer.write(u, metrics)
+                    window = dict.fromkeys(window, 0.0)
+                if cfg.train.eval_every and u % int(cfg.train.eval_every) == 0 and u < total \
+                        and "validation" in self.tables:
+                    writer.write(u, self.quick_eval("validation"))
+                    progress.restart(u)
+                stop_now = flag.requested or (max_updates_this_call is not None
+                                              and done_this_call >= max_updates_this_call)
+                if u % int(cfg.train.checkpoint_every) == 0 or u == total or stop_now:
+                    self.save(ckpt)
+                if stop_now:
+                    preempted = True
+                    self.print(f"stopping at update {u} ({'signal' if flag.requested else 'limit'}); "
+                               f"checkpoint saved; run the same command again to resume")
+                    break
+            if not preempted and int(self.state["update"]) >= total:
+                if ckpt.latest_step() != int(self.state["update"]):
+                    self.save(ckpt)
+                final = {}
+                for split in ("validation", "test"):
+                    if split in self.tables:
+                        final.update(self.quick_eval(split))
+                writer.write(int(self.state["update"]), final)
+                preds = self.write_predictions()
+                if self.recorder is not None:
+                    self.write_individual()
+                self.print("final: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items())
+                           + (f", epsilon {self.epsilon_spent():.4g} (delta {self.plan.delta:.3g})"
+                              if self.plan.enabled else ", non-private"))
+            else:
+                preds = {}
+        return RunResult(self.workdir, int(self.state["update"]), self.plan,
+                         self.epsilon_spent(), preempted, preds)
+
+    def _announce(self) -> None:
+        p = self.plan
+        if p.enabled:
+            self.print(f"DP-SGD: N={p.num_examples}, expected batch {p.expected_batch_size:g} (q={p.sampling_rate:.4g}), "
+                       f"{p.num_updates} updates, sigma={p.noise_multiplier:.4f}, C={p.clip_norm:g}, "
+                       f"delta={p.delta:.3g}, target epsilon={p.target_epsilon} ({p.accountant}); "
+                       f"epsilon at the end {p.epsilon_after(p.num_updates):.4g}")
+        else:
+            self.print(f"non-private: N={p.num_examples}, expected batch {p.expected_batch_size:g}, "
+                       f"{p.num_updates} updates (same code path, no clipping, no noise)")
+        self.print(f"devices: {jax.device_count()} ({jax.process_count()} process(es)), "
+                   f"physical batch {self.config.train.physical_batch_size} per host, "
+                   f"microbatch {self.config.train.microbatch_size}, augmult {self.config.data.augmult}")
+
+
+def table_columns(table) -> dict[str, np.ndarray]:
+    """example_id, patient_id, label (, label_mask), attr_<name> of every record, in order."""
+    recs = list(table.records())
+    cols = {
+        "example_id": np.asarray([r["example_id"] for r in recs], np.int64),
+        "patient_id": np.asarray([str(r.get("patient_id", r["example_id"])) for r in recs], dtype=str),
+    }
+    if table.task == "multilabel":
+        cols["label"] = np.stack([np.asarray(r["label"], np.float32) for r in recs])
+        cols["label_mask"] = np.stack([np.asarray(r["label_mask"], np.float32) for r in recs])
+    else:
+        cols["label"] = np.asarray([int(r["label"]) for r in recs], np.int64)
+    for a in table.attribute_names:
+        cols[f"attr_{a}"] = np.asarray([str(r["attrs"].get(a, "Unknown")) for r in recs], dtype=str)
+    return cols
+
+
+def _atomic_write_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, **kwargs: Any) -> RunResult:
+    """Trains (or resumes) the run of `config` in `workdir`; see the module docstring."""
+    max_updates = kwargs.pop("max_updates_this_call", None)
+    return Trainer(config, workdir, **kwargs).run(max_updates_this_call=max_updates)

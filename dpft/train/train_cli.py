@@ -1,0 +1,37 @@
+"""`dpft train --config configs/X.py[:arg] --workdir DIR [--config.FIELD=VALUE ...]`.
+
+Trains (or, when DIR holds a checkpoint of the same config, resumes) a DP-SGD run.
+Every config field can be overridden, e.g. `--config.privacy.epsilon=4`.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from dpft.cli import UsageError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="config file, e.g. configs/chexpert_nfnet_f0.py[:arg]")
+    parser.add_argument("--workdir", required=True, help="run directory (checkpoints, logs, predictions)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.set_defaults(accepts_config_overrides=True)
+    parser.epilog = "Overrides: --config.FIELD=VALUE, e.g. --config.privacy.epsilon=4 --config.train.num_updates=500"
+
+
+def run(args: argparse.Namespace) -> int:
+    from dpft.train.config_base import config_to_json, load_config
+
+    logging.basicConfig(level=os.environ.get("DPFT_LOGLEVEL", "WARNING"))
+    config = load_config(args.config, list(getattr(args, "overrides", [])))
+    if args.print_config:
+        print(config_to_json(config))
+        return 0
+    from dpft.train.validation import validate
+    validate(config)  # refuse bad configs before loading data or compiling anything
+    from dpft.train import loop
+    result = loop.train(config, args.workdir)
+    if result.preempted:
+        return 0
+    return 0

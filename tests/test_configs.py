@@ -1,0 +1,306 @@
+"""Run configs: every experiment file, override coercion, JSON round trip, validation rules,
+optimizer/schedule construction."""
+import glob
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from dpft.cli import UsageError
+from dpft.train import config_base as cb
+from dpft.train import optim
+from dpft.train.validation import validate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_FILES = sorted(
+    p for p in glob.glob(os.path.join(ROOT, "configs", "*.py")) if not os.path.basename(p).startswith("_")
+)
+EXPECTED = {"digits_demo", "chexpert_nfnet_f0", "mimic_cxr_nfnet_f0", "imagenet_nfnet_f3",
+            "places365_nfnet_f3", "fake_chexpert_tiny"}
+
+
+def _keys(d, prefix=""):
+    out = set()
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "options":
+            out |= _keys(v, prefix + k + ".")
+        else:
+            out.add(prefix + k)
+    return out
+
+
+def test_all_expected_config_files_exist():
+    assert EXPECTED <= {os.path.splitext(os.path.basename(p))[0] for p in CONFIG_FILES}
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
+def test_config_files_are_complete_locked_and_valid(path):
+    config = cb.load_config(path, [])
+    assert _keys(config.to_dict()) == _keys(cb.base_config().to_dict())
+    assert config.is_locked
+    with pytest.raises(AttributeError):
+        config.train.batchsize = 3
+    # Valid apart from data paths that only exist on a real machine.
+    validate(config, check_paths=False, num_devices=1)
+
+
+def test_paper_recipes():
+    chex = cb.load_config(os.path.join(ROOT, "configs/chexpert_nfnet_f0.py"), [])
+    assert (chex.model.name, chex.privacy.clip_norm, chex.privacy.delta, chex.train.batch_size) == ("nfnet_f0", 1e-3, 0.0, 4096)
+    assert chex.privacy.epsilon == 8.0
+    inet = cb.load_config(os.path.join(ROOT, "configs/imagenet_nfnet_f3.py"), ["--config.train.batch_size=262144"])
+    assert (inet.model.name, inet.privacy.clip_norm, inet.privacy.delta, inet.data.augmult) == ("nfnet_f3", 1.0, 8e-7, 16)
+    assert (inet.train.ema_decay, inet.train.optimizer.name) == (0.9999, "sgd")
+    # The papers' delta = 8e-7 is just above 1/N for ImageNet; validate says so.
+    with pytest.warns(UserWarning, match="1/N"):
+        validate(inet, check_paths=False, num_examples=1_281_167, num_devices=8)
+
+
+def test_config_arg_sets_epsilon():
+    path = os.path.join(ROOT, "configs/chexpert_nfnet_f0.py")
+    assert cb.load_config(path + ":eps=4", []).privacy.epsilon == 4.0
+    assert cb.load_config(path + ":eps=0.5,steps=7", []).train.num_updates == 7
+    with pytest.raises(UsageError, match="epsilonn"):
+        cb.load_config(path + ":privacy.epsilonn=4", [])
+
+
+def test_override_type_coercion():
+    c = cb.load_config(
+        os.path.join(ROOT, "configs/digits_demo.py"),
+        [
+            "--config.privacy.enabled=False",
+            "config.privacy.epsilon=4",
+            "--config.train.batch_size=1024",
+            "--config.privacy.delta=1e-5",
+            "--config.model.checkpoint=/tmp/x.npz",
+            "--config.eval.splits=train,test",
+            "--config.data.random_flip=yes",
+            "--config.train.num_updates=2e3",
+            "--config.privacy.noise_multiplier=None",
+            "--config.model.name", "wrn_16_4",
+        ],
+    )
+    assert c.privacy.enabled is False
+    assert c.privacy.epsilon == 4.0 and isinstance(c.privacy.epsilon, float)
+    assert c.train.batch_size == 1024 and isinstance(c.train.batch_size, int)
+    assert c.privacy.delta == 1e-5
+    assert c.model.checkpoint == "/tmp/x.npz"
+    assert c.eval.splits == ("train", "test")
+    assert c.data.random_flip is True
+    assert c.train.num_updates == 2000 and isinstance(c.train.num_updates, int)
+    assert c.privacy.noise_multiplier is None
+    assert c.model.name == "wrn_16_4"
+
+
+def test_coerce_tuple_of_numbers_and_errors():
+    assert cb.coerce_value("1,2,3", (0, 40), field="f") == (1, 2, 3)
+    assert cb.coerce_value("(0.5, 1)", (1.0,), field="f") == (0.5, 1)
+    assert cb.coerce_value("", ("a",), field="f") == ()
+    with pytest.raises(UsageError, match="config.train.batch_size"):
+        cb.coerce_value("2.5", 3, field="config.train.batch_size")
+    with pytest.raises(UsageError, match="maybe"):
+        cb.coerce_value("maybe", True, field="f")
+    with pytest.raises(UsageError, match="float"):
+        cb.coerce_value("abc", 1.0, field="f")
+
+
+def test_unknown_field_errors_name_the_field():
+    path = os.path.join(ROOT, "configs/digits_demo.py")
+    with pytest.raises(UsageError, match=r"config\.privacy\.epsilo'.*did you mean 'privacy\.epsilon'"):
+        cb.load_config(path, ["--config.privacy.epsilo=4"])
+    with pytest.raises(UsageError, match=r"config\.trainn"):
+        cb.load_config(path, ["--config.trainn.batch_size=4"])
+    with pytest.raises(UsageError, match="group"):
+        cb.load_config(path, ["--config.train=4"])
+    with pytest.raises(UsageError, match="no value"):
+        cb.load_config(path, ["--config.seed"])
+    with pytest.raises(UsageError, match="not found"):
+        cb.load_config(os.path.join(ROOT, "configs/nope.py"), [])
+
+
+def test_json_round_trip():
+    c = cb.load_config(os.path.join(ROOT, "configs/chexpert_nfnet_f0.py"), ["--config.eval.splits=valid,test"])
+    text = cb.config_to_json(c)
+    back = cb.config_from_json(text)
+    assert back.to_dict() == c.to_dict()
+    assert back.eval.splits == ("valid", "test") and back.data.options.age_bins == (0, 40, 60, 80, 200)
+    assert back.is_locked
+    with pytest.raises(UsageError, match="malformed"):
+        cb.config_from_json("{not json")
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _valid():
+    c = cb.base_config()
+    validate(c, num_examples=10_000, num_devices=1)
+    return c
+
+
+def _set(c, path, value):
+    node = c
+    *parents, leaf = path.split(".")
+    for p in parents:
+        node = node[p]
+    with c.ignore_type():
+        node[leaf] = value
+    return c
+
+
+RULES = [
+    # (field, bad value, message fragment)
+    ("train.physical_batch_size", 60, "multiple of config.train.microbatch_size"),
+    ("privacy.clip_norm", 0.0, "must be > 0"),
+    ("privacy.clip_norm", -1.0, "must be > 0"),
+    ("privacy.delta", 1.0, "[0, 1)"),
+    ("privacy.delta", -1e-5, "[0, 1)"),
+    ("privacy.epsilon", 0.0, "must be > 0"),
+    ("privacy.noise_multiplier", -1.0, ">= 0"),
+    ("data.augmult", 0, ">= 1"),
+    ("train.ema_decay", 1.0, "[0, 1)"),
+    ("train.ema_decay", -0.1, "[0, 1)"),
+    ("train.num_updates", 0, ">= 1"),
+    ("train.batch_size", 0, ">= 1"),
+    ("train.microbatch_size", 0, ">= 1"),
+    ("model.name", "resnet_50", "not a known model"),
+    ("model.dtype", "float16", "not one of"),
+    ("data.name", "cifar10", "not one of"),
+    ("train.optimizer.name", "lamb", "not one of"),
+    ("train.optimizer.learning_rate", 0.0, "> 0"),
+    ("train.optimizer.momentum", 1.0, "[0, 1)"),
+    ("train.optimizer.weight_decay", -1.0, ">= 0"),
+    ("train.lr_schedule.name", "step", "not one of"),
+    ("privacy.clipping", "adaptive", "not one of"),
+    ("privacy.accountant", "moments", "not one of"),
+    ("privacy.sampling", "uniform", "not one of"),
+    ("eval.params", "swa", "not one of"),
+    ("eval.splits", (), "non-empty"),
+    ("eval.batch_size", 0, ">= 1"),
+    ("train.log_every", 0, ">= 1"),
+    ("train.keep_checkpoints", 0, ">= 1"),
+    ("data.image_size", 0, ">= 1"),
+    ("seed", -1, ">= 0"),
+    ("train.batch_size", 2.5, "integer"),
+    ("privacy.enabled", "yes", "true or false"),
+]
+
+
+@pytest.mark.parametrize("field,value,fragment", RULES, ids=[f"{r[0]}={r[1]!r}" for r in RULES])
+def test_each_rule_raises_naming_field_and_value(field, value, fragment):
+    c = _set(_valid(), field, value)
+    with pytest.raises(UsageError) as e:
+        validate(c, num_examples=10_000)
+    msg = str(e.value)
+    assert f"config.{field}={value!r}" in msg
+    assert fragment in msg
+
+
+def test_combination_rules():
+    c = _valid()
+    with pytest.raises(UsageError, match=r"config.train.batch_size=256 is larger than the training set \(N=100\)"):
+        validate(c, num_examples=100)
+    with pytest.raises(UsageError, match="not divisible by the 3 local devices"):
+        validate(c, num_devices=3)
+    c = _set(_valid(), "train.physical_batch_size", 64)
+    _set(c, "train.microbatch_size", 16)
+    with pytest.raises(UsageError, match="gives 8 examples per device"):
+        validate(c, num_devices=8)
+    c = _set(_valid(), "train.lr_schedule.name", "warmup_cosine")
+    _set(c, "train.lr_schedule.warmup_steps", 100)
+    with pytest.raises(UsageError, match="warmup_steps=100 must be < config.train.num_updates=100"):
+        validate(c)
+    c = _set(_valid(), "train.ema_decay", 0.0)
+    with pytest.raises(UsageError, match="config.eval.params='ema'"):
+        validate(c)
+    c = _set(_valid(), "data.name", "chexpert")
+    with pytest.raises(UsageError, match="config.data.root=''"):
+        validate(c)
+    _set(c, "data.root", "/nonexistent/dir")
+    with pytest.raises(UsageError, match="is not a directory"):
+        validate(c)
+    validate(c, check_paths=False)
+    c = _set(_valid(), "model.checkpoint", "/nonexistent/F0.npz")
+    with pytest.raises(UsageError, match="config.model.checkpoint='/nonexistent/F0.npz' does not exist"):
+        validate(c)
+
+
+def test_privacy_off_relaxes_privacy_rules_and_sigma_bypasses_epsilon():
+    c = _set(_valid(), "privacy.enabled", False)
+    _set(c, "privacy.epsilon", 0.0)
+    _set(c, "privacy.clip_norm", 0.0)
+    validate(c)
+    c = _set(_valid(), "privacy.epsilon", 0.0)
+    _set(c, "privacy.noise_multiplier", 1.1)
+    validate(c)
+
+
+def test_all_errors_reported_together_and_shuffle_warns():
+    c = _set(_valid(), "data.augmult", 0)
+    _set(c, "train.num_updates", 0)
+    with pytest.raises(UsageError) as e:
+        validate(c)
+    assert "config.data.augmult=0" in str(e.value) and "config.train.num_updates=0" in str(e.value)
+    c = _set(_valid(), "privacy.sampling", "shuffle")
+    with pytest.warns(UserWarning, match="Poisson"):
+        notes = validate(c)
+    assert len(notes) == 1
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+
+def _train_cfg(**kw):
+    c = cb.base_config().train
+    with c.unlocked():
+        for k, v in kw.items():
+            _set(c, k, v)
+    return c
+
+
+def test_schedules_match_formulas():
+    t = _train_cfg(**{"num_updates": 100, "optimizer.learning_rate": 2.0})
+    s = optim.make_schedule(t)
+    assert [float(s(i)) for i in (0, 50, 99)] == [2.0, 2.0, 2.0]
+    t = _train_cfg(**{"num_updates": 100, "optimizer.learning_rate": 2.0, "lr_schedule.name": "cosine"})
+    s = optim.make_schedule(t)
+    for i in (0, 25, 50, 100):
+        assert float(s(i)) == pytest.approx(2.0 * 0.5 * (1 + np.cos(np.pi * i / 100)), abs=1e-6)
+    t = _train_cfg(**{"num_updates": 100, "optimizer.learning_rate": 2.0, "lr_schedule.name": "warmup_cosine",
+                      "lr_schedule.warmup_steps": 10})
+    s = optim.make_schedule(t)
+    assert float(s(0)) == 0.0 and float(s(5)) == pytest.approx(1.0) and float(s(10)) == pytest.approx(2.0)
+    assert float(s(55)) == pytest.approx(2.0 * 0.5 * (1 + np.cos(np.pi * 45 / 90)), abs=1e-6)
+    assert float(s(100)) == pytest.approx(0.0, abs=1e-6)
+    t = _train_cfg(**{"num_updates": 100, "optimizer.learning_rate": 2.0, "lr_schedule.warmup_steps": 4})
+    s = optim.make_schedule(t)
+    assert float(s(2)) == pytest.approx(1.0) and float(s(50)) == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("name", ["sgd", "momentum", "adam", "adamw"])
+def test_optimizers_first_steps_match_hand_computation(name):
+    t = _train_cfg(**{"optimizer.name": name, "optimizer.learning_rate": 0.1, "optimizer.momentum": 0.9,
+                      "optimizer.weight_decay": 0.01})
+    opt = optim.make_optimizer(t)
+    p = {"w": jnp.asarray([1.0, -2.0])}
+    g = {"w": jnp.asarray([0.5, 0.25])}
+    state = opt.init(p)
+    upd, state = opt.update(g, state, p)
+    p1 = optax.apply_updates(p, upd)
+    w, gw = np.array([1.0, -2.0]), np.array([0.5, 0.25])
+    if name in ("sgd", "momentum"):
+        want = w - 0.1 * (gw + 0.01 * w)  # first momentum step equals plain SGD
+    elif name == "adam":
+        want = w - 0.1 * np.sign(gw + 0.01 * w)  # bias-corrected first Adam step ~ sign
+    else:
+        want = w - 0.1 * (np.sign(gw) + 0.01 * w)  # decoupled weight decay
+    np.testing.assert_allclose(np.asarray(p1["w"]), want, rtol=1e-5)
+    if name == "momentum":  # second step uses the momentum buffer
+        upd2, _ = opt.update(g, state, p1)
+        d1 = gw + 0.01 * w
+        d2 = gw + 0.01 * np.asarray(p1["w"])
+        np.testing.assert_allclose(np.asarray(upd2["w"]), -0.1 * (0.9 * d1 + d2), rtol=1e-5)
