@@ -65,7 +65,7 @@ def large_scale_config(data_name: str, arg=None):
 
     c.eval.batch_size = 256
     c.eval.params = "ema"
-    c.eval.splits = ("validation",)
+    c.eval.splits = ("validation", "test")  # "test" = the official validation set (dpft.data)
     apply_config_arg(c, arg, ALIASES)
     return c
 

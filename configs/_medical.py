@@ -16,8 +16,8 @@ PAPER_EPSILONS = (0.5, 1.0, 2.0, 4.0, 8.0)
 ALIASES = {"eps": "privacy.epsilon", "steps": "train.num_updates", "batch": "train.batch_size"}
 
 
-def medical_config(data_name: str, arg=None):
-    """The NFNet-F0 recipe on `data_name` ("chexpert" | "mimic_cxr")."""
+def medical_config(data_name: str, arg=None, options=None):
+    """The NFNet-F0 recipe on `data_name` ("chexpert" | "mimic_cxr"), plus data `options`."""
     c = base_config(locked=False)
     c.model.name = "nfnet_f0"
     c.model.checkpoint = ""  # pass --config.model.checkpoint=/path/F0_haiku.npz (public pre-training)
@@ -30,10 +30,12 @@ def medical_config(data_name: str, arg=None):
     c.data.random_crop = True
     c.data.random_flip = True
     c.data.num_workers = 8
+    # Keys are those of the data set's options class (dpft.data.chexpert.CheXpertOptions,
+    # dpft.data.mimic_cxr.MimicOptions); keys left out take that class's default.
     c.data.options.uncertainty = "ones"  # U-Ones; "zeros" | "ignore"
-    c.data.options.frontal_only = True
-    c.data.options.age_bins = (0, 40, 60, 80, 200)  # subgroup edges [years)
-    c.data.options.minority_fraction = 1.0  # 1.0 = no subsampling of a subgroup
+    c.data.options.age_edges = (18, 40, 60, 80)  # age subgroup edges [years]
+    for key, value in (options or {}).items():
+        c.data.options[key] = value
 
     c.privacy.enabled = True
     c.privacy.epsilon = 8.0  # paper set: PAPER_EPSILONS
@@ -63,6 +65,7 @@ def medical_config(data_name: str, arg=None):
 
     c.eval.batch_size = 512
     c.eval.params = "ema"
+    c.eval.splits = ("validation", "test")
     c.individual.enabled = False
     apply_config_arg(c, arg, ALIASES)
     return c

@@ -25,6 +25,7 @@ def get_config(arg=None):
     c.data.random_crop = True
     c.data.random_flip = False  # digits are not mirror-symmetric
     c.data.num_workers = 0
+    c.data.options.minority_fraction = 0.1  # dpft.data.digits.DigitsOptions: minority share in train
 
     c.privacy.enabled = True
     c.privacy.epsilon = 8.0
@@ -50,6 +51,6 @@ def get_config(arg=None):
 
     c.eval.batch_size = 256
     c.eval.params = "ema"
-    c.eval.splits = ("test",)
+    c.eval.splits = ("validation", "test")
     apply_config_arg(c, arg, ALIASES)
     return finalize(c)

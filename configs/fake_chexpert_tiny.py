@@ -23,10 +23,9 @@ def get_config(arg=None):
     c.data.random_crop = True
     c.data.random_flip = True
     c.data.num_workers = 0
-    c.data.options.uncertainty = "ones"
+    c.data.options.uncertainty = "ones"  # dpft.data.chexpert.CheXpertOptions keys
     c.data.options.frontal_only = True
-    c.data.options.age_bins = (0, 40, 60, 80, 200)
-    c.data.options.minority_fraction = 1.0
+    c.data.options.age_edges = (18, 40, 60, 80)
 
     c.privacy.enabled = True
     c.privacy.epsilon = 8.0
@@ -50,7 +49,7 @@ def get_config(arg=None):
 
     c.eval.batch_size = 16
     c.eval.params = "ema"
-    c.eval.splits = ("valid",)
+    c.eval.splits = ("validation", "test")
     c.individual.enabled = False
     c.individual.every = 2
     apply_config_arg(c, arg, ALIASES)

@@ -15,6 +15,6 @@ PAPER_EPSILONS = _medical.PAPER_EPSILONS
 
 
 def get_config(arg=None):
-    c = _medical.medical_config("mimic_cxr", arg)
-    c.eval.splits = ("validate", "test")  # mimic-cxr-2.0.0-split.csv.gz
+    # Frontal views; official splits from mimic-cxr-2.0.0-split.csv.gz (dpft.data.mimic_cxr).
+    c = _medical.medical_config("mimic_cxr", arg, options={"views": ("PA", "AP")})
     return _medical.finalize(c)

@@ -48,6 +48,15 @@ def test_config_files_are_complete_locked_and_valid(path):
     validate(config, check_paths=False, num_devices=1)
 
 
+def test_known_names_match_the_registries():
+    from dpft import data
+    from dpft.models import registry
+    from dpft.train import validation
+
+    assert set(validation.MODEL_NAMES) == set(registry.VARIANTS)
+    assert set(validation.DATA_NAMES) == set(data.DATASETS)
+
+
 def test_paper_recipes():
     chex = cb.load_config(os.path.join(ROOT, "configs/chexpert_nfnet_f0.py"), [])
     assert (chex.model.name, chex.privacy.clip_norm, chex.privacy.delta, chex.train.batch_size) == ("nfnet_f0", 1e-3, 0.0, 4096)
@@ -123,11 +132,11 @@ def test_unknown_field_errors_name_the_field():
 
 
 def test_json_round_trip():
-    c = cb.load_config(os.path.join(ROOT, "configs/chexpert_nfnet_f0.py"), ["--config.eval.splits=valid,test"])
+    c = cb.load_config(os.path.join(ROOT, "configs/chexpert_nfnet_f0.py"), ["--config.eval.splits=validation,test"])
     text = cb.config_to_json(c)
     back = cb.config_from_json(text)
     assert back.to_dict() == c.to_dict()
-    assert back.eval.splits == ("valid", "test") and back.data.options.age_bins == (0, 40, 60, 80, 200)
+    assert back.eval.splits == ("validation", "test") and back.data.options.age_edges == (18, 40, 60, 80)
     assert back.is_locked
     with pytest.raises(UsageError, match="malformed"):
         cb.config_from_json("{not json")

@@ -188,3 +188,21 @@ def test_write_and_read_individual_epsilons(tmp_path):
     assert ind.read_individual_epsilons(path)["epsilon"].shape == (2,)
     with pytest.raises(ValueError, match="'sex'"):
         ind.write_individual_epsilons(tmp_path, np.array([3, 1]), np.array([0.5, 1.5]), {"sex": ["F"]})
+
+
+def test_orders_with_infinite_rdp_do_not_give_nan():
+    """At a large sampling rate dp_accounting returns +inf RDP for small orders; examples that
+    never reach a level must still get a finite epsilon (regression: 0 * inf = NaN)."""
+    import numpy as np
+    from dpft.privacy import individual
+
+    q, sigma, delta, t = 0.27, 1.0, 2e-3, 40
+    rec = individual.NormRecorder(num_examples=3, grid_width=0.01, every=10)
+    for u in range(0, t, 10):
+        rec.record_all(u, np.array([5.0, 0.5, 0.08]))
+    eps = individual.individual_epsilons(rec, sampling_rate=q, noise_multiplier=sigma, clip_norm=1.0,
+                                         num_updates=t, delta=delta)
+    assert np.all(np.isfinite(eps))
+    worst = individual.worst_case_epsilon(sampling_rate=q, noise_multiplier=sigma, num_updates=t, delta=delta)
+    assert eps[0] == pytest.approx(worst, rel=1e-9)
+    assert eps[2] < eps[1] < eps[0]

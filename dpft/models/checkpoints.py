@@ -260,7 +260,7 @@ def _check_tree(tree: Any, source: str) -> HaikuTree:
             raise CheckpointError(f"{source}: module {module!r} holds a {type(params).__name__}, "
                                   "expected {param_name: array}")
         for name, value in params.items():
-            if not isinstance(value, np.ndarray):
+            if not isinstance(value, (np.ndarray, np.generic)):
                 raise CheckpointError(f"{source}: {module}/{name} is not an array")
     return tree  # type: ignore[return-value]
 
@@ -273,6 +273,7 @@ def loads_haiku_pickle(data: bytes, source: str = "<bytes>") -> HaikuTree:
         raise CheckpointError(f"{source}: {e}") from None
     except Exception as e:  # malformed pickle
         raise CheckpointError(f"{source}: not a readable params pickle ({type(e).__name__}: {e})") from None
+    _check_tree(obj, source)
     return _check_tree(_to_plain(obj, ""), source)
 
 

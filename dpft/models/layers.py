@@ -6,9 +6,10 @@ parameters. Layouts: images NHWC, conv kernels HWIO, linear weights [in, out].
 Parameter names follow Haiku (``w``, ``gain``, ``bias`` / ``w``, ``b``) so the
 mapping to DeepMind checkpoints is one-to-one.
 
-Modules take a ``key`` for their initial values (models take ``nnx.Rngs`` and
-split it once: drawing from ``nnx.Rngs`` per layer makes ``nnx.eval_shape`` of the
-deep variants quadratic in depth).
+Initial values come from a ``ParamInit`` (models make one from their ``nnx.Rngs``):
+numpy draws for a concrete key (no XLA compilation: on a small CPU, compiling
+``jax.random`` per parameter shape dominates model creation), ``jax.random`` under
+tracing so that ``nnx.eval_shape`` allocates nothing.
 
 Mixed precision: every module takes ``dtype`` (the compute dtype). Parameters
 are stored in float32 and cast at use; weight standardisation is computed in
@@ -19,8 +20,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import jax
 import numpy as np
+import jax
 import jax.numpy as jnp
 from jax import lax
 from flax import nnx
@@ -80,12 +81,16 @@ def avg_pool_same(x: Array, window: int = 2, stride: int = 2) -> Array:
     return sums / counts
 
 
-def stochastic_depth(x: Array, rate: float, key: Array) -> Array:
+def stochastic_depth(x: Array, rate: float, uniform: Array) -> Array:
     """Drop whole examples of ``x`` [B, ...] with probability ``rate``, no rescaling
-    (reference ``StochDepth(scale_by_keep=False)``)."""
-    r = jax.random.uniform(key, (x.shape[0],) + (1,) * (x.ndim - 1), dtype=jnp.float32)
-    keep = jnp.floor(1.0 - rate + r)
-    return x * keep.astype(x.dtype)
+    (reference ``StochDepth(scale_by_keep=False)``): keep iff ``1 - rate + u >= 1``.
+
+    ``uniform``: [B] U[0, 1) draws, one per example (drawn by the caller so that a
+    deep net needs one random op, not one per block: each ``jax.random`` call is
+    slow to compile on CPU).
+    """
+    keep = jnp.floor(1.0 - rate + uniform.astype(jnp.float32))
+    return x * keep.reshape((x.shape[0],) + (1,) * (x.ndim - 1)).astype(x.dtype)
 
 
 def dropout(x: Array, rate: float, key: Array) -> Array:
@@ -93,6 +98,33 @@ def dropout(x: Array, rate: float, key: Array) -> Array:
     keep_prob = 1.0 - rate
     keep = jax.random.bernoulli(key, keep_prob, x.shape)
     return jnp.where(keep, x / jnp.asarray(keep_prob, x.dtype), jnp.zeros((), x.dtype))
+
+
+class ParamInit:
+    """Source of N(0, std^2) initial values, deterministic in the key.
+
+    Concrete key: a numpy Generator seeded from the key's bits. Traced key (inside
+    ``nnx.eval_shape`` / ``jit``): ``jax.random.normal`` of ``fold_in(key, i)``.
+    """
+
+    def __init__(self, key: Array):
+        self._traced = isinstance(key, jax.core.Tracer)
+        self._key, self._count = key, 0
+        if not self._traced:
+            bits = np.asarray(jax.random.key_data(key)).astype(np.uint32).ravel().tolist()
+            self._rng = np.random.default_rng(bits)
+
+    @classmethod
+    def from_rngs(cls, rngs: nnx.Rngs) -> "ParamInit":
+        return cls(rngs.params())
+
+    def normal(self, shape: tuple[int, ...], std: float) -> Array:
+        """float32 array of ``shape`` with N(0, std^2) entries."""
+        self._count += 1
+        if self._traced:
+            key = jax.random.fold_in(self._key, self._count)
+            return std * jax.random.normal(key, shape, jnp.float32)
+        return jnp.asarray(self._rng.standard_normal(shape, dtype=np.float32) * np.float32(std))
 
 
 class WSConv2D(nnx.Module):
@@ -104,12 +136,12 @@ class WSConv2D(nnx.Module):
     """
 
     def __init__(self, in_ch: int, out_ch: int, kernel: int = 3, *, stride: int = 1,
-                 groups: int = 1, dtype: DType = jnp.float32, key: Array):
+                 groups: int = 1, dtype: DType = jnp.float32, init: ParamInit):
         if in_ch % groups or out_ch % groups:
             raise ValueError(f"WSConv2D: channels {in_ch}->{out_ch} not divisible by groups={groups}")
         shape = (kernel, kernel, in_ch // groups, out_ch)
         std = 1.0 / math.sqrt(math.prod(shape[:-1]))
-        self.w = nnx.Param(std * jax.random.normal(key, shape, jnp.float32))
+        self.w = nnx.Param(init.normal(shape, std))
         self.gain = nnx.Param(jnp.ones((out_ch,), jnp.float32))
         self.bias = nnx.Param(jnp.zeros((out_ch,), jnp.float32))
         self.stride = stride
@@ -134,14 +166,14 @@ class Linear(nnx.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, *, w_init: str = "default",
-                 dtype: DType = jnp.float32, key: Array):
+                 dtype: DType = jnp.float32, init: ParamInit):
         shape = (in_features, out_features)
         if w_init == "default":
-            w = jax.random.normal(key, shape, jnp.float32) / math.sqrt(in_features)
+            w = init.normal(shape, 1.0 / math.sqrt(in_features))
         elif w_init == "zeros":
             w = jnp.zeros(shape, jnp.float32)
         elif w_init == "normal":
-            w = 0.01 * jax.random.normal(key, shape, jnp.float32)
+            w = init.normal(shape, 0.01)
         else:
             raise ValueError(f"Linear: unknown w_init {w_init!r}; use default, zeros or normal")
         self.w = nnx.Param(w)
@@ -160,11 +192,10 @@ class SqueezeExcite(nnx.Module):
     """
 
     def __init__(self, in_ch: int, out_ch: int, se_ratio: float = 0.5, *,
-                 dtype: DType = jnp.float32, key: Array):
+                 dtype: DType = jnp.float32, init: ParamInit):
         hidden = max(1, int(in_ch * se_ratio))
-        k0, k1 = jax.random.split(key)
-        self.linear = Linear(in_ch, hidden, dtype=dtype, key=k0)
-        self.linear_1 = Linear(hidden, out_ch, dtype=dtype, key=k1)
+        self.linear = Linear(in_ch, hidden, dtype=dtype, init=init)
+        self.linear_1 = Linear(hidden, out_ch, dtype=dtype, init=init)
 
     def __call__(self, x: Array) -> Array:
         h = jnp.mean(x, axis=(1, 2))

@@ -40,7 +40,7 @@ class NFBlock(nnx.Module):
                  se_ratio: float = 0.5, group_size: int = 128, stride: int = 1,
                  beta: float = 1.0, alpha: float = 0.2, stochdepth_rate: float = 0.0,
                  big_width: bool = True, activation: str = "gelu",
-                 dtype: Any = jnp.float32, key: Array):
+                 dtype: Any = jnp.float32, init: layers.ParamInit):
         width = int((out_ch if big_width else in_ch) * expansion)
         groups = width // group_size
         if groups < 1:
@@ -51,15 +51,14 @@ class NFBlock(nnx.Module):
         self.stochdepth_rate = float(stochdepth_rate)
         self.activation = activation
         self.dtype = dtype
-        keys = iter(jax.random.split(key, 6))
-        conv = lambda i, o, k, **kw: layers.WSConv2D(i, o, k, dtype=dtype, key=next(keys), **kw)
+        conv = lambda i, o, k, **kw: layers.WSConv2D(i, o, k, dtype=dtype, init=init, **kw)
         self.conv0 = conv(in_ch, width, 1)
         self.conv1 = conv(width, width, 3, stride=stride, groups=groups)
         self.conv1b = conv(width, width, 3, groups=groups)
         self.conv2 = conv(width, out_ch, 1)
         self.use_projection = stride > 1 or in_ch != out_ch
         self.conv_shortcut = conv(in_ch, out_ch, 1) if self.use_projection else None
-        self.squeeze_excite = layers.SqueezeExcite(out_ch, out_ch, se_ratio, dtype=dtype, key=next(keys))
+        self.squeeze_excite = layers.SqueezeExcite(out_ch, out_ch, se_ratio, dtype=dtype, init=init)
         self.skip_gain = nnx.Param(jnp.zeros((), jnp.float32))
 
     @property
@@ -67,8 +66,8 @@ class NFBlock(nnx.Module):
         """As the reference: stochastic depth only for a rate strictly in (0, 1)."""
         return 0.0 < self.stochdepth_rate < 1.0
 
-    def __call__(self, x: Array, *, key: Array | None = None) -> Array:
-        """``key`` given = training mode for stochastic depth; None = inference."""
+    def __call__(self, x: Array, *, uniform: Array | None = None) -> Array:
+        """``uniform`` [B] U[0,1) draws given = training mode (stochastic depth); None = inference."""
         act = layers.ACTIVATIONS[self.activation]
         out = act(x) * jnp.asarray(self.beta, x.dtype)
         if self.stride > 1:
@@ -84,8 +83,8 @@ class NFBlock(nnx.Module):
         out = self.conv1b(act(out))
         out = self.conv2(act(out))
         out = (self.squeeze_excite(out) * 2) * out
-        if key is not None and self.has_stochdepth:
-            out = layers.stochastic_depth(out, self.stochdepth_rate, key)
+        if uniform is not None and self.has_stochdepth:
+            out = layers.stochastic_depth(out, self.stochdepth_rate, uniform)
         out = out * self.skip_gain[...].astype(out.dtype)
         return out * jnp.asarray(self.alpha, out.dtype) + shortcut.astype(out.dtype)
 
@@ -126,8 +125,8 @@ class NFNet(nnx.Module):
             raise ValueError(f"NFNet: unknown activation {activation!r}")
         groups = [group_width] * len(width) if isinstance(group_width, int) else list(group_width)
         self.num_classes, self.drop_rate, self.activation, self.dtype = num_classes, float(drop_rate), activation, dtype
-        keys = iter(jax.random.split(rngs.params(), 7 + sum(depth)))
-        conv = lambda i, o, k, **kw: layers.WSConv2D(i, o, k, dtype=dtype, key=next(keys), **kw)
+        init = layers.ParamInit.from_rngs(rngs)
+        conv = lambda i, o, k, **kw: layers.WSConv2D(i, o, k, dtype=dtype, init=init, **kw)
         s0, s1, s2 = stem_width
         ch = width[0] // 2
         self.stem_conv0 = conv(in_channels, s0, 3, stride=2)
@@ -143,12 +142,12 @@ class NFNet(nnx.Module):
                     ch, out_ch, expansion=expansion, se_ratio=se_ratio, group_size=groups[stage],
                     stride=stride if block_index == 0 else 1, beta=betas[index], alpha=alpha,
                     stochdepth_rate=stochdepth_rate * index / num_blocks, big_width=big_width,
-                    activation=activation, dtype=dtype, key=next(keys)))
+                    activation=activation, dtype=dtype, init=init))
                 ch, index = out_ch, index + 1
         self.blocks = nnx.List(blocks)
         final_ch = int(final_conv_mult * ch)
         self.final_conv = conv(ch, final_ch, 1)
-        self.linear = layers.Linear(final_ch, num_classes, w_init=head_init, dtype=dtype, key=next(keys))
+        self.linear = layers.Linear(final_ch, num_classes, w_init=head_init, dtype=dtype, init=init)
 
     def _forward(self, images: Array, train: bool, key: Array | None,
                  collect: dict[str, Array] | None) -> Array:
@@ -157,7 +156,12 @@ class NFNet(nnx.Module):
         if train and key is None:
             raise ValueError("NFNet: train=True needs an explicit `key` (dropout, stochastic depth)")
         act = layers.ACTIVATIONS[self.activation]
-        keys = jax.random.split(key, len(self.blocks) + 1) if train else [None] * (len(self.blocks) + 1)
+        n = len(self.blocks)
+        if train:  # two random ops for the whole net (see layers.stochastic_depth)
+            key_depth, key_drop = jax.random.split(key)
+            uniforms = jax.random.uniform(key_depth, (n, images.shape[0]), jnp.float32)
+        else:
+            key_drop, uniforms = None, [None] * n
         out = images.astype(self.dtype)
         out = act(self.stem_conv0(out))
         out = act(self.stem_conv1(out))
@@ -166,7 +170,7 @@ class NFNet(nnx.Module):
         if collect is not None:
             collect["stem"] = out
         for i, block in enumerate(self.blocks):
-            out = block(out, key=keys[i])
+            out = block(out, uniform=uniforms[i])
             if collect is not None:
                 collect[f"block_{i}"] = out
         out = act(self.final_conv(out))
@@ -174,7 +178,7 @@ class NFNet(nnx.Module):
         if collect is not None:
             collect["pool"] = pool
         if train and self.drop_rate > 0.0:
-            pool = layers.dropout(pool, self.drop_rate, keys[-1])
+            pool = layers.dropout(pool, self.drop_rate, key_drop)
         return self.linear(pool).astype(jnp.float32)
 
     def __call__(self, images: Array, *, train: bool = False, key: Array | None = None) -> Array:

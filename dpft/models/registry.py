@@ -82,9 +82,8 @@ def create(name: str, num_classes: int, *, seed: int = 0, dtype: Any = jnp.float
         raise UsageError(f"num_classes must be a positive int, got {num_classes!r}")
     kwargs = {**v.kwargs, **overrides}
     try:
-        # One compiled program for all initial values (eager init compiles per shape).
-        return nnx.jit(lambda: v.builder(num_classes, dtype=dtype, rngs=nnx.Rngs(seed), **kwargs))()
-    except TypeError as e:
+        return v.builder(num_classes, dtype=dtype, rngs=nnx.Rngs(seed), **kwargs)
+    except (TypeError, ValueError) as e:
         raise UsageError(f"model {name!r}: bad override ({e})") from None
 
 

@@ -27,14 +27,13 @@ class WRNBlock(nnx.Module):
     """Pre-activation basic block. [B, H, W, in_ch] -> [B, H/stride, W/stride, out_ch]."""
 
     def __init__(self, in_ch: int, out_ch: int, *, stride: int = 1, groups: int = 16,
-                 dtype: Any = jnp.float32, key: Array):
-        k0, k1, k2 = jax.random.split(key, 3)
+                 dtype: Any = jnp.float32, init: layers.ParamInit):
         self.norm_0 = layers.GroupNorm(in_ch, groups, dtype=dtype)
-        self.conv_0 = layers.WSConv2D(in_ch, out_ch, 3, stride=stride, dtype=dtype, key=k0)
+        self.conv_0 = layers.WSConv2D(in_ch, out_ch, 3, stride=stride, dtype=dtype, init=init)
         self.norm_1 = layers.GroupNorm(out_ch, groups, dtype=dtype)
-        self.conv_1 = layers.WSConv2D(out_ch, out_ch, 3, dtype=dtype, key=k1)
+        self.conv_1 = layers.WSConv2D(out_ch, out_ch, 3, dtype=dtype, init=init)
         self.use_projection = stride > 1 or in_ch != out_ch
-        self.conv_shortcut = (layers.WSConv2D(in_ch, out_ch, 1, stride=stride, dtype=dtype, key=k2)
+        self.conv_shortcut = (layers.WSConv2D(in_ch, out_ch, 1, stride=stride, dtype=dtype, init=init)
                               if self.use_projection else None)
 
     def __call__(self, x: Array) -> Array:
@@ -59,17 +58,17 @@ class WideResNet(nnx.Module):
             raise ValueError(f"WideResNet: depth must be 6n+4, got {depth}")
         n = (depth - 4) // 6
         self.dtype = dtype
-        keys = iter(jax.random.split(rngs.params(), 2 + 3 * n))
-        self.conv_stem = layers.WSConv2D(in_channels, 16, 3, dtype=dtype, key=next(keys))
+        init = layers.ParamInit.from_rngs(rngs)
+        self.conv_stem = layers.WSConv2D(in_channels, 16, 3, dtype=dtype, init=init)
         blocks, ch = [], 16
         for out_ch, stride in ((16 * width, 1), (32 * width, 2), (64 * width, 2)):
             for i in range(n):
                 blocks.append(WRNBlock(ch, out_ch, stride=stride if i == 0 else 1, groups=groups,
-                                       dtype=dtype, key=next(keys)))
+                                       dtype=dtype, init=init))
                 ch = out_ch
         self.blocks = nnx.List(blocks)
         self.final_norm = layers.GroupNorm(ch, groups, dtype=dtype)
-        self.linear = layers.Linear(ch, num_classes, w_init=head_init, dtype=dtype, key=next(keys))
+        self.linear = layers.Linear(ch, num_classes, w_init=head_init, dtype=dtype, init=init)
 
     def __call__(self, images: Array, *, train: bool = False, key: Array | None = None) -> Array:
         del train, key

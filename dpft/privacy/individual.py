@@ -220,6 +220,9 @@ def update_counts(update_indices: np.ndarray, num_updates: int) -> tuple[int, np
     return int(u[0]), np.diff(np.append(u, num_updates))
 
 
+INF_RDP = 1e100  # finite stand-in for an unbounded RDP order
+
+
 def individual_epsilons(recorder: NormRecorder, *, sampling_rate: float, noise_multiplier: float,
                         clip_norm: float, num_updates: int, delta: float,
                         orders: Sequence[float] | None = None, chunk_size: int = 65536) -> np.ndarray:
@@ -253,6 +256,10 @@ def individual_epsilons(recorder: NormRecorder, *, sampling_rate: float, noise_m
         if norm > 0:
             table[i] = rdp_poisson_gaussian(sampling_rate, noise_multiplier * clip_norm / norm, orders)
     top_index = len(uniq) - 1  # uniq is sorted and contains `top`, the largest level
+    # dp_accounting gives +inf RDP at orders it cannot bound (large q); 0 updates * inf would be
+    # NaN in the product below, so use a finite stand-in far above any usable RDP (such an
+    # order is never the minimiser of the conversion unless every order is, as with inf).
+    table = np.where(np.isfinite(table), table, INF_RDP)
 
     n = recorder.num_examples
     out = np.empty([n])

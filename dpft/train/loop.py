@@ -93,9 +93,11 @@ class Trainer:
         distributed.initialize_distributed()
         self.mesh = distributed.make_data_mesh()
         self.tables = setup_lib.load_tables(config)
-        if "train" not in self.tables:
-            raise UsageError(f"data set {config.data.name!r} has no 'train' split")
-        self.train_table = self.tables["train"]
+        split = setup_lib.train_split_name(config)
+        if split not in self.tables:
+            raise UsageError(f"config.data.options.train_split={split!r}: data set {config.data.name!r} "
+                             f"has splits {sorted(self.tables)}")
+        self.train_table = self.tables[split]
         validate(config, num_examples=len(self.train_table), num_devices=jax.local_device_count())
         self.plan = setup_lib.privacy_plan(config, len(self.train_table))
         self.augment = setup_lib.augment_config(config)
@@ -320,14 +322,23 @@ class Trainer:
         self.recorder.record_all(u, norms)
 
     def write_individual(self) -> None:
+        from absl import logging as absl_logging
+
         from dpft.privacy import individual
+        # dp_accounting warns for every RDP order it drops at large q; the orders left suffice.
+        absl_logging.set_verbosity(absl_logging.ERROR)
         eps = individual.individual_epsilons(
             self.recorder, sampling_rate=self.plan.sampling_rate, noise_multiplier=self.plan.noise_multiplier,
             clip_norm=self.plan.clip_norm, num_updates=int(self.state["update"]), delta=self.plan.delta)
         cols = table_columns(self.train_table)
         attrs = {k[len("attr_"):]: v for k, v in cols.items() if k.startswith("attr_")}
+        # Worst case by the same (RDP) accountant as the individual values, so that they compare.
+        worst = individual.worst_case_epsilon(
+            sampling_rate=self.plan.sampling_rate, noise_multiplier=self.plan.noise_multiplier,
+            num_updates=int(self.state["update"]), delta=self.plan.delta)
         summary = individual.summarise(eps, attrs, cols["label"] if self.train_table.task == "multiclass" else None,
-                                       worst_case_epsilon=self.epsilon_spent())
+                                       worst_case_epsilon=worst)
+        summary["run_epsilon"] = {"value": self.epsilon_spent(), "accountant": self.plan.accountant}
         individual.write_individual_epsilons(self.workdir, cols["example_id"], eps, attrs, summary=summary)
 
     # ------------------------------------------------------------------ the run

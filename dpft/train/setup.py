@@ -30,22 +30,58 @@ DATASETS = {
 }
 
 
+# data.options keys used by the run set-up itself, not passed to the data set's loader.
+RUN_OPTIONS = ("train_split", "crop", "eval_crop_fraction", "imbalance_attribute", "imbalance_group", "imbalance_fraction",
+               "imbalance_seed")
+
+
+def data_options(config: ml_collections.ConfigDict) -> tuple[dict, dict]:
+    """(loader options, run options) of `config.data.options`."""
+    options = dict(config.data.options.to_dict()) if config.data.options is not None else {}
+    run = {k: options.pop(k) for k in RUN_OPTIONS if k in options}
+    return options, run
+
+
+def train_split_name(config: ml_collections.ConfigDict) -> str:
+    """The split trained on: `data.options.train_split` (default "train"; the demo's
+    public pre-training uses "public")."""
+    return str(data_options(config)[1].get("train_split", "train"))
+
+
 def load_tables(config: ml_collections.ConfigDict) -> dict[str, ExampleTable]:
-    """{split name: ExampleTable} of `config.data.name`, read from `config.data.root`."""
+    """{split name: ExampleTable} of `config.data.name`, read from `config.data.root`.
+
+    With `data.options.imbalance_fraction` (and `imbalance_attribute`, `imbalance_group`)
+    the training split keeps that subgroup at the given fraction (imbalance studies).
+    """
     name = config.data.name
     if name not in DATASETS:
         raise UsageError(f"config.data.name={name!r} unknown; choose from {', '.join(DATASETS)}")
     module = importlib.import_module(DATASETS[name])
-    options = dict(config.data.options.to_dict()) if config.data.options is not None else {}
-    return module.load_splits(config.data.root or None, **options)
+    options, run = data_options(config)
+    tables = module.load_splits(config.data.root or None, **options)
+    if "imbalance_fraction" in run:
+        from dpft.data.subgroups import ImbalanceConfig, subsample_subgroup
+        for key in ("imbalance_attribute", "imbalance_group"):
+            if key not in run:
+                raise UsageError(f"config.data.options.imbalance_fraction needs config.data.options.{key}")
+        split = train_split_name(config)
+        tables[split] = subsample_subgroup(tables[split], ImbalanceConfig(
+            str(run["imbalance_attribute"]), str(run["imbalance_group"]), float(run["imbalance_fraction"]),
+            seed=int(run.get("imbalance_seed", config.seed))))
+    return tables
 
 
 def augment_config(config: ml_collections.ConfigDict, *, channels: int = 3) -> AugmentConfig:
     """Training views and eval preprocessing from `config.data` (crop, flip, K, resolutions)."""
     d = config.data
-    crop = str(d.options.get("crop", "random_resized" if d.image_size >= 64 else "pad_crop")) \
-        if d.random_crop else "none"
+    run = data_options(config)[1]
+    crop = str(run.get("crop", "random_resized" if d.image_size >= 64 else "pad_crop")) if d.random_crop else "none"
+    # Centre crop at eval only where training crops at random scales (ImageNet style); a
+    # pad-and-crop (CIFAR style) or no crop trains at scale 1, so eval must see scale 1 too.
+    eval_crop = float(run.get("eval_crop_fraction", 0.875 if crop == "random_resized" else 1.0))
     return AugmentConfig(
+        eval_crop_fraction=eval_crop,
         image_size=int(d.image_size),
         eval_image_size=int(d.eval_image_size or d.image_size),
         channels=channels,

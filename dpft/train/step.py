@@ -132,15 +132,17 @@ def make_apply_fn(
     """Returns jitted `apply(state, acc) -> (state, info)`: psum, noise once, optax, EMA.
 
     info: {"grad_norm": norm of the noisy mean gradient, "update": the index used}.
+    sigma enters the compiled program as an argument (not a constant), so runs that differ
+    only in epsilon share one compilation (and jax's persistent compilation cache).
     """
 
-    def apply(state, acc):
+    def apply(state, acc, noise_multiplier):
         total = global_sum(acc, mesh)
         update = state["update"]
         key = noise.noise_key(cfg.seed, update)
         grad = noise.privatize(
             total, key,
-            noise_multiplier=cfg.noise_multiplier,
+            noise_multiplier=noise_multiplier,
             clip_norm=cfg.sensitivity,
             expected_batch_size=cfg.expected_batch_size,
             noise_scale_for_testing=noise_scale_for_testing,
@@ -157,4 +159,8 @@ def make_apply_fn(
         info = {"grad_norm": optax.global_norm(grad), "update": update}
         return new, info
 
-    return jax.jit(apply, donate_argnums=(0,))
+    compiled = jax.jit(apply, donate_argnums=(0,))
+    sigma = jnp.asarray(cfg.noise_multiplier, jnp.float32)
+    if cfg.noise_multiplier == 0:
+        return jax.jit(lambda state, acc: apply(state, acc, 0.0), donate_argnums=(0,))
+    return lambda state, acc: compiled(state, acc, sigma)

@@ -1,0 +1,121 @@
+"""DP overhead: dpft's non-private step vs its DP step, side by side, same model/batch/resolution.
+
+    python -m benchmarks.dp_overhead [--models nfnet_tiny nfnet_f0] [--quick] [--json out.json]
+
+One "step" = `engine.clipped_grad_sum` (or `ghost.ghost_clipped_grad_sum`) + `noise.privatize`
++ an SGD update, jitted. Non-private = ClippingConfig(mode="none") and sigma = 0: the same code
+path (DESIGN.md invariant 6). For each microbatch size: examples/s, XLA temp memory of the compiled
+step (MiB; the working set a microbatch size must fit) and the process max-RSS growth (MiB).
+"Largest microbatch that fits" is a GPU notion (device memory); on CPU the memory column is reported.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+from typing import Any
+
+from benchmarks import common
+
+#: Per model: (physical batch, microbatch sizes, timed iterations), full and --quick.
+PLANS = {
+    "nfnet_tiny": {"full": (128, (8, 16, 32, 64, 128), 5), "quick": (64, (16, 64), 3)},
+    "nfnet_f0": {"full": (16, (8, 16), 2), "quick": (4, (4,), 2)},
+}
+METHODS = ("nonprivate", "vmap", "ghost")
+
+
+def make_step(setup: common.Setup, method: str, microbatch_size: int, *, clip_norm: float = 1.0,
+              noise_multiplier: float = 1.0, lr: float = 0.1):
+    """Jitted `step(params, batch, key) -> (params, losses [B])` for one method."""
+    import jax
+
+    from dpft.privacy import engine, ghost, noise
+    if method == "nonprivate":
+        clipping, sigma, fn = engine.ClippingConfig(mode="none"), 0.0, engine.clipped_grad_sum
+    elif method in ("vmap", "ghost"):
+        clipping, sigma = engine.ClippingConfig(mode="flat", clip_norm=clip_norm), noise_multiplier
+        fn = engine.clipped_grad_sum if method == "vmap" else ghost.ghost_clipped_grad_sum
+    else:
+        raise ValueError(f"dp_overhead: unknown method {method!r}; choose from {METHODS}")
+    batch_size = setup.batch["mask"].shape[0]
+    sens = engine.sensitivity(clipping, setup.params) if sigma > 0 else 0.0
+
+    def step(params, batch, key):
+        grad_sum, stats = fn(setup.loss_fn, params, batch, key, clipping=clipping, microbatch_size=microbatch_size)
+        noisy = noise.privatize(grad_sum, noise.noise_key(0, 0), noise_multiplier=sigma, clip_norm=sens,
+                                expected_batch_size=float(batch_size))
+        return jax.tree.map(lambda p, g: p - lr * g, params, noisy), stats["loss"]
+
+    return jax.jit(step)
+
+
+def bench_model(name: str, batch_size: int, microbatches: tuple[int, ...], iters: int,
+                methods: tuple[str, ...] = METHODS) -> list[dict[str, Any]]:
+    """One row per (microbatch size, method); ratios are vs non-private at the same microbatch size.
+
+    The methods of one microbatch size are compiled first, then timed round-robin (so load from
+    other processes hits all alike); median of `iters` calls each."""
+    import time
+
+    import jax
+    setup = common.make_setup(name, batch_size)
+    key = jax.random.key(0)
+    args = (setup.params, setup.batch, key)
+    rows = []
+    for mb in microbatches:
+        if batch_size % mb:
+            continue
+        compiled, info = {}, {}
+        for method in methods:
+            rss0 = common.maxrss_mib()
+            t0 = time.perf_counter()
+            compiled[method] = make_step(setup, method, mb).lower(*args).compile()
+            jax.block_until_ready(compiled[method](*args))  # warm-up
+            mem = compiled[method].memory_analysis()
+            info[method] = {"compile_s": time.perf_counter() - t0,
+                            "xla_temp_mib": mem.temp_size_in_bytes / 2 ** 20 if mem is not None else None,
+                            "rss_growth_mib": common.maxrss_mib() - rss0}
+        times = common.time_round_robin(compiled, args, iters)
+        for method in methods:
+            row = {"model": name, "resolution": int(setup.batch["image"].shape[2]), "params": setup.num_params,
+                   "batch": batch_size, "microbatch": mb, "method": method,
+                   "examples_per_s": batch_size / times[method], "step_s": times[method],
+                   **info[method], "device_peak_mib": common.device_peak_mib(),
+                   "time_ratio_vs_nonprivate": (times[method] / times["nonprivate"]
+                                                if "nonprivate" in times else None)}
+            rows.append(row)
+            print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}),
+                  flush=True)
+    return rows
+
+
+COLUMNS = ["model", "resolution", "batch", "microbatch", "method", "examples_per_s", "step_s",
+           "time_ratio_vs_nonprivate", "xla_temp_mib", "rss_growth_mib", "compile_s"]
+
+
+def run(models: tuple[str, ...], quick: bool, methods: tuple[str, ...] = METHODS) -> list[dict[str, Any]]:
+    rows = []
+    for name in models:
+        batch_size, mbs, iters = PLANS.get(name, PLANS["nfnet_tiny"])["quick" if quick else "full"]
+        rows += bench_model(name, batch_size, mbs, iters, methods)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=list(PLANS))
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--json", default=None, help="write rows + machine info here")
+    args = ap.parse_args(argv)
+    rows = run(tuple(args.models), args.quick, tuple(args.methods))
+    print(common.markdown_table(rows, COLUMNS))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": common.machine_info(), "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

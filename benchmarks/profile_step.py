@@ -1,0 +1,92 @@
+"""Where the time of the DP step goes: each piece jitted and timed on its own.
+
+    python -m benchmarks.profile_step [--models nfnet_tiny nfnet_f0] [--batch 16] [--iters 3] [--json out.json]
+
+Pieces, for one physical batch of B examples (K = 1):
+  forward            batched forward + loss (no gradient)
+  batched_backward   jax.grad of the summed loss (= the non-private gradient)
+  per_example_grads  vmap(grad): B materialised per-example gradients [B, *param]
+  norms              per-example float32 L2 norms from those gradients
+  clip_and_sum       scale each by min(1, C/||g||) and sum over B (masked)
+  noise              dpft.privacy.noise.privatize of the sum (one Gaussian draw per parameter)
+  full_dp            engine.clipped_grad_sum(flat, microbatch=B) + privatize, fused by XLA
+The pieces are timed as separate programs (inputs already on device), so their sum exceeds the fused
+step; the ratios show what is intrinsic (per-example backward) and what is overhead.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+from benchmarks import common
+
+
+def pieces(setup: common.Setup) -> dict:
+    """name -> (jitted fn, args) for each piece."""
+    import jax
+    import jax.numpy as jnp
+
+    from dpft.privacy import engine, noise
+    views = {k: v for k, v in setup.batch.items() if k not in ("mask", "example_id")}
+    mask = setup.batch["mask"]
+    b = mask.shape[0]
+    keys = jax.random.split(jax.random.key(0), b)
+    loss = lambda p, v, k: setup.loss_fn(p, v, k)[0]
+    batched_loss = lambda p: jnp.sum(jax.vmap(loss, in_axes=(None, 0, 0))(p, views, keys))
+    per_ex = jax.jit(lambda p: jax.vmap(jax.grad(loss), in_axes=(None, 0, 0))(p, views, keys))
+    grads = jax.block_until_ready(per_ex(setup.params))
+    norms_fn = jax.jit(lambda g: jnp.sqrt(sum(jnp.sum(jnp.square(x).reshape(b, -1), axis=1)
+                                                for x in jax.tree.leaves(g))))
+    norms = norms_fn(grads)
+
+    def clip_sum(g, n):
+        f = jnp.where(mask > 0, engine.clip_factors(n, 1.0, "flat", 0.0), 0.0)
+        return jax.tree.map(lambda x: jnp.tensordot(f, x, axes=1), g)
+
+    grad_sum = jax.jit(clip_sum)(grads, norms)
+    privatize = lambda g: noise.privatize(g, noise.noise_key(0, 0), noise_multiplier=1.0, clip_norm=1.0,
+                                          expected_batch_size=float(b))
+    full = lambda p: privatize(engine.clipped_grad_sum(
+        setup.loss_fn, p, setup.batch, jax.random.key(0), clipping=engine.ClippingConfig(clip_norm=1.0),
+        microbatch_size=b)[0])
+    return {"forward": (jax.jit(batched_loss), (setup.params,)),
+            "batched_backward": (jax.jit(jax.grad(batched_loss)), (setup.params,)),
+            "per_example_grads": (per_ex, (setup.params,)),
+            "norms": (norms_fn, (grads,)),
+            "clip_and_sum": (jax.jit(clip_sum), (grads, norms)),
+            "noise": (jax.jit(privatize), (grad_sum,)),
+            "full_dp": (jax.jit(full), (setup.params,))}
+
+
+def bench(name: str, batch: int, iters: int) -> list[dict]:
+    setup = common.make_setup(name, batch)
+    rows = []
+    for piece, (fn, args) in pieces(setup).items():
+        t = common.time_fn(fn, *args, iters=iters)
+        rows.append({"model": name, "resolution": int(setup.batch["image"].shape[2]), "batch": batch,
+                     "piece": piece, "seconds": t["median_s"], "compile_s": t["first_call_s"]})
+    base = {r["piece"]: r["seconds"] for r in rows}
+    for r in rows:
+        r["ratio_vs_batched_backward"] = r["seconds"] / base["batched_backward"]
+        print(json.dumps(r), flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=["nfnet_tiny"])
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    rows = [r for m in args.models for r in bench(m, args.batch, args.iters)]
+    print(common.markdown_table(rows, ["model", "resolution", "batch", "piece", "seconds",
+                                       "ratio_vs_batched_backward", "compile_s"]))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": common.machine_info(), "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

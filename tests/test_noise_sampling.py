@@ -1,0 +1,195 @@
+"""Noise (privatize, noise_key) and batch selection (Poisson, physical batches, shuffling)."""
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats as sps
+
+from dpft.privacy import adapters, engine, noise, sampling
+from dpft.privacy.testing_models import SmallConvNet
+
+P_FAIL = 1e-7  # per statistical check: false alarm probability
+
+
+def zeros_tree():
+    return {"a": jnp.zeros((4000,), jnp.float32), "b": {"w": jnp.zeros((100, 60), jnp.float32)}}
+
+
+def flat(tree) -> np.ndarray:
+    return np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(tree)])
+
+
+def test_noise_std_matches_sigma_c_over_b_chi_square():
+    sigma, c, b = 1.3, 0.7, 50.0
+    target_std = sigma * c / b
+    privatize = jax.jit(lambda g, k: noise.privatize(g, k, noise_multiplier=sigma, clip_norm=c, expected_batch_size=b))
+    draws = np.concatenate([flat(privatize(zeros_tree(), noise.noise_key(11, t))) for t in range(5)])
+    n = draws.size  # 50,000 coordinates
+    ss = np.sum((draws / target_std) ** 2)  # ~ chi2(n) if the std is right
+    assert sps.chi2.ppf(P_FAIL / 2, n) < ss < sps.chi2.isf(P_FAIL / 2, n)
+    # the bound has power: a 5% wrong std would fail it
+    assert not sps.chi2.ppf(P_FAIL / 2, n) < ss / 1.05 ** 2 < sps.chi2.isf(P_FAIL / 2, n)
+    # mean zero
+    z = np.mean(draws) / (target_std / np.sqrt(n))
+    assert abs(z) < sps.norm.isf(P_FAIL / 2)
+    # leaves get independent noise (not the same stream reused)
+    one = privatize({"a": jnp.zeros(3000), "b": jnp.zeros(3000)}, noise.noise_key(0, 0))
+    r = np.corrcoef(np.asarray(one["a"]), np.asarray(one["b"]))[0, 1]
+    assert abs(r) < 6 / np.sqrt(3000)
+
+
+def test_sigma_zero_is_exact_mean_and_testing_scale():
+    rs = np.random.RandomState(0)
+    g = {"x": jnp.asarray(rs.randn(7, 3), jnp.float32), "y": jnp.asarray(rs.randn(5), jnp.float32)}
+    out = noise.privatize(g, noise.noise_key(1, 2), noise_multiplier=0.0, clip_norm=1.0, expected_batch_size=4.0)
+    for k in g:
+        np.testing.assert_array_equal(np.asarray(out[k]), np.asarray(g[k]) / np.float32(4.0))
+    out = noise.privatize(g, noise.noise_key(1, 2), noise_multiplier=1.0, clip_norm=1.0, expected_batch_size=4.0,
+                          noise_scale_for_testing=0.0)
+    np.testing.assert_array_equal(np.asarray(out["x"]), np.asarray(g["x"]) / np.float32(4.0))
+    # scale 2 doubles the noise exactly (same key)
+    z = jax.tree.map(jnp.zeros_like, g)
+    n1 = noise.privatize(z, noise.noise_key(1, 2), noise_multiplier=1.0, clip_norm=1.0, expected_batch_size=1.0)
+    n2 = noise.privatize(z, noise.noise_key(1, 2), noise_multiplier=1.0, clip_norm=1.0, expected_batch_size=1.0,
+                         noise_scale_for_testing=2.0)
+    np.testing.assert_allclose(flat(n2), 2 * flat(n1), rtol=1e-6)
+    with pytest.raises(ValueError, match="expected_batch_size"):
+        noise.privatize(g, noise.noise_key(1, 2), noise_multiplier=1.0, clip_norm=1.0, expected_batch_size=0)
+    with pytest.raises(ValueError, match="noise_multiplier"):
+        noise.privatize(g, noise.noise_key(1, 2), noise_multiplier=-1.0, clip_norm=1.0, expected_batch_size=1)
+
+
+def test_noise_is_a_function_of_seed_and_update_only():
+    z = zeros_tree()
+
+    def draw(seed, t):
+        return flat(noise.privatize(z, noise.noise_key(seed, t), noise_multiplier=1.0, clip_norm=1.0,
+                                    expected_batch_size=1.0))
+
+    np.testing.assert_array_equal(draw(3, 10), draw(3, 10))
+    assert not np.allclose(draw(3, 10), draw(3, 11))
+    assert not np.allclose(draw(3, 10), draw(4, 10))
+    # traced update index under jit gives the same key as the Python int
+    jitted = jax.jit(lambda t: jax.random.key_data(noise.noise_key(3, t)))
+    np.testing.assert_array_equal(np.asarray(jitted(jnp.int32(10))),
+                                  np.asarray(jax.random.key_data(noise.noise_key(3, 10))))
+
+
+def test_poisson_batch_size_is_binomial():
+    n, q, updates = 2000, 0.03, 3000
+    sizes = np.empty(updates)
+    counts = np.zeros(n)
+    for t in range(updates):
+        idx = sampling.poisson_selection(5, t, n, q)
+        assert idx.dtype == np.int64
+        assert np.all(np.diff(idx) > 0)  # sorted, no duplicates
+        assert idx.size == 0 or (idx[0] >= 0 and idx[-1] < n)
+        sizes[t] = idx.size
+        counts[idx] += 1
+    mean, var = n * q, n * q * (1 - q)
+    z = (sizes.mean() - mean) / np.sqrt(var / updates)
+    assert abs(z) < sps.norm.isf(P_FAIL / 2)
+    # sample variance: (T-1) s^2 / var ~ chi2(T-1) (normal approximation of Binomial(2000, 0.03))
+    stat = (updates - 1) * sizes.var(ddof=1) / var
+    assert sps.chi2.ppf(P_FAIL / 2, updates - 1) * 0.9 < stat < sps.chi2.isf(P_FAIL / 2, updates - 1) * 1.1
+    # every example is included at rate q: counts ~ Binomial(updates, q); chi-square goodness of fit
+    expected = updates * q
+    chi = np.sum((counts - expected) ** 2 / (expected * (1 - q)))
+    assert chi < sps.chi2.isf(P_FAIL, n)
+
+
+def test_poisson_selection_is_deterministic_and_scales():
+    a = sampling.poisson_selection(1, 7, 100_000, 0.01)
+    np.testing.assert_array_equal(a, sampling.poisson_selection(1, 7, 100_000, 0.01))
+    assert not np.array_equal(a, sampling.poisson_selection(1, 8, 100_000, 0.01))
+    assert not np.array_equal(a, sampling.poisson_selection(2, 7, 100_000, 0.01))
+    big = sampling.poisson_selection(0, 0, 2_000_000, 0.001)
+    assert abs(big.size - 2000) < 6 * np.sqrt(2000)
+    assert sampling.poisson_selection(0, 0, 50, 1.0).tolist() == list(range(50))
+    assert sampling.expected_batch_size(60_000, 0.01) == pytest.approx(600.0)
+    for bad in (0.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match="sampling_rate"):
+            sampling.poisson_selection(0, 0, 10, bad)
+    with pytest.raises(ValueError, match="update_index"):
+        sampling.poisson_selection(0, -1, 10, 0.5)
+
+
+@pytest.mark.parametrize("num_shards,pbs", [(1, 16), (3, 4), (8, 5)])
+def test_physical_batches_cover_selection_exactly_once(num_shards, pbs):
+    selected = sampling.poisson_selection(3, 0, 1000, 0.1)
+    all_batches = [sampling.physical_batches(selected, pbs, num_shards=num_shards, shard_index=s)
+                   for s in range(num_shards)]
+    lengths = {len(b) for b in all_batches}
+    assert len(lengths) == 1  # same number of steps on every shard
+    largest_shard = -(-selected.size // num_shards)
+    assert lengths.pop() == -(-largest_shard // pbs)  # no truncation: a big batch takes more steps
+    seen = []
+    for shard in all_batches:
+        for idx, mask in shard:
+            assert idx.shape == (pbs,) and mask.shape == (pbs,) and mask.dtype == np.float32
+            np.testing.assert_array_equal(mask, (idx >= 0).astype(np.float32))
+            seen.extend(idx[idx >= 0].tolist())
+    assert sorted(seen) == selected.tolist()
+
+
+def test_physical_batches_edge_cases():
+    batches = sampling.physical_batches(np.array([], np.int64), 4, num_shards=2, shard_index=1)
+    assert len(batches) == 1 and batches[0][1].sum() == 0  # empty update still runs (noise only)
+    with pytest.raises(ValueError, match="shard_index"):
+        sampling.physical_batches(np.arange(3), 4, num_shards=2, shard_index=2)
+    with pytest.raises(ValueError, match="physical_batch_size"):
+        sampling.physical_batches(np.arange(3), 0)
+
+
+def test_shuffled_selection_warns_and_partitions_each_epoch(caplog):
+    n, bs = 50, 8
+    with caplog.at_level(logging.WARNING, logger="dpft.privacy.sampling"):
+        with pytest.warns(UserWarning, match="Poisson"):
+            first = sampling.shuffled_selection(0, 0, n, bs)
+    assert any("Poisson" in r.getMessage() for r in caplog.records)
+    with pytest.warns(UserWarning):
+        epoch = [sampling.shuffled_selection(0, t, n, bs) for t in range(n // bs)]
+        nxt = sampling.shuffled_selection(0, n // bs, n, bs)
+    np.testing.assert_array_equal(epoch[0], first)
+    joined = np.concatenate(epoch)
+    assert all(b.size == bs for b in epoch) and len(set(joined.tolist())) == joined.size
+    assert not np.array_equal(nxt, first)  # a new permutation next epoch (w.p. ~1)
+
+
+def test_padding_rows_never_change_the_clipped_sum():
+    """Same Poisson selection cut into physical batches of different sizes/shards, padding rows
+    filled with real data: the accumulated clipped sum equals the brute-force sum over the
+    selected examples."""
+    n, q = 40, 0.3
+    rs = np.random.RandomState(0)
+    images = rs.randn(n, 1, 5, 5, 1).astype(np.float32)
+    labels = rs.randint(0, 3, (n, 1)).astype(np.int32)
+    model = SmallConvNet(1, 3, channels=(2, 3), seed=0)
+    loss_fn, params, _ = adapters.nnx_loss_fn(model, adapters.softmax_cross_entropy_loss)
+    cfg = engine.ClippingConfig("flat", clip_norm=0.05)
+    selected = sampling.poisson_selection(9, 0, n, q)
+    assert selected.size > 4
+
+    grad = jax.jit(jax.grad(lambda p, v: loss_fn(p, v, jax.random.key(0))[0]))
+    want = None
+    for i in selected:
+        g = grad(params, {"image": images[i], "label": labels[i]})
+        g = engine.clip_gradient(g, cfg)[0]
+        want = g if want is None else engine.accumulate(want, g)
+
+    step = jax.jit(lambda b: engine.clipped_grad_sum(loss_fn, params, b, jax.random.key(0), clipping=cfg,
+                                                     microbatch_size=2)[0])
+    for num_shards, pbs in ((1, 8), (2, 6)):
+        total = engine.zeros_like_grad_sum(params)
+        for s in range(num_shards):
+            for idx, mask in sampling.physical_batches(selected, pbs, num_shards=num_shards, shard_index=s):
+                fill = np.where(idx >= 0, idx, rs.randint(0, n, idx.shape))  # padding = real, unselected data
+                batch = {"image": jnp.asarray(images[fill]), "label": jnp.asarray(labels[fill]),
+                         "mask": jnp.asarray(mask), "example_id": jnp.asarray(idx, jnp.int32)}
+                total = engine.accumulate(total, step(batch))
+        for a, b in zip(jax.tree.leaves(total), jax.tree.leaves(want)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)

@@ -1,0 +1,329 @@
+"""End to end: `dpft train` / `dpft evaluate` on a fake CheXpert copy with a tiny NFNet.
+
+The runs are subprocesses of the `dpft` command (8 fake CPU devices, like the test process)
+sharing a persistent XLA compilation cache. XLA:CPU executables loaded from that cache give
+results that differ in the last bits from freshly compiled ones, so the first run (the
+SIGTERM test) compiles and fills the cache, and every run compared bitwise afterwards loads
+the same cached executables.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from dpft import cli
+from dpft.data import chexpert, fake
+from dpft.evaluate.predictions import load_predictions
+from dpft.privacy import accounting
+from dpft.train import checkpointing, loop
+from dpft.train import setup as setup_lib
+from dpft.train.config_base import load_config
+
+pytestmark = pytest.mark.slow
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(REPO, "configs", "fake_chexpert_tiny.py")
+UPDATES = 6
+TARGET_EPS = 8.0
+RUN_TIMEOUT = 900  # seconds for one subprocess run (2 shared CPU cores)
+
+
+def _dpft_command() -> list[str]:
+    exe = shutil.which("dpft", path=os.path.dirname(sys.executable))
+    return [exe] if exe else [sys.executable, "-m", "dpft.cli"]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """Fake data, the shared compile cache and the subprocess environment."""
+    if jax.device_count() != 8:
+        pytest.skip(f"needs the 8 fake CPU devices of tests/conftest.py, have {jax.device_count()}")
+    root = str(tmp_path_factory.mktemp("fake_chexpert"))
+    fake.write_fake_chexpert(root, n_patients=40, n_valid_patients=10, image_size=32)
+    env = dict(os.environ)
+    for k in list(env):
+        if k.startswith(("DPFT_", "SLURM_", "TPU_")):
+            del env[k]
+    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+               JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("xla_cache")),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    overrides = [f"--config.data.root={root}", f"--config.train.num_updates={UPDATES}",
+                 "--config.model.name=nfnet_micro", "--config.train.eval_every=0",
+                 "--config.train.checkpoint_every=2", "--config.train.keep_checkpoints=2"]
+    return {"root": root, "env": env, "overrides": overrides, "tmp": tmp_path_factory}
+
+
+def train_args(base, workdir, *extra) -> list[str]:
+    return ["train", "--config", CONFIG, "--workdir", str(workdir), *base["overrides"], *extra]
+
+
+def run_dpft(base, args, log_path) -> subprocess.CompletedProcess:
+    with open(log_path, "w") as log:
+        proc = subprocess.run(_dpft_command() + args, env=base["env"], stdout=log, stderr=subprocess.STDOUT,
+                              timeout=RUN_TIMEOUT, cwd=REPO)
+    with open(log_path) as f:
+        proc.output = f.read()
+    return proc
+
+
+def finished_steps(workdir) -> list[int]:
+    d = os.path.join(str(workdir), "checkpoints")
+    if not os.path.isdir(d):
+        return []
+    return sorted(int(n) for n in os.listdir(d) if n.isdigit())
+
+
+def start_and_signal(base, workdir, sig, log_path) -> tuple[int, str, int]:
+    """Starts a run; once its first checkpoint is complete sends `sig`. -> (rc, output, step seen)."""
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(_dpft_command() + train_args(base, workdir), env=base["env"], stdout=log,
+                                stderr=subprocess.STDOUT, cwd=REPO)
+        deadline = time.time() + RUN_TIMEOUT
+        seen = []
+        while proc.poll() is None and time.time() < deadline:
+            seen = finished_steps(workdir)
+            if seen:
+                proc.send_signal(sig)
+                break
+            time.sleep(0.02)
+        try:
+            rc = proc.wait(timeout=RUN_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    with open(log_path) as f:
+        out = f.read()
+    assert seen, f"the run ended (rc {proc.returncode}) without a checkpoint:\n{out[-3000:]}"
+    return rc, out, seen[-1]
+
+
+def restore_all(workdir, step):
+    with checkpointing.Checkpointer(str(workdir)) as ckpt:
+        return ckpt.restore(step)
+
+
+def assert_trees_identical(a, b, what):
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert jax.tree.structure(a) == jax.tree.structure(b), what
+    for x, y in zip(la, lb):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=what)
+
+
+def read_ledger(workdir) -> accounting.Ledger:
+    with open(os.path.join(str(workdir), "ledger.json")) as f:
+        return accounting.Ledger.from_json(f.read())
+
+
+@pytest.fixture(scope="module")
+def sigterm_run(base):
+    """First run (compiles, fills the cache): SIGTERM after the first checkpoint."""
+    wd = base["tmp"].mktemp("run_sigterm")
+    rc, out, first = start_and_signal(base, wd, signal.SIGTERM, wd / "log.txt")
+    return {"workdir": wd, "rc": rc, "output": out, "first": first}
+
+
+@pytest.fixture(scope="module")
+def run_a(base, sigterm_run):
+    """The uninterrupted run."""
+    wd = base["tmp"].mktemp("run_a")
+    proc = run_dpft(base, train_args(base, wd), wd / "log.txt")
+    assert proc.returncode == 0, proc.output[-3000:]
+    return wd
+
+
+def train_table_size(root) -> int:
+    return len(chexpert.load_splits(root, uncertainty="ones", frontal_only=True, age_edges=(18, 40, 60, 80))["train"])
+
+
+# ------------------------------------------------------------------------------- tests
+
+def test_sigterm_saves_a_checkpoint_and_exits_0(sigterm_run):
+    wd, out = sigterm_run["workdir"], sigterm_run["output"]
+    assert sigterm_run["rc"] == 0, out[-3000:]
+    assert "stopping at update" in out and "signal" in out, out[-3000:]
+    steps = finished_steps(wd)
+    stop = steps[-1]
+    assert sigterm_run["first"] <= stop < UPDATES, (steps, out[-2000:])
+    restored = restore_all(wd, stop)
+    assert int(np.asarray(jax.tree.leaves(restored.pytrees["update"])[0])) == stop
+    assert restored.json_items["data_state"] == {"update_index": stop, "physical_batch_index": 0}
+    assert read_ledger(wd).total_steps == stop
+    assert not os.path.exists(os.path.join(str(wd), "predictions")), "a preempted run must not write final predictions"
+
+
+def test_ledger_epsilon_matches_accountant_and_target(base, run_a):
+    n = train_table_size(base["root"])
+    q = 16 / n
+    delta = 1.0 / n
+    ledger = read_ledger(run_a)
+    assert ledger.total_steps == UPDATES and len(ledger.entries) == 1
+    entry = ledger.entries[0]
+    assert entry.sampling_rate == pytest.approx(q, rel=1e-12)
+    # sigma is the calibrated one for (target, q, updates, delta), found independently here.
+    sigma = accounting.calibrate_noise_multiplier(TARGET_EPS, q, UPDATES, delta)
+    assert entry.noise_multiplier == pytest.approx(sigma, rel=1e-9)
+    eps = accounting.compute_epsilon(q, entry.noise_multiplier, UPDATES, delta)
+    assert ledger.epsilon(delta) == pytest.approx(eps, rel=1e-9)
+    assert eps <= TARGET_EPS
+    # The last logged epsilon is the same number.
+    with open(os.path.join(str(run_a), "metrics.jsonl")) as f:
+        logged = [json.loads(line) for line in f if '"epsilon"' in line]
+    assert logged[-1]["step"] == UPDATES and logged[-1]["epsilon"] == pytest.approx(eps, rel=1e-9)
+    with open(os.path.join(str(run_a), "privacy_plan.json")) as f:
+        plan = json.load(f)
+    assert plan["num_updates"] == UPDATES and plan["delta"] == pytest.approx(delta)
+
+
+def test_sigkill_then_resume_equals_uninterrupted_run_bitwise(base, run_a):
+    wd = base["tmp"].mktemp("run_b")
+    rc, out, killed_at = start_and_signal(base, wd, signal.SIGKILL, wd / "log_killed.txt")
+    assert rc == -signal.SIGKILL, out[-3000:]
+    before = finished_steps(wd)
+    assert before and before[-1] < UPDATES, f"the run finished before the kill ({before}); nothing was resumed"
+    at_kill = restore_all(wd, before[-1])
+    proc = run_dpft(base, train_args(base, wd), wd / "log_resumed.txt")
+    assert proc.returncode == 0, proc.output[-3000:]
+    assert f"resumed from {os.path.join(str(wd), 'checkpoints')}/{before[-1]}" in proc.output, proc.output[-3000:]
+    a, b = restore_all(run_a, UPDATES), restore_all(wd, UPDATES)
+    assert set(a.pytrees) == set(b.pytrees) >= {"params", "opt_state", "ema", "polyak", "update"}
+    for name in a.pytrees:
+        assert_trees_identical(a.pytrees[name], b.pytrees[name], f"{name} after a SIGKILL + resume")
+    assert a.json_items["ledger"] == b.json_items["ledger"]
+    assert a.json_items["data_state"] == b.json_items["data_state"]
+    assert read_ledger(wd).total_steps == UPDATES
+    # The predictions agree too (the model function is the same; allow last-bit differences of
+    # the eval executable, which only the first of the two runs compiled).
+    pa = load_predictions(os.path.join(str(run_a), "predictions", str(UPDATES), "test.npz"))
+    pb = load_predictions(os.path.join(str(wd), "predictions", str(UPDATES), "test.npz"))
+    np.testing.assert_allclose(pa.logits, pb.logits, rtol=1e-5, atol=1e-7)
+    # The comparison is not trivially true: the resumed updates moved the parameters.
+    assert any(np.any(np.asarray(x) != np.asarray(y)) for x, y in
+               zip(jax.tree.leaves(at_kill.pytrees["params"]), jax.tree.leaves(b.pytrees["params"])))
+
+
+def test_resuming_a_finished_run_trains_nothing_more(base, run_a):
+    wd = base["tmp"].mktemp("run_a_again")
+    shutil.copytree(str(run_a), str(wd), dirs_exist_ok=True)
+    before = restore_all(wd, UPDATES)
+    proc = run_dpft(base, train_args(base, wd), wd / "log_again.txt")
+    assert proc.returncode == 0, proc.output[-3000:]
+    assert finished_steps(wd)[-1] == UPDATES
+    assert read_ledger(wd).total_steps == UPDATES
+    after = restore_all(wd, UPDATES)
+    assert_trees_identical(before.pytrees["params"], after.pytrees["params"], "params of a finished run")
+    assert "update 1/" not in proc.output
+
+
+def test_budget_binds_when_sigma_is_given(base):
+    """sigma fixed and a target epsilon: the plan cuts the run to the largest T within budget."""
+    n = train_table_size(base["root"])
+    config = load_config(CONFIG, base["overrides"] + ["--config.privacy.noise_multiplier=0.8",
+                                                      "--config.privacy.epsilon=3.0",
+                                                      "--config.train.num_updates=1000"])
+    plan = setup_lib.privacy_plan(config, n)
+    q, delta = 16 / n, 1 / n
+    assert 1 <= plan.num_updates < 1000
+    assert accounting.compute_epsilon(q, 0.8, plan.num_updates, delta) <= 3.0
+    assert accounting.compute_epsilon(q, 0.8, plan.num_updates + 1, delta) > 3.0
+
+
+def _refused(args, capsys, monkeypatch=None) -> str:
+    """Runs `dpft ARGS` in-process and expects exit code 2; returns stderr. With `monkeypatch`,
+    fails if the step functions are even built (so nothing can have been compiled)."""
+    from dpft.train import step as step_lib
+
+    def no_compile(*a, **k):
+        raise AssertionError("the step function was built before the config was refused")
+
+    if monkeypatch is not None:
+        monkeypatch.setattr(step_lib, "make_accumulate_fn", no_compile)
+        monkeypatch.setattr(step_lib, "make_apply_fn", no_compile)
+    rc = cli.main(args)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    return err
+
+
+@pytest.mark.parametrize("field,value", [("privacy.epsilon", "4.0"), ("privacy.clip_norm", "0.01"),
+                                         ("model.name", "nfnet_tiny")])
+def test_resume_with_a_changed_field_is_refused(base, run_a, field, value, capsys):
+    wd = base["tmp"].mktemp("run_changed")
+    shutil.copytree(str(run_a), str(wd), dirs_exist_ok=True)
+    before = sorted(os.listdir(os.path.join(str(wd), "checkpoints")))
+    err = _refused(train_args(base, wd, f"--config.{field}={value}"), capsys)
+    assert field in err and "different config" in err, err
+    assert sorted(os.listdir(os.path.join(str(wd), "checkpoints"))) == before
+
+
+@pytest.mark.parametrize("override,field", [
+    ("--config.train.physical_batch_size=15", "config.train.physical_batch_size=15"),
+    ("--config.train.microbatch_size=3", "config.train.microbatch_size=3"),
+    ("--config.privacy.clip_norm=-1.0", "config.privacy.clip_norm=-1.0"),
+    ("--config.privacy.epsilon=0.0", "config.privacy.epsilon=0.0"),
+    ("--config.privacy.epsilon=-2.0", "config.privacy.epsilon=-2.0"),
+    ("--config.train.batch_size=100000", "config.train.batch_size=100000"),
+    ("--config.train.physical_batch_size=12", "config.train.physical_batch_size=12"),  # not / 8 devices
+])
+def test_invalid_config_is_refused_before_compilation(base, override, field, capsys, monkeypatch):
+    wd = base["tmp"].mktemp("run_invalid")
+    err = _refused(train_args(base, wd, override), capsys, monkeypatch)
+    assert field in err, err
+    assert not finished_steps(wd)
+
+
+def test_predictions_and_evaluate(base, run_a, capsys):
+    wd = base["tmp"].mktemp("run_eval")
+    shutil.copytree(str(run_a), str(wd), dirs_exist_ok=True)
+    manifest = fake.read_manifest(base["root"])
+    n_train_rows = manifest["n_rows"]["train"]
+    # Truth from the fake writer: valid.csv frontal rows -> example id, sex, age bin.
+    truth = {n_train_rows + m["line"] - 2: m for m in manifest["images"].values()
+             if m["split"] == "valid" and m["view"] == "Frontal"}
+    preds = load_predictions(os.path.join(str(wd), "predictions", str(UPDATES), "test.npz"))
+    assert sorted(preds.example_id.tolist()) == sorted(truth)
+    assert preds.logits.shape == (len(truth), len(chexpert.LABELS)) and np.all(np.isfinite(preds.logits))
+    sex_of = {"Male": "Male", "Female": "Female"}
+    for i, e in enumerate(preds.example_id.tolist()):
+        assert preds.attrs["sex"][i] == sex_of.get(truth[e]["sex"], "Unknown")
+        assert preds.attrs["age"][i] == truth[e]["age_bin"]
+        assert preds.patient_id[i] == truth[e]["patient"]
+    assert preds.step == UPDATES and preds.params == "ema" and preds.epsilon <= TARGET_EPS
+    assert os.path.isfile(os.path.join(str(wd), "predictions", str(UPDATES), "validation.npz"))
+
+    rc = cli.main(["evaluate", "--workdir", str(wd), "--bootstrap", "20", "--min-group-size", "1"])
+    assert rc == 0, capsys.readouterr().err
+    with open(os.path.join(str(wd), "eval", str(UPDATES), "metrics.json")) as f:
+        metrics = json.load(f)
+    # evaluate re-ran the model from the checkpoint: same logits as the training run wrote.
+    again = load_predictions(os.path.join(str(wd), "predictions", str(UPDATES), "test.npz"))
+    np.testing.assert_allclose(again.logits, preds.logits, rtol=1e-5, atol=1e-7)
+    assert {"sex", "age"} <= set(metrics["groups"])
+    # One subgroup AUC recomputed here with sklearn.
+    names = list(again.class_names)
+    checked = 0
+    for attr in ("sex", "age"):
+        for group, g in metrics["groups"][attr].items():
+            for task in chexpert.EVAL_TASKS:
+                stat = g["metrics"].get(f"auc/{task}")
+                sel = (again.attrs[attr] == group) & (again.label_mask[:, names.index(task)] > 0)
+                y = again.label[sel, names.index(task)]
+                if len(np.unique(y)) < 2:
+                    assert stat is None or stat["value"] is None
+                    continue
+                want = roc_auc_score(y, again.logits[sel, names.index(task)])
+                assert stat["value"] == pytest.approx(want, abs=1e-9), (attr, group, task)
+                checked += 1
+    assert checked > 0
+    assert metrics["meta"]["step"] == UPDATES
+    assert math.isclose(metrics["meta"]["epsilon"], read_ledger(wd).epsilon(metrics["meta"]["delta"]), rel_tol=1e-9)
