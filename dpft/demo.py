@@ -76,7 +76,7 @@ def recipe(*, private: bool, epsilon: float = 8.0, updates: int, checkpoint: str
     c.privacy.clip_norm = 1.0
     c.train.batch_size = 128
     c.train.physical_batch_size = 64
-    c.train.microbatch_size = 64  # = physical batch: one vmap, no scan (convs in lax.scan are slow on CPU)
+    c.train.microbatch_size = 16  # fastest DP step on CPU (benchmarks/README.md)
     c.train.num_updates = updates
     c.train.optimizer.name = "adam"
     c.train.optimizer.learning_rate = learning_rate

@@ -26,7 +26,7 @@ from dpft import cli
 from dpft.data import chexpert, fake
 from dpft.evaluate.predictions import load_predictions
 from dpft.privacy import accounting
-from dpft.train import checkpointing, loop
+from dpft.train import checkpointing
 from dpft.train import setup as setup_lib
 from dpft.train.config_base import load_config
 

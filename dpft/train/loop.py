@@ -177,9 +177,10 @@ class Trainer:
         step = ckpt.latest_step()
         if step is None:
             return False
+        # Compare configs BEFORE restoring the arrays: a changed model/optimizer would otherwise
+        # fail inside orbax with a shape error instead of naming the changed field.
+        check_resume_config(checkpoint_config(ckpt.directory, step), self.config, self.workdir)
         restored = ckpt.restore(step, targets=self._pytrees())
-        old = config_from_json(json.dumps(restored.json_items["config"]))
-        check_resume_config(old, self.config, self.workdir)
         self.state = dict(self.state, **restored.pytrees)
         self.iterator.set_state(restored.json_items["data_state"])
         self.ledger = accounting.Ledger.from_dict(restored.json_items["ledger"])
@@ -297,29 +298,31 @@ class Trainer:
 
     # ------------------------------------------------------------------ individual accounting
     def record_norms(self) -> None:
-        """Per-example gradient norms of ALL training examples at the current params."""
+        """Per-example gradient norms of ALL training examples at the current params.
+
+        One pass over the training split without noise (centre view at the training
+        resolution, K = 1); each host computes its shard, the norms are gathered in table
+        order. The recorder rounds them up to its grid (never under-estimating).
+        """
         u = int(self.state["update"])
-        norms = np.zeros(len(self.train_table), np.float64)
-        ids = []
-        vals = []
+        aug = dataclasses.replace(self.augment, eval_image_size=self.augment.image_size, augmult=1)
         bs = int(self.config.train.physical_batch_size)
-        for batch in pipeline.eval_batches(self.train_table, batch_size=bs, augment=self.augment,
-                                           num_workers=int(self.config.data.num_workers)):
+        chunks = []
+        for batch in pipeline.eval_batches(self.train_table, batch_size=bs, augment=aug,
+                                           num_workers=int(self.config.data.num_workers),
+                                           num_shards=jax.process_count(), shard_index=jax.process_index()):
             dev = {k: v for k, v in batch.items() if k in ("image", "label", "label_mask", "mask", "example_id")}
-            dev["image"] = dev["image"][:, None]
-            for k in ("label", "label_mask"):
+            for k in ("image", "label", "label_mask"):
                 if k in dev:
-                    dev[k] = dev[k][:, None]
+                    dev[k] = dev[k][:, None]  # K = 1 view
             acc = step_lib.zeros_accumulator(self.state["params"], self.mesh)
             key = step_lib.physical_batch_key(self.step_cfg.seed, u, 10_000_000)
             _, stats = self.accumulate(self.state["params"], acc, step_lib.shard_batch(dev, self.mesh), key)
-            keep = batch["mask"] > 0
-            ids.append(batch["example_id"][keep])
-            vals.append(np.asarray(stats["norms"])[keep])
-        ids, vals = np.concatenate(ids), np.concatenate(vals)
-        position = {int(e): i for i, e in enumerate(table_columns(self.train_table)["example_id"])}
-        norms[[position[int(e)] for e in ids]] = vals
-        self.recorder.record_all(u, norms)
+            norms = stats["norms"]
+            if jax.process_count() > 1:
+                norms = multihost_utils.process_allgather(norms, tiled=True)
+            chunks.append(np.asarray(norms, np.float64))
+        self.recorder.record_all(u, np.concatenate(chunks)[: len(self.train_table)])
 
     def write_individual(self) -> None:
         from absl import logging as absl_logging
@@ -387,6 +390,8 @@ class Trainer:
                     progress.restart(u)
                 stop_now = flag.requested or (max_updates_this_call is not None
                                               and done_this_call >= max_updates_this_call)
+                if jax.process_count() > 1:  # a signal may reach the hosts at different updates: agree
+                    stop_now = bool(np.any(multihost_utils.process_allgather(np.asarray(stop_now))))
                 if u % int(cfg.train.checkpoint_every) == 0 or u == total or stop_now:
                     self.save(ckpt)
                 if stop_now:
@@ -426,6 +431,15 @@ class Trainer:
         self.print(f"devices: {jax.device_count()} ({jax.process_count()} process(es)), "
                    f"physical batch {self.config.train.physical_batch_size} per host, "
                    f"microbatch {self.config.train.microbatch_size}, augmult {self.config.data.augmult}")
+
+
+def checkpoint_config(checkpoint_directory: str, step: int) -> ml_collections.ConfigDict:
+    """The run config stored in checkpoint `step` (its `config` JSON item), without reading arrays."""
+    import orbax.checkpoint as ocp
+
+    with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as reader:
+        data = reader.restore(os.path.join(checkpoint_directory, str(step), "config"), args=ocp.args.JsonRestore())
+    return config_from_json(json.dumps(data))
 
 
 def table_columns(table) -> dict[str, np.ndarray]:
