@@ -137,6 +137,17 @@ def test_individual_epsilon_hook_in_report(tmp_path):
     out = tmp_path / "eval" / "100"
     assert "## Individual privacy" in (out / "report.md").read_text()
     _png_ok(out / "individual_epsilon.png")
+    # The training loop's summary beside the npz adds the worst case and the loss correlation.
+    from dpft.privacy import individual
+    losses = eps ** 2  # monotone in eps: Spearman rho must be exactly 1
+    summary = individual.summarise(eps, {"sex": np.where(np.arange(80) % 2, "F", "M")}, None, losses,
+                                   worst_case_epsilon=4.5)
+    (tmp_path / "individual_epsilon.json").write_text(json.dumps(summary, default=float))
+    m = R.evaluate_predictions(paths["test"], paths["validation"], n_resamples=10, plots=False)
+    assert m["individual_epsilon"]["worst_case_epsilon"] == 4.5
+    assert m["individual_epsilon"]["spearman_loss"]["rho"] == pytest.approx(1.0)
+    text = (out / "report.md").read_text()
+    assert "worst-case epsilon" in text and "rho = 1.000" in text
     np.savez(tmp_path / "individual_epsilon.npz", example_id=np.arange(3))
     with pytest.raises(UsageError, match="'epsilon'.*missing"):
         R.evaluate_predictions(paths["test"], n_resamples=5, plots=False)

@@ -133,6 +133,14 @@ def evaluate_predictions(test_path: str | os.PathLike, val_path: str | os.PathLi
         result["individual_epsilon"] = individual_epsilon_summary(
             eps, eps_attrs, png_path=out / "individual_epsilon.png" if config.plots else None)
         result["individual_epsilon"]["source"] = str(eps_path)
+        # The training loop's summary beside it: worst-case epsilon (same RDP accountant),
+        # the run's epsilon, and the Spearman correlation with per-example training loss.
+        side = eps_path.with_suffix(".json")
+        if side.is_file():
+            extra = json.loads(side.read_text(encoding="utf-8"))
+            for key in ("worst_case_epsilon", "run_epsilon", "spearman_loss"):
+                if key in extra:
+                    result["individual_epsilon"][key] = extra[key]
     (out / "metrics.json").write_text(json.dumps(result, indent=2, allow_nan=False), encoding="utf-8")
     (out / "report.md").write_text(render_markdown(result), encoding="utf-8")
     if config.plots:
@@ -317,6 +325,18 @@ def render_markdown(result: Mapping[str, Any]) -> str:
         for attr, groups in ind["groups"].items():
             rows += [[attr, g, str(s["n"])] + [f"{s[k]:.3g}" for k in qkeys] for g, s in groups.items()]
         lines += _table(["attribute", "group", "n"] + qkeys, rows)
+        notes = []
+        if ind.get("worst_case_epsilon") is not None:
+            notes.append(f"worst-case epsilon (RDP, every update at norm >= C): {ind['worst_case_epsilon']:.4g}")
+        run_eps = ind.get("run_epsilon") or {}
+        if run_eps.get("value") is not None:
+            notes.append(f"the run's epsilon ({run_eps.get('accountant')}): {run_eps['value']:.4g}")
+        sp = ind.get("spearman_loss") or {}
+        if sp.get("rho") is not None:
+            notes.append(f"Spearman correlation of individual epsilon with training loss: rho = {sp['rho']:.3f} "
+                         f"(p = {sp.get('pvalue', float('nan')):.2g})")
+        if notes:
+            lines += [""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
 
 

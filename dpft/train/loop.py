@@ -307,7 +307,7 @@ class Trainer:
         u = int(self.state["update"])
         aug = dataclasses.replace(self.augment, eval_image_size=self.augment.image_size, augmult=1)
         bs = int(self.config.train.physical_batch_size)
-        chunks = []
+        chunks, loss_chunks = [], []
         for batch in pipeline.eval_batches(self.train_table, batch_size=bs, augment=aug,
                                            num_workers=int(self.config.data.num_workers),
                                            num_shards=jax.process_count(), shard_index=jax.process_index()):
@@ -318,11 +318,15 @@ class Trainer:
             acc = step_lib.zeros_accumulator(self.state["params"], self.mesh)
             key = step_lib.physical_batch_key(self.step_cfg.seed, u, 10_000_000)
             _, stats = self.accumulate(self.state["params"], acc, step_lib.shard_batch(dev, self.mesh), key)
-            norms = stats["norms"]
+            norms, losses = stats["norms"], stats["loss"]
             if jax.process_count() > 1:
                 norms = multihost_utils.process_allgather(norms, tiled=True)
+                losses = multihost_utils.process_allgather(losses, tiled=True)
             chunks.append(np.asarray(norms, np.float64))
+            loss_chunks.append(np.asarray(losses, np.float64))
         self.recorder.record_all(u, np.concatenate(chunks)[: len(self.train_table)])
+        # Per-example training loss at the latest record: for the loss-vs-epsilon correlation.
+        self.last_example_losses = np.concatenate(loss_chunks)[: len(self.train_table)]
 
     def write_individual(self) -> None:
         from absl import logging as absl_logging
@@ -335,12 +339,15 @@ class Trainer:
             clip_norm=self.plan.clip_norm, num_updates=int(self.state["update"]), delta=self.plan.delta)
         cols = table_columns(self.train_table)
         attrs = {k[len("attr_"):]: v for k, v in cols.items() if k.startswith("attr_")}
+        if self.train_table.task == "multiclass":  # per-class distribution in the evaluation report
+            names = list(self.train_table.class_names)
+            attrs["class"] = np.asarray([names[int(y)] for y in cols["label"]], dtype=str)
         # Worst case by the same (RDP) accountant as the individual values, so that they compare.
         worst = individual.worst_case_epsilon(
             sampling_rate=self.plan.sampling_rate, noise_multiplier=self.plan.noise_multiplier,
             num_updates=int(self.state["update"]), delta=self.plan.delta)
-        summary = individual.summarise(eps, attrs, cols["label"] if self.train_table.task == "multiclass" else None,
-                                       worst_case_epsilon=worst)
+        summary = individual.summarise(eps, attrs, cols["label"], getattr(self, "last_example_losses", None),
+                                       worst_case_epsilon=worst, class_names=self.train_table.class_names)
         summary["run_epsilon"] = {"value": self.epsilon_spent(), "accountant": self.plan.accountant}
         individual.write_individual_epsilons(self.workdir, cols["example_id"], eps, attrs, summary=summary)
 
