@@ -5,6 +5,7 @@ All timings are wall-clock seconds of a jitted function after one warm-up call, 
 """
 from __future__ import annotations
 
+import json
 import dataclasses
 import datetime
 import os
@@ -136,3 +137,14 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def emit_rows(rows: list[dict], json_path: str | None, *, echo: bool = True) -> int:
+    """Print each result row as one JSON line (if `echo`) and write {"rows": rows} to `json_path`."""
+    if echo:
+        for r in rows:
+            print(json.dumps(r))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"rows": rows}, f, indent=1)
+    return 0

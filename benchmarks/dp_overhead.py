@@ -11,7 +11,6 @@ step (MiB; the working set a microbatch size must fit) and the process max-RSS g
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 from typing import Any
 

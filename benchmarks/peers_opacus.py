@@ -12,7 +12,6 @@ plain backward + SGD step. Same batch and resolution as benchmarks.dp_overhead (
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -21,6 +20,8 @@ import time
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from benchmarks import common
 
 GELU_GAMMA = 1.7015043497085571
 
@@ -179,12 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     rows = bench(args.batch, args.iters)
-    for r in rows:
-        print(json.dumps(r))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"rows": rows}, f, indent=1)
-    return 0
+    return common.emit_rows(rows, args.json)
 
 
 if __name__ == "__main__":

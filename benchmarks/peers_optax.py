@@ -10,7 +10,6 @@ divides by B. Non-private reference: one `jax.grad` of the mean loss + SGD. Both
 from __future__ import annotations
 
 import argparse
-import json
 
 from benchmarks import common
 
@@ -68,12 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     rows = [r for m in args.models for r in bench(m, args.batch, args.iters)]
-    for r in rows:
-        print(json.dumps(r))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"rows": rows}, f, indent=1)
-    return 0
+    return common.emit_rows(rows, args.json)
 
 
 if __name__ == "__main__":

@@ -90,10 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(child(args.child, args.batch, args.iters, args.model)))
         return 0
     rows = run(args.devices, args.batch, args.iters, args.model)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"rows": rows}, f, indent=1)
-    return 0
+    from benchmarks import common  # imported late: jax must not load before XLA_FLAGS is set
+    return common.emit_rows(rows, args.json, echo=False)
 
 
 if __name__ == "__main__":

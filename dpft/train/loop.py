@@ -17,7 +17,6 @@ import json
 import logging
 import math
 import os
-import time
 from typing import Any
 
 import jax

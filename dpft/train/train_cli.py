@@ -9,7 +9,6 @@ import argparse
 import logging
 import os
 
-from dpft.cli import UsageError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
