@@ -80,8 +80,12 @@ def recipe(*, private: bool, epsilon: float = 8.0, updates: int, checkpoint: str
     c.train.physical_batch_size = 64
     c.train.microbatch_size = 16  # fastest DP step on CPU (benchmarks/README.md)
     c.train.num_updates = updates
-    c.train.optimizer.name = "adam"
-    c.train.optimizer.learning_rate = learning_rate
+    # DP-SGD as in the papers: plain SGD (no momentum), a large step on the clipped, noisy mean
+    # (its norm is bounded by C), and an EMA. Adam would normalise the noise away per
+    # coordinate, so runs at different epsilons with one seed would take near-identical steps.
+    # The non-private baseline's unclipped gradients need Adam's small steps.
+    c.train.optimizer.name = "sgd" if private else "adam"
+    c.train.optimizer.learning_rate = 0.5 if private else learning_rate
     c.train.lr_schedule.name = "constant"
     c.train.lr_schedule.warmup_steps = 0
     c.train.ema_decay = 0.9 if private else 0.0
