@@ -69,4 +69,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m dpft.cli`: run the imported module's main, so that `dpft.cli.UsageError`
+    # (raised by the sub-commands) is the class caught above, not a __main__ copy.
+    from dpft import cli as _cli
+
+    sys.exit(_cli.main())

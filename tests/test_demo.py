@@ -1,0 +1,75 @@
+"""`dpft demo`: its recipe is a valid run config, and a quick run writes the whole report."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from dpft import demo
+from dpft.privacy import accounting
+from dpft.train.validation import validate
+
+
+@pytest.mark.parametrize("private", [True, False])
+def test_recipe_is_a_valid_run_config(private):
+    cfg = demo.recipe(private=private, epsilon=4.0, updates=20, checkpoint="")
+    validate(cfg, num_examples=500)
+    assert cfg.privacy.enabled is private
+    assert cfg.data.name == "digits" and cfg.model.name == "nfnet_tiny"
+    # Poisson sampling, accumulation over physical batches and the EMA are the big configs' path.
+    assert cfg.privacy.sampling == "poisson"
+    assert cfg.train.physical_batch_size < cfg.train.batch_size
+    assert (cfg.train.ema_decay > 0) is private
+
+
+def test_summary_table_and_imbalance_plot(tmp_path):
+    rows = [{"run": "eps_8", "epsilon": 8.0, "accuracy": 0.9, "majority_accuracy": 0.95,
+             "minority_accuracy": 0.5, "gap": 0.45, "gap_ci": [0.3, 0.6], "dir": "x"},
+            {"run": "non_private", "epsilon": None, "accuracy": 0.93, "majority_accuracy": 0.96,
+             "minority_accuracy": 0.7, "gap": 0.26, "gap_ci": None, "dir": "y"}]
+    table = demo.summary_table(rows)
+    assert "| eps_8 | 8.0 | 0.900 | 0.950 | 0.500 | 0.450 [0.300, 0.600] | - |" in table
+    assert "| non_private | inf | 0.930 |" in table
+    png = tmp_path / "imb.png"
+    demo.plot_imbalance({"0.01": rows, "0.1": rows}, str(png))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bad_arguments_exit_2(tmp_path):
+    from dpft.cli import main
+
+    assert main(["demo", "--workdir", str(tmp_path), "--epsilons", "x"]) == 2
+    assert main(["demo", "--workdir", str(tmp_path), "--imbalance", "0,2"]) == 2
+
+
+@pytest.mark.slow
+def test_quick_demo_end_to_end(tmp_path):
+    """The real command: pre-training, one DP run and the non-private run, evaluation, report."""
+    wd = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, "-m", "dpft.cli", "demo", "--workdir", str(wd), "--quick",
+                           "--epsilons", "8"], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "[4/4] summary" in proc.stdout
+    report = (wd / "report.md").read_text()
+    assert "| eps_8 | 8.0 |" in report and "| non_private | inf |" in report
+    summary = json.loads((wd / "summary.json").read_text())
+    for row in summary["runs"]:
+        assert 0.0 <= row["accuracy"] <= 1.0
+        assert os.path.isfile(os.path.join(row["dir"], "eval", os.listdir(os.path.join(row["dir"], "eval"))[0],
+                                           "metrics.json"))
+    # The DP run's ledger spends exactly what the accountant says, within the target.
+    run = wd / "finetune" / "eps_8"
+    ledger = accounting.Ledger.from_json((run / "ledger.json").read_text())
+    plan = json.loads((run / "privacy_plan.json").read_text())
+    eps = accounting.compute_epsilon(plan["sampling_rate"], plan["noise_multiplier"], ledger.total_steps,
+                                     plan["delta"])
+    assert ledger.epsilon(plan["delta"]) == pytest.approx(eps, rel=1e-9)
+    assert eps <= 8.0 + 1e-6
+    # Individual epsilons exist, are finite, and never exceed the worst case by the same accountant.
+    z = np.load(run / "individual_epsilon.npz")
+    side = json.loads((run / "individual_epsilon.json").read_text())
+    assert np.all(np.isfinite(z["epsilon"]))
+    assert z["epsilon"].max() <= side["worst_case_epsilon"] + 1e-9
+    assert (wd / "compare" / "compare.png").is_file()
