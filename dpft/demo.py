@@ -52,9 +52,22 @@ def _floats(text: str, name: str) -> list[float]:
 
 def recipe(*, private: bool, epsilon: float = 8.0, updates: int, checkpoint: str = "",
            train_split: str = "train", minority_fraction: float = 0.05, seed: int = 0,
-           learning_rate: float = 1e-3, eval_minority_fraction: float = 0.1) -> ml_collections.ConfigDict:
-    """The demo's run config: tiny NFNet on 32x32 digits; the same fields as configs/*.py."""
+           learning_rate: float = 1e-3, eval_minority_fraction: float = 0.1,
+           num_devices: int | None = None) -> ml_collections.ConfigDict:
+    """The demo's run config: tiny NFNet on 32x32 digits; the same fields as configs/*.py.
+
+    The physical batch (64 examples per host) is split over `num_devices` local devices
+    (default: all of them); the microbatch is the largest divisor of the per-device share <= 16.
+    """
     from dpft.train.config_base import base_config
+
+    if num_devices is None:
+        import jax
+
+        num_devices = jax.local_device_count()
+    physical = max(64, num_devices) // num_devices * num_devices
+    per_device = physical // num_devices
+    microbatch = max(d for d in range(1, min(16, per_device) + 1) if per_device % d == 0)
 
     c = base_config(locked=False)
     c.seed = seed
@@ -77,8 +90,8 @@ def recipe(*, private: bool, epsilon: float = 8.0, updates: int, checkpoint: str
     c.privacy.noise_multiplier = 0.0  # calibrated from epsilon
     c.privacy.clip_norm = 1.0
     c.train.batch_size = 128
-    c.train.physical_batch_size = 64
-    c.train.microbatch_size = 16  # fastest DP step on CPU (benchmarks/README.md)
+    c.train.physical_batch_size = physical
+    c.train.microbatch_size = microbatch  # 8-16: the fastest DP step on CPU (benchmarks/README.md)
     c.train.num_updates = updates
     # DP-SGD as in the papers: plain SGD (no momentum), a large step on the clipped, noisy mean
     # (its norm is bounded by C), and an EMA. Adam would normalise the noise away per

@@ -112,6 +112,31 @@ def test_deterministic_and_workers_agree():
                               np.concatenate([x["example_id"] for x in other[0]]))
 
 
+@pytest.mark.parametrize("task", ["multiclass", "multilabel"])
+def test_worker_processes_give_the_same_batches_as_one_thread(task):
+    """Decoding in spawned processes is bitwise the same as in the calling thread, and a resume
+    mid-update works with processes too."""
+    table = make_table(n=30, task=task, encoded=True)
+    cfg0 = TrainConfig(sampling_rate=0.5, physical_batch_size=4, seed=5)
+    cfgp = TrainConfig(sampling_rate=0.5, physical_batch_size=4, seed=5, worker_processes=2)
+    ref = collect(TrainIterator(table, cfg0, AUG), 2)
+    it = TrainIterator(table, cfgp, AUG)
+    got = collect(it, 2)
+    assert [len(u) for u in got] == [len(u) for u in ref] and len(ref[0]) > 1
+    for ua, ub in zip(ref, got):
+        for x, y in zip(ua, ub):
+            assert x.keys() == y.keys()
+            for k in x:
+                np.testing.assert_array_equal(x[k], y[k])
+    resumed = TrainIterator(table, cfgp, AUG, state={"update_index": 1, "physical_batch_index": 1})
+    rest = list(resumed.update_batches())
+    for x, y in zip(rest, ref[1][1:]):
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+    with pytest.raises(DataError):
+        TrainConfig(sampling_rate=0.5, physical_batch_size=4, worker_processes=-1)
+
+
 def test_resume_mid_update_gives_same_batches():
     table = make_table(n=50)
     cfg = TrainConfig(sampling_rate=0.5, physical_batch_size=4, seed=11)

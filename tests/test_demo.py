@@ -13,14 +13,18 @@ from dpft.train.validation import validate
 
 
 @pytest.mark.parametrize("private", [True, False])
-def test_recipe_is_a_valid_run_config(private):
-    cfg = demo.recipe(private=private, epsilon=4.0, updates=20, checkpoint="")
-    validate(cfg, num_examples=500)
+@pytest.mark.parametrize("devices", [1, 3, 8, 128])
+def test_recipe_is_a_valid_run_config(private, devices):
+    cfg = demo.recipe(private=private, epsilon=4.0, updates=20, checkpoint="", num_devices=devices)
+    validate(cfg, num_examples=500, num_devices=devices)
+    per_device = cfg.train.physical_batch_size // devices
+    assert cfg.train.physical_batch_size % devices == 0 and per_device % cfg.train.microbatch_size == 0
     assert cfg.privacy.enabled is private
     assert cfg.data.name == "digits" and cfg.model.name == "nfnet_tiny"
     # Poisson sampling, accumulation over physical batches and the EMA are the big configs' path.
     assert cfg.privacy.sampling == "poisson"
-    assert cfg.train.physical_batch_size < cfg.train.batch_size
+    if devices == 1:
+        assert cfg.train.physical_batch_size < cfg.train.batch_size  # accumulation over physical batches
     assert (cfg.train.ema_decay > 0) is private
 
 
@@ -48,8 +52,9 @@ def test_bad_arguments_exit_2(tmp_path):
 def test_quick_demo_end_to_end(tmp_path):
     """The real command: pre-training, one DP run and the non-private run, evaluation, report."""
     wd = tmp_path / "demo"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as a user runs it
     proc = subprocess.run([sys.executable, "-m", "dpft.cli", "demo", "--workdir", str(wd), "--quick",
-                           "--epsilons", "8"], capture_output=True, text=True, timeout=900)
+                           "--epsilons", "8"], capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "[4/4] summary" in proc.stdout
     report = (wd / "report.md").read_text()

@@ -40,6 +40,7 @@ class TrainConfig:
     physical_batch_size: int
     seed: int = 0
     num_workers: int = 0  # decoding threads; 0 = decode in the calling thread
+    worker_processes: int = 0  # > 0: decode in this many spawned processes instead (persistent pool)
     num_shards: int = 1  # hosts; each decodes only its part of the selection
     shard_index: int = 0
     on_bad_image: str = "error"  # "error" | "skip" (the row becomes padding, counted and logged)
@@ -47,7 +48,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if not 0.0 < self.sampling_rate <= 1.0:
             raise DataError(f"data.sampling_rate must be in (0, 1], got {self.sampling_rate!r}")
-        if self.physical_batch_size < 1 or self.num_workers < 0:
+        if self.physical_batch_size < 1 or self.num_workers < 0 or self.worker_processes < 0:
             raise DataError(f"data: physical_batch_size >= 1 and num_workers >= 0 required, got "
                             f"{self.physical_batch_size}, {self.num_workers}")
         if not 0 <= self.shard_index < self.num_shards:
@@ -83,6 +84,51 @@ def _label_arrays(table: ExampleTable, rec: dict | None) -> tuple[Any, np.ndarra
     return (0 if rec is None else int(rec["label"])), None
 
 
+def load_train_row(table: ExampleTable, augment: AugmentConfig, seed: int, on_bad_image: str,
+                   update_index: int, pos: int) -> tuple[dict, tuple[str, Exception] | None]:
+    """One training row (K views, label, mask, example id) of table position `pos` (-1 = padding).
+
+    Pure function of its arguments, so threads and processes give identical rows. Returns the
+    row and, when a bad image was skipped (on_bad_image="skip"), (where, error) for the count.
+    """
+    k, s, ch = augment.augmult, augment.image_size, augment.channels
+    rec, skipped = None, None
+    if pos >= 0:
+        rec = table[pos]
+        try:
+            views = train_views(rec["image"], example_rng(seed, update_index, rec["example_id"]), augment)
+        except DataError as e:
+            if on_bad_image == "error":
+                raise DataError(f"{table.meta.name}/{table.split} row {pos} "
+                                f"(example_id {rec['example_id']}): {e}") from e
+            skipped = (f"{table.meta.name}/{table.split} row {pos}", e)
+            rec = None
+    if rec is None:
+        views = np.zeros((k, s, s, ch), np.float32)
+    label, label_mask = _label_arrays(table, rec)
+    out = {"image": views, "example_id": -1 if rec is None else int(rec["example_id"]),
+           "mask": 0.0 if rec is None else 1.0}
+    if label_mask is None:
+        out["label"] = np.full((k,), label, np.int32)
+    else:
+        out["label"] = np.broadcast_to(label, (k, label.shape[0])).astype(np.float32)
+        out["label_mask"] = np.broadcast_to(label_mask, (k, label_mask.shape[0])).astype(np.float32)
+    return out, skipped
+
+
+_WORKER_STATE: dict[str, Any] = {}  # per decoding process: set once by _init_worker
+
+
+def _init_worker(table: ExampleTable, augment: AugmentConfig, seed: int, on_bad_image: str) -> None:
+    _WORKER_STATE.update(table=table, augment=augment, seed=seed, on_bad_image=on_bad_image)
+
+
+def _worker_load(args: tuple[int, int]) -> tuple[dict, tuple[str, str] | None]:
+    w = _WORKER_STATE
+    row, skipped = load_train_row(w["table"], w["augment"], w["seed"], w["on_bad_image"], *args)
+    return row, (None if skipped is None else (skipped[0], DataError(str(skipped[1]))))
+
+
 class TrainIterator:
     """Training batches of one host, update after update. See the module doc.
 
@@ -99,6 +145,7 @@ class TrainIterator:
         self.config = config
         self.augment = augment or AugmentConfig()
         self._skips = _SkipCounter()
+        self._pool = None
         self._update = 0
         self._chunk = 0
         if state is not None:
@@ -149,29 +196,36 @@ class TrainIterator:
 
     # ---- loading ----
     def _load(self, update_index: int, pos: int) -> dict:
-        aug = self.augment
-        k, s, ch = aug.augmult, aug.image_size, aug.channels
-        rec = None
-        if pos >= 0:
-            rec = self.table[pos]
-            try:
-                views = train_views(rec["image"], example_rng(self.config.seed, update_index, rec["example_id"]), aug)
-            except DataError as e:
-                if self.config.on_bad_image == "error":
-                    raise DataError(f"{self.table.meta.name}/{self.table.split} row {pos} "
-                                    f"(example_id {rec['example_id']}): {e}") from e
-                self._skips.add(f"{self.table.meta.name}/{self.table.split} row {pos}", e)
-                rec = None
-        if rec is None:
-            views = np.zeros((k, s, s, ch), np.float32)
-        label, label_mask = _label_arrays(self.table, rec)
-        out = {"image": views, "example_id": -1 if rec is None else int(rec["example_id"]),
-               "mask": 0.0 if rec is None else 1.0}
-        if label_mask is None:
-            out["label"] = np.full((k,), label, np.int32)
-        else:
-            out["label"] = np.broadcast_to(label, (k, label.shape[0])).astype(np.float32)
-            out["label_mask"] = np.broadcast_to(label_mask, (k, label_mask.shape[0])).astype(np.float32)
+        row, skipped = load_train_row(self.table, self.augment, self.config.seed, self.config.on_bad_image,
+                                      update_index, pos)
+        if skipped is not None:
+            self._skips.add(*skipped)
+        return row
+
+    def _process_pool(self):
+        """A persistent pool of decoding processes (spawned once; each holds the table)."""
+        if self._pool is None:
+            import concurrent.futures
+            import multiprocessing
+            import weakref
+
+            self._pool = concurrent.futures.ProcessPoolExecutor(
+                max_workers=self.config.worker_processes, mp_context=multiprocessing.get_context("spawn"),
+                initializer=_init_worker,
+                initargs=(self.table, self.augment, self.config.seed, self.config.on_bad_image))
+            weakref.finalize(self, self._pool.shutdown, wait=False, cancel_futures=True)
+        return self._pool
+
+    def _rows_in_processes(self, update_index: int, positions: np.ndarray) -> list[dict]:
+        pool = self._process_pool()
+        n = self.config.worker_processes
+        chunksize = max(1, len(positions) // (4 * n))
+        out = []
+        for row, skipped in pool.map(_worker_load, [(update_index, int(p)) for p in positions],
+                                     chunksize=chunksize):
+            if skipped is not None:
+                self._skips.add(*skipped)
+            out.append(row)
         return out
 
     @staticmethod
@@ -193,6 +247,11 @@ class TrainIterator:
             raise DataError(f"physical_batches returned chunks not of size {b}")
         if np.any((positions >= 0) != (masks > 0)):
             raise DataError("physical_batches: mask disagrees with the -1 padding")
+        if self.config.worker_processes > 0:
+            # One physical batch at a time, so that a resume mid-update skips whole batches.
+            for j in range(len(chunks)):
+                yield self._collate(self._rows_in_processes(update_index, positions[j * b:(j + 1) * b]))
+            return
         ds = (grain.MapDataset.source(positions.tolist())
               .map(lambda p: self._load(update_index, int(p)))
               .batch(b, batch_fn=self._collate))

@@ -126,6 +126,7 @@ class Trainer:
                 physical_batch_size=int(config.train.physical_batch_size),
                 seed=int(config.seed),
                 num_workers=int(config.data.num_workers),
+                worker_processes=int(setup_lib.data_options(config)[1].get("worker_processes", 0)),
                 num_shards=jax.process_count(),
                 shard_index=jax.process_index(),
                 on_bad_image=str(config.data.options.get("on_bad_image", "error")),

@@ -31,7 +31,7 @@ DATASETS = {
 
 
 # data.options keys used by the run set-up itself, not passed to the data set's loader.
-RUN_OPTIONS = ("train_split", "crop", "eval_crop_fraction", "imbalance_attribute", "imbalance_group", "imbalance_fraction",
+RUN_OPTIONS = ("train_split", "crop", "eval_crop_fraction", "worker_processes", "imbalance_attribute", "imbalance_group", "imbalance_fraction",
                "imbalance_seed")
 
 
