@@ -152,6 +152,35 @@ def _raw_key(rng: jax.Array) -> jax.Array:
     return rng
 
 
+def checked_views(batch: Mapping[str, jax.Array], microbatch_size: int, where: str
+                  ) -> tuple[dict[str, jax.Array], jax.Array]:
+    """(views, mask [B]) of a training batch, after checking every view has leading axis B and
+    that `microbatch_size` divides B (ValueError naming `where` otherwise)."""
+    views, mask = _split_batch(batch)
+    batch_size = mask.shape[0]
+    for k, v in views.items():
+        if v.ndim < 1 or v.shape[0] != batch_size:
+            raise ValueError(f"{where}: batch[{k!r}] has shape {v.shape}; expected leading axis "
+                             f"B={batch_size} (the length of batch['mask'])")
+    if not isinstance(microbatch_size, int) or microbatch_size < 1 or batch_size % microbatch_size:
+        raise ValueError(f"{where}: microbatch_size={microbatch_size!r} must be a positive int "
+                         f"dividing the batch size B={batch_size}")
+    return views, mask
+
+
+def device_local_params(params: PyTree, data: list[jax.Array]) -> PyTree:
+    """params + zeros that vary like `data`: the copy to differentiate inside `jax.shard_map`.
+
+    Differentiating w.r.t. replicated (invariant) params would make JAX psum every
+    (per-example!) cotangent over the mesh axes, i.e. clip sums of examples from different
+    devices. A device-local copy (adding zeros_like(...) keeps values exactly and never reads
+    the data) avoids that; the caller psums the returned per-device sums. Outside shard_map
+    this is a no-op.
+    """
+    anchor = sum(jnp.zeros_like(jnp.ravel(x)[:1], jnp.float32) for x in data).reshape(())
+    return jax.tree.map(lambda p: p + jnp.zeros_like(anchor, p.dtype), params)
+
+
 def clipped_grad_sum(loss_fn: LossFn, params: PyTree, batch: Mapping[str, jax.Array], rng: jax.Array, *,
                      clipping: ClippingConfig, microbatch_size: int, position_offset: int | jax.Array = 0
                      ) -> tuple[PyTree, dict[str, jax.Array]]:
@@ -175,26 +204,12 @@ def clipped_grad_sum(loss_fn: LossFn, params: PyTree, batch: Mapping[str, jax.Ar
       stats: {"norms": [B] pre-clipping per-example L2 norm (0 in mode "none"),
               "loss": [B], "mask": [B], <aux key>: [B]}; all 0 on padding rows.
     """
-    views, mask = _split_batch(batch)
+    views, mask = checked_views(batch, microbatch_size, "clipped_grad_sum")
     batch_size = mask.shape[0]
-    for k, v in views.items():
-        if v.ndim < 1 or v.shape[0] != batch_size:
-            raise ValueError(f"clipped_grad_sum: batch[{k!r}] has shape {v.shape}; expected leading axis "
-                             f"B={batch_size} (the length of batch['mask'])")
-    if not isinstance(microbatch_size, int) or microbatch_size < 1 or batch_size % microbatch_size:
-        raise ValueError(f"clipped_grad_sum: microbatch_size={microbatch_size!r} must be a positive int "
-                         f"dividing the batch size B={batch_size}")
     num_micro = batch_size // microbatch_size
     positions = jnp.arange(batch_size, dtype=jnp.uint32) + jnp.asarray(position_offset, jnp.uint32)
     layer_norms = layer_clip_norms(clipping, params) if clipping.mode == "per_layer" else None
-    # Under jax.shard_map, differentiating w.r.t. replicated (invariant) params would make JAX
-    # psum every (per-example!) cotangent over the mesh axes, i.e. clip sums of examples from
-    # different devices. So differentiate w.r.t. a device-local copy that varies over the same
-    # axes as the data: adding zeros_like(...) keeps values exactly and never reads the data.
-    # The caller psums the returned per-device sums. Outside shard_map this is a no-op.
-    anchor = sum(jnp.zeros_like(jnp.ravel(x)[:1], jnp.float32)
-                 for x in [mask, positions, _raw_key(rng), *jax.tree.leaves(views)]).reshape(())
-    params = jax.tree.map(lambda p: p + jnp.zeros_like(anchor, p.dtype), params)
+    params = device_local_params(params, [mask, positions, _raw_key(rng), *jax.tree.leaves(views)])
 
     def chunk(x: jax.Array) -> jax.Array:
         return x.reshape((num_micro, microbatch_size) + x.shape[1:])

@@ -54,21 +54,12 @@ def ghost_clipped_grad_sum(loss_fn: LossFn, params: PyTree, batch: Mapping[str, 
     if clipping.mode not in GHOST_MODES:
         raise ValueError(f"ghost_clipped_grad_sum: ClippingConfig.mode={clipping.mode!r} is not supported; "
                          f"use one of {GHOST_MODES} or engine.clipped_grad_sum")
-    views, mask = engine._split_batch(batch)
+    views, mask = engine.checked_views(batch, microbatch_size, "ghost_clipped_grad_sum")
     batch_size = mask.shape[0]
-    for k, v in views.items():
-        if v.ndim < 1 or v.shape[0] != batch_size:
-            raise ValueError(f"ghost_clipped_grad_sum: batch[{k!r}] has shape {v.shape}; expected leading "
-                             f"axis B={batch_size} (the length of batch['mask'])")
-    if not isinstance(microbatch_size, int) or microbatch_size < 1 or batch_size % microbatch_size:
-        raise ValueError(f"ghost_clipped_grad_sum: microbatch_size={microbatch_size!r} must be a positive int "
-                         f"dividing the batch size B={batch_size}")
     num_micro = batch_size // microbatch_size
     positions = jnp.arange(batch_size, dtype=jnp.uint32) + jnp.asarray(position_offset, jnp.uint32)
-    # Device-local copy of params under shard_map (see engine.clipped_grad_sum).
-    anchor = sum(jnp.zeros_like(jnp.ravel(x)[:1], jnp.float32)
-                 for x in [mask, positions, engine._raw_key(rng), *jax.tree.leaves(views)]).reshape(())
-    params = jax.tree.map(lambda p: p + jnp.zeros_like(anchor, p.dtype), params)
+    # Device-local copy of params under shard_map (see engine.device_local_params).
+    params = engine.device_local_params(params, [mask, positions, engine._raw_key(rng), *jax.tree.leaves(views)])
 
     def chunk(x: jax.Array) -> jax.Array:
         return x.reshape((num_micro, microbatch_size) + x.shape[1:])
