@@ -139,12 +139,23 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
-def emit_rows(rows: list[dict], json_path: str | None, *, echo: bool = True) -> int:
-    """Print each result row as one JSON line (if `echo`) and write {"rows": rows} to `json_path`."""
+def emit_rows(rows: list[dict], json_path: str | None, *, echo: bool = True, machine: bool = False) -> int:
+    """Print each result row as one JSON line (if `echo`) and write {"rows": rows} (plus
+    {"machine": machine_info()} if `machine`) to `json_path`. Returns the exit code 0."""
     if echo:
         for r in rows:
             print(json.dumps(r))
     if json_path:
+        doc = {"machine": machine_info(), "rows": rows} if machine else {"rows": rows}
         with open(json_path, "w") as f:
-            json.dump({"rows": rows}, f, indent=1)
+            json.dump(doc, f, indent=1)
     return 0
+
+
+def peer_rows(peer: str, framework: str, setup: "Setup", microbatch: int, times: dict[str, float]) -> list[dict]:
+    """One result row per method of a peer's timing `times` {method: seconds per step}."""
+    batch = int(setup.batch["mask"].shape[0])
+    return [{"peer": peer, "framework": framework, "model": setup.name,
+             "resolution": int(setup.batch["image"].shape[2]), "batch": batch, "microbatch": microbatch,
+             "method": k, "examples_per_s": batch / t, "step_s": t,
+             "time_ratio_vs_nonprivate": t / times["nonprivate"]} for k, t in times.items()]

@@ -110,10 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     rows = run(tuple(args.models), args.quick, tuple(args.methods))
     print(common.markdown_table(rows, COLUMNS))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": common.machine_info(), "rows": rows}, f, indent=1)
-    return 0
+    return common.emit_rows(rows, args.json, echo=False, machine=True)
 
 
 if __name__ == "__main__":

@@ -58,10 +58,7 @@ def bench(name: str, batch: int, microbatch: int, iters: int) -> list[dict]:
         jax.block_until_ready(fns[k](*args))
     times = common.time_round_robin(fns, args, iters)
     version = importlib.metadata.version("jax-privacy")
-    return [{"peer": "jax_privacy.clipped_grad", "framework": f"jax-privacy {version}", "model": name,
-             "resolution": int(setup.batch["image"].shape[2]), "batch": batch, "microbatch": microbatch,
-             "method": k, "examples_per_s": batch / t, "step_s": t,
-             "time_ratio_vs_nonprivate": t / times["nonprivate"]} for k, t in times.items()]
+    return common.peer_rows("jax_privacy.clipped_grad", f"jax-privacy {version}", setup, microbatch, times)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -53,10 +53,8 @@ def bench(name: str, batch: int, iters: int) -> list[dict]:
         fns[k] = (lambda c, s: (lambda p, b, kk: c(p, s, b, kk)))(compiled, state)
         jax.block_until_ready(fns[k](setup.params, setup.batch, key))
     times = common.time_round_robin(fns, (setup.params, setup.batch, key), iters)
-    return [{"peer": "optax.contrib.differentially_private_aggregate", "framework": f"optax {optax.__version__}",
-             "model": name, "resolution": int(setup.batch["image"].shape[2]), "batch": batch, "microbatch": batch,
-             "method": k, "examples_per_s": batch / t, "step_s": t,
-             "time_ratio_vs_nonprivate": t / times["nonprivate"]} for k, t in times.items()]
+    return common.peer_rows("optax.contrib.differentially_private_aggregate", f"optax {optax.__version__}",
+                            setup, batch, times)
 
 
 def main(argv: list[str] | None = None) -> int:

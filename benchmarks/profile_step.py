@@ -82,10 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [r for m in args.models for r in bench(m, args.batch, args.iters)]
     print(common.markdown_table(rows, ["model", "resolution", "batch", "piece", "seconds",
                                        "ratio_vs_batched_backward", "compile_s"]))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": common.machine_info(), "rows": rows}, f, indent=1)
-    return 0
+    return common.emit_rows(rows, args.json, echo=False, machine=True)
 
 
 if __name__ == "__main__":

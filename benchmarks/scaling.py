@@ -25,7 +25,7 @@ def child(devices: int, batch: int, iters: int, model: str) -> dict:
 
     from benchmarks import common
     from dpft.privacy import engine
-    from dpft.train import step as step_lib
+    from dpft.train import distributed, step as step_lib
     assert len(jax.devices()) == devices, (jax.devices(), devices)
     setup = common.make_setup(model, batch)
     mesh = jax.make_mesh((devices,), (step_lib.DATA_AXIS,))
@@ -36,9 +36,9 @@ def child(devices: int, batch: int, iters: int, model: str) -> dict:
     opt = optax.sgd(0.1)
     accumulate = step_lib.make_accumulate_fn(setup.loss_fn, cfg, mesh)
     apply = step_lib.make_apply_fn(opt, cfg, mesh)
-    state = step_lib.init_state(step_lib.replicate(setup.params, mesh), opt, cfg)
-    gbatch = step_lib.shard_batch({k: jax.device_get(v) for k, v in setup.batch.items()}, mesh)
-    key = step_lib.replicate(jax.random.key(0), mesh)
+    state = step_lib.init_state(distributed.replicate(setup.params, mesh), opt, cfg)
+    gbatch = distributed.shard_batch({k: jax.device_get(v) for k, v in setup.batch.items()}, mesh)
+    key = distributed.replicate(jax.random.key(0), mesh)
 
     def update(state):
         acc = step_lib.zeros_accumulator(state["params"], mesh)

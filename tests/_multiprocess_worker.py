@@ -52,11 +52,11 @@ def main(out_path: str) -> int:
                                   expected_batch_size=0.8 * global_batch, seed=7, sensitivity=0.5)
         accumulate = step_lib.make_accumulate_fn(loss_fn, cfg, mesh)
         apply = step_lib.make_apply_fn(optimizer, cfg, mesh)
-        state = step_lib.replicate(step_lib.init_state(params, optimizer, cfg), mesh)
+        state = distributed.replicate(step_lib.init_state(params, optimizer, cfg), mesh)
         for u in range(updates):
             acc = step_lib.zeros_accumulator(state["params"], mesh)
             for j in range(2):  # two physical batches per update
-                batch = step_lib.shard_batch(batch_of(2 * u + j), mesh)
+                batch = distributed.shard_batch(batch_of(2 * u + j), mesh)
                 acc, _ = accumulate(state["params"], acc, batch, step_lib.physical_batch_key(7, u, j))
             state, _ = apply(state, acc)
         for i, leaf in enumerate(jax.tree.leaves(state["params"])):

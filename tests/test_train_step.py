@@ -86,12 +86,12 @@ def run_updates(cfg: step_lib.StepConfig, n_devices: int, updates: list[list[dic
     _, params = model_setup()
     mesh = mesh_of(n_devices)
     accumulate, apply = compiled(cfg, n_devices)
-    state = step_lib.replicate(step_lib.init_state(params, optax.sgd(LR), cfg), mesh)
+    state = distributed.replicate(step_lib.init_state(params, optax.sgd(LR), cfg), mesh)
     all_stats = []
     for u, batches in enumerate(updates):
         acc = step_lib.zeros_accumulator(state["params"], mesh)
         for j, batch in enumerate(batches):
-            acc, stats = accumulate(state["params"], acc, step_lib.shard_batch(batch, mesh),
+            acc, stats = accumulate(state["params"], acc, distributed.shard_batch(batch, mesh),
                                     step_lib.physical_batch_key(cfg.seed, u, j))
             all_stats.append(jax.tree.map(np.asarray, stats))
         state, _ = apply(state, acc)
@@ -294,7 +294,7 @@ def test_non_private_mode_is_plain_sgd_on_the_masked_mean():
 def test_shard_batch_places_rows_on_their_devices():
     mesh = mesh_of(8)
     batch = make_batch(6)
-    placed = step_lib.shard_batch(batch, mesh)
+    placed = distributed.shard_batch(batch, mesh)
     for shard in placed["example_id"].addressable_shards:
         i = mesh.devices.tolist().index(shard.device)
         np.testing.assert_array_equal(np.asarray(shard.data), batch["example_id"][2 * i: 2 * i + 2])

@@ -114,7 +114,7 @@ class Trainer:
             polyak=bool(config.train.polyak),
         )
         self.optimizer = optim.make_optimizer(config.train)
-        self.state = step_lib.replicate(step_lib.init_state(params, self.optimizer, self.step_cfg), self.mesh)
+        self.state = distributed.replicate(step_lib.init_state(params, self.optimizer, self.step_cfg), self.mesh)
         self.accumulate = step_lib.make_accumulate_fn(loss_fn, self.step_cfg, self.mesh)
         self.apply = step_lib.make_apply_fn(self.optimizer, self.step_cfg, self.mesh,
                                             noise_scale_for_testing=noise_scale_for_testing)
@@ -210,7 +210,7 @@ class Trainer:
         stats_list = []
         for j, batch in enumerate(self.iterator.update_batches()):
             key = step_lib.physical_batch_key(self.step_cfg.seed, u, j)
-            device_batch = step_lib.shard_batch(_device_batch(batch), self.mesh)
+            device_batch = distributed.shard_batch(_device_batch(batch), self.mesh)
             acc, stats = self.accumulate(self.state["params"], acc, device_batch, key)
             stats_list.append(stats)
         self.state, info = self.apply(self.state, acc)
@@ -246,7 +246,7 @@ class Trainer:
         for batch in pipeline.eval_batches(table, batch_size=bs, augment=self.augment,
                                            num_workers=int(self.config.data.num_workers),
                                            num_shards=jax.process_count(), shard_index=jax.process_index()):
-            images = step_lib.shard_batch({"image": batch["image"]}, self.mesh)["image"]
+            images = distributed.shard_batch({"image": batch["image"]}, self.mesh)["image"]
             logits = self._predict(params, images)
             if jax.process_count() > 1:
                 logits = multihost_utils.process_allgather(logits, tiled=True)
@@ -317,7 +317,7 @@ class Trainer:
                     dev[k] = dev[k][:, None]  # K = 1 view
             acc = step_lib.zeros_accumulator(self.state["params"], self.mesh)
             key = step_lib.physical_batch_key(self.step_cfg.seed, u, 10_000_000)
-            _, stats = self.accumulate(self.state["params"], acc, step_lib.shard_batch(dev, self.mesh), key)
+            _, stats = self.accumulate(self.state["params"], acc, distributed.shard_batch(dev, self.mesh), key)
             norms, losses = stats["norms"], stats["loss"]
             if jax.process_count() > 1:
                 norms = multihost_utils.process_allgather(norms, tiled=True)

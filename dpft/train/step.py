@@ -26,9 +26,9 @@ from jax.sharding import PartitionSpec as P
 
 from dpft.privacy import engine, noise
 from dpft.train import ema as ema_lib
+from dpft.train.distributed import DATA_AXIS
 
 PyTree = Any
-DATA_AXIS = "data"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,11 +58,6 @@ def init_state(params: PyTree, optimizer: optax.GradientTransformation, cfg: Ste
     return jax.tree.map(lambda x: jnp.array(x, copy=True), state)
 
 
-def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
-    """Places every leaf fully replicated on the mesh."""
-    return jax.device_put(tree, NamedSharding(mesh, P()))
-
-
 def zeros_accumulator(params: PyTree, mesh: Mesh) -> PyTree:
     """Per-device partial gradient sums: leaves float32 [D, *param.shape], sharded over D."""
     d = mesh.shape[DATA_AXIS]
@@ -70,14 +65,6 @@ def zeros_accumulator(params: PyTree, mesh: Mesh) -> PyTree:
     return jax.tree.map(
         lambda p: jax.device_put(jnp.zeros((d,) + p.shape, jnp.float32), sharding), params
     )
-
-
-def shard_batch(batch: dict, mesh: Mesh) -> dict:
-    """Host-local numpy batch (leading axis = this host's examples) -> global sharded arrays."""
-    sharding = NamedSharding(mesh, P(DATA_AXIS))
-    if jax.process_count() == 1:
-        return jax.device_put(batch, sharding)
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
 
 
 def physical_batch_key(seed: int, update: int, physical_index: int) -> jax.Array:
