@@ -11,7 +11,6 @@ The second builds the sweep table and plots (epsilon vs utility vs gap) of sever
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 from dpft.cli import UsageError
@@ -65,9 +64,7 @@ def predict_from_checkpoint(workdir: str, step: int, splits: list[str], params: 
         config.eval.splits = tuple(splits)
     trainer = loop.Trainer(config, workdir)
     with checkpointing.Checkpointer(workdir) as ckpt:
-        restored = ckpt.restore(step, targets=trainer._pytrees())
-    trainer.state = dict(trainer.state, **restored.pytrees)
-    trainer.ledger = trainer.ledger.from_dict(restored.json_items["ledger"])
+        trainer.restore(ckpt, step)
     return trainer.write_predictions()
 
 
@@ -100,5 +97,4 @@ def run(args: argparse.Namespace) -> int:
     out_dir = os.path.join(workdir, "eval", str(step))
     print(reports.render_markdown(result))
     print(f"wrote {out_dir}/metrics.json, report.md and plots")
-    json.dumps(result["meta"], default=str)
     return 0

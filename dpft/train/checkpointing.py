@@ -26,7 +26,6 @@ import types
 from typing import Any, Mapping
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
 PyTree = Any

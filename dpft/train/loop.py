@@ -96,7 +96,9 @@ class Trainer:
         if split not in self.tables:
             raise UsageError(f"config.data.options.train_split={split!r}: data set {config.data.name!r} "
                              f"has splits {sorted(self.tables)}")
+        self.train_split = split
         self.train_table = self.tables[split]
+        self._columns: dict[str, dict[str, np.ndarray]] = {}
         validate(config, num_examples=len(self.train_table), num_devices=jax.local_device_count())
         self.plan = setup_lib.privacy_plan(config, len(self.train_table))
         self.augment = setup_lib.augment_config(config)
@@ -173,8 +175,9 @@ class Trainer:
         if jax.process_index() == 0:
             _atomic_write_text(os.path.join(self.workdir, "ledger.json"), self.ledger.to_json())
 
-    def restore(self, ckpt: checkpointing.Checkpointer) -> bool:
-        step = ckpt.latest_step()
+    def restore(self, ckpt: checkpointing.Checkpointer, step: int | None = None) -> bool:
+        """Restores checkpoint `step` (default: the latest); False when there is none."""
+        step = ckpt.latest_step() if step is None else step
         if step is None:
             return False
         # Compare configs BEFORE restoring the arrays: a changed model/optimizer would otherwise
@@ -216,11 +219,12 @@ class Trainer:
         self.state, info = self.apply(self.state, acc)
         if self.plan.enabled:
             self.ledger.record(self.plan.sampling_rate, self.plan.noise_multiplier)
-        n = sum(float(jnp.sum(s["mask"])) for s in stats_list)
-        loss = sum(float(jnp.sum(s["loss"])) for s in stats_list)
-        acc_sum = sum(float(jnp.sum(s["accuracy"])) for s in stats_list if "accuracy" in s)
-        clipped = sum(float(jnp.sum((s["norms"] > self.plan.clip_norm) * s["mask"])) for s in stats_list) \
-            if self.plan.enabled else 0.0
+        # Four sums per physical batch, dispatched asynchronously; one transfer to the host.
+        clip = self.plan.clip_norm if self.plan.enabled else np.inf
+        totals = sum((jnp.stack([jnp.sum(s["mask"]), jnp.sum(s["loss"]), jnp.sum(s.get("accuracy", 0.0)),
+                                 jnp.sum((s["norms"] > clip) * s["mask"])]) for s in stats_list),
+                     jnp.zeros(4))
+        n, loss, acc_sum, clipped = (float(x) for x in jax.device_get(totals))
         return {"examples": n, "loss_sum": loss, "accuracy_sum": acc_sum, "clipped": clipped,
                 "grad_norm": float(info["grad_norm"])}
 
@@ -252,9 +256,15 @@ class Trainer:
                 logits = multihost_utils.process_allgather(logits, tiled=True)
             chunks.append(np.asarray(logits, np.float32))
         logits = np.concatenate(chunks)[: len(table)]
-        cols = table_columns(table)
+        cols = dict(self.columns(split))
         cols["logits"] = logits
         return cols
+    def columns(self, split: str) -> dict[str, np.ndarray]:
+        """`table_columns` of a split, read once (it reads every record: decodes TFDS images)."""
+        if split not in self._columns:
+            self._columns[split] = table_columns(self.tables[split])
+        return self._columns[split]
+
     def quick_eval(self, split: str) -> dict[str, float]:
         """Accuracy (multiclass: top-1; multilabel: mean AUC over eval tasks) on `split`."""
         params, _ = self.eval_params()
@@ -308,6 +318,8 @@ class Trainer:
         aug = dataclasses.replace(self.augment, eval_image_size=self.augment.image_size, augmult=1)
         bs = int(self.config.train.physical_batch_size)
         chunks, loss_chunks = [], []
+        key = step_lib.physical_batch_key(self.step_cfg.seed, u, 10_000_000)
+        acc = step_lib.zeros_accumulator(self.state["params"], self.mesh)  # reused: only the stats matter
         for batch in pipeline.eval_batches(self.train_table, batch_size=bs, augment=aug,
                                            num_workers=int(self.config.data.num_workers),
                                            num_shards=jax.process_count(), shard_index=jax.process_index()):
@@ -315,9 +327,7 @@ class Trainer:
             for k in ("image", "label", "label_mask"):
                 if k in dev:
                     dev[k] = dev[k][:, None]  # K = 1 view
-            acc = step_lib.zeros_accumulator(self.state["params"], self.mesh)
-            key = step_lib.physical_batch_key(self.step_cfg.seed, u, 10_000_000)
-            _, stats = self.accumulate(self.state["params"], acc, distributed.shard_batch(dev, self.mesh), key)
+            acc, stats = self.accumulate(self.state["params"], acc, distributed.shard_batch(dev, self.mesh), key)
             norms, losses = stats["norms"], stats["loss"]
             if jax.process_count() > 1:
                 norms = multihost_utils.process_allgather(norms, tiled=True)
@@ -337,7 +347,7 @@ class Trainer:
         eps = individual.individual_epsilons(
             self.recorder, sampling_rate=self.plan.sampling_rate, noise_multiplier=self.plan.noise_multiplier,
             clip_norm=self.plan.clip_norm, num_updates=int(self.state["update"]), delta=self.plan.delta)
-        cols = table_columns(self.train_table)
+        cols = self.columns(self.train_split)
         attrs = {k[len("attr_"):]: v for k, v in cols.items() if k.startswith("attr_")}
         if self.train_table.task == "multiclass":  # per-class distribution in the evaluation report
             names = list(self.train_table.class_names)
