@@ -17,6 +17,7 @@ float32 before the cast.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -25,6 +26,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from flax import nnx
+
+from dpft.models import taps
 
 Array = jax.Array
 DType = Any
@@ -100,6 +103,36 @@ def dropout(x: Array, rate: float, key: Array) -> Array:
     return jnp.where(keep, x / jnp.asarray(keep_prob, x.dtype), jnp.zeros((), x.dtype))
 
 
+def ws_conv(params: dict[str, Array], x: Array, *, stride: int, groups: int, dtype: DType) -> Array:
+    """Weight-standardised convolution (the op of ``WSConv2D``), SAME padding.
+
+    params: ``w`` [k, k, in/groups, out], ``gain`` [out], ``bias`` [out] (float32);
+    x: [B, H, W, in] -> [B, H/stride, W/stride, out] in ``dtype``.
+    """
+    w = standardize_weight(params["w"].astype(jnp.float32), params["gain"].astype(jnp.float32))
+    out = lax.conv_general_dilated(
+        x.astype(dtype), w.astype(dtype), window_strides=(stride, stride), padding="SAME",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
+    return out + params["bias"].astype(dtype)
+
+
+def linear(params: dict[str, Array], x: Array, *, dtype: DType) -> Array:
+    """``x @ w + b`` in ``dtype``: params ``w`` [in, out], ``b`` [out]; x [..., in] -> [..., out]."""
+    return x.astype(dtype) @ params["w"].astype(dtype) + params["b"].astype(dtype)
+
+
+def group_norm(params: dict[str, Array], x: Array, *, groups: int, eps: float, dtype: DType) -> Array:
+    """Group normalisation of NHWC ``x`` per example (float32 statistics, biased variance),
+    then ``* scale + offset`` (params [C]). Output in ``dtype``."""
+    b, h, w, c = x.shape
+    xg = x.astype(jnp.float32).reshape(b, h, w, groups, c // groups)
+    mean = jnp.mean(xg, axis=(1, 2, 4), keepdims=True)
+    var = jnp.var(xg, axis=(1, 2, 4), keepdims=True)
+    xg = (xg - mean) * lax.rsqrt(var + eps)
+    out = xg.reshape(b, h, w, c) * params["scale"] + params["offset"]
+    return out.astype(dtype)
+
+
 class ParamInit:
     """Source of N(0, std^2) initial values, deterministic in the key.
 
@@ -149,13 +182,9 @@ class WSConv2D(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x: Array) -> Array:
-        w = standardize_weight(self.w[...].astype(jnp.float32), self.gain[...].astype(jnp.float32))
-        out = lax.conv_general_dilated(
-            x.astype(self.dtype), w.astype(self.dtype),
-            window_strides=(self.stride, self.stride), padding="SAME",
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            feature_group_count=self.groups)
-        return out + self.bias[...].astype(self.dtype)
+        fn = functools.partial(ws_conv, stride=self.stride, groups=self.groups, dtype=self.dtype)
+        params = {"w": self.w[...], "gain": self.gain[...], "bias": self.bias[...]}
+        return taps.tap(self, "conv", "ws_conv", fn, params, x)
 
 
 class Linear(nnx.Module):
@@ -181,7 +210,8 @@ class Linear(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x: Array) -> Array:
-        return x.astype(self.dtype) @ self.w[...].astype(self.dtype) + self.b[...].astype(self.dtype)
+        fn = functools.partial(linear, dtype=self.dtype)
+        return taps.tap(self, "linear", "linear", fn, {"w": self.w[...], "b": self.b[...]}, x)
 
 
 class SqueezeExcite(nnx.Module):
@@ -220,10 +250,5 @@ class GroupNorm(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x: Array) -> Array:
-        b, h, w, c = x.shape
-        xg = x.astype(jnp.float32).reshape(b, h, w, self.groups, c // self.groups)
-        mean = jnp.mean(xg, axis=(1, 2, 4), keepdims=True)
-        var = jnp.var(xg, axis=(1, 2, 4), keepdims=True)
-        xg = (xg - mean) * lax.rsqrt(var + self.eps)
-        out = xg.reshape(b, h, w, c) * self.scale[...] + self.offset[...]
-        return out.astype(self.dtype)
+        fn = functools.partial(group_norm, groups=self.groups, eps=self.eps, dtype=self.dtype)
+        return taps.tap(self, "norm", "generic", fn, {"scale": self.scale[...], "offset": self.offset[...]}, x)

@@ -21,9 +21,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dpft.models import layers
+from dpft.models import layers, taps
 
 Array = jax.Array
+
+
+def _scale_by_skip_gain(params: dict[str, Array], x: Array) -> Array:
+    """``x * skip_gain`` (a scalar param), in x's dtype."""
+    return x * params["skip_gain"].astype(x.dtype)
 
 
 class NFBlock(nnx.Module):
@@ -85,7 +90,7 @@ class NFBlock(nnx.Module):
         out = (self.squeeze_excite(out) * 2) * out
         if uniform is not None and self.has_stochdepth:
             out = layers.stochastic_depth(out, self.stochdepth_rate, uniform)
-        out = out * self.skip_gain[...].astype(out.dtype)
+        out = taps.tap(self, "skip_gain", "generic", _scale_by_skip_gain, {"skip_gain": self.skip_gain[...]}, out)
         return out * jnp.asarray(self.alpha, out.dtype) + shortcut.astype(out.dtype)
 
 

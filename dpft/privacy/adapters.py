@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from dpft.models import taps
+
 PyTree = Any
 Views = Mapping[str, jax.Array]
 PerViewLoss = Callable[[jax.Array, Views], Any]
@@ -81,6 +83,8 @@ def nnx_loss_fn(model: nnx.Module, per_view_loss: PerViewLoss
     `__call__` accepts `train` and `key` (every dpft model does, docs/interfaces.md), else
     `module(images)`; then `per_view_loss(logits [K, C], views)`, averaged over K.
     `merge(params)` rebuilds a module (e.g. for evaluation).
+    `loss_fn.tapped(params, views, rng, recorder)` is the same loss with a
+    `dpft.models.taps.Recorder` installed on the module (used by `dpft.privacy.bookkeeping`).
     """
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     pass_train_key = accepts_train_and_key(type(model).__call__)
@@ -88,12 +92,18 @@ def nnx_loss_fn(model: nnx.Module, per_view_loss: PerViewLoss
     def merge(p: nnx.State) -> nnx.Module:
         return nnx.merge(graphdef, p, rest)
 
-    def loss_fn(p: nnx.State, views: Views, rng: jax.Array):
+    def tapped_loss_fn(p: nnx.State, views: Views, rng: jax.Array, recorder: Any = None):
         module = merge(p)
+        if recorder is not None:
+            taps.install(module, recorder)
         images = views["image"]
         logits = module(images, train=True, key=rng) if pass_train_key else module(images)
         return _mean_over_views(per_view_loss(logits, views))
 
+    def loss_fn(p: nnx.State, views: Views, rng: jax.Array):
+        return tapped_loss_fn(p, views, rng)
+
+    loss_fn.tapped = tapped_loss_fn  # for dpft.privacy.bookkeeping
     return loss_fn, params, merge
 
 

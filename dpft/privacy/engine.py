@@ -138,14 +138,14 @@ def _split_batch(batch: Mapping[str, jax.Array]) -> tuple[dict[str, jax.Array], 
     return views, jnp.asarray(batch["mask"], jnp.float32)
 
 
-def _aux_to_stats(aux: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+def aux_to_stats(aux: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
     clash = [k for k in aux if k in RESERVED_STATS]
     if clash:
         raise ValueError(f"loss_fn aux keys {clash} clash with the engine's stats keys {RESERVED_STATS}")
     return {k: jnp.asarray(v, jnp.float32) for k, v in aux.items()}
 
 
-def _raw_key(rng: jax.Array) -> jax.Array:
+def raw_key(rng: jax.Array) -> jax.Array:
     """uint32 data of a typed or legacy key."""
     if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
         return jax.random.key_data(rng)
@@ -209,7 +209,7 @@ def clipped_grad_sum(loss_fn: LossFn, params: PyTree, batch: Mapping[str, jax.Ar
     num_micro = batch_size // microbatch_size
     positions = jnp.arange(batch_size, dtype=jnp.uint32) + jnp.asarray(position_offset, jnp.uint32)
     layer_norms = layer_clip_norms(clipping, params) if clipping.mode == "per_layer" else None
-    params = device_local_params(params, [mask, positions, _raw_key(rng), *jax.tree.leaves(views)])
+    params = device_local_params(params, [mask, positions, raw_key(rng), *jax.tree.leaves(views)])
 
     def chunk(x: jax.Array) -> jax.Array:
         return x.reshape((num_micro, microbatch_size) + x.shape[1:])
@@ -229,7 +229,7 @@ def clipped_grad_sum(loss_fn: LossFn, params: PyTree, batch: Mapping[str, jax.Ar
             return jnp.sum(jnp.where(real.reshape((-1,) + (1,) * (g.ndim - 1)), g, 0.0), axis=0)
 
         acc = jax.tree.map(lambda a, g: a + masked_sum(g), acc, clipped)
-        stats = {"norms": norms, "loss": losses, **_aux_to_stats(aux)}
+        stats = {"norms": norms, "loss": losses, **aux_to_stats(aux)}
         stats = {k: jnp.where(real, v.astype(jnp.float32), 0.0) for k, v in stats.items()}
         return acc, stats
 
@@ -244,7 +244,7 @@ def clipped_grad_sum(loss_fn: LossFn, params: PyTree, batch: Mapping[str, jax.Ar
 
         grad, (losses, aux) = jax.grad(summed_loss, has_aux=True)(params)
         acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, grad)
-        stats = {"norms": jnp.zeros_like(mask_mb), "loss": losses, **_aux_to_stats(aux)}
+        stats = {"norms": jnp.zeros_like(mask_mb), "loss": losses, **aux_to_stats(aux)}
         stats = {k: jnp.where(real, v.astype(jnp.float32), 0.0) for k, v in stats.items()}
         return acc, stats
 

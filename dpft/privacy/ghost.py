@@ -59,7 +59,7 @@ def ghost_clipped_grad_sum(loss_fn: LossFn, params: PyTree, batch: Mapping[str, 
     num_micro = batch_size // microbatch_size
     positions = jnp.arange(batch_size, dtype=jnp.uint32) + jnp.asarray(position_offset, jnp.uint32)
     # Device-local copy of params under shard_map (see engine.device_local_params).
-    params = engine.device_local_params(params, [mask, positions, engine._raw_key(rng), *jax.tree.leaves(views)])
+    params = engine.device_local_params(params, [mask, positions, engine.raw_key(rng), *jax.tree.leaves(views)])
 
     def chunk(x: jax.Array) -> jax.Array:
         return x.reshape((num_micro, microbatch_size) + x.shape[1:])
@@ -88,7 +88,7 @@ def ghost_clipped_grad_sum(loss_fn: LossFn, params: PyTree, batch: Mapping[str, 
 
         grad = jax.grad(weighted_loss)(params)
         acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, grad)
-        stats = {"norms": norms, "loss": losses, **engine._aux_to_stats(aux)}
+        stats = {"norms": norms, "loss": losses, **engine.aux_to_stats(aux)}
         stats = {k: jnp.where(real, v.astype(jnp.float32), 0.0) for k, v in stats.items()}
         return acc, stats
 

@@ -29,6 +29,9 @@ Fields (units in brackets):
   train.batch_size           expected batch size B = q * N per update [examples]
   train.physical_batch_size  examples per step on each host (multiple of microbatch_size)
   train.microbatch_size      examples per vmapped per-example-gradient chunk
+  train.grad_method          "auto" | "bookkeeping" | "vmap": how clipped per-example gradients
+                             are summed (same result); auto = bookkeeping for flat/automatic
+                             clipping (no per-example backward, dpft.privacy.bookkeeping), else vmap
   train.num_updates          optimizer updates
   train.optimizer            name "sgd"|"momentum"|"adam"|"adamw", learning_rate, momentum,
                              weight_decay
@@ -94,6 +97,7 @@ def base_config(*, locked: bool = True) -> ConfigDict:
     c.train.batch_size = 256
     c.train.physical_batch_size = 64
     c.train.microbatch_size = 16
+    c.train.grad_method = "auto"
     c.train.num_updates = 100
     c.train.optimizer = ConfigDict()
     c.train.optimizer.name = "sgd"

@@ -114,6 +114,7 @@ class Trainer:
             sensitivity=engine.sensitivity(self.clipping, params),
             ema_decay=float(config.train.ema_decay),
             polyak=bool(config.train.polyak),
+            grad_method=setup_lib.grad_method(config),
         )
         self.optimizer = optim.make_optimizer(config.train)
         self.state = distributed.replicate(step_lib.init_state(params, self.optimizer, self.step_cfg), self.mesh)

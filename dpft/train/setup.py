@@ -196,6 +196,16 @@ def privacy_plan(config: ml_collections.ConfigDict, num_examples: int) -> Privac
     return PrivacyPlan(True, n, q, b, sigma, float(p.clip_norm), delta, target, updates, p.accountant)
 
 
+def grad_method(config: ml_collections.ConfigDict) -> str:
+    """`train.grad_method` with "auto" resolved: "bookkeeping" for flat/automatic clipping
+    (every dpft model is tapped), "vmap" for per_layer clipping and non-private runs."""
+    method = str(config.train.get("grad_method", "auto"))
+    if method != "auto":
+        return method
+    private = bool(config.privacy.enabled) and config.privacy.clipping in ("flat", "automatic")
+    return "bookkeeping" if private else "vmap"
+
+
 def clipping_config(config: ml_collections.ConfigDict) -> engine.ClippingConfig:
     if not config.privacy.enabled:
         return engine.ClippingConfig(mode="none", clip_norm=1.0)

@@ -24,9 +24,12 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dpft.privacy import engine, noise
+from dpft.privacy import bookkeeping, engine, noise
 from dpft.train import ema as ema_lib
 from dpft.train.distributed import DATA_AXIS
+
+#: How the clipped per-example gradient sum is computed (same contract, same result).
+GRAD_METHODS = {"vmap": engine.clipped_grad_sum, "bookkeeping": bookkeeping.bk_clipped_grad_sum}
 
 PyTree = Any
 
@@ -43,6 +46,7 @@ class StepConfig:
     sensitivity: float = 0.0  # L2 sensitivity of the clipped sum (engine.sensitivity); 0 if not private
     ema_decay: float = 0.0  # 0 = no EMA
     polyak: bool = False
+    grad_method: str = "vmap"  # "vmap" (engine.clipped_grad_sum) or "bookkeeping" (bookkeeping.bk_clipped_grad_sum)
 
 
 def init_state(params: PyTree, optimizer: optax.GradientTransformation, cfg: StepConfig) -> dict:
@@ -81,9 +85,13 @@ def make_accumulate_fn(loss_fn: Callable, cfg: StepConfig, mesh: Mesh) -> Callab
     stats: dict of [B_global] arrays (norms, loss, mask, aux), sharded like the batch.
     """
 
+    if cfg.grad_method not in GRAD_METHODS:
+        raise ValueError(f"StepConfig.grad_method={cfg.grad_method!r}; use one of {tuple(GRAD_METHODS)}")
+    clipped_sum = GRAD_METHODS[cfg.grad_method]
+
     def per_device(params, acc, batch, key):
         key = jax.random.fold_in(key, jax.lax.axis_index(DATA_AXIS))
-        grad_sum, stats = engine.clipped_grad_sum(
+        grad_sum, stats = clipped_sum(
             loss_fn, params, batch, key,
             clipping=cfg.clipping, microbatch_size=cfg.microbatch_size,
         )

@@ -29,6 +29,7 @@ SCHEDULES = ("constant", "cosine", "warmup_cosine")
 CLIPPINGS = ("flat", "per_layer", "automatic")
 ACCOUNTANTS = ("pld", "rdp")
 SAMPLINGS = ("poisson", "shuffle")
+GRAD_METHODS = ("auto", "bookkeeping", "vmap")
 EVAL_PARAMS = ("ema", "raw")
 
 
@@ -193,6 +194,13 @@ def validate(
     batch = c.integer("train.batch_size", 1)
     phys = c.integer("train.physical_batch_size", 1)
     micro = c.integer("train.microbatch_size", 1)
+    try:  # optional: configs saved before it existed mean "auto"
+        _get(c.config, "train.grad_method")
+        method = c.choice("train.grad_method", GRAD_METHODS)
+    except KeyError:
+        method = "auto"
+    if method == "bookkeeping" and enabled is True and c.value("privacy.clipping") == "per_layer":
+        c.add("train.grad_method", method, "does not support config.privacy.clipping='per_layer' (use 'vmap' or 'auto')")
     if phys is not _MISSING and micro is not _MISSING and phys % micro:
         c.add("train.physical_batch_size", phys, f"is not a multiple of config.train.microbatch_size={micro}")
     if not _is_int(num_devices) or num_devices < 1:

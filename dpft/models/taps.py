@@ -1,0 +1,124 @@
+"""Layer taps: how a model shows the book-keeping engine each parameterised op.
+
+A *tapped op* is a pure function ``fn(params: {name: Array}, x: Array) -> z`` that a module
+applies to its input, ``params`` being (casts of) the module's own ``nnx.Param`` values. Rows
+of ``x`` must be independent (row r of ``z`` depends on row r of ``x`` only; true of every
+dpft layer, false of BatchNorm). Layers call ``tap(self, op, kind, fn, params, x)`` where
+they would call ``fn(params, x)``:
+
+* no recorder installed (normal use): returns ``fn(params, x)``, nothing else happens;
+* a ``Recorder`` installed by ``install`` (``dpft.privacy.bookkeeping`` does this on a freshly
+  merged module inside its traced function): in "discover" mode it notes an ``OpSpec`` (which
+  params the op uses, shapes, the function); in "record" mode it keeps ``x`` and returns
+  ``fn(params, x) + perturbation``, so the gradient w.r.t. the (zero) perturbation is the
+  gradient w.r.t. the op's output.
+
+``kind`` tells the engine how to get per-example gradient norms from (x, dL/dz):
+"ws_conv" (``layers.ws_conv``), "linear" (``layers.linear``), or "generic" (any small op: the
+engine materialises its per-example parameter gradients with a local vmap).
+No global state: the recorder lives on the module objects of one trace.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import jax
+from flax import nnx
+
+Array = jax.Array
+OpFn = Callable[[Mapping[str, Array], Array], Array]
+KINDS = ("ws_conv", "linear", "generic")
+_ATTR = "_dpft_tap"
+
+
+@dataclasses.dataclass(frozen=True)
+class OpSpec:
+    """One tapped op. ``key`` = "module/path:op"; ``param_paths`` {param name: full path in the
+    params tree}; ``x``/``z``: ShapeDtypeStructs of the op's input/output for ONE example."""
+
+    key: str
+    kind: str
+    fn: OpFn
+    param_paths: Mapping[str, tuple]
+    x: jax.ShapeDtypeStruct
+    z: jax.ShapeDtypeStruct
+
+
+def op_key(path: tuple, op: str) -> str:
+    """"blocks/0/conv1:conv" for module path ('blocks', 0, 'conv1') and op "conv"."""
+    return "/".join(str(p) for p in path) + ":" + op
+
+
+class Recorder:
+    """Collects what tapped ops see during one forward pass.
+
+    mode "discover": ``specs`` {key: OpSpec}, in call order. mode "record": needs
+    ``perturbations`` {key: Array shaped like z}; fills ``inputs`` {key: x}.
+    """
+
+    def __init__(self, mode: str, perturbations: Mapping[str, Array] | None = None):
+        if mode not in ("discover", "record"):
+            raise ValueError(f"Recorder: mode must be 'discover' or 'record', got {mode!r}")
+        if mode == "record" and perturbations is None:
+            raise ValueError("Recorder: mode 'record' needs perturbations")
+        self.mode = mode
+        self.perturbations = perturbations
+        self.specs: dict[str, OpSpec] = {}
+        self.inputs: dict[str, Array] = {}
+
+    def __call__(self, path: tuple, op: str, kind: str, fn: OpFn, params: Mapping[str, Array],
+                 x: Array) -> Array:
+        if kind not in KINDS:
+            raise ValueError(f"tap {op_key(path, op)}: unknown kind {kind!r}; use one of {KINDS}")
+        key = op_key(path, op)
+        z = fn(params, x)
+        if key in self.specs or key in self.inputs:
+            raise ValueError(f"tap {key}: called twice in one forward pass (weight sharing is not "
+                             "supported by the book-keeping engine; use grad_method='vmap')")
+        if self.mode == "discover":
+            self.specs[key] = OpSpec(key, kind, fn, {n: tuple(path) + (n,) for n in params},
+                                     jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                     jax.ShapeDtypeStruct(z.shape, z.dtype))
+            return z
+        if key not in self.perturbations:
+            raise ValueError(f"tap {key}: no perturbation for this op (the model's ops changed "
+                             "between discovery and recording)")
+        self.inputs[key] = x
+        return z + self.perturbations[key]
+
+
+def tap(module: nnx.Module, op: str, kind: str, fn: OpFn, params: Mapping[str, Array], x: Array) -> Array:
+    """``fn(params, x)``, seen by the recorder installed on ``module`` if any (see module doc)."""
+    slot = module.__dict__.get(_ATTR)
+    if slot is None:
+        return fn(params, x)
+    recorder, path = slot
+    return recorder(path, op, kind, fn, params, x)
+
+
+def install(module: nnx.Module, recorder: Recorder) -> None:
+    """Attach ``recorder`` to ``module`` and every sub-module (with its path from ``module``).
+
+    Use on a module merged inside the traced function only: the attribute is plain Python
+    state on those objects and is never split into a graph.
+    """
+    for path, node in nnx.iter_graph(module):
+        if isinstance(node, nnx.Module):
+            object.__setattr__(node, _ATTR, (recorder, tuple(path)))
+
+
+def param_path(key_path: tuple) -> tuple:
+    """Path of a params-tree leaf as plain keys: ('blocks', 0, 'conv1', 'w'), dropping the
+    ``.value`` of NNX variables."""
+    out: list[Any] = []
+    for k in key_path:
+        if isinstance(k, jax.tree_util.DictKey):
+            out.append(k.key)
+        elif isinstance(k, jax.tree_util.SequenceKey):
+            out.append(k.idx)
+        elif isinstance(k, jax.tree_util.GetAttrKey) and k.name == "value":
+            continue
+        else:
+            out.append(getattr(k, "name", getattr(k, "key", str(k))))
+    return tuple(out)

@@ -1,0 +1,265 @@
+"""Book-keeping clipped gradient sum: per-example norms without per-example backward passes.
+
+`bk_clipped_grad_sum` has the contract of `dpft.privacy.engine.clipped_grad_sum` (same
+arguments, same (grad_sum, stats), same per-example keys, exact up to float summation order)
+for losses made by `dpft.privacy.adapters.nnx_loss_fn` over models whose every parameter is
+used through a tapped op (`dpft.models.taps`: all dpft NFNets and WRNs). Per microbatch:
+
+1. ONE forward and ONE backward of the batch, w.r.t. zero perturbations added to each tapped
+   op's output (the parameters are constants there, so no weight gradient is computed): it
+   yields each op's input x_l and output gradient d_l per example.
+2. Per-example squared norms of each op's parameter gradient from (x_l, d_l) alone:
+   * "linear" and "ws_conv": g_i = A_i^T D_i (A: input rows / conv patches, D: output
+     gradients) either materialised per example with one batched matmul, or as a ghost norm
+     <A_i A_i^T, D_i D_i^T> (Li et al. 2022), whichever needs fewer flops per layer (Bu et
+     al. 2023, mixed ghost clipping). For weight-standardised convs the gradient reaches the
+     raw weight through the standardisation's Jacobian J = gain*r*(I - e e^T - v v^T)
+     (r = rsqrt(n var), e = 1/sqrt(n), v = (w - mean)/sqrt(n var), orthonormal), so
+     ||J^T g||^2 = (gain r)^2 (||g||^2 - (e.g)^2 - (v.g)^2): exact, with the two dot
+     products read off the patches too; the gain's gradient is r (w - mean).g.
+     While n var <= eps (the clamp of `standardize_weight`) the v term is absent.
+   * "generic" (small ops: skip gains, GroupNorm): local per-example VJP of the op alone.
+3. The clipped sum per op as ONE batched weight-gradient VJP of the op with cotangent
+   c_i d_l,i (c_i the clip factor), i.e. the non-private backward's weight-gradient work.
+
+Per_layer clipping is not supported (raises); mode "none" delegates to the engine.
+References: Bu, Mao, Xu, "Scalable and efficient training of large convolutional neural
+networks with differential privacy" (NeurIPS 2022); Bu et al., "Differentially private
+optimization on large model at small cost" (ICML 2023).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from dpft.models import layers, taps
+from dpft.privacy import engine
+from dpft.privacy.engine import ClippingConfig, PyTree
+
+BK_MODES = ("flat", "automatic")
+GHOST_CHOICES = ("auto", "always", "never")
+F32 = jnp.float32
+
+
+def _use_ghost(ghost: str, rows: int, fan_in: int, fan_out: int, groups: int) -> bool:
+    """Ghost norm iff it needs fewer flops than materialising: groups * R^2 * (n + o) versus
+    R * n * o * groups (R rows per example, n = fan_in, o = fan_out per group)."""
+    if ghost != "auto":
+        return ghost == "always"
+    return rows * (fan_in + fan_out) < fan_in * fan_out
+
+
+def _sq_frobenius(a: jax.Array, d: jax.Array, ghost: bool) -> jax.Array:
+    """sum over (g, o) of ||A_g^T D_go||^2 per example. a [m, R, g, n], d [m, R, g, o] -> [m, g, o]
+    (materialised) or [m] (ghost: only the total, with d already scaled per channel)."""
+    if ghost:
+        gram_a = jnp.einsum("mrgn,msgn->mgrs", a, a)
+        gram_d = jnp.einsum("mrgo,msgo->mgrs", d, d)
+        return jnp.sum(gram_a * gram_d, axis=(1, 2, 3))
+    g = jnp.einsum("mrgn,mrgo->mgno", a, d)
+    return jnp.sum(jnp.square(g), axis=2)
+
+
+def linear_sq_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, ghost: str = "auto") -> jax.Array:
+    """Per-example ||grad w||^2 + ||grad b||^2 of `layers.linear`. x [m, ..., in], d [m, ..., out] -> [m]."""
+    m, n_in, n_out = x.shape[0], x.shape[-1], d.shape[-1]
+    a = x.astype(F32).reshape(m, -1, 1, n_in)
+    dd = d.astype(F32).reshape(m, -1, 1, n_out)
+    rows = a.shape[1]
+    if _use_ghost(ghost, rows, n_in, n_out, 1):
+        w_sq = _sq_frobenius(a, dd, True)
+    else:
+        w_sq = jnp.sum(_sq_frobenius(a, dd, False), axis=(1, 2))
+    b_sq = jnp.sum(jnp.square(jnp.sum(dd, axis=1)), axis=(1, 2))
+    return w_sq + b_sq
+
+
+def conv_patches(x: jax.Array, k: int, stride: int) -> jax.Array:
+    """SAME-padded k x k patches of NHWC ``x`` by strided slicing (no convolution, unlike
+    `lax.conv_general_dilated_patches`, whose one-hot-filter conv costs (C k^2)^2 per position):
+    [B, H, W, C] -> [B, H', W', k, k, C], H' = ceil(H / stride)."""
+    if k == 1 and stride == 1:
+        return x[:, :, :, None, None, :]
+    (ph, qh), (pw, qw) = lax.padtype_to_pads(x.shape[1:3], (k, k), (stride, stride), "SAME")
+    xp = jnp.pad(x, ((0, 0), (ph, qh), (pw, qw), (0, 0)))
+    h_out = -(-x.shape[1] // stride)
+    w_out = -(-x.shape[2] // stride)
+    rows = [jnp.stack([xp[:, i:i + stride * (h_out - 1) + 1:stride, j:j + stride * (w_out - 1) + 1:stride, :]
+                       for j in range(k)], axis=3) for i in range(k)]
+    return jnp.stack(rows, axis=3)
+
+
+def ws_conv_sq_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, *, stride: int,
+                     groups: int, ghost: str = "auto", eps: float = layers.WS_EPS) -> jax.Array:
+    """Per-example squared norm of the gradient w.r.t. (w, gain, bias) of `layers.ws_conv`.
+
+    params: w [k, k, in/groups, out], gain [out]; x [m, K, H, W, in] (K rows per example),
+    d [m, K, H', W', out] = dLoss_i/d(output). Returns float32 [m]. See the module doc.
+    """
+    w = params["w"].astype(F32)
+    gain = params["gain"].astype(F32)
+    k, _, cin_g, cout = w.shape
+    cout_g = cout // groups
+    n = k * k * cin_g
+    m = x.shape[0]
+    patches = conv_patches(x.reshape((-1,) + x.shape[-3:]).astype(F32), k, stride)  # [mK, H', W', k, k, in]
+    a = patches.reshape(patches.shape[:-1] + (groups, cin_g))
+    a = jnp.moveaxis(a, -2, -4).reshape(m, -1, groups, n)  # features (kh, kw, in/groups), as w's HWI
+    dd = d.astype(F32).reshape(m, -1, groups, cout_g)
+    rows = a.shape[1]
+
+    mean = jnp.mean(w, axis=(0, 1, 2))
+    var = jnp.var(w, axis=(0, 1, 2))
+    r = lax.rsqrt(jnp.maximum(var * n, eps))
+    scale = (gain * r).reshape(groups, cout_g)  # d w_hat / d w = scale * projection
+    unclamped = (var * n > eps).reshape(groups, cout_g)
+    n_var = jnp.where(unclamped, (var * n).reshape(groups, cout_g), 1.0)
+    centred = (w - mean).reshape(n, groups, cout_g)
+
+    e_dot = jnp.einsum("mrg,mrgo->mgo", jnp.sum(a, axis=-1), dd) / math.sqrt(n)
+    c_dot = jnp.einsum("mrgo,mrgo->mgo", jnp.einsum("mrgn,ngo->mrgo", a, centred), dd)
+    v_sq = jnp.where(unclamped, jnp.square(c_dot) / n_var, 0.0)
+    if _use_ghost(ghost, rows, n, cout_g, groups):
+        g_sq = _sq_frobenius(a, dd * scale, True)
+        w_sq = g_sq - jnp.sum(jnp.square(scale) * (jnp.square(e_dot) + v_sq), axis=(1, 2))
+    else:
+        g_sq = _sq_frobenius(a, dd, False)
+        w_sq = jnp.sum(jnp.square(scale) * (g_sq - jnp.square(e_dot) - v_sq), axis=(1, 2))
+    gain_sq = jnp.sum(jnp.square(r.reshape(groups, cout_g) * c_dot), axis=(1, 2))
+    bias_sq = jnp.sum(jnp.square(jnp.sum(dd, axis=1)), axis=(1, 2))
+    return jnp.maximum(w_sq, 0.0) + gain_sq + bias_sq
+
+
+def generic_sq_norms(fn: taps.OpFn, params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array) -> jax.Array:
+    """Per-example squared norm of the VJP of `fn(params, x_i)` at d_i, materialised. -> [m]."""
+    def one(xi: jax.Array, di: jax.Array) -> jax.Array:
+        _, vjp = jax.vjp(lambda p: fn(p, xi), params)
+        (g,) = vjp(di)
+        return sum(jnp.sum(jnp.square(v.astype(F32))) for v in jax.tree.leaves(g))
+
+    return jax.vmap(one)(x, d)
+
+
+def op_sq_norms(spec: taps.OpSpec, params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array,
+                ghost: str) -> jax.Array:
+    """Dispatch on ``spec.kind``. x, d: [m, *spec.x.shape], [m, *spec.z.shape] -> [m] float32."""
+    if spec.kind == "ws_conv":
+        kw = getattr(spec.fn, "keywords", None)
+        if getattr(spec.fn, "func", None) is not layers.ws_conv or kw is None:
+            raise ValueError(f"tap {spec.key}: kind 'ws_conv' needs fn = functools.partial(layers.ws_conv, ...)")
+        return ws_conv_sq_norms(params, x, d, stride=kw["stride"], groups=kw["groups"], ghost=ghost)
+    if spec.kind == "linear":
+        if getattr(spec.fn, "func", None) is not layers.linear:
+            raise ValueError(f"tap {spec.key}: kind 'linear' needs fn = functools.partial(layers.linear, ...)")
+        return linear_sq_norms(params, x, d, ghost)
+    return generic_sq_norms(spec.fn, params, x, d)
+
+
+def discover_ops(tapped_loss: Any, params: PyTree, views: Mapping[str, jax.Array], rng: jax.Array
+                 ) -> dict[str, taps.OpSpec]:
+    """The tapped ops of one example's forward pass (abstract evaluation, nothing computed), after
+    checking that they use every leaf of ``params`` exactly once (ValueError naming the leaves)."""
+    recorder = taps.Recorder("discover")
+    view0 = jax.tree.map(lambda v: v[0], views)
+    jax.eval_shape(lambda p, v, k: tapped_loss(p, v, k, recorder), params, view0, rng)
+    leaves = {taps.param_path(kp) for kp, _ in jax.tree_util.tree_leaves_with_path(params)}
+    used: dict[tuple, str] = {}
+    for spec in recorder.specs.values():
+        for path in spec.param_paths.values():
+            if path in used:
+                raise ValueError(f"bookkeeping: parameter {'/'.join(map(str, path))} is used by two tapped ops "
+                                 f"({used[path]}, {spec.key}); use grad_method='vmap'")
+            used[path] = spec.key
+    missing = sorted("/".join(map(str, p)) for p in leaves - set(used))
+    if missing:
+        raise ValueError(f"bookkeeping: parameters not used through a tapped op (dpft.models.taps): {missing[:8]}"
+                         f"{' ...' if len(missing) > 8 else ''}; the book-keeping engine needs every parameter "
+                         "in a tapped layer; use grad_method='vmap' for this model")
+    return recorder.specs
+
+
+def bk_clipped_grad_sum(loss_fn: Any, params: PyTree, batch: Mapping[str, jax.Array], rng: jax.Array, *,
+                        clipping: ClippingConfig, microbatch_size: int, position_offset: int | jax.Array = 0,
+                        ghost: str = "auto") -> tuple[PyTree, dict[str, jax.Array]]:
+    """`engine.clipped_grad_sum`, computed by book-keeping (module doc).
+
+    Args: as `engine.clipped_grad_sum`; `loss_fn` must carry `loss_fn.tapped` (made by
+    `adapters.nnx_loss_fn`). ghost: "auto" (per layer, fewer flops), "always" or "never".
+    Returns (grad_sum pytree like params float32, stats {"norms","loss","mask",<aux>}: [B]).
+    Raises ValueError for per_layer clipping, a loss without taps, or a model with
+    parameters outside tapped ops.
+    """
+    if clipping.mode == "none":
+        return engine.clipped_grad_sum(loss_fn, params, batch, rng, clipping=clipping,
+                                       microbatch_size=microbatch_size, position_offset=position_offset)
+    if clipping.mode not in BK_MODES:
+        raise ValueError(f"bk_clipped_grad_sum: ClippingConfig.mode={clipping.mode!r} is not supported; "
+                         f"use one of {BK_MODES} or grad_method='vmap'")
+    if ghost not in GHOST_CHOICES:
+        raise ValueError(f"bk_clipped_grad_sum: ghost={ghost!r}; use one of {GHOST_CHOICES}")
+    tapped = getattr(loss_fn, "tapped", None)
+    if tapped is None:
+        raise ValueError("bk_clipped_grad_sum: loss_fn has no `tapped` variant; make it with "
+                         "dpft.privacy.adapters.nnx_loss_fn (Haiku models: use grad_method='vmap')")
+    views, mask = engine.checked_views(batch, microbatch_size, "bk_clipped_grad_sum")
+    batch_size = mask.shape[0]
+    num_micro = batch_size // microbatch_size
+    positions = jnp.arange(batch_size, dtype=jnp.uint32) + jnp.asarray(position_offset, jnp.uint32)
+    params = engine.device_local_params(params, [mask, positions, engine.raw_key(rng), *jax.tree.leaves(views)])
+    specs = discover_ops(tapped, params, views, rng)
+    flat_params = {taps.param_path(kp): leaf for kp, leaf in jax.tree_util.tree_leaves_with_path(params)}
+    name = {path: "/".join(map(str, path)) for path in flat_params}  # sortable keys for the scan carry
+    op_params = {key: {name: flat_params[path] for name, path in spec.param_paths.items()}
+                 for key, spec in specs.items()}
+
+    def chunk(x: jax.Array) -> jax.Array:
+        return x.reshape((num_micro, microbatch_size) + x.shape[1:])
+
+    xs = (jax.tree.map(chunk, views), chunk(mask), chunk(positions))
+
+    def per_example(perturbations: dict[str, jax.Array], view: Mapping[str, jax.Array], key: jax.Array):
+        recorder = taps.Recorder("record", perturbations)
+        loss, aux = tapped(params, view, key, recorder)
+        return loss, (aux, recorder.inputs)
+
+    def body(acc: dict[str, jax.Array], x):
+        views_mb, mask_mb, pos_mb = x
+        keys = jax.vmap(lambda p: jax.random.fold_in(rng, p))(pos_mb)
+        real = mask_mb > 0
+        zeros = {key: jnp.zeros((microbatch_size,) + s.z.shape, s.z.dtype) for key, s in specs.items()}
+        (losses, (aux, inputs)), grads_out = jax.vmap(
+            jax.value_and_grad(per_example, has_aux=True))(zeros, views_mb, keys)
+        sq = sum(op_sq_norms(s, op_params[key], inputs[key], grads_out[key], ghost) for key, s in specs.items())
+        norms = jnp.sqrt(sq)
+        factors = jnp.where(real, engine.clip_factors(norms, clipping.clip_norm, clipping.mode, clipping.gamma), 0.0)
+        acc = dict(acc)
+        for key, s in specs.items():
+            def rows(v: jax.Array, fill: jax.Array) -> jax.Array:
+                keep = real.reshape((-1,) + (1,) * (v.ndim - 1))
+                v = jnp.where(keep, fill, 0.0).astype(v.dtype)
+                return v.reshape((-1,) + v.shape[2:])
+            x_rows = rows(inputs[key], inputs[key])
+            d = grads_out[key]
+            d_rows = rows(d, d.astype(F32) * factors.reshape((-1,) + (1,) * (d.ndim - 1)))
+            _, vjp = jax.vjp(lambda p: s.fn(p, x_rows), op_params[key])
+            (g,) = vjp(d_rows)
+            for pname, path in s.param_paths.items():
+                acc[name[path]] = acc[name[path]] + g[pname].astype(F32)
+        stats = {"norms": norms, "loss": losses, **engine.aux_to_stats(aux)}
+        stats = {k: jnp.where(real, v.astype(F32), 0.0) for k, v in stats.items()}
+        return acc, stats
+
+    init = {name[path]: jnp.zeros(leaf.shape, F32) for path, leaf in flat_params.items()}
+    if num_micro == 1:  # no loop for one microbatch, as the engine
+        sums, stats = body(init, jax.tree.map(lambda v: v[0], xs))
+    else:
+        sums, stats = jax.lax.scan(body, init, xs)
+    grad_sum = jax.tree_util.tree_map_with_path(lambda kp, _: sums[name[taps.param_path(kp)]], params)
+    stats = {k: v.reshape((batch_size,)) for k, v in stats.items()}
+    stats["mask"] = mask
+    return grad_sum, stats
+

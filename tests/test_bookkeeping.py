@@ -1,0 +1,198 @@
+"""Book-keeping clipped sums (dpft.privacy.bookkeeping) == brute-force per-example gradients.
+
+Each per-kind norm is checked against jax.grad of one example at a time (an independent
+computation: no patches, no Jacobian formula), on both the materialised and the ghost route;
+the whole clipped sum against `engine.clipped_grad_sum` (vmap of per-example grads) on
+NFNets (grouped WS convs, squeeze-excite, skip gains, stochastic depth, dropout) and a WRN
+(GroupNorm), with augmult K=2 and padding rows.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import dpft.models
+from dpft.models import layers, taps
+from dpft.privacy import adapters, bookkeeping, engine
+from dpft.privacy.engine import ClippingConfig
+from dpft.privacy.testing_models import SmallConvNet
+
+
+def brute_sq_norms(fn, params, x, d):
+    """sum of squares of grad_p <fn(p, x_i), d_i>, one example at a time, float64 sums."""
+    out = []
+    for i in range(x.shape[0]):
+        g = jax.grad(lambda p: jnp.sum(fn(p, x[i]) * d[i]))(params)
+        out.append(sum(float(np.sum(np.asarray(v, np.float64) ** 2)) for v in jax.tree.leaves(g)))
+    return np.array(out)
+
+
+def conv_case(seed, k, stride, groups, cin=4, cout=6, clamp_channel=False, zero_gain=False):
+    rs = np.random.RandomState(seed)
+    w = rs.randn(k, k, cin // groups, cout).astype(np.float32)
+    if clamp_channel:  # a constant output channel: var = 0, the clamped branch of standardize_weight
+        w[..., 0] = 0.3
+    gain = (1.0 + 0.5 * rs.randn(cout)).astype(np.float32)
+    if zero_gain:
+        gain[1] = 0.0
+    params = {"w": jnp.asarray(w), "gain": jnp.asarray(gain), "bias": jnp.asarray(rs.randn(cout), jnp.float32)}
+    m, kv, h = 3, 2, 7
+    x = jnp.asarray(rs.randn(m, kv, h, h, cin), jnp.float32)
+    fn = functools.partial(layers.ws_conv, stride=stride, groups=groups, dtype=jnp.float32)
+    z = jax.eval_shape(lambda: fn(params, x[0]))
+    d = jnp.asarray(rs.randn(m, *z.shape), jnp.float32)
+    return fn, params, x, d
+
+
+@pytest.mark.parametrize("ghost", ["never", "always"])
+@pytest.mark.parametrize("k,stride,groups", [(3, 1, 1), (3, 2, 2), (1, 1, 1), (1, 2, 2), (3, 2, 1)])
+def test_ws_conv_norms_match_brute_force(ghost, k, stride, groups):
+    fn, params, x, d = conv_case(k * 10 + stride + groups, k, stride, groups)
+    got = bookkeeping.ws_conv_sq_norms(params, x, d, stride=stride, groups=groups, ghost=ghost)
+    np.testing.assert_allclose(np.asarray(got), brute_sq_norms(fn, params, x, d), rtol=2e-5)
+
+
+@pytest.mark.parametrize("ghost", ["never", "always"])
+def test_ws_conv_norms_clamped_channel_and_zero_gain(ghost):
+    fn, params, x, d = conv_case(5, 3, 1, 2, clamp_channel=True, zero_gain=True)
+    got = bookkeeping.ws_conv_sq_norms(params, x, d, stride=1, groups=2, ghost=ghost)
+    np.testing.assert_allclose(np.asarray(got), brute_sq_norms(fn, params, x, d), rtol=2e-5)
+
+
+def test_conv_patches_reproduce_the_convolution():
+    rs = np.random.RandomState(0)
+    for h, k, s in [(7, 3, 1), (7, 3, 2), (8, 3, 2), (6, 1, 2), (5, 5, 1)]:
+        x = jnp.asarray(rs.randn(2, h, h, 3), jnp.float32)
+        w = jnp.asarray(rs.randn(k, k, 3, 4), jnp.float32)
+        want = jax.lax.conv_general_dilated(x, w, (s, s), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        p = bookkeeping.conv_patches(x, k, s)
+        got = jnp.einsum("bhwijc,ijco->bhwo", p, w)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("ghost", ["never", "always"])
+@pytest.mark.parametrize("x_shape", [(3, 2, 5), (3, 2, 4, 5)])
+def test_linear_norms_match_brute_force(ghost, x_shape):
+    rs = np.random.RandomState(1)
+    params = {"w": jnp.asarray(rs.randn(5, 7), jnp.float32), "b": jnp.asarray(rs.randn(7), jnp.float32)}
+    fn = functools.partial(layers.linear, dtype=jnp.float32)
+    x = jnp.asarray(rs.randn(*x_shape), jnp.float32)
+    d = jnp.asarray(rs.randn(*x_shape[:-1], 7), jnp.float32)
+    got = bookkeeping.linear_sq_norms(params, x, d, ghost)
+    np.testing.assert_allclose(np.asarray(got), brute_sq_norms(fn, params, x, d), rtol=2e-5)
+
+
+def test_generic_norms_match_brute_force():
+    rs = np.random.RandomState(2)
+    params = {"scale": jnp.asarray(rs.randn(8), jnp.float32), "offset": jnp.asarray(rs.randn(8), jnp.float32)}
+    fn = functools.partial(layers.group_norm, groups=4, eps=1e-5, dtype=jnp.float32)
+    x = jnp.asarray(rs.randn(3, 2, 4, 4, 8), jnp.float32)
+    d = jnp.asarray(rs.randn(3, 2, 4, 4, 8), jnp.float32)
+    got = bookkeeping.generic_sq_norms(fn, params, x, d)
+    np.testing.assert_allclose(np.asarray(got), brute_sq_norms(fn, params, x, d), rtol=2e-5)
+
+
+B, NUM_CLASSES = 8, 3
+MASK = np.array([1, 1, 0, 1, 1, 1, 0, 1], np.float32)
+
+
+def make_batch(k, h, seed=0, nan_padding=False):
+    rs = np.random.RandomState(seed)
+    image = rs.randn(B, k, h, h, 3).astype(np.float32)
+    if nan_padding:
+        image[MASK == 0] = np.nan
+    return {"image": jnp.asarray(image),
+            "label": jnp.asarray(np.repeat(rs.randint(0, NUM_CLASSES, (B, 1)), k, axis=1), jnp.int32),
+            "mask": jnp.asarray(MASK)}
+
+
+@functools.lru_cache(maxsize=None)
+def model_setup(name):
+    model = dpft.models.create(name, NUM_CLASSES, head_init="normal")
+    loss_fn, params, _ = adapters.nnx_loss_fn(model, adapters.softmax_cross_entropy_loss)
+    return loss_fn, params
+
+
+def run_both(name, h, clipping, microbatch, ghost="auto", nan_padding=False, k=2):
+    loss_fn, params = model_setup(name)
+    batch = make_batch(k, h, nan_padding=nan_padding)
+    rng = jax.random.key(7)
+    ref = jax.jit(lambda p, b: engine.clipped_grad_sum(
+        loss_fn, p, b, rng, clipping=clipping, microbatch_size=microbatch, position_offset=3))(params, batch)
+    got = jax.jit(lambda p, b: bookkeeping.bk_clipped_grad_sum(
+        loss_fn, p, b, rng, clipping=clipping, microbatch_size=microbatch, position_offset=3, ghost=ghost))(
+        params, batch)
+    return ref, got
+
+
+def assert_same(ref, got, rtol=2e-5):
+    (ref_sum, ref_stats), (got_sum, got_stats) = ref, got
+    assert jax.tree.structure(ref_sum) == jax.tree.structure(got_sum)
+    scale = max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(ref_sum))
+    for a, b in zip(jax.tree.leaves(got_sum), jax.tree.leaves(ref_sum)):
+        assert a.dtype == jnp.float32 and np.all(np.isfinite(np.asarray(a)))
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=rtol, atol=rtol * scale)
+    assert set(got_stats) == set(ref_stats)
+    for key in ref_stats:
+        np.testing.assert_allclose(np.asarray(got_stats[key]), np.asarray(ref_stats[key]), rtol=rtol, atol=1e-6)
+
+
+@pytest.mark.parametrize("ghost", ["auto", "never", "always"])
+def test_nfnet_flat_clipping_equals_vmap_engine(ghost):
+    # nfnet_micro: grouped WS convs, SE, skip gains, stochastic depth and dropout (train=True).
+    ref, got = run_both("nfnet_micro", 16, ClippingConfig(mode="flat", clip_norm=0.1), 4, ghost=ghost)
+    assert np.all(np.asarray(ref[1]["norms"])[MASK > 0] > 0.1)  # clipping is active
+    assert_same(ref, got)
+
+
+def test_nfnet_automatic_clipping_single_microbatch_equals_vmap_engine():
+    ref, got = run_both("nfnet_micro", 16, ClippingConfig(mode="automatic", clip_norm=1.0, gamma=0.01), B)
+    assert_same(ref, got)
+
+
+def test_wrn_groupnorm_equals_vmap_engine():
+    ref, got = run_both("wrn_16_4", 8, ClippingConfig(mode="flat", clip_norm=1.0), 4, k=1)
+    assert_same(ref, got)
+
+
+def test_nan_padding_rows_give_exactly_zero():
+    ref, got = run_both("nfnet_micro", 16, ClippingConfig(mode="flat", clip_norm=0.1), 4, nan_padding=True)
+    assert_same(ref, got)
+    assert np.all(np.asarray(got[1]["norms"])[MASK == 0] == 0)
+
+
+def test_nonprivate_mode_delegates_to_engine():
+    ref, got = run_both("nfnet_micro", 16, ClippingConfig(mode="none", clip_norm=1.0), 4)
+    assert_same(ref, got, rtol=1e-6)
+
+
+def test_every_nfnet_parameter_is_tapped_once():
+    loss_fn, params = model_setup("nfnet_micro")
+    batch = make_batch(1, 16)
+    specs = bookkeeping.discover_ops(loss_fn.tapped, params, {k: v for k, v in batch.items() if k != "mask"},
+                                     jax.random.key(0))
+    used = sorted(p for s in specs.values() for p in s.param_paths.values())
+    leaves = sorted(taps.param_path(kp) for kp, _ in jax.tree_util.tree_leaves_with_path(params))
+    assert used == leaves
+    assert {s.kind for s in specs.values()} == {"ws_conv", "linear", "generic"}
+
+
+def test_errors_name_the_problem():
+    loss_fn, params = model_setup("nfnet_micro")
+    batch = make_batch(1, 16)
+    with pytest.raises(ValueError, match="per_layer"):
+        bookkeeping.bk_clipped_grad_sum(loss_fn, params, batch, jax.random.key(0),
+                                        clipping=ClippingConfig(mode="per_layer", clip_norm=1.0), microbatch_size=4)
+    with pytest.raises(ValueError, match="tapped"):
+        bookkeeping.bk_clipped_grad_sum(lambda p, v, r: loss_fn(p, v, r), params, batch, jax.random.key(0),
+                                        clipping=ClippingConfig(mode="flat", clip_norm=1.0), microbatch_size=4)
+    # SmallConvNet uses flax's own nnx.Conv / nnx.Linear: no taps, every parameter is named.
+    small = SmallConvNet(3, NUM_CLASSES, channels=(3, 4), seed=1)
+    small_loss, small_params, _ = adapters.nnx_loss_fn(small, adapters.softmax_cross_entropy_loss)
+    with pytest.raises(ValueError, match="not used through a tapped op"):
+        bookkeeping.bk_clipped_grad_sum(small_loss, small_params, make_batch(1, 6), jax.random.key(0),
+                                        clipping=ClippingConfig(mode="flat", clip_norm=1.0), microbatch_size=4)
