@@ -2,7 +2,8 @@
 
     python -m benchmarks.dp_overhead [--models nfnet_tiny nfnet_f0] [--quick] [--json out.json]
 
-One "step" = `engine.clipped_grad_sum` (or `ghost.ghost_clipped_grad_sum`) + `noise.privatize`
+One "step" = `engine.clipped_grad_sum` ("vmap": vmap of per-example grads) or
+`bookkeeping.bk_clipped_grad_sum` ("bookkeeping": norms from layer taps) + `noise.privatize`
 + an SGD update, jitted. Non-private = ClippingConfig(mode="none") and sigma = 0: the same code
 path (DESIGN.md invariant 6). For each microbatch size: examples/s, XLA temp memory of the compiled
 step (MiB; the working set a microbatch size must fit) and the process max-RSS growth (MiB).
@@ -21,7 +22,7 @@ PLANS = {
     "nfnet_tiny": {"full": (128, (8, 16, 32, 64, 128), 5), "quick": (64, (16, 64), 3)},
     "nfnet_f0": {"full": (16, (8, 16), 2), "quick": (4, (4,), 2)},
 }
-METHODS = ("nonprivate", "vmap", "ghost")
+METHODS = ("nonprivate", "vmap", "bookkeeping")
 
 
 def make_step(setup: common.Setup, method: str, microbatch_size: int, *, clip_norm: float = 1.0,
@@ -29,12 +30,12 @@ def make_step(setup: common.Setup, method: str, microbatch_size: int, *, clip_no
     """Jitted `step(params, batch, key) -> (params, losses [B])` for one method."""
     import jax
 
-    from dpft.privacy import engine, ghost, noise
+    from dpft.privacy import bookkeeping, engine, noise
     if method == "nonprivate":
         clipping, sigma, fn = engine.ClippingConfig(mode="none"), 0.0, engine.clipped_grad_sum
-    elif method in ("vmap", "ghost"):
+    elif method in ("vmap", "bookkeeping"):
         clipping, sigma = engine.ClippingConfig(mode="flat", clip_norm=clip_norm), noise_multiplier
-        fn = engine.clipped_grad_sum if method == "vmap" else ghost.ghost_clipped_grad_sum
+        fn = engine.clipped_grad_sum if method == "vmap" else bookkeeping.bk_clipped_grad_sum
     else:
         raise ValueError(f"dp_overhead: unknown method {method!r}; choose from {METHODS}")
     batch_size = setup.batch["mask"].shape[0]

@@ -10,6 +10,11 @@ Pieces, for one physical batch of B examples (K = 1):
   clip_and_sum       scale each by min(1, C/||g||) and sum over B (masked)
   noise              dpft.privacy.noise.privatize of the sum (one Gaussian draw per parameter)
   full_dp            engine.clipped_grad_sum(flat, microbatch=B) + privatize, fused by XLA
+and the book-keeping engine's pieces (dpft.privacy.bookkeeping):
+  bk_tap_pass        one forward + backward w.r.t. the layer-output perturbations (no weight grads)
+  bk_norms           per-example norms from layer inputs and output gradients
+  bk_weighted_vjp    the clipped sum as one weight-gradient VJP per layer
+  bk_full_dp         bookkeeping.bk_clipped_grad_sum(flat, microbatch=B) + privatize, fused by XLA
 The pieces are timed as separate programs (inputs already on device), so their sum exceeds the fused
 step; the ratios show what is intrinsic (per-example backward) and what is overhead.
 """
@@ -26,7 +31,8 @@ def pieces(setup: common.Setup) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from dpft.privacy import engine, noise
+    from dpft.models import taps
+    from dpft.privacy import bookkeeping, engine, noise
     views = {k: v for k, v in setup.batch.items() if k not in ("mask", "example_id")}
     mask = setup.batch["mask"]
     b = mask.shape[0]
@@ -49,13 +55,31 @@ def pieces(setup: common.Setup) -> dict:
     full = lambda p: privatize(engine.clipped_grad_sum(
         setup.loss_fn, p, setup.batch, jax.random.key(0), clipping=engine.ClippingConfig(clip_norm=1.0),
         microbatch_size=b)[0])
+    bk_full = lambda p: privatize(bookkeeping.bk_clipped_grad_sum(
+        setup.loss_fn, p, setup.batch, jax.random.key(0), clipping=engine.ClippingConfig(clip_norm=1.0),
+        microbatch_size=b)[0])
+    specs = bookkeeping.discover_ops(setup.loss_fn.tapped, setup.params, views, keys[0])
+
+    def op_params(p):
+        flat = {taps.param_path(kp): x for kp, x in jax.tree_util.tree_leaves_with_path(p)}
+        return {k: {n: flat[path] for n, path in s.param_paths.items()} for k, s in specs.items()}
+
+    tap_pass = jax.jit(lambda p: bookkeeping.tap_pass(setup.loss_fn.tapped, p, specs, views, keys)[2:])
+    inputs, out_grads = jax.block_until_ready(tap_pass(setup.params))
+    bk_norms = jax.jit(lambda p, x, d: bookkeeping.per_example_sq_norms(specs, op_params(p), x, d))
+    weights = jnp.where(mask > 0, 0.5, 0.0)
+    bk_vjp = jax.jit(lambda p, x, d: bookkeeping.weighted_param_grads(specs, op_params(p), x, d, weights))
     return {"forward": (jax.jit(batched_loss), (setup.params,)),
             "batched_backward": (jax.jit(jax.grad(batched_loss)), (setup.params,)),
             "per_example_grads": (per_ex, (setup.params,)),
             "norms": (norms_fn, (grads,)),
             "clip_and_sum": (jax.jit(clip_sum), (grads, norms)),
             "noise": (jax.jit(privatize), (grad_sum,)),
-            "full_dp": (jax.jit(full), (setup.params,))}
+            "full_dp": (jax.jit(full), (setup.params,)),
+            "bk_tap_pass": (tap_pass, (setup.params,)),
+            "bk_norms": (bk_norms, (setup.params, inputs, out_grads)),
+            "bk_weighted_vjp": (bk_vjp, (setup.params, inputs, out_grads)),
+            "bk_full_dp": (jax.jit(bk_full), (setup.params,))}
 
 
 def bench(name: str, batch: int, iters: int) -> list[dict]:

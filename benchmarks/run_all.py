@@ -32,8 +32,8 @@ def jobs(quick: bool) -> list[dict]:
     return [
         {"name": "dp_overhead_tiny", "py": sys.executable, "timeout": 420 if quick else 1800,
          "args": ["benchmarks.dp_overhead", "--models", "nfnet_tiny", *q]},
-        {"name": "dp_overhead_f0", "py": sys.executable, "timeout": 420 if quick else 1800,
-         "args": ["benchmarks.dp_overhead", "--models", "nfnet_f0", "--methods", "nonprivate", "vmap", *q]},
+        {"name": "dp_overhead_f0", "py": sys.executable, "timeout": 900 if quick else 2400,
+         "args": ["benchmarks.dp_overhead", "--models", "nfnet_f0", *q]},
         {"name": "peers_optax", "py": sys.executable, "timeout": 300,
          "args": ["benchmarks.peers_optax", *peer_batch, *it]},
         {"name": "peers_jax_privacy", "py": BENCH_PY, "timeout": 300,

@@ -196,3 +196,32 @@ def test_errors_name_the_problem():
     with pytest.raises(ValueError, match="not used through a tapped op"):
         bookkeeping.bk_clipped_grad_sum(small_loss, small_params, make_batch(1, 6), jax.random.key(0),
                                         clipping=ClippingConfig(mode="flat", clip_norm=1.0), microbatch_size=4)
+
+
+def test_eight_devices_equal_the_vmap_engine_on_eight_devices():
+    """Under shard_map each device's clipped sum must use only its own examples: the output-gradient
+    pass must not psum over devices (device-varying perturbations), so 8 devices == vmap engine."""
+    from dpft.train import distributed
+    from dpft.train import step as step_lib
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 fake devices (tests/conftest.py)")
+    loss_fn, params = model_setup("nfnet_micro")
+    mesh = distributed.make_data_mesh(jax.devices()[:8])
+    rs = np.random.RandomState(3)
+    n = 16
+    mask = np.ones(n, np.float32)
+    mask[[3, 12]] = 0
+    batch = {"image": rs.randn(n, 1, 16, 16, 3).astype(np.float32),
+             "label": rs.randint(0, NUM_CLASSES, (n, 1)).astype(np.int32), "mask": mask}
+    sums, stats = {}, {}
+    for method in ("vmap", "bookkeeping"):
+        clipping = ClippingConfig(mode="flat", clip_norm=0.1)
+        cfg = step_lib.StepConfig(clipping=clipping, microbatch_size=2, noise_multiplier=0.0,
+                                  expected_batch_size=8.0, seed=0, grad_method=method)
+        accumulate = step_lib.make_accumulate_fn(loss_fn, cfg, mesh)
+        acc, st = accumulate(distributed.replicate(params, mesh), step_lib.zeros_accumulator(params, mesh),
+                             distributed.shard_batch(batch, mesh), jax.random.key(5))
+        sums[method] = step_lib.global_sum(acc, mesh)
+        stats[method] = {k: np.asarray(v) for k, v in st.items()}
+    assert_same((sums["vmap"], stats["vmap"]), (sums["bookkeeping"], stats["bookkeeping"]))
+    assert np.all(stats["vmap"]["norms"][mask > 0] > 0.1)

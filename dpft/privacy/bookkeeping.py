@@ -53,15 +53,12 @@ def _use_ghost(ghost: str, rows: int, fan_in: int, fan_out: int, groups: int) ->
     return rows * (fan_in + fan_out) < fan_in * fan_out
 
 
-def _sq_frobenius(a: jax.Array, d: jax.Array, ghost: bool) -> jax.Array:
-    """sum over (g, o) of ||A_g^T D_go||^2 per example. a [m, R, g, n], d [m, R, g, o] -> [m, g, o]
-    (materialised) or [m] (ghost: only the total, with d already scaled per channel)."""
-    if ghost:
-        gram_a = jnp.einsum("mrgn,msgn->mgrs", a, a)
-        gram_d = jnp.einsum("mrgo,msgo->mgrs", d, d)
-        return jnp.sum(gram_a * gram_d, axis=(1, 2, 3))
-    g = jnp.einsum("mrgn,mrgo->mgno", a, d)
-    return jnp.sum(jnp.square(g), axis=2)
+def _ghost_sq_norm(a: jax.Array, d: jax.Array) -> jax.Array:
+    """sum over groups of ||A_g^T D_g||_F^2 = <A_g A_g^T, D_g D_g^T> without forming A_g^T D_g.
+    a [m, R, g, n], d [m, R, g, o] -> [m]."""
+    gram_a = jnp.einsum("mrgn,msgn->mgrs", a, a)
+    gram_d = jnp.einsum("mrgo,msgo->mgrs", d, d)
+    return jnp.sum(gram_a * gram_d, axis=(1, 2, 3))
 
 
 def linear_sq_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, ghost: str = "auto") -> jax.Array:
@@ -71,9 +68,9 @@ def linear_sq_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array,
     dd = d.astype(F32).reshape(m, -1, 1, n_out)
     rows = a.shape[1]
     if _use_ghost(ghost, rows, n_in, n_out, 1):
-        w_sq = _sq_frobenius(a, dd, True)
+        w_sq = _ghost_sq_norm(a, dd)
     else:
-        w_sq = jnp.sum(_sq_frobenius(a, dd, False), axis=(1, 2))
+        w_sq = jnp.sum(jnp.square(jnp.einsum("mrgn,mrgo->mgno", a, dd)), axis=(1, 2, 3))
     b_sq = jnp.sum(jnp.square(jnp.sum(dd, axis=1)), axis=(1, 2))
     return w_sq + b_sq
 
@@ -120,15 +117,19 @@ def ws_conv_sq_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array
     n_var = jnp.where(unclamped, (var * n).reshape(groups, cout_g), 1.0)
     centred = (w - mean).reshape(n, groups, cout_g)
 
-    e_dot = jnp.einsum("mrg,mrgo->mgo", jnp.sum(a, axis=-1), dd) / math.sqrt(n)
-    c_dot = jnp.einsum("mrgo,mrgo->mgo", jnp.einsum("mrgn,ngo->mrgo", a, centred), dd)
-    v_sq = jnp.where(unclamped, jnp.square(c_dot) / n_var, 0.0)
     if _use_ghost(ghost, rows, n, cout_g, groups):
-        g_sq = _sq_frobenius(a, dd * scale, True)
-        w_sq = g_sq - jnp.sum(jnp.square(scale) * (jnp.square(e_dot) + v_sq), axis=(1, 2))
+        # e.g and c.g from the patches; ||g||^2 (channel-weighted) as a ghost norm.
+        e_dot = jnp.einsum("mrg,mrgo->mgo", jnp.sum(a, axis=-1), dd) / math.sqrt(n)
+        c_dot = jnp.einsum("mrgo,mrgo->mgo", jnp.einsum("mrgn,ngo->mrgo", a, centred), dd)
+        g_sq = _ghost_sq_norm(a, dd * scale)
     else:
-        g_sq = _sq_frobenius(a, dd, False)
-        w_sq = jnp.sum(jnp.square(scale) * (g_sq - jnp.square(e_dot) - v_sq), axis=(1, 2))
+        # Materialised g [m, groups, n, o]: every term is a contraction of it.
+        g = jnp.einsum("mrgn,mrgo->mgno", a, dd)
+        e_dot = jnp.sum(g, axis=2) / math.sqrt(n)
+        c_dot = jnp.einsum("mgno,ngo->mgo", g, centred)
+        g_sq = jnp.sum(jnp.square(scale) * jnp.sum(jnp.square(g), axis=2), axis=(1, 2))
+    v_sq = jnp.where(unclamped, jnp.square(c_dot) / n_var, 0.0)
+    w_sq = g_sq - jnp.sum(jnp.square(scale) * (jnp.square(e_dot) + v_sq), axis=(1, 2))
     gain_sq = jnp.sum(jnp.square(r.reshape(groups, cout_g) * c_dot), axis=(1, 2))
     bias_sq = jnp.sum(jnp.square(jnp.sum(dd, axis=1)), axis=(1, 2))
     return jnp.maximum(w_sq, 0.0) + gain_sq + bias_sq
@@ -182,6 +183,56 @@ def discover_ops(tapped_loss: Any, params: PyTree, views: Mapping[str, jax.Array
     return recorder.specs
 
 
+def tap_pass(tapped_loss: Any, params: PyTree, specs: Mapping[str, taps.OpSpec],
+             views: Mapping[str, jax.Array], keys: jax.Array):
+    """Step 1: one batched forward + backward w.r.t. zero output perturbations of every op.
+
+    views leaves [m, K, ...], keys [m]. Returns (losses [m], aux {name: [m]},
+    inputs {op key: x [m, *op x shape]}, out_grads {op key: dLoss_i/dz [m, *op z shape]}).
+    Parameters are constants here, so no weight gradient is computed.
+    """
+    def per_example(perturbations, view, key):
+        recorder = taps.Recorder("record", perturbations)
+        loss, aux = tapped_loss(params, view, key, recorder)
+        return loss, (aux, recorder.inputs)
+
+    m = keys.shape[0]
+    zeros = {key: jnp.zeros((m,) + s.z.shape, s.z.dtype) for key, s in specs.items()}
+    # Device-varying zeros under shard_map: gradients w.r.t. replicated inputs would be psummed
+    # over devices, mixing examples of different devices (see engine.device_local_params).
+    zeros = engine.device_local_params(zeros, jax.tree.leaves(views))
+    (losses, (aux, inputs)), out_grads = jax.vmap(jax.value_and_grad(per_example, has_aux=True))(zeros, views, keys)
+    return losses, aux, inputs, out_grads
+
+
+def per_example_sq_norms(specs: Mapping[str, taps.OpSpec], op_params: Mapping[str, Mapping[str, jax.Array]],
+                         inputs: Mapping[str, jax.Array], out_grads: Mapping[str, jax.Array],
+                         ghost: str = "auto") -> jax.Array:
+    """Step 2: squared L2 norm of each example's whole parameter gradient, float32 [m]."""
+    return sum(op_sq_norms(s, op_params[key], inputs[key], out_grads[key], ghost) for key, s in specs.items())
+
+
+def weighted_param_grads(specs: Mapping[str, taps.OpSpec], op_params: Mapping[str, Mapping[str, jax.Array]],
+                         inputs: Mapping[str, jax.Array], out_grads: Mapping[str, jax.Array],
+                         weights: jax.Array) -> dict[str, dict[str, jax.Array]]:
+    """Step 3: sum_i weights_i * (gradient of example i) per op, as one batched weight-gradient
+    VJP of each op. weights float32 [m]; a row with weight 0 contributes exactly 0 even if its
+    activations or gradients are NaN. Returns {op key: {param name: float32 array}}."""
+    keep = weights != 0
+    out = {}
+    for key, s in specs.items():
+        def rows(v: jax.Array, fill: jax.Array) -> jax.Array:
+            v = jnp.where(keep.reshape((-1,) + (1,) * (v.ndim - 1)), fill, 0.0).astype(v.dtype)
+            return v.reshape((-1,) + v.shape[2:])
+        x, d = inputs[key], out_grads[key]
+        x_rows = rows(x, x)
+        d_rows = rows(d, d.astype(F32) * weights.reshape((-1,) + (1,) * (d.ndim - 1)))
+        _, vjp = jax.vjp(lambda p: s.fn(p, x_rows), op_params[key])
+        (g,) = vjp(d_rows)
+        out[key] = {n: v.astype(F32) for n, v in g.items()}
+    return out
+
+
 def bk_clipped_grad_sum(loss_fn: Any, params: PyTree, batch: Mapping[str, jax.Array], rng: jax.Array, *,
                         clipping: ClippingConfig, microbatch_size: int, position_offset: int | jax.Array = 0,
                         ghost: str = "auto") -> tuple[PyTree, dict[str, jax.Array]]:
@@ -213,7 +264,7 @@ def bk_clipped_grad_sum(loss_fn: Any, params: PyTree, batch: Mapping[str, jax.Ar
     specs = discover_ops(tapped, params, views, rng)
     flat_params = {taps.param_path(kp): leaf for kp, leaf in jax.tree_util.tree_leaves_with_path(params)}
     name = {path: "/".join(map(str, path)) for path in flat_params}  # sortable keys for the scan carry
-    op_params = {key: {name: flat_params[path] for name, path in spec.param_paths.items()}
+    op_params = {key: {pname: flat_params[path] for pname, path in spec.param_paths.items()}
                  for key, spec in specs.items()}
 
     def chunk(x: jax.Array) -> jax.Array:
@@ -221,39 +272,23 @@ def bk_clipped_grad_sum(loss_fn: Any, params: PyTree, batch: Mapping[str, jax.Ar
 
     xs = (jax.tree.map(chunk, views), chunk(mask), chunk(positions))
 
-    def per_example(perturbations: dict[str, jax.Array], view: Mapping[str, jax.Array], key: jax.Array):
-        recorder = taps.Recorder("record", perturbations)
-        loss, aux = tapped(params, view, key, recorder)
-        return loss, (aux, recorder.inputs)
-
     def body(acc: dict[str, jax.Array], x):
         views_mb, mask_mb, pos_mb = x
         keys = jax.vmap(lambda p: jax.random.fold_in(rng, p))(pos_mb)
         real = mask_mb > 0
-        zeros = {key: jnp.zeros((microbatch_size,) + s.z.shape, s.z.dtype) for key, s in specs.items()}
-        (losses, (aux, inputs)), grads_out = jax.vmap(
-            jax.value_and_grad(per_example, has_aux=True))(zeros, views_mb, keys)
-        sq = sum(op_sq_norms(s, op_params[key], inputs[key], grads_out[key], ghost) for key, s in specs.items())
-        norms = jnp.sqrt(sq)
+        losses, aux, inputs, out_grads = tap_pass(tapped, params, specs, views_mb, keys)
+        norms = jnp.sqrt(per_example_sq_norms(specs, op_params, inputs, out_grads, ghost))
         factors = jnp.where(real, engine.clip_factors(norms, clipping.clip_norm, clipping.mode, clipping.gamma), 0.0)
+        grads = weighted_param_grads(specs, op_params, inputs, out_grads, factors)
         acc = dict(acc)
         for key, s in specs.items():
-            def rows(v: jax.Array, fill: jax.Array) -> jax.Array:
-                keep = real.reshape((-1,) + (1,) * (v.ndim - 1))
-                v = jnp.where(keep, fill, 0.0).astype(v.dtype)
-                return v.reshape((-1,) + v.shape[2:])
-            x_rows = rows(inputs[key], inputs[key])
-            d = grads_out[key]
-            d_rows = rows(d, d.astype(F32) * factors.reshape((-1,) + (1,) * (d.ndim - 1)))
-            _, vjp = jax.vjp(lambda p: s.fn(p, x_rows), op_params[key])
-            (g,) = vjp(d_rows)
             for pname, path in s.param_paths.items():
-                acc[name[path]] = acc[name[path]] + g[pname].astype(F32)
+                acc[name[path]] = acc[name[path]] + grads[key][pname]
         stats = {"norms": norms, "loss": losses, **engine.aux_to_stats(aux)}
         stats = {k: jnp.where(real, v.astype(F32), 0.0) for k, v in stats.items()}
         return acc, stats
 
-    init = {name[path]: jnp.zeros(leaf.shape, F32) for path, leaf in flat_params.items()}
+    init = {name[path]: jnp.zeros_like(leaf, F32) for path, leaf in flat_params.items()}  # device-varying
     if num_micro == 1:  # no loop for one microbatch, as the engine
         sums, stats = body(init, jax.tree.map(lambda v: v[0], xs))
     else:
