@@ -13,7 +13,8 @@ Pieces, for one physical batch of B examples (K = 1):
 and the book-keeping engine's pieces (dpft.privacy.bookkeeping):
   bk_tap_pass        one forward + backward w.r.t. the layer-output perturbations (no weight grads)
   bk_norms           per-example norms from layer inputs and output gradients
-  bk_weighted_vjp    the clipped sum as one weight-gradient VJP per layer
+  bk_norms_and_sum   norms + the clipped sum (from the materialised per-example grads, or one
+                     weight-gradient VJP per ghost-normed layer)
   bk_full_dp         bookkeeping.bk_clipped_grad_sum(flat, microbatch=B) + privatize, fused by XLA
 The pieces are timed as separate programs (inputs already on device), so their sum exceeds the fused
 step; the ratios show what is intrinsic (per-example backward) and what is overhead.
@@ -66,9 +67,12 @@ def pieces(setup: common.Setup) -> dict:
 
     tap_pass = jax.jit(lambda p: bookkeeping.tap_pass(setup.loss_fn.tapped, p, specs, views, keys)[2:])
     inputs, out_grads = jax.block_until_ready(tap_pass(setup.params))
-    bk_norms = jax.jit(lambda p, x, d: bookkeeping.per_example_sq_norms(specs, op_params(p), x, d))
+    bk_norms = jax.jit(lambda p, x, d: bookkeeping.per_example_norms(specs, op_params(p), x, d)[0])
     weights = jnp.where(mask > 0, 0.5, 0.0)
-    bk_vjp = jax.jit(lambda p, x, d: bookkeeping.weighted_param_grads(specs, op_params(p), x, d, weights))
+
+    def norms_and_sum(p, x, d):
+        sq, summers = bookkeeping.per_example_norms(specs, op_params(p), x, d)
+        return sq, bookkeeping.weighted_param_grads(specs, op_params(p), x, d, weights, summers)
     return {"forward": (jax.jit(batched_loss), (setup.params,)),
             "batched_backward": (jax.jit(jax.grad(batched_loss)), (setup.params,)),
             "per_example_grads": (per_ex, (setup.params,)),
@@ -78,7 +82,7 @@ def pieces(setup: common.Setup) -> dict:
             "full_dp": (jax.jit(full), (setup.params,)),
             "bk_tap_pass": (tap_pass, (setup.params,)),
             "bk_norms": (bk_norms, (setup.params, inputs, out_grads)),
-            "bk_weighted_vjp": (bk_vjp, (setup.params, inputs, out_grads)),
+            "bk_norms_and_sum": (jax.jit(norms_and_sum), (setup.params, inputs, out_grads)),
             "bk_full_dp": (jax.jit(bk_full), (setup.params,))}
 
 

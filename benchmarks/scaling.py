@@ -31,8 +31,9 @@ def child(devices: int, batch: int, iters: int, model: str) -> dict:
     mesh = jax.make_mesh((devices,), (step_lib.DATA_AXIS,))
     per_device = batch // devices
     clipping = engine.ClippingConfig(mode="flat", clip_norm=1.0)
-    cfg = step_lib.StepConfig(clipping=clipping, microbatch_size=min(8, per_device), noise_multiplier=1.0,
-                              expected_batch_size=float(batch), seed=0, sensitivity=1.0)
+    cfg = step_lib.StepConfig(clipping=clipping, microbatch_size=per_device, noise_multiplier=1.0,
+                              expected_batch_size=float(batch), seed=0, sensitivity=1.0,
+                              grad_method="bookkeeping")
     opt = optax.sgd(0.1)
     accumulate = step_lib.make_accumulate_fn(setup.loss_fn, cfg, mesh)
     apply = step_lib.make_apply_fn(opt, cfg, mesh)

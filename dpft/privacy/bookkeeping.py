@@ -19,8 +19,10 @@ used through a tapped op (`dpft.models.taps`: all dpft NFNets and WRNs). Per mic
      products read off the patches too; the gain's gradient is r (w - mean).g.
      While n var <= eps (the clamp of `standardize_weight`) the v term is absent.
    * "generic" (small ops: skip gains, GroupNorm): local per-example VJP of the op alone.
-3. The clipped sum per op as ONE batched weight-gradient VJP of the op with cotangent
-   c_i d_l,i (c_i the clip factor), i.e. the non-private backward's weight-gradient work.
+3. The clipped sum per op: sum_i c_i g_i of the per-example gradients where step 2
+   materialised them (then the standardisation's VJP once), else ONE batched weight-gradient
+   VJP of the op with cotangent c_i d_l,i (c_i the clip factor). Either way the weight-gradient
+   work is done once, as in the non-private backward.
 
 Per_layer clipping is not supported (raises); mode "none" delegates to the engine.
 References: Bu, Mao, Xu, "Scalable and efficient training of large convolutional neural
@@ -30,7 +32,7 @@ optimization on large model at small cost" (ICML 2023).
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +45,8 @@ from dpft.privacy.engine import ClippingConfig, PyTree
 BK_MODES = ("flat", "automatic")
 GHOST_CHOICES = ("auto", "always", "never")
 F32 = jnp.float32
+#: weights [m] -> {param name: sum_i weights_i * per-example gradient_i} of one op.
+Summer = Callable[[jax.Array], dict]
 
 
 def _use_ghost(ghost: str, rows: int, fan_in: int, fan_out: int, groups: int) -> bool:
@@ -61,18 +65,35 @@ def _ghost_sq_norm(a: jax.Array, d: jax.Array) -> jax.Array:
     return jnp.sum(gram_a * gram_d, axis=(1, 2, 3))
 
 
-def linear_sq_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, ghost: str = "auto") -> jax.Array:
-    """Per-example ||grad w||^2 + ||grad b||^2 of `layers.linear`. x [m, ..., in], d [m, ..., out] -> [m]."""
+def _weighted_rows(weights: jax.Array, v: jax.Array) -> jax.Array:
+    """sum_i weights_i * v_i over the leading axis; rows of weight 0 give exactly 0 (even NaN)."""
+    keep = (weights != 0).reshape((-1,) + (1,) * (v.ndim - 1))
+    return jnp.tensordot(weights, jnp.where(keep, v, 0.0), axes=1)
+
+
+def linear_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, ghost: str = "auto"
+                 ) -> tuple[jax.Array, Summer | None]:
+    """Per-example ||grad w||^2 + ||grad b||^2 of `layers.linear` ([m]) and, when the per-example
+    weight gradients were materialised, the function weights [m] -> their weighted sum.
+    x [m, ..., in], d [m, ..., out]."""
     m, n_in, n_out = x.shape[0], x.shape[-1], d.shape[-1]
     a = x.astype(F32).reshape(m, -1, 1, n_in)
     dd = d.astype(F32).reshape(m, -1, 1, n_out)
-    rows = a.shape[1]
-    if _use_ghost(ghost, rows, n_in, n_out, 1):
-        w_sq = _ghost_sq_norm(a, dd)
-    else:
-        w_sq = jnp.sum(jnp.square(jnp.einsum("mrgn,mrgo->mgno", a, dd)), axis=(1, 2, 3))
-    b_sq = jnp.sum(jnp.square(jnp.sum(dd, axis=1)), axis=(1, 2))
-    return w_sq + b_sq
+    b_rows = jnp.sum(dd, axis=1)[:, 0]  # [m, out]
+    b_sq = jnp.sum(jnp.square(b_rows), axis=1)
+    if _use_ghost(ghost, a.shape[1], n_in, n_out, 1):
+        return _ghost_sq_norm(a, dd) + b_sq, None
+    g = jnp.einsum("mrgn,mrgo->mno", a, dd)
+
+    def summer(weights: jax.Array) -> dict[str, jax.Array]:
+        return {"w": _weighted_rows(weights, g), "b": _weighted_rows(weights, b_rows)}
+
+    return jnp.sum(jnp.square(g), axis=(1, 2)) + b_sq, summer
+
+
+def linear_sq_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, ghost: str = "auto") -> jax.Array:
+    """Per-example ||grad w||^2 + ||grad b||^2 of `layers.linear`. x [m, ..., in], d [m, ..., out] -> [m]."""
+    return linear_norms(params, x, d, ghost)[0]
 
 
 def conv_patches(x: jax.Array, k: int, stride: int) -> jax.Array:
@@ -90,12 +111,16 @@ def conv_patches(x: jax.Array, k: int, stride: int) -> jax.Array:
     return jnp.stack(rows, axis=3)
 
 
-def ws_conv_sq_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, *, stride: int,
-                     groups: int, ghost: str = "auto", eps: float = layers.WS_EPS) -> jax.Array:
+def ws_conv_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, *, stride: int,
+                  groups: int, ghost: str = "auto", eps: float = layers.WS_EPS
+                  ) -> tuple[jax.Array, Summer | None]:
     """Per-example squared norm of the gradient w.r.t. (w, gain, bias) of `layers.ws_conv`.
 
     params: w [k, k, in/groups, out], gain [out]; x [m, K, H, W, in] (K rows per example),
-    d [m, K, H', W', out] = dLoss_i/d(output). Returns float32 [m]. See the module doc.
+    d [m, K, H', W', out] = dLoss_i/d(output). Returns (float32 [m], summer): summer(weights [m])
+    is the weighted sum of the per-example gradients {w, gain, bias} when they were
+    materialised (one cheap contraction plus the standardisation's VJP), None on the ghost route.
+    See the module doc.
     """
     w = params["w"].astype(F32)
     gain = params["gain"].astype(F32)
@@ -116,23 +141,38 @@ def ws_conv_sq_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array
     unclamped = (var * n > eps).reshape(groups, cout_g)
     n_var = jnp.where(unclamped, (var * n).reshape(groups, cout_g), 1.0)
     centred = (w - mean).reshape(n, groups, cout_g)
+    bias_rows = jnp.sum(dd, axis=1)  # [m, groups, o]
 
+    summer = None
     if _use_ghost(ghost, rows, n, cout_g, groups):
         # e.g and c.g from the patches; ||g||^2 (channel-weighted) as a ghost norm.
         e_dot = jnp.einsum("mrg,mrgo->mgo", jnp.sum(a, axis=-1), dd) / math.sqrt(n)
         c_dot = jnp.einsum("mrgo,mrgo->mgo", jnp.einsum("mrgn,ngo->mrgo", a, centred), dd)
         g_sq = _ghost_sq_norm(a, dd * scale)
     else:
-        # Materialised g [m, groups, n, o]: every term is a contraction of it.
+        # Materialised g = dL_i/dw_hat [m, groups, n, o]: every term is a contraction of it.
         g = jnp.einsum("mrgn,mrgo->mgno", a, dd)
         e_dot = jnp.sum(g, axis=2) / math.sqrt(n)
         c_dot = jnp.einsum("mgno,ngo->mgo", g, centred)
         g_sq = jnp.sum(jnp.square(scale) * jnp.sum(jnp.square(g), axis=2), axis=(1, 2))
+
+        def summer(weights: jax.Array) -> dict[str, jax.Array]:
+            g_hat = jnp.moveaxis(_weighted_rows(weights, g), 0, 1).reshape(w.shape)  # [n, g, o] -> HWIO
+            _, vjp = jax.vjp(layers.standardize_weight, w, gain)
+            g_w, g_gain = vjp(g_hat)
+            return {"w": g_w, "gain": g_gain, "bias": _weighted_rows(weights, bias_rows).reshape(cout)}
+
     v_sq = jnp.where(unclamped, jnp.square(c_dot) / n_var, 0.0)
     w_sq = g_sq - jnp.sum(jnp.square(scale) * (jnp.square(e_dot) + v_sq), axis=(1, 2))
     gain_sq = jnp.sum(jnp.square(r.reshape(groups, cout_g) * c_dot), axis=(1, 2))
-    bias_sq = jnp.sum(jnp.square(jnp.sum(dd, axis=1)), axis=(1, 2))
-    return jnp.maximum(w_sq, 0.0) + gain_sq + bias_sq
+    bias_sq = jnp.sum(jnp.square(bias_rows), axis=(1, 2))
+    return jnp.maximum(w_sq, 0.0) + gain_sq + bias_sq, summer
+
+
+def ws_conv_sq_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, *, stride: int,
+                     groups: int, ghost: str = "auto", eps: float = layers.WS_EPS) -> jax.Array:
+    """`ws_conv_norms` without the summer: float32 [m]."""
+    return ws_conv_norms(params, x, d, stride=stride, groups=groups, ghost=ghost, eps=eps)[0]
 
 
 def generic_sq_norms(fn: taps.OpFn, params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array) -> jax.Array:
@@ -145,19 +185,20 @@ def generic_sq_norms(fn: taps.OpFn, params: Mapping[str, jax.Array], x: jax.Arra
     return jax.vmap(one)(x, d)
 
 
-def op_sq_norms(spec: taps.OpSpec, params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array,
-                ghost: str) -> jax.Array:
-    """Dispatch on ``spec.kind``. x, d: [m, *spec.x.shape], [m, *spec.z.shape] -> [m] float32."""
+def op_norms(spec: taps.OpSpec, params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array,
+             ghost: str) -> tuple[jax.Array, Summer | None]:
+    """Dispatch on ``spec.kind``. x, d: [m, *spec.x.shape], [m, *spec.z.shape] ->
+    (squared norms [m] float32, summer or None)."""
     if spec.kind == "ws_conv":
         kw = getattr(spec.fn, "keywords", None)
         if getattr(spec.fn, "func", None) is not layers.ws_conv or kw is None:
             raise ValueError(f"tap {spec.key}: kind 'ws_conv' needs fn = functools.partial(layers.ws_conv, ...)")
-        return ws_conv_sq_norms(params, x, d, stride=kw["stride"], groups=kw["groups"], ghost=ghost)
+        return ws_conv_norms(params, x, d, stride=kw["stride"], groups=kw["groups"], ghost=ghost)
     if spec.kind == "linear":
         if getattr(spec.fn, "func", None) is not layers.linear:
             raise ValueError(f"tap {spec.key}: kind 'linear' needs fn = functools.partial(layers.linear, ...)")
-        return linear_sq_norms(params, x, d, ghost)
-    return generic_sq_norms(spec.fn, params, x, d)
+        return linear_norms(params, x, d, ghost)
+    return generic_sq_norms(spec.fn, params, x, d), None
 
 
 def discover_ops(tapped_loss: Any, params: PyTree, views: Mapping[str, jax.Array], rng: jax.Array
@@ -205,22 +246,37 @@ def tap_pass(tapped_loss: Any, params: PyTree, specs: Mapping[str, taps.OpSpec],
     return losses, aux, inputs, out_grads
 
 
-def per_example_sq_norms(specs: Mapping[str, taps.OpSpec], op_params: Mapping[str, Mapping[str, jax.Array]],
-                         inputs: Mapping[str, jax.Array], out_grads: Mapping[str, jax.Array],
-                         ghost: str = "auto") -> jax.Array:
-    """Step 2: squared L2 norm of each example's whole parameter gradient, float32 [m]."""
-    return sum(op_sq_norms(s, op_params[key], inputs[key], out_grads[key], ghost) for key, s in specs.items())
+def per_example_norms(specs: Mapping[str, taps.OpSpec], op_params: Mapping[str, Mapping[str, jax.Array]],
+                      inputs: Mapping[str, jax.Array], out_grads: Mapping[str, jax.Array],
+                      ghost: str = "auto") -> tuple[jax.Array, dict[str, Summer]]:
+    """Step 2: squared L2 norm of each example's whole parameter gradient (float32 [m]) and,
+    per op whose per-example gradients were materialised, its summer (see `ws_conv_norms`)."""
+    total, summers = 0.0, {}
+    for key, s in specs.items():
+        sq, summer = op_norms(s, op_params[key], inputs[key], out_grads[key], ghost)
+        total = total + sq
+        if summer is not None:
+            summers[key] = summer
+    return total, summers
 
 
 def weighted_param_grads(specs: Mapping[str, taps.OpSpec], op_params: Mapping[str, Mapping[str, jax.Array]],
                          inputs: Mapping[str, jax.Array], out_grads: Mapping[str, jax.Array],
-                         weights: jax.Array) -> dict[str, dict[str, jax.Array]]:
-    """Step 3: sum_i weights_i * (gradient of example i) per op, as one batched weight-gradient
-    VJP of each op. weights float32 [m]; a row with weight 0 contributes exactly 0 even if its
-    activations or gradients are NaN. Returns {op key: {param name: float32 array}}."""
+                         weights: jax.Array, summers: Mapping[str, Summer] | None = None
+                         ) -> dict[str, dict[str, jax.Array]]:
+    """Step 3: sum_i weights_i * (gradient of example i) per op: from the materialised
+    per-example gradients where step 2 kept them (``summers``), else as one batched
+    weight-gradient VJP of the op with cotangent weights_i * d_i. weights float32 [m]; a row
+    with weight 0 contributes exactly 0 even if its activations or gradients are NaN.
+    Returns {op key: {param name: float32 array}}."""
+    summers = summers or {}
     keep = weights != 0
     out = {}
     for key, s in specs.items():
+        if key in summers:
+            out[key] = {n: v.astype(F32) for n, v in summers[key](weights).items()}
+            continue
+
         def rows(v: jax.Array, fill: jax.Array) -> jax.Array:
             v = jnp.where(keep.reshape((-1,) + (1,) * (v.ndim - 1)), fill, 0.0).astype(v.dtype)
             return v.reshape((-1,) + v.shape[2:])
@@ -277,9 +333,10 @@ def bk_clipped_grad_sum(loss_fn: Any, params: PyTree, batch: Mapping[str, jax.Ar
         keys = jax.vmap(lambda p: jax.random.fold_in(rng, p))(pos_mb)
         real = mask_mb > 0
         losses, aux, inputs, out_grads = tap_pass(tapped, params, specs, views_mb, keys)
-        norms = jnp.sqrt(per_example_sq_norms(specs, op_params, inputs, out_grads, ghost))
+        sq, summers = per_example_norms(specs, op_params, inputs, out_grads, ghost)
+        norms = jnp.sqrt(sq)
         factors = jnp.where(real, engine.clip_factors(norms, clipping.clip_norm, clipping.mode, clipping.gamma), 0.0)
-        grads = weighted_param_grads(specs, op_params, inputs, out_grads, factors)
+        grads = weighted_param_grads(specs, op_params, inputs, out_grads, factors, summers)
         acc = dict(acc)
         for key, s in specs.items():
             for pname, path in s.param_paths.items():
