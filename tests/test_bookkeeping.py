@@ -225,3 +225,23 @@ def test_eight_devices_equal_the_vmap_engine_on_eight_devices():
         stats[method] = {k: np.asarray(v) for k, v in st.items()}
     assert_same((sums["vmap"], stats["vmap"]), (sums["bookkeeping"], stats["bookkeeping"]))
     assert np.all(stats["vmap"]["norms"][mask > 0] > 0.1)
+
+
+def test_bfloat16_compute_matches_the_vmap_engine_to_bf16_precision():
+    """Mixed precision: bf16 activations/perturbations, float32 params and norms."""
+    model = dpft.models.create("nfnet_micro", NUM_CLASSES, head_init="normal", dtype=jnp.bfloat16)
+    loss_fn, params, _ = adapters.nnx_loss_fn(model, adapters.softmax_cross_entropy_loss)
+    batch = make_batch(1, 16)
+    clipping = ClippingConfig(mode="flat", clip_norm=0.1)
+    rng = jax.random.key(2)
+    ref = jax.jit(lambda p, b: engine.clipped_grad_sum(loss_fn, p, b, rng, clipping=clipping,
+                                                       microbatch_size=4))(params, batch)
+    got = jax.jit(lambda p, b: bookkeeping.bk_clipped_grad_sum(loss_fn, p, b, rng, clipping=clipping,
+                                                               microbatch_size=4))(params, batch)
+    np.testing.assert_allclose(np.asarray(got[1]["norms"]), np.asarray(ref[1]["norms"]), rtol=3e-2)
+    flat_ref = np.concatenate([np.ravel(x) for x in jax.tree.leaves(ref[0])])
+    flat_got = np.concatenate([np.ravel(x) for x in jax.tree.leaves(got[0])])
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(got[0]))
+    cos = flat_ref @ flat_got / (np.linalg.norm(flat_ref) * np.linalg.norm(flat_got))
+    assert cos > 0.999, cos
+    assert np.linalg.norm(flat_got - flat_ref) < 0.05 * np.linalg.norm(flat_ref)

@@ -28,7 +28,7 @@ Fields (units in brackets):
   privacy.sampling           "poisson" | "shuffle"
   train.batch_size           expected batch size B = q * N per update [examples]
   train.physical_batch_size  examples per step on each host (multiple of microbatch_size)
-  train.microbatch_size      examples per vmapped per-example-gradient chunk
+  train.microbatch_size      examples per chunk of the per-example computation (scan over chunks)
   train.grad_method          "auto" | "bookkeeping" | "vmap": how clipped per-example gradients
                              are summed (same result); auto = bookkeeping for flat/automatic
                              clipping (no per-example backward, dpft.privacy.bookkeeping), else vmap
