@@ -141,6 +141,7 @@ def assert_same(ref, got, rtol=2e-5):
         np.testing.assert_allclose(np.asarray(got_stats[key]), np.asarray(ref_stats[key]), rtol=rtol, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ghost", ["auto", "never", "always"])
 def test_nfnet_flat_clipping_equals_vmap_engine(ghost):
     # nfnet_micro: grouped WS convs, SE, skip gains, stochastic depth and dropout (train=True).
@@ -198,6 +199,7 @@ def test_errors_name_the_problem():
                                         clipping=ClippingConfig(mode="flat", clip_norm=1.0), microbatch_size=4)
 
 
+@pytest.mark.slow
 def test_eight_devices_equal_the_vmap_engine_on_eight_devices():
     """Under shard_map each device's clipped sum must use only its own examples: the output-gradient
     pass must not psum over devices (device-varying perturbations), so 8 devices == vmap engine."""
@@ -211,7 +213,7 @@ def test_eight_devices_equal_the_vmap_engine_on_eight_devices():
     n = 16
     mask = np.ones(n, np.float32)
     mask[[3, 12]] = 0
-    batch = {"image": rs.randn(n, 1, 16, 16, 3).astype(np.float32),
+    batch = {"image": rs.randn(n, 1, 8, 8, 3).astype(np.float32),
              "label": rs.randint(0, NUM_CLASSES, (n, 1)).astype(np.int32), "mask": mask}
     sums, stats = {}, {}
     for method in ("vmap", "bookkeeping"):
@@ -227,6 +229,7 @@ def test_eight_devices_equal_the_vmap_engine_on_eight_devices():
     assert np.all(stats["vmap"]["norms"][mask > 0] > 0.1)
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_matches_the_vmap_engine_to_bf16_precision():
     """Mixed precision: bf16 activations/perturbations, float32 params and norms."""
     model = dpft.models.create("nfnet_micro", NUM_CLASSES, head_init="normal", dtype=jnp.bfloat16)
