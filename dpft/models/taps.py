@@ -9,7 +9,7 @@ they would call ``fn(params, x)``:
 * no recorder installed (normal use): returns ``fn(params, x)``, nothing else happens;
 * a ``Recorder`` installed by ``install`` (``dpft.privacy.bookkeeping`` does this on a freshly
   merged module inside its traced function): in "discover" mode it notes an ``OpSpec`` (which
-  params the op uses, shapes, the function); in "record" mode it keeps ``x`` and returns
+  params the op uses, output shape, the function); in "record" mode it keeps ``x`` and returns
   ``fn(params, x) + perturbation``, so the gradient w.r.t. the (zero) perturbation is the
   gradient w.r.t. the op's output.
 
@@ -35,13 +35,12 @@ _ATTR = "_dpft_tap"
 @dataclasses.dataclass(frozen=True)
 class OpSpec:
     """One tapped op. ``key`` = "module/path:op"; ``param_paths`` {param name: full path in the
-    params tree}; ``x``/``z``: ShapeDtypeStructs of the op's input/output for ONE example."""
+    params tree}; ``z``: ShapeDtypeStruct of the op's output for ONE example (the perturbation)."""
 
     key: str
     kind: str
     fn: OpFn
     param_paths: Mapping[str, tuple]
-    x: jax.ShapeDtypeStruct
     z: jax.ShapeDtypeStruct
 
 
@@ -78,7 +77,6 @@ class Recorder:
                              "supported by the book-keeping engine; use grad_method='vmap')")
         if self.mode == "discover":
             self.specs[key] = OpSpec(key, kind, fn, {n: tuple(path) + (n,) for n in params},
-                                     jax.ShapeDtypeStruct(x.shape, x.dtype),
                                      jax.ShapeDtypeStruct(z.shape, z.dtype))
             return z
         if key not in self.perturbations:

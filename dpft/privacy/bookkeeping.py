@@ -187,7 +187,7 @@ def generic_sq_norms(fn: taps.OpFn, params: Mapping[str, jax.Array], x: jax.Arra
 
 def op_norms(spec: taps.OpSpec, params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array,
              ghost: str) -> tuple[jax.Array, Summer | None]:
-    """Dispatch on ``spec.kind``. x, d: [m, *spec.x.shape], [m, *spec.z.shape] ->
+    """Dispatch on ``spec.kind``. x: [m, *op input shape], d: [m, *spec.z.shape] ->
     (squared norms [m] float32, summer or None)."""
     if spec.kind == "ws_conv":
         kw = getattr(spec.fn, "keywords", None)

@@ -138,6 +138,7 @@ class Trainer:
         )
         self._predict = jax.jit(lambda p, images: self.merge(p)(images, train=False))
         self.recorder = None
+        self.last_example_losses: np.ndarray | None = None  # [N], set by record_norms
         if config.individual.enabled and self.plan.enabled:
             from dpft.privacy import individual
             self.recorder = individual.NormRecorder(num_examples=len(self.train_table),
@@ -357,7 +358,7 @@ class Trainer:
         worst = individual.worst_case_epsilon(
             sampling_rate=self.plan.sampling_rate, noise_multiplier=self.plan.noise_multiplier,
             num_updates=int(self.state["update"]), delta=self.plan.delta)
-        summary = individual.summarise(eps, attrs, cols["label"], getattr(self, "last_example_losses", None),
+        summary = individual.summarise(eps, attrs, cols["label"], self.last_example_losses,
                                        worst_case_epsilon=worst, class_names=self.train_table.class_names)
         summary["run_epsilon"] = {"value": self.epsilon_spent(), "accountant": self.plan.accountant}
         individual.write_individual_epsilons(self.workdir, cols["example_id"], eps, attrs, summary=summary)

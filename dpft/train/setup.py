@@ -17,7 +17,7 @@ import ml_collections
 from dpft.cli import UsageError
 from dpft.data.augment import AugmentConfig
 from dpft.data.base import ExampleTable
-from dpft.privacy import accounting, adapters, engine
+from dpft.privacy import accounting, adapters, bookkeeping, engine
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +202,7 @@ def grad_method(config: ml_collections.ConfigDict) -> str:
     method = str(config.train.get("grad_method", "auto"))
     if method != "auto":
         return method
-    private = bool(config.privacy.enabled) and config.privacy.clipping in ("flat", "automatic")
+    private = bool(config.privacy.enabled) and config.privacy.clipping in bookkeeping.BK_MODES
     return "bookkeeping" if private else "vmap"
 
 

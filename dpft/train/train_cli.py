@@ -10,7 +10,6 @@ import logging
 import os
 
 
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="config file, e.g. configs/chexpert_nfnet_f0.py[:arg]")
     parser.add_argument("--workdir", required=True, help="run directory (checkpoints, logs, predictions)")
