@@ -30,7 +30,8 @@ def make_step(setup: common.Setup, method: str, microbatch_size: int, *, clip_no
     """Jitted `step(params, batch, key) -> (params, losses [B])` for one method."""
     import jax
 
-    from dpft.privacy import bookkeeping, engine, noise
+    from dpft.privacy import bookkeeping, engine, keys, noise
+    noise_base = keys.noise_base_key(keys.RunSecret.generate())  # a fresh secret, as a run draws
     if method == "nonprivate":
         clipping, sigma, fn = engine.ClippingConfig(mode="none"), 0.0, engine.clipped_grad_sum
     elif method in ("vmap", "bookkeeping"):
@@ -43,7 +44,7 @@ def make_step(setup: common.Setup, method: str, microbatch_size: int, *, clip_no
 
     def step(params, batch, key):
         grad_sum, stats = fn(setup.loss_fn, params, batch, key, clipping=clipping, microbatch_size=microbatch_size)
-        noisy = noise.privatize(grad_sum, noise.noise_key(0, 0), noise_multiplier=sigma, clip_norm=sens,
+        noisy = noise.privatize(grad_sum, noise.noise_key(noise_base, 0), noise_multiplier=sigma, clip_norm=sens,
                                 expected_batch_size=float(batch_size))
         return jax.tree.map(lambda p, g: p - lr * g, params, noisy), stats["loss"]
 

@@ -40,7 +40,7 @@ def bench(paths: list[str], workers: int, batch: int, repeats: int) -> float:
     table = from_records([{"example_id": i, "patient_id": str(i), "image": p, "label": i % 2, "attrs": {}}
                           for i, p in enumerate(paths)], split="train", meta=meta)
     aug = AugmentConfig(image_size=224, crop="random_resized", flip=True, augmult=1)
-    it = TrainIterator(table, TrainConfig(sampling_rate=1.0, physical_batch_size=batch, num_workers=workers), aug)
+    it = TrainIterator(table, TrainConfig(sampling_rate=1.0, physical_batch_size=batch, num_workers=workers, selection_seed=0), aug)
     list(it.batches_for_update(0))  # warm-up (file cache, imports)
     t0, count = time.perf_counter(), 0
     for u in range(1, repeats + 1):

@@ -34,6 +34,8 @@ def pieces(setup: common.Setup) -> dict:
 
     from dpft.models import taps
     from dpft.privacy import bookkeeping, engine, noise
+    from dpft.privacy.keys import RunSecret, noise_base_key
+    noise_base = noise_base_key(RunSecret.generate())
     views = {k: v for k, v in setup.batch.items() if k not in ("mask", "example_id")}
     mask = setup.batch["mask"]
     b = mask.shape[0]
@@ -51,7 +53,7 @@ def pieces(setup: common.Setup) -> dict:
         return jax.tree.map(lambda x: jnp.tensordot(f, x, axes=1), g)
 
     grad_sum = jax.jit(clip_sum)(grads, norms)
-    privatize = lambda g: noise.privatize(g, noise.noise_key(0, 0), noise_multiplier=1.0, clip_norm=1.0,
+    privatize = lambda g: noise.privatize(g, noise.noise_key(noise_base, 0), noise_multiplier=1.0, clip_norm=1.0,
                                           expected_batch_size=float(b))
     full = lambda p: privatize(engine.clipped_grad_sum(
         setup.loss_fn, p, setup.batch, jax.random.key(0), clipping=engine.ClippingConfig(clip_norm=1.0),

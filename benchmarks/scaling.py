@@ -24,16 +24,18 @@ def child(devices: int, batch: int, iters: int, model: str) -> dict:
     import optax
 
     from benchmarks import common
-    from dpft.privacy import engine
+    from dpft.privacy import engine, keys
+    from dpft.privacy import plan as plan_lib
     from dpft.train import distributed, step as step_lib
     assert len(jax.devices()) == devices, (jax.devices(), devices)
     setup = common.make_setup(model, batch)
     mesh = jax.make_mesh((devices,), (step_lib.DATA_AXIS,))
     per_device = batch // devices
     clipping = engine.ClippingConfig(mode="flat", clip_norm=1.0)
-    cfg = step_lib.StepConfig(clipping=clipping, microbatch_size=per_device, noise_multiplier=1.0,
-                              expected_batch_size=float(batch), seed=0, sensitivity=1.0,
-                              grad_method="bookkeeping")
+    plan = plan_lib.fixed_plan(clipping=clipping, noise_multiplier=1.0, expected_batch_size=float(batch),
+                               params=setup.params, secret=keys.RunSecret.generate(), grad_method="bookkeeping")
+    cfg = step_lib.StepConfig(plan=plan, microbatch_size=per_device)
+    noise_key = plan.noise_base_key()
     opt = optax.sgd(0.1)
     accumulate = step_lib.make_accumulate_fn(setup.loss_fn, cfg, mesh)
     apply = step_lib.make_apply_fn(opt, cfg, mesh)
@@ -44,7 +46,7 @@ def child(devices: int, batch: int, iters: int, model: str) -> dict:
     def update(state):
         acc = step_lib.zeros_accumulator(state["params"], mesh)
         acc, _ = accumulate(state["params"], acc, gbatch, key)
-        state, _ = apply(state, acc)
+        state, _ = apply(state, acc, noise_key)
         return jax.block_until_ready(state)
 
     t0 = time.perf_counter()

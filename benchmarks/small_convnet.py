@@ -26,7 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dpft.privacy import adapters, engine, noise
+from dpft.privacy import adapters, engine, keys, noise
+NOISE_BASE = keys.noise_base_key(keys.RunSecret.generate())  # a fresh secret, as a run draws
 from dpft.privacy.testing_models import SmallConvNet
 
 # name -> (make_model(seed) -> nnx.Module, image shape (H, W, C), num_classes)
@@ -57,7 +58,7 @@ def make_step(loss_fn, mode: str, microbatch_size: int, batch_size: int):
         rng = jax.random.fold_in(jax.random.key(1), update_index)
         grad_sum, _ = engine.clipped_grad_sum(loss_fn, params, batch, rng, clipping=clipping,
                                               microbatch_size=microbatch_size)
-        return noise.privatize(grad_sum, noise.noise_key(0, update_index), noise_multiplier=sigma, clip_norm=1.0,
+        return noise.privatize(grad_sum, noise.noise_key(NOISE_BASE, update_index), noise_multiplier=sigma, clip_norm=1.0,
                                expected_batch_size=float(batch_size))
 
     return step

@@ -44,7 +44,6 @@ def large_scale_config(data_name: str, arg=None):
     c.privacy.clip_norm = 1.0
     c.privacy.clipping = "flat"
     c.privacy.accountant = "pld"
-    c.privacy.sampling = "poisson"
 
     c.train.batch_size = 16_384
     c.train.physical_batch_size = 128  # per host per step (8 accelerators x 16)

@@ -44,7 +44,6 @@ def medical_config(data_name: str, arg=None, options=None):
     c.privacy.clip_norm = 1e-3  # paper
     c.privacy.clipping = "flat"
     c.privacy.accountant = "pld"
-    c.privacy.sampling = "poisson"
 
     c.train.batch_size = 4096  # paper
     c.train.physical_batch_size = 256  # per host per step; accumulated up to the batch

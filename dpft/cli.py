@@ -18,7 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("dpft.evaluate.evaluate_cli", "evaluate checkpoints: metrics and subgroup gaps"),
     "prepare": ("dpft.data.prepare_cli", "validate a data directory and build its index"),
     "accountant": ("dpft.privacy.accountant_cli", "epsilon for (q, sigma, steps, delta) or sigma for a target epsilon"),
-    "audit": ("dpft.privacy.audit_cli", "empirical lower bound on epsilon with canaries"),
+    "audit": ("dpft.train.audit_cli", "empirical lower bound on epsilon with canaries"),
     "demo": ("dpft.demo", "the whole recipe offline on the embedded digits data"),
 }
 

@@ -8,6 +8,7 @@ import scipy.stats
 
 from dpft import cli
 from dpft.privacy import audit
+from dpft.train import canary_audit
 
 
 def brute_tail(r, v, eps):
@@ -92,16 +93,16 @@ AUDIT = dict(num_canaries=1000, steps=100, sampling_rate=0.1, epsilon=1.0, delta
 
 
 def test_non_private_run_gives_large_bound():
-    res = audit.run_audit({**AUDIT, "clipping_mode": "none", "noise_multiplier": 0.0})
+    res = canary_audit.run_audit({**AUDIT, "clipping_mode": "none", "noise_multiplier": 0.0})
     assert res.epsilon_lower_bound > 2 and math.isinf(res.epsilon_claimed) and res.passed
 
 
 def test_broken_engine_is_caught_and_real_engine_passes():
-    broken = audit.run_audit({**AUDIT, "noise_scale_for_testing": 0.1})
+    broken = canary_audit.run_audit({**AUDIT, "noise_scale_for_testing": 0.1})
     np.testing.assert_allclose(broken.epsilon_claimed, 1.0, atol=1e-3)  # sigma calibrated to epsilon 1
     assert broken.epsilon_lower_bound > 2 * broken.epsilon_claimed and not broken.passed
     for seed in (0, 1):
-        real = audit.run_audit({**AUDIT, "seed": seed})
+        real = canary_audit.run_audit({**AUDIT, "seed": seed})
         assert real.passed and real.epsilon_lower_bound < 0.5 * real.epsilon_claimed
         assert real.noise_multiplier == broken.noise_multiplier
 

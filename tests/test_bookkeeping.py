@@ -17,7 +17,8 @@ import pytest
 
 import dpft.models
 from dpft.models import layers, taps
-from dpft.privacy import adapters, bookkeeping, engine
+from dpft.privacy import adapters, bookkeeping, engine, keys
+from dpft.privacy import plan as plan_lib
 from dpft.privacy.engine import ClippingConfig
 from dpft.privacy.testing_models import SmallConvNet
 
@@ -218,8 +219,9 @@ def test_eight_devices_equal_the_vmap_engine_on_eight_devices():
     sums, stats = {}, {}
     for method in ("vmap", "bookkeeping"):
         clipping = ClippingConfig(mode="flat", clip_norm=0.1)
-        cfg = step_lib.StepConfig(clipping=clipping, microbatch_size=2, noise_multiplier=0.0,
-                                  expected_batch_size=8.0, seed=0, grad_method=method)
+        plan = plan_lib.fixed_plan(clipping=clipping, noise_multiplier=0.0, expected_batch_size=8.0, params=params,
+                                   secret=keys.RunSecret.insecure_fixed(0), grad_method=method)
+        cfg = step_lib.StepConfig(plan=plan, microbatch_size=2)
         accumulate = step_lib.make_accumulate_fn(loss_fn, cfg, mesh)
         acc, st = accumulate(distributed.replicate(params, mesh), step_lib.zeros_accumulator(params, mesh),
                              distributed.shard_batch(batch, mesh), jax.random.key(5))

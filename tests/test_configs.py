@@ -186,7 +186,7 @@ RULES = [
     ("train.lr_schedule.name", "step", "not one of"),
     ("privacy.clipping", "adaptive", "not one of"),
     ("privacy.accountant", "moments", "not one of"),
-    ("privacy.sampling", "uniform", "not one of"),
+    ("privacy.insecure_fixed_noise_seed", 1.5, "must be -1"),
     ("eval.params", "swa", "not one of"),
     ("eval.splits", (), "non-empty"),
     ("eval.batch_size", 0, ">= 1"),
@@ -248,16 +248,31 @@ def test_privacy_off_relaxes_privacy_rules_and_sigma_bypasses_epsilon():
     validate(c)
 
 
-def test_all_errors_reported_together_and_shuffle_warns():
+def test_all_errors_reported_together_and_shuffle_is_gone():
     c = _set(_valid(), "data.augmult", 0)
     _set(c, "train.num_updates", 0)
     with pytest.raises(UsageError) as e:
         validate(c)
     assert "config.data.augmult=0" in str(e.value) and "config.train.num_updates=0" in str(e.value)
-    c = _set(_valid(), "privacy.sampling", "shuffle")
-    with pytest.warns(UserWarning, match="Poisson"):
-        notes = validate(c)
-    assert len(notes) == 1
+    with pytest.raises(KeyError):  # no shuffled batches: the option does not exist any more
+        _set(_valid(), "privacy.sampling", "shuffle")
+
+
+def test_default_delta_warns_that_it_is_weak():
+    """delta defaults to 1/N (the papers' choice); the >= 1/N warning fires for it too."""
+    with pytest.warns(UserWarning, match="weak guarantee"):
+        notes = validate(_valid(), num_examples=1000)
+    assert any("delta=0.0 means delta=0.001" in n for n in notes)
+    c = _set(_valid(), "privacy.delta", 1e-5)
+    assert not any("weak" in n for n in validate(c, num_examples=1000))
+
+
+def test_insecure_fixed_noise_seed_is_validated_and_loud():
+    c = _set(_valid(), "privacy.insecure_fixed_noise_seed", 3)
+    with pytest.warns(UserWarning, match="NO differential-privacy guarantee"):
+        validate(c)
+    with pytest.raises(UsageError, match="insecure_fixed_noise_seed=-5"):
+        validate(_set(_valid(), "privacy.insecure_fixed_noise_seed", -5))
 
 
 # ----------------------------------------------------------------------------- optimizer

@@ -46,7 +46,7 @@ def collect(it, updates):
 
 def test_shapes_labels_and_selection():
     table = make_table(task="multilabel")
-    cfg = TrainConfig(sampling_rate=0.3, physical_batch_size=4, seed=3)
+    cfg = TrainConfig(sampling_rate=0.3, physical_batch_size=4, seed=3, selection_seed=3)
     it = TrainIterator(table, cfg, AUG)
     for u, batches in enumerate(collect(it, 4)):
         sel = poisson_selection(3, u, len(table), 0.3)
@@ -74,7 +74,7 @@ def test_shapes_labels_and_selection():
 
 def test_multiclass_labels_repeated_and_views_differ():
     table = make_table()
-    it = TrainIterator(table, TrainConfig(sampling_rate=0.5, physical_batch_size=8, seed=1), AUG)
+    it = TrainIterator(table, TrainConfig(sampling_rate=0.5, physical_batch_size=8, seed=1, selection_seed=1), AUG)
     b = next(iter(it))
     r = int(np.flatnonzero(b["mask"])[0])
     assert b["label"].shape == (8, 3) and b["label"].dtype == np.int32
@@ -88,7 +88,7 @@ def test_shards_partition_selection(num_shards):
     table = make_table(n=60)
     per_shard = []
     for s in range(num_shards):
-        cfg = TrainConfig(sampling_rate=0.4, physical_batch_size=4, seed=5, num_shards=num_shards, shard_index=s)
+        cfg = TrainConfig(sampling_rate=0.4, physical_batch_size=4, seed=5, selection_seed=5, num_shards=num_shards, shard_index=s)
         per_shard.append(list(TrainIterator(table, cfg, AUG).batches_for_update(2)))
     assert len({len(b) for b in per_shard}) == 1  # same number of physical batches on every host
     ids = [np.concatenate([b["example_id"][b["mask"] > 0] for b in bs]) for bs in per_shard]
@@ -99,15 +99,15 @@ def test_shards_partition_selection(num_shards):
 
 def test_deterministic_and_workers_agree():
     table = make_table(encoded=True)
-    cfg0 = TrainConfig(sampling_rate=0.4, physical_batch_size=4, seed=7, num_workers=0)
-    cfg2 = TrainConfig(sampling_rate=0.4, physical_batch_size=4, seed=7, num_workers=2)
+    cfg0 = TrainConfig(sampling_rate=0.4, physical_batch_size=4, seed=7, selection_seed=7, num_workers=0)
+    cfg2 = TrainConfig(sampling_rate=0.4, physical_batch_size=4, seed=7, selection_seed=7, num_workers=2)
     a, b = collect(TrainIterator(table, cfg0, AUG), 2), collect(TrainIterator(table, cfg2, AUG), 2)
     for ua, ub in zip(a, b):
         assert len(ua) == len(ub)
         for x, y in zip(ua, ub):
             for k in x:
                 np.testing.assert_array_equal(x[k], y[k])
-    other = collect(TrainIterator(table, TrainConfig(sampling_rate=0.4, physical_batch_size=4, seed=8), AUG), 1)
+    other = collect(TrainIterator(table, TrainConfig(sampling_rate=0.4, physical_batch_size=4, seed=8, selection_seed=8), AUG), 1)
     assert not np.array_equal(np.concatenate([x["example_id"] for x in a[0]]),
                               np.concatenate([x["example_id"] for x in other[0]]))
 
@@ -117,8 +117,8 @@ def test_worker_processes_give_the_same_batches_as_one_thread(task):
     """Decoding in spawned processes is bitwise the same as in the calling thread, and a resume
     mid-update works with processes too."""
     table = make_table(n=30, task=task, encoded=True)
-    cfg0 = TrainConfig(sampling_rate=0.5, physical_batch_size=4, seed=5)
-    cfgp = TrainConfig(sampling_rate=0.5, physical_batch_size=4, seed=5, worker_processes=2)
+    cfg0 = TrainConfig(sampling_rate=0.5, physical_batch_size=4, seed=5, selection_seed=5)
+    cfgp = TrainConfig(sampling_rate=0.5, physical_batch_size=4, seed=5, selection_seed=5, worker_processes=2)
     ref = collect(TrainIterator(table, cfg0, AUG), 2)
     it = TrainIterator(table, cfgp, AUG)
     got = collect(it, 2)
@@ -139,7 +139,7 @@ def test_worker_processes_give_the_same_batches_as_one_thread(task):
 
 def test_resume_mid_update_gives_same_batches():
     table = make_table(n=50)
-    cfg = TrainConfig(sampling_rate=0.5, physical_batch_size=4, seed=11)
+    cfg = TrainConfig(sampling_rate=0.5, physical_batch_size=4, seed=11, selection_seed=11)
     ref = list(itertools.islice(iter(TrainIterator(table, cfg, AUG)), 25))
     it = TrainIterator(table, cfg, AUG)
     stream = iter(it)
@@ -208,10 +208,10 @@ def test_bad_image_error_and_skip(tmp_path):
     table = from_records(recs, split="train", meta=meta)
     with pytest.raises(DataError, match="bad.jpg"):
         decode_image(str(bad))
-    cfg = TrainConfig(sampling_rate=1.0, physical_batch_size=4)
+    cfg = TrainConfig(sampling_rate=1.0, physical_batch_size=4, selection_seed=0)
     with pytest.raises(DataError, match=r"toy/train row 1.*bad\.jpg"):
         list(TrainIterator(table, cfg, AUG).update_batches())
-    it = TrainIterator(table, TrainConfig(sampling_rate=1.0, physical_batch_size=4, on_bad_image="skip"), AUG)
+    it = TrainIterator(table, TrainConfig(sampling_rate=1.0, physical_batch_size=4, on_bad_image="skip", selection_seed=0), AUG)
     (b,) = list(it.update_batches())
     assert b["mask"].tolist() == [1, 0, 1, 0] and b["example_id"].tolist() == [0, -1, 2, -1]
     assert it.skipped_images == 1

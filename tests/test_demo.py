@@ -21,8 +21,8 @@ def test_recipe_is_a_valid_run_config(private, devices):
     assert cfg.train.physical_batch_size % devices == 0 and per_device % cfg.train.microbatch_size == 0
     assert cfg.privacy.enabled is private
     assert cfg.data.name == "digits" and cfg.model.name == "nfnet_tiny"
-    # Poisson sampling, accumulation over physical batches and the EMA are the big configs' path.
-    assert cfg.privacy.sampling == "poisson"
+    # Secret noise (no fixed seed), accumulation over physical batches and the EMA are the big configs' path.
+    assert cfg.privacy.insecure_fixed_noise_seed == -1
     if devices == 1:
         assert cfg.train.physical_batch_size < cfg.train.batch_size  # accumulation over physical batches
     assert (cfg.train.ema_decay > 0) is private

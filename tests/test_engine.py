@@ -279,6 +279,11 @@ def test_shard_map_per_device_sums_psum_to_single_device_result():
         np.testing.assert_allclose(np.asarray(stats["norms"]), want_stats["norms"], rtol=1e-5)
 
 
+def _base(n: int):
+    from dpft.privacy import keys
+    return keys.noise_base_key(keys.RunSecret.insecure_fixed(n))
+
+
 def test_dp_aggregate_feeds_optax_adam():
     loss_fn, params = setup()
     batch, rng = make_batch(1, seed=9), jax.random.key(9)
@@ -287,7 +292,7 @@ def test_dp_aggregate_feeds_optax_adam():
     grad_sum = jax.tree.unflatten(jax.tree.structure(params), [jnp.asarray(x, jnp.float32) for x in grad_sum])
     expected_b = 6.0
     # sigma = 0: exactly adam on the clipped mean
-    tx = optax.chain(engine.dp_aggregate(seed=0, noise_multiplier=0.0, clip_norm=0.1, expected_batch_size=expected_b),
+    tx = optax.chain(engine.dp_aggregate(noise_base_key=_base(0), noise_multiplier=0.0, clip_norm=0.1, expected_batch_size=expected_b),
                      optax.adam(1e-2))
     state = tx.init(params)
     updates, state = jax.jit(tx.update)(grad_sum, state, params)
@@ -298,13 +303,13 @@ def test_dp_aggregate_feeds_optax_adam():
     assert jax.tree.structure(new_params) == jax.tree.structure(params)
     assert int(state[0].update_index) == 1
     # sigma > 0: the noise of update t is privatize(..., noise_key(seed, t))
-    tx = engine.dp_aggregate(seed=3, noise_multiplier=1.0, clip_norm=0.1, expected_batch_size=expected_b)
+    tx = engine.dp_aggregate(noise_base_key=_base(3), noise_multiplier=1.0, clip_norm=0.1, expected_batch_size=expected_b)
     state = tx.init(params)
     update = jax.jit(tx.update)
     first, state = update(grad_sum, state)
     second, state = update(grad_sum, state)
     for t, got in enumerate((first, second)):
-        want = noise.privatize(grad_sum, noise.noise_key(3, t), noise_multiplier=1.0, clip_norm=0.1,
+        want = noise.privatize(grad_sum, noise.noise_key(_base(3), t), noise_multiplier=1.0, clip_norm=0.1,
                                expected_batch_size=expected_b)
         assert_leaves_close(leaves64(got), leaves64(want))
     assert not np.allclose(leaves64(first)[0], leaves64(second)[0])

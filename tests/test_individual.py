@@ -1,4 +1,4 @@
-"""Individual privacy accounting: checked against dp_accounting's RdpAccountant directly."""
+"""Individual privacy accounting: checked against dp_accounting's RdpAccountant and PLDAccountant directly."""
 import json
 import os
 
@@ -36,8 +36,8 @@ def brute_force_eps(norm_rows, update_indices, num_updates, clip_norm=C):
 
 
 def eps_of(rec, num_updates, **kw):
-    args = dict(sampling_rate=Q, noise_multiplier=SIGMA, clip_norm=C, num_updates=num_updates, delta=DELTA,
-                orders=ORDERS)
+    args = dict(sampling_rate=Q, noise_multiplier=SIGMA, sensitivity=C, num_updates=num_updates, delta=DELTA,
+                orders=ORDERS, accountant="rdp")
     args.update(kw)
     return ind.individual_epsilons(rec, **args)
 
@@ -160,18 +160,23 @@ def test_summarise_quantiles_groups_and_spearman():
     sex = np.where(rng.random(n) < 0.4, "F", "M")
     labels = rng.integers(0, 3, n)
     losses = eps * 2 + rng.normal(0, 0.1, n)
+    sex[:7] = "X"  # a group of 7 < the minimum group size 20: no statistics at all
     s = ind.summarise(eps, {"sex": sex}, labels, losses, worst_case_epsilon=3.5)
     f = eps[sex == "F"]
-    assert s["by_attribute"]["sex"]["F"]["count"] == f.size
-    np.testing.assert_allclose(s["by_attribute"]["sex"]["F"]["p25"], np.quantile(f, 0.25))
-    np.testing.assert_allclose(s["by_attribute"]["sex"]["F"]["max"], f.max())
-    np.testing.assert_allclose(s["by_class"]["2"]["p95"], np.quantile(eps[labels == 2], 0.95))
-    assert s["overall"]["min"] == eps.min() and s["worst_case_epsilon"] == 3.5
+    assert s["by_attribute"]["sex"]["F"]["n"] == f.size
+    np.testing.assert_allclose(s["by_attribute"]["sex"]["F"]["q25"], np.quantile(f, 0.25))
+    np.testing.assert_allclose(s["by_class"]["2"]["q95"], np.quantile(eps[labels == 2], 0.95))
+    assert s["by_attribute"]["sex"]["X"] == {"n": 7, "suppressed": True}
+    assert s["worst_case_epsilon"] == 3.5 and s["min_group_size"] == 20
+    # no minimum or maximum anywhere: each would be one individual's value
+    assert "min" not in json.dumps(s).replace("min_group_size", "") and '"max"' not in json.dumps(s)
+    bigger = ind.summarise(eps, {"sex": sex}, min_group_size=100)
+    assert bigger["by_attribute"]["sex"]["F"]["suppressed"] == (f.size < 100)
     ranks = lambda x: np.argsort(np.argsort(x))  # noqa: E731 (no ties with continuous data)
     np.testing.assert_allclose(s["spearman_loss"]["rho"], np.corrcoef(ranks(eps), ranks(losses))[0, 1])
     multi = ind.summarise(eps, None, np.stack([labels == 0, labels == 1], 1).astype(float),
                           class_names=["a", "b"])
-    assert multi["by_class"]["b"]["count"] == int(np.sum(labels == 1))
+    assert multi["by_class"]["b"]["n"] == int(np.sum(labels == 1))
     json.dumps(s)  # plain data
 
 
@@ -183,6 +188,7 @@ def test_write_and_read_individual_epsilons(tmp_path):
         np.testing.assert_array_equal(z["example_id"], [3, 1])
         np.testing.assert_array_equal(z["epsilon"], [0.5, 1.5])
         np.testing.assert_array_equal(z["attr_sex"], ["F", "M"])
+    assert (os.stat(path).st_mode & 0o077) == 0  # per-example values: owner-only
     readme = (tmp_path / "INDIVIDUAL_PRIVACY_README.md").read_text().lower()
     assert "sensitive" in readme and "outside this\n  workdir" in readme
     assert ind.read_individual_epsilons(path)["epsilon"].shape == (2,)
@@ -200,9 +206,61 @@ def test_orders_with_infinite_rdp_do_not_give_nan():
     rec = individual.NormRecorder(num_examples=3, grid_width=0.01, every=10)
     for u in range(0, t, 10):
         rec.record_all(u, np.array([5.0, 0.5, 0.08]))
-    eps = individual.individual_epsilons(rec, sampling_rate=q, noise_multiplier=sigma, clip_norm=1.0,
-                                         num_updates=t, delta=delta)
+    eps = individual.individual_epsilons(rec, sampling_rate=q, noise_multiplier=sigma, sensitivity=1.0,
+                                         num_updates=t, delta=delta, accountant="rdp")
     assert np.all(np.isfinite(eps))
     worst = individual.worst_case_epsilon(sampling_rate=q, noise_multiplier=sigma, num_updates=t, delta=delta)
     assert eps[0] == pytest.approx(worst, rel=1e-9)
     assert eps[2] < eps[1] < eps[0]
+
+
+def pld_brute_force(norm_rows, update_indices, num_updates, contribution=lambda n: np.minimum(n, C),
+                    sensitivity=C, q=Q, sigma=SIGMA, delta=DELTA):
+    """Per example: one dp_accounting PLDAccountant (dpft's discretisation) composing every update."""
+    from dpft.privacy.accounting import PLD_DISCRETIZATION
+
+    out = np.zeros(norm_rows.shape[1])
+    for i in range(norm_rows.shape[1]):
+        acc = dp_accounting.pld.PLDAccountant(value_discretization_interval=PLD_DISCRETIZATION)
+        for t in range(num_updates):
+            j = np.searchsorted(update_indices, t, side="right") - 1
+            c = sensitivity if j < 0 else min(float(contribution(norm_rows[j, i])), sensitivity)
+            if c > 0:
+                acc.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma * sensitivity / c)))
+        out[i] = acc.get_epsilon(delta)
+    return out
+
+
+def test_pld_individual_epsilons_match_a_pld_accountant_per_example_and_never_exceed_the_run():
+    rng = np.random.default_rng(6)
+    n, updates, t = 5, [0, 4, 8], 12
+    rows = rng.uniform(0, 1.5 * C, size=(3, n))
+    rows[:, 0] = 2 * C  # always clipped: exactly the run's epsilon
+    rows[1, 1] = 0.0
+    rec = ind.NormRecorder(n, grid_width=1 / 256)
+    for u, row in zip(updates, rows):
+        rec.record_all(u, row)
+    rounded = rec.bins.astype(float) / 256
+    got = ind.individual_epsilons(rec, sampling_rate=Q, noise_multiplier=SIGMA, sensitivity=C, num_updates=t,
+                                  delta=DELTA, accountant="pld")
+    np.testing.assert_allclose(got, pld_brute_force(rounded, np.array(updates), t), rtol=1e-6)
+    from dpft.privacy import accounting
+    run = accounting.compute_epsilon(Q, SIGMA, t, DELTA, "pld")
+    np.testing.assert_allclose(got[0], run, rtol=1e-6)
+    assert np.all(got <= run * (1 + 1e-9)) and got[2] < run
+
+
+def test_automatic_clipping_charges_its_own_contribution():
+    """Automatic clipping adds C n / (n + gamma), not min(n, C): a small-norm example is charged more
+    than flat clipping would charge it, a large-norm one slightly less than the worst case."""
+    gamma = 0.01
+    auto = lambda n: C * np.asarray(n) / (np.asarray(n) + gamma)  # noqa: E731
+    rec = ind.NormRecorder(3, grid_width=1 / 1024)
+    for u in (0, 5):
+        rec.record_all(u, np.array([0.02, 0.3, 50.0]))
+    kw = dict(sampling_rate=Q, noise_multiplier=SIGMA, sensitivity=C, num_updates=10, delta=DELTA, accountant="pld")
+    got = ind.individual_epsilons(rec, contribution=auto, **kw)
+    flat = ind.individual_epsilons(rec, **kw)
+    rounded = rec.bins.astype(float) / 1024
+    np.testing.assert_allclose(got, pld_brute_force(rounded, np.array([0, 5]), 10, contribution=auto), rtol=1e-6)
+    assert got[0] > flat[0] and got[1] > flat[1]  # min(n, C) = n understates C n / (n + gamma) for small n

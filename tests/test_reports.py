@@ -142,12 +142,16 @@ def test_individual_epsilon_hook_in_report(tmp_path):
     losses = eps ** 2  # monotone in eps: Spearman rho must be exactly 1
     summary = individual.summarise(eps, {"sex": np.where(np.arange(80) % 2, "F", "M")}, None, losses,
                                    worst_case_epsilon=4.5)
+    summary["run_epsilon"] = {"value": 4.5, "accountant": "pld"}
+    summary["min_group_size"] = 41  # the run's setting: each sex has 40 examples -> suppressed
     (tmp_path / "individual_epsilon.json").write_text(json.dumps(summary, default=float))
     m = R.evaluate_predictions(paths["test"], paths["validation"], n_resamples=10, plots=False)
     assert m["individual_epsilon"]["worst_case_epsilon"] == 4.5
     assert m["individual_epsilon"]["spearman_loss"]["rho"] == pytest.approx(1.0)
+    assert m["individual_epsilon"]["groups"]["sex"]["F"] == {"n": 40, "suppressed": True}
     text = (out / "report.md").read_text()
-    assert "worst-case epsilon" in text and "rho = 1.000" in text
+    assert "the run's epsilon (pld" in text and "rho = 1.000" in text and "suppressed (n < 41)" in text
+    assert "min" not in json.dumps(m["individual_epsilon"]).replace("min_group_size", "")
     np.savez(tmp_path / "individual_epsilon.npz", example_id=np.arange(3))
     with pytest.raises(UsageError, match="'epsilon'.*missing"):
         R.evaluate_predictions(paths["test"], n_resamples=5, plots=False)

@@ -25,7 +25,7 @@ from sklearn.metrics import roc_auc_score
 from dpft import cli
 from dpft.data import chexpert, fake
 from dpft.evaluate.predictions import load_predictions
-from dpft.privacy import accounting
+from dpft.privacy import accounting, keys
 from dpft.train import checkpointing
 from dpft.train import setup as setup_lib
 from dpft.train.config_base import load_config
@@ -185,31 +185,87 @@ def test_ledger_epsilon_matches_accountant_and_target(base, run_a):
     assert plan["num_updates"] == UPDATES and plan["delta"] == pytest.approx(delta)
 
 
-def test_sigkill_then_resume_equals_uninterrupted_run_bitwise(base, run_a):
+def checkpoint_secret(workdir, step) -> dict:
+    return restore_all(workdir, step).json_items["secret"]
+
+
+def test_resume_equals_the_uninterrupted_run_bitwise(base, run_a):
+    """A run resumed from its checkpoint at UPDATES - 2 (which holds the run's secret) ends
+    bitwise equal to the same run uninterrupted: same noise, same selection, same ledger."""
+    wd = base["tmp"].mktemp("run_resumed")
+    shutil.copytree(str(run_a), str(wd), dirs_exist_ok=True)
+    shutil.rmtree(os.path.join(str(wd), "checkpoints", str(UPDATES)))
+    shutil.rmtree(os.path.join(str(wd), "predictions"))
+    os.remove(os.path.join(str(wd), "ledger.json"))
+    assert finished_steps(wd)[-1] == UPDATES - 2
+    proc = run_dpft(base, train_args(base, wd), wd / "log_resumed.txt")
+    assert proc.returncode == 0, proc.output[-3000:]
+    assert f"resumed from {os.path.join(str(wd), 'checkpoints')}/{UPDATES - 2}" in proc.output, proc.output[-3000:]
+    a, b = restore_all(run_a, UPDATES), restore_all(wd, UPDATES)
+    assert set(a.pytrees) == set(b.pytrees) >= {"params", "opt_state", "ema", "polyak", "update"}
+    for name in a.pytrees:
+        assert_trees_identical(a.pytrees[name], b.pytrees[name], f"{name} after a resume")
+    assert a.json_items["ledger"] == b.json_items["ledger"]
+    assert a.json_items["data_state"] == b.json_items["data_state"]
+    assert a.json_items["secret"] == b.json_items["secret"]
+    assert read_ledger(wd).total_steps == UPDATES
+    at_resume = restore_all(run_a, UPDATES - 2)  # the comparison is not trivially true
+    assert any(np.any(np.asarray(x) != np.asarray(y)) for x, y in
+               zip(jax.tree.leaves(at_resume.pytrees["params"]), jax.tree.leaves(b.pytrees["params"])))
+
+
+def test_sigkill_then_resume_continues_with_the_runs_own_secret(base, run_a):
     wd = base["tmp"].mktemp("run_b")
     rc, out, killed_at = start_and_signal(base, wd, signal.SIGKILL, wd / "log_killed.txt")
     assert rc == -signal.SIGKILL, out[-3000:]
     before = finished_steps(wd)
     assert before and before[-1] < UPDATES, f"the run finished before the kill ({before}); nothing was resumed"
-    at_kill = restore_all(wd, before[-1])
+    secret_at_kill = checkpoint_secret(wd, before[-1])
     proc = run_dpft(base, train_args(base, wd), wd / "log_resumed.txt")
     assert proc.returncode == 0, proc.output[-3000:]
     assert f"resumed from {os.path.join(str(wd), 'checkpoints')}/{before[-1]}" in proc.output, proc.output[-3000:]
-    a, b = restore_all(run_a, UPDATES), restore_all(wd, UPDATES)
-    assert set(a.pytrees) == set(b.pytrees) >= {"params", "opt_state", "ema", "polyak", "update"}
-    for name in a.pytrees:
-        assert_trees_identical(a.pytrees[name], b.pytrees[name], f"{name} after a SIGKILL + resume")
-    assert a.json_items["ledger"] == b.json_items["ledger"]
-    assert a.json_items["data_state"] == b.json_items["data_state"]
+    assert checkpoint_secret(wd, UPDATES) == secret_at_kill
     assert read_ledger(wd).total_steps == UPDATES
-    # The predictions agree too (the model function is the same; allow last-bit differences of
-    # the eval executable, which only the first of the two runs compiled).
-    pa = load_predictions(os.path.join(str(run_a), "predictions", str(UPDATES), "test.npz"))
-    pb = load_predictions(os.path.join(str(wd), "predictions", str(UPDATES), "test.npz"))
-    np.testing.assert_allclose(pa.logits, pb.logits, rtol=1e-5, atol=1e-7)
-    # The comparison is not trivially true: the resumed updates moved the parameters.
+    # Two runs of the same command on fresh workdirs draw different secrets, so different noise
+    # and selection: the released models differ although config and seed are equal.
+    assert secret_at_kill["source"] == "csprng" and secret_at_kill != checkpoint_secret(run_a, UPDATES)
+    a, b = restore_all(run_a, UPDATES), restore_all(wd, UPDATES)
     assert any(np.any(np.asarray(x) != np.asarray(y)) for x, y in
-               zip(jax.tree.leaves(at_kill.pytrees["params"]), jax.tree.leaves(b.pytrees["params"])))
+               zip(jax.tree.leaves(a.pytrees["params"]), jax.tree.leaves(b.pytrees["params"])))
+
+
+def test_what_leaves_the_workdir_is_covered_or_private(base, run_a):
+    """The secret is only inside checkpoints; per-update private statistics only in the owner-only
+    private/ file; per-patient predictions owner-only; the public metrics carry epsilon and the
+    noisy gradient's norm, never realised batch sizes or losses on private batches."""
+    secret_hex = checkpoint_secret(run_a, UPDATES)["value"]
+    ckpt_dir = os.path.join(str(run_a), "checkpoints")
+    for dirpath, _, files in os.walk(str(run_a)):
+        if dirpath.startswith(ckpt_dir):
+            continue
+        for name in files:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                data = f.read()
+            assert secret_hex.encode() not in data and bytes.fromhex(secret_hex) not in data, (dirpath, name)
+    with open(os.path.join(str(run_a), "metrics.jsonl")) as f:
+        public = [json.loads(line) for line in f]
+    keys_seen = set().union(*public)
+    assert {"epsilon", "grad_norm"} <= keys_seen
+    assert not keys_seen & {"examples", "loss", "train_accuracy", "clipped_fraction"}, keys_seen
+    private = os.path.join(str(run_a), "private", "update_stats.jsonl")
+    assert (os.stat(private).st_mode & 0o077) == 0 and (os.stat(os.path.dirname(private)).st_mode & 0o077) == 0
+    with open(private) as f:
+        stats = [json.loads(line) for line in f]
+    assert stats and {"examples", "loss", "clipped_fraction"} <= set(stats[-1])
+    for split in ("test", "validation"):
+        npz = os.path.join(str(run_a), "predictions", str(UPDATES), f"{split}.npz")
+        assert (os.stat(npz).st_mode & 0o077) == 0, npz
+    with open(os.path.join(str(run_a), "privacy_plan.json")) as f:
+        plan = json.load(f)
+    assert plan["secret_source"] == "csprng" and plan["guarantee_valid"] is True and "secret" not in plan
+    with open(os.path.join(str(run_a), "log.txt")) as f:
+        log = f.read()
+    assert "ex/s (expected batch)" in log and "loss" not in log.split("DP-SGD")[-1].split("final:")[0]
 
 
 def test_resuming_a_finished_run_trains_nothing_more(base, run_a):
@@ -231,7 +287,7 @@ def test_budget_binds_when_sigma_is_given(base):
     config = load_config(CONFIG, base["overrides"] + ["--config.privacy.noise_multiplier=0.8",
                                                       "--config.privacy.epsilon=3.0",
                                                       "--config.train.num_updates=1000"])
-    plan = setup_lib.privacy_plan(config, n)
+    plan = setup_lib.privacy_plan(config, n, {"w": np.zeros(2)}, keys.RunSecret.generate())
     q, delta = 16 / n, 1 / n
     assert 1 <= plan.num_updates < 1000
     assert accounting.compute_epsilon(q, 0.8, plan.num_updates, delta) <= 3.0

@@ -15,7 +15,8 @@ import numpy as np
 import optax
 import pytest
 
-from dpft.privacy import adapters, engine, noise
+from dpft.privacy import adapters, engine, keys, noise
+from dpft.privacy import plan as plan_lib
 from dpft.privacy.testing_models import SmallConvNet
 from dpft.train import distributed
 from dpft.train import step as step_lib
@@ -24,6 +25,8 @@ B, K, H, C_IN, NUM_CLASSES = 16, 2, 6, 2, 3  # physical batch 16 = 8 devices x 2
 MICRO = 2
 LR = 0.5
 SEED = 3
+SECRET = keys.RunSecret.insecure_fixed(SEED)
+NOISE_KEY = keys.noise_base_key(SECRET)
 EXPECTED = 12.0  # public expected batch size (differs from any realised count below)
 MASK = np.array([1, 1, 1, 0, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 0], np.float32)
 TOL = dict(rtol=1e-5, atol=1e-6)
@@ -62,9 +65,9 @@ def make_batch(seed: int, n: int = B, mask: np.ndarray | None = None) -> dict[st
 def step_config(*, clip: float = 0.5, mode: str = "flat", sigma: float = 0.0, ema: float = 0.0,
                 polyak: bool = False) -> step_lib.StepConfig:
     clipping = engine.ClippingConfig(mode=mode, clip_norm=clip)
-    return step_lib.StepConfig(clipping=clipping, microbatch_size=MICRO, noise_multiplier=sigma,
-                               expected_batch_size=EXPECTED, seed=SEED,
-                               sensitivity=engine.sensitivity(clipping, None), ema_decay=ema, polyak=polyak)
+    plan = plan_lib.fixed_plan(clipping=clipping, noise_multiplier=sigma, expected_batch_size=EXPECTED,
+                               params=None, secret=SECRET)
+    return step_lib.StepConfig(plan=plan, microbatch_size=MICRO, ema_decay=ema, polyak=polyak)
 
 
 _FNS: dict = {}
@@ -92,9 +95,9 @@ def run_updates(cfg: step_lib.StepConfig, n_devices: int, updates: list[list[dic
         acc = step_lib.zeros_accumulator(state["params"], mesh)
         for j, batch in enumerate(batches):
             acc, stats = accumulate(state["params"], acc, distributed.shard_batch(batch, mesh),
-                                    step_lib.physical_batch_key(cfg.seed, u, j))
+                                    keys.dropout_key(SEED, u, j))
             all_stats.append(jax.tree.map(np.asarray, stats))
-        state, _ = apply(state, acc)
+        state, _ = apply(state, acc, NOISE_KEY)
     return state, all_stats
 
 
@@ -144,7 +147,7 @@ def unflatten_like(params, leaves_list):
 def expected_noise(update: int, sigma: float, clip: float, params) -> list[np.ndarray]:
     """sigma*C*N(0, 1) per leaf with keys split(noise_key(seed, update), n_leaves) (the documented draw)."""
     ps = jax.tree.leaves(params)
-    keys = jax.random.split(noise.noise_key(SEED, update), len(ps))
+    keys = jax.random.split(noise.noise_key(NOISE_KEY, update), len(ps))
     return [sigma * clip * np.asarray(jax.random.normal(k, p.shape, jnp.float32), np.float64)
             for k, p in zip(keys, ps)]
 
@@ -187,7 +190,7 @@ def test_noise_is_replicated_bitwise_and_equals_privatize():
                 np.testing.assert_array_equal(s, shards[0], err_msg=f"{name} differs across devices")
     # (2) = privatize(reference clipped sum, noise_key(seed, 0)), as one device would compute it.
     ref_sum, _ = reference_grad_sum(params, batch, clip)
-    noisy = noise.privatize(unflatten_like(params, ref_sum), noise.noise_key(SEED, 0), noise_multiplier=sigma,
+    noisy = noise.privatize(unflatten_like(params, ref_sum), noise.noise_key(NOISE_KEY, 0), noise_multiplier=sigma,
                             clip_norm=clip, expected_batch_size=EXPECTED)
     want = sgd(leaves(params), [np.asarray(g, np.float64) for g in jax.tree.leaves(noisy)])
     assert_trees_close(state8["params"], want, rtol=1e-5, atol=1e-5)
@@ -269,7 +272,7 @@ def test_non_private_mode_is_plain_sgd_on_the_masked_mean():
     """mode 'none', sigma 0: p - lr * grad(mean of real losses) * B_real / B_expected."""
     loss_fn, params = model_setup()
     cfg = step_config(mode="none")
-    assert cfg.sensitivity == 0.0
+    assert cfg.plan.sensitivity == 0.0
     batch = make_batch(5)
     views = {k: jnp.asarray(v) for k, v in batch.items() if k not in ("mask", "example_id")}
     real = MASK > 0

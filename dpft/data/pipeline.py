@@ -1,7 +1,9 @@
 """The grain input pipeline: Poisson-selected training batches and in-order eval batches.
 
-Training (`TrainIterator`): for update u, `dpft.privacy.sampling.poisson_selection(seed, u, N, q)`
-picks table positions; `physical_batches(..., num_shards, shard_index)` cuts this host's
+Training (`TrainIterator`): for update u, `dpft.privacy.sampling.poisson_selection(selection_seed,
+u, N, q)` picks table positions (`selection_seed` is the run's SECRET selection stream,
+`PrivacyPlan.selection_seed()`; `seed` is the public augmentation seed);
+`physical_batches(..., num_shards, shard_index)` cuts this host's
 part into fixed-size chunks padded with -1; only those rows are read and decoded (grain
 `MapDataset` over the positions, `ReadOptions(num_threads=num_workers)` decoding threads;
 PIL releases the GIL while decoding). Each example gets K views from
@@ -38,7 +40,8 @@ class TrainConfig:
 
     sampling_rate: float
     physical_batch_size: int
-    seed: int = 0
+    seed: int = 0  # public: augmentation
+    selection_seed: int | None = dataclasses.field(default=None, repr=False)  # SECRET: Poisson selection
     num_workers: int = 0  # decoding threads; 0 = decode in the calling thread
     worker_processes: int = 0  # > 0: decode in this many spawned processes instead (persistent pool)
     num_shards: int = 1  # hosts; each decodes only its part of the selection
@@ -183,7 +186,10 @@ class TrainIterator:
         """Sorted table positions selected (all shards) for `update_index`."""
         from dpft.privacy.sampling import poisson_selection
 
-        return np.asarray(poisson_selection(int(self.config.seed), int(update_index), len(self.table),
+        if self.config.selection_seed is None:
+            raise DataError("TrainConfig.selection_seed is unset: pass the run's secret selection seed "
+                            "(dpft.privacy.plan.PrivacyPlan.selection_seed())")
+        return np.asarray(poisson_selection(int(self.config.selection_seed), int(update_index), len(self.table),
                                             float(self.config.sampling_rate)), dtype=np.int64)
 
     def chunks(self, update_index: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -283,6 +289,36 @@ def num_eval_batches(num_examples: int, batch_size: int, num_shards: int = 1) ->
     return max(1, math.ceil(num_examples / (batch_size * num_shards)))
 
 
+def _shard_positions(num_examples: int, batch_size: int, num_shards: int, shard_index: int) -> np.ndarray:
+    """This shard's table positions (-1 = padding) for in-order passes over a split: global batch
+    g covers positions [g*B*S, (g+1)*B*S); shard s takes the s-th block of B."""
+    if not 0 <= shard_index < num_shards:
+        raise DataError(f"eval: shard_index {shard_index} not in [0, {num_shards})")
+    nb = num_eval_batches(num_examples, batch_size, num_shards)
+    pos = np.arange(nb * batch_size * num_shards).reshape(nb, num_shards, batch_size)[:, shard_index].reshape(-1)
+    return np.where(pos < num_examples, pos, -1)
+
+
+def train_view_batches(table: ExampleTable, *, batch_size: int, augment: AugmentConfig, seed: int,
+                       update_index: int, num_workers: int = 0, num_shards: int = 1, shard_index: int = 0,
+                       on_bad_image: str = "error") -> Iterator[dict]:
+    """The whole split in order, as TRAINING batches (K augmented views of update `update_index`,
+    the views training would use), fixed `batch_size`, mask 0 on padding; sharded as
+    `eval_batches`. For measuring the norm of the gradient that training clips."""
+    pos = _shard_positions(len(table), batch_size, num_shards, shard_index)
+    skips = _SkipCounter()
+
+    def load(p: int) -> dict:
+        row, skipped = load_train_row(table, augment, seed, on_bad_image, update_index, p)
+        if skipped is not None:
+            skips.add(*skipped)
+        return row
+
+    ds = (grain.MapDataset.source(pos.tolist()).map(lambda p: load(int(p)))
+          .batch(batch_size, batch_fn=TrainIterator._collate))
+    yield from ds.to_iter_dataset(_read_options(num_workers, batch_size))
+
+
 def eval_batches(table: ExampleTable, *, batch_size: int, augment: AugmentConfig | None = None,
                  num_workers: int = 0, num_shards: int = 1, shard_index: int = 0,
                  on_bad_image: str = "error") -> Iterator[dict]:
@@ -294,12 +330,7 @@ def eval_batches(table: ExampleTable, *, batch_size: int, augment: AugmentConfig
     aug = augment or AugmentConfig()
     if on_bad_image not in BAD_IMAGE_POLICIES:
         raise DataError(f"data.on_bad_image must be one of {BAD_IMAGE_POLICIES}, got {on_bad_image!r}")
-    if not 0 <= shard_index < num_shards:
-        raise DataError(f"eval: shard_index {shard_index} not in [0, {num_shards})")
-    n = len(table)
-    nb = num_eval_batches(n, batch_size, num_shards)
-    pos = np.arange(nb * batch_size * num_shards).reshape(nb, num_shards, batch_size)[:, shard_index].reshape(-1)
-    pos = np.where(pos < n, pos, -1)
+    pos = _shard_positions(len(table), batch_size, num_shards, shard_index)
     s = aug.eval_image_size or aug.image_size
     attr_names = table.attribute_names
     skips = _SkipCounter()

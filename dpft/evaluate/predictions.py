@@ -157,11 +157,12 @@ def write_predictions(path: str | os.PathLike, *, example_id: np.ndarray, patien
             "step": int(step), "params": params, "epsilon": None if epsilon is None else float(epsilon),
             "delta": None if delta is None else float(delta)}
     _validate(npz, arrays, meta)
+    from dpft import private_io
+
     npz.parent.mkdir(parents=True, exist_ok=True)
-    with open(str(npz) + ".tmp", "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(str(npz) + ".tmp", npz)
-    js.write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    # Per-patient rows (ids, attributes, labels): owner-only from the moment the file exists.
+    private_io.atomic_write(npz, lambda f: np.savez(f, **arrays), private=True)
+    private_io.atomic_write(js, json.dumps(meta, indent=2))
     return str(npz), str(js)
 
 

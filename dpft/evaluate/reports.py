@@ -28,7 +28,6 @@ from dpft.evaluate.metrics import NO_FINDING, EvalInputs, headline_metrics, make
 from dpft.evaluate.predictions import Predictions, load_predictions, split_paths
 
 INDIVIDUAL_EPSILON_FILE = "individual_epsilon.npz"
-EPS_QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,15 +129,16 @@ def evaluate_predictions(test_path: str | os.PathLike, val_path: str | os.PathLi
         Path(preds.path).parent.parent.parent / INDIVIDUAL_EPSILON_FILE)
     if eps_path.is_file():
         eps, eps_attrs = load_individual_epsilon(eps_path)
-        result["individual_epsilon"] = individual_epsilon_summary(
-            eps, eps_attrs, png_path=out / "individual_epsilon.png" if config.plots else None)
-        result["individual_epsilon"]["source"] = str(eps_path)
-        # The training loop's summary beside it: worst-case epsilon (same RDP accountant),
-        # the run's epsilon, and the Spearman correlation with per-example training loss.
+        # The training loop's summary beside it: the run's epsilon and accountant (the same one
+        # as the individual values), the Spearman correlation with per-example training loss.
         side = eps_path.with_suffix(".json")
-        if side.is_file():
-            extra = json.loads(side.read_text(encoding="utf-8"))
-            for key in ("worst_case_epsilon", "run_epsilon", "spearman_loss"):
+        extra = json.loads(side.read_text(encoding="utf-8")) if side.is_file() else {}
+        result["individual_epsilon"] = individual_epsilon_summary(
+            eps, eps_attrs, png_path=out / "individual_epsilon.png" if config.plots else None,
+            min_group_size=extra.get("min_group_size"))
+        result["individual_epsilon"]["source"] = str(eps_path)
+        if extra:
+            for key in ("worst_case_epsilon", "run_epsilon", "spearman_loss", "accountant", "clipping"):
                 if key in extra:
                     result["individual_epsilon"][key] = extra[key]
     (out / "metrics.json").write_text(json.dumps(result, indent=2, allow_nan=False), encoding="utf-8")
@@ -221,25 +221,22 @@ def load_individual_epsilon(path: str | os.PathLike) -> tuple[np.ndarray, dict[s
     return eps, attrs
 
 
-def _eps_stats(x: np.ndarray, quantiles: Sequence[float]) -> dict[str, float]:
-    qs = np.quantile(x, quantiles) if x.size else [math.nan] * len(quantiles)
-    out = {"n": int(x.size), "mean": float(x.mean()) if x.size else None}
-    out.update({f"q{int(round(q * 100)):02d}": float(v) for q, v in zip(quantiles, qs)})
-    return out
-
-
 def individual_epsilon_summary(epsilon: np.ndarray, attrs: Mapping[str, np.ndarray], *,
-                               quantiles: Sequence[float] = EPS_QUANTILES,
-                               png_path: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Quantiles of per-example epsilon [N], overall and per group of each attribute (str [N]);
-    keys n, mean, q05, q25, q50, q75, q95. Writes a histogram PNG (one panel per attribute) if asked."""
+                               png_path: str | os.PathLike | None = None,
+                               min_group_size: int | None = None) -> dict[str, Any]:
+    """Quantiles of per-example epsilon [N], overall and per group of each attribute (str [N]),
+    by `dpft.privacy.individual.summarise` (keys n, mean, q05..q95; groups smaller than
+    `min_group_size` only {"n", "suppressed"}). Writes a histogram PNG (groups of at least
+    `min_group_size` examples only) if asked."""
+    from dpft.privacy import individual
+
+    k = individual.MIN_GROUP_SIZE if min_group_size is None else int(min_group_size)
     eps = np.asarray(epsilon, np.float64).reshape(-1)
-    out: dict[str, Any] = {"overall": _eps_stats(eps, quantiles), "groups": {}}
     for attr, values in attrs.items():
-        values = np.asarray(values).astype(str)
-        if values.shape != eps.shape:
-            raise ValueError(f"attribute {attr!r} has shape {values.shape}, epsilon has {eps.shape}")
-        out["groups"][attr] = {g: _eps_stats(eps[idx], quantiles) for g, idx in group_index(values).items()}
+        if np.asarray(values).shape != eps.shape:
+            raise ValueError(f"attribute {attr!r} has shape {np.asarray(values).shape}, epsilon has {eps.shape}")
+    summary = individual.summarise(eps, attrs, min_group_size=k)
+    out: dict[str, Any] = {"overall": summary["overall"], "groups": summary["by_attribute"], "min_group_size": k}
     if png_path is not None:
         plt = _pyplot()
         panels = list(attrs) or [None]
@@ -251,7 +248,8 @@ def individual_epsilon_summary(epsilon: np.ndarray, attrs: Mapping[str, np.ndarr
             else:
                 values = np.asarray(attrs[attr]).astype(str)
                 for g, idx in group_index(values).items():
-                    ax.hist(eps[idx], bins=bins, histtype="step", density=True, label=f"{g} (n={idx.size})")
+                    if idx.size >= k:  # no histogram of a group too small to summarise
+                        ax.hist(eps[idx], bins=bins, histtype="step", density=True, label=f"{g} (n={idx.size})")
                 ax.legend(fontsize=7)
                 ax.set_title(attr)
             ax.set_xlabel("individual epsilon")
@@ -320,17 +318,23 @@ def render_markdown(result: Mapping[str, Any]) -> str:
     ind = result.get("individual_epsilon")
     if ind:
         lines += ["## Individual privacy (per-example epsilon estimates; not a formal guarantee)", ""]
-        qkeys = [k for k in ind["overall"] if k.startswith("q")]
-        rows = [["all", "all", str(ind["overall"]["n"])] + [f"{ind['overall'][k]:.3g}" for k in qkeys]]
+        qkeys = ["q05", "q25", "q50", "q75", "q95"]
+        small = ind.get("min_group_size")
+
+        def cells(s: Mapping[str, Any]) -> list[str]:
+            if s.get("suppressed"):
+                return [f"suppressed (n < {small})"] + [""] * (len(qkeys) - 1)
+            return [f"{s[k]:.3g}" for k in qkeys]
+        rows = [["all", "all", str(ind["overall"]["n"])] + cells(ind["overall"])]
         for attr, groups in ind["groups"].items():
-            rows += [[attr, g, str(s["n"])] + [f"{s[k]:.3g}" for k in qkeys] for g, s in groups.items()]
+            rows += [[attr, g, str(s["n"])] + cells(s) for g, s in groups.items()]
         lines += _table(["attribute", "group", "n"] + qkeys, rows)
-        notes = []
-        if ind.get("worst_case_epsilon") is not None:
-            notes.append(f"worst-case epsilon (RDP, every update at norm >= C): {ind['worst_case_epsilon']:.4g}")
+        notes = [f"no min/max and no statistics for groups of fewer than {small} examples (they would "
+                 "reveal individuals); the per-example file stays owner-only in the workdir"]
         run_eps = ind.get("run_epsilon") or {}
         if run_eps.get("value") is not None:
-            notes.append(f"the run's epsilon ({run_eps.get('accountant')}): {run_eps['value']:.4g}")
+            notes.append(f"the run's epsilon ({run_eps.get('accountant')}, the same accountant as the individual "
+                         f"values, which never exceed it): {run_eps['value']:.4g}")
         sp = ind.get("spearman_loss") or {}
         if sp.get("rho") is not None:
             notes.append(f"Spearman correlation of individual epsilon with training loss: rho = {sp['rho']:.3f} "

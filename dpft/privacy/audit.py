@@ -4,8 +4,8 @@ Method (Steinke, Nasr & Jagielski 2023, "Privacy Auditing with One (1) Training 
 arXiv:2305.08846):
 
 1. m canaries, each included in the training set independently with probability 1/2.
-2. Train once with the real DP engine (`clipped_grad_sum`, `privatize`, Poisson
-   sampling from `dpft.privacy.sampling`).
+2. Train once through the production step (`dpft.train.canary_audit`: the same privacy
+   plan, engine, compute dtype, secret noise and selection and step functions as `dpft train`).
 3. Score every canary; guess "included" for the k+ highest scores, "excluded" for the
    k- lowest, abstain on the rest: r = k+ + k- guesses, v of them correct.
 4. Under (eps, delta)-DP, P[v' >= v] <= p_value(m, r, v, eps, delta) (their Theorem 5.2,
@@ -19,7 +19,10 @@ arXiv:2305.08846):
    for that search with a Bonferroni correction: each of the G candidates is tested at
    level a / G, so the max is still a valid (1 - a) lower bound.
 
-Canaries here are "Dirac" gradient canaries (white-box, the strongest cheap setting):
+This module holds the statistics (pure functions); the audit run lives in
+`dpft.train.canary_audit` because it trains with the training step.
+
+Canaries there are "Dirac" gradient canaries (white-box, the strongest cheap setting):
 a linear model w in R^m, the loss of canary i is -<w, s e_i> (s = `canary_scale` * C,
 so its gradient, after clipping, is exactly -C e_i whatever w is). The data set holds only
 the included canaries; DP must hold for every data set, so this one is allowed. Plain SGD
@@ -34,7 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
 import scipy.optimize
@@ -169,188 +172,3 @@ def clopper_pearson_epsilon_lower_bound(tp: int, fp: int, tn: int, fn: int, delt
         if num > 0:
             candidates.append(math.inf if den <= 0 else math.log(num / den))
     return max(candidates)
-
-
-# ---------------------------------------------------------------------------------------
-# The audit run.
-# ---------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class AuditConfig:
-    """What the audit trains (plain data).
-
-    epsilon: target epsilon the noise multiplier is calibrated to (ignored if
-      noise_multiplier is set). noise_multiplier: explicit sigma (0 = no noise).
-    clipping_mode: an engine ClippingConfig mode ("flat"; "none" = non-private SGD).
-    noise_scale_for_testing: passed to `privatize`; != 1 breaks DP on purpose (tests).
-    guess_fractions: the (k+ = k-) candidates as fractions of m / 2 (Bonferroni over them).
-    """
-
-    num_canaries: int = 1000
-    steps: int = 100
-    sampling_rate: float = 0.1
-    epsilon: float | None = 1.0
-    noise_multiplier: float | None = None
-    delta: float = 1e-5
-    clip_norm: float = 1.0
-    clipping_mode: str = "flat"
-    canary_scale: float = 10.0
-    learning_rate: float = 1.0
-    noise_scale_for_testing: float = 1.0
-    confidence: float = 0.95
-    accountant: str = "pld"
-    physical_batch_size: int = 128
-    seed: int = 0
-    guess_fractions: tuple[float, ...] = (0.05, 0.1, 0.2, 0.4, 0.7, 1.0)
-
-    def validate(self) -> None:
-        def bad(field: str, value: Any, want: str) -> ValueError:
-            return ValueError(f"audit config: {field}={value!r}: {want}")
-
-        if not (isinstance(self.num_canaries, int) and self.num_canaries >= 2):
-            raise bad("num_canaries", self.num_canaries, "need an int >= 2")
-        if not (isinstance(self.steps, int) and self.steps >= 1):
-            raise bad("steps", self.steps, "need an int >= 1")
-        if not 0 < self.sampling_rate <= 1:
-            raise bad("sampling_rate", self.sampling_rate, "need 0 < q <= 1")
-        if self.noise_multiplier is None and not (self.epsilon is not None and self.epsilon > 0):
-            raise bad("epsilon", self.epsilon, "need epsilon > 0 (or an explicit noise_multiplier)")
-        if self.noise_multiplier is not None and not self.noise_multiplier >= 0:
-            raise bad("noise_multiplier", self.noise_multiplier, "need sigma >= 0")
-        if not 0 < self.delta < 1:
-            raise bad("delta", self.delta, "need 0 < delta < 1")
-        if not 0 < self.confidence < 1:
-            raise bad("confidence", self.confidence, "need 0 < confidence < 1")
-        if self.clipping_mode not in ("flat", "none"):
-            raise bad("clipping_mode", self.clipping_mode, "the audit supports 'flat' and 'none'")
-        if not self.canary_scale >= 1:
-            raise bad("canary_scale", self.canary_scale, "need >= 1 (canary gradients must be clipped)")
-        if not (isinstance(self.physical_batch_size, int) and self.physical_batch_size >= 1):
-            raise bad("physical_batch_size", self.physical_batch_size, "need an int >= 1")
-        if not self.noise_scale_for_testing >= 0:
-            raise bad("noise_scale_for_testing", self.noise_scale_for_testing, "need >= 0")
-
-
-@dataclasses.dataclass(frozen=True)
-class AuditResult:
-    """Outcome of `run_audit`; passed = epsilon_lower_bound <= epsilon_claimed."""
-
-    epsilon_lower_bound: float
-    epsilon_claimed: float
-    num_canaries: int
-    num_guesses: int
-    correct: int
-    passed: bool
-    noise_multiplier: float = 0.0
-    delta: float = 0.0
-    confidence: float = 0.95
-    k_pos: int = 0
-    k_neg: int = 0
-    num_included: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def _loss_fn(params: Any, views: Mapping[str, Any], rng: Any):
-    """Linear loss of one example: -mean_K <w, x_k> (gradient -mean_K x_k, independent of w)."""
-    import jax.numpy as jnp
-
-    del rng
-    loss = -jnp.mean(views["image"] @ params["w"])
-    return loss, {}
-
-
-def canary_inclusion(num_canaries: int, seed: int) -> np.ndarray:
-    """bool [m]: canary i is in the training set (independent fair coins from `seed`)."""
-    return np.random.default_rng([seed, 0xA0D1]).random(num_canaries) < 0.5
-
-
-def train_canaries(config: AuditConfig, noise_multiplier: float, included: np.ndarray) -> np.ndarray:
-    """Trains the linear model on the included Dirac canaries; returns scores float [m].
-
-    Uses the real engine: Poisson selection per update, `clipped_grad_sum` over fixed-shape
-    padded physical batches, `privatize` once per update with `noise_key(seed, t)`.
-    """
-    import jax
-    import jax.numpy as jnp
-
-    from dpft.privacy import engine, noise, sampling
-
-    m = config.num_canaries
-    members = np.flatnonzero(included)  # example j of the training set is canary members[j]
-    scale = config.canary_scale * config.clip_norm
-    clipping = engine.ClippingConfig(mode=config.clipping_mode, clip_norm=config.clip_norm)
-    params = {"w": jnp.zeros([m], jnp.float32)}
-    clip_norm = engine.sensitivity(clipping, params)
-    # Public constant: depends on m (public), not on the secret number of included canaries.
-    expected = sampling.expected_batch_size(m, config.sampling_rate)
-    bsz = config.physical_batch_size
-
-    @jax.jit
-    def grad_sum_fn(params, ids, mask, rng):
-        rows = jnp.where(mask[:, None] > 0, jax.nn.one_hot(ids, m, dtype=jnp.float32) * scale, 0.0)
-        batch = {"image": rows[:, None, :], "mask": mask, "example_id": ids}
-        return engine.clipped_grad_sum(_loss_fn, params, batch, rng, clipping=clipping,
-                                       microbatch_size=bsz)[0]
-
-    @jax.jit
-    def apply_update(params, grad_sum, t):
-        noisy = noise.privatize(grad_sum, noise.noise_key(config.seed, t), noise_multiplier=noise_multiplier,
-                                clip_norm=clip_norm, expected_batch_size=expected,
-                                noise_scale_for_testing=config.noise_scale_for_testing)
-        return jax.tree.map(lambda p, g: p - config.learning_rate * g, params, noisy)
-
-    rng = jax.random.key(config.seed)
-    initial_losses = -scale * np.asarray(params["w"], np.float64)
-    lookup = np.append(members, 0)  # training-set position -> canary id; padding (-1) -> 0, masked
-    for t in range(config.steps):
-        selected = (sampling.poisson_selection(config.seed, t, len(members), config.sampling_rate)
-                    if len(members) else np.zeros([0], np.int64))
-        grad_sum = engine.zeros_like_grad_sum(params)
-        for idx, mask in sampling.physical_batches(selected, bsz):
-            canary_ids = jnp.asarray(lookup[idx], jnp.int32)
-            grad_sum = engine.accumulate(grad_sum, grad_sum_fn(params, canary_ids, jnp.asarray(mask),
-                                                               jax.random.fold_in(rng, t)))
-        params = apply_update(params, grad_sum, t)
-    final_losses = -scale * np.asarray(params["w"], np.float64)
-    return initial_losses - final_losses  # loss reduction of each canary
-
-
-def claimed_epsilon(config: AuditConfig, noise_multiplier: float) -> float:
-    """The accountant's epsilon for the run (inf for a non-private run)."""
-    from dpft.privacy import accounting
-
-    if config.clipping_mode == "none" or noise_multiplier == 0:
-        return math.inf
-    return accounting.compute_epsilon(config.sampling_rate, noise_multiplier, config.steps, config.delta,
-                                      config.accountant)
-
-
-def resolve_noise_multiplier(config: AuditConfig) -> float:
-    """Explicit sigma, else calibrated to config.epsilon for (q, steps, delta)."""
-    from dpft.privacy import accounting
-
-    if config.noise_multiplier is not None:
-        return float(config.noise_multiplier)
-    return accounting.calibrate_noise_multiplier(config.epsilon, config.sampling_rate, config.steps,
-                                                 config.delta, config.accountant)
-
-
-def run_audit(config: AuditConfig | Mapping[str, Any]) -> AuditResult:
-    """One training run with m canaries -> empirical epsilon lower bound vs the claim."""
-    if not isinstance(config, AuditConfig):
-        config = AuditConfig(**dict(config))
-    config.validate()
-    sigma = resolve_noise_multiplier(config)
-    included = canary_inclusion(config.num_canaries, config.seed)
-    scores = train_canaries(config, sigma, included)
-    claimed = claimed_epsilon(config, sigma)
-    best = best_guess_bound(scores, included, delta=config.delta, confidence=config.confidence,
-                            pairs=guess_counts(config.num_canaries, config.guess_fractions))
-    return AuditResult(
-        epsilon_lower_bound=best.epsilon_lower_bound, epsilon_claimed=claimed,
-        num_canaries=config.num_canaries, num_guesses=best.num_guesses, correct=best.correct,
-        passed=bool(best.epsilon_lower_bound <= claimed), noise_multiplier=sigma, delta=config.delta,
-        confidence=config.confidence, k_pos=best.k_pos, k_neg=best.k_neg, num_included=int(included.sum()))

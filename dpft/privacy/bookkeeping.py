@@ -31,6 +31,7 @@ optimization on large model at small cost" (ICML 2023).
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Mapping
 
@@ -175,14 +176,37 @@ def ws_conv_sq_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array
     return ws_conv_norms(params, x, d, stride=stride, groups=groups, ghost=ghost, eps=eps)[0]
 
 
-def generic_sq_norms(fn: taps.OpFn, params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array) -> jax.Array:
-    """Per-example squared norm of the VJP of `fn(params, x_i)` at d_i, materialised. -> [m]."""
-    def one(xi: jax.Array, di: jax.Array) -> jax.Array:
+def generic_norms(fn: taps.OpFn, params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array
+                  ) -> tuple[jax.Array, Summer]:
+    """Per-example squared norm [m] of the VJP of `fn(params, x_i)` at d_i, materialised (float32),
+    and the summer of those per-example gradients (their weighted sum in float32)."""
+    def one(xi: jax.Array, di: jax.Array) -> dict:
         _, vjp = jax.vjp(lambda p: fn(p, xi), params)
         (g,) = vjp(di)
-        return sum(jnp.sum(jnp.square(v.astype(F32))) for v in jax.tree.leaves(g))
+        return {n: v.astype(F32) for n, v in g.items()}
 
-    return jax.vmap(one)(x, d)
+    grads = jax.vmap(one)(x, d)
+    sq = sum(jnp.sum(jnp.square(v), axis=tuple(range(1, v.ndim))) for v in grads.values())
+
+    def summer(weights: jax.Array) -> dict[str, jax.Array]:
+        return {n: _weighted_rows(weights, v) for n, v in grads.items()}
+
+    return sq, summer
+
+
+def generic_sq_norms(fn: taps.OpFn, params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array) -> jax.Array:
+    """Per-example squared norm of the VJP of `fn(params, x_i)` at d_i, materialised. -> [m]."""
+    return generic_norms(fn, params, x, d)[0]
+
+
+def float32_op(spec: taps.OpSpec) -> taps.OpFn:
+    """The op of a "ws_conv"/"linear" tap computed in float32 (its `dtype` keyword replaced): the
+    clipped sum is formed in float32, so one example moves it by at most C in any compute dtype."""
+    fn = spec.fn
+    kw = getattr(fn, "keywords", None)
+    if not isinstance(fn, functools.partial) or not kw or "dtype" not in kw:
+        raise ValueError(f"tap {spec.key}: kind {spec.kind!r} needs fn = functools.partial(..., dtype=...)")
+    return functools.partial(fn.func, *fn.args, **{**kw, "dtype": F32})
 
 
 def op_norms(spec: taps.OpSpec, params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array,
@@ -198,7 +222,7 @@ def op_norms(spec: taps.OpSpec, params: Mapping[str, jax.Array], x: jax.Array, d
         if getattr(spec.fn, "func", None) is not layers.linear:
             raise ValueError(f"tap {spec.key}: kind 'linear' needs fn = functools.partial(layers.linear, ...)")
         return linear_norms(params, x, d, ghost)
-    return generic_sq_norms(spec.fn, params, x, d), None
+    return generic_norms(spec.fn, params, x, d)
 
 
 def discover_ops(tapped_loss: Any, params: PyTree, views: Mapping[str, jax.Array], rng: jax.Array
@@ -266,8 +290,10 @@ def weighted_param_grads(specs: Mapping[str, taps.OpSpec], op_params: Mapping[st
                          ) -> dict[str, dict[str, jax.Array]]:
     """Step 3: sum_i weights_i * (gradient of example i) per op: from the materialised
     per-example gradients where step 2 kept them (``summers``), else as one batched
-    weight-gradient VJP of the op with cotangent weights_i * d_i. weights float32 [m]; a row
-    with weight 0 contributes exactly 0 even if its activations or gradients are NaN.
+    weight-gradient VJP of the op, computed in float32 (`float32_op`), with cotangent
+    weights_i * d_i. Every weighted contribution is formed and summed in float32 whatever the
+    compute dtype, so the sensitivity is C (tested). weights float32 [m]; a row with weight 0
+    contributes exactly 0 even if its activations or gradients are NaN.
     Returns {op key: {param name: float32 array}}."""
     summers = summers or {}
     keep = weights != 0
@@ -278,12 +304,14 @@ def weighted_param_grads(specs: Mapping[str, taps.OpSpec], op_params: Mapping[st
             continue
 
         def rows(v: jax.Array, fill: jax.Array) -> jax.Array:
-            v = jnp.where(keep.reshape((-1,) + (1,) * (v.ndim - 1)), fill, 0.0).astype(v.dtype)
+            v = jnp.where(keep.reshape((-1,) + (1,) * (v.ndim - 1)), fill, 0.0).astype(F32)
             return v.reshape((-1,) + v.shape[2:])
         x, d = inputs[key], out_grads[key]
-        x_rows = rows(x, x)
+        x_rows = rows(x, x.astype(F32))
         d_rows = rows(d, d.astype(F32) * weights.reshape((-1,) + (1,) * (d.ndim - 1)))
-        _, vjp = jax.vjp(lambda p: s.fn(p, x_rows), op_params[key])
+        fn32 = float32_op(s)
+        p32 = {n: v.astype(F32) for n, v in op_params[key].items()}
+        _, vjp = jax.vjp(lambda p: fn32(p, x_rows), p32)
         (g,) = vjp(d_rows)
         out[key] = {n: v.astype(F32) for n, v in g.items()}
     return out

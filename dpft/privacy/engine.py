@@ -272,32 +272,35 @@ def zeros_like_grad_sum(params: PyTree) -> PyTree:
 
 
 class DpAggregateState(NamedTuple):
-    """State of `dp_aggregate`: the index of the next optimizer update (int32 [])."""
+    """State of `dp_aggregate`: the index of the next optimizer update (int32 []) and the
+    secret noise key (kept in the state, so it is an argument of compiled updates, not a constant)."""
 
     update_index: jax.Array
+    noise_base_key: jax.Array
 
 
-def dp_aggregate(*, seed: int, noise_multiplier: float, clip_norm: float,
+def dp_aggregate(*, noise_base_key: jax.Array, noise_multiplier: float, clip_norm: float,
                  expected_batch_size: float) -> optax.GradientTransformation:
     """Optax transformation: clipped gradient SUM -> noisy mean gradient.
 
     `updates` fed to it must be the global `clipped_grad_sum` of one update (already summed
     over physical batches, devices and hosts). It calls `dpft.privacy.noise.privatize` with
-    key `noise_key(seed, update_index)` and counts updates in its state, so chain it before
-    any optax optimizer: `optax.chain(dp_aggregate(...), optax.adam(1e-3))`.
+    key `noise_key(noise_base_key, update_index)` (the base key from the run's secret,
+    `dpft.privacy.keys.noise_base_key` / `PrivacyPlan.noise_base_key()`) and counts updates in
+    its state, so chain it before any optax optimizer: `optax.chain(dp_aggregate(...), optax.adam(1e-3))`.
     Shapes are unchanged; output leaves are float32.
     """
     from dpft.privacy import noise  # local import: noise imports nothing from here
 
     def init_fn(params: PyTree) -> DpAggregateState:
         del params
-        return DpAggregateState(update_index=jnp.zeros([], jnp.int32))
+        return DpAggregateState(update_index=jnp.zeros([], jnp.int32), noise_base_key=noise_base_key)
 
     def update_fn(updates: PyTree, state: DpAggregateState, params: PyTree | None = None):
         del params
-        key = noise.noise_key(seed, state.update_index)
+        key = noise.noise_key(state.noise_base_key, state.update_index)
         noisy = noise.privatize(updates, key, noise_multiplier=noise_multiplier, clip_norm=clip_norm,
                                 expected_batch_size=expected_batch_size)
-        return noisy, DpAggregateState(update_index=state.update_index + 1)
+        return noisy, DpAggregateState(update_index=state.update_index + 1, noise_base_key=state.noise_base_key)
 
     return optax.GradientTransformation(init_fn, update_fn)

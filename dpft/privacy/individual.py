@@ -26,13 +26,15 @@ import dataclasses
 import json
 import math
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 MISSING = np.iinfo(np.uint16).max  # grid index meaning "no norm recorded" (-> worst case)
 MAX_BIN = MISSING - 1  # largest storable grid index; larger norms saturate here
-QUANTILES: dict[str, float] = {"min": 0.0, "p5": 0.05, "p25": 0.25, "p50": 0.5, "p75": 0.75, "p95": 0.95, "max": 1.0}
+# No min/max: each is one individual's value. Groups below `min_group_size` get no statistics.
+QUANTILES: dict[str, float] = {"q05": 0.05, "q25": 0.25, "q50": 0.5, "q75": 0.75, "q95": 0.95}
+MIN_GROUP_SIZE = 20
 NPZ_NAME = "individual_epsilon.npz"
 README_NAME = "INDIVIDUAL_PRIVACY_README.md"
 
@@ -223,96 +225,170 @@ def update_counts(update_indices: np.ndarray, num_updates: int) -> tuple[int, np
 INF_RDP = 1e100  # finite stand-in for an unbounded RDP order
 
 
-def individual_epsilons(recorder: NormRecorder, *, sampling_rate: float, noise_multiplier: float,
-                        clip_norm: float, num_updates: int, delta: float,
-                        orders: Sequence[float] | None = None, chunk_size: int = 65536) -> np.ndarray:
-    """Individual epsilon [N] of each example after `num_updates` updates.
+def _contribution_levels(recorder: NormRecorder, sensitivity: float,
+                         contribution: Callable[[np.ndarray], np.ndarray] | None
+                         ) -> tuple[np.ndarray, np.ndarray, int]:
+    """Distinct contribution norms and, per (record, example), the index of its level.
 
-    Update t is charged the RDP of PoissonSampled(q, Gaussian(sigma * C / min(n, C))), with
-    n the example's rounded-up norm at the latest record <= t (0 -> no RDP). Updates before
-    the first record, and records that missed the example, count as worst case (n >= C).
+    Returns (values float64 [U] in [0, S], sorted, the last being S; inverse int [R, N]; index
+    of S). A MISSING record counts as S (worst case); a contribution is clipped to S.
+    """
+    uniq_bins, inv = np.unique(np.append(recorder.bins.reshape(-1), MISSING), return_inverse=True)
+    norms = uniq_bins.astype(np.float64) * recorder.grid_width
+    values = np.minimum(norms, sensitivity) if contribution is None else np.minimum(
+        np.asarray(contribution(norms), np.float64), sensitivity)
+    values = np.where(uniq_bins == MISSING, sensitivity, values)
+    if not np.all(np.isfinite(values)) or np.any(values < 0):
+        raise ValueError("contribution norms must be finite and >= 0")
+    levels, level_of_bin = np.unique(values, return_inverse=True)
+    inverse = level_of_bin[inv[:-1]].reshape(recorder.bins.shape)
+    top = int(level_of_bin[inv[-1]])  # the level of MISSING, i.e. S (levels are <= S)
+    return levels, inverse, top
+
+
+def _histograms(recorder: NormRecorder, inverse: np.ndarray, top: int, num_levels: int, num_updates: int,
+                start: int, stop: int) -> np.ndarray:
+    """Number of updates [stop - start, U] each example spent at each contribution level."""
+    before, counts = update_counts(recorder.update_indices, int(num_updates))
+    hist = np.zeros([stop - start, num_levels], np.int64)
+    rows = np.arange(stop - start)
+    hist[:, top] += before
+    for j, c in enumerate(counts):
+        hist[rows, inverse[j, start:stop]] += c  # one entry per row: no duplicate indices
+    return hist
+
+
+def individual_epsilons(recorder: NormRecorder, *, sampling_rate: float, noise_multiplier: float,
+                        sensitivity: float, num_updates: int, delta: float, accountant: str = "pld",
+                        contribution: Callable[[np.ndarray], np.ndarray] | None = None,
+                        orders: Sequence[float] | None = None, chunk_size: int = 65536) -> np.ndarray:
+    """Individual epsilon [N] of each example after `num_updates` updates, with `accountant`
+    ("pld", dp-accounting's PLD at the run's discretisation, or "rdp") -- the run's own.
+
+    Update t charges PoissonSampled(q, Gaussian(sigma * S / c)), c = `contribution(n)` the L2 norm
+    the example adds to the clipped sum at its rounded-up norm n of the latest record <= t (the
+    plan's `contribution_norm`: min(n, C) for flat, C n / (n + gamma) for automatic clipping;
+    default min(n, S)); c = 0 charges nothing. Updates before the first record and records that
+    missed the example count as worst case (c = S). PLD composes, per distinct history, the
+    self-composed PLD of each level (cached), exactly as the run's PLDAccountant would.
     """
     if not 0 < sampling_rate <= 1:
         raise ValueError(f"sampling_rate must be in (0, 1]; got {sampling_rate}")
-    if not noise_multiplier > 0:
-        raise ValueError(f"noise_multiplier must be > 0 for individual accounting; got {noise_multiplier}")
-    if not clip_norm > 0:
-        raise ValueError(f"clip_norm must be > 0; got {clip_norm}")
-    if clip_norm > MAX_BIN * recorder.grid_width:
-        raise ValueError(f"clip_norm {clip_norm} exceeds the recorder's range {MAX_BIN} * grid_width "
+    if not (noise_multiplier > 0 and math.isfinite(noise_multiplier)):
+        raise ValueError(f"noise_multiplier must be finite and > 0 for individual accounting; got {noise_multiplier}")
+    if not (sensitivity > 0 and math.isfinite(sensitivity)):
+        raise ValueError(f"sensitivity must be finite and > 0; got {sensitivity}")
+    if accountant not in ("pld", "rdp"):
+        raise ValueError(f"accountant must be 'pld' or 'rdp'; got {accountant!r}")
+    if sensitivity > MAX_BIN * recorder.grid_width:
+        raise ValueError(f"sensitivity {sensitivity} exceeds the recorder's range {MAX_BIN} * grid_width "
                          f"{recorder.grid_width}; use a coarser grid_width")
-    orders = _default_orders() if orders is None else list(orders)
-    before, counts = update_counts(recorder.update_indices, int(num_updates))
-
-    # Effective norm level of each (record, example): min(k * r, C); MISSING -> C.
-    top = math.ceil(clip_norm / recorder.grid_width)  # smallest k with k * r >= C, up to float noise
-    top = top if top * recorder.grid_width >= clip_norm else top + 1
-    levels = np.minimum(recorder.bins.astype(np.int64), top)  # MISSING > top -> top
-    uniq, inverse = np.unique(np.append(levels.reshape(-1), top), return_inverse=True)
-    inverse = inverse[:-1].reshape(levels.shape)
-    table = np.zeros([len(uniq), len(orders)])  # RDP of one step at each level, computed once
-    for i, k in enumerate(uniq):
-        norm = min(k * recorder.grid_width, clip_norm)
-        if norm > 0:
-            table[i] = rdp_poisson_gaussian(sampling_rate, noise_multiplier * clip_norm / norm, orders)
-    top_index = len(uniq) - 1  # uniq is sorted and contains `top`, the largest level
-    # dp_accounting gives +inf RDP at orders it cannot bound (large q); 0 updates * inf would be
-    # NaN in the product below, so use a finite stand-in far above any usable RDP (such an
-    # order is never the minimiser of the conversion unless every order is, as with inf).
-    table = np.where(np.isfinite(table), table, INF_RDP)
-
+    levels, inverse, top = _contribution_levels(recorder, sensitivity, contribution)
+    sigmas = np.where(levels > 0, noise_multiplier * sensitivity / np.maximum(levels, 1e-300), np.inf)
     n = recorder.num_examples
     out = np.empty([n])
+    if accountant == "rdp":
+        orders = _default_orders() if orders is None else list(orders)
+        table = np.stack([rdp_poisson_gaussian(sampling_rate, float(s), orders) for s in sigmas])
+        # dp_accounting gives +inf RDP at orders it cannot bound (large q); 0 updates * inf would be
+        # NaN in the product below, so use a finite stand-in far above any usable RDP.
+        table = np.where(np.isfinite(table), table, INF_RDP)
+        for start in range(0, n, chunk_size):
+            stop = min(start + chunk_size, n)
+            hist = _histograms(recorder, inverse, top, len(levels), num_updates, start, stop)
+            out[start:stop] = rdp_to_epsilon(orders, hist @ table, delta)
+        return out
+    pieces = _PldPieces(sampling_rate, sigmas)
     for start in range(0, n, chunk_size):
         stop = min(start + chunk_size, n)
-        hist = np.zeros([stop - start, len(uniq)])  # number of updates at each level
-        rows = np.arange(stop - start)
-        hist[:, top_index] += before
-        for j, c in enumerate(counts):
-            hist[rows, inverse[j, start:stop]] += c  # one entry per row: no duplicate indices
-        out[start:stop] = rdp_to_epsilon(orders, hist @ table, delta)
+        hist = _histograms(recorder, inverse, top, len(levels), num_updates, start, stop)
+        uniq, back = np.unique(hist, axis=0, return_inverse=True)
+        eps = np.array([pieces.epsilon(row, delta) for row in uniq])
+        out[start:stop] = eps[np.asarray(back).reshape(-1)]
     return out
 
 
+class _PldPieces:
+    """Self-composed PLDs of PoissonSampled(q, Gaussian(sigma_u)) per (level u, count), cached; the
+    same construction as dp_accounting's PLDAccountant at dpft's discretisation."""
+
+    def __init__(self, sampling_rate: float, sigmas: np.ndarray):
+        self.q = float(sampling_rate)
+        self.sigmas = sigmas
+        self._cache: dict[tuple[int, int], Any] = {}
+
+    def _piece(self, level: int, count: int):
+        key = (level, count)
+        if key not in self._cache:
+            from dp_accounting.pld import privacy_loss_distribution as pld_lib
+
+            from dpft.privacy.accounting import PLD_DISCRETIZATION
+            self._cache[key] = pld_lib.from_gaussian_mechanism(
+                standard_deviation=float(self.sigmas[level]), value_discretization_interval=PLD_DISCRETIZATION,
+                sampling_prob=self.q).self_compose(int(count))
+        return self._cache[key]
+
+    def epsilon(self, hist_row: np.ndarray, delta: float) -> float:
+        from dp_accounting.pld import privacy_loss_distribution as pld_lib
+
+        from dpft.privacy.accounting import PLD_DISCRETIZATION
+        total = pld_lib.identity(value_discretization_interval=PLD_DISCRETIZATION)
+        for level, count in enumerate(hist_row):
+            if count > 0 and np.isfinite(self.sigmas[level]):
+                total = total.compose(self._piece(level, int(count)))
+        return float(total.get_epsilon_for_delta(delta))
+
+
 def worst_case_epsilon(*, sampling_rate: float, noise_multiplier: float, num_updates: int,
-                       delta: float, orders: Sequence[float] | None = None) -> float:
-    """The data-independent RDP epsilon of the same run (what every example is promised)."""
+                       delta: float, accountant: str = "rdp", orders: Sequence[float] | None = None) -> float:
+    """The data-independent epsilon of the same run (what every example is promised), with
+    `accountant` ("pld": `dpft.privacy.accounting.compute_epsilon`; "rdp": these orders)."""
+    if accountant == "pld":
+        from dpft.privacy import accounting
+        return accounting.compute_epsilon(sampling_rate, noise_multiplier, int(num_updates), delta, "pld")
     orders = _default_orders() if orders is None else list(orders)
     rdp = num_updates * rdp_poisson_gaussian(sampling_rate, noise_multiplier, orders)
     return float(rdp_to_epsilon(orders, rdp, delta))
 
 
-def _quantiles(x: np.ndarray) -> dict[str, float]:
-    out: dict[str, float] = {"count": int(x.size)}
-    if x.size:
-        out.update({k: float(np.quantile(x, q)) for k, q in QUANTILES.items()})
-        out["mean"] = float(np.mean(x))
+def group_stats(x: np.ndarray, min_group_size: int = MIN_GROUP_SIZE) -> dict[str, Any]:
+    """{"n", "mean", "q05".."q95"} of the values x [n]; only {"n", "suppressed": True} when
+    n < min_group_size (statistics of tiny groups reveal individuals). Never min or max."""
+    x = np.asarray(x, np.float64).reshape(-1)
+    out: dict[str, Any] = {"n": int(x.size)}
+    if x.size < max(int(min_group_size), 1):
+        out["suppressed"] = True
+        return out
+    out.update({k: float(np.quantile(x, q)) for k, q in QUANTILES.items()})
+    out["mean"] = float(np.mean(x))
     return out
 
 
-def summarise(eps: np.ndarray, attrs: Mapping[str, Sequence[str]] | None, labels: np.ndarray | None,
+def summarise(eps: np.ndarray, attrs: Mapping[str, Sequence[str]] | None, labels: np.ndarray | None = None,
               losses: np.ndarray | None = None, *, worst_case_epsilon: float | None = None,
-              class_names: Sequence[str] | None = None) -> dict[str, Any]:
+              class_names: Sequence[str] | None = None, min_group_size: int = MIN_GROUP_SIZE) -> dict[str, Any]:
     """Distribution of individual epsilons [N], overall, per subgroup and per class.
 
     Args:
       eps: float [N]. attrs: name -> str [N]. labels: int [N] (multi-class) or 0/1
         [N, L] (multi-label: a class's group is its positive examples).
       losses: float [N] per-example training loss, for the Spearman correlation.
-    Returns: {"num_examples", "worst_case_epsilon", "overall": {count, min, p5, ..., max,
-      mean}, "by_attribute": {name: {value: quantiles}}, "by_class": {name: quantiles},
+      min_group_size: groups (and classes) with fewer examples get no statistics (`group_stats`).
+    Returns: {"num_examples", "worst_case_epsilon", "min_group_size", "overall": group_stats,
+      "by_attribute": {name: {value: group_stats}}, "by_class": {name: group_stats},
       "spearman_loss": {"rho", "pvalue"} | None}.
     """
     eps = np.asarray(eps, np.float64).reshape(-1)
     n = eps.shape[0]
+    stats = lambda x: group_stats(x, min_group_size)  # noqa: E731
     out: dict[str, Any] = {"num_examples": n, "worst_case_epsilon": worst_case_epsilon,
-                           "overall": _quantiles(eps), "by_attribute": {}, "by_class": {},
-                           "spearman_loss": None}
+                           "min_group_size": int(min_group_size), "overall": stats(eps), "by_attribute": {},
+                           "by_class": {}, "spearman_loss": None}
     for name, values in (attrs or {}).items():
         values = np.asarray(values).astype(str)
         if values.shape != (n,):
             raise ValueError(f"summarise: attribute {name!r} has shape {values.shape}; expected ({n},)")
-        out["by_attribute"][name] = {v: _quantiles(eps[values == v]) for v in sorted(set(values.tolist()))}
+        out["by_attribute"][name] = {v: stats(eps[values == v]) for v in sorted(set(values.tolist()))}
     if labels is not None:
         labels = np.asarray(labels)
         if labels.shape[0] != n or labels.ndim not in (1, 2):
@@ -323,7 +399,7 @@ def summarise(eps: np.ndarray, attrs: Mapping[str, Sequence[str]] | None, labels
             groups = {c: labels[:, c] > 0.5 for c in range(labels.shape[1])}
         for c, sel in groups.items():
             name = str(class_names[c]) if class_names is not None else str(c)
-            out["by_class"][name] = _quantiles(eps[sel])
+            out["by_class"][name] = stats(eps[sel])
     if losses is not None:
         import scipy.stats
 
@@ -374,16 +450,15 @@ def write_individual_epsilons(workdir: str | os.PathLike, example_ids: np.ndarra
             raise ValueError(f"write_individual_epsilons: attribute {name!r} has {values.shape[0]} values, "
                              f"expected {ids.shape[0]}")
         arrays[f"attr_{name}"] = values
+    from dpft import private_io
+
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, NPZ_NAME)
-    with open(path + ".tmp", "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(path + ".tmp", path)
-    with open(os.path.join(workdir, README_NAME), "w", encoding="utf-8") as f:
-        f.write(_README.format(npz=NPZ_NAME))
+    private_io.atomic_write(path, lambda f: np.savez(f, **arrays), private=True)  # per-example: owner-only
+    private_io.atomic_write(os.path.join(workdir, README_NAME), _README.format(npz=NPZ_NAME))
     if summary is not None:
-        with open(os.path.join(workdir, "individual_epsilon.json"), "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=2, sort_keys=True, default=float)
+        private_io.atomic_write(os.path.join(workdir, "individual_epsilon.json"),
+                                json.dumps(summary, indent=2, sort_keys=True, default=float))
     return path
 
 

@@ -3,8 +3,9 @@
 Per optimizer update, the global sum of clipped per-example gradients (summed over
 microbatches, devices and hosts) gets one independent N(0, (sigma * C)^2) draw per
 coordinate, then is divided by the *expected* batch size N*q (a public constant, never
-the realised count). The key comes from (seed, update index) only, so every device and
-host draws the same noise and applies the same update.
+the realised count). The key is `fold_in(noise base key, update index)`; the base key comes
+from the run's CSPRNG secret (`dpft.privacy.keys`), so it is identical on every device and
+host (every replica applies the same update) and no public value suffices to recompute it.
 """
 from __future__ import annotations
 
@@ -16,13 +17,17 @@ import jax.numpy as jnp
 PyTree = Any
 
 
-def noise_key(seed: int, update_index: int | jax.Array) -> jax.Array:
-    """Key of the noise of update `update_index`: fold_in(key(seed), update_index).
+def noise_key(base_key: jax.Array, update_index: int | jax.Array) -> jax.Array:
+    """Key of the noise of update `update_index`: fold_in(base_key, update_index).
 
-    Pure function of its inputs, so identical on every device and host. `update_index` may
-    be a traced integer scalar.
+    `base_key` is `dpft.privacy.keys.noise_base_key(secret)` (pass it as a traced argument,
+    never as a compile-time constant). Pure function of its inputs, so identical on every
+    device and host. `update_index` may be a traced integer scalar.
     """
-    return jax.random.fold_in(jax.random.key(seed), update_index)
+    if isinstance(base_key, int):
+        raise TypeError("noise_key takes the run's secret noise key (dpft.privacy.keys.noise_base_key), "
+                        "not an integer seed")
+    return jax.random.fold_in(base_key, update_index)
 
 
 def _is_concrete_zero(x: Any) -> bool:
@@ -35,7 +40,7 @@ def privatize(grad_sum: PyTree, key: jax.Array, *, noise_multiplier: float | jax
 
     Args:
       grad_sum: pytree of float arrays, the global sum of clipped per-example gradients.
-      key: from `noise_key(seed, update_index)`; leaf i uses `split(key, n_leaves)[i]`
+      key: from `noise_key(base_key, update_index)`; leaf i uses `split(key, n_leaves)[i]`
         (leaves in `jax.tree.leaves` order).
       noise_multiplier: sigma >= 0 (a Python 0 skips drawing: exact mean of the clipped sum).
       clip_norm: C, the L2 sensitivity of grad_sum (`engine.sensitivity`).

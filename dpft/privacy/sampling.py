@@ -2,7 +2,7 @@
 
 Poisson selection (the default, what the accountant assumes): for update t every example
 is included independently with probability q, from a counter-based generator
-(numpy Philox seeded with (seed, t, tag)), so every host computes the same global
+(numpy Philox seeded with (secret seed, t, tag)), so every host computes the same global
 selection from (seed, t) alone, cheaply for N up to millions, and a resumed run
 reproduces it exactly.
 
@@ -18,24 +18,17 @@ reveals roughly how many examples were sampled. That count is the one thing an o
 of the timing learns; DP of the model output is not affected, but do not publish
 per-update timings if that matters to you.
 
-Shuffling (`shuffled_selection`) gives fixed-size batches from a per-epoch permutation.
-The accountant's Poisson assumption does NOT hold for it and dpft provides no shuffle
-accounting: the reported epsilon is then not a proven guarantee. It warns loudly.
+There is no shuffled (fixed-size) batching: the accountant analyses Poisson sampling, and
+that is the only selection dpft runs.
+
+The selection seed is secret (`dpft.privacy.keys.selection_entropy` of the run's CSPRNG
+secret): which examples an update used is itself private.
 """
 from __future__ import annotations
-
-import logging
-import warnings
 
 import numpy as np
 
 _POISSON_TAG = 0x5053  # "PS": separates these streams from other users of (seed, index)
-_SHUFFLE_TAG = 0x5348  # "SH"
-
-SHUFFLE_WARNING = ("shuffled (fixed-size) batches: the privacy accountant assumes Poisson sampling, "
-                   "which does NOT hold here; the reported epsilon is not a proven DP guarantee")
-
-log = logging.getLogger(__name__)
 
 
 def _check_nonneg_int(name: str, value: int) -> int:
@@ -106,27 +99,6 @@ def physical_batches(indices: np.ndarray, physical_batch_size: int, *, num_shard
              mask[i * physical_batch_size:(i + 1) * physical_batch_size]) for i in range(count)]
 
 
-def shuffled_selection(seed: int, update_index: int, num_examples: int, batch_size: int) -> np.ndarray:
-    """Sorted int64 indices of a fixed-size batch from a per-epoch permutation.
-
-    Update t belongs to epoch t // (N // batch_size) (the remainder of each epoch is
-    dropped). NOT covered by the accountant: warns with `warnings.warn` on every call and
-    logs a warning at the first update of each epoch.
-    """
-    seed = _check_nonneg_int("seed", seed)
-    update_index = _check_nonneg_int("update_index", update_index)
-    num_examples = _check_nonneg_int("num_examples", num_examples)
-    if not isinstance(batch_size, (int, np.integer)) or not 1 <= batch_size <= num_examples:
-        raise ValueError(f"batch_size must be an int in [1, num_examples={num_examples}], got {batch_size!r}")
-    steps_per_epoch = num_examples // batch_size
-    epoch, position = divmod(update_index, steps_per_epoch)
-    warnings.warn(SHUFFLE_WARNING, UserWarning, stacklevel=2)
-    if position == 0:
-        log.warning("%s (epoch %d)", SHUFFLE_WARNING, epoch)
-    perm = _generator(seed, epoch, _SHUFFLE_TAG).permutation(num_examples)
-    return np.sort(perm[position * batch_size:(position + 1) * batch_size]).astype(np.int64)
-
-
 def sampling_rate_for(batch_size: float, num_examples: int) -> float:
     """q = B / N for a desired expected batch size B (clear error if B > N)."""
     if not 0 < batch_size <= num_examples:
@@ -135,4 +107,4 @@ def sampling_rate_for(batch_size: float, num_examples: int) -> float:
 
 
 __all__ = ["expected_batch_size", "poisson_selection", "physical_batches", "num_physical_batches",
-           "shuffled_selection", "sampling_rate_for", "SHUFFLE_WARNING"]
+           "sampling_rate_for"]

@@ -7,7 +7,8 @@ override of a misspelt field fails instead of silently adding a new one. Experim
 convention) and start from `base_config(locked=False)`.
 
 Fields (units in brackets):
-  seed                       int, root of every random stream of the run
+  seed                       int, root of the PUBLIC random streams (init, augmentation, dropout);
+                             the noise and Poisson selection use a CSPRNG secret kept in checkpoints
   model.name                 "nfnet_f0".."nfnet_f7", "nfnet_tiny", "wrn_16_4", ...
   model.checkpoint           "" = from scratch, else path to a DeepMind/own checkpoint
   model.dtype                compute dtype "float32" | "bfloat16" (params stay float32)
@@ -25,7 +26,8 @@ Fields (units in brackets):
   privacy.clip_norm          C, L2 bound on each example's (augmult-averaged) gradient
   privacy.clipping           "flat" | "per_layer" | "automatic"
   privacy.accountant         "pld" | "rdp"
-  privacy.sampling           "poisson" | "shuffle"
+  privacy.insecure_fixed_noise_seed  -1 = off (default: secret from the OS CSPRNG); >= 0 fixes
+                             noise and selection for tests/debugging: NO privacy guarantee
   train.batch_size           expected batch size B = q * N per update [examples]
   train.physical_batch_size  examples per step on each host (multiple of microbatch_size)
   train.microbatch_size      examples per chunk of the per-example computation (scan over chunks)
@@ -40,7 +42,8 @@ Fields (units in brackets):
   train.polyak               also keep a uniform average of the iterates
   train.eval_every, checkpoint_every, log_every [updates], keep_checkpoints [count]
   eval.batch_size, eval.params ("ema" | "raw"), eval.splits (tuple of str)
-  individual.enabled, individual.every [updates], individual.norm_grid
+  individual.enabled, individual.every [updates], individual.norm_grid,
+  individual.min_group_size  groups smaller than this get no statistics in summaries
 """
 from __future__ import annotations
 
@@ -91,7 +94,7 @@ def base_config(*, locked: bool = True) -> ConfigDict:
     c.privacy.clip_norm = 1.0
     c.privacy.clipping = "flat"
     c.privacy.accountant = "pld"
-    c.privacy.sampling = "poisson"
+    c.privacy.insecure_fixed_noise_seed = -1
 
     c.train = ConfigDict()
     c.train.batch_size = 256
@@ -123,6 +126,7 @@ def base_config(*, locked: bool = True) -> ConfigDict:
     c.individual.enabled = False
     c.individual.every = 100
     c.individual.norm_grid = 0.1
+    c.individual.min_group_size = 20
 
     if locked:
         c.lock()

@@ -118,6 +118,42 @@ class MetricWriter:
         self.close()
 
 
+class PrivateStatsWriter:
+    """Per-update statistics of private batches -> WORKDIR/private/update_stats.jsonl (owner-only).
+
+    These numbers (realised batch sizes, training loss and accuracy on private batches, clipped
+    fractions) are NOT covered by the DP guarantee: keep them out of anything you publish.
+    Only process 0 writes. The directory is created on the first write.
+    """
+
+    DIR = "private"
+    JSONL = "update_stats.jsonl"
+
+    def __init__(self, workdir: str | os.PathLike, *, process_index: int | None = None):
+        if process_index is None:
+            import jax
+
+            process_index = jax.process_index()
+        self.active = process_index == 0
+        self.path = os.path.join(os.fspath(workdir), self.DIR, self.JSONL)
+
+    def write(self, step: int, stats: Mapping[str, Any]) -> None:
+        if not self.active:
+            return
+        from dpft import private_io
+
+        private_io.make_private_dir(os.path.dirname(self.path))
+        record = {"step": int(step), **{str(k): _plain(v) for k, v in stats.items()}}
+        with private_io.open_private(self.path, "a") as f:
+            f.write(json.dumps(record, default=str) + "\n")
+
+    def __enter__(self) -> "PrivateStatsWriter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        pass
+
+
 def format_duration(seconds: float) -> str:
     """Seconds -> 'H:MM:SS' ('D days, H:MM:SS' beyond a day); '?' when unknown."""
     if seconds is None or not math.isfinite(seconds) or seconds < 0:
@@ -148,13 +184,22 @@ class Progress:
         self._last_step = int(start_step)
         self._last_time = clock()
 
+    @property
+    def last_step(self) -> int:
+        """The step of the previous `log` (or of construction / `restart`)."""
+        return self._last_step
+
     def restart(self, step: int) -> None:
         """Reset the reference point (e.g. after an evaluation pause)."""
         self._last_step = int(step)
         self._last_time = self._clock()
 
-    def line(self, step: int, *, examples: float, loss: float | None = None, epsilon: float | None = None) -> str:
-        """The progress line for `step` (updates done); advances the reference point."""
+    def line(self, step: int, *, examples: float, loss: float | None = None, epsilon: float | None = None,
+             expected: bool = False) -> str:
+        """The progress line for `step` (updates done); advances the reference point.
+
+        expected=True: `examples` is the expected count (updates x expected batch size), shown
+        as "~... ex/s (expected batch)" -- private runs never show realised batch sizes."""
         now = self._clock()
         dt = now - self._last_time
         dsteps = step - self._last_step
@@ -164,7 +209,8 @@ class Progress:
         self._last_time, self._last_step = now, step
         width = len(str(self.total))
         parts = [f"update {step:>{width}d}/{self.total} ({100.0 * step / max(self.total, 1):5.1f}%)"]
-        parts.append(f"{rate:.1f} ex/s" if math.isfinite(rate) else "? ex/s")
+        unit = "ex/s (expected batch)" if expected else "ex/s"
+        parts.append((f"{'~' if expected else ''}{rate:.1f} {unit}") if math.isfinite(rate) else f"? {unit}")
         if loss is not None:
             parts.append(f"loss {float(loss):.4f}")
         if epsilon is not None:
@@ -172,9 +218,10 @@ class Progress:
         parts.append(f"ETA {format_duration(eta)}")
         return " | ".join(parts)
 
-    def log(self, step: int, *, examples: float, loss: float | None = None, epsilon: float | None = None) -> str:
+    def log(self, step: int, *, examples: float, loss: float | None = None, epsilon: float | None = None,
+            expected: bool = False) -> str:
         """Format (see `line`) and print the line; returns it."""
-        text = self.line(step, examples=examples, loss=loss, epsilon=epsilon)
+        text = self.line(step, examples=examples, loss=loss, epsilon=epsilon, expected=expected)
         if self._print is not None:
             self._print(text)
         return text

@@ -28,7 +28,8 @@ import numpy as np
 from dpft.cli import UsageError
 from dpft.data import pipeline
 from dpft.evaluate import predictions as predictions_lib
-from dpft.privacy import accounting, engine
+from dpft.privacy import accounting, keys
+from dpft.privacy import plan as plan_lib
 from dpft.train import checkpointing, distributed, logging_utils, optim, step as step_lib
 from dpft.train import setup as setup_lib
 from dpft.train.config_base import config_from_json, config_to_json
@@ -48,7 +49,7 @@ class RunResult:
 
     workdir: str
     updates_done: int
-    plan: setup_lib.PrivacyPlan
+    plan: plan_lib.PrivacyPlan
     epsilon_spent: float
     preempted: bool
     predictions: dict[str, str]
@@ -100,21 +101,15 @@ class Trainer:
         self.train_table = self.tables[split]
         self._columns: dict[str, dict[str, np.ndarray]] = {}
         validate(config, num_examples=len(self.train_table), num_devices=jax.local_device_count())
-        self.plan = setup_lib.privacy_plan(config, len(self.train_table))
         self.augment = setup_lib.augment_config(config)
         model = setup_lib.build_model(config, self.train_table.num_classes)
         loss_fn, params, self.merge = self._loss(model)
-        self.clipping = setup_lib.clipping_config(config)
+        self.plan = setup_lib.privacy_plan(config, len(self.train_table), params, self._new_secret())
         self.step_cfg = step_lib.StepConfig(
-            clipping=self.clipping,
+            plan=self.plan,
             microbatch_size=int(config.train.microbatch_size),
-            noise_multiplier=float(self.plan.noise_multiplier),
-            expected_batch_size=float(self.plan.expected_batch_size),
-            seed=int(config.seed),
-            sensitivity=engine.sensitivity(self.clipping, params),
             ema_decay=float(config.train.ema_decay),
             polyak=bool(config.train.polyak),
-            grad_method=setup_lib.grad_method(config),
         )
         self.optimizer = optim.make_optimizer(config.train)
         self.state = distributed.replicate(step_lib.init_state(params, self.optimizer, self.step_cfg), self.mesh)
@@ -128,6 +123,7 @@ class Trainer:
                 sampling_rate=self.plan.sampling_rate,
                 physical_batch_size=int(config.train.physical_batch_size),
                 seed=int(config.seed),
+                selection_seed=self.plan.selection_seed(),
                 num_workers=int(config.data.num_workers),
                 worker_processes=int(setup_lib.data_options(config)[1].get("worker_processes", 0)),
                 num_shards=jax.process_count(),
@@ -149,6 +145,24 @@ class Trainer:
         from dpft.privacy import adapters
         return adapters.nnx_loss_fn(model, setup_lib.per_view_loss(self.train_table.task))
 
+    # ------------------------------------------------------------------ the run's secret
+    def _new_secret(self) -> keys.RunSecret:
+        """A fresh CSPRNG secret drawn on process 0 and broadcast (or the insecure fixed one)."""
+        secret = setup_lib.run_secret(self.config)
+        if jax.process_count() > 1 and secret.is_secure:
+            words = multihost_utils.broadcast_one_to_all(secret.to_words())
+            secret = keys.RunSecret.from_words(np.asarray(words), secret.source)
+        if not secret.is_secure:
+            self.print("WARNING: config.privacy.insecure_fixed_noise_seed is set: the noise and the batch "
+                       "selection are a public function of it; this run has NO privacy guarantee")
+        return secret
+
+    def _use_secret(self, secret: keys.RunSecret) -> None:
+        """Continue with `secret` (a resumed run's): the plan, the selection and the noise key."""
+        self.plan = self.plan.with_secret(secret)
+        self.step_cfg = dataclasses.replace(self.step_cfg, plan=self.plan)
+        self.iterator.config = dataclasses.replace(self.iterator.config, selection_seed=self.plan.selection_seed())
+
     # ------------------------------------------------------------------ checkpoints
     def _pytrees(self) -> dict:
         s = self.state
@@ -166,6 +180,7 @@ class Trainer:
             "ledger": self.ledger.to_dict(),
             "config": json.loads(config_to_json(self.config)),
             "plan": self.plan.to_dict(),
+            "secret": self.plan.secret.to_json(),  # only ever stored inside checkpoints
         }
         if self.recorder is not None:
             path = os.path.join(self.workdir, "individual_norms", f"{u}.npz")
@@ -189,6 +204,11 @@ class Trainer:
         self.state = dict(self.state, **restored.pytrees)
         self.iterator.set_state(restored.json_items["data_state"])
         self.ledger = accounting.Ledger.from_dict(restored.json_items["ledger"])
+        if "secret" in restored.json_items:
+            self._use_secret(keys.RunSecret.from_json(restored.json_items["secret"]))
+        else:
+            self.print(f"WARNING: {ckpt.directory}/{step} holds no run secret (written before secret noise); "
+                       "the remaining updates use this start's fresh secret")
         if self.recorder is not None and "individual" in restored.json_items:
             from dpft.privacy import individual
             self.recorder = individual.NormRecorder.load(
@@ -214,11 +234,11 @@ class Trainer:
         acc = step_lib.zeros_accumulator(self.state["params"], self.mesh)
         stats_list = []
         for j, batch in enumerate(self.iterator.update_batches()):
-            key = step_lib.physical_batch_key(self.step_cfg.seed, u, j)
+            key = keys.dropout_key(int(self.config.seed), u, j)
             device_batch = distributed.shard_batch(_device_batch(batch), self.mesh)
             acc, stats = self.accumulate(self.state["params"], acc, device_batch, key)
             stats_list.append(stats)
-        self.state, info = self.apply(self.state, acc)
+        self.state, info = self.apply(self.state, acc, self.plan.noise_base_key())
         if self.plan.enabled:
             self.ledger.record(self.plan.sampling_rate, self.plan.noise_multiplier)
         # Four sums per physical batch, dispatched asynchronously; one transfer to the host.
@@ -312,24 +332,22 @@ class Trainer:
     def record_norms(self) -> None:
         """Per-example gradient norms of ALL training examples at the current params.
 
-        One pass over the training split without noise (centre view at the training
-        resolution, K = 1); each host computes its shard, the norms are gathered in table
-        order. The recorder rounds them up to its grid (never under-estimating).
+        The norm recorded is the one training clips: of the gradient averaged over the example's
+        K augmented views, drawn as update u would draw them (`pipeline.train_view_batches`), with
+        the current parameters and no noise. Each host computes its shard; the norms are gathered
+        in table order. The recorder rounds them up to its grid (never under-estimating).
         """
         u = int(self.state["update"])
-        aug = dataclasses.replace(self.augment, eval_image_size=self.augment.image_size, augmult=1)
         bs = int(self.config.train.physical_batch_size)
         chunks, loss_chunks = [], []
-        key = step_lib.physical_batch_key(self.step_cfg.seed, u, 10_000_000)
+        key = keys.dropout_key(int(self.config.seed), u, 10_000_000)
         acc = step_lib.zeros_accumulator(self.state["params"], self.mesh)  # reused: only the stats matter
-        for batch in pipeline.eval_batches(self.train_table, batch_size=bs, augment=aug,
-                                           num_workers=int(self.config.data.num_workers),
-                                           num_shards=jax.process_count(), shard_index=jax.process_index()):
-            dev = {k: v for k, v in batch.items() if k in ("image", "label", "label_mask", "mask", "example_id")}
-            for k in ("image", "label", "label_mask"):
-                if k in dev:
-                    dev[k] = dev[k][:, None]  # K = 1 view
-            acc, stats = self.accumulate(self.state["params"], acc, distributed.shard_batch(dev, self.mesh), key)
+        for batch in pipeline.train_view_batches(
+                self.train_table, batch_size=bs, augment=self.augment, seed=int(self.config.seed), update_index=u,
+                num_workers=int(self.config.data.num_workers), num_shards=jax.process_count(),
+                shard_index=jax.process_index(), on_bad_image=self.iterator.config.on_bad_image):
+            acc, stats = self.accumulate(self.state["params"], acc,
+                                         distributed.shard_batch(_device_batch(batch), self.mesh), key)
             norms, losses = stats["norms"], stats["loss"]
             if jax.process_count() > 1:
                 norms = multihost_utils.process_allgather(norms, tiled=True)
@@ -346,21 +364,20 @@ class Trainer:
         from dpft.privacy import individual
         # dp_accounting warns for every RDP order it drops at large q; the orders left suffice.
         absl_logging.set_verbosity(absl_logging.ERROR)
-        eps = individual.individual_epsilons(
-            self.recorder, sampling_rate=self.plan.sampling_rate, noise_multiplier=self.plan.noise_multiplier,
-            clip_norm=self.plan.clip_norm, num_updates=int(self.state["update"]), delta=self.plan.delta)
+        updates = int(self.state["update"])
+        eps = self.plan.individual_epsilons(self.recorder, updates)
         cols = self.columns(self.train_split)
         attrs = {k[len("attr_"):]: v for k, v in cols.items() if k.startswith("attr_")}
         if self.train_table.task == "multiclass":  # per-class distribution in the evaluation report
             names = list(self.train_table.class_names)
             attrs["class"] = np.asarray([names[int(y)] for y in cols["label"]], dtype=str)
-        # Worst case by the same (RDP) accountant as the individual values, so that they compare.
-        worst = individual.worst_case_epsilon(
-            sampling_rate=self.plan.sampling_rate, noise_multiplier=self.plan.noise_multiplier,
-            num_updates=int(self.state["update"]), delta=self.plan.delta)
+        run_eps = self.epsilon_spent()
         summary = individual.summarise(eps, attrs, cols["label"], self.last_example_losses,
-                                       worst_case_epsilon=worst, class_names=self.train_table.class_names)
-        summary["run_epsilon"] = {"value": self.epsilon_spent(), "accountant": self.plan.accountant}
+                                       worst_case_epsilon=run_eps, class_names=self.train_table.class_names,
+                                       min_group_size=int(self.config.individual.get("min_group_size", 20)))
+        summary["run_epsilon"] = {"value": run_eps, "accountant": self.plan.accountant}
+        summary["accountant"] = self.plan.accountant
+        summary["clipping"] = self.plan.clipping.mode
         individual.write_individual_epsilons(self.workdir, cols["example_id"], eps, attrs, summary=summary)
 
     # ------------------------------------------------------------------ the run
@@ -370,7 +387,8 @@ class Trainer:
         preempted = False
         with checkpointing.Checkpointer(self.workdir, keep=int(cfg.train.keep_checkpoints)) as ckpt, \
                 checkpointing.PreemptionFlag() as flag, \
-                logging_utils.MetricWriter(self.workdir) as writer:
+                logging_utils.MetricWriter(self.workdir) as writer, \
+                logging_utils.PrivateStatsWriter(self.workdir) as private_writer:
             resumed = self.restore(ckpt)
             if jax.process_index() == 0:
                 _atomic_write_text(os.path.join(self.workdir, "config.json"), config_to_json(cfg))
@@ -392,16 +410,7 @@ class Trainer:
                 for k in window:
                     window[k] += info[k]
                 if u % int(cfg.train.log_every) == 0 or u == total:
-                    eps = self.epsilon_spent()
-                    n = max(window["examples"], 1.0)
-                    metrics = {"loss": window["loss_sum"] / n, "train_accuracy": window["accuracy_sum"] / n,
-                               "clipped_fraction": window["clipped"] / n, "grad_norm": info["grad_norm"],
-                               "examples": window["examples"]}
-                    if self.plan.enabled:
-                        metrics["epsilon"] = eps
-                    progress.log(u, examples=window["examples"], loss=metrics["loss"],
-                                 epsilon=eps if self.plan.enabled else None)
-                    writer.write(u, metrics)
+                    self._log_window(u, window, info, progress, writer, private_writer)
                     window = dict.fromkeys(window, 0.0)
                 if cfg.train.eval_every and u % int(cfg.train.eval_every) == 0 and u < total \
                         and "validation" in self.tables:
@@ -437,11 +446,35 @@ class Trainer:
         return RunResult(self.workdir, int(self.state["update"]), self.plan,
                          self.epsilon_spent(), preempted, preds)
 
+    def _log_window(self, u: int, window: dict, info: dict, progress, writer, private_writer) -> None:
+        """Logs the updates since the last call. Per-update statistics of private batches (realised
+        batch size, training loss/accuracy, clipped fraction) are not covered by the DP guarantee:
+        in a private run they go only to the owner-only WORKDIR/private/update_stats.jsonl; the
+        public outputs (metrics files, TensorBoard, progress line) carry what the guarantee covers
+        (the noisy gradient's norm, epsilon) and rates at the expected batch size."""
+        n = max(window["examples"], 1.0)
+        stats = {"loss": window["loss_sum"] / n, "train_accuracy": window["accuracy_sum"] / n,
+                 "clipped_fraction": window["clipped"] / n, "examples": window["examples"]}
+        public = {"grad_norm": info["grad_norm"]}
+        if self.plan.enabled:
+            eps = self.epsilon_spent()
+            public["epsilon"] = eps
+            private_writer.write(u, stats)
+            updates = u - progress.last_step
+            progress.log(u, examples=updates * self.plan.expected_batch_size, epsilon=eps, expected=True)
+        else:
+            public.update(stats)
+            progress.log(u, examples=window["examples"], loss=stats["loss"])
+        writer.write(u, public)
+
     def _announce(self) -> None:
         p = self.plan
         if p.enabled:
+            if not p.guarantee_valid:
+                self.print("WARNING: insecure fixed noise seed: the epsilon below is NOT a privacy guarantee")
             self.print(f"DP-SGD: N={p.num_examples}, expected batch {p.expected_batch_size:g} (q={p.sampling_rate:.4g}), "
-                       f"{p.num_updates} updates, sigma={p.noise_multiplier:.4f}, C={p.clip_norm:g}, "
+                       f"{p.num_updates} updates, sigma={p.noise_multiplier:.4f}, C={p.clip_norm:g} "
+                       f"({p.clipping.mode}, sensitivity {p.sensitivity:g}), engine {p.grad_method}, "
                        f"delta={p.delta:.3g}, target epsilon={p.target_epsilon} ({p.accountant}); "
                        f"epsilon at the end {p.epsilon_after(p.num_updates):.4g}")
         else:

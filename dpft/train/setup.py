@@ -5,10 +5,8 @@ checkpoint is always evaluated with the model, data and preprocessing it was tra
 """
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import logging
-import math
 from typing import Any, Callable
 
 import jax.numpy as jnp
@@ -17,7 +15,9 @@ import ml_collections
 from dpft.cli import UsageError
 from dpft.data.augment import AugmentConfig
 from dpft.data.base import ExampleTable
-from dpft.privacy import accounting, adapters, bookkeeping, engine
+from dpft.privacy import adapters, engine, keys
+from dpft.privacy import plan as plan_lib
+from dpft.train import validation
 
 log = logging.getLogger(__name__)
 
@@ -118,95 +118,35 @@ def per_view_loss(task: str) -> Callable:
     raise UsageError(f"unknown task {task!r}")
 
 
-@dataclasses.dataclass(frozen=True)
-class PrivacyPlan:
-    """The privacy parameters of a run, fixed before training (all public)."""
-
-    enabled: bool
-    num_examples: int  # N, private training examples
-    sampling_rate: float  # q = B / N
-    expected_batch_size: float  # B
-    noise_multiplier: float  # sigma (0 when not private)
-    clip_norm: float  # C
-    delta: float
-    target_epsilon: float | None
-    num_updates: int  # updates that will run (<= config.train.num_updates if the budget binds)
-    accountant: str
-
-    def epsilon_after(self, updates: int) -> float:
-        """Epsilon spent after `updates` updates of this plan (inf when not private)."""
-        if not self.enabled:
-            return math.inf
-        if updates <= 0:
-            return 0.0
-        return accounting.compute_epsilon(self.sampling_rate, self.noise_multiplier, updates,
-                                          self.delta, accountant=self.accountant)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-def _max_updates_within(target: float, q: float, sigma: float, delta: float, limit: int, accountant: str) -> int:
-    """Largest T <= limit with epsilon(q, sigma, T, delta) <= target (binary search)."""
-    eps = lambda t: accounting.compute_epsilon(q, sigma, t, delta, accountant=accountant)  # noqa: E731
-    if eps(limit) <= target:
-        return limit
-    lo, hi = 0, limit
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if eps(mid) <= target:
-            lo = mid
-        else:
-            hi = mid
-    return lo
-
-
-def privacy_plan(config: ml_collections.ConfigDict, num_examples: int) -> PrivacyPlan:
-    """sigma calibrated from the target epsilon (or given), q = B/N, delta = 1/N by default.
-
-    When both sigma and a target epsilon are given, the run is cut to the largest number
-    of updates whose epsilon stays within the target: a run never exceeds its budget.
-    """
-    p, t = config.privacy, config.train
-    n = int(num_examples)
-    b = float(t.batch_size)
-    if b > n:
-        raise UsageError(f"config.train.batch_size={t.batch_size} is larger than the training set ({n} examples)")
-    q = b / n
-    updates = int(t.num_updates)
-    if not p.enabled:
-        return PrivacyPlan(False, n, q, b, 0.0, 0.0, 0.0, None, updates, p.accountant)
-    delta = float(p.delta) if p.delta else 1.0 / n
-    target = float(p.epsilon) if p.epsilon and p.epsilon > 0 else None
-    if p.noise_multiplier and p.noise_multiplier > 0:
-        sigma = float(p.noise_multiplier)
-        if target is not None:
-            updates = _max_updates_within(target, q, sigma, delta, updates, p.accountant)
-            if updates < 1:
-                raise UsageError(f"config.privacy.noise_multiplier={sigma} cannot run one update within "
-                                 f"epsilon={target} (q={q:.4g}, delta={delta:.3g})")
-    else:
-        if target is None:
-            raise UsageError("config.privacy.epsilon must be > 0 when privacy is enabled and "
-                             "config.privacy.noise_multiplier is 0")
-        try:
-            sigma = accounting.calibrate_noise_multiplier(target, q, updates, delta, accountant=p.accountant)
-        except ValueError as e:
-            raise UsageError(f"config.privacy.epsilon={target}: {e}") from None
-    return PrivacyPlan(True, n, q, b, sigma, float(p.clip_norm), delta, target, updates, p.accountant)
-
-
-def grad_method(config: ml_collections.ConfigDict) -> str:
-    """`train.grad_method` with "auto" resolved: "bookkeeping" for flat/automatic clipping
-    (every dpft model is tapped), "vmap" for per_layer clipping and non-private runs."""
-    method = str(config.train.get("grad_method", "auto"))
-    if method != "auto":
-        return method
-    private = bool(config.privacy.enabled) and config.privacy.clipping in bookkeeping.BK_MODES
-    return "bookkeeping" if private else "vmap"
-
-
 def clipping_config(config: ml_collections.ConfigDict) -> engine.ClippingConfig:
+    """The clipping of `config.privacy` ("none" for the non-private baseline)."""
     if not config.privacy.enabled:
         return engine.ClippingConfig(mode="none", clip_norm=1.0)
     return engine.ClippingConfig(mode=config.privacy.clipping, clip_norm=float(config.privacy.clip_norm))
+
+
+def run_secret(config: ml_collections.ConfigDict) -> keys.RunSecret:
+    """A fresh CSPRNG secret, or the insecure fixed one of `privacy.insecure_fixed_noise_seed` (>= 0).
+
+    Not multi-host aware: the training loop draws it on process 0 and broadcasts it.
+    """
+    fixed = validation.insecure_fixed_noise_seed(config)
+    if fixed is not None and int(fixed) >= 0:
+        return keys.RunSecret.insecure_fixed(int(fixed))
+    return keys.RunSecret.generate()
+
+
+def privacy_plan(config: ml_collections.ConfigDict, num_examples: int, params: Any,
+                 secret: keys.RunSecret) -> plan_lib.PrivacyPlan:
+    """The run's privacy plan (`dpft.privacy.plan.make_plan`) from `config.privacy` and `config.train`."""
+    p, t = config.privacy, config.train
+    try:
+        return plan_lib.make_plan(
+            enabled=bool(p.enabled), num_examples=int(num_examples), batch_size=float(t.batch_size),
+            num_updates=int(t.num_updates), clipping=clipping_config(config), params=params, secret=secret,
+            epsilon=float(p.epsilon) if p.epsilon else None,
+            noise_multiplier=float(p.noise_multiplier) if p.noise_multiplier else None,
+            delta=float(p.delta) if p.delta else None, accountant=str(p.accountant),
+            grad_method=str(t.get("grad_method", "auto")))
+    except plan_lib.PlanError as e:
+        raise UsageError(f"invalid privacy plan (config.privacy, config.train): {e}") from None

@@ -5,13 +5,15 @@ One optimizer update is
      the clipped per-example gradient sum of its shard of the batch is added to that
      device's own partial sum (no communication);
   2. `apply` once per update: the per-device partial sums are `psum`med over the
-     "data" axis (all devices of all hosts), then `dpft.privacy.noise.privatize` adds
-     N(0, sigma^2 C^2) ONCE, from `noise_key(seed, update)` -- a replicated key, so every
-     device draws the same noise and applies the same update -- and divides by the
-     expected batch size. Then the optax update and the EMA.
+     "data" axis (all devices of all hosts), then the plan's `noisy_mean`
+     (`dpft.privacy.noise.privatize`) adds N(0, sigma^2 S^2) ONCE, from
+     `noise_key(secret base key, update)` -- the base key is an argument (never compiled in),
+     replicated, so every device draws the same noise and applies the same update -- and
+     divides by the expected batch size. Then the optax update and the EMA.
 
-With `clipping.mode == "none"` and `noise_multiplier == 0` the same functions are
-ordinary (non-private) SGD, so the DP overhead is measured on identical code.
+Every privacy decision (engine, clipping, sigma, sensitivity, B) comes from the run's
+`dpft.privacy.plan.PrivacyPlan`. A non-private plan runs the same functions as ordinary SGD,
+so the DP overhead is measured on identical code.
 """
 from __future__ import annotations
 
@@ -24,29 +26,27 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dpft.privacy import bookkeeping, engine, noise
+from dpft.privacy.plan import PrivacyPlan
 from dpft.train import ema as ema_lib
 from dpft.train.distributed import DATA_AXIS
-
-#: How the clipped per-example gradient sum is computed (same contract, same result).
-GRAD_METHODS = {"vmap": engine.clipped_grad_sum, "bookkeeping": bookkeeping.bk_clipped_grad_sum}
 
 PyTree = Any
 
 
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
-    """Static description of one DP update (all public constants)."""
+    """Static description of one update: the privacy plan plus the non-private knobs."""
 
-    clipping: engine.ClippingConfig
-    microbatch_size: int  # examples per vmap'ed chunk on one device
-    noise_multiplier: float  # sigma; 0 = no noise
-    expected_batch_size: float  # B = q * N, the public divisor
-    seed: int  # noise key = fold_in(key(seed), update index)
-    sensitivity: float = 0.0  # L2 sensitivity of the clipped sum (engine.sensitivity); 0 if not private
+    plan: PrivacyPlan
+    microbatch_size: int  # examples per chunk of the per-example computation on one device
     ema_decay: float = 0.0  # 0 = no EMA
     polyak: bool = False
-    grad_method: str = "vmap"  # "vmap" (engine.clipped_grad_sum) or "bookkeeping" (bookkeeping.bk_clipped_grad_sum)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.plan, PrivacyPlan):
+            raise TypeError("StepConfig.plan must be a dpft.privacy.plan.PrivacyPlan")
+        if int(self.microbatch_size) < 1:
+            raise ValueError(f"StepConfig.microbatch_size={self.microbatch_size!r} must be >= 1")
 
 
 def init_state(params: PyTree, optimizer: optax.GradientTransformation, cfg: StepConfig) -> dict:
@@ -71,12 +71,6 @@ def zeros_accumulator(params: PyTree, mesh: Mesh) -> PyTree:
     )
 
 
-def physical_batch_key(seed: int, update: int, physical_index: int) -> jax.Array:
-    """Key for dropout / stochastic depth in one physical batch (not the noise key)."""
-    base = jax.random.fold_in(jax.random.key(seed), 0x5EED)
-    return jax.random.fold_in(jax.random.fold_in(base, update), physical_index)
-
-
 def make_accumulate_fn(loss_fn: Callable, cfg: StepConfig, mesh: Mesh) -> Callable:
     """Returns jitted `accumulate(params, acc, batch, key) -> (acc, stats)`.
 
@@ -85,16 +79,11 @@ def make_accumulate_fn(loss_fn: Callable, cfg: StepConfig, mesh: Mesh) -> Callab
     stats: dict of [B_global] arrays (norms, loss, mask, aux), sharded like the batch.
     """
 
-    if cfg.grad_method not in GRAD_METHODS:
-        raise ValueError(f"StepConfig.grad_method={cfg.grad_method!r}; use one of {tuple(GRAD_METHODS)}")
-    clipped_sum = GRAD_METHODS[cfg.grad_method]
+    plan = cfg.plan
 
     def per_device(params, acc, batch, key):
         key = jax.random.fold_in(key, jax.lax.axis_index(DATA_AXIS))
-        grad_sum, stats = clipped_sum(
-            loss_fn, params, batch, key,
-            clipping=cfg.clipping, microbatch_size=cfg.microbatch_size,
-        )
+        grad_sum, stats = plan.clipped_sum(loss_fn, params, batch, key, microbatch_size=cfg.microbatch_size)
         acc = jax.tree.map(lambda a, g: a + g[None].astype(jnp.float32), acc, grad_sum)
         return acc, stats
 
@@ -124,24 +113,20 @@ def make_apply_fn(
     *,
     noise_scale_for_testing: float = 1.0,
 ) -> Callable:
-    """Returns jitted `apply(state, acc) -> (state, info)`: psum, noise once, optax, EMA.
+    """Returns jitted `apply(state, acc, noise_base_key) -> (state, info)`: psum, noise once,
+    optax, EMA. `noise_base_key` is `plan.noise_base_key()` (the run's secret stream).
 
     info: {"grad_norm": norm of the noisy mean gradient, "update": the index used}.
-    sigma enters the compiled program as an argument (not a constant), so runs that differ
-    only in epsilon share one compilation (and jax's persistent compilation cache).
+    sigma and the secret key enter the compiled program as arguments (not constants): runs that
+    differ only in epsilon share one compilation, and no secret lands in a compilation cache.
     """
+    plan = cfg.plan
 
-    def apply(state, acc, noise_multiplier):
+    def apply(state, acc, noise_base_key, noise_multiplier):
         total = global_sum(acc, mesh)
         update = state["update"]
-        key = noise.noise_key(cfg.seed, update)
-        grad = noise.privatize(
-            total, key,
-            noise_multiplier=noise_multiplier,
-            clip_norm=cfg.sensitivity,
-            expected_batch_size=cfg.expected_batch_size,
-            noise_scale_for_testing=noise_scale_for_testing,
-        )
+        grad = plan.noisy_mean(total, noise_base_key, update, noise_multiplier,
+                               noise_scale_for_testing=noise_scale_for_testing)
         params = state["params"]
         grad = jax.tree.map(lambda g, p: g.astype(p.dtype), grad, params)
         updates, opt_state = optimizer.update(grad, state["opt_state"], params)
@@ -155,7 +140,7 @@ def make_apply_fn(
         return new, info
 
     compiled = jax.jit(apply, donate_argnums=(0,))
-    sigma = jnp.asarray(cfg.noise_multiplier, jnp.float32)
-    if cfg.noise_multiplier == 0:
-        return jax.jit(lambda state, acc: apply(state, acc, 0.0), donate_argnums=(0,))
-    return lambda state, acc: compiled(state, acc, sigma)
+    if not plan.enabled:
+        return jax.jit(lambda state, acc, key: apply(state, acc, key, 0.0), donate_argnums=(0,))
+    sigma = jnp.asarray(plan.noise_multiplier, jnp.float32)
+    return lambda state, acc, key: compiled(state, acc, key, sigma)

@@ -28,7 +28,6 @@ OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "warmup_cosine")
 CLIPPINGS = ("flat", "per_layer", "automatic")
 ACCOUNTANTS = ("pld", "rdp")
-SAMPLINGS = ("poisson", "shuffle")
 GRAD_METHODS = ("auto", "bookkeeping", "vmap")
 EVAL_PARAMS = ("ema", "raw")
 
@@ -105,6 +104,14 @@ class _Checker:
 _MISSING = object()
 
 
+def insecure_fixed_noise_seed(config: ml_collections.ConfigDict) -> Any:
+    """`privacy.insecure_fixed_noise_seed` (-1 = off; configs saved before the field existed: -1)."""
+    try:
+        return _get(config, "privacy.insecure_fixed_noise_seed")
+    except KeyError:
+        return -1
+
+
 def validate(
     config: ml_collections.ConfigDict,
     *,
@@ -163,7 +170,6 @@ def validate(
     enabled = c.boolean("privacy.enabled")
     c.choice("privacy.clipping", CLIPPINGS)
     c.choice("privacy.accountant", ACCOUNTANTS)
-    sampling = c.choice("privacy.sampling", SAMPLINGS)
     delta = c.number("privacy.delta")
     if delta is not _MISSING and not 0.0 <= delta < 1.0:
         c.add("privacy.delta", delta, "must be in [0, 1) (0 means 1/N)")
@@ -182,13 +188,21 @@ def validate(
                 pass
             elif not _is_num(eps) or not eps > 0:
                 c.add("privacy.epsilon", eps, "must be > 0 when privacy.enabled and privacy.noise_multiplier is unset (0)")
-        if sampling == "shuffle":
-            notes.append(
-                "config.privacy.sampling='shuffle': the accountant assumes Poisson sampling, "
-                "so the reported epsilon is not a proven guarantee for this run"
-            )
-        if num_examples is not None and delta is not _MISSING and delta > 0 and delta >= 1.0 / num_examples:
-            notes.append(f"config.privacy.delta={delta!r} is >= 1/N = {1.0 / num_examples:.3g}; a weak guarantee")
+        if num_examples is not None and _is_int(num_examples) and num_examples > 0 and delta is not _MISSING:
+            effective = delta if delta > 0 else 1.0 / num_examples
+            if effective >= 1.0 / num_examples:
+                notes.append(
+                    f"config.privacy.delta={delta!r} means delta={effective:.3g} >= 1/N = {1.0 / num_examples:.3g}: "
+                    "a weak guarantee (a mechanism that publishes one random example in full is (0, 1/N)-DP); "
+                    "set privacy.delta well below 1/N, e.g. 1/(10 N), for a meaningful claim")
+        fixed = insecure_fixed_noise_seed(c.config)
+        if fixed is not None:
+            if not _is_int(fixed) or fixed < -1:
+                c.add("privacy.insecure_fixed_noise_seed", fixed, "must be -1 (off, secret noise) or an int >= 0")
+            elif fixed >= 0:
+                notes.append(
+                    f"config.privacy.insecure_fixed_noise_seed={fixed}: the noise and the batch selection are a public "
+                    "function of this number; the run has NO differential-privacy guarantee (tests/debugging only)")
 
     # -- train
     batch = c.integer("train.batch_size", 1)
@@ -259,6 +273,11 @@ def validate(
         grid = c.number("individual.norm_grid")
         if grid is not _MISSING and not grid > 0:
             c.add("individual.norm_grid", grid, "must be > 0")
+        try:  # optional: configs saved before it existed mean 20
+            _get(c.config, "individual.min_group_size")
+            c.integer("individual.min_group_size", 1)
+        except KeyError:
+            pass
 
     if c.errors:
         raise UsageError("invalid config: " + "; ".join(c.errors))

@@ -26,25 +26,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--delta", type=float, default=d.delta, help="delta (%(default)s)")
     parser.add_argument("--confidence", type=float, default=d.confidence, help="confidence of the bound (%(default)s)")
     parser.add_argument("--accountant", choices=("pld", "rdp"), default=d.accountant)
-    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--seed", type=int, default=d.seed,
+                        help="public seed of canary inclusion and init (the noise secret is fresh per run)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=d.dtype,
+                        help="compute dtype of the audited step, as config.model.dtype (%(default)s)")
+    parser.add_argument("--grad-method", choices=("auto", "bookkeeping", "vmap"), default=d.grad_method,
+                        help="engine of the audited step, as config.train.grad_method (%(default)s)")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
     # Deliberately breaks DP (scales the noise); only for testing that the audit can fail.
     parser.add_argument("--noise-scale-for-testing", type=float, default=1.0, help=argparse.SUPPRESS)
 
 
 def _defaults():
-    from dpft.privacy.audit import AuditConfig
+    from dpft.train.canary_audit import AuditConfig
 
     return AuditConfig()
 
 
 def run(args: argparse.Namespace) -> int:
-    from dpft.privacy import audit
+    from dpft.train import canary_audit as audit
 
     config = audit.AuditConfig(
         num_canaries=args.canaries, steps=args.steps, sampling_rate=args.sampling_rate, epsilon=args.epsilon,
         noise_multiplier=args.noise_multiplier, delta=args.delta, confidence=args.confidence,
-        accountant=args.accountant, seed=args.seed, noise_scale_for_testing=args.noise_scale_for_testing)
+        accountant=args.accountant, seed=args.seed, noise_scale_for_testing=args.noise_scale_for_testing,
+        dtype=args.dtype, grad_method=args.grad_method)
     try:
         config.validate()
         sigma = audit.resolve_noise_multiplier(config)  # raises on an unreachable epsilon
@@ -61,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
               f"{result.epsilon_lower_bound:.4f}")
         print(f"claimed epsilon (accountant {config.accountant}, delta={config.delta:g}): "
               f"{result.epsilon_claimed:.4f}")
+        print(f"audited: the production step (engine {config.grad_method}, dtype {config.dtype}, secret noise)")
         print(f"canaries {result.num_canaries} ({result.num_included} included), guesses {result.num_guesses}, "
               f"correct {result.correct}, noise multiplier {result.noise_multiplier:.4f}, steps {config.steps}, "
               f"q {config.sampling_rate:g}")

@@ -1,0 +1,270 @@
+"""The privacy plan of a run: every privacy decision in one frozen object.
+
+`make_plan(...)` is called once per run (training, `dpft audit`, benchmarks) and fixes
+N, q = B/N, the expected batch size B (the public divisor), sigma (calibrated to the target
+epsilon, or given), delta, the clipping and its measured L2 sensitivity, the accountant, the
+engine that computes clipped sums, and the run's secret key streams. The plan then provides:
+
+* `selection(update)`         Poisson selection of the update (secret stream);
+* `clipped_sum(...)`          the clipped per-example gradient sum (vmap or book-keeping engine);
+* `noisy_mean(...)`           the noise step (`dpft.privacy.noise.privatize`, the one place noise
+                              is added) with the secret noise key of the update;
+* `epsilon_after(T)`          epsilon after T updates with the run's accountant;
+* `num_updates`               the update budget (never beyond the target epsilon);
+* `contribution_norm(norms)`  the L2 norm an example of gradient norm n adds to the clipped sum
+                              (what individual accounting charges);
+* `individual_epsilons(...)`  per-example epsilons with the run's accountant, <= the run's epsilon.
+
+Invariants checked on construction: a private (clipping) plan has a measured sensitivity > 0
+and a finite sigma >= 0 (sigma = 0, clipping without noise, is a diagnostic with epsilon = inf
+that `make_plan` never builds); a non-private one has neither (nothing defaults to 0 silently).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from dpft.privacy import accounting, bookkeeping, engine, keys, noise, sampling
+from dpft.privacy.engine import ClippingConfig
+
+#: How the clipped per-example gradient sum is computed (same contract, same result).
+GRAD_METHODS: dict[str, Callable] = {"vmap": engine.clipped_grad_sum,
+                                     "bookkeeping": bookkeeping.bk_clipped_grad_sum}
+GRAD_METHOD_CHOICES = ("auto",) + tuple(GRAD_METHODS)
+
+
+class PlanError(ValueError):
+    """An impossible privacy plan (the message names the parameter)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PrivacyPlan:
+    """The privacy parameters of a run, fixed before training. See the module doc.
+
+    All fields but `secret` are public (`to_dict`); `secret` never leaves the checkpoint.
+    """
+
+    enabled: bool
+    num_examples: int  # N, private training examples
+    sampling_rate: float  # q = B / N
+    expected_batch_size: float  # B = q N, the public divisor of the noisy sum
+    noise_multiplier: float  # sigma (0.0 iff not private)
+    clipping: ClippingConfig
+    sensitivity: float  # L2 sensitivity of the clipped sum (engine.sensitivity; 0.0 iff not private)
+    delta: float  # 0.0 when not private
+    target_epsilon: float | None
+    num_updates: int  # updates that will run (<= the requested number when the budget binds)
+    accountant: str
+    grad_method: str  # "vmap" | "bookkeeping"
+    secret: keys.RunSecret = dataclasses.field(repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.grad_method not in GRAD_METHODS:
+            raise PlanError(f"grad_method={self.grad_method!r}; use one of {tuple(GRAD_METHODS)}")
+        if self.accountant not in accounting.ACCOUNTANTS:
+            raise PlanError(f"accountant={self.accountant!r}; use one of {accounting.ACCOUNTANTS}")
+        if not 0 < self.sampling_rate <= 1 or not self.expected_batch_size > 0:
+            raise PlanError(f"sampling_rate={self.sampling_rate!r} must be in (0, 1]")
+        if not isinstance(self.secret, keys.RunSecret):
+            raise PlanError("a privacy plan needs the run's secret (dpft.privacy.keys.RunSecret)")
+        if self.enabled:
+            if not (self.noise_multiplier >= 0 and math.isfinite(self.noise_multiplier)):
+                raise PlanError(f"noise_multiplier={self.noise_multiplier!r}: a private plan needs a finite sigma >= 0")
+            if not (self.sensitivity > 0 and math.isfinite(self.sensitivity)):
+                raise PlanError(f"sensitivity={self.sensitivity!r}: a private plan needs a finite sensitivity > 0")
+            if self.clipping.mode == "none":
+                raise PlanError("clipping mode 'none' cannot be private")
+            if not 0 < self.delta < 1:
+                raise PlanError(f"delta={self.delta!r} must be in (0, 1)")
+            if self.grad_method == "bookkeeping" and self.clipping.mode not in bookkeeping.BK_MODES:
+                raise PlanError(f"grad_method='bookkeeping' does not support clipping={self.clipping.mode!r}; "
+                                "use 'vmap'")
+        elif self.noise_multiplier != 0 or self.sensitivity != 0 or self.clipping.mode != "none":
+            raise PlanError("a non-private plan has noise_multiplier 0, sensitivity 0 and clipping 'none'")
+
+    # ------------------------------------------------------------------ guarantee
+    @property
+    def guarantee_valid(self) -> bool:
+        """True when the run's epsilon is a DP guarantee: private with noise, and a CSPRNG secret."""
+        return self.enabled and self.noise_multiplier > 0 and self.secret.is_secure
+
+    def epsilon_after(self, updates: int) -> float:
+        """Epsilon after `updates` updates of this plan (inf when not private)."""
+        if not self.enabled or self.noise_multiplier == 0:
+            return math.inf
+        if updates <= 0:
+            return 0.0
+        return accounting.compute_epsilon(self.sampling_rate, self.noise_multiplier, int(updates), self.delta,
+                                          accountant=self.accountant)
+
+    # ------------------------------------------------------------------ secret streams
+    def with_secret(self, secret: keys.RunSecret) -> "PrivacyPlan":
+        """The same plan with another secret (a resumed run uses its checkpoint's)."""
+        return dataclasses.replace(self, secret=secret)
+
+    def selection_seed(self) -> int:
+        """The secret seed of the Poisson selection (pass to the data pipeline only)."""
+        return keys.selection_entropy(self.secret)
+
+    def selection(self, update: int) -> np.ndarray:
+        """Sorted int64 positions in [0, N) of the examples of update `update` (Poisson, rate q)."""
+        return sampling.poisson_selection(self.selection_seed(), int(update), self.num_examples, self.sampling_rate)
+
+    def noise_base_key(self):
+        """The secret noise key; pass it to compiled functions as an argument (never a constant)."""
+        return keys.noise_base_key(self.secret)
+
+    # ------------------------------------------------------------------ the DP step
+    def clipped_sum(self, loss_fn: Callable, params: Any, batch: Mapping[str, Any], rng: Any, *,
+                    microbatch_size: int, position_offset: Any = 0):
+        """Sum of clipped per-example gradients of `batch` with the plan's engine and clipping."""
+        fn = GRAD_METHODS[self.grad_method]
+        return fn(loss_fn, params, batch, rng, clipping=self.clipping, microbatch_size=microbatch_size,
+                  position_offset=position_offset)
+
+    def noisy_mean(self, grad_sum: Any, base_key: Any, update: Any, noise_multiplier: Any = None, *,
+                   noise_scale_for_testing: float = 1.0):
+        """(grad_sum + N(0, sigma^2 S^2)) / B with the key of `update`; sigma may be traced
+        (pass `noise_multiplier` to share one compilation between runs that differ only in it).
+        Non-private plans return grad_sum / B without drawing."""
+        if not self.enabled or self.noise_multiplier == 0:
+            sigma: Any = 0
+        else:
+            sigma = self.noise_multiplier if noise_multiplier is None else noise_multiplier
+        return noise.privatize(grad_sum, noise.noise_key(base_key, update), noise_multiplier=sigma,
+                               clip_norm=self.sensitivity, expected_batch_size=self.expected_batch_size,
+                               noise_scale_for_testing=noise_scale_for_testing)
+
+    # ------------------------------------------------------------------ individual accounting
+    def contribution_norm(self, norms: np.ndarray) -> np.ndarray:
+        """L2 norm [...] that an example of (augmult-averaged) gradient norm `norms` [...] adds to the
+        clipped sum: min(n, C) (flat), C n / (n + gamma) (automatic), min(n, S) (per_layer: a bound)."""
+        n = np.asarray(norms, np.float64)
+        if not self.enabled:
+            raise PlanError("contribution_norm: a non-private plan bounds nothing")
+        if self.clipping.mode == "automatic":
+            return self.clipping.clip_norm * n / (n + self.clipping.gamma)
+        if self.clipping.mode == "flat":
+            return np.minimum(n, self.clipping.clip_norm)
+        return np.minimum(n, self.sensitivity)
+
+    def individual_epsilons(self, recorder: Any, num_updates: int) -> np.ndarray:
+        """Per-example epsilons [N] after `num_updates` with the run's accountant (see
+        `dpft.privacy.individual.individual_epsilons`), never above `epsilon_after(num_updates)`."""
+        from dpft.privacy import individual
+
+        eps = individual.individual_epsilons(
+            recorder, sampling_rate=self.sampling_rate, noise_multiplier=self.noise_multiplier,
+            sensitivity=self.sensitivity, contribution=self.contribution_norm, num_updates=int(num_updates),
+            delta=self.delta, accountant=self.accountant)
+        return np.minimum(eps, self.epsilon_after(int(num_updates)))
+
+    # ------------------------------------------------------------------ reporting
+    def to_dict(self) -> dict:
+        """The public description (what privacy_plan.json holds): no secret, its source only."""
+        return {
+            "enabled": self.enabled, "num_examples": self.num_examples, "sampling_rate": self.sampling_rate,
+            "expected_batch_size": self.expected_batch_size, "noise_multiplier": self.noise_multiplier,
+            "clipping": {"mode": self.clipping.mode, "clip_norm": self.clipping.clip_norm,
+                         "gamma": self.clipping.gamma},
+            "clip_norm": self.clipping.clip_norm if self.enabled else 0.0,
+            "sensitivity": self.sensitivity, "delta": self.delta, "target_epsilon": self.target_epsilon,
+            "num_updates": self.num_updates, "accountant": self.accountant, "grad_method": self.grad_method,
+            "sampling": "poisson", "secret_source": self.secret.source,
+            "guarantee_valid": self.guarantee_valid,
+        }
+
+    @property
+    def clip_norm(self) -> float:
+        """C of the clipping (0.0 when not private)."""
+        return float(self.clipping.clip_norm) if self.enabled else 0.0
+
+
+def _max_updates_within(target: float, q: float, sigma: float, delta: float, limit: int, accountant: str) -> int:
+    """Largest T <= limit with epsilon(q, sigma, T, delta) <= target (binary search)."""
+    def eps(t: int) -> float:
+        return accounting.compute_epsilon(q, sigma, t, delta, accountant=accountant)
+    if eps(limit) <= target:
+        return limit
+    lo, hi = 0, limit
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if eps(mid) <= target:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def fixed_plan(*, clipping: ClippingConfig, noise_multiplier: float, expected_batch_size: float, params: Any,
+               secret: keys.RunSecret, num_examples: int | None = None, delta: float = 1e-5,
+               accountant: str = "pld", grad_method: str = "vmap", num_updates: int = 1) -> PrivacyPlan:
+    """A plan with sigma and B given (no calibration): for benchmarks and tests of the step.
+    Private iff clipping.mode != "none"; N defaults to ceil(B) (q = B / N)."""
+    private = clipping.mode != "none"
+    n = int(num_examples) if num_examples is not None else max(1, math.ceil(expected_batch_size))
+    method = resolve_grad_method(grad_method, private, clipping.mode)
+    sens = engine.sensitivity(clipping, params) if private else 0.0
+    return PrivacyPlan(private, n, float(expected_batch_size) / n, float(expected_batch_size),
+                       float(noise_multiplier) if private else 0.0, clipping, sens,
+                       float(delta) if private else 0.0, None, int(num_updates), accountant, method, secret)
+
+
+def resolve_grad_method(method: str, enabled: bool, clipping_mode: str) -> str:
+    """"auto" -> "bookkeeping" for private flat/automatic clipping, else "vmap"."""
+    if method not in GRAD_METHOD_CHOICES:
+        raise PlanError(f"grad_method={method!r}; use one of {GRAD_METHOD_CHOICES}")
+    if method != "auto":
+        return method
+    return "bookkeeping" if enabled and clipping_mode in bookkeeping.BK_MODES else "vmap"
+
+
+def make_plan(*, enabled: bool, num_examples: int, batch_size: float, num_updates: int,
+              clipping: ClippingConfig, params: Any, secret: keys.RunSecret, epsilon: float | None = None,
+              noise_multiplier: float | None = None, delta: float | None = None, accountant: str = "pld",
+              grad_method: str = "auto") -> PrivacyPlan:
+    """The plan of a run of `num_updates` updates with expected batch `batch_size` on N examples.
+
+    Private: sigma = `noise_multiplier` if given (> 0), else calibrated so that epsilon after
+    `num_updates` <= `epsilon`; with both, the run is cut to the largest number of updates within
+    `epsilon`. delta defaults to 1/N. The sensitivity is measured from `clipping` and `params`.
+    Raises PlanError naming the parameter.
+    """
+    n = int(num_examples)
+    if n < 1:
+        raise PlanError(f"num_examples={num_examples!r}: need at least one training example")
+    b = float(batch_size)
+    if not 0 < b <= n:
+        raise PlanError(f"batch_size={batch_size!r} must be in (0, N={n}] (the training set has {n} examples)")
+    q = b / n
+    updates = int(num_updates)
+    if updates < 1:
+        raise PlanError(f"num_updates={num_updates!r} must be >= 1")
+    method = resolve_grad_method(grad_method, enabled, clipping.mode)
+    if not enabled:
+        none = ClippingConfig(mode="none", clip_norm=1.0)
+        return PrivacyPlan(False, n, q, b, 0.0, none, 0.0, 0.0, None, updates, accountant, method, secret)
+    delta = float(delta) if delta else 1.0 / n
+    target = float(epsilon) if epsilon is not None and epsilon > 0 else None
+    if noise_multiplier is not None and noise_multiplier > 0:
+        sigma = float(noise_multiplier)
+        if target is not None:
+            updates = _max_updates_within(target, q, sigma, delta, updates, accountant)
+            if updates < 1:
+                raise PlanError(f"noise_multiplier={sigma} cannot run one update within epsilon={target} "
+                                f"(q={q:.4g}, delta={delta:.3g})")
+    else:
+        if target is None:
+            raise PlanError("epsilon must be > 0 when privacy is enabled and noise_multiplier is unset")
+        try:
+            sigma = accounting.calibrate_noise_multiplier(target, q, updates, delta, accountant=accountant)
+        except ValueError as e:
+            raise PlanError(f"epsilon={target}: {e}") from None
+    return PrivacyPlan(True, n, q, b, sigma, clipping, engine.sensitivity(clipping, params), delta, target,
+                       updates, accountant, method, secret)
+
+
+__all__ = ["PrivacyPlan", "PlanError", "make_plan", "fixed_plan", "GRAD_METHODS", "resolve_grad_method"]

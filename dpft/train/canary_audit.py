@@ -1,0 +1,228 @@
+"""`dpft audit`'s training run: Dirac canaries trained through the PRODUCTION step.
+
+The audit is only evidence about what `dpft train` does if it runs what `dpft train` runs: the
+same privacy plan (`dpft.privacy.plan.make_plan`: sigma, q, B, sensitivity, engine, a fresh
+CSPRNG secret for the noise and the Poisson selection), the same step functions
+(`dpft.train.step.make_accumulate_fn` / `make_apply_fn`, `shard_map` over the device mesh),
+the same engine (book-keeping by default) and compute dtype. Only the model and data are the
+audit's: a dpft tapped linear layer w in R^{m x 1} whose loss on canary i is -<w, s e_i> - b
+(s = `canary_scale` * C), so each included canary's clipped gradient points along its own
+coordinate. The statistics (p-values, lower bounds) are `dpft.privacy.audit`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+import numpy as np
+
+from dpft.privacy.audit import best_guess_bound, guess_counts
+
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class AuditConfig:
+    """What the audit trains (plain data).
+
+    epsilon: target epsilon the noise multiplier is calibrated to (ignored if
+      noise_multiplier is set). noise_multiplier: explicit sigma (0 = no noise).
+    clipping_mode: an engine ClippingConfig mode ("flat"; "none" = non-private SGD).
+    noise_scale_for_testing: passed to `privatize`; != 1 breaks DP on purpose (tests).
+    guess_fractions: the (k+ = k-) candidates as fractions of m / 2 (Bonferroni over them).
+    """
+
+    num_canaries: int = 1000
+    steps: int = 100
+    sampling_rate: float = 0.1
+    epsilon: float | None = 1.0
+    noise_multiplier: float | None = None
+    delta: float = 1e-5
+    clip_norm: float = 1.0
+    clipping_mode: str = "flat"
+    canary_scale: float = 10.0
+    learning_rate: float = 1.0
+    noise_scale_for_testing: float = 1.0
+    confidence: float = 0.95
+    accountant: str = "pld"
+    physical_batch_size: int = 128
+    seed: int = 0  # public: canary inclusion and the layer's init; the noise secret is fresh per run
+    dtype: str = "float32"  # compute dtype of the layer, as config.model.dtype
+    grad_method: str = "auto"  # as config.train.grad_method ("auto" = book-keeping)
+    guess_fractions: tuple[float, ...] = (0.05, 0.1, 0.2, 0.4, 0.7, 1.0)
+
+    def validate(self) -> None:
+        def bad(field: str, value: Any, want: str) -> ValueError:
+            return ValueError(f"audit config: {field}={value!r}: {want}")
+
+        if not (isinstance(self.num_canaries, int) and self.num_canaries >= 2):
+            raise bad("num_canaries", self.num_canaries, "need an int >= 2")
+        if not (isinstance(self.steps, int) and self.steps >= 1):
+            raise bad("steps", self.steps, "need an int >= 1")
+        if not 0 < self.sampling_rate <= 1:
+            raise bad("sampling_rate", self.sampling_rate, "need 0 < q <= 1")
+        if self.noise_multiplier is None and not (self.epsilon is not None and self.epsilon > 0):
+            raise bad("epsilon", self.epsilon, "need epsilon > 0 (or an explicit noise_multiplier)")
+        if self.noise_multiplier is not None and not self.noise_multiplier >= 0:
+            raise bad("noise_multiplier", self.noise_multiplier, "need sigma >= 0")
+        if not 0 < self.delta < 1:
+            raise bad("delta", self.delta, "need 0 < delta < 1")
+        if not 0 < self.confidence < 1:
+            raise bad("confidence", self.confidence, "need 0 < confidence < 1")
+        if self.clipping_mode not in ("flat", "none"):
+            raise bad("clipping_mode", self.clipping_mode, "the audit supports 'flat' and 'none'")
+        if not self.canary_scale >= 1:
+            raise bad("canary_scale", self.canary_scale, "need >= 1 (canary gradients must be clipped)")
+        if not (isinstance(self.physical_batch_size, int) and self.physical_batch_size >= 1):
+            raise bad("physical_batch_size", self.physical_batch_size, "need an int >= 1")
+        if self.noise_multiplier == 0 and self.clipping_mode != "none":
+            raise bad("noise_multiplier", self.noise_multiplier, "0 (no noise) only with clipping_mode='none'")
+        if self.noise_multiplier is not None and not math.isfinite(self.noise_multiplier):
+            raise bad("noise_multiplier", self.noise_multiplier, "need a finite sigma")
+        if self.dtype not in DTYPES:
+            raise bad("dtype", self.dtype, f"choose from {DTYPES}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise bad("seed", self.seed, "need an int >= 0")
+        if not self.noise_scale_for_testing >= 0:
+            raise bad("noise_scale_for_testing", self.noise_scale_for_testing, "need >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class AuditResult:
+    """Outcome of `run_audit`; passed = epsilon_lower_bound <= epsilon_claimed."""
+
+    epsilon_lower_bound: float
+    epsilon_claimed: float
+    num_canaries: int
+    num_guesses: int
+    correct: int
+    passed: bool
+    noise_multiplier: float = 0.0
+    delta: float = 0.0
+    confidence: float = 0.95
+    k_pos: int = 0
+    k_neg: int = 0
+    num_included: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def canary_inclusion(num_canaries: int, seed: int) -> np.ndarray:
+    """bool [m]: canary i is in the training set (independent fair coins from `seed`)."""
+    return np.random.default_rng([seed, 0xA0D1]).random(num_canaries) < 0.5
+
+
+def canary_plan(config: AuditConfig, noise_multiplier: float, params: Any):
+    """The audit run's privacy plan: N = m canary slots (public), B = q m, a fresh secret."""
+    from dpft.privacy import engine, keys, plan as plan_lib
+
+    private = config.clipping_mode != "none"
+    clipping = (engine.ClippingConfig(mode=config.clipping_mode, clip_norm=config.clip_norm) if private
+                else engine.ClippingConfig(mode="none", clip_norm=1.0))
+    return plan_lib.make_plan(
+        enabled=private, num_examples=config.num_canaries,
+        batch_size=config.sampling_rate * config.num_canaries, num_updates=config.steps, clipping=clipping,
+        params=params, secret=keys.RunSecret.generate(), noise_multiplier=noise_multiplier if private else None,
+        delta=config.delta, accountant=config.accountant, grad_method=config.grad_method)
+
+
+def train_canaries(config: AuditConfig, noise_multiplier: float, included: np.ndarray) -> tuple[np.ndarray, Any]:
+    """Trains the linear canary model through the production step; returns (scores float [m], plan).
+
+    Selection: the plan's Poisson selection over the m canary slots (public N = m), of which the
+    excluded canaries' slots are dropped -- the same as Poisson sampling of the included canaries.
+    Score of canary i: its loss reduction s * (w_T - w_0)_i.
+    """
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    from dpft.models import layers
+    from dpft.privacy import adapters
+    from dpft.train import distributed, step as step_lib
+    from dpft.privacy.keys import dropout_key
+
+    m = config.num_canaries
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.dtype]
+    scale = config.canary_scale * config.clip_norm
+
+    class CanaryModel(nnx.Module):
+        def __init__(self, rngs: nnx.Rngs):
+            self.linear = layers.Linear(m, 1, dtype=dtype, init=layers.ParamInit.from_rngs(rngs))
+
+        def __call__(self, x):
+            return self.linear(x)
+
+    def per_view_loss(logits, views):
+        return -logits[..., 0].astype(jnp.float32), {}
+
+    loss_fn, params, _ = adapters.nnx_loss_fn(CanaryModel(nnx.Rngs(config.seed)), per_view_loss)
+    plan = canary_plan(config, noise_multiplier, params)
+    cfg = step_lib.StepConfig(plan=plan, microbatch_size=config.physical_batch_size)
+    mesh = distributed.make_data_mesh()
+    if config.physical_batch_size % jax.local_device_count():
+        raise ValueError(f"audit config: physical_batch_size={config.physical_batch_size} is not divisible by the "
+                         f"{jax.local_device_count()} local devices")
+    cfg = dataclasses.replace(cfg, microbatch_size=config.physical_batch_size // jax.local_device_count())
+    optimizer = optax.sgd(config.learning_rate)
+    state = distributed.replicate(step_lib.init_state(params, optimizer, cfg), mesh)
+    accumulate = step_lib.make_accumulate_fn(loss_fn, cfg, mesh)
+    apply = step_lib.make_apply_fn(optimizer, cfg, mesh, noise_scale_for_testing=config.noise_scale_for_testing)
+    noise_key = plan.noise_base_key()
+    w0 = np.asarray(params["linear"]["w"][...], np.float64)[:, 0]
+    bsz = config.physical_batch_size
+    from dpft.privacy import sampling
+    for t in range(config.steps):
+        selected = plan.selection(t)
+        selected = selected[included[selected]]  # only included canaries are in the data set
+        acc = step_lib.zeros_accumulator(state["params"], mesh)
+        for j, (idx, mask) in enumerate(sampling.physical_batches(selected, bsz)):
+            rows = np.where((mask > 0)[:, None], np.eye(m, dtype=np.float32)[np.maximum(idx, 0)] * scale, 0.0)
+            batch = {"image": rows[:, None, :], "label": np.zeros([bsz, 1], np.int32), "mask": mask,
+                     "example_id": idx.astype(np.int32)}
+            acc, _ = accumulate(state["params"], acc, distributed.shard_batch(batch, mesh),
+                                dropout_key(config.seed, t, j))
+        state, _ = apply(state, acc, noise_key)
+    w_t = np.asarray(jax.device_get(state["params"]["linear"]["w"][...]), np.float64)[:, 0]
+    return scale * (w_t - w0), plan
+
+
+def claimed_epsilon(config: AuditConfig, noise_multiplier: float) -> float:
+    """The accountant's epsilon for the run (inf for a non-private run); equals the plan's."""
+    from dpft.privacy import accounting
+
+    if config.clipping_mode == "none" or noise_multiplier == 0:
+        return math.inf
+    return accounting.compute_epsilon(config.sampling_rate, noise_multiplier, config.steps, config.delta,
+                                      config.accountant)
+
+
+def resolve_noise_multiplier(config: AuditConfig) -> float:
+    """Explicit sigma, else calibrated to config.epsilon for (q, steps, delta)."""
+    from dpft.privacy import accounting
+
+    if config.noise_multiplier is not None:
+        return float(config.noise_multiplier)
+    return accounting.calibrate_noise_multiplier(config.epsilon, config.sampling_rate, config.steps,
+                                                 config.delta, config.accountant)
+
+
+def run_audit(config: AuditConfig | Mapping[str, Any]) -> AuditResult:
+    """One training run with m canaries -> empirical epsilon lower bound vs the claim."""
+    if not isinstance(config, AuditConfig):
+        config = AuditConfig(**dict(config))
+    config.validate()
+    sigma = resolve_noise_multiplier(config)
+    included = canary_inclusion(config.num_canaries, config.seed)
+    scores, plan = train_canaries(config, sigma, included)
+    claimed = plan.epsilon_after(config.steps)  # the production plan's accountant
+    best = best_guess_bound(scores, included, delta=config.delta, confidence=config.confidence,
+                            pairs=guess_counts(config.num_canaries, config.guess_fractions))
+    return AuditResult(
+        epsilon_lower_bound=best.epsilon_lower_bound, epsilon_claimed=claimed,
+        num_canaries=config.num_canaries, num_guesses=best.num_guesses, correct=best.correct,
+        passed=bool(best.epsilon_lower_bound <= claimed), noise_multiplier=sigma, delta=config.delta,
+        confidence=config.confidence, k_pos=best.k_pos, k_neg=best.k_neg, num_included=int(included.sum()))
