@@ -30,22 +30,22 @@ def make_step(setup: common.Setup, method: str, microbatch_size: int, *, clip_no
     """Jitted `step(params, batch, key) -> (params, losses [B])` for one method."""
     import jax
 
-    from dpft.privacy import bookkeeping, engine, keys, noise
-    noise_base = keys.noise_base_key(keys.RunSecret.generate())  # a fresh secret, as a run draws
-    if method == "nonprivate":
-        clipping, sigma, fn = engine.ClippingConfig(mode="none"), 0.0, engine.clipped_grad_sum
-    elif method in ("vmap", "bookkeeping"):
-        clipping, sigma = engine.ClippingConfig(mode="flat", clip_norm=clip_norm), noise_multiplier
-        fn = engine.clipped_grad_sum if method == "vmap" else bookkeeping.bk_clipped_grad_sum
-    else:
+    from dpft.privacy import engine, keys
+    from dpft.privacy import plan as plan_lib
+    if method not in METHODS:
         raise ValueError(f"dp_overhead: unknown method {method!r}; choose from {METHODS}")
     batch_size = setup.batch["mask"].shape[0]
-    sens = engine.sensitivity(clipping, setup.params) if sigma > 0 else 0.0
+    private = method != "nonprivate"
+    # The production privacy plan (a fresh secret, as a run draws): its engine, clipping and noise step.
+    plan = plan_lib.fixed_plan(
+        clipping=engine.ClippingConfig(mode="flat", clip_norm=clip_norm) if private else engine.ClippingConfig("none"),
+        noise_multiplier=noise_multiplier, expected_batch_size=float(batch_size), params=setup.params,
+        secret=keys.RunSecret.generate(), grad_method=method if private else "vmap")
+    noise_base = plan.noise_base_key()
 
     def step(params, batch, key):
-        grad_sum, stats = fn(setup.loss_fn, params, batch, key, clipping=clipping, microbatch_size=microbatch_size)
-        noisy = noise.privatize(grad_sum, noise.noise_key(noise_base, 0), noise_multiplier=sigma, clip_norm=sens,
-                                expected_batch_size=float(batch_size))
+        grad_sum, stats = plan.clipped_sum(setup.loss_fn, params, batch, key, microbatch_size=microbatch_size)
+        noisy = plan.noisy_mean(grad_sum, noise_base, 0)
         return jax.tree.map(lambda p, g: p - lr * g, params, noisy), stats["loss"]
 
     return jax.jit(step)

@@ -49,9 +49,9 @@ def main(out_path: str) -> int:
     out = {}
     for sigma in (0.0, 1.1):
         clipping = engine.ClippingConfig(mode="flat", clip_norm=0.5)
-        plan = plan_lib.fixed_plan(clipping=clipping, noise_multiplier=sigma, expected_batch_size=0.8 * global_batch,
+        dp_plan = plan_lib.fixed_plan(clipping=clipping, noise_multiplier=sigma, expected_batch_size=0.8 * global_batch,
                                    params=params, secret=keys.RunSecret.insecure_fixed(7))
-        cfg = step_lib.StepConfig(plan=plan, microbatch_size=per_device)
+        cfg = step_lib.StepConfig(plan=dp_plan, microbatch_size=per_device)
         accumulate = step_lib.make_accumulate_fn(loss_fn, cfg, mesh)
         apply = step_lib.make_apply_fn(optimizer, cfg, mesh)
         state = distributed.replicate(step_lib.init_state(params, optimizer, cfg), mesh)
@@ -60,7 +60,7 @@ def main(out_path: str) -> int:
             for j in range(2):  # two physical batches per update
                 batch = distributed.shard_batch(batch_of(2 * u + j), mesh)
                 acc, _ = accumulate(state["params"], acc, batch, keys.dropout_key(7, u, j))
-            state, _ = apply(state, acc, plan.noise_base_key())
+            state, _ = apply(state, acc, dp_plan.noise_base_key())
         for i, leaf in enumerate(jax.tree.leaves(state["params"])):
             shards = [np.asarray(s.data) for s in leaf.addressable_shards]
             for s in shards[1:]:

@@ -141,6 +141,7 @@ def test_results_stable_across_save_and_resume(tmp_path):
         first.record_all(2 * k, row)
     first.record_all(8, norms[4])  # recorded after the checkpoint at update 8 ...
     first.save(tmp_path / "norms.npz")
+    assert (os.stat(tmp_path / "norms.npz").st_mode & 0o077) == 0  # per-example norms: owner-only
     resumed = ind.NormRecorder.load(tmp_path / "norms.npz")
     resumed.truncate(8)  # ... so the resumed run (from the checkpoint at 8) drops it
     for k in (4, 5):

@@ -188,31 +188,28 @@ def _tiny_config(**privacy):
     return c
 
 
-def _final_params(workdir):
-    from dpft.train import checkpointing
-    with checkpointing.Checkpointer(str(workdir)) as ckpt:
-        restored = ckpt.restore(ckpt.latest_step())
-    return [np.asarray(x) for x in jax.tree.leaves(restored.pytrees["params"])]
-
-
 @pytest.mark.slow
 def test_fresh_runs_differ_fixed_insecure_runs_repeat_and_the_plan_says_so(tmp_path):
+    """One update of four trainers of the same config: two with fresh secrets (different noise
+    and selection), two with the same insecure fixed seed (identical, and flagged as such)."""
     from dpft.train import loop
-    out = []
-    prints: list[str] = []
+    params, plans, prints = [], [], []
     for name, extra in (("a", {}), ("b", {}), ("c", {"insecure_fixed_noise_seed": 5}),
                         ("d", {"insecure_fixed_noise_seed": 5})):
         cfg = _tiny_config(**extra)
         cfg.individual.enabled = False
-        loop.train(cfg, str(tmp_path / name), print_fn=prints.append)
-        out.append(_final_params(tmp_path / name))
+        trainer = loop.Trainer(cfg, str(tmp_path / name), print_fn=prints.append)
+        trainer.train_update()
+        params.append([np.asarray(x) for x in jax.tree.leaves(trainer.state["params"])])
+        plans.append(trainer.plan)
     same = lambda x, y: all(np.array_equal(a, b) for a, b in zip(x, y))  # noqa: E731
-    assert not same(out[0], out[1]), "two fresh runs of one config must draw different noise"
-    assert same(out[2], out[3]), "a fixed (insecure) noise seed reproduces the run"
+    assert not same(params[0], params[1]), "two fresh runs of one config must draw different noise"
+    assert not np.array_equal(plans[0].selection(0), plans[1].selection(0))
+    assert same(params[2], params[3]), "a fixed (insecure) noise seed reproduces the run"
     assert any("NO privacy guarantee" in p for p in prints)
-    with open(tmp_path / "c" / "privacy_plan.json") as f:
-        plan = json.load(f)
-    assert plan["secret_source"] == "insecure_fixed_noise_seed" and plan["guarantee_valid"] is False
+    assert plans[0].to_dict()["guarantee_valid"] and plans[0].to_dict()["secret_source"] == "csprng"
+    assert plans[2].to_dict()["secret_source"] == "insecure_fixed_noise_seed"
+    assert plans[2].to_dict()["guarantee_valid"] is False
 
 
 @pytest.mark.slow

@@ -1,20 +1,23 @@
 """Individual (per-example) privacy accounting for DP-SGD (Yu et al. 2023).
 
-In DP-SGD an example whose gradient norm ||g|| stays below the clip norm C is
-protected by a larger *effective* noise multiplier sigma * C / ||g||. Tracking each
-example's gradient norm over training therefore gives it an individual epsilon
-<= the worst-case (data-independent) epsilon of the run.
+In DP-SGD an example that adds c < S (the sensitivity) to the clipped sum is protected by a
+larger *effective* noise multiplier sigma * S / c; c is the plan's `contribution_norm` of the
+example's (K-view-averaged) gradient norm: min(||g||, C) for flat clipping, C ||g|| / (||g|| +
+gamma) for automatic clipping. Tracking each example's norm over training therefore gives it
+an individual epsilon <= the worst-case (data-independent) epsilon of the run.
 
 Pieces (each pure numerics on numpy arrays, except the tiny recorder state):
 - `NormRecorder`: for each example id, its gradient norm at each recorded update,
   rounded UP to a grid of width r (so an estimate never under-states the norm).
   Stored as uint16 grid indices [R, N]; plain data, saved as `.npz`.
-- `individual_epsilons`: per-example RDP of the Poisson-subsampled Gaussian with the
-  effective noise multiplier, composed over the updates, converted to epsilon at delta.
-  RDP vectors are computed once per distinct effective norm (few, thanks to the grid)
-  and combined per example with one matrix product.
-- `summarise`: quantiles per subgroup and per class, Spearman correlation with loss.
-- `write_individual_epsilons`: `WORKDIR/individual_epsilon.npz` (+ a README warning).
+- `individual_epsilons`: per example, the Poisson-subsampled Gaussian with the effective
+  noise multiplier composed over the updates, with the RUN's accountant: PLD (one
+  dp-accounting PLD per distinct history, built from cached self-composed pieces per
+  contribution level) or RDP (RDP vectors per level, combined with one matrix product).
+  `PrivacyPlan.individual_epsilons` calls it and caps the result at the run's epsilon.
+- `summarise` / `group_stats`: q05..q95 and mean per subgroup and per class (no min/max; no
+  statistics for groups below `min_group_size`), Spearman correlation with loss.
+- `write_individual_epsilons`: `WORKDIR/individual_epsilon.npz` (owner-only, + a README warning).
 
 The values are estimates, as in the paper: norms are measured every `every` updates
 with the parameters of that update and held until the next record. They are *not* a
@@ -158,11 +161,10 @@ class NormRecorder:
                    np.asarray(state["update_indices"]), np.asarray(state["bins"]))
 
     def save(self, path: str | os.PathLike) -> None:
-        """Writes the state to `path` (.npz), atomically."""
-        tmp = f"{os.fspath(path)}.tmp"
-        with open(tmp, "wb") as f:
-            np.savez(f, **self.state_dict())
-        os.replace(tmp, path)
+        """Writes the state to `path` (.npz), atomically and owner-only (per-example norms)."""
+        from dpft import private_io
+
+        private_io.atomic_write(path, lambda f: np.savez(f, **self.state_dict()), private=True)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "NormRecorder":
