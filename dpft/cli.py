@@ -67,6 +67,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dpft {name}: error: {_one_line(str(e))}", file=sys.stderr)
         return e.exit_code
     except OSError as e:
+        # e.g. a full disk also fails the clean-up after a failed save: report the first failure.
+        first = _dpft_error_in_chain(e)
+        if first is not None:
+            print(f"dpft {name}: error: {_one_line(str(first))}", file=sys.stderr)
+            return first.exit_code
         cause = errors.filesystem_cause(e)
         if cause is None:
             raise  # not the environment's fault: a bug, keep the traceback
@@ -75,6 +80,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"dpft {name}: interrupted", file=sys.stderr)
         return 130
+
+
+def _dpft_error_in_chain(exc: BaseException) -> errors.DpftError | None:
+    """The first DpftError in the context chain of `exc` (an earlier, explained failure)."""
+    seen: set[int] = set()
+    node = exc.__cause__ or exc.__context__
+    while node is not None and id(node) not in seen:
+        seen.add(id(node))
+        if isinstance(node, errors.DpftError):
+            return node
+        node = node.__cause__ or node.__context__
+    return None
 
 
 def _one_line(text: str) -> str:
