@@ -104,8 +104,9 @@ def test_second_train_exits_at_once_and_evaluate_beside_a_live_run(base, trained
         line = last_line(b.stderr)
         assert f"is in use by pid {a.pid} on host" in line and "one run per workdir" in line, line
         assert "Traceback" not in b.stderr and "DP-SGD" not in b.stdout  # stopped before loading data
-        ev = dpft(base, ["evaluate", "--workdir", str(wd), "--bootstrap", "10"])
+        ev = dpft(base, ["evaluate", "--workdir", str(wd)])
         assert ev.returncode == 0, ev.stdout[-2000:] + ev.stderr[-3000:]
+        assert f"{wd}/{checkpointing.PIN_DIR}/" in ev.stdout  # read from a pinned snapshot
         assert a.poll() is None or a.returncode == 0
     finally:
         rc_a = a.wait(timeout=TIMEOUT)
@@ -212,6 +213,9 @@ def test_disk_full_during_training_is_one_line_exit_5(base, tmp_path):
         proc = dpft(base, train_args(base, mnt / "run"))
     finally:
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
-    line = last_line(proc.stderr)
     assert proc.returncode == 5, proc.stderr[-3000:]
-    assert line.startswith("dpft train: error: ") and "cannot save checkpoint 2" in line, line
+    # orbax's and tensorboardX's background threads still log their own failures (not ours to
+    # silence); dpft's verdict is one line that names the step and the cause.
+    ours = [l for l in proc.stderr.splitlines() if l.startswith("dpft train: error: ")]
+    assert len(ours) == 1 and "cannot save checkpoint 2" in ours[0], proc.stderr[-3000:]
+    assert "RESOURCE_EXHAUSTED" in ours[0] or "No space left" in ours[0], ours[0]
