@@ -400,6 +400,7 @@ class Trainer:
     # ------------------------------------------------------------------ the run
     def run(self, *, max_updates_this_call: int | None = None) -> RunResult:
         cfg = self.config
+        workdir_lock.prepare_workdir(self.workdir)  # a file or an uncreatable path: one-line error
         preempted = False
         with workdir_lock.WorkdirLock(self.workdir, enabled=jax.process_index() == 0), \
                 checkpointing.Checkpointer(self.workdir, keep=int(cfg.train.keep_checkpoints)) as ckpt, \
