@@ -143,6 +143,18 @@ def storage_failure(e: BaseException) -> str | None:
     return None
 
 
+def _settle(threads_before: set[threading.Thread], timeout: float = 30.0) -> None:
+    """Join the threads started since `threads_before` (orbax's writers of a failed save), then
+    collect garbage, so that their own error logs come before dpft's one-line error."""
+    import gc
+
+    deadline = time.time() + timeout
+    for t in set(threading.enumerate()) - threads_before:
+        if t is not threading.current_thread():
+            t.join(max(0.0, deadline - time.time()))
+    gc.collect()
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0][:300] if text else ''}"
@@ -287,6 +299,7 @@ class Checkpointer:
         args[CHECKSUMS] = ocp.args.JsonSave(checksums)
         for name, value in json_items.items():
             args[name] = ocp.args.JsonSave(value)
+        threads_before = set(threading.enumerate())
         try:
             self._manager.save(int(step), args=ocp.args.Composite(**args), force=True)
         except BaseException as e:
@@ -299,6 +312,7 @@ class Checkpointer:
             except Exception:  # noqa: BLE001 - already failing; keep the original error
                 pass
             self._manager = self._open(cleanup=False)
+            _settle(threads_before)  # let orbax's failing writer threads finish (and log) first
             failure = storage_failure(e) if isinstance(e, Exception) else None
             if failure is not None:
                 cause = filesystem_cause(e)
