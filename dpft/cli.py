@@ -4,7 +4,11 @@ Each sub-command lives in the module of the package that does the work; that mod
 exposes `add_arguments(parser)` and `run(args) -> int`. Only the chosen module is
 imported, so `dpft accountant` starts fast and never compiles a model.
 
-Exit codes: 0 success, 2 invalid input (one-line error, no traceback), 1 other failure.
+Exit codes: 0 success; every expected failure (a `dpft.errors.DpftError`, or an OSError
+such as disk full or a read-only directory) prints one line `dpft <command>: error: ...`
+and exits with its code: 2 invalid input (values, config, data), 3 checkpoint, 4 workdir
+busy, 5 filesystem, 6 non-finite training; 130 interrupted. Anything else is a bug and keeps
+its traceback (exit 1).
 """
 from __future__ import annotations
 
@@ -12,6 +16,9 @@ import argparse
 import importlib
 import sys
 from typing import Sequence
+
+from dpft import errors
+from dpft.errors import UsageError  # noqa: F401 - re-exported: `from dpft.cli import UsageError`
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("dpft.train.train_cli", "fine-tune a model with DP-SGD from a config"),
@@ -21,10 +28,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "audit": ("dpft.train.audit_cli", "empirical lower bound on epsilon with canaries"),
     "demo": ("dpft.demo", "the whole recipe offline on the embedded digits data"),
 }
-
-
-class UsageError(ValueError):
-    """Invalid user input; the CLI prints its message on one line and exits with 2."""
 
 
 def _top_parser() -> argparse.ArgumentParser:
@@ -60,17 +63,44 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(rest)
     try:
         return int(module.run(args) or 0)
-    except UsageError as e:
-        print(f"dpft {name}: error: {e}", file=sys.stderr)
-        return 2
+    except errors.DpftError as e:
+        print(f"dpft {name}: error: {_one_line(str(e))}", file=sys.stderr)
+        return e.exit_code
+    except OSError as e:
+        # e.g. a full disk also fails the clean-up after a failed save: report the first failure.
+        first = _dpft_error_in_chain(e)
+        if first is not None:
+            print(f"dpft {name}: error: {_one_line(str(first))}", file=sys.stderr)
+            return first.exit_code
+        cause = errors.filesystem_cause(e)
+        if cause is None:
+            raise  # not the environment's fault: a bug, keep the traceback
+        print(f"dpft {name}: error: {_one_line(errors.describe_oserror(cause))}", file=sys.stderr)
+        return errors.FilesystemError.exit_code
     except KeyboardInterrupt:
         print(f"dpft {name}: interrupted", file=sys.stderr)
         return 130
 
 
+def _dpft_error_in_chain(exc: BaseException) -> errors.DpftError | None:
+    """The first DpftError in the context chain of `exc` (an earlier, explained failure)."""
+    seen: set[int] = set()
+    node = exc.__cause__ or exc.__context__
+    while node is not None and id(node) not in seen:
+        seen.add(id(node))
+        if isinstance(node, errors.DpftError):
+            return node
+        node = node.__cause__ or node.__context__
+    return None
+
+
+def _one_line(text: str) -> str:
+    """`text` with its line breaks folded, so that every error is one line on stderr."""
+    return " ".join(part.strip() for part in text.splitlines() if part.strip()) or "(no message)"
+
+
 if __name__ == "__main__":
-    # `python -m dpft.cli`: run the imported module's main, so that `dpft.cli.UsageError`
-    # (raised by the sub-commands) is the class caught above, not a __main__ copy.
+    # `python -m dpft.cli`: run the imported module's main (not a __main__ copy of it).
     from dpft import cli as _cli
 
     sys.exit(_cli.main())

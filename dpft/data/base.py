@@ -22,17 +22,11 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from dpft.cli import UsageError
+from dpft.cli import UsageError  # noqa: F401 - kept for modules importing it from here
+from dpft.errors import DataError  # noqa: F401 - re-exported: `from dpft.data.base import DataError`
 
 TASKS = ("multiclass", "multilabel")
 INDEX_VERSION = 1
-
-
-class DataError(UsageError):
-    """Bad data on disk or bad data options: the message names file, row, column and value.
-
-    A `ValueError` (through `dpft.cli.UsageError`), so the CLI prints it on one line, exit 2.
-    """
 
 
 @dataclasses.dataclass(frozen=True)

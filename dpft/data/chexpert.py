@@ -183,7 +183,11 @@ def _read_csv(path: str) -> Any:
 
     if not os.path.exists(path):
         raise DataError(f"{path}: file not found")
-    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError, ValueError) as e:
+        raise DataError(f"{path}: not a readable CSV file ({type(e).__name__}: "
+                        f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''})") from None
     missing = [c for c in META_COLUMNS if c not in df.columns]
     if missing:
         raise DataError(f"{path}: missing column(s) {missing}; columns present: {list(df.columns)}")
@@ -194,11 +198,13 @@ def _records(df: Any, csv_path: str, base: str, id_offset: int, opts: CheXpertOp
              race: dict[str, str] | None) -> tuple[list[dict], list[int]]:
     raw = parse_label_values(df, csv_path)
     label, mask = apply_policy(raw, opts.uncertainty, opts.mask_blank)
-    records, missing = [], []
+    records, missing, bad_ages = [], [], []
     for i, row in enumerate(df[list(META_COLUMNS)].itertuples(index=False)):
         rel, sex, age, view = row[0], row[1], row[2], row[3]
         if opts.frontal_only and view.strip() != "Frontal":
             continue
+        if subgroups.unparseable_age(age):
+            bad_ages.append((i + 2, age))
         pid = patient_id_from_path(rel, f"{csv_path}: line {i + 2}, column 'Path'")
         img = os.path.join(base, rel)
         if opts.check_files and not os.path.exists(img):
@@ -211,6 +217,11 @@ def _records(df: Any, csv_path: str, base: str, id_offset: int, opts: CheXpertOp
             attrs["race"] = subgroups.group_race(race.get(pid))
         records.append({"example_id": id_offset + i, "patient_id": pid, "image": img,
                         "label": label[i], "label_mask": mask[i], "attrs": attrs})
+    if bad_ages:  # counted as "Unknown" like blanks, but never silently
+        import logging
+        logging.getLogger(__name__).warning(
+            "chexpert: %s: %d unparseable Age value(s) counted as age group 'Unknown' (lines %s, values %s)",
+            csv_path, len(bad_ages), [n for n, _ in bad_ages[:5]], [v for _, v in bad_ages[:5]])
     return records, missing
 
 

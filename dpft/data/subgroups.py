@@ -57,6 +57,18 @@ def age_bin(age: float | str | None, edges: Sequence[int] = DEFAULT_AGE_EDGES) -
     return labels[int(np.searchsorted(np.asarray(e, float), a, side="right"))]
 
 
+def unparseable_age(value: object) -> bool:
+    """True for a non-blank age that is not a non-negative number (e.g. "forty"): such values
+    become "Unknown" like blanks, but loaders count and report them."""
+    if _blank(value):
+        return False
+    try:
+        a = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return True
+    return math.isnan(a) or a < 0
+
+
 def _blank(value: object) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value)) or str(value).strip() == ""
 

@@ -7,6 +7,11 @@ The first form restores the checkpoint, runs the model over the split (and over 
 validation split, where the decision thresholds are chosen), writes
 `DIR/predictions/<step>/<split>.npz`, then `DIR/eval/<step>/{metrics.json, report.md, *.png}`.
 The second builds the sweep table and plots (epsilon vs utility vs gap) of several runs.
+
+Evaluation may run beside a live `dpft train` on the same workdir: checkpoints are opened
+read-only (nothing is created, cleaned up or deleted) and the step read is pinned as a
+hard-linked snapshot (`dpft.train.checkpointing.pinned`), so keep-N cleanup cannot delete it
+mid-read. A mistyped --workdir is refused without creating anything.
 """
 from __future__ import annotations
 
@@ -30,25 +35,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="use existing predictions files instead of running the model")
 
 
-def _checkpoint_step(workdir: str, which: str) -> int:
-    from dpft.train import checkpointing
-
-    steps = checkpointing.Checkpointer(workdir).all_steps()
-    if not steps:
-        raise UsageError(f"{workdir}: no checkpoint found under {checkpointing.checkpoint_dir(workdir)}")
+def _checkpoint_step(workdir: str, which: str) -> int | None:
+    """The update index asked for: None for 'latest' (resolved when pinned), else an int."""
+    if not os.path.isdir(workdir):
+        raise UsageError(f"--workdir {workdir} does not exist (or is not a directory)")
     if which == "latest":
-        return steps[-1]
+        return None
     try:
-        step = int(which)
+        return int(which)
     except ValueError:
         raise UsageError(f"--checkpoint must be an update index or 'latest', got {which!r}") from None
-    if step not in steps:
-        raise UsageError(f"{workdir}: no checkpoint for update {step}; have {steps}")
-    return step
 
 
-def predict_from_checkpoint(workdir: str, step: int, splits: list[str], params: str | None) -> dict[str, str]:
-    """Restores checkpoint `step` of the run in `workdir` and writes its predictions files."""
+def predict_from_checkpoint(workdir: str, step: int | None, splits: list[str], params: str | None,
+                            ) -> tuple[int, dict[str, str]]:
+    """Restores checkpoint `step` (None: the latest) of the run in `workdir` from a pinned, read-only
+    snapshot and writes its predictions files -> (step, {split: path})."""
     from dpft.train import checkpointing, loop
     from dpft.train.config_base import config_from_json
 
@@ -63,9 +65,10 @@ def predict_from_checkpoint(workdir: str, step: int, splits: list[str], params: 
     with config.unlocked():
         config.eval.splits = tuple(splits)
     trainer = loop.Trainer(config, workdir)
-    with checkpointing.Checkpointer(workdir) as ckpt:
-        trainer.restore(ckpt, step)
-    return trainer.write_predictions()
+    with checkpointing.pinned(workdir, step) as (ckpt, chosen):
+        print(f"running the model of checkpoint {chosen} over {', '.join(splits)} (and validation)...")
+        trainer.restore(ckpt, chosen)
+    return chosen, trainer.write_predictions()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -81,14 +84,26 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("give --workdir DIR (or --compare DIR ...)")
     workdir = os.path.abspath(args.workdir)
     step = _checkpoint_step(workdir, args.checkpoint)
-    pred_dir = os.path.join(workdir, "predictions", str(step))
+    if step is None:
+        from dpft.train import checkpointing
+
+        with checkpointing.Checkpointer(workdir, read_only=True) as ckpt:
+            steps = ckpt.all_steps()
+        if not steps:
+            raise UsageError(f"{workdir}: no checkpoint found under {checkpointing.checkpoint_dir(workdir)}")
+        latest = steps[-1]
+    else:
+        latest = step
+    pred_dir = os.path.join(workdir, "predictions", str(latest))
     test_path = os.path.join(pred_dir, f"{args.split}.npz")
     val_path = os.path.join(pred_dir, "validation.npz")
-    if not (args.reuse_predictions and os.path.isfile(test_path)):
-        print(f"running the model of checkpoint {step} over {args.split} (and validation)...")
-        paths = predict_from_checkpoint(workdir, step, [args.split], args.params)
-        test_path = paths.get(args.split, test_path)
-        val_path = paths.get("validation", val_path)
+    if args.reuse_predictions and os.path.isfile(test_path):
+        step = latest
+    else:
+        step, paths = predict_from_checkpoint(workdir, step, [args.split], args.params)
+        pred_dir = os.path.join(workdir, "predictions", str(step))
+        test_path = paths.get(args.split, os.path.join(pred_dir, f"{args.split}.npz"))
+        val_path = paths.get("validation", os.path.join(pred_dir, "validation.npz"))
     if not os.path.isfile(test_path):
         raise UsageError(f"{workdir}: split {args.split!r} has no predictions (does the data set have it?)")
     result = reports.evaluate_predictions(

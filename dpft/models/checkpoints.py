@@ -7,7 +7,9 @@ Formats read (``read_checkpoint`` picks by content):
     whitelist of plain builders (numpy array/dtype reconstruction, dicts, the Haiku
     mapping names -> a local dict stand-in, dill's ``_create_array``) may be
     referenced; any other global raises ``CheckpointError`` naming it, before anything
-    runs. Neither haiku nor dill is needed.
+    runs. Opcodes that mutate objects act on data only (BUILD on arrays/dtypes/mappings,
+    SETITEM on dicts, APPEND on lists), so a pickle cannot set attributes of the
+    whitelisted builders. Neither haiku nor dill is needed.
   * a plain ``.npz`` zip of flat keys ``"NFNet/~/stem_conv0/w"`` (``allow_pickle=False``);
   * an orbax checkpoint directory holding ``params`` (and optionally ``state``) as a
     Haiku tree or as the model's pure NNX state dict.
@@ -229,8 +231,24 @@ for _mod in ("haiku._src.data_structures", "haiku.data_structures"):
         _SAFE_GLOBALS[(_mod, _name)] = HaikuMappingStandIn
 
 
-class RestrictedUnpickler(pickle.Unpickler):
-    """Unpickler that resolves only whitelisted globals (see module docstring)."""
+#: The only objects a BUILD opcode may act on (through their own ``__setstate__``).
+_BUILDABLE = (np.ndarray, np.dtype, HaikuMappingStandIn)
+#: The only containers SETITEM(S) / APPEND(S) may fill (exact types, not subclasses).
+_MAPPINGS = (dict, HaikuMappingStandIn)
+_SEQUENCES = (list,)
+
+
+class RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
+    """Unpickler that resolves only whitelisted globals and builds only data (see module docstring).
+
+    Based on the pure-Python unpickler so that the opcodes that mutate objects can be checked:
+    BUILD is allowed only on a numpy array/dtype or a Haiku mapping stand-in (never on a class
+    or function, e.g. to set ``__defaults__`` of a whitelisted builder), SETITEM(S) only on a
+    dict, APPEND(S) only on a list; ADDITEMS (sets), INST and OBJ are refused. Any refusal is a
+    ``CheckpointError`` raised before the object is touched.
+    """
+
+    dispatch = dict(pickle._Unpickler.dispatch)  # type: ignore[attr-defined]
 
     def find_class(self, module: str, name: str) -> Any:
         try:
@@ -241,6 +259,51 @@ class RestrictedUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid: Any) -> Any:
         raise CheckpointError(f"checkpoint uses a persistent id {pid!r}; refusing to load")
+
+    def load_build(self) -> None:
+        state = self.stack.pop()
+        inst = self.stack[-1]
+        if isinstance(inst, type) or not isinstance(inst, _BUILDABLE):
+            raise CheckpointError(f"pickle BUILD on a {type(inst).__name__} ({inst!r:.60}) refused: only numpy "
+                                  "arrays, dtypes and Haiku mappings may be built")
+        inst.__setstate__(state)
+    dispatch[pickle.BUILD[0]] = load_build
+
+    def _check_target(self, target: Any, allowed: tuple[type, ...], opcode: str) -> None:
+        if type(target) not in allowed:
+            raise CheckpointError(f"pickle {opcode} on a {type(target).__name__} refused: only "
+                                  f"{'/'.join(t.__name__ for t in allowed)} may be filled")
+
+    def load_setitem(self) -> None:
+        self._check_target(self.stack[-3], _MAPPINGS, "SETITEM")
+        super().load_setitem()
+    dispatch[pickle.SETITEM[0]] = load_setitem
+
+    def load_setitems(self) -> None:
+        items = self.pop_mark()
+        self._check_target(self.stack[-1], _MAPPINGS, "SETITEMS")
+        target = self.stack[-1]
+        for i in range(0, len(items), 2):
+            target[items[i]] = items[i + 1]
+    dispatch[pickle.SETITEMS[0]] = load_setitems
+
+    def load_append(self) -> None:
+        self._check_target(self.stack[-2], _SEQUENCES, "APPEND")
+        super().load_append()
+    dispatch[pickle.APPEND[0]] = load_append
+
+    def load_appends(self) -> None:
+        items = self.pop_mark()
+        self._check_target(self.stack[-1], _SEQUENCES, "APPENDS")
+        self.stack[-1].extend(items)
+    dispatch[pickle.APPENDS[0]] = load_appends
+
+    def _refuse(self, opcode: str) -> None:
+        raise CheckpointError(f"pickle opcode {opcode} refused in a checkpoint")
+
+    dispatch[pickle.ADDITEMS[0]] = lambda self: self._refuse("ADDITEMS")
+    dispatch[pickle.INST[0]] = lambda self: self._refuse("INST")
+    dispatch[pickle.OBJ[0]] = lambda self: self._refuse("OBJ")
 
 
 def _to_plain(node: Any, where: str) -> Any:

@@ -4,7 +4,9 @@
   dpft accountant --target-epsilon E --sampling-rate Q --steps T --delta D [--accountant pld|rdp] [--json]
 
 Imports no jax. All values are parsed here (not by argparse) so that every invalid value
-gives one line on stderr and exit code 2 (via dpft.cli.UsageError).
+gives one line on stderr and exit code 2 (via dpft.cli.UsageError). The work is bounded:
+the noise multiplier must lie in `SIGMA_RANGE` (below it the PLD accountant runs for minutes
+on an epsilon in the thousands; above it the arithmetic overflows) and steps <= `MAX_STEPS`.
 """
 from __future__ import annotations
 
@@ -14,6 +16,12 @@ import math
 
 from dpft.cli import UsageError
 from dpft.privacy import accounting
+
+SIGMA_RANGE = (0.1, 1e6)  # the same range `dpft train` accepts (dpft.train.validation.SIGMA_RANGE)
+MAX_STEPS = 10**7
+# PLD's memory grows with the epsilon it represents (an epsilon of 10^4 at 10^7 steps needs
+# tens of GiB): above this RDP upper bound the PLD accountant is not run.
+PLD_EPSILON_LIMIT = 100.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,8 +59,8 @@ def _parse(args: argparse.Namespace) -> dict:
         steps = int(args.steps)
     except ValueError:
         raise UsageError(f"--steps: not an integer: {args.steps!r}") from None
-    if steps < 1:
-        raise UsageError(f"--steps: must be >= 1, got {args.steps}")
+    if not 1 <= steps <= MAX_STEPS:
+        raise UsageError(f"--steps: must be in [1, {MAX_STEPS:.0e}], got {args.steps}")
     delta = _float("delta", args.delta)
     if not 0 < delta < 1:
         raise UsageError(f"--delta: must be in (0, 1), got {args.delta}")
@@ -61,8 +69,9 @@ def _parse(args: argparse.Namespace) -> dict:
     out = {"sampling_rate": q, "steps": steps, "delta": delta, "accountant": args.accountant}
     if args.noise_multiplier is not None:
         sigma = _float("noise-multiplier", args.noise_multiplier)
-        if not sigma > 0:
-            raise UsageError(f"--noise-multiplier: must be > 0, got {args.noise_multiplier}")
+        if not SIGMA_RANGE[0] <= sigma <= SIGMA_RANGE[1]:
+            raise UsageError(f"--noise-multiplier: must be in [{SIGMA_RANGE[0]:g}, {SIGMA_RANGE[1]:g}] (below: no "
+                             f"meaningful privacy and minutes of accounting; above: overflow), got {args.noise_multiplier}")
         out["noise_multiplier"] = sigma
     else:
         eps = _float("target-epsilon", args.target_epsilon)
@@ -81,7 +90,17 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as e:
             raise UsageError(str(e)) from None
         p["noise_multiplier"] = sigma
-    p["epsilon"] = accounting.compute_epsilon(q, p["noise_multiplier"], steps, delta, accountant=acc)
+    if acc == "pld":  # bound PLD's work: the RDP accountant is fast and an upper bound
+        rough = accounting.compute_epsilon(q, p["noise_multiplier"], steps, delta, accountant="rdp")
+        if rough > PLD_EPSILON_LIMIT:
+            raise UsageError(f"epsilon is about {rough:.3g} (RDP upper bound) for q={q:g}, noise_multiplier="
+                             f"{p['noise_multiplier']:g}, steps={steps}: no meaningful privacy, and the PLD "
+                             f"accountant would need too much memory for it; use --accountant rdp to print it")
+    try:
+        p["epsilon"] = accounting.compute_epsilon(q, p["noise_multiplier"], steps, delta, accountant=acc)
+    except (ValueError, OverflowError, MemoryError) as e:  # dp-accounting's numerical limits (e.g. FFT length)
+        raise UsageError(f"the {acc} accountant cannot compute epsilon for q={q:g}, "
+                         f"noise_multiplier={p['noise_multiplier']:g}, steps={steps}: {e}") from None
     if args.json:
         print(json.dumps(p, sort_keys=True))
     elif "target_epsilon" in p:

@@ -1,7 +1,7 @@
 """`dpft audit`: empirical epsilon lower bound (one run, Dirac canaries) vs the accountant.
 
 Exit codes: 0 the bound does not exceed the claimed epsilon; 1 it does ("AUDIT FAILED");
-2 invalid input.
+2 invalid input (every value is checked by `check_args` before anything is trained).
 """
 from __future__ import annotations
 
@@ -12,6 +12,9 @@ import math
 import sys
 
 from dpft.cli import UsageError
+from dpft.privacy.accountant_cli import SIGMA_RANGE
+
+MAX_SEED = 2**32 - 1
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,8 +46,26 @@ def _defaults():
     return AuditConfig()
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Raise UsageError (one line) for any non-finite or out-of-range value, before any training."""
+    floats = {"epsilon": args.epsilon, "noise-multiplier": args.noise_multiplier, "sampling-rate": args.sampling_rate,
+              "delta": args.delta, "confidence": args.confidence, "noise-scale-for-testing": args.noise_scale_for_testing}
+    for name, v in floats.items():
+        if v is not None and not math.isfinite(v):
+            raise UsageError(f"--{name}: must be a finite number, got {v}")
+    sigma = args.noise_multiplier
+    if sigma is not None and sigma != 0 and not SIGMA_RANGE[0] <= sigma <= SIGMA_RANGE[1]:
+        raise UsageError(f"--noise-multiplier: must be 0 or in [{SIGMA_RANGE[0]:g}, {SIGMA_RANGE[1]:g}], got {sigma}")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise UsageError(f"--seed: must be in [0, {MAX_SEED}], got {args.seed}")
+    if not 1 <= args.steps <= 10**6:
+        raise UsageError(f"--steps: must be in [1, 1e6], got {args.steps}")
+
+
 def run(args: argparse.Namespace) -> int:
     from dpft.train import canary_audit as audit
+
+    check_args(args)
 
     config = audit.AuditConfig(
         num_canaries=args.canaries, steps=args.steps, sampling_rate=args.sampling_rate, epsilon=args.epsilon,

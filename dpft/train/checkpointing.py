@@ -14,23 +14,59 @@ synchronous by default (`async_save=True` overlaps the write with training; call
 
 Typed PRNG keys (`jax.random.key`) are stored as their raw key data (uint32) and wrapped
 again on restore when the target holds a typed key.
+
+Integrity: every save also writes a `checksums` JSON item (in the same atomic orbax save)
+with the SHA-256 of every array leaf (dtype, shape and bytes); `restore` recomputes them on
+the restored arrays. A checksum mismatch, an unreadable item (orbax DATA_LOSS, a missing
+item, truncated JSON) makes `restore` raise `CorruptCheckpoint` (a `dpft.errors.CheckpointError`)
+naming the step and what failed; the training loop then falls back to the newest intact
+checkpoint (`dpft.train.loop.Trainer.restore`) and moves the corrupt one aside with
+`quarantine`. Arrays not fully addressable by this process (multi-host sharding) cannot be
+hashed here: they are listed under `unchecked` in the item and counted in `Restored.unchecked`.
+
+Readers: `Checkpointer(workdir, read_only=True)` never creates, deletes or cleans anything
+(`dpft evaluate` uses it on a workdir that may be training); `pinned(workdir, step)` gives a
+read-only Checkpointer on a hard-linked snapshot of one step, so that keep-N cleanup of a
+live run cannot delete the files being read.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import json
 import os
+import shutil
 import signal
 import threading
+import time
 import types
-from typing import Any, Mapping
+import uuid
+from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
+from dpft.errors import CheckpointError, FilesystemError, describe_oserror, filesystem_cause
+
 PyTree = Any
+T = TypeVar("T")
 MANIFEST = "manifest"
+CHECKSUMS = "checksums"
+RESERVED = (MANIFEST, CHECKSUMS)
+CHECKSUM_FORMAT = "dpft.checksums/1"
+QUARANTINE_DIR = "corrupt_checkpoints"
+PIN_DIR = ".pins"
 _WRAP = "__value__"  # orbax StandardSave refuses a bare array: store {"__value__": x}
+
+
+class CorruptCheckpoint(CheckpointError):
+    """Checkpoint `step` cannot be read back as written (`reason` says what failed)."""
+
+    def __init__(self, step: int, directory: str, reason: str):
+        self.step, self.directory, self.reason = int(step), directory, reason
+        super().__init__(f"checkpoint {directory}/{step} is corrupt: {reason}")
 
 
 def checkpoint_dir(workdir: str | os.PathLike) -> str:
@@ -46,6 +82,82 @@ def _options(keep: int | None, async_save: bool, read_only: bool = False) -> ocp
         cleanup_tmp_directories=not read_only,
         enable_async_checkpointing=async_save,
     )
+
+
+def _path_part(k: Any) -> str:
+    for attr in ("key", "idx", "name"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def _leaf_name(path: tuple) -> str:
+    """A container-neutral leaf name ('opt_state/0/mu/w'): tuple/list and dict/namedtuple agree."""
+    return "/".join(_path_part(k) for k in path)
+
+
+def _digest(x: Any) -> str | None:
+    """SHA-256 of dtype, shape and bytes of an array leaf; None if not addressable here."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return None
+    a = np.ascontiguousarray(np.asarray(x))
+    h = hashlib.sha256(f"{a.dtype.str}|{a.shape}|".encode())
+    h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def tree_checksums(tree: PyTree) -> tuple[dict[str, str], list[str]]:
+    """({leaf name: sha256}, [leaf names not fully addressable here]) of a storable pytree."""
+    sums, unchecked = {}, []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        name = _leaf_name(path)
+        d = _digest(leaf)
+        if d is None:
+            unchecked.append(name)
+        else:
+            sums[name] = d
+    return sums, unchecked
+
+
+_STORAGE_MARKERS = ("RESOURCE_EXHAUSTED", "No space left on device", "Disk quota exceeded",
+                    "Read-only file system", "Permission denied", "File too large")
+
+
+def storage_failure(e: BaseException) -> str | None:
+    """A one-line description when `e` (or its cause chain) is the filesystem refusing a write.
+
+    orbax/tensorstore report a full disk as `ValueError: RESOURCE_EXHAUSTED: ...`, not as OSError.
+    """
+    cause = filesystem_cause(e)
+    if cause is not None:
+        return describe_oserror(cause)
+    seen: set[int] = set()
+    node: BaseException | None = e
+    while node is not None and id(node) not in seen:
+        seen.add(id(node))
+        text = str(node)
+        for marker in _STORAGE_MARKERS:
+            if marker in text:
+                return marker if marker != "RESOURCE_EXHAUSTED" else "RESOURCE_EXHAUSTED (disk full?)"
+        node = node.__cause__ or node.__context__
+    return None
+
+
+def _settle(threads_before: set[threading.Thread], timeout: float = 30.0) -> None:
+    """Join the threads started since `threads_before` (orbax's writers of a failed save), then
+    collect garbage, so that their own error logs come before dpft's one-line error."""
+    import gc
+
+    deadline = time.time() + timeout
+    for t in set(threading.enumerate()) - threads_before:
+        if t is not threading.current_thread():
+            t.join(max(0.0, deadline - time.time()))
+    gc.collect()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:300] if text else ''}"
 
 
 def latest_step(workdir: str | os.PathLike) -> int | None:
@@ -101,6 +213,8 @@ class Restored:
     step: int
     pytrees: dict[str, PyTree]
     json_items: dict[str, Any]
+    verified: int = 0  # array leaves whose checksum matched
+    unchecked: int = 0  # array leaves without a checksum (not addressable, or an old checkpoint)
 
 
 class Checkpointer:
@@ -115,18 +229,32 @@ class Checkpointer:
     shardings (bit-exact values); without, orbax's generic dicts/lists.
     """
 
-    def __init__(self, workdir: str | os.PathLike, *, keep: int = 3, async_save: bool = False):
+    def __init__(self, workdir: str | os.PathLike, *, keep: int = 3, async_save: bool = False,
+                 read_only: bool = False):
+        """`read_only=True`: never create, clean up or delete anything (readers of a live workdir);
+        raises CheckpointError when `WORKDIR/checkpoints` does not exist."""
         if keep is not None and keep < 1:
             raise ValueError(f"keep={keep!r}: must keep at least one checkpoint")
+        self.workdir = os.path.abspath(os.fspath(workdir))
         self.directory = checkpoint_dir(workdir)
-        self._keep = keep
+        self.read_only = read_only
+        self._keep = None if read_only else keep
         self._async = async_save
+        if read_only and not os.path.isdir(self.directory):
+            raise CheckpointError(f"{self.workdir}: no checkpoints directory ({self.directory} does not exist)")
         self._manager = self._open()
 
     def _open(self, cleanup: bool = True) -> ocp.CheckpointManager:
-        options = _options(self._keep, self._async)
-        options.cleanup_tmp_directories = cleanup
-        return ocp.CheckpointManager(self.directory, options=options)
+        options = _options(self._keep, self._async, read_only=self.read_only)
+        options.cleanup_tmp_directories = cleanup and not self.read_only
+        try:
+            return ocp.CheckpointManager(self.directory, options=options)
+        except OSError as e:
+            cause = filesystem_cause(e)
+            if cause is None:
+                raise
+            raise FilesystemError(cause.errno, f"cannot open checkpoints in {self.directory} "
+                                  f"({describe_oserror(cause)})", self.directory) from e
 
     # -- queries
     def all_steps(self) -> list[int]:
@@ -150,24 +278,31 @@ class Checkpointer:
           anything is written); anything raised mid-write propagates and leaves the
           previous checkpoints intact.
         """
+        if self.read_only:
+            raise CheckpointError(f"{self.directory} was opened read-only; cannot save step {step}")
         json_items = dict(json_items or {})
         names = list(pytrees) + list(json_items)
-        if MANIFEST in names or len(set(names)) != len(names):
-            raise ValueError(f"checkpoint item names must be unique and not {MANIFEST!r}: {names}")
+        if set(RESERVED) & set(names) or len(set(names)) != len(names):
+            raise ValueError(f"checkpoint item names must be unique and not {RESERVED}: {names}")
         for name, value in json_items.items():
             try:
                 json.dumps(value)
             except (TypeError, ValueError) as e:
                 raise TypeError(f"checkpoint JSON item {name!r} is not JSON-serialisable: {e}") from None
-        manifest = {"format": 1, "pytrees": sorted(pytrees), "json": sorted(json_items)}
+        manifest = {"format": 2, "pytrees": sorted(pytrees), "json": sorted(json_items), "checksums": True}
         args: dict[str, Any] = {MANIFEST: ocp.args.JsonSave(manifest)}
+        checksums: dict[str, Any] = {"format": CHECKSUM_FORMAT, "algorithm": "sha256", "items": {}, "unchecked": {}}
         for name, tree in pytrees.items():
-            args[name] = ocp.args.StandardSave(_storable(tree))
+            storable = _storable(tree)
+            checksums["items"][name], checksums["unchecked"][name] = tree_checksums(storable)
+            args[name] = ocp.args.StandardSave(storable)
+        args[CHECKSUMS] = ocp.args.JsonSave(checksums)
         for name, value in json_items.items():
             args[name] = ocp.args.JsonSave(value)
+        threads_before = set(threading.enumerate())
         try:
             self._manager.save(int(step), args=ocp.args.Composite(**args), force=True)
-        except BaseException:
+        except BaseException as e:
             # Reopen: the manager's state after a failed save is not to be trusted. The
             # partial `<step>.orbax-checkpoint-tmp` stays (threads of the failed save may
             # still touch it); orbax replaces it when that step is saved again, and a
@@ -177,6 +312,13 @@ class Checkpointer:
             except Exception:  # noqa: BLE001 - already failing; keep the original error
                 pass
             self._manager = self._open(cleanup=False)
+            _settle(threads_before)  # let orbax's failing writer threads finish (and log) first
+            failure = storage_failure(e) if isinstance(e, Exception) else None
+            if failure is not None:
+                cause = filesystem_cause(e)
+                raise FilesystemError(cause.errno if cause else 0, f"cannot save checkpoint {step} in "
+                                      f"{self.directory}: {failure}; the previous checkpoints are intact",
+                                      self.directory) from e
             raise
 
     def wait(self) -> None:
@@ -185,11 +327,13 @@ class Checkpointer:
 
     # -- restore
     def restore(self, step: int | None = None, *, targets: Mapping[str, PyTree] | None = None) -> Restored:
-        """Read checkpoint `step` (default: the latest).
+        """Read checkpoint `step` (default: the latest) and verify its checksums.
 
         `targets` maps pytree item names to example trees (arrays or ShapeDtypeStructs);
         listed items come back with exactly that structure/dtype/sharding, others generic.
-        Raises FileNotFoundError when there is no such checkpoint.
+        Raises FileNotFoundError when there is no such checkpoint, KeyError for a target
+        the checkpoint does not hold, and CorruptCheckpoint when an item cannot be read or
+        an array's checksum does not match.
         """
         self.wait()
         if step is None:
@@ -199,20 +343,84 @@ class Checkpointer:
         if step not in self._manager.all_steps():
             raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory} (have {self.all_steps()})")
         targets = dict(targets or {})
-        manifest = self._manager.restore(step, args=ocp.args.Composite(**{MANIFEST: ocp.args.JsonRestore()}))[MANIFEST]
+        try:
+            manifest = self._manager.restore(
+                step, args=ocp.args.Composite(**{MANIFEST: ocp.args.JsonRestore()}))[MANIFEST]
+            if not isinstance(manifest, dict) or not {"pytrees", "json"} <= set(manifest):
+                raise ValueError(f"manifest is not a dpft manifest: {manifest!r}"[:300])
+        except Exception as e:  # noqa: BLE001 - any failure to read is corruption of this step
+            raise CorruptCheckpoint(step, self.directory, f"item {MANIFEST!r}: {_first_line(e)}") from e
         unknown = set(targets) - set(manifest["pytrees"])
         if unknown:
             raise KeyError(f"checkpoint step {step} has no pytree item(s) {sorted(unknown)}; has {manifest['pytrees']}")
-        args: dict[str, Any] = {}
-        for name in manifest["pytrees"]:
-            target = targets.get(name)
-            args[name] = ocp.args.StandardRestore(_abstract(target) if target is not None else None)
-        for name in manifest["json"]:
-            args[name] = ocp.args.JsonRestore()
-        out = self._manager.restore(step, args=ocp.args.Composite(**args))
+        has_sums = bool(manifest.get("checksums"))
+        out: dict[str, Any] = {}
+        names = list(manifest["pytrees"]) + list(manifest["json"]) + ([CHECKSUMS] if has_sums else [])
+        for name in names:  # item by item, so that the message names the unreadable one
+            if name in manifest["pytrees"]:
+                target = targets.get(name)
+                arg = ocp.args.StandardRestore(_abstract(target) if target is not None else None)
+            else:
+                arg = ocp.args.JsonRestore()
+            try:
+                out[name] = self._manager.restore(step, args=ocp.args.Composite(**{name: arg}))[name]
+            except Exception as e:  # noqa: BLE001 - DATA_LOSS, missing item, truncated JSON, ...
+                raise CorruptCheckpoint(step, self.directory, f"item {name!r}: {_first_line(e)}") from e
+        verified, unchecked = 0, 0
+        if has_sums:
+            verified, unchecked = self._verify(step, out[CHECKSUMS], {n: out[n] for n in manifest["pytrees"]})
+        else:
+            unchecked = sum(len(jax.tree.leaves(out[n])) for n in manifest["pytrees"])
         pytrees = {name: _unwrap(out[name], targets.get(name)) for name in manifest["pytrees"]}
         json_items = {name: out[name] for name in manifest["json"]}
-        return Restored(step=int(step), pytrees=pytrees, json_items=json_items)
+        return Restored(step=int(step), pytrees=pytrees, json_items=json_items,
+                        verified=verified, unchecked=unchecked)
+
+    def _verify(self, step: int, checksums: Any, trees: Mapping[str, PyTree]) -> tuple[int, int]:
+        """Compare restored (storable) trees with the saved checksums -> (verified, unchecked)."""
+        if not isinstance(checksums, dict) or checksums.get("format") != CHECKSUM_FORMAT:
+            raise CorruptCheckpoint(step, self.directory, f"item {CHECKSUMS!r} is not a dpft checksum record")
+        verified, unchecked = 0, 0
+        for name, tree in trees.items():
+            saved = checksums.get("items", {}).get(name)
+            skipped = set(checksums.get("unchecked", {}).get(name, []))
+            if not isinstance(saved, dict):
+                raise CorruptCheckpoint(step, self.directory, f"no checksums for item {name!r}")
+            now, not_here = tree_checksums(tree)
+            if set(now) | set(not_here) != set(saved) | skipped:
+                missing = sorted((set(saved) | skipped) ^ (set(now) | set(not_here)))
+                raise CorruptCheckpoint(step, self.directory,
+                                        f"item {name!r}: leaves differ from the saved ones ({missing[:3]})")
+            bad = sorted(k for k in now if k in saved and now[k] != saved[k])
+            if bad:
+                raise CorruptCheckpoint(step, self.directory, f"item {name!r}: checksum mismatch in "
+                                        f"{len(bad)} array(s) ({', '.join(bad[:3])})")
+            verified += sum(1 for k in now if k in saved)
+            unchecked += len(not_here) + sum(1 for k in now if k not in saved)
+        return verified, unchecked
+
+    def refresh(self) -> None:
+        """Reopen the orbax manager (after another process moved a step aside)."""
+        self.wait()
+        self._manager.close()
+        self._manager = self._open(cleanup=False)
+
+    def quarantine(self, step: int, reason: str) -> str:
+        """Move corrupt checkpoint `step` to `WORKDIR/corrupt_checkpoints/<step>-<time>/` (with a
+        REASON.txt) so that the run can save that step again; returns the new path."""
+        if self.read_only:
+            raise CheckpointError(f"{self.directory} was opened read-only; cannot move step {step} aside")
+        self.wait()
+        src = os.path.join(self.directory, str(int(step)))
+        dest_root = os.path.join(self.workdir, QUARANTINE_DIR)
+        os.makedirs(dest_root, exist_ok=True)
+        dest = os.path.join(dest_root, f"{int(step)}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{os.getpid()}")
+        os.replace(src, dest)
+        with open(os.path.join(dest, "REASON.txt"), "w", encoding="utf-8") as f:
+            f.write(reason + "\n")
+        self._manager.close()
+        self._manager = self._open(cleanup=False)
+        return dest
 
     # -- lifetime
     def close(self) -> None:
@@ -225,6 +433,110 @@ class Checkpointer:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def newest_intact(ckpt: Checkpointer, read: Callable[[int], T], step: int | None = None, *,
+                  report: Callable[[str], Any] = print) -> tuple[T | None, list[tuple[int, str]]]:
+    """`read(step)` of the newest checkpoint that is not corrupt -> (result, [(skipped step, reason)]).
+
+    `read` raises CorruptCheckpoint for a damaged step; each one is reported and passed over.
+    With an explicit `step`, only that one is read (no fallback). Returns (None, []) when the
+    directory holds no checkpoint at all; raises CheckpointError when it holds checkpoints but
+    none is intact, or step directories orbax does not recognise (never start from scratch there).
+    """
+    if step is not None:
+        return read(step), []
+    steps = sorted(ckpt.all_steps(), reverse=True)
+    skipped: list[tuple[int, str]] = []
+    for s in steps:
+        try:
+            return read(s), skipped
+        except CorruptCheckpoint as e:
+            skipped.append((s, e.reason))
+            report(f"WARNING: {e}; trying the previous checkpoint")
+    if skipped:
+        raise CheckpointError(
+            f"{ckpt.directory}: no intact checkpoint ("
+            + "; ".join(f"step {s}: {r}" for s, r in skipped)
+            + f"); refusing to start from scratch over them: move {ckpt.directory} away to start over")
+    strays = sorted(n for n in os.listdir(ckpt.directory) if n.isdigit()) if os.path.isdir(ckpt.directory) else []
+    if strays:
+        raise CheckpointError(f"{ckpt.directory}: step directories {strays} are not complete checkpoints; "
+                              f"refusing to start from scratch over them: move {ckpt.directory} away to start over")
+    return None, []
+
+
+def _link_tree(src: str, dest: str) -> int:
+    """Hard-link every file under `src` into `dest` (copy where links are refused); -> files copied."""
+    copied = 0
+    for root, dirs, files in os.walk(src):
+        rel = os.path.relpath(root, src)
+        os.makedirs(os.path.join(dest, rel), exist_ok=True)
+        for name in files:
+            a, b = os.path.join(root, name), os.path.join(dest, rel, name)
+            try:
+                os.link(a, b)
+            except FileNotFoundError:
+                raise
+            except OSError:
+                shutil.copy2(a, b)
+                copied += 1
+    return copied
+
+
+@contextlib.contextmanager
+def pinned(workdir: str | os.PathLike, step: int | None = None, *,
+           print_fn: Any = print) -> Iterator[tuple["Checkpointer", int]]:
+    """A read-only Checkpointer on a snapshot of step `step` (None: the latest) -> (ckpt, step).
+
+    The snapshot is hard links under `WORKDIR/.pins/<unique>/checkpoints/<step>` (same
+    filesystem, no data copied), so a training run's keep-N cleanup may delete the step
+    meanwhile without touching what is read; removed on exit. If the step vanishes while it
+    is linked, the latest step is taken again (an explicit `step` then fails). Where the
+    workdir cannot be written (no live run can be writing it), the checkpoint is read in place.
+    """
+    workdir = os.path.abspath(os.fspath(workdir))
+    src_root = checkpoint_dir(workdir)
+    with Checkpointer(workdir, read_only=True) as live:
+        steps = live.all_steps()
+    if not steps:
+        raise CheckpointError(f"{workdir}: no checkpoint found under {src_root}")
+    if step is not None and step not in steps:
+        raise CheckpointError(f"{workdir}: no checkpoint for update {step}; have {steps}")
+    pin = os.path.join(workdir, PIN_DIR, f"{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        os.makedirs(os.path.join(pin, "checkpoints"))
+    except OSError as e:
+        print_fn(f"note: cannot pin a snapshot in {workdir} ({describe_oserror(e)}); reading in place")
+        with Checkpointer(workdir, read_only=True) as ckpt:
+            yield ckpt, step if step is not None else steps[-1]
+        return
+    try:
+        for _ in range(10):
+            chosen = step if step is not None else steps[-1]
+            dest = os.path.join(pin, "checkpoints", str(chosen))
+            try:
+                copied = _link_tree(os.path.join(src_root, str(chosen)), dest)
+                if not os.path.isdir(os.path.join(src_root, str(chosen))):
+                    raise FileNotFoundError(chosen)
+                break
+            except FileNotFoundError:
+                shutil.rmtree(dest, ignore_errors=True)
+                with Checkpointer(workdir, read_only=True) as live:
+                    steps = live.all_steps()
+                if step is not None or not steps:
+                    raise CheckpointError(f"{workdir}: checkpoint {chosen} was deleted while it was being "
+                                          f"read (have {steps})") from None
+        else:
+            raise CheckpointError(f"{workdir}: checkpoints keep changing; could not pin one in 10 tries")
+        if copied:
+            print_fn(f"note: {copied} file(s) of checkpoint {chosen} copied (hard links refused)")
+        with Checkpointer(pin, read_only=True) as ckpt:
+            yield ckpt, chosen
+    finally:
+        shutil.rmtree(pin, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.join(workdir, PIN_DIR))  # only when no other reader pins
 
 
 class PreemptionFlag:

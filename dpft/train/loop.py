@@ -9,6 +9,14 @@ One update u:
 Checkpoints (orbax) hold params, opt state, EMA, update index, data-iterator state, ledger
 and config; a run on a workdir with a checkpoint resumes from it and ends with the same
 parameters as an uninterrupted run. SIGTERM/SIGINT save a checkpoint and return.
+
+Faults: a run holds an exclusive lock on its workdir (`dpft.train.workdir_lock`); a corrupt
+latest checkpoint (unreadable item or checksum mismatch) is reported, moved to
+`WORKDIR/corrupt_checkpoints/` and the newest intact one is used; if none is intact the run
+refuses to start (never from scratch over existing checkpoints). The restored ledger must
+match the update counter and the plan (`dpft.train.ledger_check`); `ledger.json` is rewritten
+from the restored checkpoint at every start. A non-finite loss, gradient or parameter stops
+the run before a checkpoint of it is saved.
 """
 from __future__ import annotations
 
@@ -30,10 +38,11 @@ from dpft.data import pipeline
 from dpft.evaluate import predictions as predictions_lib
 from dpft.privacy import accounting, keys
 from dpft.privacy import plan as plan_lib
-from dpft.train import checkpointing, distributed, logging_utils, optim, step as step_lib
+from dpft.train import checkpointing, distributed, ledger_check, logging_utils, optim, step as step_lib
+from dpft.train import workdir_lock
 from dpft.train import setup as setup_lib
 from dpft.train.config_base import config_from_json, config_to_json
-from dpft.train.validation import validate
+from dpft.train.validation import check_finite_trees, check_finite_update, same_value, validate
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +80,7 @@ def check_resume_config(old: ml_collections.ConfigDict, new: ml_collections.Conf
     a = _flatten_config(json.loads(config_to_json(old)))
     b = _flatten_config(json.loads(config_to_json(new)))
     changed = sorted(k for k in set(a) | set(b)
-                     if a.get(k) != b.get(k) and not k.startswith(RESUMABLE_CHANGES))
+                     if not same_value(a.get(k), b.get(k)) and not k.startswith(RESUMABLE_CHANGES))
     if changed:
         details = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in changed[:5])
         raise UsageError(f"{workdir} holds a checkpoint of a different config ({details}); "
@@ -175,6 +184,7 @@ class Trainer:
 
     def save(self, ckpt: checkpointing.Checkpointer) -> None:
         u = int(self.state["update"])
+        check_finite_trees(self._pytrees(), u)  # never save a NaN checkpoint
         json_items = {
             "data_state": self.iterator.get_state(),
             "ledger": self.ledger.to_dict(),
@@ -193,28 +203,52 @@ class Trainer:
             _atomic_write_text(os.path.join(self.workdir, "ledger.json"), self.ledger.to_json())
 
     def restore(self, ckpt: checkpointing.Checkpointer, step: int | None = None) -> bool:
-        """Restores checkpoint `step` (default: the latest); False when there is none."""
-        step = ckpt.latest_step() if step is None else step
-        if step is None:
+        """Restores checkpoint `step`, or (default) the newest intact one; False when there is none.
+
+        With `step=None`, corrupt checkpoints (unreadable item, checksum mismatch) are reported,
+        listed in `self.skipped_checkpoints` and passed over; when none is intact a
+        CheckpointError says so. A given `step` must be intact (CorruptCheckpoint otherwise).
+        A changed config raises UsageError; a ledger that does not match the update counter and
+        the plan raises CheckpointError (no fallback: the checkpoint was edited, not damaged).
+        """
+        def read(s: int) -> checkpointing.Restored:
+            try:  # compare configs BEFORE restoring arrays: a changed model would fail inside orbax
+                old_config = checkpoint_config(ckpt.directory, s)
+            except Exception as e:  # noqa: BLE001 - unreadable config item: this step is corrupt
+                raise checkpointing.CorruptCheckpoint(s, ckpt.directory, f"item 'config': {type(e).__name__}: "
+                                                      f"{str(e).strip()[:300]}") from e
+            check_resume_config(old_config, self.config, self.workdir)
+            r = ckpt.restore(s, targets=self._pytrees())
+            try:
+                ledger = accounting.Ledger.from_dict(r.json_items["ledger"])
+            except (KeyError, ValueError) as e:
+                raise checkpointing.CorruptCheckpoint(s, ckpt.directory, f"item 'ledger': {e}") from e
+            ledger_check.check_ledger(
+                ledger, updates=int(np.asarray(r.pytrees["update"])), sampling_rate=self.plan.sampling_rate,
+                noise_multiplier=self.plan.noise_multiplier, private=self.plan.enabled,
+                data_state=r.json_items.get("data_state"), where=f"checkpoint {ckpt.directory}/{s}")
+            r.json_items["ledger"] = ledger
+            return r
+
+        restored, self.skipped_checkpoints = checkpointing.newest_intact(ckpt, read, step, report=self.print)
+        if restored is None:
             return False
-        # Compare configs BEFORE restoring the arrays: a changed model/optimizer would otherwise
-        # fail inside orbax with a shape error instead of naming the changed field.
-        check_resume_config(checkpoint_config(ckpt.directory, step), self.config, self.workdir)
-        restored = ckpt.restore(step, targets=self._pytrees())
         self.state = dict(self.state, **restored.pytrees)
         self.iterator.set_state(restored.json_items["data_state"])
-        self.ledger = accounting.Ledger.from_dict(restored.json_items["ledger"])
+        self.ledger = restored.json_items["ledger"]
         if "secret" in restored.json_items:
             self._use_secret(keys.RunSecret.from_json(restored.json_items["secret"]))
         else:
-            self.print(f"WARNING: {ckpt.directory}/{step} holds no run secret (written before secret noise); "
-                       "the remaining updates use this start's fresh secret")
+            self.print(f"WARNING: the checkpoint at update {int(self.state['update'])} holds no run secret (written "
+                       "before secret noise); the remaining updates use this start's fresh secret")
         if self.recorder is not None and "individual" in restored.json_items:
             from dpft.privacy import individual
             self.recorder = individual.NormRecorder.load(
                 os.path.join(self.workdir, restored.json_items["individual"]["norms_file"]))
-        self.print(f"resumed from {ckpt.directory}/{step}: update {int(self.state['update'])}, "
-                   f"epsilon spent {self.epsilon_spent():.4g}")
+        checked = f"{restored.verified} arrays verified" + (f", {restored.unchecked} without checksum"
+                                                             if restored.unchecked else "")
+        self.print(f"resumed from {ckpt.directory}/{restored.step}: update {int(self.state['update'])}, "
+                   f"epsilon spent {self.epsilon_spent():.4g} ({checked})")
         return True
 
     # ------------------------------------------------------------------ accounting
@@ -383,14 +417,22 @@ class Trainer:
     # ------------------------------------------------------------------ the run
     def run(self, *, max_updates_this_call: int | None = None) -> RunResult:
         cfg = self.config
-        os.makedirs(self.workdir, exist_ok=True)
+        workdir_lock.prepare_workdir(self.workdir)  # a file or an uncreatable path: one-line error
         preempted = False
-        with checkpointing.Checkpointer(self.workdir, keep=int(cfg.train.keep_checkpoints)) as ckpt, \
+        with workdir_lock.WorkdirLock(self.workdir, enabled=jax.process_index() == 0), \
+                checkpointing.Checkpointer(self.workdir, keep=int(cfg.train.keep_checkpoints)) as ckpt, \
                 checkpointing.PreemptionFlag() as flag, \
                 logging_utils.MetricWriter(self.workdir) as writer, \
                 logging_utils.PrivateStatsWriter(self.workdir) as private_writer:
             resumed = self.restore(ckpt)
-            if jax.process_index() == 0:
+            for s, reason in self.skipped_checkpoints:  # save these steps afresh; keep the evidence
+                if jax.process_index() == 0:
+                    self.print(f"moved corrupt checkpoint {s} to {ckpt.quarantine(s, reason)}")
+            if self.skipped_checkpoints and jax.process_count() > 1:
+                multihost_utils.sync_global_devices("dpft_quarantine")
+                ckpt.refresh()
+            if jax.process_index() == 0:  # derived from the restored checkpoint: never stale
+                _atomic_write_text(os.path.join(self.workdir, "ledger.json"), self.ledger.to_json())
                 _atomic_write_text(os.path.join(self.workdir, "config.json"), config_to_json(cfg))
                 _atomic_write_text(os.path.join(self.workdir, "privacy_plan.json"),
                                    json.dumps(self.plan.to_dict(), indent=2))
@@ -407,6 +449,7 @@ class Trainer:
                 info = self.train_update()
                 done_this_call += 1
                 u = int(self.state["update"])
+                check_finite_update(info, u, ckpt.latest_step())  # stop before a NaN is saved
                 for k in window:
                     window[k] += info[k]
                 if u % int(cfg.train.log_every) == 0 or u == total:

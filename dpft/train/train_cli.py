@@ -28,6 +28,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from dpft.train.validation import validate
     validate(config)  # refuse bad configs before loading data or compiling anything
-    from dpft.train import loop
-    loop.train(config, args.workdir)  # a preempted run has saved its checkpoint: exit 0 as well
+    from dpft.train import distributed, loop, workdir_lock
+    # One run per workdir, checked before any data is loaded: a second `dpft train` exits at once.
+    # Multi-process runs take the lock in the loop (process 0 only, once jax knows which it is).
+    single = distributed.detect_cluster() is None
+    with workdir_lock.WorkdirLock(args.workdir, enabled=single):
+        loop.train(config, args.workdir)  # a preempted run has saved its checkpoint: exit 0 as well
     return 0

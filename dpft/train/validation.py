@@ -4,16 +4,24 @@
 `dpft.cli.UsageError` whose message names each offending field and its value, e.g.
 "config.train.physical_batch_size=100 is not a multiple of config.train.microbatch_size=16".
 Warnings (allowed but weakening) are issued with `warnings.warn` and also returned.
+
+Every number in a config must be finite (NaN and inf are refused wherever they appear:
+`nan < 0` is false, so range checks alone would let NaN through), and a given noise
+multiplier must lie in the range the accountant handles (`SIGMA_RANGE`).
+Also here: `same_value` (config comparison for resuming, NaN-safe) and the guards that stop a
+run whose loss, gradient or parameters became non-finite (`check_finite_update`,
+`check_finite_trees`).
 """
 from __future__ import annotations
 
+import math
 import os
 import warnings
-from typing import Any
+from typing import Any, Iterator, Mapping
 
 import ml_collections
 
-from dpft.cli import UsageError
+from dpft.errors import ConfigError, NonFiniteError, UsageError
 
 # Names the rest of dpft implements (a static copy, so validation imports no jax/flax;
 # tests/test_configs.py checks it against dpft.models.registry.VARIANTS and dpft.data.DATASETS).
@@ -30,6 +38,9 @@ CLIPPINGS = ("flat", "per_layer", "automatic")
 ACCOUNTANTS = ("pld", "rdp")
 GRAD_METHODS = ("auto", "bookkeeping", "vmap")
 EVAL_PARAMS = ("ema", "raw")
+#: A given noise multiplier must lie here: below, epsilon is in the hundreds or more (no meaningful
+#: privacy) and the PLD accountant takes minutes; above, sigma*C overflows float32 noise.
+SIGMA_RANGE = (0.1, 1e6)
 
 
 def _get(config: ml_collections.ConfigDict, path: str) -> Any:
@@ -91,6 +102,8 @@ class _Checker:
         if not _is_num(v):
             self.add(path, v, "must be a number")
             return _MISSING
+        if not math.isfinite(v):
+            return _MISSING  # reported once by _non_finite
         return float(v)
 
     def boolean(self, path: str) -> Any:
@@ -132,6 +145,9 @@ def validate(
     """
     c = _Checker(config)
     notes: list[str] = []
+    for path, v in _numbers(config):
+        if not math.isfinite(v):
+            c.add(path, v, "must be a finite number")
 
     # -- top level / model
     c.integer("seed", 0)
@@ -175,8 +191,17 @@ def validate(
         c.add("privacy.delta", delta, "must be in [0, 1) (0 means 1/N)")
     sigma = c.value("privacy.noise_multiplier")
     if sigma is not None and sigma is not _MISSING:
-        if not _is_num(sigma) or sigma < 0:
+        if not _is_num(sigma) or not math.isfinite(sigma):
+            if not _is_num(sigma):
+                c.add("privacy.noise_multiplier", sigma, "must be >= 0 (0 = calibrate from privacy.epsilon)")
+            sigma = _MISSING
+        elif sigma < 0:
             c.add("privacy.noise_multiplier", sigma, "must be >= 0 (0 = calibrate from privacy.epsilon)")
+            sigma = _MISSING
+        elif sigma > 0 and enabled is True and not SIGMA_RANGE[0] <= sigma <= SIGMA_RANGE[1]:
+            c.add("privacy.noise_multiplier", sigma,
+                  f"must be 0 (calibrate from privacy.epsilon) or in [{SIGMA_RANGE[0]:g}, {SIGMA_RANGE[1]:g}] "
+                  f"(below: no meaningful privacy; above: the noise overflows)")
             sigma = _MISSING
     eps = c.value("privacy.epsilon")
     clip = c.number("privacy.clip_norm")
@@ -186,8 +211,11 @@ def validate(
         if sigma is None or (sigma is not _MISSING and sigma == 0):
             if eps is _MISSING:
                 pass
-            elif not _is_num(eps) or not eps > 0:
-                c.add("privacy.epsilon", eps, "must be > 0 when privacy.enabled and privacy.noise_multiplier is unset (0)")
+            elif not _is_num(eps) or not math.isfinite(eps) or not eps > 0:
+                if _is_num(eps) and not math.isfinite(eps):
+                    pass  # reported by the finiteness check at the top
+                else:
+                    c.add("privacy.epsilon", eps, "must be > 0 when privacy.enabled and privacy.noise_multiplier is unset (0)")
         if num_examples is not None and _is_int(num_examples) and num_examples > 0 and delta is not _MISSING:
             effective = delta if delta > 0 else 1.0 / num_examples
             if effective >= 1.0 / num_examples:
@@ -280,7 +308,56 @@ def validate(
             pass
 
     if c.errors:
-        raise UsageError("invalid config: " + "; ".join(c.errors))
+        raise ConfigError("invalid config: " + "; ".join(c.errors))
     for note in notes:
         warnings.warn(note, UserWarning, stacklevel=2)
     return notes
+
+
+def _numbers(node: Any, prefix: str = "") -> Iterator[tuple[str, float]]:
+    """(dotted path, value) of every float in a config (lists/tuples included)."""
+    if isinstance(node, (ml_collections.ConfigDict, Mapping)):
+        for k in node.keys():
+            yield from _numbers(node[k], f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(node, (list, tuple)):
+        for i, v in enumerate(node):
+            yield from _numbers(v, f"{prefix}[{i}]")
+    elif isinstance(node, float):
+        yield prefix, node
+
+
+def same_value(a: Any, b: Any) -> bool:
+    """Equality for config values where NaN equals NaN (lists/tuples compared element-wise)."""
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_value(a[k], b[k]) for k in a)
+    return a == b
+
+
+def check_finite_update(info: Mapping[str, float], update: int, last_checkpoint: int | None) -> None:
+    """Raise NonFiniteError when an update's loss or gradient norm is NaN/inf (before any save)."""
+    bad = {k: info[k] for k in ("loss_sum", "grad_norm") if k in info and not math.isfinite(float(info[k]))}
+    if bad:
+        where = f"checkpoint {last_checkpoint}" if last_checkpoint is not None else "no checkpoint yet"
+        raise NonFiniteError(
+            f"update {update}: non-finite {', '.join(f'{k}={v}' for k, v in bad.items())}; stopped without "
+            f"saving (last saved: {where}); lower config.train.optimizer.learning_rate or check the data")
+
+
+def check_finite_trees(trees: Mapping[str, Any], update: int) -> None:
+    """Raise NonFiniteError when any float array of `trees` holds NaN/inf (checked before a save)."""
+    import jax
+    import jax.numpy as jnp
+
+    bad = []
+    for name, tree in trees.items():
+        leaves = [x for x in jax.tree.leaves(tree)
+                  if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)]
+        if leaves and not bool(jax.device_get(jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])))):
+            bad.append(name)
+    if bad:
+        raise NonFiniteError(f"update {update}: non-finite values in {', '.join(bad)}; refusing to save a "
+                             f"checkpoint of them (lower config.train.optimizer.learning_rate)")

@@ -1,0 +1,221 @@
+"""Faults end to end, with real `dpft` processes on a fake CheXpert copy (nfnet_micro, 1 CPU device):
+two runs on one workdir, evaluation beside a live run, a corrupt latest checkpoint, a tampered
+ledger, a stale ledger.json, a diverging run, a full disk."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from dpft.privacy import accounting
+from dpft.train import checkpointing
+
+pytestmark = pytest.mark.slow
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(REPO, "configs", "fake_chexpert_tiny.py")
+TIMEOUT = 900  # seconds per subprocess (2 shared CPU cores)
+UPDATES = 6
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    from dpft.data import fake
+
+    root = str(tmp_path_factory.mktemp("fake_chexpert"))
+    fake.write_fake_chexpert(root, n_patients=40, n_valid_patients=10, image_size=32)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DPFT_", "SLURM_", "TPU_"))}
+    env.update(PYTHONPATH=REPO, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
+               JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("xla_cache")),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    return {"root": root, "env": env, "tmp": tmp_path_factory}
+
+
+def train_args(base, workdir, *extra) -> list[str]:
+    return ["train", "--config", CONFIG, "--workdir", str(workdir), f"--config.data.root={base['root']}",
+            "--config.model.name=nfnet_micro", "--config.train.eval_every=0", f"--config.train.num_updates={UPDATES}",
+            "--config.train.checkpoint_every=2", "--config.train.keep_checkpoints=3", *extra]
+
+
+def dpft(base, args, timeout=TIMEOUT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dpft.cli", *args], env=base["env"], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def start(base, args, log) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "dpft.cli", *args], env=base["env"], cwd=REPO,
+                            stdout=log, stderr=subprocess.STDOUT, text=True)
+
+
+def last_line(stderr: str) -> str:
+    lines = [l for l in stderr.splitlines() if l.strip()]
+    return lines[-1] if lines else ""
+
+
+def steps_of(workdir) -> list[int]:
+    d = os.path.join(str(workdir), "checkpoints")
+    return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
+
+
+@pytest.fixture(scope="module")
+def trained(base):
+    wd = base["tmp"].mktemp("trained")
+    proc = dpft(base, train_args(base, wd))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert steps_of(wd) == [2, 4, 6]
+    return wd
+
+
+def copy_run(base, trained, name):
+    wd = base["tmp"].mktemp(name)
+    shutil.copytree(str(trained), str(wd), dirs_exist_ok=True)
+    return wd
+
+
+def ledger_in_checkpoint(workdir, step) -> dict:
+    with open(os.path.join(str(workdir), "checkpoints", str(step), "ledger", "metadata")) as f:
+        return json.load(f)
+
+
+# ------------------------------------------------------------------------------ concurrency
+
+def test_second_train_exits_at_once_and_evaluate_beside_a_live_run(base, trained, tmp_path):
+    """Run A trains; B on the same workdir exits 4 naming A's pid, before loading data; an
+    evaluation of A's workdir meanwhile succeeds without disturbing A (read-only, pinned)."""
+    wd = tmp_path / "live"
+    log_a = open(tmp_path / "a.log", "w")
+    a = start(base, train_args(base, wd, "--config.train.num_updates=40", "--config.train.checkpoint_every=1",
+                               "--config.train.keep_checkpoints=2"), log_a)
+    try:
+        deadline = time.time() + TIMEOUT
+        while time.time() < deadline and a.poll() is None and not steps_of(wd):
+            time.sleep(0.05)
+        assert a.poll() is None and steps_of(wd), open(tmp_path / "a.log").read()[-3000:]
+        holder = json.load(open(os.path.join(str(wd), ".dpft.lock")))
+        assert holder["pid"] == a.pid
+        b = dpft(base, train_args(base, wd), timeout=300)
+        assert b.returncode == 4, b.stderr[-3000:]
+        line = last_line(b.stderr)
+        assert f"is in use by pid {a.pid} on host" in line and "one run per workdir" in line, line
+        assert "Traceback" not in b.stderr and "DP-SGD" not in b.stdout  # stopped before loading data
+        ev = dpft(base, ["evaluate", "--workdir", str(wd)])
+        assert ev.returncode == 0, ev.stdout[-2000:] + ev.stderr[-3000:]
+        assert f"{wd}/{checkpointing.PIN_DIR}/" in ev.stdout  # read from a pinned snapshot
+        assert a.poll() is None or a.returncode == 0
+    finally:
+        rc_a = a.wait(timeout=TIMEOUT)
+        log_a.close()
+    out_a = open(tmp_path / "a.log").read()
+    assert rc_a == 0 and "Traceback" not in out_a, out_a[-3000:]
+    assert steps_of(wd)[-1] == 40
+    assert not os.path.exists(os.path.join(str(wd), checkpointing.PIN_DIR))
+    ledger = accounting.Ledger.from_json(open(os.path.join(str(wd), "ledger.json")).read())
+    assert ledger.total_steps == 40
+
+
+def test_evaluate_on_a_mistyped_workdir_creates_nothing(base, tmp_path):
+    typo = tmp_path / "no" / "such" / "run"
+    proc = dpft(base, ["evaluate", "--workdir", str(typo)], timeout=300)
+    assert proc.returncode == 2 and "does not exist" in last_line(proc.stderr), proc.stderr[-2000:]
+    assert not (tmp_path / "no").exists()
+
+
+# ------------------------------------------------------------------------------ corruption
+
+def test_flipped_params_byte_in_latest_falls_back_to_previous(base, trained):
+    from test_checkpoint_integrity import _find_silent_flip, _flip
+
+    wd = copy_run(base, trained, "flipped")
+    path, i = _find_silent_flip(os.path.join(str(wd), "checkpoints", "6", "params"))
+    _flip(path, i)
+    proc = dpft(base, train_args(base, wd))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "checkpoints/6 is corrupt: item 'params': checksum mismatch" in out, out[-3000:]
+    assert f"resumed from {wd}/checkpoints/4: update 4" in out
+    assert "moved corrupt checkpoint 6 to" in out
+    assert steps_of(wd)[-1] == 6 and len(os.listdir(os.path.join(str(wd), "corrupt_checkpoints"))) == 1
+    with checkpointing.Checkpointer(str(wd), read_only=True) as ckpt:
+        r = ckpt.restore(6)
+    assert r.verified > 0 and accounting.Ledger.from_dict(r.json_items["ledger"]).total_steps == UPDATES
+
+
+def test_no_intact_checkpoint_refuses_to_start(base, trained):
+    wd = copy_run(base, trained, "all_corrupt")
+    for s in steps_of(wd):
+        p = os.path.join(str(wd), "checkpoints", str(s), "ledger", "metadata")
+        text = open(p).read()
+        open(p, "w").write(text[: len(text) // 2])
+    proc = dpft(base, train_args(base, wd))
+    line = last_line(proc.stderr)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "no intact checkpoint" in line and "refusing to start from scratch" in line, line
+    assert steps_of(wd) == [2, 4, 6]  # nothing new trained or saved
+
+
+def test_tampered_ledger_is_refused(base, trained):
+    """The issue's attack: fewer steps in the checkpoint's ledger would report a smaller epsilon."""
+    wd = copy_run(base, trained, "tampered")
+    shutil.rmtree(os.path.join(str(wd), "checkpoints", "6"))
+    p = os.path.join(str(wd), "checkpoints", "4", "ledger", "metadata")
+    ledger = json.load(open(p))
+    assert ledger["entries"][0]["steps"] == 4
+    ledger["entries"][0]["steps"] = 1
+    json.dump(ledger, open(p, "w"))
+    proc = dpft(base, train_args(base, wd))
+    line = last_line(proc.stderr)
+    assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "the ledger records 1 update(s) but the checkpoint is at update 4" in line, line
+    assert steps_of(wd) == [2, 4]
+
+
+def test_stale_ledger_json_is_rewritten_from_the_checkpoint(base, trained):
+    """A crash between the final checkpoint and ledger.json leaves it stale; the next start repairs it."""
+    wd = copy_run(base, trained, "stale_ledger")
+    stale = accounting.Ledger()
+    stale.record(0.5, 1.0, n=2)
+    open(os.path.join(str(wd), "ledger.json"), "w").write(stale.to_json())
+    proc = dpft(base, train_args(base, wd))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    on_disk = json.load(open(os.path.join(str(wd), "ledger.json")))
+    assert on_disk == ledger_in_checkpoint(wd, 6)
+    assert accounting.Ledger.from_dict(on_disk).total_steps == UPDATES
+
+
+# ------------------------------------------------------------------------------ divergence / disk
+
+def test_diverging_run_stops_before_saving_non_finite_state(base, tmp_path):
+    wd = tmp_path / "diverge"
+    proc = dpft(base, train_args(base, wd, "--config.train.optimizer.learning_rate=1e30"))
+    line = last_line(proc.stderr)
+    assert proc.returncode == 6, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "non-finite" in line and "update" in line, line
+    for s in steps_of(wd):  # whatever was saved is finite
+        with checkpointing.Checkpointer(str(wd), read_only=True) as ckpt:
+            r = ckpt.restore(s)
+        assert all(np.all(np.isfinite(np.asarray(x))) for x in
+                   __import__("jax").tree.leaves(r.pytrees["params"]))
+
+
+def test_disk_full_during_training_is_one_line_exit_5(base, tmp_path):
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        proc = dpft(base, train_args(base, mnt / "run"))
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+    assert proc.returncode == 5, proc.stderr[-3000:]
+    # orbax's and tensorboardX's background threads still log their own failures (not ours to
+    # silence); dpft's verdict is one line that names the step and the cause.
+    ours = [l for l in proc.stderr.splitlines() if l.startswith("dpft train: error: ")]
+    assert len(ours) == 1 and "cannot save checkpoint 2" in ours[0], proc.stderr[-3000:]
+    assert "RESOURCE_EXHAUSTED" in ours[0] or "No space left" in ours[0], ours[0]
