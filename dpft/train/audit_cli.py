@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
               f"{result.epsilon_lower_bound:.4f}")
         print(f"claimed epsilon (accountant {config.accountant}, delta={config.delta:g}): "
               f"{result.epsilon_claimed:.4f}")
-        print(f"audited: the production step (engine {config.grad_method}, dtype {config.dtype}, secret noise)")
+        print(f"audited: the production step (engine {result.engine}, dtype {config.dtype}, secret noise)")
         print(f"canaries {result.num_canaries} ({result.num_included} included), guesses {result.num_guesses}, "
               f"correct {result.correct}, noise multiplier {result.noise_multiplier:.4f}, steps {config.steps}, "
               f"q {config.sampling_rate:g}")

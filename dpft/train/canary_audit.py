@@ -104,6 +104,7 @@ class AuditResult:
     k_pos: int = 0
     k_neg: int = 0
     num_included: int = 0
+    engine: str = ""  # the plan's resolved engine ("bookkeeping" | "vmap")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -225,4 +226,5 @@ def run_audit(config: AuditConfig | Mapping[str, Any]) -> AuditResult:
         epsilon_lower_bound=best.epsilon_lower_bound, epsilon_claimed=claimed,
         num_canaries=config.num_canaries, num_guesses=best.num_guesses, correct=best.correct,
         passed=bool(best.epsilon_lower_bound <= claimed), noise_multiplier=sigma, delta=config.delta,
-        confidence=config.confidence, k_pos=best.k_pos, k_neg=best.k_neg, num_included=int(included.sum()))
+        confidence=config.confidence, k_pos=best.k_pos, k_neg=best.k_neg, num_included=int(included.sum()),
+        engine=plan.grad_method)
