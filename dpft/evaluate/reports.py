@@ -455,13 +455,9 @@ def draw_interval(ax: Any, x: float, stat: Mapping[str, Any] | None, *, color: s
         return False
     v = stat["value"]
     lo, hi = (stat.get("ci") or [None, None])
-    if lo is not None and hi is not None:
-        (ax.hlines if horizontal else ax.vlines)(x, lo, hi, color=color, lw=1.5)
-        for end in (lo, hi):
-            if horizontal:
-                ax.plot([end, end], [x - 0.12, x + 0.12], color=color, lw=1)
-            else:
-                ax.plot([x - 0.12, x + 0.12], [end, end], color=color, lw=1)
+    if lo is not None and hi is not None:  # end caps as markers: their size does not depend on the axis scale
+        xs, ys = ([lo, hi], [x, x]) if horizontal else ([x, x], [lo, hi])
+        ax.plot(xs, ys, color=color, lw=1.5, marker="|" if horizontal else "_", ms=9)
     xy = ([v], [x]) if horizontal else ([x], [v])
     ax.plot(*xy, "o", color=color, mfc="white" if hollow else color, label=label)
     return True
