@@ -256,6 +256,12 @@ def run(args: argparse.Namespace) -> int:
     os.makedirs(workdir, exist_ok=True)
     _enable_compilation_cache(workdir)
     epsilons = _floats(args.epsilons, "epsilons")
+    try:
+        seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"--seeds must be a comma-separated list of integers, got {args.seeds!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise UsageError(f"--seeds must list distinct integers, got {args.seeds!r}")
     fractions = _floats(args.imbalance, "imbalance") if args.imbalance else []
     if any(e <= 0 for e in epsilons + _floats(args.imbalance_epsilons, "imbalance-epsilons")):
         raise UsageError(f"--epsilons must be > 0, got {args.epsilons!r}")
@@ -264,7 +270,6 @@ def run(args: argparse.Namespace) -> int:
     updates = max(4, args.updates // 4) if args.quick else args.updates
     pre_updates = max(4, args.pretrain_updates // 4) if args.quick else args.pretrain_updates
     n_resamples = 50 if args.quick else args.bootstrap
-    seeds = [int(x) for x in _floats(args.seeds, "seeds")]
     t0 = time.monotonic()
 
     checkpoint = pretrain(workdir, pre_updates)

@@ -253,7 +253,7 @@ def compare_command(args: argparse.Namespace) -> str:
     """The `dpft evaluate --compare` command for this sweep (x: epsilon if swept, series: another axis)."""
     fields = [parse_sweep(s)[0] for s in args.sweep]
     x = "privacy.epsilon" if "privacy.epsilon" in fields else (fields[0] if fields else "seed")
-    others = [f for f in fields if f != x]
+    others = [f for f in fields if f != x and "seed" not in f.split(".")[-1]]  # seeds are aggregated
     cmd = [args.dpft, "evaluate", "--compare", os.path.join(args.workdir, "*"), "--x", x]
     if others:
         cmd += ["--series", others[0]]
