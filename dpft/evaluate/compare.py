@@ -136,9 +136,11 @@ def _row(run_dir: Path, step: int | None, x: str, series: str | None) -> dict[st
     return row
 
 
-def seed_summary(values: Sequence[float | None], level: float = 0.95) -> dict[str, Any]:
+def seed_summary(values: Sequence[float | None], level: float = 0.95,
+                 bounds: tuple[float, float] | None = (0.0, 1.0)) -> dict[str, Any]:
     """Mean over seeds and its t interval: values (None = undefined in that run) ->
-    {"value", "ci", "n", "n_undefined", "values"} (+ "undefined": reason where there is no mean)."""
+    {"value", "ci", "n", "n_undefined", "values"} (+ "undefined": reason where there is no mean).
+    The interval is clipped to `bounds` (every compared metric is a rate, AUC, difference or ratio in [0, 1])."""
     from scipy import stats
 
     defined = np.array([v for v in values if v is not None], np.float64)
@@ -151,7 +153,10 @@ def seed_summary(values: Sequence[float | None], level: float = 0.95) -> dict[st
     out["value"] = mean
     if defined.size >= 2:
         half = float(stats.t.ppf((1 + level) / 2, defined.size - 1) * defined.std(ddof=1) / math.sqrt(defined.size))
-        out["ci"] = [mean - half, mean + half]
+        lo, hi = mean - half, mean + half
+        if bounds is not None:
+            lo, hi = max(lo, bounds[0]), min(hi, bounds[1])
+        out["ci"] = [lo, hi]
     return out
 
 
@@ -247,7 +252,8 @@ def render_compare_markdown(result: dict[str, Any]) -> str:
     m, attrs, x, series = result["utility_metric"], result["attributes"], result["x"], result["series"]
     level = int(round(result["ci_level"] * 100))
     lines = [f"# Sweep: {m}, subgroup gap and parity over {x}" + (f" and {series}" if series else ""), "",
-             f"Each cell: mean over its runs (seeds) [{level}% t interval over seeds; n/a with one seed]. "
+             f"Each cell: mean over its runs (seeds) [{level}% t interval over seeds, clipped to [0, 1]; none "
+             "with one seed]. "
              f"Gap = max - min of {m} over the compared groups; parity metrics are fairlearn's "
              "(between groups), averaged over the tasks where each is defined. Differences: lower is "
              "better; ratios: higher is better. Undefined values are n/a, never 0.", ""]
@@ -302,6 +308,7 @@ def plot_compare(result: dict[str, Any], path: str | os.PathLike) -> None:
     numeric = bool(xs_all) and _numeric(xs_all)
     positions = {} if numeric else {v: i for i, v in enumerate(sorted({_freeze(v) for v in xs_all}, key=_sort_key))}
     log = numeric and min(xs_all) > 0 and max(xs_all) / min(xs_all) >= 10
+    span = (max(xs_all) - min(xs_all) or 1.0) if numeric else 1.0
     series_vals = sorted({_freeze(c["series"]) for c in result["cells"]}, key=_sort_key)
     for k, (kind, a, p) in enumerate(panels):
         ax = axes[k // ncol][k % ncol]
@@ -312,7 +319,9 @@ def plot_compare(result: dict[str, Any], path: str | os.PathLike) -> None:
             stat = lambda c: (c["utility"] if kind == "utility" else c["gaps"][a] if kind == "gap"  # noqa: E731
                               else c["parity"][a][p])
             pts = [(c["x"], stat(c)) for c in cells if c["x"] is not None and stat(c)["value"] is not None]
-            xs = [v if numeric else positions[_freeze(v)] for v, _ in pts]
+            shift = (i - (len(series_vals) - 1) / 2) * 0.06  # dodge the series so their intervals do not overlap
+            xs = [(v * (1 + shift) if log else v + shift * span) if numeric else positions[_freeze(v)] + shift
+                  for v, _ in pts]
             if pts:
                 ax.plot(xs, [s["value"] for _, s in pts], color=color,
                         ls="--" if series == EPSILON and sv is None else "-")
@@ -348,7 +357,8 @@ def plot_compare(result: dict[str, Any], path: str | os.PathLike) -> None:
             ax.legend(fontsize=6, title=series, title_fontsize=6)
     for k in range(len(panels), nrow * ncol):
         axes[k // ncol][k % ncol].axis("off")
-    fig.suptitle(f"mean over seeds with {level}% t intervals over seeds (none with one seed)", fontsize=8)
+    fig.suptitle(f"mean over seeds with {level}% t intervals over seeds, clipped to [0, 1] (none with one seed); "
+                 "series dodged along x for legibility", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
