@@ -257,7 +257,7 @@ def compare_command(args: argparse.Namespace) -> str:
     cmd = [args.dpft, "evaluate", "--compare", os.path.join(args.workdir, "*"), "--x", x]
     if others:
         cmd += ["--series", others[0]]
-    cmd += ["--out", os.path.join(args.workdir, "compare")]
+    cmd += ["--out", args.workdir.rstrip("/") + "-compare"]  # outside WORKDIR, so WORKDIR/* stays runs only
     return " ".join(shlex.quote(c) if "*" not in c else c for c in cmd)
 
 
