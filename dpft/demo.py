@@ -292,6 +292,9 @@ def run(args: argparse.Namespace) -> int:
     print("[4/4] summary")
     table = summary_table(rows)
     print(table)
+    if study:
+        print("\nimbalance study (" + study["files"]["md"] + "):")
+        print(open(study["files"]["md"], encoding="utf-8").read().split("\n## Runs")[0].split("\n", 1)[1].strip())
     write_report(workdir, rows, cmp, study, elapsed, args)
     print(f"\nwhole demo: {elapsed / 60:.1f} min; report: {os.path.join(workdir, 'report.md')}")
     return 0

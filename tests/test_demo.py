@@ -55,11 +55,13 @@ def test_bad_arguments_exit_2(tmp_path):
 
 @pytest.mark.slow
 def test_quick_demo_end_to_end(tmp_path):
-    """The real command: pre-training, one DP run and the non-private run, evaluation, report."""
+    """The real command: pre-training, one DP run and the non-private run, evaluation, report, and a
+    small imbalance study (one fraction x (one epsilon + non-private) x two seeds)."""
     wd = tmp_path / "demo"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as a user runs it
     proc = subprocess.run([sys.executable, "-m", "dpft.cli", "demo", "--workdir", str(wd), "--quick",
-                           "--epsilons", "8"], capture_output=True, text=True, timeout=900, env=env)
+                           "--epsilons", "8", "--imbalance", "0.3", "--imbalance-epsilons", "4.98", "--seeds", "0,1"],
+                          capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "[4/4] summary" in proc.stdout
     report = (wd / "report.md").read_text()
@@ -83,3 +85,11 @@ def test_quick_demo_end_to_end(tmp_path):
     assert np.all(np.isfinite(z["epsilon"]))
     assert z["epsilon"].max() <= side["worst_case_epsilon"] + 1e-9
     assert (wd / "compare" / "compare.png").is_file()
+    # The imbalance study: cells (epsilon, fraction) with both seeds, the non-private baseline included.
+    study = json.loads((wd / "imbalance" / "compare" / "compare.json").read_text())
+    assert study["x"] == "data.options.minority_fraction" and study["series"] == "privacy.epsilon"
+    assert [(c["series"], c["x"], c["n_runs"]) for c in study["cells"]] == [(4.98, 0.3, 2), (None, 0.3, 2)]
+    for c in study["cells"]:
+        assert c["utility"]["n"] == 2 and set(c["parity"]["group"]) >= {"equalized_odds_difference"}
+    assert "| 4.98 | 0.3 | 2 |" in report and "| non-private | 0.3 | 2 |" in report
+    assert (wd / "imbalance" / "compare" / "compare.png").is_file()

@@ -111,3 +111,51 @@ def test_params_polyak_end_to_end(tmp_path):
     meta = json.loads((wd / "predictions" / "4" / "test.json").read_text())
     assert meta["params"] == "polyak"
     assert json.loads((wd / "eval" / "4" / "metrics.json").read_text())["meta"]["params"] == "polyak"
+
+
+def test_real_layout_chexpert_with_three_test_patients(tmp_path, capsys):
+    """The official CheXpert layout with 3 test patients (groups with one class, single-group
+    attributes): `dpft evaluate` finishes, and every undefined value is null with a reason."""
+    import numpy as np
+
+    from dpft.data import fake, load_splits
+    from dpft.evaluate.predictions import write_predictions
+    from dpft.train.loop import table_columns
+
+    root = tmp_path / "chexpert"
+    fake.write_fake_chexpert(str(root), n_patients=30, n_valid_patients=3, image_size=16)
+    tables = load_splits("chexpert", str(root), uncertainty="ones", frontal_only=True, age_edges=(18, 40, 60, 80))
+    wd = tmp_path / "run"
+    rng = np.random.default_rng(0)
+    for split in ("validation", "test"):
+        cols = table_columns(tables[split])
+        attrs = {k[5:]: v for k, v in cols.items() if k.startswith("attr_")}
+        logits = rng.normal(size=cols["label"].shape) + 2 * cols["label"] - 1
+        write_predictions(wd / "predictions" / "4" / split, example_id=cols["example_id"],
+                          patient_id=cols["patient_id"], logits=logits, label=cols["label"],
+                          label_mask=cols["label_mask"], attrs=attrs, task="multilabel",
+                          class_names=tables[split].class_names, eval_tasks=tables[split].eval_tasks, step=4,
+                          epsilon=8.0, delta=1e-5)
+    n_pat = len(set(table_columns(tables["test"])["patient_id"]))
+    assert n_pat == 3
+    (wd / "config.json").write_text(json.dumps({"privacy": {"epsilon": 8.0}}))
+    rc = main(["evaluate", "--workdir", str(wd), "--reuse-predictions", "--bootstrap", "200",
+               "--intersect", "sex*age"])
+    assert rc == 0, capsys.readouterr().err
+    m = json.loads((wd / "eval" / "4" / "metrics.json").read_text())
+    assert m["meta"]["n_patients"] == 3
+    n_undefined = 0
+    for attr, metrics in m["gaps"].items():
+        for metric, e in metrics.items():
+            groups = m["groups"][attr]
+            defined = [g for g in m["meta"]["groups_compared"][attr] if groups[g]["metrics"][metric]["value"] is not None]
+            assert (e["gap"]["value"] is None) == (len(defined) < 2), (attr, metric)
+            if e["gap"]["value"] is None:
+                n_undefined += 1
+                assert e["gap"]["undefined"].startswith(f"{metric} defined in {len(defined)} of")
+    for attr, par in m["parity"].items():
+        for name, s in par.items():
+            assert (s["value"] is None) == ("undefined" in s), (attr, name)
+    assert n_undefined > 0
+    md = (wd / "eval" / "4" / "report.md").read_text()
+    assert "n/a (" in md

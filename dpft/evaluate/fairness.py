@@ -364,7 +364,9 @@ def undefined_reason(key: Key, inp: EvalInputs, plan: GroupPlan, point: Mapping[
                 return f"no task has {MEAN_METRICS[metric]} defined in every compared group of {key[1]}"
             return f"no task has {MEAN_METRICS[metric]} defined"
         name, _, task = metric.partition("/")
-        if task and task in inp.tasks:
+        if metric == "underdiagnosis" and inp.no_finding is not None:
+            name, task = "fpr", inp.class_names[inp.no_finding]
+        if task and task in inp.class_names and name in ("auc", "tpr", "fpr", "accuracy", "selection_rate"):
             j = inp.class_names.index(task)
             y, v = sub.binary_label[:, j], sub.valid[:, j]
             pos, neg = int((y & v).sum()), int((~y & v).sum())
