@@ -282,3 +282,21 @@ def test_small_and_missing_class_are_separate_facts():
     info = F.group_info(inp.subset(neg), pid[neg], 30)
     assert not info["small"] and list(info["missing_class"]) == ["Edema"]
     assert info["missing_class"]["Edema"].startswith("0 positive /")
+
+
+def test_ratio_of_zero_rates_is_undefined_with_reason():
+    """Perfect predictions: FPR 0 in every group, so the equalized odds ratio is 0/0 (undefined);
+    fairlearn's own value for the same data is compared where it is defined."""
+    kw = synthetic_predictions(200, task="multiclass", seed=15, num_classes=3)
+    kw["logits"] = 10.0 * np.eye(3)[kw["label"]]
+    inp = _inputs(kw)
+    plan = _plan(inp, kw["attrs"])
+    out = F.all_metrics(inp, plan)
+    key = ("parity", "group", "equalized_odds_ratio/class_1")
+    assert np.isnan(out[key][0])
+    assert F.undefined_reason(key, inp, plan, out) == "class_1: every compared group has fpr 0 (ratio 0/0)"
+    assert out[("parity", "group", "equalized_odds_difference/class_1")][0] == 0.0  # defined: 0 is the true value
+    assert out[("parity", "group", "equal_opportunity_ratio/class_1")][0] == 1.0
+    g = np.asarray(kw["attrs"]["group"])
+    y, p = inp.binary_label[:, 1], inp.decision[:, 1]
+    assert equalized_odds_difference(y, p, sensitive_features=g) == 0.0

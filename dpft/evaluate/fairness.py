@@ -389,14 +389,15 @@ def undefined_reason(key: Key, inp: EvalInputs, plan: GroupPlan, point: Mapping[
         rates = {"demographic": ["selection_rate"], "equal_opportunity": ["tpr"], "equalized_odds": ["tpr", "fpr"]}
         needed = next(v for k, v in rates.items() if metric.startswith(k))
         parts = []
+        words = {"selection_rate": "labelled examples", "tpr": "positives", "fpr": "negatives"}
         for rate in needed:
-            n_def = sum(not np.isnan(point[("group", attr, g, f"{rate}/{task}")][0]) for g in plan.included[attr])
+            vals = [point[("group", attr, g, f"{rate}/{task}")][0] for g in plan.included[attr]]
+            n_def = sum(not np.isnan(v) for v in vals)
             if n_def < 2:
-                what = {"selection_rate": "labelled examples", "tpr": "positives", "fpr": "negatives"}[rate]
-                parts.append(f"{n_def} of {len(plan.included[attr])} compared groups have {what}")
-        if not parts and metric.endswith("ratio"):
-            parts.append("the largest rate is 0")
-        return f"{task}: " + "; ".join(parts or ["undefined"]) + " (needs 2)"
+                parts.append(f"{n_def} of {len(plan.included[attr])} compared groups have {words[rate]} (needs 2)")
+            elif metric.endswith("ratio") and np.nanmax(vals) == 0:
+                parts.append(f"every compared group has {rate} 0 (ratio 0/0)")
+        return f"{task}: " + "; ".join(parts or ["undefined"])
     return "undefined"
 
 
