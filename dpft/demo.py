@@ -11,7 +11,7 @@
 4. A summary table on the terminal and `report.md` + PNGs in the workdir.
 
 `dpft demo --imbalance 0.001,0.01,0.1,0.3` adds the imbalance study of Berrada et al. (2023):
-minority fraction x epsilon (default 1.15, 4.98, 16.2) x seeds (default 0, 1), with the
+minority fraction x epsilon (default 1.15, 4.98, 16.2) x seeds (default 0, 1, 2), with the
 non-private baseline at every fraction, evaluated like any run and compared with
 `dpft.evaluate.compare.compare_runs(x="data.options.minority_fraction", series="privacy.epsilon")`
 (accuracy, its gap, every parity metric; mean and CI over seeds): `imbalance/compare.{md,json,png}`.
@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also run the imbalance study at these minority fractions, e.g. 0.001,0.01,0.1,0.3")
     parser.add_argument("--imbalance-epsilons", default="1.15,4.98,16.2",
                         help="epsilons of the imbalance study (non-private is always added)")
-    parser.add_argument("--seeds", default="0,1", help="run seeds of the imbalance study (comma list, default 0,1)")
+    parser.add_argument("--seeds", default="0,1,2", help="run seeds of the imbalance study (comma list, default 0,1,2)")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates per evaluation")
     parser.add_argument("--updates", type=int, default=40, help="DP fine-tuning updates per run")
     parser.add_argument("--pretrain-updates", type=int, default=150, help="public pre-training updates")

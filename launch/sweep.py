@@ -21,7 +21,7 @@ The imbalance study (minority fraction x epsilon x seeds, with the non-private b
     python launch/sweep.py --config configs/digits_finetune.py --workdir runs/imbalance \
         --set model.checkpoint=runs/public/checkpoints/150/params \
         --sweep data.options.minority_fraction=0.001,0.01,0.1,0.3 \
-        --sweep privacy.epsilon=1.15,4.98,16.2 --seeds 0,1 --baseline private=False --evaluate --run
+        --sweep privacy.epsilon=1.15,4.98,16.2 --seeds 0,1,2 --baseline private=False --evaluate --run
     dpft evaluate --compare runs/imbalance/* --x data.options.minority_fraction \
         --series privacy.epsilon --out runs/imbalance-compare
 Without --run/--slurm the commands are printed; --run runs them one after the other on this

@@ -358,3 +358,43 @@ def test_two_local_processes_form_one_mesh(tmp_path):
         result = [l for l in out.splitlines() if l.startswith("RESULT")][0].split()
         # 2 processes x 2 devices; global batch 8 rows; sum = 12 * 1 + 12 * 2.
         assert result[1:] == ["explicit", "2", "4", "8", "36.0"]
+
+
+@pytest.mark.slow
+def test_imbalance_recipe_from_configs_sweep_and_compare(tmp_path):
+    """The README's study, tiny: public pre-training config, then sweep.py over the fine-tune config
+    (fraction x epsilon x seeds + baseline, from the pre-training's checkpoint), then --compare."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    dpft = tmp_path / "dpft"
+    dpft.write_text(f'#!/usr/bin/env bash\nexec {shlex.quote(sys.executable)} -m dpft.cli "$@"\n')
+    dpft.chmod(0o755)
+    pub = tmp_path / "public"
+    r = subprocess.run([str(dpft), "train", "--config", os.path.join(ROOT, "configs", "digits_pretrain.py"),
+                        "--workdir", str(pub), "--config.train.num_updates=3", "--config.train.checkpoint_every=3"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    runs = tmp_path / "imb"
+    r = subprocess.run([sys.executable, os.path.join(LAUNCH, "sweep.py"), "--config", FINETUNE, "--workdir", str(runs),
+                        "--set", f"model.checkpoint={pub}/checkpoints/3/params", "--set", "train.num_updates=2",
+                        "--set", "train.checkpoint_every=2", "--set", "individual.enabled=False",
+                        "--sweep", "data.options.minority_fraction=0.3", "--sweep", "privacy.epsilon=4.98",
+                        "--seeds", "0,1", "--baseline", "private=False", "--evaluate", "--run", "--dpft", str(dpft)],
+                       capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert sorted(os.listdir(runs)) == [f"minority_fraction-0.3_epsilon-{e}_seed-{s}"
+                                        for e in ("4.98", "non-private") for s in (0, 1)]
+    for d in os.listdir(runs):
+        cfg = json.loads((runs / d / "config.json").read_text())
+        assert cfg["model"]["checkpoint"].endswith("checkpoints/3/params")
+        assert cfg["privacy"]["enabled"] is ("non-private" not in d)
+        assert (runs / d / "eval" / "2" / "metrics.json").is_file()
+    hint = next(line for line in r.stdout.splitlines() if line.startswith("compare with:"))
+    assert "--x privacy.epsilon --series data.options.minority_fraction" in hint
+    out = tmp_path / "cmp"
+    r = subprocess.run([str(dpft), "evaluate", "--compare", *[str(runs / d) for d in sorted(os.listdir(runs))],
+                        "--x", "data.options.minority_fraction", "--series", "privacy.epsilon", "--out", str(out)],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    cmp = json.loads((out / "compare.json").read_text())
+    assert [(c["series"], c["x"], c["n_runs"]) for c in cmp["cells"]] == [(4.98, 0.3, 2), (None, 0.3, 2)]
