@@ -101,6 +101,7 @@ def test_params_polyak_end_to_end(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     cmd = [sys.executable, "-m", "dpft.cli", "train", "--config", os.path.join(ROOT, "configs", "digits_demo.py"),
            "--workdir", str(wd), "--config.train.num_updates=4", "--config.train.polyak=True",
+           "--config.train.lr_schedule.name=constant", "--config.train.lr_schedule.warmup_steps=0",
            "--config.train.eval_every=0", "--config.train.checkpoint_every=4", "--config.individual.enabled=False",
            "--config.eval.splits=('test',)"]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
