@@ -366,6 +366,8 @@ def test_imbalance_recipe_from_configs_sweep_and_compare(tmp_path):
     (fraction x epsilon x seeds + baseline, from the pre-training's checkpoint), then --compare."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path / "jax_cache")  # the runs share compiled programs
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
     dpft = tmp_path / "dpft"
     dpft.write_text(f'#!/usr/bin/env bash\nexec {shlex.quote(sys.executable)} -m dpft.cli "$@"\n')
     dpft.chmod(0o755)
