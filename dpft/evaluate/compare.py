@@ -32,7 +32,7 @@ from dpft.evaluate.fairness import PARITY_METRICS
 from dpft.evaluate.reports import _pyplot, draw_interval, fmt_stat
 
 EPSILON = "privacy.epsilon"
-PLOTTED_PARITY = ("demographic_parity_difference", "equal_opportunity_difference", "equalized_odds_difference")
+PLOTTED_PARITY = PARITY_METRICS  # every parity metric gets a panel (differences, then ratios)
 _MISSING = object()
 
 
@@ -291,7 +291,7 @@ def _numeric(values: Sequence[Any]) -> bool:
 
 
 def plot_compare(result: dict[str, Any], path: str | os.PathLike) -> None:
-    """Panels over x: utility, then per attribute its gap and the parity differences; one line per
+    """Panels over x: utility, then per attribute its gap and every parity metric; one line per
     series with CI bars over seeds. Runs without an x value (non-private when x is epsilon) are
     dashed horizontal lines."""
     plt = _pyplot()
@@ -351,7 +351,8 @@ def plot_compare(result: dict[str, Any], path: str | os.PathLike) -> None:
             ax.set_ylabel(f"{m} gap, max - min over groups (lower is better)", fontsize=7)
             ax.set_title(f"{m} gap over {a}", fontsize=9)
         else:
-            ax.set_ylabel(f"{p.replace('_', ' ')}\n(mean over tasks; lower is better)", fontsize=7)
+            better = "higher" if p.endswith("ratio") else "lower"
+            ax.set_ylabel(f"{p.replace('_', ' ')}\n(mean over tasks; {better} is better)", fontsize=7)
             ax.set_title(f"{p.replace('_', ' ')} over {a}", fontsize=9)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=6, title=series, title_fontsize=6)
