@@ -10,8 +10,13 @@
    patient-level bootstrap CIs, individual epsilons per group) and the sweep comparison.
 4. A summary table on the terminal and `report.md` + PNGs in the workdir.
 
-`dpft demo --imbalance 0.001,0.01,0.1,0.3` adds the imbalance study: minority gap vs
-minority fraction at several epsilons, as one plot.
+`dpft demo --imbalance 0.001,0.01,0.1,0.3` adds the imbalance study of Berrada et al. (2023):
+minority fraction x epsilon (default 1.15, 4.98, 16.2) x seeds (default 0, 1, 2), with the
+non-private baseline at every fraction, evaluated like any run and compared with
+`dpft.evaluate.compare.compare_runs(x="data.options.minority_fraction", series="privacy.epsilon")`
+(accuracy, its gap, every parity metric; mean and CI over seeds): `imbalance/compare.{md,json,png}`.
+The same study from the command line is `configs/digits_pretrain.py` + `launch/sweep.py` over
+`configs/digits_finetune.py` (README, "Fairness studies"); its runs are named the same way.
 """
 from __future__ import annotations
 
@@ -36,8 +41,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="share of rotated digits in the private training split (default 0.05)")
     parser.add_argument("--imbalance", default="",
                         help="also run the imbalance study at these minority fractions, e.g. 0.001,0.01,0.1,0.3")
-    parser.add_argument("--imbalance-epsilons", default="1,8",
+    parser.add_argument("--imbalance-epsilons", default="1.15,4.98,16.2",
                         help="epsilons of the imbalance study (non-private is always added)")
+    parser.add_argument("--seeds", default="0,1,2", help="run seeds of the imbalance study (comma list, default 0,1,2)")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates per evaluation")
     parser.add_argument("--updates", type=int, default=40, help="DP fine-tuning updates per run")
     parser.add_argument("--pretrain-updates", type=int, default=150, help="public pre-training updates")
     parser.add_argument("--quick", action="store_true", help="fewer updates and bootstrap samples (smoke test)")
@@ -144,7 +151,7 @@ def pretrain(workdir: str, updates: int, print_fn=print) -> str:
     return path
 
 
-def _eval_run(run_dir: str, n_resamples: int) -> dict[str, Any]:
+def _eval_run(run_dir: str, n_resamples: int, plots: bool = True) -> dict[str, Any]:
     from dpft.evaluate import reports
 
     pred_root = os.path.join(run_dir, "predictions")
@@ -152,7 +159,7 @@ def _eval_run(run_dir: str, n_resamples: int) -> dict[str, Any]:
     test = os.path.join(pred_root, str(step), "test.npz")
     val = os.path.join(pred_root, str(step), "validation.npz")
     return reports.evaluate_predictions(test, val if os.path.isfile(val) else None,
-                                        n_resamples=n_resamples, min_group_size=20)
+                                        n_resamples=n_resamples, min_group_size=20, plots=plots)
 
 
 def _summary_row(name: str, epsilon: float | None, result: dict, run_dir: str) -> dict[str, Any]:
@@ -165,6 +172,7 @@ def _summary_row(name: str, epsilon: float | None, result: dict, run_dir: str) -
         "minority_accuracy": groups.get(MINORITY, {}).get("metrics", {}).get("top1", {}).get("value"),
         "gap": gap.get("gap", {}).get("value"),
         "gap_ci": gap.get("gap", {}).get("ci"),
+        "gap_undefined": gap.get("gap", {}).get("undefined"),
         "dir": run_dir,
     }
     ind = result.get("individual_epsilon")
@@ -193,47 +201,52 @@ def fine_tune_sweep(workdir: str, checkpoint: str, epsilons: list[float], *, upd
 
 def _fmt(x: Any, digits: int = 3) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "-"
+        return "n/a"
     return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
 
 
 def summary_table(rows: list[dict]) -> str:
-    header = "| run | epsilon | accuracy | majority acc. | minority acc. | gap (95% CI) | median individual eps |"
+    """The demo's runs: accuracy overall and per group, the gap (max - min over groups) with its CI."""
+    header = ("| run | epsilon | accuracy | majority acc. | minority acc. | accuracy gap, max - min (95% CI) | "
+              "median individual eps |")
     lines = [header, "|" + "---|" * 7]
     for r in rows:
         ci = r.get("gap_ci")
-        gap = _fmt(r["gap"]) + (f" [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else "")
-        lines.append(f"| {r['run']} | {_fmt(r['epsilon'], 1) if r['epsilon'] else 'inf'} | {_fmt(r['accuracy'])} | "
+        if r["gap"] is None:
+            gap = f"n/a ({r.get('gap_undefined') or 'undefined'})"
+        else:
+            gap = _fmt(r["gap"]) + (f" [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci and ci[0] is not None else "")
+        eps = f"{r['epsilon']:.2f}" if r["epsilon"] else "non-private"
+        lines.append(f"| {r['run']} | {eps} | {_fmt(r['accuracy'])} | "
                      f"{_fmt(r['majority_accuracy'])} | {_fmt(r['minority_accuracy'])} | {gap} | "
                      f"{_fmt(r.get('individual_epsilon_median'))} |")
     return "\n".join(lines)
 
 
-def plot_imbalance(study: dict[str, list[dict]], path: str) -> None:
-    """Minority gap vs minority fraction, one line per epsilon (the imbalance study's figure)."""
-    import matplotlib
+def imbalance_study(workdir: str, checkpoint: str, fractions: list[float], epsilons: list[float], seeds: list[int],
+                    *, updates: int, n_resamples: int, print_fn=print) -> dict[str, Any]:
+    """Minority fraction x (epsilons + non-private) x seeds, each run evaluated from its checkpoint,
+    then compared over minority fraction with one line per epsilon (mean and CI over seeds)."""
+    from dpft.evaluate import compare
+    from dpft.train import loop
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    by_run: dict[str, list[tuple[float, float]]] = {}
-    for frac, rows in study.items():
-        for r in rows:
-            if r["gap"] is not None:
-                by_run.setdefault(r["run"], []).append((float(frac), r["gap"]))
-    for run, pts in sorted(by_run.items()):
-        pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=run.replace("_", " "),
-                linestyle="--" if run == "non_private" else "-")
-    ax.set_xscale("log")
-    ax.set_xlabel("minority fraction of the private training set")
-    ax.set_ylabel("accuracy gap (majority - minority)")
-    ax.set_title("Imbalance study: DP widens the minority gap")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    root = os.path.join(workdir, "imbalance")
+    grid = [(f, e, s) for f in fractions for e in [*epsilons, None] for s in seeds]
+    dirs = []
+    for i, (frac, eps, seed) in enumerate(grid):
+        name = f"minority_fraction-{frac:g}_epsilon-{'non-private' if eps is None else f'{eps:g}'}_seed-{seed}"
+        run_dir = os.path.join(root, name)
+        print_fn(f"      [{i + 1}/{len(grid)}] {name}")
+        cfg = recipe(private=eps is not None, epsilon=eps or 8.0, updates=updates, checkpoint=checkpoint,
+                     minority_fraction=frac, seed=seed)
+        with cfg.unlocked():
+            cfg.individual.enabled = False  # individual epsilons: see the main runs; saves a pass per run
+        if not os.path.isfile(os.path.join(run_dir, "eval", str(updates), "metrics.json")):
+            loop.Trainer(cfg, run_dir, print_fn=lambda s: None).run()
+            _eval_run(run_dir, n_resamples, plots=False)
+        dirs.append(run_dir)
+    return compare.compare_runs(dirs, os.path.join(root, "compare"), x="data.options.minority_fraction",
+                                series="privacy.epsilon")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -243,14 +256,20 @@ def run(args: argparse.Namespace) -> int:
     os.makedirs(workdir, exist_ok=True)
     _enable_compilation_cache(workdir)
     epsilons = _floats(args.epsilons, "epsilons")
+    try:
+        seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"--seeds must be a comma-separated list of integers, got {args.seeds!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise UsageError(f"--seeds must list distinct integers, got {args.seeds!r}")
     fractions = _floats(args.imbalance, "imbalance") if args.imbalance else []
-    if any(e <= 0 for e in epsilons):
+    if any(e <= 0 for e in epsilons + _floats(args.imbalance_epsilons, "imbalance-epsilons")):
         raise UsageError(f"--epsilons must be > 0, got {args.epsilons!r}")
     if any(not 0 < f < 1 for f in fractions + [args.minority_fraction]):
         raise UsageError("minority fractions must be in (0, 1)")
     updates = max(4, args.updates // 4) if args.quick else args.updates
     pre_updates = max(4, args.pretrain_updates // 4) if args.quick else args.pretrain_updates
-    n_resamples = 20 if args.quick else 200
+    n_resamples = 50 if args.quick else args.bootstrap
     t0 = time.monotonic()
 
     checkpoint = pretrain(workdir, pre_updates)
@@ -260,18 +279,22 @@ def run(args: argparse.Namespace) -> int:
                            minority_fraction=args.minority_fraction, n_resamples=n_resamples, tag="finetune/")
     print("[3/4] sweep comparison from the saved checkpoints' evaluations")
     cmp = compare.compare_runs([r["dir"] for r in rows], os.path.join(workdir, "compare"))
-    study: dict[str, list[dict]] = {}
+    study: dict[str, Any] = {}
     if fractions:
-        print(f"      imbalance study at minority fractions {', '.join(f'{f:g}' for f in fractions)}")
-        for f in fractions:
-            study[f"{f:g}"] = fine_tune_sweep(workdir, checkpoint, _floats(args.imbalance_epsilons, "imbalance-epsilons"),
-                                              updates=updates, minority_fraction=f, n_resamples=n_resamples,
-                                              tag=f"imbalance/frac_{f:g}/")
-        plot_imbalance(study, os.path.join(workdir, "imbalance.png"))
+        eps_study = _floats(args.imbalance_epsilons, "imbalance-epsilons")
+        n = len(fractions) * (len(eps_study) + 1) * len(seeds)
+        print(f"      imbalance study: minority fraction {', '.join(f'{f:g}' for f in fractions)} x epsilon "
+              f"{', '.join(f'{e:.2f}' for e in eps_study)} and non-private x seeds {', '.join(map(str, seeds))} "
+              f"({n} runs)")
+        study = imbalance_study(workdir, checkpoint, fractions, eps_study, seeds, updates=updates,
+                                n_resamples=n_resamples)
     elapsed = time.monotonic() - t0
     print("[4/4] summary")
     table = summary_table(rows)
     print(table)
+    if study:
+        print("\nimbalance study (" + study["files"]["md"] + "):")
+        print(open(study["files"]["md"], encoding="utf-8").read().split("\n## Runs")[0].split("\n", 1)[1].strip())
     write_report(workdir, rows, cmp, study, elapsed, args)
     print(f"\nwhole demo: {elapsed / 60:.1f} min; report: {os.path.join(workdir, 'report.md')}")
     return 0
@@ -283,7 +306,7 @@ def write_report(workdir: str, rows: list[dict], cmp: dict, study: dict, elapsed
         "# dpft demo report", "",
         "Tiny NFNet pre-trained non-privately on the public (upright) digits, then fine-tuned with "
         f"DP-SGD on the private split where rotated digits are {args.minority_fraction:g} of the examples. "
-        "Test split: 10% rotated. Accuracy gap = best group - worst group (patient-level bootstrap "
+        "Test split: 10% rotated. Accuracy gap = max - min over the groups (patient-level bootstrap "
         "CIs; here one image per 'patient').", "",
         summary_table(rows), "",
         "Sweep (epsilon vs accuracy vs gap): ![compare](compare/compare.png)", "",
@@ -293,12 +316,19 @@ def write_report(workdir: str, rows: list[dict], cmp: dict, study: dict, elapsed
         rel = os.path.relpath(r["dir"], workdir)
         lines.append(f"- {r['run']}: `{rel}/eval/` (report.md, metrics.json, PNGs)")
     if study:
-        lines += ["", "## Imbalance study", "", "![imbalance](imbalance.png)", ""]
-        for frac, frows in study.items():
-            lines += [f"### minority fraction {frac}", "", summary_table(frows), ""]
+        rel = os.path.relpath(os.path.dirname(study["files"]["png"]), workdir)
+        table = open(study["files"]["md"], encoding="utf-8").read().split("\n## Runs")[0]
+        table = table.split("\n", 1)[1]  # drop the file's title
+        lines += ["", "## Imbalance study (minority fraction x epsilon x seeds, with the non-private baseline)", "",
+                  "Each run is a fine-tuning of the same public model on the private split subsampled so that the "
+                  "minority (rotated digits) is the given fraction; test split: 10% minority. Individual "
+                  "accounting is off in these runs.", "",
+                  f"![imbalance study]({rel}/compare.png)", "", table.strip(), "",
+                  f"Per-run table and files: `{rel}/compare.md`, `{rel}/compare.json`.", ""]
     lines += ["", f"Whole demo: {elapsed / 60:.1f} minutes.",
               "Individual epsilons are sensitive data about individuals: they stay in each run's workdir."]
     with open(os.path.join(workdir, "report.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
     with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
-        json.dump({"runs": rows, "imbalance": study, "elapsed_s": elapsed}, f, indent=2, default=str)
+        json.dump({"runs": rows, "imbalance": study.get("cells") if study else None, "elapsed_s": elapsed},
+                  f, indent=2, default=str)

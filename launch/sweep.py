@@ -8,6 +8,22 @@
 Several --sweep flags give the cartesian product (the first varies slowest). Each job gets
 its own workdir WORKDIR/<name>, named by its field values (e.g. `epsilon-0.5_batch_size-1024`;
 the full dotted field is used where two swept fields share a last component).
+`--seeds 0,1,2` is `--sweep seed=0,1,2` as the last (fastest) axis. `--baseline [ARG]` adds the
+non-private baseline to the same sweep: for every combination of the axes other than
+privacy.epsilon one job with privacy.enabled=False (named `epsilon-non-private_...`), loaded as
+CONFIG:ARG when ARG is given (e.g. `--baseline private=False` for configs/digits_finetune.py, whose
+baseline uses another optimizer). `--evaluate` follows each training job with
+`dpft evaluate --workdir JOB --reuse-predictions`, and the end prints the `--compare` command.
+
+The imbalance study (minority fraction x epsilon x seeds, with the non-private baseline):
+
+    dpft train --config configs/digits_pretrain.py --workdir runs/public
+    python launch/sweep.py --config configs/digits_finetune.py --workdir runs/imbalance \
+        --set model.checkpoint=runs/public/checkpoints/150/params \
+        --sweep data.options.minority_fraction=0.001,0.01,0.1,0.3 \
+        --sweep privacy.epsilon=1.15,4.98,16.2 --seeds 0,1,2 --baseline private=False --evaluate --run
+    dpft evaluate --compare runs/imbalance/* --x data.options.minority_fraction \
+        --series privacy.epsilon --out runs/imbalance-compare
 Without --run/--slurm the commands are printed; --run runs them one after the other on this
 host; --slurm FILE writes a SLURM array script (one array task per job, each running
 launch/slurm.sbatch) to submit with `sbatch FILE`.
@@ -72,25 +88,40 @@ def job_name(assignment: dict[str, str]) -> str:
     return "_".join(parts) or "default"
 
 
+NON_PRIVATE = "non-private"  # the privacy.epsilon value of a baseline job
+
+
 def job_overrides(assignment: dict[str, str]) -> list[str]:
-    return [f"--config.{f}={v}" for f, v in assignment.items()]
+    """--config.F=V per field; the baseline's epsilon becomes privacy.enabled=False."""
+    out = []
+    for f, v in assignment.items():
+        out.append("--config.privacy.enabled=False" if (f, v) == ("privacy.epsilon", NON_PRIVATE) else f"--config.{f}={v}")
+    return out
+
+
+def evaluate_command(dpft: str, workdir: str) -> list[str]:
+    return [dpft, "evaluate", "--workdir", workdir, "--reuse-predictions"]
 
 
 def train_command(dpft: str, config: str, workdir: str, overrides: Sequence[str]) -> list[str]:
     return [dpft, "train", "--config", config, "--workdir", workdir, *overrides]
 
 
-def check_jobs(config: str, jobs: Sequence[tuple[str, list[str]]]) -> None:
-    """Load the config with each job's overrides (UsageError on a bad field or value)."""
+def check_jobs(config: str, jobs: Sequence[tuple]) -> None:
+    """Load the config with each job's overrides (UsageError on a bad field or value); a job may
+    carry its own config path as a third element (the baseline's CONFIG:ARG)."""
     sys.path.insert(0, os.path.dirname(HERE))
     from dpft.train.config_base import load_config
 
-    for _, overrides in jobs:
-        load_config(config, overrides)
+    for job in jobs:
+        cfg = load_config(job[2] if len(job) > 2 else config, job[1])
+        if any(o == "--config.privacy.enabled=False" for o in job[1]) and cfg.privacy.enabled:
+            raise SweepError(f"baseline job {job[0]} is still private")
 
 
 def slurm_array_script(
-    jobs: Sequence[tuple[str, list[str]]], *, config: str, sbatch_options: Sequence[str] = (), job_name_: str = "dpft-sweep"
+    jobs: Sequence[tuple], *, config: str, sbatch_options: Sequence[str] = (), job_name_: str = "dpft-sweep",
+    evaluate: str | None = None,
 ) -> str:
     """A bash script for `sbatch`: array task i runs launch/slurm.sbatch for job i."""
     runner = os.path.join(HERE, "slurm.sbatch")
@@ -107,15 +138,19 @@ def slurm_array_script(
         "set -euo pipefail",
         'case "${SLURM_ARRAY_TASK_ID:?run this script with sbatch}" in',
     ]
-    for i, (workdir, overrides) in enumerate(jobs):
-        args = " ".join(shlex.quote(a) for a in [config, workdir, *overrides])
+    for i, job in enumerate(jobs):
+        workdir, overrides = job[0], job[1]
+        args = " ".join(shlex.quote(a) for a in [job[2] if len(job) > 2 else config, workdir, *overrides])
         lines.append(f"  {i}) args=({args}) ;;")
     lines += [
         '  *) echo "no job for array task $SLURM_ARRAY_TASK_ID" >&2; exit 2 ;;',
         "esac",
-        f'exec bash {shlex.quote(runner)} "${{args[@]}}"',
-        "",
     ]
+    if evaluate:
+        lines += [f'bash {shlex.quote(runner)} "${{args[@]}}"',
+                  f'exec {shlex.quote(evaluate)} evaluate --workdir "${{args[1]}}" --reuse-predictions', ""]
+    else:
+        lines += [f'exec bash {shlex.quote(runner)} "${{args[@]}}"', ""]
     return "\n".join(lines)
 
 
@@ -127,6 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a config field and its values; repeat for a cartesian product")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="a fixed override applied to every job")
+    p.add_argument("--seeds", metavar="S1,S2,...", help="sweep the run seed (config field `seed`) last")
+    p.add_argument("--baseline", nargs="?", const="", default=None, metavar="CONFIG_ARG",
+                   help="add the non-private baseline per combination of the other axes (CONFIG:CONFIG_ARG if given)")
+    p.add_argument("--evaluate", action="store_true",
+                   help="follow each training job with `dpft evaluate --workdir JOB --reuse-predictions`")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--run", action="store_true", help="run the jobs sequentially on this host")
     mode.add_argument("--slurm", metavar="FILE", help="write a SLURM array script to FILE")
@@ -138,19 +178,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def make_jobs(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
-    """[(workdir, overrides)] for every combination of the sweeps."""
-    if not args.sweep:
-        raise SweepError("give at least one --sweep FIELD=V1,V2,...")
+def make_jobs(args: argparse.Namespace) -> list[tuple]:
+    """[(workdir, overrides)] for every combination of the sweeps, then the baseline jobs
+    (workdir, overrides, config) if asked."""
+    specs = list(args.sweep) + ([f"seed={args.seeds}"] if getattr(args, "seeds", None) else [])
+    if not specs:
+        raise SweepError("give at least one --sweep FIELD=V1,V2,... (or --seeds)")
     fixed = []
     for s in args.set:
         body = s.lstrip("-")
         if "=" not in body:
             raise SweepError(f"--set {s!r} must look like FIELD=VALUE")
         fixed.append("--" + (body if body.startswith("config.") else "config." + body))
-    jobs = []
-    for assignment in expand([parse_sweep(s) for s in args.sweep]):
+    sweeps = [parse_sweep(s) for s in specs]
+    jobs: list[tuple] = []
+    for assignment in expand(sweeps):
         jobs.append((os.path.join(args.workdir, job_name(assignment)), fixed + job_overrides(assignment)))
+    baseline = getattr(args, "baseline", None)
+    if baseline is not None:
+        if not any(f == "privacy.epsilon" for f, _ in sweeps):
+            raise SweepError("--baseline needs a --sweep privacy.epsilon=... axis to add the non-private value to")
+        base_config = args.config.split(":", 1)[0] + (f":{baseline}" if baseline else "")
+        if baseline and ":" in args.config:
+            raise SweepError("--baseline CONFIG_ARG replaces the config argument; give --config without ':ARG'")
+        axes = [(f, [NON_PRIVATE] if f == "privacy.epsilon" else v) for f, v in sweeps]
+        for assignment in expand(axes):
+            jobs.append((os.path.join(args.workdir, job_name(assignment)), fixed + job_overrides(assignment),
+                         base_config))
     return jobs
 
 
@@ -163,28 +217,48 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:  # SweepError and dpft.cli.UsageError
         print(f"sweep: error: {e}", file=sys.stderr)
         return 2
-    commands = [train_command(args.dpft, args.config, w, o) for w, o in jobs]
+    commands = [train_command(args.dpft, job[2] if len(job) > 2 else args.config, job[0], job[1]) for job in jobs]
+    compare_hint = compare_command(args)
     if args.slurm:
         with open(args.slurm, "w", encoding="utf-8") as f:
-            f.write(slurm_array_script(jobs, config=args.config, sbatch_options=args.sbatch_option))
+            f.write(slurm_array_script(jobs, config=args.config, sbatch_options=args.sbatch_option,
+                                       evaluate=args.dpft if args.evaluate else None))
         os.chmod(args.slurm, 0o755)
         print(f"wrote {args.slurm} ({len(jobs)} array tasks); submit with: sbatch {shlex.quote(args.slurm)}")
+        print(f"then: {compare_hint}")
         return 0
     if not args.run:
-        for cmd in commands:
-            print(shlex.join(cmd))
+        for job, cmd in zip(jobs, commands):
+            extra = f" && {shlex.join(evaluate_command(args.dpft, job[0]))}" if args.evaluate else ""
+            print(shlex.join(cmd) + extra)
         return 0
     failed = 0
     for i, cmd in enumerate(commands):
         print(f"[{i + 1}/{len(commands)}] {shlex.join(cmd)}", flush=True)
         os.makedirs(jobs[i][0], exist_ok=True)
         rc = subprocess.call(cmd)
+        if rc == 0 and args.evaluate:
+            rc = subprocess.call(evaluate_command(args.dpft, jobs[i][0]), stdout=subprocess.DEVNULL)
         if rc != 0:
             failed += 1
             print(f"sweep: job {i} exited with {rc}", file=sys.stderr)
             if not args.keep_going:
                 return rc
+    if not failed:
+        print(f"compare with: {compare_hint}")
     return 1 if failed else 0
+
+
+def compare_command(args: argparse.Namespace) -> str:
+    """The `dpft evaluate --compare` command for this sweep (x: epsilon if swept, series: another axis)."""
+    fields = [parse_sweep(s)[0] for s in args.sweep]
+    x = "privacy.epsilon" if "privacy.epsilon" in fields else (fields[0] if fields else "seed")
+    others = [f for f in fields if f != x and "seed" not in f.split(".")[-1]]  # seeds are aggregated
+    cmd = [args.dpft, "evaluate", "--compare", os.path.join(args.workdir, "*"), "--x", x]
+    if others:
+        cmd += ["--series", others[0]]
+    cmd += ["--out", args.workdir.rstrip("/") + "-compare"]  # outside WORKDIR, so WORKDIR/* stays runs only
+    return " ".join(shlex.quote(c) if "*" not in c else c for c in cmd)
 
 
 if __name__ == "__main__":

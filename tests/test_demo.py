@@ -28,17 +28,20 @@ def test_recipe_is_a_valid_run_config(private, devices):
     assert (cfg.train.ema_decay > 0) is private
 
 
-def test_summary_table_and_imbalance_plot(tmp_path):
+def test_summary_table_states_undefined_and_formats_epsilon():
     rows = [{"run": "eps_8", "epsilon": 8.0, "accuracy": 0.9, "majority_accuracy": 0.95,
              "minority_accuracy": 0.5, "gap": 0.45, "gap_ci": [0.3, 0.6], "dir": "x"},
+            {"run": "eps_4.98", "epsilon": 4.98, "accuracy": 0.9, "majority_accuracy": 0.95,
+             "minority_accuracy": None, "gap": None, "gap_ci": [None, None], "dir": "x",
+             "gap_undefined": "top1 defined in 1 of 2 compared groups of group (needs 2)"},
             {"run": "non_private", "epsilon": None, "accuracy": 0.93, "majority_accuracy": 0.96,
              "minority_accuracy": 0.7, "gap": 0.26, "gap_ci": None, "dir": "y"}]
     table = demo.summary_table(rows)
-    assert "| eps_8 | 8.0 | 0.900 | 0.950 | 0.500 | 0.450 [0.300, 0.600] | - |" in table
-    assert "| non_private | inf | 0.930 |" in table
-    png = tmp_path / "imb.png"
-    demo.plot_imbalance({"0.01": rows, "0.1": rows}, str(png))
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "accuracy gap, max - min (95% CI)" in table
+    assert "| eps_8 | 8.00 | 0.900 | 0.950 | 0.500 | 0.450 [0.300, 0.600] | n/a |" in table
+    assert "| eps_4.98 | 4.98 | 0.900 | 0.950 | n/a | n/a (top1 defined in 1 of 2 compared groups" in table
+    assert "| non_private | non-private | 0.930 |" in table
+    assert "0.000" not in table
 
 
 def test_bad_arguments_exit_2(tmp_path):
@@ -46,19 +49,23 @@ def test_bad_arguments_exit_2(tmp_path):
 
     assert main(["demo", "--workdir", str(tmp_path), "--epsilons", "x"]) == 2
     assert main(["demo", "--workdir", str(tmp_path), "--imbalance", "0,2"]) == 2
+    assert main(["demo", "--workdir", str(tmp_path), "--imbalance-epsilons", "0"]) == 2
+    assert main(["demo", "--workdir", str(tmp_path), "--seeds", "a"]) == 2
 
 
 @pytest.mark.slow
 def test_quick_demo_end_to_end(tmp_path):
-    """The real command: pre-training, one DP run and the non-private run, evaluation, report."""
+    """The real command: pre-training, one DP run and the non-private run, evaluation, report, and a
+    small imbalance study (one fraction x (one epsilon + non-private) x two seeds)."""
     wd = tmp_path / "demo"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as a user runs it
     proc = subprocess.run([sys.executable, "-m", "dpft.cli", "demo", "--workdir", str(wd), "--quick",
-                           "--epsilons", "8"], capture_output=True, text=True, timeout=900, env=env)
+                           "--epsilons", "8", "--imbalance", "0.3", "--imbalance-epsilons", "4.98", "--seeds", "0,1"],
+                          capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "[4/4] summary" in proc.stdout
     report = (wd / "report.md").read_text()
-    assert "| eps_8 | 8.0 |" in report and "| non_private | inf |" in report
+    assert "| eps_8 | 8.00 |" in report and "| non_private | non-private |" in report
     summary = json.loads((wd / "summary.json").read_text())
     for row in summary["runs"]:
         assert 0.0 <= row["accuracy"] <= 1.0
@@ -78,3 +85,11 @@ def test_quick_demo_end_to_end(tmp_path):
     assert np.all(np.isfinite(z["epsilon"]))
     assert z["epsilon"].max() <= side["worst_case_epsilon"] + 1e-9
     assert (wd / "compare" / "compare.png").is_file()
+    # The imbalance study: cells (epsilon, fraction) with both seeds, the non-private baseline included.
+    study = json.loads((wd / "imbalance" / "compare" / "compare.json").read_text())
+    assert study["x"] == "data.options.minority_fraction" and study["series"] == "privacy.epsilon"
+    assert [(c["series"], c["x"], c["n_runs"]) for c in study["cells"]] == [(4.98, 0.3, 2), (None, 0.3, 2)]
+    for c in study["cells"]:
+        assert c["utility"]["n"] == 2 and set(c["parity"]["group"]) >= {"equalized_odds_difference"}
+    assert "| 4.98 | 0.3 | 2 |" in report and "| non-private | 0.3 | 2 |" in report
+    assert (wd / "imbalance" / "compare" / "compare.png").is_file()

@@ -162,6 +162,67 @@ def test_sweep_slurm_array_script(tmp_path):
     assert r.returncode == 2
 
 
+FINETUNE = os.path.join(ROOT, "configs", "digits_finetune.py")
+
+
+def test_sweep_imbalance_study_with_seeds_and_baseline(tmp_path, capsys):
+    """minority fraction x epsilon x seeds plus the non-private baseline per (fraction, seed), in one sweep."""
+    rc = sweep.main(["--config", FINETUNE, "--workdir", str(tmp_path), "--set", "model.checkpoint=",
+                     "--sweep", "data.options.minority_fraction=0.001,0.3", "--sweep", "privacy.epsilon=1.15,16.2",
+                     "--seeds", "0,1", "--baseline", "private=False", "--evaluate"])
+    assert rc == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 * 2 * 2 + 2 * 2
+    jobs = [shlex.split(line) for line in lines]
+    names = [os.path.basename(j[j.index("--workdir") + 1]) for j in jobs]
+    assert names[:2] == ["minority_fraction-0.001_epsilon-1.15_seed-0", "minority_fraction-0.001_epsilon-1.15_seed-1"]
+    baseline = [j for j, n in zip(jobs, names) if "non-private" in n]
+    assert [n for n in names if "non-private" in n] == [
+        f"minority_fraction-{f}_epsilon-non-private_seed-{s}" for f in ("0.001", "0.3") for s in (0, 1)]
+    for j in baseline:
+        assert j[j.index("--config") + 1] == FINETUNE + ":private=False"
+        assert "--config.privacy.enabled=False" in j and not any(a.startswith("--config.privacy.epsilon") for a in j)
+    for j in jobs:
+        assert "&&" in j and j[j.index("&&") + 1:][:2] == ["dpft", "evaluate"] and j[-1] == "--reuse-predictions"
+    # the configs load: the baseline is non-private with its own optimizer, the DP jobs are private
+    from dpft.train.config_base import load_config
+    base = load_config(FINETUNE + ":private=False", ["--config.privacy.enabled=False", "--config.seed=1"])
+    dp = load_config(FINETUNE, ["--config.privacy.epsilon=1.15", "--config.data.options.minority_fraction=0.3"])
+    assert (base.privacy.enabled, base.train.optimizer.name, base.seed) == (False, "adam", 1)
+    assert (dp.privacy.enabled, dp.privacy.epsilon, dp.data.options.minority_fraction) == (True, 1.15, 0.3)
+    with pytest.raises(sweep.SweepError, match="privacy.epsilon"):
+        sweep.make_jobs(sweep.build_parser().parse_args(["--config", FINETUNE, "--workdir", "w", "--seeds", "0",
+                                                         "--baseline"]))
+
+
+def test_sweep_run_with_evaluate_and_baseline_without_arg(tmp_path, capsys):
+    bindir = _stub(tmp_path, "fake-dpft")
+    rc = sweep.main(["--config", DIGITS, "--workdir", str(tmp_path / "runs"), "--sweep", "privacy.epsilon=2",
+                     "--seeds", "0", "--baseline", "--evaluate", "--run", "--dpft", str(bindir / "fake-dpft")])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path / "runs")) == ["epsilon-2_seed-0", "epsilon-non-private_seed-0"]
+    hint = next(line for line in out.splitlines() if line.startswith("compare with:"))
+    assert "evaluate --compare" in hint and "--x privacy.epsilon" in hint and "--series" not in hint  # seeds aggregate
+
+
+def test_sweep_slurm_script_with_baseline_and_evaluate(tmp_path):
+    out = tmp_path / "s.sbatch"
+    rc = sweep.main(["--config", FINETUNE, "--workdir", str(tmp_path / "runs"), "--sweep", "privacy.epsilon=4.98",
+                     "--seeds", "0", "--baseline", "private=False", "--evaluate", "--slurm", str(out)])
+    assert rc == 0
+    _bash_n(out)
+    bindir = _stub(tmp_path, "srun")
+    dpft_stub = _stub(tmp_path, "dpft")
+    env = {**os.environ, "PATH": f"{bindir}:{dpft_stub}:{os.environ['PATH']}", "SLURM_ARRAY_TASK_ID": "1"}
+    env.pop("DPFT_COORDINATOR_ADDRESS", None)
+    r = subprocess.run(["bash", str(out)], capture_output=True, text=True, env=env, check=True)
+    lines = r.stdout.splitlines()
+    assert FINETUNE + ":private=False" in lines and "--config.privacy.enabled=False" in lines
+    assert lines[-5:] == ["dpft", "evaluate", "--workdir", str(tmp_path / "runs" / "epsilon-non-private_seed-0"),
+                          "--reuse-predictions"]
+
+
 # ----------------------------------------------------------------------------- distributed
 
 
@@ -297,3 +358,45 @@ def test_two_local_processes_form_one_mesh(tmp_path):
         result = [l for l in out.splitlines() if l.startswith("RESULT")][0].split()
         # 2 processes x 2 devices; global batch 8 rows; sum = 12 * 1 + 12 * 2.
         assert result[1:] == ["explicit", "2", "4", "8", "36.0"]
+
+
+@pytest.mark.slow
+def test_imbalance_recipe_from_configs_sweep_and_compare(tmp_path):
+    """The README's study, tiny: public pre-training config, then sweep.py over the fine-tune config
+    (fraction x epsilon x seeds + baseline, from the pre-training's checkpoint), then --compare."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path / "jax_cache")  # the runs share compiled programs
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+    dpft = tmp_path / "dpft"
+    dpft.write_text(f'#!/usr/bin/env bash\nexec {shlex.quote(sys.executable)} -m dpft.cli "$@"\n')
+    dpft.chmod(0o755)
+    pub = tmp_path / "public"
+    r = subprocess.run([str(dpft), "train", "--config", os.path.join(ROOT, "configs", "digits_pretrain.py"),
+                        "--workdir", str(pub), "--config.train.num_updates=3", "--config.train.checkpoint_every=3"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    runs = tmp_path / "imb"
+    r = subprocess.run([sys.executable, os.path.join(LAUNCH, "sweep.py"), "--config", FINETUNE, "--workdir", str(runs),
+                        "--set", f"model.checkpoint={pub}/checkpoints/3/params", "--set", "train.num_updates=2",
+                        "--set", "train.checkpoint_every=2", "--set", "individual.enabled=False",
+                        "--sweep", "data.options.minority_fraction=0.3", "--sweep", "privacy.epsilon=4.98",
+                        "--seeds", "0,1", "--baseline", "private=False", "--evaluate", "--run", "--dpft", str(dpft)],
+                       capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert sorted(os.listdir(runs)) == [f"minority_fraction-0.3_epsilon-{e}_seed-{s}"
+                                        for e in ("4.98", "non-private") for s in (0, 1)]
+    for d in os.listdir(runs):
+        cfg = json.loads((runs / d / "config.json").read_text())
+        assert cfg["model"]["checkpoint"].endswith("checkpoints/3/params")
+        assert cfg["privacy"]["enabled"] is ("non-private" not in d)
+        assert (runs / d / "eval" / "2" / "metrics.json").is_file()
+    hint = next(line for line in r.stdout.splitlines() if line.startswith("compare with:"))
+    assert "--x privacy.epsilon --series data.options.minority_fraction" in hint
+    out = tmp_path / "cmp"
+    r = subprocess.run([str(dpft), "evaluate", "--compare", *[str(runs / d) for d in sorted(os.listdir(runs))],
+                        "--x", "data.options.minority_fraction", "--series", "privacy.epsilon", "--out", str(out)],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    cmp = json.loads((out / "compare.json").read_text())
+    assert [(c["series"], c["x"], c["n_runs"]) for c in cmp["cells"]] == [(4.98, 0.3, 2), (None, 0.3, 2)]

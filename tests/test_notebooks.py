@@ -1,5 +1,11 @@
-"""Executes every notebook in notebooks/ with nbclient on the current venv's Python (< 60 s each)."""
+"""Executes every notebook in notebooks/ with nbclient on the current venv's Python (< 60 s each):
+on a synthetic workdir, against a real tiny trained workdir (slow), and with a mistyped WORKDIR."""
+import glob
+import hashlib
 import json
+import os
+import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -9,8 +15,11 @@ import pytest
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import KernelManager
 from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError
 
-NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+FAIRNESS = ROOT / "notebooks" / "fairness_report.ipynb"
 KERNEL = "dpft-test-python3"
 
 
@@ -26,24 +35,124 @@ def kernel_manager(tmp_path):
     return KernelManager(kernel_name=KERNEL, kernel_spec_manager=ksm)
 
 
-def test_notebooks_exist():
+def _with_parameters(path, **params):
+    """The notebook with a cell assigning `params` right after its 'parameters' cell (papermill style)."""
+    nb = nbformat.read(path, as_version=4)
+    idx = next((i for i, c in enumerate(nb.cells) if "parameters" in c.get("metadata", {}).get("tags", [])), None)
+    if params:
+        assert idx is not None, f"{path.name}: no cell tagged 'parameters'"
+        src = "\n".join(f"{k} = {v!r}" for k, v in params.items())
+        nb.cells.insert(idx + 1, nbformat.v4.new_code_cell(src))
+    return nb
+
+
+def _execute(nb, km, cwd, timeout=60):
+    client = NotebookClient(nb, km=km, timeout=timeout, resources={"metadata": {"path": str(cwd)}})
+    start = time.time()
+    client.execute()
+    return time.time() - start
+
+
+def _images(nb):
+    return [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
+            if o.output_type == "display_data" and "image/png" in o.get("data", {})]
+
+
+def _parameters(path):
+    nb = nbformat.read(path, as_version=4)
+    cell = next(c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", []))
+    scope: dict = {}
+    exec(cell.source, scope)  # noqa: S102  (the notebook's own assignments)
+    return scope
+
+
+def test_notebooks_exist_and_are_stripped():
     assert NOTEBOOKS, "no notebooks found in notebooks/"
+    for path in NOTEBOOKS:
+        nb = nbformat.read(path, as_version=4)
+        for cell in nb.cells:  # the repository keeps notebooks without outputs
+            if cell.cell_type == "code":
+                assert not cell.outputs and cell.execution_count is None, f"{path.name}: outputs not stripped"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
-def test_notebook_runs(path, tmp_path, kernel_manager):
-    nb = nbformat.read(path, as_version=4)
-    for cell in nb.cells:  # the repository keeps notebooks without outputs
-        if cell.cell_type == "code":
-            assert not cell.outputs and cell.execution_count is None, f"{path.name}: outputs not stripped"
-    workdir = tmp_path / "cwd"
-    workdir.mkdir()  # empty cwd: the notebook's default WORKDIR does not exist -> synthetic workdir
-    client = NotebookClient(nb, km=kernel_manager, timeout=60, resources={"metadata": {"path": str(workdir)}})
-    start = time.time()
-    client.execute()
-    assert time.time() - start < 60
+def test_notebook_runs_on_synthetic_data(path, tmp_path, kernel_manager):
+    params = {"WORKDIR": None, "N_RESAMPLES": 100, "OUT_DIR": str(tmp_path / "out")} if path == FAIRNESS else {}
+    nb = _with_parameters(path, **params)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    assert _execute(nb, kernel_manager, cwd) < 60
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors
-    images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
-              if o.output_type == "display_data" and "image/png" in o.get("data", {})]
-    assert len(images) >= 2, "expected the per-group and gap plots"
+    assert len(_images(nb)) >= 3, "expected the per-group, gap and sweep plots"
+    if path == FAIRNESS:
+        assert (tmp_path / "out" / "eval" / "report.md").is_file()
+        assert (tmp_path / "out" / "compare" / "compare.png").is_file()
+
+
+def test_default_workdir_is_the_run_make_demo_writes():
+    from dpft import demo
+
+    makefile = (ROOT / "Makefile").read_text()
+    demo_dir = re.search(r"dpft demo --workdir (\S+)", makefile).group(1)
+    import argparse
+    parser = argparse.ArgumentParser()
+    demo.add_arguments(parser)
+    eps = [float(e) for e in parser.get_default("epsilons").split(",")]
+    params = _parameters(FAIRNESS)
+    wd = (FAIRNESS.parent / params["WORKDIR"]).resolve()
+    expected = {(ROOT / demo_dir / "finetune" / f"eps_{e:g}").resolve() for e in eps}  # demo.fine_tune_sweep's names
+    assert wd in expected
+    assert (FAIRNESS.parent / params["COMPARE"]).resolve().parent == (ROOT / demo_dir / "finetune").resolve()
+    assert params["OUT_DIR"] is None and params["N_RESAMPLES"] >= 1000
+
+
+def test_mistyped_workdir_is_an_error(tmp_path, kernel_manager):
+    nb = _with_parameters(FAIRNESS, WORKDIR="no/such/run", OUT_DIR=str(tmp_path / "out"))
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    with pytest.raises(CellExecutionError, match="does not exist"):
+        _execute(nb, kernel_manager, cwd)
+    assert not (tmp_path / "out" / "synthetic_run").exists()
+
+
+def _tree_digest(path):
+    h = hashlib.sha256()
+    for p in sorted(Path(path).rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(path)).encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.mark.slow
+def test_notebook_on_a_real_tiny_trained_workdir(tmp_path, kernel_manager):
+    """Two tiny digits runs (DP and non-private) trained and evaluated by the CLI, then the notebook
+    on them: it reads their predictions, writes only to OUT_DIR, and compares the two runs."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    runs = tmp_path / "runs"
+    for name, extra in (("eps_8", []), ("non_private", ["--config.privacy.enabled=False",
+                                                         "--config.train.optimizer.name=adam",
+                                                         "--config.train.optimizer.learning_rate=0.001"])):
+        wd = runs / name
+        cmd = [sys.executable, "-m", "dpft.cli", "train", "--config", str(ROOT / "configs" / "digits_demo.py"),
+               "--workdir", str(wd), "--config.train.num_updates=3", "--config.train.eval_every=0",
+               "--config.train.checkpoint_every=3", "--config.train.lr_schedule.name=constant",
+               "--config.train.lr_schedule.warmup_steps=0", "--config.individual.enabled=False", *extra]
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr[-3000:]
+        r = subprocess.run([sys.executable, "-m", "dpft.cli", "evaluate", "--workdir", str(wd), "--reuse-predictions",
+                            "--bootstrap", "20", "--no-plots"], capture_output=True, text=True, env=env, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+    before = {d: _tree_digest(d / "eval") for d in runs.iterdir()}
+    out = tmp_path / "nb_out"
+    nb = _with_parameters(FAIRNESS, WORKDIR=str(runs / "eps_8"), COMPARE=str(runs / "*"), N_RESAMPLES=100,
+                          OUT_DIR=str(out))
+    _execute(nb, kernel_manager, tmp_path, timeout=120)
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    assert not errors
+    assert {d: _tree_digest(d / "eval") for d in runs.iterdir()} == before  # the workdirs' eval/ untouched
+    m = json.loads((out / "eval" / "metrics.json").read_text())
+    assert m["meta"]["predictions"].startswith(str(runs / "eps_8"))
+    cmp = json.loads((out / "compare" / "compare.json").read_text())
+    assert sorted(r["run"] for r in cmp["runs"]) == ["eps_8", "non_private"]
+    assert len(glob.glob(str(out / "compare" / "compare.png"))) == 1

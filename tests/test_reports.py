@@ -80,19 +80,182 @@ def test_multiclass_report(tmp_path):
 
 def test_small_groups_flagged_not_dropped(tmp_path):
     kw = synthetic_predictions(300, task="multilabel", seed=2)
-    site = np.where(np.arange(300) < 12, "tiny", "big")  # patient ids are not contiguous; fine for a flag
+    site = np.where(np.isin(kw["patient_id"], np.unique(kw["patient_id"])[:6]), "tiny", "big")  # 6 patients
     kw["attrs"] = dict(kw["attrs"], site=site)
     npz, _ = write_predictions(tmp_path / "predictions" / "5" / "test", step=5, **kw)
     m = R.evaluate_predictions(npz, n_resamples=10, min_group_size=30, plots=False)
     tiny = m["groups"]["site"]["tiny"]
-    assert tiny["small"] and any("n=12 < 30" in f for f in tiny["flags"]) and tiny["metrics"]
+    assert tiny["small"] and tiny["small_reason"] == "6 patients < 30" and tiny["n_patients"] == 6
+    assert "small: 6 patients < 30" in tiny["flags"] and tiny["metrics"]
     assert not m["groups"]["site"]["big"]["small"]
     assert "tiny" in m["gaps"]["site"]["auc_mean"]["gap_to_best"]
     assert any("site=tiny" in n for n in m["meta"]["notes"])
     ex = R.evaluate_predictions(npz, n_resamples=10, min_group_size=30, plots=False, exclude_small_groups=True,
                                 out_dir=str(tmp_path / "ex"))
     assert "tiny" not in ex["gaps"]["site"]["auc_mean"]["gap_to_best"] and "tiny" in ex["groups"]["site"]
-    assert ex["gaps"]["site"]["auc_mean"]["gap"]["value"] == 0.0  # one group left
+    assert ex["meta"]["groups_compared"]["site"] == ["big"]
+    # one group left: the gap is undefined (null, with the reason), never 0
+    gap = ex["gaps"]["site"]["auc_mean"]["gap"]
+    assert gap["value"] is None and gap["ci"] == [None, None]
+    assert gap["undefined"] == "auc_mean defined in 1 of 1 compared groups of site (needs 2)"
+    assert ex["parity"]["site"]["demographic_parity_difference/Edema"]["value"] is None
+    md = (tmp_path / "ex" / "report.md").read_text()
+    assert "| auc_mean | higher is better | n/a (auc_mean defined in 1 of 1 compared groups of site (needs 2))" in md
+
+
+def _walk_stats(node, path=()):
+    """Every statistic dict ({value, ci, n_valid}) in a metrics.json tree, with its path."""
+    if isinstance(node, dict):
+        if "value" in node and "ci" in node:
+            yield path, node
+        else:
+            for k, v in node.items():
+                yield from _walk_stats(v, path + (k,))
+
+
+def test_three_patient_split_never_crashes_and_reports_undefined(tmp_path):
+    """Like the official CheXpert test split of a small copy: 3 patients, groups with one class."""
+    kw = synthetic_predictions(6, task="multilabel", seed=11, images_per_patient=2)
+    val = synthetic_predictions(8, task="multilabel", seed=12, images_per_patient=2)
+    npz, _ = write_predictions(tmp_path / "predictions" / "7" / "test", step=7, **kw)
+    vnpz, _ = write_predictions(tmp_path / "predictions" / "7" / "validation", step=7, **val)
+    m = R.evaluate_predictions(npz, vnpz, n_resamples=50, intersections=("sex*race",))
+    _strict_json(tmp_path / "eval" / "7" / "metrics.json")
+    stats = list(_walk_stats({k: m[k] for k in ("overall", "groups", "gaps", "parity")}))
+    undefined = [(p, s) for p, s in stats if s["value"] is None]
+    assert undefined, "a 3-patient split must have undefined comparisons"
+    for p, s in undefined:
+        assert s["undefined"] and s["ci"] == [None, None], p
+    for p, s in stats:  # a gap over groups where fewer than two are defined is never a number
+        if p[0] == "gaps" and p[-1] == "gap":
+            defined = [g for g, e in m["groups"][p[1]].items() if e["metrics"][p[2]]["value"] is not None]
+            assert (s["value"] is None) == (len(defined) < 2), p
+    md = (tmp_path / "eval" / "7" / "report.md").read_text()
+    assert "n/a (" in md
+    assert any(p[0] == "gaps" and s["value"] is None for p, s in undefined)
+    for attr in m["groups"]:
+        safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in attr)
+        _png_ok(tmp_path / "eval" / "7" / f"groups_{safe}.png")
+
+
+def test_multiclass_group_without_a_class_gap_is_undefined(tmp_path):
+    """Digit 8 absent from the minority: its AUC / equal opportunity comparisons are n/a, not 0."""
+    kw = synthetic_predictions(400, task="multiclass", seed=13, num_classes=10)
+    g = np.asarray(kw["attrs"]["group"]).copy()
+    g[kw["label"] == 8] = "A"
+    kw["attrs"] = {"group": g}
+    npz, _ = write_predictions(tmp_path / "predictions" / "2" / "test", step=2, **kw)
+    m = R.evaluate_predictions(npz, n_resamples=30)
+    assert m["groups"]["group"]["B"]["missing_class"]["class_8"].startswith("0 positive")
+    assert not m["groups"]["group"]["B"]["small"]
+    for metric in ("auc/class_8", "tpr/class_8"):
+        assert m["gaps"]["group"][metric]["gap"]["value"] is None
+    eo = m["parity"]["group"]["equal_opportunity_difference/class_8"]
+    assert eo["value"] is None and "1 of 2 compared groups have positives" in eo["undefined"]
+    assert m["parity"]["group"]["demographic_parity_difference/class_8"]["value"] is not None
+    assert "class_8" not in m["meta"]["parity_tasks"]["group"]["equal_opportunity_difference"]
+    assert m["meta"]["common_tasks"]["group"]["auc_macro"] == [f"class_{i}" for i in range(10) if i != 8]
+    md = (tmp_path / "eval" / "2" / "report.md").read_text()
+    assert "| auc/class_8 | higher is better | n/a (auc/class_8 defined in 1 of 2 compared groups of group" in md
+    assert "equal_opportunity_difference/class_8 | n/a (class_8: 1 of 2 compared groups have positives" in md
+    _png_ok(tmp_path / "eval" / "2" / "groups_group.png")
+
+
+def test_group_missing_positives_stays_in_other_gaps_with_exclude_small(tmp_path):
+    """A large group without Edema positives is not 'small': exclude_small_groups keeps it everywhere;
+    only its Edema metrics that need positives are undefined."""
+    kw = synthetic_predictions(600, task="multilabel", seed=14)
+    j = list(kw["class_names"]).index("Edema")
+    site = np.where(kw["label"][:, j] > 0, "with", "without")  # 'without' has no Edema positives
+    kw["attrs"] = {"site": site}
+    npz, _ = write_predictions(tmp_path / "predictions" / "1" / "test", step=1, **kw)
+    m = R.evaluate_predictions(npz, n_resamples=20, plots=False, exclude_small_groups=True, min_group_size=30)
+    without = m["groups"]["site"]["without"]
+    assert not without["small"] and list(without["missing_class"]) == ["Edema"]
+    assert m["meta"]["groups_compared"]["site"] == ["with", "without"]
+    assert m["gaps"]["site"]["auc/Atelectasis"]["gap"]["value"] is not None
+    assert m["gaps"]["site"]["auc/Edema"]["gap"]["value"] is None
+    assert m["gaps"]["site"]["fpr/Atelectasis"]["gap"]["value"] is not None
+    # group auc_mean averages the tasks defined in both groups (not Edema), also in each group
+    common = m["meta"]["common_tasks"]["site"]["auc_mean"]
+    assert "Edema" not in common and len(common) == 4
+    for grp in ("with", "without"):
+        e = m["groups"]["site"][grp]["metrics"]
+        assert e["auc_mean"]["value"] == pytest.approx(np.mean([e[f"auc/{t}"]["value"] for t in common]))
+
+
+def test_threshold_fallback_stated_per_task(tmp_path):
+    paths = write_synthetic_workdir(tmp_path, n_test=200, n_val=150, step=4)
+    val = load_predictions(paths["validation"])
+    j = val.class_names.index("Cardiomegaly")
+    label = val.label.copy()
+    label[:, j] = 0.0  # validation has no Cardiomegaly positive
+    write_predictions(paths["validation"], step=4, example_id=val.example_id, patient_id=val.patient_id,
+                      logits=val.logits, label=label, label_mask=val.label_mask, attrs=val.attrs, task=val.task,
+                      class_names=val.class_names, eval_tasks=val.eval_tasks, epsilon=8.0, delta=1e-5)
+    m = R.evaluate_predictions(paths["test"], paths["validation"], n_resamples=10, plots=False, fixed_threshold=0.4)
+    per = m["meta"]["thresholds"]["per_task"]
+    assert per["Cardiomegaly"]["value"] == 0.4 and per["Cardiomegaly"]["fallback"].startswith("validation has 0 positive")
+    assert per["Edema"]["fallback"] is None and per["Edema"]["method"] == "youden"
+    assert "fallback to 0.4 for Cardiomegaly" in m["meta"]["thresholds"]["source"]
+    md = (tmp_path / "eval" / "4" / "report.md").read_text()
+    assert "  - Cardiomegaly: 0.400 (fallback: validation has 0 positive" in md
+    f1 = R.evaluate_predictions(paths["test"], paths["validation"], n_resamples=5, plots=False,
+                                threshold_method="f1", out_dir=str(tmp_path / "f1"))
+    assert f1["meta"]["thresholds"]["per_task"]["Edema"]["method"] == "f1" and "max F1" in f1["meta"]["thresholds"]["source"]
+    fixed = R.evaluate_predictions(paths["test"], paths["validation"], n_resamples=5, plots=False,
+                                   threshold_method="fixed", fixed_threshold=0.7, out_dir=str(tmp_path / "fx"))
+    assert set(fixed["meta"]["thresholds"]["values"].values()) == {0.7}
+
+
+def test_rules_stated_and_worst_ci_labelled(ml_run):
+    wd, _, result = ml_run
+    md = (wd / "eval" / "12" / "report.md").read_text()
+    assert "CI of that minimum over bootstrap replicates, not the CI of the worst group's own value" in md
+    assert "groups without positives (negatives) of a task are left out" in md
+    assert "worst value [95% CI of the min over groups]" in md
+    assert "average only the tasks defined in every compared group" in md
+    assert R.EvalConfig().n_resamples >= 1000
+    for p in ("demographic_parity_ratio", "equal_opportunity_ratio", "equalized_odds_difference",
+              "equalized_odds_ratio"):
+        assert f"{p}/Edema" in result["parity"]["sex"] and f"{p}/mean" in result["parity"]["sex"]
+
+
+def test_intersections_and_user_exclusions(tmp_path):
+    paths = write_synthetic_workdir(tmp_path, n_test=600, n_val=200, step=9)
+    m = R.evaluate_predictions(paths["test"], paths["validation"], n_resamples=10, plots=True,
+                               intersections=["sex*race"], exclude_groups=["race=Asian"])
+    groups = m["groups"]["sex&race"]
+    assert set(groups) == {f"{s} & {r}" for s in ("F", "M") for r in ("Asian", "Black", "White")}
+    assert groups["F & Asian"]["excluded"] == "excluded by the user (race=Asian)"
+    assert m["meta"]["groups_compared"]["sex&race"] == ["F & Black", "F & White", "M & Black", "M & White"]
+    assert m["meta"]["groups_compared"]["race"] == ["Black", "White"]
+    assert "Asian" not in m["gaps"]["race"]["auc_mean"]["gap_to_best"]
+    preds = load_predictions(paths["test"])
+    j = preds.class_names.index("Edema")
+    rows = (preds.attrs["sex"] == "M") & (preds.attrs["race"] == "Black") & (preds.label_mask[:, j] > 0)
+    assert groups["M & Black"]["metrics"]["auc/Edema"]["value"] == pytest.approx(
+        roc_auc_score(preds.label[rows, j], preds.logits[rows, j]))
+    assert any("race=Asian" in n for n in m["meta"]["notes"])
+    _png_ok(tmp_path / "eval" / "9" / "groups_sex_race.png")
+    with pytest.raises(UsageError, match="no such group"):
+        R.evaluate_predictions(paths["test"], n_resamples=5, plots=False, exclude_groups=["race=Martian"])
+    with pytest.raises(UsageError, match="unknown attribute"):
+        R.evaluate_predictions(paths["test"], n_resamples=5, plots=False, intersections=["sex*site"])
+
+
+def test_plots_accept_a_ci_that_excludes_the_point(tmp_path, ml_run):
+    """A percentile CI can lie above the estimate (gaps); plots draw it instead of crashing."""
+    _, _, result = ml_run
+    bad = json.loads(json.dumps(result))
+    for g in bad["groups"]["sex"].values():
+        s = g["metrics"]["auc_mean"]
+        s["ci"] = [s["value"] + 0.01, s["value"] + 0.05]
+    bad["groups"]["sex"]["F"]["metrics"]["accuracy_mean"] = {"value": None, "ci": [None, None], "n_valid": 0,
+                                                             "undefined": "test"}
+    paths = R.write_group_plots(bad, tmp_path)
+    for p in paths:
+        _png_ok(p)
 
 
 def test_config_and_path_errors(tmp_path, ml_run):
@@ -198,3 +361,63 @@ def test_compare_errors(tmp_path):
         C.compare_runs([tmp_path / "missing"], tmp_path / "cmp")
     with pytest.raises(UsageError, match="no run directories"):
         C.compare_runs([], tmp_path / "cmp")
+
+
+def _study(root, fractions=(0.01, 0.3), epsilons=(1.15, 4.98, None), seeds=(0, 1)):
+    runs = []
+    for f in fractions:
+        for e in epsilons:
+            for sd in seeds:
+                name = f"f{f}_e{e}_s{sd}"
+                cfg = {"privacy": {"enabled": e is not None, "epsilon": 8.0 if e is None else e},
+                       "data": {"options": {"minority_fraction": f}}, "seed": sd}
+                runs.append(_fake_run(root, name, cfg, bias=1.0 + f + (0 if e is None else 1 / e), step=3))
+    return runs
+
+
+def test_compare_two_axes_with_seeds(tmp_path):
+    from scipy import stats
+
+    runs = _study(tmp_path)
+    out = C.compare_runs(runs, tmp_path / "cmp", x="data.options.minority_fraction", series="privacy.epsilon")
+    assert len(out["cells"]) == 6 and all(c["n_runs"] == 2 for c in out["cells"])
+    assert [(c["series"], c["x"]) for c in out["cells"]] == [(1.15, 0.01), (1.15, 0.3), (4.98, 0.01), (4.98, 0.3),
+                                                            (None, 0.01), (None, 0.3)]
+    for c in out["cells"]:
+        ms = [_strict_json(tmp_path / r / "eval" / "3" / "metrics.json") for r in c["runs"]]
+        seeds = sorted(json.loads((tmp_path / r / "config.json").read_text())["seed"] for r in c["runs"])
+        assert seeds == [0, 1]
+        for got, values in ((c["utility"], [m["overall"]["auc_mean"]["value"] for m in ms]),
+                            (c["gaps"]["sex"], [m["gaps"]["sex"]["auc_mean"]["gap"]["value"] for m in ms]),
+                            (c["parity"]["race"]["equalized_odds_difference"],
+                             [m["parity"]["race"]["equalized_odds_difference/mean"]["value"] for m in ms])):
+            assert got["value"] == pytest.approx(np.mean(values)) and got["n"] == 2
+            half = stats.t.ppf(0.975, 1) * np.std(values, ddof=1) / np.sqrt(2)
+            assert got["ci"] == pytest.approx([np.mean(values) - half, np.mean(values) + half])
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "| 4.98 | 0.01 | 2 |" in md and "| non-private | 0.3 | 2 |" in md
+    assert "EqOdds diff (sex)" in md and "DP ratio (race)" in md
+    _png_ok(tmp_path / "cmp" / "compare.png")
+    # x = epsilon, series = fraction: the non-private runs have no x and become dashed lines
+    out2 = C.compare_runs(runs, tmp_path / "cmp2", series="data.options.minority_fraction")
+    assert [c["x"] for c in out2["cells"]] == [1.15, 4.98, None] * 2
+    _png_ok(tmp_path / "cmp2" / "compare.png")
+    # one seed: a mean without an interval; a run with an undefined gap is counted, not averaged as 0
+    one = C.compare_runs(runs[:1], tmp_path / "cmp3", x="data.options.minority_fraction", series="privacy.epsilon")
+    assert one["cells"][0]["utility"]["ci"] == [None, None]
+    m = _strict_json(runs[1] / "eval" / "3" / "metrics.json")
+    m["gaps"]["sex"]["auc_mean"]["gap"] = {"value": None, "ci": [None, None], "n_valid": 0, "undefined": "x"}
+    (runs[1] / "eval" / "3" / "metrics.json").write_text(json.dumps(m))
+    out4 = C.compare_runs(runs[:2], tmp_path / "cmp4", x="data.options.minority_fraction", series="privacy.epsilon")
+    gap = out4["cells"][0]["gaps"]["sex"]
+    assert gap["n"] == 1 and gap["n_undefined"] == 1
+    assert gap["value"] == pytest.approx(_strict_json(runs[0] / "eval" / "3" / "metrics.json")
+                                         ["gaps"]["sex"]["auc_mean"]["gap"]["value"])
+
+
+def test_compare_refuses_to_average_runs_that_differ_beyond_seeds(tmp_path):
+    runs = _study(tmp_path, fractions=(0.01, 0.3), epsilons=(1.15,), seeds=(0,))
+    with pytest.raises(UsageError, match=r"differ in \['data.options.minority_fraction'\]"):
+        C.compare_runs(runs, tmp_path / "cmp")  # x = epsilon only: the two fractions would be averaged
+    with pytest.raises(UsageError, match="no field"):
+        C.compare_runs(runs, tmp_path / "cmp", series="data.options.typo")

@@ -1,13 +1,21 @@
-"""Sweep comparison: epsilon vs utility vs subgroup gap over several run directories.
+"""Sweep comparison over any config axis, seeds aggregated: utility, gap and every parity metric.
 
-Each run dir holds `config.json` and `eval/<step>/metrics.json` (written by reports.py). From
-config.json only `privacy.epsilon` (number, or null / "inf" for non-private) and
-`privacy.enabled` (bool, default true) are read, as a nested object `{"privacy": {...}}` or as
-dotted top-level keys `"privacy.epsilon"`. A run is non-private if enabled is false or epsilon is
-null/inf. The latest step under eval/ is used unless `step` is given. The epsilon actually spent
-(metrics.json `meta.epsilon`, from the predictions file) is reported beside the configured one.
+Each run dir holds `config.json` and `eval/<step>/metrics.json` (written by reports.py). The swept
+fields are read from each run's config.json (nested `{"privacy": {"epsilon": 8}}` or dotted
+top-level keys `"privacy.epsilon"`). `privacy.epsilon` is special: a run is non-private (value
+None, shown as "non-private") if `privacy.enabled` is false or epsilon is null / "inf".
 
-`compare_runs(run_dirs, out_dir)` writes compare.json, compare.md and compare.png to out_dir.
+Runs with the same (series, x) values form a cell; their other config fields may differ only in
+seeds (fields whose last name contains "seed"), else the comparison refuses (pass the differing
+field as --series). Per cell and quantity: the mean over seeds of the runs' point estimates and a
+t confidence interval over seeds (level `ci_level`; undefined with one seed); runs whose value
+is undefined are counted, never averaged as 0.
+
+Quantities per run: the headline utility (auc_mean / top1) and, per subgroup attribute, its gap
+(max - min over compared groups) and every parity metric averaged over tasks
+(`<parity metric>/mean` of metrics.json).
+
+`compare_runs(run_dirs, out_dir, x=..., series=...)` writes compare.json, compare.md and compare.png.
 """
 from __future__ import annotations
 
@@ -17,8 +25,15 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
+
 from dpft.cli import UsageError
-from dpft.evaluate.reports import _pyplot, fmt_stat
+from dpft.evaluate.fairness import PARITY_METRICS
+from dpft.evaluate.reports import _pyplot, draw_interval, fmt_stat
+
+EPSILON = "privacy.epsilon"
+PLOTTED_PARITY = PARITY_METRICS  # every parity metric gets a panel (differences, then ratios)
+_MISSING = object()
 
 
 def _read_json(path: Path) -> Any:
@@ -30,24 +45,32 @@ def _read_json(path: Path) -> Any:
         raise UsageError(f"{path}: not valid JSON ({e})") from None
 
 
-def _privacy_field(config: dict[str, Any], field: str, path: Path) -> Any:
+def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}, "c.d": 2} -> {"a.b": 1, "c.d": 2} (lists become tuples)."""
+    out: dict[str, Any] = {}
+    if isinstance(config, dict):
+        for k, v in config.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: tuple(config) if isinstance(config, list) else config}
+
+
+def config_field(config: dict[str, Any], field: str, path: Path) -> Any:
+    """A dotted field of a config.json (nested or dotted keys); _MISSING if absent."""
     if not isinstance(config, dict):
         raise UsageError(f"{path}: expected a JSON object")
-    privacy = config.get("privacy")
-    if isinstance(privacy, dict) and field in privacy:
-        return privacy[field]
-    return config.get(f"privacy.{field}")
+    return flatten(config).get(field, _MISSING)
 
 
 def read_epsilon(run_dir: str | os.PathLike) -> float | None:
     """epsilon of a run from its config.json; None for a non-private run."""
     path = Path(run_dir) / "config.json"
     config = _read_json(path)
-    enabled = _privacy_field(config, "enabled", path)
-    eps = _privacy_field(config, "epsilon", path)
-    if enabled is not None and not isinstance(enabled, bool):
+    enabled = config_field(config, "privacy.enabled", path)
+    eps = config_field(config, EPSILON, path)
+    if enabled is not _MISSING and not isinstance(enabled, bool):
         raise UsageError(f"{path}: field 'privacy.enabled': expected true/false, got {enabled!r}")
-    if enabled is False or eps is None:
+    if enabled is False or eps is None or eps is _MISSING:
         return None
     try:
         value = float(eps)
@@ -56,6 +79,18 @@ def read_epsilon(run_dir: str | os.PathLike) -> float | None:
     if math.isnan(value) or value <= 0:
         raise UsageError(f"{path}: field 'privacy.epsilon': must be > 0, got {eps!r}")
     return None if math.isinf(value) else value
+
+
+def axis_value(run_dir: Path, config: dict[str, Any], field: str | None) -> Any:
+    """The value of a swept field for one run (privacy.epsilon: None = non-private)."""
+    if field is None:
+        return None
+    if field == EPSILON:
+        return read_epsilon(run_dir)
+    value = config_field(config, field, run_dir / "config.json")
+    if value is _MISSING:
+        raise UsageError(f"{run_dir / 'config.json'}: no field {field!r} to compare over")
+    return value
 
 
 def find_metrics(run_dir: str | os.PathLike, step: int | None = None) -> Path:
@@ -72,102 +107,259 @@ def find_metrics(run_dir: str | os.PathLike, step: int | None = None) -> Path:
     return eval_dir / str(steps[-1]) / "metrics.json"
 
 
-def _row(run_dir: Path, step: int | None) -> dict[str, Any]:
+def _is_seed(field: str) -> bool:
+    return "seed" in field.split(".")[-1]
+
+
+def _row(run_dir: Path, step: int | None, x: str, series: str | None) -> dict[str, Any]:
     path = find_metrics(run_dir, step)
     m = _read_json(path)
+    config = _read_json(run_dir / "config.json")
+    flat = flatten(config)
     try:
-        head = m["meta"]["headline"]
-        utility = head[0]
+        utility = m["meta"]["headline"][0]
         row = {"run": run_dir.name, "run_dir": str(run_dir), "metrics_path": str(path),
+               "x": axis_value(run_dir, config, x), "series": axis_value(run_dir, config, series),
+               "seeds": {k: v for k, v in flat.items() if _is_seed(k)},
                "epsilon": read_epsilon(run_dir), "epsilon_spent": m["meta"].get("epsilon"),
                "step": m["meta"]["step"], "task": m["meta"]["task"],
-               "utility_metric": utility, "utility": m["overall"][utility], "gaps": {}}
+               "utility_metric": utility, "utility": m["overall"][utility], "gaps": {}, "parity": {}}
         for attr, metrics in m["gaps"].items():
             g = metrics.get(utility)
             if g is not None:
                 row["gaps"][attr] = {"gap": g["gap"], "worst_group": g["worst_group"], "worst": g["worst"]}
+        for attr, par in m.get("parity", {}).items():
+            row["parity"][attr] = {p: par[f"{p}/mean"] for p in PARITY_METRICS if f"{p}/mean" in par}
     except (KeyError, IndexError, TypeError) as e:
         raise UsageError(f"{path}: missing field {e} (not written by dpft.evaluate.reports?)") from None
+    row["_config"] = flat
     return row
 
 
-def compare_runs(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, *,
-                 step: int | None = None) -> dict[str, Any]:
-    """Sweep table over runs: epsilon, headline utility (auc_mean / top1) and its gap per attribute,
-    all with CIs; rows sorted by epsilon, non-private last. Writes compare.{json,md,png}."""
+def seed_summary(values: Sequence[float | None], level: float = 0.95,
+                 bounds: tuple[float, float] | None = (0.0, 1.0)) -> dict[str, Any]:
+    """Mean over seeds and its t interval: values (None = undefined in that run) ->
+    {"value", "ci", "n", "n_undefined", "values"} (+ "undefined": reason where there is no mean).
+    The interval is clipped to `bounds` (every compared metric is a rate, AUC, difference or ratio in [0, 1])."""
+    from scipy import stats
+
+    defined = np.array([v for v in values if v is not None], np.float64)
+    out: dict[str, Any] = {"value": None, "ci": [None, None], "n": int(defined.size),
+                           "n_undefined": len(values) - int(defined.size), "values": list(values)}
+    if defined.size == 0:
+        out["undefined"] = f"undefined in all {len(values)} run(s)"
+        return out
+    mean = float(defined.mean())
+    out["value"] = mean
+    if defined.size >= 2:
+        half = float(stats.t.ppf((1 + level) / 2, defined.size - 1) * defined.std(ddof=1) / math.sqrt(defined.size))
+        lo, hi = mean - half, mean + half
+        if bounds is not None:
+            lo, hi = max(lo, bounds[0]), min(hi, bounds[1])
+        out["ci"] = [lo, hi]
+    return out
+
+
+def _sort_key(v: Any) -> tuple:
+    if v is None:
+        return (2, 0.0, "")
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return (0, float(v), "")
+    return (1, 0.0, str(v))
+
+
+def fmt_value(field: str | None, v: Any) -> str:
+    """How a swept value is printed: epsilon with two decimals, None epsilon 'non-private'."""
+    if field == EPSILON:
+        return "non-private" if v is None else f"{v:.2f}"
+    if isinstance(v, float):
+        return f"{v:g}"
+    return "-" if v is None else str(v)
+
+
+def compare_runs(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, *, step: int | None = None,
+                 x: str = EPSILON, series: str | None = None, attribute: str | None = None,
+                 ci_level: float = 0.95) -> dict[str, Any]:
+    """Cells (series, x) over runs, seeds aggregated; per cell: utility, gap and parity (mean over
+    seeds, CI over seeds). Writes compare.{json,md,png} to out_dir and returns the compare.json dict."""
     if not run_dirs:
         raise UsageError("compare: no run directories given")
-    rows = [_row(Path(d), step) for d in run_dirs]
+    if series is not None and series == x:
+        raise UsageError(f"compare: --x and --series are the same field {x!r}")
+    rows = [_row(Path(d), step, x, series) for d in run_dirs]
     kinds = {(r["task"], r["utility_metric"]) for r in rows}
     if len(kinds) > 1:
         raise UsageError(f"compare: runs mix tasks/metrics {sorted(kinds)}; compare runs of one data set")
-    rows.sort(key=lambda r: (r["epsilon"] is None, r["epsilon"] or 0.0, r["run"]))
-    attrs = sorted({a for r in rows for a in r["gaps"]})
-    metric = rows[0]["utility_metric"]
-    result = {"utility_metric": metric, "attributes": attrs, "runs": rows}
+    attrs = sorted({a for r in rows for a in r["gaps"]} | {a for r in rows for a in r["parity"]})
+    if attribute is not None:
+        if attribute not in attrs:
+            raise UsageError(f"compare: no attribute {attribute!r} in the runs' metrics; have {attrs}")
+        attrs = [attribute]
+    rows.sort(key=lambda r: (_sort_key(r["series"]), _sort_key(r["x"]), r["run"]))
+    cells: dict[tuple, list[dict]] = {}
+    for r in rows:
+        cells.setdefault((_freeze(r["series"]), _freeze(r["x"])), []).append(r)
+    _check_cells(cells, x, series)
+    out_cells = []
+    for (_, _), runs in cells.items():
+        cell = {"series": runs[0]["series"], "x": runs[0]["x"], "runs": [r["run"] for r in runs],
+                "n_runs": len(runs), "seeds": [r["seeds"] for r in runs],
+                "utility": seed_summary([r["utility"]["value"] for r in runs], ci_level), "gaps": {}, "parity": {}}
+        for a in attrs:
+            cell["gaps"][a] = seed_summary([(r["gaps"].get(a) or {}).get("gap", {}).get("value") for r in runs],
+                                           ci_level)
+            cell["parity"][a] = {p: seed_summary([((r["parity"].get(a) or {}).get(p) or {}).get("value")
+                                                  for r in runs], ci_level) for p in PARITY_METRICS}
+        out_cells.append(cell)
+    for r in rows:
+        del r["_config"]
+    result = {"x": x, "series": series, "utility_metric": rows[0]["utility_metric"], "attributes": attrs,
+              "ci_level": ci_level, "cells": out_cells, "runs": rows}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "compare.json").write_text(json.dumps(result, indent=2, allow_nan=False), encoding="utf-8")
+    (out / "compare.json").write_text(json.dumps(result, indent=2, allow_nan=False, default=str), encoding="utf-8")
     (out / "compare.md").write_text(render_compare_markdown(result), encoding="utf-8")
     plot_compare(result, out / "compare.png")
     result["files"] = {k: str(out / f"compare.{k}") for k in ("json", "md", "png")}
     return result
 
 
-def _eps_str(eps: float | None) -> str:
-    return "non-private" if eps is None else f"{eps:g}"
+def _freeze(v: Any) -> Any:
+    return tuple(v) if isinstance(v, list) else v
+
+
+def _check_cells(cells: dict[tuple, list[dict]], x: str, series: str | None) -> None:
+    """Runs of one cell may differ only in seed fields (and the privacy fields a non-private run drops)."""
+    for runs in cells.values():
+        if len(runs) < 2:
+            continue
+        keys = set().union(*(r["_config"] for r in runs))
+        differ = sorted(k for k in keys if not _is_seed(k) and k not in (x, series)
+                        and len({repr(r["_config"].get(k)) for r in runs}) > 1)
+        if differ:
+            names = ", ".join(r["run"] for r in runs)
+            raise UsageError(f"compare: runs {names} share {x}={fmt_value(x, runs[0]['x'])}"
+                             + (f" and {series}={fmt_value(series, runs[0]['series'])}" if series else "")
+                             + f" but differ in {differ}; pass one of them as --series (or --x)")
+
+
+def _cell_label(result: dict[str, Any], cell: dict[str, Any]) -> str:
+    return fmt_value(result["series"], cell["series"]) if result["series"] else ""
 
 
 def render_compare_markdown(result: dict[str, Any]) -> str:
-    """compare.md: one row per run: run, epsilon, step, utility [CI], per attribute gap [CI] (worst group)."""
-    m, attrs = result["utility_metric"], result["attributes"]
-    header = ["run", "epsilon", "epsilon spent", "step", m] + [f"{m} gap over {a} (worst group)" for a in attrs]
-    lines = [f"# Sweep: epsilon vs {m} vs subgroup gap", "", "| " + " | ".join(header) + " |",
-             "|" + "---|" * len(header)]
+    """compare.md: one table of cells (mean over seeds [CI over seeds]) and one of the single runs."""
+    m, attrs, x, series = result["utility_metric"], result["attributes"], result["x"], result["series"]
+    level = int(round(result["ci_level"] * 100))
+    lines = [f"# Sweep: {m}, subgroup gap and parity over {x}" + (f" and {series}" if series else ""), "",
+             f"Each cell: mean over its runs (seeds) [{level}% t interval over seeds, clipped to [0, 1]; none "
+             "with one seed]. "
+             f"Gap = max - min of {m} over the compared groups; parity metrics are fairlearn's "
+             "(between groups), averaged over the tasks where each is defined. Differences: lower is "
+             "better; ratios: higher is better. Undefined values are n/a, never 0.", ""]
+    par_short = {"demographic_parity_difference": "DP diff", "equal_opportunity_difference": "EO diff",
+                 "equalized_odds_difference": "EqOdds diff", "demographic_parity_ratio": "DP ratio",
+                 "equal_opportunity_ratio": "EO ratio", "equalized_odds_ratio": "EqOdds ratio"}
+    for a in attrs or [None]:
+        header = ([series] if series else []) + [x, "runs", m]
+        if a is not None:
+            header += [f"{m} gap ({a})"] + [f"{par_short[p]} ({a})" for p in PARITY_METRICS]
+        rows = []
+        for c in result["cells"]:
+            cells = ([fmt_value(series, c["series"])] if series else []) + [fmt_value(x, c["x"]), str(c["n_runs"]),
+                                                                             fmt_stat(c["utility"])]
+            if a is not None:
+                cells += [fmt_stat(c["gaps"][a])] + [fmt_stat(c["parity"][a][p]) for p in PARITY_METRICS]
+            rows.append(cells)
+        if a is not None:
+            lines += [f"## Attribute {a}", ""]
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(s.replace("|", "\\|") for s in r) + " |" for r in rows] + [""]
+    lines += ["## Runs", "", "| run | " + (f"{series} | " if series else "") + f"{x} | epsilon spent | step | seeds | {m} |",
+              "|" + "---|" * (6 + bool(series))]
     for r in result["runs"]:
-        spent = "-" if r["epsilon_spent"] is None else f"{r['epsilon_spent']:.3g}"
-        cells = [r["run"], _eps_str(r["epsilon"]), spent, str(r["step"]), fmt_stat(r["utility"])]
-        for a in attrs:
-            g = r["gaps"].get(a)
-            cells.append("n/a" if g is None else f"{fmt_stat(g['gap'])} ({g['worst_group']})")
+        spent = "-" if r["epsilon_spent"] is None else f"{r['epsilon_spent']:.2f}"
+        seeds = ", ".join(f"{k}={v}" for k, v in r["seeds"].items()) or "-"
+        cells = [r["run"]] + ([fmt_value(series, r["series"])] if series else []) + [
+            fmt_value(x, r["x"]), spent, str(r["step"]), seeds, fmt_stat(r["utility"])]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
+def _numeric(values: Sequence[Any]) -> bool:
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+
+
 def plot_compare(result: dict[str, Any], path: str | os.PathLike) -> None:
-    """Two panels over epsilon (log axis): utility, and its gap per attribute, with CI bars.
-    Non-private runs are drawn as dashed horizontal lines."""
+    """Panels over x: utility, then per attribute its gap and every parity metric; one line per
+    series with CI bars over seeds. Runs without an x value (non-private when x is epsilon) are
+    dashed horizontal lines."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    m = result["utility_metric"]
+    attrs = result["attributes"]
+    panels = [("utility", None, None)] + [(q, a, p) for a in attrs for q, p in
+                                          [("gap", None)] + [("parity", p) for p in PLOTTED_PARITY]]
+    ncol = min(4, len(panels))
+    nrow = math.ceil(len(panels) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.4 * nrow), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-
-    def draw(ax, stats, color, label):
-        priv = [(r["epsilon"], s) for r, s in stats if r["epsilon"] is not None and s and s["value"] is not None]
-        if priv:
-            xs = [e for e, _ in priv]
-            ys = [s["value"] for _, s in priv]
-            err = [[max(0.0, y - (s["ci"][0] if s["ci"][0] is not None else y)) for y, (_, s) in zip(ys, priv)],
-                   [max(0.0, (s["ci"][1] if s["ci"][1] is not None else y) - y) for y, (_, s) in zip(ys, priv)]]
-            ax.errorbar(xs, ys, yerr=err, fmt="o-", capsize=3, color=color, label=label)
-        for r, s in stats:
-            if r["epsilon"] is None and s and s["value"] is not None:
-                ax.axhline(s["value"], ls="--", color=color, label=f"{label} non-private" if label else "non-private")
-
-    draw(axes[0], [(r, r["utility"]) for r in result["runs"]], colors[0], None)
-    axes[0].set_ylabel(m)
-    for i, a in enumerate(result["attributes"]):
-        draw(axes[1], [(r, r["gaps"].get(a, {}).get("gap")) for r in result["runs"]], colors[i % len(colors)], a)
-    axes[1].set_ylabel(f"{m} gap (max - min over groups)")
-    for ax in axes:
-        eps = sorted({r["epsilon"] for r in result["runs"] if r["epsilon"] is not None})
-        if eps:
-            ax.set_xscale("log")
-            ax.set_xticks(eps, [f"{e:g}" for e in eps])
+    x, series, m = result["x"], result["series"], result["utility_metric"]
+    level = int(round(result["ci_level"] * 100))
+    xs_all = [c["x"] for c in result["cells"] if c["x"] is not None]
+    numeric = bool(xs_all) and _numeric(xs_all)
+    positions = {} if numeric else {v: i for i, v in enumerate(sorted({_freeze(v) for v in xs_all}, key=_sort_key))}
+    log = numeric and min(xs_all) > 0 and max(xs_all) / min(xs_all) >= 10
+    span = (max(xs_all) - min(xs_all) or 1.0) if numeric else 1.0
+    series_vals = sorted({_freeze(c["series"]) for c in result["cells"]}, key=_sort_key)
+    for k, (kind, a, p) in enumerate(panels):
+        ax = axes[k // ncol][k % ncol]
+        for i, sv in enumerate(series_vals):
+            color = colors[i % len(colors)]
+            cells = [c for c in result["cells"] if _freeze(c["series"]) == sv]
+            label = fmt_value(series, sv) if series else None
+            stat = lambda c: (c["utility"] if kind == "utility" else c["gaps"][a] if kind == "gap"  # noqa: E731
+                              else c["parity"][a][p])
+            pts = [(c["x"], stat(c)) for c in cells if c["x"] is not None and stat(c)["value"] is not None]
+            shift = (i - (len(series_vals) - 1) / 2) * 0.06  # dodge the series so their intervals do not overlap
+            xs = [(v * (1 + shift) if log else v + shift * span) if numeric else positions[_freeze(v)] + shift
+                  for v, _ in pts]
+            if pts:
+                ax.plot(xs, [s["value"] for _, s in pts], color=color,
+                        ls="--" if series == EPSILON and sv is None else "-")
+                for xv, (_, s) in zip(xs, pts):
+                    draw_interval(ax, xv, s, color=color, label=None)
+                ax.plot([], [], "o-", color=color, label=label)
+            for c in cells:
+                if c["x"] is None and stat(c)["value"] is not None:
+                    s = stat(c)
+                    ax.axhline(s["value"], ls="--", color=color,
+                               label=(f"{label}, " if label else "") + f"{fmt_value(x, None)}")
+                    if s["ci"][0] is not None:
+                        ax.axhspan(s["ci"][0], s["ci"][1], color=color, alpha=0.12)
+        if numeric:
+            if log:
+                ax.set_xscale("log")
+            ticks = sorted(set(xs_all))
+            ax.set_xticks(ticks, [fmt_value(x, t) for t in ticks], fontsize=7)
             ax.minorticks_off()
-        ax.set_xlabel("epsilon")
+        else:
+            ax.set_xticks(list(positions.values()), [fmt_value(x, v) for v in positions], fontsize=7)
+        ax.set_xlabel(x, fontsize=8)
+        if kind == "utility":
+            ax.set_ylabel(f"{m} (higher is better)", fontsize=8)
+            ax.set_title(f"{m}", fontsize=9)
+        elif kind == "gap":
+            ax.set_ylabel(f"{m} gap, max - min over groups (lower is better)", fontsize=7)
+            ax.set_title(f"{m} gap over {a}", fontsize=9)
+        else:
+            better = "higher" if p.endswith("ratio") else "lower"
+            ax.set_ylabel(f"{p.replace('_', ' ')}\n(mean over tasks; {better} is better)", fontsize=7)
+            ax.set_title(f"{p.replace('_', ' ')} over {a}", fontsize=9)
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=6, title=series, title_fontsize=6)
+    for k in range(len(panels), nrow * ncol):
+        axes[k // ncol][k % ncol].axis("off")
+    fig.suptitle(f"mean over seeds with {level}% t intervals over seeds, clipped to [0, 1] (none with one seed); "
+                 "series dodged along x for legibility", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -1,12 +1,17 @@
 """`dpft evaluate`: metrics and subgroup gaps from a run's saved checkpoints.
 
-    dpft evaluate --workdir DIR [--checkpoint STEP|latest] [--split test] [--params ema|raw]
-    dpft evaluate --compare DIR1 DIR2 ... [--out DIR]
+    dpft evaluate --workdir DIR [--checkpoint STEP|latest] [--split test] [--params ema|raw|polyak]
+                  [--reuse-predictions] [--bootstrap 1000] [--seed 0] [--ci-level 0.95]
+                  [--threshold-method youden|fpr|f1|fixed] [--target-fpr 0.1] [--threshold 0.5]
+                  [--min-group-size 30] [--exclude-small-groups] [--intersect sex*race]
+                  [--exclude-group race=Unknown] [--out DIR] [--no-plots]
+    dpft evaluate --compare DIR1 DIR2 ... [--x privacy.epsilon] [--series FIELD] [--out DIR]
 
 The first form restores the checkpoint, runs the model over the split (and over the
 validation split, where the decision thresholds are chosen), writes
-`DIR/predictions/<step>/<split>.npz`, then `DIR/eval/<step>/{metrics.json, report.md, *.png}`.
-The second builds the sweep table and plots (epsilon vs utility vs gap) of several runs.
+`DIR/predictions/<step>/<split>.npz`, then `DIR/eval/<step>/{metrics.json, report.md, *.png}`
+(or --out). With --reuse-predictions it reads existing predictions and needs no checkpoint.
+The second builds the sweep table and plots over any config axis, seeds aggregated (compare.py).
 
 Evaluation may run beside a live `dpft train` on the same workdir: checkpoints are opened
 read-only (nothing is created, cleaned up or deleted) and the step read is pinned as a
@@ -22,17 +27,67 @@ from dpft.cli import UsageError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from dpft.evaluate.fairness import THRESHOLD_METHODS
+    from dpft.evaluate.reports import DEFAULT_RESAMPLES
+
     parser.add_argument("--workdir", help="run directory written by `dpft train`")
     parser.add_argument("--checkpoint", default="latest", help="update index of the checkpoint, or 'latest'")
     parser.add_argument("--split", default="test", help="split to evaluate (default test)")
     parser.add_argument("--params", choices=("ema", "raw", "polyak"), default=None,
-                        help="which parameters (default: the run's eval.params, EMA)")
-    parser.add_argument("--compare", nargs="+", metavar="DIR", help="build the sweep comparison of these runs")
-    parser.add_argument("--out", help="output directory for --compare (default ./compare)")
-    parser.add_argument("--bootstrap", type=int, default=200, help="patient-level bootstrap resamples")
-    parser.add_argument("--min-group-size", type=int, default=30, help="flag groups smaller than this")
+                        help="which parameters (default: the run's eval.params); polyak needs train.polyak=True")
     parser.add_argument("--reuse-predictions", action="store_true",
-                        help="use existing predictions files instead of running the model")
+                        help="use existing predictions files instead of running the model (works without checkpoints)")
+    parser.add_argument("--compare", nargs="+", metavar="DIR", help="build the sweep comparison of these runs")
+    parser.add_argument("--x", default="privacy.epsilon", metavar="FIELD",
+                        help="--compare: config field on the x axis (default privacy.epsilon)")
+    parser.add_argument("--series", default=None, metavar="FIELD",
+                        help="--compare: config field giving one line per value (e.g. data.options.minority_fraction)")
+    parser.add_argument("--attribute", default=None, help="--compare: the subgroup attribute of the gaps and parity "
+                        "(default: every attribute)")
+    parser.add_argument("--out", help="output directory (--compare: default ./compare; else WORKDIR/eval/<step>)")
+    g = parser.add_argument_group("statistics and groups")
+    g.add_argument("--bootstrap", type=int, default=DEFAULT_RESAMPLES, metavar="R",
+                   help=f"patient-level bootstrap replicates (default {DEFAULT_RESAMPLES})")
+    g.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    g.add_argument("--ci-level", type=float, default=0.95, help="confidence level of the CIs (default 0.95)")
+    g.add_argument("--threshold-method", choices=THRESHOLD_METHODS, default="youden",
+                   help="multilabel decision threshold, chosen on validation (default youden)")
+    g.add_argument("--target-fpr", type=float, default=0.1, help="for --threshold-method fpr (default 0.1)")
+    g.add_argument("--threshold", type=float, default=0.5,
+                   help="the value for --threshold-method fixed, and the fallback where a method does not apply")
+    g.add_argument("--min-group-size", type=int, default=30, help="flag groups with fewer patients (default 30)")
+    g.add_argument("--exclude-small-groups", action="store_true", help="leave small groups out of gaps and parity")
+    g.add_argument("--intersect", action="append", default=[], metavar="A*B",
+                   help="add an intersectional attribute, e.g. --intersect sex*race (repeatable)")
+    g.add_argument("--exclude-group", action="append", default=[], metavar="ATTR=GROUP",
+                   help="leave a group out of gaps and parity, e.g. --exclude-group race=Unknown (repeatable)")
+    g.add_argument("--no-plots", action="store_true", help="write no PNGs")
+
+
+def eval_options(args: argparse.Namespace) -> dict:
+    """The `reports.EvalConfig` fields given on the command line."""
+    return {"n_resamples": args.bootstrap, "seed": args.seed, "ci_level": args.ci_level,
+            "threshold_method": args.threshold_method, "target_fpr": args.target_fpr,
+            "fixed_threshold": args.threshold, "min_group_size": args.min_group_size,
+            "exclude_small_groups": args.exclude_small_groups, "intersections": tuple(args.intersect),
+            "exclude_groups": tuple(args.exclude_group), "plots": not args.no_plots}
+
+
+def _predictions_step(workdir: str, which: str) -> int:
+    """The step of existing predictions (for --reuse-predictions): 'latest' = the largest."""
+    root = os.path.join(workdir, "predictions")
+    steps = sorted(int(d) for d in os.listdir(root) if d.isdigit()) if os.path.isdir(root) else []
+    if not steps:
+        raise UsageError(f"{workdir}: --reuse-predictions but no predictions/<step>/ found")
+    if which == "latest":
+        return steps[-1]
+    try:
+        step = int(which)
+    except ValueError:
+        raise UsageError(f"--checkpoint must be an update index or 'latest', got {which!r}") from None
+    if step not in steps:
+        raise UsageError(f"{workdir}: no predictions for update {step}; have {steps}")
+    return step
 
 
 def _checkpoint_step(workdir: str, which: str) -> int | None:
@@ -59,6 +114,10 @@ def predict_from_checkpoint(workdir: str, step: int | None, splits: list[str], p
         raise UsageError(f"{workdir}: no config.json (is this a `dpft train` workdir?)")
     with open(config_path, encoding="utf-8") as f:
         config = config_from_json(f.read())
+    if params == "polyak" and not bool(config.train.get("polyak", False)):
+        raise UsageError(f"{workdir}: --params polyak, but this run kept no Polyak average (train.polyak=False)")
+    if params == "ema" and not float(config.train.get("ema_decay", 0.0)) > 0:
+        raise UsageError(f"{workdir}: --params ema, but this run kept no EMA (train.ema_decay=0)")
     if params is not None:
         with config.unlocked():
             config.eval.params = params
@@ -76,30 +135,31 @@ def run(args: argparse.Namespace) -> int:
 
     if args.compare:
         out = args.out or "compare"
-        result = compare.compare_runs(args.compare, out)
+        result = compare.compare_runs(args.compare, out, x=args.x, series=args.series, attribute=args.attribute)
         print(compare.render_compare_markdown(result))
         print(f"wrote {', '.join(result['files'].values())}")
         return 0
     if not args.workdir:
         raise UsageError("give --workdir DIR (or --compare DIR ...)")
+    options = eval_options(args)
+    reports.make_config(**options)  # bad statistics options fail before the model runs
     workdir = os.path.abspath(args.workdir)
-    step = _checkpoint_step(workdir, args.checkpoint)
-    if step is None:
-        from dpft.train import checkpointing
-
-        with checkpointing.Checkpointer(workdir, read_only=True) as ckpt:
-            steps = ckpt.all_steps()
-        if not steps:
-            raise UsageError(f"{workdir}: no checkpoint found under {checkpointing.checkpoint_dir(workdir)}")
-        latest = steps[-1]
+    reuse = args.reuse_predictions and args.params is None
+    if args.reuse_predictions and args.params is not None:
+        print("--params given: running the model instead of reusing predictions (they may hold other params)")
+    if reuse:
+        if not os.path.isdir(workdir):
+            raise UsageError(f"--workdir {workdir} does not exist (or is not a directory)")
+        step = _predictions_step(workdir, args.checkpoint)
+        pred_dir = os.path.join(workdir, "predictions", str(step))
+        test_path = os.path.join(pred_dir, f"{args.split}.npz")
+        val_path = os.path.join(pred_dir, "validation.npz")
+        if not os.path.isfile(test_path):
+            raise UsageError(f"{workdir}: --reuse-predictions but {test_path} does not exist")
     else:
-        latest = step
-    pred_dir = os.path.join(workdir, "predictions", str(latest))
-    test_path = os.path.join(pred_dir, f"{args.split}.npz")
-    val_path = os.path.join(pred_dir, "validation.npz")
-    if args.reuse_predictions and os.path.isfile(test_path):
-        step = latest
-    else:
+        step = _checkpoint_step(workdir, args.checkpoint)
+        print(f"running the model of checkpoint {'latest' if step is None else step} over {args.split} "
+              "(and validation)...")
         step, paths = predict_from_checkpoint(workdir, step, [args.split], args.params)
         pred_dir = os.path.join(workdir, "predictions", str(step))
         test_path = paths.get(args.split, os.path.join(pred_dir, f"{args.split}.npz"))
@@ -108,8 +168,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"{workdir}: split {args.split!r} has no predictions (does the data set have it?)")
     result = reports.evaluate_predictions(
         test_path, val_path if os.path.isfile(val_path) and args.split != "validation" else None,
-        n_resamples=args.bootstrap, min_group_size=args.min_group_size)
-    out_dir = os.path.join(workdir, "eval", str(step))
+        out_dir=args.out, **options)
+    out_dir = args.out or os.path.join(workdir, "eval", str(step))
     print(reports.render_markdown(result))
-    print(f"wrote {out_dir}/metrics.json, report.md and plots")
+    print(f"wrote {out_dir}/metrics.json, report.md" + ("" if args.no_plots else " and plots"))
     return 0

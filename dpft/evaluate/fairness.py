@@ -1,69 +1,118 @@
-"""Subgroup fairness: thresholds from validation, per-group metrics, gaps, parity (fairlearn).
+"""Subgroup fairness: thresholds from validation, groups, per-group metrics, gaps, parity metrics.
 
-Choices (also stated in every report):
-- Threshold (multilabel): per task, on the *validation* predictions, by Youden's J
-  (argmax TPR - FPR over sklearn's ROC curve) or, with method="fpr", the lowest threshold whose
-  validation FPR is <= target_fpr. Without validation predictions every threshold is 0.5.
+Choices (also stated in every report, see `rules`):
+- Threshold (multilabel): per task, on the *validation* predictions, by Youden's J (argmax
+  TPR - FPR over sklearn's ROC curve), "fpr" (the lowest threshold whose validation FPR is <=
+  target_fpr), "f1" (argmax F1 over sklearn's precision-recall curve) or "fixed" (one given
+  value). A task whose validation labels have one class falls back to the fixed value, and the
+  fallback is stated per task. Without validation predictions every threshold is the fixed value.
 - Binary decisions for parity: multilabel per task (thresholded); multiclass one-vs-rest per class
   with the argmax decision (only when C <= max_ovr_classes).
-- Demographic parity difference = max - min over groups of the selection rate; equal opportunity
-  difference = max - min of the TPR (fairlearn's definitions, method="between_groups"). Groups with
-  no positive example of a task have no TPR and are left out of its equal opportunity difference
-  (fairlearn would count their TPR as 0).
-- gap = max - min over groups of a metric; worst = the worst group's value (min, or max for
-  FPR/underdiagnosis); gap_to_best/<group> = how far a group is behind the best one (>= 0).
-  Groups whose value is undefined (NaN) are ignored; small groups are kept but flagged, unless
-  the caller passes `gap_groups` without them.
+- Parity metrics (fairlearn's definitions, method "between_groups"), per task T over the groups
+  that count: demographic parity difference/ratio = max - min / min / max of the selection rate;
+  equal opportunity difference/ratio = the same for the TPR; equalized odds difference = max of
+  the TPR and FPR differences, ratio = min of the TPR and FPR ratios. A group without positives
+  (negatives) of T has no TPR (FPR) and is left out of that rate's comparison (fairlearn would
+  count it as 0). Any comparison over fewer than two groups with a defined value is undefined
+  (NaN), never 0; a ratio with max = 0 is undefined.
+- gap = max - min over groups of a metric; worst / best = min / max over groups (reversed for
+  FPR/underdiagnosis); gap_to_best/<group> = how far a group is behind the best one (>= 0). Only
+  groups with a defined value count; fewer than two -> undefined. In the bootstrap, "worst" is the
+  minimum over groups in each replicate, so its CI is the CI of the minimum, not of the worst
+  group's own value (which is in the group table).
+- Mean metrics of a group (auc_mean, accuracy_mean, auc_macro) average only the tasks whose
+  metric is defined in *every* compared group of that attribute, so groups are compared on the
+  same tasks.
+- Groups that count for gaps and parity: all groups, minus those the user excludes
+  ("race=Unknown", which also drops intersections containing it) and, with exclude_small_groups,
+  those with fewer patients than min_group_size. A group lacking a class for one task is never
+  dropped: only its metrics that need that class are undefined.
 
-Every function works on one weight matrix (see metrics.py): None for the plain estimate
-(sklearn / fairlearn), or [R, N] bootstrap weights.
+Every function works on one weight matrix (see metrics.py): None for the plain estimate, or
+[R, N] bootstrap weights. Point estimates equal fairlearn / scikit-learn (tests compare them).
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Mapping, Sequence
 
 import numpy as np
-from fairlearn.metrics import (MetricFrame, count, demographic_parity_difference, equal_opportunity_difference,
-                               false_positive_rate, selection_rate, true_positive_rate)
-from sklearn.metrics import roc_curve
+from sklearn.metrics import precision_recall_curve, roc_curve
 
 from dpft.evaluate.metrics import EvalInputs, higher_is_better, metric_suite
 
 Key = tuple[str, ...]
-THRESHOLD_METHODS = ("youden", "fpr")
+THRESHOLD_METHODS = ("youden", "fpr", "f1", "fixed")
+INTERSECTION_SEP = "&"  # attribute "sex&race", group "F & White"
+MEAN_METRICS = {"auc_mean": "auc", "accuracy_mean": "accuracy", "auc_macro": "auc"}  # mean -> component prefix
+PARITY_METRICS = ("demographic_parity_difference", "demographic_parity_ratio", "equal_opportunity_difference",
+                  "equal_opportunity_ratio", "equalized_odds_difference", "equalized_odds_ratio")
 
 
-def choose_threshold(y: np.ndarray, score: np.ndarray, method: str = "youden", target_fpr: float = 0.1) -> float:
-    """Decision threshold on a score from validation labels y (bool [N]) and scores [N].
+# ----------------------------------------------------------------------------- thresholds
 
-    "youden": maximises TPR - FPR; "fpr": the lowest threshold with FPR <= target_fpr.
-    Returns 0.5 if y has a single class (no ROC curve). Decide positive when score >= threshold.
+@dataclasses.dataclass(frozen=True)
+class Threshold:
+    """A decision threshold with how it was chosen; `fallback` says why the method did not apply."""
+
+    value: float
+    method: str
+    fallback: str | None = None
+
+
+def select_threshold(y: np.ndarray, score: np.ndarray, method: str = "youden", target_fpr: float = 0.1,
+                     fixed: float = 0.5) -> Threshold:
+    """Decision threshold on scores [N] from validation labels y (bool [N]); positive when score >= it.
+
+    "youden": maximises TPR - FPR; "fpr": the lowest threshold with FPR <= target_fpr; "f1":
+    maximises F1; "fixed": `fixed`. With a single class in y (or no rows) -> `fixed`, with the reason.
     """
     if method not in THRESHOLD_METHODS:
         raise ValueError(f"threshold method must be one of {THRESHOLD_METHODS}, got {method!r}")
+    if method == "fixed":
+        return Threshold(float(fixed), "fixed")
     y = np.asarray(y).astype(bool)
     if y.all() or not y.any():
-        return 0.5
-    fpr, tpr, thr = roc_curve(y, np.asarray(score, np.float64))
+        return Threshold(float(fixed), method, f"validation has {int(y.sum())} positive / {int((~y).sum())} negative: "
+                                               f"fixed {fixed:g}")
+    score = np.asarray(score, np.float64)
+    if method == "f1":
+        prec, rec, thr = precision_recall_curve(y, score)
+        prec, rec = prec[:-1], rec[:-1]  # the last point (recall 0) has no threshold
+        with np.errstate(invalid="ignore", divide="ignore"):
+            f1 = np.where(prec + rec > 0, 2 * prec * rec / np.where(prec + rec > 0, prec + rec, 1.0), 0.0)
+        return Threshold(float(thr[int(np.argmax(f1))]), method)
+    fpr, tpr, thr = roc_curve(y, score, drop_intermediate=False)
     finite = np.isfinite(thr)  # sklearn's first threshold is +inf (nothing positive)
     fpr, tpr, thr = fpr[finite], tpr[finite], thr[finite]
     if method == "youden":
-        return float(thr[int(np.argmax(tpr - fpr))])
+        return Threshold(float(thr[int(np.argmax(tpr - fpr))]), method)
     ok = np.flatnonzero(fpr <= target_fpr)
-    return float(thr[ok[-1]]) if ok.size else float(thr[0])
+    return Threshold(float(thr[ok[-1]]) if ok.size else float(thr[0]), method)
+
+
+def choose_threshold(y: np.ndarray, score: np.ndarray, method: str = "youden", target_fpr: float = 0.1,
+                     fixed: float = 0.5) -> float:
+    """The value of `select_threshold` (0.5 by default when y has a single class)."""
+    return select_threshold(y, score, method, target_fpr, fixed).value
 
 
 def choose_thresholds(probs: np.ndarray, label: np.ndarray, label_mask: np.ndarray, class_names: Sequence[str],
-                      names: Sequence[str], method: str = "youden", target_fpr: float = 0.1) -> dict[str, float]:
-    """Per class name in `names`: choose_threshold on validation rows where label_mask > 0."""
+                      names: Sequence[str], method: str = "youden", target_fpr: float = 0.1,
+                      fixed: float = 0.5, detail: bool = False) -> dict[str, float] | dict[str, Threshold]:
+    """Per class name in `names`: the threshold on validation rows where label_mask > 0
+    (float values, or `Threshold`s with detail=True)."""
     out = {}
     for name in names:
         j = list(class_names).index(name)
         keep = np.asarray(label_mask)[:, j] > 0
-        out[name] = choose_threshold(np.asarray(label)[keep, j] > 0.5, probs[keep, j], method, target_fpr)
+        t = select_threshold(np.asarray(label)[keep, j] > 0.5, probs[keep, j], method, target_fpr, fixed)
+        out[name] = t if detail else t.value
     return out
 
+
+# ----------------------------------------------------------------------------- groups
 
 def group_index(values: np.ndarray) -> dict[str, np.ndarray]:
     """Group name -> row indices (int [n_g]), groups sorted by name."""
@@ -71,99 +120,302 @@ def group_index(values: np.ndarray) -> dict[str, np.ndarray]:
     return {g: np.flatnonzero(values == g) for g in np.unique(values)}
 
 
-def group_flags(inp: EvalInputs, patient_id: np.ndarray, min_group_size: int) -> list[str]:
-    """Why a group's estimates are unreliable: too few examples, or a binary task with one class only."""
-    flags = []
-    if inp.n < min_group_size:
-        flags.append(f"n={inp.n} < {min_group_size}")
+def parse_intersection(spec: str, known: Sequence[str]) -> tuple[str, ...]:
+    """'sex*race', 'sex&race' or 'sex,race' -> ('sex', 'race'); ValueError on unknown/duplicate names."""
+    parts = tuple(p.strip() for p in spec.replace("*", ",").replace(INTERSECTION_SEP, ",").split(",") if p.strip())
+    if len(parts) < 2 or len(set(parts)) != len(parts):
+        raise ValueError(f"intersection {spec!r}: give two or more distinct attributes, e.g. 'sex*race'")
+    missing = [p for p in parts if p not in known]
+    if missing:
+        raise ValueError(f"intersection {spec!r}: unknown attribute(s) {missing}; known: {sorted(known)}")
+    return parts
+
+
+def add_intersections(attrs: Mapping[str, np.ndarray], specs: Sequence[str]) -> dict[str, np.ndarray]:
+    """attrs plus one attribute per intersection spec: name 'sex&race', values 'F & White' (str [N])."""
+    out = {k: np.asarray(v).astype(str) for k, v in attrs.items()}
+    for spec in specs:
+        parts = parse_intersection(spec, list(attrs))
+        vals = out[parts[0]]
+        for p in parts[1:]:
+            vals = np.char.add(np.char.add(vals, f" {INTERSECTION_SEP} "), out[p])
+        out[INTERSECTION_SEP.join(parts)] = vals
+    return out
+
+
+def parse_exclusions(specs: Sequence[str], attrs: Mapping[str, np.ndarray]) -> dict[str, set[str]]:
+    """['race=Unknown', ...] -> {'race': {'Unknown'}}; ValueError on a malformed spec or unknown attribute."""
+    out: dict[str, set[str]] = {}
+    for spec in specs:
+        attr, sep, group = spec.partition("=")
+        attr, group = attr.strip(), group.strip()
+        if not sep or not attr or not group:
+            raise ValueError(f"group exclusion {spec!r} must look like ATTRIBUTE=GROUP, e.g. race=Unknown")
+        if attr not in attrs:
+            raise ValueError(f"group exclusion {spec!r}: unknown attribute {attr!r}; known: {sorted(attrs)}")
+        out.setdefault(attr, set()).add(group)
+    return out
+
+
+def excluded_by_user(attr: str, group: str, exclusions: Mapping[str, set[str]]) -> str | None:
+    """Why the user's exclusions drop group `group` of `attr` (also via a component of an intersection)."""
+    if group in exclusions.get(attr, ()):
+        return f"excluded by the user ({attr}={group})"
+    parts, values = attr.split(INTERSECTION_SEP), group.split(f" {INTERSECTION_SEP} ")
+    if len(parts) > 1 and len(parts) == len(values):
+        for a, v in zip(parts, values):
+            if v in exclusions.get(a, ()):
+                return f"excluded by the user ({a}={v})"
+    return None
+
+
+def group_info(inp: EvalInputs, patient_id: np.ndarray, min_group_size: int) -> dict[str, object]:
+    """Facts about one group's rows: n, n_patients, `small` (fewer patients than min_group_size) with
+    its reason, and `missing_class` {task: 'p positive / q negative'} for tasks lacking a class."""
+    n_pat = int(np.unique(np.asarray(patient_id).astype(str)).size)
+    small = n_pat < min_group_size
+    missing = {}
     y = inp.binary_label
-    if inp.task == "multiclass":
-        present = np.unique(inp.label).size
-        if present < 2:
-            flags.append(f"{present} class present")
     for t, j in zip(inp.tasks, inp.task_index):
         pos = int((y[:, j] & inp.valid[:, j]).sum())
         neg = int((~y[:, j] & inp.valid[:, j]).sum())
         if pos == 0 or neg == 0:
-            flags.append(f"{t}: {pos} positive / {neg} negative")
-    return flags
+            missing[t] = f"{pos} positive / {neg} negative"
+    return {"n": inp.n, "n_patients": n_pat, "small": small,
+            "small_reason": f"{n_pat} patients < {min_group_size}" if small else None, "missing_class": missing}
+
+
+# ----------------------------------------------------------------------------- comparisons over groups
+
+def _defined_count(v: np.ndarray) -> np.ndarray:
+    return (~np.isnan(v)).sum(axis=0)
 
 
 def summarise_groups(values: Mapping[str, np.ndarray], metric: str) -> dict[str, np.ndarray]:
-    """Gap statistics of one metric over groups: group -> [R] to {"gap", "worst", "best", "gap_to_best/<g>"}."""
+    """Gap statistics of one metric over groups: {group: [R]} -> {"gap", "worst", "best", "n_defined",
+    "gap_to_best/<g>"}; NaN in a replicate where fewer than two groups have a defined value."""
     names = list(values)
     v = np.stack([np.asarray(values[g], np.float64) for g in names])  # [G, R]
+    ok = _defined_count(v) >= 2
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slices -> NaN
         hi, lo = np.nanmax(v, axis=0), np.nanmin(v, axis=0)
+    hi, lo = np.where(ok, hi, np.nan), np.where(ok, lo, np.nan)
     best, worst = (hi, lo) if higher_is_better(metric) else (lo, hi)
-    out = {"gap": hi - lo, "worst": worst, "best": best}
+    out = {"gap": hi - lo, "worst": worst, "best": best, "n_defined": _defined_count(v).astype(np.float64)}
     for g, row in zip(names, v):
         out[f"gap_to_best/{g}"] = np.abs(best - row)
     return out
 
 
-def fairlearn_parity(y_true: np.ndarray, y_pred: np.ndarray, sensitive: np.ndarray,
-                     by_group: bool = False) -> dict[str, object]:
-    """fairlearn's demographic parity and equal opportunity differences (between groups) and, if
-    by_group, a fairlearn MetricFrame by group (selection_rate, tpr, fpr, count; a pandas DataFrame).
-    Inputs: y_true, y_pred bool/0-1 [N]; sensitive str [N].
-
-    The N rows are first collapsed to the distinct (y_true, y_pred, group) triples with their
-    counts as fairlearn's sample_weight (identical values, O(groups) instead of O(N) time).
-    Groups without positives are excluded from the equal opportunity difference (see module doc).
-    """
-    y_true, y_pred = np.asarray(y_true).astype(int), np.asarray(y_pred).astype(int)
-    sensitive = np.asarray(sensitive).astype(str)
-    names, codes = np.unique(sensitive, return_inverse=True)
-    triples, weight = np.unique(np.stack([y_true, y_pred, codes.reshape(-1)], axis=1), axis=0, return_counts=True)
-    yt, yp, g = triples[:, 0], triples[:, 1], names[triples[:, 2]]
+def rate_difference(v: np.ndarray) -> np.ndarray:
+    """max - min over groups of rates v [G, R] -> [R]; NaN where fewer than two groups are defined."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # fairlearn/sklearn warn about groups with a single class
-        frame = MetricFrame(metrics={"selection_rate": selection_rate, "tpr": true_positive_rate,
-                                     "fpr": false_positive_rate, "count": count},
-                            y_true=y_true, y_pred=y_pred, sensitive_features=sensitive) if by_group else None
-        dpd = (demographic_parity_difference(yt, yp, sensitive_features=g, sample_weight=weight)
-               if yt.size else float("nan"))
-        has_pos = np.isin(g, np.unique(g[yt == 1]))
-        eod = (equal_opportunity_difference(yt[has_pos], yp[has_pos], sensitive_features=g[has_pos],
-                                            sample_weight=weight[has_pos]) if has_pos.any() else float("nan"))
-    return {"demographic_parity_difference": float(dpd), "equal_opportunity_difference": float(eod),
-            "by_group": None if frame is None else frame.by_group}
+        warnings.simplefilter("ignore", RuntimeWarning)
+        d = np.nanmax(v, axis=0) - np.nanmin(v, axis=0)
+    return np.where(_defined_count(v) >= 2, d, np.nan)
 
 
-def all_metrics(inp: EvalInputs, attrs: Mapping[str, np.ndarray], weights: np.ndarray | None = None,
-                gap_groups: Mapping[str, Sequence[str]] | None = None) -> dict[Key, np.ndarray]:
+def rate_ratio(v: np.ndarray) -> np.ndarray:
+    """min / max over groups of rates v [G, R] -> [R]; NaN with fewer than two defined groups or max 0."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        hi, lo = np.nanmax(v, axis=0), np.nanmin(v, axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = np.where(hi > 0, lo / np.where(hi > 0, hi, 1.0), np.nan)
+    return np.where(_defined_count(v) >= 2, r, np.nan)
+
+
+def parity_metrics(selection: np.ndarray, tpr: np.ndarray, fpr: np.ndarray) -> dict[str, np.ndarray]:
+    """The six parity metrics (fairlearn's between-groups definitions) from per-group rates [G, R]."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        tpr_d, fpr_d, tpr_r, fpr_r = rate_difference(tpr), rate_difference(fpr), rate_ratio(tpr), rate_ratio(fpr)
+        eqo_d = np.where(np.isnan(tpr_d) | np.isnan(fpr_d), np.nan, np.fmax(tpr_d, fpr_d))
+        eqo_r = np.where(np.isnan(tpr_r) | np.isnan(fpr_r), np.nan, np.fmin(tpr_r, fpr_r))
+    return {"demographic_parity_difference": rate_difference(selection),
+            "demographic_parity_ratio": rate_ratio(selection),
+            "equal_opportunity_difference": tpr_d, "equal_opportunity_ratio": tpr_r,
+            "equalized_odds_difference": eqo_d, "equalized_odds_ratio": eqo_r}
+
+
+def parity(y_true: np.ndarray, y_pred: np.ndarray, sensitive: np.ndarray,
+           sample_weight: np.ndarray | None = None) -> dict[str, float]:
+    """The six parity metrics of binary y_true, y_pred [N] between the groups of sensitive (str [N]).
+    Groups without positives (negatives) are left out of the TPR (FPR) comparisons; undefined -> NaN."""
+    y_true, y_pred = np.asarray(y_true).astype(bool), np.asarray(y_pred).astype(np.float64)
+    w = np.ones(y_true.shape[0]) if sample_weight is None else np.asarray(sample_weight, np.float64)
+    rates = {"sel": [], "tpr": [], "fpr": []}
+    for idx in group_index(sensitive).values():
+        yt, yp, wg = y_true[idx], y_pred[idx], w[idx]
+        for key, rows in (("sel", np.ones_like(yt)), ("tpr", yt), ("fpr", ~yt)):
+            den = float((wg * rows).sum())
+            rates[key].append(float((wg * rows * yp).sum()) / den if den > 0 else np.nan)
+    arr = {k: np.asarray(v, np.float64).reshape(-1, 1) for k, v in rates.items()}
+    if not rates["sel"]:
+        return {m: float("nan") for m in PARITY_METRICS}
+    return {m: float(v[0]) for m, v in parity_metrics(arr["sel"], arr["tpr"], arr["fpr"]).items()}
+
+
+# ----------------------------------------------------------------------------- the whole evaluation
+
+@dataclasses.dataclass(frozen=True)
+class GroupPlan:
+    """Which groups count and which tasks enter the mean metrics, fixed from the point estimates so
+    every bootstrap replicate compares the same things.
+
+    attrs: attribute -> str [N]; included: attribute -> groups that count for gaps and parity;
+    common_tasks: attribute -> {mean metric: tasks defined in every included group};
+    parity_tasks: attribute -> {parity metric: tasks where it is defined} (for the mean over tasks).
+    """
+
+    attrs: Mapping[str, np.ndarray]
+    included: Mapping[str, tuple[str, ...]]
+    common_tasks: Mapping[str, Mapping[str, tuple[str, ...]]]
+    parity_tasks: Mapping[str, Mapping[str, tuple[str, ...]]]
+
+
+def _group_suites(inp: EvalInputs, values: np.ndarray, weights: np.ndarray | None) -> dict[str, dict[str, np.ndarray]]:
+    return {g: metric_suite(inp.subset(idx), None if weights is None else weights[:, idx])
+            for g, idx in group_index(values).items()}
+
+
+def plan_groups(inp: EvalInputs, attrs: Mapping[str, np.ndarray],
+                included: Mapping[str, Sequence[str]] | None = None) -> GroupPlan:
+    """A GroupPlan from the point estimates (included default: every group)."""
+    inc, common, ptasks = {}, {}, {}
+    for attr, values in attrs.items():
+        per_group = _group_suites(inp, values, None)
+        inc[attr] = tuple(g for g in per_group if included is None or g in included.get(attr, per_group))
+        common[attr] = {}
+        for mean, prefix in MEAN_METRICS.items():
+            if not per_group or mean not in next(iter(per_group.values())):
+                continue
+            common[attr][mean] = tuple(t for t in inp.tasks if inc[attr] and all(
+                not np.isnan(per_group[g][f"{prefix}/{t}"][0]) for g in inc[attr]))
+        ptasks[attr] = {m: [] for m in PARITY_METRICS}
+        for t in inp.tasks:
+            p = _parity_of(per_group, inc[attr], t)
+            for m in PARITY_METRICS:
+                if not np.isnan(p[m][0]):
+                    ptasks[attr][m].append(t)
+        ptasks[attr] = {m: tuple(v) for m, v in ptasks[attr].items()}
+    return GroupPlan(attrs=dict(attrs), included=inc, common_tasks=common, parity_tasks=ptasks)
+
+
+def _parity_of(per_group: Mapping[str, Mapping[str, np.ndarray]], included: Sequence[str], t: str) -> dict:
+    if not included:
+        return {m: np.array([np.nan]) for m in PARITY_METRICS}
+    rates = [np.stack([per_group[g][f"{r}/{t}"] for g in included]) for r in ("selection_rate", "tpr", "fpr")]
+    return parity_metrics(*rates)
+
+
+def _mean_rows(cols: Sequence[np.ndarray], r: int) -> np.ndarray:
+    if not cols:
+        return np.full(r, np.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(np.stack(cols), axis=0)
+
+
+def all_metrics(inp: EvalInputs, plan: GroupPlan, weights: np.ndarray | None = None) -> dict[Key, np.ndarray]:
     """Every metric of the evaluation as a flat dict key -> [R].
 
     Keys: ("overall", m), ("group", attr, g, m), ("gap", attr, m, stat) with stat in gap / worst /
-    best / gap_to_best/<g>, ("parity", attr, "demographic_parity_difference/T" |
-    "equal_opportunity_difference/T"). `gap_groups[attr]` lists the groups that enter gaps and
-    parity (default: all). With weights None, parity comes from fairlearn; otherwise from the
-    weighted per-group selection rates and TPRs (the same definitions).
+    best / n_defined / gap_to_best/<g>, ("parity", attr, "<parity metric>/T") and
+    ("parity", attr, "<parity metric>/mean") = the mean over plan.parity_tasks. Group mean
+    metrics average plan.common_tasks.
     """
+    r = 1 if weights is None else int(np.asarray(weights).shape[0])
     out: dict[Key, np.ndarray] = {("overall", m): v for m, v in metric_suite(inp, weights, overall=True).items()}
-    for attr, values in attrs.items():
-        groups = group_index(values)
-        per_group = {}
-        for g, idx in groups.items():
-            w = None if weights is None else weights[:, idx]
-            per_group[g] = metric_suite(inp.subset(idx), w)
-            out.update({("group", attr, g, m): v for m, v in per_group[g].items()})
-        included = list(groups) if gap_groups is None else [g for g in groups if g in gap_groups[attr]]
+    for attr, values in plan.attrs.items():
+        per_group = _group_suites(inp, values, weights)
+        for g, suite in per_group.items():
+            for mean, prefix in MEAN_METRICS.items():
+                if mean in suite:
+                    suite[mean] = _mean_rows([suite[f"{prefix}/{t}"] for t in plan.common_tasks[attr][mean]], r)
+            out.update({("group", attr, g, m): v for m, v in suite.items()})
+        included = plan.included[attr]
         if not included:
             continue
         for m in per_group[included[0]]:
             stats = summarise_groups({g: per_group[g][m] for g in included}, m)
             out.update({("gap", attr, m, s): v for s, v in stats.items()})
-        for t, j in zip(inp.tasks, inp.task_index):
-            if weights is None:
-                rows = np.isin(np.asarray(values).astype(str), included) & inp.valid[:, j]
-                p = fairlearn_parity(inp.binary_label[rows, j], inp.decision[rows, j], np.asarray(values)[rows])
-                dpd, eod = np.array([p["demographic_parity_difference"]]), np.array([p["equal_opportunity_difference"]])
-            else:
-                dpd = out[("gap", attr, f"selection_rate/{t}", "gap")]
-                eod = out[("gap", attr, f"tpr/{t}", "gap")]
-            out[("parity", attr, f"demographic_parity_difference/{t}")] = dpd
-            out[("parity", attr, f"equal_opportunity_difference/{t}")] = eod
+        per_task = {t: _parity_of(per_group, included, t) for t in inp.tasks}
+        for t, p in per_task.items():
+            out.update({("parity", attr, f"{m}/{t}"): v for m, v in p.items()})
+        if inp.tasks:
+            for m in PARITY_METRICS:
+                out[("parity", attr, f"{m}/mean")] = _mean_rows([per_task[t][m] for t in plan.parity_tasks[attr][m]], r)
     return out
+
+
+# ----------------------------------------------------------------------------- reasons for undefined values
+
+def undefined_reason(key: Key, inp: EvalInputs, plan: GroupPlan, point: Mapping[Key, np.ndarray]) -> str:
+    """Why the point estimate of `key` is undefined (NaN), in words for the report."""
+    kind = key[0]
+    if kind in ("overall", "group"):
+        metric = key[-1]
+        sub = inp if kind == "overall" else inp.subset(np.flatnonzero(np.asarray(plan.attrs[key[1]]).astype(str) == key[2]))
+        where = "overall" if kind == "overall" else f"in {key[1]}={key[2]}"
+        if metric in MEAN_METRICS:
+            if kind == "group":
+                return f"no task has {MEAN_METRICS[metric]} defined in every compared group of {key[1]}"
+            return f"no task has {MEAN_METRICS[metric]} defined"
+        name, _, task = metric.partition("/")
+        if metric == "underdiagnosis" and inp.no_finding is not None:
+            name, task = "fpr", inp.class_names[inp.no_finding]
+        if task and task in inp.class_names and name in ("auc", "tpr", "fpr", "accuracy", "selection_rate"):
+            j = inp.class_names.index(task)
+            y, v = sub.binary_label[:, j], sub.valid[:, j]
+            pos, neg = int((y & v).sum()), int((~y & v).sum())
+            need = {"auc": "both classes", "tpr": "positives", "fpr": "negatives"}.get(name, "labelled examples")
+            return f"{task}: {pos} positive / {neg} negative {where} (needs {need})"
+        if name.startswith("class_accuracy"):
+            return f"class {task} absent {where}"
+        return f"no examples {where}"
+    if kind == "gap":
+        _, attr, metric, _stat = key
+        n_def = int(point.get(("gap", attr, metric, "n_defined"), np.array([0]))[0])
+        if _stat.startswith("gap_to_best/") and n_def >= 2:
+            return f"{metric} of {attr}={_stat.split('/', 1)[1]} is undefined"
+        return f"{metric} defined in {n_def} of {len(plan.included[attr])} compared groups of {attr} (needs 2)"
+    if kind == "parity":
+        _, attr, name = key
+        metric, _, task = name.partition("/")
+        if task == "mean":
+            return f"{metric} is undefined for every task"
+        rates = {"demographic": ["selection_rate"], "equal_opportunity": ["tpr"], "equalized_odds": ["tpr", "fpr"]}
+        needed = next(v for k, v in rates.items() if metric.startswith(k))
+        parts = []
+        words = {"selection_rate": "labelled examples", "tpr": "positives", "fpr": "negatives"}
+        for rate in needed:
+            vals = [point[("group", attr, g, f"{rate}/{task}")][0] for g in plan.included[attr]]
+            n_def = sum(not np.isnan(v) for v in vals)
+            if n_def < 2:
+                parts.append(f"{n_def} of {len(plan.included[attr])} compared groups have {words[rate]} (needs 2)")
+            elif metric.endswith("ratio") and np.nanmax(vals) == 0:
+                parts.append(f"every compared group has {rate} 0 (ratio 0/0)")
+        return f"{task}: " + "; ".join(parts or ["undefined"])
+    return "undefined"
+
+
+def rules(method_note: str, exclude_small: bool, min_group_size: int) -> list[str]:
+    """The rules that change numbers, stated in every report."""
+    return [
+        f"thresholds: {method_note}",
+        "undefined values (a metric needing a class a group lacks; a comparison with fewer than two groups "
+        "defined) are null in metrics.json and 'n/a (reason)' here, never 0",
+        "equal opportunity / equalized odds: groups without positives (negatives) of a task are left out of "
+        "its TPR (FPR) comparison (fairlearn would count their rate as 0)",
+        "group mean metrics (auc_mean, accuracy_mean, auc_macro) average only the tasks defined in every "
+        "compared group of the attribute (listed per attribute)",
+        "'worst' in gap tables is the minimum over groups (maximum for FPR/underdiagnosis); its CI is the CI "
+        "of that minimum over bootstrap replicates, not the CI of the worst group's own value (group table)",
+        "gap CIs are percentile intervals of max - min over groups; max - min is biased upwards when groups "
+        "are alike, so such an interval can lie above (exclude) the estimate",
+        "parity '/mean' = mean over the tasks where that parity metric is defined",
+        (f"groups with fewer than {min_group_size} patients are flagged 'small' and "
+         + ("left out of gaps and parity" if exclude_small else "kept in gaps and parity")),
+    ]

@@ -21,6 +21,7 @@ import numpy as np
 from dpft.cli import UsageError
 
 TASKS = ("multiclass", "multilabel")
+PARAMS = ("ema", "raw", "polyak")  # which parameters made the predictions
 META_KEYS = ("task", "class_names", "eval_tasks", "step", "params", "epsilon", "delta")
 CHEXPERT_CLASSES = ("No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion",
                     "Edema", "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion",
@@ -91,8 +92,8 @@ def _validate(npz: Path, arrays: Mapping[str, np.ndarray], meta: Mapping[str, An
     if task not in TASKS:
         raise _fail(js, "task", f"must be one of {TASKS}, got {task!r}")
     class_names = list(meta["class_names"])
-    if meta["params"] not in ("ema", "raw"):
-        raise _fail(js, "params", f"must be 'ema' or 'raw', got {meta['params']!r}")
+    if meta["params"] not in PARAMS:
+        raise _fail(js, "params", f"must be one of {', '.join(PARAMS)}, got {meta['params']!r}")
     unknown = [t for t in meta["eval_tasks"] if t not in class_names]
     if unknown:
         raise _fail(js, "eval_tasks", f"{unknown} are not among class_names")

@@ -373,7 +373,8 @@ def read_npz(path: str | os.PathLike) -> HaikuTree:
 
 
 def read_orbax(path: str | os.PathLike, model: nnx.Module | None = None) -> HaikuTree:
-    """Read an orbax checkpoint with ``params`` (and optional ``state``) entries.
+    """Read an orbax checkpoint with ``params`` (and optional ``state``) entries, or the bare
+    ``WORKDIR/checkpoints/<step>/params`` item of a dpft training run (e.g. public pre-training).
 
     ``params`` may be a Haiku tree (keys with ``/``) or the model's pure NNX state
     (then ``model`` is needed for the names). A non-empty ``state`` is merged in.
@@ -385,6 +386,11 @@ def read_orbax(path: str | os.PathLike, model: nnx.Module | None = None) -> Haik
         restored = ocp.StandardCheckpointer().restore(path)
     except Exception as e:
         raise CheckpointError(f"{path}: cannot restore orbax checkpoint ({type(e).__name__}: {e})") from None
+    if isinstance(restored, Mapping) and "params" not in restored and os.path.basename(path) == "params":
+        # the `params` item of a dpft training checkpoint (checkpoints/<step>/params): NNX state, leaves {"value": x}
+        unwrap = lambda t: (t["value"] if set(t) == {"value"} else {k: unwrap(v) for k, v in t.items()}  # noqa: E731
+                            ) if isinstance(t, Mapping) else t
+        restored = {"params": unwrap(restored)}
     if not isinstance(restored, Mapping) or "params" not in restored:
         keys = sorted(restored) if isinstance(restored, Mapping) else type(restored).__name__
         raise CheckpointError(f"{path}: orbax checkpoint has no 'params' entry (found {keys})")

@@ -37,7 +37,7 @@ SCHEDULES = ("constant", "cosine", "warmup_cosine")
 CLIPPINGS = ("flat", "per_layer", "automatic")
 ACCOUNTANTS = ("pld", "rdp")
 GRAD_METHODS = ("auto", "bookkeeping", "vmap")
-EVAL_PARAMS = ("ema", "raw")
+EVAL_PARAMS = ("ema", "raw", "polyak")
 #: A given noise multiplier must lie here: below, epsilon is in the hundreds or more (no meaningful
 #: privacy) and the PLD accountant takes minutes; above, sigma*C overflows float32 noise.
 SIGMA_RANGE = (0.1, 1e6)
@@ -277,7 +277,7 @@ def validate(
     ema = c.number("train.ema_decay")
     if ema is not _MISSING and not 0.0 <= ema < 1.0:
         c.add("train.ema_decay", ema, "must be in [0, 1) (0 = off)")
-    c.boolean("train.polyak")
+    polyak = c.boolean("train.polyak")
     c.integer("train.log_every", 1)
     c.integer("train.eval_every", 0)
     c.integer("train.checkpoint_every", 0)
@@ -288,6 +288,8 @@ def validate(
     params = c.choice("eval.params", EVAL_PARAMS)
     if params == "ema" and ema is not _MISSING and ema == 0.0:
         c.add("eval.params", params, "needs an average: config.train.ema_decay=0 turns EMA off")
+    if params == "polyak" and polyak is False:
+        c.add("eval.params", params, "needs the Polyak average: set config.train.polyak=True")
     splits = c.value("eval.splits")
     if splits is not _MISSING and (
         not isinstance(splits, (tuple, list)) or not splits or not all(isinstance(s, str) and s for s in splits)
