@@ -110,7 +110,11 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--source is required for {args.dataset}")
     if args.source and not os.path.isdir(args.source):
         raise UsageError(f"--source {args.source!r} is not a directory")
+    from dpft.data import coverage
+
+    requested = options.pop("attributes", None)
     tables = load_splits(args.dataset, args.source, **options)
+    cov = coverage.report(tables, args.dataset, requested)  # printed; a requested attribute nowhere: error
     problems: list[str] = []
     if args.dataset != "digits":  # digits images are arrays made in memory
         for split in list(tables):
@@ -130,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
         write_index(tables, out, extra={"dataset": args.dataset, **key})
     summary = summarize(tables)
     summary.update(dataset=args.dataset, source=args.source, options=options, skipped=len(problems),
+                   attribute_coverage=cov,
                    skipped_examples=problems[:100])
     with open(os.path.join(out, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2, sort_keys=True)

@@ -102,6 +102,7 @@ class Trainer:
         distributed.initialize_distributed()
         self.mesh = distributed.make_data_mesh()
         self.tables = setup_lib.load_tables(config)
+        self.coverage = setup_lib.attribute_report(config, self.tables, self.print)  # printed, checked
         split = setup_lib.train_split_name(config)
         if split not in self.tables:
             raise UsageError(f"config.data.options.train_split={split!r}: data set {config.data.name!r} "
@@ -434,6 +435,8 @@ class Trainer:
             if jax.process_index() == 0:  # derived from the restored checkpoint: never stale
                 _atomic_write_text(os.path.join(self.workdir, "ledger.json"), self.ledger.to_json())
                 _atomic_write_text(os.path.join(self.workdir, "config.json"), config_to_json(cfg))
+                _atomic_write_text(os.path.join(self.workdir, "attribute_coverage.json"),
+                                   json.dumps(self.coverage, indent=2, sort_keys=True))
                 _atomic_write_text(os.path.join(self.workdir, "privacy_plan.json"),
                                    json.dumps(self.plan.to_dict(), indent=2))
             start = int(self.state["update"])

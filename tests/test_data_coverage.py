@@ -1,0 +1,53 @@
+"""Attribute coverage (printed by prepare/train/evaluate) and every loader option settable from the CLI."""
+import glob
+import json
+import os
+
+import pytest
+
+from dpft.data import coverage, fake, load_splits, option_defaults
+from dpft.data.base import DataError
+from dpft.train.config_base import RUN_OPTION_DEFAULTS, load_config
+
+CONFIGS = sorted(p for p in glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.py"))
+                 if not os.path.basename(p).startswith("_"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_every_loader_and_run_option_settable_on_every_config(path):
+    base = load_config(path)
+    keys = {**option_defaults(base.data.name), **RUN_OPTION_DEFAULTS}
+    assert set(keys) <= set(base.data.options.keys())
+    examples = {"mimic_iv_dir": "/data/mimiciv/2.2", "demo_path": "/data/CHEXPERT DEMO.xlsx", "mask_blank": "true",
+                "val_fraction": "0.2", "on_bad_image": "skip", "holdout": "500", "index_dir": "/idx",
+                "imbalance_fraction": "0.1", "imbalance_attribute": "sex", "attributes": "sex,age"}
+    overrides = [f"--config.data.options.{k}={v}" for k, v in examples.items() if k in keys]
+    c = load_config(path, overrides)
+    for k, v in examples.items():
+        if k in keys:
+            got = c.data.options[k]
+            assert str(got).lower() == v.lower() or got == json.loads(v), (k, got)
+
+
+def test_mimic_config_takes_mimic_iv_dir():
+    c = load_config("configs/mimic_cxr_nfnet_f0.py", ["--config.data.options.mimic_iv_dir=/data/mimiciv/2.2/hosp"])
+    assert c.data.options.mimic_iv_dir == "/data/mimiciv/2.2/hosp"
+
+
+def test_coverage_counts_and_checks(tmp_path):
+    d = fake.write_fake_chexpert(str(tmp_path / "c"), n_patients=12, n_valid_patients=3, seed=1, demo="csv")
+    tables = load_splits("chexpert", d)
+    lines = []
+    rep = coverage.report(tables, "chexpert", None, lines.append)
+    race = rep["attributes"]["race"]
+    n = sum(len(t) for t in tables.values())
+    assert race["n"] == n and sum(race["groups"].values()) == n
+    assert race["with_value"] == n - race["groups"].get("Unknown", 0) < n  # the writer leaves one patient out
+    assert any(line.startswith(f"attribute coverage: race {race['with_value']}/{n} (") for line in lines)
+    assert any("WARNING: fairness attribute 'race' is missing" in line for line in lines)
+    os.remove(os.path.join(d, "CHEXPERT DEMO.csv"))
+    tables = load_splits("chexpert", d)
+    with pytest.raises(DataError, match=r"requested fairness attribute\(s\) \['race'\].*demo_path"):
+        coverage.report(tables, "chexpert", None, lines.append)
+    coverage.report(tables, "chexpert", "sex,age", lines.append)  # asking for less is allowed
+    assert coverage.required_attributes("chexpert", ()) == ()
