@@ -8,7 +8,10 @@ One update u:
   ledger.record(q, sigma)             the accountant event that ran
 Checkpoints (orbax) hold params, opt state, EMA, update index, data-iterator state, ledger
 and config; a run on a workdir with a checkpoint resumes from it and ends with the same
-parameters as an uninterrupted run. SIGTERM/SIGINT save a checkpoint and return.
+parameters as an uninterrupted run. SIGTERM/SIGINT/SIGUSR1 are polled between physical
+batches: a stop in the middle of an update discards its partial accumulator (no noise yet,
+not accounted), saves the last completed update and returns with `preempted=True` (the CLI
+then exits with `dpft.errors.STOPPED_EARLY_EXIT_CODE`, 75).
 
 Faults: a run holds an exclusive lock on its workdir (`dpft.train.workdir_lock`); a corrupt
 latest checkpoint (unreadable item or checksum mismatch) is reported, moved to
@@ -25,7 +28,8 @@ import json
 import logging
 import math
 import os
-from typing import Any
+import signal
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +49,9 @@ from dpft.train.config_base import config_from_json, config_to_json
 from dpft.train.validation import check_finite_trees, check_finite_update, same_value, validate
 
 log = logging.getLogger(__name__)
+
+# Signals that stop a run cleanly (SLURM: `--signal=B:USR1@<lead>` before the time limit, TERM on preemption).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 # Fields that may change between a run and its resume (they do not affect what is trained).
 RESUMABLE_CHANGES = ("train.eval_every", "train.log_every", "train.checkpoint_every",
@@ -261,14 +268,25 @@ class Trainer:
         return self.ledger.epsilon(self.plan.delta, self.plan.accountant)
 
     # ------------------------------------------------------------------ one update
-    def train_update(self) -> dict:
-        """Runs the next update; returns host-side statistics of it."""
+    def train_update(self, stop: Callable[[], bool] | None = None) -> dict | None:
+        """Runs the next update; returns host-side statistics of it.
+
+        `stop` is polled before every physical batch: when it returns True the update is
+        abandoned — its partial accumulator (no noise yet, examples not yet accounted) is
+        discarded and the data iterator rewound to the update's start — and None is returned;
+        the state stays that of the last completed update.
+        """
         u = int(self.state["update"])
         if self.iterator.state["update_index"] != u:
             raise RuntimeError(f"data iterator at update {self.iterator.state} but state at {u}")
         acc = step_lib.zeros_accumulator(self.state["params"], self.mesh)
         stats_list = []
-        for j, batch in enumerate(self.iterator.update_batches()):
+        batches = self.iterator.update_batches()
+        for j, batch in enumerate(batches):
+            if stop is not None and stop():
+                batches.close()
+                self.iterator.set_state({"update_index": u, "physical_batch_index": 0})
+                return None
             key = keys.dropout_key(int(self.config.seed), u, j)
             device_batch = distributed.shard_batch(_device_batch(batch), self.mesh)
             acc, stats = self.accumulate(self.state["params"], acc, device_batch, key)
@@ -422,7 +440,7 @@ class Trainer:
         preempted = False
         with workdir_lock.WorkdirLock(self.workdir, enabled=jax.process_index() == 0), \
                 checkpointing.Checkpointer(self.workdir, keep=int(cfg.train.keep_checkpoints)) as ckpt, \
-                checkpointing.PreemptionFlag() as flag, \
+                checkpointing.PreemptionFlag(STOP_SIGNALS) as flag, \
                 logging_utils.MetricWriter(self.workdir) as writer, \
                 logging_utils.PrivateStatsWriter(self.workdir) as private_writer:
             resumed = self.restore(ckpt)
@@ -449,7 +467,16 @@ class Trainer:
             while int(self.state["update"]) < total:
                 if self.recorder is not None and self.recorder.should_record(int(self.state["update"])):
                     self.record_norms()
-                info = self.train_update()
+                info = self.train_update(stop=lambda: _agree(flag.requested))
+                if info is None:  # stopped between physical batches: keep the last completed update
+                    preempted = True
+                    u = int(self.state["update"])
+                    if ckpt.latest_step() != u:
+                        self.save(ckpt)
+                    self.print(f"stopping at update {u} (signal {flag.signal_name} in the middle of update {u + 1}, "
+                               f"whose partial accumulation is discarded); checkpoint of update {u} saved; "
+                               f"run the same command again to resume")
+                    break
                 done_this_call += 1
                 u = int(self.state["update"])
                 check_finite_update(info, u, ckpt.latest_step())  # stop before a NaN is saved
@@ -462,10 +489,8 @@ class Trainer:
                         and "validation" in self.tables:
                     writer.write(u, self.quick_eval("validation"))
                     progress.restart(u)
-                stop_now = flag.requested or (max_updates_this_call is not None
-                                              and done_this_call >= max_updates_this_call)
-                if jax.process_count() > 1:  # a signal may reach the hosts at different updates: agree
-                    stop_now = bool(np.any(multihost_utils.process_allgather(np.asarray(stop_now))))
+                stop_now = _agree(flag.requested or (max_updates_this_call is not None
+                                                     and done_this_call >= max_updates_this_call))
                 if u % int(cfg.train.checkpoint_every) == 0 or u == total or stop_now:
                     self.save(ckpt)
                 if stop_now:
@@ -529,6 +554,14 @@ class Trainer:
         self.print(f"devices: {jax.device_count()} ({jax.process_count()} process(es)), "
                    f"physical batch {self.config.train.physical_batch_size} per host, "
                    f"microbatch {self.config.train.microbatch_size}, augmult {self.config.data.augmult}")
+
+
+def _agree(flag: bool) -> bool:
+    """True when any process's `flag` is True (a signal may reach the hosts at different times);
+    with several processes a tiny allgather, so every host stops at the same physical batch."""
+    if jax.process_count() > 1:
+        return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
+    return bool(flag)
 
 
 def checkpoint_config(checkpoint_directory: str, step: int) -> ml_collections.ConfigDict:
