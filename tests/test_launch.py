@@ -404,3 +404,12 @@ def test_sweep_run_reruns_a_job_stopped_early(tmp_path, capsys):
                      "--dpft", str(fake), "--no-check"])
     assert rc == 0 and len(counter.read_text().split()) == 2
     assert "stopped early" in capsys.readouterr().err
+
+
+def test_device_report_names_platform_and_warns_for_big_models_on_cpu():
+    lines = D.device_report("nfnet_tiny")
+    assert lines[0].startswith(f"platform: {jax.devices()[0].platform}, device kind: ")
+    assert len(lines) == 1
+    if jax.devices()[0].platform == "cpu":
+        big = D.device_report("nfnet_f0")
+        assert len(big) == 2 and big[1].startswith("WARNING: training nfnet_f0 on CPU") and "jax[cuda12]" in big[1]

@@ -443,6 +443,8 @@ class Trainer:
                 checkpointing.PreemptionFlag(STOP_SIGNALS) as flag, \
                 logging_utils.MetricWriter(self.workdir) as writer, \
                 logging_utils.PrivateStatsWriter(self.workdir) as private_writer:
+            for line in distributed.device_report(str(cfg.model.name)):
+                self.print(line)
             resumed = self.restore(ckpt)
             for s, reason in self.skipped_checkpoints:  # save these steps afresh; keep the evidence
                 if jax.process_index() == 0:
