@@ -51,3 +51,25 @@ def test_coverage_counts_and_checks(tmp_path):
         coverage.report(tables, "chexpert", None, lines.append)
     coverage.report(tables, "chexpert", "sex,age", lines.append)  # asking for less is allowed
     assert coverage.required_attributes("chexpert", ()) == ()
+
+
+def test_training_starts_from_the_prepare_index(tmp_path):
+    from dpft import cli
+    from dpft.train import setup as setup_lib
+
+    d = fake.write_fake_chexpert(str(tmp_path / "c"), n_patients=12, n_valid_patients=3, seed=1, demo="csv")
+    out = str(tmp_path / "prepared")
+    assert cli.main(["prepare", "chexpert", "--source", d, "--out", out, "--no-progress", "--set",
+                     "frontal_only=true", "--set", "age_edges=[18,40,60,80]"]) == 0
+    with open(os.path.join(out, "summary.json")) as f:
+        assert "race" in json.load(f)["attribute_coverage"]["attributes"]
+    overrides = [f"--config.data.root={d}", f"--config.data.options.index_dir={out}/index"]
+    config = load_config("configs/fake_chexpert_tiny.py", overrides)
+    from_index = setup_lib.load_tables(config)
+    fresh = setup_lib.load_tables(load_config("configs/fake_chexpert_tiny.py", overrides[:1]))
+    assert {k: len(v) for k, v in from_index.items()} == {k: len(v) for k, v in fresh.items()}
+    for split in fresh:
+        assert [r["attrs"] for r in from_index[split].records()] == [r["attrs"] for r in fresh[split].records()]
+    import shutil
+    shutil.rmtree(os.path.join(d, "CheXpert-v1.0-small"))  # the CSVs are not read again
+    assert len(setup_lib.load_tables(config)["train"]) == len(fresh["train"])
