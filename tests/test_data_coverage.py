@@ -73,3 +73,14 @@ def test_training_starts_from_the_prepare_index(tmp_path):
     import shutil
     shutil.rmtree(os.path.join(d, "CheXpert-v1.0-small"))  # the CSVs are not read again
     assert len(setup_lib.load_tables(config)["train"]) == len(fresh["train"])
+
+
+def test_cloud_urls_refused_in_one_line_without_creating_a_gs_folder(tmp_path, capsys, monkeypatch):
+    from dpft import cli
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["train", "--config", os.path.join(os.path.dirname(__file__), "..", "configs", "digits_demo.py"),
+                     "--workdir", "gs://bucket/run"]) == 2
+    assert "gs:// paths are not supported" in capsys.readouterr().err
+    assert cli.main(["prepare", "chexpert", "--source", "gs://bucket/chexpert"]) == 2
+    assert cli.main(["evaluate", "--workdir", "gs://bucket/run"]) == 2
+    assert not os.path.exists(tmp_path / "gs:")

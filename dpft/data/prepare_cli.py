@@ -106,6 +106,9 @@ def run(args: argparse.Namespace) -> int:
     options = parse_options(args.set)
     if args.dataset in INDEXED:
         options.setdefault("on_bad_image", args.on_bad_image)
+    from dpft import paths
+    paths.check_local(args.source, "--source")
+    paths.check_local(args.out, "--out")
     if args.dataset != "digits" and not args.source:
         raise UsageError(f"--source is required for {args.dataset}")
     if args.source and not os.path.isdir(args.source):

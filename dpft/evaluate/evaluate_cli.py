@@ -82,6 +82,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.workdir:
         raise UsageError("give --workdir DIR (or --compare DIR ...)")
+    from dpft import paths
+    paths.check_local(args.workdir, "--workdir")
     workdir = os.path.abspath(args.workdir)
     step = _checkpoint_step(workdir, args.checkpoint)
     if step is None:

@@ -29,6 +29,12 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(config_to_json(config))
         return 0
+    from dpft import paths
+    paths.check_local(args.workdir, "--workdir")
+    paths.check_local(config.data.root, "config.data.root")
+    paths.check_local(config.model.checkpoint, "config.model.checkpoint")
+    for key in ("mimic_iv_dir", "demo_path", "index_dir"):
+        paths.check_local(config.data.options.get(key, None), f"config.data.options.{key}")
     from dpft.train.validation import validate
     validate(config)  # refuse bad configs before loading data or compiling anything
     from dpft.train import distributed, loop, workdir_lock
