@@ -86,8 +86,14 @@ def check_resume_config(old: ml_collections.ConfigDict, new: ml_collections.Conf
     """Refuse to resume with a config that changes what is trained (and so the guarantee)."""
     a = _flatten_config(json.loads(config_to_json(old)))
     b = _flatten_config(json.loads(config_to_json(new)))
+    # data.options keys a checkpoint written before they were listed lacks: equal when at their default.
+    from dpft.data import option_defaults
+    from dpft.train.config_base import RUN_OPTION_DEFAULTS
+    defaults = {f"data.options.{k}": v for k, v in json.loads(json.dumps(
+        {**option_defaults(str(new.data.name)), **RUN_OPTION_DEFAULTS})).items()}
     changed = sorted(k for k in set(a) | set(b)
-                     if not same_value(a.get(k), b.get(k)) and not k.startswith(RESUMABLE_CHANGES))
+                     if not same_value(a.get(k), b.get(k)) and not k.startswith(RESUMABLE_CHANGES)
+                     and not (k not in a and k in defaults and same_value(b.get(k), defaults[k])))
     if changed:
         details = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in changed[:5])
         raise UsageError(f"{workdir} holds a checkpoint of a different config ({details}); "
