@@ -5,6 +5,10 @@
     --config.privacy.epsilon=1                 # paper set {0.5, 1, 2, 4, 8}
     --config.train.batch_size=262144           # the papers' largest batch (accumulation)
     --config.privacy.enabled=False             # the non-private baseline
+
+WARNING: DeepMind's published F3_haiku.npz was pre-trained on ImageNet itself, so fine-tuning it
+"privately" on ImageNet protects nothing (the paper pre-trains on JFT-300M, which is not public).
+Use a checkpoint pre-trained on data disjoint from ImageNet for a meaningful private run.
 """
 import importlib.util
 import os

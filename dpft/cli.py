@@ -7,7 +7,9 @@ imported, so `dpft accountant` starts fast and never compiles a model.
 Exit codes: 0 success; every expected failure (a `dpft.errors.DpftError`, or an OSError
 such as disk full or a read-only directory) prints one line `dpft <command>: error: ...`
 and exits with its code: 2 invalid input (values, config, data), 3 checkpoint, 4 workdir
-busy, 5 filesystem, 6 non-finite training; 130 interrupted. Anything else is a bug and keeps
+busy, 5 filesystem, 6 non-finite training; 75 `dpft train` stopped early by a signal (SIGTERM,
+SIGINT, SIGUSR1) with its last completed update saved: rerun the same command to resume;
+130 interrupted (outside training). Anything else is a bug and keeps
 its traceback (exit 1).
 """
 from __future__ import annotations

@@ -14,6 +14,7 @@ CLI prints them on one line with `FilesystemError.exit_code`.
 | 4 | `WorkdirBusyError` | another process holds the workdir |
 | 5 | `FilesystemError` | the filesystem refused a write (full, read-only, not a directory, ...) |
 | 6 | `NonFiniteError` | training produced a non-finite loss, gradient or parameter |
+| 75 | `STOPPED_EARLY_EXIT_CODE` | `dpft train` stopped early (SIGTERM/SIGINT/SIGUSR1, e.g. a SLURM time limit or preemption) after saving its last completed update: not done; rerun the same command to resume (75 = EX_TEMPFAIL) |
 
 This module imports nothing from dpft (it is the lowest layer).
 """
@@ -26,6 +27,11 @@ FILESYSTEM_ERRNOS = frozenset({
     errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM,
     errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.EMFILE, errno.ENFILE, errno.EIO,
 })
+
+
+#: `dpft train` stopped by a signal before the end, its last completed update saved: rerun to resume.
+#: Not an error (nothing is lost) but not success either, so `afterok` dependencies and sweeps wait.
+STOPPED_EARLY_EXIT_CODE = 75
 
 
 class DpftError(Exception):

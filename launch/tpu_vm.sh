@@ -5,7 +5,8 @@
 #
 # Each worker runs the same `dpft train`; jax.distributed.initialize() (called by dpft when
 # TPU_WORKER_HOSTNAMES lists several hosts) finds the other workers itself. WORKDIR should be
-# shared storage (e.g. a gs:// bucket or NFS) so that checkpoints are visible to all workers.
+# shared storage mounted on every worker (NFS, Filestore, or a bucket through gcsfuse: dpft takes
+# local paths only and refuses gs:// URLs) so that checkpoints are visible to all workers.
 #
 # Environment:
 #   DPFT_PROJECT   GCP project (default: gcloud's configured one)

@@ -202,3 +202,26 @@ def test_prepare_cli_index_roundtrip_and_truncated_jpeg(root, tmp_path, capsys):
         summary = json.load(f)
     assert summary["skipped"] == 1
     assert sum(s["examples"] for s in summary["splits"].values()) == len(fake.read_manifest(root)["images"]) - 1
+
+
+def test_demo_table_by_path_by_loose_name_and_missing(tmp_path, caplog):
+    d = fake.write_fake_chexpert(str(tmp_path / "c"), n_patients=12, n_valid_patients=3, seed=1, demo="csv")
+    man = fake.read_manifest(d)
+    elsewhere = tmp_path / "demo" / "my demographics.csv"
+    elsewhere.parent.mkdir()
+    shutil.move(os.path.join(d, "CHEXPERT DEMO.csv"), elsewhere)
+    with caplog.at_level("WARNING"):
+        assert chexpert.load_splits(d)["train"].attribute_names == ("sex", "age")
+    assert "NO RACE" in caplog.text and "demo_path" in caplog.text
+    s = chexpert.load_splits(d, demo_path=str(elsewhere))
+    assert all(r["attrs"]["race"] == man["images"][p]["race"] for p, (_, r) in _by_path(s).items())
+    with pytest.raises(DataError, match="demographics table not found"):
+        chexpert.load_splits(d, demo_path=str(tmp_path / "nope.xlsx"))
+    shutil.copy(elsewhere, os.path.join(d, "CheXpert-v1.0-small", "chexpert_demo (1).CSV"))
+    assert chexpert.load_splits(d)["train"].attribute_names == ("sex", "age", "race")
+
+
+def test_race_and_ethnicity_unknown_is_unknown():
+    from dpft.data import subgroups
+    assert subgroups.group_race("Race and Ethnicity Unknown") == "Unknown"
+    assert subgroups.group_race("Other") == "Other"

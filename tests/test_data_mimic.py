@@ -101,9 +101,6 @@ def test_bad_inputs(root, tmp_path):
     shutil.copy(os.path.join(root, "mimic-cxr-2.0.0-split.csv.gz"), split)
 
     labels = os.path.join(d, "mimic-cxr-2.0.0-chexpert.csv.gz")
-    _edit(labels, lambda df: df.iloc[1:])
-    with pytest.raises(DataError, match="has no row in"):
-        mimic_cxr.load_splits(d)
     _edit(labels, lambda df: df.drop(columns=["Pneumothorax"]))
     with pytest.raises(DataError, match=r"chexpert\.csv\.gz: missing column.*Pneumothorax"):
         mimic_cxr.load_splits(d)
@@ -121,3 +118,40 @@ def test_bad_inputs(root, tmp_path):
     os.remove(meta)
     with pytest.raises(DataError, match="metadata.csv.gz: file not found"):
         mimic_cxr.load_splits(d)
+
+
+@pytest.mark.parametrize("layout,version", [("hosp", 2), ("core", 1), ("", 2)])
+def test_mimic_iv_in_separate_folder_every_layout(tmp_path, layout, version):
+    """MIMIC-IV v2 (hosp/), v1.0 (core/) or flat, in a folder apart from MIMIC-CXR-JPG."""
+    root, iv = str(tmp_path / "cxr"), str(tmp_path / "mimiciv" / "x")
+    fake.write_fake_mimic_cxr(root, n_subjects=9, seed=3, iv_root=iv, iv_layout=layout, iv_version=version)
+    man = fake.read_manifest(root)["images"]
+    splits = mimic_cxr.load_splits(root, mimic_iv_dir=iv)
+    assert splits["train"].attribute_names == ("sex", "age", "race", "insurance", "view")
+    for d, (_, rec) in _by_dicom(splits).items():
+        m = man[d]
+        assert (rec["attrs"]["sex"], rec["attrs"]["age"], rec["attrs"]["race"], rec["attrs"]["insurance"]) == \
+            (m["sex"], m["age_bin"], m["race"], m["insurance"])
+
+
+def test_mimic_iv_missing_warns_or_fails(tmp_path, caplog):
+    root = str(tmp_path / "cxr")
+    fake.write_fake_mimic_cxr(root, n_subjects=9, seed=3, iv_root=str(tmp_path / "iv"), iv_layout="hosp")
+    with caplog.at_level("WARNING"):
+        splits = mimic_cxr.load_splits(root)  # not under root: view only, loudly
+    assert splits["train"].attribute_names == ("view",)
+    assert "NO DEMOGRAPHICS" in caplog.text and "mimic_iv_dir" in caplog.text
+    with pytest.raises(DataError, match=r"patients\.csv\.gz.*not found.*mimic_iv_dir"):
+        mimic_cxr.load_splits(root, mimic_iv_dir=str(tmp_path / "elsewhere"))
+
+
+def test_studies_without_label_row_skipped_and_counted(tmp_path, caplog):
+    root = fake.write_fake_mimic_cxr(str(tmp_path / "cxr"), n_subjects=9, seed=4, unlabeled_studies=2)
+    man = fake.read_manifest(root)
+    assert man["unlabeled"]
+    with caplog.at_level("WARNING"):
+        splits = mimic_cxr.load_splits(root, views=())
+    got = _by_dicom(splits)
+    assert set(got) == set(man["images"])
+    assert not set(got) & set(man["unlabeled"])
+    assert f"skipped {len(man['unlabeled'])} image(s) of 2 stud(ies) without a row" in caplog.text

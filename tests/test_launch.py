@@ -400,3 +400,119 @@ def test_imbalance_recipe_from_configs_sweep_and_compare(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     cmp = json.loads((out / "compare.json").read_text())
     assert [(c["series"], c["x"], c["n_runs"]) for c in cmp["cells"]] == [(4.98, 0.3, 2), (None, 0.3, 2)]
+
+
+# ----------------------------------------------------------------------------- SLURM resources, preemption
+
+def _sbatch_lines(text):
+    return [line[len("#SBATCH "):].strip() for line in text.splitlines() if line.startswith("#SBATCH ")]
+
+
+def test_slurm_sbatch_requests_gpus_cpus_signal_and_requeue():
+    opts = _sbatch_lines(open(os.path.join(LAUNCH, "slurm.sbatch")).read())
+    names = {o.split("=")[0]: (o.split("=", 1)[1] if "=" in o else None) for o in opts}
+    assert "--gpus-per-node" in names or "--gres" in names
+    assert int(names["--cpus-per-task"]) * int(names["--ntasks-per-node"]) <= 32
+    assert names["--signal"].startswith(("B:USR1@", "B:TERM@")) and int(names["--signal"].split("@")[1]) >= 60
+    assert "--requeue" in names
+    text = open(os.path.join(LAUNCH, "slurm.sbatch")).read()
+    assert "--account" in text and "--partition" in text  # documented
+
+
+def _fake_slurm(tmp_path, srun_body):
+    """A fake `srun` (runs `srun_body` in bash) and a `scontrol` recording its arguments."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir(exist_ok=True)
+    (bindir / "srun").write_text("#!/usr/bin/env bash\n" + srun_body)
+    (bindir / "scontrol").write_text(f'#!/usr/bin/env bash\necho "$@" >> {tmp_path}/scontrol.log\n')
+    for name in ("srun", "scontrol"):
+        (bindir / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "SLURM_JOB_ID": "123"}
+    env.pop("DPFT_COORDINATOR_ADDRESS", None)
+    env.pop("DPFT_NO_REQUEUE", None)
+    return env
+
+
+# The fake training step: marks that it started, then on SIGUSR1/SIGTERM exits 75 as dpft does.
+_STOPPABLE = ('trap "echo stopped-by-USR1; exit 75" USR1\ntrap "echo stopped-by-TERM; exit 75" TERM\n'
+              'touch "$STARTED"\nfor i in $(seq 600); do sleep 0.1; done\nexit 0\n')
+
+
+def _run_signalled(script, args, env, sig, tmp_path):
+    import signal as signal_lib
+    import time
+
+    started = tmp_path / "started"
+    env = {**env, "STARTED": str(started)}
+    proc = subprocess.Popen(["bash", script, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 60
+    while not started.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    assert started.exists()
+    proc.send_signal(getattr(signal_lib, sig))
+    out, err = proc.communicate(timeout=60)
+    return proc.returncode, out, err
+
+
+def test_slurm_sbatch_usr1_before_time_limit_requeues(tmp_path):
+    env = _fake_slurm(tmp_path, _STOPPABLE)
+    rc, out, err = _run_signalled(os.path.join(LAUNCH, "slurm.sbatch"), ["c.py", str(tmp_path / "w")], env, "SIGUSR1",
+                                  tmp_path)
+    assert "stopped-by-USR1" in out
+    assert rc == 0 and (tmp_path / "scontrol.log").read_text().split() == ["requeue", "123"], err
+
+
+def test_slurm_sbatch_term_exits_75_without_requeue(tmp_path):
+    env = _fake_slurm(tmp_path, _STOPPABLE)
+    rc, out, err = _run_signalled(os.path.join(LAUNCH, "slurm.sbatch"), ["c.py", str(tmp_path / "w")], env, "SIGTERM",
+                                  tmp_path)
+    assert "stopped-by-TERM" in out and rc == 75 and not (tmp_path / "scontrol.log").exists(), err
+
+
+def test_slurm_sbatch_passes_the_exit_code_through(tmp_path):
+    env = _fake_slurm(tmp_path, "exit 6\n")
+    r = subprocess.run(["bash", os.path.join(LAUNCH, "slurm.sbatch"), "c.py", str(tmp_path / "w")], env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 6 and not (tmp_path / "scontrol.log").exists()
+
+
+def test_sweep_array_script_carries_slurm_sbatch_resources(tmp_path):
+    out = tmp_path / "sweep.sbatch"
+    rc = sweep.main(["--config", DIGITS, "--workdir", str(tmp_path / "runs"), "--sweep", "privacy.epsilon=1,8",
+                     "--slurm", str(out), "--sbatch-option=--gpus-per-node=8", "--sbatch-option=--partition=gpu"])
+    assert rc == 0
+    got = _sbatch_lines(out.read_text())
+    base = _sbatch_lines(open(os.path.join(LAUNCH, "slurm.sbatch")).read())
+    for opt in base:
+        name = opt.split("=")[0]
+        if name not in ("--job-name", "--output", "--gpus-per-node"):
+            assert opt in got, opt
+    assert [o for o in got if o.startswith("--gpus-per-node")] == ["--gpus-per-node=8"]
+    assert "--partition=gpu" in got and "--array=0-1" in got
+    assert "exec bash" in out.read_text()  # the batch shell runs slurm.sbatch's body (its traps)
+    # Array task 1 stopped by SIGUSR1 before its time limit: requeued.
+    env = _fake_slurm(tmp_path, _STOPPABLE)
+    env["SLURM_ARRAY_TASK_ID"] = "1"
+    rc, stdout, err = _run_signalled(str(out), [], env, "SIGUSR1", tmp_path)
+    assert rc == 0 and "stopped-by-USR1" in stdout and "requeue" in (tmp_path / "scontrol.log").read_text(), err
+
+
+def test_sweep_run_reruns_a_job_stopped_early(tmp_path, capsys):
+    counter = tmp_path / "count"
+    fake = tmp_path / "dpft"
+    fake.write_text(f'#!/usr/bin/env bash\necho x >> {counter}\n[[ $(wc -l < {counter}) -ge 2 ]] && exit 0\nexit 75\n')
+    fake.chmod(0o755)
+    rc = sweep.main(["--config", DIGITS, "--workdir", str(tmp_path / "runs"), "--sweep", "seed=1", "--run",
+                     "--dpft", str(fake), "--no-check"])
+    assert rc == 0 and len(counter.read_text().split()) == 2
+    assert "stopped early" in capsys.readouterr().err
+
+
+def test_device_report_names_platform_and_warns_for_big_models_on_cpu():
+    lines = D.device_report("nfnet_tiny")
+    assert lines[0].startswith(f"platform: {jax.devices()[0].platform}, device kind: ")
+    assert len(lines) == 1
+    if jax.devices()[0].platform == "cpu":
+        big = D.device_report("nfnet_f0")
+        assert len(big) == 2 and big[1].startswith("WARNING: training nfnet_f0 on CPU") and "jax[cuda12]" in big[1]

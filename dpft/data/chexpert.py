@@ -2,8 +2,12 @@
 
 Files: `<root>/CheXpert-v1.0-small/{train,valid}.csv` (or `CheXpert-v1.0/`), columns
 `Path,Sex,Age,Frontal/Lateral,AP/PA,<14 observations>`, label values 1.0, 0.0, -1.0, blank.
-Optional race table `CHEXPERT DEMO.xlsx` / `.csv` (PATIENT, GENDER, AGE_AT_CXR,
-PRIMARY_RACE, ETHNICITY) in <root> or the data set folder, joined on the patient id.
+Race table `CHEXPERT DEMO.xlsx` / `.csv` (PATIENT, GENDER, AGE_AT_CXR, PRIMARY_RACE,
+ETHNICITY; from the Stanford AIMI "CheXpert Demographic Data" page), joined on the patient id:
+given by `demo_path`, else the first file in <root> or the data set folder whose
+name, case-insensitive with spaces/underscores/hyphens ignored, starts with "chexpertdemo" and
+ends in .xlsx/.xls/.csv. Without it there is no race attribute, with a loud warning (the run's
+attribute check then refuses to train unless `data.options.attributes` leaves race out).
 
 Uncertainty policies (`uncertainty`), for the value -1.0:
   "ones"   -> 1 (U-Ones)        "zeros"  -> 0 (U-Zeros)      "ignore" -> loss mask 0
@@ -53,7 +57,7 @@ class CheXpertOptions:
     frontal_only: bool = False
     val_fraction: float = 0.1
     age_edges: tuple[int, ...] = subgroups.DEFAULT_AGE_EDGES
-    demo_path: str | None = None  # None: look for DEMO_NAMES
+    demo_path: str | None = None  # None: look for the CHEXPERT DEMO table (see module doc)
     check_files: bool = True  # every image path must exist
     on_bad_image: str = "error"  # "error" | "skip": missing image files
 
@@ -166,14 +170,28 @@ def read_demo(path: str) -> dict[str, str]:
     return dict(zip(df["PATIENT"].str.strip(), df["PRIMARY_RACE"]))
 
 
-def _find_demo(root: str, dataset_dir: str, demo_path: str | None) -> str | None:
+def _is_demo_name(name: str) -> bool:
+    key = re.sub(r"[\s_\-]", "", name.lower())
+    return key.startswith("chexpertdemo") and key.endswith((".xlsx", ".xls", ".csv"))
+
+
+def find_demo(root: str, dataset_dir: str, demo_path: str | None) -> str | None:
+    """The CHEXPERT DEMO table: `demo_path` (must exist), else found by name (module doc), else None."""
     if demo_path:
-        if not os.path.exists(demo_path):
+        if not os.path.isfile(demo_path):
             raise DataError(f"{demo_path}: demographics table not found (option demo_path)")
         return demo_path
-    for d in (root, dataset_dir):
-        for n in DEMO_NAMES:
-            if os.path.exists(os.path.join(d, n)):
+    folders = list(dict.fromkeys(os.path.abspath(d) for d in (root, dataset_dir)))
+    for d in folders:
+        for n in DEMO_NAMES:  # the official names first
+            if os.path.isfile(os.path.join(d, n)):
+                return os.path.join(d, n)
+        try:
+            names = sorted(os.listdir(d))
+        except OSError:
+            continue
+        for n in names:
+            if _is_demo_name(n) and os.path.isfile(os.path.join(d, n)):
                 return os.path.join(d, n)
     return None
 
@@ -233,7 +251,12 @@ def load_splits(root: str, *, index_dir: str | None = None, **options: Any) -> d
     if index_dir is not None:
         return read_index(index_dir, {"dataset": "chexpert", **opts.index_key()})
     dataset_dir, base = locate(root)
-    demo = _find_demo(root, dataset_dir, opts.demo_path)
+    demo = find_demo(root, dataset_dir, opts.demo_path)
+    if demo is None:
+        logging.getLogger(__name__).warning(
+            "chexpert: NO RACE: the CHEXPERT DEMO table was not found in %s or %s; race is "
+            "missing. Point to it with --config.data.options.demo_path=/path/to/CHEXPERT_DEMO.xlsx "
+            "(dpft prepare: --set demo_path=...)", root, dataset_dir)
     race = read_demo(demo) if demo else None
     train_csv, valid_csv = os.path.join(dataset_dir, "train.csv"), os.path.join(dataset_dir, "valid.csv")
     train_df, valid_df = _read_csv(train_csv), _read_csv(valid_csv)

@@ -25,7 +25,8 @@ RACE_RAW = {
     "Asian": ["Asian", "Asian, non-Hispanic", "ASIAN - CHINESE", "Asian - Historical Conv"],
     "Other": ["Other", "Native Hawaiian or Other Pacific Islander", "HISPANIC/LATINO - PUERTO RICAN",
               "American Indian or Alaska Native", "MULTIPLE RACE/ETHNICITY"],
-    "Unknown": ["Unknown", "Patient Refused", "UNABLE TO OBTAIN", "PATIENT DECLINED TO ANSWER", ""],
+    "Unknown": ["Unknown", "Patient Refused", "UNABLE TO OBTAIN", "PATIENT DECLINED TO ANSWER", "",
+                "Race and Ethnicity Unknown"],
 }
 INSURANCE_RAW = {"Medicare": ["Medicare"], "Medicaid": ["Medicaid"], "Other": ["Other", "Private", "No charge"]}
 # (bin, an age inside it) for the default edges 18, 40, 60, 80.
@@ -131,8 +132,14 @@ def write_fake_chexpert(root: str, n_patients: int = 6, n_valid_patients: int = 
 
 
 def write_fake_mimic_cxr(root: str, n_subjects: int = 9, *, seed: int = 0, image_size: int = 32,
-                         with_iv: bool = True, iv_version: int = 2, labeler_files: bool = True) -> str:
+                         with_iv: bool = True, iv_version: int = 2, labeler_files: bool = True,
+                         iv_root: str | None = None, iv_layout: str = "", unlabeled_studies: int = 0) -> str:
     """MIMIC-CXR-JPG 2.0.0 layout under `root` (+ MIMIC-IV `patients`/`admissions` CSV.GZ).
+
+    The MIMIC-IV tables go to `<iv_root or root>/<iv_layout>`: iv_layout "" (flat), "hosp"
+    (MIMIC-IV v2+) or "core" (MIMIC-IV v1.0). `unlabeled_studies`: that many studies (the last
+    ones) get no row in the label files (as 8 studies of the real 2.0.0 release); the manifest
+    lists them under `unlabeled` ({dicom_id: study}) and not under `images`.
 
     Subjects are dealt to train / validate / test in turn. `iv_version` 2 writes a `race`
     column, 1 an `ethnicity` column. Each subject gets 3 admissions: 2 with the chosen race
@@ -192,12 +199,19 @@ def write_fake_mimic_cxr(root: str, n_subjects: int = 9, *, seed: int = 0, image
     w = lambda rows, name: pd.DataFrame(rows).to_csv(os.path.join(root, name), index=False, compression="gzip")  # noqa: E731
     w(meta_rows, "mimic-cxr-2.0.0-metadata.csv.gz")
     w(split_rows, "mimic-cxr-2.0.0-split.csv.gz")
+    if unlabeled_studies:
+        dropped = {r["study_id"] for r in label_rows[-unlabeled_studies:]}
+        label_rows = label_rows[:-unlabeled_studies]
+        manifest["unlabeled"] = {d: m["study"] for d, m in manifest["images"].items() if m["study"] in dropped}
+        manifest["images"] = {d: m for d, m in manifest["images"].items() if m["study"] not in dropped}
     if labeler_files:
         w(label_rows, "mimic-cxr-2.0.0-chexpert.csv.gz")
         w(label_rows, "mimic-cxr-2.0.0-negbio.csv.gz")
     if with_iv:
-        w(patients, "patients.csv.gz")
-        w(admissions, "admissions.csv.gz")
+        iv = os.path.join(iv_root or root, iv_layout)
+        os.makedirs(iv, exist_ok=True)
+        for rows, name in ((patients, "patients.csv.gz"), (admissions, "admissions.csv.gz")):
+            pd.DataFrame(rows).to_csv(os.path.join(iv, name), index=False, compression="gzip")
     _save_manifest(root, manifest)
     return root
 

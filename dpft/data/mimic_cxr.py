@@ -4,8 +4,10 @@ Files under <root>: `files/p{NN}/p{subject}/s{study}/{dicom_id}.jpg` (NN = first
 of the subject id), `mimic-cxr-2.0.0-metadata.csv.gz`, `mimic-cxr-2.0.0-{chexpert,negbio}.csv.gz`
 (labels per study; `labeler`), `mimic-cxr-2.0.0-split.csv.gz` (train / validate / test).
 Demographics from MIMIC-IV `patients.csv.gz` and `admissions.csv.gz`, looked for in
-`mimic_iv_dir` (default <root>), also in its `hosp/` sub-folder. Without them the only
-attribute is `view`.
+`mimic_iv_dir` (default <root>) and its `hosp/` (MIMIC-IV v2+) and `core/` (v1.0) sub-folders;
+a given `mimic_iv_dir` without them is an error. Without them (and no `mimic_iv_dir`) the only
+attribute is `view`, with a loud warning (the run's attribute check then refuses to train
+unless `data.options.attributes` leaves out sex, age, race and insurance).
 
 Attributes: sex ("M"/"F" -> Male/Female), age at the study = anchor_age + (year of
 StudyDate YYYYMMDD) - anchor_year, binned with `age_edges`; race from `race` (MIMIC-IV v2+)
@@ -13,7 +15,8 @@ or `ethnicity` (v1) grouped by `subgroups.group_race`; insurance grouped by
 `subgroups.group_insurance`; view (ViewPosition). A subject's race and insurance are the
 most frequent non-blank values over their admissions (ties: alphabetical first); no
 admission -> "Unknown".
-Labels and uncertainty policies as in `dpft.data.chexpert`. Splits from the official split
+Labels and uncertainty policies as in `dpft.data.chexpert`. A study with no row in the
+label file (8 of 227,835 in 2.0.0) is skipped, counted and reported. Splits from the official split
 file ("validate" -> "validation"); a subject in two splits is an error.
 Example id = row of the metadata file; patient id = str(subject_id).
 """
@@ -44,7 +47,7 @@ class MimicOptions:
     labeler: str = "chexpert"  # "chexpert" | "negbio"
     views: tuple[str, ...] = ("PA", "AP")  # ViewPosition filter; () keeps every view
     age_edges: tuple[int, ...] = subgroups.DEFAULT_AGE_EDGES
-    mimic_iv_dir: str | None = None
+    mimic_iv_dir: str | None = None  # MIMIC-IV folder: patients/admissions here or in hosp/ or core/
     check_files: bool = True
     on_bad_image: str = "error"  # "error" | "skip": missing image files
 
@@ -94,19 +97,33 @@ def _mode(values: list[str]) -> str:
     return str(uniq[int(np.argmax(counts))])  # np.unique sorts: ties -> alphabetical first
 
 
-def _find_iv(root: str, iv_dir: str | None) -> str | None:
-    for d in ([iv_dir] if iv_dir else [root]):
-        for sub in ("", "hosp"):
-            if os.path.exists(os.path.join(d, sub, "patients.csv.gz")):
-                return os.path.join(d, sub)
+IV_SUBDIRS = ("", "hosp", "core")  # flat, MIMIC-IV v2+ (hosp/), MIMIC-IV v1.0 (core/)
+IV_TABLES = ("patients.csv.gz", "admissions.csv.gz")
+
+
+def find_iv_tables(root: str, iv_dir: str | None) -> tuple[str, str] | None:
+    """(patients path, admissions path) under `iv_dir` (default `root`) or its hosp/ / core/.
+
+    None when `iv_dir` is not given and nothing is found under `root`; a `DataError` when
+    `iv_dir` is given and either table is missing.
+    """
+    base = iv_dir or root
+    found = []
+    for name in IV_TABLES:
+        hits = [os.path.join(base, sub, name) for sub in IV_SUBDIRS if os.path.exists(os.path.join(base, sub, name))]
+        found.append(hits[0] if hits else None)
+    if all(found):
+        return found[0], found[1]
     if iv_dir:
-        raise DataError(f"{iv_dir}: no patients.csv.gz here or in hosp/ (option mimic_iv_dir)")
+        missing = [n for n, f in zip(IV_TABLES, found) if f is None]
+        raise DataError(f"{iv_dir}: MIMIC-IV table(s) {missing} not found here or in hosp/ (v2+) or core/ (v1.0) "
+                        f"(option mimic_iv_dir)")
     return None
 
 
-def read_demographics(iv: str) -> tuple[dict[str, tuple[str, int | None, int | None]], dict[str, tuple[str, str]]]:
+def read_demographics(p_path: str, a_path: str
+                      ) -> tuple[dict[str, tuple[str, int | None, int | None]], dict[str, tuple[str, str]]]:
     """({subject: (gender, anchor_age, anchor_year)}, {subject: (raw race, raw insurance)})."""
-    p_path, a_path = os.path.join(iv, "patients.csv.gz"), os.path.join(iv, "admissions.csv.gz")
     pat = _read(p_path, ("subject_id", "gender", "anchor_age", "anchor_year"))
     people = {}
     for i, (s, g, age, year) in enumerate(pat[["subject_id", "gender", "anchor_age", "anchor_year"]].itertuples(index=False)):
@@ -151,12 +168,16 @@ def load_splits(root: str, *, index_dir: str | None = None, **options: Any) -> d
                             f"(expected {sorted(SPLIT_NAMES)})")
         split_of[d] = SPLIT_NAMES[s]
 
-    iv = _find_iv(root, opts.mimic_iv_dir)
-    people, social = read_demographics(iv) if iv else ({}, {})
+    iv = find_iv_tables(root, opts.mimic_iv_dir)
+    if iv is None:
+        log.warning("mimic_cxr: NO DEMOGRAPHICS: MIMIC-IV patients.csv.gz / admissions.csv.gz not found under "
+                    "%s (nor in hosp/ or core/); sex, age, race and insurance are missing. Point to them with "
+                    "--config.data.options.mimic_iv_dir=/path/to/mimiciv/<version>", root)
+    people, social = read_demographics(*iv) if iv else ({}, {})
     attribute_names = ("sex", "age", "race", "insurance", "view") if iv else ("view",)
 
     by_split: dict[str, list[dict]] = {"train": [], "validation": [], "test": []}
-    missing = 0
+    missing, unlabeled, unlabeled_images = 0, set(), 0
     cols = md[list(METADATA_COLUMNS)].itertuples(index=False)
     for i, (dicom, subj, study, view, date) in enumerate(cols):
         where = f"{meta_path}: line {i + 2}"
@@ -165,7 +186,9 @@ def load_splits(root: str, *, index_dir: str | None = None, **options: Any) -> d
         if dicom not in split_of:
             raise DataError(f"{where}: dicom_id {dicom!r} not in {split_path}")
         if (subj, study) not in study_row:
-            raise DataError(f"{where}: study {study!r} of subject {subj!r} has no row in {label_path}")
+            unlabeled.add((subj, study))
+            unlabeled_images += 1
+            continue
         img = image_path(root, subj, study, dicom)
         if opts.check_files and not os.path.exists(img):
             if opts.on_bad_image == "error":
@@ -188,6 +211,10 @@ def load_splits(root: str, *, index_dir: str | None = None, **options: Any) -> d
                                           "label": label[j], "label_mask": mask[j], "attrs": attrs})
     if missing:
         log.warning("mimic_cxr: skipped %d missing images", missing)
+    if unlabeled:
+        log.warning("mimic_cxr: skipped %d image(s) of %d stud(ies) without a row in %s (e.g. study %s of "
+                    "subject %s)", unlabeled_images,
+                    len(unlabeled), label_path, *sorted(unlabeled)[0][::-1])
     check_patient_disjoint({k: [r["patient_id"] for r in v] for k, v in by_split.items()}, split_path)
     meta = TableMeta(name="mimic_cxr", task="multilabel", class_names=LABELS, eval_tasks=EVAL_TASKS,
                      attribute_names=attribute_names)

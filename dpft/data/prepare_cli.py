@@ -106,11 +106,18 @@ def run(args: argparse.Namespace) -> int:
     options = parse_options(args.set)
     if args.dataset in INDEXED:
         options.setdefault("on_bad_image", args.on_bad_image)
+    from dpft import paths
+    paths.check_local(args.source, "--source")
+    paths.check_local(args.out, "--out")
     if args.dataset != "digits" and not args.source:
         raise UsageError(f"--source is required for {args.dataset}")
     if args.source and not os.path.isdir(args.source):
         raise UsageError(f"--source {args.source!r} is not a directory")
+    from dpft.data import coverage
+
+    requested = options.pop("attributes", None)
     tables = load_splits(args.dataset, args.source, **options)
+    cov = coverage.report(tables, args.dataset, requested)  # printed; a requested attribute nowhere: error
     problems: list[str] = []
     if args.dataset != "digits":  # digits images are arrays made in memory
         for split in list(tables):
@@ -130,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
         write_index(tables, out, extra={"dataset": args.dataset, **key})
     summary = summarize(tables)
     summary.update(dataset=args.dataset, source=args.source, options=options, skipped=len(problems),
+                   attribute_coverage=cov,
                    skipped_examples=problems[:100])
     with open(os.path.join(out, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2, sort_keys=True)

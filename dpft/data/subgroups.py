@@ -3,7 +3,8 @@
 Race grouping (`group_race`), applied to CheXpert `PRIMARY_RACE` and MIMIC-IV
 `race`/`ethnicity` strings, case-insensitive, after stripping spaces:
   * blank / NaN, or starting with "unknown", "patient refused", "patient declined",
-    "declined", "unable to obtain", "not specified"                          -> "Unknown"
+    "declined", "unable to obtain", "not specified", "race and ethnicity unknown"
+    (the CHEXPERT DEMO table's value)                                       -> "Unknown"
   * starting with "white"                                                  -> "White"
   * starting with "black" or "african american"                            -> "Black"
   * starting with "asian"                                                  -> "Asian"
@@ -28,7 +29,7 @@ from dpft.data.base import DataError, ExampleTable
 DEFAULT_AGE_EDGES: tuple[int, ...] = (18, 40, 60, 80)
 RACE_GROUPS = ("White", "Black", "Asian", "Other", "Unknown")
 _UNKNOWN_PREFIXES = ("unknown", "patient refused", "patient declined", "declined", "unable to obtain",
-                     "not specified", "nan")
+                     "not specified", "nan", "race and ethnicity unknown")
 
 
 def age_bin_labels(edges: Sequence[int] = DEFAULT_AGE_EDGES) -> tuple[str, ...]:

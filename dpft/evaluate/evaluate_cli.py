@@ -143,6 +143,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("give --workdir DIR (or --compare DIR ...)")
     options = eval_options(args)
     reports.make_config(**options)  # bad statistics options fail before the model runs
+    from dpft import paths as dpft_paths
+    dpft_paths.check_local(args.workdir, "--workdir")
     workdir = os.path.abspath(args.workdir)
     reuse = args.reuse_predictions and args.params is None
     if args.reuse_predictions and args.params is not None:

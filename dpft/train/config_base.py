@@ -18,7 +18,12 @@ Fields (units in brackets):
   data.augmult               K augmented views per example (>= 1)
   data.random_crop/flip      augmentations of the training views
   data.num_workers           host data-loading workers
-  data.options               dataset-specific ConfigDict (uncertainty, frontal_only, ...)
+  data.options               dataset-specific ConfigDict: every field of the loader's options class
+                             (dpft.data.option_defaults; e.g. mimic_iv_dir, demo_path, mask_blank,
+                             val_fraction, on_bad_image, holdout, index_dir) and the run options
+                             RUN_OPTION_DEFAULTS (train_split, crop, imbalance_*, attributes, ...);
+                             `load_config` adds those a config file leaves out, with their defaults,
+                             so each is settable as --config.data.options.KEY=VALUE
   privacy.enabled            False = the non-private baseline on the same code path
   privacy.epsilon            target epsilon (used when noise_multiplier == 0)
   privacy.delta              0 = 1/N at run time
@@ -59,6 +64,19 @@ import ml_collections
 from dpft.cli import UsageError
 
 ConfigDict = ml_collections.ConfigDict
+
+# data.options keys read by the run set-up (dpft.train.setup), not by the loader; None = not set.
+RUN_OPTION_DEFAULTS: dict[str, Any] = {
+    "train_split": None,  # default "train"
+    "crop": None,  # "random_resized" | "pad_crop" | "none"; default by resolution
+    "eval_crop_fraction": None,
+    "worker_processes": None,
+    "imbalance_attribute": None,
+    "imbalance_group": None,
+    "imbalance_fraction": None,
+    "imbalance_seed": None,
+    "attributes": None,  # fairness attributes the run asks for (dpft.data.coverage); None = data set default
+}
 
 
 def base_config(*, locked: bool = True) -> ConfigDict:
@@ -292,8 +310,29 @@ def load_config(path_with_optional_arg: str, overrides: Sequence[str] = ()) -> C
     The result is locked. Raises UsageError for a missing file or a bad override.
     """
     config = _load_config_file(path_with_optional_arg)
+    add_option_defaults(config, _overridden_data_name(overrides))
     config.lock()
     return apply_overrides(config, overrides)
+
+
+def _overridden_data_name(overrides: Sequence[str]) -> str | None:
+    names = [v for k, v, _ in _parse_overrides(overrides) if k == "data.name"]
+    return names[-1] if names else None
+
+
+def add_option_defaults(config: ConfigDict, data_name: str | None = None) -> ConfigDict:
+    """Add every loader option of the data set (`dpft.data.option_defaults`) and every run option
+    (`RUN_OPTION_DEFAULTS`) that `config.data.options` lacks, with its default (in place)."""
+    from dpft.data import option_defaults
+
+    name = data_name or config.data.name
+    with config.unlocked():
+        if config.data.options is None:
+            config.data.options = ConfigDict()
+        for key, value in {**option_defaults(name), **RUN_OPTION_DEFAULTS}.items():
+            if key not in config.data.options:
+                config.data.options[key] = value
+    return config
 
 
 # --------------------------------------------------------------------------- JSON

@@ -144,3 +144,21 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
 def replicate(tree: Any, mesh: Mesh) -> Any:
     """Place a pytree (identical on every host) fully replicated on the mesh."""
     return jax.device_put(tree, replicated_sharding(mesh))
+
+
+# Models small enough to train on a CPU in reasonable time (tests, the demo).
+CPU_SIZED_MODELS = ("nfnet_micro", "nfnet_tiny")
+
+
+def device_report(model_name: str) -> list[str]:
+    """Lines printed when a run starts: platform, device kind and count; a warning for a model
+    larger than nfnet_tiny on CPU (usually a JAX without CUDA/TPU support; see README)."""
+    devices = jax.devices()
+    d = devices[0]
+    lines = [f"platform: {d.platform}, device kind: {d.device_kind}, {len(devices)} device(s) in "
+             f"{jax.process_count()} process(es), {jax.local_device_count()} local"]
+    if d.platform == "cpu" and str(model_name).lower() not in CPU_SIZED_MODELS:
+        lines.append(f"WARNING: training {model_name} on CPU will be very slow; if this machine has a GPU or TPU, "
+                     f"install JAX for it (README, 'GPUs and TPUs': pip install -U 'jax[cuda12]' or 'jax[tpu]') "
+                     f"and check with: python -c \"import jax; print(jax.devices())\"")
+    return lines

@@ -8,7 +8,10 @@ One update u:
   ledger.record(q, sigma)             the accountant event that ran
 Checkpoints (orbax) hold params, opt state, EMA, update index, data-iterator state, ledger
 and config; a run on a workdir with a checkpoint resumes from it and ends with the same
-parameters as an uninterrupted run. SIGTERM/SIGINT save a checkpoint and return.
+parameters as an uninterrupted run. SIGTERM/SIGINT/SIGUSR1 are polled between physical
+batches: a stop in the middle of an update discards its partial accumulator (no noise yet,
+not accounted), saves the last completed update and returns with `preempted=True` (the CLI
+then exits with `dpft.errors.STOPPED_EARLY_EXIT_CODE`, 75).
 
 Faults: a run holds an exclusive lock on its workdir (`dpft.train.workdir_lock`); a corrupt
 latest checkpoint (unreadable item or checksum mismatch) is reported, moved to
@@ -25,7 +28,8 @@ import json
 import logging
 import math
 import os
-from typing import Any
+import signal
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +49,9 @@ from dpft.train.config_base import config_from_json, config_to_json
 from dpft.train.validation import check_finite_trees, check_finite_update, same_value, validate
 
 log = logging.getLogger(__name__)
+
+# Signals that stop a run cleanly (SLURM: `--signal=B:USR1@<lead>` before the time limit, TERM on preemption).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 # Fields that may change between a run and its resume (they do not affect what is trained).
 RESUMABLE_CHANGES = ("train.eval_every", "train.log_every", "train.checkpoint_every",
@@ -79,8 +86,14 @@ def check_resume_config(old: ml_collections.ConfigDict, new: ml_collections.Conf
     """Refuse to resume with a config that changes what is trained (and so the guarantee)."""
     a = _flatten_config(json.loads(config_to_json(old)))
     b = _flatten_config(json.loads(config_to_json(new)))
+    # data.options keys a checkpoint written before they were listed lacks: equal when at their default.
+    from dpft.data import option_defaults
+    from dpft.train.config_base import RUN_OPTION_DEFAULTS
+    defaults = {f"data.options.{k}": v for k, v in json.loads(json.dumps(
+        {**option_defaults(str(new.data.name)), **RUN_OPTION_DEFAULTS})).items()}
     changed = sorted(k for k in set(a) | set(b)
-                     if not same_value(a.get(k), b.get(k)) and not k.startswith(RESUMABLE_CHANGES))
+                     if not same_value(a.get(k), b.get(k)) and not k.startswith(RESUMABLE_CHANGES)
+                     and not (k not in a and k in defaults and same_value(b.get(k), defaults[k])))
     if changed:
         details = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in changed[:5])
         raise UsageError(f"{workdir} holds a checkpoint of a different config ({details}); "
@@ -102,6 +115,7 @@ class Trainer:
         distributed.initialize_distributed()
         self.mesh = distributed.make_data_mesh()
         self.tables = setup_lib.load_tables(config)
+        self.coverage = setup_lib.attribute_report(config, self.tables, self.print)  # printed, checked
         split = setup_lib.train_split_name(config)
         if split not in self.tables:
             raise UsageError(f"config.data.options.train_split={split!r}: data set {config.data.name!r} "
@@ -260,14 +274,25 @@ class Trainer:
         return self.ledger.epsilon(self.plan.delta, self.plan.accountant)
 
     # ------------------------------------------------------------------ one update
-    def train_update(self) -> dict:
-        """Runs the next update; returns host-side statistics of it."""
+    def train_update(self, stop: Callable[[], bool] | None = None) -> dict | None:
+        """Runs the next update; returns host-side statistics of it.
+
+        `stop` is polled before every physical batch: when it returns True the update is
+        abandoned — its partial accumulator (no noise yet, examples not yet accounted) is
+        discarded and the data iterator rewound to the update's start — and None is returned;
+        the state stays that of the last completed update.
+        """
         u = int(self.state["update"])
         if self.iterator.state["update_index"] != u:
             raise RuntimeError(f"data iterator at update {self.iterator.state} but state at {u}")
         acc = step_lib.zeros_accumulator(self.state["params"], self.mesh)
         stats_list = []
-        for j, batch in enumerate(self.iterator.update_batches()):
+        batches = self.iterator.update_batches()
+        for j, batch in enumerate(batches):
+            if stop is not None and stop():
+                batches.close()
+                self.iterator.set_state({"update_index": u, "physical_batch_index": 0})
+                return None
             key = keys.dropout_key(int(self.config.seed), u, j)
             device_batch = distributed.shard_batch(_device_batch(batch), self.mesh)
             acc, stats = self.accumulate(self.state["params"], acc, device_batch, key)
@@ -421,9 +446,11 @@ class Trainer:
         preempted = False
         with workdir_lock.WorkdirLock(self.workdir, enabled=jax.process_index() == 0), \
                 checkpointing.Checkpointer(self.workdir, keep=int(cfg.train.keep_checkpoints)) as ckpt, \
-                checkpointing.PreemptionFlag() as flag, \
+                checkpointing.PreemptionFlag(STOP_SIGNALS) as flag, \
                 logging_utils.MetricWriter(self.workdir) as writer, \
                 logging_utils.PrivateStatsWriter(self.workdir) as private_writer:
+            for line in distributed.device_report(str(cfg.model.name)):
+                self.print(line)
             resumed = self.restore(ckpt)
             for s, reason in self.skipped_checkpoints:  # save these steps afresh; keep the evidence
                 if jax.process_index() == 0:
@@ -434,6 +461,8 @@ class Trainer:
             if jax.process_index() == 0:  # derived from the restored checkpoint: never stale
                 _atomic_write_text(os.path.join(self.workdir, "ledger.json"), self.ledger.to_json())
                 _atomic_write_text(os.path.join(self.workdir, "config.json"), config_to_json(cfg))
+                _atomic_write_text(os.path.join(self.workdir, "attribute_coverage.json"),
+                                   json.dumps(self.coverage, indent=2, sort_keys=True))
                 _atomic_write_text(os.path.join(self.workdir, "privacy_plan.json"),
                                    json.dumps(self.plan.to_dict(), indent=2))
             start = int(self.state["update"])
@@ -446,7 +475,16 @@ class Trainer:
             while int(self.state["update"]) < total:
                 if self.recorder is not None and self.recorder.should_record(int(self.state["update"])):
                     self.record_norms()
-                info = self.train_update()
+                info = self.train_update(stop=lambda: _agree(flag.requested))
+                if info is None:  # stopped between physical batches: keep the last completed update
+                    preempted = True
+                    u = int(self.state["update"])
+                    if ckpt.latest_step() != u:
+                        self.save(ckpt)
+                    self.print(f"stopping at update {u} (signal {flag.signal_name} in the middle of update {u + 1}, "
+                               f"whose partial accumulation is discarded); checkpoint of update {u} saved; "
+                               f"run the same command again to resume")
+                    break
                 done_this_call += 1
                 u = int(self.state["update"])
                 check_finite_update(info, u, ckpt.latest_step())  # stop before a NaN is saved
@@ -459,10 +497,8 @@ class Trainer:
                         and "validation" in self.tables:
                     writer.write(u, self.quick_eval("validation"))
                     progress.restart(u)
-                stop_now = flag.requested or (max_updates_this_call is not None
-                                              and done_this_call >= max_updates_this_call)
-                if jax.process_count() > 1:  # a signal may reach the hosts at different updates: agree
-                    stop_now = bool(np.any(multihost_utils.process_allgather(np.asarray(stop_now))))
+                stop_now = _agree(flag.requested or (max_updates_this_call is not None
+                                                     and done_this_call >= max_updates_this_call))
                 if u % int(cfg.train.checkpoint_every) == 0 or u == total or stop_now:
                     self.save(ckpt)
                 if stop_now:
@@ -526,6 +562,14 @@ class Trainer:
         self.print(f"devices: {jax.device_count()} ({jax.process_count()} process(es)), "
                    f"physical batch {self.config.train.physical_batch_size} per host, "
                    f"microbatch {self.config.train.microbatch_size}, augmult {self.config.data.augmult}")
+
+
+def _agree(flag: bool) -> bool:
+    """True when any process's `flag` is True (a signal may reach the hosts at different times);
+    with several processes a tiny allgather, so every host stops at the same physical batch."""
+    if jax.process_count() > 1:
+        return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
+    return bool(flag)
 
 
 def checkpoint_config(checkpoint_directory: str, step: int) -> ml_collections.ConfigDict:

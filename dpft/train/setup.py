@@ -18,6 +18,7 @@ from dpft.data.base import ExampleTable
 from dpft.privacy import adapters, engine, keys
 from dpft.privacy import plan as plan_lib
 from dpft.train import validation
+from dpft.train.config_base import RUN_OPTION_DEFAULTS
 
 log = logging.getLogger(__name__)
 
@@ -31,15 +32,14 @@ DATASETS = {
 
 
 # data.options keys used by the run set-up itself, not passed to the data set's loader.
-RUN_OPTIONS = ("train_split", "crop", "eval_crop_fraction", "worker_processes", "imbalance_attribute", "imbalance_group", "imbalance_fraction",
-               "imbalance_seed")
+RUN_OPTIONS = tuple(RUN_OPTION_DEFAULTS)
 
 
 def data_options(config: ml_collections.ConfigDict) -> tuple[dict, dict]:
-    """(loader options, run options) of `config.data.options`."""
+    """(loader options, run options) of `config.data.options`; run options left at None are dropped."""
     options = dict(config.data.options.to_dict()) if config.data.options is not None else {}
     run = {k: options.pop(k) for k in RUN_OPTIONS if k in options}
-    return options, run
+    return options, {k: v for k, v in run.items() if v is not None}
 
 
 def train_split_name(config: ml_collections.ConfigDict) -> str:
@@ -70,6 +70,17 @@ def load_tables(config: ml_collections.ConfigDict) -> dict[str, ExampleTable]:
             str(run["imbalance_attribute"]), str(run["imbalance_group"]), float(run["imbalance_fraction"]),
             seed=int(run.get("imbalance_seed", config.seed))))
     return tables
+
+
+def attribute_report(config: ml_collections.ConfigDict, tables: dict[str, ExampleTable],
+                     print_fn: Callable[[str], None] = print) -> dict[str, Any]:
+    """Prints the per-attribute coverage of `tables` and checks the fairness attributes the run
+    asks for (`data.options.attributes`, default per data set): none at all -> DataError, some rows
+    without -> a loud warning. Returns the coverage record (`dpft.data.coverage.report`)."""
+    from dpft.data import coverage
+
+    requested = config.data.options.get("attributes", None) if config.data.options is not None else None
+    return coverage.report(tables, str(config.data.name), requested, print_fn)
 
 
 def augment_config(config: ml_collections.ConfigDict, *, channels: int = 3) -> AugmentConfig:

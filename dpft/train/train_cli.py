@@ -2,6 +2,9 @@
 
 Trains (or, when DIR holds a checkpoint of the same config, resumes) a DP-SGD run.
 Every config field can be overridden, e.g. `--config.privacy.epsilon=4`.
+Exit 0 when the run is complete; 75 (`dpft.errors.STOPPED_EARLY_EXIT_CODE`) when a signal
+(SIGTERM, SIGINT, SIGUSR1) stopped it early after saving its last completed update: run the
+same command again to resume.
 """
 from __future__ import annotations
 
@@ -26,6 +29,12 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(config_to_json(config))
         return 0
+    from dpft import paths
+    paths.check_local(args.workdir, "--workdir")
+    paths.check_local(config.data.root, "config.data.root")
+    paths.check_local(config.model.checkpoint, "config.model.checkpoint")
+    for key in ("mimic_iv_dir", "demo_path", "index_dir"):
+        paths.check_local(config.data.options.get(key, None), f"config.data.options.{key}")
     from dpft.train.validation import validate
     validate(config)  # refuse bad configs before loading data or compiling anything
     from dpft.train import distributed, loop, workdir_lock
@@ -33,5 +42,12 @@ def run(args: argparse.Namespace) -> int:
     # Multi-process runs take the lock in the loop (process 0 only, once jax knows which it is).
     single = distributed.detect_cluster() is None
     with workdir_lock.WorkdirLock(args.workdir, enabled=single):
-        loop.train(config, args.workdir)  # a preempted run has saved its checkpoint: exit 0 as well
+        result = loop.train(config, args.workdir)
+    if result.preempted:  # its last completed update is saved: not done, not failed
+        import sys
+
+        from dpft.errors import STOPPED_EARLY_EXIT_CODE
+        print(f"dpft train: stopped early at update {result.updates_done} of {result.plan.num_updates}; "
+              f"run the same command again to resume (exit {STOPPED_EARLY_EXIT_CODE})", file=sys.stderr)
+        return STOPPED_EARLY_EXIT_CODE
     return 0

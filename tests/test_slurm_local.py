@@ -1,0 +1,110 @@
+"""A real local SLURM (Debian `slurmctld slurmd munge`; set-up in launch/README.md): submit
+launch/slurm.sbatch and a sweep.py --slurm array, send SLURM's pre-time-limit signal
+(`scancel --signal=USR1 --batch`, what `--signal=B:USR1@600` sends) during training; each job
+stops between physical batches, exits 75, requeues itself, resumes and ends with the same
+ledger as an uninterrupted run. Skipped where no SLURM controller answers."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from dpft.data import fake
+
+pytestmark = pytest.mark.slow
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(REPO, "configs", "fake_chexpert_tiny.py")
+UPDATES = 8
+WAIT = 900  # seconds per job: compile + SLURM's requeue delay (about 2 minutes) + the rest
+
+
+def _slurm_up() -> bool:
+    if not shutil.which("sbatch") or not shutil.which("sinfo"):
+        return False
+    r = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=30)
+    return r.returncode == 0 and any(s.strip() in ("idle", "mix", "alloc") for s in r.stdout.split())
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    if not _slurm_up():
+        pytest.skip("no local SLURM controller (see launch/README.md, 'Testing on a local SLURM')")
+    tmp = tmp_path_factory.mktemp("slurm")
+    root = fake.write_fake_chexpert(str(tmp / "data"), n_patients=60, n_valid_patients=6)
+    wrapper = tmp / "dpft"
+    wrapper.write_text(f"#!/usr/bin/env bash\nexport PYTHONPATH={REPO} JAX_PLATFORMS=cpu\n"
+                       f"exec {sys.executable} -m dpft.cli \"$@\"\n")
+    wrapper.chmod(0o755)
+    overrides = [f"--config.data.root={root}", "--config.model.name=nfnet_micro", f"--config.train.num_updates={UPDATES}",
+                 "--config.train.batch_size=48", "--config.train.eval_every=0", "--config.train.checkpoint_every=1",
+                 "--config.privacy.insecure_fixed_noise_seed=7", "--config.eval.splits=test"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "DPFT_"))}
+    env.update(DPFT=str(wrapper), PYTHONPATH=REPO, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    ref = subprocess.run([str(wrapper), "train", "--config", TINY, "--workdir", str(tmp / "ref"), *overrides], env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    return {"tmp": tmp, "env": env, "overrides": overrides, "ledger": _ledger(tmp / "ref")}
+
+
+def _ledger(workdir) -> dict:
+    with open(os.path.join(str(workdir), "ledger.json")) as f:
+        return json.load(f)
+
+
+def _signal_and_wait(job: str, workdir, env) -> None:
+    """USR1 to the batch shell once the first checkpoint exists; then wait until the job has left the queue."""
+    ckpts = os.path.join(str(workdir), "checkpoints")
+    deadline = time.time() + WAIT
+    while time.time() < deadline:
+        if os.path.isdir(ckpts) and any(s.isdigit() for s in os.listdir(ckpts)):
+            break
+        time.sleep(0.05)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, env=env)
+    while time.time() < deadline:
+        q = subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True, env=env)
+        if job not in q.stdout:
+            return
+        time.sleep(2)
+    subprocess.run(["scancel", job], env=env)
+    pytest.fail(f"job {job} still queued after {WAIT} s")
+
+
+def _check(out: str, workdir, setup) -> None:
+    assert "stopping at update" in out and "(exit 75)" in out, out[-3000:]
+    assert "requeueing job" in out and "resumed from" in out, out[-3000:]
+    assert "platform: cpu" in out
+    assert _ledger(workdir) == setup["ledger"]
+    assert os.path.isfile(os.path.join(str(workdir), "predictions", str(UPDATES), "test.npz"))
+
+
+def test_slurm_sbatch_signal_requeue_resume(setup):
+    tmp, env = setup["tmp"], setup["env"]
+    workdir = tmp / "job"
+    job = subprocess.run(["sbatch", "--parsable", f"--chdir={REPO}", "--cpus-per-task=1", f"--output={tmp}/job-%j.out",
+                          os.path.join(REPO, "launch", "slurm.sbatch"), TINY, str(workdir), *setup["overrides"]],
+                         capture_output=True, text=True, env=env, check=True).stdout.strip().split(";")[0]
+    _signal_and_wait(job, workdir, env)
+    _check((tmp / f"job-{job}.out").read_text(), workdir, setup)
+
+
+def test_sweep_array_signal_requeue_resume(setup):
+    tmp, env = setup["tmp"], setup["env"]
+    script = tmp / "sweep.sbatch"
+    r = subprocess.run([sys.executable, os.path.join(REPO, "launch", "sweep.py"), "--config", TINY, "--workdir",
+                        str(tmp / "sweep"), "--sweep", "seed=0", *[f"--set={o[2:]}" for o in setup["overrides"]],
+                        "--slurm", str(script), "--sbatch-option=--cpus-per-task=1",
+                        f"--sbatch-option=--output={tmp}/sweep-%A_%a.out"],
+                       capture_output=True, text=True, env=env, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    assert "#SBATCH --gpus-per-node=4" in script.read_text()
+    job = subprocess.run(["sbatch", "--parsable", f"--chdir={REPO}", str(script)], capture_output=True, text=True,
+                         env=env, check=True).stdout.strip().split(";")[0]
+    workdir = tmp / "sweep" / "seed-0"
+    _signal_and_wait(f"{job}_0", workdir, env)
+    _check((tmp / f"sweep-{job}_0.out").read_text(), workdir, setup)
