@@ -225,6 +225,19 @@ def test_unparseable_age_is_counted_and_reported(tmp_path, caplog, fake_root):
 
 # ------------------------------------------------------------------------------ the CLI's mapping
 
+def _fake_command(monkeypatch, exc: BaseException) -> None:
+    """Registers `dpft fake`, whose run raises `exc`."""
+    mod = types.ModuleType("dpft_fake_cmd")
+    mod.add_arguments = lambda parser: None
+
+    def run(args):
+        raise exc
+
+    mod.run = run
+    monkeypatch.setitem(sys.modules, "dpft_fake_cmd", mod)
+    monkeypatch.setitem(cli.COMMANDS, "fake", ("dpft_fake_cmd", "test"))
+
+
 @pytest.mark.parametrize("exc,code", [
     (errors.UsageError("bad\nvalue"), 2), (errors.ConfigError("c"), 2), (errors.DataError("d"), 2),
     (errors.CheckpointError("k"), 3), (errors.WorkdirBusyError("w"), 4),
@@ -234,15 +247,7 @@ def test_unparseable_age_is_counted_and_reported(tmp_path, caplog, fake_root):
     (PermissionError(errno.EACCES, "Permission denied", "/w"), 5),
 ])
 def test_cli_maps_expected_errors_to_one_line_and_exit_code(monkeypatch, capsys, exc, code):
-    mod = types.ModuleType("dpft_fake_cmd")
-    mod.add_arguments = lambda parser: None
-
-    def run(args):
-        raise exc
-
-    mod.run = run
-    monkeypatch.setitem(sys.modules, "dpft_fake_cmd", mod)
-    monkeypatch.setitem(cli.COMMANDS, "fake", ("dpft_fake_cmd", "test"))
+    _fake_command(monkeypatch, exc)
     assert cli.main(["fake"]) == code
     _one_line_error(capsys.readouterr().err, "fake")
 
@@ -250,15 +255,7 @@ def test_cli_maps_expected_errors_to_one_line_and_exit_code(monkeypatch, capsys,
 @pytest.mark.parametrize("exc", [RuntimeError("a bug"), KeyError("k"), OSError(errno.ENOENT, "gone"),
                                  ValueError("plain ValueError is a bug, not a usage error")])
 def test_cli_keeps_the_traceback_of_unexpected_errors(monkeypatch, exc):
-    mod = types.ModuleType("dpft_fake_cmd")
-    mod.add_arguments = lambda parser: None
-
-    def run(args):
-        raise exc
-
-    mod.run = run
-    monkeypatch.setitem(sys.modules, "dpft_fake_cmd", mod)
-    monkeypatch.setitem(cli.COMMANDS, "fake", ("dpft_fake_cmd", "test"))
+    _fake_command(monkeypatch, exc)
     with pytest.raises(type(exc)):
         cli.main(["fake"])
 
