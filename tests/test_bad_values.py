@@ -104,21 +104,14 @@ def test_workdir_that_is_a_file_is_refused_before_data(tmp_path, capsys, no_data
 
 
 @pytest.fixture
-def tmpfs(tmp_path):
-    """A real tmpfs mount (needs root); yields (mountpoint, remount(options))."""
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mnt)],
-                                           capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
+def tmpfs(tmpfs_mount):
+    """A real tmpfs (conftest `tmpfs_mount`); yields (mountpoint, remount(options))."""
+    mnt = tmpfs_mount("512k")
 
     def remount(options: str) -> None:
         subprocess.run(["mount", "-o", f"remount,{options}", str(mnt)], check=True)
 
-    try:
-        yield mnt, remount
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+    return mnt, remount
 
 
 def test_read_only_workdir_is_refused_before_data(tmp_path, capsys, no_data, tmpfs):

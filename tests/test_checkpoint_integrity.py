@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -185,16 +184,8 @@ def test_pinned_snapshot_survives_deletion_of_its_step(tmp_path):
 
 
 @pytest.fixture
-def small_tmpfs(tmp_path):
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mnt)],
-                                           capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+def small_tmpfs(tmpfs_mount):
+    return tmpfs_mount("400k")
 
 
 def test_disk_full_during_save_is_a_filesystem_error_and_keeps_previous(small_tmpfs):
