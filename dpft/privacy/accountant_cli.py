@@ -16,8 +16,8 @@ import math
 
 from dpft.cli import UsageError
 from dpft.privacy import accounting
+from dpft.privacy.accounting import SIGMA_RANGE
 
-SIGMA_RANGE = (0.1, 1e6)  # the same range `dpft train` accepts (dpft.train.validation.SIGMA_RANGE)
 MAX_STEPS = 10**7
 # PLD's memory grows with the epsilon it represents (an epsilon of 10^4 at 10^7 steps needs
 # tens of GiB): above this RDP upper bound the PLD accountant is not run.

@@ -32,6 +32,10 @@ RDP_ORDERS: tuple[float, ...] = tuple(
     + [5.0 + i / 4 for i in range(1, 61)]         # 5.25 .. 20
     + [float(x) for x in range(21, 65)]           # 21 .. 64
     + [80.0, 96.0, 128.0, 192.0, 256.0, 512.0, 1024.0])
+#: A given noise multiplier must lie here (dpft train, accountant, audit): below, epsilon is in the
+#: hundreds or more (no meaningful privacy) and the PLD accountant takes minutes; above, sigma*C
+#: overflows float32 noise.
+SIGMA_RANGE = (0.1, 1e6)
 SIGMA_MIN = 0.2     # calibration search range for the noise multiplier
 SIGMA_MAX = 1000.0
 LEDGER_FORMAT = "dpft.ledger/1"

