@@ -207,7 +207,11 @@ def test_disk_full_during_training_is_one_line_exit_5(base, tmpfs_mount):
     proc = dpft(base, train_args(base, tmpfs_mount("300k") / "run"))
     assert proc.returncode == 5, proc.stderr[-3000:]
     # orbax's and tensorboardX's background threads still log their own failures (not ours to
-    # silence); dpft's verdict is one line that names the step and the cause.
+    # silence); dpft's verdict is one line that names the cause. Which write hits the full disk
+    # first (the checkpoint, or a log file beside it) depends on timing; the checkpoint's error
+    # also names the step.
     ours = [l for l in proc.stderr.splitlines() if l.startswith("dpft train: error: ")]
-    assert len(ours) == 1 and "cannot save checkpoint 2" in ours[0], proc.stderr[-3000:]
+    assert len(ours) == 1, proc.stderr[-3000:]
     assert "RESOURCE_EXHAUSTED" in ours[0] or "No space left" in ours[0], ours[0]
+    if "RESOURCE_EXHAUSTED" in ours[0]:
+        assert "cannot save checkpoint 2" in ours[0], ours[0]
