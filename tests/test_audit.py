@@ -101,14 +101,20 @@ def test_broken_engine_is_caught_and_real_engine_passes():
     broken = canary_audit.run_audit({**AUDIT, "noise_scale_for_testing": 0.1})
     np.testing.assert_allclose(broken.epsilon_claimed, 1.0, atol=1e-3)  # sigma calibrated to epsilon 1
     assert broken.epsilon_lower_bound > 2 * broken.epsilon_claimed and not broken.passed
-    for seed in (0, 1):
-        real = canary_audit.run_audit({**AUDIT, "seed": seed})
-        assert real.passed and real.epsilon_lower_bound < 0.5 * real.epsilon_claimed
-        assert real.noise_multiplier == broken.noise_multiplier
+    # A correct engine passes with probability >= 95 % per run, whatever the secret; the secrets are fixed
+    # (public, test-only) so the test is reproducible, and several of them so one lucky draw cannot decide it.
+    bounds = []
+    for secret in range(6):
+        real = canary_audit.run_audit({**AUDIT, "seed": secret % 2, "insecure_fixed_noise_seed": secret})
+        assert real.passed and real.noise_multiplier == broken.noise_multiplier
+        bounds.append(real.epsilon_lower_bound)
+    assert np.median(bounds) < 0.5 * broken.epsilon_claimed < broken.epsilon_lower_bound / 4
+    again = canary_audit.run_audit({**AUDIT, "seed": 1, "insecure_fixed_noise_seed": 5})
+    assert again.epsilon_lower_bound == bounds[5]  # a fixed secret reproduces the run exactly
 
 
 def test_cli_reports_and_fails_loudly(capsys):
-    assert cli.main(["audit", "--canaries", "1000", "--steps", "100", "--json"]) == 0
+    assert cli.main(["audit", "--canaries", "1000", "--steps", "100", "--json", "--insecure-fixed-noise-seed", "3"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["passed"] and out["epsilon_lower_bound"] <= out["epsilon_claimed"]
     assert cli.main(["audit", "--noise-scale-for-testing", "0.1"]) == 1

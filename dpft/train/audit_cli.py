@@ -36,6 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grad-method", choices=("auto", "bookkeeping", "vmap"), default=d.grad_method,
                         help="engine of the audited step, as config.train.grad_method (%(default)s)")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    parser.add_argument("--insecure-fixed-noise-seed", type=int, default=-1,
+                        help="fix the noise secret to this public number (reproducible tests only; -1 = fresh)")
     # Deliberately breaks DP (scales the noise); only for testing that the audit can fail.
     parser.add_argument("--noise-scale-for-testing", type=float, default=1.0, help=argparse.SUPPRESS)
 
@@ -58,6 +60,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--noise-multiplier: must be 0 or in [{SIGMA_RANGE[0]:g}, {SIGMA_RANGE[1]:g}], got {sigma}")
     if not 0 <= args.seed <= MAX_SEED:
         raise UsageError(f"--seed: must be in [0, {MAX_SEED}], got {args.seed}")
+    if not -1 <= args.insecure_fixed_noise_seed <= MAX_SEED:
+        raise UsageError(f"--insecure-fixed-noise-seed: must be -1 (off) or in [0, {MAX_SEED}], "
+                         f"got {args.insecure_fixed_noise_seed}")
     if not 1 <= args.steps <= 10**6:
         raise UsageError(f"--steps: must be in [1, 1e6], got {args.steps}")
 
@@ -71,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         num_canaries=args.canaries, steps=args.steps, sampling_rate=args.sampling_rate, epsilon=args.epsilon,
         noise_multiplier=args.noise_multiplier, delta=args.delta, confidence=args.confidence,
         accountant=args.accountant, seed=args.seed, noise_scale_for_testing=args.noise_scale_for_testing,
-        dtype=args.dtype, grad_method=args.grad_method)
+        dtype=args.dtype, grad_method=args.grad_method, insecure_fixed_noise_seed=args.insecure_fixed_noise_seed)
     try:
         config.validate()
         sigma = audit.resolve_noise_multiplier(config)  # raises on an unreachable epsilon
@@ -88,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
               f"{result.epsilon_lower_bound:.4f}")
         print(f"claimed epsilon (accountant {config.accountant}, delta={config.delta:g}): "
               f"{result.epsilon_claimed:.4f}")
-        print(f"audited: the production step (engine {result.engine}, dtype {config.dtype}, secret noise)")
+        secret = "secret noise" if config.insecure_fixed_noise_seed < 0 else "INSECURE fixed noise seed"
+        print(f"audited: the production step (engine {result.engine}, dtype {config.dtype}, {secret})")
         print(f"canaries {result.num_canaries} ({result.num_included} included), guesses {result.num_guesses}, "
               f"correct {result.correct}, noise multiplier {result.noise_multiplier:.4f}, steps {config.steps}, "
               f"q {config.sampling_rate:g}")

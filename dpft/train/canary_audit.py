@@ -48,6 +48,7 @@ class AuditConfig:
     accountant: str = "pld"
     physical_batch_size: int = 128
     seed: int = 0  # public: canary inclusion and the layer's init; the noise secret is fresh per run
+    insecure_fixed_noise_seed: int = -1  # >= 0: a fixed, public noise secret (reproducible tests only)
     dtype: str = "float32"  # compute dtype of the layer, as config.model.dtype
     grad_method: str = "auto"  # as config.train.grad_method ("auto" = book-keeping)
     guess_fractions: tuple[float, ...] = (0.05, 0.1, 0.2, 0.4, 0.7, 1.0)
@@ -84,6 +85,9 @@ class AuditConfig:
             raise bad("dtype", self.dtype, f"choose from {DTYPES}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise bad("seed", self.seed, "need an int >= 0")
+        if (isinstance(self.insecure_fixed_noise_seed, bool) or not isinstance(self.insecure_fixed_noise_seed, int)
+                or self.insecure_fixed_noise_seed < -1):
+            raise bad("insecure_fixed_noise_seed", self.insecure_fixed_noise_seed, "need -1 (off) or an int >= 0")
         if not self.noise_scale_for_testing >= 0:
             raise bad("noise_scale_for_testing", self.noise_scale_for_testing, "need >= 0")
 
@@ -116,16 +120,21 @@ def canary_inclusion(num_canaries: int, seed: int) -> np.ndarray:
 
 
 def canary_plan(config: AuditConfig, noise_multiplier: float, params: Any):
-    """The audit run's privacy plan: N = m canary slots (public), B = q m, a fresh secret."""
+    """The audit run's privacy plan: N = m canary slots (public), B = q m, a fresh secret.
+
+    With `insecure_fixed_noise_seed` >= 0 the secret is that public number instead (reproducible tests).
+    """
     from dpft.privacy import engine, keys, plan as plan_lib
 
     private = config.clipping_mode != "none"
+    secret = (keys.RunSecret.insecure_fixed(config.insecure_fixed_noise_seed)
+              if config.insecure_fixed_noise_seed >= 0 else keys.RunSecret.generate())
     clipping = (engine.ClippingConfig(mode=config.clipping_mode, clip_norm=config.clip_norm) if private
                 else engine.ClippingConfig(mode="none", clip_norm=1.0))
     return plan_lib.make_plan(
         enabled=private, num_examples=config.num_canaries,
         batch_size=config.sampling_rate * config.num_canaries, num_updates=config.steps, clipping=clipping,
-        params=params, secret=keys.RunSecret.generate(), noise_multiplier=noise_multiplier if private else None,
+        params=params, secret=secret, noise_multiplier=noise_multiplier if private else None,
         delta=config.delta, accountant=config.accountant, grad_method=config.grad_method)
 
 
