@@ -32,7 +32,7 @@ def pieces(setup: common.Setup) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from dpft.models import taps
+    from dpft.nn import taps
     from dpft.privacy import bookkeeping, engine, noise
     from dpft.privacy.keys import RunSecret, noise_base_key
     noise_base = noise_base_key(RunSecret.generate())

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import dpft.models
-from dpft.models import layers, taps
+from dpft.nn import ops, taps
 from dpft.privacy import adapters, bookkeeping, engine, keys
 from dpft.privacy import plan as plan_lib
 from dpft.privacy.engine import ClippingConfig
@@ -43,7 +43,7 @@ def conv_case(seed, k, stride, groups, cin=4, cout=6, clamp_channel=False, zero_
     params = {"w": jnp.asarray(w), "gain": jnp.asarray(gain), "bias": jnp.asarray(rs.randn(cout), jnp.float32)}
     m, kv, h = 3, 2, 7
     x = jnp.asarray(rs.randn(m, kv, h, h, cin), jnp.float32)
-    fn = functools.partial(layers.ws_conv, stride=stride, groups=groups, dtype=jnp.float32)
+    fn = functools.partial(ops.ws_conv, stride=stride, groups=groups, dtype=jnp.float32)
     z = jax.eval_shape(lambda: fn(params, x[0]))
     d = jnp.asarray(rs.randn(m, *z.shape), jnp.float32)
     return fn, params, x, d
@@ -80,7 +80,7 @@ def test_conv_patches_reproduce_the_convolution():
 def test_linear_norms_match_brute_force(ghost, x_shape):
     rs = np.random.RandomState(1)
     params = {"w": jnp.asarray(rs.randn(5, 7), jnp.float32), "b": jnp.asarray(rs.randn(7), jnp.float32)}
-    fn = functools.partial(layers.linear, dtype=jnp.float32)
+    fn = functools.partial(ops.linear, dtype=jnp.float32)
     x = jnp.asarray(rs.randn(*x_shape), jnp.float32)
     d = jnp.asarray(rs.randn(*x_shape[:-1], 7), jnp.float32)
     got = bookkeeping.linear_sq_norms(params, x, d, ghost)
@@ -90,7 +90,7 @@ def test_linear_norms_match_brute_force(ghost, x_shape):
 def test_generic_norms_match_brute_force():
     rs = np.random.RandomState(2)
     params = {"scale": jnp.asarray(rs.randn(8), jnp.float32), "offset": jnp.asarray(rs.randn(8), jnp.float32)}
-    fn = functools.partial(layers.group_norm, groups=4, eps=1e-5, dtype=jnp.float32)
+    fn = functools.partial(ops.group_norm, groups=4, eps=1e-5, dtype=jnp.float32)
     x = jnp.asarray(rs.randn(3, 2, 4, 4, 8), jnp.float32)
     d = jnp.asarray(rs.randn(3, 2, 4, 4, 8), jnp.float32)
     got = bookkeeping.generic_sq_norms(fn, params, x, d)

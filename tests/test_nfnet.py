@@ -15,6 +15,7 @@ from flax import nnx
 
 import dpft.models as models
 from dpft.models import checkpoints, layers, nfnet
+from dpft.nn import ops
 
 GAMMA = 1.7015043497085571
 F_DEPTHS = {0: (1, 2, 6, 3), 1: (2, 4, 12, 6), 2: (3, 6, 18, 9), 3: (4, 8, 24, 12),
@@ -134,7 +135,7 @@ def test_unknown_variant_is_usage_error():
 def test_scaled_gelu_has_unit_variance_on_normal_input():
     z = np.linspace(-12, 12, 200001)
     pdf = np.exp(-z ** 2 / 2) / np.sqrt(2 * np.pi)
-    g = np.asarray(layers.scaled_gelu(jnp.asarray(z, jnp.float32)), np.float64)
+    g = np.asarray(ops.scaled_gelu(jnp.asarray(z, jnp.float32)), np.float64)
     mean = np.trapezoid(g * pdf, z)
     assert abs(np.trapezoid((g - mean) ** 2 * pdf, z) - 1.0) < 2e-3
     tanh_gelu = 0.5 * z * (1 + np.tanh(np.sqrt(2 / np.pi) * (z + 0.044715 * z ** 3))) * GAMMA
@@ -154,7 +155,7 @@ def test_avg_pool_excludes_padding(hw):
             rows = [r for r in range(i * 2 - top, i * 2 - top + 2) if 0 <= r < h]
             cols = [c for c in range(j * 2 - left, j * 2 - left + 2) if 0 <= c < w]
             want[:, i, j] = x[:, rows][:, :, cols].mean(axis=(1, 2))
-    np.testing.assert_allclose(np.asarray(layers.avg_pool_same(jnp.asarray(x))), want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(ops.avg_pool_same(jnp.asarray(x))), want, rtol=1e-6, atol=1e-6)
 
 
 def numpy_wsconv(x, w, gain, bias, stride, groups):
@@ -197,14 +198,14 @@ def test_wsconv_matches_numpy(stride, groups, k):
 
 def test_weight_standardisation_floor():
     w = jnp.zeros((1, 1, 4, 2))  # var = 0: the max(., 1e-4) floor keeps it finite
-    out = layers.standardize_weight(w, jnp.ones((2,)))
+    out = ops.standardize_weight(w, jnp.ones((2,)))
     assert np.all(np.isfinite(np.asarray(out))) and np.allclose(np.asarray(out), 0)
 
 
 def test_stochastic_depth_drops_whole_examples_without_rescale():
     x = jnp.ones((4000, 2, 2, 3))
     u = jax.random.uniform(jax.random.key(3), (4000,))
-    out = np.asarray(layers.stochastic_depth(x, 0.25, u))
+    out = np.asarray(ops.stochastic_depth(x, 0.25, u))
     per_example = out.reshape(4000, -1)
     assert np.all((per_example == 0).all(1) | (per_example == 1).all(1))
     assert abs(per_example[:, 0].mean() - 0.75) < 0.03

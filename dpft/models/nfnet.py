@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dpft.models import layers, taps
+from dpft.models import layers
+from dpft.nn import ops, taps
 
 Array = jax.Array
 
@@ -73,10 +74,10 @@ class NFBlock(nnx.Module):
 
     def __call__(self, x: Array, *, uniform: Array | None = None) -> Array:
         """``uniform`` [B] U[0,1) draws given = training mode (stochastic depth); None = inference."""
-        act = layers.ACTIVATIONS[self.activation]
+        act = ops.ACTIVATIONS[self.activation]
         out = act(x) * jnp.asarray(self.beta, x.dtype)
         if self.stride > 1:
-            shortcut = layers.avg_pool_same(out, 2, 2)
+            shortcut = ops.avg_pool_same(out, 2, 2)
             if self.use_projection:
                 shortcut = self.conv_shortcut(shortcut)
         elif self.use_projection:
@@ -89,7 +90,7 @@ class NFBlock(nnx.Module):
         out = self.conv2(act(out))
         out = (self.squeeze_excite(out) * 2) * out
         if uniform is not None and self.has_stochdepth:
-            out = layers.stochastic_depth(out, self.stochdepth_rate, uniform)
+            out = ops.stochastic_depth(out, self.stochdepth_rate, uniform)
         out = taps.tap(self, "skip_gain", "generic", _scale_by_skip_gain, {"skip_gain": self.skip_gain[...]}, out)
         return out * jnp.asarray(self.alpha, out.dtype) + shortcut.astype(out.dtype)
 
@@ -126,7 +127,7 @@ class NFNet(nnx.Module):
                  dtype: Any = jnp.float32, rngs: nnx.Rngs):
         if not (len(width) == len(depth) == len(strides)):
             raise ValueError(f"NFNet: width {width}, depth {depth}, strides {strides} differ in length")
-        if activation not in layers.ACTIVATIONS:
+        if activation not in ops.ACTIVATIONS:
             raise ValueError(f"NFNet: unknown activation {activation!r}")
         groups = [group_width] * len(width) if isinstance(group_width, int) else list(group_width)
         self.num_classes, self.drop_rate, self.activation, self.dtype = num_classes, float(drop_rate), activation, dtype
@@ -160,9 +161,9 @@ class NFNet(nnx.Module):
             raise ValueError(f"NFNet: images must be [B, H, W, C], got shape {images.shape}")
         if train and key is None:
             raise ValueError("NFNet: train=True needs an explicit `key` (dropout, stochastic depth)")
-        act = layers.ACTIVATIONS[self.activation]
+        act = ops.ACTIVATIONS[self.activation]
         n = len(self.blocks)
-        if train:  # two random ops for the whole net (see layers.stochastic_depth)
+        if train:  # two random ops for the whole net (see ops.stochastic_depth)
             key_depth, key_drop = jax.random.split(key)
             uniforms = jax.random.uniform(key_depth, (n, images.shape[0]), jnp.float32)
         else:
@@ -183,7 +184,7 @@ class NFNet(nnx.Module):
         if collect is not None:
             collect["pool"] = pool
         if train and self.drop_rate > 0.0:
-            pool = layers.dropout(pool, self.drop_rate, key_drop)
+            pool = ops.dropout(pool, self.drop_rate, key_drop)
         return self.linear(pool).astype(jnp.float32)
 
     def __call__(self, images: Array, *, train: bool = False, key: Array | None = None) -> Array:

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from dpft.models import taps
+from dpft.nn import taps
 
 PyTree = Any
 Views = Mapping[str, jax.Array]
@@ -84,7 +84,7 @@ def nnx_loss_fn(model: nnx.Module, per_view_loss: PerViewLoss
     `module(images)`; then `per_view_loss(logits [K, C], views)`, averaged over K.
     `merge(params)` rebuilds a module (e.g. for evaluation).
     `loss_fn.tapped(params, views, rng, recorder)` is the same loss with a
-    `dpft.models.taps.Recorder` installed on the module (used by `dpft.privacy.bookkeeping`).
+    `dpft.nn.taps.Recorder` installed on the module (used by `dpft.privacy.bookkeeping`).
     """
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     pass_train_key = accepts_train_and_key(type(model).__call__)

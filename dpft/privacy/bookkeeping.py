@@ -3,7 +3,7 @@
 `bk_clipped_grad_sum` has the contract of `dpft.privacy.engine.clipped_grad_sum` (same
 arguments, same (grad_sum, stats), same per-example keys, exact up to float summation order)
 for losses made by `dpft.privacy.adapters.nnx_loss_fn` over models whose every parameter is
-used through a tapped op (`dpft.models.taps`: all dpft NFNets and WRNs). Per microbatch:
+used through a tapped op (`dpft.nn.taps`: all dpft NFNets and WRNs). Per microbatch:
 
 1. ONE forward and ONE backward of the batch, w.r.t. zero perturbations added to each tapped
    op's output (the parameters are constants there, so no weight gradient is computed): it
@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from dpft.models import layers, taps
+from dpft.nn import ops, taps
 from dpft.privacy import engine
 from dpft.privacy.engine import ClippingConfig, PyTree
 
@@ -74,7 +74,7 @@ def _weighted_rows(weights: jax.Array, v: jax.Array) -> jax.Array:
 
 def linear_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, ghost: str = "auto"
                  ) -> tuple[jax.Array, Summer | None]:
-    """Per-example ||grad w||^2 + ||grad b||^2 of `layers.linear` ([m]) and, when the per-example
+    """Per-example ||grad w||^2 + ||grad b||^2 of `ops.linear` ([m]) and, when the per-example
     weight gradients were materialised, the function weights [m] -> their weighted sum.
     x [m, ..., in], d [m, ..., out]."""
     m, n_in, n_out = x.shape[0], x.shape[-1], d.shape[-1]
@@ -93,7 +93,7 @@ def linear_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, gh
 
 
 def linear_sq_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, ghost: str = "auto") -> jax.Array:
-    """Per-example ||grad w||^2 + ||grad b||^2 of `layers.linear`. x [m, ..., in], d [m, ..., out] -> [m]."""
+    """Per-example ||grad w||^2 + ||grad b||^2 of `ops.linear`. x [m, ..., in], d [m, ..., out] -> [m]."""
     return linear_norms(params, x, d, ghost)[0]
 
 
@@ -113,9 +113,9 @@ def conv_patches(x: jax.Array, k: int, stride: int) -> jax.Array:
 
 
 def ws_conv_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, *, stride: int,
-                  groups: int, ghost: str = "auto", eps: float = layers.WS_EPS
+                  groups: int, ghost: str = "auto", eps: float = ops.WS_EPS
                   ) -> tuple[jax.Array, Summer | None]:
-    """Per-example squared norm of the gradient w.r.t. (w, gain, bias) of `layers.ws_conv`.
+    """Per-example squared norm of the gradient w.r.t. (w, gain, bias) of `ops.ws_conv`.
 
     params: w [k, k, in/groups, out], gain [out]; x [m, K, H, W, in] (K rows per example),
     d [m, K, H', W', out] = dLoss_i/d(output). Returns (float32 [m], summer): summer(weights [m])
@@ -159,7 +159,7 @@ def ws_conv_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, *
 
         def summer(weights: jax.Array) -> dict[str, jax.Array]:
             g_hat = jnp.moveaxis(_weighted_rows(weights, g), 0, 1).reshape(w.shape)  # [n, g, o] -> HWIO
-            _, vjp = jax.vjp(layers.standardize_weight, w, gain)
+            _, vjp = jax.vjp(ops.standardize_weight, w, gain)
             g_w, g_gain = vjp(g_hat)
             return {"w": g_w, "gain": g_gain, "bias": _weighted_rows(weights, bias_rows).reshape(cout)}
 
@@ -171,7 +171,7 @@ def ws_conv_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, *
 
 
 def ws_conv_sq_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, *, stride: int,
-                     groups: int, ghost: str = "auto", eps: float = layers.WS_EPS) -> jax.Array:
+                     groups: int, ghost: str = "auto", eps: float = ops.WS_EPS) -> jax.Array:
     """`ws_conv_norms` without the summer: float32 [m]."""
     return ws_conv_norms(params, x, d, stride=stride, groups=groups, ghost=ghost, eps=eps)[0]
 
@@ -215,12 +215,12 @@ def op_norms(spec: taps.OpSpec, params: Mapping[str, jax.Array], x: jax.Array, d
     (squared norms [m] float32, summer or None)."""
     if spec.kind == "ws_conv":
         kw = getattr(spec.fn, "keywords", None)
-        if getattr(spec.fn, "func", None) is not layers.ws_conv or kw is None:
-            raise ValueError(f"tap {spec.key}: kind 'ws_conv' needs fn = functools.partial(layers.ws_conv, ...)")
+        if getattr(spec.fn, "func", None) is not ops.ws_conv or kw is None:
+            raise ValueError(f"tap {spec.key}: kind 'ws_conv' needs fn = functools.partial(ops.ws_conv, ...)")
         return ws_conv_norms(params, x, d, stride=kw["stride"], groups=kw["groups"], ghost=ghost)
     if spec.kind == "linear":
-        if getattr(spec.fn, "func", None) is not layers.linear:
-            raise ValueError(f"tap {spec.key}: kind 'linear' needs fn = functools.partial(layers.linear, ...)")
+        if getattr(spec.fn, "func", None) is not ops.linear:
+            raise ValueError(f"tap {spec.key}: kind 'linear' needs fn = functools.partial(ops.linear, ...)")
         return linear_norms(params, x, d, ghost)
     return generic_norms(spec.fn, params, x, d)
 
@@ -242,7 +242,7 @@ def discover_ops(tapped_loss: Any, params: PyTree, views: Mapping[str, jax.Array
             used[path] = spec.key
     missing = sorted("/".join(map(str, p)) for p in leaves - set(used))
     if missing:
-        raise ValueError(f"bookkeeping: parameters not used through a tapped op (dpft.models.taps): {missing[:8]}"
+        raise ValueError(f"bookkeeping: parameters not used through a tapped op (dpft.nn.taps): {missing[:8]}"
                          f"{' ...' if len(missing) > 8 else ''}; the book-keeping engine needs every parameter "
                          "in a tapped layer; use grad_method='vmap' for this model")
     return recorder.specs

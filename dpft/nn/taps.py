@@ -14,7 +14,7 @@ they would call ``fn(params, x)``:
   gradient w.r.t. the op's output.
 
 ``kind`` tells the engine how to get per-example gradient norms from (x, dL/dz):
-"ws_conv" (``layers.ws_conv``), "linear" (``layers.linear``), or "generic" (any small op: the
+"ws_conv" (``ops.ws_conv``), "linear" (``ops.linear``), or "generic" (any small op: the
 engine materialises its per-example parameter gradients with a local vmap).
 No global state: the recorder lives on the module objects of one trace.
 """
