@@ -20,7 +20,6 @@ import sys
 from typing import Sequence
 
 from dpft import errors
-from dpft.errors import UsageError  # noqa: F401 - re-exported: `from dpft.cli import UsageError`
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("dpft.train.train_cli", "fine-tune a model with DP-SGD from a config"),

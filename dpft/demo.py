@@ -29,7 +29,7 @@ from typing import Any
 
 import ml_collections
 
-from dpft.cli import UsageError
+from dpft.errors import UsageError
 
 MINORITY = "minority"
 

@@ -254,8 +254,8 @@ def test_cli_keeps_the_traceback_of_unexpected_errors(monkeypatch, exc):
 
 
 def test_usage_error_is_still_importable_from_cli():
-    from dpft.cli import UsageError
-    from dpft.data.base import DataError
+    from dpft.errors import UsageError
+    from dpft.errors import DataError
 
     assert UsageError is errors.UsageError and issubclass(UsageError, ValueError)
     assert DataError is errors.DataError and issubclass(DataError, UsageError)

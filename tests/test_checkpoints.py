@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import dpft.models as models
-from dpft.cli import UsageError
+from dpft.errors import UsageError
 from dpft.models import checkpoints as ckpt
 
 

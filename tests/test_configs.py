@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from dpft.cli import UsageError
+from dpft.errors import UsageError
 from dpft.train import config_base as cb
 from dpft.train import optim
 from dpft.train.validation import validate
@@ -46,15 +46,6 @@ def test_config_files_are_complete_locked_and_valid(path):
         config.train.batchsize = 3
     # Valid apart from data paths that only exist on a real machine.
     validate(config, check_paths=False, num_devices=1)
-
-
-def test_known_names_match_the_registries():
-    from dpft import data
-    from dpft.models import registry
-    from dpft.train import validation
-
-    assert set(validation.MODEL_NAMES) == set(registry.VARIANTS)
-    assert set(validation.DATA_NAMES) == set(data.DATASETS)
 
 
 def test_paper_recipes():

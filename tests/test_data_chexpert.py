@@ -8,7 +8,8 @@ import pytest
 
 from dpft import cli
 from dpft.data import chexpert, fake
-from dpft.data.base import DataError, read_index
+from dpft.errors import DataError
+from dpft.data.base import read_index
 
 # Expected (label, mask) per raw value and policy, written out by hand (not via the loader).
 EXPECTED = {

@@ -6,7 +6,7 @@ import os
 import pytest
 
 from dpft.data import coverage, fake, load_splits, option_defaults
-from dpft.data.base import DataError
+from dpft.errors import DataError
 from dpft.train.config_base import RUN_OPTION_DEFAULTS, load_config
 
 CONFIGS = sorted(p for p in glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.py"))

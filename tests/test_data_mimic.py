@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from dpft.data import fake, mimic_cxr
-from dpft.data.base import DataError
+from dpft.errors import DataError
 
 # Expected (label, mask) per raw value and policy, written out by hand (not via the loader).
 _EXPECTED = {"ones": {"1.0": (1, 1), "0.0": (0, 1), "-1.0": (1, 1), "": (0, 1)},

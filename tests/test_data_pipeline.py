@@ -7,7 +7,8 @@ import pytest
 from PIL import Image
 
 from dpft.data.augment import AugmentConfig, decode_image, eval_view, example_rng, train_views
-from dpft.data.base import DataError, TableMeta, from_records
+from dpft.errors import DataError
+from dpft.data.base import TableMeta, from_records
 from dpft.data.pipeline import TrainConfig, TrainIterator, eval_batches, num_eval_batches
 from dpft.privacy.sampling import poisson_selection
 

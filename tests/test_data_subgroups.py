@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 
 from dpft.data import digits, subgroups
-from dpft.data.base import DataError, TableMeta, from_records
+from dpft.errors import DataError
+from dpft.data.base import TableMeta, from_records
 
 
 def test_age_bins_brute_force():

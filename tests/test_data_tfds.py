@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from dpft.data import fake, imagenet, places365
-from dpft.data.base import DataError
+from dpft.errors import DataError
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from dpft.cli import UsageError, main
+from dpft.cli import main
+from dpft.errors import UsageError
 from dpft.evaluate.predictions import write_synthetic_workdir
 from dpft.train import config_base as cb
 from dpft.train.validation import validate

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dpft.cli import UsageError
+from dpft.errors import UsageError
 from dpft.train import distributed as D
 from dpft.train.logging_utils import MetricWriter, Progress, format_duration
 

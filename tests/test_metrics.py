@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import recall_score, roc_auc_score, top_k_accuracy_score
 
-from dpft.cli import UsageError
+from dpft.errors import UsageError
 from dpft.evaluate import bootstrap as bs
 from dpft.evaluate import metrics as M
 from dpft.evaluate.predictions import load_predictions, synthetic_predictions, write_predictions

@@ -125,7 +125,7 @@ def test_block_hyperparameters_follow_reference():
 
 
 def test_unknown_variant_is_usage_error():
-    from dpft.cli import UsageError
+    from dpft.errors import UsageError
     with pytest.raises(UsageError, match="nfnet_f9"):
         models.create("nfnet_f9", 10)
 

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from dpft.cli import UsageError
+from dpft.errors import UsageError
 from dpft.evaluate import compare as C
 from dpft.evaluate import reports as R
 from dpft.evaluate.predictions import load_predictions, synthetic_predictions, write_predictions, write_synthetic_workdir

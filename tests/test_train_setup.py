@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from dpft.cli import UsageError
+from dpft.errors import UsageError
 from dpft.privacy import accounting, keys
 from dpft.train import setup
 from dpft.train.config_base import base_config

@@ -83,6 +83,6 @@ def test_bfloat16_close_to_float32(small_wrn):
 
 
 def test_bad_depth_is_rejected():
-    from dpft.cli import UsageError
+    from dpft.errors import UsageError
     with pytest.raises((ValueError, UsageError), match="6n\\+4"):
         models.create("wrn_16_4", 10, depth=15)

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
-from dpft.data.base import DataError
+from dpft.errors import DataError
 
 CROPS = ("random_resized", "pad_crop", "none")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

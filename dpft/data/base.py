@@ -9,7 +9,7 @@ A record is a dict (see docs/interfaces.md):
   attrs       dict str -> str of subgroup attributes
 
 The table is grain `RandomAccessDataSource` compatible (`__len__`, `__getitem__`).
-Also here: `DataError`, the patient-split check, and the CSV index cache that
+Also here: the patient-split check, and the CSV index cache that
 `dpft prepare` writes and the loaders reuse.
 """
 from __future__ import annotations
@@ -22,10 +22,30 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from dpft.cli import UsageError  # noqa: F401 - kept for modules importing it from here
-from dpft.errors import DataError  # noqa: F401 - re-exported: `from dpft.data.base import DataError`
+from dpft.errors import DataError
 
 TASKS = ("multiclass", "multilabel")
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    """What a data set module registers (its `DATASET`; the registry is `dpft.data.DATASETS`).
+
+    load_splits(root, **options) -> {split: ExampleTable}; options_class: the dataclass of its
+    loader options (each field settable as --config.data.options.<field>); extra_options:
+    keyword arguments it takes beside them, with defaults; needs_root: False for embedded data.
+    """
+
+    load_splits: Callable[..., "dict[str, ExampleTable]"]
+    options_class: type
+    extra_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    needs_root: bool = True
+
+    def option_defaults(self) -> dict[str, Any]:
+        """{option: default} of every option the loader takes."""
+        out = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())  # type: ignore[misc]
+               for f in dataclasses.fields(self.options_class)}
+        return {**out, **self.extra_options}
 INDEX_VERSION = 1
 
 

@@ -31,8 +31,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from dpft.data import subgroups
-from dpft.data.base import (DataError, ExampleTable, TableMeta, check_nonempty, check_patient_disjoint,
-                            from_records, hash_split, read_index)
+from dpft.errors import DataError
+from dpft.data.base import DatasetSpec
+from dpft.data.base import ExampleTable, TableMeta, check_nonempty, check_patient_disjoint, from_records, hash_split, read_index
 
 LABELS: tuple[str, ...] = (
     "No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
@@ -280,3 +281,6 @@ def load_splits(root: str, *, index_dir: str | None = None, **options: Any) -> d
         del splits["validation"]
     check_nonempty(splits, f"chexpert at {dataset_dir}")
     return splits
+
+
+DATASET = DatasetSpec(load_splits, CheXpertOptions, extra_options={"index_dir": None})  # `dpft prepare --out DIR` -> index_dir=DIR/index

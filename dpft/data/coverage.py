@@ -14,7 +14,8 @@ from __future__ import annotations
 import collections
 from typing import Any, Callable, Mapping, Sequence
 
-from dpft.data.base import DataError, ExampleTable
+from dpft.errors import DataError
+from dpft.data.base import ExampleTable
 
 MISSING = "Unknown"
 DEFAULT_REQUIRED: dict[str, tuple[str, ...]] = {

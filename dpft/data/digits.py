@@ -19,7 +19,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from dpft.data.base import DataError, ExampleTable, TableMeta, check_nonempty, from_records
+from dpft.errors import DataError
+from dpft.data.base import DatasetSpec
+from dpft.data.base import ExampleTable, TableMeta, check_nonempty, from_records
 from dpft.data.chexpert import options_from
 from dpft.data.subgroups import ImbalanceConfig, subsample_subgroup
 
@@ -99,3 +101,6 @@ def load_splits(root: str | None = None, **options: Any) -> dict[str, ExampleTab
             "group", "minority", opts.minority_fraction, seed=opts.seed + 1))
     check_nonempty(splits, "digits")
     return splits
+
+
+DATASET = DatasetSpec(load_splits, DigitsOptions, needs_root=False)

@@ -17,7 +17,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from dpft.data.base import DataError, ExampleTable, TableMeta, check_nonempty
+from dpft.errors import DataError
+from dpft.data.base import DatasetSpec
+from dpft.data.base import ExampleTable, TableMeta, check_nonempty
 from dpft.data.chexpert import options_from
 
 NAME = "imagenet2012"
@@ -113,3 +115,6 @@ def load_splits(root: str, **options: Any) -> dict[str, ExampleTable]:
     """{"train", "validation", "test"} of ImageNet from the TFDS data dir `root`."""
     opts = options_from(TfdsOptions, options, NAME)
     return load_tfds_splits(root, NAME, "validation", opts.holdout)
+
+
+DATASET = DatasetSpec(load_splits, TfdsOptions)

@@ -30,7 +30,9 @@ from typing import Any
 import numpy as np
 
 from dpft.data import subgroups
-from dpft.data.base import DataError, ExampleTable, TableMeta, check_nonempty, check_patient_disjoint, from_records, read_index
+from dpft.errors import DataError
+from dpft.data.base import DatasetSpec
+from dpft.data.base import ExampleTable, TableMeta, check_nonempty, check_patient_disjoint, from_records, read_index
 from dpft.data.chexpert import EVAL_TASKS, LABELS, apply_policy, check_policy, options_from, parse_label_values
 
 PREFIX = "mimic-cxr-2.0.0"
@@ -221,3 +223,6 @@ def load_splits(root: str, *, index_dir: str | None = None, **options: Any) -> d
     splits = {k: from_records(v, split=k, meta=meta) for k, v in by_split.items()}
     check_nonempty(splits, f"mimic_cxr at {root}")
     return splits
+
+
+DATASET = DatasetSpec(load_splits, MimicOptions, extra_options={"index_dir": None})  # `dpft prepare --out DIR` -> index_dir=DIR/index

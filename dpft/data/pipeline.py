@@ -28,7 +28,8 @@ import grain
 import numpy as np
 
 from dpft.data.augment import AugmentConfig, decode_image, eval_view, example_rng, train_views
-from dpft.data.base import DataError, ExampleTable
+from dpft.errors import DataError
+from dpft.data.base import ExampleTable
 
 log = logging.getLogger(__name__)
 BAD_IMAGE_POLICIES = ("error", "skip")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from dpft.data.base import DatasetSpec
 from dpft.data.base import ExampleTable
 from dpft.data.chexpert import options_from
 from dpft.data.imagenet import TfdsOptions, load_tfds_splits
@@ -19,3 +20,6 @@ def load_splits(root: str, **options: Any) -> dict[str, ExampleTable]:
     """{"train", "validation", "test"} of Places-365 from the TFDS data dir `root`."""
     opts = options_from(TfdsOptions, options, NAME)
     return load_tfds_splits(root, NAME, "validation", opts.holdout)
+
+
+DATASET = DatasetSpec(load_splits, TfdsOptions)

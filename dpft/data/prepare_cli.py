@@ -16,17 +16,18 @@ import logging
 import os
 from typing import Any
 
-from dpft.cli import UsageError
+from dpft.errors import UsageError
 from dpft.data import DATASETS, load_splits
 from dpft.data.augment import decode_image
-from dpft.data.base import DataError, ExampleTable, write_index
+from dpft.errors import DataError
+from dpft.data.base import ExampleTable, write_index
 
 log = logging.getLogger(__name__)
 INDEXED = ("chexpert", "mimic_cxr")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("dataset", choices=sorted(DATASETS))
+    parser.add_argument("dataset", choices=DATASETS.names())
     parser.add_argument("--source", help="data directory (not needed for digits)")
     parser.add_argument("--out", help="where to write summary.json and index/ (default: <source>/dpft-index)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -129,11 +130,10 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or os.path.join(args.source or ".", "dpft-index")
     os.makedirs(out, exist_ok=True)
     if args.dataset in INDEXED:
-        mod = __import__(DATASETS[args.dataset], fromlist=["load_splits"])
-        opts_cls = mod.CheXpertOptions if args.dataset == "chexpert" else mod.MimicOptions
+        from dpft.data import dataset
         from dpft.data.chexpert import options_from
 
-        key = options_from(opts_cls, options, args.dataset).index_key()
+        key = options_from(dataset(args.dataset).options_class, options, args.dataset).index_key()
         write_index(tables, out, extra={"dataset": args.dataset, **key})
     summary = summarize(tables)
     summary.update(dataset=args.dataset, source=args.source, options=options, skipped=len(problems),

@@ -24,7 +24,8 @@ from typing import Sequence
 
 import numpy as np
 
-from dpft.data.base import DataError, ExampleTable
+from dpft.errors import DataError
+from dpft.data.base import ExampleTable
 
 DEFAULT_AGE_EDGES: tuple[int, ...] = (18, 40, 60, 80)
 RACE_GROUPS = ("White", "Black", "Asian", "Other", "Unknown")

@@ -27,7 +27,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from dpft.cli import UsageError
+from dpft.errors import UsageError
 from dpft.evaluate.fairness import PARITY_METRICS
 from dpft.evaluate.reports import _pyplot, draw_interval, fmt_stat
 

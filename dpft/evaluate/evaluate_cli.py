@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from dpft.cli import UsageError
+from dpft.errors import UsageError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -18,7 +18,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from dpft.cli import UsageError
+from dpft.errors import UsageError
 
 TASKS = ("multiclass", "multilabel")
 PARAMS = ("ema", "raw", "polyak")  # which parameters made the predictions

@@ -26,7 +26,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from dpft.cli import UsageError
+from dpft.errors import UsageError
 from dpft.evaluate import bootstrap as bs
 from dpft.evaluate import fairness as fair
 from dpft.evaluate.fairness import THRESHOLD_METHODS, group_index

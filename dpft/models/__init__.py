@@ -4,6 +4,6 @@
     logits = model(images, train=True, key=key)          # float32 [B, 10]
     model = dpft.models.load_pretrained("F0_haiku.npz", "nfnet_f0", num_classes=10)
 """
-from dpft.models.registry import VARIANTS, create, load_pretrained, variant_info
+from dpft.models.registry import MODEL_FAMILIES, create, load_pretrained, names, variant_info, variants
 
-__all__ = ["VARIANTS", "create", "load_pretrained", "variant_info"]
+__all__ = ["MODEL_FAMILIES", "create", "load_pretrained", "names", "variant_info", "variants"]

@@ -40,7 +40,7 @@ except ImportError:  # numpy 1.x
 import jax.numpy as jnp
 from flax import nnx
 
-from dpft.cli import UsageError
+from dpft.errors import UsageError
 from dpft.models.nfnet import NFNet
 from dpft.models.wrn import WideResNet
 

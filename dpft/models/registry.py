@@ -1,7 +1,8 @@
 """Model variants by name: ``create``, ``variant_info``, ``load_pretrained``.
 
-NFNet-F0..F7 follow the DeepMind variant table (Brock et al. 2021). Small variants
-for tests and the demo:
+Each model file registers its names in a ``VARIANTS`` dict (``dpft.models.variant.Variant``);
+``MODEL_FAMILIES`` lists those files. NFNet-F0..F7 follow the DeepMind variant table
+(Brock et al. 2021). Small variants for tests and the demo:
   * ``nfnet_tiny``: widths [16, 32, 64, 64], depths [1, 1, 1, 1], group width 8,
     stem 8/8/16 -> 8 channels, final conv to 128; same blocks as F0.
   * ``nfnet_micro``: widths [8, 16, 16, 16], depths [1, 1, 1, 1], group width 4,
@@ -11,55 +12,47 @@ for tests and the demo:
 """
 from __future__ import annotations
 
-import dataclasses
 import os
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import jax.numpy as jnp
 from flax import nnx
 
-from dpft.cli import UsageError
-from dpft.models.nfnet import NFNet
-from dpft.models.wrn import WideResNet
+from dpft.errors import UsageError
+from dpft.models.variant import Variant
+from dpft.registry import Registry
 
 
-@dataclasses.dataclass(frozen=True)
-class Variant:
-    """A named model: its class, constructor kwargs and recommended resolutions (pixels)."""
-    family: str
-    builder: Callable[..., nnx.Module]
-    kwargs: dict[str, Any]
-    train_imsize: int
-    test_imsize: int
+#: The one model registry: family -> "module:VARIANTS" ({model name: Variant}). Adding a model is
+#: one new file with a VARIANTS dict and one line here.
+MODEL_FAMILIES = Registry("model family", {
+    "nfnet": "dpft.models.nfnet:VARIANTS",
+    "wrn": "dpft.models.wrn:VARIANTS",
+})
 
 
-_F_DEPTHS = {"f0": (1, 2, 6, 3), "f1": (2, 4, 12, 6), "f2": (3, 6, 18, 9), "f3": (4, 8, 24, 12),
-             "f4": (5, 10, 30, 15), "f5": (6, 12, 36, 18), "f6": (7, 14, 42, 21), "f7": (8, 16, 48, 24)}
-_F_RES = {"f0": (192, 256), "f1": (224, 320), "f2": (256, 352), "f3": (320, 416),
-          "f4": (384, 512), "f5": (416, 544), "f6": (448, 576), "f7": (480, 608)}
-_F_DROP = {"f0": 0.2, "f1": 0.3, "f2": 0.4, "f3": 0.4, "f4": 0.5, "f5": 0.5, "f6": 0.5, "f7": 0.5}
+def variants() -> dict[str, Variant]:
+    """{model name: Variant} over every registered family (imports the family modules)."""
+    out: dict[str, Variant] = {}
+    for family in MODEL_FAMILIES:
+        for name, v in MODEL_FAMILIES.get(family).items():
+            if name in out:
+                raise ValueError(f"model {name!r} is registered by two families ({out[name].family}, {family})")
+            out[name] = v
+    return out
 
-VARIANTS: dict[str, Variant] = {
-    f"nfnet_{v}": Variant("nfnet", NFNet, dict(
-        width=(256, 512, 1536, 1536), depth=_F_DEPTHS[v], group_width=128, expansion=0.5,
-        big_width=True, se_ratio=0.5, alpha=0.2, stochdepth_rate=0.1, drop_rate=_F_DROP[v],
-        final_conv_mult=2, activation="gelu"), *_F_RES[v])
-    for v in _F_DEPTHS
-}
-VARIANTS["nfnet_tiny"] = Variant("nfnet", NFNet, dict(
-    width=(16, 32, 64, 64), depth=(1, 1, 1, 1), group_width=8, stem_width=(8, 8, 16),
-    stochdepth_rate=0.1, drop_rate=0.2), 32, 32)
-VARIANTS["nfnet_micro"] = Variant("nfnet", NFNet, dict(
-    width=(8, 16, 16, 16), depth=(1, 1, 1, 1), group_width=4, stem_width=(4, 4, 8),
-    stochdepth_rate=0.1, drop_rate=0.2), 32, 32)
-VARIANTS["wrn_16_4"] = Variant("wrn", WideResNet, dict(depth=16, width=4, groups=16), 32, 32)
+
+def names() -> tuple[str, ...]:
+    """Every registered model name."""
+    return tuple(variants())
 
 
 def _variant(name: str) -> Variant:
+    table = variants()
     key = name.lower()
-    if key not in VARIANTS:
-        raise UsageError(f"unknown model {name!r}; choose from {', '.join(VARIANTS)}")
-    return VARIANTS[key]
+    if key not in table:
+        raise UsageError(f"unknown model {name!r}; choose from {', '.join(table)}")
+    return table[key]
 
 
 def variant_info(name: str) -> dict[str, Any]:

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dpft.models import layers
+from dpft.models.variant import Variant
 
 Array = jax.Array
 
@@ -79,3 +80,8 @@ class WideResNet(nnx.Module):
             out = block(out)
         out = jax.nn.relu(self.final_norm(out))
         return self.linear(jnp.mean(out, axis=(1, 2))).astype(jnp.float32)
+
+
+VARIANTS: dict[str, Variant] = {
+    "wrn_16_4": Variant("wrn", WideResNet, dict(depth=16, width=4, groups=16), 32, 32),
+}

@@ -4,7 +4,7 @@
   dpft accountant --target-epsilon E --sampling-rate Q --steps T --delta D [--accountant pld|rdp] [--json]
 
 Imports no jax. All values are parsed here (not by argparse) so that every invalid value
-gives one line on stderr and exit code 2 (via dpft.cli.UsageError). The work is bounded:
+gives one line on stderr and exit code 2 (via dpft.errors.UsageError). The work is bounded:
 the noise multiplier must lie in `SIGMA_RANGE` (below it the PLD accountant runs for minutes
 on an epsilon in the thousands; above it the arithmetic overflows) and steps <= `MAX_STEPS`.
 """
@@ -14,7 +14,7 @@ import argparse
 import json
 import math
 
-from dpft.cli import UsageError
+from dpft.errors import UsageError
 from dpft.privacy import accounting
 from dpft.privacy.accounting import SIGMA_RANGE
 

@@ -11,7 +11,7 @@ import json
 import math
 import sys
 
-from dpft.cli import UsageError
+from dpft.errors import UsageError
 from dpft.privacy.accounting import SIGMA_RANGE
 
 MAX_SEED = 2**32 - 1

@@ -61,7 +61,7 @@ from typing import Any, Mapping, Sequence
 
 import ml_collections
 
-from dpft.cli import UsageError
+from dpft.errors import UsageError
 
 ConfigDict = ml_collections.ConfigDict
 

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from dpft.cli import UsageError
+from dpft.errors import UsageError
 
 DATA_AXIS = "data"
 

@@ -37,7 +37,7 @@ from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
-from dpft.cli import UsageError
+from dpft.errors import UsageError
 from dpft.data import pipeline
 from dpft.evaluate import predictions as predictions_lib
 from dpft.privacy import accounting, keys

@@ -9,7 +9,7 @@ from __future__ import annotations
 import ml_collections
 import optax
 
-from dpft.cli import UsageError
+from dpft.errors import UsageError
 
 
 def make_schedule(train_config: ml_collections.ConfigDict) -> optax.Schedule:

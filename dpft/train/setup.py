@@ -12,7 +12,7 @@ from typing import Any, Callable
 import jax.numpy as jnp
 import ml_collections
 
-from dpft.cli import UsageError
+from dpft.errors import UsageError
 from dpft.data.augment import AugmentConfig
 from dpft.data.base import ExampleTable
 from dpft.privacy import adapters, engine, keys
@@ -21,15 +21,6 @@ from dpft.train import validation
 from dpft.train.config_base import RUN_OPTION_DEFAULTS
 
 log = logging.getLogger(__name__)
-
-DATASETS = {
-    "digits": "dpft.data.digits",
-    "chexpert": "dpft.data.chexpert",
-    "mimic_cxr": "dpft.data.mimic_cxr",
-    "imagenet": "dpft.data.imagenet",
-    "places365": "dpft.data.places365",
-}
-
 
 # data.options keys used by the run set-up itself, not passed to the data set's loader.
 RUN_OPTIONS = tuple(RUN_OPTION_DEFAULTS)
@@ -54,12 +45,10 @@ def load_tables(config: ml_collections.ConfigDict) -> dict[str, ExampleTable]:
     With `data.options.imbalance_fraction` (and `imbalance_attribute`, `imbalance_group`)
     the training split keeps that subgroup at the given fraction (imbalance studies).
     """
-    name = config.data.name
-    if name not in DATASETS:
-        raise UsageError(f"config.data.name={name!r} unknown; choose from {', '.join(DATASETS)}")
-    module = importlib.import_module(DATASETS[name])
+    from dpft import data
+
     options, run = data_options(config)
-    tables = module.load_splits(config.data.root or None, **options)
+    tables = data.load_splits(str(config.data.name), config.data.root or None, **options)
     if "imbalance_fraction" in run:
         from dpft.data.subgroups import ImbalanceConfig, subsample_subgroup
         for key in ("imbalance_attribute", "imbalance_group"):

@@ -1,7 +1,7 @@
 """Check a run config before anything is compiled or loaded.
 
 `validate(config, num_examples=..., num_devices=...)` collects every problem and raises one
-`dpft.cli.UsageError` whose message names each offending field and its value, e.g.
+`dpft.errors.UsageError` whose message names each offending field and its value, e.g.
 "config.train.physical_batch_size=100 is not a multiple of config.train.microbatch_size=16".
 Warnings (allowed but weakening) are issued with `warnings.warn` and also returned.
 
@@ -21,23 +21,18 @@ from typing import Any, Iterator, Mapping
 
 import ml_collections
 
+from dpft.data import DATASETS
 from dpft.errors import ConfigError, NonFiniteError, UsageError
-from dpft.privacy.accounting import SIGMA_RANGE
+from dpft.models import registry as models_registry
+from dpft.privacy.accounting import ACCOUNTANTS, SIGMA_RANGE
+from dpft.privacy.engine import CLIPPING_MODES
+from dpft.privacy.plan import GRAD_METHOD_CHOICES as GRAD_METHODS
 
-# Names the rest of dpft implements (a static copy, so validation imports no jax/flax;
-# tests/test_configs.py checks it against dpft.models.registry.VARIANTS and dpft.data.DATASETS).
-MODEL_NAMES: tuple[str, ...] = tuple(f"nfnet_f{i}" for i in range(8)) + (
-    "nfnet_tiny",
-    "nfnet_micro",
-    "wrn_16_4",
-)
-DATA_NAMES = ("digits", "chexpert", "mimic_cxr", "imagenet", "places365")
+# Choices come from where they are implemented (the registries and the privacy modules).
 DTYPES = ("float32", "bfloat16")
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "warmup_cosine")
-CLIPPINGS = ("flat", "per_layer", "automatic")
-ACCOUNTANTS = ("pld", "rdp")
-GRAD_METHODS = ("auto", "bookkeeping", "vmap")
+CLIPPINGS = tuple(m for m in CLIPPING_MODES if m != "none")  # "none" = privacy.enabled=False
 EVAL_PARAMS = ("ema", "raw", "polyak")
 
 
@@ -137,7 +132,7 @@ def validate(
       num_examples: N, the training-set size, when known (checks batch_size <= N).
       num_devices: local devices of this host that share the physical batch.
       check_paths: also require that model.checkpoint (if set) and data.root (all data sets
-        but digits) exist; False checks a config file on a machine without the data.
+        that needs one) exist; False checks a config file on a machine without the data.
     Returns:
       the warnings issued (strings); empty when there are none.
     """
@@ -150,8 +145,9 @@ def validate(
     # -- top level / model
     c.integer("seed", 0)
     name = c.value("model.name")
-    if name is not _MISSING and name not in MODEL_NAMES:
-        c.add("model.name", name, f"is not a known model ({', '.join(MODEL_NAMES)})")
+    model_names = models_registry.names()
+    if name is not _MISSING and name not in model_names:
+        c.add("model.name", name, f"is not a known model ({', '.join(model_names)})")
     c.choice("model.dtype", DTYPES)
     ckpt = c.value("model.checkpoint")
     if ckpt is not _MISSING:
@@ -161,11 +157,12 @@ def validate(
             c.add("model.checkpoint", ckpt, "does not exist")
 
     # -- data
-    data_name = c.choice("data.name", DATA_NAMES)
+    data_name = c.choice("data.name", DATASETS.names())
     root = c.value("data.root")
     if root is not _MISSING and not isinstance(root, str):
         c.add("data.root", root, "must be a path or ''")
-    elif root is not _MISSING and data_name is not _MISSING and data_name != "digits" and check_paths:
+    elif (root is not _MISSING and data_name in DATASETS and DATASETS.get(data_name).needs_root
+          and check_paths):
         if not root:
             c.add("data.root", root, f"must name the {data_name} data directory")
         elif check_paths and not os.path.isdir(root):
