@@ -26,7 +26,8 @@ def child(devices: int, batch: int, iters: int, model: str) -> dict:
     from benchmarks import common
     from dpft.privacy import engine, keys
     from dpft.privacy import plan as plan_lib
-    from dpft.train import distributed, step as step_lib
+    from dpft import distributed
+    from dpft.train import step as step_lib
     assert len(jax.devices()) == devices, (jax.devices(), devices)
     setup = common.make_setup(model, batch)
     mesh = jax.make_mesh((devices,), (step_lib.DATA_AXIS,))

@@ -18,7 +18,7 @@ Resolution: NFNet-F3's own train/eval resolutions (320/416, Brock et al. 2021).
 Values marked (ours) could not be checked against the papers' tables while writing this
 file and should be tuned: learning rate and number of updates per epsilon.
 """
-from dpft.train.config_base import apply_config_arg, base_config, finalize
+from dpft.config.base import apply_config_arg, base_config, finalize
 
 PAPER_EPSILONS = (0.5, 1.0, 2.0, 4.0, 8.0)
 LARGEST_PAPER_BATCH = 262_144

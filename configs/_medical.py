@@ -10,7 +10,7 @@ tables while writing this file) and should be tuned: the learning rate (with C =
 clipped mean gradient has norm <= 1e-3, so the learning rate is large), the number of
 updates, augmult and the resolution.
 """
-from dpft.train.config_base import apply_config_arg, base_config, finalize
+from dpft.config.base import apply_config_arg, base_config, finalize
 
 PAPER_EPSILONS = (0.5, 1.0, 2.0, 4.0, 8.0)
 ALIASES = {"eps": "privacy.epsilon", "steps": "train.num_updates", "batch": "train.batch_size"}

@@ -7,7 +7,7 @@
 Digits (scikit-learn's 8x8 images, 1,797 examples) are upsampled to `image_size`. The
 hyper-parameters are small-and-fast choices for a CPU demo, not tuned results.
 """
-from dpft.train.config_base import apply_config_arg, base_config, finalize
+from dpft.config.base import apply_config_arg, base_config, finalize
 
 ALIASES = {"eps": "privacy.epsilon", "steps": "train.num_updates", "batch": "train.batch_size"}
 

@@ -12,7 +12,7 @@ uses Adam (lr 1e-3) without clipping or noise on the same code path. The imbalan
 Config argument: `private=True|False`, `eps=E`, `frac=F` (minority fraction), `seed=S`,
 `updates=N`, `checkpoint=PATH`, `individual=True|False` (individual accounting, default on for DP).
 """
-from dpft.train.config_base import apply_config_arg, finalize
+from dpft.config.base import apply_config_arg, finalize
 
 ALIASES = {"eps": "privacy.epsilon", "frac": "data.options.minority_fraction", "seed": "seed",
            "updates": "train.num_updates", "checkpoint": "model.checkpoint", "individual": "individual.enabled"}
@@ -20,7 +20,7 @@ FINETUNE_UPDATES = 40
 
 
 def get_config(arg=None):
-    from dpft.cli import UsageError
+    from dpft.errors import UsageError
     from dpft.demo import recipe
 
     items = [s for s in (arg or "").split(",") if s.strip()]

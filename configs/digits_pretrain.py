@@ -6,7 +6,7 @@
 The same run as `dpft demo` step 1 (`dpft.demo.recipe`): 150 updates of Adam on the public split
 (20% of the 1,797 digits, no rotated digits). Config argument: `updates=N`, `seed=S`.
 """
-from dpft.train.config_base import apply_config_arg, finalize
+from dpft.config.base import apply_config_arg, finalize
 
 ALIASES = {"updates": "train.num_updates", "seed": "seed"}
 PRETRAIN_UPDATES = 150

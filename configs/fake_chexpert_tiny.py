@@ -4,7 +4,7 @@
 
 Shapes are chosen for 8 fake CPU devices: physical batch 16 = 8 devices x 2, microbatch 2.
 """
-from dpft.train.config_base import apply_config_arg, base_config, finalize
+from dpft.config.base import apply_config_arg, base_config, finalize
 
 ALIASES = {"eps": "privacy.epsilon", "steps": "train.num_updates", "root": "data.root"}
 

@@ -66,7 +66,7 @@ def recipe(*, private: bool, epsilon: float = 8.0, updates: int, checkpoint: str
     The physical batch (64 examples per host) is split over `num_devices` local devices
     (default: all of them); the microbatch is the largest divisor of the per-device share <= 16.
     """
-    from dpft.train.config_base import base_config
+    from dpft.config.base import base_config
 
     if num_devices is None:
         import jax

@@ -114,7 +114,7 @@ def check_jobs(config: str, jobs: Sequence[tuple]) -> None:
     """Load the config with each job's overrides (UsageError on a bad field or value); a job may
     carry its own config path as a third element (the baseline's CONFIG:ARG)."""
     sys.path.insert(0, os.path.dirname(HERE))
-    from dpft.train.config_base import load_config
+    from dpft.config.base import load_config
 
     for job in jobs:
         cfg = load_config(job[2] if len(job) > 2 else config, job[1])

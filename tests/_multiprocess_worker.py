@@ -3,7 +3,7 @@
     python tests/_multiprocess_worker.py OUT.npz
 
 Multi-process when DPFT_COORDINATOR_ADDRESS / DPFT_NUM_PROCESSES / DPFT_PROCESS_ID are set
-(dpft.train.distributed), else a single process. Runs UPDATES DP updates of the real step
+(dpft.distributed), else a single process. Runs UPDATES DP updates of the real step
 (dpft.train.step) on a tiny conv net, over a mesh of all devices of all processes, twice:
 noise off and noise on. The global batch of each update is fixed by a numpy seed; each
 process feeds only its own rows. Writes the params of both runs (every leaf as the data of
@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import sys
 
-from dpft.train import distributed
+from dpft import distributed
 
 
 def main(out_path: str) -> int:

@@ -29,7 +29,7 @@ def _one_line_error(err: str, command: str) -> str:
 @pytest.fixture
 def no_data(monkeypatch):
     """Fails the test if anything tries to load a data set (or build a model)."""
-    from dpft.train import setup as setup_lib
+    from dpft.config import build as setup_lib
 
     def refuse(*a, **k):
         raise AssertionError("data was loaded before the bad value was refused")
@@ -68,8 +68,8 @@ def test_bad_config_value_is_refused_in_one_line_before_data(tmp_path, capsys, n
 
 
 def test_validate_refuses_non_finite_anywhere_and_names_each():
-    from dpft.train.config_base import load_config
-    from dpft.train.validation import validate
+    from dpft.config.base import load_config
+    from dpft.config.validation import validate
 
     config = load_config(CONFIG, ["--config.train.optimizer.weight_decay=nan", "--config.privacy.clip_norm=inf"])
     with pytest.raises(errors.ConfigError) as info:
@@ -82,7 +82,7 @@ def test_validate_refuses_non_finite_anywhere_and_names_each():
 def test_resume_comparison_is_nan_safe():
     """A workdir written with NaN in its config (before NaN was refused) still resumes."""
     from dpft.train import loop
-    from dpft.train.config_base import load_config
+    from dpft.config.base import load_config
 
     old = load_config(CONFIG, ["--config.train.optimizer.weight_decay=nan"])
     new = load_config(CONFIG, ["--config.train.optimizer.weight_decay=nan"])
@@ -266,7 +266,7 @@ def test_usage_error_is_still_importable_from_cli():
 def test_check_finite_update_and_trees():
     import jax.numpy as jnp
 
-    from dpft.train.validation import check_finite_trees, check_finite_update
+    from dpft.config.validation import check_finite_trees, check_finite_update
 
     check_finite_update({"loss_sum": 1.0, "grad_norm": 2.0}, 3, 2)
     for bad in ({"loss_sum": math.nan, "grad_norm": 1.0}, {"loss_sum": 1.0, "grad_norm": math.inf}):

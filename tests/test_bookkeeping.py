@@ -204,7 +204,7 @@ def test_errors_name_the_problem():
 def test_eight_devices_equal_the_vmap_engine_on_eight_devices():
     """Under shard_map each device's clipped sum must use only its own examples: the output-gradient
     pass must not psum over devices (device-varying perturbations), so 8 devices == vmap engine."""
-    from dpft.train import distributed
+    from dpft import distributed
     from dpft.train import step as step_lib
     if jax.device_count() < 8:
         pytest.skip("needs 8 fake devices (tests/conftest.py)")

@@ -14,7 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from dpft import errors
-from dpft.train import checkpointing as C
+from dpft.workdir import checkpointing as C
 
 
 def _state(seed: int) -> dict:

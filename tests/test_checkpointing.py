@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from dpft.train import checkpointing as ck
+from dpft.workdir import checkpointing as ck
 
 
 def _state(seed: int):

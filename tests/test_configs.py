@@ -11,9 +11,9 @@ import optax
 import pytest
 
 from dpft.errors import UsageError
-from dpft.train import config_base as cb
+from dpft.config import base as cb
 from dpft.train import optim
-from dpft.train.validation import validate
+from dpft.config.validation import validate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILES = sorted(

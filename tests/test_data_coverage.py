@@ -7,7 +7,7 @@ import pytest
 
 from dpft.data import coverage, fake, load_splits, option_defaults
 from dpft.errors import DataError
-from dpft.train.config_base import RUN_OPTION_DEFAULTS, load_config
+from dpft.config.base import RUN_OPTION_DEFAULTS, load_config
 
 CONFIGS = sorted(p for p in glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.py"))
                  if not os.path.basename(p).startswith("_"))
@@ -55,7 +55,7 @@ def test_coverage_counts_and_checks(tmp_path):
 
 def test_training_starts_from_the_prepare_index(tmp_path):
     from dpft import cli
-    from dpft.train import setup as setup_lib
+    from dpft.config import build as setup_lib
 
     d = fake.write_fake_chexpert(str(tmp_path / "c"), n_patients=12, n_valid_patients=3, seed=1, demo="csv")
     out = str(tmp_path / "prepared")
@@ -88,7 +88,7 @@ def test_cloud_urls_refused_in_one_line_without_creating_a_gs_folder(tmp_path, c
 
 def test_resume_accepts_a_checkpoint_config_without_the_new_option_keys():
     from dpft.train import loop
-    from dpft.train.config_base import ConfigDict
+    from dpft.config.base import ConfigDict
 
     new = load_config("configs/chexpert_nfnet_f0.py")
     old = ConfigDict(new.to_dict())

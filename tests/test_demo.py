@@ -9,7 +9,7 @@ import pytest
 
 from dpft import demo
 from dpft.privacy import accounting
-from dpft.train.validation import validate
+from dpft.config.validation import validate
 
 
 @pytest.mark.parametrize("private", [True, False])

@@ -10,8 +10,8 @@ import pytest
 from dpft.cli import main
 from dpft.errors import UsageError
 from dpft.evaluate.predictions import write_synthetic_workdir
-from dpft.train import config_base as cb
-from dpft.train.validation import validate
+from dpft.config import base as cb
+from dpft.config.validation import validate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -125,7 +125,7 @@ def test_real_layout_chexpert_with_three_test_patients(tmp_path, capsys):
 
     from dpft.data import fake, load_splits
     from dpft.evaluate.predictions import write_predictions
-    from dpft.train.loop import table_columns
+    from dpft.evaluate.predictor import table_columns
 
     root = tmp_path / "chexpert"
     fake.write_fake_chexpert(str(root), n_patients=30, n_valid_patients=3, image_size=16)

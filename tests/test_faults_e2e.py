@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from dpft.privacy import accounting
-from dpft.train import checkpointing
+from dpft.workdir import checkpointing
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from dpft.errors import UsageError
-from dpft.train import distributed as D
+from dpft import distributed as D
 from dpft.train.logging_utils import MetricWriter, Progress, format_duration
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -185,7 +185,7 @@ def test_sweep_imbalance_study_with_seeds_and_baseline(tmp_path, capsys):
     for j in jobs:
         assert "&&" in j and j[j.index("&&") + 1:][:2] == ["dpft", "evaluate"] and j[-1] == "--reuse-predictions"
     # the configs load: the baseline is non-private with its own optimizer, the DP jobs are private
-    from dpft.train.config_base import load_config
+    from dpft.config.base import load_config
     base = load_config(FINETUNE + ":private=False", ["--config.privacy.enabled=False", "--config.seed=1"])
     dp = load_config(FINETUNE, ["--config.privacy.epsilon=1.15", "--config.data.options.minority_fraction=0.3"])
     assert (base.privacy.enabled, base.train.optimizer.name, base.seed) == (False, "adam", 1)
@@ -329,7 +329,7 @@ def test_progress_line_and_eta_with_injected_clock():
 
 _WORKER = r'''
 import numpy as np
-from dpft.train import distributed as D
+from dpft import distributed as D
 plan = D.initialize_distributed()
 import jax
 mesh = D.make_data_mesh()

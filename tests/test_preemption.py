@@ -17,7 +17,7 @@ from dpft import errors
 from dpft.data import fake
 from dpft.privacy import accounting
 from dpft.train import loop
-from dpft.train.config_base import load_config
+from dpft.config.base import load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "fake_chexpert_tiny.py")

@@ -219,13 +219,14 @@ def test_individual_accounting_records_the_clipped_k_view_norm_and_stays_within_
     accountant and never exceed the run's epsilon."""
     from dpft.data import pipeline
     from dpft.privacy import adapters
-    from dpft.train import loop, setup as setup_lib
+    from dpft.config import build
+    from dpft.train import loop, privacy_setup
     cfg = _tiny_config()
     trainer = loop.Trainer(cfg, str(tmp_path / "run"), print_fn=lambda *a: None)
     trainer.record_norms()
     rec = trainer.recorder
-    model = setup_lib.build_model(cfg, trainer.train_table.num_classes)
-    loss_fn, _, _ = adapters.nnx_loss_fn(model, setup_lib.per_view_loss(trainer.train_table.task))
+    model = build.build_model(cfg, trainer.train_table.num_classes)
+    loss_fn, _, _ = adapters.nnx_loss_fn(model, privacy_setup.per_view_loss(trainer.train_table.task))
     params = jax.device_get(trainer.state["params"])
     grid = float(cfg.individual.norm_grid)
     differs = 0

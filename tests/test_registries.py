@@ -119,7 +119,7 @@ def test_a_model_registered_twice_is_refused(monkeypatch):
 
 
 def _toy_config() -> ml_collections.ConfigDict:
-    from dpft.train import config_base as cb
+    from dpft.config import base as cb
     c = cb.base_config(locked=False)
     c.model.name = "toy_mlp"
     c.data.name = "toy"
@@ -152,7 +152,8 @@ def test_toy_model_and_data_set_are_one_file_and_one_line_each(toy_entries, tmp_
     assert model(np.zeros((3, 8, 8, 3), np.float32)).shape == (3, 2)
     assert set(data.option_defaults("toy")) == {"per_split", "seed"}
     config = _toy_config()
-    from dpft.train import loop, validation
+    from dpft.config import validation
+    from dpft.train import loop
     validation.validate(config, num_examples=48, num_devices=jax.local_device_count())
     result = loop.train(config, str(tmp_path / "run"), print_fn=lambda *a, **k: None)
     assert result.updates_done == 2 and 0 < result.epsilon_spent < 4.0 + 1e-6

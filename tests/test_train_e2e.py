@@ -26,9 +26,9 @@ from dpft import cli
 from dpft.data import chexpert, fake
 from dpft.evaluate.predictions import load_predictions
 from dpft.privacy import accounting, keys
-from dpft.train import checkpointing
-from dpft.train import setup as setup_lib
-from dpft.train.config_base import load_config
+from dpft.workdir import checkpointing
+from dpft.train import privacy_setup
+from dpft.config.base import load_config
 
 pytestmark = pytest.mark.slow
 
@@ -287,7 +287,7 @@ def test_budget_binds_when_sigma_is_given(base):
     config = load_config(CONFIG, base["overrides"] + ["--config.privacy.noise_multiplier=0.8",
                                                       "--config.privacy.epsilon=3.0",
                                                       "--config.train.num_updates=1000"])
-    plan = setup_lib.privacy_plan(config, n, {"w": np.zeros(2)}, keys.RunSecret.generate())
+    plan = privacy_setup.privacy_plan(config, n, {"w": np.zeros(2)}, keys.RunSecret.generate())
     q, delta = 16 / n, 1 / n
     assert 1 <= plan.num_updates < 1000
     assert accounting.compute_epsilon(q, 0.8, plan.num_updates, delta) <= 3.0

@@ -18,7 +18,7 @@ import pytest
 from dpft.privacy import adapters, engine, keys, noise
 from dpft.privacy import plan as plan_lib
 from dpft.privacy.testing_models import SmallConvNet
-from dpft.train import distributed
+from dpft import distributed
 from dpft.train import step as step_lib
 
 B, K, H, C_IN, NUM_CLASSES = 16, 2, 6, 2, 3  # physical batch 16 = 8 devices x 2

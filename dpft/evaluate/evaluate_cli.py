@@ -15,7 +15,7 @@ The second builds the sweep table and plots over any config axis, seeds aggregat
 
 Evaluation may run beside a live `dpft train` on the same workdir: checkpoints are opened
 read-only (nothing is created, cleaned up or deleted) and the step read is pinned as a
-hard-linked snapshot (`dpft.train.checkpointing.pinned`), so keep-N cleanup cannot delete it
+hard-linked snapshot (`dpft.workdir.checkpointing.pinned`), so keep-N cleanup cannot delete it
 mid-read. A mistyped --workdir is refused without creating anything.
 """
 from __future__ import annotations
@@ -102,12 +102,29 @@ def _checkpoint_step(workdir: str, which: str) -> int | None:
         raise UsageError(f"--checkpoint must be an update index or 'latest', got {which!r}") from None
 
 
+def _params_item(config, params: str | None) -> tuple[str, str]:
+    """(checkpoint pytree item, params name) for `--params` (None: the run's eval.params)."""
+    which = params or str(config.eval.get("params", "ema"))
+    if which == "ema" and float(config.train.get("ema_decay", 0.0)) > 0:
+        return "ema", "ema"
+    if which == "polyak" and bool(config.train.get("polyak", False)):
+        return "polyak", "polyak"
+    return "params", "raw"
+
+
 def predict_from_checkpoint(workdir: str, step: int | None, splits: list[str], params: str | None,
                             ) -> tuple[int, dict[str, str]]:
-    """Restores checkpoint `step` (None: the latest) of the run in `workdir` from a pinned, read-only
-    snapshot and writes its predictions files -> (step, {split: path})."""
-    from dpft.train import checkpointing, loop
-    from dpft.train.config_base import config_from_json
+    """Restores the eval parameters of checkpoint `step` (None: the latest) of the run in `workdir`
+    from a pinned, read-only snapshot and writes its predictions files -> (step, {split: path}).
+
+    Needs only the workdir contract (docs/interfaces.md): config.json, the checkpoint's config,
+    params/EMA/Polyak, plan and ledger items; the model runs through `dpft.evaluate.predictor`."""
+    import json
+
+    from dpft.config.base import config_from_json
+    from dpft.evaluate import predictor as predictor_lib
+    from dpft.privacy import accounting
+    from dpft.workdir import checkpointing
 
     config_path = os.path.join(workdir, "config.json")
     if not os.path.isfile(config_path):
@@ -118,16 +135,27 @@ def predict_from_checkpoint(workdir: str, step: int | None, splits: list[str], p
         raise UsageError(f"{workdir}: --params polyak, but this run kept no Polyak average (train.polyak=False)")
     if params == "ema" and not float(config.train.get("ema_decay", 0.0)) > 0:
         raise UsageError(f"{workdir}: --params ema, but this run kept no EMA (train.ema_decay=0)")
-    if params is not None:
-        with config.unlocked():
-            config.eval.params = params
-    with config.unlocked():
-        config.eval.splits = tuple(splits)
-    trainer = loop.Trainer(config, workdir)
     with checkpointing.pinned(workdir, step) as (ckpt, chosen):
-        print(f"running the model of checkpoint {chosen} over {', '.join(splits)} (and validation)...")
-        trainer.restore(ckpt, chosen)
-    return chosen, trainer.write_predictions()
+        try:  # the model is built from the config the checkpoint was trained with
+            config = config_from_json(json.dumps(checkpointing.read_json_item(ckpt.directory, chosen, "config")))
+        except Exception as e:  # noqa: BLE001 - an unreadable item is a corrupt checkpoint
+            raise checkpointing.CorruptCheckpoint(chosen, ckpt.directory, f"item 'config': {e}") from e
+        with config.unlocked():
+            config.eval.splits = tuple(splits)
+        item, which = _params_item(config, params)
+        predictor, template = predictor_lib.Predictor.from_config(config)
+        print(f"running the model of checkpoint {chosen} ({which} params) over {', '.join(splits)} "
+              "(and validation)...")
+        restored = ckpt.restore(chosen, targets={item: template})
+    plan = restored.json_items.get("plan") or {}
+    epsilon = delta = None
+    if plan.get("enabled"):
+        ledger = accounting.Ledger.from_dict(restored.json_items["ledger"])
+        delta = float(plan["delta"])
+        epsilon = ledger.epsilon(delta, str(plan.get("accountant", "pld"))) if ledger.total_steps else 0.0
+    paths = predictor.write_predictions(workdir, chosen, restored.pytrees[item], which,
+                                        predictor_lib.eval_splits(config), epsilon=epsilon, delta=delta)
+    return chosen, paths
 
 
 def run(args: argparse.Namespace) -> int:

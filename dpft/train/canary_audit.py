@@ -152,7 +152,8 @@ def train_canaries(config: AuditConfig, noise_multiplier: float, included: np.nd
 
     from dpft.models import layers
     from dpft.privacy import adapters
-    from dpft.train import distributed, step as step_lib
+    from dpft import distributed
+    from dpft.train import step as step_lib
     from dpft.privacy.keys import dropout_key
 
     m = config.num_canaries

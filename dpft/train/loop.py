@@ -39,14 +39,17 @@ import numpy as np
 
 from dpft.errors import UsageError
 from dpft.data import pipeline
-from dpft.evaluate import predictions as predictions_lib
+from dpft.config import build
+from dpft.evaluate import predictor as predictor_lib
 from dpft.privacy import accounting, keys
 from dpft.privacy import plan as plan_lib
-from dpft.train import checkpointing, distributed, ledger_check, logging_utils, optim, step as step_lib
+from dpft import distributed
+from dpft.train import ledger_check, logging_utils, optim, step as step_lib
+from dpft.workdir import checkpointing
 from dpft.train import workdir_lock
-from dpft.train import setup as setup_lib
-from dpft.train.config_base import config_from_json, config_to_json
-from dpft.train.validation import check_finite_trees, check_finite_update, same_value, validate
+from dpft.train import privacy_setup
+from dpft.config.base import config_from_json, config_to_json
+from dpft.config.validation import check_finite_trees, check_finite_update, same_value, validate
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +91,7 @@ def check_resume_config(old: ml_collections.ConfigDict, new: ml_collections.Conf
     b = _flatten_config(json.loads(config_to_json(new)))
     # data.options keys a checkpoint written before they were listed lacks: equal when at their default.
     from dpft.data import option_defaults
-    from dpft.train.config_base import RUN_OPTION_DEFAULTS
+    from dpft.config.base import RUN_OPTION_DEFAULTS
     defaults = {f"data.options.{k}": v for k, v in json.loads(json.dumps(
         {**option_defaults(str(new.data.name)), **RUN_OPTION_DEFAULTS})).items()}
     changed = sorted(k for k in set(a) | set(b)
@@ -114,20 +117,19 @@ class Trainer:
         self.print = print_fn if jax.process_index() == 0 else (lambda *a, **k: None)
         distributed.initialize_distributed()
         self.mesh = distributed.make_data_mesh()
-        self.tables = setup_lib.load_tables(config)
-        self.coverage = setup_lib.attribute_report(config, self.tables, self.print)  # printed, checked
-        split = setup_lib.train_split_name(config)
+        self.tables = build.load_tables(config)
+        self.coverage = build.attribute_report(config, self.tables, self.print)  # printed, checked
+        split = build.train_split_name(config)
         if split not in self.tables:
             raise UsageError(f"config.data.options.train_split={split!r}: data set {config.data.name!r} "
                              f"has splits {sorted(self.tables)}")
         self.train_split = split
         self.train_table = self.tables[split]
-        self._columns: dict[str, dict[str, np.ndarray]] = {}
         validate(config, num_examples=len(self.train_table), num_devices=jax.local_device_count())
-        self.augment = setup_lib.augment_config(config)
-        model = setup_lib.build_model(config, self.train_table.num_classes)
+        self.augment = build.augment_config(config)
+        model = build.build_model(config, self.train_table.num_classes)
         loss_fn, params, self.merge = self._loss(model)
-        self.plan = setup_lib.privacy_plan(config, len(self.train_table), params, self._new_secret())
+        self.plan = privacy_setup.privacy_plan(config, len(self.train_table), params, self._new_secret())
         self.noise_key = self.plan.noise_base_key()  # derived once; an argument of every apply
         self.step_cfg = step_lib.StepConfig(
             plan=self.plan,
@@ -149,14 +151,15 @@ class Trainer:
                 seed=int(config.seed),
                 selection_seed=self.plan.selection_seed(),
                 num_workers=int(config.data.num_workers),
-                worker_processes=int(setup_lib.data_options(config)[1].get("worker_processes", 0)),
+                worker_processes=int(build.data_options(config)[1].get("worker_processes", 0)),
                 num_shards=jax.process_count(),
                 shard_index=jax.process_index(),
                 on_bad_image=str(config.data.options.get("on_bad_image", "error")),
             ),
             self.augment,
         )
-        self._predict = jax.jit(lambda p, images: self.merge(p)(images, train=False))
+        self.predictor = predictor_lib.Predictor(config, self.tables, predictor_lib.model_forward(self.merge),
+                                                 self.augment, self.mesh)
         self.recorder = None
         self.last_example_losses: np.ndarray | None = None  # [N], set by record_norms
         if config.individual.enabled and self.plan.enabled:
@@ -167,12 +170,12 @@ class Trainer:
 
     def _loss(self, model):
         from dpft.privacy import adapters
-        return adapters.nnx_loss_fn(model, setup_lib.per_view_loss(self.train_table.task))
+        return adapters.nnx_loss_fn(model, privacy_setup.per_view_loss(self.train_table.task))
 
     # ------------------------------------------------------------------ the run's secret
     def _new_secret(self) -> keys.RunSecret:
         """A fresh CSPRNG secret drawn on process 0 and broadcast (or the insecure fixed one)."""
-        secret = setup_lib.run_secret(self.config)
+        secret = privacy_setup.run_secret(self.config)
         if jax.process_count() > 1 and secret.is_secure:
             words = multihost_utils.broadcast_one_to_all(secret.to_words())
             secret = keys.RunSecret.from_words(np.asarray(words), secret.source)
@@ -229,7 +232,7 @@ class Trainer:
         """
         def read(s: int) -> checkpointing.Restored:
             try:  # compare configs BEFORE restoring arrays: a changed model would fail inside orbax
-                old_config = checkpoint_config(ckpt.directory, s)
+                old_config = config_from_json(json.dumps(checkpointing.read_json_item(ckpt.directory, s, "config")))
             except Exception as e:  # noqa: BLE001 - unreadable config item: this step is corrupt
                 raise checkpointing.CorruptCheckpoint(s, ckpt.directory, f"item 'config': {type(e).__name__}: "
                                                       f"{str(e).strip()[:300]}") from e
@@ -320,74 +323,20 @@ class Trainer:
             return self.state["polyak"], "polyak"
         return self.state["params"], "raw"
 
-    def predict_split(self, split: str, params) -> dict[str, np.ndarray]:
-        """Logits [N, C] and the metadata columns of every example of `split`, in table order.
-
-        Each host decodes only its shard of every eval batch; logits are gathered across
-        hosts, and the metadata comes from the table itself (same order on every host).
-        """
-        table = self.tables[split]
-        ndev = jax.local_device_count()
-        bs = max(ndev, int(self.config.eval.batch_size) // ndev * ndev)
-        chunks = []
-        for batch in pipeline.eval_batches(table, batch_size=bs, augment=self.augment,
-                                           num_workers=int(self.config.data.num_workers),
-                                           num_shards=jax.process_count(), shard_index=jax.process_index()):
-            images = distributed.shard_batch({"image": batch["image"]}, self.mesh)["image"]
-            logits = self._predict(params, images)
-            if jax.process_count() > 1:
-                logits = multihost_utils.process_allgather(logits, tiled=True)
-            chunks.append(np.asarray(logits, np.float32))
-        logits = np.concatenate(chunks)[: len(table)]
-        cols = dict(self.columns(split))
-        cols["logits"] = logits
-        return cols
-    def columns(self, split: str) -> dict[str, np.ndarray]:
-        """`table_columns` of a split, read once (it reads every record: decodes TFDS images)."""
-        if split not in self._columns:
-            self._columns[split] = table_columns(self.tables[split])
-        return self._columns[split]
-
     def quick_eval(self, split: str) -> dict[str, float]:
-        """Accuracy (multiclass: top-1; multilabel: mean AUC over eval tasks) on `split`."""
-        params, _ = self.eval_params()
-        out = self.predict_split(split, params)
-        if self.train_table.task == "multiclass":
-            return {f"{split}/accuracy": float(np.mean(np.argmax(out["logits"], -1) == out["label"]))}
-        from sklearn.metrics import roc_auc_score
-        aucs = []
-        names = list(self.train_table.class_names)
-        for t in self.train_table.eval_tasks or names:
-            i = names.index(t)
-            m = out["label_mask"][:, i] > 0 if "label_mask" in out else slice(None)
-            y = out["label"][m, i]
-            if len(np.unique(y)) == 2:
-                aucs.append(roc_auc_score(y, out["logits"][m, i]))
-        return {f"{split}/mean_auc": float(np.mean(aucs)) if aucs else float("nan")}
+        """The headline metric of `split` at the eval params (`Predictor.quick_eval`)."""
+        return self.predictor.quick_eval(split, self.eval_params()[0])
+
+    def columns(self, split: str) -> dict[str, np.ndarray]:
+        return self.predictor.columns(split)
 
     def write_predictions(self) -> dict[str, str]:
         """`predictions/<update>/<split>.npz` for every eval split (and validation, for thresholds)."""
-        u = int(self.state["update"])
         params, which = self.eval_params()
-        splits = list(dict.fromkeys(list(self.config.eval.splits) + ["validation"]))
-        paths = {}
-        for split in splits:
-            if split not in self.tables:
-                continue
-            out = self.predict_split(split, params)
-            if jax.process_index() != 0:
-                continue
-            attrs = {k[len("attr_"):]: v for k, v in out.items() if k.startswith("attr_")}
-            path = os.path.join(self.workdir, "predictions", str(u), f"{split}.npz")
-            predictions_lib.write_predictions(
-                path, example_id=out["example_id"], patient_id=out["patient_id"], logits=out["logits"],
-                label=out["label"], label_mask=out.get("label_mask"), attrs=attrs,
-                task=self.train_table.task, class_names=self.train_table.class_names,
-                eval_tasks=self.train_table.eval_tasks, step=u, params=which,
-                epsilon=self.epsilon_spent() if self.plan.enabled else None,
-                delta=self.plan.delta if self.plan.enabled else None)
-            paths[split] = path
-        return paths
+        return self.predictor.write_predictions(
+            self.workdir, int(self.state["update"]), params, which, predictor_lib.eval_splits(self.config),
+            epsilon=self.epsilon_spent() if self.plan.enabled else None,
+            delta=self.plan.delta if self.plan.enabled else None)
 
     # ------------------------------------------------------------------ individual accounting
     def record_norms(self) -> None:
@@ -570,32 +519,6 @@ def _agree(flag: bool) -> bool:
     if jax.process_count() > 1:
         return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
     return bool(flag)
-
-
-def checkpoint_config(checkpoint_directory: str, step: int) -> ml_collections.ConfigDict:
-    """The run config stored in checkpoint `step` (its `config` JSON item), without reading arrays."""
-    import orbax.checkpoint as ocp
-
-    with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as reader:
-        data = reader.restore(os.path.join(checkpoint_directory, str(step), "config"), args=ocp.args.JsonRestore())
-    return config_from_json(json.dumps(data))
-
-
-def table_columns(table) -> dict[str, np.ndarray]:
-    """example_id, patient_id, label (, label_mask), attr_<name> of every record, in order."""
-    recs = list(table.records())
-    cols = {
-        "example_id": np.asarray([r["example_id"] for r in recs], np.int64),
-        "patient_id": np.asarray([str(r.get("patient_id", r["example_id"])) for r in recs], dtype=str),
-    }
-    if table.task == "multilabel":
-        cols["label"] = np.stack([np.asarray(r["label"], np.float32) for r in recs])
-        cols["label_mask"] = np.stack([np.asarray(r["label_mask"], np.float32) for r in recs])
-    else:
-        cols["label"] = np.asarray([int(r["label"]) for r in recs], np.int64)
-    for a in table.attribute_names:
-        cols[f"attr_{a}"] = np.asarray([str(r["attrs"].get(a, "Unknown")) for r in recs], dtype=str)
-    return cols
 
 
 def _atomic_write_text(path: str, text: str) -> None:

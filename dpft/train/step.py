@@ -28,7 +28,7 @@ from jax.sharding import PartitionSpec as P
 
 from dpft.privacy.plan import PrivacyPlan
 from dpft.train import ema as ema_lib
-from dpft.train.distributed import DATA_AXIS
+from dpft.distributed import DATA_AXIS
 
 PyTree = Any
 

@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dpft.train.config_base import config_to_json, load_config
+    from dpft.config.base import config_to_json, load_config
 
     logging.basicConfig(level=os.environ.get("DPFT_LOGLEVEL", "WARNING"))
     config = load_config(args.config, list(getattr(args, "overrides", [])))
@@ -35,9 +35,10 @@ def run(args: argparse.Namespace) -> int:
     paths.check_local(config.model.checkpoint, "config.model.checkpoint")
     for key in ("mimic_iv_dir", "demo_path", "index_dir"):
         paths.check_local(config.data.options.get(key, None), f"config.data.options.{key}")
-    from dpft.train.validation import validate
+    from dpft.config.validation import validate
     validate(config)  # refuse bad configs before loading data or compiling anything
-    from dpft.train import distributed, loop, workdir_lock
+    from dpft import distributed
+    from dpft.train import loop, workdir_lock
     # One run per workdir, checked before any data is loaded: a second `dpft train` exits at once.
     # Multi-process runs take the lock in the loop (process 0 only, once jax knows which it is).
     single = distributed.detect_cluster() is None

@@ -65,7 +65,7 @@ from dpft.errors import UsageError
 
 ConfigDict = ml_collections.ConfigDict
 
-# data.options keys read by the run set-up (dpft.train.setup), not by the loader; None = not set.
+# data.options keys read by the run set-up (dpft.config.build), not by the loader; None = not set.
 RUN_OPTION_DEFAULTS: dict[str, Any] = {
     "train_split": None,  # default "train"
     "crop": None,  # "random_resized" | "pad_crop" | "none"; default by resolution

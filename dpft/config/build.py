@@ -1,26 +1,19 @@
-"""Builds what a run needs from its config: data tables, augmentation, model, loss, privacy.
+"""What a run config builds: its data tables, augmentation and model (no training, no privacy).
 
-Pure set-up, no training: `dpft train`, `dpft evaluate` and the demo share it, so a
-checkpoint is always evaluated with the model, data and preprocessing it was trained with.
+`dpft train`, `dpft evaluate` and the demo share it, so a checkpoint is always evaluated with
+the model, data and preprocessing it was trained with.
 """
 from __future__ import annotations
 
-import importlib
-import logging
 from typing import Any, Callable
 
 import jax.numpy as jnp
 import ml_collections
 
-from dpft.errors import UsageError
+from dpft.config.base import RUN_OPTION_DEFAULTS
 from dpft.data.augment import AugmentConfig
 from dpft.data.base import ExampleTable
-from dpft.privacy import adapters, engine, keys
-from dpft.privacy import plan as plan_lib
-from dpft.train import validation
-from dpft.train.config_base import RUN_OPTION_DEFAULTS
-
-log = logging.getLogger(__name__)
+from dpft.errors import UsageError
 
 # data.options keys used by the run set-up itself, not passed to the data set's loader.
 RUN_OPTIONS = tuple(RUN_OPTION_DEFAULTS)
@@ -108,45 +101,3 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int):
         return models.load_pretrained(config.model.checkpoint, config.model.name, num_classes,
                                       seed=config.seed, dtype=dtype, **overrides)
     return models.create(config.model.name, num_classes, seed=config.seed, dtype=dtype, **overrides)
-
-
-def per_view_loss(task: str) -> Callable:
-    if task == "multiclass":
-        return adapters.softmax_cross_entropy_loss
-    if task == "multilabel":
-        return adapters.sigmoid_binary_cross_entropy_loss
-    raise UsageError(f"unknown task {task!r}")
-
-
-def clipping_config(config: ml_collections.ConfigDict) -> engine.ClippingConfig:
-    """The clipping of `config.privacy` ("none" for the non-private baseline)."""
-    if not config.privacy.enabled:
-        return engine.ClippingConfig(mode="none", clip_norm=1.0)
-    return engine.ClippingConfig(mode=config.privacy.clipping, clip_norm=float(config.privacy.clip_norm))
-
-
-def run_secret(config: ml_collections.ConfigDict) -> keys.RunSecret:
-    """A fresh CSPRNG secret, or the insecure fixed one of `privacy.insecure_fixed_noise_seed` (>= 0).
-
-    Not multi-host aware: the training loop draws it on process 0 and broadcasts it.
-    """
-    fixed = validation.insecure_fixed_noise_seed(config)
-    if fixed is not None and int(fixed) >= 0:
-        return keys.RunSecret.insecure_fixed(int(fixed))
-    return keys.RunSecret.generate()
-
-
-def privacy_plan(config: ml_collections.ConfigDict, num_examples: int, params: Any,
-                 secret: keys.RunSecret) -> plan_lib.PrivacyPlan:
-    """The run's privacy plan (`dpft.privacy.plan.make_plan`) from `config.privacy` and `config.train`."""
-    p, t = config.privacy, config.train
-    try:
-        return plan_lib.make_plan(
-            enabled=bool(p.enabled), num_examples=int(num_examples), batch_size=float(t.batch_size),
-            num_updates=int(t.num_updates), clipping=clipping_config(config), params=params, secret=secret,
-            epsilon=float(p.epsilon) if p.epsilon else None,
-            noise_multiplier=float(p.noise_multiplier) if p.noise_multiplier else None,
-            delta=float(p.delta) if p.delta else None, accountant=str(p.accountant),
-            grad_method=str(t.get("grad_method", "auto")))
-    except plan_lib.PlanError as e:
-        raise UsageError(f"invalid privacy plan (config.privacy, config.train): {e}") from None

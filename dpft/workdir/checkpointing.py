@@ -584,3 +584,9 @@ class PreemptionFlag:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
         self._previous.clear()
+
+
+def read_json_item(checkpoint_directory: str, step: int, item: str) -> Any:
+    """One JSON item (e.g. "config", "plan", "ledger") of checkpoint `step`, without reading arrays."""
+    with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as reader:
+        return reader.restore(os.path.join(checkpoint_directory, str(step), item), args=ocp.args.JsonRestore())

@@ -128,7 +128,7 @@ def validate(
     """Raise UsageError listing every invalid field/combination of `config`.
 
     Args:
-      config: the run config (see dpft/train/config_base.py).
+      config: the run config (see dpft/config/base.py).
       num_examples: N, the training-set size, when known (checks batch_size <= N).
       num_devices: local devices of this host that share the physical batch.
       check_paths: also require that model.checkpoint (if set) and data.root (all data sets

@@ -1,0 +1,58 @@
+"""The privacy side of a run's set-up: its loss, clipping, secret and privacy plan from the config.
+
+What the config builds apart from privacy (tables, augmentation, model) is `dpft.config.build`.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+import ml_collections
+
+from dpft.errors import UsageError
+from dpft.privacy import adapters, engine, keys
+from dpft.privacy import plan as plan_lib
+from dpft.config import validation
+
+log = logging.getLogger(__name__)
+
+def per_view_loss(task: str) -> Callable:
+    if task == "multiclass":
+        return adapters.softmax_cross_entropy_loss
+    if task == "multilabel":
+        return adapters.sigmoid_binary_cross_entropy_loss
+    raise UsageError(f"unknown task {task!r}")
+
+
+def clipping_config(config: ml_collections.ConfigDict) -> engine.ClippingConfig:
+    """The clipping of `config.privacy` ("none" for the non-private baseline)."""
+    if not config.privacy.enabled:
+        return engine.ClippingConfig(mode="none", clip_norm=1.0)
+    return engine.ClippingConfig(mode=config.privacy.clipping, clip_norm=float(config.privacy.clip_norm))
+
+
+def run_secret(config: ml_collections.ConfigDict) -> keys.RunSecret:
+    """A fresh CSPRNG secret, or the insecure fixed one of `privacy.insecure_fixed_noise_seed` (>= 0).
+
+    Not multi-host aware: the training loop draws it on process 0 and broadcasts it.
+    """
+    fixed = validation.insecure_fixed_noise_seed(config)
+    if fixed is not None and int(fixed) >= 0:
+        return keys.RunSecret.insecure_fixed(int(fixed))
+    return keys.RunSecret.generate()
+
+
+def privacy_plan(config: ml_collections.ConfigDict, num_examples: int, params: Any,
+                 secret: keys.RunSecret) -> plan_lib.PrivacyPlan:
+    """The run's privacy plan (`dpft.privacy.plan.make_plan`) from `config.privacy` and `config.train`."""
+    p, t = config.privacy, config.train
+    try:
+        return plan_lib.make_plan(
+            enabled=bool(p.enabled), num_examples=int(num_examples), batch_size=float(t.batch_size),
+            num_updates=int(t.num_updates), clipping=clipping_config(config), params=params, secret=secret,
+            epsilon=float(p.epsilon) if p.epsilon else None,
+            noise_multiplier=float(p.noise_multiplier) if p.noise_multiplier else None,
+            delta=float(p.delta) if p.delta else None, accountant=str(p.accountant),
+            grad_method=str(t.get("grad_method", "auto")))
+    except plan_lib.PlanError as e:
+        raise UsageError(f"invalid privacy plan (config.privacy, config.train): {e}") from None
