@@ -28,7 +28,7 @@ from flax import nnx
 
 from dpft.privacy import adapters, engine, keys, noise
 NOISE_BASE = keys.noise_base_key(keys.RunSecret.generate())  # a fresh secret, as a run draws
-from dpft.privacy.testing_models import SmallConvNet
+from dpft.testing.models import SmallConvNet
 
 # name -> (make_model(seed) -> nnx.Module, image shape (H, W, C), num_classes)
 MODELS: dict[str, tuple[Callable[[int], nnx.Module], tuple[int, int, int], int]] = {

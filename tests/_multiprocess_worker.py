@@ -25,7 +25,7 @@ def main(out_path: str) -> int:
 
     from dpft.privacy import adapters, engine, keys
     from dpft.privacy import plan as plan_lib
-    from dpft.privacy.testing_models import SmallConvNet
+    from dpft.testing.models import SmallConvNet
     from dpft.train import step as step_lib
 
     updates, per_device, k, size, channels, classes = 3, 2, 2, 6, 2, 3

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from dpft.privacy import adapters, engine
-from dpft.privacy.testing_models import SmallConvNet, haiku_small_convnet, nnx_to_haiku_params
+from dpft.testing.models import SmallConvNet, haiku_small_convnet, nnx_to_haiku_params
 
 B, K, H, C_IN, NUM_CLASSES = 6, 2, 6, 2, 3
 

@@ -20,7 +20,7 @@ from dpft.nn import ops, taps
 from dpft.privacy import adapters, bookkeeping, engine, keys
 from dpft.privacy import plan as plan_lib
 from dpft.privacy.engine import ClippingConfig
-from dpft.privacy.testing_models import SmallConvNet
+from dpft.testing.models import SmallConvNet
 
 
 def brute_sq_norms(fn, params, x, d):

@@ -13,7 +13,7 @@ from jax.sharding import PartitionSpec as P
 
 from dpft.privacy import adapters, engine, noise
 from dpft.privacy.engine import ClippingConfig
-from dpft.privacy.testing_models import SmallConvNet
+from dpft.testing.models import SmallConvNet
 
 B, H, C_IN, NUM_CLASSES = 8, 6, 2, 3
 MASK = np.array([1, 1, 0, 1, 1, 1, 0, 1], np.float32)  # padding in the middle and at the end

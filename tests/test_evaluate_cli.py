@@ -9,7 +9,7 @@ import pytest
 
 from dpft.cli import main
 from dpft.errors import UsageError
-from dpft.evaluate.predictions import write_synthetic_workdir
+from dpft.testing.predictions import write_synthetic_workdir
 from dpft.config import base as cb
 from dpft.config.validation import validate
 

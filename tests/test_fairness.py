@@ -7,7 +7,7 @@ from sklearn.metrics import f1_score, roc_auc_score
 
 from dpft.evaluate import fairness as F
 from dpft.evaluate import metrics as M
-from dpft.evaluate.predictions import synthetic_predictions
+from dpft.testing.predictions import synthetic_predictions
 
 
 def _inputs(kw, thresholds=None):

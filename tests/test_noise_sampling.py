@@ -9,7 +9,7 @@ import pytest
 from scipy import stats as sps
 
 from dpft.privacy import adapters, engine, keys, noise, sampling
-from dpft.privacy.testing_models import SmallConvNet
+from dpft.testing.models import SmallConvNet
 
 
 def _base(n: int):
@@ -46,20 +46,16 @@ def test_noise_std_matches_sigma_c_over_b_chi_square():
     assert abs(r) < 6 / np.sqrt(3000)
 
 
-def test_sigma_zero_is_exact_mean_and_testing_scale():
+def test_sigma_zero_is_the_exact_mean_and_the_noise_is_linear_in_sigma():
     rs = np.random.RandomState(0)
     g = {"x": jnp.asarray(rs.randn(7, 3), jnp.float32), "y": jnp.asarray(rs.randn(5), jnp.float32)}
     out = noise.privatize(g, noise.noise_key(_base(1), 2), noise_multiplier=0.0, clip_norm=1.0, expected_batch_size=4.0)
     for k in g:
         np.testing.assert_array_equal(np.asarray(out[k]), np.asarray(g[k]) / np.float32(4.0))
-    out = noise.privatize(g, noise.noise_key(_base(1), 2), noise_multiplier=1.0, clip_norm=1.0, expected_batch_size=4.0,
-                          noise_scale_for_testing=0.0)
-    np.testing.assert_array_equal(np.asarray(out["x"]), np.asarray(g["x"]) / np.float32(4.0))
-    # scale 2 doubles the noise exactly (same key)
+    # sigma 2 doubles the noise exactly (same key)
     z = jax.tree.map(jnp.zeros_like, g)
     n1 = noise.privatize(z, noise.noise_key(_base(1), 2), noise_multiplier=1.0, clip_norm=1.0, expected_batch_size=1.0)
-    n2 = noise.privatize(z, noise.noise_key(_base(1), 2), noise_multiplier=1.0, clip_norm=1.0, expected_batch_size=1.0,
-                         noise_scale_for_testing=2.0)
+    n2 = noise.privatize(z, noise.noise_key(_base(1), 2), noise_multiplier=2.0, clip_norm=1.0, expected_batch_size=1.0)
     np.testing.assert_allclose(flat(n2), 2 * flat(n1), rtol=1e-6)
     with pytest.raises(ValueError, match="expected_batch_size"):
         noise.privatize(g, noise.noise_key(_base(1), 2), noise_multiplier=1.0, clip_norm=1.0, expected_batch_size=0)

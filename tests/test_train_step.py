@@ -17,7 +17,7 @@ import pytest
 
 from dpft.privacy import adapters, engine, keys, noise
 from dpft.privacy import plan as plan_lib
-from dpft.privacy.testing_models import SmallConvNet
+from dpft.testing.models import SmallConvNet
 from dpft import distributed
 from dpft.train import step as step_lib
 

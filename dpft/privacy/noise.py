@@ -35,7 +35,7 @@ def _is_concrete_zero(x: Any) -> bool:
 
 
 def privatize(grad_sum: PyTree, key: jax.Array, *, noise_multiplier: float | jax.Array, clip_norm: float,
-              expected_batch_size: float, noise_scale_for_testing: float = 1.0) -> PyTree:
+              expected_batch_size: float) -> PyTree:
     """Noisy mean gradient: (grad_sum + N(0, (sigma*C)^2 I)) / expected_batch_size.
 
     Args:
@@ -45,9 +45,6 @@ def privatize(grad_sum: PyTree, key: jax.Array, *, noise_multiplier: float | jax
       noise_multiplier: sigma >= 0 (a Python 0 skips drawing: exact mean of the clipped sum).
       clip_norm: C, the L2 sensitivity of grad_sum (`engine.sensitivity`).
       expected_batch_size: N*q > 0 (`sampling.expected_batch_size`).
-      noise_scale_for_testing: multiplies the noise std. ONLY for tests and privacy
-        auditing experiments; any value other than 1.0 voids the DP guarantee. Never set
-        it from a config or the CLI.
 
     Returns: pytree like grad_sum, float32 leaves.
     """
@@ -59,8 +56,8 @@ def privatize(grad_sum: PyTree, key: jax.Array, *, noise_multiplier: float | jax
         raise ValueError(f"privatize: clip_norm must be >= 0, got {clip_norm!r}")
     leaves, treedef = jax.tree.flatten(grad_sum)
     leaves = [jnp.asarray(x, jnp.float32) for x in leaves]
-    if not _is_concrete_zero(noise_multiplier) and not _is_concrete_zero(noise_scale_for_testing) and leaves:
-        std = jnp.asarray(noise_multiplier, jnp.float32) * clip_norm * noise_scale_for_testing
+    if not _is_concrete_zero(noise_multiplier) and leaves:
+        std = jnp.asarray(noise_multiplier, jnp.float32) * clip_norm
         keys = jax.random.split(key, len(leaves))
         leaves = [x + std * jax.random.normal(k, x.shape, jnp.float32) for x, k in zip(leaves, keys)]
     leaves = [x / expected_batch_size for x in leaves]

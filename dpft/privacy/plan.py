@@ -125,8 +125,7 @@ class PrivacyPlan:
         return fn(loss_fn, params, batch, rng, clipping=self.clipping, microbatch_size=microbatch_size,
                   position_offset=position_offset)
 
-    def noisy_mean(self, grad_sum: Any, base_key: Any, update: Any, noise_multiplier: Any = None, *,
-                   noise_scale_for_testing: float = 1.0):
+    def noisy_mean(self, grad_sum: Any, base_key: Any, update: Any, noise_multiplier: Any = None):
         """(grad_sum + N(0, sigma^2 S^2)) / B with the key of `update`; sigma may be traced
         (pass `noise_multiplier` to share one compilation between runs that differ only in it).
         Non-private plans return grad_sum / B without drawing."""
@@ -135,8 +134,7 @@ class PrivacyPlan:
         else:
             sigma = self.noise_multiplier if noise_multiplier is None else noise_multiplier
         return noise.privatize(grad_sum, noise.noise_key(base_key, update), noise_multiplier=sigma,
-                               clip_norm=self.sensitivity, expected_batch_size=self.expected_batch_size,
-                               noise_scale_for_testing=noise_scale_for_testing)
+                               clip_norm=self.sensitivity, expected_batch_size=self.expected_batch_size)
 
     # ------------------------------------------------------------------ individual accounting
     def contribution_norm(self, norms: np.ndarray) -> np.ndarray:

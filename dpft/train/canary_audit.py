@@ -29,7 +29,8 @@ class AuditConfig:
     epsilon: target epsilon the noise multiplier is calibrated to (ignored if
       noise_multiplier is set). noise_multiplier: explicit sigma (0 = no noise).
     clipping_mode: an engine ClippingConfig mode ("flat"; "none" = non-private SGD).
-    noise_scale_for_testing: passed to `privatize`; != 1 breaks DP on purpose (tests).
+    noise_scale_for_testing: != 1 breaks DP on purpose, to test that the audit can fail: the run
+      trains with sigma * scale while the claim is that of sigma (the step itself is untouched).
     guess_fractions: the (k+ = k-) candidates as fractions of m / 2 (Bonferroni over them).
     """
 
@@ -88,8 +89,8 @@ class AuditConfig:
         if (isinstance(self.insecure_fixed_noise_seed, bool) or not isinstance(self.insecure_fixed_noise_seed, int)
                 or self.insecure_fixed_noise_seed < -1):
             raise bad("insecure_fixed_noise_seed", self.insecure_fixed_noise_seed, "need -1 (off) or an int >= 0")
-        if not self.noise_scale_for_testing >= 0:
-            raise bad("noise_scale_for_testing", self.noise_scale_for_testing, "need >= 0")
+        if not self.noise_scale_for_testing > 0:
+            raise bad("noise_scale_for_testing", self.noise_scale_for_testing, "need > 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,7 +172,7 @@ def train_canaries(config: AuditConfig, noise_multiplier: float, included: np.nd
         return -logits[..., 0].astype(jnp.float32), {}
 
     loss_fn, params, _ = adapters.nnx_loss_fn(CanaryModel(nnx.Rngs(config.seed)), per_view_loss)
-    plan = canary_plan(config, noise_multiplier, params)
+    plan = canary_plan(config, noise_multiplier * config.noise_scale_for_testing, params)
     cfg = step_lib.StepConfig(plan=plan, microbatch_size=config.physical_batch_size)
     mesh = distributed.make_data_mesh()
     if config.physical_batch_size % jax.local_device_count():
@@ -181,7 +182,7 @@ def train_canaries(config: AuditConfig, noise_multiplier: float, included: np.nd
     optimizer = optax.sgd(config.learning_rate)
     state = distributed.replicate(step_lib.init_state(params, optimizer, cfg), mesh)
     accumulate = step_lib.make_accumulate_fn(loss_fn, cfg, mesh)
-    apply = step_lib.make_apply_fn(optimizer, cfg, mesh, noise_scale_for_testing=config.noise_scale_for_testing)
+    apply = step_lib.make_apply_fn(optimizer, cfg, mesh)
     noise_key = plan.noise_base_key()
     w0 = np.asarray(params["linear"]["w"][...], np.float64)[:, 0]
     bsz = config.physical_batch_size
@@ -229,7 +230,9 @@ def run_audit(config: AuditConfig | Mapping[str, Any]) -> AuditResult:
     sigma = resolve_noise_multiplier(config)
     included = canary_inclusion(config.num_canaries, config.seed)
     scores, plan = train_canaries(config, sigma, included)
-    claimed = plan.epsilon_after(config.steps)  # the production plan's accountant
+    # The claim of the calibrated sigma, by the plan's accountant (equal to plan.epsilon_after
+    # unless noise_scale_for_testing broke the run on purpose).
+    claimed = claimed_epsilon(config, sigma)
     best = best_guess_bound(scores, included, delta=config.delta, confidence=config.confidence,
                             pairs=guess_counts(config.num_canaries, config.guess_fractions))
     return AuditResult(

@@ -111,7 +111,7 @@ class Trainer:
     """Holds the compiled functions and state of one run; `run()` trains to the end."""
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str, *,
-                 noise_scale_for_testing: float = 1.0, print_fn=print):
+                 print_fn=print):
         self.config = config
         self.workdir = os.path.abspath(workdir)
         self.print = print_fn if jax.process_index() == 0 else (lambda *a, **k: None)
@@ -140,8 +140,7 @@ class Trainer:
         self.optimizer = optim.make_optimizer(config.train)
         self.state = distributed.replicate(step_lib.init_state(params, self.optimizer, self.step_cfg), self.mesh)
         self.accumulate = step_lib.make_accumulate_fn(loss_fn, self.step_cfg, self.mesh)
-        self.apply = step_lib.make_apply_fn(self.optimizer, self.step_cfg, self.mesh,
-                                            noise_scale_for_testing=noise_scale_for_testing)
+        self.apply = step_lib.make_apply_fn(self.optimizer, self.step_cfg, self.mesh)
         self.ledger = accounting.Ledger()
         self.iterator = pipeline.TrainIterator(
             self.train_table,

@@ -110,8 +110,6 @@ def make_apply_fn(
     optimizer: optax.GradientTransformation,
     cfg: StepConfig,
     mesh: Mesh,
-    *,
-    noise_scale_for_testing: float = 1.0,
 ) -> Callable:
     """Returns jitted `apply(state, acc, noise_base_key) -> (state, info)`: psum, noise once,
     optax, EMA. `noise_base_key` is `plan.noise_base_key()` (the run's secret stream).
@@ -125,8 +123,7 @@ def make_apply_fn(
     def apply(state, acc, noise_base_key, noise_multiplier):
         total = global_sum(acc, mesh)
         update = state["update"]
-        grad = plan.noisy_mean(total, noise_base_key, update, noise_multiplier,
-                               noise_scale_for_testing=noise_scale_for_testing)
+        grad = plan.noisy_mean(total, noise_base_key, update, noise_multiplier)
         params = state["params"]
         grad = jax.tree.map(lambda g, p: g.astype(p.dtype), grad, params)
         updates, opt_state = optimizer.update(grad, state["opt_state"], params)
