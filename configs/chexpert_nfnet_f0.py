@@ -5,12 +5,7 @@
     --config.privacy.epsilon=1            # paper set {0.5, 1, 2, 4, 8}; or configs/...py:eps=1
     --config.privacy.enabled=False        # the non-private baseline
 """
-import importlib.util
-import os
-
-_spec = importlib.util.spec_from_file_location("dpft_configs_medical", os.path.join(os.path.dirname(__file__), "_medical.py"))
-_medical = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_medical)
+from configs import _medical
 PAPER_EPSILONS = _medical.PAPER_EPSILONS
 
 

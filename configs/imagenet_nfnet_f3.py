@@ -10,14 +10,7 @@ WARNING: DeepMind's published F3_haiku.npz was pre-trained on ImageNet itself, s
 "privately" on ImageNet protects nothing (the paper pre-trains on JFT-300M, which is not public).
 Use a checkpoint pre-trained on data disjoint from ImageNet for a meaningful private run.
 """
-import importlib.util
-import os
-
-_spec = importlib.util.spec_from_file_location(
-    "dpft_configs_large_scale", os.path.join(os.path.dirname(__file__), "_large_scale.py")
-)
-_recipe = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_recipe)
+from configs import _large_scale as _recipe
 PAPER_EPSILONS = _recipe.PAPER_EPSILONS
 
 

@@ -6,14 +6,7 @@
     --config.train.batch_size=262144           # the papers' largest batch (accumulation)
     --config.privacy.enabled=False             # the non-private baseline
 """
-import importlib.util
-import os
-
-_spec = importlib.util.spec_from_file_location(
-    "dpft_configs_large_scale", os.path.join(os.path.dirname(__file__), "_large_scale.py")
-)
-_recipe = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_recipe)
+from configs import _large_scale as _recipe
 PAPER_EPSILONS = _recipe.PAPER_EPSILONS
 
 

@@ -319,3 +319,34 @@ def test_optimizers_first_steps_match_hand_computation(name):
         d1 = gw + 0.01 * w
         d2 = gw + 0.01 * np.asarray(p1["w"])
         np.testing.assert_allclose(np.asarray(upd2["w"]), -0.1 * (0.9 * d1 + d2), rtol=1e-5)
+
+
+def test_config_flags_conventions_bare_booleans_and_space_separated_values():
+    c = cb.load_config("configs/digits_demo.py", ["--config.train.polyak", "--config.privacy.epsilon", "2.5",
+                                                  "--config.data.random_flip=false"])
+    assert c.train.polyak is True and c.privacy.epsilon == 2.5 and c.data.random_flip is False
+    # A bare boolean never swallows the next flag as its value (the old parser did).
+    c = cb.load_config("configs/digits_demo.py", ["--config.train.polyak", "--config.train.num_updates=7"])
+    assert c.train.polyak is True and c.train.num_updates == 7
+    with pytest.raises(UsageError, match="has no value"):
+        cb.load_config("configs/digits_demo.py", ["--config.train.num_updates", "--config.train.polyak"])
+    c = cb.load_config("configs/digits_demo.py", [])
+    assert not c.train.polyak
+
+
+def test_recipes_import_their_shared_parts_as_a_package(tmp_path):
+    import shutil
+
+    # The paper recipes import configs/_medical.py as `from configs import _medical`.
+    chex = cb.load_config(os.path.join(ROOT, "configs", "chexpert_nfnet_f0.py"), [])
+    assert chex.data.name == "chexpert" and chex.model.name == "nfnet_f0"
+    # A second checkout's configs package (same package name, other files) is loaded from its own path.
+    other = tmp_path / "elsewhere" / "configs"
+    shutil.copytree(os.path.join(ROOT, "configs"), other, ignore=shutil.ignore_patterns("__pycache__"))
+    (other / "_medical.py").write_text((other / "_medical.py").read_text().replace(
+        "def medical_config(", "MARK = 1\n\n\ndef medical_config("))
+    import sys
+    cb.load_config(str(other / "chexpert_nfnet_f0.py"), [])
+    assert getattr(sys.modules["configs._medical"], "MARK", None) == 1
+    cb.load_config(os.path.join(ROOT, "configs", "chexpert_nfnet_f0.py"), [])
+    assert not hasattr(sys.modules["configs._medical"], "MARK")

@@ -57,6 +57,7 @@ import difflib
 import importlib.util
 import json
 import os
+import sys
 from typing import Any, Mapping, Sequence
 
 import ml_collections
@@ -168,16 +169,39 @@ def _split_path_arg(path_with_arg: str) -> tuple[str, str | None]:
     return path_with_arg, None
 
 
-def _load_config_file(path_with_arg: str) -> ConfigDict:
-    path, arg = _split_path_arg(path_with_arg)
-    if not os.path.isfile(path):
-        raise UsageError(f"config file {path!r} not found")
-    name = "dpft_config_" + os.path.splitext(os.path.basename(path))[0]
-    spec = importlib.util.spec_from_file_location(name, path)
+def _import_config_module(path: str) -> Any:
+    """The module of config file `path`. A file inside a package directory (one with __init__.py,
+    like `configs/`) is imported as `<package>.<name>`, so recipes import their shared parts as
+    `from configs import _medical`; a lone file is loaded by path."""
+    path = os.path.abspath(path)
+    folder, name = os.path.split(os.path.splitext(path)[0])
+    if os.path.isfile(os.path.join(folder, "__init__.py")):
+        root, package = os.path.split(folder)
+        loaded = sys.modules.get(package)
+        if loaded is not None and os.path.abspath(list(getattr(loaded, "__path__", [""]))[0]) != folder:
+            for key in [k for k in sys.modules if k == package or k.startswith(package + ".")]:
+                del sys.modules[key]  # another checkout's package of the same name
+        sys.path.insert(0, root)
+        try:
+            full = f"{package}.{name}"
+            if full in sys.modules:  # the file as it is now (a sweep may have edited it)
+                return importlib.reload(sys.modules[full])
+            return importlib.import_module(full)
+        finally:
+            sys.path.remove(root)
+    spec = importlib.util.spec_from_file_location("dpft_config_" + name, path)
     if spec is None or spec.loader is None:
         raise UsageError(f"config file {path!r} is not a Python file")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def _load_config_file(path_with_arg: str) -> ConfigDict:
+    path, arg = _split_path_arg(path_with_arg)
+    if not os.path.isfile(path):
+        raise UsageError(f"config file {path!r} not found")
+    module = _import_config_module(path)
     get_config = getattr(module, "get_config", None)
     if get_config is None:
         raise UsageError(f"config file {path!r} has no get_config()")
@@ -248,8 +272,21 @@ def coerce_value(text: str, current: Any, *, field: str) -> Any:
     raise UsageError(f"config field {field!r} has type {type(current).__name__}, which cannot be set from the command line")
 
 
-def _parse_overrides(overrides: Sequence[str]) -> list[tuple[str, str, str]]:
-    """['--config.a.b=1', 'config.c', '2'] -> [('a.b', '1', raw), ('c', '2', raw)]."""
+def _field_value(config: ConfigDict | None, key: str) -> Any:
+    """The current value of config field `key` ("a.b"), or None when unknown/no config."""
+    node: Any = config
+    for part in key.split("."):
+        if not isinstance(node, ConfigDict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _parse_overrides(overrides: Sequence[str], config: ConfigDict | None = None) -> list[tuple[str, str, str]]:
+    """['--config.a.b=1', '--config.c', '2', '--config.flag'] -> [('a.b', '1', raw), ('c', '2', raw),
+    ('flag', 'true', raw)]: the ml_collections `config_flags` conventions -- `--config.x=v`,
+    `--config.x v`, and a bare `--config.x` for a boolean field means True (it never takes the
+    next token as its value)."""
     out = []
     tokens = list(overrides)
     i = 0
@@ -260,7 +297,10 @@ def _parse_overrides(overrides: Sequence[str]) -> list[tuple[str, str, str]]:
             body = body[len("config."):]
         if "=" in body:
             key, value = body.split("=", 1)
-        elif i + 1 < len(tokens):
+        elif isinstance(_field_value(config, body.strip()), bool) or (
+                config is None and (i + 1 == len(tokens) or tokens[i + 1].startswith("--"))):
+            key, value = body, "true"  # (without a config: a bare flag can only be a boolean)
+        elif i + 1 < len(tokens) and not tokens[i + 1].startswith("--"):
             key, value = body, tokens[i + 1]
             raw = f"{raw} {value}"
             i += 1
@@ -279,7 +319,7 @@ def apply_overrides(config: ConfigDict, overrides: Sequence[str]) -> ConfigDict:
 
     Unknown fields raise UsageError naming the field (with a close match if any).
     """
-    for key, value, raw in _parse_overrides(overrides):
+    for key, value, raw in _parse_overrides(overrides, config):
         parts = key.split(".")
         node = config
         for depth, part in enumerate(parts):
