@@ -195,6 +195,16 @@ def test_write_and_read_individual_epsilons(tmp_path):
     assert ind.read_individual_epsilons(path)["epsilon"].shape == (2,)
     with pytest.raises(ValueError, match="'sex'"):
         ind.write_individual_epsilons(tmp_path, np.array([3, 1]), np.array([0.5, 1.5]), {"sex": ["F"]})
+    from dpft.errors import UsageError
+    np.savez(tmp_path / "no_eps.npz", example_id=np.arange(2))
+    with pytest.raises(UsageError, match=r"no_eps.npz: field 'epsilon': missing"):
+        ind.read_individual_epsilons(tmp_path / "no_eps.npz")
+    np.savez(tmp_path / "bad_attr.npz", example_id=np.arange(2), epsilon=np.ones(2), attr_sex=np.array(["F"]))
+    with pytest.raises(UsageError, match=r"bad_attr.npz: field 'attr_sex': shape \(1,\), expected \(2,\)"):
+        ind.read_individual_epsilons(tmp_path / "bad_attr.npz")
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(UsageError, match="junk.npz: cannot read"):
+        ind.read_individual_epsilons(tmp_path / "junk.npz")
 
 
 def test_orders_with_infinite_rdp_do_not_give_nan():

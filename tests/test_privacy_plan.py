@@ -223,8 +223,8 @@ def test_individual_accounting_records_the_clipped_k_view_norm_and_stays_within_
     from dpft.train import loop, privacy_setup
     cfg = _tiny_config()
     trainer = loop.Trainer(cfg, str(tmp_path / "run"), print_fn=lambda *a: None)
-    trainer.record_norms()
-    rec = trainer.recorder
+    trainer.individual.record(0, *trainer.example_norms())  # what the loop's hook does before update 0
+    rec = trainer.individual.recorder
     model = build.build_model(cfg, trainer.train_table.num_classes)
     loss_fn, _, _ = adapters.nnx_loss_fn(model, privacy_setup.per_view_loss(trainer.train_table.task))
     params = jax.device_get(trainer.state["params"])

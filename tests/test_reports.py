@@ -3,6 +3,8 @@ import json
 
 import numpy as np
 import pytest
+
+from dpft.evaluate import plots
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
@@ -254,7 +256,7 @@ def test_plots_accept_a_ci_that_excludes_the_point(tmp_path, ml_run):
         s["ci"] = [s["value"] + 0.01, s["value"] + 0.05]
     bad["groups"]["sex"]["F"]["metrics"]["accuracy_mean"] = {"value": None, "ci": [None, None], "n_valid": 0,
                                                              "undefined": "test"}
-    paths = R.write_group_plots(bad, tmp_path)
+    paths = plots.write_group_plots(bad, tmp_path)
     for p in paths:
         _png_ok(p)
 

@@ -29,7 +29,8 @@ import numpy as np
 
 from dpft.errors import UsageError
 from dpft.evaluate.fairness import PARITY_METRICS
-from dpft.evaluate.reports import _pyplot, draw_interval, fmt_stat
+from dpft.evaluate.plots import draw_interval, pyplot
+from dpft.evaluate.render import fmt_stat
 
 EPSILON = "privacy.epsilon"
 PLOTTED_PARITY = PARITY_METRICS  # every parity metric gets a panel (differences, then ratios)
@@ -294,7 +295,7 @@ def plot_compare(result: dict[str, Any], path: str | os.PathLike) -> None:
     """Panels over x: utility, then per attribute its gap and every parity metric; one line per
     series with CI bars over seeds. Runs without an x value (non-private when x is epsilon) are
     dashed horizontal lines."""
-    plt = _pyplot()
+    plt = pyplot()
     attrs = result["attributes"]
     panels = [("utility", None, None)] + [(q, a, p) for a in attrs for q, p in
                                           [("gap", None)] + [("parity", p) for p in PLOTTED_PARITY]]

@@ -159,7 +159,7 @@ def predict_from_checkpoint(workdir: str, step: int | None, splits: list[str], p
 
 
 def run(args: argparse.Namespace) -> int:
-    from dpft.evaluate import compare, reports
+    from dpft.evaluate import compare, render, reports
 
     if args.compare:
         out = args.out or "compare"
@@ -200,6 +200,6 @@ def run(args: argparse.Namespace) -> int:
         test_path, val_path if os.path.isfile(val_path) and args.split != "validation" else None,
         out_dir=args.out, **options)
     out_dir = args.out or os.path.join(workdir, "eval", str(step))
-    print(reports.render_markdown(result))
+    print(render.render_markdown(result))
     print(f"wrote {out_dir}/metrics.json, report.md" + ("" if args.no_plots else " and plots"))
     return 0

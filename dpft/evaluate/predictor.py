@@ -67,17 +67,20 @@ class Predictor:
     def from_config(cls, config: ml_collections.ConfigDict, tables: Mapping[str, ExampleTable] | None = None,
                     ) -> tuple["Predictor", Any]:
         """(predictor, params template) for the model and data of a run config: the template is
-        the trainable-parameter state (`nnx.Param`) of a freshly built model, the structure a
-        checkpoint's params / EMA / Polyak items restore into."""
+        the trainable-parameter state (`nnx.Param`) of a freshly built model, replicated over the
+        device mesh: the structure and sharding a checkpoint's params / EMA / Polyak items restore into."""
         from flax import nnx
 
         tables = dict(tables) if tables is not None else build.load_tables(config)
         split = build.train_split_name(config)
-        source = tables.get(split) or next(iter(tables.values()))
-        model = build.build_model(config, source.num_classes)
+        source = tables[split] if split in tables else next(iter(tables.values()))
+        fresh = ml_collections.ConfigDict(config.to_dict())  # the weights come from the run's checkpoint:
+        fresh.model.checkpoint = ""                          # never re-read the pre-trained file
+        model = build.build_model(fresh, source.num_classes)
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         forward = model_forward(lambda p: nnx.merge(graphdef, p, rest))
         mesh = distributed.make_data_mesh()
+        params = distributed.replicate(params, mesh)  # restored params take this sharding
         return cls(config, tables, forward, build.augment_config(config), mesh), params
 
     # ------------------------------------------------------------------ predictions

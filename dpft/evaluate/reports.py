@@ -1,5 +1,7 @@
 """Evaluate a predictions file: metrics.json, report.md and PNG plots in WORKDIR/eval/<step>/.
 
+This module assembles the result; `render` writes the Markdown, `plots` the PNGs.
+
 `evaluate_predictions(test_path, val_path=None, **cfg)` is the entry point (cfg: see EvalConfig).
 metrics.json layout (every statistic is `{"value", "ci": [low, high], "n_valid"}` plus
 `"undefined": reason` where the value is null; NaN is never written, undefined is never 0):
@@ -22,13 +24,14 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 
 from dpft.errors import UsageError
 from dpft.evaluate import bootstrap as bs
 from dpft.evaluate import fairness as fair
+from dpft.evaluate import plots, render
 from dpft.evaluate.fairness import THRESHOLD_METHODS, group_index
 from dpft.evaluate.metrics import NO_FINDING, EvalInputs, headline_metrics, higher_is_better, make_inputs
 from dpft.evaluate.predictions import Predictions, load_predictions, split_paths
@@ -168,7 +171,11 @@ def evaluate_predictions(test_path: str | os.PathLike, val_path: str | os.PathLi
     eps_path = Path(config.individual_epsilon_path) if config.individual_epsilon_path else (
         Path(preds.path).parent.parent.parent / INDIVIDUAL_EPSILON_FILE)
     if eps_path.is_file():
-        eps, eps_attrs = load_individual_epsilon(eps_path)
+        from dpft.privacy import individual
+
+        arrays = individual.read_individual_epsilons(eps_path)
+        eps = arrays["epsilon"]
+        eps_attrs = {k[len("attr_"):]: v for k, v in arrays.items() if k.startswith("attr_")}
         # The training loop's summary beside it: the run's epsilon and accountant (the same one
         # as the individual values), the Spearman correlation with per-example training loss.
         side = eps_path.with_suffix(".json")
@@ -182,9 +189,9 @@ def evaluate_predictions(test_path: str | os.PathLike, val_path: str | os.PathLi
                 if key in extra_eps:
                     result["individual_epsilon"][key] = extra_eps[key]
     (out / "metrics.json").write_text(json.dumps(result, indent=2, allow_nan=False), encoding="utf-8")
-    (out / "report.md").write_text(render_markdown(result), encoding="utf-8")
+    (out / "report.md").write_text(render.render_markdown(result), encoding="utf-8")
     if config.plots:
-        write_group_plots(result, out)
+        plots.write_group_plots(result, out)
     return result
 
 
@@ -276,33 +283,15 @@ def evaluate_inputs(inp: EvalInputs, patient_id: np.ndarray, attrs: Mapping[str,
     return result
 
 
-# ----------------------------------------------------------------------------- individual epsilon hook
-
-def load_individual_epsilon(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """(epsilon float [N], attrs {name: str [N]}) from individual_epsilon.npz (epsilon, attr_<name>)."""
-    path = Path(path)
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as e:
-        raise UsageError(f"{path}: cannot read ({e})") from None
-    if "epsilon" not in arrays:
-        raise UsageError(f"{path}: field 'epsilon': missing (keys present: {sorted(arrays)})")
-    eps = np.asarray(arrays["epsilon"], np.float64).reshape(-1)
-    attrs = {k[5:]: arrays[k].astype(str) for k in sorted(arrays) if k.startswith("attr_")}
-    for k, v in attrs.items():
-        if v.shape != eps.shape:
-            raise UsageError(f"{path}: field 'attr_{k}': shape {v.shape}, expected {eps.shape}")
-    return eps, attrs
-
+# ----------------------------------------------------------------------------- individual epsilon
 
 def individual_epsilon_summary(epsilon: np.ndarray, attrs: Mapping[str, np.ndarray], *,
                                png_path: str | os.PathLike | None = None,
                                min_group_size: int | None = None) -> dict[str, Any]:
     """Quantiles of per-example epsilon [N], overall and per group of each attribute (str [N]),
     by `dpft.privacy.individual.summarise` (keys n, mean, q05..q95; groups smaller than
-    `min_group_size` only {"n", "suppressed"}). Writes a histogram PNG (groups of at least
-    `min_group_size` examples only) if asked."""
+    `min_group_size` only {"n", "suppressed"}). Draws the histogram PNG (`plots.individual_epsilon_histogram`)
+    if asked."""
     from dpft.privacy import individual
 
     k = individual.MIN_GROUP_SIZE if min_group_size is None else int(min_group_size)
@@ -313,198 +302,5 @@ def individual_epsilon_summary(epsilon: np.ndarray, attrs: Mapping[str, np.ndarr
     summary = individual.summarise(eps, attrs, min_group_size=k)
     out: dict[str, Any] = {"overall": summary["overall"], "groups": summary["by_attribute"], "min_group_size": k}
     if png_path is not None:
-        plt = _pyplot()
-        panels = list(attrs) or [None]
-        fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.2), squeeze=False)
-        bins = np.histogram_bin_edges(eps, bins=30) if eps.size else 10
-        for ax, attr in zip(axes[0], panels):
-            if attr is None:
-                ax.hist(eps, bins=bins, color="tab:blue")
-            else:
-                values = np.asarray(attrs[attr]).astype(str)
-                for g, idx in group_index(values).items():
-                    if idx.size >= k:  # no histogram of a group too small to summarise
-                        ax.hist(eps[idx], bins=bins, histtype="step", density=True, label=f"{g} (n={idx.size})")
-                ax.legend(fontsize=7)
-                ax.set_title(attr)
-            ax.set_xlabel("individual epsilon")
-        fig.tight_layout()
-        fig.savefig(png_path, dpi=100)
-        plt.close(fig)
-        out["png"] = str(png_path)
+        out["png"] = plots.individual_epsilon_histogram(eps, attrs, png_path, min_group_size=k)
     return out
-
-
-# ----------------------------------------------------------------------------- Markdown and plots
-
-def fmt_stat(stat: Mapping[str, Any] | None, digits: int = 3, reason: bool = True) -> str:
-    """'0.812 [0.790, 0.833]'; 'n/a (reason)' where undefined ('n/a' without reason=True or a reason)."""
-    if not stat or stat.get("value") is None:
-        why = (stat or {}).get("undefined") if reason else None
-        return f"n/a ({why})" if why else "n/a"
-    lo, hi = stat["ci"]
-    ci = "" if lo is None else f" [{lo:.{digits}f}, {hi:.{digits}f}]"
-    return f"{stat['value']:.{digits}f}{ci}"
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    esc = lambda s: str(s).replace("|", "\\|")  # noqa: E731
-    lines = ["| " + " | ".join(esc(h) for h in header) + " |", "|" + "---|" * len(header)]
-    return lines + ["| " + " | ".join(esc(c) for c in r) + " |" for r in rows] + [""]
-
-
-def _direction(metric: str) -> str:
-    if metric.startswith("selection_rate"):
-        return "no better direction"
-    return "higher is better" if higher_is_better(metric) else "lower is better"
-
-
-def render_markdown(result: Mapping[str, Any]) -> str:
-    """report.md: meta and rules, overall table, per attribute a group table, gaps, gap to best, parity."""
-    meta = result["meta"]
-    level = int(round(meta["bootstrap"]["ci_level"] * 100))
-    eps = "non-private" if meta.get("epsilon") is None else f"epsilon={meta['epsilon']:.2f}, delta={meta['delta']:g}"
-    lines = [f"# Evaluation: {meta['split']} at step {meta['step']} ({meta['params']} params)", "",
-             f"- task: {meta['task']}; {eps}",
-             f"- {meta['n_examples']} examples (images) from {meta['n_patients']} patients",
-             f"- {level}% CIs: percentile bootstrap, {meta['bootstrap']['n_resamples']} resamples of patients "
-             f"(seed {meta['bootstrap']['seed']})",
-             f"- thresholds: {meta['thresholds']['source']}"]
-    per_task = meta["thresholds"].get("per_task") or {}
-    for t, info in per_task.items():
-        how = f"fallback: {info['fallback']}" if info.get("fallback") else info["method"]
-        lines.append(f"  - {t}: {info['value']:.3f} ({how})")
-    lines += [f"- note: {n}" for n in meta["notes"]]
-    lines += ["", "Rules that change numbers:", ""] + [f"- {r}" for r in meta.get("rules", [])[1:]] + [""]
-    many = meta["task"] == "multiclass" and len(result["overall"]) > 60
-    rows = [(m, fmt_stat(s)) for m, s in result["overall"].items() if not (many and m.startswith("class_accuracy/"))]
-    lines += ["## Overall", ""] + _table(["metric", f"value [{level}% CI]"], rows)
-    head = list(meta["headline"])
-    for attr, groups in result["groups"].items():
-        compared = meta.get("groups_compared", {}).get(attr, list(groups))
-        common = meta.get("common_tasks", {}).get(attr, {})
-        lines += [f"## Subgroups: {attr}", "",
-                  f"Groups compared in gaps and parity: {', '.join(compared) or 'none'}."]
-        for mean, tasks in common.items():
-            lines.append(f"Group {mean} averages the tasks defined in every compared group: "
-                         f"{', '.join(tasks) or 'none (undefined)'}.")
-        lines.append("")
-        rows = [[g, str(e["n"]), str(e["n_patients"])] + [fmt_stat(e["metrics"].get(m)) for m in head]
-                + ["; ".join(e["flags"]) or "-"] for g, e in groups.items()]
-        lines += _table(["group", "images", "patients"] + head + ["flags"], rows)
-        gaps = result["gaps"].get(attr, {})
-        rows = [[m, _direction(m), fmt_stat(e["gap"]), str(e["worst_group"] or "-"), fmt_stat(e["worst"], reason=False),
-                 str(e["best_group"] or "-")] for m, e in gaps.items()]
-        lines += [f"### Gaps over {attr} (max - min over compared groups)", ""]
-        lines += _table(["metric", "direction", f"gap [{level}% CI]", "worst group",
-                         f"worst value [{level}% CI of the min over groups]", "best group"], rows)
-        if gaps:
-            rows = [[m] + [fmt_stat(e["gap_to_best"].get(g), reason=False) for g in compared]
-                    for m, e in gaps.items() if m in head]
-            lines += [f"### Gap to the best group ({attr}; lower is better)", ""] + _table(["metric"] + compared, rows)
-        parity = result["parity"].get(attr, {})
-        if parity:
-            lines += [f"### Parity over {attr} (fairlearn's definitions, between groups; differences: lower is "
-                      "better, ratios: higher is better)", ""]
-            lines += _table(["metric", f"value [{level}% CI]"], [(m, fmt_stat(s)) for m, s in parity.items()])
-    ind = result.get("individual_epsilon")
-    if ind:
-        lines += ["## Individual privacy (per-example epsilon estimates; not a formal guarantee)", ""]
-        qkeys = ["q05", "q25", "q50", "q75", "q95"]
-        small = ind.get("min_group_size")
-
-        def cells(s: Mapping[str, Any]) -> list[str]:
-            if s.get("suppressed"):
-                return [f"suppressed (n < {small})"] + [""] * (len(qkeys) - 1)
-            return [f"{s[k]:.3g}" for k in qkeys]
-        rows = [["all", "all", str(ind["overall"]["n"])] + cells(ind["overall"])]
-        for attr, groups in ind["groups"].items():
-            rows += [[attr, g, str(s["n"])] + cells(s) for g, s in groups.items()]
-        lines += _table(["attribute", "group", "n"] + qkeys, rows)
-        notes = [f"no min/max and no statistics for groups of fewer than {small} examples (they would "
-                 "reveal individuals); the per-example file stays owner-only in the workdir"]
-        run_eps = ind.get("run_epsilon") or {}
-        if run_eps.get("value") is not None:
-            notes.append(f"the run's epsilon ({run_eps.get('accountant')}, the same accountant as the individual "
-                         f"values, which never exceed it): {run_eps['value']:.4g}")
-        sp = ind.get("spearman_loss") or {}
-        if sp.get("rho") is not None:
-            notes.append(f"Spearman correlation of individual epsilon with training loss: rho = {sp['rho']:.3f} "
-                         f"(p = {sp.get('pvalue', float('nan')):.2g})")
-        if notes:
-            lines += [""] + [f"- {n}" for n in notes]
-    return "\n".join(lines) + "\n"
-
-
-def _pyplot():
-    import matplotlib
-    if matplotlib.get_backend().lower() not in ("agg", "module://matplotlib_inline.backend_inline"):
-        matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def plot_metrics(result: Mapping[str, Any]) -> list[str]:
-    """The metrics drawn per group: multilabel auc_mean, accuracy_mean(, underdiagnosis); multiclass top1(, auc_macro)."""
-    head = result["meta"]["headline"]
-    wanted = ("auc_mean", "accuracy_mean", "underdiagnosis", "top1", "auc_macro")
-    return [m for m in wanted if m in head]
-
-
-def draw_interval(ax: Any, x: float, stat: Mapping[str, Any] | None, *, color: str = "tab:blue",
-                  hollow: bool = False, horizontal: bool = False, label: str | None = None) -> bool:
-    """A point and its CI drawn as a segment from low to high (valid even when the percentile CI
-    excludes the point). Returns False (draws nothing) where the value is undefined."""
-    if not stat or stat.get("value") is None:
-        return False
-    v = stat["value"]
-    lo, hi = (stat.get("ci") or [None, None])
-    if lo is not None and hi is not None:  # end caps as markers: their size does not depend on the axis scale
-        xs, ys = ([lo, hi], [x, x]) if horizontal else ([x, x], [lo, hi])
-        ax.plot(xs, ys, color=color, lw=1.5, marker="|" if horizontal else "_", ms=9)
-    xy = ([v], [x]) if horizontal else ([x], [v])
-    ax.plot(*xy, "o", color=color, mfc="white" if hollow else color, label=label)
-    return True
-
-
-def plot_group_metric(result: Mapping[str, Any], attr: str, metric: str, ax: Any) -> None:
-    """One metric per group of `attr` with its CI on a matplotlib Axes. Hollow markers: groups that
-    are small or left out of the gaps; undefined values are written as 'n/a' at the axis bottom."""
-    groups = result["groups"][attr]
-    names = list(groups)
-    level = int(round(result["meta"]["bootstrap"]["ci_level"] * 100))
-    for i, g in enumerate(names):
-        s = groups[g]["metrics"].get(metric, {})
-        hollow = bool(groups[g]["small"] or groups[g].get("excluded"))
-        if not draw_interval(ax, i, s, hollow=hollow):
-            ax.annotate("n/a", (i, 0.02), xycoords=("data", "axes fraction"), ha="center", fontsize=7, color="tab:red")
-    ax.set_xticks(range(len(names)), [f"{g}\n{groups[g]['n_patients']} pat. / {groups[g]['n']} img."
-                                      for g in names], fontsize=6)
-    ax.set_xlim(-0.6, len(names) - 0.4)
-    ax.set_xlabel(attr, fontsize=8)
-    ax.set_ylabel(f"{metric} ({_direction(metric)})", fontsize=8)
-    gap = result["gaps"].get(attr, {}).get(metric, {}).get("gap")
-    ax.set_title(f"{metric} by {attr}" + (f"\ngap (max - min) {fmt_stat(gap)}" if gap else ""), fontsize=8)
-    from matplotlib.lines import Line2D
-    handles = [Line2D([], [], marker="o", color="tab:blue", lw=1.5, label=f"value, {level}% CI (patient bootstrap)"),
-               Line2D([], [], marker="o", color="tab:blue", mfc="white", lw=0, label="small / not compared")]
-    ax.legend(handles=handles, fontsize=6, loc="best")
-
-
-def write_group_plots(result: Mapping[str, Any], out_dir: str | os.PathLike) -> list[str]:
-    """One PNG per attribute, `groups_<attr>.png`, a panel per plotted metric. Returns the paths."""
-    plt = _pyplot()
-    paths = []
-    metrics = plot_metrics(result)
-    for attr in result["groups"]:
-        width = max(4.0, 0.9 * len(result["groups"][attr]))
-        fig, axes = plt.subplots(1, max(1, len(metrics)), figsize=(width * max(1, len(metrics)), 3.8), squeeze=False)
-        for ax, m in zip(axes[0], metrics):
-            plot_group_metric(result, attr, m, ax)
-        fig.tight_layout()
-        safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in attr)
-        path = os.path.join(out_dir, f"groups_{safe}.png")
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        paths.append(path)
-    return paths

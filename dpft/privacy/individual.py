@@ -430,6 +430,67 @@ example is the run's worst-case epsilon.
 """
 
 
+@dataclasses.dataclass
+class IndividualHook:
+    """The training loop's hook for individual accounting: when to record per-example norms, how they
+    travel with checkpoints, and what is written at the end. The loop only computes the norms.
+
+    recorder: the rounded-up norms so far; last_losses: float [N] per-example training loss at the
+    latest record (for the loss-vs-epsilon correlation); min_group_size: summaries suppress smaller groups.
+    """
+
+    recorder: NormRecorder
+    min_group_size: int = MIN_GROUP_SIZE
+    last_losses: np.ndarray | None = None
+
+    @classmethod
+    def create(cls, num_examples: int, *, grid_width: float, every: int,
+               min_group_size: int = MIN_GROUP_SIZE) -> "IndividualHook":
+        return cls(NormRecorder(num_examples=num_examples, grid_width=grid_width, every=every), int(min_group_size))
+
+    def due(self, update: int) -> bool:
+        """True when the norms at the parameters of `update` must be recorded before it runs."""
+        return self.recorder.should_record(update)
+
+    def record(self, update: int, norms: np.ndarray, losses: np.ndarray) -> None:
+        """norms, losses: float [N] of every training example (table order) at update `update`."""
+        self.recorder.record_all(update, norms)
+        self.last_losses = np.asarray(losses, np.float64)
+
+    def checkpoint_item(self, workdir: str, update: int, *, write: bool) -> dict[str, str]:
+        """Saves the recorder as WORKDIR/individual_norms/<update>.npz (when `write`: process 0) and
+        returns the checkpoint's JSON item {"norms_file": relative path}."""
+        path = os.path.join(workdir, "individual_norms", f"{update}.npz")
+        if write:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            self.recorder.save(path)
+        return {"norms_file": os.path.relpath(path, workdir)}
+
+    def restore(self, workdir: str, item: Mapping[str, Any]) -> None:
+        """Continues from a checkpoint's JSON item (`checkpoint_item`)."""
+        self.recorder = NormRecorder.load(os.path.join(workdir, item["norms_file"]))
+
+    def finish(self, workdir: str, plan: Any, updates: int, run_epsilon: float, columns: Mapping[str, np.ndarray],
+               *, task: str, class_names: Sequence[str]) -> str:
+        """Individual epsilons after `updates` by the run's plan (its accountant), their summary per
+        attribute (and per class for multiclass) and the private files -> the .npz path.
+        columns: example_id, label, attr_<name> of the training split, in table order."""
+        from absl import logging as absl_logging
+
+        absl_logging.set_verbosity(absl_logging.ERROR)  # dp_accounting warns for every RDP order it drops
+        eps = plan.individual_epsilons(self.recorder, updates)
+        attrs = {k[len("attr_"):]: v for k, v in columns.items() if k.startswith("attr_")}
+        if task == "multiclass":  # per-class distribution in the evaluation report
+            names = list(class_names)
+            attrs["class"] = np.asarray([names[int(y)] for y in columns["label"]], dtype=str)
+        summary = summarise(eps, attrs, columns["label"], self.last_losses, worst_case_epsilon=run_epsilon,
+                            class_names=class_names, min_group_size=self.min_group_size)
+        summary["run_epsilon"] = {"value": run_epsilon, "accountant": plan.accountant}
+        summary["accountant"] = plan.accountant
+        summary["clipping"] = plan.clipping.mode
+        return write_individual_epsilons(workdir, columns["example_id"], eps, attrs, summary=summary)
+
+
 def write_individual_epsilons(workdir: str | os.PathLike, example_ids: np.ndarray, epsilons: np.ndarray,
                               attrs: Mapping[str, Sequence[str]] | None = None, *,
                               summary: Mapping[str, Any] | None = None) -> str:
@@ -462,10 +523,22 @@ def write_individual_epsilons(workdir: str | os.PathLike, example_ids: np.ndarra
 
 
 def read_individual_epsilons(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Reads an individual_epsilon.npz written by `write_individual_epsilons`."""
-    with np.load(path, allow_pickle=False) as z:
-        out = {k: z[k] for k in z.files}
+    """Reads an individual_epsilon.npz written by `write_individual_epsilons` (the one reader:
+    training, evaluation reports and notebooks use it). UsageError naming the file and field."""
+    from dpft.errors import UsageError
+
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            out = {k: z[k] for k in z.files}
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{os.fspath(path)}: cannot read ({e})") from None
     for key in ("example_id", "epsilon"):
         if key not in out:
-            raise ValueError(f"{os.fspath(path)!r} lacks the field {key!r}")
+            raise UsageError(f"{os.fspath(path)}: field {key!r}: missing (fields present: {sorted(out)})")
+    out["epsilon"] = np.asarray(out["epsilon"], np.float64).reshape(-1)
+    for key in [k for k in out if k.startswith("attr_")]:
+        out[key] = out[key].astype(str)
+        if out[key].shape != out["epsilon"].shape:
+            raise UsageError(f"{os.fspath(path)}: field {key!r}: shape {out[key].shape}, expected "
+                             f"{out['epsilon'].shape}")
     return out

@@ -159,13 +159,13 @@ class Trainer:
         )
         self.predictor = predictor_lib.Predictor(config, self.tables, predictor_lib.model_forward(self.merge),
                                                  self.augment, self.mesh)
-        self.recorder = None
-        self.last_example_losses: np.ndarray | None = None  # [N], set by record_norms
+        self.individual = None  # the individual-accounting hook (dpft.privacy.individual)
         if config.individual.enabled and self.plan.enabled:
             from dpft.privacy import individual
-            self.recorder = individual.NormRecorder(num_examples=len(self.train_table),
-                                                    grid_width=float(config.individual.norm_grid),
-                                                    every=int(config.individual.every))
+            self.individual = individual.IndividualHook.create(
+                len(self.train_table), grid_width=float(config.individual.norm_grid),
+                every=int(config.individual.every),
+                min_group_size=int(config.individual.get("min_group_size", individual.MIN_GROUP_SIZE)))
 
     def _loss(self, model):
         from dpft.privacy import adapters
@@ -210,12 +210,9 @@ class Trainer:
             "plan": self.plan.to_dict(),
             "secret": self.plan.secret.to_json(),  # only ever stored inside checkpoints
         }
-        if self.recorder is not None:
-            path = os.path.join(self.workdir, "individual_norms", f"{u}.npz")
-            if jax.process_index() == 0:
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                self.recorder.save(path)
-            json_items["individual"] = {"norms_file": os.path.relpath(path, self.workdir)}
+        if self.individual is not None:
+            json_items["individual"] = self.individual.checkpoint_item(self.workdir, u,
+                                                                       write=jax.process_index() == 0)
         ckpt.save(u, pytrees=self._pytrees(), json_items=json_items)
         if jax.process_index() == 0:
             _atomic_write_text(os.path.join(self.workdir, "ledger.json"), self.ledger.to_json())
@@ -259,10 +256,8 @@ class Trainer:
         else:
             self.print(f"WARNING: the checkpoint at update {int(self.state['update'])} holds no run secret (written "
                        "before secret noise); the remaining updates use this start's fresh secret")
-        if self.recorder is not None and "individual" in restored.json_items:
-            from dpft.privacy import individual
-            self.recorder = individual.NormRecorder.load(
-                os.path.join(self.workdir, restored.json_items["individual"]["norms_file"]))
+        if self.individual is not None and "individual" in restored.json_items:
+            self.individual.restore(self.workdir, restored.json_items["individual"])
         checked = f"{restored.verified} arrays verified" + (f", {restored.unchecked} without checksum"
                                                              if restored.unchecked else "")
         self.print(f"resumed from {ckpt.directory}/{restored.step}: update {int(self.state['update'])}, "
@@ -338,13 +333,13 @@ class Trainer:
             delta=self.plan.delta if self.plan.enabled else None)
 
     # ------------------------------------------------------------------ individual accounting
-    def record_norms(self) -> None:
-        """Per-example gradient norms of ALL training examples at the current params.
+    def example_norms(self) -> tuple[np.ndarray, np.ndarray]:
+        """(norms, losses) float [N]: per-example gradient norm and loss of ALL training examples
+        at the current params, in table order.
 
-        The norm recorded is the one training clips: of the gradient averaged over the example's
-        K augmented views, drawn as update u would draw them (`pipeline.train_view_batches`), with
-        the current parameters and no noise. Each host computes its shard; the norms are gathered
-        in table order. The recorder rounds them up to its grid (never under-estimating).
+        The norm is the one training clips: of the gradient averaged over the example's K
+        augmented views, drawn as update u would draw them (`pipeline.train_view_batches`), with
+        the current parameters and no noise. Each host computes its shard; the norms are gathered.
         """
         u = int(self.state["update"])
         bs = int(self.config.train.physical_batch_size)
@@ -363,31 +358,8 @@ class Trainer:
                 losses = multihost_utils.process_allgather(losses, tiled=True)
             chunks.append(np.asarray(norms, np.float64))
             loss_chunks.append(np.asarray(losses, np.float64))
-        self.recorder.record_all(u, np.concatenate(chunks)[: len(self.train_table)])
-        # Per-example training loss at the latest record: for the loss-vs-epsilon correlation.
-        self.last_example_losses = np.concatenate(loss_chunks)[: len(self.train_table)]
-
-    def write_individual(self) -> None:
-        from absl import logging as absl_logging
-
-        from dpft.privacy import individual
-        # dp_accounting warns for every RDP order it drops at large q; the orders left suffice.
-        absl_logging.set_verbosity(absl_logging.ERROR)
-        updates = int(self.state["update"])
-        eps = self.plan.individual_epsilons(self.recorder, updates)
-        cols = self.columns(self.train_split)
-        attrs = {k[len("attr_"):]: v for k, v in cols.items() if k.startswith("attr_")}
-        if self.train_table.task == "multiclass":  # per-class distribution in the evaluation report
-            names = list(self.train_table.class_names)
-            attrs["class"] = np.asarray([names[int(y)] for y in cols["label"]], dtype=str)
-        run_eps = self.epsilon_spent()
-        summary = individual.summarise(eps, attrs, cols["label"], self.last_example_losses,
-                                       worst_case_epsilon=run_eps, class_names=self.train_table.class_names,
-                                       min_group_size=int(self.config.individual.get("min_group_size", 20)))
-        summary["run_epsilon"] = {"value": run_eps, "accountant": self.plan.accountant}
-        summary["accountant"] = self.plan.accountant
-        summary["clipping"] = self.plan.clipping.mode
-        individual.write_individual_epsilons(self.workdir, cols["example_id"], eps, attrs, summary=summary)
+        n = len(self.train_table)
+        return np.concatenate(chunks)[:n], np.concatenate(loss_chunks)[:n]
 
     # ------------------------------------------------------------------ the run
     def run(self, *, max_updates_this_call: int | None = None) -> RunResult:
@@ -423,8 +395,8 @@ class Trainer:
             window = {"examples": 0.0, "loss_sum": 0.0, "accuracy_sum": 0.0, "clipped": 0.0}
             done_this_call = 0
             while int(self.state["update"]) < total:
-                if self.recorder is not None and self.recorder.should_record(int(self.state["update"])):
-                    self.record_norms()
+                if self.individual is not None and self.individual.due(int(self.state["update"])):
+                    self.individual.record(int(self.state["update"]), *self.example_norms())
                 info = self.train_update(stop=lambda: _agree(flag.requested))
                 if info is None:  # stopped between physical batches: keep the last completed update
                     preempted = True
@@ -465,8 +437,10 @@ class Trainer:
                         final.update(self.quick_eval(split))
                 writer.write(int(self.state["update"]), final)
                 preds = self.write_predictions()
-                if self.recorder is not None:
-                    self.write_individual()
+                if self.individual is not None:
+                    self.individual.finish(self.workdir, self.plan, int(self.state["update"]), self.epsilon_spent(),
+                                           self.columns(self.train_split), task=self.train_table.task,
+                                           class_names=self.train_table.class_names)
                 self.print("final: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items())
                            + (f", epsilon {self.epsilon_spent():.4g} (delta {self.plan.delta:.3g})"
                               if self.plan.enabled else ", non-private"))

@@ -1,0 +1,110 @@
+"""PNG plots of evaluation results: per-group metrics with CIs, individual-epsilon histograms."""
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+import numpy as np
+
+from dpft.evaluate.fairness import group_index
+from dpft.evaluate.render import direction, fmt_stat
+
+
+def pyplot():
+    import matplotlib
+    if matplotlib.get_backend().lower() not in ("agg", "module://matplotlib_inline.backend_inline"):
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_metrics(result: Mapping[str, Any]) -> list[str]:
+    """The metrics drawn per group: multilabel auc_mean, accuracy_mean(, underdiagnosis); multiclass top1(, auc_macro)."""
+    head = result["meta"]["headline"]
+    wanted = ("auc_mean", "accuracy_mean", "underdiagnosis", "top1", "auc_macro")
+    return [m for m in wanted if m in head]
+
+
+def draw_interval(ax: Any, x: float, stat: Mapping[str, Any] | None, *, color: str = "tab:blue",
+                  hollow: bool = False, horizontal: bool = False, label: str | None = None) -> bool:
+    """A point and its CI drawn as a segment from low to high (valid even when the percentile CI
+    excludes the point). Returns False (draws nothing) where the value is undefined."""
+    if not stat or stat.get("value") is None:
+        return False
+    v = stat["value"]
+    lo, hi = (stat.get("ci") or [None, None])
+    if lo is not None and hi is not None:  # end caps as markers: their size does not depend on the axis scale
+        xs, ys = ([lo, hi], [x, x]) if horizontal else ([x, x], [lo, hi])
+        ax.plot(xs, ys, color=color, lw=1.5, marker="|" if horizontal else "_", ms=9)
+    xy = ([v], [x]) if horizontal else ([x], [v])
+    ax.plot(*xy, "o", color=color, mfc="white" if hollow else color, label=label)
+    return True
+
+
+def plot_group_metric(result: Mapping[str, Any], attr: str, metric: str, ax: Any) -> None:
+    """One metric per group of `attr` with its CI on a matplotlib Axes. Hollow markers: groups that
+    are small or left out of the gaps; undefined values are written as 'n/a' at the axis bottom."""
+    groups = result["groups"][attr]
+    names = list(groups)
+    level = int(round(result["meta"]["bootstrap"]["ci_level"] * 100))
+    for i, g in enumerate(names):
+        s = groups[g]["metrics"].get(metric, {})
+        hollow = bool(groups[g]["small"] or groups[g].get("excluded"))
+        if not draw_interval(ax, i, s, hollow=hollow):
+            ax.annotate("n/a", (i, 0.02), xycoords=("data", "axes fraction"), ha="center", fontsize=7, color="tab:red")
+    ax.set_xticks(range(len(names)), [f"{g}\n{groups[g]['n_patients']} pat. / {groups[g]['n']} img."
+                                      for g in names], fontsize=6)
+    ax.set_xlim(-0.6, len(names) - 0.4)
+    ax.set_xlabel(attr, fontsize=8)
+    ax.set_ylabel(f"{metric} ({direction(metric)})", fontsize=8)
+    gap = result["gaps"].get(attr, {}).get(metric, {}).get("gap")
+    ax.set_title(f"{metric} by {attr}" + (f"\ngap (max - min) {fmt_stat(gap)}" if gap else ""), fontsize=8)
+    from matplotlib.lines import Line2D
+    handles = [Line2D([], [], marker="o", color="tab:blue", lw=1.5, label=f"value, {level}% CI (patient bootstrap)"),
+               Line2D([], [], marker="o", color="tab:blue", mfc="white", lw=0, label="small / not compared")]
+    ax.legend(handles=handles, fontsize=6, loc="best")
+
+
+def write_group_plots(result: Mapping[str, Any], out_dir: str | os.PathLike) -> list[str]:
+    """One PNG per attribute, `groups_<attr>.png`, a panel per plotted metric. Returns the paths."""
+    plt = pyplot()
+    paths = []
+    metrics = plot_metrics(result)
+    for attr in result["groups"]:
+        width = max(4.0, 0.9 * len(result["groups"][attr]))
+        fig, axes = plt.subplots(1, max(1, len(metrics)), figsize=(width * max(1, len(metrics)), 3.8), squeeze=False)
+        for ax, m in zip(axes[0], metrics):
+            plot_group_metric(result, attr, m, ax)
+        fig.tight_layout()
+        safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in attr)
+        path = os.path.join(out_dir, f"groups_{safe}.png")
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def individual_epsilon_histogram(eps: np.ndarray, attrs: Mapping[str, np.ndarray], png_path: str | os.PathLike, *,
+                                 min_group_size: int) -> str:
+    """Histogram PNG of per-example epsilon [N], one panel per attribute (groups of at least
+    `min_group_size` examples only, density-normalised). Returns the path written."""
+    k = min_group_size
+    plt = pyplot()
+    panels = list(attrs) or [None]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.2), squeeze=False)
+    bins = np.histogram_bin_edges(eps, bins=30) if eps.size else 10
+    for ax, attr in zip(axes[0], panels):
+        if attr is None:
+            ax.hist(eps, bins=bins, color="tab:blue")
+        else:
+            values = np.asarray(attrs[attr]).astype(str)
+            for g, idx in group_index(values).items():
+                if idx.size >= k:  # no histogram of a group too small to summarise
+                    ax.hist(eps[idx], bins=bins, histtype="step", density=True, label=f"{g} (n={idx.size})")
+            ax.legend(fontsize=7)
+            ax.set_title(attr)
+        ax.set_xlabel("individual epsilon")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    return str(png_path)
