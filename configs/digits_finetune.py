@@ -5,7 +5,7 @@ on the private split where the minority (digits rotated by 90 degrees) is rare.
         --config.model.checkpoint=runs/digits/public/checkpoints/150/params --config.privacy.epsilon=4.98
     dpft train --config configs/digits_finetune.py:private=False ...      # the non-private baseline
 
-The same runs as `dpft demo` step 2 (`dpft.demo.recipe`): DP-SGD (plain SGD, lr 0.5, EMA 0.9,
+The same runs as `dpft demo` step 2 (`dpft.demo.recipe.recipe`): DP-SGD (plain SGD, lr 0.5, EMA 0.9,
 augmult 2, C=1, Poisson sampling, expected batch 128, 40 updates); the non-private baseline
 uses Adam (lr 1e-3) without clipping or noise on the same code path. The imbalance study sweeps
 `data.options.minority_fraction` x `privacy.epsilon` x `seed` with `launch/sweep.py` (README).
@@ -21,7 +21,7 @@ FINETUNE_UPDATES = 40
 
 def get_config(arg=None):
     from dpft.errors import UsageError
-    from dpft.demo import recipe
+    from dpft.demo.recipe import recipe
 
     items = [s for s in (arg or "").split(",") if s.strip()]
     private = True

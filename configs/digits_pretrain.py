@@ -3,7 +3,7 @@
     dpft train --config configs/digits_pretrain.py --workdir runs/digits/public
     # its parameters, the checkpoint of step 2: runs/digits/public/checkpoints/150/params
 
-The same run as `dpft demo` step 1 (`dpft.demo.recipe`): 150 updates of Adam on the public split
+The same run as `dpft demo` step 1 (`dpft.demo.recipe.recipe`): 150 updates of Adam on the public split
 (20% of the 1,797 digits, no rotated digits). Config argument: `updates=N`, `seed=S`.
 """
 from dpft.config.base import apply_config_arg, finalize
@@ -13,7 +13,7 @@ PRETRAIN_UPDATES = 150
 
 
 def get_config(arg=None):
-    from dpft.demo import recipe
+    from dpft.demo.recipe import recipe
 
     c = recipe(private=False, updates=PRETRAIN_UPDATES, train_split="public", minority_fraction=0.0,
                learning_rate=3e-3)

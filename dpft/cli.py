@@ -27,7 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("dpft.data.prepare_cli", "validate a data directory and build its index"),
     "accountant": ("dpft.privacy.accountant_cli", "epsilon for (q, sigma, steps, delta) or sigma for a target epsilon"),
     "audit": ("dpft.train.audit_cli", "empirical lower bound on epsilon with canaries"),
-    "demo": ("dpft.demo", "the whole recipe offline on the embedded digits data"),
+    "demo": ("dpft.demo.cli", "the whole recipe offline on the embedded digits data"),
 }
 
 

@@ -7,7 +7,8 @@ import sys
 import numpy as np
 import pytest
 
-from dpft import demo
+from dpft.demo import report as demo_report
+from dpft.demo.recipe import recipe
 from dpft.privacy import accounting
 from dpft.config.validation import validate
 
@@ -15,7 +16,7 @@ from dpft.config.validation import validate
 @pytest.mark.parametrize("private", [True, False])
 @pytest.mark.parametrize("devices", [1, 3, 8, 128])
 def test_recipe_is_a_valid_run_config(private, devices):
-    cfg = demo.recipe(private=private, epsilon=4.0, updates=20, checkpoint="", num_devices=devices)
+    cfg = recipe(private=private, epsilon=4.0, updates=20, checkpoint="", num_devices=devices)
     validate(cfg, num_examples=500, num_devices=devices)
     per_device = cfg.train.physical_batch_size // devices
     assert cfg.train.physical_batch_size % devices == 0 and per_device % cfg.train.microbatch_size == 0
@@ -36,7 +37,7 @@ def test_summary_table_states_undefined_and_formats_epsilon():
              "gap_undefined": "top1 defined in 1 of 2 compared groups of group (needs 2)"},
             {"run": "non_private", "epsilon": None, "accuracy": 0.93, "majority_accuracy": 0.96,
              "minority_accuracy": 0.7, "gap": 0.26, "gap_ci": None, "dir": "y"}]
-    table = demo.summary_table(rows)
+    table = demo_report.summary_table(rows)
     assert "accuracy gap, max - min (95% CI)" in table
     assert "| eps_8 | 8.00 | 0.900 | 0.950 | 0.500 | 0.450 [0.300, 0.600] | n/a |" in table
     assert "| eps_4.98 | 4.98 | 0.900 | 0.950 | n/a | n/a (top1 defined in 1 of 2 compared groups" in table

@@ -91,17 +91,17 @@ def test_notebook_runs_on_synthetic_data(path, tmp_path, kernel_manager):
 
 
 def test_default_workdir_is_the_run_make_demo_writes():
-    from dpft import demo
+    from dpft.demo import cli as demo_cli
 
     makefile = (ROOT / "Makefile").read_text()
     demo_dir = re.search(r"dpft demo --workdir (\S+)", makefile).group(1)
     import argparse
     parser = argparse.ArgumentParser()
-    demo.add_arguments(parser)
+    demo_cli.add_arguments(parser)
     eps = [float(e) for e in parser.get_default("epsilons").split(",")]
     params = _parameters(FAIRNESS)
     wd = (FAIRNESS.parent / params["WORKDIR"]).resolve()
-    expected = {(ROOT / demo_dir / "finetune" / f"eps_{e:g}").resolve() for e in eps}  # demo.fine_tune_sweep's names
+    expected = {(ROOT / demo_dir / "finetune" / f"eps_{e:g}").resolve() for e in eps}  # dpft.demo.steps.fine_tune_sweep's names
     assert wd in expected
     assert (FAIRNESS.parent / params["COMPARE"]).resolve().parent == (ROOT / demo_dir / "finetune").resolve()
     assert params["OUT_DIR"] is None and params["N_RESAMPLES"] >= 1000

@@ -168,8 +168,8 @@ def test_removing_one_example_moves_the_clipped_sum_by_at_most_c(dtype):
 # ----------------------------------------------------------------------------- training releases
 
 def _tiny_config(**privacy):
-    from dpft import demo
-    c = demo.recipe(private=True, epsilon=4.0, updates=2, num_devices=jax.local_device_count())
+    from dpft.demo.recipe import recipe
+    c = recipe(private=True, epsilon=4.0, updates=2, num_devices=jax.local_device_count())
     c.model.name = "nfnet_micro"
     with c.unlocked():  # no dropout: the brute-force norms below use their own keys
         c.model.overrides = {"drop_rate": 0.0, "stochdepth_rate": 0.0}

@@ -1,0 +1,85 @@
+"""`dpft demo`: arguments and the order of the steps (`dpft.demo.steps`), then the report."""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from typing import Any
+
+from dpft.demo.report import summary_table, write_report
+from dpft.demo.steps import enable_compilation_cache, fine_tune_sweep, imbalance_study, pretrain
+from dpft.errors import UsageError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workdir", default="./dpft-demo", help="where everything is written (default ./dpft-demo)")
+    parser.add_argument("--epsilons", default="1,4,8", help="target epsilons of the private runs (comma list)")
+    parser.add_argument("--minority-fraction", type=float, default=0.05,
+                        help="share of rotated digits in the private training split (default 0.05)")
+    parser.add_argument("--imbalance", default="",
+                        help="also run the imbalance study at these minority fractions, e.g. 0.001,0.01,0.1,0.3")
+    parser.add_argument("--imbalance-epsilons", default="1.15,4.98,16.2",
+                        help="epsilons of the imbalance study (non-private is always added)")
+    parser.add_argument("--seeds", default="0,1,2", help="run seeds of the imbalance study (comma list, default 0,1,2)")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates per evaluation")
+    parser.add_argument("--updates", type=int, default=40, help="DP fine-tuning updates per run")
+    parser.add_argument("--pretrain-updates", type=int, default=150, help="public pre-training updates")
+    parser.add_argument("--quick", action="store_true", help="fewer updates and bootstrap samples (smoke test)")
+
+
+def _floats(text: str, name: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"--{name} must be a comma-separated list of numbers, got {text!r}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    from dpft.evaluate import compare
+
+    workdir = os.path.abspath(args.workdir)
+    os.makedirs(workdir, exist_ok=True)
+    enable_compilation_cache(workdir)
+    epsilons = _floats(args.epsilons, "epsilons")
+    try:
+        seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"--seeds must be a comma-separated list of integers, got {args.seeds!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise UsageError(f"--seeds must list distinct integers, got {args.seeds!r}")
+    fractions = _floats(args.imbalance, "imbalance") if args.imbalance else []
+    if any(e <= 0 for e in epsilons + _floats(args.imbalance_epsilons, "imbalance-epsilons")):
+        raise UsageError(f"--epsilons must be > 0, got {args.epsilons!r}")
+    if any(not 0 < f < 1 for f in fractions + [args.minority_fraction]):
+        raise UsageError("minority fractions must be in (0, 1)")
+    updates = max(4, args.updates // 4) if args.quick else args.updates
+    pre_updates = max(4, args.pretrain_updates // 4) if args.quick else args.pretrain_updates
+    n_resamples = 50 if args.quick else args.bootstrap
+    t0 = time.monotonic()
+
+    checkpoint = pretrain(workdir, pre_updates)
+    print(f"[2/4] private fine-tuning at epsilon {', '.join(f'{e:g}' for e in epsilons)} and non-private "
+          f"(minority = {args.minority_fraction:g} of the private training set)")
+    rows = fine_tune_sweep(workdir, checkpoint, epsilons, updates=updates,
+                           minority_fraction=args.minority_fraction, n_resamples=n_resamples, tag="finetune/")
+    print("[3/4] sweep comparison from the saved checkpoints' evaluations")
+    cmp = compare.compare_runs([r["dir"] for r in rows], os.path.join(workdir, "compare"))
+    study: dict[str, Any] = {}
+    if fractions:
+        eps_study = _floats(args.imbalance_epsilons, "imbalance-epsilons")
+        n = len(fractions) * (len(eps_study) + 1) * len(seeds)
+        print(f"      imbalance study: minority fraction {', '.join(f'{f:g}' for f in fractions)} x epsilon "
+              f"{', '.join(f'{e:.2f}' for e in eps_study)} and non-private x seeds {', '.join(map(str, seeds))} "
+              f"({n} runs)")
+        study = imbalance_study(workdir, checkpoint, fractions, eps_study, seeds, updates=updates,
+                                n_resamples=n_resamples)
+    elapsed = time.monotonic() - t0
+    print("[4/4] summary")
+    table = summary_table(rows)
+    print(table)
+    if study:
+        print("\nimbalance study (" + study["files"]["md"] + "):")
+        print(open(study["files"]["md"], encoding="utf-8").read().split("\n## Runs")[0].split("\n", 1)[1].strip())
+    write_report(workdir, rows, cmp, study, elapsed, args)
+    print(f"\nwhole demo: {elapsed / 60:.1f} min; report: {os.path.join(workdir, 'report.md')}")
+    return 0

@@ -1,0 +1,75 @@
+"""The demo's run config: a tiny NFNet on 32x32 digits (the same fields as configs/*.py).
+
+`configs/digits_pretrain.py` and `configs/digits_finetune.py` are this recipe as config files.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+MINORITY = "minority"  # the rare subgroup: digits rotated by 90 degrees
+
+
+def recipe(*, private: bool, epsilon: float = 8.0, updates: int, checkpoint: str = "",
+           train_split: str = "train", minority_fraction: float = 0.05, seed: int = 0,
+           learning_rate: float = 1e-3, eval_minority_fraction: float = 0.1,
+           num_devices: int | None = None) -> ml_collections.ConfigDict:
+    """The demo's run config: tiny NFNet on 32x32 digits; the same fields as configs/*.py.
+
+    The physical batch (64 examples per host) is split over `num_devices` local devices
+    (default: all of them); the microbatch is the largest divisor of the per-device share <= 16.
+    """
+    from dpft.config.base import base_config
+
+    if num_devices is None:
+        import jax
+
+        num_devices = jax.local_device_count()
+    physical = max(64, num_devices) // num_devices * num_devices
+    per_device = physical // num_devices
+    microbatch = max(d for d in range(1, min(16, per_device) + 1) if per_device % d == 0)
+
+    c = base_config(locked=False)
+    c.seed = seed
+    c.model.name = "nfnet_tiny"
+    c.model.checkpoint = checkpoint
+    c.data.name = "digits"
+    c.data.image_size = 32
+    c.data.eval_image_size = 32
+    c.data.augmult = 2 if private else 1
+    c.data.random_crop = True
+    c.data.random_flip = False  # digits are not mirror-symmetric
+    c.data.options = ml_collections.ConfigDict({
+        # public / private train / validation / test shares of the 1,797 digits
+        "split_fractions": (0.2, 0.55, 0.1, 0.15),
+        "minority_fraction": minority_fraction, "eval_minority_fraction": eval_minority_fraction,
+        "train_split": train_split, "crop": "pad_crop"})
+    c.privacy.enabled = private
+    c.privacy.epsilon = epsilon
+    c.privacy.delta = 0.0  # 1/N
+    c.privacy.noise_multiplier = 0.0  # calibrated from epsilon
+    c.privacy.clip_norm = 1.0
+    c.train.batch_size = 128
+    c.train.physical_batch_size = physical
+    c.train.microbatch_size = microbatch  # 8-16: the fastest DP step on CPU (benchmarks/README.md)
+    c.train.num_updates = updates
+    # DP-SGD as in the papers: plain SGD (no momentum), a large step on the clipped, noisy mean
+    # (its norm is bounded by C), and an EMA. Adam would normalise the noise away per
+    # coordinate, so runs at different epsilons with one seed would take near-identical steps.
+    # The non-private baseline's unclipped gradients need Adam's small steps.
+    c.train.optimizer.name = "sgd" if private else "adam"
+    c.train.optimizer.learning_rate = 0.5 if private else learning_rate
+    c.train.lr_schedule.name = "constant"
+    c.train.lr_schedule.warmup_steps = 0
+    c.train.ema_decay = 0.9 if private else 0.0
+    c.train.eval_every = 0
+    c.train.checkpoint_every = max(updates // 2, 1)
+    c.train.log_every = max(updates // 4, 1)
+    c.train.keep_checkpoints = 2
+    c.eval.batch_size = 256
+    c.eval.params = "ema" if c.train.ema_decay > 0 else "raw"
+    c.eval.splits = ("test",)
+    c.individual.enabled = private
+    c.individual.every = max(updates // 4, 1)
+    c.individual.norm_grid = 0.01
+    c.lock()
+    return c

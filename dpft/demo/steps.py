@@ -1,0 +1,110 @@
+"""The demo's steps: public pre-training, the private fine-tuning sweep and the imbalance study,
+each run through the `dpft train` loop and evaluated from what it saved."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from dpft.demo.recipe import MINORITY, recipe
+
+
+def enable_compilation_cache(workdir: str) -> None:
+    """Runs of the same shapes share compiled programs through jax's persistent cache."""
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(workdir), ".jax_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def pretrain(workdir: str, updates: int, print_fn=print) -> str:
+    """Non-private training on the public split; returns the exported Haiku checkpoint path."""
+    from dpft.models import checkpoints
+    from dpft.train import loop
+
+    run_dir = os.path.join(workdir, "public_pretraining")
+    path = os.path.join(run_dir, "nfnet_tiny_public.pkl")
+    if os.path.isfile(path):
+        print_fn(f"[1/4] public pre-training: reusing {path}")
+        return path
+    print_fn("[1/4] public pre-training (non-private, upright digits only)")
+    trainer = loop.Trainer(recipe(private=False, updates=updates, train_split="public", minority_fraction=0.0,
+                                  learning_rate=3e-3),
+                           run_dir, print_fn=lambda s: print_fn("      " + s))
+    trainer.run()
+    params, _ = trainer.eval_params()
+    checkpoints.save_model(trainer.merge(params), path)
+    return path
+
+
+def _eval_run(run_dir: str, n_resamples: int, plots: bool = True) -> dict[str, Any]:
+    from dpft.evaluate import reports
+
+    pred_root = os.path.join(run_dir, "predictions")
+    step = max(int(s) for s in os.listdir(pred_root))
+    test = os.path.join(pred_root, str(step), "test.npz")
+    val = os.path.join(pred_root, str(step), "validation.npz")
+    return reports.evaluate_predictions(test, val if os.path.isfile(val) else None,
+                                        n_resamples=n_resamples, min_group_size=20, plots=plots)
+
+
+def _summary_row(name: str, epsilon: float | None, result: dict, run_dir: str) -> dict[str, Any]:
+    groups = result["groups"].get("group", {})
+    gap = result["gaps"].get("group", {}).get("top1", {})
+    row = {
+        "run": name, "epsilon": epsilon,
+        "accuracy": result["overall"]["top1"]["value"],
+        "majority_accuracy": groups.get("majority", {}).get("metrics", {}).get("top1", {}).get("value"),
+        "minority_accuracy": groups.get(MINORITY, {}).get("metrics", {}).get("top1", {}).get("value"),
+        "gap": gap.get("gap", {}).get("value"),
+        "gap_ci": gap.get("gap", {}).get("ci"),
+        "gap_undefined": gap.get("gap", {}).get("undefined"),
+        "dir": run_dir,
+    }
+    ind = result.get("individual_epsilon")
+    if ind:
+        row["individual_epsilon_median"] = ind.get("overall", {}).get("q50")
+    return row
+
+
+def fine_tune_sweep(workdir: str, checkpoint: str, epsilons: list[float], *, updates: int,
+                    minority_fraction: float, n_resamples: int, print_fn=print, tag: str = "") -> list[dict]:
+    """One DP run per epsilon plus a non-private run, each evaluated from its checkpoint."""
+    from dpft.train import loop
+
+    rows = []
+    runs = [(e, True) for e in epsilons] + [(None, False)]
+    for i, (eps, private) in enumerate(runs):
+        name = f"eps_{eps:g}" if private else "non_private"
+        run_dir = os.path.join(workdir, f"{tag}{name}")
+        print_fn(f"      [{i + 1}/{len(runs)}] {name}{' ' + tag.rstrip('_/') if tag else ''}")
+        cfg = recipe(private=private, epsilon=eps or 8.0, updates=updates, checkpoint=checkpoint,
+                     minority_fraction=minority_fraction)
+        loop.Trainer(cfg, run_dir, print_fn=lambda s: print_fn("          " + s)).run()
+        rows.append(_summary_row(name, eps, _eval_run(run_dir, n_resamples), run_dir))
+    return rows
+
+
+def imbalance_study(workdir: str, checkpoint: str, fractions: list[float], epsilons: list[float], seeds: list[int],
+                    *, updates: int, n_resamples: int, print_fn=print) -> dict[str, Any]:
+    """Minority fraction x (epsilons + non-private) x seeds, each run evaluated from its checkpoint,
+    then compared over minority fraction with one line per epsilon (mean and CI over seeds)."""
+    from dpft.evaluate import compare
+    from dpft.train import loop
+
+    root = os.path.join(workdir, "imbalance")
+    grid = [(f, e, s) for f in fractions for e in [*epsilons, None] for s in seeds]
+    dirs = []
+    for i, (frac, eps, seed) in enumerate(grid):
+        name = f"minority_fraction-{frac:g}_epsilon-{'non-private' if eps is None else f'{eps:g}'}_seed-{seed}"
+        run_dir = os.path.join(root, name)
+        print_fn(f"      [{i + 1}/{len(grid)}] {name}")
+        cfg = recipe(private=eps is not None, epsilon=eps or 8.0, updates=updates, checkpoint=checkpoint,
+                     minority_fraction=frac, seed=seed)
+        with cfg.unlocked():
+            cfg.individual.enabled = False  # individual epsilons: see the main runs; saves a pass per run
+        if not os.path.isfile(os.path.join(run_dir, "eval", str(updates), "metrics.json")):
+            loop.Trainer(cfg, run_dir, print_fn=lambda s: None).run()
+            _eval_run(run_dir, n_resamples, plots=False)
+        dirs.append(run_dir)
+    return compare.compare_runs(dirs, os.path.join(root, "compare"), x="data.options.minority_fraction",
+                                series="privacy.epsilon")
