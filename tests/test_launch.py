@@ -1,7 +1,5 @@
-"""Running a job: launch scripts, sweep expansion, distributed start-up and placement,
-metric files and the progress line."""
-import csv
-import glob
+"""launch/: the launch scripts (local, SLURM, TPU VM) and sweep expansion (launch/sweep.py).
+Distributed start-up: tests/test_distributed.py; metric files and progress: tests/test_logging_utils.py."""
 import importlib.util
 import json
 import os
@@ -10,14 +8,8 @@ import stat
 import subprocess
 import sys
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 import pytest
 
-from dpft.errors import UsageError
-from dpft import distributed as D
-from dpft.train.logging_utils import MetricWriter, Progress, format_duration
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(ROOT, "launch")
@@ -226,138 +218,7 @@ def test_sweep_slurm_script_with_baseline_and_evaluate(tmp_path):
 # ----------------------------------------------------------------------------- distributed
 
 
-def test_detect_cluster_from_environment():
-    assert D.detect_cluster({}) is None
-    assert D.detect_cluster({"SLURM_JOB_ID": "1", "SLURM_NTASKS": "1"}) is None
-    assert D.detect_cluster({"SLURM_JOB_ID": "1", "SLURM_NTASKS": "4"}).source == "slurm"
-    assert D.detect_cluster({"TPU_WORKER_HOSTNAMES": "10.0.0.1"}) is None
-    assert D.detect_cluster({"TPU_WORKER_HOSTNAMES": "10.0.0.1,10.0.0.2"}).source == "tpu"
-    env = {"DPFT_COORDINATOR_ADDRESS": "127.0.0.1:1234", "DPFT_NUM_PROCESSES": "2", "DPFT_PROCESS_ID": "1",
-           "SLURM_JOB_ID": "1", "SLURM_NTASKS": "4"}
-    plan = D.detect_cluster(env)
-    assert plan.source == "explicit"
-    assert plan.kwargs() == {"coordinator_address": "127.0.0.1:1234", "num_processes": 2, "process_id": 1}
-    assert D.detect_cluster({**env, "DPFT_NUM_PROCESSES": "1", "DPFT_PROCESS_ID": "0"}) is None
-    with pytest.raises(UsageError, match="DPFT_PROCESS_ID"):
-        D.detect_cluster({"DPFT_COORDINATOR_ADDRESS": "h:1", "DPFT_NUM_PROCESSES": "2"})
-    with pytest.raises(UsageError, match="DPFT_PROCESS_ID=2"):
-        D.detect_cluster({**env, "DPFT_PROCESS_ID": "2"})
-    with pytest.raises(UsageError, match="host:port"):
-        D.detect_cluster({**env, "DPFT_COORDINATOR_ADDRESS": "localhost"})
-
-    class Args:
-        coordinator_address, num_processes, process_id = "h:9", 3, 0
-
-    assert D.detect_cluster({}, Args()).kwargs() == {"coordinator_address": "h:9", "num_processes": 3, "process_id": 0}
-
-
-def test_initialize_is_noop_single_process(monkeypatch):
-    called = []
-    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: called.append(kw))
-    assert D.initialize_distributed(env={}) is None
-    assert not called
-    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
-    D.initialize_distributed(env={"SLURM_JOB_ID": "1", "SLURM_NTASKS": "2"})
-    assert called == [{}]
-
-
-def test_mesh_shard_batch_and_replicate():
-    assert jax.device_count() == 8, "tests/conftest.py should give 8 fake CPU devices"
-    mesh = D.make_data_mesh()
-    assert mesh.axis_names == ("data",) and mesh.devices.size == 8
-    batch = {"image": np.arange(16 * 2 * 3, dtype=np.float32).reshape(16, 2, 3), "mask": np.ones(16, np.float32)}
-    g = D.shard_batch(batch, mesh)
-    assert g["image"].shape == (16, 2, 3)
-    np.testing.assert_array_equal(np.asarray(g["image"]), batch["image"])
-    shards = sorted(g["image"].addressable_shards, key=lambda s: s.index[0].start)
-    assert len(shards) == 8
-    for i, s in enumerate(shards):
-        np.testing.assert_array_equal(np.asarray(s.data), batch["image"][2 * i: 2 * i + 2])
-    params = {"w": jnp.ones((3, 3)), "key": jax.random.key(0)}
-    rep = D.replicate(params, mesh)
-    assert rep["w"].sharding.is_fully_replicated and len(rep["w"].addressable_shards) == 8
-    # A sum over the sharded batch equals the numpy sum.
-    assert float(jax.jit(lambda x: x.sum())(g["image"])) == pytest.approx(float(batch["image"].sum()))
-    with pytest.raises(ValueError, match="divisible by the 8 local devices"):
-        D.shard_batch({"x": np.zeros((12, 2))}, mesh)
-
-
 # ----------------------------------------------------------------------------- metrics
-
-
-def test_metric_writer_files(tmp_path):
-    with MetricWriter(tmp_path, process_index=0) as w:
-        w.write(1, {"loss": np.float32(0.5), "lr": 1.0})
-        w.write(2, {"loss": jnp.asarray(0.25), "epsilon": 0.3, "split": "train"})
-        w.write(3, {"lr": 0.5})
-    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert lines == [{"step": 1, "loss": 0.5, "lr": 1.0}, {"step": 2, "loss": 0.25, "epsilon": 0.3, "split": "train"},
-                     {"step": 3, "lr": 0.5}]
-    with open(tmp_path / "metrics.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["step", "loss", "lr", "epsilon", "split"]  # header grew, first-seen order
-    assert [r["step"] for r in rows] == ["1", "2", "3"]
-    assert rows[0]["epsilon"] == "" and rows[1]["epsilon"] == "0.3" and rows[2]["loss"] == ""
-    assert glob.glob(str(tmp_path / "events.out.tfevents.*"))
-    # Resume: a new writer keeps the header and appends.
-    with MetricWriter(tmp_path, process_index=0, tensorboard=False) as w:
-        w.write(4, {"loss": 0.1})
-    with open(tmp_path / "metrics.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    assert [r["step"] for r in rows] == ["1", "2", "3", "4"] and rows[3]["loss"] == "0.1"
-    # Other processes write nothing.
-    other = tmp_path / "other"
-    MetricWriter(other, process_index=1).write(1, {"loss": 1.0})
-    assert not other.exists()
-
-
-def test_progress_line_and_eta_with_injected_clock():
-    now = [100.0]
-    out = []
-    p = Progress(1000, clock=lambda: now[0], print_fn=out.append)
-    now[0] = 110.0  # 10 updates of 256 examples in 10 s
-    line = p.log(10, examples=2560, loss=0.69314, epsilon=1.234)
-    assert line == "update   10/1000 (  1.0%) | 256.0 ex/s | loss 0.6931 | eps 1.23 | ETA 0:16:30"
-    assert out == [line]
-    now[0] = 130.0  # next 10 updates in 20 s: 2 s/update, 980 left
-    line = p.line(20, examples=2560)
-    assert line == "update   20/1000 (  2.0%) | 128.0 ex/s | ETA 0:32:40"
-    assert format_duration(90061) == "1 day, 1:01:01"
-    assert format_duration(float("nan")) == "?"
-    assert p.line(20, examples=0).endswith("ETA ?")
-
-
-_WORKER = r'''
-import numpy as np
-from dpft import distributed as D
-plan = D.initialize_distributed()
-import jax
-mesh = D.make_data_mesh()
-local = np.full((4, 3), jax.process_index() + 1, np.float32)  # 2 local devices x 2 rows
-g = D.shard_batch({"x": local}, mesh)
-total = float(jax.jit(lambda x: x.sum())(g["x"]))
-print("RESULT", plan.source, jax.process_count(), jax.device_count(), g["x"].shape[0], total, flush=True)
-'''
-
-
-def test_two_local_processes_form_one_mesh(tmp_path):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    script = tmp_path / "worker.py"
-    script.write_text(_WORKER)
-    base = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
-            "DPFT_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "DPFT_NUM_PROCESSES": "2"}
-    procs = [subprocess.Popen([sys.executable, str(script)], env={**base, "DPFT_PROCESS_ID": str(i)},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    outs = [p.communicate(timeout=120)[0] for p in procs]
-    for p, out in zip(procs, outs):
-        assert p.returncode == 0, out
-        result = [l for l in out.splitlines() if l.startswith("RESULT")][0].split()
-        # 2 processes x 2 devices; global batch 8 rows; sum = 12 * 1 + 12 * 2.
-        assert result[1:] == ["explicit", "2", "4", "8", "36.0"]
 
 
 @pytest.mark.slow
@@ -509,10 +370,3 @@ def test_sweep_run_reruns_a_job_stopped_early(tmp_path, capsys):
     assert "stopped early" in capsys.readouterr().err
 
 
-def test_device_report_names_platform_and_warns_for_big_models_on_cpu():
-    lines = D.device_report("nfnet_tiny")
-    assert lines[0].startswith(f"platform: {jax.devices()[0].platform}, device kind: ")
-    assert len(lines) == 1
-    if jax.devices()[0].platform == "cpu":
-        big = D.device_report("nfnet_f0")
-        assert len(big) == 2 and big[1].startswith("WARNING: training nfnet_f0 on CPU") and "jax[cuda12]" in big[1]

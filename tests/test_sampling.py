@@ -1,6 +1,5 @@
-"""Noise (privatize, noise_key) and batch selection (Poisson, physical batches)."""
+"""dpft.privacy.sampling: Poisson selection per update and fixed-shape physical batches."""
 from __future__ import annotations
-
 
 import jax
 import jax.numpy as jnp
@@ -8,75 +7,10 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from dpft.privacy import adapters, engine, keys, noise, sampling
+from dpft.privacy import adapters, engine, sampling
 from dpft.testing.models import SmallConvNet
 
-
-def _base(n: int):
-    """The noise base key of a (test-only) insecure fixed secret n."""
-    return keys.noise_base_key(keys.RunSecret.insecure_fixed(int(n)))
-
 P_FAIL = 1e-7  # per statistical check: false alarm probability
-
-
-def zeros_tree():
-    return {"a": jnp.zeros((4000,), jnp.float32), "b": {"w": jnp.zeros((100, 60), jnp.float32)}}
-
-
-def flat(tree) -> np.ndarray:
-    return np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(tree)])
-
-
-def test_noise_std_matches_sigma_c_over_b_chi_square():
-    sigma, c, b = 1.3, 0.7, 50.0
-    target_std = sigma * c / b
-    privatize = jax.jit(lambda g, k: noise.privatize(g, k, noise_multiplier=sigma, clip_norm=c, expected_batch_size=b))
-    draws = np.concatenate([flat(privatize(zeros_tree(), noise.noise_key(_base(11), t))) for t in range(5)])
-    n = draws.size  # 50,000 coordinates
-    ss = np.sum((draws / target_std) ** 2)  # ~ chi2(n) if the std is right
-    assert sps.chi2.ppf(P_FAIL / 2, n) < ss < sps.chi2.isf(P_FAIL / 2, n)
-    # the bound has power: a 5% wrong std would fail it
-    assert not sps.chi2.ppf(P_FAIL / 2, n) < ss / 1.05 ** 2 < sps.chi2.isf(P_FAIL / 2, n)
-    # mean zero
-    z = np.mean(draws) / (target_std / np.sqrt(n))
-    assert abs(z) < sps.norm.isf(P_FAIL / 2)
-    # leaves get independent noise (not the same stream reused)
-    one = privatize({"a": jnp.zeros(3000), "b": jnp.zeros(3000)}, noise.noise_key(_base(0), 0))
-    r = np.corrcoef(np.asarray(one["a"]), np.asarray(one["b"]))[0, 1]
-    assert abs(r) < 6 / np.sqrt(3000)
-
-
-def test_sigma_zero_is_the_exact_mean_and_the_noise_is_linear_in_sigma():
-    rs = np.random.RandomState(0)
-    g = {"x": jnp.asarray(rs.randn(7, 3), jnp.float32), "y": jnp.asarray(rs.randn(5), jnp.float32)}
-    out = noise.privatize(g, noise.noise_key(_base(1), 2), noise_multiplier=0.0, clip_norm=1.0, expected_batch_size=4.0)
-    for k in g:
-        np.testing.assert_array_equal(np.asarray(out[k]), np.asarray(g[k]) / np.float32(4.0))
-    # sigma 2 doubles the noise exactly (same key)
-    z = jax.tree.map(jnp.zeros_like, g)
-    n1 = noise.privatize(z, noise.noise_key(_base(1), 2), noise_multiplier=1.0, clip_norm=1.0, expected_batch_size=1.0)
-    n2 = noise.privatize(z, noise.noise_key(_base(1), 2), noise_multiplier=2.0, clip_norm=1.0, expected_batch_size=1.0)
-    np.testing.assert_allclose(flat(n2), 2 * flat(n1), rtol=1e-6)
-    with pytest.raises(ValueError, match="expected_batch_size"):
-        noise.privatize(g, noise.noise_key(_base(1), 2), noise_multiplier=1.0, clip_norm=1.0, expected_batch_size=0)
-    with pytest.raises(ValueError, match="noise_multiplier"):
-        noise.privatize(g, noise.noise_key(_base(1), 2), noise_multiplier=-1.0, clip_norm=1.0, expected_batch_size=1)
-
-
-def test_noise_is_a_function_of_seed_and_update_only():
-    z = zeros_tree()
-
-    def draw(seed, t):
-        return flat(noise.privatize(z, noise.noise_key(_base(seed), t), noise_multiplier=1.0, clip_norm=1.0,
-                                    expected_batch_size=1.0))
-
-    np.testing.assert_array_equal(draw(3, 10), draw(3, 10))
-    assert not np.allclose(draw(3, 10), draw(3, 11))
-    assert not np.allclose(draw(3, 10), draw(4, 10))
-    # traced update index under jit gives the same key as the Python int
-    jitted = jax.jit(lambda t: jax.random.key_data(noise.noise_key(_base(3), t)))
-    np.testing.assert_array_equal(np.asarray(jitted(jnp.int32(10))),
-                                  np.asarray(jax.random.key_data(noise.noise_key(_base(3), 10))))
 
 
 def test_poisson_batch_size_is_binomial():

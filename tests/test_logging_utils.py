@@ -1,0 +1,51 @@
+"""dpft.train.logging_utils: metric files and the progress line."""
+import csv
+import glob
+import json
+
+import jax.numpy as jnp
+import numpy as np
+
+from dpft.train.logging_utils import MetricWriter, Progress, format_duration
+
+
+def test_metric_writer_files(tmp_path):
+    with MetricWriter(tmp_path, process_index=0) as w:
+        w.write(1, {"loss": np.float32(0.5), "lr": 1.0})
+        w.write(2, {"loss": jnp.asarray(0.25), "epsilon": 0.3, "split": "train"})
+        w.write(3, {"lr": 0.5})
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines == [{"step": 1, "loss": 0.5, "lr": 1.0}, {"step": 2, "loss": 0.25, "epsilon": 0.3, "split": "train"},
+                     {"step": 3, "lr": 0.5}]
+    with open(tmp_path / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["step", "loss", "lr", "epsilon", "split"]  # header grew, first-seen order
+    assert [r["step"] for r in rows] == ["1", "2", "3"]
+    assert rows[0]["epsilon"] == "" and rows[1]["epsilon"] == "0.3" and rows[2]["loss"] == ""
+    assert glob.glob(str(tmp_path / "events.out.tfevents.*"))
+    # Resume: a new writer keeps the header and appends.
+    with MetricWriter(tmp_path, process_index=0, tensorboard=False) as w:
+        w.write(4, {"loss": 0.1})
+    with open(tmp_path / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["step"] for r in rows] == ["1", "2", "3", "4"] and rows[3]["loss"] == "0.1"
+    # Other processes write nothing.
+    other = tmp_path / "other"
+    MetricWriter(other, process_index=1).write(1, {"loss": 1.0})
+    assert not other.exists()
+
+
+def test_progress_line_and_eta_with_injected_clock():
+    now = [100.0]
+    out = []
+    p = Progress(1000, clock=lambda: now[0], print_fn=out.append)
+    now[0] = 110.0  # 10 updates of 256 examples in 10 s
+    line = p.log(10, examples=2560, loss=0.69314, epsilon=1.234)
+    assert line == "update   10/1000 (  1.0%) | 256.0 ex/s | loss 0.6931 | eps 1.23 | ETA 0:16:30"
+    assert out == [line]
+    now[0] = 130.0  # next 10 updates in 20 s: 2 s/update, 980 left
+    line = p.line(20, examples=2560)
+    assert line == "update   20/1000 (  2.0%) | 128.0 ex/s | ETA 0:32:40"
+    assert format_duration(90061) == "1 day, 1:01:01"
+    assert format_duration(float("nan")) == "?"
+    assert p.line(20, examples=0).endswith("ETA ?")
