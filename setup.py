@@ -20,7 +20,6 @@ setuptools.setup(
         "orbax-checkpoint>=0.11,<0.13",
         "grain>=0.2.10,<0.3",
         "tensorflow-datasets>=4.9.4,<5",
-        "dm-haiku>=0.0.13,<0.1",
         "numpy>=1.26,<3",
         "scikit-learn>=1.4,<2",
         "fairlearn>=0.11,<0.16",
@@ -33,7 +32,10 @@ setuptools.setup(
         "tqdm>=4.66,<5",
     ],
     extras_require={
+        # Haiku models through dpft.privacy.adapters.haiku_loss_fn (DeepMind checkpoints are read without it).
+        "haiku": ["dm-haiku>=0.0.13,<0.1"],
         "test": [
+            "dm-haiku>=0.0.13,<0.1",  # the independent Haiku reference of the NFNet and the adapter tests
             "pytest>=8,<10",
             "pytest-xdist>=3.5,<4",
             "hypothesis>=6.100,<7",
