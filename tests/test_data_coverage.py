@@ -7,7 +7,7 @@ import pytest
 
 from dpft.data import coverage, fake, load_splits, option_defaults
 from dpft.errors import DataError
-from dpft.config.base import RUN_OPTION_DEFAULTS, load_config
+from dpft.config.base import load_config
 
 CONFIGS = sorted(p for p in glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.py"))
                  if not os.path.basename(p).startswith("_"))
@@ -16,17 +16,22 @@ CONFIGS = sorted(p for p in glob.glob(os.path.join(os.path.dirname(__file__), ".
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
 def test_every_loader_and_run_option_settable_on_every_config(path):
     base = load_config(path)
-    keys = {**option_defaults(base.data.name), **RUN_OPTION_DEFAULTS}
+    keys = option_defaults(base.data.name)
     assert set(keys) <= set(base.data.options.keys())
     examples = {"mimic_iv_dir": "/data/mimiciv/2.2", "demo_path": "/data/CHEXPERT DEMO.xlsx", "mask_blank": "true",
-                "val_fraction": "0.2", "on_bad_image": "skip", "holdout": "500", "index_dir": "/idx",
-                "imbalance_fraction": "0.1", "imbalance_attribute": "sex", "attributes": "sex,age"}
+                "val_fraction": "0.2", "on_bad_image": "skip", "holdout": "500", "index_dir": "/idx"}
+    run_options = {"imbalance.fraction": "0.1", "imbalance.attribute": "sex", "attributes": "sex,age",
+                   "train_split": "train", "crop": "none", "eval_crop_fraction": "0.9", "worker_processes": "2"}
     overrides = [f"--config.data.options.{k}={v}" for k, v in examples.items() if k in keys]
+    overrides += [f"--config.data.{k}={v}" for k, v in run_options.items()]
     c = load_config(path, overrides)
     for k, v in examples.items():
         if k in keys:
             got = c.data.options[k]
             assert str(got).lower() == v.lower() or got == json.loads(v), (k, got)
+    for k, v in run_options.items():
+        got = c.data.imbalance[k.split(".")[1]] if k.startswith("imbalance.") else c.data[k]
+        assert str(got) == v or got == json.loads(v), (k, got)
 
 
 def test_mimic_config_takes_mimic_iv_dir():

@@ -18,12 +18,18 @@ Fields (units in brackets):
   data.augmult               K augmented views per example (>= 1)
   data.random_crop/flip      augmentations of the training views
   data.num_workers           host data-loading workers
-  data.options               dataset-specific ConfigDict: every field of the loader's options class
+  data.train_split           the split trained on ("train"; the demo's public pre-training: "public")
+  data.crop                  "auto" | "random_resized" | "pad_crop" | "none" (when random_crop)
+  data.eval_crop_fraction    centre-crop fraction at eval (0 = 0.875 with random_resized, else 1)
+  data.worker_processes      > 0: decode training batches in that many spawned processes
+  data.attributes            fairness attributes the run asks for (None = the data set's default)
+  data.imbalance             attribute, group, fraction (0 = off), seed (-1 = config.seed): keep that
+                             subgroup of the training split at that fraction (imbalance studies)
+  data.options               the data set loader's options: every field of its options class
                              (dpft.data.option_defaults; e.g. mimic_iv_dir, demo_path, mask_blank,
-                             val_fraction, on_bad_image, holdout, index_dir) and the run options
-                             RUN_OPTION_DEFAULTS (train_split, crop, imbalance_*, attributes, ...);
-                             `load_config` adds those a config file leaves out, with their defaults,
-                             so each is settable as --config.data.options.KEY=VALUE
+                             val_fraction, on_bad_image, holdout, index_dir); `load_config` adds those
+                             a config file leaves out, with their defaults, so each is settable as
+                             --config.data.options.KEY=VALUE
   privacy.enabled            False = the non-private baseline on the same code path
   privacy.epsilon            target epsilon (used when noise_multiplier == 0)
   privacy.delta              0 = 1/N at run time
@@ -66,17 +72,15 @@ from dpft.errors import UsageError
 
 ConfigDict = ml_collections.ConfigDict
 
-# data.options keys read by the run set-up (dpft.config.build), not by the loader; None = not set.
-RUN_OPTION_DEFAULTS: dict[str, Any] = {
-    "train_split": None,  # default "train"
-    "crop": None,  # "random_resized" | "pad_crop" | "none"; default by resolution
-    "eval_crop_fraction": None,
-    "worker_processes": None,
-    "imbalance_attribute": None,
-    "imbalance_group": None,
-    "imbalance_fraction": None,
-    "imbalance_seed": None,
-    "attributes": None,  # fairness attributes the run asks for (dpft.data.coverage); None = data set default
+CROPS = ("auto", "random_resized", "pad_crop", "none")
+
+#: Run options that configs before 2026-11-29 kept inside `data.options` -> their typed field now
+#: (`config_from_json` moves them, so old workdirs and checkpoints still load and resume).
+LEGACY_RUN_OPTIONS: dict[str, str] = {
+    "train_split": "data.train_split", "crop": "data.crop", "eval_crop_fraction": "data.eval_crop_fraction",
+    "worker_processes": "data.worker_processes", "attributes": "data.attributes",
+    "imbalance_attribute": "data.imbalance.attribute", "imbalance_group": "data.imbalance.group",
+    "imbalance_fraction": "data.imbalance.fraction", "imbalance_seed": "data.imbalance.seed",
 }
 
 
@@ -103,7 +107,17 @@ def base_config(*, locked: bool = True) -> ConfigDict:
     c.data.random_crop = True
     c.data.random_flip = True
     c.data.num_workers = 0
-    c.data.options = ConfigDict()
+    c.data.worker_processes = 0  # > 0: decode training batches in that many spawned processes
+    c.data.train_split = "train"  # the split trained on (the demo's public pre-training: "public")
+    c.data.crop = "auto"  # training crop when random_crop: auto = random_resized at >= 64 px, else pad_crop
+    c.data.eval_crop_fraction = 0.0  # centre-crop fraction at eval; 0 = 0.875 with random_resized, else 1
+    c.data.attributes = None  # fairness attributes the run asks for ("a,b" or tuple); None = data set default
+    c.data.imbalance = ConfigDict()  # keep a subgroup of the training split at a fraction (imbalance studies)
+    c.data.imbalance.attribute = ""
+    c.data.imbalance.group = ""
+    c.data.imbalance.fraction = 0.0  # 0 = off
+    c.data.imbalance.seed = -1  # -1 = config.seed
+    c.data.options = ConfigDict()  # the data set loader's options (dpft.data.option_defaults)
 
     c.privacy = ConfigDict()
     c.privacy.enabled = True
@@ -361,15 +375,15 @@ def _overridden_data_name(overrides: Sequence[str]) -> str | None:
 
 
 def add_option_defaults(config: ConfigDict, data_name: str | None = None) -> ConfigDict:
-    """Add every loader option of the data set (`dpft.data.option_defaults`) and every run option
-    (`RUN_OPTION_DEFAULTS`) that `config.data.options` lacks, with its default (in place)."""
+    """Add every loader option of the data set (`dpft.data.option_defaults`) that
+    `config.data.options` lacks, with its default (in place)."""
     from dpft.data import option_defaults
 
     name = data_name or config.data.name
     with config.unlocked():
         if config.data.options is None:
             config.data.options = ConfigDict()
-        for key, value in {**option_defaults(name), **RUN_OPTION_DEFAULTS}.items():
+        for key, value in option_defaults(name).items():
             if key not in config.data.options:
                 config.data.options[key] = value
     return config
@@ -399,9 +413,36 @@ def config_from_json(text: str) -> ConfigDict:
         raise UsageError(f"config JSON is malformed: {e}") from None
     if not isinstance(data, dict):
         raise UsageError("config JSON must be an object")
-    config = ConfigDict(_tuples(data))
+    config = ConfigDict(_tuples(upgrade(data)))
     config.lock()
     return config
+
+
+def upgrade(data: dict[str, Any]) -> dict[str, Any]:
+    """A config dict as written by an older dpft, brought to today's schema (a new dict): run
+    options kept in `data.options` move to their typed fields (`LEGACY_RUN_OPTIONS`; None = the
+    default), and typed data fields it lacks get their defaults."""
+    data = json.loads(json.dumps(data))
+    section = data.get("data")
+    if not isinstance(section, dict):
+        return data
+    defaults = base_config(locked=False).data.to_dict()
+    options = section.get("options") if isinstance(section.get("options"), dict) else {}
+    for old, new in LEGACY_RUN_OPTIONS.items():
+        if old in options:
+            value = options.pop(old)
+            if value is not None:
+                node = data
+                *parents, leaf = new.split(".")
+                for p in parents:
+                    node = node.setdefault(p, {})
+                node[leaf] = value
+    for key, value in defaults.items():
+        if key == "imbalance" and isinstance(section.get("imbalance"), dict):
+            section["imbalance"] = {**value, **section["imbalance"]}
+        else:
+            section.setdefault(key, value)
+    return data
 
 
 def apply_config_arg(config: ConfigDict, arg: str | None, aliases: Mapping[str, str]) -> ConfigDict:

@@ -10,69 +10,62 @@ from typing import Any, Callable
 import jax.numpy as jnp
 import ml_collections
 
-from dpft.config.base import RUN_OPTION_DEFAULTS
 from dpft.data.augment import AugmentConfig
 from dpft.data.base import ExampleTable
 from dpft.errors import UsageError
 
-# data.options keys used by the run set-up itself, not passed to the data set's loader.
-RUN_OPTIONS = tuple(RUN_OPTION_DEFAULTS)
-
-
-def data_options(config: ml_collections.ConfigDict) -> tuple[dict, dict]:
-    """(loader options, run options) of `config.data.options`; run options left at None are dropped."""
-    options = dict(config.data.options.to_dict()) if config.data.options is not None else {}
-    run = {k: options.pop(k) for k in RUN_OPTIONS if k in options}
-    return options, {k: v for k, v in run.items() if v is not None}
+def loader_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The keyword options of the data set's loader: `config.data.options` as a dict."""
+    return dict(config.data.options.to_dict()) if config.data.options is not None else {}
 
 
 def train_split_name(config: ml_collections.ConfigDict) -> str:
-    """The split trained on: `data.options.train_split` (default "train"; the demo's
-    public pre-training uses "public")."""
-    return str(data_options(config)[1].get("train_split", "train"))
+    """The split trained on: `data.train_split` (default "train"; the demo's public pre-training
+    uses "public")."""
+    return str(config.data.get("train_split", "train"))
 
 
 def load_tables(config: ml_collections.ConfigDict) -> dict[str, ExampleTable]:
     """{split name: ExampleTable} of `config.data.name`, read from `config.data.root`.
 
-    With `data.options.imbalance_fraction` (and `imbalance_attribute`, `imbalance_group`)
-    the training split keeps that subgroup at the given fraction (imbalance studies).
+    With `data.imbalance.fraction` > 0 (and `data.imbalance.attribute`, `.group`) the training
+    split keeps that subgroup at the given fraction (imbalance studies).
     """
     from dpft import data
 
-    options, run = data_options(config)
-    tables = data.load_splits(str(config.data.name), config.data.root or None, **options)
-    if "imbalance_fraction" in run:
+    tables = data.load_splits(str(config.data.name), config.data.root or None, **loader_options(config))
+    imb = config.data.imbalance
+    if float(imb.fraction) > 0:
         from dpft.data.subgroups import ImbalanceConfig, subsample_subgroup
-        for key in ("imbalance_attribute", "imbalance_group"):
-            if key not in run:
-                raise UsageError(f"config.data.options.imbalance_fraction needs config.data.options.{key}")
+        for key in ("attribute", "group"):
+            if not imb[key]:
+                raise UsageError(f"config.data.imbalance.fraction={imb.fraction} needs config.data.imbalance.{key}")
         split = train_split_name(config)
+        seed = int(imb.seed) if int(imb.seed) >= 0 else int(config.seed)
         tables[split] = subsample_subgroup(tables[split], ImbalanceConfig(
-            str(run["imbalance_attribute"]), str(run["imbalance_group"]), float(run["imbalance_fraction"]),
-            seed=int(run.get("imbalance_seed", config.seed))))
+            str(imb.attribute), str(imb.group), float(imb.fraction), seed=seed))
     return tables
 
 
 def attribute_report(config: ml_collections.ConfigDict, tables: dict[str, ExampleTable],
                      print_fn: Callable[[str], None] = print) -> dict[str, Any]:
     """Prints the per-attribute coverage of `tables` and checks the fairness attributes the run
-    asks for (`data.options.attributes`, default per data set): none at all -> DataError, some rows
+    asks for (`data.attributes`, default per data set): none at all -> DataError, some rows
     without -> a loud warning. Returns the coverage record (`dpft.data.coverage.report`)."""
     from dpft.data import coverage
 
-    requested = config.data.options.get("attributes", None) if config.data.options is not None else None
+    requested = config.data.get("attributes", None)
     return coverage.report(tables, str(config.data.name), requested, print_fn)
 
 
 def augment_config(config: ml_collections.ConfigDict, *, channels: int = 3) -> AugmentConfig:
     """Training views and eval preprocessing from `config.data` (crop, flip, K, resolutions)."""
     d = config.data
-    run = data_options(config)[1]
-    crop = str(run.get("crop", "random_resized" if d.image_size >= 64 else "pad_crop")) if d.random_crop else "none"
+    crop = str(d.crop) if str(d.crop) != "auto" else ("random_resized" if d.image_size >= 64 else "pad_crop")
+    crop = crop if d.random_crop else "none"
     # Centre crop at eval only where training crops at random scales (ImageNet style); a
     # pad-and-crop (CIFAR style) or no crop trains at scale 1, so eval must see scale 1 too.
-    eval_crop = float(run.get("eval_crop_fraction", 0.875 if crop == "random_resized" else 1.0))
+    eval_crop = float(d.eval_crop_fraction) or (0.875 if crop == "random_resized" else 1.0)
     return AugmentConfig(
         eval_crop_fraction=eval_crop,
         image_size=int(d.image_size),

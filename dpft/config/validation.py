@@ -21,6 +21,7 @@ from typing import Any, Iterator, Mapping
 
 import ml_collections
 
+from dpft.config.base import CROPS
 from dpft.data import DATASETS
 from dpft.errors import ConfigError, NonFiniteError, UsageError
 from dpft.models import registry as models_registry
@@ -173,6 +174,28 @@ def validate(
     c.boolean("data.random_crop")
     c.boolean("data.random_flip")
     c.integer("data.num_workers", 0)
+    c.integer("data.worker_processes", 0)
+    split = c.value("data.train_split")
+    if split is not _MISSING and not (isinstance(split, str) and split):
+        c.add("data.train_split", split, "must be a split name")
+    c.choice("data.crop", CROPS)
+    crop_fraction = c.number("data.eval_crop_fraction")
+    if crop_fraction is not _MISSING and not 0.0 <= crop_fraction <= 1.0:
+        c.add("data.eval_crop_fraction", crop_fraction, "must be in (0, 1], or 0 for the default")
+    attributes = c.value("data.attributes")
+    if attributes is not _MISSING and not (attributes is None or isinstance(attributes, str) or (
+            isinstance(attributes, (tuple, list)) and all(isinstance(a, str) for a in attributes))):
+        c.add("data.attributes", attributes, "must be None, 'a,b' or a tuple of attribute names")
+    fraction = c.number("data.imbalance.fraction")
+    if fraction is not _MISSING and not 0.0 <= fraction < 1.0:
+        c.add("data.imbalance.fraction", fraction, "must be in [0, 1) (0 = off)")
+    c.integer("data.imbalance.seed", -1)
+    for key in ("attribute", "group"):
+        v = c.value(f"data.imbalance.{key}")
+        if v is not _MISSING and not isinstance(v, str):
+            c.add(f"data.imbalance.{key}", v, "must be a string")
+        elif fraction is not _MISSING and fraction > 0 and not v:
+            c.add(f"data.imbalance.{key}", v, f"must be set when data.imbalance.fraction={fraction}")
     opts = c.value("data.options")
     if opts is not _MISSING and not isinstance(opts, ml_collections.ConfigDict):
         c.add("data.options", opts, "must be a group of fields")

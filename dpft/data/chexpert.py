@@ -7,7 +7,7 @@ ETHNICITY; from the Stanford AIMI "CheXpert Demographic Data" page), joined on t
 given by `demo_path`, else the first file in <root> or the data set folder whose
 name, case-insensitive with spaces/underscores/hyphens ignored, starts with "chexpertdemo" and
 ends in .xlsx/.xls/.csv. Without it there is no race attribute, with a loud warning (the run's
-attribute check then refuses to train unless `data.options.attributes` leaves race out).
+attribute check then refuses to train unless `data.attributes` leaves race out).
 
 Uncertainty policies (`uncertainty`), for the value -1.0:
   "ones"   -> 1 (U-Ones)        "zeros"  -> 0 (U-Zeros)      "ignore" -> loss mask 0

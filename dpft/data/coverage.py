@@ -4,7 +4,7 @@ Coverage of an attribute = rows with a value (anything but "Unknown") out of all
 every split, with the count of each group. `dpft prepare`, `dpft train` and `dpft evaluate`
 print it at the start; training records it in `WORKDIR/attribute_coverage.json`.
 
-Which attributes a run asks for: `data.options.attributes` (a tuple or "a,b" string; empty =
+Which attributes a run asks for: `data.attributes` (a tuple or "a,b" string; empty =
 none), by default `DEFAULT_REQUIRED[data set]`. A requested attribute that no row has is a
 `DataError` (the message says how to point to the demographics tables, or to leave it out);
 one that some rows lack is a loud warning with the count.
@@ -80,7 +80,7 @@ def check_required(coverage: Mapping[str, Any], required: Sequence[str], dataset
         hint = HINTS.get(dataset, "")
         raise DataError(f"{dataset}: requested fairness attribute(s) {absent} have no value in any row"
                         f"{'; ' + hint if hint else ''}; or ask for fewer with "
-                        f"--config.data.options.attributes={','.join(a for a in required if a not in absent) or '()'}")
+                        f"--config.data.attributes={','.join(a for a in required if a not in absent) or '()'}")
     warnings = []
     for a in required:
         e = attrs[a]

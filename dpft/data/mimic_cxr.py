@@ -7,7 +7,7 @@ Demographics from MIMIC-IV `patients.csv.gz` and `admissions.csv.gz`, looked for
 `mimic_iv_dir` (default <root>) and its `hosp/` (MIMIC-IV v2+) and `core/` (v1.0) sub-folders;
 a given `mimic_iv_dir` without them is an error. Without them (and no `mimic_iv_dir`) the only
 attribute is `view`, with a loud warning (the run's attribute check then refuses to train
-unless `data.options.attributes` leaves out sex, age, race and insurance).
+unless `data.attributes` leaves out sex, age, race and insurance).
 
 Attributes: sex ("M"/"F" -> Male/Female), age at the study = anchor_age + (year of
 StudyDate YYYYMMDD) - anchor_year, binned with `age_edges`; race from `race` (MIMIC-IV v2+)

@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--source {args.source!r} is not a directory")
     from dpft.data import coverage
 
-    requested = options.pop("attributes", None)
+    requested = options.pop("attributes", None)  # --option attributes=... (config: data.attributes)
     tables = load_splits(args.dataset, args.source, **options)
     cov = coverage.report(tables, args.dataset, requested)  # printed; a requested attribute nowhere: error
     problems: list[str] = []

@@ -41,8 +41,9 @@ def recipe(*, private: bool, epsilon: float = 8.0, updates: int, checkpoint: str
     c.data.options = ml_collections.ConfigDict({
         # public / private train / validation / test shares of the 1,797 digits
         "split_fractions": (0.2, 0.55, 0.1, 0.15),
-        "minority_fraction": minority_fraction, "eval_minority_fraction": eval_minority_fraction,
-        "train_split": train_split, "crop": "pad_crop"})
+        "minority_fraction": minority_fraction, "eval_minority_fraction": eval_minority_fraction})
+    c.data.train_split = train_split
+    c.data.crop = "pad_crop"
     c.privacy.enabled = private
     c.privacy.epsilon = epsilon
     c.privacy.delta = 0.0  # 1/N

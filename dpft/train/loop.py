@@ -91,9 +91,7 @@ def check_resume_config(old: ml_collections.ConfigDict, new: ml_collections.Conf
     b = _flatten_config(json.loads(config_to_json(new)))
     # data.options keys a checkpoint written before they were listed lacks: equal when at their default.
     from dpft.data import option_defaults
-    from dpft.config.base import RUN_OPTION_DEFAULTS
-    defaults = {f"data.options.{k}": v for k, v in json.loads(json.dumps(
-        {**option_defaults(str(new.data.name)), **RUN_OPTION_DEFAULTS})).items()}
+    defaults = {f"data.options.{k}": v for k, v in json.loads(json.dumps(option_defaults(str(new.data.name)))).items()}
     changed = sorted(k for k in set(a) | set(b)
                      if not same_value(a.get(k), b.get(k)) and not k.startswith(RESUMABLE_CHANGES)
                      and not (k not in a and k in defaults and same_value(b.get(k), defaults[k])))
@@ -121,7 +119,7 @@ class Trainer:
         self.coverage = build.attribute_report(config, self.tables, self.print)  # printed, checked
         split = build.train_split_name(config)
         if split not in self.tables:
-            raise UsageError(f"config.data.options.train_split={split!r}: data set {config.data.name!r} "
+            raise UsageError(f"config.data.train_split={split!r}: data set {config.data.name!r} "
                              f"has splits {sorted(self.tables)}")
         self.train_split = split
         self.train_table = self.tables[split]
@@ -150,7 +148,7 @@ class Trainer:
                 seed=int(config.seed),
                 selection_seed=self.plan.selection_seed(),
                 num_workers=int(config.data.num_workers),
-                worker_processes=int(build.data_options(config)[1].get("worker_processes", 0)),
+                worker_processes=int(config.data.worker_processes),
                 num_shards=jax.process_count(),
                 shard_index=jax.process_index(),
                 on_bad_image=str(config.data.options.get("on_bad_image", "error")),
