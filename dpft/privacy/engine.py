@@ -78,6 +78,10 @@ class ClippingConfig:
                 raise ValueError(f"ClippingConfig.per_layer_norms: every leaf must be > 0, got {bad[:3]}")
 
 
+#: The non-private baseline: no clipping (its clip norm is 0: it bounds nothing).
+NO_CLIPPING = ClippingConfig(mode="none", clip_norm=0.0)
+
+
 def layer_clip_norms(clipping: ClippingConfig, params: PyTree) -> PyTree:
     """The per-leaf clipping norms C_l of "per_layer" mode, a pytree like params of floats."""
     if clipping.per_layer_norms is None:

@@ -243,7 +243,7 @@ def make_plan(*, enabled: bool, num_examples: int, batch_size: float, num_update
         raise PlanError(f"num_updates={num_updates!r} must be >= 1")
     method = resolve_grad_method(grad_method, enabled, clipping.mode)
     if not enabled:
-        none = ClippingConfig(mode="none", clip_norm=1.0)
+        none = engine.NO_CLIPPING
         return PrivacyPlan(False, n, q, b, 0.0, none, 0.0, 0.0, None, updates, accountant, method, secret)
     delta = float(delta) if delta else 1.0 / n
     target = float(epsilon) if epsilon is not None and epsilon > 0 else None

@@ -131,7 +131,7 @@ def canary_plan(config: AuditConfig, noise_multiplier: float, params: Any):
     secret = (keys.RunSecret.insecure_fixed(config.insecure_fixed_noise_seed)
               if config.insecure_fixed_noise_seed >= 0 else keys.RunSecret.generate())
     clipping = (engine.ClippingConfig(mode=config.clipping_mode, clip_norm=config.clip_norm) if private
-                else engine.ClippingConfig(mode="none", clip_norm=1.0))
+                else engine.NO_CLIPPING)
     return plan_lib.make_plan(
         enabled=private, num_examples=config.num_canaries,
         batch_size=config.sampling_rate * config.num_canaries, num_updates=config.steps, clipping=clipping,

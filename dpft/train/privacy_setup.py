@@ -27,7 +27,7 @@ def per_view_loss(task: str) -> Callable:
 def clipping_config(config: ml_collections.ConfigDict) -> engine.ClippingConfig:
     """The clipping of `config.privacy` ("none" for the non-private baseline)."""
     if not config.privacy.enabled:
-        return engine.ClippingConfig(mode="none", clip_norm=1.0)
+        return engine.NO_CLIPPING
     return engine.ClippingConfig(mode=config.privacy.clipping, clip_norm=float(config.privacy.clip_norm))
 
 
