@@ -1,6 +1,5 @@
 """Checkpoint round trip (bitwise, dtypes), keep-last-N, atomic saves, preemption flag."""
 import os
-import signal
 
 import jax
 import jax.numpy as jnp
@@ -178,21 +177,3 @@ def test_errors(tmp_path):
             c.save(2, pytrees={"a": {"x": np.zeros(1)}}, json_items={"a": 1})
 
 
-def test_preemption_flag_sets_and_restores_handlers():
-    before = signal.getsignal(signal.SIGTERM)
-    with ck.PreemptionFlag() as flag:
-        assert not flag.requested
-        os.kill(os.getpid(), signal.SIGTERM)
-        assert flag.requested and flag.signal_name == "SIGTERM"
-        assert signal.getsignal(signal.SIGTERM) != before
-    assert signal.getsignal(signal.SIGTERM) == before
-
-
-def test_preemption_second_sigint_interrupts():
-    before = signal.getsignal(signal.SIGINT)
-    with ck.PreemptionFlag() as flag:
-        os.kill(os.getpid(), signal.SIGINT)
-        assert flag.requested and flag.signal_name == "SIGINT"
-        with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGINT)
-    assert signal.getsignal(signal.SIGINT) == before

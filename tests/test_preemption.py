@@ -17,6 +17,7 @@ from dpft import errors
 from dpft.data import fake
 from dpft.privacy import accounting
 from dpft.train import loop
+from dpft.train.preemption import PreemptionFlag
 from dpft.config.base import load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -108,3 +109,23 @@ def test_cli_stopped_early_exits_75_and_resumes(root, tmp_path):
     assert "resumed from" in again.stdout
     with open(os.path.join(workdir, "ledger.json")) as f:
         assert accounting.Ledger.from_dict(json.load(f)).total_steps == UPDATES
+
+
+def test_preemption_flag_sets_and_restores_handlers():
+    before = signal.getsignal(signal.SIGTERM)
+    with PreemptionFlag() as flag:
+        assert not flag.requested
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert flag.requested and flag.signal_name == "SIGTERM"
+        assert signal.getsignal(signal.SIGTERM) != before
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_preemption_second_sigint_interrupts():
+    before = signal.getsignal(signal.SIGINT)
+    with PreemptionFlag() as flag:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert flag.requested and flag.signal_name == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) == before

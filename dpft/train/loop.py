@@ -44,7 +44,7 @@ from dpft.evaluate import predictor as predictor_lib
 from dpft.privacy import accounting, keys
 from dpft.privacy import plan as plan_lib
 from dpft import distributed
-from dpft.train import ledger_check, logging_utils, optim, step as step_lib
+from dpft.train import ledger_check, logging_utils, optim, preemption, step as step_lib
 from dpft.workdir import checkpointing
 from dpft.train import workdir_lock
 from dpft.train import privacy_setup
@@ -366,7 +366,7 @@ class Trainer:
         preempted = False
         with workdir_lock.WorkdirLock(self.workdir, enabled=jax.process_index() == 0), \
                 checkpointing.Checkpointer(self.workdir, keep=int(cfg.train.keep_checkpoints)) as ckpt, \
-                checkpointing.PreemptionFlag(STOP_SIGNALS) as flag, \
+                preemption.PreemptionFlag(STOP_SIGNALS) as flag, \
                 logging_utils.MetricWriter(self.workdir) as writer, \
                 logging_utils.PrivateStatsWriter(self.workdir) as private_writer:
             for line in distributed.device_report(str(cfg.model.name)):
