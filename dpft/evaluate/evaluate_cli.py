@@ -144,8 +144,8 @@ def predict_from_checkpoint(workdir: str, step: int | None, splits: list[str], p
             config.eval.splits = tuple(splits)
         item, which = _params_item(config, params)
         predictor, template = predictor_lib.Predictor.from_config(config)
-        print(f"running the model of checkpoint {chosen} ({which} params) over {', '.join(splits)} "
-              "(and validation)...")
+        print(f"running the model of checkpoint {chosen} ({which} params, read from {ckpt.directory}/{chosen}) "
+              f"over {', '.join(splits)} (and validation)...")
         restored = ckpt.restore(chosen, targets={item: template})
     plan = restored.json_items.get("plan") or {}
     epsilon = delta = None
