@@ -14,27 +14,12 @@ ALIASES = {"eps": "privacy.epsilon", "steps": "train.num_updates", "batch": "tra
 
 def get_config(arg=None):
     c = base_config(locked=False)
-    c.seed = 0
     c.model.name = "nfnet_tiny"
-    c.model.checkpoint = ""  # from scratch
-    c.data.name = "digits"
-    c.data.root = ""
-    c.data.image_size = 32
-    c.data.eval_image_size = 32
     c.data.augmult = 2
-    c.data.random_crop = True
     c.data.random_flip = False  # digits are not mirror-symmetric
-    c.data.num_workers = 0
     c.data.options.minority_fraction = 0.1  # dpft.data.digits.DigitsOptions: minority share in train
 
-    c.privacy.enabled = True
-    c.privacy.epsilon = 8.0
-    c.privacy.delta = 0.0  # 1/N
-    c.privacy.noise_multiplier = 0.0  # calibrate from epsilon
-    c.privacy.clip_norm = 1.0
 
-    c.train.batch_size = 256
-    c.train.physical_batch_size = 64
     c.train.microbatch_size = 8
     c.train.num_updates = 60
     c.train.optimizer.name = "momentum"
@@ -43,14 +28,11 @@ def get_config(arg=None):
     c.train.lr_schedule.name = "warmup_cosine"
     c.train.lr_schedule.warmup_steps = 5
     c.train.ema_decay = 0.99
-    c.train.polyak = False
     c.train.eval_every = 20
     c.train.checkpoint_every = 20
     c.train.log_every = 5
     c.train.keep_checkpoints = 2
 
-    c.eval.batch_size = 256
-    c.eval.params = "ema"
     c.eval.splits = ("validation", "test")
     apply_config_arg(c, arg, ALIASES)
     return finalize(c)

@@ -35,7 +35,5 @@ def get_config(arg=None):
         else:
             rest.append(item)
     c = recipe(private=private, epsilon=8.0, updates=FINETUNE_UPDATES, checkpoint="", minority_fraction=0.05)
-    with c.unlocked():
-        c.eval.splits = ("test",)  # validation predictions are written too (thresholds)
     apply_config_arg(c, ",".join(rest), ALIASES)
     return finalize(c)

@@ -19,6 +19,5 @@ def get_config(arg=None):
                learning_rate=3e-3)
     with c.unlocked():
         c.train.checkpoint_every = PRETRAIN_UPDATES
-        c.eval.splits = ("test",)
     apply_config_arg(c, arg, ALIASES)
     return finalize(c)

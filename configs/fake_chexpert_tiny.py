@@ -11,35 +11,20 @@ ALIASES = {"eps": "privacy.epsilon", "steps": "train.num_updates", "root": "data
 
 def get_config(arg=None):
     c = base_config(locked=False)
-    c.seed = 0
     c.model.name = "nfnet_tiny"
-    c.model.checkpoint = ""
-    c.model.dtype = "float32"
     c.data.name = "chexpert"
-    c.data.root = ""  # set to the fake data directory
-    c.data.image_size = 32
-    c.data.eval_image_size = 32
     c.data.augmult = 2
-    c.data.random_crop = True
-    c.data.random_flip = True
-    c.data.num_workers = 0
     c.data.options.uncertainty = "ones"  # dpft.data.chexpert.CheXpertOptions keys
     c.data.options.frontal_only = True
     c.data.options.age_edges = (18, 40, 60, 80)
 
-    c.privacy.enabled = True
-    c.privacy.epsilon = 8.0
-    c.privacy.delta = 0.0
-    c.privacy.noise_multiplier = 0.0
     c.privacy.clip_norm = 1e-3
 
     c.train.batch_size = 16
     c.train.physical_batch_size = 16
     c.train.microbatch_size = 2
     c.train.num_updates = 4
-    c.train.optimizer.name = "sgd"
     c.train.optimizer.learning_rate = 4.0
-    c.train.lr_schedule.name = "constant"
     c.train.ema_decay = 0.9
     c.train.polyak = True
     c.train.eval_every = 2
@@ -48,9 +33,7 @@ def get_config(arg=None):
     c.train.keep_checkpoints = 2
 
     c.eval.batch_size = 16
-    c.eval.params = "ema"
     c.eval.splits = ("validation", "test")
-    c.individual.enabled = False
     c.individual.every = 2
     apply_config_arg(c, arg, ALIASES)
     return finalize(c)

@@ -292,3 +292,32 @@ def test_recipes_import_their_shared_parts_as_a_package(tmp_path):
     assert getattr(sys.modules["configs._medical"], "MARK", None) == 1
     cb.load_config(os.path.join(ROOT, "configs", "chexpert_nfnet_f0.py"), [])
     assert not hasattr(sys.modules["configs._medical"], "MARK")
+
+
+def test_recipes_set_only_what_differs_from_the_base():
+    """flax's v100_x8.py style: a recipe line that restates a base default is noise (and hides
+    which settings are the experiment's own). Literal assignments `c.a.b = <literal>` are checked."""
+    import ast
+
+    base = cb.base_config(locked=False)
+    restated = []
+    for path in [*glob.glob(os.path.join(ROOT, "configs", "*.py")), os.path.join(ROOT, "dpft", "demo", "recipe.py")]:
+        for node in ast.walk(ast.parse(open(path).read())):
+            if not (isinstance(node, ast.Assign) and len(node.targets) == 1):
+                continue
+            target, parts = node.targets[0], []
+            while isinstance(target, ast.Attribute):
+                parts.insert(0, target.attr)
+                target = target.value
+            if not (isinstance(target, ast.Name) and target.id == "c" and parts):
+                continue
+            try:
+                value = ast.literal_eval(node.value)
+            except ValueError:
+                continue
+            current: object = base
+            for p in parts:
+                current = current[p] if isinstance(current, cb.ConfigDict) and p in current else KeyError
+            if current is not KeyError and type(current) is type(value) and current == value:
+                restated.append(f"{os.path.basename(path)}:{node.lineno}: c.{'.'.join(parts)} = {value!r}")
+    assert restated == []
