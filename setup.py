@@ -30,10 +30,15 @@ setuptools.setup(
         "tensorboardX>=2.6,<3",
         "absl-py>=2.0,<3",
         "tqdm>=4.66,<5",
+        "etils[epath]>=1.7",  # local and gs:// / s3:// paths (dpft.paths, dpft.atomic_io)
+        "fsspec>=2024.12",  # pipe_file(mode="create"): the remote workdir lock
     ],
     extras_require={
         # Haiku models through dpft.privacy.adapters.haiku_loss_fn (DeepMind checkpoints are read without it).
         "haiku": ["dm-haiku>=0.0.13,<0.1"],
+        # gs:// workdirs: gcsfs sends create-if-absent as ifGenerationMatch=0 (added in 2024.12)
+        "gcs": ["gcsfs>=2024.12"],
+        "s3": ["s3fs>=2024.12"],
         "test": [
             "dm-haiku>=0.0.13,<0.1",  # the independent Haiku reference of the NFNet and the adapter tests
             "pytest>=8,<10",

@@ -5,8 +5,8 @@
 #
 # Each worker runs the same `dpft train`; jax.distributed.initialize() (called by dpft when
 # TPU_WORKER_HOSTNAMES lists several hosts) finds the other workers itself. WORKDIR should be
-# shared storage mounted on every worker (NFS, Filestore, or a bucket through gcsfuse: dpft takes
-# local paths only and refuses gs:// URLs) so that checkpoints are visible to all workers.
+# shared storage visible to every worker: a gs://BUCKET/RUN URL (pip install 'dpft[gcs]'; see the
+# README's "Cloud paths") or a mounted NFS/Filestore path, so that checkpoints are visible to all workers.
 #
 # Environment:
 #   DPFT_PROJECT   GCP project (default: gcloud's configured one)

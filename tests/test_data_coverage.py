@@ -81,11 +81,20 @@ def test_training_starts_from_the_prepare_index(tmp_path):
 
 
 def test_cloud_urls_refused_in_one_line_without_creating_a_gs_folder(tmp_path, capsys, monkeypatch):
+    import fsspec
+
     from dpft import cli
+
+    def no_backend(name):
+        raise ImportError(f"no fsspec implementation for {name}")
+
+    monkeypatch.setattr(fsspec, "get_filesystem_class", no_backend)  # never reach a real bucket here
     monkeypatch.chdir(tmp_path)
-    assert cli.main(["train", "--config", os.path.join(os.path.dirname(__file__), "..", "configs", "digits_demo.py"),
-                     "--workdir", "gs://bucket/run"]) == 2
-    assert "gs:// paths are not supported" in capsys.readouterr().err
+    config = os.path.join(os.path.dirname(__file__), "..", "configs", "digits_demo.py")
+    assert cli.main(["train", "--config", config, "--workdir", "gs://bucket/run"]) == 2
+    assert "gs:// paths need the gcsfs package" in capsys.readouterr().err  # gs:// works with gcsfs
+    assert cli.main(["train", "--config", config, "--workdir", "hdfs://host/run"]) == 2
+    assert "hdfs:// paths are not supported" in capsys.readouterr().err
     assert cli.main(["prepare", "chexpert", "--source", "gs://bucket/chexpert"]) == 2
     assert cli.main(["evaluate", "--workdir", "gs://bucket/run"]) == 2
     assert not os.path.exists(tmp_path / "gs:")

@@ -217,6 +217,8 @@ def write_index(tables: Mapping[str, ExampleTable], out_dir: str, extra: Mapping
     """
     import pandas as pd
 
+    from dpft import atomic_io
+
     index_dir = os.path.join(out_dir, "index")
     os.makedirs(index_dir, exist_ok=True)
     meta = next(iter(tables.values())).meta
@@ -235,10 +237,10 @@ def write_index(tables: Mapping[str, ExampleTable], out_dir: str, extra: Mapping
             for a in meta.attribute_names:
                 row[f"attr:{a}"] = r["attrs"].get(a, "Unknown")
             rows.append(row)
-        pd.DataFrame(rows).to_csv(os.path.join(index_dir, f"{split}.csv"), index=False)
-    with open(os.path.join(index_dir, "meta.json"), "w", encoding="utf-8") as f:
-        json.dump({"version": INDEX_VERSION, "meta": meta.to_json(), "splits": sorted(tables),
-                   "options": dict(extra or {})}, f, indent=2, sort_keys=True)
+        atomic_io.write_text(os.path.join(index_dir, f"{split}.csv"), pd.DataFrame(rows).to_csv(index=False))
+    atomic_io.write_json(os.path.join(index_dir, "meta.json"),
+                         {"version": INDEX_VERSION, "meta": meta.to_json(), "splits": sorted(tables),
+                          "options": dict(extra or {})}, indent=2, sort_keys=True)
     return index_dir
 
 

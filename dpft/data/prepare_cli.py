@@ -16,6 +16,7 @@ import logging
 import os
 from typing import Any
 
+from dpft import atomic_io
 from dpft.errors import UsageError
 from dpft.data import DATASETS, load_splits
 from dpft.data.augment import decode_image
@@ -139,8 +140,7 @@ def run(args: argparse.Namespace) -> int:
     summary.update(dataset=args.dataset, source=args.source, options=options, skipped=len(problems),
                    attribute_coverage=cov,
                    skipped_examples=problems[:100])
-    with open(os.path.join(out, "summary.json"), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2, sort_keys=True)
+    atomic_io.write_json(os.path.join(out, "summary.json"), summary, indent=2, sort_keys=True)
     for split, info in summary["splits"].items():
         attrs = "; ".join(f"{a}: " + ", ".join(f"{v}={c}" for v, c in vc.items())
                           for a, vc in info.get("attrs", {}).items())

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 from typing import Any
+
+from dpft import atomic_io
 
 
 def _fmt(x: Any, digits: int = 3) -> str:
@@ -59,8 +60,7 @@ def write_report(workdir: str, rows: list[dict], cmp: dict, study: dict, elapsed
                   f"Per-run table and files: `{rel}/compare.md`, `{rel}/compare.json`.", ""]
     lines += ["", f"Whole demo: {elapsed / 60:.1f} minutes.",
               "Individual epsilons are sensitive data about individuals: they stay in each run's workdir."]
-    with open(os.path.join(workdir, "report.md"), "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
-    with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
-        json.dump({"runs": rows, "imbalance": study.get("cells") if study else None, "elapsed_s": elapsed},
-                  f, indent=2, default=str)
+    atomic_io.write_text(os.path.join(workdir, "report.md"), "\n".join(lines) + "\n")
+    atomic_io.write_json(os.path.join(workdir, "summary.json"),
+                         {"runs": rows, "imbalance": study.get("cells") if study else None, "elapsed_s": elapsed},
+                         indent=2, default=str)

@@ -27,6 +27,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from dpft import atomic_io
 from dpft.errors import UsageError
 from dpft.evaluate.fairness import PARITY_METRICS
 from dpft.evaluate.plots import draw_interval, pyplot
@@ -218,8 +219,8 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLi
               "ci_level": ci_level, "cells": out_cells, "runs": rows}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "compare.json").write_text(json.dumps(result, indent=2, allow_nan=False, default=str), encoding="utf-8")
-    (out / "compare.md").write_text(render_compare_markdown(result), encoding="utf-8")
+    atomic_io.write_json(out / "compare.json", result, indent=2, allow_nan=False, default=str)
+    atomic_io.write_text(out / "compare.md", render_compare_markdown(result))
     plot_compare(result, out / "compare.png")
     result["files"] = {k: str(out / f"compare.{k}") for k in ("json", "md", "png")}
     return result

@@ -172,7 +172,8 @@ def run(args: argparse.Namespace) -> int:
     options = eval_options(args)
     reports.make_config(**options)  # bad statistics options fail before the model runs
     from dpft import paths as dpft_paths
-    dpft_paths.check_local(args.workdir, "--workdir")
+    dpft_paths.check_local(args.workdir, "--workdir", "evaluation pins checkpoints with hard links and reads "
+                           "the workdir locally; copy it first, e.g. gcloud storage cp -r gs://BUCKET/RUN .")
     workdir = os.path.abspath(args.workdir)
     reuse = args.reuse_predictions and args.params is None
     if args.reuse_predictions and args.params is not None:

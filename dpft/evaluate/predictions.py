@@ -11,6 +11,7 @@ Synthetic predictions and workdirs for tests and notebooks: `dpft.testing.predic
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from dpft import atomic_io, paths
 from dpft.errors import UsageError
 
 TASKS = ("multiclass", "multilabel")
@@ -71,8 +73,9 @@ class Predictions:
 
 
 def split_paths(path: str | os.PathLike) -> tuple[Path, Path]:
-    """(`<split>.npz`, `<split>.json`) for `path` given with or without the `.npz` suffix."""
-    p = Path(path)
+    """(`<split>.npz`, `<split>.json`) for `path` given with or without the `.npz` suffix
+    (`etils.epath` paths: local, or remote `gs://...`)."""
+    p = paths.as_path(path)
     if p.suffix in (".npz", ".json"):
         p = p.with_suffix("")
     return p.with_name(p.name + ".npz"), p.with_name(p.name + ".json")
@@ -158,12 +161,10 @@ def write_predictions(path: str | os.PathLike, *, example_id: np.ndarray, patien
             "step": int(step), "params": params, "epsilon": None if epsilon is None else float(epsilon),
             "delta": None if delta is None else float(delta)}
     _validate(npz, arrays, meta)
-    from dpft import private_io
-
     npz.parent.mkdir(parents=True, exist_ok=True)
     # Per-patient rows (ids, attributes, labels): owner-only from the moment the file exists.
-    private_io.atomic_write(npz, lambda f: np.savez(f, **arrays), private=True)
-    private_io.atomic_write(js, json.dumps(meta, indent=2))
+    atomic_io.write_bytes(npz, lambda f: np.savez(f, **arrays), private=True)
+    atomic_io.write_json(js, meta, indent=2)
     return str(npz), str(js)
 
 
@@ -180,7 +181,7 @@ def load_predictions(path: str | os.PathLike) -> Predictions:
     if not isinstance(meta, dict):
         raise UsageError(f"{js}: expected a JSON object, got {type(meta).__name__}")
     try:
-        with np.load(npz, allow_pickle=False) as z:
+        with np.load(io.BytesIO(npz.read_bytes()) if paths.is_remote(npz) else npz, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
     except ValueError as e:
         raise UsageError(f"{npz}: cannot read without pickle ({e}); store strings as unicode arrays") from None

@@ -28,6 +28,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from dpft import atomic_io
 from dpft.errors import UsageError
 from dpft.evaluate import bootstrap as bs
 from dpft.evaluate import fairness as fair
@@ -188,8 +189,8 @@ def evaluate_predictions(test_path: str | os.PathLike, val_path: str | os.PathLi
             for key in ("worst_case_epsilon", "run_epsilon", "spearman_loss", "accountant", "clipping"):
                 if key in extra_eps:
                     result["individual_epsilon"][key] = extra_eps[key]
-    (out / "metrics.json").write_text(json.dumps(result, indent=2, allow_nan=False), encoding="utf-8")
-    (out / "report.md").write_text(render.render_markdown(result), encoding="utf-8")
+    atomic_io.write_json(out / "metrics.json", result, indent=2, allow_nan=False)
+    atomic_io.write_text(out / "report.md", render.render_markdown(result))
     if config.plots:
         plots.write_group_plots(result, out)
     return result

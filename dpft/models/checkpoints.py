@@ -40,6 +40,7 @@ except ImportError:  # numpy 1.x
 import jax.numpy as jnp
 from flax import nnx
 
+from dpft import atomic_io
 from dpft.errors import UsageError
 from dpft.models.nfnet import NFNet
 from dpft.models.wrn import WideResNet
@@ -426,23 +427,15 @@ def read_checkpoint(path: str | os.PathLike, model: nnx.Module | None = None) ->
     raise CheckpointError(f"{p}: unknown checkpoint format (neither pickle, npz nor orbax directory)")
 
 
-def _atomic_write(path: str | os.PathLike, write: Any) -> None:
-    p = os.fspath(path)
-    tmp = p + ".tmp"
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, p)
-
-
 def write_haiku_pickle(tree: Mapping[str, Mapping[str, Any]], path: str | os.PathLike) -> None:
     """Write the DeepMind layout as a plain pickle (nested dicts of numpy arrays)."""
     plain = {m: {p: np.array(v) for p, v in params.items()} for m, params in tree.items()}
-    _atomic_write(path, lambda f: pickle.dump(plain, f, protocol=4))
+    atomic_io.write_bytes(path, lambda f: pickle.dump(plain, f, protocol=4))
 
 
 def write_npz(tree: Mapping[str, Mapping[str, Any]], path: str | os.PathLike) -> None:
     """Write a flat ``.npz`` of ``module/param`` keys."""
-    _atomic_write(path, lambda f: np.savez(f, **flatten(tree)))
+    atomic_io.write_bytes(path, lambda f: np.savez(f, **flatten(tree)))
 
 
 def save_model(model: nnx.Module, path: str | os.PathLike, fmt: str = "pickle") -> None:

@@ -26,12 +26,13 @@ formal guarantee for any individual; the run's worst-case epsilon is.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
+
+from dpft import atomic_io, paths
 
 MISSING = np.iinfo(np.uint16).max  # grid index meaning "no norm recorded" (-> worst case)
 MAX_BIN = MISSING - 1  # largest storable grid index; larger norms saturate here
@@ -40,6 +41,15 @@ QUANTILES: dict[str, float] = {"q05": 0.05, "q25": 0.25, "q50": 0.5, "q75": 0.75
 MIN_GROUP_SIZE = 20
 NPZ_NAME = "individual_epsilon.npz"
 README_NAME = "INDIVIDUAL_PRIVACY_README.md"
+
+
+def _readable(path: str | os.PathLike) -> Any:
+    """`path` itself for a local file; the object's bytes (a BytesIO) for a remote URL."""
+    if paths.is_remote(path):
+        import io
+
+        return io.BytesIO(paths.as_path(path).read_bytes())
+    return path
 
 
 def round_up_to_grid(norms: np.ndarray, grid_width: float) -> np.ndarray:
@@ -162,14 +172,12 @@ class NormRecorder:
 
     def save(self, path: str | os.PathLike) -> None:
         """Writes the state to `path` (.npz), atomically and owner-only (per-example norms)."""
-        from dpft import private_io
-
-        private_io.atomic_write(path, lambda f: np.savez(f, **self.state_dict()), private=True)
+        atomic_io.write_bytes(path, lambda f: np.savez(f, **self.state_dict()), private=True)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "NormRecorder":
         try:
-            with np.load(path, allow_pickle=False) as z:
+            with np.load(_readable(path), allow_pickle=False) as z:
                 return cls.from_state_dict({k: z[k] for k in z.files})
         except (OSError, ValueError) as e:
             raise ValueError(f"cannot read norm recorder {os.fspath(path)!r}: {e}") from e
@@ -462,7 +470,7 @@ class IndividualHook:
         returns the checkpoint's JSON item {"norms_file": relative path}."""
         path = os.path.join(workdir, "individual_norms", f"{update}.npz")
         if write:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
+            atomic_io.make_dir(os.path.dirname(path))
             self.recorder.save(path)
         return {"norms_file": os.path.relpath(path, workdir)}
 
@@ -510,15 +518,13 @@ def write_individual_epsilons(workdir: str | os.PathLike, example_ids: np.ndarra
             raise ValueError(f"write_individual_epsilons: attribute {name!r} has {values.shape[0]} values, "
                              f"expected {ids.shape[0]}")
         arrays[f"attr_{name}"] = values
-    from dpft import private_io
-
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, NPZ_NAME)
-    private_io.atomic_write(path, lambda f: np.savez(f, **arrays), private=True)  # per-example: owner-only
-    private_io.atomic_write(os.path.join(workdir, README_NAME), _README.format(npz=NPZ_NAME))
+    atomic_io.make_dir(workdir)
+    path = paths.join(workdir, NPZ_NAME)
+    atomic_io.write_bytes(path, lambda f: np.savez(f, **arrays), private=True)  # per-example: owner-only
+    atomic_io.write_text(paths.join(workdir, README_NAME), _README.format(npz=NPZ_NAME))
     if summary is not None:
-        private_io.atomic_write(os.path.join(workdir, "individual_epsilon.json"),
-                                json.dumps(summary, indent=2, sort_keys=True, default=float))
+        atomic_io.write_json(paths.join(workdir, "individual_epsilon.json"), summary,
+                             indent=2, sort_keys=True, default=float)
     return path
 
 
@@ -528,7 +534,7 @@ def read_individual_epsilons(path: str | os.PathLike) -> dict[str, np.ndarray]:
     from dpft.errors import UsageError
 
     try:
-        with np.load(path, allow_pickle=False) as z:
+        with np.load(_readable(path), allow_pickle=False) as z:
             out = {k: z[k] for k in z.files}
     except (OSError, ValueError) as e:
         raise UsageError(f"{os.fspath(path)}: cannot read ({e})") from None

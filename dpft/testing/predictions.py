@@ -4,13 +4,13 @@ Testing-only: nothing in the training or evaluation path imports this package.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from dpft import atomic_io
 from dpft.evaluate.predictions import CHEXPERT_CLASSES, CHEXPERT_EVAL_TASKS, TASKS, write_predictions
 
 
@@ -65,6 +65,6 @@ def write_synthetic_workdir(workdir: str | os.PathLike, *, task: str = "multilab
                                    **synthetic_predictions(n, task=task, seed=s, bias=bias))
         out[split] = npz
     config = {"privacy": {"enabled": epsilon is not None, "epsilon": epsilon, "delta": delta}}
-    (workdir / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    atomic_io.write_json(workdir / "config.json", config, indent=2)
     out["config"] = str(workdir / "config.json")
     return out

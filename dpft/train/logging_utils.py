@@ -3,11 +3,13 @@
 `MetricWriter(workdir)` appends one record per call to `write(step, metrics)`:
   - metrics.jsonl: `{"step": step, **metrics}` per line (every value, strings included);
   - metrics.csv: columns `step` + every key seen so far, in first-seen order. When a
-    record brings a new key the header grows: the file is rewritten (atomically, via a
-    temporary file and `os.replace`) with the wider header and empty cells for old rows.
+    record brings a new key the header grows: the file is rewritten (atomically, through
+    `dpft.atomic_io`) with the wider header and empty cells for old rows.
     Re-opening an existing workdir (resume) continues the same files;
-  - TensorBoard event files (tensorboardX) in WORKDIR for the numeric values.
-Only process 0 writes (multi-host runs log once).
+  - TensorBoard event files (tensorboardX) in WORKDIR for the numeric values (local workdirs
+    only: on a `gs://` workdir the JSONL and CSV files are the record).
+Only process 0 writes (multi-host runs log once). Appends on a remote workdir rewrite the whole
+object (`atomic_io.append_text`).
 
 `Progress(total_updates)` formats one line per log step:
   "update 120/1000 (12.0%) | 512.3 ex/s | loss 0.6931 | eps 1.23 | ETA 0:14:02"
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import io
 import json
 import math
 import numbers
@@ -25,6 +28,8 @@ import time
 from typing import Any, Callable, Mapping
 
 import numpy as np
+
+from dpft import atomic_io, paths
 
 
 def _plain(value: Any) -> Any:
@@ -40,6 +45,23 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def _read_text(path: str) -> str:
+    if paths.is_remote(path):
+        return paths.as_path(path).read_text(encoding="utf-8")
+    with open(path, newline="", encoding="utf-8") as f:
+        return f.read()
+
+
+def _csv_text(columns: list[str], rows: list[Mapping[str, Any]], *, header: bool = False) -> str:
+    """CSV lines of `rows` under the columns `step` + `columns` (with the header line if asked)."""
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=["step"] + columns, restval="")
+    if header:
+        w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
+
+
 class MetricWriter:
     """Writes metrics to WORKDIR/metrics.jsonl, WORKDIR/metrics.csv and TensorBoard."""
 
@@ -51,20 +73,21 @@ class MetricWriter:
             import jax
 
             process_index = jax.process_index()
-        self.workdir = os.fspath(workdir)
+        self.workdir = paths.to_str(workdir)
         self.active = process_index == 0
         self._columns: list[str] = []
         self._tb = None
         if not self.active:
             return
-        os.makedirs(self.workdir, exist_ok=True)
-        self._jsonl_path = os.path.join(self.workdir, self.JSONL)
-        self._csv_path = os.path.join(self.workdir, self.CSV)
-        if os.path.exists(self._csv_path):
-            with open(self._csv_path, newline="", encoding="utf-8") as f:
-                header = next(csv.reader(f), None)
+        atomic_io.make_dir(self.workdir)
+        self._jsonl_path = paths.join(self.workdir, self.JSONL)
+        self._csv_path = paths.join(self.workdir, self.CSV)
+        if paths.exists(self._csv_path):
+            header = next(csv.reader(io.StringIO(_read_text(self._csv_path))), None)
             self._columns = [c for c in (header or []) if c != "step"]
-        if tensorboard:
+        if tensorboard and paths.is_remote(self.workdir):
+            print(f"note: {self.workdir} is remote: no TensorBoard event files (metrics.jsonl/csv are written)")
+        elif tensorboard:
             from tensorboardX import SummaryWriter
 
             self._tb = SummaryWriter(logdir=self.workdir)
@@ -76,8 +99,7 @@ class MetricWriter:
         record = {str(k): _plain(v) for k, v in metrics.items()}
         if "step" in record:
             raise ValueError("metric name 'step' is reserved")
-        with open(self._jsonl_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"step": int(step), **record}, default=str) + "\n")
+        atomic_io.append_text(self._jsonl_path, json.dumps({"step": int(step), **record}, default=str) + "\n")
         self._write_csv(int(step), record)
         if self._tb is not None:
             for k, v in record.items():
@@ -86,21 +108,13 @@ class MetricWriter:
 
     def _write_csv(self, step: int, record: Mapping[str, Any]) -> None:
         new = [k for k in record if k not in self._columns]
-        if new or not os.path.exists(self._csv_path):
+        if new or not paths.exists(self._csv_path):
             old_rows: list[dict[str, str]] = []
-            if os.path.exists(self._csv_path):
-                with open(self._csv_path, newline="", encoding="utf-8") as f:
-                    old_rows = list(csv.DictReader(f))
+            if paths.exists(self._csv_path):
+                old_rows = list(csv.DictReader(io.StringIO(_read_text(self._csv_path))))
             self._columns += new
-            tmp = self._csv_path + ".tmp"
-            with open(tmp, "w", newline="", encoding="utf-8") as f:
-                w = csv.DictWriter(f, fieldnames=["step"] + self._columns, restval="")
-                w.writeheader()
-                w.writerows(old_rows)
-            os.replace(tmp, self._csv_path)
-        with open(self._csv_path, "a", newline="", encoding="utf-8") as f:
-            w = csv.DictWriter(f, fieldnames=["step"] + self._columns, restval="")
-            w.writerow({"step": step, **record})
+            atomic_io.write_text(self._csv_path, _csv_text(self._columns, old_rows, header=True))
+        atomic_io.append_text(self._csv_path, _csv_text(self._columns, [{"step": step, **record}]))
 
     def flush(self) -> None:
         if self._tb is not None:
@@ -135,17 +149,15 @@ class PrivateStatsWriter:
 
             process_index = jax.process_index()
         self.active = process_index == 0
-        self.path = os.path.join(os.fspath(workdir), self.DIR, self.JSONL)
+        self.directory = paths.join(workdir, self.DIR)
+        self.path = paths.join(self.directory, self.JSONL)
 
     def write(self, step: int, stats: Mapping[str, Any]) -> None:
         if not self.active:
             return
-        from dpft import private_io
-
-        private_io.make_private_dir(os.path.dirname(self.path))
+        atomic_io.make_dir(self.directory, private=True)
         record = {"step": int(step), **{str(k): _plain(v) for k, v in stats.items()}}
-        with private_io.open_private(self.path, "a") as f:
-            f.write(json.dumps(record, default=str) + "\n")
+        atomic_io.append_text(self.path, json.dumps(record, default=str) + "\n", private=True)
 
     def __enter__(self) -> "PrivateStatsWriter":
         return self

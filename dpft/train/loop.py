@@ -37,6 +37,7 @@ from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
+from dpft import atomic_io, paths
 from dpft.errors import UsageError
 from dpft.data import pipeline
 from dpft.config import build
@@ -111,7 +112,7 @@ class Trainer:
     def __init__(self, config: ml_collections.ConfigDict, workdir: str, *,
                  print_fn=print):
         self.config = config
-        self.workdir = os.path.abspath(workdir)
+        self.workdir = paths.absolute(workdir)
         self.print = print_fn if jax.process_index() == 0 else (lambda *a, **k: None)
         distributed.initialize_distributed()
         self.mesh = distributed.make_data_mesh()
@@ -213,7 +214,7 @@ class Trainer:
                                                                        write=jax.process_index() == 0)
         ckpt.save(u, pytrees=self._pytrees(), json_items=json_items)
         if jax.process_index() == 0:
-            _atomic_write_text(os.path.join(self.workdir, "ledger.json"), self.ledger.to_json())
+            atomic_io.write_text(os.path.join(self.workdir, "ledger.json"), self.ledger.to_json())
 
     def restore(self, ckpt: checkpointing.Checkpointer, step: int | None = None) -> bool:
         """Restores checkpoint `step`, or (default) the newest intact one; False when there is none.
@@ -379,11 +380,11 @@ class Trainer:
                 multihost_utils.sync_global_devices("dpft_quarantine")
                 ckpt.refresh()
             if jax.process_index() == 0:  # derived from the restored checkpoint: never stale
-                _atomic_write_text(os.path.join(self.workdir, "ledger.json"), self.ledger.to_json())
-                _atomic_write_text(os.path.join(self.workdir, "config.json"), config_to_json(cfg))
-                _atomic_write_text(os.path.join(self.workdir, "attribute_coverage.json"),
+                atomic_io.write_text(os.path.join(self.workdir, "ledger.json"), self.ledger.to_json())
+                atomic_io.write_text(os.path.join(self.workdir, "config.json"), config_to_json(cfg))
+                atomic_io.write_text(os.path.join(self.workdir, "attribute_coverage.json"),
                                    json.dumps(self.coverage, indent=2, sort_keys=True))
-                _atomic_write_text(os.path.join(self.workdir, "privacy_plan.json"),
+                atomic_io.write_text(os.path.join(self.workdir, "privacy_plan.json"),
                                    json.dumps(self.plan.to_dict(), indent=2))
             start = int(self.state["update"])
             total = self.plan.num_updates
@@ -492,13 +493,6 @@ def _agree(flag: bool) -> bool:
     return bool(flag)
 
 
-def _atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, **kwargs: Any) -> RunResult:

@@ -11,6 +11,10 @@ training loop may both take it). On a multi-host run only process 0 takes it.
 
 Also checks that the workdir is usable before anything is loaded: a path that is a
 file, or a directory that cannot be written, raises `FilesystemError` in one line.
+
+A workdir on an object store (`gs://...`) has no flock: the lock is a create-if-absent lock
+object with a lease renewed by a heartbeat (`dpft.train.remote_lock`); a second run gets the
+same `WorkdirBusyError`, and a crashed holder's lock is taken over once its lease is stale.
 """
 from __future__ import annotations
 
@@ -23,21 +27,41 @@ import threading
 import time
 from typing import Any
 
+from dpft import paths
 from dpft.errors import FilesystemError, WorkdirBusyError, describe_oserror
+from dpft.train import remote_lock
 
 LOCK_NAME = ".dpft.lock"
 
-_held: dict[str, tuple[int, int]] = {}  # realpath of the lock file -> (fd, nesting depth)
+# lock file (realpath) or lock object URL -> (fd or RemoteLease, nesting depth)
+_held: dict[str, tuple[Any, int]] = {}
 _guard = threading.Lock()
 
 
 def lock_path(workdir: str | os.PathLike) -> str:
-    """`WORKDIR/.dpft.lock` (absolute, symlinks resolved)."""
+    """`WORKDIR/.dpft.lock` (absolute, symlinks resolved; a URL for a remote workdir)."""
+    if paths.is_remote(workdir):
+        return paths.join(workdir, LOCK_NAME)
     return os.path.join(os.path.realpath(os.fspath(workdir)), LOCK_NAME)
+
+
+def _prepare_remote(path: str) -> str:
+    try:
+        p = paths.as_path(path)
+        if p.exists() and not p.is_dir():
+            raise FilesystemError(0, f"--workdir {path} exists and is not a directory", path)
+        p.mkdir(parents=True, exist_ok=True)
+    except FilesystemError:
+        raise
+    except OSError as e:
+        raise FilesystemError(e.errno or 0, f"--workdir {path}: cannot create it ({e})", path) from e
+    return path
 
 
 def prepare_workdir(workdir: str | os.PathLike) -> str:
     """Create `workdir` if needed; raise FilesystemError when it is a file or cannot be created."""
+    if paths.is_remote(workdir):
+        return _prepare_remote(paths.to_str(workdir))
     path = os.path.abspath(os.fspath(workdir))
     if os.path.exists(path) and not os.path.isdir(path):
         raise FilesystemError(errno.ENOTDIR, f"--workdir {path} exists and is not a directory", path)
@@ -50,6 +74,8 @@ def prepare_workdir(workdir: str | os.PathLike) -> str:
 
 def read_holder(workdir: str | os.PathLike) -> dict[str, Any]:
     """What the lock file says about its holder ({} when unreadable or empty)."""
+    if paths.is_remote(workdir):
+        return remote_lock.RemoteLease(lock_path(workdir), paths.to_str(workdir)).read_holder()
     try:
         with open(lock_path(workdir), encoding="utf-8") as f:
             data = json.loads(f.read() or "{}")
@@ -70,7 +96,7 @@ class WorkdirLock:
     """Exclusive, non-blocking lock of a workdir; raises WorkdirBusyError if another process holds it."""
 
     def __init__(self, workdir: str | os.PathLike, *, enabled: bool = True):
-        self.workdir = os.path.abspath(os.fspath(workdir))
+        self.workdir = paths.absolute(workdir)
         self.enabled = enabled
         self._key: str | None = None
 
@@ -83,6 +109,12 @@ class WorkdirLock:
             if key in _held:  # this process holds it already (e.g. the CLI around the loop)
                 fd, depth = _held[key]
                 _held[key] = (fd, depth + 1)
+                self._key = key
+                return self
+            if paths.is_remote(self.workdir):
+                lease = remote_lock.RemoteLease(key, self.workdir)
+                lease.acquire(_describe)
+                _held[key] = (lease, 1)
                 self._key = key
                 return self
             try:
@@ -120,8 +152,11 @@ class WorkdirLock:
                 _held[self._key] = (fd, depth - 1)
             else:
                 del _held[self._key]
-                # Leave the file (unlinking would race with a process about to lock it).
-                os.close(fd)  # closing drops the flock
+                if isinstance(fd, remote_lock.RemoteLease):
+                    fd.release()  # deletes the lock object (if still ours)
+                else:
+                    # Leave the file (unlinking would race with a process about to lock it).
+                    os.close(fd)  # closing drops the flock
             self._key = None
 
     def __enter__(self) -> "WorkdirLock":

@@ -28,6 +28,13 @@ Readers: `Checkpointer(workdir, read_only=True)` never creates, deletes or clean
 (`dpft evaluate` uses it on a workdir that may be training); `pinned(workdir, step)` gives a
 read-only Checkpointer on a hard-linked snapshot of one step, so that keep-N cleanup of a
 live run cannot delete the files being read.
+
+Remote workdirs (`gs://...`): orbax writes there natively (its own commit protocol for object
+stores, where a rename is not atomic: a step counts only once its commit marker exists); the
+checksums are verified on restore as locally. A bucket has no hard links, so `pinned` reads a
+remote step in place (a keep-N cleanup racing the read makes it fail loudly, never silently:
+the checksums would not match or the item would be missing), and `quarantine` moves a corrupt
+step by copy-and-delete.
 """
 from __future__ import annotations
 
@@ -46,6 +53,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from dpft import atomic_io, paths
 from dpft.errors import CheckpointError, FilesystemError, describe_oserror, filesystem_cause
 
 PyTree = Any
@@ -68,8 +76,8 @@ class CorruptCheckpoint(CheckpointError):
 
 
 def checkpoint_dir(workdir: str | os.PathLike) -> str:
-    """`WORKDIR/checkpoints` (absolute)."""
-    return os.path.join(os.path.abspath(os.fspath(workdir)), "checkpoints")
+    """`WORKDIR/checkpoints` (absolute; a URL for a remote workdir)."""
+    return paths.join(paths.absolute(workdir), "checkpoints")
 
 
 def _options(keep: int | None, async_save: bool, read_only: bool = False) -> ocp.CheckpointManagerOptions:
@@ -161,7 +169,7 @@ def _first_line(e: BaseException) -> str:
 def latest_step(workdir: str | os.PathLike) -> int | None:
     """The newest complete checkpoint step in `WORKDIR/checkpoints`, or None if there is none."""
     directory = checkpoint_dir(workdir)
-    if not os.path.isdir(directory):
+    if not paths.isdir(directory):
         return None
     manager = ocp.CheckpointManager(directory, options=_options(None, False, read_only=True))
     try:
@@ -233,12 +241,12 @@ class Checkpointer:
         raises CheckpointError when `WORKDIR/checkpoints` does not exist."""
         if keep is not None and keep < 1:
             raise ValueError(f"keep={keep!r}: must keep at least one checkpoint")
-        self.workdir = os.path.abspath(os.fspath(workdir))
+        self.workdir = paths.absolute(workdir)
         self.directory = checkpoint_dir(workdir)
         self.read_only = read_only
         self._keep = None if read_only else keep
         self._async = async_save
-        if read_only and not os.path.isdir(self.directory):
+        if read_only and not paths.isdir(self.directory):
             raise CheckpointError(f"{self.workdir}: no checkpoints directory ({self.directory} does not exist)")
         self._manager = self._open()
 
@@ -409,13 +417,15 @@ class Checkpointer:
         if self.read_only:
             raise CheckpointError(f"{self.directory} was opened read-only; cannot move step {step} aside")
         self.wait()
-        src = os.path.join(self.directory, str(int(step)))
-        dest_root = os.path.join(self.workdir, QUARANTINE_DIR)
-        os.makedirs(dest_root, exist_ok=True)
-        dest = os.path.join(dest_root, f"{int(step)}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{os.getpid()}")
-        os.replace(src, dest)
-        with open(os.path.join(dest, "REASON.txt"), "w", encoding="utf-8") as f:
-            f.write(reason + "\n")
+        src = paths.join(self.directory, str(int(step)))
+        dest_root = paths.join(self.workdir, QUARANTINE_DIR)
+        atomic_io.make_dir(dest_root)
+        dest = paths.join(dest_root, f"{int(step)}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{os.getpid()}")
+        if paths.is_remote(src):
+            paths.as_path(src).rename(dest)  # copy + delete on an object store
+        else:
+            os.replace(src, dest)
+        atomic_io.write_text(paths.join(dest, "REASON.txt"), reason + "\n")
         self._manager.close()
         self._manager = self._open(cleanup=False)
         return dest
@@ -457,7 +467,7 @@ def newest_intact(ckpt: Checkpointer, read: Callable[[int], T], step: int | None
             f"{ckpt.directory}: no intact checkpoint ("
             + "; ".join(f"step {s}: {r}" for s, r in skipped)
             + f"); refusing to start from scratch over them: move {ckpt.directory} away to start over")
-    strays = sorted(n for n in os.listdir(ckpt.directory) if n.isdigit()) if os.path.isdir(ckpt.directory) else []
+    strays = sorted(n for n in paths.listdir(ckpt.directory) if n.isdigit()) if paths.isdir(ckpt.directory) else []
     if strays:
         raise CheckpointError(f"{ckpt.directory}: step directories {strays} are not complete checkpoints; "
                               f"refusing to start from scratch over them: move {ckpt.directory} away to start over")
@@ -493,7 +503,7 @@ def pinned(workdir: str | os.PathLike, step: int | None = None, *,
     is linked, the latest step is taken again (an explicit `step` then fails). Where the
     workdir cannot be written (no live run can be writing it), the checkpoint is read in place.
     """
-    workdir = os.path.abspath(os.fspath(workdir))
+    workdir = paths.absolute(workdir)
     src_root = checkpoint_dir(workdir)
     with Checkpointer(workdir, read_only=True) as live:
         steps = live.all_steps()
@@ -501,6 +511,12 @@ def pinned(workdir: str | os.PathLike, step: int | None = None, *,
         raise CheckpointError(f"{workdir}: no checkpoint found under {src_root}")
     if step is not None and step not in steps:
         raise CheckpointError(f"{workdir}: no checkpoint for update {step}; have {steps}")
+    if paths.is_remote(workdir):
+        print_fn(f"note: {workdir} is on an object store (no hard links): reading checkpoint "
+                 f"{step if step is not None else steps[-1]} in place")
+        with Checkpointer(workdir, read_only=True) as ckpt:
+            yield ckpt, step if step is not None else steps[-1]
+        return
     pin = os.path.join(workdir, PIN_DIR, f"{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         os.makedirs(os.path.join(pin, "checkpoints"))
