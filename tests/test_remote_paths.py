@@ -137,7 +137,6 @@ def test_local_private_modes_and_fsync(tmp_path, monkeypatch):
     real_fsync = os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")),
                                                  real_fsync(fd))[1])
-    monkeypatch.setattr(os, "umask", os.umask)  # unchanged; documents that the umask is not relied on
     d = atomic_io.make_dir(tmp_path / "private", private=True)
     p = atomic_io.write_bytes(os.path.join(d, "x.npz"), lambda f: np.savez(f, a=np.arange(3)), private=True)
     assert os.stat(d).st_mode & 0o777 == 0o700 and os.stat(p).st_mode & 0o777 == 0o600
