@@ -2,11 +2,17 @@
 
 `bk_clipped_grad_sum` has the contract of `dpft.privacy.engine.clipped_grad_sum` (same
 arguments, same (grad_sum, stats), same per-example keys, exact up to float summation order)
-for losses made by `dpft.privacy.adapters.nnx_loss_fn` over models whose every parameter is
-used through a tapped op (`dpft.nn.taps`: all dpft NFNets and WRNs). Per microbatch:
+for losses made by `dpft.privacy.adapters.nnx_loss_fn` over any Flax NNX model: parameters used
+through a tapped op (`dpft.nn.taps`: dpft's layers; `dpft.nn.nnx_layers`: standard nnx.Conv,
+nnx.Linear, nnx.LinearGeneral, nnx.Embed, whose routes are in `dpft.privacy.bk_layers`) get the
+norm routes below; every other parameter is "free": a per-example zero perturbation is added to
+it, and the gradient w.r.t. that perturbation IS its per-example gradient (exact, for norms'
+scales, class tokens, position embeddings, unknown layers; one [m, *param] array each).
+Discovery traces one example and refuses (naming the layer) a tapped layer called twice or a
+tapped parameter also used elsewhere (weight sharing), and nnx.BatchNorm. Per microbatch:
 
 1. ONE forward and ONE backward of the batch, w.r.t. zero perturbations added to each tapped
-   op's output (the parameters are constants there, so no weight gradient is computed): it
+   op's output (and to each free parameter) (the parameters are constants there, so no weight gradient is computed): it
    yields each op's input x_l and output gradient d_l per example.
 2. Per-example squared norms of each op's parameter gradient from (x_l, d_l) alone:
    * "linear" and "ws_conv": g_i = A_i^T D_i (A: input rows / conv patches, D: output
