@@ -291,7 +291,6 @@ def test_auto_grad_method_picks_bookkeeping_for_a_standard_nnx_model():
     assert plan.grad_method == "bookkeeping"
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_eight_devices_equal_the_vmap_engine(name):
     from dpft.train import distributed
@@ -319,7 +318,6 @@ def test_eight_devices_equal_the_vmap_engine(name):
     assert_same((sums["vmap"], stats["vmap"]), (sums["bookkeeping"], stats["bookkeeping"]))
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_bfloat16_removing_one_example_moves_the_sum_by_at_most_c(name):
     """bf16 compute, float32 params: ||S - S_-i|| <= C (1 + 1e-4) on aligned gradients, every route."""
