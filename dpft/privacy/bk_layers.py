@@ -28,12 +28,15 @@ from jax import lax
 from dpft.nn import nnx_layers
 
 F32 = jnp.float32
+#: Full float32 matmuls for norms and sums (GPUs would otherwise use TF32 for float32 dots, and a
+#: norm 0.1% low lets a clipped contribution exceed C).
+HI = lax.Precision.HIGHEST
 Summer = Callable[[jax.Array], dict]
 
 
 def use_ghost(ghost: str, rows: int, fan_in: int, fan_out: int) -> bool:
-    """Ghost norm iff fewer flops than materialising per group: R^2 (n + o) < R n o... i.e.
-    R (n + o) < n o (R rows per example); ghost "always"/"never" force the route."""
+    """Ghost norm iff fewer flops than materialising, per group and example: R^2 (n + o) < R n o,
+    i.e. R (n + o) < n o (R rows); ghost "always"/"never" force the route."""
     if ghost != "auto":
         return ghost == "always"
     return rows * (fan_in + fan_out) < fan_in * fan_out
@@ -51,18 +54,18 @@ def matmul_norms(a: jax.Array, d: jax.Array, ghost: str) -> tuple[jax.Array, Cal
     A_i^T D_i [g, n, o])."""
     rows, n, o = a.shape[1], a.shape[3], d.shape[3]
     if use_ghost(ghost, rows, n, o):
-        gram_a = jnp.einsum("mrgn,msgn->mgrs", a, a)
-        gram_d = jnp.einsum("mrgo,msgo->mgrs", d, d)
+        gram_a = jnp.einsum("mrgn,msgn->mgrs", a, a, precision=HI)
+        gram_d = jnp.einsum("mrgo,msgo->mgrs", d, d, precision=HI)
         sq = jnp.sum(gram_a * gram_d, axis=(1, 2, 3))
 
         def ghost_sum(weights: jax.Array) -> jax.Array:
-            return jnp.einsum("mrgn,mrgo->gno", _keep(weights, a, False), _keep(weights, d, True))
+            return jnp.einsum("mrgn,mrgo->gno", _keep(weights, a, False), _keep(weights, d, True), precision=HI)
 
         return sq, ghost_sum
-    g = jnp.einsum("mrgn,mrgo->mgno", a, d)
+    g = jnp.einsum("mrgn,mrgo->mgno", a, d, precision=HI)
 
     def kept_sum(weights: jax.Array) -> jax.Array:
-        return jnp.einsum("m,mgno->gno", weights.astype(F32), _keep(weights, g, False))
+        return jnp.einsum("m,mgno->gno", weights.astype(F32), _keep(weights, g, False), precision=HI)
 
     return jnp.sum(jnp.square(g), axis=(1, 2, 3)), kept_sum
 
@@ -78,8 +81,8 @@ def _with_bias(params: Mapping[str, jax.Array], sq: jax.Array, kernel_sum: Calla
     def summer(weights: jax.Array) -> dict[str, jax.Array]:
         out = {"kernel": to_kernel(kernel_sum(weights)).reshape(params["kernel"].shape)}
         if has_bias:
-            out["bias"] = jnp.einsum("m,mo->o", weights.astype(F32), _keep(weights, b_rows, False)
-                                     ).reshape(params["bias"].shape)
+            out["bias"] = jnp.einsum("m,mo->o", weights.astype(F32), _keep(weights, b_rows, False),
+                                     precision=HI).reshape(params["bias"].shape)
         return out
 
     return sq, summer
@@ -154,7 +157,7 @@ def embed_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, cfg
     rows = idx.shape[1]
     if ghost == "always" or (ghost == "auto" and rows * rows < v):
         same = (idx[:, :, None] == idx[:, None, :]).astype(F32)
-        sq = jnp.sum(same * jnp.einsum("mrf,msf->mrs", dd, dd), axis=(1, 2))
+        sq = jnp.sum(same * jnp.einsum("mrf,msf->mrs", dd, dd, precision=HI), axis=(1, 2))
     else:
         table = jnp.zeros((m, v, dd.shape[-1]), F32).at[jnp.arange(m)[:, None], idx].add(dd, mode="drop")
         sq = jnp.sum(jnp.square(table), axis=(1, 2))

@@ -76,7 +76,7 @@ def _ghost_sq_norm(a: jax.Array, d: jax.Array) -> jax.Array:
 def _weighted_rows(weights: jax.Array, v: jax.Array) -> jax.Array:
     """sum_i weights_i * v_i over the leading axis; rows of weight 0 give exactly 0 (even NaN)."""
     keep = (weights != 0).reshape((-1,) + (1,) * (v.ndim - 1))
-    return jnp.tensordot(weights, jnp.where(keep, v, 0.0), axes=1)
+    return jnp.tensordot(weights, jnp.where(keep, v, 0.0), axes=1, precision=lax.Precision.HIGHEST)
 
 
 def linear_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, ghost: str = "auto"
