@@ -154,11 +154,29 @@ class TiedEmbedding(nnx.Module):
         return self.emb.attend(self.emb(x))
 
 
+class ScannedLayers(nnx.Module):
+    """Two stacked nnx.Linear applied by nnx.scan: one call per stacked parameter slice."""
+
+    def __init__(self):
+        @nnx.split_rngs(splits=2)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make(rngs):
+            return nnx.Linear(5, 5, rngs=rngs)
+        self.layers = make(RNGS())
+
+    def __call__(self, x):
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        def body(h, layer):
+            return jax.nn.relu(layer(h))
+        return body(x, self.layers)
+
+
 @pytest.mark.parametrize("model,x,match", [
+    (ScannedLayers, rand(M, K, 3, 5), r"tap layers:call: parameter kernel has shape \(5, 5\) .* \(2, 5, 5\)"),
     (lambda: Probe(nnx.BatchNorm(5, rngs=RNGS())), rand(M, K, 3, 5), "layer layer is an nnx.BatchNorm"),
     (CalledTwice, rand(M, K, 3, 5), r"layer lin \(Linear\) is called twice"),
     (TiedEmbedding, jnp.zeros((M, K, 3), jnp.int32), "parameter emb/embedding of layer emb .* elsewhere"),
-], ids=["batchnorm", "called_twice", "tied_embedding"])
+], ids=["scanned", "batchnorm", "called_twice", "tied_embedding"])
 def test_refusals_name_the_layer(model, x, match):
     module = model()
     loss_fn, params, _ = adapters.nnx_loss_fn(module, lambda z, v: jnp.sum(z.reshape(z.shape[0], -1), axis=1))

@@ -95,6 +95,13 @@ class Recorder:
             if missing:
                 raise ValueError(f"tap {key}: params {missing} are not nnx.Param attributes of the module "
                                  "(a tap must name the module's own parameters)")
+            for n, v in params.items():
+                full = self.tap_params[tuple(path) + (n,)]
+                if tuple(full.shape) != tuple(v.shape):
+                    raise ValueError(f"tap {key}: parameter {n} has shape {tuple(v.shape)} in the layer's call but "
+                                     f"{tuple(full.shape)} in the model (a layer applied inside nnx.scan/nnx.vmap "
+                                     "over stacked parameters?); the book-keeping engine needs each layer called "
+                                     "once with its own parameters; use grad_method='vmap'")
             params = {n: self.tap_params[tuple(path) + (n,)] for n in params}
         z = fn(params, x)
         if key in self.specs or key in self.inputs:
