@@ -192,12 +192,12 @@ def test_errors_name_the_problem():
     with pytest.raises(ValueError, match="tapped"):
         bookkeeping.bk_clipped_grad_sum(lambda p, v, r: loss_fn(p, v, r), params, batch, jax.random.key(0),
                                         clipping=ClippingConfig(mode="flat", clip_norm=1.0), microbatch_size=4)
-    # SmallConvNet uses flax's own nnx.Conv / nnx.Linear: no taps, every parameter is named.
+    # SmallConvNet uses flax's own nnx.Conv / nnx.Linear: tapped too now (tests/test_bookkeeping_nnx.py).
     small = SmallConvNet(3, NUM_CLASSES, channels=(3, 4), seed=1)
     small_loss, small_params, _ = adapters.nnx_loss_fn(small, adapters.softmax_cross_entropy_loss)
-    with pytest.raises(ValueError, match="not used through a tapped op"):
-        bookkeeping.bk_clipped_grad_sum(small_loss, small_params, make_batch(1, 6), jax.random.key(0),
-                                        clipping=ClippingConfig(mode="flat", clip_norm=1.0), microbatch_size=4)
+    small_views = {k: v for k, v in make_batch(1, 6).items() if k != "mask"}
+    specs = bookkeeping.discover_ops(small_loss.tapped, small_params, small_views, jax.random.key(0))
+    assert sorted(s.kind for s in specs.values()) == ["nnx_conv", "nnx_conv", "nnx_dense"]
 
 
 @pytest.mark.slow

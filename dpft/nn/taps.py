@@ -15,8 +15,20 @@ they would call ``fn(params, x)``:
 
 ``kind`` tells the engine how to get per-example gradient norms from (x, dL/dz):
 "ws_conv" (``ops.ws_conv``), "linear" (``ops.linear``), or "generic" (any small op: the
-engine materialises its per-example parameter gradients with a local vmap).
+engine materialises its per-example parameter gradients with a local vmap). Standard flax
+layers (``nnx.Linear``, ``nnx.LinearGeneral``, ``nnx.Conv``, ``nnx.Embed``) are tapped without
+changing their code by `dpft.nn.nnx_layers.install`, with kinds "nnx_dense", "nnx_conv" and
+"nnx_embed" and the layer's configuration in ``OpSpec.layer``.
 No global state: the recorder lives on the module objects of one trace.
+
+Two more services of the recorder, used by the engine's discovery and recording passes:
+``tap_params`` {param path: value} (discover mode): taps compute with these values instead of
+the module's own, so a parameter read *outside* its tap shows up as a separate use (the engine
+refuses it); ``param_perturbations`` {param path: Array} (record mode): added to those
+parameters before the model is built (`dpft.privacy.adapters.nnx_loss_fn`), for parameters
+used outside any tapped op ("free" parameters: norms' scales, class tokens, position
+embeddings, unknown layers), whose per-example gradient is then the gradient w.r.t. the
+perturbation.
 """
 from __future__ import annotations
 
@@ -28,7 +40,7 @@ from flax import nnx
 
 Array = jax.Array
 OpFn = Callable[[Mapping[str, Array], Array], Array]
-KINDS = ("ws_conv", "linear", "generic")
+KINDS = ("ws_conv", "linear", "generic", "nnx_dense", "nnx_conv", "nnx_embed")
 _ATTR = "_dpft_tap"
 
 
@@ -42,6 +54,7 @@ class OpSpec:
     fn: OpFn
     param_paths: Mapping[str, tuple]
     z: jax.ShapeDtypeStruct
+    layer: Any = None  # kinds "nnx_*": the layer's configuration (`dpft.nn.nnx_layers`)
 
 
 def op_key(path: tuple, op: str) -> str:
@@ -52,32 +65,51 @@ def op_key(path: tuple, op: str) -> str:
 class Recorder:
     """Collects what tapped ops see during one forward pass.
 
-    mode "discover": ``specs`` {key: OpSpec}, in call order. mode "record": needs
-    ``perturbations`` {key: Array shaped like z}; fills ``inputs`` {key: x}.
+    mode "discover": ``specs`` {key: OpSpec}, in call order; with ``tap_params`` the ops
+    compute with those values (by param path). mode "record": needs ``perturbations`` {key:
+    Array shaped like z}; fills ``inputs`` {key: x}; ``param_perturbations`` {param path: Array}
+    are added to those parameters by the loss function (see the module doc).
     """
 
-    def __init__(self, mode: str, perturbations: Mapping[str, Array] | None = None):
+    def __init__(self, mode: str, perturbations: Mapping[str, Array] | None = None, *,
+                 tap_params: Mapping[tuple, Array] | None = None,
+                 param_perturbations: Mapping[tuple, Array] | None = None):
         if mode not in ("discover", "record"):
             raise ValueError(f"Recorder: mode must be 'discover' or 'record', got {mode!r}")
         if mode == "record" and perturbations is None:
             raise ValueError("Recorder: mode 'record' needs perturbations")
         self.mode = mode
         self.perturbations = perturbations
+        self.tap_params = tap_params
+        self.param_perturbations = dict(param_perturbations or {})
         self.specs: dict[str, OpSpec] = {}
         self.inputs: dict[str, Array] = {}
 
     def __call__(self, path: tuple, op: str, kind: str, fn: OpFn, params: Mapping[str, Array],
-                 x: Array) -> Array:
+                 x: Array, layer: Any = None) -> Array:
         if kind not in KINDS:
             raise ValueError(f"tap {op_key(path, op)}: unknown kind {kind!r}; use one of {KINDS}")
         key = op_key(path, op)
+        if self.mode == "discover" and self.tap_params is not None:
+            missing = [n for n in params if tuple(path) + (n,) not in self.tap_params]
+            if missing:
+                raise ValueError(f"tap {key}: params {missing} are not nnx.Param attributes of the module "
+                                 "(a tap must name the module's own parameters)")
+            for n, v in params.items():
+                full = self.tap_params[tuple(path) + (n,)]
+                if tuple(full.shape) != tuple(v.shape):
+                    raise ValueError(f"tap {key}: parameter {n} has shape {tuple(v.shape)} in the layer's call but "
+                                     f"{tuple(full.shape)} in the model (a layer applied inside nnx.scan/nnx.vmap "
+                                     "over stacked parameters?); the book-keeping engine needs each layer called "
+                                     "once with its own parameters; use grad_method='vmap'")
+            params = {n: self.tap_params[tuple(path) + (n,)] for n in params}
         z = fn(params, x)
         if key in self.specs or key in self.inputs:
             raise ValueError(f"tap {key}: called twice in one forward pass (weight sharing is not "
                              "supported by the book-keeping engine; use grad_method='vmap')")
         if self.mode == "discover":
             self.specs[key] = OpSpec(key, kind, fn, {n: tuple(path) + (n,) for n in params},
-                                     jax.ShapeDtypeStruct(z.shape, z.dtype))
+                                     jax.ShapeDtypeStruct(z.shape, z.dtype), layer)
             return z
         if key not in self.perturbations:
             raise ValueError(f"tap {key}: no perturbation for this op (the model's ops changed "

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from dpft.nn import taps
+from dpft.nn import nnx_layers, taps
 
 PyTree = Any
 Views = Mapping[str, jax.Array]
@@ -84,7 +84,9 @@ def nnx_loss_fn(model: nnx.Module, per_view_loss: PerViewLoss
     `module(images)`; then `per_view_loss(logits [K, C], views)`, averaged over K.
     `merge(params)` rebuilds a module (e.g. for evaluation).
     `loss_fn.tapped(params, views, rng, recorder)` is the same loss with a
-    `dpft.nn.taps.Recorder` installed on the module (used by `dpft.privacy.bookkeeping`).
+    `dpft.nn.taps.Recorder` installed on the module (used by `dpft.privacy.bookkeeping`): the
+    taps of dpft's layers and of standard flax layers (`dpft.nn.nnx_layers.install`), and the
+    recorder's `param_perturbations` added to their parameters first.
     """
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     pass_train_key = accepts_train_and_key(type(model).__call__)
@@ -93,9 +95,13 @@ def nnx_loss_fn(model: nnx.Module, per_view_loss: PerViewLoss
         return nnx.merge(graphdef, p, rest)
 
     def tapped_loss_fn(p: nnx.State, views: Views, rng: jax.Array, recorder: Any = None):
+        if recorder is not None and recorder.param_perturbations:
+            perts = recorder.param_perturbations
+            p = jax.tree_util.tree_map_with_path(
+                lambda kp, v: v + perts[path].astype(v.dtype) if (path := taps.param_path(kp)) in perts else v, p)
         module = merge(p)
         if recorder is not None:
-            taps.install(module, recorder)
+            nnx_layers.install(module, recorder)
         images = views["image"]
         logits = module(images, train=True, key=rng) if pass_train_key else module(images)
         return _mean_over_views(per_view_loss(logits, views))

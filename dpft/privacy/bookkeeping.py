@@ -2,11 +2,17 @@
 
 `bk_clipped_grad_sum` has the contract of `dpft.privacy.engine.clipped_grad_sum` (same
 arguments, same (grad_sum, stats), same per-example keys, exact up to float summation order)
-for losses made by `dpft.privacy.adapters.nnx_loss_fn` over models whose every parameter is
-used through a tapped op (`dpft.nn.taps`: all dpft NFNets and WRNs). Per microbatch:
+for losses made by `dpft.privacy.adapters.nnx_loss_fn` over any Flax NNX model: parameters used
+through a tapped op (`dpft.nn.taps`: dpft's layers; `dpft.nn.nnx_layers`: standard nnx.Conv,
+nnx.Linear, nnx.LinearGeneral, nnx.Embed, whose routes are in `dpft.privacy.bk_layers`) get the
+norm routes below; every other parameter is "free": a per-example zero perturbation is added to
+it, and the gradient w.r.t. that perturbation IS its per-example gradient (exact, for norms'
+scales, class tokens, position embeddings, unknown layers; one [m, *param] array each).
+Discovery traces one example and refuses (naming the layer) a tapped layer called twice or a
+tapped parameter also used elsewhere (weight sharing), and nnx.BatchNorm. Per microbatch:
 
 1. ONE forward and ONE backward of the batch, w.r.t. zero perturbations added to each tapped
-   op's output (the parameters are constants there, so no weight gradient is computed): it
+   op's output (and to each free parameter) (the parameters are constants there, so no weight gradient is computed): it
    yields each op's input x_l and output gradient d_l per example.
 2. Per-example squared norms of each op's parameter gradient from (x_l, d_l) alone:
    * "linear" and "ws_conv": g_i = A_i^T D_i (A: input rows / conv patches, D: output
@@ -31,6 +37,7 @@ optimization on large model at small cost" (ICML 2023).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Any, Callable, Mapping
@@ -40,7 +47,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from dpft.nn import ops, taps
-from dpft.privacy import engine
+from dpft.privacy import bk_layers, engine
 from dpft.privacy.engine import ClippingConfig, PyTree
 
 BK_MODES = ("flat", "automatic")
@@ -69,7 +76,7 @@ def _ghost_sq_norm(a: jax.Array, d: jax.Array) -> jax.Array:
 def _weighted_rows(weights: jax.Array, v: jax.Array) -> jax.Array:
     """sum_i weights_i * v_i over the leading axis; rows of weight 0 give exactly 0 (even NaN)."""
     keep = (weights != 0).reshape((-1,) + (1,) * (v.ndim - 1))
-    return jnp.tensordot(weights, jnp.where(keep, v, 0.0), axes=1)
+    return jnp.tensordot(weights, jnp.where(keep, v, 0.0), axes=1, precision=lax.Precision.HIGHEST)
 
 
 def linear_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, ghost: str = "auto"
@@ -222,47 +229,92 @@ def op_norms(spec: taps.OpSpec, params: Mapping[str, jax.Array], x: jax.Array, d
         if getattr(spec.fn, "func", None) is not ops.linear:
             raise ValueError(f"tap {spec.key}: kind 'linear' needs fn = functools.partial(ops.linear, ...)")
         return linear_norms(params, x, d, ghost)
+    if spec.kind in bk_layers.ROUTES:
+        return bk_layers.layer_norms(spec.kind, params, x, d, spec.layer, ghost)
     return generic_norms(spec.fn, params, x, d)
+
+
+@dataclasses.dataclass(frozen=True)
+class Discovery:
+    """What one example's forward pass uses: ``specs`` {op key: OpSpec} (tapped ops, call order)
+    and ``free`` {name: param path} (parameters used outside any tapped op: their per-example
+    gradients come from parameter perturbations, `dpft.nn.taps`)."""
+
+    specs: Mapping[str, taps.OpSpec]
+    free: Mapping[str, tuple]
+
+
+def _used_inputs(closed: Any) -> list[bool]:
+    """Which inputs of a closed jaxpr its outputs depend on (dead code eliminated)."""
+    from jax._src.interpreters import partial_eval as pe  # no public API for dead-code elimination
+    _, used = pe.dce_jaxpr(closed.jaxpr, [True] * len(closed.jaxpr.outvars))
+    return list(used)
+
+
+def discover(tapped_loss: Any, params: PyTree, views: Mapping[str, jax.Array], rng: jax.Array) -> Discovery:
+    """The tapped ops and the free parameters of one example's forward pass (traced, nothing
+    computed). The ops compute with a second copy of the parameters (`taps.Recorder.tap_params`),
+    so the trace shows whether a tapped op's parameter is also used elsewhere. Raises ValueError
+    naming the layer for a parameter used by two tapped ops, or by a tapped op and elsewhere."""
+    view0 = jax.tree.map(lambda v: v[0], views)
+    paths = [taps.param_path(kp) for kp, _ in jax.tree_util.tree_leaves_with_path(params)]
+    found: dict[str, Any] = {}
+
+    def traced(model_params, tap_params, view, key):
+        flat = {taps.param_path(kp): v for kp, v in jax.tree_util.tree_leaves_with_path(tap_params)}
+        recorder = taps.Recorder("discover", tap_params=flat)
+        out = tapped_loss(model_params, view, key, recorder)
+        found["specs"] = recorder.specs
+        return out
+
+    closed = jax.make_jaxpr(traced)(params, params, view0, rng)
+    specs = found["specs"]
+    used_by_model = dict(zip(paths, _used_inputs(closed)[:len(paths)]))
+    used: dict[tuple, str] = {}
+    for spec in specs.values():
+        for path in spec.param_paths.values():
+            where = "/".join(map(str, path))
+            if path in used:
+                raise ValueError(f"bookkeeping: parameter {where} is used by two tapped layers ({used[path]}, "
+                                 f"{spec.key}): weight sharing is not supported; use grad_method='vmap'")
+            if used_by_model.get(path, False):
+                raise ValueError(f"bookkeeping: parameter {where} of layer {spec.key.rsplit(':', 1)[0]} is used by "
+                                 "that layer's call and elsewhere too (e.g. tied weights such as nnx.Embed.attend): "
+                                 "weight sharing is not supported; use grad_method='vmap'")
+            used[path] = spec.key
+    free = {"/".join(map(str, p)): p for p in paths if p not in used}
+    return Discovery(specs, free)
 
 
 def discover_ops(tapped_loss: Any, params: PyTree, views: Mapping[str, jax.Array], rng: jax.Array
                  ) -> dict[str, taps.OpSpec]:
-    """The tapped ops of one example's forward pass (abstract evaluation, nothing computed), after
-    checking that they use every leaf of ``params`` exactly once (ValueError naming the leaves)."""
-    recorder = taps.Recorder("discover")
-    view0 = jax.tree.map(lambda v: v[0], views)
-    jax.eval_shape(lambda p, v, k: tapped_loss(p, v, k, recorder), params, view0, rng)
-    leaves = {taps.param_path(kp) for kp, _ in jax.tree_util.tree_leaves_with_path(params)}
-    used: dict[tuple, str] = {}
-    for spec in recorder.specs.values():
-        for path in spec.param_paths.values():
-            if path in used:
-                raise ValueError(f"bookkeeping: parameter {'/'.join(map(str, path))} is used by two tapped ops "
-                                 f"({used[path]}, {spec.key}); use grad_method='vmap'")
-            used[path] = spec.key
-    missing = sorted("/".join(map(str, p)) for p in leaves - set(used))
-    if missing:
-        raise ValueError(f"bookkeeping: parameters not used through a tapped op (dpft.nn.taps): {missing[:8]}"
-                         f"{' ...' if len(missing) > 8 else ''}; the book-keeping engine needs every parameter "
-                         "in a tapped layer; use grad_method='vmap' for this model")
-    return recorder.specs
+    """The tapped ops of one example's forward pass (`discover`, without the free parameters)."""
+    return dict(discover(tapped_loss, params, views, rng).specs)
 
 
 def tap_pass(tapped_loss: Any, params: PyTree, specs: Mapping[str, taps.OpSpec],
-             views: Mapping[str, jax.Array], keys: jax.Array):
-    """Step 1: one batched forward + backward w.r.t. zero output perturbations of every op.
+             views: Mapping[str, jax.Array], keys: jax.Array, free: Mapping[str, tuple] | None = None):
+    """Step 1: one batched forward + backward w.r.t. zero perturbations of every op's output and
+    of every free parameter (``free`` {name: param path}).
 
     views leaves [m, K, ...], keys [m]. Returns (losses [m], aux {name: [m]},
-    inputs {op key: x [m, *op x shape]}, out_grads {op key: dLoss_i/dz [m, *op z shape]}).
-    Parameters are constants here, so no weight gradient is computed.
+    inputs {op key: x [m, *op x shape]}, out_grads {op key: dLoss_i/dz [m, *op z shape],
+    free name: dLoss_i/dparam [m, *param shape]}).
+    No weight gradient is computed for tapped ops; a free parameter's per-example gradient is
+    exactly the gradient w.r.t. its perturbation.
     """
+    free = dict(free or {})
+    flat = {taps.param_path(kp): leaf for kp, leaf in jax.tree_util.tree_leaves_with_path(params)}
+
     def per_example(perturbations, view, key):
-        recorder = taps.Recorder("record", perturbations)
+        op_p = {k: perturbations[k] for k in specs}
+        recorder = taps.Recorder("record", op_p, param_perturbations={free[n]: perturbations[n] for n in free})
         loss, aux = tapped_loss(params, view, key, recorder)
         return loss, (aux, recorder.inputs)
 
     m = keys.shape[0]
     zeros = {key: jnp.zeros((m,) + s.z.shape, s.z.dtype) for key, s in specs.items()}
+    zeros.update({n: jnp.zeros((m,) + flat[p].shape, flat[p].dtype) for n, p in free.items()})
     # Device-varying zeros under shard_map: gradients w.r.t. replicated inputs would be psummed
     # over devices, mixing examples of different devices (see engine.device_local_params).
     zeros = engine.device_local_params(zeros, jax.tree.leaves(views))
@@ -345,7 +397,8 @@ def bk_clipped_grad_sum(loss_fn: Any, params: PyTree, batch: Mapping[str, jax.Ar
     num_micro = batch_size // microbatch_size
     positions = jnp.arange(batch_size, dtype=jnp.uint32) + jnp.asarray(position_offset, jnp.uint32)
     params = engine.device_local_params(params, [mask, positions, engine.raw_key(rng), *jax.tree.leaves(views)])
-    specs = discover_ops(tapped, params, views, rng)
+    found = discover(tapped, params, views, rng)
+    specs, free = found.specs, found.free
     flat_params = {taps.param_path(kp): leaf for kp, leaf in jax.tree_util.tree_leaves_with_path(params)}
     name = {path: "/".join(map(str, path)) for path in flat_params}  # sortable keys for the scan carry
     op_params = {key: {pname: flat_params[path] for pname, path in spec.param_paths.items()}
@@ -360,8 +413,11 @@ def bk_clipped_grad_sum(loss_fn: Any, params: PyTree, batch: Mapping[str, jax.Ar
         views_mb, mask_mb, pos_mb = x
         keys = jax.vmap(lambda p: jax.random.fold_in(rng, p))(pos_mb)
         real = mask_mb > 0
-        losses, aux, inputs, out_grads = tap_pass(tapped, params, specs, views_mb, keys)
+        losses, aux, inputs, out_grads = tap_pass(tapped, params, specs, views_mb, keys, free)
         sq, summers = per_example_norms(specs, op_params, inputs, out_grads, ghost)
+        free_grads = {n: out_grads[n].astype(F32) for n in free}
+        for g in free_grads.values():
+            sq = sq + jnp.sum(jnp.square(g), axis=tuple(range(1, g.ndim)))
         norms = jnp.sqrt(sq)
         factors = jnp.where(real, engine.clip_factors(norms, clipping.clip_norm, clipping.mode, clipping.gamma), 0.0)
         grads = weighted_param_grads(specs, op_params, inputs, out_grads, factors, summers)
@@ -369,6 +425,8 @@ def bk_clipped_grad_sum(loss_fn: Any, params: PyTree, batch: Mapping[str, jax.Ar
         for key, s in specs.items():
             for pname, path in s.param_paths.items():
                 acc[name[path]] = acc[name[path]] + grads[key][pname]
+        for n, g in free_grads.items():
+            acc[name[free[n]]] = acc[name[free[n]]] + _weighted_rows(factors, g)
         stats = {"norms": norms, "loss": losses, **engine.aux_to_stats(aux)}
         stats = {k: jnp.where(real, v.astype(F32), 0.0) for k, v in stats.items()}
         return acc, stats

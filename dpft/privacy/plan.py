@@ -212,7 +212,8 @@ def fixed_plan(*, clipping: ClippingConfig, noise_multiplier: float, expected_ba
 
 
 def resolve_grad_method(method: str, enabled: bool, clipping_mode: str) -> str:
-    """"auto" -> "bookkeeping" for private flat/automatic clipping, else "vmap"."""
+    """"auto" -> "bookkeeping" for private flat/automatic clipping (any NNX model: dpft's layers and
+    standard flax layers alike, `dpft.nn.nnx_layers`), else "vmap"."""
     if method not in GRAD_METHOD_CHOICES:
         raise PlanError(f"grad_method={method!r}; use one of {GRAD_METHOD_CHOICES}")
     if method != "auto":

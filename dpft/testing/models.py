@@ -54,3 +54,24 @@ def nnx_to_haiku_params(model: SmallConvNet) -> dict[str, dict[str, jax.Array]]:
     """The Haiku params dict holding the weights of `model` (kernels are HWIO / [in, out] in both)."""
     return {name: {"w": jnp.asarray(getattr(model, name).kernel[...]), "b": jnp.asarray(getattr(model, name).bias[...])}
             for name in ("conv1", "conv2", "head")}
+
+
+class GroupNormConvNet(nnx.Module):
+    """A plain user CNN of standard flax layers (the benchmark's "GroupNorm CNN"):
+    [conv3x3 -> GroupNorm -> relu] x 3 (the last two strided) -> global mean -> linear.
+    images float [B, H, W, C_in] -> logits float32 [B, num_classes]."""
+
+    def __init__(self, in_channels: int, num_classes: int, *, channels: tuple[int, int, int] = (16, 32, 64),
+                 groups: int = 4, seed: int = 0, dtype: Any = jnp.float32):
+        rngs = nnx.Rngs(seed)
+        c = (in_channels,) + tuple(channels)
+        self.convs = nnx.List([nnx.Conv(c[i], c[i + 1], (3, 3), strides=1 if i == 0 else 2, rngs=rngs, dtype=dtype)
+                               for i in range(3)])
+        self.norms = nnx.List([nnx.GroupNorm(c[i + 1], num_groups=groups, rngs=rngs, dtype=dtype) for i in range(3)])
+        self.head = nnx.Linear(c[-1], num_classes, rngs=rngs, dtype=dtype)
+
+    def __call__(self, images: jax.Array) -> jax.Array:
+        h = images
+        for conv, norm in zip(self.convs, self.norms):
+            h = jax.nn.relu(norm(conv(h)))
+        return self.head(jnp.mean(h, axis=(1, 2))).astype(jnp.float32)

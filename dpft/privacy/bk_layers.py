@@ -1,0 +1,182 @@
+"""Per-example gradient norms and weighted gradient sums of standard Flax NNX layers, from each
+example's layer input x and output gradient d (the book-keeping engine's step 2 and 3 for the
+kinds "nnx_dense", "nnx_conv", "nnx_embed" of `dpft.nn.nnx_layers`).
+
+Dense and conv layers are a matmul g_i = A_i^T D_i per group (A: input rows, or conv patches
+with features ordered as the kernel's (*k, in/groups); D: output-gradient rows). The squared
+norm is either a ghost norm <A_i A_i^T, D_i D_i^T> (Li et al. 2022) or ||g_i||^2 of the
+materialised g_i, whichever needs fewer flops (Bu et al. 2023); the weighted sum
+sum_i w_i g_i is one contraction of (A, w D) on the ghost route, or of the kept g_i. An
+embedding's gradient is a scatter-add of D_i's rows at the indices: its norm is the ghost
+sum_{r,s} [idx_r = idx_s] <d_r, d_s> (or the materialised table when that is smaller).
+Everything is computed and summed in float32; a row of weight 0 contributes exactly 0 (even
+with NaN activations: padding).
+All functions take x [m, *one call's input shape], d [m, *one call's output shape] and return
+(squared norms float32 [m], summer: weights float32 [m] -> {param name: float32 array shaped
+like the param}).
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from dpft.nn import nnx_layers
+
+F32 = jnp.float32
+#: Full float32 matmuls for norms and sums (GPUs would otherwise use TF32 for float32 dots, and a
+#: norm 0.1% low lets a clipped contribution exceed C).
+HI = lax.Precision.HIGHEST
+Summer = Callable[[jax.Array], dict]
+
+
+def use_ghost(ghost: str, rows: int, fan_in: int, fan_out: int) -> bool:
+    """Ghost norm iff fewer flops than materialising, per group and example: R^2 (n + o) < R n o,
+    i.e. R (n + o) < n o (R rows); ghost "always"/"never" force the route."""
+    if ghost != "auto":
+        return ghost == "always"
+    return rows * (fan_in + fan_out) < fan_in * fan_out
+
+
+def _keep(weights: jax.Array, v: jax.Array, scaled: bool) -> jax.Array:
+    """Rows of v [m, ...] times weights (if scaled), rows of weight 0 set to exactly 0."""
+    shape = (-1,) + (1,) * (v.ndim - 1)
+    w = weights.reshape(shape).astype(F32)
+    return jnp.where((weights != 0).reshape(shape), v * w if scaled else v, 0.0)
+
+
+def matmul_norms(a: jax.Array, d: jax.Array, ghost: str) -> tuple[jax.Array, Callable[[jax.Array], jax.Array]]:
+    """a [m, R, g, n], d [m, R, g, o] float32 -> (sum_g ||A_ig^T D_ig||^2 [m], weights -> sum_i w_i
+    A_i^T D_i [g, n, o])."""
+    rows, n, o = a.shape[1], a.shape[3], d.shape[3]
+    if use_ghost(ghost, rows, n, o):
+        gram_a = jnp.einsum("mrgn,msgn->mgrs", a, a, precision=HI)
+        gram_d = jnp.einsum("mrgo,msgo->mgrs", d, d, precision=HI)
+        sq = jnp.sum(gram_a * gram_d, axis=(1, 2, 3))
+
+        def ghost_sum(weights: jax.Array) -> jax.Array:
+            return jnp.einsum("mrgn,mrgo->gno", _keep(weights, a, False), _keep(weights, d, True), precision=HI)
+
+        return sq, ghost_sum
+    g = jnp.einsum("mrgn,mrgo->mgno", a, d, precision=HI)
+
+    def kept_sum(weights: jax.Array) -> jax.Array:
+        return jnp.einsum("m,mgno->gno", weights.astype(F32), _keep(weights, g, False), precision=HI)
+
+    return jnp.sum(jnp.square(g), axis=(1, 2, 3)), kept_sum
+
+
+def _with_bias(params: Mapping[str, jax.Array], sq: jax.Array, kernel_sum: Callable, d_rows: jax.Array,
+               to_kernel: Callable[[jax.Array], jax.Array]) -> tuple[jax.Array, Summer]:
+    """Adds the bias (gradient: the sum of the output-gradient rows d_rows [m, R, out]) if any."""
+    has_bias = "bias" in params
+    b_rows = jnp.sum(d_rows, axis=1) if has_bias else None
+    if has_bias:
+        sq = sq + jnp.sum(jnp.square(b_rows), axis=1)
+
+    def summer(weights: jax.Array) -> dict[str, jax.Array]:
+        out = {"kernel": to_kernel(kernel_sum(weights)).reshape(params["kernel"].shape)}
+        if has_bias:
+            out["bias"] = jnp.einsum("m,mo->o", weights.astype(F32), _keep(weights, b_rows, False),
+                                     precision=HI).reshape(params["bias"].shape)
+        return out
+
+    return sq, summer
+
+
+def dense_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, cfg: nnx_layers.Dense,
+                ghost: str = "auto") -> tuple[jax.Array, Summer]:
+    """nnx.Linear / nnx.LinearGeneral: kernel [*in, *out], bias [*out] (optional)."""
+    m = x.shape[0]
+    axes = [1 + a for a in cfg.in_axes]
+    n_in = math.prod(x.shape[a] for a in axes)
+    xm = jnp.moveaxis(x, axes, list(range(x.ndim - len(axes), x.ndim)))
+    a = xm.astype(F32).reshape(m, -1, 1, n_in)
+    n_out = params["kernel"].size // n_in
+    dd = d.astype(F32).reshape(m, a.shape[1], 1, n_out)
+    sq, kernel_sum = matmul_norms(a, dd, ghost)
+    return _with_bias(params, sq, kernel_sum, dd[:, :, 0], lambda g: g[0])
+
+
+def conv_patches(x: jax.Array, cfg: nnx_layers.Conv) -> jax.Array:
+    """The patches of a channels-last conv input by strided slicing (no convolution):
+    x [N, *spatial, C] -> [N, *out spatial, prod(kernel_size), C], kernel offsets row-major."""
+    if cfg.pre_pad is not None:
+        mode, pre = cfg.pre_pad
+        x = jnp.pad(x, ((0, 0),) + tuple(pre) + ((0, 0),), mode=mode)
+    nd = len(cfg.kernel_size)
+    if all(k == 1 for k in cfg.kernel_size) and all(s == 1 for s in cfg.strides) and not any(
+            lo or hi for lo, hi in cfg.pads):
+        return x[..., None, :]
+    zero = jnp.zeros((), x.dtype)
+    x = lax.pad(x, zero, ((0, 0, 0),) + tuple((lo, hi, 0) for lo, hi in cfg.pads) + ((0, 0, 0),))
+    outs = [(x.shape[1 + j] - ((cfg.kernel_size[j] - 1) * cfg.dilation[j] + 1)) // cfg.strides[j] + 1
+            for j in range(nd)]
+    slices = []
+    for offs in itertools.product(*[range(k) for k in cfg.kernel_size]):
+        start = [0] + [o * dl for o, dl in zip(offs, cfg.dilation)] + [0]
+        limit = ([x.shape[0]] + [st + s * (n - 1) + 1 for st, s, n in zip(start[1:], cfg.strides, outs)]
+                 + [x.shape[-1]])
+        slices.append(lax.slice(x, start, limit, (1,) + tuple(cfg.strides) + (1,)))
+    return jnp.stack(slices, axis=-2)
+
+
+def conv_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, cfg: nnx_layers.Conv,
+               ghost: str = "auto") -> tuple[jax.Array, Summer]:
+    """nnx.Conv: kernel [*k, in/groups, out], bias [out] (optional); x [m, ..., *spatial, in]."""
+    nd, g, m = len(cfg.kernel_size), cfg.groups, x.shape[0]
+    xr = x.reshape((-1,) + x.shape[x.ndim - nd - 1:]).astype(F32)
+    p = conv_patches(xr, cfg)  # [N, *out, kt, C]
+    kt, c = p.shape[-2], p.shape[-1]
+    a = jnp.moveaxis(p.reshape(p.shape[:-1] + (g, c // g)), -2, -3).reshape(m, -1, g, kt * (c // g))
+    cout = params["kernel"].shape[-1]
+    dd = d.astype(F32).reshape(m, a.shape[1], g, cout // g)
+    sq, kernel_sum = matmul_norms(a, dd, ghost)
+
+    def to_kernel(gk: jax.Array) -> jax.Array:  # [g, kt * cin_g, o] -> [*k, cin_g, g * o]
+        gk = gk.reshape((g,) + tuple(cfg.kernel_size) + (c // g, cout // g))
+        return jnp.moveaxis(gk, 0, -2)
+
+    return _with_bias(params, sq, kernel_sum, dd.reshape(m, -1, cout), to_kernel)
+
+
+def embed_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, cfg: nnx_layers.Embed,
+                ghost: str = "auto") -> tuple[jax.Array, Summer]:
+    """nnx.Embed: embedding [V, F]; x integer indices [m, ...], d [m, ..., F]. Out-of-range
+    indices (flax: filled output, no gradient) contribute nothing; negative ones wrap."""
+    m, v = x.shape[0], cfg.num_embeddings
+    idx = x.reshape(m, -1).astype(jnp.int32)
+    idx = jnp.where(idx < 0, idx + v, idx)
+    valid = (idx >= 0) & (idx < v)
+    idx = jnp.where(valid, idx, v)  # one shared out-of-range slot, dropped by the scatter
+    dd = jnp.where(valid[..., None], d.astype(F32).reshape(m, idx.shape[1], -1), 0.0)
+    rows = idx.shape[1]
+    if ghost == "always" or (ghost == "auto" and rows * rows < v):
+        same = (idx[:, :, None] == idx[:, None, :]).astype(F32)
+        sq = jnp.sum(same * jnp.einsum("mrf,msf->mrs", dd, dd, precision=HI), axis=(1, 2))
+    else:
+        table = jnp.zeros((m, v, dd.shape[-1]), F32).at[jnp.arange(m)[:, None], idx].add(dd, mode="drop")
+        sq = jnp.sum(jnp.square(table), axis=(1, 2))
+
+    def summer(weights: jax.Array) -> dict[str, jax.Array]:
+        rows_w = _keep(weights, dd, True).reshape(-1, dd.shape[-1])
+        table = jnp.zeros((v, dd.shape[-1]), F32).at[idx.reshape(-1)].add(rows_w, mode="drop")
+        return {"embedding": table.reshape(params["embedding"].shape)}
+
+    return sq, summer
+
+
+ROUTES = {"nnx_dense": dense_norms, "nnx_conv": conv_norms, "nnx_embed": embed_norms}
+
+
+def layer_norms(kind: str, params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, cfg: object,
+                ghost: str = "auto") -> tuple[jax.Array, Summer]:
+    """Dispatch on the kind of a standard-layer tap."""
+    return ROUTES[kind](params, x, d, cfg, ghost)
+
+
+__all__ = ["dense_norms", "conv_norms", "embed_norms", "conv_patches", "layer_norms", "matmul_norms", "use_ghost"]
