@@ -8,6 +8,9 @@ for tests and the demo:
     stem 4/4/8 -> 4 channels; the fastest model for unit tests.
   * ``wrn_16_4``: WideResNet-16-4 for 32x32 inputs with GroupNorm(16) and weight
     standardisation (De et al. 2022); see ``dpft.models.wrn``.
+  * ``vit_ti16``, ``vit_s16``, ``vit_b16``: ViT-Ti/S/B with 16x16 patches at 224 px
+    (big_vision sizes); ``vit_micro``: width 32, depth 2, 2 heads, 8x8 patches at 32 px, for
+    tests. See ``dpft.models.vit``; checkpoints: ``dpft.models.vit_checkpoints``.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from flax import nnx
 
 from dpft.cli import UsageError
 from dpft.models.nfnet import NFNet
+from dpft.models.vit import ViT
 from dpft.models.wrn import WideResNet
 
 
@@ -53,6 +57,11 @@ VARIANTS["nfnet_micro"] = Variant("nfnet", NFNet, dict(
     width=(8, 16, 16, 16), depth=(1, 1, 1, 1), group_width=4, stem_width=(4, 4, 8),
     stochdepth_rate=0.1, drop_rate=0.2), 32, 32)
 VARIANTS["wrn_16_4"] = Variant("wrn", WideResNet, dict(depth=16, width=4, groups=16), 32, 32)
+VARIANTS["vit_ti16"] = Variant("vit", ViT, dict(width=192, depth=12, mlp_dim=768, num_heads=3), 224, 224)
+VARIANTS["vit_s16"] = Variant("vit", ViT, dict(width=384, depth=12, mlp_dim=1536, num_heads=6), 224, 224)
+VARIANTS["vit_b16"] = Variant("vit", ViT, dict(width=768, depth=12, mlp_dim=3072, num_heads=12), 224, 224)
+VARIANTS["vit_micro"] = Variant("vit", ViT, dict(width=32, depth=2, mlp_dim=64, num_heads=2, patch_size=8,
+                                                 image_size=32), 32, 32)
 
 
 def _variant(name: str) -> Variant:
@@ -98,6 +107,9 @@ def load_pretrained(path: str | os.PathLike, variant: str, num_classes: int | No
     """
     from dpft.models import checkpoints  # local: avoids a cycle at import time
 
+    if _variant(variant).family == "vit":
+        return _load_vit(path, variant, num_classes, allow_missing=allow_missing, seed=seed, dtype=dtype,
+                         **overrides)
     probe = nnx.eval_shape(lambda: create(variant, 1, seed=seed, dtype=dtype, **overrides))
     tree = checkpoints.read_checkpoint(path, probe)
     head = checkpoints.head_modules(probe)[0]
@@ -107,4 +119,18 @@ def load_pretrained(path: str | os.PathLike, variant: str, num_classes: int | No
         num_classes = int(tree[head]["b"].shape[0])
     model = create(variant, num_classes, seed=seed, dtype=dtype, **overrides)
     checkpoints.apply_haiku_tree(model, tree, allow_missing=allow_missing, source=os.fspath(path))
+    return model
+
+
+def _load_vit(path: str | os.PathLike, variant: str, num_classes: int | None, *, allow_missing: Iterable[str],
+              seed: int, dtype: Any, **overrides: Any) -> nnx.Module:
+    """``load_pretrained`` for a big_vision/AugReg ViT ``.npz`` (see ``dpft.models.vit_checkpoints``)."""
+    from dpft.models import vit_checkpoints
+
+    source = os.fspath(path)
+    flat = vit_checkpoints.normalise(vit_checkpoints.read_flat(source), source)
+    if num_classes is None:
+        num_classes = vit_checkpoints.head_classes(flat, source)
+    model = create(variant, num_classes, seed=seed, dtype=dtype, **overrides)
+    vit_checkpoints.apply_flat(model, flat, allow_missing=allow_missing, source=source)
     return model

@@ -30,6 +30,10 @@ MODEL_NAMES: tuple[str, ...] = tuple(f"nfnet_f{i}" for i in range(8)) + (
     "nfnet_tiny",
     "nfnet_micro",
     "wrn_16_4",
+    "vit_ti16",
+    "vit_s16",
+    "vit_b16",
+    "vit_micro",
 )
 DATA_NAMES = ("digits", "chexpert", "mimic_cxr", "imagenet", "places365")
 DTYPES = ("float32", "bfloat16")
