@@ -57,7 +57,8 @@ class ClassToken(nnx.Module):
         self.token = nnx.Param(jnp.zeros((1, 1, width), jnp.float32))
 
     def __call__(self, x: Array) -> Array:
-        token = jnp.broadcast_to(self.token.get_value().astype(x.dtype), (x.shape[0], 1, x.shape[2]))
+        # Derived from x (not broadcast_to) so that it inherits x's batch sharding under explicit meshes.
+        token = jnp.zeros_like(x[:, :1]) + self.token.get_value().astype(x.dtype)
         return jnp.concatenate([token, x], axis=1)
 
 
