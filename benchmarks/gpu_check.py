@@ -215,21 +215,24 @@ def run_driver(args: argparse.Namespace) -> int:
         print(f"gpu_check: unknown model {unknown[0]!r}; choose from {', '.join([*FULL, *SMOKE])}", file=sys.stderr)
         return 2
     rows_path = os.path.join(args.out, "gpu_check_rows.jsonl")
-    if os.path.exists(rows_path):
-        os.remove(rows_path)
+    open(rows_path, "w").close()
     runs = [(m, meth) for m in models for meth in args.methods]
     start = time.monotonic()
+    machine = {**common.machine_info(), "device": str(jax.devices()[0].device_kind)}
     for i, (model, method) in enumerate(runs):
         left = args.budget_s - (time.monotonic() - start)
-        budget = left / (len(runs) - i)
+        remaining = len(runs) - i
+        budget = left / remaining
+        # The worker stops starting new sizes at 0.8 x its share; the hard limit leaves >= 20 s to each later run.
+        hard = max(min(1.5 * budget, left - 20.0 * (remaining - 1)), 5.0)
         res, first = {**FULL, **SMOKE}[model]
         cmd = [sys.executable, "-m", "benchmarks.gpu_check", "--worker", "--model", model, "--method", method,
                "--resolution", str(res), "--start", str(args.start or first), "--max-batch", str(args.max_batch),
                "--iters", str(args.iters), "--dtype", args.dtype, "--rows", rows_path,
                "--budget-s", str(max(budget * 0.8, 1.0))]
-        print(f"gpu_check: {model} {method} (budget {budget:.0f} s)", flush=True)
+        print(f"gpu_check: {model} {method} (budget {budget:.0f} s, hard limit {hard:.0f} s)", flush=True)
         try:
-            proc = subprocess.run(cmd, timeout=max(budget, 5.0), capture_output=True, text=True,
+            proc = subprocess.run(cmd, timeout=hard, capture_output=True, text=True,
                                   cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
             if proc.returncode != 0:
                 _append(rows_path, {"model": model, "method": method, "batch": None, "status": "error",
@@ -237,25 +240,32 @@ def run_driver(args: argparse.Namespace) -> int:
                                              + (proc.stderr.strip().splitlines() or ["?"])[-1][:300]})
         except subprocess.TimeoutExpired:
             _append(rows_path, {"model": model, "method": method, "batch": None, "status": "timeout"})
-    rows = []
+        # Reports after every run: if the outer time limit stops the check, what ran is on disk.
+        md = write_reports(args, machine, backend, rows_path, time.monotonic() - start)
+    print(md)
+    return 0
+
+
+def write_reports(args: argparse.Namespace, machine: dict, backend: str, rows_path: str, wall_s: float) -> str:
+    """(Re)write OUT/gpu_check.json and OUT/gpu_check.md from the rows so far; returns the Markdown."""
+    from benchmarks import common
+
     with open(rows_path) as f:
         rows = [json.loads(line) for line in f if line.strip()]
     timed, summary = summarise(rows)
-    doc = {"machine": {**common.machine_info(), "device": str(jax.devices()[0].device_kind)},
-           "args": {k: v for k, v in vars(args).items() if k not in ("worker",)},
-           "wall_s": time.monotonic() - start, "rows": rows, "summary": summary}
+    doc = {"machine": machine, "args": {k: v for k, v in vars(args).items() if k != "worker"},
+           "wall_s": wall_s, "rows": rows, "summary": summary}
     with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
         json.dump(doc, f, indent=1)
-    md = ["# dpft GPU check", "", f"{doc['machine']['date']}, {doc['machine']['device']} "
-          f"(backend {backend}), jax {doc['machine']['jax']}, flax {doc['machine']['flax']}, "
-          f"compute {args.dtype}, {doc['wall_s']:.0f} s", "",
-          "## Best per method (ratio = examples/s over the best plain `jax.grad` non-private step)", "",
-          common.markdown_table(summary, SUMMARY_COLUMNS), "", "## Every batch size", "",
-          common.markdown_table(timed, ROW_COLUMNS), ""]
+    short = [{**r, "stop_detail": (r["stop_detail"] or "")[:80]} for r in summary]
+    md = "\n".join(["# dpft GPU check", "", f"{machine['date']}, {machine['device']} (backend {backend}), "
+                    f"jax {machine['jax']}, flax {machine['flax']}, compute {args.dtype}, {wall_s:.0f} s", "",
+                    "## Best per method (ratio = examples/s over the best plain `jax.grad` non-private step)", "",
+                    common.markdown_table(short, SUMMARY_COLUMNS + ["stop_detail"]), "", "## Every batch size", "",
+                    common.markdown_table(timed, ROW_COLUMNS), ""])
     with open(os.path.join(args.out, "gpu_check.md"), "w") as f:
-        f.write("\n".join(md))
-    print("\n".join(md))
-    return 0
+        f.write(md)
+    return md
 
 
 def _append(path: str, row: dict) -> None:
