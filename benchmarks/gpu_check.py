@@ -6,7 +6,7 @@
 Models (full run): NFNet-F0 at 192 px and ViT-B/16 at 224 px, 10 classes, bf16 compute (float32
 params). For each (model, method) one subprocess (so that the device's peak-memory counter
 ``peak_bytes_in_use``, which never resets, belongs to that method alone) sweeps the batch size
-b = start, 2 start, ... until out of memory, the time budget, or ``--max-batch``. One "step" on a
+b = start, 4 start, 16 start, ... (x2 in --smoke) until out of memory, the time budget, or ``--max-batch``. One "step" on a
 batch of b examples, jitted, with an SGD update:
   * nonprivate:  ``jax.grad`` of the mean loss over the whole batch (no microbatch loop, no
                  per-example work): the fastest non-private step, the denominator of every ratio;
@@ -31,11 +31,13 @@ import subprocess
 import sys
 import time
 import traceback
-from typing import Any
 
 #: model -> (resolution px, first batch size) for the full run and for --smoke.
 FULL = {"nfnet_f0": (192, 16), "vit_b16": (224, 16)}
 SMOKE = {"nfnet_micro": (32, 2), "vit_micro": (32, 2)}
+#: Batch-size growth factor of the sweep: x4 on the GPU (reaches the memory limit within the
+#: budget: 16, 64, 256, 1024, ...), x2 in the smoke run.
+GROWTH = {"full": 4, "smoke": 2}
 METHODS = ("nonprivate", "bookkeeping", "vmap")
 NUM_CLASSES = 10
 OOM_MARKERS = ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory", "OOM")
@@ -149,7 +151,7 @@ def run_worker(args: argparse.Namespace) -> int:
               "device_peak_mib": (stats["peak_bytes_in_use"] / 2 ** 20 if "peak_bytes_in_use" in stats else None)})
         last_seconds = time.monotonic() - t0
         del compiled, batch
-        b *= 2
+        b *= args.growth
     emit({"batch": b, "status": "max_batch"})
     return 0
 
@@ -229,6 +231,7 @@ def run_driver(args: argparse.Namespace) -> int:
         cmd = [sys.executable, "-m", "benchmarks.gpu_check", "--worker", "--model", model, "--method", method,
                "--resolution", str(res), "--start", str(args.start or first), "--max-batch", str(args.max_batch),
                "--iters", str(args.iters), "--dtype", args.dtype, "--rows", rows_path,
+               "--growth", str(args.growth or GROWTH["smoke" if args.smoke else "full"]),
                "--budget-s", str(max(budget * 0.8, 1.0))]
         print(f"gpu_check: {model} {method} (budget {budget:.0f} s, hard limit {hard:.0f} s)", flush=True)
         try:
@@ -283,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--start", type=int, default=0, help="first batch size (0: the model's default)")
     ap.add_argument("--max-batch", type=int, default=2048)
+    ap.add_argument("--growth", type=int, default=0, help="batch-size factor per sweep step (0: 4, smoke 2)")
     ap.add_argument("--iters", type=int, default=3, help="timed calls per batch size (after one warm-up)")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     # worker mode (one model and method; called by the driver)
@@ -292,8 +296,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--resolution", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--rows", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.start < 0 or args.max_batch < 1 or args.iters < 1 or args.budget_s <= 0:
-        ap.error("--start >= 0, --max-batch >= 1, --iters >= 1 and --budget-s > 0 are required")
+    if args.start < 0 or args.max_batch < 1 or args.iters < 1 or args.budget_s <= 0 or args.growth == 1 \
+            or args.growth < 0:
+        ap.error("--start >= 0, --max-batch >= 1, --iters >= 1, --budget-s > 0 and --growth 0 or >= 2 are required")
     return run_worker(args) if args.worker else run_driver(args)
 
 

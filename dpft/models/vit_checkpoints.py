@@ -31,7 +31,7 @@ import logging
 import os
 import re
 import zipfile
-from typing import Any, Iterable, Mapping
+from typing import Iterable, Mapping
 
 import numpy as np
 import jax.numpy as jnp
