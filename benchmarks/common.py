@@ -19,7 +19,7 @@ from typing import Any, Callable
 import numpy as np
 
 #: Benchmarked models: name -> (resolution in pixels, number of classes).
-MODELS = {"nfnet_tiny": (32, 10), "nfnet_f0": (192, 10)}
+MODELS = {"nfnet_tiny": (32, 10), "nfnet_f0": (192, 10), "vit_ti16": (224, 10)}
 
 
 def machine_info() -> dict[str, Any]:
@@ -57,6 +57,7 @@ class Setup:
     params: Any
     batch: dict
     num_params: int
+    apply: Callable | None = None  # apply(params, images [N, H, W, C], key) -> logits [N, classes]
 
 
 def make_setup(name: str, batch_size: int, *, resolution: int | None = None, num_classes: int | None = None,
@@ -70,14 +71,14 @@ def make_setup(name: str, batch_size: int, *, resolution: int | None = None, num
     res, nc = MODELS.get(name, (32, 10))
     res, nc = resolution or res, num_classes or nc
     model = dpft.models.create(name, nc, seed=seed, head_init="normal")
-    loss_fn, params, _ = adapters.nnx_loss_fn(model, adapters.softmax_cross_entropy_loss)
+    loss_fn, params, merge = adapters.nnx_loss_fn(model, adapters.softmax_cross_entropy_loss)
     rs = np.random.RandomState(seed)
     batch = {"image": jnp.asarray(rs.randn(batch_size, 1, res, res, 3), jnp.float32),
              "label": jnp.asarray(rs.randint(0, nc, (batch_size, 1)), jnp.int32),
              "mask": jnp.ones((batch_size,), jnp.float32),
              "example_id": jnp.arange(batch_size, dtype=jnp.int32)}
     n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-    return Setup(name, loss_fn, params, batch, n)
+    return Setup(name, loss_fn, params, batch, n, lambda p, x, key: merge(p)(x, train=True, key=key))
 
 
 def time_fn(fn: Callable, *args, iters: int = 3, warmup: int = 1) -> dict[str, float]:

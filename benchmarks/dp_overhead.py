@@ -5,7 +5,10 @@
 One "step" = `engine.clipped_grad_sum` ("vmap": vmap of per-example grads) or
 `bookkeeping.bk_clipped_grad_sum` ("bookkeeping": norms from layer taps) + `noise.privatize`
 + an SGD update, jitted. Non-private = ClippingConfig(mode="none") and sigma = 0: the same code
-path (DESIGN.md invariant 6). For each microbatch size: examples/s, XLA temp memory of the compiled
+path (DESIGN.md invariant 6). "nonprivate_plain" = one `jax.grad` of the batch-mean loss on the model
+applied to the whole batch (no microbatch loop, no per-example vmap): the fastest non-private step.
+`time_ratio_vs_best_nonprivate` divides by the fastest non-private step of the model (plain or
+engine, any microbatch size), never only by a scan-wrapped one. For each microbatch size: examples/s, XLA temp memory of the compiled
 step (MiB; the working set a microbatch size must fit) and the process max-RSS growth (MiB).
 "Largest microbatch that fits" is a GPU notion (device memory); on CPU the memory column is reported.
 """
@@ -21,8 +24,9 @@ from benchmarks import common
 PLANS = {
     "nfnet_tiny": {"full": (128, (8, 16, 32, 64, 128), 5), "quick": (64, (16, 64), 3)},
     "nfnet_f0": {"full": (16, (8, 16), 2), "quick": (4, (4,), 2)},
+    "vit_ti16": {"full": (16, (4, 8, 16), 2), "quick": (4, (4,), 2)},
 }
-METHODS = ("nonprivate", "vmap", "bookkeeping")
+METHODS = ("nonprivate_plain", "nonprivate", "vmap", "bookkeeping")
 
 
 def make_step(setup: common.Setup, method: str, microbatch_size: int, *, clip_norm: float = 1.0,
@@ -35,6 +39,8 @@ def make_step(setup: common.Setup, method: str, microbatch_size: int, *, clip_no
     if method not in METHODS:
         raise ValueError(f"dp_overhead: unknown method {method!r}; choose from {METHODS}")
     batch_size = setup.batch["mask"].shape[0]
+    if method == "nonprivate_plain":
+        return make_plain_step(setup, lr=lr)
     private = method != "nonprivate"
     # The production privacy plan (a fresh secret, as a run draws): its engine, clipping and noise step.
     plan = plan_lib.fixed_plan(
@@ -51,12 +57,39 @@ def make_step(setup: common.Setup, method: str, microbatch_size: int, *, clip_no
     return jax.jit(step)
 
 
+def make_plain_step(setup: common.Setup, *, lr: float = 0.1):
+    """Jitted `step(params, batch, key) -> (params, losses [B])`: `jax.grad` of the mean softmax
+    cross-entropy of the model applied to all B*K views at once (no microbatch loop, no vmap)."""
+    import jax
+    import jax.numpy as jnp
+
+    def losses(params, batch, key):
+        images = batch["image"]  # [B, K, H, W, C]
+        b, k = images.shape[:2]
+        logits = setup.apply(params, images.reshape((b * k,) + images.shape[2:]), key).astype(jnp.float32)
+        logp = jnp.take_along_axis(jax.nn.log_softmax(logits), batch["label"].reshape(b * k, 1), axis=1)
+        return -jnp.mean(logp.reshape(b, k), axis=1)
+
+    def step(params, batch, key):
+        def mean_loss(p):
+            per_example = losses(p, batch, key)
+            return jnp.mean(per_example), per_example
+
+        (_, per_example), grads = jax.value_and_grad(mean_loss, has_aux=True)(params)
+        return jax.tree.map(lambda p, g: p - lr * g, params, grads), per_example
+
+    return jax.jit(step)
+
+
 def bench_model(name: str, batch_size: int, microbatches: tuple[int, ...], iters: int,
                 methods: tuple[str, ...] = METHODS) -> list[dict[str, Any]]:
-    """One row per (microbatch size, method); ratios are vs non-private at the same microbatch size.
+    """One row per (microbatch size, method). `time_ratio_vs_nonprivate`: vs the engine's non-private
+    step at the same microbatch size; `time_ratio_vs_best_nonprivate`: vs the fastest non-private step
+    of the model (plain `jax.grad` or engine, any microbatch size), filled in once all are timed.
 
     The methods of one microbatch size are compiled first, then timed round-robin (so load from
-    other processes hits all alike); median of `iters` calls each."""
+    other processes hits all alike); median of `iters` calls each. A method that fails to build (e.g.
+    book-keeping refusing a model with untapped layers) gives a row with `error` and no timing."""
     import time
 
     import jax
@@ -67,11 +100,15 @@ def bench_model(name: str, batch_size: int, microbatches: tuple[int, ...], iters
     for mb in microbatches:
         if batch_size % mb:
             continue
-        compiled, info = {}, {}
+        compiled, info, errors = {}, {}, {}
         for method in methods:
             rss0 = common.maxrss_mib()
             t0 = time.perf_counter()
-            compiled[method] = make_step(setup, method, mb).lower(*args).compile()
+            try:
+                compiled[method] = make_step(setup, method, mb).lower(*args).compile()
+            except ValueError as e:  # an engine refusing the model: recorded, the others still run
+                errors[method] = str(e).splitlines()[0][:200]
+                continue
             jax.block_until_ready(compiled[method](*args))  # warm-up
             mem = compiled[method].memory_analysis()
             info[method] = {"compile_s": time.perf_counter() - t0,
@@ -79,20 +116,39 @@ def bench_model(name: str, batch_size: int, microbatches: tuple[int, ...], iters
                             "rss_growth_mib": common.maxrss_mib() - rss0}
         times = common.time_round_robin(compiled, args, iters)
         for method in methods:
-            row = {"model": name, "resolution": int(setup.batch["image"].shape[2]), "params": setup.num_params,
-                   "batch": batch_size, "microbatch": mb, "method": method,
-                   "examples_per_s": batch_size / times[method], "step_s": times[method],
+            base = {"model": name, "resolution": int(setup.batch["image"].shape[2]), "params": setup.num_params,
+                    "batch": batch_size, "microbatch": mb, "method": method}
+            if method in errors:
+                rows.append({**base, "error": errors[method]})
+                print(json.dumps(rows[-1]), flush=True)
+                continue
+            row = {**base, "examples_per_s": batch_size / times[method], "step_s": times[method],
                    **info[method], "device_peak_mib": common.device_peak_mib(),
                    "time_ratio_vs_nonprivate": (times[method] / times["nonprivate"]
                                                 if "nonprivate" in times else None)}
             rows.append(row)
             print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}),
                   flush=True)
+    add_best_nonprivate_ratio(rows)
     return rows
 
 
+def add_best_nonprivate_ratio(rows: list[dict[str, Any]]) -> None:
+    """Set `time_ratio_vs_best_nonprivate` = step_s / (fastest non-private step_s of the same model and
+    batch, plain or engine, any microbatch size) on every timed row, in place."""
+    best: dict[tuple, float] = {}
+    for r in rows:
+        if r["method"].startswith("nonprivate") and "step_s" in r:
+            k = (r["model"], r["resolution"], r["batch"])
+            best[k] = min(best.get(k, float("inf")), r["step_s"])
+    for r in rows:
+        k = (r["model"], r["resolution"], r["batch"])
+        if "step_s" in r:
+            r["time_ratio_vs_best_nonprivate"] = r["step_s"] / best[k] if k in best else None
+
+
 COLUMNS = ["model", "resolution", "batch", "microbatch", "method", "examples_per_s", "step_s",
-           "time_ratio_vs_nonprivate", "xla_temp_mib", "rss_growth_mib", "compile_s"]
+           "time_ratio_vs_nonprivate", "time_ratio_vs_best_nonprivate", "xla_temp_mib", "rss_growth_mib", "compile_s", "error"]
 
 
 def run(models: tuple[str, ...], quick: bool, methods: tuple[str, ...] = METHODS) -> list[dict[str, Any]]:

@@ -20,7 +20,7 @@ from flax import nnx
 from dpft.models import create
 
 #: name -> batch size used by `main` for the forward+backward timing.
-BATCH_SIZES = {"nfnet_tiny@32": 32, "nfnet_f0@192": 4}
+BATCH_SIZES = {"nfnet_tiny@32": 32, "nfnet_f0@192": 4, "vit_ti16@224": 4}
 
 
 def model_builders() -> dict[str, tuple[Callable[[], nnx.Module], tuple[int, int, int], int]]:
@@ -28,6 +28,7 @@ def model_builders() -> dict[str, tuple[Callable[[], nnx.Module], tuple[int, int
     return {
         "nfnet_tiny@32": (lambda: create("nfnet_tiny", 10), (32, 32, 3), 10),
         "nfnet_f0@192": (lambda: create("nfnet_f0", 10), (192, 192, 3), 10),
+        "vit_ti16@224": (lambda: create("vit_ti16", 10), (224, 224, 3), 10),
     }
 
 

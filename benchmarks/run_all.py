@@ -34,6 +34,8 @@ def jobs(quick: bool) -> list[dict]:
          "args": ["benchmarks.dp_overhead", "--models", "nfnet_tiny", *q]},
         {"name": "dp_overhead_f0", "py": sys.executable, "timeout": 900 if quick else 2400,
          "args": ["benchmarks.dp_overhead", "--models", "nfnet_f0", *q]},
+        {"name": "dp_overhead_vit_ti", "py": sys.executable, "timeout": 900 if quick else 2400,
+         "args": ["benchmarks.dp_overhead", "--models", "vit_ti16", *q]},
         {"name": "peers_optax", "py": sys.executable, "timeout": 300,
          "args": ["benchmarks.peers_optax", *peer_batch, *it]},
         {"name": "peers_jax_privacy", "py": BENCH_PY, "timeout": 300,
@@ -76,7 +78,8 @@ def to_markdown(result: dict) -> str:
            f"{m['load_avg_1min']}", f"- jax {m['jax']}, flax {m['flax']}, backend {m['backend']}, "
            f"python {m['python']}", ""]
     cols = {"dp_overhead": ["model", "resolution", "batch", "microbatch", "method", "examples_per_s", "step_s",
-                            "time_ratio_vs_nonprivate", "xla_temp_mib", "rss_growth_mib", "compile_s"],
+                            "time_ratio_vs_nonprivate", "time_ratio_vs_best_nonprivate", "xla_temp_mib", "rss_growth_mib",
+                            "compile_s", "error"],
             "peers": ["peer", "framework", "model", "resolution", "batch", "microbatch", "method",
                       "examples_per_s", "step_s", "time_ratio_vs_nonprivate"],
             "scaling": ["model", "devices", "batch", "microbatch", "examples_per_s", "step_s", "error"],

@@ -299,10 +299,16 @@ def test_recipes_set_only_what_differs_from_the_base():
     which settings are the experiment's own). Literal assignments `c.a.b = <literal>` are checked."""
     import ast
 
+    def starts_from_base(fn: ast.FunctionDef) -> bool:  # `c = base_config(...)`; derived recipes compare to their parent
+        return any(isinstance(n, ast.Assign) and isinstance(n.value, ast.Call)
+                   and getattr(n.value.func, "id", getattr(n.value.func, "attr", "")) == "base_config"
+                   for n in ast.walk(fn))
+
     base = cb.base_config(locked=False)
     restated = []
     for path in [*glob.glob(os.path.join(ROOT, "configs", "*.py")), os.path.join(ROOT, "dpft", "demo", "recipe.py")]:
-        for node in ast.walk(ast.parse(open(path).read())):
+        functions = [f for f in ast.walk(ast.parse(open(path).read())) if isinstance(f, ast.FunctionDef)]
+        for node in (n for f in functions if starts_from_base(f) for n in ast.walk(f)):
             if not (isinstance(node, ast.Assign) and len(node.targets) == 1):
                 continue
             target, parts = node.targets[0], []

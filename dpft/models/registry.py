@@ -9,9 +9,13 @@ Each model file registers its names in a ``VARIANTS`` dict (``dpft.models.varian
     stem 4/4/8 -> 4 channels; the fastest model for unit tests.
   * ``wrn_16_4``: WideResNet-16-4 for 32x32 inputs with GroupNorm(16) and weight
     standardisation (De et al. 2022); see ``dpft.models.wrn``.
+  * ``vit_ti16``, ``vit_s16``, ``vit_b16``: ViT-Ti/S/B with 16x16 patches at 224 px
+    (big_vision sizes); ``vit_micro``: width 32, depth 2, 2 heads, 8x8 patches at 32 px, for
+    tests. See ``dpft.models.vit``; checkpoints: ``dpft.models.vit_checkpoints``.
 """
 from __future__ import annotations
 
+import importlib
 import os
 from typing import Any, Iterable
 
@@ -28,6 +32,7 @@ from dpft.registry import Registry
 MODEL_FAMILIES = Registry("model family", {
     "nfnet": "dpft.models.nfnet:VARIANTS",
     "wrn": "dpft.models.wrn:VARIANTS",
+    "vit": "dpft.models.vit:VARIANTS",
 })
 
 
@@ -91,6 +96,11 @@ def load_pretrained(path: str | os.PathLike, variant: str, num_classes: int | No
     """
     from dpft.models import checkpoints  # local: avoids a cycle at import time
 
+    loader = _variant(variant).checkpoint_loader
+    if loader:  # the family's own format (e.g. big_vision .npz for ViTs)
+        module, _, name = loader.partition(":")
+        return getattr(importlib.import_module(module), name)(
+            path, variant, num_classes, allow_missing=allow_missing, seed=seed, dtype=dtype, **overrides)
     probe = nnx.eval_shape(lambda: create(variant, 1, seed=seed, dtype=dtype, **overrides))
     tree = checkpoints.read_checkpoint(path, probe)
     head = checkpoints.head_modules(probe)[0]
