@@ -14,7 +14,7 @@ import pytest
 import dpft.models as models
 from dpft.data import fake
 from dpft.models import vit_checkpoints
-from dpft.train import checkpointing
+from dpft.workdir import checkpointing
 
 pytestmark = pytest.mark.slow
 
