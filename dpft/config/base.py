@@ -392,6 +392,16 @@ def add_option_defaults(config: ConfigDict, data_name: str | None = None) -> Con
 # --------------------------------------------------------------------------- JSON
 
 
+def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}, "c.d": 2} -> {"a.b": 1, "c.d": 2} (lists become tuples): configs compared field by field."""
+    out: dict[str, Any] = {}
+    if isinstance(config, dict):
+        for k, v in config.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: tuple(config) if isinstance(config, list) else config}
+
+
 def config_to_json(config: ConfigDict) -> str:
     """The config as indented JSON (tuples become lists); the workdir's config.json."""
     return json.dumps(config.to_dict(), indent=2, sort_keys=True)

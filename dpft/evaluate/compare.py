@@ -28,6 +28,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from dpft import atomic_io
+from dpft.config.base import flatten
 from dpft.errors import UsageError
 from dpft.evaluate.fairness import PARITY_METRICS
 from dpft.evaluate.plots import draw_interval, pyplot
@@ -45,16 +46,6 @@ def _read_json(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise UsageError(f"{path}: not valid JSON ({e})") from None
-
-
-def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
-    """{"a": {"b": 1}, "c.d": 2} -> {"a.b": 1, "c.d": 2} (lists become tuples)."""
-    out: dict[str, Any] = {}
-    if isinstance(config, dict):
-        for k, v in config.items():
-            out.update(flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: tuple(config) if isinstance(config, list) else config}
 
 
 def config_field(config: dict[str, Any], field: str, path: Path) -> Any:

@@ -49,7 +49,7 @@ from dpft.train import ledger_check, logging_utils, optim, preemption, step as s
 from dpft.workdir import checkpointing
 from dpft.train import workdir_lock
 from dpft.train import privacy_setup
-from dpft.config.base import config_from_json, config_to_json
+from dpft.config.base import config_from_json, config_to_json, flatten
 from dpft.config.validation import check_finite_trees, check_finite_update, same_value, validate
 
 log = logging.getLogger(__name__)
@@ -75,21 +75,10 @@ class RunResult:
     predictions: dict[str, str]
 
 
-def _flatten_config(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten_config(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
 def check_resume_config(old: ml_collections.ConfigDict, new: ml_collections.ConfigDict, workdir: str) -> None:
     """Refuse to resume with a config that changes what is trained (and so the guarantee)."""
-    a = _flatten_config(json.loads(config_to_json(old)))
-    b = _flatten_config(json.loads(config_to_json(new)))
+    a = flatten(json.loads(config_to_json(old)))
+    b = flatten(json.loads(config_to_json(new)))
     # data.options keys a checkpoint written before they were listed lacks: equal when at their default.
     from dpft.data import option_defaults
     defaults = {f"data.options.{k}": v for k, v in json.loads(json.dumps(option_defaults(str(new.data.name)))).items()}
