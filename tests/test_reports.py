@@ -424,3 +424,28 @@ def test_compare_refuses_to_average_runs_that_differ_beyond_seeds(tmp_path):
         C.compare_runs(runs, tmp_path / "cmp")  # x = epsilon only: the two fractions would be averaged
     with pytest.raises(UsageError, match="no field"):
         C.compare_runs(runs, tmp_path / "cmp", series="data.options.typo")
+
+
+def test_save_figure_is_atomic(tmp_path):
+    """A figure that fails half-way through rendering leaves the previous PNG intact and no temp file;
+    a good figure replaces it with a readable PNG."""
+    from dpft.evaluate import plots
+
+    plt = plots.pyplot()
+    target = tmp_path / "groups_sex.png"
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [0, 1])
+    plots.save_figure(fig, target)
+    good = target.read_bytes()
+    assert good.startswith(b"\x89PNG\r\n\x1a\n")
+
+    def broken_savefig(f, **kw):
+        f.write(b"\x89PNG half")
+        raise RuntimeError("renderer died")
+
+    broken, _ = plt.subplots()
+    broken.savefig = broken_savefig
+    with pytest.raises(RuntimeError, match="renderer died"):
+        plots.save_figure(broken, target)
+    assert target.read_bytes() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["groups_sex.png"]

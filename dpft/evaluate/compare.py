@@ -31,7 +31,7 @@ from dpft import atomic_io
 from dpft.config.base import flatten
 from dpft.errors import UsageError
 from dpft.evaluate.fairness import PARITY_METRICS
-from dpft.evaluate.plots import draw_interval, pyplot
+from dpft.evaluate.plots import draw_interval, pyplot, save_figure
 from dpft.evaluate.render import fmt_stat
 
 EPSILON = "privacy.epsilon"
@@ -354,5 +354,4 @@ def plot_compare(result: dict[str, Any], path: str | os.PathLike) -> None:
     fig.suptitle(f"mean over seeds with {level}% t intervals over seeds, clipped to [0, 1] (none with one seed); "
                  "series dodged along x for legibility", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)

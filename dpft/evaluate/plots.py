@@ -6,6 +6,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from dpft import atomic_io
 from dpft.evaluate.fairness import group_index
 from dpft.evaluate.render import direction, fmt_stat
 
@@ -16,6 +17,16 @@ def pyplot():
         matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
+
+
+def save_figure(fig: Any, path: str | os.PathLike) -> str:
+    """Write `fig` as PNG (100 dpi) to `path` atomically (local or remote, via dpft.atomic_io: a crash
+    leaves the previous file or none, never half a PNG) and close it. Returns the path."""
+    try:
+        atomic_io.write_bytes(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    finally:
+        pyplot().close(fig)
+    return str(path)
 
 
 def plot_metrics(result: Mapping[str, Any]) -> list[str]:
@@ -78,9 +89,7 @@ def write_group_plots(result: Mapping[str, Any], out_dir: str | os.PathLike) -> 
         fig.tight_layout()
         safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in attr)
         path = os.path.join(out_dir, f"groups_{safe}.png")
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(save_figure(fig, path))
     return paths
 
 
@@ -105,6 +114,4 @@ def individual_epsilon_histogram(eps: np.ndarray, attrs: Mapping[str, np.ndarray
             ax.set_title(attr)
         ax.set_xlabel("individual epsilon")
     fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
-    return str(png_path)
+    return save_figure(fig, png_path)
