@@ -71,9 +71,11 @@ def _signal_and_wait(job: str, workdir, env) -> None:
         time.sleep(0.05)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, env=env)
     while time.time() < deadline:
-        q = subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True, env=env)
+        q = subprocess.run(["squeue", "-h", "-j", job, "-o", "%i %r"], capture_output=True, text=True, env=env)
         if job not in q.stdout:
             return
+        if "BeginTime" in q.stdout:  # requeued: SLURM holds it ~2 min before it may start; no need to wait here
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True, env=env)
         time.sleep(2)
     subprocess.run(["scancel", job], env=env)
     pytest.fail(f"job {job} still queued after {WAIT} s")
