@@ -6,6 +6,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from dpft import atomic_io
+from dpft import paths as dpft_paths
 from dpft.evaluate.fairness import group_index
 from dpft.evaluate.render import direction, fmt_stat
 
@@ -65,6 +67,11 @@ def plot_group_metric(result: Mapping[str, Any], attr: str, metric: str, ax: Any
     ax.legend(handles=handles, fontsize=6, loc="best")
 
 
+def save_png(fig: Any, path: str | os.PathLike) -> str:
+    """Write `fig` as a PNG to `path` atomically (local, or gs://... through dpft.atomic_io)."""
+    return atomic_io.write_bytes(path, lambda f: fig.savefig(f, format="png", dpi=100))
+
+
 def write_group_plots(result: Mapping[str, Any], out_dir: str | os.PathLike) -> list[str]:
     """One PNG per attribute, `groups_<attr>.png`, a panel per plotted metric. Returns the paths."""
     plt = pyplot()
@@ -77,8 +84,8 @@ def write_group_plots(result: Mapping[str, Any], out_dir: str | os.PathLike) -> 
             plot_group_metric(result, attr, m, ax)
         fig.tight_layout()
         safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in attr)
-        path = os.path.join(out_dir, f"groups_{safe}.png")
-        fig.savefig(path, dpi=100)
+        path = dpft_paths.join(out_dir, f"groups_{safe}.png")
+        save_png(fig, path)
         plt.close(fig)
         paths.append(path)
     return paths
@@ -105,6 +112,6 @@ def individual_epsilon_histogram(eps: np.ndarray, attrs: Mapping[str, np.ndarray
             ax.set_title(attr)
         ax.set_xlabel("individual epsilon")
     fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
+    save_png(fig, png_path)
     plt.close(fig)
     return str(png_path)
