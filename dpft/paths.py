@@ -63,6 +63,15 @@ def join(base: Any, *parts: str) -> str:
     return os.path.join(base, *parts)
 
 
+def dirname(path: Any) -> str:
+    """The folder holding `path`: `os.path.dirname(os.path.abspath(...))` locally, the URL up to
+    its last `/` remotely."""
+    path = to_str(path)
+    if is_remote(path):
+        return path.rstrip("/").rsplit("/", 1)[0]
+    return os.path.dirname(os.path.abspath(path))
+
+
 def exists(path: Any) -> bool:
     """`os.path.exists` for local paths, the object store's answer for URLs."""
     return as_path(path).exists() if is_remote(path) else os.path.exists(to_str(path))

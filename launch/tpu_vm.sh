@@ -7,6 +7,7 @@
 # TPU_WORKER_HOSTNAMES lists several hosts) finds the other workers itself. WORKDIR should be
 # shared storage visible to every worker: a gs://BUCKET/RUN URL (pip install 'dpft[gcs]'; see the
 # README's "Cloud paths") or a mounted NFS/Filestore path, so that checkpoints are visible to all workers.
+# Data roots (--config.data.root=gs://...) and --config.model.checkpoint=gs://... work the same way.
 #
 # Environment:
 #   DPFT_PROJECT   GCP project (default: gcloud's configured one)

@@ -29,3 +29,27 @@ def tmpfs_mount(tmp_path):
     yield mount
     for mnt in mounted:
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+@pytest.fixture
+def gcs(tmp_path, monkeypatch):
+    """A fresh fake gs:// store (tests/fake_gcs.py) in this process; yields the environment for
+    subprocesses that use it too (they call `fake_gcs.install()` themselves)."""
+    import fake_gcs
+    from dpft import atomic_io
+
+    root = tmp_path / "gcs"
+    root.mkdir()
+    monkeypatch.setenv(fake_gcs.ENV, str(root))
+    monkeypatch.setattr(atomic_io, "_warned_private", set())  # warnings are once per path and process
+    fake_gcs.install()
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([repo, os.path.join(repo, "tests")]), JAX_PLATFORMS="cpu")
+    yield env
+    fake_gcs.uninstall()
+
+
+@pytest.fixture(params=["local", "gs"])
+def base(request, tmp_path, gcs):
+    """A directory to write in: a local one, or gs://bucket/... on the fake store."""
+    return str(tmp_path / "local") if request.param == "local" else "gs://bucket/work"

@@ -28,25 +28,6 @@ TESTS = os.path.join(REPO, "tests")
 CONFIG = os.path.join(REPO, "configs", "fake_chexpert_tiny.py")
 
 
-@pytest.fixture
-def gcs(tmp_path, monkeypatch):
-    """A fresh fake gs:// store; yields the environment for subprocesses that use it too."""
-    root = tmp_path / "gcs"
-    root.mkdir()
-    monkeypatch.setenv(fake_gcs.ENV, str(root))
-    monkeypatch.setattr(atomic_io, "_warned_private", set())  # warnings are once per path and process
-    fake_gcs.install()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, TESTS]), JAX_PLATFORMS="cpu")
-    yield env
-    fake_gcs.uninstall()
-
-
-@pytest.fixture(params=["local", "gs"])
-def base(request, tmp_path, gcs):
-    """A directory to write in: a local one, or gs://bucket/... on the fake store."""
-    return str(tmp_path / "local") if request.param == "local" else "gs://bucket/work"
-
-
 def read(path: str) -> bytes:
     return paths.as_path(path).read_bytes()
 
@@ -329,11 +310,16 @@ def test_second_process_on_a_remote_workdir_exits_4(gcs, tmp_path):
     (["train", "--config", CONFIG, "--workdir", "http://host/run"], "--workdir 'http://host/run': http:// paths "
                                                                     "are not supported"),
     (["train", "--config", CONFIG, "--workdir", "file:///tmp/run"], "file:// paths are not supported"),
-    (["train", "--config", CONFIG, "--workdir", "gs://bucket/run", "--config.data.root=gs://bucket/data"],
-     "config.data.root 'gs://bucket/data': gs:// paths are not supported here (the data readers read local"),
-    (["evaluate", "--workdir", "gs://bucket/run"], "--workdir 'gs://bucket/run': gs:// paths are not supported "
-                                                   "here (evaluation pins checkpoints"),
-    (["prepare", "chexpert", "--source", "gs://bucket/chexpert"], "--source 'gs://bucket/chexpert'"),
+    (["train", "--config", CONFIG, "--workdir", "gs://bucket/run", "--config.data.root=http://host/data"],
+     "config.data.root 'http://host/data': http:// paths are not supported"),
+    (["train", "--config", CONFIG, "--workdir", "gs://bucket/run", "--config.data.root=gs://bucket/nothing"],
+     "config.data.root='gs://bucket/nothing' is not a directory"),
+    (["train", "--config", CONFIG, "--workdir", "gs://bucket/run", "--config.model.checkpoint=gs://bucket/F0.npz"],
+     "config.model.checkpoint='gs://bucket/F0.npz' does not exist"),
+    (["evaluate", "--workdir", "gs://bucket/nothing"], "--workdir gs://bucket/nothing does not exist"),
+    (["evaluate", "--workdir", "ftp://host/run"], "--workdir 'ftp://host/run': ftp:// paths are not supported"),
+    (["prepare", "chexpert", "--source", "gs://bucket/chexpert"], "--source 'gs://bucket/chexpert' is not a directory"),
+    (["prepare", "chexpert", "--source", "hdfs://x/chexpert"], "--source 'hdfs://x/chexpert': hdfs:// paths are not"),
 ])
 def test_unsupported_paths_are_one_line_errors(gcs, capsys, argv, needle):
     from dpft import cli
@@ -403,3 +389,87 @@ def test_short_training_run_with_its_workdir_on_gs(gcs, tmp_path):
     again = subprocess.run(args, env=env, cwd=REPO, capture_output=True, text=True, timeout=1500)
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
     assert json.loads(read(url + "/ledger.json")) == ledger  # resumed at update 2: nothing ran twice
+
+
+# ---------------------------------------------------------------------------- data, checkpoint and evaluation on gs://
+
+MIMIC_CONFIG = f'''
+import importlib.util
+_spec = importlib.util.spec_from_file_location("tiny", {CONFIG!r})
+_tiny = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_tiny)
+
+
+def get_config():
+    c = _tiny.get_config()
+    with c.unlocked():
+        c.data.name = "mimic_cxr"
+        del c.data.options["frontal_only"]
+        c.data.options.views = ("PA", "AP")
+    return c
+'''
+ATTRIBUTES = {"chexpert": ("sex", "age", "race"), "mimic_cxr": ("sex", "age", "race", "insurance")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dataset", ["chexpert", "mimic_cxr"])
+def test_prepare_train_evaluate_with_everything_on_the_store(base, gcs, tmp_path, dataset):
+    """Data root (and MIMIC-IV apart), the prepared index, the pre-trained checkpoint and the
+    workdir all under `base` (a local folder, or gs:// on the fake store): `dpft prepare`, a
+    2-update `dpft train` from the pre-trained checkpoint, `dpft evaluate --workdir` -> a report
+    with every subgroup attribute of the data set."""
+    import shutil
+
+    from dpft import models
+    from dpft.data import fake
+    from dpft.evaluate.predictions import load_predictions
+    from dpft.models import checkpoints
+
+    local = str(tmp_path / "src")
+    store = (lambda url: fake_gcs.local(url)) if paths.is_remote(base) else (lambda p: p)
+    root = paths.join(base, "data")
+    prepare = ["prepare", dataset, "--source", root, "--out", paths.join(base, "prepared"), "--no-progress"]
+    config, extra = CONFIG, []
+    if dataset == "chexpert":
+        fake.write_fake_chexpert(local, n_patients=24, n_valid_patients=6, demo="xlsx")
+        prepare += ["--set", "frontal_only=true"]
+    else:
+        iv = paths.join(base, "mimiciv")
+        fake.write_fake_mimic_cxr(local, n_subjects=24, iv_root=os.path.join(local, "iv"), iv_layout="hosp")
+        shutil.move(os.path.join(local, "iv"), str(tmp_path / "iv"))
+        shutil.copytree(str(tmp_path / "iv"), store(iv))
+        prepare += ["--set", f"mimic_iv_dir={iv}"]
+        config = str(tmp_path / "mimic_tiny.py")
+        with open(config, "w") as f:
+            f.write(MIMIC_CONFIG)
+        extra = [f"--config.data.options.mimic_iv_dir={iv}"]
+    shutil.copytree(local, store(root))
+    atomic_io.make_dir(base)
+    checkpoints.save_model(models.create("nfnet_micro", 14, seed=3), paths.join(base, "pretrained.pkl"))
+
+    def dpft(*argv: str) -> subprocess.CompletedProcess:
+        run = subprocess.run([sys.executable, "-c", TRAIN.format(tests=TESTS), *argv], cwd=REPO, capture_output=True,
+                             text=True, timeout=1500, env=dict(gcs, XLA_FLAGS="--xla_force_host_platform_device_count=1"))
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        return run
+
+    dpft(*prepare)
+    assert paths.isfile(paths.join(base, "prepared", "index", "meta.json"))
+    workdir = paths.join(base, "run")
+    dpft("train", "--config", config, "--workdir", workdir, f"--config.data.root={root}",
+         f"--config.data.options.index_dir={paths.join(base, 'prepared', 'index')}",
+         f"--config.model.checkpoint={paths.join(base, 'pretrained.pkl')}", "--config.model.name=nfnet_micro",
+         "--config.train.eval_every=0", "--config.train.num_updates=2", "--config.train.checkpoint_every=2",
+         "--config.train.batch_size=8", "--config.train.physical_batch_size=8", *extra)
+    ev = dpft("evaluate", "--workdir", workdir, "--bootstrap", "10")
+    if paths.is_remote(base):
+        assert "from a verified local copy" in ev.stdout
+    report = paths.as_path(paths.join(workdir, "eval", "2", "report.md")).read_text()
+    metrics = json.loads(paths.as_path(paths.join(workdir, "eval", "2", "metrics.json")).read_text())
+    preds = load_predictions(paths.join(workdir, "predictions", "2", "test.npz"))
+    for a in ATTRIBUTES[dataset]:
+        assert a in preds.attrs and any(v != "Unknown" for v in preds.attrs[a]), a
+        assert a in metrics["groups"] and a in report, a
+    assert paths.isfile(paths.join(workdir, "eval", "2", f"groups_{ATTRIBUTES[dataset][0]}.png"))
+    assert leftovers(workdir) == [] and leftovers(paths.join(workdir, "eval", "2")) == []
+    assert not paths.exists(paths.join(workdir, ".pins"))  # nothing but outputs written to the workdir

@@ -15,12 +15,12 @@ run whose loss, gradient or parameters became non-finite (`check_finite_update`,
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from typing import Any, Iterator, Mapping
 
 import ml_collections
 
+from dpft import paths
 from dpft.config.base import CROPS
 from dpft.data import DATASETS
 from dpft.errors import ConfigError, NonFiniteError, UsageError
@@ -154,7 +154,7 @@ def validate(
     if ckpt is not _MISSING:
         if not isinstance(ckpt, str):
             c.add("model.checkpoint", ckpt, "must be a path or ''")
-        elif ckpt and check_paths and not os.path.exists(ckpt):
+        elif ckpt and check_paths and not paths.exists(ckpt):
             c.add("model.checkpoint", ckpt, "does not exist")
 
     # -- data
@@ -166,7 +166,7 @@ def validate(
           and check_paths):
         if not root:
             c.add("data.root", root, f"must name the {data_name} data directory")
-        elif check_paths and not os.path.isdir(root):
+        elif check_paths and not paths.isdir(root):
             c.add("data.root", root, "is not a directory")
     c.integer("data.image_size", 1)
     c.integer("data.eval_image_size", 1)

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
+from dpft import paths, remote_files
 from dpft.errors import DataError
 
 CROPS = ("random_resized", "pad_crop", "none")
@@ -95,7 +96,9 @@ def decode_image(image: Any, *, channels: int = 3) -> Image.Image:
         return Image.fromarray(arr).convert(mode)
     where = image if isinstance(image, str) else "<encoded bytes>"
     try:
-        if isinstance(image, (str, os.PathLike)):
+        if isinstance(image, str) and paths.is_remote(image):  # gs://... through etils.epath
+            img = Image.open(io.BytesIO(remote_files.read_bytes(image)))
+        elif isinstance(image, (str, os.PathLike)):
             img = Image.open(image)
         else:
             img = Image.open(io.BytesIO(image))

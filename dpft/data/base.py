@@ -17,11 +17,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from dpft import paths, remote_files
 from dpft.errors import DataError
 
 TASKS = ("multiclass", "multilabel")
@@ -207,6 +207,17 @@ def check_nonempty(splits: Mapping[str, ExampleTable], where: str) -> None:
             raise DataError(f"{where}: split {name!r} is empty after filtering")
 
 
+def read_csv(path: str, **kwargs: Any) -> Any:
+    """`pandas.read_csv` of a local file (by path, as fast as pandas reads it) or of a remote one
+    (`gs://...`, through etils.epath; `.gz` decompressed)."""
+    import pandas as pd
+
+    if not paths.is_remote(path):
+        return pd.read_csv(path, **kwargs)
+    with remote_files.open_binary(path) as f:
+        return pd.read_csv(f, compression="gzip" if path.endswith(".gz") else None, **kwargs)
+
+
 # ---------------------------------------------------------------- index cache (CSV)
 
 def write_index(tables: Mapping[str, ExampleTable], out_dir: str, extra: Mapping[str, Any] | None = None) -> str:
@@ -219,8 +230,8 @@ def write_index(tables: Mapping[str, ExampleTable], out_dir: str, extra: Mapping
 
     from dpft import atomic_io
 
-    index_dir = os.path.join(out_dir, "index")
-    os.makedirs(index_dir, exist_ok=True)
+    index_dir = paths.join(out_dir, "index")
+    atomic_io.make_dir(index_dir)
     meta = next(iter(tables.values())).meta
     for split, table in tables.items():
         rows = []
@@ -237,8 +248,8 @@ def write_index(tables: Mapping[str, ExampleTable], out_dir: str, extra: Mapping
             for a in meta.attribute_names:
                 row[f"attr:{a}"] = r["attrs"].get(a, "Unknown")
             rows.append(row)
-        atomic_io.write_text(os.path.join(index_dir, f"{split}.csv"), pd.DataFrame(rows).to_csv(index=False))
-    atomic_io.write_json(os.path.join(index_dir, "meta.json"),
+        atomic_io.write_text(paths.join(index_dir, f"{split}.csv"), pd.DataFrame(rows).to_csv(index=False))
+    atomic_io.write_json(paths.join(index_dir, "meta.json"),
                          {"version": INDEX_VERSION, "meta": meta.to_json(), "splits": sorted(tables),
                           "options": dict(extra or {})}, indent=2, sort_keys=True)
     return index_dir
@@ -246,13 +257,13 @@ def write_index(tables: Mapping[str, ExampleTable], out_dir: str, extra: Mapping
 
 def read_index(index_dir: str, options: Mapping[str, Any] | None = None) -> dict[str, ExampleTable]:
     """Read the tables `write_index` wrote. If `options` is given it must equal the stored options."""
-    import pandas as pd
-
-    meta_path = os.path.join(index_dir, "meta.json")
-    if not os.path.exists(meta_path):
+    meta_path = paths.join(index_dir, "meta.json")
+    if not paths.exists(meta_path):
         raise DataError(f"{meta_path}: no index here; run `dpft prepare` first")
-    with open(meta_path, encoding="utf-8") as f:
-        stored = json.load(f)
+    try:
+        stored = json.loads(remote_files.read_text(meta_path))
+    except ValueError as e:
+        raise DataError(f"{meta_path}: not valid JSON ({e})") from None
     if stored.get("version") != INDEX_VERSION:
         raise DataError(f"{meta_path}: index version {stored.get('version')!r}, expected {INDEX_VERSION}")
     if options is not None and dict(stored.get("options", {})) != json.loads(json.dumps(dict(options))):
@@ -261,8 +272,8 @@ def read_index(index_dir: str, options: Mapping[str, Any] | None = None) -> dict
     meta = TableMeta.from_json(stored["meta"])
     out = {}
     for split in stored["splits"]:
-        path = os.path.join(index_dir, f"{split}.csv")
-        df = pd.read_csv(path, dtype={"patient_id": str, "image": str}, keep_default_na=False)
+        path = paths.join(index_dir, f"{split}.csv")
+        df = read_csv(path, dtype={"patient_id": str, "image": str}, keep_default_na=False)
         records = []
         for row in df.to_dict("records"):
             rec = {"example_id": int(row["example_id"]), "patient_id": str(row["patient_id"]), "image": row["image"],

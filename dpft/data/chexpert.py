@@ -24,16 +24,18 @@ Attributes: sex (Male/Female/Unknown), age (bins, `age_edges`), race (only with 
 from __future__ import annotations
 
 import dataclasses
-import os
+import io
 import re
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from dpft import paths, remote_files
 from dpft.data import subgroups
 from dpft.errors import DataError
 from dpft.data.base import DatasetSpec
 from dpft.data.base import ExampleTable, TableMeta, check_nonempty, check_patient_disjoint, from_records, hash_split, read_index
+from dpft.data.base import read_csv
 
 LABELS: tuple[str, ...] = (
     "No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
@@ -144,11 +146,11 @@ def patient_id_from_path(path: str, where: str) -> str:
 def locate(root: str) -> tuple[str, str]:
     """(dataset dir holding train.csv/valid.csv, base dir the CSV paths are relative to)."""
     for name in DATASET_DIRS:
-        d = os.path.join(root, name)
-        if os.path.exists(os.path.join(d, "train.csv")):
+        d = paths.join(root, name)
+        if paths.exists(paths.join(d, "train.csv")):
             return d, root
-    if os.path.exists(os.path.join(root, "train.csv")):
-        return root, os.path.dirname(os.path.abspath(root))
+    if paths.exists(paths.join(root, "train.csv")):
+        return root, paths.dirname(root)
     raise DataError(f"{root}: no CheXpert train.csv found (looked in {', '.join(DATASET_DIRS)} and the folder itself)")
 
 
@@ -158,9 +160,10 @@ def read_demo(path: str) -> dict[str, str]:
 
     try:
         if path.lower().endswith((".xlsx", ".xls")):
-            df = pd.read_excel(path, dtype=str, keep_default_na=False)
+            source = io.BytesIO(remote_files.read_bytes(path)) if paths.is_remote(path) else path
+            df = pd.read_excel(source, dtype=str, keep_default_na=False)
         else:
-            df = pd.read_csv(path, dtype=str, keep_default_na=False)
+            df = read_csv(path, dtype=str, keep_default_na=False)
     except FileNotFoundError as e:
         raise DataError(f"{path}: demographics table not found") from e
     except Exception as e:  # noqa: BLE001 - any parse failure is a data error here
@@ -179,31 +182,28 @@ def _is_demo_name(name: str) -> bool:
 def find_demo(root: str, dataset_dir: str, demo_path: str | None) -> str | None:
     """The CHEXPERT DEMO table: `demo_path` (must exist), else found by name (module doc), else None."""
     if demo_path:
-        if not os.path.isfile(demo_path):
+        if not paths.isfile(demo_path):
             raise DataError(f"{demo_path}: demographics table not found (option demo_path)")
         return demo_path
-    folders = list(dict.fromkeys(os.path.abspath(d) for d in (root, dataset_dir)))
+    folders = list(dict.fromkeys(paths.absolute(d).rstrip("/") for d in (root, dataset_dir)))
     for d in folders:
-        for n in DEMO_NAMES:  # the official names first
-            if os.path.isfile(os.path.join(d, n)):
-                return os.path.join(d, n)
         try:
-            names = sorted(os.listdir(d))
+            names = sorted(paths.listdir(d))  # one listing (one request on an object store)
         except OSError:
             continue
-        for n in names:
-            if _is_demo_name(n) and os.path.isfile(os.path.join(d, n)):
-                return os.path.join(d, n)
+        for n in [n for n in DEMO_NAMES if n in names] + [n for n in names if _is_demo_name(n)]:
+            if paths.isfile(paths.join(d, n)):  # the official names first
+                return paths.join(d, n)
     return None
 
 
 def _read_csv(path: str) -> Any:
     import pandas as pd
 
-    if not os.path.exists(path):
+    if not paths.exists(path):
         raise DataError(f"{path}: file not found")
     try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+        df = read_csv(path, dtype=str, keep_default_na=False)
     except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError, ValueError) as e:
         raise DataError(f"{path}: not a readable CSV file ({type(e).__name__}: "
                         f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''})") from None
@@ -214,7 +214,7 @@ def _read_csv(path: str) -> Any:
 
 
 def _records(df: Any, csv_path: str, base: str, id_offset: int, opts: CheXpertOptions,
-             race: dict[str, str] | None) -> tuple[list[dict], list[int]]:
+             race: dict[str, str] | None, files: remote_files.FileSet) -> tuple[list[dict], list[int]]:
     raw = parse_label_values(df, csv_path)
     label, mask = apply_policy(raw, opts.uncertainty, opts.mask_blank)
     records, missing, bad_ages = [], [], []
@@ -225,8 +225,8 @@ def _records(df: Any, csv_path: str, base: str, id_offset: int, opts: CheXpertOp
         if subgroups.unparseable_age(age):
             bad_ages.append((i + 2, age))
         pid = patient_id_from_path(rel, f"{csv_path}: line {i + 2}, column 'Path'")
-        img = os.path.join(base, rel)
-        if opts.check_files and not os.path.exists(img):
+        img = paths.join(base, rel)
+        if opts.check_files and not files.exists(img):
             if opts.on_bad_image == "error":
                 raise DataError(f"{csv_path}: line {i + 2}, column 'Path': image {img!r} does not exist")
             missing.append(i + 2)
@@ -259,10 +259,11 @@ def load_splits(root: str, *, index_dir: str | None = None, **options: Any) -> d
             "missing. Point to it with --config.data.options.demo_path=/path/to/CHEXPERT_DEMO.xlsx "
             "(dpft prepare: --set demo_path=...)", root, dataset_dir)
     race = read_demo(demo) if demo else None
-    train_csv, valid_csv = os.path.join(dataset_dir, "train.csv"), os.path.join(dataset_dir, "valid.csv")
+    train_csv, valid_csv = paths.join(dataset_dir, "train.csv"), paths.join(dataset_dir, "valid.csv")
     train_df, valid_df = _read_csv(train_csv), _read_csv(valid_csv)
-    train_recs, miss_t = _records(train_df, train_csv, base, 0, opts, race)
-    test_recs, miss_v = _records(valid_df, valid_csv, base, len(train_df), opts, race)
+    files = remote_files.FileSet(base)  # on an object store: one listing, not one request per image
+    train_recs, miss_t = _records(train_df, train_csv, base, 0, opts, race, files)
+    test_recs, miss_v = _records(valid_df, valid_csv, base, len(train_df), opts, race, files)
     if miss_t or miss_v:
         logging.getLogger(__name__).warning("chexpert: skipped %d missing images (train.csv lines %s, "
                                             "valid.csv lines %s)", len(miss_t) + len(miss_v), miss_t[:5], miss_v[:5])

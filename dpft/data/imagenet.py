@@ -1,7 +1,10 @@
 """ImageNet (ILSVRC 2012) from a prepared TFDS `imagenet2012` directory, read without TensorFlow.
 
 Reading uses `builder.as_data_source` (array_record, random access, grain-compatible; images
-decoded with PIL on access). Preparing `imagenet2012` with tensorflow-datasets 4.9.10 needs
+decoded with PIL on access). The data dir may be a `gs://` URL: TFDS reads its metadata through
+etils.epath (gcsfs) and array_record (>= 0.8) reads the record files with its own GCS reader
+(riegeli::GcsReader, google-cloud-cpp, Application Default Credentials as on a TPU VM). Other
+object stores (s3://, az://) are refused: array_record has no reader for them; mount them. Preparing `imagenet2012` with tensorflow-datasets 4.9.10 needs
 TensorFlow (its builder uses `tf.io.gfile` and TF image ops), which dpft does not install,
 so dpft requires an already prepared data dir and says what to run otherwise.
 
@@ -12,11 +15,11 @@ Example id: position in TFDS train for train/validation, (size of TFDS train) + 
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Sequence
 
 import numpy as np
 
+from dpft import paths
 from dpft.errors import DataError
 from dpft.data.base import DatasetSpec
 from dpft.data.base import ExampleTable, TableMeta, check_nonempty
@@ -39,18 +42,18 @@ def prepare_command(name: str, data_dir: str) -> str:
 
 def find_builder_dir(data_dir: str, name: str) -> str:
     """`<data_dir>/<name>/<latest version>` holding dataset_info.json, else a DataError with instructions."""
-    base = os.path.join(data_dir, name)
+    base = paths.join(data_dir, name)
     versions = []
-    if os.path.isdir(base):
-        for v in os.listdir(base):
+    if paths.isdir(base):
+        for v in paths.listdir(base):
             parts = v.split(".")
             if len(parts) == 3 and all(p.isdigit() for p in parts) and \
-                    os.path.exists(os.path.join(base, v, "dataset_info.json")):
+                    paths.exists(paths.join(base, v, "dataset_info.json")):
                 versions.append(tuple(int(p) for p in parts))
     if not versions:
         raise DataError(f"{data_dir}: no prepared TFDS data set '{name}' (expected {base}/<version>/"
                         f"dataset_info.json). Preparing needs TensorFlow: {prepare_command(name, data_dir)}")
-    return os.path.join(base, ".".join(str(p) for p in max(versions)))
+    return paths.join(base, ".".join(str(p) for p in max(versions)))
 
 
 class _Indexed:
@@ -84,6 +87,10 @@ def load_tfds_splits(data_dir: str, name: str, test_split: str, holdout: int) ->
     """Train/validation from TFDS train (last `holdout` held out), test from `test_split`."""
     import tensorflow_datasets as tfds
 
+    if paths.is_remote(data_dir) and paths.scheme(data_dir) != "gs":
+        raise DataError(f"{data_dir}: TFDS array_record files can be read from gs:// (array_record's own GCS "
+                        f"reader) or a local/mounted path, not {paths.scheme(data_dir)}://; mount the bucket "
+                        f"(e.g. s3fs / blobfuse2) and pass the mount point")
     builder_dir = find_builder_dir(data_dir, name)
     try:
         builder = tfds.builder_from_directory(builder_dir)

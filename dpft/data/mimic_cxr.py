@@ -24,15 +24,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from typing import Any
 
 import numpy as np
 
+from dpft import paths, remote_files
 from dpft.data import subgroups
 from dpft.errors import DataError
 from dpft.data.base import DatasetSpec
 from dpft.data.base import ExampleTable, TableMeta, check_nonempty, check_patient_disjoint, from_records, read_index
+from dpft.data.base import read_csv
 from dpft.data.chexpert import EVAL_TASKS, LABELS, apply_policy, check_policy, options_from, parse_label_values
 
 PREFIX = "mimic-cxr-2.0.0"
@@ -73,16 +74,14 @@ class MimicOptions:
 def image_path(root: str, subject_id: str, study_id: str, dicom_id: str) -> str:
     """`files/p{NN}/p{subject}/s{study}/{dicom}.jpg` under root."""
     s = str(subject_id)
-    return os.path.join(root, "files", f"p{s[:2]}", f"p{s}", f"s{study_id}", f"{dicom_id}.jpg")
+    return paths.join(root, "files", f"p{s[:2]}", f"p{s}", f"s{study_id}", f"{dicom_id}.jpg")
 
 
 def _read(path: str, columns: tuple[str, ...]) -> Any:
-    import pandas as pd
-
-    if not os.path.exists(path):
+    if not paths.exists(path):
         raise DataError(f"{path}: file not found")
     try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+        df = read_csv(path, dtype=str, keep_default_na=False)
     except Exception as e:  # noqa: BLE001
         raise DataError(f"{path}: cannot read CSV ({e})") from e
     missing = [c for c in columns if c not in df.columns]
@@ -112,7 +111,8 @@ def find_iv_tables(root: str, iv_dir: str | None) -> tuple[str, str] | None:
     base = iv_dir or root
     found = []
     for name in IV_TABLES:
-        hits = [os.path.join(base, sub, name) for sub in IV_SUBDIRS if os.path.exists(os.path.join(base, sub, name))]
+        hits = [p for p in (paths.join(base, sub, name) if sub else paths.join(base, name) for sub in IV_SUBDIRS)
+                if paths.exists(p)]
         found.append(hits[0] if hits else None)
     if all(found):
         return found[0], found[1]
@@ -149,9 +149,9 @@ def load_splits(root: str, *, index_dir: str | None = None, **options: Any) -> d
     opts = options_from(MimicOptions, options, "mimic_cxr")
     if index_dir is not None:
         return read_index(index_dir, {"dataset": "mimic_cxr", **opts.index_key()})
-    meta_path = os.path.join(root, f"{PREFIX}-metadata.csv.gz")
-    label_path = os.path.join(root, f"{PREFIX}-{opts.labeler}.csv.gz")
-    split_path = os.path.join(root, f"{PREFIX}-split.csv.gz")
+    meta_path = paths.join(root, f"{PREFIX}-metadata.csv.gz")
+    label_path = paths.join(root, f"{PREFIX}-{opts.labeler}.csv.gz")
+    split_path = paths.join(root, f"{PREFIX}-split.csv.gz")
     md = _read(meta_path, METADATA_COLUMNS)
     lab = _read(label_path, ("subject_id", "study_id") + LABELS)
     sp = _read(split_path, ("dicom_id", "study_id", "subject_id", "split"))
@@ -178,6 +178,7 @@ def load_splits(root: str, *, index_dir: str | None = None, **options: Any) -> d
     people, social = read_demographics(*iv) if iv else ({}, {})
     attribute_names = ("sex", "age", "race", "insurance", "view") if iv else ("view",)
 
+    files = remote_files.FileSet(paths.join(root, "files"))  # on an object store: one listing of the images
     by_split: dict[str, list[dict]] = {"train": [], "validation": [], "test": []}
     missing, unlabeled, unlabeled_images = 0, set(), 0
     cols = md[list(METADATA_COLUMNS)].itertuples(index=False)
@@ -192,7 +193,7 @@ def load_splits(root: str, *, index_dir: str | None = None, **options: Any) -> d
             unlabeled_images += 1
             continue
         img = image_path(root, subj, study, dicom)
-        if opts.check_files and not os.path.exists(img):
+        if opts.check_files and not files.exists(img):
             if opts.on_bad_image == "error":
                 raise DataError(f"{where}: image {img!r} does not exist")
             missing += 1

@@ -13,7 +13,6 @@ import collections
 import concurrent.futures
 import json
 import logging
-import os
 from typing import Any
 
 from dpft import atomic_io
@@ -109,11 +108,11 @@ def run(args: argparse.Namespace) -> int:
     if args.dataset in INDEXED:
         options.setdefault("on_bad_image", args.on_bad_image)
     from dpft import paths
-    paths.check_local(args.source, "--source")
-    paths.check_local(args.out, "--out")
+    paths.check_supported(args.source, "--source")  # local, or gs:// / s3:// / az:// through etils.epath
+    paths.check_supported(args.out, "--out")
     if args.dataset != "digits" and not args.source:
         raise UsageError(f"--source is required for {args.dataset}")
-    if args.source and not os.path.isdir(args.source):
+    if args.source and not paths.isdir(args.source):
         raise UsageError(f"--source {args.source!r} is not a directory")
     from dpft.data import coverage
 
@@ -128,8 +127,8 @@ def run(args: argparse.Namespace) -> int:
             problems += p
             if len(tables[split]) == 0:
                 raise DataError(f"{args.dataset}: split {split!r} is empty after skipping bad images")
-    out = args.out or os.path.join(args.source or ".", "dpft-index")
-    os.makedirs(out, exist_ok=True)
+    out = args.out or paths.join(args.source or ".", "dpft-index")
+    atomic_io.make_dir(out)
     if args.dataset in INDEXED:
         from dpft.data import dataset
         from dpft.data.chexpert import options_from
@@ -140,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
     summary.update(dataset=args.dataset, source=args.source, options=options, skipped=len(problems),
                    attribute_coverage=cov,
                    skipped_examples=problems[:100])
-    atomic_io.write_json(os.path.join(out, "summary.json"), summary, indent=2, sort_keys=True)
+    atomic_io.write_json(paths.join(out, "summary.json"), summary, indent=2, sort_keys=True)
     for split, info in summary["splits"].items():
         attrs = "; ".join(f"{a}: " + ", ".join(f"{v}={c}" for v, c in vc.items())
                           for a, vc in info.get("attrs", {}).items())

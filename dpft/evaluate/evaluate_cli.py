@@ -16,14 +16,21 @@ The second builds the sweep table and plots over any config axis, seeds aggregat
 Evaluation may run beside a live `dpft train` on the same workdir: checkpoints are opened
 read-only (nothing is created, cleaned up or deleted) and the step read is pinned as a
 hard-linked snapshot (`dpft.workdir.checkpointing.pinned`), so keep-N cleanup cannot delete it
-mid-read. A mistyped --workdir is refused without creating anything.
+mid-read. A workdir on an object store (`--workdir gs://...`) is read through etils.epath: the
+step is copied (only the items evaluation reads: no optimizer state, no run secret) into a private
+local temporary directory and used only if it is still complete and unchanged after the copy;
+predictions and reports are written back atomically (`dpft.atomic_io`). A mistyped --workdir is
+refused without creating anything.
 """
 from __future__ import annotations
 
 import argparse
-import os
 
+from dpft import paths as dpft_paths
 from dpft.errors import UsageError
+
+#: The checkpoint items evaluation reads (copied from a remote workdir; never opt_state or secret).
+EVAL_ITEMS = ("params", "ema", "polyak", "config", "plan", "ledger")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -75,8 +82,8 @@ def eval_options(args: argparse.Namespace) -> dict:
 
 def _predictions_step(workdir: str, which: str) -> int:
     """The step of existing predictions (for --reuse-predictions): 'latest' = the largest."""
-    root = os.path.join(workdir, "predictions")
-    steps = sorted(int(d) for d in os.listdir(root) if d.isdigit()) if os.path.isdir(root) else []
+    root = dpft_paths.join(workdir, "predictions")
+    steps = sorted(int(d) for d in dpft_paths.listdir(root) if d.isdigit()) if dpft_paths.isdir(root) else []
     if not steps:
         raise UsageError(f"{workdir}: --reuse-predictions but no predictions/<step>/ found")
     if which == "latest":
@@ -92,7 +99,7 @@ def _predictions_step(workdir: str, which: str) -> int:
 
 def _checkpoint_step(workdir: str, which: str) -> int | None:
     """The update index asked for: None for 'latest' (resolved when pinned), else an int."""
-    if not os.path.isdir(workdir):
+    if not dpft_paths.isdir(workdir):
         raise UsageError(f"--workdir {workdir} does not exist (or is not a directory)")
     if which == "latest":
         return None
@@ -126,16 +133,17 @@ def predict_from_checkpoint(workdir: str, step: int | None, splits: list[str], p
     from dpft.privacy import accounting
     from dpft.workdir import checkpointing
 
-    config_path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(config_path):
+    from dpft import remote_files
+
+    config_path = dpft_paths.join(workdir, "config.json")
+    if not dpft_paths.isfile(config_path):
         raise UsageError(f"{workdir}: no config.json (is this a `dpft train` workdir?)")
-    with open(config_path, encoding="utf-8") as f:
-        config = config_from_json(f.read())
+    config = config_from_json(remote_files.read_text(config_path))
     if params == "polyak" and not bool(config.train.get("polyak", False)):
         raise UsageError(f"{workdir}: --params polyak, but this run kept no Polyak average (train.polyak=False)")
     if params == "ema" and not float(config.train.get("ema_decay", 0.0)) > 0:
         raise UsageError(f"{workdir}: --params ema, but this run kept no EMA (train.ema_decay=0)")
-    with checkpointing.pinned(workdir, step) as (ckpt, chosen):
+    with checkpointing.pinned(workdir, step, items=EVAL_ITEMS) as (ckpt, chosen):
         try:  # the model is built from the config the checkpoint was trained with
             config = config_from_json(json.dumps(checkpointing.read_json_item(ckpt.directory, chosen, "config")))
         except Exception as e:  # noqa: BLE001 - an unreadable item is a corrupt checkpoint
@@ -146,7 +154,7 @@ def predict_from_checkpoint(workdir: str, step: int | None, splits: list[str], p
         predictor, template = predictor_lib.Predictor.from_config(config)
         print(f"running the model of checkpoint {chosen} ({which} params, read from {ckpt.directory}/{chosen}) "
               f"over {', '.join(splits)} (and validation)...")
-        restored = ckpt.restore(chosen, targets={item: template})
+        restored = ckpt.restore(chosen, targets={item: template}, items=("plan", "ledger"))
     plan = restored.json_items.get("plan") or {}
     epsilon = delta = None
     if plan.get("enabled"):
@@ -171,36 +179,35 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("give --workdir DIR (or --compare DIR ...)")
     options = eval_options(args)
     reports.make_config(**options)  # bad statistics options fail before the model runs
-    from dpft import paths as dpft_paths
-    dpft_paths.check_local(args.workdir, "--workdir", "evaluation pins checkpoints with hard links and reads "
-                           "the workdir locally; copy it first, e.g. gcloud storage cp -r gs://BUCKET/RUN .")
-    workdir = os.path.abspath(args.workdir)
+    dpft_paths.check_supported(args.workdir, "--workdir")  # local, or gs:// / s3:// / az:// through etils.epath
+    dpft_paths.check_supported(args.out, "--out")
+    workdir = dpft_paths.absolute(args.workdir)
     reuse = args.reuse_predictions and args.params is None
     if args.reuse_predictions and args.params is not None:
         print("--params given: running the model instead of reusing predictions (they may hold other params)")
     if reuse:
-        if not os.path.isdir(workdir):
+        if not dpft_paths.isdir(workdir):
             raise UsageError(f"--workdir {workdir} does not exist (or is not a directory)")
         step = _predictions_step(workdir, args.checkpoint)
-        pred_dir = os.path.join(workdir, "predictions", str(step))
-        test_path = os.path.join(pred_dir, f"{args.split}.npz")
-        val_path = os.path.join(pred_dir, "validation.npz")
-        if not os.path.isfile(test_path):
+        pred_dir = dpft_paths.join(workdir, "predictions", str(step))
+        test_path = dpft_paths.join(pred_dir, f"{args.split}.npz")
+        val_path = dpft_paths.join(pred_dir, "validation.npz")
+        if not dpft_paths.isfile(test_path):
             raise UsageError(f"{workdir}: --reuse-predictions but {test_path} does not exist")
     else:
         step = _checkpoint_step(workdir, args.checkpoint)
         print(f"running the model of checkpoint {'latest' if step is None else step} over {args.split} "
               "(and validation)...")
         step, paths = predict_from_checkpoint(workdir, step, [args.split], args.params)
-        pred_dir = os.path.join(workdir, "predictions", str(step))
-        test_path = paths.get(args.split, os.path.join(pred_dir, f"{args.split}.npz"))
-        val_path = paths.get("validation", os.path.join(pred_dir, "validation.npz"))
-    if not os.path.isfile(test_path):
+        pred_dir = dpft_paths.join(workdir, "predictions", str(step))
+        test_path = paths.get(args.split, dpft_paths.join(pred_dir, f"{args.split}.npz"))
+        val_path = paths.get("validation", dpft_paths.join(pred_dir, "validation.npz"))
+    if not dpft_paths.isfile(test_path):
         raise UsageError(f"{workdir}: split {args.split!r} has no predictions (does the data set have it?)")
     result = reports.evaluate_predictions(
-        test_path, val_path if os.path.isfile(val_path) and args.split != "validation" else None,
+        test_path, val_path if dpft_paths.isfile(val_path) and args.split != "validation" else None,
         out_dir=args.out, **options)
-    out_dir = args.out or os.path.join(workdir, "eval", str(step))
+    out_dir = args.out or dpft_paths.join(workdir, "eval", str(step))
     print(render.render_markdown(result))
     print(f"wrote {out_dir}/metrics.json, report.md" + ("" if args.no_plots else " and plots"))
     return 0

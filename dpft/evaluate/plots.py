@@ -7,6 +7,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from dpft import atomic_io
+from dpft import paths as dpft_paths
 from dpft.evaluate.fairness import group_index
 from dpft.evaluate.render import direction, fmt_stat
 
@@ -88,8 +89,7 @@ def write_group_plots(result: Mapping[str, Any], out_dir: str | os.PathLike) -> 
             plot_group_metric(result, attr, m, ax)
         fig.tight_layout()
         safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in attr)
-        path = os.path.join(out_dir, f"groups_{safe}.png")
-        paths.append(save_figure(fig, path))
+        paths.append(save_figure(fig, dpft_paths.join(out_dir, f"groups_{safe}.png")))
     return paths
 
 

@@ -10,7 +10,6 @@ hosts, and the metadata comes from the table itself (same order on every host).
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -19,6 +18,7 @@ import ml_collections
 import numpy as np
 
 from dpft import distributed
+from dpft import paths as dpft_paths
 from dpft.config import build
 from dpft.data import pipeline
 from dpft.data.augment import AugmentConfig
@@ -140,7 +140,7 @@ class Predictor:
                 continue
             table = self.tables[split]
             attrs = {k[len("attr_"):]: v for k, v in out.items() if k.startswith("attr_")}
-            path = os.path.join(workdir, "predictions", str(step), f"{split}.npz")
+            path = dpft_paths.join(workdir, "predictions", str(step), f"{split}.npz")
             predictions_lib.write_predictions(
                 path, example_id=out["example_id"], patient_id=out["patient_id"], logits=out["logits"],
                 label=out["label"], label_mask=out.get("label_mask"), attrs=attrs, task=table.task,

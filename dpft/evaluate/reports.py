@@ -23,12 +23,11 @@ import dataclasses
 import json
 import math
 import os
-from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
-from dpft import atomic_io
+from dpft import atomic_io, paths
 from dpft.errors import UsageError
 from dpft.evaluate import bootstrap as bs
 from dpft.evaluate import fairness as fair
@@ -126,10 +125,11 @@ def _thresholds(preds: Predictions, val: Predictions | None,
     return {n: t.value for n, t in chosen.items()}, per, source
 
 
-def _out_dir(preds: Predictions, cfg: EvalConfig) -> Path:
+def _out_dir(preds: Predictions, cfg: EvalConfig) -> Any:
+    """An `etils.epath.Path` (local, or gs://... for a remote workdir)."""
     if cfg.out_dir is not None:
-        return Path(cfg.out_dir)
-    npz = Path(preds.path)
+        return paths.as_path(cfg.out_dir)
+    npz = paths.as_path(preds.path)
     if npz.parent.parent.name != "predictions":
         raise UsageError(f"{npz}: not under WORKDIR/predictions/<step>/; pass out_dir")
     return npz.parent.parent.parent / "eval" / str(preds.step)
@@ -169,8 +169,8 @@ def evaluate_predictions(test_path: str | os.PathLike, val_path: str | os.PathLi
     }
     out = _out_dir(preds, config)
     out.mkdir(parents=True, exist_ok=True)
-    eps_path = Path(config.individual_epsilon_path) if config.individual_epsilon_path else (
-        Path(preds.path).parent.parent.parent / INDIVIDUAL_EPSILON_FILE)
+    eps_path = paths.as_path(config.individual_epsilon_path) if config.individual_epsilon_path else (
+        paths.as_path(preds.path).parent.parent.parent / INDIVIDUAL_EPSILON_FILE)
     if eps_path.is_file():
         from dpft.privacy import individual
 

@@ -40,7 +40,7 @@ except ImportError:  # numpy 1.x
 import jax.numpy as jnp
 from flax import nnx
 
-from dpft import atomic_io
+from dpft import atomic_io, paths, remote_files
 from dpft.errors import UsageError
 from dpft.models.nfnet import NFNet
 from dpft.models.wrn import WideResNet
@@ -363,14 +363,15 @@ def flatten(tree: Mapping[str, Mapping[str, Any]]) -> dict[str, np.ndarray]:
     return {f"{m}/{p}": np.asarray(v) for m, params in tree.items() for p, v in params.items()}
 
 
-def read_npz(path: str | os.PathLike) -> HaikuTree:
-    """Read a flat ``.npz`` of ``module/param`` keys (no pickles allowed)."""
+def read_npz(path: str | os.PathLike | io.BytesIO, source: str | None = None) -> HaikuTree:
+    """Read a flat ``.npz`` of ``module/param`` keys (no pickles allowed); ``source`` names it in errors."""
+    source = source or os.fspath(path)  # type: ignore[arg-type]
     try:
         with np.load(path, allow_pickle=False) as data:
             flat = {k: data[k] for k in data.files}
     except ValueError as e:
-        raise CheckpointError(f"{os.fspath(path)}: npz holds object arrays or is malformed ({e})") from None
-    return unflatten(flat, os.fspath(path))
+        raise CheckpointError(f"{source}: npz holds object arrays or is malformed ({e})") from None
+    return unflatten(flat, source)
 
 
 def read_orbax(path: str | os.PathLike, model: nnx.Module | None = None) -> HaikuTree:
@@ -379,7 +380,16 @@ def read_orbax(path: str | os.PathLike, model: nnx.Module | None = None) -> Haik
 
     ``params`` may be a Haiku tree (keys with ``/``) or the model's pure NNX state
     (then ``model`` is needed for the names). A non-empty ``state`` is merged in.
+    A remote directory (``gs://...``) is downloaded through etils.epath into a private
+    temporary directory first (removed after reading).
     """
+    if paths.is_remote(path):
+        url = paths.to_str(path).rstrip("/")
+        with remote_files.local_copy(url) as local:
+            try:
+                return read_orbax(local, model)
+            except CheckpointError as e:  # name the URL, not the temporary copy
+                raise CheckpointError(str(e).replace(local, url)) from None
     import orbax.checkpoint as ocp  # local: orbax is slow to import
 
     path = os.path.abspath(os.fspath(path))
@@ -412,18 +422,26 @@ def read_orbax(path: str | os.PathLike, model: nnx.Module | None = None) -> Haik
 
 
 def read_checkpoint(path: str | os.PathLike, model: nnx.Module | None = None) -> HaikuTree:
-    """Read any supported checkpoint (format from the content, not the name)."""
-    p = os.fspath(path)
-    if os.path.isdir(p):
+    """Read any supported checkpoint (format from the content, not the name); local, or remote
+    (``gs://...``: files read through etils.epath, orbax directories downloaded first)."""
+    p = paths.to_str(path)
+    if paths.isdir(p):
         return read_orbax(p, model)
-    if not os.path.isfile(p):
+    if not paths.isfile(p):
         raise CheckpointError(f"checkpoint {p!r} does not exist")
-    with open(p, "rb") as f:
-        head = f.read(4)
-    if zipfile.is_zipfile(p):
-        return read_npz(p)
-    if head[:1] == b"\x80":
-        return read_haiku_pickle(p)
+    if paths.is_remote(p):
+        data = remote_files.read_bytes(p)
+        if zipfile.is_zipfile(io.BytesIO(data)):
+            return read_npz(io.BytesIO(data), p)
+        if data[:1] == b"\x80":
+            return loads_haiku_pickle(data, p)
+    else:
+        with open(p, "rb") as f:
+            head = f.read(4)
+        if zipfile.is_zipfile(p):
+            return read_npz(p)
+        if head[:1] == b"\x80":
+            return read_haiku_pickle(p)
     raise CheckpointError(f"{p}: unknown checkpoint format (neither pickle, npz nor orbax directory)")
 
 

@@ -27,6 +27,7 @@ it is resampled bilinearly with aligned corners (``resample_posemb``, as big_vis
 """
 from __future__ import annotations
 
+import io
 import logging
 import os
 import re
@@ -37,6 +38,7 @@ import numpy as np
 import jax.numpy as jnp
 from flax import nnx
 
+from dpft import atomic_io, paths, remote_files
 from dpft.models.checkpoints import CheckpointError
 from dpft.models.vit import ViT
 
@@ -77,23 +79,24 @@ def to_flat(model: ViT) -> dict[str, np.ndarray]:
 
 def save_npz(model: ViT, path: str | os.PathLike) -> None:
     """Write ``model`` as a big_vision ``.npz`` (flat '/'-joined keys, no prefix)."""
-    p = os.fspath(path)
-    with open(p + ".tmp", "wb") as f:
-        np.savez(f, **to_flat(model))
-    os.replace(p + ".tmp", p)
+    flat = to_flat(model)
+    atomic_io.write_bytes(path, lambda f: np.savez(f, **flat))
 
 
 # --------------------------------------------------------------------------- reading
 
 def read_flat(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """The raw ``{key: array}`` of a ``.npz`` (no pickles); errors name the file."""
-    p = os.fspath(path)
-    if not os.path.isfile(p):
+    p = paths.to_str(path)
+    if not paths.isfile(p):
         raise CheckpointError(f"checkpoint {p!r} does not exist")
-    if not zipfile.is_zipfile(p):
+    source: Any = io.BytesIO(remote_files.read_bytes(p)) if paths.is_remote(p) else p  # gs://: through epath
+    if not zipfile.is_zipfile(source):
         raise CheckpointError(f"{p}: not an .npz (zip) file; ViT checkpoints are big_vision .npz files")
+    if isinstance(source, io.BytesIO):
+        source.seek(0)  # is_zipfile read from the end
     try:
-        with np.load(p, allow_pickle=False) as data:
+        with np.load(source, allow_pickle=False) as data:
             return {k: data[k] for k in data.files}
     except ValueError as e:
         raise CheckpointError(f"{p}: npz holds object arrays or is malformed ({e})") from None

@@ -30,12 +30,12 @@ def run(args: argparse.Namespace) -> int:
         print(config_to_json(config))
         return 0
     from dpft import paths
-    paths.check_supported(args.workdir, "--workdir")  # local, or gs:// / s3:// / az:// through etils.epath
-    local_only = "the data readers read local files"
-    paths.check_local(config.data.root, "config.data.root", local_only)
-    paths.check_local(config.model.checkpoint, "config.model.checkpoint", local_only)
+    # Local, or gs:// / s3:// / az:// through etils.epath (workdir, data, pre-trained checkpoint).
+    paths.check_supported(args.workdir, "--workdir")
+    paths.check_supported(config.data.root, "config.data.root")
+    paths.check_supported(config.model.checkpoint, "config.model.checkpoint")
     for key in ("mimic_iv_dir", "demo_path", "index_dir"):
-        paths.check_local(config.data.options.get(key, None), f"config.data.options.{key}", local_only)
+        paths.check_supported(config.data.options.get(key, None), f"config.data.options.{key}")
     from dpft.config.validation import validate
     validate(config)  # refuse bad configs before loading data or compiling anything
     from dpft import distributed

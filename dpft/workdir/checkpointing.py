@@ -31,10 +31,12 @@ live run cannot delete the files being read.
 
 Remote workdirs (`gs://...`): orbax writes there natively (its own commit protocol for object
 stores, where a rename is not atomic: a step counts only once its commit marker exists); the
-checksums are verified on restore as locally. A bucket has no hard links, so `pinned` reads a
-remote step in place (a keep-N cleanup racing the read makes it fail loudly, never silently:
-the checksums would not match or the item would be missing), and `quarantine` moves a corrupt
-step by copy-and-delete.
+checksums are verified on restore as locally. A bucket has no hard links, so `pinned` copies the
+step (only the items the reader asks for) into a private local temporary directory and checks,
+after the copy, that the step is still a complete checkpoint with the very same objects (names
+and sizes) as before it; otherwise (a keep-N cleanup deleted it meanwhile) the copy is thrown
+away and the then-latest step copied instead (an explicit step fails). `quarantine` moves a
+corrupt step by copy-and-delete.
 """
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 import threading
 import time
 import uuid
@@ -53,7 +56,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from dpft import atomic_io, paths
+from dpft import atomic_io, paths, remote_files
 from dpft.errors import CheckpointError, FilesystemError, describe_oserror, filesystem_cause
 
 PyTree = Any
@@ -332,11 +335,14 @@ class Checkpointer:
         self._manager.wait_until_finished()
 
     # -- restore
-    def restore(self, step: int | None = None, *, targets: Mapping[str, PyTree] | None = None) -> Restored:
+    def restore(self, step: int | None = None, *, targets: Mapping[str, PyTree] | None = None,
+                items: Any = None) -> Restored:
         """Read checkpoint `step` (default: the latest) and verify its checksums.
 
         `targets` maps pytree item names to example trees (arrays or ShapeDtypeStructs);
         listed items come back with exactly that structure/dtype/sharding, others generic.
+        `items` (optional): read only these pytree/JSON items (plus every target; names the
+        checkpoint does not hold are skipped), e.g. evaluation needs no optimizer state.
         Raises FileNotFoundError when there is no such checkpoint, KeyError for a target
         the checkpoint does not hold, and CorruptCheckpoint when an item cannot be read or
         an array's checksum does not match.
@@ -361,6 +367,10 @@ class Checkpointer:
             raise KeyError(f"checkpoint step {step} has no pytree item(s) {sorted(unknown)}; has {manifest['pytrees']}")
         has_sums = bool(manifest.get("checksums"))
         out: dict[str, Any] = {}
+        if items is not None:
+            wanted = set(items) | set(targets)
+            manifest = {**manifest, "pytrees": [n for n in manifest["pytrees"] if n in wanted],
+                        "json": [n for n in manifest["json"] if n in wanted]}
         names = list(manifest["pytrees"]) + list(manifest["json"]) + ([CHECKSUMS] if has_sums else [])
         for name in names:  # item by item, so that the message names the unreadable one
             if name in manifest["pytrees"]:
@@ -492,8 +502,58 @@ def _link_tree(src: str, dest: str) -> int:
     return copied
 
 
+def _copy_remote_step(src_root: str, step: int, dest: str, items: Any) -> tuple[int, int]:
+    """Copy `src_root/<step>` (the step-level files, the manifest, the checksums and the items in
+    `items`; all with None) into local `dest`, then check that the step still holds exactly the
+    objects it held before the copy -> (files, bytes). FileNotFoundError when it changed or vanished."""
+    src = paths.join(src_root, str(step))
+    keep = None if items is None else set(items) | set(RESERVED)
+    before = remote_files.list_files(src)
+    if not before:
+        raise FileNotFoundError(src)
+    copied = remote_files.download_tree(src, dest, only=None if keep is None else (
+        lambda rel: "/" not in rel or rel.split("/", 1)[0] in keep))
+    if remote_files.list_files(src) != before:  # a cleanup deleted (part of) it meanwhile
+        raise FileNotFoundError(src)
+    return len(copied), sum(copied.values())
+
+
 @contextlib.contextmanager
-def pinned(workdir: str | os.PathLike, step: int | None = None, *,
+def _pinned_remote(workdir: str, step: int | None, steps: list[int], items: Any,
+                   print_fn: Any) -> Iterator[tuple["Checkpointer", int]]:
+    """`pinned` for a workdir on an object store: a verified local copy of the step (see module doc)."""
+    src_root = checkpoint_dir(workdir)
+    tmp = tempfile.mkdtemp(prefix="dpft-pin-")  # 0700: a checkpoint is private
+    try:
+        for _ in range(10):
+            chosen = step if step is not None else steps[-1]
+            dest = os.path.join(tmp, "checkpoints", str(chosen))
+            try:
+                n_files, n_bytes = _copy_remote_step(src_root, chosen, dest, items)
+                with Checkpointer(workdir, read_only=True) as live:
+                    steps = live.all_steps()
+                if chosen not in steps:  # no longer a complete checkpoint
+                    raise FileNotFoundError(chosen)
+                break
+            except FileNotFoundError:
+                shutil.rmtree(dest, ignore_errors=True)
+                with Checkpointer(workdir, read_only=True) as live:
+                    steps = live.all_steps()
+                if step is not None or not steps:
+                    raise CheckpointError(f"{workdir}: checkpoint {chosen} was deleted while it was being "
+                                          f"read (have {steps})") from None
+        else:
+            raise CheckpointError(f"{workdir}: checkpoints keep changing; could not copy one in 10 tries")
+        print_fn(f"note: {workdir} is on an object store: reading checkpoint {chosen} from a verified local "
+                 f"copy ({n_files} files, {n_bytes / 2**20:.1f} MiB)")
+        with Checkpointer(tmp, read_only=True) as ckpt:
+            yield ckpt, chosen
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def pinned(workdir: str | os.PathLike, step: int | None = None, *, items: Any = None,
            print_fn: Any = print) -> Iterator[tuple["Checkpointer", int]]:
     """A read-only Checkpointer on a snapshot of step `step` (None: the latest) -> (ckpt, step).
 
@@ -502,6 +562,9 @@ def pinned(workdir: str | os.PathLike, step: int | None = None, *,
     meanwhile without touching what is read; removed on exit. If the step vanishes while it
     is linked, the latest step is taken again (an explicit `step` then fails). Where the
     workdir cannot be written (no live run can be writing it), the checkpoint is read in place.
+    On an object store (`gs://...`, no hard links) the snapshot is a verified copy in a private
+    local temporary directory holding only `items` (None: every item) of the step; see the
+    module doc. Nothing is written to a remote workdir.
     """
     workdir = paths.absolute(workdir)
     src_root = checkpoint_dir(workdir)
@@ -512,10 +575,8 @@ def pinned(workdir: str | os.PathLike, step: int | None = None, *,
     if step is not None and step not in steps:
         raise CheckpointError(f"{workdir}: no checkpoint for update {step}; have {steps}")
     if paths.is_remote(workdir):
-        print_fn(f"note: {workdir} is on an object store (no hard links): reading checkpoint "
-                 f"{step if step is not None else steps[-1]} in place")
-        with Checkpointer(workdir, read_only=True) as ckpt:
-            yield ckpt, step if step is not None else steps[-1]
+        with _pinned_remote(workdir, step, steps, items, print_fn) as pin:
+            yield pin
         return
     pin = os.path.join(workdir, PIN_DIR, f"{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
