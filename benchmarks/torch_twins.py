@@ -9,8 +9,9 @@ Module and parameter names mirror the Flax parameter paths, so `load_flax_params
 model's parameters into its twin one to one (and refuses a missing, extra or mis-shaped one: the
 parameter sets and counts are equal by construction). Layouts: NCHW images; Flax HWIO kernels become
 OIHW, [in, out] kernels [out, in]. Every parameterised leaf module is either a standard layer with an
-Opacus grad sampler (nn.Conv2d, nn.Linear, nn.GroupNorm, nn.LayerNorm) or a small custom module
-(WSConv2d, Scale, ClassToken, PositionEmbedding) that Opacus handles with its functorch fallback.
+Opacus grad sampler (exactly nn.Conv2d, nn.Linear, nn.GroupNorm, nn.LayerNorm: Opacus matches the
+type, not subclasses) or a small custom module (WSConv2d, Scale, ClassToken, PositionEmbedding) that
+Opacus handles with its functorch fallback.
 No dropout or stochastic depth anywhere: the Flax networks are benchmarked without them too.
 """
 from __future__ import annotations
@@ -41,27 +42,22 @@ def pad_same(x: torch.Tensor, k: int, stride: int) -> torch.Tensor:
     return F.pad(x, pads)
 
 
-class SameConv2d(nn.Conv2d):
-    """nn.Conv2d with XLA's SAME padding (asymmetric for stride 2 on even sizes), as nnx.Conv."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(pad_same(x, self.kernel_size[0], self.stride[0]))
-
-
 # ----------------------------------------------------------------------------- GroupNorm CNN
 class GroupNormConvNet(nn.Module):
-    """Twin of dpft.testing.models.GroupNormConvNet: [B, C, H, W] -> logits [B, num_classes]."""
+    """Twin of dpft.testing.models.GroupNormConvNet: [B, C, H, W] -> logits [B, num_classes].
+    The convs are plain nn.Conv2d (padding applied before them, XLA's SAME), because Opacus picks its
+    grad sampler by exact module type: a subclass would fall back to functorch."""
 
     def __init__(self, in_channels: int = 3, num_classes: int = 10, channels=(16, 32, 64), groups: int = 4):
         super().__init__()
         c = (in_channels,) + tuple(channels)
-        self.convs = nn.ModuleList([SameConv2d(c[i], c[i + 1], 3, stride=1 if i == 0 else 2) for i in range(3)])
+        self.convs = nn.ModuleList([nn.Conv2d(c[i], c[i + 1], 3, stride=1 if i == 0 else 2) for i in range(3)])
         self.norms = nn.ModuleList([nn.GroupNorm(groups, c[i + 1], eps=1e-6) for i in range(3)])
         self.head = nn.Linear(c[-1], num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for conv, norm in zip(self.convs, self.norms):
-            x = F.relu(norm(conv(x)))
+            x = F.relu(norm(conv(pad_same(x, 3, conv.stride[0]))))
         return self.head(x.mean(dim=(2, 3)))
 
 
