@@ -1,185 +1,130 @@
-"""Peer: Opacus (PyTorch, CPU) DP-SGD step vs its non-private step on the tiny NFNet.
+"""Peer: Opacus (PyTorch, CPU) DP-SGD steps in each grad-sample mode vs plain PyTorch, on the twins.
 
-    .venv-bench/bin/python -m benchmarks.peers_opacus [--batch 64] [--iters 3] [--json out.json]
+    .venv-bench/bin/python -m benchmarks.peers_opacus [--models gn_convnet nfnet_tiny vit_ti16]
+        [--modes hooks functorch ghost] [--batch B] [--resolution R] [--iters 5] [--json out.json]
 
-Needs the `bench` extras (torch CPU build + opacus) in a separate venv; never imported by tests.
-The network is dpft's `nfnet_tiny` rebuilt in PyTorch (same widths/depths/group width, WS-conv with
-gain and bias, tanh-GELU x 1.7015, squeeze-excite, SkipInit gain, avg-pool shortcut, final conv,
-mean pool, linear head; no dropout/stochastic depth so that every layer has an Opacus grad sampler or
-its functorch fallback). DP step = GradSampleModule + DPOptimizer(sigma=1, C=1) step; non-private =
-plain backward + SGD step. Same batch and resolution as benchmarks.dp_overhead (32x32).
+Networks: `benchmarks.torch_twins` (PyTorch twins of dpft's Flax networks, same parameters; default
+batch and resolution from `benchmarks.peer_networks`). Each DP mode is set up as a user would:
+`PrivacyEngine().make_private(module, optimizer, data_loader, noise_multiplier=1, max_grad_norm=1,
+grad_sample_mode=mode, poisson_sampling=False)` on a fresh copy of the twin (same weights), then
+one step = forward + cross-entropy (mean) + backward + `optimizer.step()` (per-sample clipping, noise,
+SGD) + `zero_grad()`; for "ghost" (fast gradient / ghost clipping) the loss is the returned
+`DPLossFastGradientClipping` criterion, whose `backward()` runs Opacus's two backward passes.
+"nonprivate" = the plain twin, cross-entropy backward + SGD step. All steps of a network are warmed
+up once and then timed round-robin (median of `iters`). A mode that fails to set up or to run gives a
+row with its error instead of a time. Needs the `bench` extras (separate venv); tests never import it.
 """
 from __future__ import annotations
 
 import argparse
-import math
+import copy
+import importlib.metadata
 import os
 import statistics
 import time
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from benchmarks import common
+from benchmarks import common, peer_networks, torch_twins
 
-GELU_GAMMA = 1.7015043497085571
-
-
-def act(x: torch.Tensor) -> torch.Tensor:
-    return F.gelu(x, approximate="tanh") * GELU_GAMMA
+MODES = ("hooks", "functorch", "ghost")
+DEFAULTS = {k: (n.resolution, n.batch) for k, n in peer_networks.NETWORKS.items()}  # (resolution, batch)
 
 
-class WSConv2d(nn.Module):
-    """Scaled weight-standardised conv: weight [O, I/groups, k, k], gain [O], bias [O]; NCHW, SAME pad."""
-
-    def __init__(self, cin: int, cout: int, k: int, stride: int = 1, groups: int = 1):
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(cout, cin // groups, k, k) / math.sqrt(cin // groups * k * k))
-        self.gain = nn.Parameter(torch.ones(cout))
-        self.bias = nn.Parameter(torch.zeros(cout))
-        self.stride, self.groups, self.k = stride, groups, k
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        fan_in = w[0].numel()
-        mean = w.mean(dim=(1, 2, 3), keepdim=True)
-        var = w.var(dim=(1, 2, 3), keepdim=True, unbiased=False)
-        scale = torch.rsqrt(torch.clamp(var * fan_in, min=1e-4)) * self.gain.view(-1, 1, 1, 1)
-        w = w * scale - mean * scale
-        pad = (self.k - 1) // 2 if self.stride == 1 else 0
-        if self.stride > 1:  # TF SAME padding for even inputs: pad (0, k - stride) at the end
-            x = F.pad(x, (max(self.k - self.stride, 0) // 2, max(self.k - self.stride, 0) - max(self.k - self.stride, 0) // 2) * 2)
-        return F.conv2d(x, w, self.bias, stride=self.stride, padding=pad, groups=self.groups)
+def framework() -> str:
+    """e.g. "opacus 1.6.0, torch 2.13.0+cpu"."""
+    return f"opacus {importlib.metadata.version('opacus')}, torch {torch.__version__}"
 
 
-class Scale(nn.Module):
-    """Learned scalar gain (SkipInit), a leaf module so Opacus can sample its gradient."""
+def plain_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    """Non-private step: backward of the mean cross-entropy + SGD."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
 
-    def __init__(self):
-        super().__init__()
-        self.gain = nn.Parameter(torch.zeros(()))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.gain
-
-
-class SqueezeExcite(nn.Module):
-    def __init__(self, ch: int, ratio: float = 0.5):
-        super().__init__()
-        hidden = max(1, int(ch * ratio))
-        self.linear, self.linear_1 = nn.Linear(ch, hidden), nn.Linear(hidden, ch)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.linear_1(F.relu(self.linear(x.mean(dim=(2, 3)))))
-        return torch.sigmoid(h)[:, :, None, None]
+    def step():
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return step
 
 
-class NFBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int, beta: float, group_size: int, alpha: float = 0.2):
-        super().__init__()
-        width = int(cout * 0.5)
-        groups = width // group_size
-        self.beta, self.alpha, self.stride = beta, alpha, stride
-        self.conv0 = WSConv2d(cin, width, 1)
-        self.conv1 = WSConv2d(width, width, 3, stride, groups)
-        self.conv1b = WSConv2d(width, width, 3, 1, groups)
-        self.conv2 = WSConv2d(width, cout, 1)
-        self.proj = WSConv2d(cin, cout, 1) if (stride > 1 or cin != cout) else None
-        self.se, self.skip = SqueezeExcite(cout), Scale()
+def dp_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, mode: str) -> Callable[[], None]:
+    """Opacus DP-SGD step (sigma 1, C 1, flat clipping) in grad-sample `mode`, set up by PrivacyEngine."""
+    from opacus import PrivacyEngine
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=len(x))
+    made = PrivacyEngine().make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=loader,
+        criterion=torch.nn.CrossEntropyLoss(), noise_multiplier=1.0, max_grad_norm=1.0,
+        grad_sample_mode=mode, poisson_sampling=False)
+    if mode == "ghost":
+        dp_model, opt, criterion, _ = made
+    else:
+        (dp_model, opt, _), criterion = made, torch.nn.CrossEntropyLoss()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = act(x) * self.beta
-        shortcut = x
-        if self.stride > 1:
-            shortcut = F.avg_pool2d(out, 2, 2, ceil_mode=True, count_include_pad=False)
-        elif self.proj is not None:
-            shortcut = out
-        if self.proj is not None:
-            shortcut = self.proj(shortcut)
-        out = self.conv2(act(self.conv1b(act(self.conv1(act(self.conv0(out)))))))
-        out = self.se(out) * 2 * out
-        return self.skip(out) * self.alpha + shortcut
+    def step():
+        opt.zero_grad()
+        criterion(dp_model(x), y).backward()
+        opt.step()
+    return step
 
 
-class TinyNFNet(nn.Module):
-    """PyTorch twin of dpft's `nfnet_tiny`: NCHW [B, 3, H, W] -> logits [B, num_classes]."""
-
-    def __init__(self, num_classes: int = 10, width=(16, 32, 64, 64), group_width: int = 8,
-                 stem=(8, 8, 16), alpha: float = 0.2):
-        super().__init__()
-        s0, s1, s2 = stem
-        ch = width[0] // 2
-        self.stem = nn.ModuleList([WSConv2d(3, s0, 3, 2), WSConv2d(s0, s1, 3), WSConv2d(s1, s2, 3),
-                                   WSConv2d(s2, ch, 3, 2)])
-        blocks, expected = [], 1.0
-        for i, (w, stride) in enumerate(zip(width, (1, 2, 2, 2))):
-            blocks.append(NFBlock(ch, w, stride, 1.0 / expected, group_width, alpha))
-            expected = (1.0 + alpha ** 2) ** 0.5  # depth 1 per stage: reset then one block
-            ch = w
-        self.blocks = nn.ModuleList(blocks)
-        self.final_conv = WSConv2d(ch, 2 * ch, 1)
-        self.head = nn.Linear(2 * ch, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for i, conv in enumerate(self.stem):
-            x = conv(x)
-            if i < 3:
-                x = act(x)
-        for b in self.blocks:
-            x = b(x)
-        return self.head(act(self.final_conv(x)).mean(dim=(2, 3)))
-
-
-def bench(batch: int, iters: int, resolution: int = 32) -> list[dict]:
-    from opacus import GradSampleModule
-    from opacus.optimizers import DPOptimizer
+def bench(name: str, batch: int, resolution: int, iters: int, modes=MODES) -> list[dict]:
+    """One row per method ("nonprivate", then each mode) of twin `name`; ratios vs "nonprivate"."""
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count() or 1)
     x = torch.randn(batch, 3, resolution, resolution)
     y = torch.randint(0, 10, (batch,))
-    model = TinyNFNet()
-    n_params = sum(p.numel() for p in model.parameters())
-
-    plain_opt = torch.optim.SGD(model.parameters(), lr=0.1)
-
-    def plain_step():
-        plain_opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        plain_opt.step()
-
-    dp_model = GradSampleModule(TinyNFNet())
-    dp_opt = DPOptimizer(torch.optim.SGD(dp_model.parameters(), lr=0.1), noise_multiplier=1.0,
-                         max_grad_norm=1.0, expected_batch_size=batch)
-
-    def dp_step():
-        dp_opt.zero_grad()
-        F.cross_entropy(dp_model(x), y).backward()
-        dp_opt.step()
-
-    steps = {"nonprivate": plain_step, "dp": dp_step}
-    for f in steps.values():
-        f()  # warm-up
-    times = {k: [] for k in steps}
+    base = torch_twins.TWINS[name](10, resolution)
+    steps, errors = {"nonprivate": plain_step(copy.deepcopy(base), x, y)}, {}
+    for mode in modes:
+        try:
+            steps[mode] = dp_step(copy.deepcopy(base), x, y, mode)
+        except Exception as e:  # noqa: BLE001 - a mode that cannot set up this network: a row says so
+            errors[mode] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+    warm = {}
+    for k, f in steps.items():
+        t0 = time.perf_counter()
+        try:
+            f()
+            warm[k] = f
+        except Exception as e:  # noqa: BLE001 - a mode that cannot run this network
+            errors[k] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+        print(f"# opacus {name} {k}: warm-up {time.perf_counter() - t0:.2f} s", flush=True)
+    times = {k: [] for k in warm}
     for _ in range(iters):
-        for k, f in steps.items():
+        for k, f in warm.items():
             t = time.perf_counter()
             f()
             times[k].append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in times.items()}
-    return [{"peer": "opacus", "framework": f"torch {torch.__version__}", "model": "nfnet_tiny (PyTorch twin)",
-             "params": n_params, "resolution": resolution, "batch": batch, "method": k,
-             "examples_per_s": batch / med[k], "step_s": med[k],
-             "time_ratio_vs_nonprivate": med[k] / med["nonprivate"]} for k in steps]
+    rows = []
+    for k in ["nonprivate", *modes]:
+        row = {"network": name, "framework": framework(), "params": torch_twins.num_params(base),
+               "resolution": resolution, "batch": batch, "microbatch": None, "method": k,
+               "private": k != "nonprivate", "load_1min": round(os.getloadavg()[0], 2)}
+        if k in med:
+            row.update(examples_per_s=batch / med[k], step_s=med[k],
+                       ratio_vs_best_nonprivate=med[k] / med["nonprivate"] if "nonprivate" in med else None)
+        else:
+            row["error"] = errors.get(k, "not timed")
+        rows.append(row)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--models", nargs="+", default=list(DEFAULTS), choices=list(DEFAULTS))
+    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    ap.add_argument("--batch", type=int, default=None, help="default: the network's (64; ViT 8)")
+    ap.add_argument("--resolution", type=int, default=None, help="default: the network's (32; ViT 224)")
+    ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    rows = bench(args.batch, args.iters)
+    rows = []
+    for m in args.models:
+        res, b = DEFAULTS[m]
+        rows += bench(m, args.batch or b, args.resolution or res, args.iters, tuple(args.modes))
     return common.emit_rows(rows, args.json)
 
 

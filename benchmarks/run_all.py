@@ -19,6 +19,7 @@ import sys
 import time
 
 from benchmarks import common
+from benchmarks.peers_same_net import ROW_COLUMNS as SAME_NET_COLUMNS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH_PY = os.path.join(ROOT, ".venv-bench", "bin", "python")
@@ -40,8 +41,11 @@ def jobs(quick: bool) -> list[dict]:
          "args": ["benchmarks.peers_optax", *peer_batch, *it]},
         {"name": "peers_jax_privacy", "py": BENCH_PY, "timeout": 300,
          "args": ["benchmarks.peers_jax_privacy", *peer_batch, "--microbatch", "16", *it]},
-        {"name": "peers_opacus", "py": BENCH_PY, "timeout": 300,
-         "args": ["benchmarks.peers_opacus", *peer_batch, *it]},
+        {"name": "peers_opacus", "py": BENCH_PY, "timeout": 600,
+         "args": ["benchmarks.peers_opacus", "--models", "nfnet_tiny", *peer_batch, *it]},
+        {"name": "peers_same_net", "py": BENCH_PY, "timeout": 3600 if quick else 7200,
+         "args": ["benchmarks.peers_same_net", "--rounds", "1" if quick else "2", *it,
+                  *(["--models", "gn_convnet", "nfnet_tiny"] if quick else [])]},
         {"name": "scaling", "py": sys.executable, "timeout": 600,
          "args": ["benchmarks.scaling", "--devices", *(["1", "2", "8"] if quick else ["1", "2", "4", "8"]),
                   "--batch", "32", *it]},
@@ -80,6 +84,8 @@ def to_markdown(result: dict) -> str:
     cols = {"dp_overhead": ["model", "resolution", "batch", "microbatch", "method", "examples_per_s", "step_s",
                             "time_ratio_vs_nonprivate", "time_ratio_vs_best_nonprivate", "xla_temp_mib", "rss_growth_mib",
                             "compile_s", "error"],
+            # peers_opacus / peers_same_net rows (benchmarks.peers_same_net.ROW_COLUMNS); before "peers"
+            "peers_opacus": SAME_NET_COLUMNS, "peers_same_net": SAME_NET_COLUMNS,
             "peers": ["peer", "framework", "model", "resolution", "batch", "microbatch", "method",
                       "examples_per_s", "step_s", "time_ratio_vs_nonprivate"],
             "scaling": ["model", "devices", "batch", "microbatch", "examples_per_s", "step_s", "error"],
