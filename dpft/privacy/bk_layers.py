@@ -125,23 +125,76 @@ def conv_patches(x: jax.Array, cfg: nnx_layers.Conv) -> jax.Array:
     return jnp.stack(slices, axis=-2)
 
 
+def conv_patches_cm(x: jax.Array, cfg: nnx_layers.Conv) -> jax.Array:
+    """The patches of a channels-last conv input in channel-major layout, by strided slicing:
+    x [N, *spatial, C] -> [N, C, prod(kernel_size), *out spatial] (kernel offsets row-major).
+    The output positions are the last, contiguous axes, so the per-example gradient
+    A_i^T D_i is a plain batched matmul [C kt, R] @ [R, out] without a transpose of the
+    patches (on CPU several times cheaper than the channels-last `conv_patches` plus the
+    transpose XLA inserts before the matmul)."""
+    nd = len(cfg.kernel_size)
+    perm = (0, nd + 1) + tuple(range(1, nd + 1))
+    xt = jnp.transpose(x, perm)  # [N, C, *spatial]
+    if cfg.pre_pad is not None:
+        mode, pre = cfg.pre_pad
+        xt = jnp.pad(xt, ((0, 0), (0, 0)) + tuple(pre), mode=mode)
+    if all(k == 1 for k in cfg.kernel_size) and all(s == 1 for s in cfg.strides) and not any(
+            lo or hi for lo, hi in cfg.pads):
+        return xt[:, :, None]
+    zero = jnp.zeros((), xt.dtype)
+    xt = lax.pad(xt, zero, ((0, 0, 0), (0, 0, 0)) + tuple((lo, hi, 0) for lo, hi in cfg.pads))
+    outs = [(xt.shape[2 + j] - ((cfg.kernel_size[j] - 1) * cfg.dilation[j] + 1)) // cfg.strides[j] + 1
+            for j in range(nd)]
+    slices = []
+    for offs in itertools.product(*[range(k) for k in cfg.kernel_size]):
+        start = [0, 0] + [o * dl for o, dl in zip(offs, cfg.dilation)]
+        limit = list(xt.shape[:2]) + [st + s * (n - 1) + 1 for st, s, n in zip(start[2:], cfg.strides, outs)]
+        slices.append(lax.slice(xt, start, limit, (1, 1) + tuple(cfg.strides)))
+    return jnp.stack(slices, axis=2)
+
+
 def conv_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, cfg: nnx_layers.Conv,
                ghost: str = "auto") -> tuple[jax.Array, Summer]:
-    """nnx.Conv: kernel [*k, in/groups, out], bias [out] (optional); x [m, ..., *spatial, in]."""
+    """nnx.Conv: kernel [*k, in/groups, out], bias [out] (optional); x [m, ..., *spatial, in].
+    Ghost route: row-major patches (`conv_patches`) and Gram matrices; materialised route:
+    channel-major patches (`conv_patches_cm`) and one batched matmul per example."""
     nd, g, m = len(cfg.kernel_size), cfg.groups, x.shape[0]
     xr = x.reshape((-1,) + x.shape[x.ndim - nd - 1:]).astype(F32)
-    p = conv_patches(xr, cfg)  # [N, *out, kt, C]
-    kt, c = p.shape[-2], p.shape[-1]
-    a = jnp.moveaxis(p.reshape(p.shape[:-1] + (g, c // g)), -2, -3).reshape(m, -1, g, kt * (c // g))
-    cout = params["kernel"].shape[-1]
-    dd = d.astype(F32).reshape(m, a.shape[1], g, cout // g)
-    sq, kernel_sum = matmul_norms(a, dd, ghost)
+    c, cout, kt = xr.shape[-1], params["kernel"].shape[-1], math.prod(cfg.kernel_size)
+    out_sp = d.shape[d.ndim - nd - 1:-1]
+    rows = (xr.shape[0] // m) * math.prod(out_sp)  # K views x output positions per example
+    d_rows = d.astype(F32).reshape(m, rows, cout)
+    if use_ghost(ghost, rows, kt * (c // g), cout // g):
+        p = conv_patches(xr, cfg)  # [N, *out, kt, C]
+        a = jnp.moveaxis(p.reshape(p.shape[:-1] + (g, c // g)), -2, -3).reshape(m, -1, g, kt * (c // g))
+        sq, kernel_sum = matmul_norms(a, d_rows.reshape(m, rows, g, cout // g), ghost)
 
-    def to_kernel(gk: jax.Array) -> jax.Array:  # [g, kt * cin_g, o] -> [*k, cin_g, g * o]
-        gk = gk.reshape((g,) + tuple(cfg.kernel_size) + (c // g, cout // g))
-        return jnp.moveaxis(gk, 0, -2)
+        def to_kernel(gk: jax.Array) -> jax.Array:  # [g, kt * cin_g, o] -> [*k, cin_g, g * o]
+            gk = gk.reshape((g,) + tuple(cfg.kernel_size) + (c // g, cout // g))
+            return jnp.moveaxis(gk, 0, -2)
+    else:
+        p = conv_patches_cm(xr, cfg)  # [N, C, kt, *out]
+        a = p.reshape(m, -1, g, (c // g) * kt, math.prod(out_sp))  # [m, K, g, cin_g * kt, R]
+        dd = d.astype(F32).reshape(m, a.shape[1], -1, g, cout // g)  # [m, K, R, g, o]
+        sq, kernel_sum = materialised_norms(a, dd)
 
-    return _with_bias(params, sq, kernel_sum, dd.reshape(m, -1, cout), to_kernel)
+        def to_kernel(gk: jax.Array) -> jax.Array:  # [g, cin_g * kt, o] -> [*k, cin_g, g * o]
+            gk = gk.reshape((g, c // g) + tuple(cfg.kernel_size) + (cout // g,))
+            return jnp.moveaxis(gk, (0, 1), (-2, -3))
+
+    return _with_bias(params, sq, kernel_sum, d_rows, to_kernel)
+
+
+def materialised_norms(a: jax.Array, d: jax.Array) -> tuple[jax.Array, Callable[[jax.Array], jax.Array]]:
+    """Channel-major patches a [m, K, g, n, R], output gradients d [m, K, R, g, o] (float32) ->
+    (sum_g ||G_ig||^2 [m], weights -> sum_i w_i G_i [g, n, o]) with the per-example gradient
+    G_i = sum_k A_ik^T D_ik [g, n, o] materialised once and reused by the sum."""
+    gi = jnp.einsum("mkgnr,mkrgo->mgno", a, d, precision=HI)
+
+    def kept_sum(weights: jax.Array) -> jax.Array:
+        return jnp.einsum("m,mgno->gno", weights.astype(F32), _keep(weights, gi, False), precision=HI)
+
+    return jnp.sum(jnp.square(gi), axis=(1, 2, 3)), kept_sum
 
 
 def embed_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, cfg: nnx_layers.Embed,
@@ -179,4 +232,4 @@ def layer_norms(kind: str, params: Mapping[str, jax.Array], x: jax.Array, d: jax
     return ROUTES[kind](params, x, d, cfg, ghost)
 
 
-__all__ = ["dense_norms", "conv_norms", "embed_norms", "conv_patches", "layer_norms", "matmul_norms", "use_ghost"]
+__all__ = ["dense_norms", "conv_norms", "embed_norms", "conv_patches", "conv_patches_cm", "materialised_norms", "layer_norms", "matmul_norms", "use_ghost"]
