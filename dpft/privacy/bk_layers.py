@@ -127,37 +127,54 @@ def conv_patches(x: jax.Array, cfg: nnx_layers.Conv) -> jax.Array:
 
 def conv_patches_cm(x: jax.Array, cfg: nnx_layers.Conv) -> jax.Array:
     """The patches of a channels-last conv input in channel-major layout, by strided slicing:
-    x [N, *spatial, C] -> [N, C, prod(kernel_size), *out spatial] (kernel offsets row-major).
-    The output positions are the last, contiguous axes, so the per-example gradient
-    A_i^T D_i is a plain batched matmul [C kt, R] @ [R, out] without a transpose of the
-    patches (on CPU several times cheaper than the channels-last `conv_patches` plus the
-    transpose XLA inserts before the matmul)."""
-    nd = len(cfg.kernel_size)
-    perm = (0, nd + 1) + tuple(range(1, nd + 1))
-    xt = jnp.transpose(x, perm)  # [N, C, *spatial]
+    x [N, *spatial, C] -> [N, groups, prod(kernel_size) * C/groups, *out spatial], features
+    ordered as the kernel's (*k, in/groups) (offsets row-major). The output positions are the
+    last, contiguous axes and the slices are concatenated along the feature axis (one fused
+    copy), so the per-example gradient A_i^T D_i is a plain batched matmul [n, R] @ [R, out]
+    with no transpose of the patches (on CPU several times cheaper than the channels-last
+    `conv_patches` plus the transpose XLA inserts before the matmul)."""
+    nd, g = len(cfg.kernel_size), cfg.groups
+    xt = jnp.transpose(x, (0, nd + 1) + tuple(range(1, nd + 1)))  # [N, C, *spatial]
     if cfg.pre_pad is not None:
         mode, pre = cfg.pre_pad
         xt = jnp.pad(xt, ((0, 0), (0, 0)) + tuple(pre), mode=mode)
-    if all(k == 1 for k in cfg.kernel_size) and all(s == 1 for s in cfg.strides) and not any(
-            lo or hi for lo, hi in cfg.pads):
-        return xt[:, :, None]
     zero = jnp.zeros((), xt.dtype)
     xt = lax.pad(xt, zero, ((0, 0, 0), (0, 0, 0)) + tuple((lo, hi, 0) for lo, hi in cfg.pads))
     outs = [(xt.shape[2 + j] - ((cfg.kernel_size[j] - 1) * cfg.dilation[j] + 1)) // cfg.strides[j] + 1
             for j in range(nd)]
+    cg = xt.shape[1] // g
     slices = []
-    for offs in itertools.product(*[range(k) for k in cfg.kernel_size]):
-        start = [0, 0] + [o * dl for o, dl in zip(offs, cfg.dilation)]
-        limit = list(xt.shape[:2]) + [st + s * (n - 1) + 1 for st, s, n in zip(start[2:], cfg.strides, outs)]
-        slices.append(lax.slice(xt, start, limit, (1, 1) + tuple(cfg.strides)))
-    return jnp.stack(slices, axis=2)
+    for gi in range(g):
+        for offs in itertools.product(*[range(k) for k in cfg.kernel_size]):
+            start = [0, gi * cg] + [o * dl for o, dl in zip(offs, cfg.dilation)]
+            limit = [xt.shape[0], (gi + 1) * cg] + [st + s * (n - 1) + 1
+                                                     for st, s, n in zip(start[2:], cfg.strides, outs)]
+            slices.append(lax.slice(xt, start, limit, (1, 1) + tuple(cfg.strides)))
+    p = slices[0] if len(slices) == 1 else lax.concatenate(slices, 1)
+    return p.reshape((p.shape[0], g, -1) + tuple(outs))
+
+
+def conv_f32(kernel: jax.Array, x: jax.Array, cfg: nnx_layers.Conv) -> jax.Array:
+    """The convolution of an ``nnx.Conv`` described by ``cfg``, without bias, in float32 at full
+    precision: x [N, *spatial, C], kernel [*k, C/groups, out] -> [N, *out spatial, out]."""
+    nd = len(cfg.kernel_size)
+    if cfg.pre_pad is not None:
+        mode, pre = cfg.pre_pad
+        x = jnp.pad(x, ((0, 0),) + tuple(pre) + ((0, 0),), mode=mode)
+    spec = (0, nd + 1) + tuple(range(1, nd + 1))
+    dn = lax.ConvDimensionNumbers(lhs_spec=spec, rhs_spec=(nd + 1, nd) + tuple(range(nd)), out_spec=spec)
+    return lax.conv_general_dilated(x.astype(F32), kernel.astype(F32), cfg.strides, cfg.pads,
+                                    rhs_dilation=cfg.dilation, dimension_numbers=dn,
+                                    feature_group_count=cfg.groups, precision=HI)
 
 
 def conv_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, cfg: nnx_layers.Conv,
                ghost: str = "auto") -> tuple[jax.Array, Summer]:
     """nnx.Conv: kernel [*k, in/groups, out], bias [out] (optional); x [m, ..., *spatial, in].
-    Ghost route: row-major patches (`conv_patches`) and Gram matrices; materialised route:
-    channel-major patches (`conv_patches_cm`) and one batched matmul per example."""
+    Ghost route: norms from row-major patches (`conv_patches`) and Gram matrices, the weighted
+    sum from the conv's own weight-gradient VJP (`conv_f32`; the patches are not kept for it).
+    Materialised route: channel-major patches (`conv_patches_cm`), one batched matmul per
+    example, and the weighted sum of those per-example gradients."""
     nd, g, m = len(cfg.kernel_size), cfg.groups, x.shape[0]
     xr = x.reshape((-1,) + x.shape[x.ndim - nd - 1:]).astype(F32)
     c, cout, kt = xr.shape[-1], params["kernel"].shape[-1], math.prod(cfg.kernel_size)
@@ -167,20 +184,26 @@ def conv_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, cfg:
     if use_ghost(ghost, rows, kt * (c // g), cout // g):
         p = conv_patches(xr, cfg)  # [N, *out, kt, C]
         a = jnp.moveaxis(p.reshape(p.shape[:-1] + (g, c // g)), -2, -3).reshape(m, -1, g, kt * (c // g))
-        sq, kernel_sum = matmul_norms(a, d_rows.reshape(m, rows, g, cout // g), ghost)
+        sq = matmul_norms(a, d_rows.reshape(m, rows, g, cout // g), ghost)[0]
+
+        def kernel_sum(weights: jax.Array) -> jax.Array:
+            # The conv's own weight-gradient VJP at (x, weights * d): the patches are not kept
+            # from the norm to the sum (they are prod(kernel_size) times the input).
+            xw = _keep(weights, xr.reshape((m, -1) + xr.shape[1:]), False).reshape(xr.shape)
+            dw = _keep(weights, d.astype(F32).reshape((m, -1) + d.shape[d.ndim - nd - 1:]), True)
+            _, vjp = jax.vjp(lambda kern: conv_f32(kern, xw, cfg), jnp.zeros(params["kernel"].shape, F32))
+            return vjp(dw.reshape((-1,) + dw.shape[2:]))[0]
+
+        def to_kernel(gk: jax.Array) -> jax.Array:
+            return gk
+    else:
+        a = conv_patches_cm(xr, cfg).reshape(m, -1, g, kt * (c // g), math.prod(out_sp))  # [m, K, g, n, R]
+        dd = d.astype(F32).reshape(m, a.shape[1], -1, g, cout // g)  # [m, K, R, g, o]
+        sq, kernel_sum = materialised_norms(a, dd)
 
         def to_kernel(gk: jax.Array) -> jax.Array:  # [g, kt * cin_g, o] -> [*k, cin_g, g * o]
             gk = gk.reshape((g,) + tuple(cfg.kernel_size) + (c // g, cout // g))
             return jnp.moveaxis(gk, 0, -2)
-    else:
-        p = conv_patches_cm(xr, cfg)  # [N, C, kt, *out]
-        a = p.reshape(m, -1, g, (c // g) * kt, math.prod(out_sp))  # [m, K, g, cin_g * kt, R]
-        dd = d.astype(F32).reshape(m, a.shape[1], -1, g, cout // g)  # [m, K, R, g, o]
-        sq, kernel_sum = materialised_norms(a, dd)
-
-        def to_kernel(gk: jax.Array) -> jax.Array:  # [g, cin_g * kt, o] -> [*k, cin_g, g * o]
-            gk = gk.reshape((g, c // g) + tuple(cfg.kernel_size) + (cout // g,))
-            return jnp.moveaxis(gk, (0, 1), (-2, -3))
 
     return _with_bias(params, sq, kernel_sum, d_rows, to_kernel)
 
@@ -232,4 +255,4 @@ def layer_norms(kind: str, params: Mapping[str, jax.Array], x: jax.Array, d: jax
     return ROUTES[kind](params, x, d, cfg, ghost)
 
 
-__all__ = ["dense_norms", "conv_norms", "embed_norms", "conv_patches", "conv_patches_cm", "materialised_norms", "layer_norms", "matmul_norms", "use_ghost"]
+__all__ = ["dense_norms", "conv_norms", "embed_norms", "conv_patches", "conv_patches_cm", "conv_f32", "materialised_norms", "layer_norms", "matmul_norms", "use_ghost"]

@@ -147,34 +147,32 @@ def ws_conv_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, *
     n_var = jnp.where(unclamped, (var * n).reshape(groups, cout_g), 1.0)
     dd = d.astype(F32).reshape(m, rows, groups, cout_g)
     bias_rows = jnp.sum(dd, axis=1)  # [m, groups, o]
+    centred = (w - mean).reshape(n, groups, cout_g)  # HWI order, as the patches' features
 
     summer = None
     if _use_ghost(ghost, rows, n, cout_g, groups):
         patches = conv_patches(xr, k, stride)  # [mK, H', W', k, k, in]
         a = patches.reshape(patches.shape[:-1] + (groups, cin_g))
         a = jnp.moveaxis(a, -2, -4).reshape(m, -1, groups, n)  # features (kh, kw, in/groups), as w's HWI
-        centred = (w - mean).reshape(n, groups, cout_g)
         # e.g and c.g from the patches; ||g||^2 (channel-weighted) as a ghost norm.
         e_dot = jnp.einsum("mrg,mrgo->mgo", jnp.sum(a, axis=-1), dd) / math.sqrt(n)
         c_dot = jnp.einsum("mrgo,mrgo->mgo", jnp.einsum("mrgn,ngo->mrgo", a, centred), dd)
         g_sq = _ghost_sq_norm(a, dd * scale)
     else:
-        # Materialised g = dL_i/dw_hat [m, groups, n, o] from channel-major patches (features
-        # ordered (in/groups, kh, kw): no transpose of the patches): every term is a contraction of it.
+        # Materialised g = dL_i/dw_hat [m, groups, n, o] from channel-major patches (features in
+        # w's HWI order, no transpose of the patches): every term is a contraction of it.
         cfg = nnx_layers.Conv((k, k), (stride, stride), (1, 1),
                               tuple(map(tuple, lax.padtype_to_pads(xr.shape[1:3], (k, k), (stride, stride), "SAME"))),
                               groups)
         a = bk_layers.conv_patches_cm(xr, cfg).reshape(m, -1, groups, n, d.shape[-3] * d.shape[-2])
         g = jnp.einsum("mkgnr,mkrgo->mgno", a, d.astype(F32).reshape(m, a.shape[1], -1, groups, cout_g),
                        precision=lax.Precision.HIGHEST)
-        centred = jnp.transpose(w - mean, (2, 0, 1, 3)).reshape(n, groups, cout_g)  # IHW order, as g
         e_dot = jnp.sum(g, axis=2) / math.sqrt(n)
         c_dot = jnp.einsum("mgno,ngo->mgo", g, centred)
         g_sq = jnp.sum(jnp.square(scale) * jnp.sum(jnp.square(g), axis=2), axis=(1, 2))
 
         def summer(weights: jax.Array) -> dict[str, jax.Array]:
-            g_hat = _weighted_rows(weights, g).reshape(groups, cin_g, k, k, cout_g)
-            g_hat = jnp.moveaxis(g_hat, (0, 1), (-2, -3)).reshape(w.shape)  # -> HWIO
+            g_hat = jnp.moveaxis(_weighted_rows(weights, g), 0, 1).reshape(w.shape)  # [n, g, o] -> HWIO
             _, vjp = jax.vjp(ops.standardize_weight, w, gain)
             g_w, g_gain = vjp(g_hat)
             return {"w": g_w, "gain": g_gain, "bias": _weighted_rows(weights, bias_rows).reshape(cout)}
