@@ -42,6 +42,14 @@ def use_ghost(ghost: str, rows: int, fan_in: int, fan_out: int) -> bool:
     return rows * (fan_in + fan_out) < fan_in * fan_out
 
 
+def keep_per_example_grads(param_size: int, x_size: int, d_size: int) -> bool:
+    """Memory rule of the materialised route: keep each example's gradient (param_size elements)
+    from the norm to the weighted sum iff it is no larger than the layer's input and output
+    gradient (x_size + d_size elements per example), which the sum would otherwise need (then
+    the sum is one weight-gradient VJP of the layer at (x, weights * d)). Exact either way."""
+    return param_size <= x_size + d_size
+
+
 def _keep(weights: jax.Array, v: jax.Array, scaled: bool) -> jax.Array:
     """Rows of v [m, ...] times weights (if scaled), rows of weight 0 set to exactly 0."""
     shape = (-1,) + (1,) * (v.ndim - 1)
@@ -174,36 +182,47 @@ def conv_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, cfg:
     Ghost route: norms from row-major patches (`conv_patches`) and Gram matrices, the weighted
     sum from the conv's own weight-gradient VJP (`conv_f32`; the patches are not kept for it).
     Materialised route: channel-major patches (`conv_patches_cm`), one batched matmul per
-    example, and the weighted sum of those per-example gradients."""
+    example, and the weighted sum of those per-example gradients where they are no larger than
+    (x, d) per example (`keep_per_example_grads`), else the same VJP as the ghost route."""
     nd, g, m = len(cfg.kernel_size), cfg.groups, x.shape[0]
     xr = x.reshape((-1,) + x.shape[x.ndim - nd - 1:]).astype(F32)
     c, cout, kt = xr.shape[-1], params["kernel"].shape[-1], math.prod(cfg.kernel_size)
     out_sp = d.shape[d.ndim - nd - 1:-1]
     rows = (xr.shape[0] // m) * math.prod(out_sp)  # K views x output positions per example
     d_rows = d.astype(F32).reshape(m, rows, cout)
+
+    def vjp_kernel_sum(weights: jax.Array) -> jax.Array:
+        # The conv's own weight-gradient VJP at (x, weights * d): nothing but x and d is kept
+        # from the norm to the sum (not the patches, prod(kernel_size) times the input).
+        xw = _keep(weights, xr.reshape((m, -1) + xr.shape[1:]), False).reshape(xr.shape)
+        dw = _keep(weights, d.astype(F32).reshape((m, -1) + d.shape[d.ndim - nd - 1:]), True)
+        _, vjp = jax.vjp(lambda kern: conv_f32(kern, xw, cfg), jnp.zeros(params["kernel"].shape, F32))
+        return vjp(dw.reshape((-1,) + dw.shape[2:]))[0]
+
     if use_ghost(ghost, rows, kt * (c // g), cout // g):
         p = conv_patches(xr, cfg)  # [N, *out, kt, C]
         a = jnp.moveaxis(p.reshape(p.shape[:-1] + (g, c // g)), -2, -3).reshape(m, -1, g, kt * (c // g))
         sq = matmul_norms(a, d_rows.reshape(m, rows, g, cout // g), ghost)[0]
 
-        def kernel_sum(weights: jax.Array) -> jax.Array:
-            # The conv's own weight-gradient VJP at (x, weights * d): the patches are not kept
-            # from the norm to the sum (they are prod(kernel_size) times the input).
-            xw = _keep(weights, xr.reshape((m, -1) + xr.shape[1:]), False).reshape(xr.shape)
-            dw = _keep(weights, d.astype(F32).reshape((m, -1) + d.shape[d.ndim - nd - 1:]), True)
-            _, vjp = jax.vjp(lambda kern: conv_f32(kern, xw, cfg), jnp.zeros(params["kernel"].shape, F32))
-            return vjp(dw.reshape((-1,) + dw.shape[2:]))[0]
+        kernel_sum = vjp_kernel_sum
 
         def to_kernel(gk: jax.Array) -> jax.Array:
             return gk
     else:
         a = conv_patches_cm(xr, cfg).reshape(m, -1, g, kt * (c // g), math.prod(out_sp))  # [m, K, g, n, R]
         dd = d.astype(F32).reshape(m, a.shape[1], -1, g, cout // g)  # [m, K, R, g, o]
-        sq, kernel_sum = materialised_norms(a, dd)
+        sq, kept_sum = materialised_norms(a, dd)
+        if keep_per_example_grads(params["kernel"].size, x.size // m, d.size // m):
+            kernel_sum = kept_sum
 
-        def to_kernel(gk: jax.Array) -> jax.Array:  # [g, kt * cin_g, o] -> [*k, cin_g, g * o]
-            gk = gk.reshape((g,) + tuple(cfg.kernel_size) + (c // g, cout // g))
-            return jnp.moveaxis(gk, 0, -2)
+            def to_kernel(gk: jax.Array) -> jax.Array:  # [g, kt * cin_g, o] -> [*k, cin_g, g * o]
+                gk = gk.reshape((g,) + tuple(cfg.kernel_size) + (c // g, cout // g))
+                return jnp.moveaxis(gk, 0, -2)
+        else:
+            kernel_sum = vjp_kernel_sum
+
+            def to_kernel(gk: jax.Array) -> jax.Array:
+                return gk
 
     return _with_bias(params, sq, kernel_sum, d_rows, to_kernel)
 
@@ -255,4 +274,4 @@ def layer_norms(kind: str, params: Mapping[str, jax.Array], x: jax.Array, d: jax
     return ROUTES[kind](params, x, d, cfg, ghost)
 
 
-__all__ = ["dense_norms", "conv_norms", "embed_norms", "conv_patches", "conv_patches_cm", "conv_f32", "materialised_norms", "layer_norms", "matmul_norms", "use_ghost"]
+__all__ = ["dense_norms", "conv_norms", "embed_norms", "conv_patches", "conv_patches_cm", "conv_f32", "keep_per_example_grads", "materialised_norms", "layer_norms", "matmul_norms", "use_ghost"]

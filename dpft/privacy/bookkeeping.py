@@ -127,7 +127,9 @@ def ws_conv_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, *
     params: w [k, k, in/groups, out], gain [out]; x [m, K, H, W, in] (K rows per example),
     d [m, K, H', W', out] = dLoss_i/d(output). Returns (float32 [m], summer): summer(weights [m])
     is the weighted sum of the per-example gradients {w, gain, bias} when they were
-    materialised (one cheap contraction plus the standardisation's VJP), None on the ghost route.
+    materialised and kept (`bk_layers.keep_per_example_grads`: one cheap contraction plus the
+    standardisation's VJP), else None (ghost route, or per-example gradients larger than (x, d)):
+    the sum is then one weight-gradient VJP of the op (`weighted_param_grads`).
     See the module doc.
     """
     w = params["w"].astype(F32)
@@ -171,11 +173,16 @@ def ws_conv_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, *
         c_dot = jnp.einsum("mgno,ngo->mgo", g, centred)
         g_sq = jnp.sum(jnp.square(scale) * jnp.sum(jnp.square(g), axis=2), axis=(1, 2))
 
-        def summer(weights: jax.Array) -> dict[str, jax.Array]:
+        def kept_summer(weights: jax.Array) -> dict[str, jax.Array]:
             g_hat = jnp.moveaxis(_weighted_rows(weights, g), 0, 1).reshape(w.shape)  # [n, g, o] -> HWIO
             _, vjp = jax.vjp(ops.standardize_weight, w, gain)
             g_w, g_gain = vjp(g_hat)
             return {"w": g_w, "gain": g_gain, "bias": _weighted_rows(weights, bias_rows).reshape(cout)}
+
+        # Keep g for the sum only where it is no larger than (x, d) per example; else the sum is
+        # the op's weight-gradient VJP at (x, weights * d) (`weighted_param_grads`, summer None).
+        if bk_layers.keep_per_example_grads(w.size, x.size // m, d.size // m):
+            summer = kept_summer
 
     v_sq = jnp.where(unclamped, jnp.square(c_dot) / n_var, 0.0)
     w_sq = g_sq - jnp.sum(jnp.square(scale) * (jnp.square(e_dot) + v_sq), axis=(1, 2))
