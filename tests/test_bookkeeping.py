@@ -67,15 +67,17 @@ def test_ws_conv_norms_clamped_channel_and_zero_gain(ghost):
 @pytest.mark.parametrize("ghost", ["never", "always"])
 @pytest.mark.parametrize("h,cin,cout,kept", [(7, 4, 6, True), (2, 8, 16, False)])
 def test_ws_conv_weighted_sum_matches_brute_force(ghost, h, cin, cout, kept):
-    """sum_i w_i g_i of ws_conv from the kept per-example gradients (g no larger than (x, d)) or
-    from the op's weight-gradient VJP (g larger, or ghost route) == brute force; a row of weight 0
-    contributes exactly 0 even with NaN inputs."""
+    """sum_i w_i g_i of ws_conv from the kept per-example gradients (g no larger than (x, d)), from
+    (x, d) alone (g larger) or by the op's weight-gradient VJP (ghost route) == brute force; a row
+    of weight 0 contributes exactly 0 even with NaN inputs."""
     fn, params, x, d = conv_case(11, 3, 1, 1, cin=cin, cout=cout, h=h)
     x = x.at[1].set(jnp.nan)
     weights = jnp.asarray([0.5, 0.0, 2.0], jnp.float32)
     spec = taps.OpSpec("c:conv", "ws_conv", fn, {n: ("c", n) for n in params}, jax.eval_shape(lambda: fn(params, x[0])))
     _, summer = bookkeeping.ws_conv_norms(params, x, d, stride=1, groups=1, ghost=ghost)
-    assert (summer is not None) == (kept and ghost == "never")
+    assert (summer is not None) == (ghost == "never")
+    if summer is not None:  # which materialised sum route was taken
+        assert ("kept_summer" in summer.__qualname__) == kept
     got = bookkeeping.weighted_param_grads({"c:conv": spec}, {"c:conv": params}, {"c:conv": x}, {"c:conv": d},
                                            weights, {"c:conv": summer} if summer is not None else {})["c:conv"]
     for name in params:

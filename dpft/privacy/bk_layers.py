@@ -46,7 +46,7 @@ def keep_per_example_grads(param_size: int, x_size: int, d_size: int) -> bool:
     """Memory rule of the materialised route: keep each example's gradient (param_size elements)
     from the norm to the weighted sum iff it is no larger than the layer's input and output
     gradient (x_size + d_size elements per example), which the sum would otherwise need (then
-    the sum is one weight-gradient VJP of the layer at (x, weights * d)). Exact either way."""
+    the sum is one weight-gradient contraction at (x, weights * d)). Exact either way."""
     return param_size <= x_size + d_size
 
 
@@ -162,28 +162,26 @@ def conv_patches_cm(x: jax.Array, cfg: nnx_layers.Conv) -> jax.Array:
     return p.reshape((p.shape[0], g, -1) + tuple(outs))
 
 
-def conv_f32(kernel: jax.Array, x: jax.Array, cfg: nnx_layers.Conv) -> jax.Array:
-    """The convolution of an ``nnx.Conv`` described by ``cfg``, without bias, in float32 at full
-    precision: x [N, *spatial, C], kernel [*k, C/groups, out] -> [N, *out spatial, out]."""
-    nd = len(cfg.kernel_size)
-    if cfg.pre_pad is not None:
-        mode, pre = cfg.pre_pad
-        x = jnp.pad(x, ((0, 0),) + tuple(pre) + ((0, 0),), mode=mode)
-    spec = (0, nd + 1) + tuple(range(1, nd + 1))
-    dn = lax.ConvDimensionNumbers(lhs_spec=spec, rhs_spec=(nd + 1, nd) + tuple(range(nd)), out_spec=spec)
-    return lax.conv_general_dilated(x.astype(F32), kernel.astype(F32), cfg.strides, cfg.pads,
-                                    rhs_dilation=cfg.dilation, dimension_numbers=dn,
-                                    feature_group_count=cfg.groups, precision=HI)
+def patches_weighted_sum(xr: jax.Array, d: jax.Array, weights: jax.Array, cfg: nnx_layers.Conv) -> jax.Array:
+    """sum_i weights_i A_i^T D_i of a conv from its input and output gradient alone: xr [m K, *spatial, C],
+    d [m, K, *out spatial, out] (float32) -> [groups, prod(kernel_size) * C/groups, out/groups]
+    (features in the kernel's order). Rows of weight 0 contribute exactly 0 (even NaN)."""
+    m, g = weights.shape[0], cfg.groups
+    xw = _keep(weights, xr.reshape((m, -1) + xr.shape[1:]), False).reshape(xr.shape)
+    a = conv_patches_cm(xw, cfg)  # [m K, g, n, *out]
+    a = a.reshape((m, a.shape[0] // m) + a.shape[1:3] + (math.prod(a.shape[3:]),))  # [m, K, g, n, R]
+    dw = _keep(weights, d.astype(F32), True).reshape(m, a.shape[1], a.shape[-1], g, -1)  # [m, K, R, g, o]
+    return jnp.einsum("mkgnr,mkrgo->gno", a, dw, precision=HI)
 
 
 def conv_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, cfg: nnx_layers.Conv,
                ghost: str = "auto") -> tuple[jax.Array, Summer]:
     """nnx.Conv: kernel [*k, in/groups, out], bias [out] (optional); x [m, ..., *spatial, in].
     Ghost route: norms from row-major patches (`conv_patches`) and Gram matrices, the weighted
-    sum from the conv's own weight-gradient VJP (`conv_f32`; the patches are not kept for it).
+    sum from (x, d) alone (`patches_weighted_sum`; the norm's patches are not kept for it).
     Materialised route: channel-major patches (`conv_patches_cm`), one batched matmul per
     example, and the weighted sum of those per-example gradients where they are no larger than
-    (x, d) per example (`keep_per_example_grads`), else the same VJP as the ghost route."""
+    (x, d) per example (`keep_per_example_grads`), else from (x, d) as on the ghost route."""
     nd, g, m = len(cfg.kernel_size), cfg.groups, x.shape[0]
     xr = x.reshape((-1,) + x.shape[x.ndim - nd - 1:]).astype(F32)
     c, cout, kt = xr.shape[-1], params["kernel"].shape[-1], math.prod(cfg.kernel_size)
@@ -191,38 +189,27 @@ def conv_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, cfg:
     rows = (xr.shape[0] // m) * math.prod(out_sp)  # K views x output positions per example
     d_rows = d.astype(F32).reshape(m, rows, cout)
 
-    def vjp_kernel_sum(weights: jax.Array) -> jax.Array:
-        # The conv's own weight-gradient VJP at (x, weights * d): nothing but x and d is kept
-        # from the norm to the sum (not the patches, prod(kernel_size) times the input).
-        xw = _keep(weights, xr.reshape((m, -1) + xr.shape[1:]), False).reshape(xr.shape)
-        dw = _keep(weights, d.astype(F32).reshape((m, -1) + d.shape[d.ndim - nd - 1:]), True)
-        _, vjp = jax.vjp(lambda kern: conv_f32(kern, xw, cfg), jnp.zeros(params["kernel"].shape, F32))
-        return vjp(dw.reshape((-1,) + dw.shape[2:]))[0]
+    def xd_kernel_sum(weights: jax.Array) -> jax.Array:  # -> [g, kt * cin_g, o]
+        # From x and weights * d alone: channel-major patches rebuilt here (of the masked x, so
+        # never the norm's patches kept alive) and one matmul; no XLA convolution, which is slow
+        # inside the microbatch scan on CPU (jax-ml/jax#12868).
+        return patches_weighted_sum(xr, d, weights, cfg)
+
+    def to_kernel(gk: jax.Array) -> jax.Array:  # [g, kt * cin_g, o] -> [*k, cin_g, g * o]
+        gk = gk.reshape((g,) + tuple(cfg.kernel_size) + (c // g, cout // g))
+        return jnp.moveaxis(gk, 0, -2)
 
     if use_ghost(ghost, rows, kt * (c // g), cout // g):
         p = conv_patches(xr, cfg)  # [N, *out, kt, C]
         a = jnp.moveaxis(p.reshape(p.shape[:-1] + (g, c // g)), -2, -3).reshape(m, -1, g, kt * (c // g))
         sq = matmul_norms(a, d_rows.reshape(m, rows, g, cout // g), ghost)[0]
-
-        kernel_sum = vjp_kernel_sum
-
-        def to_kernel(gk: jax.Array) -> jax.Array:
-            return gk
+        kernel_sum = xd_kernel_sum
     else:
         a = conv_patches_cm(xr, cfg).reshape(m, -1, g, kt * (c // g), math.prod(out_sp))  # [m, K, g, n, R]
         dd = d.astype(F32).reshape(m, a.shape[1], -1, g, cout // g)  # [m, K, R, g, o]
         sq, kept_sum = materialised_norms(a, dd)
-        if keep_per_example_grads(params["kernel"].size, x.size // m, d.size // m):
-            kernel_sum = kept_sum
-
-            def to_kernel(gk: jax.Array) -> jax.Array:  # [g, kt * cin_g, o] -> [*k, cin_g, g * o]
-                gk = gk.reshape((g,) + tuple(cfg.kernel_size) + (c // g, cout // g))
-                return jnp.moveaxis(gk, 0, -2)
-        else:
-            kernel_sum = vjp_kernel_sum
-
-            def to_kernel(gk: jax.Array) -> jax.Array:
-                return gk
+        kernel_sum = kept_sum if keep_per_example_grads(params["kernel"].size, x.size // m, d.size // m) \
+            else xd_kernel_sum
 
     return _with_bias(params, sq, kernel_sum, d_rows, to_kernel)
 
@@ -274,4 +261,4 @@ def layer_norms(kind: str, params: Mapping[str, jax.Array], x: jax.Array, d: jax
     return ROUTES[kind](params, x, d, cfg, ghost)
 
 
-__all__ = ["dense_norms", "conv_norms", "embed_norms", "conv_patches", "conv_patches_cm", "conv_f32", "keep_per_example_grads", "materialised_norms", "layer_norms", "matmul_norms", "use_ghost"]
+__all__ = ["dense_norms", "conv_norms", "embed_norms", "conv_patches", "conv_patches_cm", "patches_weighted_sum", "keep_per_example_grads", "materialised_norms", "layer_norms", "matmul_norms", "use_ghost"]

@@ -25,10 +25,16 @@ tapped parameter also used elsewhere (weight sharing), and nnx.BatchNorm. Per mi
      products read off the patches too; the gain's gradient is r (w - mean).g.
      While n var <= eps (the clamp of `standardize_weight`) the v term is absent.
    * "generic" (small ops: skip gains, GroupNorm): local per-example VJP of the op alone.
+   Materialised conv gradients come from channel-major patches (`bk_layers.conv_patches_cm`:
+   features in the kernel's HWI order, output positions last), so each g_i is one plain
+   batched matmul with no transpose of the patches.
 3. The clipped sum per op: sum_i c_i g_i of the per-example gradients where step 2
-   materialised them (then the standardisation's VJP once), else ONE batched weight-gradient
-   VJP of the op with cotangent c_i d_l,i (c_i the clip factor). Either way the weight-gradient
-   work is done once, as in the non-private backward.
+   materialised them and they are no larger than the op's (x_i, d_i)
+   (`bk_layers.keep_per_example_grads`; then the standardisation's VJP once), else one
+   contraction of rebuilt patches of x_l with c_i d_l,i (materialised convs), or ONE batched
+   weight-gradient VJP of the op with cotangent c_i d_l,i (c_i the clip factor; ghost routes).
+   What lives from step 2 to step 3 per op is thus the smaller of g_i and (x_i, d_i), never
+   patches. Both are exact.
 
 Per_layer clipping is not supported (raises); mode "none" delegates to the engine.
 References: Bu, Mao, Xu, "Scalable and efficient training of large convolutional neural
@@ -127,9 +133,10 @@ def ws_conv_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, *
     params: w [k, k, in/groups, out], gain [out]; x [m, K, H, W, in] (K rows per example),
     d [m, K, H', W', out] = dLoss_i/d(output). Returns (float32 [m], summer): summer(weights [m])
     is the weighted sum of the per-example gradients {w, gain, bias} when they were
-    materialised and kept (`bk_layers.keep_per_example_grads`: one cheap contraction plus the
-    standardisation's VJP), else None (ghost route, or per-example gradients larger than (x, d)):
-    the sum is then one weight-gradient VJP of the op (`weighted_param_grads`).
+    materialised: from the kept per-example gradients where they are no larger than (x, d)
+    (`bk_layers.keep_per_example_grads`), else from (x, d) alone (`bk_layers.patches_weighted_sum`),
+    then the standardisation's VJP once; None on the ghost route (`weighted_param_grads` then
+    takes the op's weight-gradient VJP).
     See the module doc.
     """
     w = params["w"].astype(F32)
@@ -179,10 +186,15 @@ def ws_conv_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, *
             g_w, g_gain = vjp(g_hat)
             return {"w": g_w, "gain": g_gain, "bias": _weighted_rows(weights, bias_rows).reshape(cout)}
 
-        # Keep g for the sum only where it is no larger than (x, d) per example; else the sum is
-        # the op's weight-gradient VJP at (x, weights * d) (`weighted_param_grads`, summer None).
-        if bk_layers.keep_per_example_grads(w.size, x.size // m, d.size // m):
-            summer = kept_summer
+        def xd_summer(weights: jax.Array) -> dict[str, jax.Array]:
+            # From (x, weights * d) alone: patches rebuilt, one matmul (no XLA conv in the scan).
+            g_sum = bk_layers.patches_weighted_sum(xr, d, weights, cfg)  # [g, n, o]
+            _, vjp = jax.vjp(ops.standardize_weight, w, gain)
+            g_w, g_gain = vjp(jnp.moveaxis(g_sum, 0, 1).reshape(w.shape))
+            return {"w": g_w, "gain": g_gain, "bias": _weighted_rows(weights, bias_rows).reshape(cout)}
+
+        # Keep g for the sum only where it is no larger than (x, d) per example.
+        summer = kept_summer if bk_layers.keep_per_example_grads(w.size, x.size // m, d.size // m) else xd_summer
 
     v_sq = jnp.where(unclamped, jnp.square(c_dot) / n_var, 0.0)
     w_sq = g_sq - jnp.sum(jnp.square(scale) * (jnp.square(e_dot) + v_sq), axis=(1, 2))
