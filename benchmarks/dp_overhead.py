@@ -1,6 +1,7 @@
 """DP overhead: dpft's non-private step vs its DP step, side by side, same model/batch/resolution.
 
     python -m benchmarks.dp_overhead [--models nfnet_tiny nfnet_f0] [--quick] [--json out.json]
+        [--batch B --microbatches 4 8 16] [--resolution PX] [--memory-only]
 
 One "step" = `engine.clipped_grad_sum` ("vmap": vmap of per-example grads) or
 `bookkeeping.bk_clipped_grad_sum` ("bookkeeping": norms from layer taps) + `noise.privatize`
@@ -11,6 +12,8 @@ applied to the whole batch (no microbatch loop, no per-example vmap): the fastes
 engine, any microbatch size), never only by a scan-wrapped one. For each microbatch size: examples/s, XLA temp memory of the compiled
 step (MiB; the working set a microbatch size must fit) and the process max-RSS growth (MiB).
 "Largest microbatch that fits" is a GPU notion (device memory); on CPU the memory column is reported.
+`working_set_mib` = XLA memory_analysis temp + output bytes of the compiled step. `--memory-only`
+compiles every (microbatch, method) and reports only that (no step is run: NFNet-F0 on CPU).
 """
 from __future__ import annotations
 
@@ -82,18 +85,20 @@ def make_plain_step(setup: common.Setup, *, lr: float = 0.1):
 
 
 def bench_model(name: str, batch_size: int, microbatches: tuple[int, ...], iters: int,
-                methods: tuple[str, ...] = METHODS) -> list[dict[str, Any]]:
+                methods: tuple[str, ...] = METHODS, *, resolution: int | None = None,
+                memory_only: bool = False) -> list[dict[str, Any]]:
     """One row per (microbatch size, method). `time_ratio_vs_nonprivate`: vs the engine's non-private
     step at the same microbatch size; `time_ratio_vs_best_nonprivate`: vs the fastest non-private step
     of the model (plain `jax.grad` or engine, any microbatch size), filled in once all are timed.
 
     The methods of one microbatch size are compiled first, then timed round-robin (so load from
     other processes hits all alike); median of `iters` calls each. A method that fails to build (e.g.
-    book-keeping refusing a model with untapped layers) gives a row with `error` and no timing."""
+    book-keeping refusing a model with untapped layers) gives a row with `error` and no timing.
+    memory_only: compile only, rows carry the working set and no timing."""
     import time
 
     import jax
-    setup = common.make_setup(name, batch_size)
+    setup = common.make_setup(name, batch_size, resolution=resolution)
     key = jax.random.key(0)
     args = (setup.params, setup.batch, key)
     rows = []
@@ -109,11 +114,24 @@ def bench_model(name: str, batch_size: int, microbatches: tuple[int, ...], iters
             except ValueError as e:  # an engine refusing the model: recorded, the others still run
                 errors[method] = str(e).splitlines()[0][:200]
                 continue
-            jax.block_until_ready(compiled[method](*args))  # warm-up
+            compile_s = time.perf_counter() - t0
+            if not memory_only:
+                jax.block_until_ready(compiled[method](*args))  # warm-up
             mem = compiled[method].memory_analysis()
-            info[method] = {"compile_s": time.perf_counter() - t0,
+            info[method] = {"compile_s": compile_s,
                             "xla_temp_mib": mem.temp_size_in_bytes / 2 ** 20 if mem is not None else None,
+                            "working_set_mib": ((mem.temp_size_in_bytes + mem.output_size_in_bytes) / 2 ** 20
+                                                if mem is not None else None),
                             "rss_growth_mib": common.maxrss_mib() - rss0}
+        if memory_only:
+            for method in methods:
+                base = {"model": name, "resolution": int(setup.batch["image"].shape[2]), "params": setup.num_params,
+                        "batch": batch_size, "microbatch": mb, "method": method}
+                rows.append({**base, "error": errors[method]} if method in errors else {**base, **info[method]})
+                print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rows[-1].items()}),
+                      flush=True)
+            compiled.clear()
+            continue
         times = common.time_round_robin(compiled, args, iters)
         for method in methods:
             base = {"model": name, "resolution": int(setup.batch["image"].shape[2]), "params": setup.num_params,
@@ -148,14 +166,21 @@ def add_best_nonprivate_ratio(rows: list[dict[str, Any]]) -> None:
 
 
 COLUMNS = ["model", "resolution", "batch", "microbatch", "method", "examples_per_s", "step_s",
-           "time_ratio_vs_nonprivate", "time_ratio_vs_best_nonprivate", "xla_temp_mib", "rss_growth_mib", "compile_s", "error"]
+           "time_ratio_vs_nonprivate", "time_ratio_vs_best_nonprivate", "xla_temp_mib", "working_set_mib",
+           "rss_growth_mib", "compile_s", "error"]
+MEMORY_COLUMNS = ["model", "resolution", "batch", "microbatch", "method", "working_set_mib", "xla_temp_mib",
+                  "compile_s", "error"]
 
 
-def run(models: tuple[str, ...], quick: bool, methods: tuple[str, ...] = METHODS) -> list[dict[str, Any]]:
+def run(models: tuple[str, ...], quick: bool, methods: tuple[str, ...] = METHODS, *, batch: int | None = None,
+        microbatches: tuple[int, ...] | None = None, iters: int | None = None, resolution: int | None = None,
+        memory_only: bool = False) -> list[dict[str, Any]]:
+    """Every model's plan (PLANS, full or quick), with batch / microbatches / iters overridden where given."""
     rows = []
     for name in models:
-        batch_size, mbs, iters = PLANS.get(name, PLANS["nfnet_tiny"])["quick" if quick else "full"]
-        rows += bench_model(name, batch_size, mbs, iters, methods)
+        batch_size, mbs, n = PLANS.get(name, PLANS["nfnet_tiny"])["quick" if quick else "full"]
+        rows += bench_model(name, batch or batch_size, microbatches or mbs, iters or n, methods,
+                            resolution=resolution, memory_only=memory_only)
     return rows
 
 
@@ -165,9 +190,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", default=None, help="write rows + machine info here")
+    ap.add_argument("--batch", type=int, default=None, help="physical batch (default: the model's plan)")
+    ap.add_argument("--microbatches", type=int, nargs="+", default=None, help="microbatch sizes dividing --batch")
+    ap.add_argument("--iters", type=int, default=None, help="timed calls per method")
+    ap.add_argument("--resolution", type=int, default=None, help="image size in pixels (default: the model's)")
+    ap.add_argument("--memory-only", action="store_true",
+                    help="compile only and report the working set (XLA temp + output); run no step")
     args = ap.parse_args(argv)
-    rows = run(tuple(args.models), args.quick, tuple(args.methods))
-    print(common.markdown_table(rows, COLUMNS))
+    bad = [m for m in args.microbatches or () if m < 1 or (args.batch and args.batch % m)]
+    if bad or (args.batch is not None and args.batch < 1) or (args.iters is not None and args.iters < 1):
+        ap.error(f"--microbatches {bad} must be >= 1 and divide --batch {args.batch}; --batch, --iters must be >= 1")
+    rows = run(tuple(args.models), args.quick, tuple(args.methods), batch=args.batch,
+               microbatches=tuple(args.microbatches) if args.microbatches else None, iters=args.iters,
+               resolution=args.resolution, memory_only=args.memory_only)
+    print(common.markdown_table(rows, MEMORY_COLUMNS if args.memory_only else COLUMNS))
     return common.emit_rows(rows, args.json, echo=False, machine=True)
 
 

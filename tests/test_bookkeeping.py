@@ -32,7 +32,7 @@ def brute_sq_norms(fn, params, x, d):
     return np.array(out)
 
 
-def conv_case(seed, k, stride, groups, cin=4, cout=6, clamp_channel=False, zero_gain=False):
+def conv_case(seed, k, stride, groups, cin=4, cout=6, clamp_channel=False, zero_gain=False, h=7):
     rs = np.random.RandomState(seed)
     w = rs.randn(k, k, cin // groups, cout).astype(np.float32)
     if clamp_channel:  # a constant output channel: var = 0, the clamped branch of standardize_weight
@@ -41,7 +41,7 @@ def conv_case(seed, k, stride, groups, cin=4, cout=6, clamp_channel=False, zero_
     if zero_gain:
         gain[1] = 0.0
     params = {"w": jnp.asarray(w), "gain": jnp.asarray(gain), "bias": jnp.asarray(rs.randn(cout), jnp.float32)}
-    m, kv, h = 3, 2, 7
+    m, kv = 3, 2
     x = jnp.asarray(rs.randn(m, kv, h, h, cin), jnp.float32)
     fn = functools.partial(ops.ws_conv, stride=stride, groups=groups, dtype=jnp.float32)
     z = jax.eval_shape(lambda: fn(params, x[0]))
@@ -62,6 +62,28 @@ def test_ws_conv_norms_clamped_channel_and_zero_gain(ghost):
     fn, params, x, d = conv_case(5, 3, 1, 2, clamp_channel=True, zero_gain=True)
     got = bookkeeping.ws_conv_sq_norms(params, x, d, stride=1, groups=2, ghost=ghost)
     np.testing.assert_allclose(np.asarray(got), brute_sq_norms(fn, params, x, d), rtol=2e-5)
+
+
+@pytest.mark.parametrize("ghost", ["never", "always"])
+@pytest.mark.parametrize("h,cin,cout,kept", [(7, 4, 6, True), (2, 8, 16, False)])
+def test_ws_conv_weighted_sum_matches_brute_force(ghost, h, cin, cout, kept):
+    """sum_i w_i g_i of ws_conv from the kept per-example gradients (g no larger than (x, d)), from
+    (x, d) alone (g larger) or by the op's weight-gradient VJP (ghost route) == brute force; a row
+    of weight 0 contributes exactly 0 even with NaN inputs."""
+    fn, params, x, d = conv_case(11, 3, 1, 1, cin=cin, cout=cout, h=h)
+    x = x.at[1].set(jnp.nan)
+    weights = jnp.asarray([0.5, 0.0, 2.0], jnp.float32)
+    spec = taps.OpSpec("c:conv", "ws_conv", fn, {n: ("c", n) for n in params}, jax.eval_shape(lambda: fn(params, x[0])))
+    _, summer = bookkeeping.ws_conv_norms(params, x, d, stride=1, groups=1, ghost=ghost)
+    assert (summer is not None) == (ghost == "never")
+    if summer is not None:  # which materialised sum route was taken
+        assert ("kept_summer" in summer.__qualname__) == kept
+    got = bookkeeping.weighted_param_grads({"c:conv": spec}, {"c:conv": params}, {"c:conv": x}, {"c:conv": d},
+                                           weights, {"c:conv": summer} if summer is not None else {})["c:conv"]
+    for name in params:
+        want = sum(float(weights[i]) * np.asarray(jax.grad(lambda p: jnp.sum(fn(p, x[i]) * d[i]))(params)[name],
+                                                    np.float64) for i in (0, 2))
+        np.testing.assert_allclose(np.asarray(got[name]), want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
 
 
 def test_conv_patches_reproduce_the_convolution():

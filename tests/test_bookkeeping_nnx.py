@@ -85,6 +85,8 @@ CONV_CASES = {
     "pointwise_no_bias": (dict(kernel_size=(1, 1), use_bias=False), (5, 5, 4)),
     "causal_1d": (dict(kernel_size=(3,), padding="CAUSAL"), (9, 4)),
     "conv_3d": (dict(kernel_size=(2, 2, 2), strides=(1, 2, 1)), (4, 4, 3, 4)),
+    # per-example kernel gradient (432) larger than (x, d) (156): materialised norm, sum by the VJP
+    "kernel_larger_than_activations": (dict(kernel_size=(3, 3), padding="VALID"), (3, 3, 8)),
 }
 
 

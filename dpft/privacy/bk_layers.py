@@ -42,6 +42,14 @@ def use_ghost(ghost: str, rows: int, fan_in: int, fan_out: int) -> bool:
     return rows * (fan_in + fan_out) < fan_in * fan_out
 
 
+def keep_per_example_grads(param_size: int, x_size: int, d_size: int) -> bool:
+    """Memory rule of the materialised route: keep each example's gradient (param_size elements)
+    from the norm to the weighted sum iff it is no larger than the layer's input and output
+    gradient (x_size + d_size elements per example), which the sum would otherwise need (then
+    the sum is one weight-gradient contraction at (x, weights * d)). Exact either way."""
+    return param_size <= x_size + d_size
+
+
 def _keep(weights: jax.Array, v: jax.Array, scaled: bool) -> jax.Array:
     """Rows of v [m, ...] times weights (if scaled), rows of weight 0 set to exactly 0."""
     shape = (-1,) + (1,) * (v.ndim - 1)
@@ -125,23 +133,97 @@ def conv_patches(x: jax.Array, cfg: nnx_layers.Conv) -> jax.Array:
     return jnp.stack(slices, axis=-2)
 
 
+def conv_patches_cm(x: jax.Array, cfg: nnx_layers.Conv) -> jax.Array:
+    """The patches of a channels-last conv input in channel-major layout, by strided slicing:
+    x [N, *spatial, C] -> [N, groups, prod(kernel_size) * C/groups, *out spatial], features
+    ordered as the kernel's (*k, in/groups) (offsets row-major). The output positions are the
+    last, contiguous axes and the slices are concatenated along the feature axis (one fused
+    copy), so the per-example gradient A_i^T D_i is a plain batched matmul [n, R] @ [R, out]
+    with no transpose of the patches (on CPU several times cheaper than the channels-last
+    `conv_patches` plus the transpose XLA inserts before the matmul)."""
+    nd, g = len(cfg.kernel_size), cfg.groups
+    xt = jnp.transpose(x, (0, nd + 1) + tuple(range(1, nd + 1)))  # [N, C, *spatial]
+    if cfg.pre_pad is not None:
+        mode, pre = cfg.pre_pad
+        xt = jnp.pad(xt, ((0, 0), (0, 0)) + tuple(pre), mode=mode)
+    zero = jnp.zeros((), xt.dtype)
+    xt = lax.pad(xt, zero, ((0, 0, 0), (0, 0, 0)) + tuple((lo, hi, 0) for lo, hi in cfg.pads))
+    outs = [(xt.shape[2 + j] - ((cfg.kernel_size[j] - 1) * cfg.dilation[j] + 1)) // cfg.strides[j] + 1
+            for j in range(nd)]
+    cg = xt.shape[1] // g
+    slices = []
+    for gi in range(g):
+        for offs in itertools.product(*[range(k) for k in cfg.kernel_size]):
+            start = [0, gi * cg] + [o * dl for o, dl in zip(offs, cfg.dilation)]
+            limit = [xt.shape[0], (gi + 1) * cg] + [st + s * (n - 1) + 1
+                                                     for st, s, n in zip(start[2:], cfg.strides, outs)]
+            slices.append(lax.slice(xt, start, limit, (1, 1) + tuple(cfg.strides)))
+    p = slices[0] if len(slices) == 1 else lax.concatenate(slices, 1)
+    return p.reshape((p.shape[0], g, -1) + tuple(outs))
+
+
+def patches_weighted_sum(xr: jax.Array, d: jax.Array, weights: jax.Array, cfg: nnx_layers.Conv) -> jax.Array:
+    """sum_i weights_i A_i^T D_i of a conv from its input and output gradient alone: xr [m K, *spatial, C],
+    d [m, K, *out spatial, out] (float32) -> [groups, prod(kernel_size) * C/groups, out/groups]
+    (features in the kernel's order). Rows of weight 0 contribute exactly 0 (even NaN)."""
+    m, g = weights.shape[0], cfg.groups
+    xw = _keep(weights, xr.reshape((m, -1) + xr.shape[1:]), False).reshape(xr.shape)
+    a = conv_patches_cm(xw, cfg)  # [m K, g, n, *out]
+    a = a.reshape((m, a.shape[0] // m) + a.shape[1:3] + (math.prod(a.shape[3:]),))  # [m, K, g, n, R]
+    dw = _keep(weights, d.astype(F32), True).reshape(m, a.shape[1], a.shape[-1], g, -1)  # [m, K, R, g, o]
+    return jnp.einsum("mkgnr,mkrgo->gno", a, dw, precision=HI)
+
+
 def conv_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, cfg: nnx_layers.Conv,
                ghost: str = "auto") -> tuple[jax.Array, Summer]:
-    """nnx.Conv: kernel [*k, in/groups, out], bias [out] (optional); x [m, ..., *spatial, in]."""
+    """nnx.Conv: kernel [*k, in/groups, out], bias [out] (optional); x [m, ..., *spatial, in].
+    Ghost route: norms from row-major patches (`conv_patches`) and Gram matrices, the weighted
+    sum from (x, d) alone (`patches_weighted_sum`; the norm's patches are not kept for it).
+    Materialised route: channel-major patches (`conv_patches_cm`), one batched matmul per
+    example, and the weighted sum of those per-example gradients where they are no larger than
+    (x, d) per example (`keep_per_example_grads`), else from (x, d) as on the ghost route."""
     nd, g, m = len(cfg.kernel_size), cfg.groups, x.shape[0]
     xr = x.reshape((-1,) + x.shape[x.ndim - nd - 1:]).astype(F32)
-    p = conv_patches(xr, cfg)  # [N, *out, kt, C]
-    kt, c = p.shape[-2], p.shape[-1]
-    a = jnp.moveaxis(p.reshape(p.shape[:-1] + (g, c // g)), -2, -3).reshape(m, -1, g, kt * (c // g))
-    cout = params["kernel"].shape[-1]
-    dd = d.astype(F32).reshape(m, a.shape[1], g, cout // g)
-    sq, kernel_sum = matmul_norms(a, dd, ghost)
+    c, cout, kt = xr.shape[-1], params["kernel"].shape[-1], math.prod(cfg.kernel_size)
+    out_sp = d.shape[d.ndim - nd - 1:-1]
+    rows = (xr.shape[0] // m) * math.prod(out_sp)  # K views x output positions per example
+    d_rows = d.astype(F32).reshape(m, rows, cout)
+
+    def xd_kernel_sum(weights: jax.Array) -> jax.Array:  # -> [g, kt * cin_g, o]
+        # From x and weights * d alone: channel-major patches rebuilt here (of the masked x, so
+        # never the norm's patches kept alive) and one matmul; no XLA convolution, which is slow
+        # inside the microbatch scan on CPU (jax-ml/jax#12868).
+        return patches_weighted_sum(xr, d, weights, cfg)
 
     def to_kernel(gk: jax.Array) -> jax.Array:  # [g, kt * cin_g, o] -> [*k, cin_g, g * o]
         gk = gk.reshape((g,) + tuple(cfg.kernel_size) + (c // g, cout // g))
         return jnp.moveaxis(gk, 0, -2)
 
-    return _with_bias(params, sq, kernel_sum, dd.reshape(m, -1, cout), to_kernel)
+    if use_ghost(ghost, rows, kt * (c // g), cout // g):
+        p = conv_patches(xr, cfg)  # [N, *out, kt, C]
+        a = jnp.moveaxis(p.reshape(p.shape[:-1] + (g, c // g)), -2, -3).reshape(m, -1, g, kt * (c // g))
+        sq = matmul_norms(a, d_rows.reshape(m, rows, g, cout // g), ghost)[0]
+        kernel_sum = xd_kernel_sum
+    else:
+        a = conv_patches_cm(xr, cfg).reshape(m, -1, g, kt * (c // g), math.prod(out_sp))  # [m, K, g, n, R]
+        dd = d.astype(F32).reshape(m, a.shape[1], -1, g, cout // g)  # [m, K, R, g, o]
+        sq, kept_sum = materialised_norms(a, dd)
+        kernel_sum = kept_sum if keep_per_example_grads(params["kernel"].size, x.size // m, d.size // m) \
+            else xd_kernel_sum
+
+    return _with_bias(params, sq, kernel_sum, d_rows, to_kernel)
+
+
+def materialised_norms(a: jax.Array, d: jax.Array) -> tuple[jax.Array, Callable[[jax.Array], jax.Array]]:
+    """Channel-major patches a [m, K, g, n, R], output gradients d [m, K, R, g, o] (float32) ->
+    (sum_g ||G_ig||^2 [m], weights -> sum_i w_i G_i [g, n, o]) with the per-example gradient
+    G_i = sum_k A_ik^T D_ik [g, n, o] materialised once and reused by the sum."""
+    gi = jnp.einsum("mkgnr,mkrgo->mgno", a, d, precision=HI)
+
+    def kept_sum(weights: jax.Array) -> jax.Array:
+        return jnp.einsum("m,mgno->gno", weights.astype(F32), _keep(weights, gi, False), precision=HI)
+
+    return jnp.sum(jnp.square(gi), axis=(1, 2, 3)), kept_sum
 
 
 def embed_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, cfg: nnx_layers.Embed,
@@ -179,4 +261,4 @@ def layer_norms(kind: str, params: Mapping[str, jax.Array], x: jax.Array, d: jax
     return ROUTES[kind](params, x, d, cfg, ghost)
 
 
-__all__ = ["dense_norms", "conv_norms", "embed_norms", "conv_patches", "layer_norms", "matmul_norms", "use_ghost"]
+__all__ = ["dense_norms", "conv_norms", "embed_norms", "conv_patches", "conv_patches_cm", "patches_weighted_sum", "keep_per_example_grads", "materialised_norms", "layer_norms", "matmul_norms", "use_ghost"]

@@ -25,10 +25,16 @@ tapped parameter also used elsewhere (weight sharing), and nnx.BatchNorm. Per mi
      products read off the patches too; the gain's gradient is r (w - mean).g.
      While n var <= eps (the clamp of `standardize_weight`) the v term is absent.
    * "generic" (small ops: skip gains, GroupNorm): local per-example VJP of the op alone.
+   Materialised conv gradients come from channel-major patches (`bk_layers.conv_patches_cm`:
+   features in the kernel's HWI order, output positions last), so each g_i is one plain
+   batched matmul with no transpose of the patches.
 3. The clipped sum per op: sum_i c_i g_i of the per-example gradients where step 2
-   materialised them (then the standardisation's VJP once), else ONE batched weight-gradient
-   VJP of the op with cotangent c_i d_l,i (c_i the clip factor). Either way the weight-gradient
-   work is done once, as in the non-private backward.
+   materialised them and they are no larger than the op's (x_i, d_i)
+   (`bk_layers.keep_per_example_grads`; then the standardisation's VJP once), else one
+   contraction of rebuilt patches of x_l with c_i d_l,i (materialised convs), or ONE batched
+   weight-gradient VJP of the op with cotangent c_i d_l,i (c_i the clip factor; ghost routes).
+   What lives from step 2 to step 3 per op is thus the smaller of g_i and (x_i, d_i), never
+   patches. Both are exact.
 
 Per_layer clipping is not supported (raises); mode "none" delegates to the engine.
 References: Bu, Mao, Xu, "Scalable and efficient training of large convolutional neural
@@ -46,7 +52,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from dpft.nn import ops, taps
+from dpft.nn import nnx_layers, ops, taps
 from dpft.privacy import bk_layers, engine
 from dpft.privacy.engine import ClippingConfig, PyTree
 
@@ -127,7 +133,10 @@ def ws_conv_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, *
     params: w [k, k, in/groups, out], gain [out]; x [m, K, H, W, in] (K rows per example),
     d [m, K, H', W', out] = dLoss_i/d(output). Returns (float32 [m], summer): summer(weights [m])
     is the weighted sum of the per-example gradients {w, gain, bias} when they were
-    materialised (one cheap contraction plus the standardisation's VJP), None on the ghost route.
+    materialised: from the kept per-example gradients where they are no larger than (x, d)
+    (`bk_layers.keep_per_example_grads`), else from (x, d) alone (`bk_layers.patches_weighted_sum`),
+    then the standardisation's VJP once; None on the ghost route (`weighted_param_grads` then
+    takes the op's weight-gradient VJP).
     See the module doc.
     """
     w = params["w"].astype(F32)
@@ -136,11 +145,8 @@ def ws_conv_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, *
     cout_g = cout // groups
     n = k * k * cin_g
     m = x.shape[0]
-    patches = conv_patches(x.reshape((-1,) + x.shape[-3:]).astype(F32), k, stride)  # [mK, H', W', k, k, in]
-    a = patches.reshape(patches.shape[:-1] + (groups, cin_g))
-    a = jnp.moveaxis(a, -2, -4).reshape(m, -1, groups, n)  # features (kh, kw, in/groups), as w's HWI
-    dd = d.astype(F32).reshape(m, -1, groups, cout_g)
-    rows = a.shape[1]
+    xr = x.reshape((-1,) + x.shape[-3:]).astype(F32)
+    rows = (xr.shape[0] // m) * d.shape[-3] * d.shape[-2]  # K views x output positions per example
 
     mean = jnp.mean(w, axis=(0, 1, 2))
     var = jnp.var(w, axis=(0, 1, 2))
@@ -148,27 +154,47 @@ def ws_conv_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, *
     scale = (gain * r).reshape(groups, cout_g)  # d w_hat / d w = scale * projection
     unclamped = (var * n > eps).reshape(groups, cout_g)
     n_var = jnp.where(unclamped, (var * n).reshape(groups, cout_g), 1.0)
-    centred = (w - mean).reshape(n, groups, cout_g)
+    dd = d.astype(F32).reshape(m, rows, groups, cout_g)
     bias_rows = jnp.sum(dd, axis=1)  # [m, groups, o]
+    centred = (w - mean).reshape(n, groups, cout_g)  # HWI order, as the patches' features
 
     summer = None
     if _use_ghost(ghost, rows, n, cout_g, groups):
+        patches = conv_patches(xr, k, stride)  # [mK, H', W', k, k, in]
+        a = patches.reshape(patches.shape[:-1] + (groups, cin_g))
+        a = jnp.moveaxis(a, -2, -4).reshape(m, -1, groups, n)  # features (kh, kw, in/groups), as w's HWI
         # e.g and c.g from the patches; ||g||^2 (channel-weighted) as a ghost norm.
         e_dot = jnp.einsum("mrg,mrgo->mgo", jnp.sum(a, axis=-1), dd) / math.sqrt(n)
         c_dot = jnp.einsum("mrgo,mrgo->mgo", jnp.einsum("mrgn,ngo->mrgo", a, centred), dd)
         g_sq = _ghost_sq_norm(a, dd * scale)
     else:
-        # Materialised g = dL_i/dw_hat [m, groups, n, o]: every term is a contraction of it.
-        g = jnp.einsum("mrgn,mrgo->mgno", a, dd)
+        # Materialised g = dL_i/dw_hat [m, groups, n, o] from channel-major patches (features in
+        # w's HWI order, no transpose of the patches): every term is a contraction of it.
+        cfg = nnx_layers.Conv((k, k), (stride, stride), (1, 1),
+                              tuple(map(tuple, lax.padtype_to_pads(xr.shape[1:3], (k, k), (stride, stride), "SAME"))),
+                              groups)
+        a = bk_layers.conv_patches_cm(xr, cfg).reshape(m, -1, groups, n, d.shape[-3] * d.shape[-2])
+        g = jnp.einsum("mkgnr,mkrgo->mgno", a, d.astype(F32).reshape(m, a.shape[1], -1, groups, cout_g),
+                       precision=lax.Precision.HIGHEST)
         e_dot = jnp.sum(g, axis=2) / math.sqrt(n)
         c_dot = jnp.einsum("mgno,ngo->mgo", g, centred)
         g_sq = jnp.sum(jnp.square(scale) * jnp.sum(jnp.square(g), axis=2), axis=(1, 2))
 
-        def summer(weights: jax.Array) -> dict[str, jax.Array]:
+        def kept_summer(weights: jax.Array) -> dict[str, jax.Array]:
             g_hat = jnp.moveaxis(_weighted_rows(weights, g), 0, 1).reshape(w.shape)  # [n, g, o] -> HWIO
             _, vjp = jax.vjp(ops.standardize_weight, w, gain)
             g_w, g_gain = vjp(g_hat)
             return {"w": g_w, "gain": g_gain, "bias": _weighted_rows(weights, bias_rows).reshape(cout)}
+
+        def xd_summer(weights: jax.Array) -> dict[str, jax.Array]:
+            # From (x, weights * d) alone: patches rebuilt, one matmul (no XLA conv in the scan).
+            g_sum = bk_layers.patches_weighted_sum(xr, d, weights, cfg)  # [g, n, o]
+            _, vjp = jax.vjp(ops.standardize_weight, w, gain)
+            g_w, g_gain = vjp(jnp.moveaxis(g_sum, 0, 1).reshape(w.shape))
+            return {"w": g_w, "gain": g_gain, "bias": _weighted_rows(weights, bias_rows).reshape(cout)}
+
+        # Keep g for the sum only where it is no larger than (x, d) per example.
+        summer = kept_summer if bk_layers.keep_per_example_grads(w.size, x.size // m, d.size // m) else xd_summer
 
     v_sq = jnp.where(unclamped, jnp.square(c_dot) / n_var, 0.0)
     w_sq = g_sq - jnp.sum(jnp.square(scale) * (jnp.square(e_dot) + v_sq), axis=(1, 2))
