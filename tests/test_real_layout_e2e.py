@@ -21,21 +21,7 @@ TIMEOUT = 900
 COMMON = ["--config.model.name=nfnet_micro", "--config.train.num_updates=2", "--config.train.eval_every=0",
           "--config.train.checkpoint_every=2", "--config.train.batch_size=8", "--config.train.physical_batch_size=8"]
 
-MIMIC_CONFIG = f'''
-import importlib.util
-_spec = importlib.util.spec_from_file_location("tiny", {TINY!r})
-_tiny = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_tiny)
-
-
-def get_config():
-    c = _tiny.get_config()
-    with c.unlocked():
-        c.data.name = "mimic_cxr"
-        del c.data.options["frontal_only"]
-        c.data.options.views = ("PA", "AP")
-    return c
-'''
+MIMIC_CONFIG = os.path.join(REPO, "configs", "fake_mimic_cxr_tiny.py")
 
 
 def _env() -> dict:
@@ -91,8 +77,7 @@ def test_mimic_with_mimic_iv_apart(tmp_path, layout, version):
     root, iv = str(tmp_path / "mimic-cxr-jpg" / "2.0.0"), str(tmp_path / "mimiciv" / f"{version}.0")
     fake.write_fake_mimic_cxr(root, n_subjects=24, iv_root=iv, iv_layout=layout, iv_version=version,
                               unlabeled_studies=1)
-    config = tmp_path / "mimic_tiny.py"
-    config.write_text(MIMIC_CONFIG)
+    config = MIMIC_CONFIG
     bad = dpft("train", "--config", str(config), "--workdir", str(tmp_path / "w0"), f"--config.data.root={root}",
                *COMMON)
     assert bad.returncode == 2 and "mimic_iv_dir" in bad.stderr and "NO DEMOGRAPHICS" in bad.stderr, bad.stderr[-2000:]

@@ -393,21 +393,7 @@ def test_short_training_run_with_its_workdir_on_gs(gcs, tmp_path):
 
 # ---------------------------------------------------------------------------- data, checkpoint and evaluation on gs://
 
-MIMIC_CONFIG = f'''
-import importlib.util
-_spec = importlib.util.spec_from_file_location("tiny", {CONFIG!r})
-_tiny = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_tiny)
-
-
-def get_config():
-    c = _tiny.get_config()
-    with c.unlocked():
-        c.data.name = "mimic_cxr"
-        del c.data.options["frontal_only"]
-        c.data.options.views = ("PA", "AP")
-    return c
-'''
+MIMIC_CONFIG = os.path.join(REPO, "configs", "fake_mimic_cxr_tiny.py")
 ATTRIBUTES = {"chexpert": ("sex", "age", "race"), "mimic_cxr": ("sex", "age", "race", "insurance")}
 
 
@@ -439,9 +425,7 @@ def test_prepare_train_evaluate_with_everything_on_the_store(base, gcs, tmp_path
         shutil.move(os.path.join(local, "iv"), str(tmp_path / "iv"))
         shutil.copytree(str(tmp_path / "iv"), store(iv))
         prepare += ["--set", f"mimic_iv_dir={iv}"]
-        config = str(tmp_path / "mimic_tiny.py")
-        with open(config, "w") as f:
-            f.write(MIMIC_CONFIG)
+        config = MIMIC_CONFIG
         extra = [f"--config.data.options.mimic_iv_dir={iv}"]
     shutil.copytree(local, store(root))
     atomic_io.make_dir(base)

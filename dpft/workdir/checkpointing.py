@@ -518,6 +518,26 @@ def _copy_remote_step(src_root: str, step: int, dest: str, items: Any) -> tuple[
     return len(copied), sum(copied.values())
 
 
+def _snapshot_step(workdir: str, step: int | None, steps: list[int], take: Callable[[int], T],
+                   dest_root: str) -> tuple[int, T]:
+    """Snapshot step `step` (None: the latest of `steps`) with `take(step)`, which writes it under
+    `dest_root/<step>` and raises FileNotFoundError when the step vanished or changed meanwhile
+    (a training run's keep-N cleanup); the partial snapshot is then removed and the then-latest step
+    taken instead, up to 10 times (an explicit `step` fails at once) -> (step taken, take's result)."""
+    for _ in range(10):
+        chosen = step if step is not None else steps[-1]
+        try:
+            return chosen, take(chosen)
+        except FileNotFoundError:
+            shutil.rmtree(os.path.join(dest_root, str(chosen)), ignore_errors=True)
+            with Checkpointer(workdir, read_only=True) as live:
+                steps = live.all_steps()
+            if step is not None or not steps:
+                raise CheckpointError(f"{workdir}: checkpoint {chosen} was deleted while it was being "
+                                      f"read (have {steps})") from None
+    raise CheckpointError(f"{workdir}: checkpoints keep changing; could not snapshot one in 10 tries")
+
+
 @contextlib.contextmanager
 def _pinned_remote(workdir: str, step: int | None, steps: list[int], items: Any,
                    print_fn: Any) -> Iterator[tuple["Checkpointer", int]]:
@@ -525,25 +545,14 @@ def _pinned_remote(workdir: str, step: int | None, steps: list[int], items: Any,
     src_root = checkpoint_dir(workdir)
     tmp = tempfile.mkdtemp(prefix="dpft-pin-")  # 0700: a checkpoint is private
     try:
-        for _ in range(10):
-            chosen = step if step is not None else steps[-1]
-            dest = os.path.join(tmp, "checkpoints", str(chosen))
-            try:
-                n_files, n_bytes = _copy_remote_step(src_root, chosen, dest, items)
-                with Checkpointer(workdir, read_only=True) as live:
-                    steps = live.all_steps()
-                if chosen not in steps:  # no longer a complete checkpoint
+        def take(chosen: int) -> tuple[int, int]:
+            counts = _copy_remote_step(src_root, chosen, os.path.join(tmp, "checkpoints", str(chosen)), items)
+            with Checkpointer(workdir, read_only=True) as live:
+                if chosen not in live.all_steps():  # no longer a complete checkpoint
                     raise FileNotFoundError(chosen)
-                break
-            except FileNotFoundError:
-                shutil.rmtree(dest, ignore_errors=True)
-                with Checkpointer(workdir, read_only=True) as live:
-                    steps = live.all_steps()
-                if step is not None or not steps:
-                    raise CheckpointError(f"{workdir}: checkpoint {chosen} was deleted while it was being "
-                                          f"read (have {steps})") from None
-        else:
-            raise CheckpointError(f"{workdir}: checkpoints keep changing; could not copy one in 10 tries")
+            return counts
+
+        chosen, (n_files, n_bytes) = _snapshot_step(workdir, step, steps, take, os.path.join(tmp, "checkpoints"))
         print_fn(f"note: {workdir} is on an object store: reading checkpoint {chosen} from a verified local "
                  f"copy ({n_files} files, {n_bytes / 2**20:.1f} MiB)")
         with Checkpointer(tmp, read_only=True) as ckpt:
@@ -587,23 +596,13 @@ def pinned(workdir: str | os.PathLike, step: int | None = None, *, items: Any = 
             yield ckpt, step if step is not None else steps[-1]
         return
     try:
-        for _ in range(10):
-            chosen = step if step is not None else steps[-1]
-            dest = os.path.join(pin, "checkpoints", str(chosen))
-            try:
-                copied = _link_tree(os.path.join(src_root, str(chosen)), dest)
-                if not os.path.isdir(os.path.join(src_root, str(chosen))):
-                    raise FileNotFoundError(chosen)
-                break
-            except FileNotFoundError:
-                shutil.rmtree(dest, ignore_errors=True)
-                with Checkpointer(workdir, read_only=True) as live:
-                    steps = live.all_steps()
-                if step is not None or not steps:
-                    raise CheckpointError(f"{workdir}: checkpoint {chosen} was deleted while it was being "
-                                          f"read (have {steps})") from None
-        else:
-            raise CheckpointError(f"{workdir}: checkpoints keep changing; could not pin one in 10 tries")
+        def take(chosen: int) -> int:
+            copied = _link_tree(os.path.join(src_root, str(chosen)), os.path.join(pin, "checkpoints", str(chosen)))
+            if not os.path.isdir(os.path.join(src_root, str(chosen))):
+                raise FileNotFoundError(chosen)
+            return copied
+
+        chosen, copied = _snapshot_step(workdir, step, steps, take, os.path.join(pin, "checkpoints"))
         if copied:
             print_fn(f"note: {copied} file(s) of checkpoint {chosen} copied (hard links refused)")
         with Checkpointer(pin, read_only=True) as ckpt:
