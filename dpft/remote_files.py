@@ -58,6 +58,12 @@ def list_files(url: str) -> dict[str, int]:
     return out
 
 
+def _download_file(url: str, target: str) -> None:
+    """Copy the one object `url` to local file `target` in 4 MiB chunks."""
+    with open_binary(url) as src, open(target, "wb") as out:
+        shutil.copyfileobj(src, out, 1 << 22)
+
+
 def download_tree(url: str, dest: str, only: Any = None) -> dict[str, int]:
     """Copy the objects under `url` into local directory `dest` -> {relative path: size}.
 
@@ -69,8 +75,7 @@ def download_tree(url: str, dest: str, only: Any = None) -> dict[str, int]:
             continue
         target = os.path.join(dest, *rel.split("/"))
         os.makedirs(os.path.dirname(target), exist_ok=True)
-        with open_binary(paths.join(url, rel)) as src, open(target, "wb") as out:
-            shutil.copyfileobj(src, out, 1 << 22)
+        _download_file(paths.join(url, rel), target)
         copied[rel] = size
     return copied
 
@@ -90,8 +95,7 @@ def local_copy(path: Any) -> Iterator[str]:
             os.makedirs(target)
             download_tree(url, target)
         else:
-            with open_binary(url) as src, open(target, "wb") as out:
-                shutil.copyfileobj(src, out, 1 << 22)
+            _download_file(url, target)
         yield target
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
