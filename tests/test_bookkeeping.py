@@ -20,6 +20,7 @@ from dpft.nn import ops, taps
 from dpft.privacy import adapters, bookkeeping, engine, keys
 from dpft.privacy import plan as plan_lib
 from dpft.privacy.engine import ClippingConfig
+from dpft.testing.jaxprs import low_precision_dots
 from dpft.testing.models import SmallConvNet
 
 
@@ -84,6 +85,36 @@ def test_ws_conv_weighted_sum_matches_brute_force(ghost, h, cin, cout, kept):
         want = sum(float(weights[i]) * np.asarray(jax.grad(lambda p: jnp.sum(fn(p, x[i]) * d[i]))(params)[name],
                                                     np.float64) for i in (0, 2))
         np.testing.assert_allclose(np.asarray(got[name]), want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("ghost", ["never", "always"])
+@pytest.mark.parametrize("k,stride,groups,h,cin,cout", [(3, 1, 1, 7, 4, 6), (3, 2, 2, 7, 4, 6), (3, 1, 1, 2, 8, 16),
+                                                        (1, 1, 1, 5, 4, 6)])
+def test_ws_conv_native_bfloat16_operands_equal_the_float32_route(ghost, k, stride, groups, h, cin, cout):
+    """bf16 x and d: matmul="native" (bf16 patches, tensor-core contractions with float32
+    accumulation, the weighted sum and the centred-weight dot split into bf16 high + low parts)
+    gives the float32 route's norms and weighted sums (kept, from (x, d), and the ghost route's
+    VJP) on the same inputs."""
+    _, params, x, d = conv_case(3, k, stride, groups, cin=cin, cout=cout, h=h)
+    x, d = x.astype(jnp.bfloat16), d.astype(jnp.bfloat16)
+    fn = functools.partial(ops.ws_conv, stride=stride, groups=groups, dtype=jnp.bfloat16)
+    spec = taps.OpSpec("c:conv", "ws_conv", fn, {n: ("c", n) for n in params}, jax.eval_shape(lambda: fn(params, x[0])))
+    weights = jnp.asarray([0.5, 0.0, 2.0], jnp.float32)
+    out = {}
+    for mm in ("float32", "native"):
+        def run(xx, dd, mm=mm):
+            sq, summer = bookkeeping.ws_conv_norms(params, xx, dd, stride=stride, groups=groups, ghost=ghost, matmul=mm)
+            summers = {"c:conv": summer} if summer is not None else {}
+            return sq, bookkeeping.weighted_param_grads({"c:conv": spec}, {"c:conv": params}, {"c:conv": xx},
+                                                        {"c:conv": dd}, weights, summers)["c:conv"]
+        out[mm] = jax.jit(run)(x, d)
+        out[mm + "_bf16_dots"] = low_precision_dots(run, x, d)
+    assert out["native_bf16_dots"] > 0 and out["float32_bf16_dots"] == 0, out
+    (sq32, g32), (sqn, gn) = out["float32"], out["native"]
+    np.testing.assert_allclose(np.asarray(sqn), np.asarray(sq32), rtol=1e-5)
+    for name in g32:
+        scale = float(jnp.max(jnp.abs(g32[name])))
+        np.testing.assert_allclose(np.asarray(gn[name]), np.asarray(g32[name]), rtol=1e-4, atol=1e-5 * scale)
 
 
 def test_conv_patches_reproduce_the_convolution():

@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from dpft.nn import taps
+from dpft.testing.jaxprs import low_precision_dots
 from dpft.privacy import adapters, bookkeeping, engine, keys
 from dpft.privacy import plan as plan_lib
 from dpft.privacy.engine import ClippingConfig
@@ -338,9 +340,56 @@ def test_eight_devices_equal_the_vmap_engine(name):
     assert_same((sums["vmap"], stats["vmap"]), (sums["bookkeeping"], stats["bookkeeping"]))
 
 
+def native_vs_float32(layer, x, ghost):
+    """One tapped layer's (norms, weighted sum) on the same bf16 x and d by the float32 route and
+    the tensor-core route (matmul="native"), and the count of bf16-operand dots of each."""
+    loss_fn, params, _ = adapters.nnx_loss_fn(Probe(layer), dot_loss)
+    z = jax.eval_shape(lambda: layer(x[0]))
+    d = jnp.asarray(np.random.RandomState(1).randn(M, *z.shape), jnp.bfloat16)
+    (spec,) = bookkeeping.discover_ops(loss_fn.tapped, params, {"image": x, "d": d}, jax.random.key(0)).values()
+    flat = {taps.param_path(kp): v for kp, v in jax.tree_util.tree_leaves_with_path(params)}
+    op_params = {n: flat[path] for n, path in spec.param_paths.items()}
+    weights = jnp.asarray([0.5, 1.0, 0.0, 0.25], F32)
+    out, dots = {}, {}
+    for mm in ("float32", "native"):
+        def run(xx, dd, mm=mm):
+            sq, summer = bookkeeping.op_norms(spec, op_params, xx, dd, ghost, mm)
+            return sq, summer(weights)
+        out[mm] = jax.jit(run)(x, d)
+        dots[mm] = low_precision_dots(run, x, d)
+    return out, dots
+
+
+@pytest.mark.parametrize("ghost", ["always", "never"])
+@pytest.mark.parametrize("case", ["same_3x3", "grouped_strided", "conv_3d", "kernel_larger_than_activations",
+                                  "linear", "general_2in_2out"])
+def test_bfloat16_native_operands_equal_the_float32_route(case, ghost):
+    """bf16 x and d: the tensor-core route (bf16 operands, float32 accumulation: matmul="native",
+    what "auto" takes off CPU) gives the float32 route's norms and weighted sum on the same
+    inputs (products of bf16 numbers are exact in float32: only the summation order and the
+    weighted sum's hi/lo split, 2^-16, differ), and it really contracts bf16 operands."""
+    if case in CONV_CASES:
+        kw, in_shape = CONV_CASES[case]
+        layer = nnx.Conv(in_shape[-1], 6, rngs=RNGS(), dtype=jnp.bfloat16, **kw)
+    else:
+        layer, in_shape = {"linear": (nnx.Linear(5, 7, rngs=RNGS(), dtype=jnp.bfloat16), (3, 5)),
+                           "general_2in_2out": (nnx.LinearGeneral((2, 3), (4, 5), axis=(-2, -1), rngs=RNGS(),
+                                                                  dtype=jnp.bfloat16), (6, 2, 3))}[case]
+    x = rand(M, K, *in_shape).astype(jnp.bfloat16)
+    out, dots = native_vs_float32(layer, x, ghost)
+    (sq32, sum32), (sqn, sumn) = out["float32"], out["native"]
+    np.testing.assert_allclose(np.asarray(sqn), np.asarray(sq32), rtol=1e-5)
+    for name in sum32:
+        scale = float(jnp.max(jnp.abs(sum32[name])))
+        np.testing.assert_allclose(np.asarray(sumn[name]), np.asarray(sum32[name]), rtol=1e-4, atol=1e-5 * scale)
+    assert dots["native"] > 0 and dots["float32"] == 0, dots
+
+
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_bfloat16_removing_one_example_moves_the_sum_by_at_most_c(name):
-    """bf16 compute, float32 params: ||S - S_-i|| <= C (1 + 1e-4) on aligned gradients, every route."""
+@pytest.mark.parametrize("matmul", ["float32", "native"])
+def test_bfloat16_removing_one_example_moves_the_sum_by_at_most_c(name, matmul):
+    """bf16 compute, float32 params: ||S - S_-i|| <= C (1 + 1e-4) on aligned gradients, every route,
+    with float32 contractions and with the tensor-core route (bf16 operands)."""
     from dpft.privacy.sensitivity import aligned_batch, removal_distances
     loss_fn, params = setup(name, jnp.bfloat16)
     rs = np.random.default_rng(0)
@@ -350,7 +399,8 @@ def test_bfloat16_removing_one_example_moves_the_sum_by_at_most_c(name):
     clipping = ClippingConfig(mode="flat", clip_norm=c)
     for ghost in bookkeeping.GHOST_CHOICES:
         sum_fn = jax.jit(lambda b, g=ghost: bookkeeping.bk_clipped_grad_sum(
-            loss_fn, params, b, jax.random.key(0), clipping=clipping, microbatch_size=16, ghost=g)[0])
+            loss_fn, params, b, jax.random.key(0), clipping=clipping, microbatch_size=16, ghost=g,
+            matmul=matmul)[0])
         d = removal_distances(sum_fn, batch, [0, 7, 15])
         assert np.all(d <= c * (1 + 1e-4)), (ghost, d / c)
         assert np.all(d >= c * (1 - 1e-3)), (ghost, d / c)

@@ -154,6 +154,9 @@ def test_removing_one_example_moves_the_clipped_sum_by_at_most_c(dtype):
     variants = {"vmap": functools.partial(engine.clipped_grad_sum, loss_fn)}
     for ghost in bookkeeping.GHOST_CHOICES:
         variants[f"bookkeeping/{ghost}"] = functools.partial(bookkeeping.bk_clipped_grad_sum, loss_fn, ghost=ghost)
+        if dtype == jnp.bfloat16:  # the tensor-core route ("auto" off CPU): bf16 operands, float32 accumulation
+            variants[f"bookkeeping-native/{ghost}"] = functools.partial(
+                bookkeeping.bk_clipped_grad_sum, loss_fn, ghost=ghost, matmul="native")
     idx = [0, 7, 15]
     for name, fn in variants.items():
         sum_fn = jax.jit(lambda b, fn=fn: fn(params, b, jax.random.key(0), clipping=clipping, microbatch_size=16)[0])

@@ -9,8 +9,13 @@ materialised g_i, whichever needs fewer flops (Bu et al. 2023); the weighted sum
 sum_i w_i g_i is one contraction of (A, w D) on the ghost route, or of the kept g_i. An
 embedding's gradient is a scatter-add of D_i's rows at the indices: its norm is the ghost
 sum_{r,s} [idx_r = idx_s] <d_r, d_s> (or the materialised table when that is smaller).
-Everything is computed and summed in float32; a row of weight 0 contributes exactly 0 (even
-with NaN activations: padding).
+Norms and sums are accumulated in float32; a row of weight 0 contributes exactly 0 (even with NaN
+activations: padding). Contractions take float32 operands at HIGHEST precision, or, on an
+accelerator with bfloat16 x and d ("native", `native_operands`), the layer's own bfloat16
+operands with float32 accumulation (tensor cores): a product of two bfloat16 numbers is exact in
+float32, so a norm differs from the float32 one only in summation order; a weighted sum, whose
+weighted output gradients w_i d_i are float32, contracts x with their bfloat16 high and low parts
+(`split_dot`: relative error about 2^-16, inside the sensitivity test's 1e-4).
 All functions take x [m, *one call's input shape], d [m, *one call's output shape] and return
 (squared norms float32 [m], summer: weights float32 [m] -> {param name: float32 array shaped
 like the param}).
@@ -32,6 +37,39 @@ F32 = jnp.float32
 #: norm 0.1% low lets a clipped contribution exceed C).
 HI = lax.Precision.HIGHEST
 Summer = Callable[[jax.Array], dict]
+MATMUL_CHOICES = ("auto", "native", "float32")
+LOW = (jnp.bfloat16,)
+
+
+def native_operands(matmul: str, *arrays: jax.Array) -> bool:
+    """Whether a layer's contractions take its own bfloat16 operands (float32 accumulation) rather
+    than float32 operands at HIGHEST precision: never unless every array is bfloat16; then
+    "native": yes, "float32": no, "auto": yes off CPU (GPU/TPU tensor cores; XLA:CPU has no faster
+    bfloat16 matmul, so the float32 route, with the same exact products, stays there)."""
+    if matmul not in MATMUL_CHOICES:
+        raise ValueError(f"matmul={matmul!r}; use one of {MATMUL_CHOICES}")
+    if matmul == "float32" or not all(a.dtype in LOW for a in arrays):
+        return False
+    return matmul == "native" or jax.default_backend() != "cpu"
+
+
+def dot(spec: str, a: jax.Array, b: jax.Array, native: bool) -> jax.Array:
+    """float32 einsum of two operands: bfloat16 operands with float32 accumulation if ``native``
+    (exact products), else both cast to float32 at HIGHEST precision."""
+    if native:
+        return jnp.einsum(spec, a, b, preferred_element_type=F32)
+    return jnp.einsum(spec, a.astype(F32), b.astype(F32), precision=HI)
+
+
+def split_dot(spec: str, a: jax.Array, b: jax.Array, native: bool) -> jax.Array:
+    """float32 einsum of ``a`` (bfloat16 if ``native``) with a float32 ``b`` (e.g. weighted output
+    gradients): if ``native``, as two bfloat16 contractions with b's high and low bfloat16 parts,
+    b = hi + lo + r with |r| <= 2^-16 |b| elementwise; else float32 at HIGHEST precision."""
+    if not native:
+        return dot(spec, a, b, False)
+    hi = b.astype(jnp.bfloat16)
+    lo = (b - hi.astype(F32)).astype(jnp.bfloat16)
+    return dot(spec, a, hi, True) + dot(spec, a, lo, True)
 
 
 def use_ghost(ghost: str, rows: int, fan_in: int, fan_out: int) -> bool:
@@ -57,20 +95,21 @@ def _keep(weights: jax.Array, v: jax.Array, scaled: bool) -> jax.Array:
     return jnp.where((weights != 0).reshape(shape), v * w if scaled else v, 0.0)
 
 
-def matmul_norms(a: jax.Array, d: jax.Array, ghost: str) -> tuple[jax.Array, Callable[[jax.Array], jax.Array]]:
-    """a [m, R, g, n], d [m, R, g, o] float32 -> (sum_g ||A_ig^T D_ig||^2 [m], weights -> sum_i w_i
-    A_i^T D_i [g, n, o])."""
+def matmul_norms(a: jax.Array, d: jax.Array, ghost: str, native: bool = False
+                 ) -> tuple[jax.Array, Callable[[jax.Array], jax.Array]]:
+    """a [m, R, g, n], d [m, R, g, o] (float32, or bfloat16 if ``native``) -> (sum_g ||A_ig^T
+    D_ig||^2 [m], weights -> sum_i w_i A_i^T D_i [g, n, o]), float32."""
     rows, n, o = a.shape[1], a.shape[3], d.shape[3]
     if use_ghost(ghost, rows, n, o):
-        gram_a = jnp.einsum("mrgn,msgn->mgrs", a, a, precision=HI)
-        gram_d = jnp.einsum("mrgo,msgo->mgrs", d, d, precision=HI)
+        gram_a = dot("mrgn,msgn->mgrs", a, a, native)
+        gram_d = dot("mrgo,msgo->mgrs", d, d, native)
         sq = jnp.sum(gram_a * gram_d, axis=(1, 2, 3))
 
         def ghost_sum(weights: jax.Array) -> jax.Array:
-            return jnp.einsum("mrgn,mrgo->gno", _keep(weights, a, False), _keep(weights, d, True), precision=HI)
+            return split_dot("mrgn,mrgo->gno", _keep(weights, a, False), _keep(weights, d.astype(F32), True), native)
 
         return sq, ghost_sum
-    g = jnp.einsum("mrgn,mrgo->mgno", a, d, precision=HI)
+    g = dot("mrgn,mrgo->mgno", a, d, native)
 
     def kept_sum(weights: jax.Array) -> jax.Array:
         return jnp.einsum("m,mgno->gno", weights.astype(F32), _keep(weights, g, False), precision=HI)
@@ -97,17 +136,19 @@ def _with_bias(params: Mapping[str, jax.Array], sq: jax.Array, kernel_sum: Calla
 
 
 def dense_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, cfg: nnx_layers.Dense,
-                ghost: str = "auto") -> tuple[jax.Array, Summer]:
+                ghost: str = "auto", matmul: str = "auto") -> tuple[jax.Array, Summer]:
     """nnx.Linear / nnx.LinearGeneral: kernel [*in, *out], bias [*out] (optional)."""
     m = x.shape[0]
+    native = native_operands(matmul, x, d)
+    cdt = x.dtype if native else F32
     axes = [1 + a for a in cfg.in_axes]
     n_in = math.prod(x.shape[a] for a in axes)
     xm = jnp.moveaxis(x, axes, list(range(x.ndim - len(axes), x.ndim)))
-    a = xm.astype(F32).reshape(m, -1, 1, n_in)
+    a = xm.astype(cdt).reshape(m, -1, 1, n_in)
     n_out = params["kernel"].size // n_in
-    dd = d.astype(F32).reshape(m, a.shape[1], 1, n_out)
-    sq, kernel_sum = matmul_norms(a, dd, ghost)
-    return _with_bias(params, sq, kernel_sum, dd[:, :, 0], lambda g: g[0])
+    dd = d.astype(cdt).reshape(m, a.shape[1], 1, n_out)
+    sq, kernel_sum = matmul_norms(a, dd, ghost, native)
+    return _with_bias(params, sq, kernel_sum, d.astype(F32).reshape(m, a.shape[1], n_out), lambda g: g[0])
 
 
 def conv_patches(x: jax.Array, cfg: nnx_layers.Conv) -> jax.Array:
@@ -162,20 +203,22 @@ def conv_patches_cm(x: jax.Array, cfg: nnx_layers.Conv) -> jax.Array:
     return p.reshape((p.shape[0], g, -1) + tuple(outs))
 
 
-def patches_weighted_sum(xr: jax.Array, d: jax.Array, weights: jax.Array, cfg: nnx_layers.Conv) -> jax.Array:
-    """sum_i weights_i A_i^T D_i of a conv from its input and output gradient alone: xr [m K, *spatial, C],
-    d [m, K, *out spatial, out] (float32) -> [groups, prod(kernel_size) * C/groups, out/groups]
-    (features in the kernel's order). Rows of weight 0 contribute exactly 0 (even NaN)."""
+def patches_weighted_sum(xr: jax.Array, d: jax.Array, weights: jax.Array, cfg: nnx_layers.Conv,
+                         native: bool = False) -> jax.Array:
+    """sum_i weights_i A_i^T D_i of a conv from its input and output gradient alone: xr [m K, *spatial, C]
+    (float32, or bfloat16 if ``native``), d [m, K, *out spatial, out] -> float32 [groups,
+    prod(kernel_size) * C/groups, out/groups] (features in the kernel's order). Rows of weight 0
+    contribute exactly 0 (even NaN)."""
     m, g = weights.shape[0], cfg.groups
     xw = _keep(weights, xr.reshape((m, -1) + xr.shape[1:]), False).reshape(xr.shape)
     a = conv_patches_cm(xw, cfg)  # [m K, g, n, *out]
     a = a.reshape((m, a.shape[0] // m) + a.shape[1:3] + (math.prod(a.shape[3:]),))  # [m, K, g, n, R]
     dw = _keep(weights, d.astype(F32), True).reshape(m, a.shape[1], a.shape[-1], g, -1)  # [m, K, R, g, o]
-    return jnp.einsum("mkgnr,mkrgo->gno", a, dw, precision=HI)
+    return split_dot("mkgnr,mkrgo->gno", a, dw, native)
 
 
 def conv_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, cfg: nnx_layers.Conv,
-               ghost: str = "auto") -> tuple[jax.Array, Summer]:
+               ghost: str = "auto", matmul: str = "auto") -> tuple[jax.Array, Summer]:
     """nnx.Conv: kernel [*k, in/groups, out], bias [out] (optional); x [m, ..., *spatial, in].
     Ghost route: norms from row-major patches (`conv_patches`) and Gram matrices, the weighted
     sum from (x, d) alone (`patches_weighted_sum`; the norm's patches are not kept for it).
@@ -183,7 +226,9 @@ def conv_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, cfg:
     example, and the weighted sum of those per-example gradients where they are no larger than
     (x, d) per example (`keep_per_example_grads`), else from (x, d) as on the ghost route."""
     nd, g, m = len(cfg.kernel_size), cfg.groups, x.shape[0]
-    xr = x.reshape((-1,) + x.shape[x.ndim - nd - 1:]).astype(F32)
+    native = native_operands(matmul, x, d)
+    cdt = x.dtype if native else F32
+    xr = x.reshape((-1,) + x.shape[x.ndim - nd - 1:]).astype(cdt)
     c, cout, kt = xr.shape[-1], params["kernel"].shape[-1], math.prod(cfg.kernel_size)
     out_sp = d.shape[d.ndim - nd - 1:-1]
     rows = (xr.shape[0] // m) * math.prod(out_sp)  # K views x output positions per example
@@ -193,7 +238,7 @@ def conv_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, cfg:
         # From x and weights * d alone: channel-major patches rebuilt here (of the masked x, so
         # never the norm's patches kept alive) and one matmul; no XLA convolution, which is slow
         # inside the microbatch scan on CPU (jax-ml/jax#12868).
-        return patches_weighted_sum(xr, d, weights, cfg)
+        return patches_weighted_sum(xr, d, weights, cfg, native)
 
     def to_kernel(gk: jax.Array) -> jax.Array:  # [g, kt * cin_g, o] -> [*k, cin_g, g * o]
         gk = gk.reshape((g,) + tuple(cfg.kernel_size) + (c // g, cout // g))
@@ -202,23 +247,25 @@ def conv_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, cfg:
     if use_ghost(ghost, rows, kt * (c // g), cout // g):
         p = conv_patches(xr, cfg)  # [N, *out, kt, C]
         a = jnp.moveaxis(p.reshape(p.shape[:-1] + (g, c // g)), -2, -3).reshape(m, -1, g, kt * (c // g))
-        sq = matmul_norms(a, d_rows.reshape(m, rows, g, cout // g), ghost)[0]
+        sq = matmul_norms(a, d.astype(cdt).reshape(m, rows, g, cout // g), ghost, native)[0]
         kernel_sum = xd_kernel_sum
     else:
         a = conv_patches_cm(xr, cfg).reshape(m, -1, g, kt * (c // g), math.prod(out_sp))  # [m, K, g, n, R]
-        dd = d.astype(F32).reshape(m, a.shape[1], -1, g, cout // g)  # [m, K, R, g, o]
-        sq, kept_sum = materialised_norms(a, dd)
+        dd = d.astype(cdt).reshape(m, a.shape[1], -1, g, cout // g)  # [m, K, R, g, o]
+        sq, kept_sum = materialised_norms(a, dd, native)
         kernel_sum = kept_sum if keep_per_example_grads(params["kernel"].size, x.size // m, d.size // m) \
             else xd_kernel_sum
 
     return _with_bias(params, sq, kernel_sum, d_rows, to_kernel)
 
 
-def materialised_norms(a: jax.Array, d: jax.Array) -> tuple[jax.Array, Callable[[jax.Array], jax.Array]]:
-    """Channel-major patches a [m, K, g, n, R], output gradients d [m, K, R, g, o] (float32) ->
+def materialised_norms(a: jax.Array, d: jax.Array, native: bool = False
+                       ) -> tuple[jax.Array, Callable[[jax.Array], jax.Array]]:
+    """Channel-major patches a [m, K, g, n, R], output gradients d [m, K, R, g, o] (float32, or
+    bfloat16 if ``native``) ->
     (sum_g ||G_ig||^2 [m], weights -> sum_i w_i G_i [g, n, o]) with the per-example gradient
     G_i = sum_k A_ik^T D_ik [g, n, o] materialised once and reused by the sum."""
-    gi = jnp.einsum("mkgnr,mkrgo->mgno", a, d, precision=HI)
+    gi = dot("mkgnr,mkrgo->mgno", a, d, native)
 
     def kept_sum(weights: jax.Array) -> jax.Array:
         return jnp.einsum("m,mgno->gno", weights.astype(F32), _keep(weights, gi, False), precision=HI)
@@ -227,7 +274,7 @@ def materialised_norms(a: jax.Array, d: jax.Array) -> tuple[jax.Array, Callable[
 
 
 def embed_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, cfg: nnx_layers.Embed,
-                ghost: str = "auto") -> tuple[jax.Array, Summer]:
+                ghost: str = "auto", matmul: str = "auto") -> tuple[jax.Array, Summer]:
     """nnx.Embed: embedding [V, F]; x integer indices [m, ...], d [m, ..., F]. Out-of-range
     indices (flax: filled output, no gradient) contribute nothing; negative ones wrap."""
     m, v = x.shape[0], cfg.num_embeddings
@@ -256,9 +303,10 @@ ROUTES = {"nnx_dense": dense_norms, "nnx_conv": conv_norms, "nnx_embed": embed_n
 
 
 def layer_norms(kind: str, params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, cfg: object,
-                ghost: str = "auto") -> tuple[jax.Array, Summer]:
-    """Dispatch on the kind of a standard-layer tap."""
-    return ROUTES[kind](params, x, d, cfg, ghost)
+                ghost: str = "auto", matmul: str = "auto") -> tuple[jax.Array, Summer]:
+    """Dispatch on the kind of a standard-layer tap (``matmul``: `native_operands`; embeddings
+    are scatter-adds, always float32)."""
+    return ROUTES[kind](params, x, d, cfg, ghost, matmul)
 
 
-__all__ = ["dense_norms", "conv_norms", "embed_norms", "conv_patches", "conv_patches_cm", "patches_weighted_sum", "keep_per_example_grads", "materialised_norms", "layer_norms", "matmul_norms", "use_ghost"]
+__all__ = ["dense_norms", "conv_norms", "embed_norms", "conv_patches", "conv_patches_cm", "patches_weighted_sum", "keep_per_example_grads", "materialised_norms", "layer_norms", "matmul_norms", "use_ghost", "native_operands", "dot", "split_dot", "MATMUL_CHOICES"]

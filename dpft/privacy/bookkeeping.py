@@ -71,11 +71,11 @@ def _use_ghost(ghost: str, rows: int, fan_in: int, fan_out: int, groups: int) ->
     return rows * (fan_in + fan_out) < fan_in * fan_out
 
 
-def _ghost_sq_norm(a: jax.Array, d: jax.Array) -> jax.Array:
+def _ghost_sq_norm(a: jax.Array, d: jax.Array, native: bool = False) -> jax.Array:
     """sum over groups of ||A_g^T D_g||_F^2 = <A_g A_g^T, D_g D_g^T> without forming A_g^T D_g.
-    a [m, R, g, n], d [m, R, g, o] -> [m]."""
-    gram_a = jnp.einsum("mrgn,msgn->mgrs", a, a)
-    gram_d = jnp.einsum("mrgo,msgo->mgrs", d, d)
+    a [m, R, g, n] (bfloat16 if ``native``), d [m, R, g, o] float32 -> [m]."""
+    gram_a = bk_layers.dot("mrgn,msgn->mgrs", a, a, native)
+    gram_d = bk_layers.dot("mrgo,msgo->mgrs", d, d, False)
     return jnp.sum(gram_a * gram_d, axis=(1, 2, 3))
 
 
@@ -85,19 +85,21 @@ def _weighted_rows(weights: jax.Array, v: jax.Array) -> jax.Array:
     return jnp.tensordot(weights, jnp.where(keep, v, 0.0), axes=1, precision=lax.Precision.HIGHEST)
 
 
-def linear_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, ghost: str = "auto"
-                 ) -> tuple[jax.Array, Summer | None]:
+def linear_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, ghost: str = "auto",
+                 matmul: str = "auto") -> tuple[jax.Array, Summer | None]:
     """Per-example ||grad w||^2 + ||grad b||^2 of `ops.linear` ([m]) and, when the per-example
     weight gradients were materialised, the function weights [m] -> their weighted sum.
     x [m, ..., in], d [m, ..., out]."""
     m, n_in, n_out = x.shape[0], x.shape[-1], d.shape[-1]
-    a = x.astype(F32).reshape(m, -1, 1, n_in)
+    native = bk_layers.native_operands(matmul, x, d)
+    a = x.astype(x.dtype if native else F32).reshape(m, -1, 1, n_in)
     dd = d.astype(F32).reshape(m, -1, 1, n_out)
     b_rows = jnp.sum(dd, axis=1)[:, 0]  # [m, out]
     b_sq = jnp.sum(jnp.square(b_rows), axis=1)
     if _use_ghost(ghost, a.shape[1], n_in, n_out, 1):
-        return _ghost_sq_norm(a, dd) + b_sq, None
-    g = jnp.einsum("mrgn,mrgo->mno", a, dd)
+        gram_d_native = d.astype(d.dtype if native else F32).reshape(dd.shape)
+        return bk_layers.matmul_norms(a, gram_d_native, "always", native)[0] + b_sq, None
+    g = bk_layers.dot("mrgn,mrgo->mno", a, d.astype(a.dtype).reshape(dd.shape), native)
 
     def summer(weights: jax.Array) -> dict[str, jax.Array]:
         return {"w": _weighted_rows(weights, g), "b": _weighted_rows(weights, b_rows)}
@@ -105,9 +107,10 @@ def linear_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, gh
     return jnp.sum(jnp.square(g), axis=(1, 2)) + b_sq, summer
 
 
-def linear_sq_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, ghost: str = "auto") -> jax.Array:
+def linear_sq_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, ghost: str = "auto",
+                    matmul: str = "auto") -> jax.Array:
     """Per-example ||grad w||^2 + ||grad b||^2 of `ops.linear`. x [m, ..., in], d [m, ..., out] -> [m]."""
-    return linear_norms(params, x, d, ghost)[0]
+    return linear_norms(params, x, d, ghost, matmul)[0]
 
 
 def conv_patches(x: jax.Array, k: int, stride: int) -> jax.Array:
@@ -126,7 +129,7 @@ def conv_patches(x: jax.Array, k: int, stride: int) -> jax.Array:
 
 
 def ws_conv_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, *, stride: int,
-                  groups: int, ghost: str = "auto", eps: float = ops.WS_EPS
+                  groups: int, ghost: str = "auto", eps: float = ops.WS_EPS, matmul: str = "auto"
                   ) -> tuple[jax.Array, Summer | None]:
     """Per-example squared norm of the gradient w.r.t. (w, gain, bias) of `ops.ws_conv`.
 
@@ -137,15 +140,17 @@ def ws_conv_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, *
     (`bk_layers.keep_per_example_grads`), else from (x, d) alone (`bk_layers.patches_weighted_sum`),
     then the standardisation's VJP once; None on the ghost route (`weighted_param_grads` then
     takes the op's weight-gradient VJP).
-    See the module doc.
+    ``matmul``: `bk_layers.native_operands` (bfloat16 patches and tensor-core contractions with
+    float32 accumulation for bfloat16 x and d off CPU). See the module doc.
     """
+    native = bk_layers.native_operands(matmul, x, d)
     w = params["w"].astype(F32)
     gain = params["gain"].astype(F32)
     k, _, cin_g, cout = w.shape
     cout_g = cout // groups
     n = k * k * cin_g
     m = x.shape[0]
-    xr = x.reshape((-1,) + x.shape[-3:]).astype(F32)
+    xr = x.reshape((-1,) + x.shape[-3:]).astype(x.dtype if native else F32)
     rows = (xr.shape[0] // m) * d.shape[-3] * d.shape[-2]  # K views x output positions per example
 
     mean = jnp.mean(w, axis=(0, 1, 2))
@@ -164,9 +169,9 @@ def ws_conv_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, *
         a = patches.reshape(patches.shape[:-1] + (groups, cin_g))
         a = jnp.moveaxis(a, -2, -4).reshape(m, -1, groups, n)  # features (kh, kw, in/groups), as w's HWI
         # e.g and c.g from the patches; ||g||^2 (channel-weighted) as a ghost norm.
-        e_dot = jnp.einsum("mrg,mrgo->mgo", jnp.sum(a, axis=-1), dd) / math.sqrt(n)
-        c_dot = jnp.einsum("mrgo,mrgo->mgo", jnp.einsum("mrgn,ngo->mrgo", a, centred), dd)
-        g_sq = _ghost_sq_norm(a, dd * scale)
+        e_dot = bk_layers.dot("mrg,mrgo->mgo", jnp.sum(a, axis=-1, dtype=F32), dd, False) / math.sqrt(n)
+        c_dot = bk_layers.dot("mrgo,mrgo->mgo", bk_layers.split_dot("mrgn,ngo->mrgo", a, centred, native), dd, False)
+        g_sq = _ghost_sq_norm(a, dd * scale, native)
     else:
         # Materialised g = dL_i/dw_hat [m, groups, n, o] from channel-major patches (features in
         # w's HWI order, no transpose of the patches): every term is a contraction of it.
@@ -174,8 +179,8 @@ def ws_conv_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, *
                               tuple(map(tuple, lax.padtype_to_pads(xr.shape[1:3], (k, k), (stride, stride), "SAME"))),
                               groups)
         a = bk_layers.conv_patches_cm(xr, cfg).reshape(m, -1, groups, n, d.shape[-3] * d.shape[-2])
-        g = jnp.einsum("mkgnr,mkrgo->mgno", a, d.astype(F32).reshape(m, a.shape[1], -1, groups, cout_g),
-                       precision=lax.Precision.HIGHEST)
+        g = bk_layers.dot("mkgnr,mkrgo->mgno", a, d.astype(a.dtype).reshape(m, a.shape[1], -1, groups, cout_g),
+                          native)
         e_dot = jnp.sum(g, axis=2) / math.sqrt(n)
         c_dot = jnp.einsum("mgno,ngo->mgo", g, centred)
         g_sq = jnp.sum(jnp.square(scale) * jnp.sum(jnp.square(g), axis=2), axis=(1, 2))
@@ -188,7 +193,7 @@ def ws_conv_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, *
 
         def xd_summer(weights: jax.Array) -> dict[str, jax.Array]:
             # From (x, weights * d) alone: patches rebuilt, one matmul (no XLA conv in the scan).
-            g_sum = bk_layers.patches_weighted_sum(xr, d, weights, cfg)  # [g, n, o]
+            g_sum = bk_layers.patches_weighted_sum(xr, d, weights, cfg, native)  # [g, n, o]
             _, vjp = jax.vjp(ops.standardize_weight, w, gain)
             g_w, g_gain = vjp(jnp.moveaxis(g_sum, 0, 1).reshape(w.shape))
             return {"w": g_w, "gain": g_gain, "bias": _weighted_rows(weights, bias_rows).reshape(cout)}
@@ -204,9 +209,9 @@ def ws_conv_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, *
 
 
 def ws_conv_sq_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, *, stride: int,
-                     groups: int, ghost: str = "auto", eps: float = ops.WS_EPS) -> jax.Array:
+                     groups: int, ghost: str = "auto", eps: float = ops.WS_EPS, matmul: str = "auto") -> jax.Array:
     """`ws_conv_norms` without the summer: float32 [m]."""
-    return ws_conv_norms(params, x, d, stride=stride, groups=groups, ghost=ghost, eps=eps)[0]
+    return ws_conv_norms(params, x, d, stride=stride, groups=groups, ghost=ghost, eps=eps, matmul=matmul)[0]
 
 
 def generic_norms(fn: taps.OpFn, params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array
@@ -243,20 +248,20 @@ def float32_op(spec: taps.OpSpec) -> taps.OpFn:
 
 
 def op_norms(spec: taps.OpSpec, params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array,
-             ghost: str) -> tuple[jax.Array, Summer | None]:
+             ghost: str, matmul: str = "auto") -> tuple[jax.Array, Summer | None]:
     """Dispatch on ``spec.kind``. x: [m, *op input shape], d: [m, *spec.z.shape] ->
     (squared norms [m] float32, summer or None)."""
     if spec.kind == "ws_conv":
         kw = getattr(spec.fn, "keywords", None)
         if getattr(spec.fn, "func", None) is not ops.ws_conv or kw is None:
             raise ValueError(f"tap {spec.key}: kind 'ws_conv' needs fn = functools.partial(ops.ws_conv, ...)")
-        return ws_conv_norms(params, x, d, stride=kw["stride"], groups=kw["groups"], ghost=ghost)
+        return ws_conv_norms(params, x, d, stride=kw["stride"], groups=kw["groups"], ghost=ghost, matmul=matmul)
     if spec.kind == "linear":
         if getattr(spec.fn, "func", None) is not ops.linear:
             raise ValueError(f"tap {spec.key}: kind 'linear' needs fn = functools.partial(ops.linear, ...)")
-        return linear_norms(params, x, d, ghost)
+        return linear_norms(params, x, d, ghost, matmul)
     if spec.kind in bk_layers.ROUTES:
-        return bk_layers.layer_norms(spec.kind, params, x, d, spec.layer, ghost)
+        return bk_layers.layer_norms(spec.kind, params, x, d, spec.layer, ghost, matmul)
     return generic_norms(spec.fn, params, x, d)
 
 
@@ -350,12 +355,12 @@ def tap_pass(tapped_loss: Any, params: PyTree, specs: Mapping[str, taps.OpSpec],
 
 def per_example_norms(specs: Mapping[str, taps.OpSpec], op_params: Mapping[str, Mapping[str, jax.Array]],
                       inputs: Mapping[str, jax.Array], out_grads: Mapping[str, jax.Array],
-                      ghost: str = "auto") -> tuple[jax.Array, dict[str, Summer]]:
+                      ghost: str = "auto", matmul: str = "auto") -> tuple[jax.Array, dict[str, Summer]]:
     """Step 2: squared L2 norm of each example's whole parameter gradient (float32 [m]) and,
     per op whose per-example gradients were materialised, its summer (see `ws_conv_norms`)."""
     total, summers = 0.0, {}
     for key, s in specs.items():
-        sq, summer = op_norms(s, op_params[key], inputs[key], out_grads[key], ghost)
+        sq, summer = op_norms(s, op_params[key], inputs[key], out_grads[key], ghost, matmul)
         total = total + sq
         if summer is not None:
             summers[key] = summer
@@ -389,19 +394,23 @@ def weighted_param_grads(specs: Mapping[str, taps.OpSpec], op_params: Mapping[st
         d_rows = rows(d, d.astype(F32) * weights.reshape((-1,) + (1,) * (d.ndim - 1)))
         fn32 = float32_op(s)
         p32 = {n: v.astype(F32) for n, v in op_params[key].items()}
-        _, vjp = jax.vjp(lambda p: fn32(p, x_rows), p32)
-        (g,) = vjp(d_rows)
+        # Full float32 dots/convs here too: a GPU would otherwise take TF32 for them.
+        with jax.default_matmul_precision("highest"):
+            _, vjp = jax.vjp(lambda p: fn32(p, x_rows), p32)
+            (g,) = vjp(d_rows)
         out[key] = {n: v.astype(F32) for n, v in g.items()}
     return out
 
 
 def bk_clipped_grad_sum(loss_fn: Any, params: PyTree, batch: Mapping[str, jax.Array], rng: jax.Array, *,
                         clipping: ClippingConfig, microbatch_size: int, position_offset: int | jax.Array = 0,
-                        ghost: str = "auto") -> tuple[PyTree, dict[str, jax.Array]]:
+                        ghost: str = "auto", matmul: str = "auto") -> tuple[PyTree, dict[str, jax.Array]]:
     """`engine.clipped_grad_sum`, computed by book-keeping (module doc).
 
     Args: as `engine.clipped_grad_sum`; `loss_fn` must carry `loss_fn.tapped` (made by
     `adapters.nnx_loss_fn`). ghost: "auto" (per layer, fewer flops), "always" or "never".
+    matmul: "auto" (bfloat16 operands with float32 accumulation for layers computing in bfloat16,
+    off CPU), "native" (the same on any backend) or "float32" (`bk_layers.native_operands`).
     Returns (grad_sum pytree like params float32, stats {"norms","loss","mask",<aux>}: [B]).
     Raises ValueError for per_layer clipping, a loss without taps, or a model with
     parameters outside tapped ops.
@@ -414,6 +423,8 @@ def bk_clipped_grad_sum(loss_fn: Any, params: PyTree, batch: Mapping[str, jax.Ar
                          f"use one of {BK_MODES} or grad_method='vmap'")
     if ghost not in GHOST_CHOICES:
         raise ValueError(f"bk_clipped_grad_sum: ghost={ghost!r}; use one of {GHOST_CHOICES}")
+    if matmul not in bk_layers.MATMUL_CHOICES:
+        raise ValueError(f"bk_clipped_grad_sum: matmul={matmul!r}; use one of {bk_layers.MATMUL_CHOICES}")
     tapped = getattr(loss_fn, "tapped", None)
     if tapped is None:
         raise ValueError("bk_clipped_grad_sum: loss_fn has no `tapped` variant; make it with "
@@ -440,7 +451,7 @@ def bk_clipped_grad_sum(loss_fn: Any, params: PyTree, batch: Mapping[str, jax.Ar
         keys = jax.vmap(lambda p: jax.random.fold_in(rng, p))(pos_mb)
         real = mask_mb > 0
         losses, aux, inputs, out_grads = tap_pass(tapped, params, specs, views_mb, keys, free)
-        sq, summers = per_example_norms(specs, op_params, inputs, out_grads, ghost)
+        sq, summers = per_example_norms(specs, op_params, inputs, out_grads, ghost, matmul)
         free_grads = {n: out_grads[n].astype(F32) for n in free}
         for g in free_grads.values():
             sq = sq + jnp.sum(jnp.square(g), axis=tuple(range(1, g.ndim)))

@@ -1,0 +1,31 @@
+"""Counting primitives in a function's jaxpr (tests use it to show which route a computation took)."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+
+def _walk(jaxpr: Any, pred: Callable[[Any], bool]) -> int:
+    n = 0
+    for eqn in jaxpr.eqns:
+        n += int(pred(eqn))
+        for v in eqn.params.values():  # inner jaxprs: jit, scan, custom_vjp bodies
+            for j in (v if isinstance(v, (list, tuple)) else [v]):
+                inner = j if hasattr(j, "eqns") else getattr(j, "jaxpr", None)
+                if inner is not None and hasattr(inner, "eqns"):
+                    n += _walk(inner, pred)
+    return n
+
+
+def low_precision_dots(fn: Callable, *args: Any) -> int:
+    """How many dot_generals in fn's jaxpr (inner jaxprs included) take two bfloat16 operands and
+    return float32 (tensor-core contractions with float32 accumulation)."""
+    def pred(eqn: Any) -> bool:
+        return (eqn.primitive.name == "dot_general" and all(v.aval.dtype == jnp.bfloat16 for v in eqn.invars)
+                and eqn.outvars[0].aval.dtype == jnp.float32)
+    return _walk(jax.make_jaxpr(fn)(*args).jaxpr, pred)
+
+
+__all__ = ["low_precision_dots"]
