@@ -12,6 +12,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 import pytest
 from flax import nnx
@@ -87,6 +88,9 @@ CONV_CASES = {
     "pointwise_no_bias": (dict(kernel_size=(1, 1), use_bias=False), (5, 5, 4)),
     "causal_1d": (dict(kernel_size=(3,), padding="CAUSAL"), (9, 4)),
     "conv_3d": (dict(kernel_size=(2, 2, 2), strides=(1, 2, 1)), (4, 4, 3, 4)),
+    # non-overlapping patches (a ViT patch embedding): reshape + one transpose; 9 is cropped to 8
+    "patchify": (dict(kernel_size=(4, 4), strides=4, padding="VALID"), (8, 9, 4)),
+    "patchify_grouped_1d": (dict(kernel_size=(3,), strides=3, padding="VALID", feature_group_count=2), (10, 4)),
     # per-example kernel gradient (432) larger than (x, d) (156): materialised norm, sum by the VJP
     "kernel_larger_than_activations": (dict(kernel_size=(3, 3), padding="VALID"), (3, 3, 8)),
 }
@@ -98,6 +102,27 @@ def test_conv_matches_brute_force(case, ghost):
     kw, in_shape = CONV_CASES[case]
     layer = nnx.Conv(in_shape[-1], 6, rngs=RNGS(), **kw)
     check_layer(layer, rand(M, K, *in_shape), ["nnx_conv"], ghost)
+
+
+@pytest.mark.parametrize("kernel,groups,spatial", [((4, 4), 1, (8, 9)), ((2, 3), 2, (6, 7)), ((3,), 1, (10,)),
+                                                   ((2, 2, 2), 1, (4, 5, 4))])
+def test_channel_major_patches_of_patchify_convs_equal_lax_patches(kernel, groups, spatial):
+    """`bk_layers.conv_patches_cm` (reshape route for stride = kernel) == lax.conv_general_dilated_patches
+    reordered from (C, *k) to (groups, *k, C/groups) features."""
+    from dpft.nn import nnx_layers
+    from dpft.privacy import bk_layers
+    nd, c = len(kernel), 4
+    cfg = nnx_layers.Conv(kernel, kernel, (1,) * nd, ((0, 0),) * nd, groups)
+    x = rand(2, *spatial, c)
+    got = bk_layers.conv_patches_cm(x, cfg)
+    sp = "DHW"[3 - nd:]
+    ref = lax.conv_general_dilated_patches(x, kernel, kernel, "VALID",
+                                           dimension_numbers=(f"N{sp}C", f"OI{sp}", f"NC{sp}"))
+    outs = ref.shape[2:]
+    ref = ref.reshape((2, groups, c // groups) + kernel + outs)
+    ref = jnp.moveaxis(ref, 2, 2 + nd).reshape((2, groups, -1) + outs)
+    assert got.shape == ref.shape
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-6, atol=1e-6)
 
 
 def test_conv_with_input_dilation_is_free_and_exact():
