@@ -178,7 +178,7 @@ def _compile_one(lowered: Any, b: int, lower_start: float, lower_s: float,
                 "compile_start": lower_start, "compile_end": time.time(), "lower_s": lower_s}, None
     end = time.time()
     rec = {"batch": b, "status": "compiled", "compile_start": lower_start, "compile_end": end,
-           "lower_s": lower_s, "compile_s": end - lower_start}
+           "lower_s": lower_s, "xla_compile_s": end - start, "compile_s": end - lower_start}
     mem = compiled.memory_analysis()
     if mem is not None:
         pred = predicted_bytes(mem)
@@ -365,7 +365,6 @@ class Worker:
         return 0.0
 
     def last_log_line(self) -> str:
-        self.log.flush()
         with open(os.path.join(self.ctl, "log.txt")) as f:
             lines = [ln.strip() for ln in f if ln.strip()]
         return lines[-1][:300] if lines else "(no output)"

@@ -158,6 +158,18 @@ def test_a_passed_compile_deadline_leaves_rows_with_the_cause(env, tmp_path):
     assert all(s["best_examples_per_s"] is None for s in doc["summary"])
 
 
+def test_a_failing_worker_leaves_error_rows_with_the_cause(env, tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(BLOCKER.replace(repr(ABSENT), repr(ABSENT + ("dpft",))))
+    env = {**env, "PYTHONPATH": os.pathsep.join([str(site), REPO])}
+    doc, _ = _run(env, tmp_path / "out", "--models", "vit_micro", "--methods", "vmap", "--budget-s", "60",
+                  "--compile-s", "50")
+    assert [(r["batch"], r["status"]) for r in doc["rows"]] == [(2, "error"), (4, "error")]
+    assert all(r["cause"].startswith("worker failed: ") and "dpft is not installed" in r["cause"]
+               for r in doc["rows"])
+
+
 @pytest.mark.parametrize("limit, expected", [(1250.0, 150), (700.0, 40), (4000.0, 450), (3500.0, 400)])
 def test_estimate_max_batch_interpolates_between_the_sizes_around_the_limit(limit, expected):
     # bytes 1000, 1500, 3500 at b = 100, 200, 400: 500 + 5 b up to 200, -500 + 10 b from 200 to 400.
