@@ -100,7 +100,11 @@ def test_compiles_overlap_and_no_timing_overlaps_a_compile_or_another_worker(smo
         assert any(s < e2 and s2 < e for k2, (s2, e2) in spans.items() if k2 != k), k
     wall = max(e for _, e in spans.values()) - min(s for s, _ in spans.values())
     assert wall < 0.8 * sum(e - s for s, e in spans.values())
-    # Timing phase: the workers' timing intervals (go -> exit) are disjoint and hold their rows' intervals.
+    # Timing phase: the rows' timed intervals (worker clocks) of different workers are disjoint ...
+    timed = sorted((r["timed_start"], r["timed_end"], r["model"], r["method"]) for r in rows)
+    for (_, end, *w1), (start, _, *w2) in zip(timed, timed[1:]):
+        assert end <= start, (w1, w2)
+    # ... and so are the workers' timing intervals (go -> exit, driver clock), which hold their rows' intervals.
     timing = sorted({(r["worker_timing_start"], r["worker_timing_end"], r["model"], r["method"]) for r in rows})
     assert len(timing) == len(MODELS_METHODS)
     for (_, end, *_), (start, *_) in zip(timing, timing[1:]):
