@@ -1,14 +1,21 @@
 """benchmarks/gpu_check: the smoke mode runs end to end on CPU (tiny models, tiny batches) in a
-subprocess whose interpreter cannot import what a typical GPU image lacks, and writes JSON whose
-ratios agree with its own rows."""
+subprocess whose interpreter cannot import what a typical GPU image lacks. Checked against the run's
+own records and independent computations: every (model, method) is timed at its sizes; the workers
+compiled concurrently and no timing overlaps another worker's timing or any compile; a memory limit
+between two sizes' predicted bytes skips the bigger size (``oom_predicted``) and puts the estimated
+largest microbatch between them; a compile deadline that passes leaves ``compile_time_budget`` rows;
+the ratios and the summary follow from the rows."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
 
 import pytest
+
+from benchmarks.gpu_check import estimate_max_batch
 
 pytestmark = pytest.mark.slow
 
@@ -24,51 +31,92 @@ class _Absent:
         return None
 sys.meta_path.insert(0, _Absent())
 """
+MODELS_METHODS = [(m, meth) for m in ("nfnet_micro", "vit_micro") for meth in ("nonprivate", "bookkeeping", "vmap")]
 
 
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("gpu_check")
-    site = tmp / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(BLOCKER)
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS",)}
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([str(site), REPO]))
-    out = tmp / "out"
-    cmd = [sys.executable, "-m", "benchmarks.gpu_check", "--smoke", "--out", str(out), "--budget-s", "1500",
-           "--max-batch", "4", "--iters", "1", "--dtype", "float32"]
+def _run(env: dict, out, *extra: str) -> tuple[dict, str]:
+    """Run the check (float32, one timed call per size) with `extra` arguments; (JSON, Markdown)."""
+    cmd = [sys.executable, "-m", "benchmarks.gpu_check", "--smoke", "--out", str(out), "--iters", "1",
+           "--dtype", "float32", *extra]
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=2400)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     with open(out / "gpu_check.json") as f:
-        return json.load(f), (out / "gpu_check.md").read_text(), env
+        return json.load(f), (out / "gpu_check.md").read_text()
 
 
-def test_the_blocker_really_blocks(smoke):
-    _, _, env = smoke
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    site = tmp_path_factory.mktemp("site")
+    (site / "sitecustomize.py").write_text(BLOCKER)
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS",)}
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([str(site), REPO]))
+    return env
+
+
+@pytest.fixture(scope="module")
+def smoke(env, tmp_path_factory):
+    """The whole smoke run: 2 models x 3 methods at batch sizes 2 and 4, no memory limit."""
+    return _run(env, tmp_path_factory.mktemp("smoke"), "--budget-s", "1500", "--compile-s", "1200")
+
+
+def _rows(doc: dict, model: str, method: str) -> list[dict]:
+    return [r for r in doc["rows"] if r["model"] == model and r["method"] == method]
+
+
+def test_the_blocker_really_blocks(env):
     proc = subprocess.run([sys.executable, "-c", "import dp_accounting"], env=env, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode != 0 and "not installed" in proc.stderr
 
 
-def test_every_model_and_method_is_swept_to_the_cap(smoke):
-    doc, md, _ = smoke
-    rows = doc["rows"]
-    for model in ("nfnet_micro", "vit_micro"):
-        for method in ("nonprivate", "vmap") + (("bookkeeping",) if model == "nfnet_micro" else ()):
-            mine = [r for r in rows if r["model"] == model and r["method"] == method]
-            assert [r["batch"] for r in mine if r["status"] == "ok"] == [2, 4], (model, method, mine)
-            assert mine[-1]["status"] == "max_batch"
-            assert all(r["examples_per_s"] > 0 and r["xla_temp_mib"] is not None
-                       for r in mine if r["status"] == "ok")
-    # vit_micro is built from standard NNX layers: book-keeping runs, or refuses with a recorded error.
-    vit_bk = [r for r in rows if r["model"] == "vit_micro" and r["method"] == "bookkeeping"]
-    assert vit_bk and (vit_bk[-1]["status"] == "max_batch" or "tapped" in vit_bk[-1].get("error", ""))
+def test_every_model_and_method_is_timed_at_its_sizes(smoke):
+    doc, md = smoke
+    for model, method in MODELS_METHODS:
+        mine = _rows(doc, model, method)
+        assert [(r["batch"], r["status"]) for r in mine] == [(2, "ok"), (4, "ok")], (model, method, mine)
+        for r in mine:
+            assert r["examples_per_s"] == pytest.approx(r["batch"] / r["step_s"])
+            assert r["compile_s"] > 0 and r["predicted_mib"] > 0
+            # predicted = arguments + outputs + temp + generated code - aliased (all recorded in the row)
+            assert r["predicted_mib"] == pytest.approx(r["xla_argument_mib"] + r["xla_output_mib"] + r["xla_temp_mib"]
+                                                       + r["xla_code_mib"] - r["xla_alias_mib"])
+        assert mine[0]["predicted_mib"] < mine[1]["predicted_mib"]  # twice the batch needs more memory
+        assert f"| {model} | {method} |" in md
     assert doc["machine"]["backend"] == "cpu"
-    assert "| nfnet_micro | vmap |" in md
 
 
-def test_ratios_follow_from_the_rows(smoke):
-    doc, _, _ = smoke
+def test_compiles_overlap_and_no_timing_overlaps_a_compile_or_another_worker(smoke):
+    doc, _ = smoke
+    rows = doc["rows"]
+    last_compile = max(r["compile_end"] for r in rows)
+    assert all(r["timed_start"] >= last_compile for r in rows)
+    # Compile phase: each worker's compile interval overlaps another worker's, and the phase took less
+    # wall time than the workers' compile intervals one after another.
+    spans = {}
+    for model, method in MODELS_METHODS:
+        mine = _rows(doc, model, method)
+        spans[model, method] = (min(r["compile_start"] for r in mine), max(r["compile_end"] for r in mine))
+    for k, (s, e) in spans.items():
+        assert any(s < e2 and s2 < e for k2, (s2, e2) in spans.items() if k2 != k), k
+    wall = max(e for _, e in spans.values()) - min(s for s, _ in spans.values())
+    assert wall < 0.8 * sum(e - s for s, e in spans.values())
+    # Timing phase: the rows' timed intervals (worker clocks) of different workers are disjoint ...
+    timed = sorted((r["timed_start"], r["timed_end"], r["model"], r["method"]) for r in rows)
+    for (_, end, *w1), (start, _, *w2) in zip(timed, timed[1:]):
+        assert end <= start, (w1, w2)
+    # ... and so are the workers' timing intervals (go -> exit, driver clock), which hold their rows' intervals.
+    timing = sorted({(r["worker_timing_start"], r["worker_timing_end"], r["model"], r["method"]) for r in rows})
+    assert len(timing) == len(MODELS_METHODS)
+    for (_, end, *_), (start, *_) in zip(timing, timing[1:]):
+        assert end <= start
+    for r in rows:
+        assert r["worker_timing_start"] <= r["timed_start"] < r["timed_end"] <= r["worker_timing_end"]
+    # Non-private first (the denominators), then book-keeping, then vmap.
+    assert [m for *_, m in timing] == ["nonprivate"] * 2 + ["bookkeeping"] * 2 + ["vmap"] * 2
+
+
+def test_ratios_and_summary_follow_from_the_rows(smoke):
+    doc, _ = smoke
     ok = [r for r in doc["rows"] if r["status"] == "ok"]
     for r in ok:
         np_row = next(x for x in ok if x["model"] == r["model"] and x["method"] == "nonprivate"
@@ -76,7 +124,64 @@ def test_ratios_follow_from_the_rows(smoke):
         assert r["ratio_vs_nonprivate_same_batch"] == pytest.approx(np_row["step_s"] / r["step_s"])
         best_np = max(x["examples_per_s"] for x in ok if x["model"] == r["model"] and x["method"] == "nonprivate")
         assert r["ratio_vs_best_nonprivate"] == pytest.approx(r["examples_per_s"] / best_np)
+    assert len(doc["summary"]) == len(MODELS_METHODS)
     for s in doc["summary"]:
         mine = [r for r in ok if r["model"] == s["model"] and r["method"] == s["method"]]
-        if mine:
-            assert s["best_examples_per_s"] == max(r["examples_per_s"] for r in mine)
+        best = max(mine, key=lambda r: r["examples_per_s"])
+        assert (s["best_examples_per_s"], s["at_batch"]) == (best["examples_per_s"], best["batch"])
+        assert s["ratio_vs_best_nonprivate"] == pytest.approx(best["ratio_vs_best_nonprivate"])
+        assert s["compile_s_max"] == max(r["compile_s"] for r in mine)
+        # No memory limit on CPU: no estimate, and nothing was skipped.
+        assert s["memory_limit_mib"] is None and s["est_max_microbatch"] is None and s["not_timed"] is None
+
+
+def test_a_memory_limit_between_two_sizes_skips_the_bigger_and_estimates_between(smoke, env, tmp_path):
+    doc0, _ = smoke
+    p2, p4 = (r["predicted_mib"] for r in _rows(doc0, "nfnet_micro", "nonprivate"))
+    limit = p2 + 0.3 * (p4 - p2)
+    doc, md = _run(env, tmp_path, "--models", "nfnet_micro", "--methods", "nonprivate", "--budget-s", "600",
+                   "--compile-s", "500", "--memory-limit-mib", repr(limit))
+    small, big = _rows(doc, "nfnet_micro", "nonprivate")
+    assert small["predicted_mib"] == pytest.approx(p2) and big["predicted_mib"] == pytest.approx(p4)
+    assert small["status"] == "ok" and small["examples_per_s"] > 0
+    assert big["status"] == "oom_predicted" and "examples_per_s" not in big and "> memory limit" in big["cause"]
+    (s,) = doc["summary"]
+    # bytes = a + c b through (2, p2) and (4, p4): the limit is reached at b = 2 + 0.3 * 2 = 2.6.
+    assert s["est_max_microbatch"] == math.floor(2 + 0.3 * 2) == 2
+    assert s["est_fit_mib_per_example"] == pytest.approx((p4 - p2) / 2)
+    assert s["memory_limit_mib"] == pytest.approx(limit, abs=2 ** -20) and s["not_timed"] == "4: oom_predicted"
+    assert "oom_predicted" in md
+
+
+def test_a_passed_compile_deadline_leaves_rows_with_the_cause(env, tmp_path):
+    doc, _ = _run(env, tmp_path, "--models", "nfnet_micro", "--methods", "nonprivate", "vmap", "--budget-s", "30",
+                  "--compile-s", "0.5")
+    assert [(r["method"], r["batch"], r["status"]) for r in doc["rows"]] == [
+        (m, b, "compile_time_budget") for m in ("nonprivate", "vmap") for b in (2, 4)]
+    assert all("compile deadline" in r["cause"] for r in doc["rows"])
+    assert all(s["best_examples_per_s"] is None for s in doc["summary"])
+
+
+def test_a_failing_worker_leaves_error_rows_with_the_cause(env, tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(BLOCKER.replace(repr(ABSENT), repr(ABSENT + ("dpft",))))
+    env = {**env, "PYTHONPATH": os.pathsep.join([str(site), REPO])}
+    doc, _ = _run(env, tmp_path / "out", "--models", "vit_micro", "--methods", "vmap", "--budget-s", "60",
+                  "--compile-s", "50")
+    assert [(r["batch"], r["status"]) for r in doc["rows"]] == [(2, "error"), (4, "error")]
+    assert all(r["cause"].startswith("worker failed: ") and "dpft is not installed" in r["cause"]
+               for r in doc["rows"])
+
+
+@pytest.mark.parametrize("limit, expected", [(1250.0, 150), (700.0, 40), (4000.0, 450), (3500.0, 400)])
+def test_estimate_max_batch_interpolates_between_the_sizes_around_the_limit(limit, expected):
+    # bytes 1000, 1500, 3500 at b = 100, 200, 400: 500 + 5 b up to 200, -500 + 10 b from 200 to 400.
+    est, a, c = estimate_max_batch({100: 1000.0, 200: 1500.0, 400: 3500.0}, limit)
+    assert est == expected
+    assert a + c * est <= limit < a + c * (est + 1)
+
+
+def test_estimate_max_batch_needs_two_growing_sizes():
+    assert estimate_max_batch({128: 1000.0}, 5000.0) == (None, None, None)
+    assert estimate_max_batch({128: 1000.0, 512: 900.0}, 5000.0) == (None, None, None)
