@@ -385,6 +385,22 @@ def native_vs_float32(layer, x, ghost):
     return out, dots
 
 
+def test_split_dot_is_within_two_to_the_minus_17_of_the_exact_contraction():
+    """split_dot (bf16 a, float32 b as bf16 high + low parts) vs float64: |error| <= 2^-17 sum|a||b|
+    (+ float32 accumulation); a single bf16 rounding of b (negative control) is far outside it."""
+    from dpft.privacy import bk_layers
+    rs = np.random.RandomState(0)
+    a = jnp.asarray(rs.randn(16, 512)).astype(jnp.bfloat16)
+    b = jnp.asarray(rs.randn(512, 32) * np.exp(3 * rs.randn(512, 1)), F32)
+    a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    exact, scale = a64 @ b64, np.abs(a64) @ np.abs(b64)
+    bound = (2.0 ** -17 + 512 * 2.0 ** -24) * scale
+    got = np.asarray(jax.jit(lambda x, y: bk_layers.split_dot("ij,jk->ik", x, y, True))(a, b), np.float64)
+    assert np.all(np.abs(got - exact) <= bound)
+    single = np.asarray(bk_layers.dot("ij,jk->ik", a, b.astype(jnp.bfloat16), True), np.float64)
+    assert np.max(np.abs(single - exact) / bound) > 10
+
+
 @pytest.mark.parametrize("ghost", ["always", "never"])
 @pytest.mark.parametrize("case", ["same_3x3", "grouped_strided", "conv_3d", "kernel_larger_than_activations",
                                   "linear", "general_2in_2out"])
