@@ -97,8 +97,7 @@ def linear_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, gh
     b_rows = jnp.sum(dd, axis=1)[:, 0]  # [m, out]
     b_sq = jnp.sum(jnp.square(b_rows), axis=1)
     if _use_ghost(ghost, a.shape[1], n_in, n_out, 1):
-        gram_d_native = d.astype(d.dtype if native else F32).reshape(dd.shape)
-        return bk_layers.matmul_norms(a, gram_d_native, "always", native)[0] + b_sq, None
+        return bk_layers.matmul_norms(a, d.astype(a.dtype).reshape(dd.shape), "always", native)[0] + b_sq, None
     g = bk_layers.dot("mrgn,mrgo->mno", a, d.astype(a.dtype).reshape(dd.shape), native)
 
     def summer(weights: jax.Array) -> dict[str, jax.Array]:
@@ -182,7 +181,7 @@ def ws_conv_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, *
         g = bk_layers.dot("mkgnr,mkrgo->mgno", a, d.astype(a.dtype).reshape(m, a.shape[1], -1, groups, cout_g),
                           native)
         e_dot = jnp.sum(g, axis=2) / math.sqrt(n)
-        c_dot = jnp.einsum("mgno,ngo->mgo", g, centred)
+        c_dot = bk_layers.dot("mgno,ngo->mgo", g, centred, False)
         g_sq = jnp.sum(jnp.square(scale) * jnp.sum(jnp.square(g), axis=2), axis=(1, 2))
 
         def kept_summer(weights: jax.Array) -> dict[str, jax.Array]:
@@ -359,11 +358,13 @@ def per_example_norms(specs: Mapping[str, taps.OpSpec], op_params: Mapping[str, 
     """Step 2: squared L2 norm of each example's whole parameter gradient (float32 [m]) and,
     per op whose per-example gradients were materialised, its summer (see `ws_conv_norms`)."""
     total, summers = 0.0, {}
-    for key, s in specs.items():
-        sq, summer = op_norms(s, op_params[key], inputs[key], out_grads[key], ghost, matmul)
-        total = total + sq
-        if summer is not None:
-            summers[key] = summer
+    # Full float32 for every float32 dot a route does not pin itself (a GPU would take TF32).
+    with jax.default_matmul_precision("highest"):
+        for key, s in specs.items():
+            sq, summer = op_norms(s, op_params[key], inputs[key], out_grads[key], ghost, matmul)
+            total = total + sq
+            if summer is not None:
+                summers[key] = summer
     return total, summers
 
 
@@ -378,7 +379,13 @@ def weighted_param_grads(specs: Mapping[str, taps.OpSpec], op_params: Mapping[st
     compute dtype, so the sensitivity is C (tested). weights float32 [m]; a row with weight 0
     contributes exactly 0 even if its activations or gradients are NaN.
     Returns {op key: {param name: float32 array}}."""
-    summers = summers or {}
+    with jax.default_matmul_precision("highest"):  # no TF32 for float32 dots on a GPU
+        return _weighted_param_grads(specs, op_params, inputs, out_grads, weights, summers or {})
+
+
+def _weighted_param_grads(specs: Mapping[str, taps.OpSpec], op_params: Mapping[str, Mapping[str, jax.Array]],
+                          inputs: Mapping[str, jax.Array], out_grads: Mapping[str, jax.Array],
+                          weights: jax.Array, summers: Mapping[str, Summer]) -> dict[str, dict[str, jax.Array]]:
     keep = weights != 0
     out = {}
     for key, s in specs.items():
@@ -394,10 +401,8 @@ def weighted_param_grads(specs: Mapping[str, taps.OpSpec], op_params: Mapping[st
         d_rows = rows(d, d.astype(F32) * weights.reshape((-1,) + (1,) * (d.ndim - 1)))
         fn32 = float32_op(s)
         p32 = {n: v.astype(F32) for n, v in op_params[key].items()}
-        # Full float32 dots/convs here too: a GPU would otherwise take TF32 for them.
-        with jax.default_matmul_precision("highest"):
-            _, vjp = jax.vjp(lambda p: fn32(p, x_rows), p32)
-            (g,) = vjp(d_rows)
+        _, vjp = jax.vjp(lambda p: fn32(p, x_rows), p32)
+        (g,) = vjp(d_rows)
         out[key] = {n: v.astype(F32) for n, v in g.items()}
     return out
 
