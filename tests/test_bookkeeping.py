@@ -20,7 +20,7 @@ from dpft.nn import ops, taps
 from dpft.privacy import adapters, bookkeeping, engine, keys
 from dpft.privacy import plan as plan_lib
 from dpft.privacy.engine import ClippingConfig
-from dpft.testing.jaxprs import low_precision_dots
+from dpft.testing.jaxprs import float32_contractions, low_precision_dots
 from dpft.testing.models import SmallConvNet
 
 
@@ -115,6 +115,31 @@ def test_ws_conv_native_bfloat16_operands_equal_the_float32_route(ghost, k, stri
     for name in g32:
         scale = float(jnp.max(jnp.abs(g32[name])))
         np.testing.assert_allclose(np.asarray(gn[name]), np.asarray(g32[name]), rtol=1e-4, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("ghost", ["never", "always"])
+@pytest.mark.parametrize("h,cin,cout", [(7, 4, 6), (2, 8, 16)])
+def test_float32_contractions_of_norms_and_sums_run_at_highest_precision(ghost, h, cin, cout):
+    """Steps 2 and 3 (per_example_norms, weighted_param_grads) of ws_conv and linear ops: every
+    float32 dot/conv is at HIGHEST precision (a GPU would run the others as TF32, and a norm
+    ~1e-3 low lets a contribution exceed C; CPU results cannot show it, the jaxpr does)."""
+    fn, params, x, d = conv_case(11, 3, 1, 1, cin=cin, cout=cout, h=h)
+    lin = functools.partial(ops.linear, dtype=jnp.float32)
+    lp = {"w": jnp.ones((cin, 5), jnp.float32), "b": jnp.zeros((5,), jnp.float32)}
+    specs = {"c:conv": taps.OpSpec("c:conv", "ws_conv", fn, {n: ("c", n) for n in params},
+                                   jax.eval_shape(lambda: fn(params, x[0]))),
+             "l:lin": taps.OpSpec("l:lin", "linear", lin, {n: ("l", n) for n in lp},
+                                  jax.eval_shape(lambda: lin(lp, x[0])))}
+    op_params = {"c:conv": params, "l:lin": lp}
+    dl = jnp.ones((x.shape[0],) + specs["l:lin"].z.shape, jnp.float32)
+    weights = jnp.asarray([0.5, 0.0, 2.0], jnp.float32)
+
+    def run(xx, dd, dl):
+        inputs, grads = {"c:conv": xx, "l:lin": xx}, {"c:conv": dd, "l:lin": dl}
+        sq, summers = bookkeeping.per_example_norms(specs, op_params, inputs, grads, ghost, "float32")
+        return sq, bookkeeping.weighted_param_grads(specs, op_params, inputs, grads, weights, summers)
+    total, not_highest = float32_contractions(run, x, d, dl)
+    assert total > 0 and not_highest == 0, (total, not_highest)
 
 
 def test_conv_patches_reproduce_the_convolution():

@@ -28,4 +28,18 @@ def low_precision_dots(fn: Callable, *args: Any) -> int:
     return _walk(jax.make_jaxpr(fn)(*args).jaxpr, pred)
 
 
-__all__ = ["low_precision_dots"]
+def float32_contractions(fn: Callable, *args: Any) -> tuple[int, int]:
+    """(all, not at HIGHEST precision): the dot_generals and convolutions of fn's jaxpr (inner
+    jaxprs included) with a float32 operand; a GPU may run those not at HIGHEST as TF32."""
+    def f32(eqn: Any) -> bool:
+        return (eqn.primitive.name in ("dot_general", "conv_general_dilated")
+                and any(v.aval.dtype == jnp.float32 for v in eqn.invars))
+
+    def not_highest(eqn: Any) -> bool:
+        p = eqn.params.get("precision")
+        return f32(eqn) and not (isinstance(p, tuple) and all(q == jax.lax.Precision.HIGHEST for q in p))
+    closed = jax.make_jaxpr(fn)(*args).jaxpr
+    return _walk(closed, f32), _walk(closed, not_highest)
+
+
+__all__ = ["low_precision_dots", "float32_contractions"]
