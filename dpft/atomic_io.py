@@ -24,13 +24,14 @@ Every write raises OSError (the CLI reports filesystem errnos in one line, exit 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
 import sys
 import uuid
-from typing import IO, Any, Callable
+from typing import IO, Any, Callable, Iterator
 
 from dpft import paths
 
@@ -127,14 +128,28 @@ def _write_remote(path: str, data: bytes | str | Writer, private: bool) -> None:
             pass  # a stale temporary object is harmless (it never has the target's name)
 
 
+@contextlib.contextmanager
+def naming(path: str | os.PathLike) -> Iterator[None]:
+    """Re-raise an OSError that names no file (a failed `write`/`flush`/`fsync` on an open file,
+    e.g. ENOSPC) as the same errno naming `path`, so that the one-line error says which file."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None and e.errno:
+            raise OSError(e.errno, e.strerror or str(e), os.fspath(path)) from e
+        raise
+
+
 def write_bytes(path: str | os.PathLike, data: bytes | str | Writer, *, private: bool = False) -> str:
     """Atomically replace `path` with `data` (bytes, str as UTF-8, or a function writing to a binary
-    file). private=True: owner-only (0600) locally; a warning on remote paths. Returns the path."""
+    file). private=True: owner-only (0600) locally; a warning on remote paths. Returns the path.
+    An OSError names `path`."""
     path = paths.to_str(path)
-    if paths.is_remote(path):
-        _write_remote(path, data, private)
-    else:
-        _write_local(path, data, private)
+    with naming(path):
+        if paths.is_remote(path):
+            _write_remote(path, data, private)
+        else:
+            _write_local(path, data, private)
     return path
 
 
@@ -158,16 +173,17 @@ def append_text(path: str | os.PathLike, text: str, *, private: bool = False) ->
         _write_remote(path, old + text.encode("utf-8"), private)
         return
     flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND
-    fd = os.open(path, flags, FILE_MODE if private else 0o666)
-    try:
-        if private:
-            os.fchmod(fd, FILE_MODE)  # an existing file is made owner-only too
-        with os.fdopen(fd, "ab") as f:
-            fd = -1
-            f.write(text.encode("utf-8"))
-    finally:
-        if fd >= 0:
-            os.close(fd)
+    with naming(path):
+        fd = os.open(path, flags, FILE_MODE if private else 0o666)
+        try:
+            if private:
+                os.fchmod(fd, FILE_MODE)  # an existing file is made owner-only too
+            with os.fdopen(fd, "ab") as f:
+                fd = -1
+                f.write(text.encode("utf-8"))
+        finally:
+            if fd >= 0:
+                os.close(fd)
 
 
 def make_dir(path: str | os.PathLike, *, private: bool = False) -> str:

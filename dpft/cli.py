@@ -65,22 +65,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(module.run(args) or 0)
     except errors.DpftError as e:
-        print(f"dpft {name}: error: {_one_line(str(e))}", file=sys.stderr)
+        _say(f"dpft {name}: error: {_one_line(str(e))}")
         return e.exit_code
     except OSError as e:
         # e.g. a full disk also fails the clean-up after a failed save: report the first failure.
         first = _dpft_error_in_chain(e)
         if first is not None:
-            print(f"dpft {name}: error: {_one_line(str(first))}", file=sys.stderr)
+            _say(f"dpft {name}: error: {_one_line(str(first))}")
             return first.exit_code
         cause = errors.filesystem_cause(e)
         if cause is None:
             raise  # not the environment's fault: a bug, keep the traceback
-        print(f"dpft {name}: error: {_one_line(errors.describe_oserror(cause))}", file=sys.stderr)
+        _say(f"dpft {name}: error: {_one_line(errors.describe_oserror(cause))}")
         return errors.FilesystemError.exit_code
     except KeyboardInterrupt:
-        print(f"dpft {name}: interrupted", file=sys.stderr)
+        _say(f"dpft {name}: interrupted")
         return 130
+
+
+def _say(line: str) -> None:
+    """`line` and its newline to stderr in one write, flushed: a background thread's log (orbax,
+    absl) can come before or after it but never inside it (print() writes the newline separately)."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def _dpft_error_in_chain(exc: BaseException) -> errors.DpftError | None:

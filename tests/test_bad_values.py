@@ -298,3 +298,65 @@ def test_check_ledger_refuses_every_mismatch():
     check_ledger(Ledger(), updates=5, sampling_rate=0.25, noise_multiplier=0.0, private=False)
     with pytest.raises(errors.CheckpointError, match="non-private"):
         check_ledger(ledger, updates=12, sampling_rate=0.25, noise_multiplier=0.0, private=False)
+
+
+# ------------------------------------------------------------------------------ full disk names the file
+
+@pytest.mark.parametrize("writer", ["write_text", "append_text"])
+def test_a_write_on_a_full_disk_names_the_file(tmp_path, tmpfs_mount, writer):
+    """A failed write()/fsync() on an open file raises an OSError without a filename; dpft's
+    writers re-raise it naming the file, so the CLI's one line says where the disk is full."""
+    from dpft import atomic_io
+
+    target = tmpfs_mount("64k") / "metrics.jsonl"
+    with pytest.raises(OSError) as info:
+        getattr(atomic_io, writer)(target, "x" * 200_000)
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(target), info.value
+    assert str(target) in errors.describe_oserror(info.value)
+
+
+def test_naming_keeps_an_oserror_that_already_names_a_file():
+    from dpft import atomic_io
+
+    with pytest.raises(OSError) as info, atomic_io.naming("/elsewhere"):
+        raise OSError(errno.ENOSPC, "No space left on device", "/the/real/file")
+    assert info.value.filename == "/the/real/file"
+    with pytest.raises(errors.FilesystemError), atomic_io.naming("/elsewhere"):
+        raise errors.FilesystemError(errno.ENOSPC, "cannot save checkpoint 2", "/ckpt")
+
+
+def test_settle_waits_for_writer_threads_that_reraise_on_join():
+    """orbax's writer threads re-raise their own failure from join(); waiting for them after a
+    failed save must not replace the save's explained error with that raw one."""
+    import threading
+
+    from dpft.workdir import checkpointing
+
+    class Raising(threading.Thread):
+        def join(self, timeout=None):
+            super().join(timeout)
+            raise ValueError("RESOURCE_EXHAUSTED: from the writer thread")
+
+    before = set(threading.enumerate())
+    t = Raising(target=lambda: None)
+    t.start()
+    checkpointing._settle(before)  # would raise ValueError without the guard
+    assert not t.is_alive()
+
+
+def test_cli_error_line_is_one_write(monkeypatch):
+    """The error line and its newline reach stderr in one write: a background thread's log line
+    cannot land between them (it did, in CI, with print())."""
+    writes: list[str] = []
+
+    class Recorder:
+        def write(self, s):
+            writes.append(s)
+
+        def flush(self):
+            pass
+
+    _fake_command(monkeypatch, errors.FilesystemError(errno.ENOSPC, "disk full at /w", "/w"))
+    monkeypatch.setattr(sys, "stderr", Recorder())
+    assert cli.main(["fake"]) == 5
+    assert writes == ["dpft fake: error: disk full at /w\n"]

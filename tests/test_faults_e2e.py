@@ -204,7 +204,8 @@ def test_diverging_run_stops_before_saving_non_finite_state(base, tmp_path):
 
 
 def test_disk_full_during_training_is_one_line_exit_5(base, tmpfs_mount):
-    proc = dpft(base, train_args(base, tmpfs_mount("300k") / "run"))
+    run = tmpfs_mount("300k") / "run"
+    proc = dpft(base, train_args(base, run))
     assert proc.returncode == 5, proc.stderr[-3000:]
     # orbax's and tensorboardX's background threads still log their own failures (not ours to
     # silence); dpft's verdict is one line that names the cause. Which write hits the full disk
@@ -213,5 +214,7 @@ def test_disk_full_during_training_is_one_line_exit_5(base, tmpfs_mount):
     ours = [l for l in proc.stderr.splitlines() if l.startswith("dpft train: error: ")]
     assert len(ours) == 1, proc.stderr[-3000:]
     assert "RESOURCE_EXHAUSTED" in ours[0] or "No space left" in ours[0], ours[0]
+    assert ours[0].endswith(("intact", "No space left on device")), ours[0]  # nothing appended
+    assert str(run) in ours[0], ours[0]  # names the checkpoint directory or the file that failed
     if "RESOURCE_EXHAUSTED" in ours[0]:
         assert "cannot save checkpoint 2" in ours[0], ours[0]

@@ -118,12 +118,14 @@ class MetricWriter:
 
     def flush(self) -> None:
         if self._tb is not None:
-            self._tb.flush()
+            with atomic_io.naming(self._tb.logdir):
+                self._tb.flush()
 
     def close(self) -> None:
         if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+            tb, self._tb = self._tb, None
+            with atomic_io.naming(tb.logdir):
+                tb.close()
 
     def __enter__(self) -> "MetricWriter":
         return self

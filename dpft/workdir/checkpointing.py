@@ -160,7 +160,11 @@ def _settle(threads_before: set[threading.Thread], timeout: float = 30.0) -> Non
     deadline = time.time() + timeout
     for t in set(threading.enumerate()) - threads_before:
         if t is not threading.current_thread():
-            t.join(max(0.0, deadline - time.time()))
+            try:
+                t.join(max(0.0, deadline - time.time()))
+            except Exception:  # noqa: BLE001 - orbax's writer threads re-raise their failure on join;
+                pass  # the save's own exception (being handled) reports it
+
     gc.collect()
 
 
