@@ -48,7 +48,8 @@ def _run(env: dict, out, *extra: str) -> tuple[dict, str]:
 def env(tmp_path_factory):
     site = tmp_path_factory.mktemp("site")
     (site / "sitecustomize.py").write_text(BLOCKER)
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS",)}
+    # no persistent compilation cache (tests/conftest.py): the check measures compiling
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR")}
     env.update(JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([str(site), REPO]))
     return env
 
