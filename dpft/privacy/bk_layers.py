@@ -114,10 +114,19 @@ def matmul_norms(a: jax.Array, d: jax.Array, ghost: str, native: bool = False
             return split_dot("mrgn,mrgo->gno", _keep(weights, a, False), _keep(weights, d.astype(F32), True), native)
 
         return sq, ghost_sum
-    g = dot("mrgn,mrgo->mgno", a, d, native)
+    if n <= o:
+        g = dot("mrgn,mrgo->mgno", a, d, native)
+        to_gno = lambda s: s  # noqa: E731
+    else:
+        # The per-example gradient transposed, G_i^T = D_i^T A_i [g, o, n]: a matmul transposes
+        # the operand whose contracted rows are not its minor axis (the first), so the narrower
+        # one goes first (on CPU, ViT's MLP output layer: a [m, 197, 768] transposed copy per
+        # example otherwise); norms need no layout, and the kept sum is transposed once.
+        g = dot("mrgo,mrgn->mgon", d, a, native)
+        to_gno = lambda s: jnp.swapaxes(s, -1, -2)  # noqa: E731
 
     def kept_sum(weights: jax.Array) -> jax.Array:
-        return jnp.einsum("m,mgno->gno", weights.astype(F32), _keep(weights, g, False), precision=HI)
+        return to_gno(jnp.einsum("m,mgxy->gxy", weights.astype(F32), _keep(weights, g, False), precision=HI))
 
     return jnp.sum(jnp.square(g), axis=(1, 2, 3)), kept_sum
 
