@@ -165,16 +165,15 @@ def write_json(path: str | os.PathLike, obj: Any, *, private: bool = False, **du
 
 def append_text(path: str | os.PathLike, text: str, *, private: bool = False) -> None:
     """Append `text` to `path` (created if absent). Locally an O_APPEND write (0600 when private);
-    remotely a read-modify-write of the whole object through `write_bytes`."""
+    remotely a read-modify-write of the whole object. An OSError names `path`."""
     path = paths.to_str(path)
-    if paths.is_remote(path):
-        p = paths.as_path(path)
-        old = p.read_bytes() if p.exists() else b""
-        _write_remote(path, old + text.encode("utf-8"), private)
-        return
-    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND
     with naming(path):
-        fd = os.open(path, flags, FILE_MODE if private else 0o666)
+        if paths.is_remote(path):
+            p = paths.as_path(path)
+            old = p.read_bytes() if p.exists() else b""
+            _write_remote(path, old + text.encode("utf-8"), private)
+            return
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, FILE_MODE if private else 0o666)
         try:
             if private:
                 os.fchmod(fd, FILE_MODE)  # an existing file is made owner-only too

@@ -45,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser = _top_parser()
         if argv and argv[0] not in ("-h", "--help"):
             parser.print_usage(sys.stderr)
-            print(f"dpft: error: unknown command {argv[0]!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
+            _say(f"dpft: error: unknown command {argv[0]!r}; choose from {', '.join(COMMANDS)}")
             return 2
         parser.print_help()
         return 0 if argv else 2

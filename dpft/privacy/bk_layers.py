@@ -115,18 +115,16 @@ def matmul_norms(a: jax.Array, d: jax.Array, ghost: str, native: bool = False
 
         return sq, ghost_sum
     if n <= o:
-        g = dot("mrgn,mrgo->mgno", a, d, native)
-        to_gno = lambda s: s  # noqa: E731
+        g, sum_spec = dot("mrgn,mrgo->mgno", a, d, native), "m,mgno->gno"
     else:
         # The per-example gradient transposed, G_i^T = D_i^T A_i [g, o, n]: a matmul transposes
         # the operand whose contracted rows are not its minor axis (the first), so the narrower
         # one goes first (on CPU, ViT's MLP output layer: a [m, 197, 768] transposed copy per
         # example otherwise); norms need no layout, and the kept sum is transposed once.
-        g = dot("mrgo,mrgn->mgon", d, a, native)
-        to_gno = lambda s: jnp.swapaxes(s, -1, -2)  # noqa: E731
+        g, sum_spec = dot("mrgo,mrgn->mgon", d, a, native), "m,mgon->gno"
 
     def kept_sum(weights: jax.Array) -> jax.Array:
-        return to_gno(jnp.einsum("m,mgxy->gxy", weights.astype(F32), _keep(weights, g, False), precision=HI))
+        return jnp.einsum(sum_spec, weights.astype(F32), _keep(weights, g, False), precision=HI)
 
     return jnp.sum(jnp.square(g), axis=(1, 2, 3)), kept_sum
 

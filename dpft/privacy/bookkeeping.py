@@ -379,32 +379,27 @@ def weighted_param_grads(specs: Mapping[str, taps.OpSpec], op_params: Mapping[st
     compute dtype, so the sensitivity is C (tested). weights float32 [m]; a row with weight 0
     contributes exactly 0 even if its activations or gradients are NaN.
     Returns {op key: {param name: float32 array}}."""
+    summers = summers or {}
     with jax.default_matmul_precision("highest"):  # no TF32 for float32 dots on a GPU
-        return _weighted_param_grads(specs, op_params, inputs, out_grads, weights, summers or {})
+        keep = weights != 0
+        out = {}
+        for key, s in specs.items():
+            if key in summers:
+                out[key] = {n: v.astype(F32) for n, v in summers[key](weights).items()}
+                continue
 
-
-def _weighted_param_grads(specs: Mapping[str, taps.OpSpec], op_params: Mapping[str, Mapping[str, jax.Array]],
-                          inputs: Mapping[str, jax.Array], out_grads: Mapping[str, jax.Array],
-                          weights: jax.Array, summers: Mapping[str, Summer]) -> dict[str, dict[str, jax.Array]]:
-    keep = weights != 0
-    out = {}
-    for key, s in specs.items():
-        if key in summers:
-            out[key] = {n: v.astype(F32) for n, v in summers[key](weights).items()}
-            continue
-
-        def rows(v: jax.Array, fill: jax.Array) -> jax.Array:
-            v = jnp.where(keep.reshape((-1,) + (1,) * (v.ndim - 1)), fill, 0.0).astype(F32)
-            return v.reshape((-1,) + v.shape[2:])
-        x, d = inputs[key], out_grads[key]
-        x_rows = rows(x, x.astype(F32))
-        d_rows = rows(d, d.astype(F32) * weights.reshape((-1,) + (1,) * (d.ndim - 1)))
-        fn32 = float32_op(s)
-        p32 = {n: v.astype(F32) for n, v in op_params[key].items()}
-        _, vjp = jax.vjp(lambda p: fn32(p, x_rows), p32)
-        (g,) = vjp(d_rows)
-        out[key] = {n: v.astype(F32) for n, v in g.items()}
-    return out
+            def rows(v: jax.Array, fill: jax.Array) -> jax.Array:
+                v = jnp.where(keep.reshape((-1,) + (1,) * (v.ndim - 1)), fill, 0.0).astype(F32)
+                return v.reshape((-1,) + v.shape[2:])
+            x, d = inputs[key], out_grads[key]
+            x_rows = rows(x, x.astype(F32))
+            d_rows = rows(d, d.astype(F32) * weights.reshape((-1,) + (1,) * (d.ndim - 1)))
+            fn32 = float32_op(s)
+            p32 = {n: v.astype(F32) for n, v in op_params[key].items()}
+            _, vjp = jax.vjp(lambda p: fn32(p, x_rows), p32)
+            (g,) = vjp(d_rows)
+            out[key] = {n: v.astype(F32) for n, v in g.items()}
+        return out
 
 
 def bk_clipped_grad_sum(loss_fn: Any, params: PyTree, batch: Mapping[str, jax.Array], rng: jax.Array, *,

@@ -164,7 +164,6 @@ def _settle(threads_before: set[threading.Thread], timeout: float = 30.0) -> Non
                 t.join(max(0.0, deadline - time.time()))
             except Exception:  # noqa: BLE001 - orbax's writer threads re-raise their failure on join;
                 pass  # the save's own exception (being handled) reports it
-
     gc.collect()
 
 
