@@ -304,3 +304,22 @@ def test_shard_batch_places_rows_on_their_devices():
     acc = step_lib.zeros_accumulator(model_setup()[1], mesh)
     for leaf, p in zip(jax.tree.leaves(acc), jax.tree.leaves(model_setup()[1])):
         assert leaf.shape == (8,) + p.shape and not np.any(np.asarray(leaf))
+
+
+def test_the_noise_key_is_an_argument_never_a_constant_of_the_compiled_update():
+    """Invariant 7 where programs are cached on disk (a persistent XLA compilation cache: the test
+    suite's, tests/conftest.py, or a user's JAX_COMPILATION_CACHE_DIR): the secret noise key
+    enters the compiled update as an argument, so no cached program holds it. Negative control:
+    the same check finds the key's words when the key is closed over."""
+    cfg = step_config(sigma=1.0)
+    _, params = model_setup()
+    mesh = mesh_of(8)
+    _, apply = compiled(cfg, 8)
+    state = distributed.replicate(step_lib.init_state(params, optax.sgd(LR), cfg), mesh)
+    acc = step_lib.zeros_accumulator(state["params"], mesh)
+    words = [str(int(w)) for w in np.asarray(jax.random.key_data(NOISE_KEY)).ravel()]
+    assert len(words) == 2 and all(len(w) > 3 for w in words)
+    program = jax.jit(apply).lower(state, acc, NOISE_KEY).as_text()
+    assert not [w for w in words if w in program], "the noise key is compiled into the update"
+    closed_over = jax.jit(lambda s, a: apply(s, a, NOISE_KEY)).lower(state, acc).as_text()
+    assert all(w in closed_over for w in words), "the check cannot see a compiled-in key"
