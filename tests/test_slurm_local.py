@@ -61,8 +61,28 @@ def _ledger(workdir) -> dict:
         return json.load(f)
 
 
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
+            "PREEMPTED"}
+
+
+def _job_state(job: str, env) -> tuple[str, int] | None:
+    """(JobState, Restarts) from `scontrol show job`, or None when the controller gave no answer (busy, timed out).
+
+    Not `squeue -h -j JOB`: it printed nothing both for a job that had left the queue and for a failed query, so a
+    busy controller read as "the job has ended" (a red CI: the output was read before the requeued run started)."""
+    try:
+        r = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True, env=env, timeout=60)
+    except subprocess.TimeoutExpired:
+        return None
+    if r.returncode != 0:
+        return None
+    fields = dict(w.split("=", 1) for w in r.stdout.split() if "=" in w)
+    return fields.get("JobState", ""), int(fields.get("Restarts", "0"))
+
+
 def _signal_and_wait(job: str, workdir, env) -> None:
-    """USR1 to the batch shell once the first checkpoint exists; then wait until the job has left the queue."""
+    """USR1 to the batch shell once the first checkpoint exists; then wait until the job has ended after its requeue
+    (a terminal state with Restarts >= 1; a terminal state without a restart counts once it has lasted 60 s)."""
     ckpts = os.path.join(str(workdir), "checkpoints")
     deadline = time.time() + WAIT
     while time.time() < deadline:
@@ -70,15 +90,24 @@ def _signal_and_wait(job: str, workdir, env) -> None:
             break
         time.sleep(0.05)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, env=env)
+    seen, ended_since = [], None
     while time.time() < deadline:
-        q = subprocess.run(["squeue", "-h", "-j", job, "-o", "%i %r"], capture_output=True, text=True, env=env)
-        if job not in q.stdout:
-            return
-        if "BeginTime" in q.stdout:  # requeued: SLURM holds it ~2 min before it may start; no need to wait here
+        state = _job_state(job, env)
+        if not seen or seen[-1] != state:
+            seen.append(state)
+        if state is not None and state[0] in TERMINAL:
+            if state[1] >= 1:
+                return
+            ended_since = ended_since or time.time()
+            if time.time() - ended_since > 60:  # ended without being requeued: _check says what the output lacks
+                return
+        else:
+            ended_since = None
+        if state is not None and state[0] == "PENDING":  # requeued: SLURM holds it ~2 min before it may start
             subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True, env=env)
         time.sleep(2)
     subprocess.run(["scancel", job], env=env)
-    pytest.fail(f"job {job} still queued after {WAIT} s")
+    pytest.fail(f"job {job} has not ended {WAIT} s after the signal; states seen: {seen}")
 
 
 def _check(out: str, workdir, setup) -> None:
