@@ -253,17 +253,25 @@ def test_remote_lock_busy_stale_and_release(gcs, capsys):
     assert "taking over a stale lock of pid 1 on host gone" in capsys.readouterr().err
 
 
+def _wait_until(condition, timeout: float = 60.0) -> None:
+    """Poll `condition` (a loaded machine may delay a background thread by far more than its period)."""
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, f"not true within {timeout} s"
+        time.sleep(0.05)
+
+
 def test_remote_lease_heartbeat_and_takeover_detection(gcs, capsys):
     from dpft.train import remote_lock
 
     lease = remote_lock.RemoteLease("gs://bucket/run/.dpft.lock", "gs://bucket/run", lease_s=0.3)
     lease.acquire(str)
     first = lease.read_holder()["renewed"]
-    time.sleep(0.5)
-    assert lease.read_holder()["renewed"] > first and not lease.lost  # renewed by the heartbeat
+    _wait_until(lambda: lease.read_holder()["renewed"] > first)  # renewed by the heartbeat (every 0.1 s)
+    assert not lease.lost
     atomic_io.write_json("gs://bucket/run/.dpft.lock", {**lease.read_holder(), "token": "someone else"})
-    time.sleep(0.5)
-    assert lease.lost and "taken over by another process" in capsys.readouterr().err
+    _wait_until(lambda: lease.lost)
+    assert "taken over by another process" in capsys.readouterr().err
     lease.release()
     assert lease.read_holder()["token"] == "someone else"  # not ours: left alone
 
