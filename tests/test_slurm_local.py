@@ -65,11 +65,11 @@ TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_
             "PREEMPTED"}
 
 
-def _job_state(job: str, env) -> tuple[str, int] | None:
-    """(JobState, Restarts) from `scontrol show job`, or None when the controller gave no answer (busy, timed out).
+def _job_state(job: str, env) -> tuple[str, int, str] | None:
+    """(JobState, Restarts, Reason) from `scontrol show job`, or None when the controller gave no answer.
 
-    Not `squeue -h -j JOB`: it printed nothing both for a job that had left the queue and for a failed query, so a
-    busy controller read as "the job has ended" (a red CI: the output was read before the requeued run started)."""
+    Not `squeue -h -j JOB` printing nothing: a failed query prints nothing too, and it does not tell a job that
+    ended after its restart from one whose restart failed."""
     try:
         r = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True, env=env, timeout=60)
     except subprocess.TimeoutExpired:
@@ -77,10 +77,10 @@ def _job_state(job: str, env) -> tuple[str, int] | None:
     if r.returncode != 0:
         return None
     fields = dict(w.split("=", 1) for w in r.stdout.split() if "=" in w)
-    return fields.get("JobState", ""), int(fields.get("Restarts", "0"))
+    return fields.get("JobState", ""), int(fields.get("Restarts", "0")), fields.get("Reason", "")
 
 
-def _signal_and_wait(job: str, workdir, env) -> None:
+def _signal_and_wait(job: str, workdir, env) -> list:
     """USR1 to the batch shell once the first checkpoint exists; then wait until the job has ended after its requeue
     (a terminal state with Restarts >= 1; a terminal state without a restart counts once it has lasted 60 s)."""
     ckpts = os.path.join(str(workdir), "checkpoints")
@@ -90,29 +90,32 @@ def _signal_and_wait(job: str, workdir, env) -> None:
             break
         time.sleep(0.05)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, env=env)
-    seen, ended_since = [], None
+    seen, ended_since, hurried = [], None, False
     while time.time() < deadline:
         state = _job_state(job, env)
         if not seen or seen[-1] != state:
             seen.append(state)
         if state is not None and state[0] in TERMINAL:
             if state[1] >= 1:
-                return
+                return seen
             ended_since = ended_since or time.time()
             if time.time() - ended_since > 60:  # ended without being requeued: _check says what the output lacks
-                return
+                return seen
         else:
             ended_since = None
-        if state is not None and state[0] == "PENDING":  # requeued: SLURM holds it ~2 min before it may start
-            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True, env=env)
+        if state is not None and state[0] == "PENDING" and state[2] == "BeginTime" and not hurried:
+            # Requeued: SLURM holds it ~2 min before it may start again. Shorten the hold once, to a few seconds, not
+            # to none: a restart within the second of the requeue is refused by slurmd ("Job credential revoked").
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now+5"], capture_output=True, env=env)
+            hurried = True
         time.sleep(2)
     subprocess.run(["scancel", job], env=env)
     pytest.fail(f"job {job} has not ended {WAIT} s after the signal; states seen: {seen}")
 
 
-def _check(out: str, workdir, setup) -> None:
+def _check(out: str, workdir, setup, states: list) -> None:
     assert "stopping at update" in out and "(exit 75)" in out, out[-3000:]
-    assert "requeueing job" in out and "resumed from" in out, out[-3000:]
+    assert "requeueing job" in out and "resumed from" in out, f"job states {states}\n{out[-3000:]}"
     assert "platform: cpu" in out
     assert _ledger(workdir) == setup["ledger"]
     assert os.path.isfile(os.path.join(str(workdir), "predictions", str(UPDATES), "test.npz"))
@@ -124,8 +127,8 @@ def test_slurm_sbatch_signal_requeue_resume(setup):
     job = subprocess.run(["sbatch", "--parsable", f"--chdir={REPO}", "--cpus-per-task=1", f"--output={tmp}/job-%j.out",
                           os.path.join(REPO, "launch", "slurm.sbatch"), TINY, str(workdir), *setup["overrides"]],
                          capture_output=True, text=True, env=env, check=True).stdout.strip().split(";")[0]
-    _signal_and_wait(job, workdir, env)
-    _check((tmp / f"job-{job}.out").read_text(), workdir, setup)
+    states = _signal_and_wait(job, workdir, env)
+    _check((tmp / f"job-{job}.out").read_text(), workdir, setup, states)
 
 
 def test_sweep_array_signal_requeue_resume(setup):
@@ -141,5 +144,5 @@ def test_sweep_array_signal_requeue_resume(setup):
     job = subprocess.run(["sbatch", "--parsable", f"--chdir={REPO}", str(script)], capture_output=True, text=True,
                          env=env, check=True).stdout.strip().split(";")[0]
     workdir = tmp / "sweep" / "seed-0"
-    _signal_and_wait(f"{job}_0", workdir, env)
-    _check((tmp / f"sweep-{job}_0.out").read_text(), workdir, setup)
+    states = _signal_and_wait(f"{job}_0", workdir, env)
+    _check((tmp / f"sweep-{job}_0.out").read_text(), workdir, setup, states)
