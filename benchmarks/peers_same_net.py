@@ -14,7 +14,9 @@ subprocess times, round-robin in one process (`common.time_round_robin`, median 
 then one PyTorch subprocess times Opacus hooks / functorch / ghost and plain PyTorch on the twin
 (`benchmarks.peers_opacus`). `ratio_vs_best_nonprivate` = step time / the framework's fastest
 non-private step on that network (dpft's for dpft and jax-privacy, same JAX process; plain PyTorch
-for Opacus). The summary divides dpft's best DP throughput by Opacus's best mode's.
+for Opacus). The summary divides dpft's best DP throughput by Opacus's best mode's. Every worker,
+JAX's and PyTorch's alike, runs with glibc keeping freed memory for reuse (`--host-malloc reuse`,
+`dpft.host_memory.MALLOC_ENV`, what `dpft train` sets on CPU); `--host-malloc system` leaves it.
 
 Re-measure only the dpft rows later (e.g. after a change to book-keeping) and keep the peers' rows:
     .venv-bench/bin/python -m benchmarks.peers_same_net --frameworks dpft --merge old.json --json new.json
@@ -33,6 +35,7 @@ import time
 from typing import Any
 
 from benchmarks import common, peer_networks
+from dpft import host_memory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FRAMEWORKS = ("dpft", "jax_privacy", "opacus")
@@ -118,7 +121,7 @@ def bench_jax(name: str, resolution: int, batch: int, microbatches: tuple[int, .
     return rows
 
 
-def run_worker(cmd: list[str], label: str, timeout: int) -> tuple[list[dict], dict]:
+def run_worker(cmd: list[str], label: str, timeout: int, env: dict[str, str] | None = None) -> tuple[list[dict], dict]:
     """Run a worker writing {"rows": [...]} to a temp file; (rows, record with command, uptime, status)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "rows.json")
@@ -126,7 +129,8 @@ def run_worker(cmd: list[str], label: str, timeout: int) -> tuple[list[dict], di
         rec = {"worker": label, "command": " ".join(cmd), "uptime_before": uptime}
         t0 = time.perf_counter()
         try:
-            p = subprocess.run(cmd + ["--json", path], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+            p = subprocess.run(cmd + ["--json", path], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                               env=env)
             rec["status"] = "ok" if p.returncode == 0 else f"failed rc={p.returncode}: {p.stderr.strip()[-400:]}"
             sys.stderr.write(p.stdout if p.returncode == 0 else p.stdout + p.stderr)
         except subprocess.TimeoutExpired:
@@ -180,6 +184,13 @@ def parse_map(items: list[str], conv) -> dict:
     return {k: conv(v) for k, v in (s.split("=", 1) for s in items)}
 
 
+def worker_env(host_malloc: str) -> dict[str, str]:
+    """Every worker's environment, JAX's and PyTorch's alike: with "reuse", glibc keeps freed memory
+    for the next step (`dpft.host_memory.MALLOC_ENV`, what `dpft train` sets on CPU); "system" as is."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    return {**env, **host_memory.MALLOC_ENV} if host_malloc == "reuse" else env
+
+
 def orchestrate(args: argparse.Namespace) -> dict:
     """Run the workers of every selected network; returns {"machine", "workers", "rows", "summary"}."""
     sizes = parse_map(args.size, lambda v: tuple(int(x) for x in v.split("x")))
@@ -203,7 +214,7 @@ def orchestrate(args: argparse.Namespace) -> dict:
         runs: dict[str, list[list[dict]]] = {k: [] for k, _, _ in kinds}
         for rnd in range(args.rounds):  # the workers of one network alternate: jax, opacus, jax, opacus, ...
             for kind, cmd, fws in kinds:
-                r, rec = run_worker(cmd, f"{kind} {name} round {rnd}", args.timeout)
+                r, rec = run_worker(cmd, f"{kind} {name} round {rnd}", args.timeout, worker_env(args.host_malloc))
                 r = r or [{"network": name, "framework": f, "method": "*", "error": rec["status"]} for f in fws]
                 for row in r:
                     row["round"] = rnd
@@ -221,7 +232,8 @@ def orchestrate(args: argparse.Namespace) -> dict:
         workers = [dict(w, merged_from=args.merge) for w in old.get("workers", [])] + workers
     order = {n: i for i, n in enumerate(peer_networks.NETWORKS)}
     rows.sort(key=lambda r: order.get(r["network"], 99))
-    return {"machine": common.machine_info(), "rounds": args.rounds, "workers": workers, "rows": rows,
+    return {"machine": common.machine_info(), "rounds": args.rounds, "host_malloc": args.host_malloc,
+            "workers": workers, "rows": rows,
             "all_rounds": all_rows, "summary": summarize(rows)}
 
 
@@ -249,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", nargs="*", default=[], help="NAME=RESxBATCH, e.g. vit_ti16=224x8")
     ap.add_argument("--microbatches", nargs="*", default=[], help="NAME=MB,MB (JAX steps), e.g. nfnet_tiny=64,16")
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per worker subprocess")
+    ap.add_argument("--host-malloc", choices=("reuse", "system"), default="reuse",
+                    help="glibc malloc of every worker: reuse freed memory (as dpft train on CPU) or as the system sets")
     ap.add_argument("--merge", default=None, help="keep the rows of frameworks not rerun from this JSON")
     ap.add_argument("--json", default=None)
     ap.add_argument("--md", default=None)

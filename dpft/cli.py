@@ -19,7 +19,7 @@ import importlib
 import sys
 from typing import Sequence
 
-from dpft import errors
+from dpft import errors, host_memory
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("dpft.train.train_cli", "fine-tune a model with DP-SGD from a config"),
@@ -29,6 +29,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "audit": ("dpft.train.audit_cli", "empirical lower bound on epsilon with canaries"),
     "demo": ("dpft.demo.cli", "the whole recipe offline on the embedded digits data"),
 }
+
+#: Commands that run models: on CPU, glibc keeps their freed buffers for the next step.
+HOST_MEMORY_COMMANDS = ("train", "evaluate", "demo", "audit")
 
 
 def _top_parser() -> argparse.ArgumentParser:
@@ -50,6 +53,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
+    if name in HOST_MEMORY_COMMANDS and host_memory.cpu_only_jax():
+        host_memory.keep_freed_host_memory()  # before JAX starts its threads (dpft/host_memory.py)
     module = importlib.import_module(COMMANDS[name][0])
     parser = argparse.ArgumentParser(prog=f"dpft {name}", description=COMMANDS[name][1], allow_abbrev=False)
     module.add_arguments(parser)

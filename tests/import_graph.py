@@ -25,6 +25,7 @@ FORBIDDEN = (
     ("dpft.data", "dpft.train", "data is below training"),
     ("dpft.privacy", "dpft.train", "privacy is below training"),
     ("dpft.errors", "dpft.", "errors import nothing of dpft"),
+    ("dpft.host_memory", "dpft.", "host_memory imports nothing of dpft"),
 )
 
 
