@@ -53,8 +53,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
+    host_line = None
     if name in HOST_MEMORY_COMMANDS and host_memory.cpu_only_jax():
-        host_memory.keep_freed_host_memory()  # before JAX starts its threads (dpft/host_memory.py)
+        try:
+            host_line = host_memory.keep_freed_host_memory()  # before JAX starts its threads (dpft/host_memory.py)
+        except ValueError as e:  # a bad DPFT_HOST_MALLOC
+            _say(f"dpft {name}: error: {e}")
+            return errors.UsageError.exit_code
     module = importlib.import_module(COMMANDS[name][0])
     parser = argparse.ArgumentParser(prog=f"dpft {name}", description=COMMANDS[name][1], allow_abbrev=False)
     module.add_arguments(parser)
@@ -67,6 +72,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.overrides = unknown
     else:
         args = parser.parse_args(rest)
+    if host_line:
+        print(host_line, flush=True)
     try:
         return int(module.run(args) or 0)
     except errors.DpftError as e:

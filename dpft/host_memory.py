@@ -18,14 +18,15 @@ caches. Measured on the 2-core CPU (benchmarks/README.md, "Host memory"): ViT-Ti
 plain step 204 -> 182 ms; GroupNorm CNN at B=64, book-keeping step 22 -> 13-18 ms.
 
 A thread that already holds an arena keeps it, so the call must come before JAX starts its
-threads: called after, it left 73,000 faults per call in some processes (tests/test_host_memory.py).
-`dpft train`, `evaluate` and `demo` therefore call it first thing (`dpft.cli`), before importing
-JAX, when JAX will run on the CPU (`cpu_only_jax()`: JAX_PLATFORMS=cpu, or no accelerator plugin
-installed); the training loop prints the line. Child processes can get the same settings from the
+threads: made after JAX's first program had run, it left 73,000 faults per call in some
+processes (the probe of tests/test_host_memory.py). So `dpft.cli` makes it for the commands that
+run models, before importing JAX, when JAX will run on the CPU (`cpu_only_jax()`: JAX_PLATFORMS
+names cpu first, or no accelerator plugin is installed), and prints the line it returns. Library
+users call it first thing themselves. Child processes can get the same settings from the
 environment (`MALLOC_ENV`, read by glibc at start): the benchmarks give them to every worker.
 
-DPFT_HOST_MALLOC=system leaves malloc as it is. Other C libraries (musl, macOS) are left alone,
-and the line returned says so.
+DPFT_HOST_MALLOC=system leaves malloc as it is (`reuse`, the default, sets it; any other value is
+an error). Other C libraries (musl, macOS) are left alone, and the line returned says so.
 """
 from __future__ import annotations
 
@@ -60,8 +61,13 @@ def _glibc() -> ctypes.CDLL | None:
 
 def keep_freed_host_memory() -> str:
     """Make glibc keep freed host memory for reuse (see the module docstring); returns one line
-    saying what was set, or why nothing was (opted out, not glibc, or glibc refused a value)."""
-    if os.environ.get(OPT_OUT_ENV, "").strip().lower() == "system":
+    saying what was set, or why nothing was (opted out, not glibc, or glibc refused a value).
+    Raises ValueError naming DPFT_HOST_MALLOC when it is set to neither `reuse` nor `system`."""
+    choice = os.environ.get(OPT_OUT_ENV, "").strip().lower() or "reuse"
+    if choice not in ("reuse", "system"):
+        raise ValueError(f"{OPT_OUT_ENV}={os.environ[OPT_OUT_ENV]!r}: choose 'reuse' (the default: keep freed "
+                         f"host memory for reuse on CPU) or 'system' (leave malloc as the system sets it)")
+    if choice == "system":
         return f"host malloc: left as the system sets it ({OPT_OUT_ENV}=system)"
     libc = _glibc()
     if libc is None:
@@ -88,8 +94,3 @@ def cpu_only_jax() -> bool:
         return False
     return not list(importlib.metadata.entry_points(group="jax_plugins"))
 
-
-def reuse_on_cpu(platform: str) -> str | None:
-    """`keep_freed_host_memory()` when the devices are the host's CPUs (platform "cpu"), else None:
-    on GPUs and TPUs the programs' buffers live in device memory and malloc is left alone."""
-    return keep_freed_host_memory() if platform == "cpu" else None

@@ -61,12 +61,16 @@ def test_reused_host_memory_is_not_page_faulted_at_every_call():
         assert sum(run["faults"]) < 3 * pages, (run["faults"], default["faults"])
 
 
-def test_opt_out_and_platforms(monkeypatch):
+def test_opt_out_bad_values_and_platforms(monkeypatch):
     monkeypatch.setenv(host_memory.OPT_OUT_ENV, "system")
     assert host_memory.keep_freed_host_memory() == \
         "host malloc: left as the system sets it (DPFT_HOST_MALLOC=system)"
-    assert host_memory.reuse_on_cpu("cpu").startswith("host malloc: left as the system sets it")
-    assert host_memory.reuse_on_cpu("gpu") is None and host_memory.reuse_on_cpu("tpu") is None
+    monkeypatch.setenv(host_memory.OPT_OUT_ENV, "off")
+    with pytest.raises(ValueError, match="DPFT_HOST_MALLOC='off': choose 'reuse'"):
+        host_memory.keep_freed_host_memory()
+    for platforms, cpu in (("cpu", True), ("cpu,cuda", True), ("cuda", False), ("tpu,cpu", False)):
+        monkeypatch.setenv("JAX_PLATFORMS", platforms)
+        assert host_memory.cpu_only_jax() is cpu, platforms
 
 
 
@@ -90,3 +94,12 @@ def test_the_cli_sets_it_before_importing_jax_on_cpu_only(platforms, command, ca
     p = subprocess.run([sys.executable, "-c", CLI_PROBE, command, "--help"], env=env, capture_output=True, text=True,
                        timeout=600, cwd=REPO)
     assert f"calls {calls}" in p.stdout, p.stdout[-2000:] + p.stderr[-2000:]
+
+
+def test_a_bad_setting_is_a_one_line_error_before_anything_runs(tmp_path):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO, host_memory.OPT_OUT_ENV: "off"}
+    p = subprocess.run([sys.executable, "-m", "dpft.cli", "evaluate", "--workdir", str(tmp_path / "run")], env=env,
+                       capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert p.stderr.strip().splitlines()[-1].startswith("dpft evaluate: error: DPFT_HOST_MALLOC='off': choose")
+    assert not (tmp_path / "run").exists() and "Traceback" not in p.stderr

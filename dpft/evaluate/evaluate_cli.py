@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import argparse
 
-from dpft import host_memory, paths as dpft_paths
+from dpft import paths as dpft_paths
 from dpft.errors import UsageError
 
 #: The checkpoint items evaluation reads (copied from a remote workdir; never opt_state or secret).
@@ -196,11 +196,6 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"{workdir}: --reuse-predictions but {test_path} does not exist")
     else:
         step = _checkpoint_step(workdir, args.checkpoint)
-        import jax
-
-        host_line = host_memory.reuse_on_cpu(jax.devices()[0].platform)
-        if host_line:
-            print(host_line)
         print(f"running the model of checkpoint {'latest' if step is None else step} over {args.split} "
               "(and validation)...")
         step, paths = predict_from_checkpoint(workdir, step, [args.split], args.params)

@@ -44,7 +44,7 @@ from dpft.config import build
 from dpft.evaluate import predictor as predictor_lib
 from dpft.privacy import accounting, keys
 from dpft.privacy import plan as plan_lib
-from dpft import distributed, host_memory
+from dpft import distributed
 from dpft.train import ledger_check, logging_utils, optim, preemption, step as step_lib
 from dpft.workdir import checkpointing
 from dpft.train import workdir_lock
@@ -361,9 +361,6 @@ class Trainer:
                 logging_utils.PrivateStatsWriter(self.workdir) as private_writer:
             for line in distributed.device_report(str(cfg.model.name)):
                 self.print(line)
-            host_line = host_memory.reuse_on_cpu(jax.devices()[0].platform)  # on every process
-            if host_line:
-                self.print(host_line)
             resumed = self.restore(ckpt)
             for s, reason in self.skipped_checkpoints:  # save these steps afresh; keep the evidence
                 if jax.process_index() == 0:
