@@ -54,7 +54,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
     host_line = None
-    if name in HOST_MEMORY_COMMANDS and host_memory.cpu_only_jax():
+    # Only in a process that has not imported JAX yet (a `dpft` command, not cli.main() called from
+    # a process that already runs JAX: there it would come too late to be reliable).
+    if name in HOST_MEMORY_COMMANDS and "jax" not in sys.modules and host_memory.cpu_only_jax():
         try:
             host_line = host_memory.keep_freed_host_memory()  # before JAX starts its threads (dpft/host_memory.py)
         except ValueError as e:  # a bad DPFT_HOST_MALLOC
@@ -72,8 +74,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.overrides = unknown
     else:
         args = parser.parse_args(rest)
-    if host_line:
-        print(host_line, flush=True)
+    if host_line:  # a diagnostic: stderr, so that --json output on stdout stays one document
+        _say(host_line)
     try:
         return int(module.run(args) or 0)
     except errors.DpftError as e:

@@ -21,8 +21,9 @@ A thread that already holds an arena keeps it, so the call must come before JAX 
 threads: made after JAX's first program had run, it left 73,000 faults per call in some
 processes (the probe of tests/test_host_memory.py). So `dpft.cli` makes it for the commands that
 run models, before importing JAX, when JAX will run on the CPU (`cpu_only_jax()`: JAX_PLATFORMS
-names cpu first, or no accelerator plugin is installed), and prints the line it returns. Library
-users call it first thing themselves. Child processes can get the same settings from the
+names cpu first, or no accelerator plugin is installed), and prints the line it returns to
+stderr; `cli.main()` called in a process that has already imported JAX leaves malloc alone.
+Library users call it first thing themselves. Child processes can get the same settings from the
 environment (`MALLOC_ENV`, read by glibc at start): the benchmarks give them to every worker.
 
 DPFT_HOST_MALLOC=system leaves malloc as it is (`reuse`, the default, sets it; any other value is

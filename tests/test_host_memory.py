@@ -87,12 +87,13 @@ print("calls", seen)
 """
 
 
-@pytest.mark.parametrize("platforms,command,calls", [("cpu", "train", "[False]"), ("cpu", "evaluate", "[False]"),
-                                                     ("cpu", "accountant", "[]"), ("cuda", "train", "[]")])
-def test_the_cli_sets_it_before_importing_jax_on_cpu_only(platforms, command, calls):
+@pytest.mark.parametrize("platforms,command,calls,pre", [
+    ("cpu", "train", "[False]", ""), ("cpu", "evaluate", "[False]", ""), ("cpu", "accountant", "[]", ""),
+    ("cuda", "train", "[]", ""), ("cpu", "train", "[]", "import jax\n")])  # last: JAX already in the process
+def test_the_cli_sets_it_before_importing_jax_on_cpu_only(platforms, command, calls, pre):
     env = {**os.environ, "JAX_PLATFORMS": platforms, "PYTHONPATH": REPO}
-    p = subprocess.run([sys.executable, "-c", CLI_PROBE, command, "--help"], env=env, capture_output=True, text=True,
-                       timeout=600, cwd=REPO)
+    p = subprocess.run([sys.executable, "-c", pre + CLI_PROBE, command, "--help"], env=env, capture_output=True,
+                       text=True, timeout=600, cwd=REPO)
     assert f"calls {calls}" in p.stdout, p.stdout[-2000:] + p.stderr[-2000:]
 
 
