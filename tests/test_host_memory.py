@@ -55,10 +55,12 @@ def test_reused_host_memory_is_not_page_faulted_at_every_call():
     assert min(default["faults"]) >= pages // 2, default
     assert called["line"].startswith("host malloc: glibc ") and "keeps freed memory" in called["line"]
     for run in (called, environment):
-        # steady state: the typical call faults nothing; a rare call still grows the heap once (one spike
-        # of a temporary's pages in some processes); the default faults 30 times that at every call
+        # steady state: the typical call faults nothing. Some calls still grow the heap by one temporary
+        # (XLA:CPU may free call n's temporary on a worker thread after call n+1 has taken a new one; on a
+        # loaded CI machine 3 of 10 calls did): a bound on the total, not on every call. The default
+        # faults ~33 pages per page of temporaries at every call.
         assert sorted(run["faults"])[len(run["faults"]) // 2] < pages // 50, (run["faults"], default["faults"])
-        assert sum(run["faults"]) < 3 * pages, (run["faults"], default["faults"])
+        assert sum(run["faults"]) < sum(default["faults"]) / 10, (run["faults"], default["faults"])
 
 
 def test_opt_out_bad_values_and_platforms(monkeypatch):
