@@ -60,9 +60,50 @@ def make_step(setup: common.Setup, method: str, microbatch_size: int, *, clip_no
     return jax.jit(step)
 
 
-def make_plain_step(setup: common.Setup, *, lr: float = 0.1):
-    """Jitted `step(params, batch, key) -> (params, losses [B])`: `jax.grad` of the mean softmax
-    cross-entropy of the model applied to all B*K views at once (no microbatch loop, no vmap)."""
+def make_accumulate_step(setup: common.Setup, method: str, microbatch_size: int, *, clip_norm: float = 1.0):
+    """Jitted `accumulate(params, batch, key, acc) -> acc + this physical batch's gradient sum`
+    (`acc` donated): what a run with gradient accumulation does per physical batch, the noise and
+    the update coming once per logical batch. "nonprivate_plain": `jax.grad` of the summed loss on
+    the whole batch; a DP method: the production plan's `clipped_sum`, as in `make_step`."""
+    import jax
+    import jax.numpy as jnp
+
+    from dpft.privacy import engine, keys
+    from dpft.privacy import plan as plan_lib
+    if method == "nonprivate_plain":
+        losses = _plain_losses(setup)
+
+        def grad_sum(params, batch, key):
+            return jax.grad(lambda p: jnp.sum(losses(p, batch, key)))(params)
+    elif method in ("vmap", "bookkeeping"):
+        batch_size = setup.batch["mask"].shape[0]
+        plan = plan_lib.fixed_plan(
+            clipping=engine.ClippingConfig(mode="flat", clip_norm=clip_norm), noise_multiplier=1.0,
+            expected_batch_size=float(batch_size), params=setup.params, secret=keys.RunSecret.generate(),
+            grad_method=method)
+
+        def grad_sum(params, batch, key):
+            return plan.clipped_sum(setup.loss_fn, params, batch, key, microbatch_size=microbatch_size)[0]
+    else:
+        raise ValueError(f"dp_overhead: no accumulate step for method {method!r}")
+
+    def accumulate(params, batch, key, acc):
+        return jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, grad_sum(params, batch, key))
+
+    return jax.jit(accumulate, donate_argnums=(3,))
+
+
+def logical_batch_seconds(full_step_s: float, accumulate_s: float, physical_batches: int) -> float:
+    """Seconds per logical batch of `physical_batches` physical batches: every batch but the last is
+    accumulated, the last one runs the full step (its gradient, the noise once, the update)."""
+    if physical_batches < 1:
+        raise ValueError(f"physical_batches={physical_batches} must be >= 1")
+    return (physical_batches - 1) * accumulate_s + full_step_s
+
+
+def _plain_losses(setup: common.Setup):
+    """`losses(params, batch, key) -> [B]`: mean softmax cross-entropy over each example's K views,
+    the model applied to all B*K views at once."""
     import jax
     import jax.numpy as jnp
 
@@ -72,6 +113,16 @@ def make_plain_step(setup: common.Setup, *, lr: float = 0.1):
         logits = setup.apply(params, images.reshape((b * k,) + images.shape[2:]), key).astype(jnp.float32)
         logp = jnp.take_along_axis(jax.nn.log_softmax(logits), batch["label"].reshape(b * k, 1), axis=1)
         return -jnp.mean(logp.reshape(b, k), axis=1)
+
+    return losses
+
+
+def make_plain_step(setup: common.Setup, *, lr: float = 0.1):
+    """Jitted `step(params, batch, key) -> (params, losses [B])`: `jax.grad` of the mean softmax
+    cross-entropy of the model applied to all B*K views at once (no microbatch loop, no vmap)."""
+    import jax
+    import jax.numpy as jnp
+    losses = _plain_losses(setup)
 
     def step(params, batch, key):
         def mean_loss(p):

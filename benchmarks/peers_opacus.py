@@ -38,19 +38,26 @@ def framework() -> str:
     return f"opacus {importlib.metadata.version('opacus')}, torch {torch.__version__}"
 
 
-def plain_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
-    """Non-private step: backward of the mean cross-entropy + SGD."""
+def plain_steps(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[Callable[[], None], Callable[[], None]]:
+    """Non-private (step, accumulate): step = backward of the mean cross-entropy + SGD; accumulate =
+    the backward alone (PyTorch adds it to .grad), a physical batch of a logical one."""
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
 
     def step():
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         opt.step()
-    return step
+
+    def accumulate():
+        F.cross_entropy(model(x), y).backward()
+    return step, accumulate
 
 
-def dp_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, mode: str) -> Callable[[], None]:
-    """Opacus DP-SGD step (sigma 1, C 1, flat clipping) in grad-sample `mode`, set up by PrivacyEngine."""
+def dp_steps(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, mode: str) -> tuple[Callable[[], None], Callable[[], None]]:
+    """Opacus DP-SGD (step, accumulate) (sigma 1, C 1, flat clipping) in grad-sample `mode`, set up by
+    PrivacyEngine, on one optimizer. accumulate = what Opacus's BatchMemoryManager does for a physical
+    batch that does not end the logical one: `signal_skip_step(True)`, then the step clips and adds
+    to `summed_grad` without noise or update."""
     from opacus import PrivacyEngine
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=len(x))
     made = PrivacyEngine().make_private(
@@ -66,20 +73,31 @@ def dp_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, mode: str)
         opt.zero_grad()
         criterion(dp_model(x), y).backward()
         opt.step()
-    return step
+
+    def accumulate():
+        opt.signal_skip_step(do_skip=True)
+        opt.zero_grad()
+        criterion(dp_model(x), y).backward()
+        opt.step()
+    return step, accumulate
 
 
-def bench(name: str, batch: int, resolution: int, iters: int, modes=MODES) -> list[dict]:
-    """One row per method ("nonprivate", then each mode) of twin `name`; ratios vs "nonprivate"."""
+def bench(name: str, batch: int, resolution: int, iters: int, modes=MODES, accumulate: bool = False) -> list[dict]:
+    """One row per method ("nonprivate", then each mode) of twin `name`; ratios vs "nonprivate".
+    With `accumulate`, also "<method>+accumulate" rows (no ratio; see `dp_steps`)."""
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count() or 1)
     x = torch.randn(batch, 3, resolution, resolution)
     y = torch.randint(0, 10, (batch,))
     base = torch_twins.TWINS[name](10, resolution)
-    steps, errors = {"nonprivate": plain_step(copy.deepcopy(base), x, y)}, {}
-    for mode in modes:
+    steps, errors = {}, {}
+    for mode in ("nonprivate", *modes):
         try:
-            steps[mode] = dp_step(copy.deepcopy(base), x, y, mode)
+            pair = plain_steps(copy.deepcopy(base), x, y) if mode == "nonprivate" else \
+                dp_steps(copy.deepcopy(base), x, y, mode)
+            steps[mode] = pair[0]
+            if accumulate:
+                steps[mode + "+accumulate"] = pair[1]
         except Exception as e:  # noqa: BLE001 - a mode that cannot set up this network: a row says so
             errors[mode] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
     warm = {}
@@ -99,15 +117,16 @@ def bench(name: str, batch: int, resolution: int, iters: int, modes=MODES) -> li
             times[k].append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in times.items()}
     rows = []
-    for k in ["nonprivate", *modes]:
+    methods = ["nonprivate", *modes]
+    for k in methods + ([m + "+accumulate" for m in methods] if accumulate else []):
         row = {"network": name, "framework": framework(), "params": torch_twins.num_params(base),
                "resolution": resolution, "batch": batch, "microbatch": None, "method": k,
-               "private": k != "nonprivate", "load_1min": round(os.getloadavg()[0], 2)}
+               "private": not k.startswith("nonprivate"), "load_1min": round(os.getloadavg()[0], 2)}
         if k in med:
-            row.update(examples_per_s=batch / med[k], step_s=med[k],
-                       ratio_vs_best_nonprivate=med[k] / med["nonprivate"] if "nonprivate" in med else None)
+            ratio = med[k] / med["nonprivate"] if "nonprivate" in med and not k.endswith("+accumulate") else None
+            row.update(examples_per_s=batch / med[k], step_s=med[k], ratio_vs_best_nonprivate=ratio)
         else:
-            row["error"] = errors.get(k, "not timed")
+            row["error"] = errors.get(k.removesuffix("+accumulate"), errors.get(k, "not timed"))
         rows.append(row)
     return rows
 
@@ -119,12 +138,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=None, help="default: the network's (64; ViT 8)")
     ap.add_argument("--resolution", type=int, default=None, help="default: the network's (32; ViT 224)")
     ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--accumulate", action="store_true",
+                    help="also time each method's accumulate step (a physical batch of a logical one)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     rows = []
     for m in args.models:
         res, b = DEFAULTS[m]
-        rows += bench(m, args.batch or b, args.resolution or res, args.iters, tuple(args.modes))
+        rows += bench(m, args.batch or b, args.resolution or res, args.iters, tuple(args.modes), args.accumulate)
     return common.emit_rows(rows, args.json)
 
 

@@ -18,6 +18,13 @@ for Opacus). The summary divides dpft's best DP throughput by Opacus's best mode
 JAX's and PyTorch's alike, runs with glibc keeping freed memory for reuse (`--host-malloc reuse`,
 `dpft.host_memory.MALLOC_ENV`, what `dpft train` sets on CPU); `--host-malloc system` leaves it.
 
+With gradient accumulation (`--logical 1 64`, the DP recipe's large logical batches of many physical
+ones): every worker also times an "+accumulate" step per method (dpft: plain `jax.grad` of the summed
+loss, or the plan's `clipped_sum`, added to a donated accumulator; Opacus: `signal_skip_step(True)` +
+its step, i.e. clip and add to `summed_grad`, as its BatchMemoryManager does; PyTorch: the backward
+alone), and the "logical" table gives, per N, (N - 1) accumulate steps + one full step (the noise and
+the update once) per logical batch of N x B examples.
+
 Re-measure only the dpft rows later (e.g. after a change to book-keeping) and keep the peers' rows:
     .venv-bench/bin/python -m benchmarks.peers_same_net --frameworks dpft --merge old.json --json new.json
 (jax-privacy's ratios need dpft's non-private rows of the same process: rerun `dpft jax_privacy`
@@ -60,17 +67,53 @@ def dpft_framework() -> str:
     return f"dpft {sha}{'+dirty' if dirty else ''}, jax {jax.__version__}"
 
 
-def jax_steps(setup: common.Setup, frameworks: tuple[str, ...], microbatches: tuple[int, ...]) -> tuple[dict, dict]:
-    """{(framework, method, microbatch): jitted step(params, batch, key)} and {same key: error}."""
+class _Accumulating:
+    """`step(params, batch, key) -> acc`: a jitted `accumulate(params, batch, key, acc)` (acc donated)
+    called with the accumulator it returned last time, as a run's physical batches do."""
+
+    def __init__(self, accumulate, params):
+        import jax
+        import jax.numpy as jnp
+        self.accumulate = accumulate
+        self.acc = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+
+    def lower(self, params, batch, key):
+        return _Lowered(self, self.accumulate.lower(params, batch, key, self.acc))
+
+    def __call__(self, params, batch, key):
+        self.acc = self.accumulate(params, batch, key, self.acc)
+        return self.acc
+
+
+class _Lowered:
+    def __init__(self, owner: _Accumulating, lowered):
+        self.owner, self.lowered = owner, lowered
+
+    def compile(self):
+        self.owner.accumulate = self.lowered.compile()
+        return self.owner
+
+
+def jax_steps(setup: common.Setup, frameworks: tuple[str, ...], microbatches: tuple[int, ...],
+              accumulate: bool = False) -> tuple[dict, dict]:
+    """{(framework, method, microbatch): jitted step(params, batch, key)} and {same key: error}.
+    With `accumulate`, also "<method>+accumulate" for plain `jax.grad` and each DP method: the
+    per-physical-batch step of gradient accumulation (no noise, no update)."""
     from benchmarks import dp_overhead
     steps, errors = {}, {}
     if "dpft" in frameworks:
         fw = dpft_framework()
         steps[(fw, "nonprivate_plain", None)] = dp_overhead.make_step(setup, "nonprivate_plain", 1)
+        if accumulate:
+            steps[(fw, "nonprivate_plain+accumulate", None)] = _Accumulating(
+                dp_overhead.make_accumulate_step(setup, "nonprivate_plain", 1), setup.params)
         for mb in microbatches:
             for method in DPFT_METHODS[1:]:
                 try:
                     steps[(fw, method, mb)] = dp_overhead.make_step(setup, method, mb)
+                    if accumulate and method != "nonprivate":
+                        steps[(fw, method + "+accumulate", mb)] = _Accumulating(
+                            dp_overhead.make_accumulate_step(setup, method, mb), setup.params)
                 except Exception as e:  # noqa: BLE001 - an engine refusing the network: a row says so
                     errors[(fw, method, mb)] = _err(e)
     if "jax_privacy" in frameworks:
@@ -87,12 +130,12 @@ def jax_steps(setup: common.Setup, frameworks: tuple[str, ...], microbatches: tu
 
 
 def bench_jax(name: str, resolution: int, batch: int, microbatches: tuple[int, ...], iters: int,
-              frameworks: tuple[str, ...]) -> list[dict[str, Any]]:
+              frameworks: tuple[str, ...], accumulate: bool = False) -> list[dict[str, Any]]:
     """Rows of the JAX frameworks on network `name`: compile all steps, then time them round-robin."""
     import jax
     setup = peer_networks.make_setup(name, batch, resolution=resolution)
     args = (setup.params, setup.batch, jax.random.key(0))
-    steps, errors = jax_steps(setup, frameworks, tuple(mb for mb in microbatches if batch % mb == 0))
+    steps, errors = jax_steps(setup, frameworks, tuple(mb for mb in microbatches if batch % mb == 0), accumulate)
     compiled, compile_s = {}, {}
     for k, step in steps.items():
         t0 = time.perf_counter()
@@ -105,7 +148,8 @@ def bench_jax(name: str, resolution: int, batch: int, microbatches: tuple[int, .
         compile_s[k] = time.perf_counter() - t0
         print(f"# {name} {k}: compile + first call {compile_s[k]:.1f} s", flush=True)
     times = common.time_round_robin(compiled, args, iters)
-    best_np = min((t for (fw, m, _), t in times.items() if m.startswith("nonprivate")), default=None)
+    best_np = min((t for (fw, m, _), t in times.items() if m.startswith("nonprivate") and not _accumulating(m)),
+                  default=None)
     rows = []
     for k in list(steps) + [k for k in errors if k not in steps]:
         fw, method, mb = k
@@ -114,7 +158,7 @@ def bench_jax(name: str, resolution: int, batch: int, microbatches: tuple[int, .
                "load_1min": round(os.getloadavg()[0], 2)}
         if k in times:
             row.update(examples_per_s=batch / times[k], step_s=times[k], compile_s=compile_s[k],
-                       ratio_vs_best_nonprivate=times[k] / best_np if best_np else None)
+                       ratio_vs_best_nonprivate=None if _accumulating(method) else times[k] / best_np if best_np else None)
         else:
             row["error"] = errors[k]
         rows.append(row)
@@ -169,12 +213,55 @@ def summarize(rows: list[dict]) -> list[dict]:
     return out
 
 
+def _accumulating(method: str) -> bool:
+    return method.endswith("+accumulate")
+
+
+def logical_summary(rows: list[dict], physical_batches: tuple[int, ...]) -> list[dict]:
+    """With gradient accumulation (the DP recipe's large batches): per network, framework family and
+    N in `physical_batches`, seconds per logical batch of N physical batches of each method =
+    (N - 1) x its "+accumulate" step + its full step (`dp_overhead.logical_batch_seconds`); the best
+    DP method's logical throughput, its ratio to the family's best non-private one and, for dpft,
+    its speedup over Opacus's best mode."""
+    from benchmarks import dp_overhead
+    out = []
+    for net in dict.fromkeys(r["network"] for r in rows):
+        timed = [r for r in rows if r["network"] == net and "step_s" in r]
+        for n in physical_batches:
+            best = {}
+            for fam in ("dpft", "opacus"):
+                fr = [r for r in timed if r["framework"].startswith(fam)]
+                full = {(r["method"], r.get("microbatch")): r for r in fr if not _accumulating(r["method"])}
+                cands = []
+                for r in fr:
+                    if _accumulating(r["method"]) and (r["method"][:-len("+accumulate")], r.get("microbatch")) in full:
+                        f = full[(r["method"][:-len("+accumulate")], r.get("microbatch"))]
+                        cands.append((f, dp_overhead.logical_batch_seconds(f["step_s"], r["step_s"], n)))
+                dp = min(((f, t) for f, t in cands if f["private"]), key=lambda c: c[1], default=None)
+                np_ = min(((f, t) for f, t in cands if not f["private"]), key=lambda c: c[1], default=None)
+                if dp is None:
+                    continue
+                examples = n * dp[0]["batch"]
+                best[fam] = examples / dp[1]
+                out.append({"network": net, "framework": dp[0]["framework"], "physical_batches": n,
+                            "logical_batch": examples, "best_dp": _label(dp[0]), "dp_examples_per_s": examples / dp[1],
+                            "best_nonprivate_examples_per_s": examples / np_[1] if np_ else None,
+                            "ratio_vs_best_nonprivate": dp[1] / np_[1] if np_ else None})
+            if "dpft" in best and "opacus" in best:
+                for r in out:
+                    if r["network"] == net and r["physical_batches"] == n:
+                        r["dp_speedup_vs_opacus_best"] = r["dp_examples_per_s"] / best["opacus"]
+    return out
+
+
 def _label(r: dict) -> str:
     return r["method"] + (f" mb {r['microbatch']}" if r.get("microbatch") else "")
 
 
 ROW_COLUMNS = ["network", "params", "resolution", "batch", "framework", "method", "microbatch",
                "examples_per_s", "step_s", "ratio_vs_best_nonprivate", "load_1min", "error"]
+LOGICAL_COLUMNS = ["network", "framework", "physical_batches", "logical_batch", "best_dp", "dp_examples_per_s",
+                   "best_nonprivate_examples_per_s", "ratio_vs_best_nonprivate", "dp_speedup_vs_opacus_best"]
 SUMMARY_COLUMNS = ["network", "framework", "best_dp", "dp_examples_per_s", "best_nonprivate_examples_per_s",
                    "ratio_vs_best_nonprivate", "dp_speedup_vs_opacus_best", "params"]
 
@@ -205,11 +292,12 @@ def orchestrate(args: argparse.Namespace) -> dict:
             kinds.append(("jax", [sys.executable, "-m", "benchmarks.peers_same_net", "--worker", "--models", name,
                                   "--frameworks", *jax_fw, "--size", f"{name}={res}x{batch}",
                                   "--microbatches", f"{name}={','.join(map(str, mbs[name]))}",
-                                  "--iters", str(args.iters)],
+                                  "--iters", str(args.iters)] + (["--accumulate"] if args.logical else []),
                           [f.replace("_", "-") for f in jax_fw]))
         if "opacus" in args.frameworks:
             kinds.append(("opacus", [sys.executable, "-m", "benchmarks.peers_opacus", "--models", name,
-                                     "--batch", str(batch), "--resolution", str(res), "--iters", str(args.iters)],
+                                     "--batch", str(batch), "--resolution", str(res), "--iters", str(args.iters)]
+                          + (["--accumulate"] if args.logical else []),
                           ["opacus"]))
         runs: dict[str, list[list[dict]]] = {k: [] for k, _, _ in kinds}
         for rnd in range(args.rounds):  # the workers of one network alternate: jax, opacus, jax, opacus, ...
@@ -234,12 +322,14 @@ def orchestrate(args: argparse.Namespace) -> dict:
     rows.sort(key=lambda r: order.get(r["network"], 99))
     return {"machine": common.machine_info(), "rounds": args.rounds, "host_malloc": args.host_malloc,
             "workers": workers, "rows": rows,
-            "all_rounds": all_rows, "summary": summarize(rows)}
+            "all_rounds": all_rows, "summary": summarize([r for r in rows if not _accumulating(r.get("method", ""))]),
+            "logical": logical_summary(rows, tuple(args.logical))}
 
 
 def _best_nonprivate_s(rows: list[dict]) -> float:
     """Fastest non-private step of one worker run (inf if none ran): the least disturbed run wins."""
-    return min((r["step_s"] for r in rows if "step_s" in r and not r.get("private", True)), default=float("inf"))
+    return min((r["step_s"] for r in rows if "step_s" in r and not r.get("private", True)
+                and not _accumulating(r["method"])), default=float("inf"))
 
 
 def to_markdown(doc: dict) -> str:
@@ -247,8 +337,10 @@ def to_markdown(doc: dict) -> str:
     head = (f"{m['date']}, {m['cpu']}, {m['cores']} cores, jax {m['jax']}, flax {m['flax']}\n\n"
             + "\n".join(f"- {w['worker']}: {w['status']} ({w.get('seconds')} s); `{w['uptime_before']}`"
                         for w in doc["workers"]))
-    return "\n\n".join([head, common.markdown_table(doc["summary"], SUMMARY_COLUMNS),
-                        common.markdown_table(doc["rows"], ROW_COLUMNS)]) + "\n"
+    parts = [head, common.markdown_table(doc["summary"], SUMMARY_COLUMNS)]
+    if doc.get("logical"):
+        parts.append(common.markdown_table(doc["logical"], LOGICAL_COLUMNS))
+    return "\n\n".join(parts + [common.markdown_table(doc["rows"], ROW_COLUMNS)]) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -263,6 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per worker subprocess")
     ap.add_argument("--host-malloc", choices=("reuse", "system"), default="reuse",
                     help="glibc malloc of every worker: reuse freed memory (as dpft train on CPU) or as the system sets")
+    ap.add_argument("--logical", nargs="*", type=int, default=[],
+                    help="also time the accumulate steps and report logical batches of these many physical batches")
+    ap.add_argument("--accumulate", action="store_true", help=argparse.SUPPRESS)  # worker: time accumulate steps
     ap.add_argument("--merge", default=None, help="keep the rows of frameworks not rerun from this JSON")
     ap.add_argument("--json", default=None)
     ap.add_argument("--md", default=None)
@@ -274,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
         res, batch = parse_map(args.size, lambda v: tuple(int(x) for x in v.split("x"))).get(
             name, (net.resolution, net.batch))
         mbs = parse_map(args.microbatches, lambda v: tuple(int(x) for x in v.split(","))).get(name, MICROBATCHES[name])
-        return common.emit_rows(bench_jax(name, res, batch, mbs, args.iters, tuple(args.frameworks)), args.json)
+        return common.emit_rows(bench_jax(name, res, batch, mbs, args.iters, tuple(args.frameworks), args.accumulate),
+                                args.json)
     doc = orchestrate(args)
     md = to_markdown(doc)
     print(md)
