@@ -64,7 +64,8 @@ def make_accumulate_step(setup: common.Setup, method: str, microbatch_size: int,
     """Jitted `accumulate(params, batch, key, acc) -> acc + this physical batch's gradient sum`
     (`acc` donated): what a run with gradient accumulation does per physical batch, the noise and
     the update coming once per logical batch. "nonprivate_plain": `jax.grad` of the summed loss on
-    the whole batch; a DP method: the production plan's `clipped_sum`, as in `make_step`."""
+    the whole batch; "nonprivate" and the DP methods: the production plan's `clipped_sum`, as in
+    `make_step`."""
     import jax
     import jax.numpy as jnp
 
@@ -75,12 +76,13 @@ def make_accumulate_step(setup: common.Setup, method: str, microbatch_size: int,
 
         def grad_sum(params, batch, key):
             return jax.grad(lambda p: jnp.sum(losses(p, batch, key)))(params)
-    elif method in ("vmap", "bookkeeping"):
+    elif method in ("nonprivate", "vmap", "bookkeeping"):
+        private = method != "nonprivate"
         batch_size = setup.batch["mask"].shape[0]
         plan = plan_lib.fixed_plan(
-            clipping=engine.ClippingConfig(mode="flat", clip_norm=clip_norm), noise_multiplier=1.0,
-            expected_batch_size=float(batch_size), params=setup.params, secret=keys.RunSecret.generate(),
-            grad_method=method)
+            clipping=engine.ClippingConfig(mode="flat", clip_norm=clip_norm) if private else engine.ClippingConfig("none"),
+            noise_multiplier=1.0, expected_batch_size=float(batch_size), params=setup.params,
+            secret=keys.RunSecret.generate(), grad_method=method if private else "vmap")
 
         def grad_sum(params, batch, key):
             return plan.clipped_sum(setup.loss_fn, params, batch, key, microbatch_size=microbatch_size)[0]

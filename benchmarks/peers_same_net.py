@@ -97,7 +97,7 @@ class _Lowered:
 def jax_steps(setup: common.Setup, frameworks: tuple[str, ...], microbatches: tuple[int, ...],
               accumulate: bool = False) -> tuple[dict, dict]:
     """{(framework, method, microbatch): jitted step(params, batch, key)} and {same key: error}.
-    With `accumulate`, also "<method>+accumulate" for plain `jax.grad` and each DP method: the
+    With `accumulate`, also "<method>+accumulate" for every method (plain `jax.grad`, engine, DP): the
     per-physical-batch step of gradient accumulation (no noise, no update)."""
     from benchmarks import dp_overhead
     steps, errors = {}, {}
@@ -111,7 +111,7 @@ def jax_steps(setup: common.Setup, frameworks: tuple[str, ...], microbatches: tu
             for method in DPFT_METHODS[1:]:
                 try:
                     steps[(fw, method, mb)] = dp_overhead.make_step(setup, method, mb)
-                    if accumulate and method != "nonprivate":
+                    if accumulate:
                         steps[(fw, method + "+accumulate", mb)] = _Accumulating(
                             dp_overhead.make_accumulate_step(setup, method, mb), setup.params)
                 except Exception as e:  # noqa: BLE001 - an engine refusing the network: a row says so
