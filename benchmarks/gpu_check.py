@@ -139,7 +139,8 @@ def predicted_bytes(mem: Any) -> int:
 # ------------------------------------------------------------------ worker files (OUT/ctl/<model>__<method>/)
 
 def _write_atomic(path: str, obj: Any) -> None:
-    """Write JSON to path via a temporary file and rename, so a reader never sees half of it."""
+    """Write JSON to path via a temporary file and rename, so a reader never sees half of it. Not
+    `dpft.atomic_io`: the driver must still write its error rows where dpft cannot be imported."""
     with open(path + ".tmp", "w") as f:
         json.dump(obj, f)
     os.replace(path + ".tmp", path)
