@@ -73,7 +73,15 @@ def test_the_cli_sets_it_before_importing_jax_on_cpu_only(platforms, command, ca
                        text=True, timeout=600, cwd=REPO)
     assert f"calls {calls}" in p.stdout, p.stdout[-2000:] + p.stderr[-2000:]
     assert (xla_cpu.FLAG in p.stdout) == (calls == "[False]"), p.stdout[-2000:]
-    # a bad DPFT_XLA_CPU stopping the CLI: tests/test_host_memory.py (with DPFT_HOST_MALLOC)
+
+
+def test_a_bad_setting_stops_the_cli_with_one_line(tmp_path):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO, xla_cpu.OPT_OUT_ENV: "fast"}
+    p = subprocess.run([sys.executable, "-m", "dpft.cli", "evaluate", "--workdir", str(tmp_path / "run")], env=env,
+                       capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert p.stderr.strip().splitlines()[-1].startswith("dpft evaluate: error: DPFT_XLA_CPU='fast': choose")
+    assert "Traceback" not in p.stderr
 
 
 PROBE = r"""
