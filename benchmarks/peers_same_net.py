@@ -16,9 +16,7 @@ then one PyTorch subprocess times Opacus hooks / functorch / ghost and plain PyT
 non-private step on that network (dpft's for dpft and jax-privacy, same JAX process; plain PyTorch
 for Opacus). The summary divides dpft's best DP throughput by Opacus's best mode's. Every worker,
 JAX's and PyTorch's alike, runs with glibc keeping freed memory for reuse (`--host-malloc reuse`,
-`dpft.host_memory.MALLOC_ENV`, what `dpft train` sets on CPU); `--host-malloc system` leaves it. The
-JAX workers get the XLA:CPU dot setting that `dpft train` makes on CPU (`dpft.xla_cpu`,
-`--xla-cpu-dots tuned`); `--xla-cpu-dots default` leaves XLA's own kernels.
+`dpft.host_memory.MALLOC_ENV`, what `dpft train` sets on CPU); `--host-malloc system` leaves it.
 
 With gradient accumulation (`--logical 1 64`, the DP recipe's large logical batches of many physical
 ones): every worker also times an "+accumulate" step per method (dpft: plain `jax.grad` of the summed
@@ -44,7 +42,7 @@ import time
 from typing import Any
 
 from benchmarks import common, peer_networks
-from dpft import host_memory, xla_cpu
+from dpft import host_memory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FRAMEWORKS = ("dpft", "jax_privacy", "opacus")
@@ -273,16 +271,11 @@ def parse_map(items: list[str], conv) -> dict:
     return {k: conv(v) for k, v in (s.split("=", 1) for s in items)}
 
 
-def worker_env(host_malloc: str, xla_cpu_dots: str = "tuned") -> dict[str, str]:
+def worker_env(host_malloc: str) -> dict[str, str]:
     """Every worker's environment, JAX's and PyTorch's alike: with "reuse", glibc keeps freed memory
-    for the next step (`dpft.host_memory.MALLOC_ENV`, what `dpft train` sets on CPU); "system" as is.
-    With `xla_cpu_dots` "tuned", XLA_FLAGS gets what `dpft train` adds on CPU (`dpft.xla_cpu`;
-    PyTorch ignores it); "default" leaves XLA's own kernels."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != xla_cpu.OPT_OUT_ENV}
-    env = {**env, **host_memory.MALLOC_ENV} if host_malloc == "reuse" else env
-    if xla_cpu_dots == "tuned":
-        xla_cpu.tune_cpu_dots(env)
-    return env
+    for the next step (`dpft.host_memory.MALLOC_ENV`, what `dpft train` sets on CPU); "system" as is."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    return {**env, **host_memory.MALLOC_ENV} if host_malloc == "reuse" else env
 
 
 def orchestrate(args: argparse.Namespace) -> dict:
@@ -309,8 +302,7 @@ def orchestrate(args: argparse.Namespace) -> dict:
         runs: dict[str, list[list[dict]]] = {k: [] for k, _, _ in kinds}
         for rnd in range(args.rounds):  # the workers of one network alternate: jax, opacus, jax, opacus, ...
             for kind, cmd, fws in kinds:
-                r, rec = run_worker(cmd, f"{kind} {name} round {rnd}", args.timeout,
-                                    worker_env(args.host_malloc, args.xla_cpu_dots))
+                r, rec = run_worker(cmd, f"{kind} {name} round {rnd}", args.timeout, worker_env(args.host_malloc))
                 r = r or [{"network": name, "framework": f, "method": "*", "error": rec["status"]} for f in fws]
                 for row in r:
                     row["round"] = rnd
@@ -329,7 +321,6 @@ def orchestrate(args: argparse.Namespace) -> dict:
     order = {n: i for i, n in enumerate(peer_networks.NETWORKS)}
     rows.sort(key=lambda r: order.get(r["network"], 99))
     return {"machine": common.machine_info(), "rounds": args.rounds, "host_malloc": args.host_malloc,
-            "xla_cpu_dots": args.xla_cpu_dots, "xla_flags": worker_env(args.host_malloc, args.xla_cpu_dots).get("XLA_FLAGS"),
             "workers": workers, "rows": rows,
             "all_rounds": all_rows, "summary": summarize([r for r in rows if not _accumulating(r.get("method", ""))]),
             "logical": logical_summary(rows, tuple(args.logical))}
@@ -364,8 +355,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per worker subprocess")
     ap.add_argument("--host-malloc", choices=("reuse", "system"), default="reuse",
                     help="glibc malloc of every worker: reuse freed memory (as dpft train on CPU) or as the system sets")
-    ap.add_argument("--xla-cpu-dots", choices=("tuned", "default"), default="tuned",
-                    help="XLA:CPU dot kernels of the JAX workers: as dpft train sets them on CPU (dpft.xla_cpu) or XLA's default")
     ap.add_argument("--logical", nargs="*", type=int, default=[],
                     help="also time the accumulate steps and report logical batches of these many physical batches")
     ap.add_argument("--accumulate", action="store_true", help=argparse.SUPPRESS)  # worker: time accumulate steps

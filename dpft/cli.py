@@ -19,7 +19,7 @@ import importlib
 import sys
 from typing import Sequence
 
-from dpft import errors, host_memory, xla_cpu
+from dpft import errors, host_memory
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("dpft.train.train_cli", "fine-tune a model with DP-SGD from a config"),
@@ -30,8 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("dpft.demo.cli", "the whole recipe offline on the embedded digits data"),
 }
 
-#: Commands that run models: on CPU, glibc keeps their freed buffers for the next step and
-#: XLA gives YNNPACK dot fusions only (dpft/host_memory.py, dpft/xla_cpu.py).
+#: Commands that run models: on CPU, glibc keeps their freed buffers for the next step.
 HOST_MEMORY_COMMANDS = ("train", "evaluate", "demo", "audit")
 
 
@@ -54,14 +53,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
-    host_lines: list[str] = []
+    host_line = None
     # Only in a process that has not imported JAX yet (a `dpft` command, not cli.main() called from
     # a process that already runs JAX: there it would come too late to be reliable).
     if name in HOST_MEMORY_COMMANDS and "jax" not in sys.modules and host_memory.cpu_only_jax():
         try:
-            host_lines.append(host_memory.keep_freed_host_memory())  # before JAX starts its threads
-            host_lines.append(xla_cpu.tune_cpu_dots())  # before JAX reads XLA_FLAGS
-        except ValueError as e:  # a bad DPFT_HOST_MALLOC or DPFT_XLA_CPU
+            host_line = host_memory.keep_freed_host_memory()  # before JAX starts its threads (dpft/host_memory.py)
+        except ValueError as e:  # a bad DPFT_HOST_MALLOC
             _say(f"dpft {name}: error: {e}")
             return errors.UsageError.exit_code
     module = importlib.import_module(COMMANDS[name][0])
@@ -76,8 +74,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.overrides = unknown
     else:
         args = parser.parse_args(rest)
-    for line in host_lines:  # diagnostics: stderr, so that --json output on stdout stays one document
-        _say(line)
+    if host_line:  # a diagnostic: stderr, so that --json output on stdout stays one document
+        _say(host_line)
     try:
         return int(module.run(args) or 0)
     except errors.DpftError as e:

@@ -26,7 +26,6 @@ FORBIDDEN = (
     ("dpft.privacy", "dpft.train", "privacy is below training"),
     ("dpft.errors", "dpft.", "errors import nothing of dpft"),
     ("dpft.host_memory", "dpft.", "host_memory imports nothing of dpft"),
-    ("dpft.xla_cpu", "dpft.", "xla_cpu imports nothing of dpft"),
 )
 
 
