@@ -96,6 +96,10 @@ def time_fn(fn: Callable, *args, iters: int = 3, warmup: int = 1) -> dict[str, f
     return {"first_call_s": first, "median_s": statistics.median(times), "min_s": min(times), "iters": iters}
 
 
+#: Method-name suffix of a per-physical-batch accumulate step (peers_same_net, peers_opacus).
+ACCUMULATE_SUFFIX = "+accumulate"
+
+
 def time_round_robin(fns: dict[str, Callable], args: tuple, iters: int) -> dict[str, float]:
     """Median seconds per call of each (already warm) fn, timed in turn: a, b, c, a, b, c, ..."""
     import jax

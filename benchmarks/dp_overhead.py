@@ -36,20 +36,11 @@ def make_step(setup: common.Setup, method: str, microbatch_size: int, *, clip_no
               noise_multiplier: float = 1.0, lr: float = 0.1):
     """Jitted `step(params, batch, key) -> (params, losses [B])` for one method."""
     import jax
-
-    from dpft.privacy import engine, keys
-    from dpft.privacy import plan as plan_lib
     if method not in METHODS:
         raise ValueError(f"dp_overhead: unknown method {method!r}; choose from {METHODS}")
-    batch_size = setup.batch["mask"].shape[0]
     if method == "nonprivate_plain":
         return make_plain_step(setup, lr=lr)
-    private = method != "nonprivate"
-    # The production privacy plan (a fresh secret, as a run draws): its engine, clipping and noise step.
-    plan = plan_lib.fixed_plan(
-        clipping=engine.ClippingConfig(mode="flat", clip_norm=clip_norm) if private else engine.ClippingConfig("none"),
-        noise_multiplier=noise_multiplier, expected_batch_size=float(batch_size), params=setup.params,
-        secret=keys.RunSecret.generate(), grad_method=method if private else "vmap")
+    plan = _plan(setup, method, clip_norm, noise_multiplier)
     noise_base = plan.noise_base_key()
 
     def step(params, batch, key):
@@ -60,6 +51,18 @@ def make_step(setup: common.Setup, method: str, microbatch_size: int, *, clip_no
     return jax.jit(step)
 
 
+def _plan(setup: common.Setup, method: str, clip_norm: float, noise_multiplier: float):
+    """The production privacy plan of engine `method` ("nonprivate": no clipping, vmap engine), with
+    a fresh secret as a run draws: its engine, clipping and noise step."""
+    from dpft.privacy import engine, keys
+    from dpft.privacy import plan as plan_lib
+    private = method != "nonprivate"
+    return plan_lib.fixed_plan(
+        clipping=engine.ClippingConfig(mode="flat", clip_norm=clip_norm) if private else engine.ClippingConfig("none"),
+        noise_multiplier=noise_multiplier, expected_batch_size=float(setup.batch["mask"].shape[0]),
+        params=setup.params, secret=keys.RunSecret.generate(), grad_method=method if private else "vmap")
+
+
 def make_accumulate_step(setup: common.Setup, method: str, microbatch_size: int, *, clip_norm: float = 1.0):
     """Jitted `accumulate(params, batch, key, acc) -> acc + this physical batch's gradient sum`
     (`acc` donated): what a run with gradient accumulation does per physical batch, the noise and
@@ -68,21 +71,13 @@ def make_accumulate_step(setup: common.Setup, method: str, microbatch_size: int,
     `make_step`."""
     import jax
     import jax.numpy as jnp
-
-    from dpft.privacy import engine, keys
-    from dpft.privacy import plan as plan_lib
     if method == "nonprivate_plain":
         losses = _plain_losses(setup)
 
         def grad_sum(params, batch, key):
             return jax.grad(lambda p: jnp.sum(losses(p, batch, key)))(params)
     elif method in ("nonprivate", "vmap", "bookkeeping"):
-        private = method != "nonprivate"
-        batch_size = setup.batch["mask"].shape[0]
-        plan = plan_lib.fixed_plan(
-            clipping=engine.ClippingConfig(mode="flat", clip_norm=clip_norm) if private else engine.ClippingConfig("none"),
-            noise_multiplier=1.0, expected_batch_size=float(batch_size), params=setup.params,
-            secret=keys.RunSecret.generate(), grad_method=method if private else "vmap")
+        plan = _plan(setup, method, clip_norm, 1.0)
 
         def grad_sum(params, batch, key):
             return plan.clipped_sum(setup.loss_fn, params, batch, key, microbatch_size=microbatch_size)[0]

@@ -97,7 +97,7 @@ def bench(name: str, batch: int, resolution: int, iters: int, modes=MODES, accum
                 dp_steps(copy.deepcopy(base), x, y, mode)
             steps[mode] = pair[0]
             if accumulate:
-                steps[mode + "+accumulate"] = pair[1]
+                steps[mode + common.ACCUMULATE_SUFFIX] = pair[1]
         except Exception as e:  # noqa: BLE001 - a mode that cannot set up this network: a row says so
             errors[mode] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
     warm = {}
@@ -118,15 +118,15 @@ def bench(name: str, batch: int, resolution: int, iters: int, modes=MODES, accum
     med = {k: statistics.median(v) for k, v in times.items()}
     rows = []
     methods = ["nonprivate", *modes]
-    for k in methods + ([m + "+accumulate" for m in methods] if accumulate else []):
+    for k in methods + ([m + common.ACCUMULATE_SUFFIX for m in methods] if accumulate else []):
         row = {"network": name, "framework": framework(), "params": torch_twins.num_params(base),
                "resolution": resolution, "batch": batch, "microbatch": None, "method": k,
                "private": not k.startswith("nonprivate"), "load_1min": round(os.getloadavg()[0], 2)}
         if k in med:
-            ratio = med[k] / med["nonprivate"] if "nonprivate" in med and not k.endswith("+accumulate") else None
+            ratio = med[k] / med["nonprivate"] if "nonprivate" in med and not k.endswith(common.ACCUMULATE_SUFFIX) else None
             row.update(examples_per_s=batch / med[k], step_s=med[k], ratio_vs_best_nonprivate=ratio)
         else:
-            row["error"] = errors.get(k.removesuffix("+accumulate"), errors.get(k, "not timed"))
+            row["error"] = errors.get(k.removesuffix(common.ACCUMULATE_SUFFIX), errors.get(k, "not timed"))
         rows.append(row)
     return rows
 

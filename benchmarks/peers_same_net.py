@@ -69,29 +69,26 @@ def dpft_framework() -> str:
 
 class _Accumulating:
     """`step(params, batch, key) -> acc`: a jitted `accumulate(params, batch, key, acc)` (acc donated)
-    called with the accumulator it returned last time, as a run's physical batches do."""
+    called with the accumulator it returned last time, as a run's physical batches do. Has the
+    `lower(...).compile()` of a jitted step, so `bench_jax` compiles and times it like the others."""
 
     def __init__(self, accumulate, params):
         import jax
         import jax.numpy as jnp
-        self.accumulate = accumulate
+        self.accumulate, self.lowered = accumulate, None
         self.acc = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
 
-    def lower(self, params, batch, key):
-        return _Lowered(self, self.accumulate.lower(params, batch, key, self.acc))
+    def lower(self, params, batch, key) -> "_Accumulating":
+        self.lowered = self.accumulate.lower(params, batch, key, self.acc)
+        return self
+
+    def compile(self) -> "_Accumulating":
+        self.accumulate = self.lowered.compile()
+        return self
 
     def __call__(self, params, batch, key):
         self.acc = self.accumulate(params, batch, key, self.acc)
         return self.acc
-
-
-class _Lowered:
-    def __init__(self, owner: _Accumulating, lowered):
-        self.owner, self.lowered = owner, lowered
-
-    def compile(self):
-        self.owner.accumulate = self.lowered.compile()
-        return self.owner
 
 
 def jax_steps(setup: common.Setup, frameworks: tuple[str, ...], microbatches: tuple[int, ...],
@@ -105,14 +102,14 @@ def jax_steps(setup: common.Setup, frameworks: tuple[str, ...], microbatches: tu
         fw = dpft_framework()
         steps[(fw, "nonprivate_plain", None)] = dp_overhead.make_step(setup, "nonprivate_plain", 1)
         if accumulate:
-            steps[(fw, "nonprivate_plain+accumulate", None)] = _Accumulating(
+            steps[(fw, "nonprivate_plain" + common.ACCUMULATE_SUFFIX, None)] = _Accumulating(
                 dp_overhead.make_accumulate_step(setup, "nonprivate_plain", 1), setup.params)
         for mb in microbatches:
             for method in DPFT_METHODS[1:]:
                 try:
                     steps[(fw, method, mb)] = dp_overhead.make_step(setup, method, mb)
                     if accumulate:
-                        steps[(fw, method + "+accumulate", mb)] = _Accumulating(
+                        steps[(fw, method + common.ACCUMULATE_SUFFIX, mb)] = _Accumulating(
                             dp_overhead.make_accumulate_step(setup, method, mb), setup.params)
                 except Exception as e:  # noqa: BLE001 - an engine refusing the network: a row says so
                     errors[(fw, method, mb)] = _err(e)
@@ -214,7 +211,7 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 
 def _accumulating(method: str) -> bool:
-    return method.endswith("+accumulate")
+    return method.endswith(common.ACCUMULATE_SUFFIX)
 
 
 def logical_summary(rows: list[dict], physical_batches: tuple[int, ...]) -> list[dict]:
@@ -222,24 +219,27 @@ def logical_summary(rows: list[dict], physical_batches: tuple[int, ...]) -> list
     N in `physical_batches`, seconds per logical batch of N physical batches of each method =
     (N - 1) x its "+accumulate" step + its full step (`dp_overhead.logical_batch_seconds`); the best
     DP method's logical throughput, its ratio to the family's best non-private one and, for dpft,
-    its speedup over Opacus's best mode."""
+    its speedup over Opacus's best mode. A family with rows for the network but no DP method timed
+    both ways gets a row with `error` (never left out)."""
     from benchmarks import dp_overhead
     out = []
     for net in dict.fromkeys(r["network"] for r in rows):
-        timed = [r for r in rows if r["network"] == net and "step_s" in r]
+        mine = [r for r in rows if r["network"] == net]
         for n in physical_batches:
             best = {}
             for fam in ("dpft", "opacus"):
-                fr = [r for r in timed if r["framework"].startswith(fam)]
-                full = {(r["method"], r.get("microbatch")): r for r in fr if not _accumulating(r["method"])}
-                cands = []
-                for r in fr:
-                    if _accumulating(r["method"]) and (r["method"][:-len("+accumulate")], r.get("microbatch")) in full:
-                        f = full[(r["method"][:-len("+accumulate")], r.get("microbatch"))]
-                        cands.append((f, dp_overhead.logical_batch_seconds(f["step_s"], r["step_s"], n)))
+                fr = [r for r in mine if r["framework"].startswith(fam)]
+                full = {(r["method"], r.get("microbatch")): r for r in fr
+                        if "step_s" in r and not _accumulating(r["method"])}
+                cands = [(full[key], dp_overhead.logical_batch_seconds(full[key]["step_s"], r["step_s"], n))
+                         for r in fr if "step_s" in r and _accumulating(r["method"])
+                         for key in [(r["method"].removesuffix(common.ACCUMULATE_SUFFIX), r.get("microbatch"))] if key in full]
                 dp = min(((f, t) for f, t in cands if f["private"]), key=lambda c: c[1], default=None)
                 np_ = min(((f, t) for f, t in cands if not f["private"]), key=lambda c: c[1], default=None)
                 if dp is None:
+                    if fr:
+                        out.append({"network": net, "framework": fr[0]["framework"], "physical_batches": n,
+                                    "error": "no DP method timed both as a full and as an accumulate step"})
                     continue
                 examples = n * dp[0]["batch"]
                 best[fam] = examples / dp[1]
@@ -249,7 +249,7 @@ def logical_summary(rows: list[dict], physical_batches: tuple[int, ...]) -> list
                             "ratio_vs_best_nonprivate": dp[1] / np_[1] if np_ else None})
             if "dpft" in best and "opacus" in best:
                 for r in out:
-                    if r["network"] == net and r["physical_batches"] == n:
+                    if r["network"] == net and r["physical_batches"] == n and "error" not in r:
                         r["dp_speedup_vs_opacus_best"] = r["dp_examples_per_s"] / best["opacus"]
     return out
 
@@ -261,7 +261,7 @@ def _label(r: dict) -> str:
 ROW_COLUMNS = ["network", "params", "resolution", "batch", "framework", "method", "microbatch",
                "examples_per_s", "step_s", "ratio_vs_best_nonprivate", "load_1min", "error"]
 LOGICAL_COLUMNS = ["network", "framework", "physical_batches", "logical_batch", "best_dp", "dp_examples_per_s",
-                   "best_nonprivate_examples_per_s", "ratio_vs_best_nonprivate", "dp_speedup_vs_opacus_best"]
+                   "best_nonprivate_examples_per_s", "ratio_vs_best_nonprivate", "dp_speedup_vs_opacus_best", "error"]
 SUMMARY_COLUMNS = ["network", "framework", "best_dp", "dp_examples_per_s", "best_nonprivate_examples_per_s",
                    "ratio_vs_best_nonprivate", "dp_speedup_vs_opacus_best", "params"]
 

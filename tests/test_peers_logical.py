@@ -44,3 +44,17 @@ def test_logical_batch_seconds_refuses_no_batches():
     assert dp_overhead.logical_batch_seconds(1.0, 0.5, 3) == pytest.approx(2.0)
     with pytest.raises(ValueError, match="physical_batches=0"):
         dp_overhead.logical_batch_seconds(1.0, 0.5, 0)
+
+
+def test_a_framework_without_a_dp_accumulate_step_is_reported_not_left_out():
+    rows = [
+        _row("dpft x", "bookkeeping", 0.40, True, 8), _row("dpft x", "bookkeeping+accumulate", 0.28, True, 8),
+        _row("opacus y", "hooks", 0.55, True),  # its accumulate step failed: an error row, no time
+        {"network": "net", "framework": "opacus y", "method": "hooks+accumulate", "error": "boom", "private": True},
+    ]
+    out = peers_same_net.logical_summary(rows, (4,))
+    by_fw = {r["framework"]: r for r in out}
+    assert set(by_fw) == {"dpft x", "opacus y"}
+    assert "no DP method timed both" in by_fw["opacus y"]["error"]
+    assert "dp_speedup_vs_opacus_best" not in by_fw["dpft x"]  # nothing to divide by
+    assert by_fw["dpft x"]["dp_examples_per_s"] == pytest.approx(32 / (3 * 0.28 + 0.40))
