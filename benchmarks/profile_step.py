@@ -14,7 +14,7 @@ and the book-keeping engine's pieces (dpft.privacy.bookkeeping):
   bk_tap_pass        one forward + backward w.r.t. the layer-output perturbations (no weight grads)
   bk_norms           per-example norms from layer inputs and output gradients
   bk_norms_and_sum   norms + the clipped sum (from the materialised per-example grads, or one
-                     weight-gradient VJP per ghost-normed layer)
+                     contraction of (x, weights * d) per layer)
   bk_full_dp         bookkeeping.bk_clipped_grad_sum(flat, microbatch=B) + privatize, fused by XLA
 The pieces are timed as separate programs (inputs already on device), so their sum exceeds the fused
 step; the ratios show what is intrinsic (per-example backward) and what is overhead.
@@ -74,7 +74,7 @@ def pieces(setup: common.Setup) -> dict:
 
     def norms_and_sum(p, x, d):
         sq, summers = bookkeeping.per_example_norms(specs, op_params(p), x, d)
-        return sq, bookkeeping.weighted_param_grads(specs, op_params(p), x, d, weights, summers)
+        return sq, bookkeeping.weighted_param_grads(summers, weights)
     return {"forward": (jax.jit(batched_loss), (setup.params,)),
             "batched_backward": (jax.jit(jax.grad(batched_loss)), (setup.params,)),
             "per_example_grads": (per_ex, (setup.params,)),

@@ -31,8 +31,9 @@ tapped parameter also used elsewhere (weight sharing), and nnx.BatchNorm. Per mi
 3. The clipped sum per op: sum_i c_i g_i of the per-example gradients where step 2
    materialised them and they are no larger than the op's (x_i, d_i)
    (`bk_layers.keep_per_example_grads`; then the standardisation's VJP once), else one
-   contraction of rebuilt patches of x_l with c_i d_l,i (materialised convs), or ONE batched
-   weight-gradient VJP of the op with cotangent c_i d_l,i (c_i the clip factor; ghost routes).
+   contraction of rebuilt patches of x_l with c_i d_l,i (convs on either route; c_i the clip
+   factor), or ONE batched weight-gradient VJP of the op with cotangent c_i d_l,i (ghost-normed
+   `ops.linear` layers).
    What lives from step 2 to step 3 per op is thus the smaller of g_i and (x_i, d_i), never
    patches. Both are exact.
 
@@ -44,7 +45,6 @@ optimization on large model at small cost" (ICML 2023).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any, Callable, Mapping
 
@@ -86,9 +86,10 @@ def _weighted_rows(weights: jax.Array, v: jax.Array) -> jax.Array:
 
 
 def linear_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, ghost: str = "auto",
-                 matmul: str = "auto") -> tuple[jax.Array, Summer | None]:
-    """Per-example ||grad w||^2 + ||grad b||^2 of `ops.linear` ([m]) and, when the per-example
-    weight gradients were materialised, the function weights [m] -> their weighted sum.
+                 matmul: str = "auto") -> tuple[jax.Array, Summer]:
+    """Per-example ||grad w||^2 + ||grad b||^2 of `ops.linear` ([m]) and the function weights [m]
+    -> the weighted sum of the per-example gradients (of the materialised ones, or on the ghost
+    route one contraction of (x, weights * d), `bk_layers.matmul_norms`).
     x [m, ..., in], d [m, ..., out]."""
     m, n_in, n_out = x.shape[0], x.shape[-1], d.shape[-1]
     native = bk_layers.native_operands(matmul, x, d)
@@ -97,7 +98,12 @@ def linear_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, gh
     b_rows = jnp.sum(dd, axis=1)[:, 0]  # [m, out]
     b_sq = jnp.sum(jnp.square(b_rows), axis=1)
     if _use_ghost(ghost, a.shape[1], n_in, n_out, 1):
-        return bk_layers.matmul_norms(a, d.astype(a.dtype).reshape(dd.shape), "always", native)[0] + b_sq, None
+        sq, ghost_sum = bk_layers.matmul_norms(a, d.astype(a.dtype).reshape(dd.shape), "always", native)
+
+        def ghost_summer(weights: jax.Array) -> dict[str, jax.Array]:
+            return {"w": ghost_sum(weights)[0], "b": _weighted_rows(weights, b_rows)}
+
+        return sq + b_sq, ghost_summer
     g = bk_layers.dot("mrgn,mrgo->mno", a, d.astype(a.dtype).reshape(dd.shape), native)
 
     def summer(weights: jax.Array) -> dict[str, jax.Array]:
@@ -129,16 +135,15 @@ def conv_patches(x: jax.Array, k: int, stride: int) -> jax.Array:
 
 def ws_conv_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, *, stride: int,
                   groups: int, ghost: str = "auto", eps: float = ops.WS_EPS, matmul: str = "auto"
-                  ) -> tuple[jax.Array, Summer | None]:
+                  ) -> tuple[jax.Array, Summer]:
     """Per-example squared norm of the gradient w.r.t. (w, gain, bias) of `ops.ws_conv`.
 
     params: w [k, k, in/groups, out], gain [out]; x [m, K, H, W, in] (K rows per example),
     d [m, K, H', W', out] = dLoss_i/d(output). Returns (float32 [m], summer): summer(weights [m])
-    is the weighted sum of the per-example gradients {w, gain, bias} when they were
-    materialised: from the kept per-example gradients where they are no larger than (x, d)
-    (`bk_layers.keep_per_example_grads`), else from (x, d) alone (`bk_layers.patches_weighted_sum`),
-    then the standardisation's VJP once; None on the ghost route (`weighted_param_grads` then
-    takes the op's weight-gradient VJP).
+    is the weighted sum of the per-example gradients {w, gain, bias}: from the kept per-example
+    gradients where they were materialised and are no larger than (x, d)
+    (`bk_layers.keep_per_example_grads`), else (ghost route too) from (x, d) alone
+    (`bk_layers.patches_weighted_sum`), then the standardisation's VJP once.
     ``matmul``: `bk_layers.native_operands` (bfloat16 patches and tensor-core contractions with
     float32 accumulation for bfloat16 x and d off CPU). See the module doc.
     """
@@ -162,7 +167,20 @@ def ws_conv_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, *
     bias_rows = jnp.sum(dd, axis=1)  # [m, groups, o]
     centred = (w - mean).reshape(n, groups, cout_g)  # HWI order, as the patches' features
 
-    summer = None
+    cfg = nnx_layers.Conv((k, k), (stride, stride), (1, 1),
+                          tuple(map(tuple, lax.padtype_to_pads(xr.shape[1:3], (k, k), (stride, stride), "SAME"))),
+                          groups)
+
+    def xd_summer(weights: jax.Array) -> dict[str, jax.Array]:
+        # From (x, weights * d) alone: patches rebuilt, one contraction (bfloat16 x with the
+        # float32 weighted d's bfloat16 high and low parts if native, `bk_layers.split_dot`):
+        # no XLA convolution, and no float32 one (on a GPU a float32 conv at HIGHEST precision
+        # runs without tensor cores).
+        g_sum = bk_layers.patches_weighted_sum(xr, d, weights, cfg, native)  # [g, n, o]
+        _, vjp = jax.vjp(ops.standardize_weight, w, gain)
+        g_w, g_gain = vjp(jnp.moveaxis(g_sum, 0, 1).reshape(w.shape))
+        return {"w": g_w, "gain": g_gain, "bias": _weighted_rows(weights, bias_rows).reshape(cout)}
+
     if _use_ghost(ghost, rows, n, cout_g, groups):
         patches = conv_patches(xr, k, stride)  # [mK, H', W', k, k, in]
         a = patches.reshape(patches.shape[:-1] + (groups, cin_g))
@@ -171,12 +189,10 @@ def ws_conv_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, *
         e_dot = bk_layers.dot("mrg,mrgo->mgo", jnp.sum(a, axis=-1, dtype=F32), dd, False) / math.sqrt(n)
         c_dot = bk_layers.dot("mrgo,mrgo->mgo", bk_layers.split_dot("mrgn,ngo->mrgo", a, centred, native), dd, False)
         g_sq = _ghost_sq_norm(a, dd * scale, native)
+        summer = xd_summer  # the norm's patches are not kept for the sum
     else:
         # Materialised g = dL_i/dw_hat [m, groups, n, o] from channel-major patches (features in
         # w's HWI order, no transpose of the patches): every term is a contraction of it.
-        cfg = nnx_layers.Conv((k, k), (stride, stride), (1, 1),
-                              tuple(map(tuple, lax.padtype_to_pads(xr.shape[1:3], (k, k), (stride, stride), "SAME"))),
-                              groups)
         a = bk_layers.conv_patches_cm(xr, cfg).reshape(m, -1, groups, n, d.shape[-3] * d.shape[-2])
         g = bk_layers.dot("mkgnr,mkrgo->mgno", a, d.astype(a.dtype).reshape(m, a.shape[1], -1, groups, cout_g),
                           native)
@@ -188,13 +204,6 @@ def ws_conv_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, *
             g_hat = jnp.moveaxis(_weighted_rows(weights, g), 0, 1).reshape(w.shape)  # [n, g, o] -> HWIO
             _, vjp = jax.vjp(ops.standardize_weight, w, gain)
             g_w, g_gain = vjp(g_hat)
-            return {"w": g_w, "gain": g_gain, "bias": _weighted_rows(weights, bias_rows).reshape(cout)}
-
-        def xd_summer(weights: jax.Array) -> dict[str, jax.Array]:
-            # From (x, weights * d) alone: patches rebuilt, one matmul (no XLA conv in the scan).
-            g_sum = bk_layers.patches_weighted_sum(xr, d, weights, cfg, native)  # [g, n, o]
-            _, vjp = jax.vjp(ops.standardize_weight, w, gain)
-            g_w, g_gain = vjp(jnp.moveaxis(g_sum, 0, 1).reshape(w.shape))
             return {"w": g_w, "gain": g_gain, "bias": _weighted_rows(weights, bias_rows).reshape(cout)}
 
         # Keep g for the sum only where it is no larger than (x, d) per example.
@@ -236,20 +245,10 @@ def generic_sq_norms(fn: taps.OpFn, params: Mapping[str, jax.Array], x: jax.Arra
     return generic_norms(fn, params, x, d)[0]
 
 
-def float32_op(spec: taps.OpSpec) -> taps.OpFn:
-    """The op of a "ws_conv"/"linear" tap computed in float32 (its `dtype` keyword replaced): the
-    clipped sum is formed in float32, so one example moves it by at most C in any compute dtype."""
-    fn = spec.fn
-    kw = getattr(fn, "keywords", None)
-    if not isinstance(fn, functools.partial) or not kw or "dtype" not in kw:
-        raise ValueError(f"tap {spec.key}: kind {spec.kind!r} needs fn = functools.partial(..., dtype=...)")
-    return functools.partial(fn.func, *fn.args, **{**kw, "dtype": F32})
-
-
 def op_norms(spec: taps.OpSpec, params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array,
-             ghost: str, matmul: str = "auto") -> tuple[jax.Array, Summer | None]:
+             ghost: str, matmul: str = "auto") -> tuple[jax.Array, Summer]:
     """Dispatch on ``spec.kind``. x: [m, *op input shape], d: [m, *spec.z.shape] ->
-    (squared norms [m] float32, summer or None)."""
+    (squared norms [m] float32, summer: weights [m] -> the op's weighted gradient sum)."""
     if spec.kind == "ws_conv":
         kw = getattr(spec.fn, "keywords", None)
         if getattr(spec.fn, "func", None) is not ops.ws_conv or kw is None:
@@ -355,51 +354,26 @@ def tap_pass(tapped_loss: Any, params: PyTree, specs: Mapping[str, taps.OpSpec],
 def per_example_norms(specs: Mapping[str, taps.OpSpec], op_params: Mapping[str, Mapping[str, jax.Array]],
                       inputs: Mapping[str, jax.Array], out_grads: Mapping[str, jax.Array],
                       ghost: str = "auto", matmul: str = "auto") -> tuple[jax.Array, dict[str, Summer]]:
-    """Step 2: squared L2 norm of each example's whole parameter gradient (float32 [m]) and,
-    per op whose per-example gradients were materialised, its summer (see `ws_conv_norms`)."""
+    """Step 2: squared L2 norm of each example's whole parameter gradient (float32 [m]) and each
+    op's summer {op key: weights [m] -> its weighted gradient sum} (see `ws_conv_norms`)."""
     total, summers = 0.0, {}
     # Full float32 for every float32 dot a route does not pin itself (a GPU would take TF32).
     with jax.default_matmul_precision("highest"):
         for key, s in specs.items():
             sq, summer = op_norms(s, op_params[key], inputs[key], out_grads[key], ghost, matmul)
             total = total + sq
-            if summer is not None:
-                summers[key] = summer
+            summers[key] = summer
     return total, summers
 
 
-def weighted_param_grads(specs: Mapping[str, taps.OpSpec], op_params: Mapping[str, Mapping[str, jax.Array]],
-                         inputs: Mapping[str, jax.Array], out_grads: Mapping[str, jax.Array],
-                         weights: jax.Array, summers: Mapping[str, Summer] | None = None
-                         ) -> dict[str, dict[str, jax.Array]]:
-    """Step 3: sum_i weights_i * (gradient of example i) per op: from the materialised
-    per-example gradients where step 2 kept them (``summers``), else as one batched
-    weight-gradient VJP of the op, computed in float32 (`float32_op`), with cotangent
-    weights_i * d_i. Every weighted contribution is formed and summed in float32 whatever the
-    compute dtype, so the sensitivity is C (tested). weights float32 [m]; a row with weight 0
-    contributes exactly 0 even if its activations or gradients are NaN.
-    Returns {op key: {param name: float32 array}}."""
-    summers = summers or {}
+def weighted_param_grads(summers: Mapping[str, Summer], weights: jax.Array) -> dict[str, dict[str, jax.Array]]:
+    """Step 3: sum_i weights_i * (gradient of example i) per op, by each op's summer from step 2
+    (from its kept per-example gradients, or one contraction of (x, weights * d)). Every weighted
+    contribution is formed and summed in float32 whatever the compute dtype, so the sensitivity
+    is C (tested). weights float32 [m]; a row with weight 0 contributes exactly 0 even if its
+    activations or gradients are NaN. Returns {op key: {param name: float32 array}}."""
     with jax.default_matmul_precision("highest"):  # no TF32 for float32 dots on a GPU
-        keep = weights != 0
-        out = {}
-        for key, s in specs.items():
-            if key in summers:
-                out[key] = {n: v.astype(F32) for n, v in summers[key](weights).items()}
-                continue
-
-            def rows(v: jax.Array, fill: jax.Array) -> jax.Array:
-                v = jnp.where(keep.reshape((-1,) + (1,) * (v.ndim - 1)), fill, 0.0).astype(F32)
-                return v.reshape((-1,) + v.shape[2:])
-            x, d = inputs[key], out_grads[key]
-            x_rows = rows(x, x.astype(F32))
-            d_rows = rows(d, d.astype(F32) * weights.reshape((-1,) + (1,) * (d.ndim - 1)))
-            fn32 = float32_op(s)
-            p32 = {n: v.astype(F32) for n, v in op_params[key].items()}
-            _, vjp = jax.vjp(lambda p: fn32(p, x_rows), p32)
-            (g,) = vjp(d_rows)
-            out[key] = {n: v.astype(F32) for n, v in g.items()}
-        return out
+        return {key: {n: v.astype(F32) for n, v in summer(weights).items()} for key, summer in summers.items()}
 
 
 def bk_clipped_grad_sum(loss_fn: Any, params: PyTree, batch: Mapping[str, jax.Array], rng: jax.Array, *,
@@ -457,7 +431,7 @@ def bk_clipped_grad_sum(loss_fn: Any, params: PyTree, batch: Mapping[str, jax.Ar
             sq = sq + jnp.sum(jnp.square(g), axis=tuple(range(1, g.ndim)))
         norms = jnp.sqrt(sq)
         factors = jnp.where(real, engine.clip_factors(norms, clipping.clip_norm, clipping.mode, clipping.gamma), 0.0)
-        grads = weighted_param_grads(specs, op_params, inputs, out_grads, factors, summers)
+        grads = weighted_param_grads(summers, factors)
         acc = dict(acc)
         for key, s in specs.items():
             for pname, path in s.param_paths.items():

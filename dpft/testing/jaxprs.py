@@ -42,4 +42,12 @@ def float32_contractions(fn: Callable, *args: Any) -> tuple[int, int]:
     return _walk(closed, f32), _walk(closed, not_highest)
 
 
-__all__ = ["low_precision_dots", "float32_contractions"]
+def float32_convolutions(fn: Callable, *args: Any) -> int:
+    """How many conv_general_dilated in fn's jaxpr (inner jaxprs included) take a float32 operand
+    (on a GPU, at HIGHEST precision, such a convolution runs without tensor cores)."""
+    def pred(eqn: Any) -> bool:
+        return eqn.primitive.name == "conv_general_dilated" and any(v.aval.dtype == jnp.float32 for v in eqn.invars)
+    return _walk(jax.make_jaxpr(fn)(*args).jaxpr, pred)
+
+
+__all__ = ["low_precision_dots", "float32_contractions", "float32_convolutions"]
