@@ -12,18 +12,23 @@ params). One "step" on a batch of b examples, jitted, with an SGD update:
   * vmap:        ``engine.clipped_grad_sum`` (vmap of per-example grads) + the same noise step.
 DP steps use microbatch = b (one vmapped chunk, no accumulation loop).
 
-Protocol (XLA's GPU compile autotunes by running kernels on the GPU, and compiling dominates):
-  1. The driver starts one worker process per (model, method) at once. Each lowers its step for every
-     batch size (main thread) and compiles them in a thread pool (``.compile()`` releases the GIL),
-     records ``compiled.memory_analysis()`` per size (predicted device bytes = arguments + outputs +
-     temp + generated code - aliased), marks a size ``oom_predicted`` if that exceeds the memory limit
-     (``memory_stats()["bytes_limit"]`` or ``--memory-limit-mib``), and writes ``ready.json``.
-  2. When every worker is ready, or at the compile deadline (``--compile-s`` after the start), the driver
-     kills the workers still compiling (their sizes: ``compile_time_budget``, or ``not_timed`` if one
-     size had compiled) and then lets the ready workers time one at a time (a ``go.json`` file with the
-     worker's time allowance), non-private first; it waits for each to exit (freeing its device
-     memory) before the next. So no timing overlaps any compile or other timing. One process per
-     (model, method): the device's never-resetting ``peak_bytes_in_use`` is that method's.
+Protocol (XLA's GPU compile autotunes by running kernels on the GPU, and compiling dominates: on an
+H200, 2026-11-30, 41 s to 290 s per step and size against 12-95 ms per step):
+  1. Compile. The driver starts one compile worker per (model, method) at once. Each compiles its
+     sizes one after another, smallest first, into a persistent XLA compilation cache shared by the
+     run (``OUT/ctl/xla_cache``), records ``compiled.memory_analysis()`` per size (predicted device
+     bytes = arguments + outputs + temp + generated code - aliased), and marks a size
+     ``oom_predicted`` if that exceeds the memory limit (``memory_stats()["bytes_limit"]`` or
+     ``--memory-limit-mib``), or, without compiling it, if the line through the two previous sizes'
+     predictions does. Compile workers free device memory at once (``XLA_PYTHON_CLIENT_ALLOCATOR=platform``:
+     autotuning's buffers are not kept in a pool) and exit when done. At the compile deadline
+     (``--compile-s`` after the start) the driver kills those still compiling: the sizes they compiled
+     stay timeable, the others are ``compile_time_budget``.
+  2. Time. For each (model, method) with a compiled size, non-private first, the driver starts a fresh
+     timing worker, alone on the device, with an equal share of the time left; it loads its
+     executables from the cache (``load_s``, ``cache_hit`` per size), times the sizes in increasing
+     order and exits before the next starts. So no timing overlaps a compile, another timing or another
+     process's device memory, and the device's never-resetting ``peak_bytes_in_use`` is that method's.
 Every row records its compile and timed intervals (wall-clock ``time.time()`` seconds). Reports
 (OUT/gpu_check.json, OUT/gpu_check.md) are rewritten after every timed worker. Per (model, method)
 the summary gives an *estimate* of the largest microbatch that fits: the memory limit interpolated on
@@ -36,7 +41,6 @@ Imports only jax, flax, numpy and dpft.models / dpft.privacy.{engine,bookkeeping
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import json
 import os
 import signal
@@ -64,7 +68,11 @@ REPORT_RESERVE_S = 3.0
 # ------------------------------------------------------------------ the step (one model, one method)
 
 def make_step(model_name: str, method: str, resolution: int, dtype_name: str):
-    """(jitted step(params, batch, key) -> (params, loss), params, make_batch(b)) for one method."""
+    """(jitted step(params, batch, keys) -> (params, loss), params, make_batch(b), keys) for one method.
+
+    keys {"data": key, "noise": the run's noise base key} are arguments, not constants of the
+    program: a fresh secret per process would otherwise make every process's program different
+    (and the timing worker's compilation-cache lookup miss)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -93,22 +101,21 @@ def make_step(model_name: str, method: str, resolution: int, dtype_name: str):
             logp = jax.nn.log_softmax(logits.astype(jnp.float32))
             return -jnp.mean(jnp.take_along_axis(logp, batch["label"][:, :1], axis=1))
 
-        def step(p, batch, key):
-            loss, grads = jax.value_and_grad(batch_loss)(p, batch, key)
+        def step(p, batch, ks):
+            loss, grads = jax.value_and_grad(batch_loss)(p, batch, ks["data"])
             return jax.tree.map(lambda x, g: x - lr * g.astype(x.dtype), p, grads), loss
     else:
         clipped_sum = bookkeeping.bk_clipped_grad_sum if method == "bookkeeping" else engine.clipped_grad_sum
         clipping = engine.ClippingConfig(mode="flat", clip_norm=1.0)
-        noise_base = keys.noise_base_key(keys.RunSecret.generate())
-
-        def step(p, batch, key):
+        def step(p, batch, ks):
             b = batch["mask"].shape[0]
-            grad_sum, stats = clipped_sum(loss_fn, p, batch, key, clipping=clipping, microbatch_size=b)
-            noisy = noise.privatize(grad_sum, noise.noise_key(noise_base, 0), noise_multiplier=1.0,
+            grad_sum, stats = clipped_sum(loss_fn, p, batch, ks["data"], clipping=clipping, microbatch_size=b)
+            noisy = noise.privatize(grad_sum, noise.noise_key(ks["noise"], 0), noise_multiplier=1.0,
                                     clip_norm=engine.sensitivity(clipping, p), expected_batch_size=float(b))
             return jax.tree.map(lambda x, g: x - lr * g.astype(x.dtype), p, noisy), jnp.mean(stats["loss"])
 
-    return jax.jit(step), params, make_batch
+    step_keys = {"data": jax.random.key(0), "noise": keys.noise_base_key(keys.RunSecret.generate())}
+    return jax.jit(step), params, make_batch, step_keys
 
 
 def batch_spec(b: int, resolution: int) -> dict:
@@ -165,21 +172,52 @@ def _read_json(path: str) -> Any:
         return json.load(f)
 
 
-# ------------------------------------------------------------------ worker phase 1: compile
+# ------------------------------------------------------------------ workers: the compilation cache
 
-def _compile_one(lowered: Any, b: int, lower_start: float, lower_s: float,
-                 limit: int | None) -> tuple[dict, Any]:
-    """Compile one lowered step; returns (record, executable or None). Times are wall seconds since
-    the epoch (``compile_start`` is the lowering's start); sizes in MiB."""
+#: jax.monitoring event of a persistent-cache hit (jax/_src/compiler.py, jax 0.10 and 0.11).
+CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
+
+
+def use_compilation_cache(path: str) -> list[int]:
+    """Point this process's persistent XLA compilation cache at `path`, caching every executable;
+    returns a one-element list that counts the cache hits from now on."""
+    import jax
+    import jax.monitoring
+
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    hits = [0]
+
+    def listener(event: str, **_: Any) -> None:
+        if event == CACHE_HIT_EVENT:
+            hits[0] += 1
+    jax.monitoring.register_event_listener(listener)
+    return hits
+
+
+# ------------------------------------------------------------------ compile worker
+
+def _compile_one(step: Any, params: Any, step_keys: dict, b: int, resolution: int, limit: int | None
+                 ) -> tuple[dict, Any]:
+    """Lower and compile the step at batch size b; returns (record, executable or None). Times are
+    wall seconds since the epoch (``compile_start`` is the lowering's start); sizes in MiB."""
     start = time.time()
+    try:
+        lowered = step.lower(params, batch_spec(b, resolution), step_keys)
+    except Exception as e:  # noqa: BLE001 - recorded as the size's status
+        return {"batch": b, "status": "error", "cause": f"at lowering: {_first_line(e)}",
+                "compile_start": start, "compile_end": time.time()}, None
+    lowered_at = time.time()
     try:
         compiled = lowered.compile()
     except Exception as e:  # noqa: BLE001 - recorded as the size's status
         return {"batch": b, "status": "oom" if _is_oom(e) else "error", "cause": f"at compile: {_first_line(e)}",
-                "compile_start": lower_start, "compile_end": time.time(), "lower_s": lower_s}, None
+                "compile_start": start, "compile_end": time.time(), "lower_s": lowered_at - start}, None
     end = time.time()
-    rec = {"batch": b, "status": "compiled", "compile_start": lower_start, "compile_end": end,
-           "lower_s": lower_s, "xla_compile_s": end - start, "compile_s": end - lower_start}
+    rec = {"batch": b, "status": "compiled", "compile_start": start, "compile_end": end,
+           "lower_s": lowered_at - start, "xla_compile_s": end - lowered_at, "compile_s": end - start}
     mem = compiled.memory_analysis()
     if mem is not None:
         pred = predicted_bytes(mem)
@@ -193,6 +231,15 @@ def _compile_one(lowered: Any, b: int, lower_start: float, lower_s: float,
     return rec, compiled
 
 
+def extrapolated_bytes(points: dict[int, float], b: int) -> float | None:
+    """Predicted bytes at batch b on the line through the two largest sizes of {batch: bytes} (None
+    with fewer than two)."""
+    if len(points) < 2:
+        return None
+    b0, b1 = sorted(points)[-2:]
+    return points[b1] + (points[b1] - points[b0]) / (b1 - b0) * (b - b1)
+
+
 def memory_limit_bytes(limit_mib: float | None) -> int | None:
     """--memory-limit-mib in bytes, else the device's ``bytes_limit`` (None on CPU)."""
     import jax
@@ -202,83 +249,99 @@ def memory_limit_bytes(limit_mib: float | None) -> int | None:
     return int(stats["bytes_limit"]) if "bytes_limit" in stats else None
 
 
-def compile_phase(args: argparse.Namespace, step: Any, params: Any) -> dict[int, Any]:
-    """Lower every batch size (main thread, holds the GIL) and compile them in a thread pool; append one
-    record per size to ctl/compiled.jsonl as it finishes. Returns {batch: executable} of runnable sizes."""
-    import jax
-    key = jax.random.key(0)
+def compile_sizes(args: argparse.Namespace, step: Any, params: Any, step_keys: dict) -> None:
+    """Compile every batch size, smallest first, into the cache; one record per size appended to
+    ctl/compiled.jsonl as it finishes. A size whose bytes, extrapolated from the two previous
+    sizes' predictions, exceed the limit is not compiled (``oom_predicted``), nor are larger ones;
+    after a size out of memory at compile, neither are larger ones."""
     limit = memory_limit_bytes(args.memory_limit_mib)
-    threads = args.compile_threads or len(args.batches)
-    executables: dict[int, Any] = {}
-    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-        futures = []
-        for b in args.batches:
-            t0 = time.time()
-            try:
-                lowered = step.lower(params, batch_spec(b, args.resolution), key)
-            except Exception as e:  # noqa: BLE001 - recorded as the size's status
-                _append(os.path.join(args.ctl, "compiled.jsonl"),
-                        {"batch": b, "status": "error", "cause": f"at lowering: {_first_line(e)}",
-                         "compile_start": t0, "compile_end": time.time()})
-                continue
-            futures.append(pool.submit(_compile_one, lowered, b, t0, time.time() - t0, limit))
-        for fut in concurrent.futures.as_completed(futures):
-            rec, compiled = fut.result()
-            rec["memory_limit_mib"] = limit / MIB if limit is not None else None
-            _append(os.path.join(args.ctl, "compiled.jsonl"), rec)
-            if compiled is not None:
-                executables[rec["batch"]] = compiled
-    return executables
+    out = os.path.join(args.ctl, "compiled.jsonl")
+    points: dict[int, float] = {}
+    stop: str | None = None
+    for b in sorted(args.batches):
+        base = {"batch": b, "memory_limit_mib": limit / MIB if limit is not None else None}
+        guess = extrapolated_bytes(points, b)
+        if stop is None and limit is not None and guess is not None and guess > limit:
+            stop = (f"extrapolated {guess / MIB:.0f} MiB (line through b={sorted(points)[-2]} and "
+                    f"b={sorted(points)[-1]}) > memory limit {limit / MIB:.0f} MiB; not compiled")
+        if stop is not None:
+            _append(out, {**base, "status": "oom_predicted", "cause": stop})
+            continue
+        rec, _ = _compile_one(step, params, step_keys, b, args.resolution, limit)
+        _append(out, {**base, **rec})
+        if "predicted_mib" in rec:
+            points[b] = rec["predicted_mib"] * MIB
+        if rec["status"] in ("oom", "oom_predicted"):
+            stop = f"not compiled: b={b} was {rec['status']}"
 
 
-# ------------------------------------------------------------------ worker phase 2: time
+def run_compile_worker(args: argparse.Namespace) -> int:
+    """One (model, method): compile every size into the cache, write ctl/ready.json, exit."""
+    import jax
+    use_compilation_cache(args.cache)
+    try:
+        step, params, _, step_keys = make_step(args.model, args.method, args.resolution, args.dtype)
+        compile_sizes(args, step, params, step_keys)
+    except Exception as e:  # noqa: BLE001 - the driver turns this into error rows
+        _write_atomic(os.path.join(args.ctl, "ready.json"), {"error": _first_line(e)})
+        traceback.print_exc()
+        return 0
+    _write_atomic(os.path.join(args.ctl, "ready.json"),
+                  {"backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind)})
+    return 0
 
-def wait_for_go(ctl: str, parent: int) -> dict | None:
-    """Block until the driver writes ctl/go.json (returns it) or the driver is gone (returns None)."""
-    path = os.path.join(ctl, "go.json")
-    while not os.path.exists(path):
-        if os.getppid() != parent:
-            return None
-        time.sleep(0.02)
-    return _read_json(path)
 
+# ------------------------------------------------------------------ timing worker
 
-def time_one(compiled: Any, params: Any, batch: dict, iters: int) -> list[float]:
+def time_one(compiled: Any, params: Any, batch: dict, step_keys: dict, iters: int) -> list[float]:
     """One warm-up call, then `iters` timed calls; seconds per call."""
     import jax
-    key = jax.random.key(0)
-    jax.block_until_ready(compiled(params, batch, key))
+    jax.block_until_ready(compiled(params, batch, step_keys))
     times = []
     for _ in range(iters):
         t = time.perf_counter()
-        jax.block_until_ready(compiled(params, batch, key))
+        jax.block_until_ready(compiled(params, batch, step_keys))
         times.append(time.perf_counter() - t)
     return times
 
 
-def timing_phase(args: argparse.Namespace, executables: dict[int, Any], params: Any, make_batch: Any,
-                 allowance_s: float) -> None:
-    """Time the runnable sizes in increasing order within `allowance_s` seconds; one record per size
-    to ctl/timed.jsonl. A size is not started when ~1.25x its expected time (the last size's time
-    scaled by the batch ratio) is not left."""
+def run_timing_worker(args: argparse.Namespace) -> int:
+    """One (model, method), alone on the device: per size (increasing), load the executable from the
+    cache (lower + compile; ``cache_hit`` says whether XLA's compile was skipped) and time it within
+    ``--allowance-s`` seconds of the start; one record per size to ctl/timed.jsonl. A size is not
+    started when ~1.25x its expected time (the last size's load + timing scaled by the batch ratio)
+    is not left; after an out-of-memory size, larger ones are not run."""
     import jax
-    go, last = time.time(), None
-    oom_at = None
-    for b in sorted(executables):
-        out = os.path.join(args.ctl, "timed.jsonl")
+    begin = time.time()
+    hits = use_compilation_cache(args.cache)
+    out = os.path.join(args.ctl, "timed.jsonl")
+    try:
+        step, params, make_batch, step_keys = make_step(args.model, args.method, args.resolution, args.dtype)
+    except Exception as e:  # noqa: BLE001 - one error row per size
+        for b in args.batches:
+            _append(out, {"batch": b, "status": "error", "cause": f"timing worker failed: {_first_line(e)}"})
+        traceback.print_exc()
+        return 0
+    last, oom_at = None, None
+    for b in sorted(args.batches):
         if oom_at is not None:
             _append(out, {"batch": b, "status": "oom", "cause": f"not run: b={oom_at} ran out of memory"})
             continue
         need = last[1] * b / last[0] if last else 0.0
-        left = go + allowance_s - time.time()
+        left = begin + args.allowance_s - time.time()
         if 1.25 * need > left:
             _append(out, {"batch": b, "status": "time_budget",
                           "cause": f"needs ~{need:.1f} s, {left:.1f} s of the worker's timing allowance left"})
             continue
         start = time.time()
         try:
+            lowered = step.lower(params, batch_spec(b, args.resolution), step_keys)
+            hits0 = hits[0]  # hits of this executable alone (lowering may compile small helpers)
+            compiled = lowered.compile()
+            hit = hits[0] > hits0
+            loaded = time.time()
             batch = make_batch(b)
-            times = time_one(executables[b], params, batch, args.iters)
+            times = time_one(compiled, params, batch, step_keys, args.iters)
         except Exception as e:  # noqa: BLE001 - out of memory or error: a row, the next sizes go on
             _append(out, {"batch": b, "status": "oom" if _is_oom(e) else "error", "cause": _first_line(e),
                           "timed_start": start, "timed_end": time.time()})
@@ -287,86 +350,80 @@ def timing_phase(args: argparse.Namespace, executables: dict[int, Any], params: 
                 traceback.print_exc()
             continue
         end = time.time()
-        del batch
+        del batch, compiled
         stats = jax.devices()[0].memory_stats() or {}
         median = statistics.median(times)
         _append(out, {"batch": b, "status": "ok", "examples_per_s": b / median, "step_s": median,
-                      "step_s_min": min(times), "iters": args.iters, "timed_start": start, "timed_end": end,
+                      "step_s_min": min(times), "iters": args.iters, "load_s": loaded - start,
+                      "cache_hit": hit, "timed_start": loaded, "timed_end": end,
                       "device_peak_mib": (stats["peak_bytes_in_use"] / MIB if "peak_bytes_in_use" in stats
                                           else None)})
         last = (b, end - start)
-
-
-def run_worker(args: argparse.Namespace) -> int:
-    """One (model, method): compile every size, write ctl/ready.json, wait for go.json, time, exit."""
-    parent = os.getppid()
-    import jax
-    try:
-        step, params, make_batch = make_step(args.model, args.method, args.resolution, args.dtype)
-        executables = compile_phase(args, step, params)
-    except Exception as e:  # noqa: BLE001 - the driver turns this into error rows
-        _write_atomic(os.path.join(args.ctl, "ready.json"), {"error": _first_line(e)})
-        traceback.print_exc()
-        return 0
-    stats = jax.devices()[0].memory_stats() or {}
-    _write_atomic(os.path.join(args.ctl, "ready.json"),
-                  {"backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
-                   "memory_stats_after_compile": {k: v for k, v in stats.items()
-                                                  if k in ("bytes_in_use", "peak_bytes_in_use", "bytes_limit",
-                                                           "bytes_reserved", "pool_bytes")}})
-    go = wait_for_go(args.ctl, parent)
-    if go is None:
-        return 0
-    timing_phase(args, executables, params, make_batch, go["allowance_s"])
     return 0
 
 
 # ------------------------------------------------------------------ driver
 
 class Worker:
-    """One (model, method) worker process and its control directory."""
+    """One (model, method): its control directory and its compile, then timing, worker process."""
 
     def __init__(self, args: argparse.Namespace, model: str, method: str, root: str):
         self.model, self.method, self.resolution = model, method, {**FULL, **SMOKE}[model]
+        self.args, self.root = args, root
         self.ctl = os.path.join(args.out, "ctl", f"{model}__{method}")
         os.makedirs(self.ctl, exist_ok=True)
-        for name in ("compiled.jsonl", "timed.jsonl", "ready.json", "go.json"):
+        for name in ("compiled.jsonl", "timed.jsonl", "ready.json", "log_compile.txt", "log_time.txt"):
             if os.path.exists(os.path.join(self.ctl, name)):
                 os.remove(os.path.join(self.ctl, name))
-        cmd = [sys.executable, "-m", "benchmarks.gpu_check", "--worker", "--model", model, "--method", method,
-               "--resolution", str(self.resolution), "--batches", *map(str, args.batches),
-               "--iters", str(args.iters), "--dtype", args.dtype, "--ctl", self.ctl,
-               "--compile-threads", str(args.compile_threads)]
-        if args.memory_limit_mib:
-            cmd += ["--memory-limit-mib", str(args.memory_limit_mib)]
-        self.log = open(os.path.join(self.ctl, "log.txt"), "w")
-        self.proc = subprocess.Popen(cmd, cwd=root, stdout=self.log, stderr=subprocess.STDOUT)
-        #: why the driver stopped or skipped this worker (a status and a cause), if it did.
+        self.proc: subprocess.Popen | None = None
+        self.log: Any = None
+        self.log_path = ""
+        #: why the driver stopped the compile worker, or why it failed (a status and a cause): the
+        #: status of the sizes it did not compile.
+        self.compile_fate: tuple[str, str] | None = None
+        #: why the driver stopped or skipped the timing worker (a status and a cause), if it did:
+        #: the status of the compiled sizes it did not time.
         self.fate: tuple[str, str] | None = None
         self.go_at: float | None = None
         self.end_at: float | None = None
-        #: device memory (MiB) the other live workers held (their pools after compiling) while this one timed.
-        self.others_hold_mib: float | None = None
+
+    def start(self, phase: str, batches: list[int], allowance_s: float = 0.0) -> None:
+        """Start the worker process of `phase` ("compile" or "time") for `batches`."""
+        a = self.args
+        cmd = [sys.executable, "-m", "benchmarks.gpu_check", "--worker", phase, "--model", self.model,
+               "--method", self.method, "--resolution", str(self.resolution), "--batches", *map(str, batches),
+               "--iters", str(a.iters), "--dtype", a.dtype, "--ctl", self.ctl,
+               "--cache", os.path.join(a.out, "ctl", "xla_cache"), "--allowance-s", repr(allowance_s)]
+        if a.memory_limit_mib:
+            cmd += ["--memory-limit-mib", str(a.memory_limit_mib)]
+        env = dict(os.environ)
+        if phase == "compile":  # autotuning's device buffers freed at once, not pooled while others work
+            env["XLA_PYTHON_CLIENT_ALLOCATOR"] = "platform"
+        self.log_path = os.path.join(self.ctl, f"log_{phase}.txt")
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(cmd, cwd=self.root, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
     def ready(self) -> bool:
         return os.path.exists(os.path.join(self.ctl, "ready.json"))
 
     def kill(self) -> None:
+        if self.proc is None:
+            return
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
         self.log.close()
 
-    def held_mib(self) -> float:
-        """Device memory this worker's allocator holds after compiling, MiB (0 on CPU or if unknown)."""
-        stats = (_read_json(os.path.join(self.ctl, "ready.json")) or {}).get("memory_stats_after_compile") or {}
-        for k in ("pool_bytes", "bytes_reserved", "bytes_in_use"):
-            if stats.get(k):
-                return stats[k] / MIB
-        return 0.0
+    def runnable(self) -> list[int]:
+        """The sizes compiled and within the memory limit."""
+        return [r["batch"] for r in _read_jsonl(os.path.join(self.ctl, "compiled.jsonl"))
+                if r["status"] == "compiled"]
 
     def last_log_line(self) -> str:
-        with open(os.path.join(self.ctl, "log.txt")) as f:
+        with open(self.log_path) as f:
             lines = [ln.strip() for ln in f if ln.strip()]
         return lines[-1][:300] if lines else "(no output)"
 
@@ -381,21 +438,17 @@ def worker_rows(w: Worker, batches: list[int], dtype: str) -> list[dict]:
         row = {"model": w.model, "method": w.method, "resolution": w.resolution, "dtype": dtype, "batch": b,
                "microbatch": b if w.method != "nonprivate" else None,
                **compiled.get(b, {}), **timed.get(b, {})}
-        row.update(worker_timing_start=w.go_at, worker_timing_end=w.end_at, others_hold_mib=w.others_hold_mib)
+        row.update(worker_timing_start=w.go_at, worker_timing_end=w.end_at)
         if b in timed or (b in compiled and compiled[b]["status"] != "compiled"):
             pass  # the worker's own status
         elif "error" in ready:
             row.update(status="error", cause=f"worker failed: {ready['error']}")
-        elif w.fate is not None:
-            status, cause = w.fate
-            if b not in compiled and status == "compile_time_budget":
-                row.update(status=status, cause=cause)
-            elif status == "compile_time_budget":
-                row.update(status="not_timed", cause=cause + " (this size had compiled)")
-            else:
-                row.update(status=status, cause=cause)
+        elif b not in compiled:
+            status, cause = w.compile_fate or ("error", "the compile worker recorded nothing for this size")
+            row.update(status=status, cause=cause)
         else:
-            row.update(status="error", cause="no result recorded for this size")
+            status, cause = w.fate or ("error", "the timing worker recorded nothing for this size")
+            row.update(status=status, cause=cause)
         rows.append(row)
     return rows
 
@@ -460,7 +513,8 @@ def summary_row(mine: list[dict], best_np: float | None) -> dict:
 
 
 ROW_COLUMNS = ["model", "method", "batch", "status", "examples_per_s", "step_s", "ratio_vs_nonprivate_same_batch",
-               "ratio_vs_best_nonprivate", "predicted_mib", "xla_temp_mib", "device_peak_mib", "compile_s", "cause"]
+               "ratio_vs_best_nonprivate", "predicted_mib", "xla_temp_mib", "device_peak_mib", "compile_s", "load_s",
+               "cache_hit", "cause"]
 SUMMARY_COLUMNS = ["model", "method", "best_examples_per_s", "at_batch", "ratio_vs_best_nonprivate",
                    "device_peak_mib_at_best", "est_max_microbatch", "memory_limit_mib", "compile_s_max", "not_timed"]
 
@@ -493,43 +547,38 @@ def write_reports(args: argparse.Namespace, machine: dict, workers: list[Worker]
 
 
 def compile_wait(workers: list[Worker], deadline: float) -> None:
-    """Wait until every worker is ready or has exited, or the deadline (time.monotonic()) passes; kill
-    the workers still compiling then, and the ones that exited without ready.json get their fate."""
-    while time.monotonic() < deadline and not all(w.ready() or w.proc.poll() is not None for w in workers):
+    """Wait until every compile worker has exited or the deadline (time.monotonic()) passes; kill
+    those still compiling then (the sizes they compiled stay timeable); a worker that exited
+    without ready.json gets its fate."""
+    while time.monotonic() < deadline and any(w.running() for w in workers):
         time.sleep(0.1)
     for w in workers:
-        if w.ready():
-            continue
-        if w.proc.poll() is None:
-            w.kill()
-            w.fate = ("compile_time_budget", "not compiled before the compile deadline; worker stopped")
-        else:
-            w.kill()
-            w.fate = ("error", f"worker exit {w.proc.returncode} before compiling: {w.last_log_line()}")
+        still = w.running()
+        w.kill()
+        if still:
+            w.compile_fate = ("compile_time_budget", "not compiled before the compile deadline; compile worker stopped")
+        elif not w.ready():
+            w.compile_fate = ("error", f"compile worker exit {w.proc.returncode}: {w.last_log_line()}")
 
 
 def time_workers(args: argparse.Namespace, workers: list[Worker], end: float, report: Any) -> None:
-    """Let the ready workers time one at a time (non-private first), each within an equal share of
-    the time left before `end` (time.monotonic()); reports after every worker."""
-    queue = [w for m in METHODS for w in workers if w.method == m and w.fate is None]
+    """Start one timing worker at a time (non-private first) for each worker with compiled sizes,
+    each with an equal share of the time left before `end` (time.monotonic()); reports after each."""
+    queue = [w for m in METHODS for w in workers if w.method == m and w.runnable()
+             and "error" not in (_read_json(os.path.join(w.ctl, "ready.json")) or {})]
     for i, w in enumerate(queue):
         left = end - time.monotonic()
-        if "error" in (_read_json(os.path.join(w.ctl, "ready.json")) or {}):
-            w.kill()
-            continue
         if left < 1.0:
-            w.kill()
             w.fate = ("time_budget", "the timing phase ran out before this worker's turn")
             continue
         allowance = left / (len(queue) - i)
-        w.others_hold_mib = sum(o.held_mib() for o in queue[i + 1:] if o.proc.poll() is None)
         w.go_at = time.time()
-        _write_atomic(os.path.join(w.ctl, "go.json"), {"allowance_s": allowance})
+        w.start("time", w.runnable(), allowance)
         try:
             # The worker stops starting sizes at its allowance; one size in progress may overrun it.
             w.proc.wait(timeout=max(min(1.5 * allowance + 5.0, left), 1.0))
         except subprocess.TimeoutExpired:
-            w.fate = ("timeout", f"worker still timing after its hard limit ({1.5 * allowance + 5.0:.0f} s)")
+            w.fate = ("timeout", f"timing worker still running after its hard limit ({1.5 * allowance + 5.0:.0f} s)")
         except BaseException:  # SIGTERM (the outer `timeout`) or Ctrl-C: rows say so, then the driver stops
             w.fate = ("timeout", "the check was stopped while this worker was timing")
             w.kill()
@@ -538,12 +587,12 @@ def time_workers(args: argparse.Namespace, workers: list[Worker], end: float, re
         w.kill()
         w.end_at = time.time()
         if w.fate is None and w.proc.returncode != 0:
-            w.fate = ("error", f"worker exit {w.proc.returncode} while timing: {w.last_log_line()}")
+            w.fate = ("error", f"timing worker exit {w.proc.returncode}: {w.last_log_line()}")
         report()
 
 
 def run_driver(args: argparse.Namespace) -> int:
-    """Start every worker, wait for the compile phase, time workers one at a time, write reports."""
+    """Start every compile worker, wait for the compile phase, time workers one at a time, write reports."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     sys.path.insert(0, root)
     start = time.monotonic()
@@ -555,8 +604,10 @@ def run_driver(args: argparse.Namespace) -> int:
         print(f"gpu_check: unknown model {unknown[0]!r}; choose from {', '.join([*FULL, *SMOKE])}", file=sys.stderr)
         return 2
     args.batches = sorted(set(args.batches or BATCHES["smoke" if args.smoke else "full"]))
-    # Workers start first (each needs seconds to import jax and build its model), then the driver's checks.
+    # Compile workers start first (each needs seconds to import jax and build its model), then the driver's checks.
     workers = [Worker(args, m, meth, root) for m in models for meth in args.methods]
+    for w in workers:
+        w.start("compile", args.batches)
     try:
         return drive(args, workers, start)
     finally:
@@ -565,7 +616,7 @@ def run_driver(args: argparse.Namespace) -> int:
 
 
 def drive(args: argparse.Namespace, workers: list[Worker], start: float) -> int:
-    """The driver's two phases after the workers started; returns the exit code."""
+    """The driver's two phases after the compile workers started; returns the exit code."""
     from benchmarks import common
 
     import jax
@@ -590,7 +641,7 @@ def drive(args: argparse.Namespace, workers: list[Worker], start: float) -> int:
         time_workers(args, workers, start + args.budget_s - REPORT_RESERVE_S, report)
     finally:
         for w in workers:
-            if w.fate is None and w.go_at is None and w.ready():
+            if w.fate is None and w.go_at is None and w.runnable():
                 w.fate = ("timeout", "the check was stopped before this worker's turn")
         md = report()
     print(md)
@@ -614,22 +665,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     ap.add_argument("--memory-limit-mib", type=float, default=None,
                     help="device memory limit for the out-of-memory prediction (default: the device's bytes_limit)")
-    ap.add_argument("--compile-threads", type=int, default=0,
-                    help="compile threads per worker (0: one per batch size)")
     # worker mode (one model and method; started by the driver)
-    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=("compile", "time"), help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)
     ap.add_argument("--resolution", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--ctl", help=argparse.SUPPRESS)
+    ap.add_argument("--cache", help=argparse.SUPPRESS)
+    ap.add_argument("--allowance-s", type=float, default=0.0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if (args.iters < 1 or args.budget_s <= 0 or not 0 < args.compile_s < args.budget_s or args.compile_threads < 0
+    if (args.iters < 1 or args.budget_s <= 0 or not 0 < args.compile_s < args.budget_s
             or any(b < 1 for b in args.batches or [])
             or (args.memory_limit_mib is not None and args.memory_limit_mib <= 0)):
-        ap.error("--iters >= 1, 0 < --compile-s < --budget-s, --batches >= 1, --compile-threads >= 0 and "
-                 "--memory-limit-mib > 0 are required")
-    if args.worker:
-        return run_worker(args)
+        ap.error("--iters >= 1, 0 < --compile-s < --budget-s, --batches >= 1 and --memory-limit-mib > 0 are required")
+    if args.worker == "compile":
+        return run_compile_worker(args)
+    if args.worker == "time":
+        return run_timing_worker(args)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `timeout` -> finally: kill the workers
     return run_driver(args)
 

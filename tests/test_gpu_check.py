@@ -1,10 +1,12 @@
 """benchmarks/gpu_check: the smoke mode runs end to end on CPU (tiny models, tiny batches) in a
 subprocess whose interpreter cannot import what a typical GPU image lacks. Checked against the run's
-own records and independent computations: every (model, method) is timed at its sizes; the workers
-compiled concurrently and no timing overlaps another worker's timing or any compile; a memory limit
-between two sizes' predicted bytes skips the bigger size (``oom_predicted``) and puts the estimated
-largest microbatch between them; a compile deadline that passes leaves ``compile_time_budget`` rows;
-the ratios and the summary follow from the rows."""
+own records and independent computations: every (model, method) is timed at its sizes, by a timing
+worker that loads the compile worker's executables from the run's cache; the workers compiled
+concurrently and no timing overlaps another worker's timing or any compile; a memory limit between
+two sizes' predicted bytes skips the bigger size (``oom_predicted``) and puts the estimated largest
+microbatch between them, and a size whose extrapolated bytes pass the limit is not even compiled; a
+compile deadline that passes leaves ``compile_time_budget`` rows, and the sizes compiled before it
+are still timed; the ratios and the summary follow from the rows."""
 from __future__ import annotations
 
 import json
@@ -23,13 +25,20 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: Not on a typical GPU image (jax, flax, optax, chex, orbax only): importing any of them fails.
 ABSENT = ("dp_accounting", "ml_collections", "grain", "opacus", "torch", "haiku", "tensorflow", "sklearn")
 BLOCKER = f"""
+import importlib.util
 import sys
+_ABSENT = {ABSENT!r}
 class _Absent:
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in {ABSENT!r}:
-            raise ImportError(f"{{name}} is not installed on this (simulated) GPU image")
+        if name.split(".")[0] in _ABSENT:
+            raise ModuleNotFoundError(f"{{name}} is not installed on this (simulated) GPU image", name=name)
         return None
 sys.meta_path.insert(0, _Absent())
+# A probe for an optional package (etils, under jax's compilation cache, probes for tensorflow) sees
+# it missing, as where it is not installed.
+_find_spec = importlib.util.find_spec
+importlib.util.find_spec = lambda name, package=None: (
+    None if name.split(".")[0] in _ABSENT else _find_spec(name, package))
 """
 MODELS_METHODS = [(m, meth) for m in ("nfnet_micro", "vit_micro") for meth in ("nonprivate", "bookkeeping", "vmap")]
 
@@ -78,6 +87,8 @@ def test_every_model_and_method_is_timed_at_its_sizes(smoke):
         for r in mine:
             assert r["examples_per_s"] == pytest.approx(r["batch"] / r["step_s"])
             assert r["compile_s"] > 0 and r["predicted_mib"] > 0
+            # the timing worker loaded what the compile worker compiled from the run's cache
+            assert r["cache_hit"] is True and 0 < r["load_s"], r
             # predicted = arguments + outputs + temp + generated code - aliased (all recorded in the row)
             assert r["predicted_mib"] == pytest.approx(r["xla_argument_mib"] + r["xla_output_mib"] + r["xla_temp_mib"]
                                                        + r["xla_code_mib"] - r["xla_alias_mib"])
@@ -154,6 +165,24 @@ def test_a_memory_limit_between_two_sizes_skips_the_bigger_and_estimates_between
     assert "oom_predicted" in md
 
 
+def test_a_size_extrapolated_past_the_memory_limit_is_not_compiled(smoke, env, tmp_path):
+    doc0, _ = smoke
+    p2, p4 = (r["predicted_mib"] for r in _rows(doc0, "nfnet_micro", "nonprivate"))
+    p8 = p4 + (p4 - p2) / 2 * 4  # the line through (2, p2) and (4, p4) at b = 8
+    limit = p4 + 0.5 * (p8 - p4)
+    doc, _ = _run(env, tmp_path, "--models", "nfnet_micro", "--methods", "nonprivate", "--batches", "2", "4", "8",
+                  "16", "--budget-s", "600", "--compile-s", "500", "--memory-limit-mib", repr(limit))
+    rows = _rows(doc, "nfnet_micro", "nonprivate")
+    assert [(r["batch"], r["status"]) for r in rows] == [(2, "ok"), (4, "ok"), (8, "oom_predicted"),
+                                                         (16, "oom_predicted")]
+    for r in rows[2:]:
+        assert "compile_s" not in r and "predicted_mib" not in r  # never compiled
+    assert "extrapolated" in rows[2]["cause"] and "> memory limit" in rows[2]["cause"]
+    (s,) = doc["summary"]
+    # bytes = a + c b through (2, p2) and (4, p4) reaches the limit between 4 and 8
+    assert 4 <= s["est_max_microbatch"] < 8
+
+
 def test_a_passed_compile_deadline_leaves_rows_with_the_cause(env, tmp_path):
     doc, _ = _run(env, tmp_path, "--models", "nfnet_micro", "--methods", "nonprivate", "vmap", "--budget-s", "30",
                   "--compile-s", "0.5")
@@ -161,6 +190,30 @@ def test_a_passed_compile_deadline_leaves_rows_with_the_cause(env, tmp_path):
         (m, b, "compile_time_budget") for m in ("nonprivate", "vmap") for b in (2, 4)]
     assert all("compile deadline" in r["cause"] for r in doc["rows"])
     assert all(s["best_examples_per_s"] is None for s in doc["summary"])
+
+
+def test_sizes_compiled_before_the_deadline_are_timed_and_the_others_say_why(env, tmp_path, monkeypatch):
+    """A compile worker stopped at the deadline after its first size: the driver's timing phase
+    times that size in a fresh worker (the 2026-11-30 H200 run lost NFNet-F0's compiled sizes so)."""
+    import argparse
+    import time
+
+    from benchmarks import gpu_check
+    for k in list(os.environ):
+        if k not in env:
+            monkeypatch.delenv(k)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    args = argparse.Namespace(out=str(tmp_path), iters=1, dtype="float32", memory_limit_mib=None, batches=[2, 4])
+    w = gpu_check.Worker(args, "nfnet_micro", "nonprivate", REPO)
+    # what compile_wait leaves: size 2 compiled, the worker stopped while compiling size 4
+    gpu_check._append(os.path.join(w.ctl, "compiled.jsonl"),
+                      {"batch": 2, "status": "compiled", "compile_start": 0.0, "compile_end": 1.0})
+    w.compile_fate = ("compile_time_budget", "not compiled before the compile deadline; compile worker stopped")
+    gpu_check.time_workers(args, [w], time.monotonic() + 600, lambda: None)
+    small, big = gpu_check.worker_rows(w, [2, 4], "float32")
+    assert small["status"] == "ok" and small["examples_per_s"] > 0 and small["cache_hit"] is False, small
+    assert big["status"] == "compile_time_budget" and "compile deadline" in big["cause"]
 
 
 def test_a_failing_worker_leaves_error_rows_with_the_cause(env, tmp_path):
