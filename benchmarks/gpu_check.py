@@ -18,8 +18,8 @@ H200, 2026-11-30, 41 s to 290 s per step and size against 12-95 ms per step):
      sizes one after another, smallest first, into a persistent XLA compilation cache shared by the
      run (``OUT/ctl/xla_cache``), records ``compiled.memory_analysis()`` per size (predicted device
      bytes = arguments + outputs + temp + generated code - aliased), and marks a size
-     ``oom_predicted`` if that exceeds the memory limit (``memory_stats()["bytes_limit"]`` or
-     ``--memory-limit-mib``), or, without compiling it, if the line through the two previous sizes'
+     ``oom_predicted`` if that exceeds the memory limit (the device's ``memory_stats()["bytes_limit"]``,
+     read by the driver, or ``--memory-limit-mib``), or, without compiling it, if the line through the two previous sizes'
      predictions does. Compile workers free device memory at once (``XLA_PYTHON_CLIENT_ALLOCATOR=platform``:
      autotuning's buffers are not kept in a pool) and exit when done. At the compile deadline
      (``--compile-s`` after the start) the driver kills those still compiling: the sizes they compiled
@@ -604,7 +604,11 @@ def run_driver(args: argparse.Namespace) -> int:
         print(f"gpu_check: unknown model {unknown[0]!r}; choose from {', '.join([*FULL, *SMOKE])}", file=sys.stderr)
         return 2
     args.batches = sorted(set(args.batches or BATCHES["smoke" if args.smoke else "full"]))
-    # Compile workers start first (each needs seconds to import jax and build its model), then the driver's checks.
+    if not args.memory_limit_mib:
+        # The device's bytes_limit as the timing workers' (pooling) allocator sees it; the compile
+        # workers' platform allocator may not report one.
+        limit = memory_limit_bytes(None)
+        args.memory_limit_mib = limit / MIB if limit is not None else None
     workers = [Worker(args, m, meth, root) for m in models for meth in args.methods]
     for w in workers:
         w.start("compile", args.batches)
