@@ -31,9 +31,9 @@ tapped parameter also used elsewhere (weight sharing), and nnx.BatchNorm. Per mi
 3. The clipped sum per op: sum_i c_i g_i of the per-example gradients where step 2
    materialised them and they are no larger than the op's (x_i, d_i)
    (`bk_layers.keep_per_example_grads`; then the standardisation's VJP once), else one
-   contraction of rebuilt patches of x_l with c_i d_l,i (convs on either route; c_i the clip
-   factor), or ONE batched weight-gradient VJP of the op with cotangent c_i d_l,i (ghost-normed
-   `ops.linear` layers).
+   contraction of rebuilt patches of x_l with c_i d_l,i (c_i the clip factor; materialised convs,
+   and ghost-normed ones with native bf16 operands), or ONE batched float32 weight-gradient VJP of
+   the op with cotangent c_i d_l,i (ghost-normed convs with float32 operands).
    What lives from step 2 to step 3 per op is thus the smaller of g_i and (x_i, d_i), never
    patches. Both are exact.
 
@@ -142,8 +142,10 @@ def ws_conv_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, *
     d [m, K, H', W', out] = dLoss_i/d(output). Returns (float32 [m], summer): summer(weights [m])
     is the weighted sum of the per-example gradients {w, gain, bias}: from the kept per-example
     gradients where they were materialised and are no larger than (x, d)
-    (`bk_layers.keep_per_example_grads`), else (ghost route too) from (x, d) alone
-    (`bk_layers.patches_weighted_sum`), then the standardisation's VJP once.
+    (`bk_layers.keep_per_example_grads`), else from (x, d) alone: by rebuilt patches
+    (`bk_layers.patches_weighted_sum`, then the standardisation's VJP once) on the materialised
+    route and on the native ghost route, by one float32 weight-gradient VJP of the op on the
+    float32 ghost route.
     ``matmul``: `bk_layers.native_operands` (bfloat16 patches and tensor-core contractions with
     float32 accumulation for bfloat16 x and d off CPU). See the module doc.
     """
@@ -174,12 +176,23 @@ def ws_conv_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, *
     def xd_summer(weights: jax.Array) -> dict[str, jax.Array]:
         # From (x, weights * d) alone: patches rebuilt, one contraction (bfloat16 x with the
         # float32 weighted d's bfloat16 high and low parts if native, `bk_layers.split_dot`):
-        # no XLA convolution, and no float32 one (on a GPU a float32 conv at HIGHEST precision
-        # runs without tensor cores).
+        # no float32 convolution, which a GPU runs at HIGHEST precision without tensor cores.
         g_sum = bk_layers.patches_weighted_sum(xr, d, weights, cfg, native)  # [g, n, o]
         _, vjp = jax.vjp(ops.standardize_weight, w, gain)
         g_w, g_gain = vjp(jnp.moveaxis(g_sum, 0, 1).reshape(w.shape))
         return {"w": g_w, "gain": g_gain, "bias": _weighted_rows(weights, bias_rows).reshape(cout)}
+
+    def conv_summer(weights: jax.Array) -> dict[str, jax.Array]:
+        # Not native (float32 operands): one weight-gradient VJP of the op computed in float32 at
+        # (x, weights * d); on CPU one XLA convolution is cheaper than rebuilding patches for the
+        # small ghost-normed layers (many slices per group and offset, inside the microbatch scan).
+        keep = (weights != 0).reshape((-1,) + (1,) * (x.ndim - 1))
+        x_rows = jnp.where(keep, x, 0.0).astype(F32).reshape(xr.shape)
+        d_rows = jnp.where(keep, d.astype(F32) * weights.reshape((-1,) + (1,) * (d.ndim - 1)), 0.0)
+        p32 = {name: v.astype(F32) for name, v in params.items()}
+        _, vjp = jax.vjp(lambda p: ops.ws_conv(p, x_rows, stride=stride, groups=groups, dtype=F32), p32)
+        (g,) = vjp(d_rows.reshape((-1,) + d.shape[-3:]))
+        return g
 
     if _use_ghost(ghost, rows, n, cout_g, groups):
         patches = conv_patches(xr, k, stride)  # [mK, H', W', k, k, in]
@@ -189,7 +202,7 @@ def ws_conv_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, *
         e_dot = bk_layers.dot("mrg,mrgo->mgo", jnp.sum(a, axis=-1, dtype=F32), dd, False) / math.sqrt(n)
         c_dot = bk_layers.dot("mrgo,mrgo->mgo", bk_layers.split_dot("mrgn,ngo->mrgo", a, centred, native), dd, False)
         g_sq = _ghost_sq_norm(a, dd * scale, native)
-        summer = xd_summer  # the norm's patches are not kept for the sum
+        summer = xd_summer if native else conv_summer  # the norm's patches are not kept for the sum
     else:
         # Materialised g = dL_i/dw_hat [m, groups, n, o] from channel-major patches (features in
         # w's HWI order, no transpose of the patches): every term is a contraction of it.
