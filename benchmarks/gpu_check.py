@@ -9,7 +9,8 @@ params). One "step" on a batch of b examples, jitted, with an SGD update:
                  per-example work): the fastest non-private step, the denominator of every ratio;
   * bookkeeping: ``bookkeeping.bk_clipped_grad_sum`` (flat clipping, C = 1) + ``noise.privatize``
                  (sigma = 1, a fixed plan: no accountant needed);
-  * vmap:        ``engine.clipped_grad_sum`` (vmap of per-example grads) + the same noise step.
+  * vmap:        ``engine.clipped_grad_sum`` (vmap of per-example grads) + the same noise step;
+  * bookkeeping_ghost (only if --methods names it): book-keeping with ghost norms for every layer.
 DP steps use microbatch = b (one vmapped chunk, no accumulation loop).
 
 Protocol (XLA's GPU compile autotunes by running kernels on the GPU, and compiling dominates: on an
@@ -41,6 +42,7 @@ Imports only jax, flax, numpy and dpft.models / dpft.privacy.{engine,bookkeeping
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import signal
@@ -57,7 +59,11 @@ SMOKE = {"nfnet_micro": 32, "vit_micro": 32}
 #: Default batch sizes (also the DP microbatch). H200, bf16: NFNet-F0 non-private b=128 used 8.0 GiB
 #: peak, book-keeping 10.8 GiB, ViT-B/16 non-private 13.7 GiB; x4 steps reach the memory limit in 3 sizes.
 BATCHES = {"full": (128, 512, 2048), "smoke": (2, 4)}
-METHODS = ("nonprivate", "bookkeeping", "vmap")
+#: Every method, in timing order; the check runs DEFAULT_METHODS unless --methods names others.
+#: bookkeeping_ghost: book-keeping with ghost norms for every layer (ghost="always"), to compare
+#: with the flop-based per-layer rule of "bookkeeping" on a device where bytes may matter more.
+METHODS = ("nonprivate", "bookkeeping", "vmap", "bookkeeping_ghost")
+DEFAULT_METHODS = METHODS[:3]
 NUM_CLASSES = 10
 OOM_MARKERS = ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory", "OOM")
 MIB = 2.0 ** 20
@@ -105,7 +111,9 @@ def make_step(model_name: str, method: str, resolution: int, dtype_name: str):
             loss, grads = jax.value_and_grad(batch_loss)(p, batch, ks["data"])
             return jax.tree.map(lambda x, g: x - lr * g.astype(x.dtype), p, grads), loss
     else:
-        clipped_sum = bookkeeping.bk_clipped_grad_sum if method == "bookkeeping" else engine.clipped_grad_sum
+        clipped_sum = (functools.partial(bookkeeping.bk_clipped_grad_sum,
+                                         ghost="always" if method == "bookkeeping_ghost" else "auto")
+                       if method.startswith("bookkeeping") else engine.clipped_grad_sum)
         clipping = engine.ClippingConfig(mode="flat", clip_norm=1.0)
         def step(p, batch, ks):
             b = batch["mask"].shape[0]
@@ -661,7 +669,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny models (nfnet_micro, vit_micro), runs on CPU")
     ap.add_argument("--allow-cpu", action="store_true", help="run the full models on CPU anyway")
     ap.add_argument("--models", nargs="+", default=None)
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS,
+                    help=f"default {' '.join(DEFAULT_METHODS)}; also bookkeeping_ghost (ghost norms for every layer)")
     ap.add_argument("--batches", nargs="+", type=int, default=None,
                     help=f"batch sizes (= DP microbatch) of every model and method (default {BATCHES['full']}, "
                          f"--smoke {BATCHES['smoke']})")

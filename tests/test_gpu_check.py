@@ -183,6 +183,15 @@ def test_a_size_extrapolated_past_the_memory_limit_is_not_compiled(smoke, env, t
     assert 4 <= s["est_max_microbatch"] < 8
 
 
+def test_the_all_ghost_bookkeeping_variant_runs_when_asked_for(env, tmp_path):
+    doc, md = _run(env, tmp_path, "--models", "vit_micro", "--methods", "nonprivate", "bookkeeping_ghost",
+                   "--batches", "2", "--budget-s", "600", "--compile-s", "500")
+    assert [(r["method"], r["status"]) for r in doc["rows"]] == [("nonprivate", "ok"), ("bookkeeping_ghost", "ok")]
+    ghost = doc["rows"][1]
+    assert ghost["ratio_vs_best_nonprivate"] == pytest.approx(ghost["examples_per_s"] / doc["rows"][0]["examples_per_s"])
+    assert "| vit_micro | bookkeeping_ghost |" in md
+
+
 def test_a_passed_compile_deadline_leaves_rows_with_the_cause(env, tmp_path):
     doc, _ = _run(env, tmp_path, "--models", "nfnet_micro", "--methods", "nonprivate", "vmap", "--budget-s", "30",
                   "--compile-s", "0.5")
