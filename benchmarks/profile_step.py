@@ -24,7 +24,9 @@ and the book-keeping engine's pieces (dpft.privacy.bookkeeping):
                      contraction of (x, weights * d) per layer)
   bk_full_dp         bookkeeping.bk_clipped_grad_sum(flat, microbatch=B) + privatize, fused by XLA
 The pieces are timed as separate programs (inputs already on device), so their sum exceeds the fused
-step; the ratios show what is intrinsic (per-example backward) and what is overhead.
+step; the ratios show what is intrinsic (per-example backward) and what is overhead. ``compile_s`` is
+the first call's time: ~0 for a piece whose program already ran to build another piece's inputs
+(per_example_grads, norms, bk_tap_pass, bk_norms).
 """
 from __future__ import annotations
 
