@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import threading
 from typing import Sequence
 
 from dpft import errors, host_memory
@@ -99,8 +100,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _say(line: str) -> None:
     """`line` and its newline to stderr in one write, flushed: a background thread's log (orbax,
-    absl) can come before or after it but never inside it (print() writes the newline separately)."""
-    sys.stderr.write(line + "\n")
+    absl) can come before or after it but never inside it. While other Python threads are alive
+    the line also starts with a newline: one of them may have written part of a line (print() and
+    traceback printing write a line's text and its newline separately), and the line must not
+    continue theirs (a CI run once lost `dpft train: error: ...` at the start of a line so)."""
+    lead = "\n" if threading.active_count() > 1 else ""
+    sys.stderr.write(lead + line + "\n")
     sys.stderr.flush()
 
 

@@ -212,7 +212,8 @@ def test_disk_full_during_training_is_one_line_exit_5(base, tmpfs_mount):
     # first (the checkpoint, or a log file beside it) depends on timing; the checkpoint's error
     # also names the step.
     ours = [l for l in proc.stderr.splitlines() if l.startswith("dpft train: error: ")]
-    assert len(ours) == 1, proc.stderr[-3000:]
+    anywhere = [l[:300] for l in proc.stderr.splitlines() if "dpft train: error: " in l]
+    assert len(ours) == 1, (anywhere, proc.stderr[-3000:])
     assert "RESOURCE_EXHAUSTED" in ours[0] or "No space left" in ours[0], ours[0]
     assert ours[0].endswith(("intact", "No space left on device")), ours[0]  # nothing appended
     assert str(run) in ours[0], ours[0]  # names the checkpoint directory or the file that failed
