@@ -239,15 +239,6 @@ def _compile_one(step: Any, params: Any, step_keys: dict, b: int, resolution: in
     return rec, compiled
 
 
-def extrapolated_bytes(points: dict[int, float], b: int) -> float | None:
-    """Predicted bytes at batch b on the line through the two largest sizes of {batch: bytes} (None
-    with fewer than two)."""
-    if len(points) < 2:
-        return None
-    b0, b1 = sorted(points)[-2:]
-    return points[b1] + (points[b1] - points[b0]) / (b1 - b0) * (b - b1)
-
-
 def memory_limit_bytes(limit_mib: float | None) -> int | None:
     """--memory-limit-mib in bytes, else the device's ``bytes_limit`` (None on CPU)."""
     import jax
@@ -268,9 +259,10 @@ def compile_sizes(args: argparse.Namespace, step: Any, params: Any, step_keys: d
     stop: str | None = None
     for b in sorted(args.batches):
         base = {"batch": b, "memory_limit_mib": limit / MIB if limit is not None else None}
-        guess = extrapolated_bytes(points, b)
-        if stop is None and limit is not None and guess is not None and guess > limit:
-            stop = (f"extrapolated {guess / MIB:.0f} MiB (line through b={sorted(points)[-2]} and "
+        # the summary's estimate, made from the sizes compiled so far (all below the limit)
+        est, a, c = estimate_max_batch(points, limit) if limit is not None else (None, None, None)
+        if stop is None and est is not None and b > est:
+            stop = (f"extrapolated {(a + c * b) / MIB:.0f} MiB (line through b={sorted(points)[-2]} and "
                     f"b={sorted(points)[-1]}) > memory limit {limit / MIB:.0f} MiB; not compiled")
         if stop is not None:
             _append(out, {**base, "status": "oom_predicted", "cause": stop})
