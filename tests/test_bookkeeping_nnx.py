@@ -131,15 +131,39 @@ def test_conv_with_input_dilation_is_free_and_exact():
 
 
 @pytest.mark.parametrize("ghost", ["always", "never"])
-@pytest.mark.parametrize("case", ["linear", "linear_no_bias", "general_2in_2out", "general_middle_axis"])
+@pytest.mark.parametrize("case", ["linear", "linear_narrowing", "linear_no_bias", "general_2in_2out",
+                                  "general_middle_axis"])
 def test_dense_matches_brute_force(case, ghost):
     layer, shape = {
         "linear": (nnx.Linear(5, 7, rngs=RNGS()), (3, 5)),
+        "linear_narrowing": (nnx.Linear(7, 3, rngs=RNGS()), (4, 7)),  # fan-in > fan-out: G^T = D^T A
         "linear_no_bias": (nnx.Linear(5, 7, use_bias=False, rngs=RNGS()), (5,)),
         "general_2in_2out": (nnx.LinearGeneral((2, 3), (4, 5), axis=(-2, -1), rngs=RNGS()), (6, 2, 3)),
         "general_middle_axis": (nnx.LinearGeneral(3, 4, axis=1, rngs=RNGS()), (3, 5)),
     }[case]
     check_layer(layer, rand(M, K, *shape), ["nnx_dense"], ghost)
+
+
+@pytest.mark.parametrize("ghost", ["always", "never"])
+def test_dense_contractions_have_no_size_one_batch_dimension(ghost):
+    """A dense layer is one group: its per-example dots batch over examples alone (a size-1 group
+    axis as a dot batch dimension made XLA:CPU copy ViT-Ti's activations around every dot)."""
+    from dpft.privacy import bk_layers
+    from dpft.nn import nnx_layers
+    params = {"kernel": jnp.ones((8, 3)), "bias": jnp.ones((3,))}
+    x, d = rand(M, K, 5, 8), rand(M, K, 5, 3, seed=1)
+
+    def run(x, d):
+        sq, summer = bk_layers.dense_norms(params, x, d, nnx_layers.Dense((2,)), ghost)
+        return sq, summer(jnp.ones((M,)))
+
+    batch_sizes = []
+    for eqn in jax.make_jaxpr(run)(x, d).jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            (_, _), (lhs_batch, _) = eqn.params["dimension_numbers"]
+            batch_sizes.append(tuple(eqn.invars[0].aval.shape[a] for a in lhs_batch))
+    assert (M,) in batch_sizes  # the per-example contractions (norms)
+    assert all(1 not in b for b in batch_sizes), batch_sizes
 
 
 @pytest.mark.parametrize("ghost", ["always", "never"])
