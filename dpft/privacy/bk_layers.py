@@ -105,59 +105,40 @@ def matmul_norms(a: jax.Array, d: jax.Array, ghost: str, native: bool = False
     """a [m, R, g, n], d [m, R, g, o] (float32, or bfloat16 if ``native``) -> (sum_g ||A_ig^T
     D_ig||^2 [m], weights -> sum_i w_i A_i^T D_i [g, n, o]), float32."""
     rows, n, o = a.shape[1], a.shape[3], d.shape[3]
-    if a.shape[2] == 1:
-        # One group (dense layers): the same contractions without the size-1 group axis, which as
-        # a batch dimension of the per-example dots made XLA:CPU lay the layer's activations out
-        # with that axis outermost and copy them before and after each dot.
-        sq, summer = _matmul_norms_1(a.reshape(a.shape[0], rows, n), d.reshape(d.shape[0], rows, o), ghost, native)
-        return sq, lambda weights: summer(weights)[None]
+    groups = a.shape[2]
+    # One group (dense layers, groups=1 convs): the contractions leave out the size-1 group axis,
+    # which as a batch dimension of the per-example dots made XLA:CPU lay the layer's activations
+    # out with that axis outermost and copy them before and after each dot.
+    G = "g" if groups > 1 else ""
+    if groups == 1:
+        a, d = a.reshape(a.shape[0], rows, n), d.reshape(d.shape[0], rows, o)
+
+    def grouped(v: jax.Array) -> jax.Array:  # [G, n, o] -> [g, n, o]
+        return v.reshape((groups,) + v.shape[-2:])
+
     if use_ghost(ghost, rows, n, o):
-        gram_a = dot("mrgn,msgn->mgrs", a, a, native)
-        gram_d = dot("mrgo,msgo->mgrs", d, d, native)
-        sq = jnp.sum(gram_a * gram_d, axis=(1, 2, 3))
+        gram_a = dot(f"mr{G}n,ms{G}n->m{G}rs", a, a, native)
+        gram_d = dot(f"mr{G}o,ms{G}o->m{G}rs", d, d, native)
+        sq = jnp.sum(gram_a * gram_d, axis=tuple(range(1, gram_a.ndim)))
 
         def ghost_sum(weights: jax.Array) -> jax.Array:
-            return split_dot("mrgn,mrgo->gno", _keep(weights, a, False), _keep(weights, d.astype(F32), True), native)
+            return grouped(split_dot(f"mr{G}n,mr{G}o->{G}no", _keep(weights, a, False),
+                                     _keep(weights, d.astype(F32), True), native))
 
         return sq, ghost_sum
     if n <= o:
-        g, sum_spec = dot("mrgn,mrgo->mgno", a, d, native), "m,mgno->gno"
+        g, sum_spec = dot(f"mr{G}n,mr{G}o->m{G}no", a, d, native), f"m,m{G}no->{G}no"
     else:
         # The per-example gradient transposed, G_i^T = D_i^T A_i [g, o, n]: a matmul transposes
         # the operand whose contracted rows are not its minor axis (the first), so the narrower
         # one goes first (on CPU, ViT's MLP output layer: a [m, 197, 768] transposed copy per
         # example otherwise); norms need no layout, and the kept sum is transposed once.
-        g, sum_spec = dot("mrgo,mrgn->mgon", d, a, native), "m,mgon->gno"
+        g, sum_spec = dot(f"mr{G}o,mr{G}n->m{G}on", d, a, native), f"m,m{G}on->{G}no"
 
     def kept_sum(weights: jax.Array) -> jax.Array:
-        return jnp.einsum(sum_spec, weights.astype(F32), _keep(weights, g, False), precision=HI)
+        return grouped(jnp.einsum(sum_spec, weights.astype(F32), _keep(weights, g, False), precision=HI))
 
-    return jnp.sum(jnp.square(g), axis=(1, 2, 3)), kept_sum
-
-
-def _matmul_norms_1(a: jax.Array, d: jax.Array, ghost: str, native: bool
-                    ) -> tuple[jax.Array, Callable[[jax.Array], jax.Array]]:
-    """`matmul_norms` of one group: a [m, R, n], d [m, R, o] -> (||A_i^T D_i||^2 [m], weights ->
-    sum_i w_i A_i^T D_i [n, o])."""
-    rows, n, o = a.shape[1], a.shape[2], d.shape[2]
-    if use_ghost(ghost, rows, n, o):
-        gram_a = dot("mrn,msn->mrs", a, a, native)
-        gram_d = dot("mro,mso->mrs", d, d, native)
-        sq = jnp.sum(gram_a * gram_d, axis=(1, 2))
-
-        def ghost_sum(weights: jax.Array) -> jax.Array:
-            return split_dot("mrn,mro->no", _keep(weights, a, False), _keep(weights, d.astype(F32), True), native)
-
-        return sq, ghost_sum
-    if n <= o:
-        g, sum_spec = dot("mrn,mro->mno", a, d, native), "m,mno->no"
-    else:
-        g, sum_spec = dot("mro,mrn->mon", d, a, native), "m,mon->no"
-
-    def kept_sum(weights: jax.Array) -> jax.Array:
-        return jnp.einsum(sum_spec, weights.astype(F32), _keep(weights, g, False), precision=HI)
-
-    return jnp.sum(jnp.square(g), axis=(1, 2)), kept_sum
+    return jnp.sum(jnp.square(g), axis=tuple(range(1, g.ndim))), kept_sum
 
 
 def _with_bias(params: Mapping[str, jax.Array], sq: jax.Array, kernel_sum: Callable, d_rows: jax.Array,
