@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dpft.nn import taps
+from dpft.nn import nnx_layers, taps
 from dpft.testing.jaxprs import low_precision_dots
-from dpft.privacy import adapters, bookkeeping, engine, keys
+from dpft.privacy import adapters, bk_layers, bookkeeping, engine, keys
 from dpft.privacy import plan as plan_lib
 from dpft.privacy.engine import ClippingConfig
 
@@ -148,8 +148,6 @@ def test_dense_matches_brute_force(case, ghost):
 def test_dense_contractions_have_no_size_one_batch_dimension(ghost):
     """A dense layer is one group: its per-example dots batch over examples alone (a size-1 group
     axis as a dot batch dimension made XLA:CPU copy ViT-Ti's activations around every dot)."""
-    from dpft.privacy import bk_layers
-    from dpft.nn import nnx_layers
     params = {"kernel": jnp.ones((8, 3)), "bias": jnp.ones((3,))}
     x, d = rand(M, K, 5, 8), rand(M, K, 5, 3, seed=1)
 

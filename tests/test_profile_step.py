@@ -9,6 +9,7 @@ import pytest
 
 from benchmarks import profile_step
 
+
 @pytest.mark.slow
 def test_every_piece_is_timed_and_bookkeeping_norms_match_vmap():
     rows = profile_step.bench("nfnet_micro", 4, 1, resolution=16, dtype="float32")
@@ -33,3 +34,5 @@ def test_the_norm_check_flags_a_wrong_norm():
     wrong = {"bk_norms": (lambda: jnp.square(ref.at[1].multiply(1.01)), ()), "norms": (lambda: ref, ())}
     assert profile_step.norms_rel_diff(right) == 0.0
     assert np.isclose(profile_step.norms_rel_diff(wrong), 0.01, rtol=1e-4)
+    zero = {"bk_norms": (lambda: jnp.asarray([0.0, 0.25]), ()), "norms": (lambda: jnp.asarray([0.0, 0.0]), ())}
+    assert profile_step.norms_rel_diff(zero) == 0.5  # defined (absolute) where the reference norm is 0
