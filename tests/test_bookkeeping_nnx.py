@@ -170,17 +170,42 @@ def test_embed_matches_brute_force_with_repeated_tokens(ghost):
     check_layer(nnx.Embed(7, 4, rngs=RNGS()), tokens, ["nnx_embed"], ghost)
 
 
-@pytest.mark.parametrize("case", ["layer_norm", "rms_norm", "group_norm", "einsum", "conv_transpose"])
+NORM_CASES = {
+    "layer_norm": (lambda: nnx.LayerNorm(5, rngs=RNGS()), (3, 5)),
+    "layer_norm_no_bias_eps": (lambda: nnx.LayerNorm(5, use_bias=False, epsilon=0.5, rngs=RNGS()), (3, 5)),
+    "layer_norm_no_scale": (lambda: nnx.LayerNorm(5, use_scale=False, rngs=RNGS()), (3, 5)),
+    "layer_norm_two_feature_axes": (
+        lambda: nnx.LayerNorm(15, reduction_axes=(-2, -1), feature_axes=(-2, -1), use_fast_variance=False,
+                              rngs=RNGS()), (2, 3, 5)),
+    "layer_norm_bfloat16": (lambda: nnx.LayerNorm(5, dtype=jnp.bfloat16, rngs=RNGS()), (3, 5)),
+    "rms_norm": (lambda: nnx.RMSNorm(5, rngs=RNGS()), (3, 5)),
+    "group_norm": (lambda: nnx.GroupNorm(8, num_groups=4, rngs=RNGS()), (4, 4, 8)),
+    "group_norm_group_size_1d": (lambda: nnx.GroupNorm(6, num_groups=None, group_size=3, rngs=RNGS()), (7, 6)),
+    "group_norm_reduction_axes": (lambda: nnx.GroupNorm(8, num_groups=2, reduction_axes=(2, -1), rngs=RNGS()),
+                                  (3, 4, 8)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NORM_CASES))
+def test_norm_layers_match_brute_force(case):
+    # nnx_norm route: scale/bias gradients from the layer's own normalisation of the recorded x
+    # (computed again in float32 with m merged into the call's axis 0) and the output gradient.
+    make, shape = NORM_CASES[case]
+    layer = make()
+    rtol = 5e-3 if layer.dtype == jnp.bfloat16 else 1e-4  # bf16: brute force rounds in bf16 (2^-9)
+    check_layer(layer, rand(M, K, *shape), ["nnx_norm"], rtol=rtol)
+
+
+@pytest.mark.parametrize("case", ["norm_over_the_call_batch_axis", "einsum", "conv_transpose"])
 def test_free_parameter_layers_match_brute_force(case):
     layer, shape = {
-        "layer_norm": (nnx.LayerNorm(5, rngs=RNGS()), (3, 5)),
-        "rms_norm": (nnx.RMSNorm(5, rngs=RNGS()), (3, 5)),
-        "group_norm": (nnx.GroupNorm(8, num_groups=4, rngs=RNGS()), (4, 4, 8)),
+        # statistics across axis 0 of a call (the augmult views): not tapped, free parameters
+        "norm_over_the_call_batch_axis": (nnx.LayerNorm(5, reduction_axes=(0, -1), rngs=RNGS()), (3, 5)),
         "einsum": (nnx.Einsum("kab,bc->kac", (5, 7), (7,), rngs=RNGS()), (3, 5)),
         "conv_transpose": (nnx.ConvTranspose(4, 3, (3, 3), strides=2, rngs=RNGS()), (4, 4, 4)),
     }[case]
-    # LayerNorm's scale/bias etc. are untouched by the taps: exact per-example gradients from
-    # parameter perturbations (one [m, *param] gradient each).
+    # Parameters of untapped layers: exact per-example gradients from parameter perturbations
+    # (one [m, *param] gradient each).
     check_layer(layer, rand(M, K, *shape), [])
 
 
@@ -346,10 +371,11 @@ def test_model_equals_vmap_engine(name, mode):
     assert_same(run["vmap"], run["bk"])
     norms = np.asarray(run["vmap"][1]["norms"])
     assert np.all(norms[BATCH_MASK > 0] > 0.1) and np.all(np.asarray(run["bk"][1]["norms"])[BATCH_MASK == 0] == 0)
-    if name == "vit":  # the class token and positions are free parameters, the rest is tapped
-        specs = bookkeeping.discover(loss_fn.tapped, params, {k: v for k, v in batch.items() if k != "mask"}, rng)
-        assert {"embed/cls", "embed/pos"} <= set(specs.free)
-        assert {s.kind for s in specs.specs.values()} == {"nnx_conv", "nnx_dense"}
+    # vit: the class token and positions are free parameters, the rest is tapped (LayerNorms too)
+    specs = bookkeeping.discover(loss_fn.tapped, params, {k: v for k, v in batch.items() if k != "mask"}, rng)
+    kinds = {"vit": {"nnx_conv", "nnx_dense", "nnx_norm"}, "gn_cnn": {"nnx_conv", "nnx_dense", "nnx_norm"}}[name]
+    assert {s.kind for s in specs.specs.values()} == kinds
+    assert set(specs.free) == ({"embed/cls", "embed/pos"} if name == "vit" else set())
 
 
 def test_auto_grad_method_picks_bookkeeping_for_a_standard_nnx_model():

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 from jax import lax
 from flax import nnx
 from flax.nnx.nn import linear as nnx_linear
@@ -60,6 +61,18 @@ class Embed:
     num_embeddings: int
 
 
+@dataclasses.dataclass(frozen=True)
+class Norm:
+    """nnx.LayerNorm / nnx.RMSNorm / nnx.GroupNorm: the layer's output is xhat * scale + bias with
+    scale and bias acting on the ``features`` trailing elements of each position, and xhat the
+    layer's parameter-free normalisation of its input. ``normalized(x)``: that xhat in float32
+    (the layer's own code with scale 1, bias 0 and float32 compute) for inputs shaped like one
+    call's, batched along axis 0 (the layer's statistics never span axis 0)."""
+
+    features: int
+    normalized: Callable[[Array], Array] = dataclasses.field(compare=False, repr=False)
+
+
 def _tuple(x: Any, n: int) -> tuple[int, ...]:
     if x is None:
         x = 1
@@ -95,6 +108,45 @@ def _conv_config(m: nnx.Conv, x: Array) -> Conv | None:
     return Conv(k, strides, dil, pads, int(m.feature_group_count), pre_pad)
 
 
+def _axes(axes: Any, ndim: int) -> tuple[int, ...]:
+    return tuple(sorted(int(a) % ndim for a in (axes if isinstance(axes, (tuple, list)) else (axes,))))
+
+
+def _normalized(m: nnx.Module, x: Array) -> Array:
+    """xhat of norm layer ``m`` at x: its own ``__call__`` on a float32 copy with scale 1, bias 0."""
+    base = type(m).__dict__.get("_dpft_base", type(m))
+    clone = object.__new__(base)
+    clone.__dict__.update(m.__dict__)
+    clone.__dict__.pop(taps._ATTR, None)
+    object.__setattr__(clone, "dtype", jnp.float32)
+    for name, fill in (("scale", jnp.ones), ("bias", jnp.zeros)):
+        if getattr(m, name, None) is not None:
+            object.__setattr__(clone, name, nnx.Param(fill(getattr(m, name).shape, jnp.float32)))
+    return base.__call__(clone, x.astype(jnp.float32))
+
+
+def _norm_config(m: nnx.Module, x: Array) -> Norm | None:
+    """Norm layers whose scale/bias act on trailing features and whose statistics stay inside one
+    position of axis 0 (no cross-device ``axis_name``); else None (untapped)."""
+    if x.ndim < 2 or getattr(m, "axis_name", None) is not None:
+        return None
+    if isinstance(m, nnx.GroupNorm):
+        feature = _axes(m.feature_axis, x.ndim)
+        reduction = _axes(m.reduction_axes, x.ndim) if m.reduction_axes is not None else (x.ndim - 1,)
+    else:
+        feature, reduction = _axes(m.feature_axes, x.ndim), _axes(m.reduction_axes, x.ndim)
+    if 0 in reduction or feature != tuple(range(x.ndim - len(feature), x.ndim)):
+        return None
+    features = 1
+    for a in feature:
+        features *= int(x.shape[a])
+    for name in ("scale", "bias"):
+        p = getattr(m, name, None)
+        if p is not None and p.size != features:
+            return None
+    return Norm(features, functools.partial(_normalized, m))
+
+
 def layer_config(m: nnx.Module, args: tuple, kwargs: dict) -> tuple[str, Any] | None:
     """(kind, configuration) of a call of a standard layer the engine taps, or None (untapped)."""
     if len(args) != 1 or any(v is not None for v in kwargs.values()) or not isinstance(args[0], jax.Array):
@@ -116,12 +168,19 @@ def layer_config(m: nnx.Module, args: tuple, kwargs: dict) -> tuple[str, Any] | 
         if m.num_embeddings <= 1 or not jax.numpy.issubdtype(x.dtype, jax.numpy.integer):
             return None
         return "nnx_embed", Embed(int(m.num_embeddings))
+    if base in NORM_TYPES:
+        if all(getattr(m, n, None) is None for n in PARAM_NAMES[base]):
+            return None
+        cfg = _norm_config(m, x)
+        return None if cfg is None else ("nnx_norm", cfg)
     return None
 
 
-TAPPED_TYPES = (nnx.Linear, nnx.LinearGeneral, nnx.Conv, nnx.Embed)
+NORM_TYPES = (nnx.LayerNorm, nnx.RMSNorm, nnx.GroupNorm)
+TAPPED_TYPES = (nnx.Linear, nnx.LinearGeneral, nnx.Conv, nnx.Embed) + NORM_TYPES
 PARAM_NAMES = {nnx.Linear: ("kernel", "bias"), nnx.LinearGeneral: ("kernel", "bias"),
-               nnx.Conv: ("kernel", "bias"), nnx.Embed: ("embedding",)}
+               nnx.Conv: ("kernel", "bias"), nnx.Embed: ("embedding",), nnx.LayerNorm: ("scale", "bias"),
+               nnx.RMSNorm: ("scale",), nnx.GroupNorm: ("scale", "bias")}
 
 
 def _call_with(m: nnx.Module, call: Any, p: dict[str, Array], x: Array) -> Array:
@@ -175,4 +234,4 @@ def install(module: nnx.Module, recorder: taps.Recorder) -> None:
             object.__setattr__(node, "__class__", _tapped_class(type(node)))
 
 
-__all__ = ["install", "layer_config", "Dense", "Conv", "Embed", "TAPPED_TYPES"]
+__all__ = ["install", "layer_config", "Dense", "Conv", "Embed", "Norm", "TAPPED_TYPES", "NORM_TYPES"]

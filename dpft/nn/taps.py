@@ -16,9 +16,10 @@ they would call ``fn(params, x)``:
 ``kind`` tells the engine how to get per-example gradient norms from (x, dL/dz):
 "ws_conv" (``ops.ws_conv``), "linear" (``ops.linear``), or "generic" (any small op: the
 engine materialises its per-example parameter gradients with a local vmap). Standard flax
-layers (``nnx.Linear``, ``nnx.LinearGeneral``, ``nnx.Conv``, ``nnx.Embed``) are tapped without
-changing their code by `dpft.nn.nnx_layers.install`, with kinds "nnx_dense", "nnx_conv" and
-"nnx_embed" and the layer's configuration in ``OpSpec.layer``.
+layers (``nnx.Linear``, ``nnx.LinearGeneral``, ``nnx.Conv``, ``nnx.Embed``, ``nnx.LayerNorm``,
+``nnx.RMSNorm``, ``nnx.GroupNorm``) are tapped without changing their code by
+`dpft.nn.nnx_layers.install`, with kinds "nnx_dense", "nnx_conv", "nnx_embed" and "nnx_norm" and
+the layer's configuration in ``OpSpec.layer``.
 No global state: the recorder lives on the module objects of one trace.
 
 Two more services of the recorder, used by the engine's discovery and recording passes:
@@ -26,8 +27,8 @@ Two more services of the recorder, used by the engine's discovery and recording 
 the module's own, so a parameter read *outside* its tap shows up as a separate use (the engine
 refuses it); ``param_perturbations`` {param path: Array} (record mode): added to those
 parameters before the model is built (`dpft.privacy.adapters.nnx_loss_fn`), for parameters
-used outside any tapped op ("free" parameters: norms' scales, class tokens, position
-embeddings, unknown layers), whose per-example gradient is then the gradient w.r.t. the
+used outside any tapped op ("free" parameters: class tokens, position embeddings, unknown
+layers), whose per-example gradient is then the gradient w.r.t. the
 perturbation.
 """
 from __future__ import annotations
@@ -40,7 +41,7 @@ from flax import nnx
 
 Array = jax.Array
 OpFn = Callable[[Mapping[str, Array], Array], Array]
-KINDS = ("ws_conv", "linear", "generic", "nnx_dense", "nnx_conv", "nnx_embed")
+KINDS = ("ws_conv", "linear", "generic", "nnx_dense", "nnx_conv", "nnx_embed", "nnx_norm")
 _ATTR = "_dpft_tap"
 
 

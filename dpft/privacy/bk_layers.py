@@ -1,6 +1,6 @@
 """Per-example gradient norms and weighted gradient sums of standard Flax NNX layers, from each
 example's layer input x and output gradient d (the book-keeping engine's step 2 and 3 for the
-kinds "nnx_dense", "nnx_conv", "nnx_embed" of `dpft.nn.nnx_layers`).
+kinds "nnx_dense", "nnx_conv", "nnx_embed", "nnx_norm" of `dpft.nn.nnx_layers`).
 
 Dense and conv layers are a matmul g_i = A_i^T D_i per group (A: input rows, or conv patches
 with features ordered as the kernel's (*k, in/groups); D: output-gradient rows). The squared
@@ -345,7 +345,33 @@ def embed_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, cfg
     return sq, summer
 
 
-ROUTES = {"nnx_dense": dense_norms, "nnx_conv": conv_norms, "nnx_embed": embed_norms}
+def norm_layer_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, cfg: nnx_layers.Norm,
+                     ghost: str = "auto", matmul: str = "auto") -> tuple[jax.Array, Summer]:
+    """nnx.LayerNorm / RMSNorm / GroupNorm: output xhat * scale + bias per feature, so with
+    xhat_i and d_i as rows [R, F] (F = cfg.features) the per-example gradients are
+    g_scale,i = sum_r d_ir * xhat_ir and g_bias,i = sum_r d_ir (float32). xhat comes from the
+    layer's own code (``cfg.normalized``) on the recorded x with m merged into each call's axis 0
+    (3-D reductions here instead of the perturbed parameters' reductions inside the tap pass,
+    which carry the size-1 augmult axis and are slow on XLA:CPU)."""
+    del ghost, matmul  # no matmul: two row reductions
+    m, f = x.shape[0], cfg.features
+    dd = d.astype(F32).reshape(m, -1, f)
+    grads = {}
+    if "scale" in params:
+        xhat = cfg.normalized(x.reshape((-1,) + x.shape[2:])).reshape(m, -1, f)
+        grads["scale"] = jnp.sum(dd * xhat, axis=1)
+    if "bias" in params:
+        grads["bias"] = jnp.sum(dd, axis=1)
+    sq = sum(jnp.sum(jnp.square(g), axis=1) for g in grads.values())
+
+    def summer(weights: jax.Array) -> dict[str, jax.Array]:
+        return {n: jnp.einsum("m,mf->f", weights.astype(F32), _keep(weights, g, False),
+                              precision=HI).reshape(params[n].shape) for n, g in grads.items()}
+
+    return sq, summer
+
+
+ROUTES = {"nnx_dense": dense_norms, "nnx_conv": conv_norms, "nnx_embed": embed_norms, "nnx_norm": norm_layer_norms}
 
 
 def layer_norms(kind: str, params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, cfg: object,
@@ -355,4 +381,4 @@ def layer_norms(kind: str, params: Mapping[str, jax.Array], x: jax.Array, d: jax
     return ROUTES[kind](params, x, d, cfg, ghost, matmul)
 
 
-__all__ = ["dense_norms", "conv_norms", "embed_norms", "conv_patches", "conv_patches_cm", "patches_weighted_sum", "keep_per_example_grads", "materialised_norms", "layer_norms", "matmul_norms", "use_ghost", "native_operands", "dot", "split_dot", "MATMUL_CHOICES"]
+__all__ = ["dense_norms", "conv_norms", "embed_norms", "norm_layer_norms", "conv_patches", "conv_patches_cm", "patches_weighted_sum", "keep_per_example_grads", "materialised_norms", "layer_norms", "matmul_norms", "use_ghost", "native_operands", "dot", "split_dot", "MATMUL_CHOICES"]
