@@ -3,13 +3,18 @@
 `install(module, recorder)` is called by `dpft.privacy.adapters.nnx_loss_fn` on the module it
 merges inside the engine's traced function (never on the user's object). Besides the taps of
 dpft's own layers (`dpft.nn.taps.install`) it swaps the class of every plain ``nnx.Linear``,
-``nnx.LinearGeneral``, ``nnx.Conv`` and ``nnx.Embed`` instance of that merged graph for a
-subclass whose ``__call__`` goes through the recorder (op "call", kinds "nnx_dense",
-"nnx_conv", "nnx_embed", the layer's configuration in ``OpSpec.layer``). The output is the
+``nnx.LinearGeneral``, ``nnx.Conv``, ``nnx.Embed``, ``nnx.LayerNorm`` and ``nnx.RMSNorm``
+instance of that merged graph for a subclass whose ``__call__`` goes through the
+recorder (op "call", kinds "nnx_dense", "nnx_conv", "nnx_embed", "nnx_norm", the layer's
+configuration in ``OpSpec.layer``). Norm layers are tapped so that their scale and bias gradients
+are row reductions of (xhat, d) in `dpft.privacy.bk_layers` rather than parameter perturbations
+inside the per-example ``vmap``, where the size-1 augmult axis makes XLA:CPU's fused
+multiply-reductions 10-15x slower. The output is the
 layer's own ``__call__`` (flax's code, with the recorder's parameter values), so the forward
 pass is unchanged. A layer with options the engine's formulas do not cover (a custom
 ``dot_general``, a kernel ``mask``, ``input_dilation``, ``batch_axis``, a one-row embedding, extra
-call arguments) is left untapped: its parameters are then "free" parameters (see
+call arguments, a norm whose statistics span a call's axis 0 or devices (``axis_name``) or whose
+features are not the trailing axes) is left untapped: its parameters are then "free" parameters (see
 `dpft.nn.taps`), whose per-example gradients the engine reads off parameter perturbations.
 ``nnx.BatchNorm`` mixes the examples of a batch and is refused (ValueError naming the layer).
 No global state: the swapped classes are cached subclasses; only the merged objects change.
@@ -63,7 +68,7 @@ class Embed:
 
 @dataclasses.dataclass(frozen=True)
 class Norm:
-    """nnx.LayerNorm / nnx.RMSNorm / nnx.GroupNorm: the layer's output is xhat * scale + bias with
+    """nnx.LayerNorm / nnx.RMSNorm: the layer's output is xhat * scale + bias with
     scale and bias acting on the ``features`` trailing elements of each position, and xhat the
     layer's parameter-free normalisation of its input. ``normalized(x)``: that xhat in float32
     (the layer's own code with scale 1, bias 0 and float32 compute) for inputs shaped like one
@@ -130,11 +135,7 @@ def _norm_config(m: nnx.Module, x: Array) -> Norm | None:
     position of axis 0 (no cross-device ``axis_name``); else None (untapped)."""
     if x.ndim < 2 or getattr(m, "axis_name", None) is not None:
         return None
-    if isinstance(m, nnx.GroupNorm):
-        feature = _axes(m.feature_axis, x.ndim)
-        reduction = _axes(m.reduction_axes, x.ndim) if m.reduction_axes is not None else (x.ndim - 1,)
-    else:
-        feature, reduction = _axes(m.feature_axes, x.ndim), _axes(m.reduction_axes, x.ndim)
+    feature, reduction = _axes(m.feature_axes, x.ndim), _axes(m.reduction_axes, x.ndim)
     if 0 in reduction or feature != tuple(range(x.ndim - len(feature), x.ndim)):
         return None
     features = 1
@@ -176,11 +177,14 @@ def layer_config(m: nnx.Module, args: tuple, kwargs: dict) -> tuple[str, Any] | 
     return None
 
 
-NORM_TYPES = (nnx.LayerNorm, nnx.RMSNorm, nnx.GroupNorm)
+#: Tapped norm layers. nnx.GroupNorm stays a free-parameter layer: on a GroupNorm CNN (32x32, 8
+#: channels) its tapped route (xhat again, reductions over [m, H*W, C]) cost 10-15% of the step,
+#: the perturbations' reductions inside the tap pass nothing measurable (benchmarks/README.md).
+NORM_TYPES = (nnx.LayerNorm, nnx.RMSNorm)
 TAPPED_TYPES = (nnx.Linear, nnx.LinearGeneral, nnx.Conv, nnx.Embed) + NORM_TYPES
 PARAM_NAMES = {nnx.Linear: ("kernel", "bias"), nnx.LinearGeneral: ("kernel", "bias"),
                nnx.Conv: ("kernel", "bias"), nnx.Embed: ("embedding",), nnx.LayerNorm: ("scale", "bias"),
-               nnx.RMSNorm: ("scale",), nnx.GroupNorm: ("scale", "bias")}
+               nnx.RMSNorm: ("scale",)}
 
 
 def _call_with(m: nnx.Module, call: Any, p: dict[str, Array], x: Array) -> Array:

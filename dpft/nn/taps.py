@@ -17,7 +17,7 @@ they would call ``fn(params, x)``:
 "ws_conv" (``ops.ws_conv``), "linear" (``ops.linear``), or "generic" (any small op: the
 engine materialises its per-example parameter gradients with a local vmap). Standard flax
 layers (``nnx.Linear``, ``nnx.LinearGeneral``, ``nnx.Conv``, ``nnx.Embed``, ``nnx.LayerNorm``,
-``nnx.RMSNorm``, ``nnx.GroupNorm``) are tapped without changing their code by
+``nnx.RMSNorm``) are tapped without changing their code by
 `dpft.nn.nnx_layers.install`, with kinds "nnx_dense", "nnx_conv", "nnx_embed" and "nnx_norm" and
 the layer's configuration in ``OpSpec.layer``.
 No global state: the recorder lives on the module objects of one trace.

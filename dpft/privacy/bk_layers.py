@@ -347,7 +347,7 @@ def embed_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, cfg
 
 def norm_layer_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, cfg: nnx_layers.Norm,
                      ghost: str = "auto", matmul: str = "auto") -> tuple[jax.Array, Summer]:
-    """nnx.LayerNorm / RMSNorm / GroupNorm: output xhat * scale + bias per feature, so with
+    """nnx.LayerNorm / RMSNorm: output xhat * scale + bias per feature, so with
     xhat_i and d_i as rows [R, F] (F = cfg.features) the per-example gradients are
     g_scale,i = sum_r d_ir * xhat_ir and g_bias,i = sum_r d_ir (float32). xhat comes from the
     layer's own code (``cfg.normalized``) on the recorded x with m merged into each call's axis 0

@@ -4,10 +4,12 @@
 arguments, same (grad_sum, stats), same per-example keys, exact up to float summation order)
 for losses made by `dpft.privacy.adapters.nnx_loss_fn` over any Flax NNX model: parameters used
 through a tapped op (`dpft.nn.taps`: dpft's layers; `dpft.nn.nnx_layers`: standard nnx.Conv,
-nnx.Linear, nnx.LinearGeneral, nnx.Embed, whose routes are in `dpft.privacy.bk_layers`) get the
-norm routes below; every other parameter is "free": a per-example zero perturbation is added to
-it, and the gradient w.r.t. that perturbation IS its per-example gradient (exact, for norms'
-scales, class tokens, position embeddings, unknown layers; one [m, *param] array each).
+nnx.Linear, nnx.LinearGeneral, nnx.Embed, nnx.LayerNorm, nnx.RMSNorm, whose routes
+are in `dpft.privacy.bk_layers`) get the norm routes below; every other parameter is "free": a
+per-example zero perturbation is added to it, and the gradient w.r.t. that perturbation IS its
+per-example gradient (exact, for GroupNorm scales, class tokens, position embeddings, unknown
+layers; one
+[m, *param] array each).
 Discovery traces one example and refuses (naming the layer) a tapped layer called twice or a
 tapped parameter also used elsewhere (weight sharing), and nnx.BatchNorm. Per microbatch:
 
