@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, Callable
 
 import jax
@@ -118,34 +119,22 @@ def _axes(axes: Any, ndim: int) -> tuple[int, ...]:
 
 
 def _normalized(m: nnx.Module, x: Array) -> Array:
-    """xhat of norm layer ``m`` at x: its own ``__call__`` on a float32 copy with scale 1, bias 0."""
+    """xhat of norm layer ``m`` at x: its own ``__call__`` in float32 with scale 1, bias 0."""
     base = type(m).__dict__.get("_dpft_base", type(m))
-    clone = object.__new__(base)
-    clone.__dict__.update(m.__dict__)
-    clone.__dict__.pop(taps._ATTR, None)
-    object.__setattr__(clone, "dtype", jnp.float32)
-    for name, fill in (("scale", jnp.ones), ("bias", jnp.zeros)):
-        if getattr(m, name, None) is not None:
-            object.__setattr__(clone, name, nnx.Param(fill(getattr(m, name).shape, jnp.float32)))
-    return base.__call__(clone, x.astype(jnp.float32))
+    unit = {name: fill(getattr(m, name).shape, jnp.float32)
+            for name, fill in (("scale", jnp.ones), ("bias", jnp.zeros)) if getattr(m, name, None) is not None}
+    return _call_with(m, base.__call__, unit, x.astype(jnp.float32), dtype=jnp.float32)
 
 
 def _norm_config(m: nnx.Module, x: Array) -> Norm | None:
     """Norm layers whose scale/bias act on trailing features and whose statistics stay inside one
     position of axis 0 (no cross-device ``axis_name``); else None (untapped)."""
-    if x.ndim < 2 or getattr(m, "axis_name", None) is not None:
+    if getattr(m, "axis_name", None) is not None:
         return None
     feature, reduction = _axes(m.feature_axes, x.ndim), _axes(m.reduction_axes, x.ndim)
     if 0 in reduction or feature != tuple(range(x.ndim - len(feature), x.ndim)):
         return None
-    features = 1
-    for a in feature:
-        features *= int(x.shape[a])
-    for name in ("scale", "bias"):
-        p = getattr(m, name, None)
-        if p is not None and p.size != features:
-            return None
-    return Norm(features, functools.partial(_normalized, m))
+    return Norm(math.prod(int(x.shape[a]) for a in feature), functools.partial(_normalized, m))
 
 
 def layer_config(m: nnx.Module, args: tuple, kwargs: dict) -> tuple[str, Any] | None:
@@ -187,14 +176,17 @@ PARAM_NAMES = {nnx.Linear: ("kernel", "bias"), nnx.LinearGeneral: ("kernel", "bi
                nnx.RMSNorm: ("scale",)}
 
 
-def _call_with(m: nnx.Module, call: Any, p: dict[str, Array], x: Array) -> Array:
+def _call_with(m: nnx.Module, call: Any, p: dict[str, Array], x: Array, **attrs: Any) -> Array:
     """``call(m', x)`` for a shallow copy m' of ``m`` whose parameters are ``p`` (new ``nnx.Param``
-    objects: NNX forbids mutating variables created at another trace level)."""
+    objects: NNX forbids mutating variables created at another trace level) and whose other
+    attributes ``attrs`` (e.g. ``dtype``) are replaced."""
     clone = object.__new__(type(m).__dict__.get("_dpft_base", type(m)))
     clone.__dict__.update(m.__dict__)
     clone.__dict__.pop(taps._ATTR, None)
     for n, v in p.items():
         object.__setattr__(clone, n, nnx.Param(v))
+    for n, v in attrs.items():
+        object.__setattr__(clone, n, v)
     return call(clone, x)
 
 

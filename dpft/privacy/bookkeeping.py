@@ -8,8 +8,7 @@ nnx.Linear, nnx.LinearGeneral, nnx.Embed, nnx.LayerNorm, nnx.RMSNorm, whose rout
 are in `dpft.privacy.bk_layers`) get the norm routes below; every other parameter is "free": a
 per-example zero perturbation is added to it, and the gradient w.r.t. that perturbation IS its
 per-example gradient (exact, for GroupNorm scales, class tokens, position embeddings, unknown
-layers; one
-[m, *param] array each).
+layers; one [m, *param] array each).
 Discovery traces one example and refuses (naming the layer) a tapped layer called twice or a
 tapped parameter also used elsewhere (weight sharing), and nnx.BatchNorm. Per microbatch:
 
