@@ -353,3 +353,42 @@ def test_per_example_gradients_match_single_example_gradients():
         single = jax.grad(loss)(params, x[i], y[i])
         for a, b in zip(jax.tree.leaves(batched), jax.tree.leaves(single)):
             assert float(jnp.linalg.norm(a[i] - b)) <= 1e-4 * float(jnp.linalg.norm(b)) + 1e-7
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("batch_shape", [(4,), (3, 1, 2)])
+def test_self_attention_equals_flax_default(dtype, batch_shape):
+    """dpft.nn.ops.self_attention (the ViT's attention_fn) against flax's own default attention
+    (jax.nn.dot_product_attention's XLA path): values and the gradients of q, k, v, in float32 and
+    bfloat16, for plain and per-example-vmapped ([m, K, B]) batch shapes; its dots carry no size-1 axis."""
+    from dpft.nn import ops
+
+    q, k, v = (jax.random.normal(key, batch_shape + (17, 3, 8), dtype) for key in jax.random.split(jax.random.key(0), 3))
+    ref_fn = lambda *a: nnx.dot_product_attention(*a, deterministic=True)
+    ours_fn = lambda *a: ops.self_attention(*a, deterministic=True, dropout_rate=0.0, dtype=dtype, precision=None,
+                                            module=None, is_causal=False, broadcast_dropout=True, dropout_rng=None)
+    tol = 1e-6 if dtype == jnp.float32 else 1e-2
+    ref, ours = ref_fn(q, k, v), ours_fn(q, k, v)
+    assert ours.dtype == ref.dtype == dtype and ours.shape == ref.shape
+    np.testing.assert_allclose(np.asarray(ours, np.float32), np.asarray(ref, np.float32), atol=tol)
+    grads = [jax.grad(lambda *a: jnp.sum(jnp.sin(fn(*a).astype(jnp.float32))), argnums=(0, 1, 2))(q, k, v)
+             for fn in (ref_fn, ours_fn)]
+    for a, b in zip(*grads):
+        np.testing.assert_allclose(np.asarray(b, np.float32), np.asarray(a, np.float32), atol=tol)
+    if 1 not in batch_shape:  # no size-1 axis of its own in any dot (flax's default adds one)
+        dots = lambda fn: [line for line in jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a).astype(jnp.float32)),
+                                                             argnums=(0, 1, 2))).lower(q, k, v).as_text().splitlines()
+                           if "dot_general" in line]
+        assert dots(ours_fn) and not [d for d in dots(ours_fn) if "x1x" in d or "<1x" in d], dots(ours_fn)
+        assert [d for d in dots(ref_fn) if "x1x" in d]
+
+
+def test_self_attention_hands_other_options_to_flax():
+    """A mask (or bias, causal, dropout, sown weights) goes to nnx.dot_product_attention unchanged."""
+    from dpft.nn import ops
+
+    q, k, v = (jax.random.normal(key, (2, 5, 2, 4)) for key in jax.random.split(jax.random.key(1), 3))
+    mask = jnp.tril(jnp.ones((5, 5), bool))[None, None]
+    np.testing.assert_array_equal(np.asarray(ops.self_attention(q, k, v, mask=mask, deterministic=True)),
+                                  np.asarray(nnx.dot_product_attention(q, k, v, mask=mask, deterministic=True)))
+    assert not np.allclose(np.asarray(ops.self_attention(q, k, v, mask=mask)), np.asarray(ops.self_attention(q, k, v)))

@@ -10,7 +10,8 @@ approximation, LayerNorm epsilon 1e-6, final ``encoder_norm``, linear head):
       -> pool ("tok": token 0, "gap": mean over tokens) [B, D] -> head -> float32 [B, classes]
 
 Built only from standard Flax layers (``nnx.Conv``, ``nnx.LayerNorm``,
-``nnx.MultiHeadAttention``, ``nnx.Linear``); the two parameters that are not a standard
+``nnx.MultiHeadAttention``, ``nnx.Linear``; the attention core is
+`dpft.nn.ops.self_attention`, flax's arithmetic without size-1 axes); the two parameters that are not a standard
 layer's (class token, position embedding) each live in a small module of their own
 (``ClassToken``, ``PositionEmbedding``), so that per-layer machinery (e.g. book-keeping
 DP) sees every parameter through one small module call.
@@ -28,6 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dpft.models.variant import Variant
+from dpft.nn import ops
 
 Array = jax.Array
 
@@ -74,7 +76,7 @@ class EncoderBlock(nnx.Module):
         self.norm_0 = nnx.LayerNorm(width, epsilon=1e-6, dtype=dtype, rngs=rngs)
         self.attention = nnx.MultiHeadAttention(
             num_heads, width, dtype=dtype, kernel_init=_XAVIER, deterministic=True, decode=False,
-            keep_rngs=False, rngs=rngs)
+            keep_rngs=False, attention_fn=ops.self_attention, rngs=rngs)
         self.norm_1 = nnx.LayerNorm(width, epsilon=1e-6, dtype=dtype, rngs=rngs)
         self.mlp_0 = nnx.Linear(width, mlp_dim, dtype=dtype, kernel_init=_XAVIER, bias_init=_MLP_BIAS, rngs=rngs)
         self.mlp_1 = nnx.Linear(mlp_dim, width, dtype=dtype, kernel_init=_XAVIER, bias_init=_MLP_BIAS, rngs=rngs)
