@@ -127,22 +127,28 @@ def self_attention(query: Array, key: Array, value: Array, bias: Array | None = 
 
     The arithmetic of ``jax.nn.dot_product_attention``'s XLA path (logits accumulated in
     float32, scaled by D^-1/2, float32 softmax), written as two einsums over the model's own
-    batch axes. That path reshapes heads into [groups, 1] and vmaps over the size-1 group
-    axis; XLA:CPU runs the fused dots and softmax around such axes several times slower
-    (ViT-Ti/16 single-threaded: 11 % of a training step, benchmarks/README.md). Options that
-    need more (``bias``, ``mask``, ``is_causal``, active dropout, ``module`` for sown weights,
+    batch axes, leading batch axes of size 1 dropped (a per-example call under ``jax.vmap``
+    has a batch of one). That path reshapes heads into [groups, 1] and vmaps over the size-1
+    group axis; XLA:CPU runs the fused dots and softmax around such axes slower (ViT-Ti/16,
+    single-threaded: the non-private step 11 % faster without, benchmarks/README.md). Options
+    that need more (``bias``, ``mask``, ``is_causal``, active dropout, ``module`` for sown weights,
     grouped heads) go to ``nnx.dot_product_attention`` unchanged.
     """
     from flax import nnx  # models import flax anyway; ops stays importable without it
 
     general = (bias is not None or mask is not None or options.get("is_causal", False)
                or options.get("module") is not None or query.shape[-2] != key.shape[-2]
+               or not query.shape[:-3] == key.shape[:-3] == value.shape[:-3]
                or (options.get("dropout_rate", 0.0) > 0.0 and not options.get("deterministic", False)))
     if general:
         return nnx.dot_product_attention(query, key, value, bias, mask, **options)
     dtype = options.get("dtype")
     if dtype is not None:
         query, key, value = (x.astype(dtype) for x in (query, key, value))
+    # Leading size-1 axes (a per-example call's batch of one under jax.vmap) are dropped for the dots.
+    squeeze = tuple(i for i, n in enumerate(query.shape[:-3]) if n == 1)
+    out_shape = query.shape[:-1] + value.shape[-1:]
+    query, key, value = (jnp.squeeze(x, squeeze) for x in (query, key, value))
     logits_dtype = jnp.promote_types(query.dtype, jnp.float32)
     precision = options.get("precision")
     if precision is None and query.dtype == jnp.bfloat16:
@@ -151,4 +157,5 @@ def self_attention(query: Array, key: Array, value: Array, bias: Array | None = 
                         preferred_element_type=logits_dtype)
     logits = logits * jnp.asarray(1.0 / math.sqrt(query.shape[-1]), logits.dtype)
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(key.dtype)
-    return jnp.einsum("...hqk,...khd->...qhd", probs, value, precision=options.get("precision"))
+    out = jnp.einsum("...hqk,...khd->...qhd", probs, value, precision=options.get("precision"))
+    return out.reshape(out_shape)
