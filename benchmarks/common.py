@@ -61,9 +61,10 @@ class Setup:
 
 
 def make_setup(name: str, batch_size: int, *, resolution: int | None = None, num_classes: int | None = None,
-               seed: int = 0, dtype: Any = None) -> Setup:
+               seed: int = 0, dtype: Any = None, edit: Callable[[Any], None] | None = None) -> Setup:
     """dpft model `name` (fresh init, dropout/stochastic depth as configured; compute dtype
-    `dtype`, default the model's) + random batch."""
+    `dtype`, default the model's; `edit(model)` applied before the parameters are split off,
+    e.g. to swap a layer's function) + random batch."""
     import jax
     import jax.numpy as jnp
 
@@ -72,6 +73,8 @@ def make_setup(name: str, batch_size: int, *, resolution: int | None = None, num
     res, nc = MODELS.get(name, (32, 10))
     res, nc = resolution or res, num_classes or nc
     model = dpft.models.create(name, nc, seed=seed, head_init="normal", **({"dtype": dtype} if dtype else {}))
+    if edit is not None:
+        edit(model)
     loss_fn, params, merge = adapters.nnx_loss_fn(model, adapters.softmax_cross_entropy_loss)
     rs = np.random.RandomState(seed)
     batch = {"image": jnp.asarray(rs.randn(batch_size, 1, res, res, 3), jnp.float32),
