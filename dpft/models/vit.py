@@ -10,11 +10,11 @@ approximation, LayerNorm epsilon 1e-6, final ``encoder_norm``, linear head):
       -> pool ("tok": token 0, "gap": mean over tokens) [B, D] -> head -> float32 [B, classes]
 
 Built only from standard Flax layers (``nnx.Conv``, ``nnx.LayerNorm``,
-``nnx.MultiHeadAttention``, ``nnx.Linear``; the attention core is
-`dpft.nn.ops.self_attention`, flax's arithmetic without size-1 axes); the two parameters that are not a standard
-layer's (class token, position embedding) each live in a small module of their own
-(``ClassToken``, ``PositionEmbedding``), so that per-layer machinery (e.g. book-keeping
-DP) sees every parameter through one small module call.
+``nnx.MultiHeadAttention`` with ``dpft.nn.ops.self_attention`` as its core, flax's arithmetic
+without size-1 axes, ``nnx.Linear``); the two parameters that are not a standard layer's
+(class token, position embedding) each live in a small module of their own (``ClassToken``,
+``PositionEmbedding``), so that per-layer machinery (e.g. book-keeping DP) sees every
+parameter through one small module call.
 
 ``dtype`` is the compute dtype; parameters are float32. No dropout and no stochastic
 depth: ``train`` and ``key`` are accepted for the common model interface and ignored.

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import jax
 import jax.numpy as jnp
+from flax import nnx
 from jax import lax
 
 Array = jax.Array
@@ -129,13 +130,12 @@ def self_attention(query: Array, key: Array, value: Array, bias: Array | None = 
     float32, scaled by D^-1/2, float32 softmax), written as two einsums over the model's own
     batch axes, leading batch axes of size 1 dropped (a per-example call under ``jax.vmap``
     has a batch of one). That path reshapes heads into [groups, 1] and vmaps over the size-1
-    group axis; XLA:CPU runs the fused dots and softmax around such axes slower (ViT-Ti/16,
-    single-threaded: the non-private step 11 % faster without, benchmarks/README.md). Options
-    that need more (``bias``, ``mask``, ``is_causal``, active dropout, ``module`` for sown weights,
-    grouped heads) go to ``nnx.dot_product_attention`` unchanged.
+    group axis; XLA:CPU runs the fused dots and softmax around such axes slower (ViT-Ti/16 on
+    2 CPU cores: the non-private step 6 %, the book-keeping DP step 9-16 % faster without;
+    ``benchmarks/attention_formulations.py``). Options that need more (``bias``, ``mask``,
+    ``is_causal``, active dropout, ``module`` for sown weights, grouped heads) go to
+    ``nnx.dot_product_attention`` unchanged.
     """
-    from flax import nnx  # models import flax anyway; ops stays importable without it
-
     general = (bias is not None or mask is not None or options.get("is_causal", False)
                or options.get("module") is not None or query.shape[-2] != key.shape[-2]
                or not query.shape[:-3] == key.shape[:-3] == value.shape[:-3]
