@@ -3,8 +3,8 @@ its `nnx.MultiHeadAttention` core written three ways, equal on the same paramete
 
   flax_default    `nnx.dot_product_attention` -> `jax.nn.dot_product_attention`'s XLA path, which
                   reshapes heads into [groups, 1] and vmaps over the size-1 group axis
-  einsum          two einsums over the batch axes as given (a per-example call under vmap keeps
-                  its batch of one: [m, 1, ...])
+  einsum          `dpft.nn.ops.attention_einsums`: the same two einsums over the batch axes as
+                  given (a per-example call under vmap keeps its batch of one: [m, 1, ...])
   self_attention  `dpft.nn.ops.self_attention` (what dpft's ViT runs): the einsums with leading
                   size-1 batch axes dropped
 
@@ -28,13 +28,10 @@ METHODS = ("nonprivate_plain", "bookkeeping")
 
 def einsum_attention(query, key, value, bias=None, mask=None, **options):
     """`ops.self_attention`'s arithmetic without dropping size-1 axes (self-attention, no mask)."""
-    import jax
-    import jax.numpy as jnp
+    from dpft.nn import ops
     if bias is not None or mask is not None:
         raise ValueError("einsum_attention: no bias or mask")
-    logits = jnp.einsum("...qhd,...khd->...hqk", query, key, preferred_element_type=jnp.float32)
-    probs = jax.nn.softmax(logits * (1.0 / query.shape[-1] ** 0.5), axis=-1).astype(key.dtype)
-    return jnp.einsum("...hqk,...khd->...qhd", probs, value)
+    return ops.attention_einsums(query, key, value)
 
 
 def formulations() -> dict:

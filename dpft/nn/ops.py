@@ -147,15 +147,21 @@ def self_attention(query: Array, key: Array, value: Array, bias: Array | None = 
         query, key, value = (x.astype(dtype) for x in (query, key, value))
     # Leading size-1 axes (a per-example call's batch of one under jax.vmap) are dropped for the dots.
     squeeze = tuple(i for i, n in enumerate(query.shape[:-3]) if n == 1)
-    out_shape = query.shape[:-1] + value.shape[-1:]
-    query, key, value = (jnp.squeeze(x, squeeze) for x in (query, key, value))
+    out = attention_einsums(*(jnp.squeeze(x, squeeze) for x in (query, key, value)), options.get("precision"))
+    return out.reshape(query.shape[:-1] + value.shape[-1:])
+
+
+def attention_einsums(query: Array, key: Array, value: Array, precision: Any = None) -> Array:
+    """softmax(q k^T / sqrt(D)) v over the batch axes as given (``self_attention`` without its
+    checks and squeeze): ``query`` [..., Q, H, D], ``key``/``value`` [..., S, H, D] -> [..., Q, H, D].
+    Logits in float32 (bf16 inputs through the ``BF16_BF16_F32`` dot, as
+    ``jax.nn.dot_product_attention``), float32 softmax, weights cast to ``key``'s dtype."""
     logits_dtype = jnp.promote_types(query.dtype, jnp.float32)
-    precision = options.get("precision")
+    logits_precision = precision
     if precision is None and query.dtype == jnp.bfloat16:
-        precision = lax.DotAlgorithmPreset.BF16_BF16_F32  # as jax.nn.dot_product_attention
-    logits = jnp.einsum("...qhd,...khd->...hqk", query, key, precision=precision,
+        logits_precision = lax.DotAlgorithmPreset.BF16_BF16_F32
+    logits = jnp.einsum("...qhd,...khd->...hqk", query, key, precision=logits_precision,
                         preferred_element_type=logits_dtype)
     logits = logits * jnp.asarray(1.0 / math.sqrt(query.shape[-1]), logits.dtype)
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(key.dtype)
-    out = jnp.einsum("...hqk,...khd->...qhd", probs, value, precision=options.get("precision"))
-    return out.reshape(out_shape)
+    return jnp.einsum("...hqk,...khd->...qhd", probs, value, precision=precision)
