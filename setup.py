@@ -47,6 +47,7 @@ setuptools.setup(
             "nbclient>=0.10,<1",
             "nbformat>=5.10,<6",
             "ipykernel>=6.29,<8",
+            "gcsfs>=2024.12",  # the real gs:// client's credential check (tests/test_remote_paths.py)
         ],
         "bench": [
             "torch==2.13.0",

@@ -33,6 +33,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 #: Commands that run models: on CPU, glibc keeps their freed buffers for the next step.
 HOST_MEMORY_COMMANDS = ("train", "evaluate", "demo", "audit")
+#: Commands that run on every process of a multi-process job: jax.distributed starts before the
+#: command's own code runs (`dpft.distributed.initialize_distributed`; nothing may touch a jax
+#: backend before it). `dpft evaluate` starts it itself, only when it runs a model.
+MULTI_PROCESS_COMMANDS = ("train",)
+#: Commands that run on one process: under a multi-process job, process 0 runs them, the others exit 0.
+ONE_PROCESS_COMMANDS = ("audit", "demo")
 
 
 def _top_parser() -> argparse.ArgumentParser:
@@ -78,6 +84,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if host_line:  # a diagnostic: stderr, so that --json output on stdout stays one document
         _say(host_line)
     try:
+        if name in MULTI_PROCESS_COMMANDS or name in ONE_PROCESS_COMMANDS:
+            from dpft import distributed  # imports jax, starts no backend
+            if name in MULTI_PROCESS_COMMANDS:
+                distributed.initialize_distributed()
+            else:
+                why = distributed.not_this_process(f"dpft {name}")
+                if why:
+                    _say(why)
+                    return 0
         return int(module.run(args) or 0)
     except errors.DpftError as e:
         _say(f"dpft {name}: error: {_one_line(str(e))}")

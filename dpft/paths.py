@@ -116,6 +116,30 @@ def check_supported(path: Any, what: str) -> None:
     _check_backend(path, what)
 
 
+def check_credentials(path: Any, what: str) -> None:
+    """For a `gs://` path that dpft will write through the real gcsfs: UsageError at once when
+    google-auth (what gcsfs authenticates with) finds no credentials. Without this check gcsfs falls
+    back to anonymous access and retries each request for about a minute before failing with a
+    traceback. Other schemes, and gs:// served by another fsspec implementation, are not checked."""
+    if not path or scheme(to_str(path)) != "gs":
+        return
+    import fsspec
+
+    if not fsspec.get_filesystem_class("gs").__module__.startswith("gcsfs"):
+        return
+    try:
+        import google.auth
+        import google.auth.exceptions
+    except ImportError:  # pragma: no cover - gcsfs depends on google-auth
+        return
+    try:
+        google.auth.default()
+    except google.auth.exceptions.DefaultCredentialsError as e:
+        raise UsageError(f"{what} {to_str(path)!r}: no Google Cloud credentials found ({str(e).splitlines()[0]}); "
+                         f"run `gcloud auth application-default login`, or set GOOGLE_APPLICATION_CREDENTIALS to a "
+                         f"service-account key file (on GCE/TPU VMs the VM's service account is used)") from None
+
+
 def check_local(path: Any, what: str, why: str = "") -> None:
     """Raise UsageError when `path` is any URL (for inputs that must be on a local or mounted disk)."""
     if path and is_url(path):

@@ -23,5 +23,8 @@ if [[ -n ${DPFT_DRY_RUN:-} ]]; then
   printf '\n'
   exit 0
 fi
-mkdir -p "$workdir"
+case $workdir in
+  *://*) ;;  # gs://, s3://, az://: an object store (dpft writes it through etils.epath); no local folder
+  *) mkdir -p "$workdir" ;;
+esac
 exec "${cmd[@]}"

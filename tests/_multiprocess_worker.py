@@ -59,7 +59,7 @@ def main(out_path: str) -> int:
             acc = step_lib.zeros_accumulator(state["params"], mesh)
             for j in range(2):  # two physical batches per update
                 batch = distributed.shard_batch(batch_of(2 * u + j), mesh)
-                acc, _ = accumulate(state["params"], acc, batch, keys.dropout_key(7, u, j))
+                acc, _ = accumulate(state["params"], acc, batch, keys.dropout_key(7, u))
             state, _ = apply(state, acc, dp_plan.noise_base_key())
         for i, leaf in enumerate(jax.tree.leaves(state["params"])):
             shards = [np.asarray(s.data) for s in leaf.addressable_shards]

@@ -1,8 +1,11 @@
 """Shared test set-up: 8 fake CPU devices for the sharding tests, float32 everywhere."""
 import os
 
-# Must be set before jax is imported anywhere in the test process.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Must be set before jax is imported anywhere in the test process (dpft.testing.cpu imports no jax):
+# 8 fake CPU devices whose collectives wait for a slow, loaded machine instead of aborting after 40 s.
+from dpft.testing import cpu as _cpu  # noqa: E402
+
+os.environ.setdefault("XLA_FLAGS", _cpu.xla_flags(8))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:

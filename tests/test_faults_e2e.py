@@ -15,6 +15,7 @@ import pytest
 
 from dpft.privacy import accounting
 from dpft.workdir import checkpointing
+from dpft.testing import cpu as cpu_env
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +32,7 @@ def base(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("fake_chexpert"))
     fake.write_fake_chexpert(root, n_patients=40, n_valid_patients=10, image_size=32)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DPFT_", "SLURM_", "TPU_"))}
-    env.update(PYTHONPATH=REPO, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
+    env.update(PYTHONPATH=REPO, JAX_PLATFORMS="cpu", XLA_FLAGS=cpu_env.xla_flags(1),
                JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("xla_cache")),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     return {"root": root, "env": env, "tmp": tmp_path_factory}

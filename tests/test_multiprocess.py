@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+from dpft.testing import cpu as cpu_env
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +32,7 @@ def _free_port() -> int:
 
 def _env(devices: int, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DPFT_", "SLURM_", "TPU_", "JAX_COMPILATION"))}
-    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu", **extra)
+    env.update(XLA_FLAGS=cpu_env.xla_flags(devices), JAX_PLATFORMS="cpu", **extra)
     return env
 
 

@@ -19,6 +19,7 @@ from dpft.privacy import accounting
 from dpft.train import loop
 from dpft.train.preemption import PreemptionFlag
 from dpft.config.base import load_config
+from dpft.testing import cpu as cpu_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "fake_chexpert_tiny.py")
@@ -84,7 +85,7 @@ def test_stop_between_physical_batches_keeps_last_update(root, tmp_path):
 @pytest.mark.slow
 def test_cli_stopped_early_exits_75_and_resumes(root, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DPFT_", "SLURM_"))}
-    env.update(PYTHONPATH=REPO, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env.update(PYTHONPATH=REPO, JAX_PLATFORMS="cpu", XLA_FLAGS=cpu_env.xla_flags(1))
     workdir = str(tmp_path / "w")
     cmd = [sys.executable, "-m", "dpft.cli", "train", "--config", TINY, "--workdir", workdir, *_overrides(root),
            "--config.train.checkpoint_every=1"]

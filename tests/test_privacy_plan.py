@@ -65,10 +65,11 @@ def test_key_streams_never_collide_for_a_million_updates():
     as64 = lambda k: np.asarray(k, np.uint64)[:, 0] << np.uint64(32) | np.asarray(k, np.uint64)[:, 1]  # noqa: E731
     base = keys.noise_base_key(keys.RunSecret.insecure_fixed(seed))
     noise_keys = as64(jax.random.key_data(jax.vmap(lambda t: noise.noise_key(base, t))(u)))
-    dropout0 = as64(jax.random.key_data(jax.vmap(lambda t: keys.dropout_key(seed, t, 0))(u)))
-    dropout1 = as64(jax.random.key_data(jax.vmap(lambda t: keys.dropout_key(seed, t, 1))(u)))
+    dropout = as64(jax.random.key_data(jax.vmap(lambda t: keys.dropout_key(seed, t))(u)))
+    # An example's dropout key folds its example id into the update's (engine.example_key_ids).
+    example7 = as64(jax.random.key_data(jax.vmap(lambda t: jax.random.fold_in(keys.dropout_key(seed, t), 7))(u)))
     plain = as64(jax.random.key_data(jax.vmap(lambda t: jax.random.fold_in(jax.random.key(seed), t))(u)))
-    streams = {"noise": noise_keys, "dropout/0": dropout0, "dropout/1": dropout1, "fold_in(key(seed), u)": plain}
+    streams = {"noise": noise_keys, "dropout": dropout, "dropout/example 7": example7, "fold_in(key(seed), u)": plain}
     for name, s in streams.items():
         assert len(np.unique(s)) == n, name
     names = list(streams)

@@ -12,6 +12,7 @@ import pytest
 
 from dpft.data import fake
 from dpft.evaluate.predictions import load_predictions
+from dpft.testing import cpu as cpu_env
 
 pytestmark = pytest.mark.slow
 
@@ -26,7 +27,7 @@ MIMIC_CONFIG = os.path.join(REPO, "configs", "fake_mimic_cxr_tiny.py")
 
 def _env() -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DPFT_", "SLURM_", "TPU_"))}
-    env.update(PYTHONPATH=REPO, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env.update(PYTHONPATH=REPO, JAX_PLATFORMS="cpu", XLA_FLAGS=cpu_env.xla_flags(1))
     return env
 
 

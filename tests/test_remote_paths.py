@@ -362,6 +362,7 @@ from dpft.workdir import checkpointing
 real = checkpointing.checkpoint_dir
 checkpointing.checkpoint_dir = lambda w: fake_gcs.local(real(w)) if paths.is_remote(w) else real(w)
 from dpft import cli
+from dpft.testing import cpu as cpu_env
 sys.exit(cli.main(sys.argv[1:]))
 """
 
@@ -375,7 +376,7 @@ def test_short_training_run_with_its_workdir_on_gs(gcs, tmp_path):
     root = str(tmp_path / "data")
     fake.write_fake_chexpert(root, n_patients=20, n_valid_patients=6, image_size=32)
     url = "gs://bucket/run"
-    env = dict(gcs, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = dict(gcs, XLA_FLAGS=cpu_env.xla_flags(1))
     args = [sys.executable, "-c", TRAIN.format(tests=TESTS), "train", "--config", CONFIG, "--workdir", url,
             f"--config.data.root={root}", "--config.model.name=nfnet_micro", "--config.train.eval_every=0",
             "--config.train.num_updates=2", "--config.train.checkpoint_every=2"]
@@ -441,7 +442,7 @@ def test_prepare_train_evaluate_with_everything_on_the_store(base, gcs, tmp_path
 
     def dpft(*argv: str) -> subprocess.CompletedProcess:
         run = subprocess.run([sys.executable, "-c", TRAIN.format(tests=TESTS), *argv], cwd=REPO, capture_output=True,
-                             text=True, timeout=1500, env=dict(gcs, XLA_FLAGS="--xla_force_host_platform_device_count=1"))
+                             text=True, timeout=1500, env=dict(gcs, XLA_FLAGS=cpu_env.xla_flags(1)))
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
         return run
 
@@ -465,3 +466,21 @@ def test_prepare_train_evaluate_with_everything_on_the_store(base, gcs, tmp_path
     assert paths.isfile(paths.join(workdir, "eval", "2", f"groups_{ATTRIBUTES[dataset][0]}.png"))
     assert leftovers(workdir) == [] and leftovers(paths.join(workdir, "eval", "2")) == []
     assert not paths.exists(paths.join(workdir, ".pins"))  # nothing but outputs written to the workdir
+
+
+def test_gs_workdir_without_credentials_fails_in_one_line_before_any_request(tmp_path):
+    """Through the real gcsfs (no fake): no credentials -> exit 2 with one line naming the fix, before
+    gcsfs falls back to anonymous access and retries (about a minute and a traceback, measured)."""
+    pytest.importorskip("gcsfs")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GOOGLE_", "CLOUDSDK_", "DPFT_", "GCE_"))}
+    env.update(HOME=str(tmp_path), PYTHONPATH=REPO, JAX_PLATFORMS="cpu", NO_GCE_CHECK="True")
+    for command in (["train", "--config", CONFIG, "--workdir", "gs://bucket/run"],
+                    ["evaluate", "--workdir", str(tmp_path), "--out", "gs://bucket/report"]):
+        r = subprocess.run([sys.executable, "-m", "dpft.cli", *command], capture_output=True, text=True, env=env,
+                           cwd=tmp_path, timeout=300)
+        assert r.returncode == 2, r.stderr[-2000:]
+        errors = [line for line in r.stderr.splitlines() if line.startswith("dpft ")]
+        assert len(errors) == 1 and "no Google Cloud credentials found" in errors[0], r.stderr
+        assert "application-default login" in errors[0] and "GOOGLE_APPLICATION_CREDENTIALS" in errors[0]
+        assert "Traceback" not in r.stderr and "retries" not in r.stderr
+        assert not os.path.exists(tmp_path / "gs:")

@@ -29,6 +29,7 @@ from dpft.privacy import accounting, keys
 from dpft.workdir import checkpointing
 from dpft.train import privacy_setup
 from dpft.config.base import load_config
+from dpft.testing import cpu as cpu_env
 
 pytestmark = pytest.mark.slow
 
@@ -55,7 +56,7 @@ def base(tmp_path_factory):
     for k in list(env):
         if k.startswith(("DPFT_", "SLURM_", "TPU_")):
             del env[k]
-    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+    env.update(XLA_FLAGS=cpu_env.xla_flags(8), JAX_PLATFORMS="cpu",
                JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("xla_cache")),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     overrides = [f"--config.data.root={root}", f"--config.train.num_updates={UPDATES}",

@@ -95,7 +95,7 @@ def run_updates(cfg: step_lib.StepConfig, n_devices: int, updates: list[list[dic
         acc = step_lib.zeros_accumulator(state["params"], mesh)
         for j, batch in enumerate(batches):
             acc, stats = accumulate(state["params"], acc, distributed.shard_batch(batch, mesh),
-                                    keys.dropout_key(SEED, u, j))
+                                    keys.dropout_key(SEED, u))
             all_stats.append(jax.tree.map(np.asarray, stats))
         state, _ = apply(state, acc, NOISE_KEY)
     return state, all_stats

@@ -15,6 +15,7 @@ import dpft.models as models
 from dpft.data import fake
 from dpft.models import vit_checkpoints
 from dpft.workdir import checkpointing
+from dpft.testing import cpu as cpu_env
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +34,7 @@ def test_dp_fine_tuning_from_a_big_vision_checkpoint(tmp_path):
     vit_checkpoints.save_npz(pretrained, ckpt)
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DPFT_", "SLURM_", "TPU_"))}
-    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env.update(XLA_FLAGS=cpu_env.xla_flags(8), JAX_PLATFORMS="cpu")
     exe = shutil.which("dpft", path=os.path.dirname(sys.executable))
     cmd = ([exe] if exe else [sys.executable, "-m", "dpft.cli"]) + [
         "train", "--config", CONFIG, "--workdir", str(tmp_path / "run"), f"--config.data.root={root}",

@@ -119,8 +119,29 @@ def _params_item(config, params: str | None) -> tuple[str, str]:
     return "params", "raw"
 
 
+def _same_step_everywhere(workdir: str, step: int | None) -> int | None:
+    """With several processes, the checkpoint process 0 resolves ('latest' may move while a run
+    trains), so that every process restores the same one; unchanged in a single process."""
+    import jax
+
+    if jax.process_count() == 1:
+        return step
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    from dpft.workdir import checkpointing
+
+    mine = -1
+    if jax.process_index() == 0:
+        with checkpointing.Checkpointer(workdir, read_only=True) as live:
+            steps = live.all_steps()
+        mine = step if step is not None else (steps[-1] if steps else -1)
+    chosen = int(multihost_utils.broadcast_one_to_all(np.asarray(mine, np.int64)))
+    return None if chosen < 0 else chosen
+
+
 def predict_from_checkpoint(workdir: str, step: int | None, splits: list[str], params: str | None,
-                            ) -> tuple[int, dict[str, str]]:
+                            print_fn=print) -> tuple[int, dict[str, str]]:
     """Restores the eval parameters of checkpoint `step` (None: the latest) of the run in `workdir`
     from a pinned, read-only snapshot and writes its predictions files -> (step, {split: path}).
 
@@ -143,7 +164,8 @@ def predict_from_checkpoint(workdir: str, step: int | None, splits: list[str], p
         raise UsageError(f"{workdir}: --params polyak, but this run kept no Polyak average (train.polyak=False)")
     if params == "ema" and not float(config.train.get("ema_decay", 0.0)) > 0:
         raise UsageError(f"{workdir}: --params ema, but this run kept no EMA (train.ema_decay=0)")
-    with checkpointing.pinned(workdir, step, items=EVAL_ITEMS) as (ckpt, chosen):
+    step = _same_step_everywhere(workdir, step)
+    with checkpointing.pinned(workdir, step, items=EVAL_ITEMS, print_fn=print_fn) as (ckpt, chosen):
         try:  # the model is built from the config the checkpoint was trained with
             config = config_from_json(json.dumps(checkpointing.read_json_item(ckpt.directory, chosen, "config")))
         except Exception as e:  # noqa: BLE001 - an unreadable item is a corrupt checkpoint
@@ -152,8 +174,8 @@ def predict_from_checkpoint(workdir: str, step: int | None, splits: list[str], p
             config.eval.splits = tuple(splits)
         item, which = _params_item(config, params)
         predictor, template = predictor_lib.Predictor.from_config(config)
-        print(f"running the model of checkpoint {chosen} ({which} params, read from {ckpt.directory}/{chosen}) "
-              f"over {', '.join(splits)} (and validation)...")
+        print_fn(f"running the model of checkpoint {chosen} ({which} params, read from {ckpt.directory}/{chosen}) "
+                 f"over {', '.join(splits)} (and validation)...")
         restored = ckpt.restore(chosen, targets={item: template}, items=("plan", "ledger"))
     plan = restored.json_items.get("plan") or {}
     epsilon = delta = None
@@ -169,6 +191,13 @@ def predict_from_checkpoint(workdir: str, step: int | None, splits: list[str], p
 def run(args: argparse.Namespace) -> int:
     from dpft.evaluate import compare, render, reports
 
+    if args.compare or args.reuse_predictions and args.params is None:
+        # No model runs: files in, files out. Under a multi-process job only process 0 writes them.
+        from dpft import distributed
+        why = distributed.not_this_process("dpft evaluate (without a model run)")
+        if why:
+            print(why)
+            return 0
     if args.compare:
         out = args.out or "compare"
         result = compare.compare_runs(args.compare, out, x=args.x, series=args.series, attribute=args.attribute)
@@ -181,6 +210,8 @@ def run(args: argparse.Namespace) -> int:
     reports.make_config(**options)  # bad statistics options fail before the model runs
     dpft_paths.check_supported(args.workdir, "--workdir")  # local, or gs:// / s3:// / az:// through etils.epath
     dpft_paths.check_supported(args.out, "--out")
+    for path, what in ((args.workdir, "--workdir"), (args.out, "--out")):  # both may be written
+        dpft_paths.check_credentials(path, what)
     workdir = dpft_paths.absolute(args.workdir)
     reuse = args.reuse_predictions and args.params is None
     if args.reuse_predictions and args.params is not None:
@@ -196,9 +227,19 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"{workdir}: --reuse-predictions but {test_path} does not exist")
     else:
         step = _checkpoint_step(workdir, args.checkpoint)
-        print(f"running the model of checkpoint {'latest' if step is None else step} over {args.split} "
-              "(and validation)...")
-        step, paths = predict_from_checkpoint(workdir, step, [args.split], args.params)
+        # Every process of a multi-process job runs the model over its share of the data (the
+        # jax.distributed start comes first: nothing above touched a jax backend); process 0 writes.
+        from dpft import distributed
+        distributed.initialize_distributed()
+        import jax
+        say = print if jax.process_index() == 0 else (lambda *a, **k: None)
+        say(f"running the model of checkpoint {'latest' if step is None else step} over {args.split} "
+            "(and validation)...")
+        step, paths = predict_from_checkpoint(workdir, step, [args.split], args.params, print_fn=say)
+        if jax.process_index() != 0:
+            print(f"process {jax.process_index()} of {jax.process_count()}: predictions of checkpoint {step} "
+                  f"computed; process 0 writes them and the report")
+            return 0
         pred_dir = dpft_paths.join(workdir, "predictions", str(step))
         test_path = paths.get(args.split, dpft_paths.join(pred_dir, f"{args.split}.npz"))
         val_path = paths.get("validation", dpft_paths.join(pred_dir, "validation.npz"))

@@ -420,7 +420,7 @@ def bk_clipped_grad_sum(loss_fn: Any, params: PyTree, batch: Mapping[str, jax.Ar
     views, mask = engine.checked_views(batch, microbatch_size, "bk_clipped_grad_sum")
     batch_size = mask.shape[0]
     num_micro = batch_size // microbatch_size
-    positions = jnp.arange(batch_size, dtype=jnp.uint32) + jnp.asarray(position_offset, jnp.uint32)
+    positions = engine.example_key_ids(batch, position_offset)
     params = engine.device_local_params(params, [mask, positions, engine.raw_key(rng), *jax.tree.leaves(views)])
     found = discover(tapped, params, views, rng)
     specs, free = found.specs, found.free

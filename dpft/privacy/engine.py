@@ -20,8 +20,8 @@ Use `sensitivity(clipping, params)` for the L2 sensitivity that `privatize` must
 `clip_norm`.
 
 Everything here is jit-able and can run inside `jax.shard_map`: no host callbacks and no
-Python branches on traced values. Under `shard_map`, pass `position_offset` (e.g.
-`jax.lax.axis_index("data") * B_local`) so that per-example keys differ across devices.
+Python branches on traced values. Each example's key is folded from its `example_id`
+(`example_key_ids`), so results do not depend on how examples are laid out over devices.
 """
 from __future__ import annotations
 
@@ -156,6 +156,20 @@ def raw_key(rng: jax.Array) -> jax.Array:
     return rng
 
 
+def example_key_ids(batch: Mapping[str, jax.Array], position_offset: int | jax.Array = 0) -> jax.Array:
+    """uint32 [B]: what each example's key is folded from, `fold_in(rng, id)`.
+
+    The example's own `batch["example_id"]` when the batch has one: its randomness (dropout,
+    stochastic depth) is then a function of (rng, example) alone, never of where the example
+    sits in the physical batch, on which device or host (results do not depend on the device
+    layout). Batches without ids use their position `position_offset + i`. Padding rows
+    (id -1) all share one key; their gradients are masked out."""
+    if "example_id" in batch:
+        return jnp.asarray(batch["example_id"]).astype(jnp.int32).astype(jnp.uint32)
+    size = jnp.shape(batch["mask"])[0]
+    return jnp.arange(size, dtype=jnp.uint32) + jnp.asarray(position_offset, jnp.uint32)
+
+
 def checked_views(batch: Mapping[str, jax.Array], microbatch_size: int, where: str
                   ) -> tuple[dict[str, jax.Array], jax.Array]:
     """(views, mask [B]) of a training batch, after checking every view has leading axis B and
@@ -195,13 +209,14 @@ def clipped_grad_sum(loss_fn: LossFn, params: PyTree, batch: Mapping[str, jax.Ar
         views leaves [K, ...] (docs/interfaces.md).
       params: pytree of float arrays (any float dtype; gradients are summed in float32).
       batch: dict with `mask` float [B], optional `example_id` [B], other leaves [B, K, ...].
-      rng: key; example i gets `fold_in(rng, position_offset + i)`.
+      rng: key; example i gets `fold_in(rng, example_id[i])` (`example_key_ids`: its position
+        `position_offset + i` where the batch has no example ids).
       clipping: a `ClippingConfig`.
       microbatch_size: examples per vmapped chunk; B must be a multiple. The chunks are
         accumulated with `lax.scan` (no loop when microbatch_size == B), so peak memory is
         that of one chunk. On CPU, convolutions inside the scan are slow (jax-ml/jax#12868).
-      position_offset: added to the position of each example before `fold_in` (use the
-        device's offset under shard_map).
+      position_offset: for batches without `example_id`: added to the position of each example
+        before `fold_in` (use the device's offset under shard_map).
 
     Returns:
       grad_sum: pytree like params, float32: sum_i mask_i * clip(g_i).
@@ -211,7 +226,7 @@ def clipped_grad_sum(loss_fn: LossFn, params: PyTree, batch: Mapping[str, jax.Ar
     views, mask = checked_views(batch, microbatch_size, "clipped_grad_sum")
     batch_size = mask.shape[0]
     num_micro = batch_size // microbatch_size
-    positions = jnp.arange(batch_size, dtype=jnp.uint32) + jnp.asarray(position_offset, jnp.uint32)
+    positions = example_key_ids(batch, position_offset)
     layer_norms = layer_clip_norms(clipping, params) if clipping.mode == "per_layer" else None
     params = device_local_params(params, [mask, positions, raw_key(rng), *jax.tree.leaves(views)])
 

@@ -106,10 +106,12 @@ def selection_entropy(secret: RunSecret) -> int:
     return int.from_bytes(_derive(secret, SELECTION_DOMAIN, 16), "little")
 
 
-def dropout_key(seed: int, update: int | jax.Array, physical_index: int | jax.Array) -> jax.Array:
-    """Public key for dropout / stochastic depth in one physical batch of one update."""
+def dropout_key(seed: int, update: int | jax.Array) -> jax.Array:
+    """Public key for dropout / stochastic depth in update `update`; the engine folds in each
+    example's id (`dpft.privacy.engine.example_key_ids`), so an example's dropout is the same
+    whichever physical batch, device or host it lands on."""
     base = jax.random.fold_in(jax.random.key(int(seed)), DROPOUT_DOMAIN)
-    return jax.random.fold_in(jax.random.fold_in(base, update), physical_index)
+    return jax.random.fold_in(base, update)
 
 
 __all__ = ["RunSecret", "noise_base_key", "selection_entropy", "dropout_key"]

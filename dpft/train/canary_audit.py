@@ -196,7 +196,7 @@ def train_canaries(config: AuditConfig, noise_multiplier: float, included: np.nd
             batch = {"image": rows[:, None, :], "label": np.zeros([bsz, 1], np.int32), "mask": mask,
                      "example_id": idx.astype(np.int32)}
             acc, _ = accumulate(state["params"], acc, distributed.shard_batch(batch, mesh),
-                                dropout_key(config.seed, t, j))
+                                dropout_key(config.seed, t))
         state, _ = apply(state, acc, noise_key)
     w_t = np.asarray(jax.device_get(state["params"]["linear"]["w"][...]), np.float64)[:, 0]
     return scale * (w_t - w0), plan

@@ -100,10 +100,10 @@ class Trainer:
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str, *,
                  print_fn=print):
+        distributed.initialize_distributed()  # before any jax call that starts a backend
         self.config = config
         self.workdir = paths.absolute(workdir)
         self.print = print_fn if jax.process_index() == 0 else (lambda *a, **k: None)
-        distributed.initialize_distributed()
         self.mesh = distributed.make_data_mesh()
         self.tables = build.load_tables(config)
         self.coverage = build.attribute_report(config, self.tables, self.print)  # printed, checked
@@ -275,12 +275,12 @@ class Trainer:
         acc = step_lib.zeros_accumulator(self.state["params"], self.mesh)
         stats_list = []
         batches = self.iterator.update_batches()
-        for j, batch in enumerate(batches):
+        key = keys.dropout_key(int(self.config.seed), u)  # each example folds in its id (engine.example_key_ids)
+        for batch in batches:
             if stop is not None and stop():
                 batches.close()
                 self.iterator.set_state({"update_index": u, "physical_batch_index": 0})
                 return None
-            key = keys.dropout_key(int(self.config.seed), u, j)
             device_batch = distributed.shard_batch(_device_batch(batch), self.mesh)
             acc, stats = self.accumulate(self.state["params"], acc, device_batch, key)
             stats_list.append(stats)
@@ -332,7 +332,7 @@ class Trainer:
         u = int(self.state["update"])
         bs = int(self.config.train.physical_batch_size)
         chunks, loss_chunks = [], []
-        key = keys.dropout_key(int(self.config.seed), u, 10_000_000)
+        key = keys.dropout_key(int(self.config.seed), u)  # the keys update u draws
         acc = step_lib.zeros_accumulator(self.state["params"], self.mesh)  # reused: only the stats matter
         for batch in pipeline.train_view_batches(
                 self.train_table, batch_size=bs, augment=self.augment, seed=int(self.config.seed), update_index=u,

@@ -82,7 +82,8 @@ def make_accumulate_fn(loss_fn: Callable, cfg: StepConfig, mesh: Mesh) -> Callab
     plan = cfg.plan
 
     def per_device(params, acc, batch, key):
-        key = jax.random.fold_in(key, jax.lax.axis_index(DATA_AXIS))
+        # Each example's key is fold_in(key, its example_id) (engine.example_key_ids): the same on
+        # any device layout, so no device index is folded in here.
         grad_sum, stats = plan.clipped_sum(loss_fn, params, batch, key, microbatch_size=cfg.microbatch_size)
         acc = jax.tree.map(lambda a, g: a + g[None].astype(jnp.float32), acc, grad_sum)
         return acc, stats

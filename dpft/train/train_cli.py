@@ -32,6 +32,7 @@ def run(args: argparse.Namespace) -> int:
     from dpft import paths
     # Local, or gs:// / s3:// / az:// through etils.epath (workdir, data, pre-trained checkpoint).
     paths.check_supported(args.workdir, "--workdir")
+    paths.check_credentials(args.workdir, "--workdir")  # gs:// without credentials: one line, at once
     paths.check_supported(config.data.root, "config.data.root")
     paths.check_supported(config.model.checkpoint, "config.model.checkpoint")
     for key in ("mimic_iv_dir", "demo_path", "index_dir"):

@@ -84,12 +84,25 @@ def checkpoint_dir(workdir: str | os.PathLike) -> str:
 
 
 def _options(keep: int | None, async_save: bool, read_only: bool = False) -> ocp.CheckpointManagerOptions:
+    """Writers run on every process of a job together (orbax synchronises them: the primary host
+    writes metadata, each process its shards). A reader (`read_only`) is this process's own: in a
+    multi-process job each process opens and reads on its own, with no barrier the others must join
+    (process 0 alone may look up the latest step; `dpft evaluate` pins a snapshot per process)."""
+    extra = {}
+    if read_only:
+        import jax
+
+        if jax.process_count() > 1:
+            me = jax.process_index()
+            extra["multiprocessing_options"] = ocp.options.MultiprocessingOptions(
+                primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"dpft-reader-{me}-{uuid.uuid4().hex}")
     return ocp.CheckpointManagerOptions(
         max_to_keep=keep,
         create=not read_only,
         read_only=read_only,
         cleanup_tmp_directories=not read_only,
         enable_async_checkpointing=async_save,
+        **extra,
     )
 
 

@@ -1,0 +1,32 @@
+"""Environments for runs on fake CPU devices (tests, benchmarks): device count and collective timeouts.
+
+XLA:CPU gives a collective (an all-reduce over the fake devices of one process, or over gloo
+between processes) 40 seconds for every participant to arrive and then aborts the process
+(rc 134). On a loaded 2-core machine one device's share of a step can take longer than that, so
+every run on several fake devices gets generous timeouts instead: a slow machine makes a test
+slow, never kills it.
+"""
+from __future__ import annotations
+
+import os
+from typing import Mapping
+
+#: Seconds XLA:CPU waits for all participants of a collective (default 40, then abort).
+COLLECTIVE_TIMEOUT_S = 1800
+COLLECTIVE_TIMEOUT_FLAGS = (f"--xla_cpu_collective_call_terminate_timeout_seconds={COLLECTIVE_TIMEOUT_S} "
+                            f"--xla_cpu_collective_timeout_seconds={COLLECTIVE_TIMEOUT_S}")
+#: Variables that would make a child process join a cluster or a test's fake store by accident.
+CLUSTER_PREFIXES = ("DPFT_", "SLURM_", "TPU_", "JAX_COORDINATOR")
+
+
+def xla_flags(devices: int) -> str:
+    """XLA_FLAGS for `devices` fake CPU devices with the collective timeouts above."""
+    return f"--xla_force_host_platform_device_count={int(devices)} {COLLECTIVE_TIMEOUT_FLAGS}"
+
+
+def subprocess_env(devices: int, base: Mapping[str, str] | None = None, **extra: str) -> dict[str, str]:
+    """A child's environment: `base` (default os.environ) without cluster variables, on the CPU with
+    `devices` fake devices, plus `extra`."""
+    env = {k: v for k, v in (os.environ if base is None else base).items() if not k.startswith(CLUSTER_PREFIXES)}
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(devices), **extra)
+    return env
