@@ -3,12 +3,12 @@
     python -m benchmarks.virtual_batch [--batches 4096,16384,65536,262144] [--physical 4096] [--json OUT]
 
 Each expected batch size B runs in its own subprocess (its own memory high-water mark): a micro
-model (a linear layer over 8x8x3 synthetic images, 10 classes), N = 2B synthetic in-memory
-examples (q = 0.5), the production step (`dpft.train.step`: per-example clipped gradients
+model (a linear layer over 8x8x3 synthetic images, 100 classes: 19,300 coordinates), N = 2B
+synthetic in-memory examples (q = 0.5), the production step (`dpft.train.step`: per-example clipped gradients
 accumulated over ceil(|selection| / physical) physical batches, one psum, noise once, divided by B).
 One warm-up update compiles; the timed update follows. Reported per B: seconds per update,
-microseconds per example (constant when time is linear in B), peak RSS (flat when the
-accumulation holds one physical batch at a time), and the noise check: the update of a run
+microseconds per example (constant when time is linear in B), peak RSS less the in-memory data
+set of 2B examples (flat when the accumulation holds one physical batch at a time), and the noise check: the update of a run
 with sigma > 0 minus the same update with sigma = 0 (same secret, same selection) is the noise
 divided by B; its standard deviation over the D coordinates must be sigma * C / B within the
 sampling error sqrt(1 / (2 D)) (4 standard errors allowed).
@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 
-RES, CHANNELS, CLASSES = 8, 3, 10
+RES, CHANNELS, CLASSES = 8, 3, 100
 SIGMA, CLIP = 1.3, 1.0
 
 
@@ -89,7 +89,9 @@ def one(batch: int, physical: int) -> dict:
             "physical_batches": math.ceil(results[SIGMA]["selected"] / physical),
             "seconds_per_update": results[SIGMA]["seconds"],
             "us_per_example": 1e6 * results[SIGMA]["seconds"] / max(results[SIGMA]["selected"], 1),
-            "peak_rss_mib": common.maxrss_mib(), "noise_std": std, "noise_std_expected": expected,
+            "peak_rss_mib": common.maxrss_mib(), "data_mib": (images.nbytes + labels.nbytes) / 2**20,
+            "peak_rss_minus_data_mib": common.maxrss_mib() - (images.nbytes + labels.nbytes) / 2**20,
+            "noise_std": std, "noise_std_expected": expected,
             "noise_std_rel_error": std / expected - 1, "noise_std_tolerance": 4 * math.sqrt(1 / (2 * d)),
             "coordinates": d}
 
@@ -116,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         ok = abs(r["noise_std_rel_error"]) <= r["noise_std_tolerance"]
         print(f"B={b:>7}: {r['selected']:>7} selected, {r['physical_batches']:>3} physical batches, "
               f"{r['seconds_per_update']:.2f} s/update, {r['us_per_example']:.1f} us/example, "
-              f"peak RSS {r['peak_rss_mib']:.0f} MiB, noise std {r['noise_std']:.3e} vs sigma*C/B "
+              f"peak RSS {r['peak_rss_mib']:.0f} MiB ({r['peak_rss_minus_data_mib']:.0f} MiB without the "
+              f"{r['data_mib']:.0f} MiB data set), noise std {r['noise_std']:.3e} vs sigma*C/B "
               f"{r['noise_std_expected']:.3e} ({100 * r['noise_std_rel_error']:+.2f}%, "
               f"{'ok' if ok else 'WRONG'} within {100 * r['noise_std_tolerance']:.2f}%)", flush=True)
         if not ok:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import itertools
 import os
 import re
 from typing import Any, Callable, Mapping, Sequence
@@ -279,6 +280,59 @@ def check_local_devices(env: Mapping[str, str] | None = None) -> LocalDevicePlan
         raise UsageError(f"process {jax.process_index()} drives {len(local)} GPU(s) but was given {len(devices.ids)} "
                          f"({devices.why}); check --gpus-per-task / --gpu-bind, or set JAX_LOCAL_DEVICE_IDS")
     return devices
+
+
+# ---------------------------------------------------------------- keeping processes together
+
+#: Seconds a process waits at a barrier for the others (a slow compile on a loaded host, a long save).
+BARRIER_TIMEOUT_S = 3600
+
+
+#: Barriers passed by this process. The coordination service wants a new id for each barrier; every
+#: process passes the same barriers in the same order, so "<name>#<count>" names the same barrier on all.
+_BARRIERS = itertools.count()
+
+
+def barrier(name: str, timeout_s: float = BARRIER_TIMEOUT_S) -> None:
+    """Wait until every process has arrived at barrier `name` (the coordination service's barrier:
+    no device collective, so no 30-second rendezvous). Every process must call the same barriers in
+    the same order. A no-op in a single process."""
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed as jax_distributed
+
+    jax_distributed.global_state.client.wait_at_barrier(f"dpft/{name}#{next(_BARRIERS)}", int(timeout_s * 1000))
+
+
+def _signature(args: Any) -> str:
+    """Shapes, dtypes and shardings of `args`: what decides whether jax compiles a new program."""
+    return repr(jax.tree.map(lambda x: (getattr(x, "shape", ()), str(getattr(x, "dtype", type(x).__name__)),
+                                        str(getattr(x, "sharding", ""))), args))
+
+
+def together(fn: Callable, name: str) -> Callable:
+    """`fn` (a jitted function, or a call such as `multihost_utils.process_allgather`) whose first
+    call with each new argument signature first waits for every process.
+
+    Why: with several processes on CPU, a program's first cross-process collective creates a gloo
+    communicator whose rendezvous gives up after 30 seconds (not configurable; later calls wait as
+    long as --xla_cpu_collective_timeout_seconds allows). Processes that compile at different
+    speeds, or did different work just before (process 0 writes files), can be further apart than
+    that. For a jitted `fn` the program is compiled before the barrier (`fn.lower(...).compile()`),
+    so only the collective itself runs after it. A no-op wrapper in a single process."""
+    seen: dict[str, Callable] = {}
+
+    def call(*args: Any) -> Any:
+        if jax.process_count() == 1:
+            return fn(*args)
+        key = _signature(args)
+        if key not in seen:
+            run = fn.lower(*args).compile() if hasattr(fn, "lower") else fn
+            barrier(f"{name}/{len(seen)}")
+            seen[key] = run
+        return seen[key](*args)
+
+    return call
 
 
 def make_data_mesh(devices: Any = None) -> Mesh:

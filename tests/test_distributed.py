@@ -181,6 +181,7 @@ def test_mesh_shard_batch_and_replicate():
 
 
 _WORKER = r'''
+import sys, time
 import numpy as np
 from dpft import distributed as D
 plan = D.initialize_distributed()
@@ -188,12 +189,19 @@ import jax
 mesh = D.make_data_mesh()
 local = np.full((4, 3), jax.process_index() + 1, np.float32)  # 2 local devices x 2 rows
 g = D.shard_batch({"x": local}, mesh)
-total = float(jax.jit(lambda x: x.sum())(g["x"]))
-print("RESULT", plan.source, jax.process_count(), jax.device_count(), g["x"].shape[0], total, flush=True)
+total = jax.jit(lambda x: x.sum())
+if jax.process_index() == 1:
+    time.sleep(float(sys.argv[1]))  # a process that compiles 35 s slower than the other (a loaded host)
+result = float(D.together(total, "sum")(g["x"]))
+print("RESULT", plan.source, jax.process_count(), jax.device_count(), g["x"].shape[0], result, flush=True)
 '''
 
 
-def test_two_local_processes_form_one_mesh(tmp_path):
+@pytest.mark.slow
+def test_two_local_processes_form_one_mesh_and_wait_for_a_slow_one(tmp_path):
+    """2 processes x 2 devices over 127.0.0.1; process 1 reaches the first cross-process collective 35 s
+    after process 0. Without `together`, gloo's communicator rendezvous gives up after 30 s ("Gloo context
+    initialization failed: ... GetKeyValue() timed out"); with it both wait at the coordination barrier."""
     import socket
 
     with socket.socket() as s:
@@ -201,13 +209,13 @@ def test_two_local_processes_form_one_mesh(tmp_path):
         port = s.getsockname()[1]
     script = tmp_path / "worker.py"
     script.write_text(_WORKER)
-    base = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
-            "DPFT_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "DPFT_NUM_PROCESSES": "2"}
-    procs = [subprocess.Popen([sys.executable, str(script)], env={**base, "DPFT_PROCESS_ID": str(i)},
+    from dpft.testing import cpu as cpu_env
+    base = cpu_env.subprocess_env(2, DPFT_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", DPFT_NUM_PROCESSES="2")
+    procs = [subprocess.Popen([sys.executable, str(script), "35"], env={**base, "DPFT_PROCESS_ID": str(i)},
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    outs = [p.communicate(timeout=120)[0] for p in procs]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
     for p, out in zip(procs, outs):
-        assert p.returncode == 0, out
+        assert p.returncode == 0, out[-3000:]
         result = [l for l in out.splitlines() if l.startswith("RESULT")][0].split()
         # 2 processes x 2 devices; global batch 8 rows; sum = 12 * 1 + 12 * 2.
         assert result[1:] == ["explicit", "2", "4", "8", "36.0"]

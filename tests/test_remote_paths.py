@@ -22,6 +22,7 @@ import pytest
 import fake_gcs
 from dpft import atomic_io, paths
 from dpft.errors import UsageError, WorkdirBusyError
+from dpft.testing import cpu as cpu_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(REPO, "tests")
@@ -362,7 +363,6 @@ from dpft.workdir import checkpointing
 real = checkpointing.checkpoint_dir
 checkpointing.checkpoint_dir = lambda w: fake_gcs.local(real(w)) if paths.is_remote(w) else real(w)
 from dpft import cli
-from dpft.testing import cpu as cpu_env
 sys.exit(cli.main(sys.argv[1:]))
 """
 

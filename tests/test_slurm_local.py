@@ -128,6 +128,7 @@ def _check(out: str, workdir, setup, states: list, processes: int = 1) -> None:
     assert f"processes: {processes} (this is 0), local devices: 2, global devices: {2 * processes}" in out
     assert "platform: cpu" in out
     assert _ledger(workdir) == setup["ledger"]
+    assert "without checksum" not in out  # every array of the resumed checkpoint was verified (replicated too)
     if processes == 2:  # 2 tasks x 2 devices, stopped, requeued and resumed: the 1 x 4 run, up to float rounding
         # (tolerance: tests/test_multihost_train.py's docstring; a layout leak moved logits by 1e-3 there)
         np.testing.assert_allclose(_test_logits(workdir), setup["logits"], rtol=0, atol=2e-6)

@@ -136,7 +136,8 @@ def _same_step_everywhere(workdir: str, step: int | None) -> int | None:
         with checkpointing.Checkpointer(workdir, read_only=True) as live:
             steps = live.all_steps()
         mine = step if step is not None else (steps[-1] if steps else -1)
-    chosen = int(multihost_utils.broadcast_one_to_all(np.asarray(mine, np.int64)))
+    from dpft import distributed
+    chosen = int(distributed.together(multihost_utils.broadcast_one_to_all, "step")(np.asarray(mine, np.int64)))
     return None if chosen < 0 else chosen
 
 

@@ -62,6 +62,7 @@ class Predictor:
         self.augment = augment
         self.mesh = mesh
         self._columns: dict[str, dict[str, np.ndarray]] = {}
+        self._gather = distributed.together(lambda x: multihost_utils.process_allgather(x, tiled=True), "logits")
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict, tables: Mapping[str, ExampleTable] | None = None,
@@ -102,7 +103,7 @@ class Predictor:
             images = distributed.shard_batch({"image": batch["image"]}, self.mesh)["image"]
             logits = self.forward(params, images)
             if jax.process_count() > 1:
-                logits = multihost_utils.process_allgather(logits, tiled=True)
+                logits = self._gather(logits)
             chunks.append(np.asarray(logits, np.float32))
         cols = dict(self.columns(split))
         cols["logits"] = np.concatenate(chunks)[: len(table)]

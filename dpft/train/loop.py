@@ -147,6 +147,8 @@ class Trainer:
         )
         self.predictor = predictor_lib.Predictor(config, self.tables, predictor_lib.model_forward(self.merge),
                                                  self.augment, self.mesh)
+        # Host values of every process, stacked (first call of each shape waits for all: distributed.together).
+        self.gather = distributed.together(lambda x: multihost_utils.process_allgather(x, tiled=True), "gather")
         self.individual = None  # the individual-accounting hook (dpft.privacy.individual)
         if config.individual.enabled and self.plan.enabled:
             from dpft.privacy import individual
@@ -164,7 +166,7 @@ class Trainer:
         """A fresh CSPRNG secret drawn on process 0 and broadcast (or the insecure fixed one)."""
         secret = privacy_setup.run_secret(self.config)
         if jax.process_count() > 1 and secret.is_secure:
-            words = multihost_utils.broadcast_one_to_all(secret.to_words())
+            words = distributed.together(multihost_utils.broadcast_one_to_all, "secret")(secret.to_words())
             secret = keys.RunSecret.from_words(np.asarray(words), secret.source)
         if not secret.is_secure:
             self.print("WARNING: config.privacy.insecure_fixed_noise_seed is set: the noise and the batch "
@@ -251,6 +253,14 @@ class Trainer:
         self.print(f"resumed from {ckpt.directory}/{restored.step}: update {int(self.state['update'])}, "
                    f"epsilon spent {self.epsilon_spent():.4g} ({checked})")
         return True
+
+    # ------------------------------------------------------------------ several processes
+    def agree(self, flag: bool) -> bool:
+        """True when any process's `flag` is True (a signal may reach the hosts at different times);
+        with several processes a tiny allgather, so every host stops at the same physical batch."""
+        if jax.process_count() > 1:
+            return bool(np.any(self.gather(np.asarray(flag))))
+        return bool(flag)
 
     # ------------------------------------------------------------------ accounting
     def epsilon_spent(self) -> float:
@@ -342,8 +352,7 @@ class Trainer:
                                          distributed.shard_batch(_device_batch(batch), self.mesh), key)
             norms, losses = stats["norms"], stats["loss"]
             if jax.process_count() > 1:
-                norms = multihost_utils.process_allgather(norms, tiled=True)
-                losses = multihost_utils.process_allgather(losses, tiled=True)
+                norms, losses = self.gather((norms, losses))
             chunks.append(np.asarray(norms, np.float64))
             loss_chunks.append(np.asarray(losses, np.float64))
         n = len(self.train_table)
@@ -354,6 +363,7 @@ class Trainer:
         cfg = self.config
         workdir_lock.prepare_workdir(self.workdir)  # a file or an uncreatable path: one-line error
         preempted = False
+        distributed.barrier("start")  # orbax's first collective comes next: start it together
         with workdir_lock.WorkdirLock(self.workdir, enabled=jax.process_index() == 0), \
                 checkpointing.Checkpointer(self.workdir, keep=int(cfg.train.keep_checkpoints)) as ckpt, \
                 preemption.PreemptionFlag(STOP_SIGNALS) as flag, \
@@ -366,7 +376,7 @@ class Trainer:
                 if jax.process_index() == 0:
                     self.print(f"moved corrupt checkpoint {s} to {ckpt.quarantine(s, reason)}")
             if self.skipped_checkpoints and jax.process_count() > 1:
-                multihost_utils.sync_global_devices("dpft_quarantine")
+                distributed.barrier("quarantine")  # process 0 moved them: every process sees the same steps
                 ckpt.refresh()
             if jax.process_index() == 0:  # derived from the restored checkpoint: never stale
                 atomic_io.write_text(os.path.join(self.workdir, "ledger.json"), self.ledger.to_json())
@@ -385,7 +395,7 @@ class Trainer:
             while int(self.state["update"]) < total:
                 if self.individual is not None and self.individual.due(int(self.state["update"])):
                     self.individual.record(int(self.state["update"]), *self.example_norms())
-                info = self.train_update(stop=lambda: _agree(flag.requested))
+                info = self.train_update(stop=lambda: self.agree(flag.requested))
                 if info is None:  # stopped between physical batches: keep the last completed update
                     preempted = True
                     u = int(self.state["update"])
@@ -407,7 +417,7 @@ class Trainer:
                         and "validation" in self.tables:
                     writer.write(u, self.quick_eval("validation"))
                     progress.restart(u)
-                stop_now = _agree(flag.requested or (max_updates_this_call is not None
+                stop_now = self.agree(flag.requested or (max_updates_this_call is not None
                                                      and done_this_call >= max_updates_this_call))
                 if u % int(cfg.train.checkpoint_every) == 0 or u == total or stop_now:
                     self.save(ckpt)
@@ -474,12 +484,6 @@ class Trainer:
                    f"microbatch {self.config.train.microbatch_size}, augmult {self.config.data.augmult}")
 
 
-def _agree(flag: bool) -> bool:
-    """True when any process's `flag` is True (a signal may reach the hosts at different times);
-    with several processes a tiny allgather, so every host stops at the same physical batch."""
-    if jax.process_count() > 1:
-        return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
-    return bool(flag)
 
 
 

@@ -28,7 +28,7 @@ from jax.sharding import PartitionSpec as P
 
 from dpft.privacy.plan import PrivacyPlan
 from dpft.train import ema as ema_lib
-from dpft.distributed import DATA_AXIS
+from dpft.distributed import DATA_AXIS, together
 
 PyTree = Any
 
@@ -137,8 +137,9 @@ def make_apply_fn(
         info = {"grad_norm": optax.global_norm(grad), "update": update}
         return new, info
 
-    compiled = jax.jit(apply, donate_argnums=(0,))
+    # The psum is a cross-process collective: its first run waits for every process (distributed.together).
+    compiled = together(jax.jit(apply, donate_argnums=(0,)), "apply")
     if not plan.enabled:
-        return jax.jit(lambda state, acc, key: apply(state, acc, key, 0.0), donate_argnums=(0,))
+        return together(jax.jit(lambda state, acc, key: apply(state, acc, key, 0.0), donate_argnums=(0,)), "apply")
     sigma = jnp.asarray(plan.noise_multiplier, jnp.float32)
     return lambda state, acc, key: compiled(state, acc, key, sigma)

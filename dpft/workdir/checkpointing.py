@@ -21,8 +21,9 @@ the restored arrays. A checksum mismatch, an unreadable item (orbax DATA_LOSS, a
 item, truncated JSON) makes `restore` raise `CorruptCheckpoint` (a `dpft.errors.CheckpointError`)
 naming the step and what failed; the training loop then falls back to the newest intact
 checkpoint (`dpft.train.loop.Trainer.restore`) and moves the corrupt one aside with
-`quarantine`. Arrays not fully addressable by this process (multi-host sharding) cannot be
-hashed here: they are listed under `unchecked` in the item and counted in `Restored.unchecked`.
+`quarantine`. A replicated array of a multi-process run is hashed from this process's copy (all
+of it is here); arrays sharded across processes cannot be hashed here: they are listed under
+`unchecked` in the item and counted in `Restored.unchecked`.
 
 Readers: `Checkpointer(workdir, read_only=True)` never creates, deletes or cleans anything
 (`dpft evaluate` uses it on a workdir that may be training); `pinned(workdir, step)` gives a
@@ -119,9 +120,12 @@ def _leaf_name(path: tuple) -> str:
 
 
 def _digest(x: Any) -> str | None:
-    """SHA-256 of dtype, shape and bytes of an array leaf; None if not addressable here."""
+    """SHA-256 of dtype, shape and bytes of an array leaf; None if its whole value is not here (a
+    replicated array of a multi-process run is: every process holds all of it)."""
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        return None
+        if not x.sharding.is_fully_replicated:
+            return None
+        x = x.addressable_data(0)
     a = np.ascontiguousarray(np.asarray(x))
     h = hashlib.sha256(f"{a.dtype.str}|{a.shape}|".encode())
     h.update(a.tobytes())
