@@ -205,10 +205,10 @@ _F_DEPTHS = {"f0": (1, 2, 6, 3), "f1": (2, 4, 12, 6), "f2": (3, 6, 18, 9), "f3":
              "f4": (5, 10, 30, 15), "f5": (6, 12, 36, 18), "f6": (7, 14, 42, 21), "f7": (8, 16, 48, 24)}
 _F_RES = {"f0": (192, 256), "f1": (224, 320), "f2": (256, 352), "f3": (320, 416),
           "f4": (384, 512), "f5": (416, 544), "f6": (448, 576), "f7": (480, 608)}
+_F_DROP = {"f0": 0.2, "f1": 0.3, "f2": 0.4, "f3": 0.4, "f4": 0.5, "f5": 0.5, "f6": 0.5, "f7": 0.5}
 #: DeepMind's checkpoint names (``F0_haiku.npz``): root module "NFNet", blocks as nf_block[_i]; head "linear".
 HAIKU = HaikuLayout("NFNet", {"blocks": "nf_block"})
 _CHECKPOINT = dict(head="linear", haiku=HAIKU)
-_F_DROP = {"f0": 0.2, "f1": 0.3, "f2": 0.4, "f3": 0.4, "f4": 0.5, "f5": 0.5, "f6": 0.5, "f7": 0.5}
 
 VARIANTS: dict[str, Variant] = {
     f"nfnet_{v}": Variant("nfnet", NFNet, dict(

@@ -107,8 +107,8 @@ def load_pretrained(path: str | os.PathLike, variant: str, num_classes: int | No
     (default: ``HAIKU_LOADER``, names from ``Variant.haiku``).
 
     ``num_classes=None`` takes the class count from the checkpoint's head (``Variant.head``). With a
-    different count the head is replaced (zeros init, as De et al. 2022) and every
-    other parameter loaded; this needs ``"head"`` in ``allow_missing``.
+    different count the head is replaced (the model's own init: zeros for NFNet, WRN and ViT, as
+    De et al. 2022) and every other parameter loaded; this needs ``"head"`` in ``allow_missing``.
     """
     loader = lookup(variant).checkpoint_loader or HAIKU_LOADER
     module, _, name = loader.partition(":")
