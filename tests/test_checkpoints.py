@@ -1,4 +1,5 @@
 """Checkpoint import/export (dpft.models.checkpoints, registry.load_pretrained)."""
+import dataclasses
 import os
 import pickle
 import sys
@@ -97,6 +98,20 @@ def test_name_mapping_both_ways():
     # the map is a bijection
     assert len({path for path, _ in table.values()}) == len(table)
     assert all(ckpt.haiku_name(model, path) == key for key, (path, _) in table.items())
+
+
+def test_layout_and_head_come_from_the_models_variant(monkeypatch):
+    """No central table: a family without ``Variant.haiku`` cannot use Haiku names, and a
+    ``Variant.head`` that is no module of the model is named."""
+    from dpft.models import wrn
+    vit = nnx.eval_shape(lambda: models.create("vit_micro", 2))
+    with pytest.raises(ckpt.CheckpointError, match=r"ViT \(family 'vit'\) declares no Haiku layout"):
+        ckpt.param_table(vit)
+    monkeypatch.setattr(wrn, "VARIANTS", {k: dataclasses.replace(v, head="fc") for k, v in wrn.VARIANTS.items()})
+    model = nnx.eval_shape(lambda: models.create("wrn_16_4", 3))
+    assert ckpt.haiku_name(model, ("blocks", 1, "conv_0", "w")) == ("WideResNet/~/wrn_block_1/~/conv_0", "w")
+    with pytest.raises(ckpt.CheckpointError, match=r"WideResNet \(family 'wrn'\): its head 'fc'.*no parameters"):
+        ckpt.apply_haiku_tree(model, {}, allow_missing=("head",))
 
 
 def test_malicious_pickle_is_refused_and_never_runs(tmp_path):

@@ -1,7 +1,9 @@
 """Registries (dpft.registry, dpft.models.registry, dpft.data.DATASETS): adding a model or a data set
-is one new file plus one registry line -- proved with toy entries that then train end to end."""
+is one new file plus one registry line -- proved with toy entries that then train end to end, the toy
+model also from a Haiku-format checkpoint (its layout and head declared in its own file)."""
 from __future__ import annotations
 
+import pickle
 import sys
 import textwrap
 
@@ -9,6 +11,7 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
+from flax import nnx
 
 from dpft import data, models
 from dpft.errors import UsageError
@@ -16,25 +19,37 @@ from dpft.models import registry as models_registry
 from dpft.registry import Registry
 
 TOY_MODEL = '''
-"""A toy model file: an MLP over the flattened image."""
+"""A toy model file: an MLP over the flattened image, its head and its Haiku checkpoint names."""
 import jax.numpy as jnp
 from flax import nnx
 
-from dpft.models.variant import Variant
+from dpft.models.variant import HaikuLayout, Variant
 
 
 class ToyMLP(nnx.Module):
-    def __init__(self, num_classes, *, dtype=jnp.float32, rngs, hidden=16, image_size=8):
-        self.hidden = nnx.Linear(image_size * image_size * 3, hidden, rngs=rngs, dtype=dtype)
-        self.head = nnx.Linear(hidden, num_classes, rngs=rngs, dtype=dtype)
+    def __init__(self, num_classes, *, dtype=jnp.float32, rngs, hidden=16, depth=2, image_size=8):
+        sizes = [image_size * image_size * 3] + [hidden] * depth
+        self.layers = nnx.List([nnx.Linear(a, b, rngs=rngs, dtype=dtype) for a, b in zip(sizes, sizes[1:])])
+        self.classifier = nnx.Linear(hidden, num_classes, rngs=rngs, dtype=dtype)
 
     def __call__(self, images, *, train=False, key=None):
         x = images.reshape(images.shape[0], -1)
-        return self.head(nnx.relu(self.hidden(x))).astype(jnp.float32)
+        for layer in self.layers:
+            x = nnx.relu(layer(x))
+        return self.classifier(x).astype(jnp.float32)
 
 
-VARIANTS = {"toy_mlp": Variant("toy", ToyMLP, dict(hidden=16, image_size=8), 8, 8)}
+VARIANTS = {"toy_mlp": Variant("toy", ToyMLP, dict(hidden=16, depth=2, image_size=8), 8, 8,
+                               head="classifier", haiku=HaikuLayout("toy_mlp", {"layers": "dense"}))}
 '''
+
+#: The toy's Haiku checkpoint written by hand, {module: {param: shape}} (a 5-class head), and where
+#: each module lives in the NNX model.
+TOY_CHECKPOINT = {"toy_mlp/~/dense": {"kernel": (192, 16), "bias": (16,)},
+                  "toy_mlp/~/dense_1": {"kernel": (16, 16), "bias": (16,)},
+                  "toy_mlp/~/classifier": {"kernel": (16, 5), "bias": (5,)}}
+TOY_MODULES = {"toy_mlp/~/dense": lambda m: m.layers[0], "toy_mlp/~/dense_1": lambda m: m.layers[1],
+               "toy_mlp/~/classifier": lambda m: m.classifier}
 
 TOY_DATA = '''
 """A toy data set file: two classes of 8x8 noise images, told apart by their mean."""
@@ -159,3 +174,63 @@ def test_toy_model_and_data_set_are_one_file_and_one_line_each(toy_entries, tmp_
     assert result.plan.grad_method == "bookkeeping"  # standard nnx.Linear layers: auto = book-keeping
     preds = np.load(result.predictions["test"])
     assert preds["logits"].shape == (48, 2)
+
+
+def _write_toy_checkpoint(path) -> dict[str, dict[str, np.ndarray]]:
+    """DeepMind's on-disk format, by hand: a pickle of {module_name: {param_name: ndarray}}."""
+    rng = np.random.default_rng(7)
+    tree = {m: {p: rng.standard_normal(shape).astype(np.float32) for p, shape in params.items()}
+            for m, params in TOY_CHECKPOINT.items()}
+    path.write_bytes(pickle.dumps(tree, protocol=4))
+    return tree
+
+
+def _assert_params_are(model, tree, modules) -> None:
+    """The parameters of `modules` (Haiku names) in `model` equal `tree`'s; the model has no
+    parameters other than TOY_CHECKPOINT's."""
+    assert len(jax.tree.leaves(nnx.state(model, nnx.Param))) == sum(map(len, TOY_CHECKPOINT.values()))
+    for module, params in tree.items():
+        if module in modules:
+            for name, value in params.items():
+                np.testing.assert_array_equal(np.asarray(getattr(TOY_MODULES[module](model), name)[...]), value,
+                                              err_msg=f"{module}/{name}")
+
+
+def test_toy_model_starts_dpft_train_from_its_haiku_checkpoint(toy_entries, tmp_path):
+    """The model `dpft train` builds with config.model.checkpoint (dpft.config.build.build_model): the
+    toy (one file + one line, no edit of dpft.models.checkpoints) loads every parameter from the file;
+    its 5-class head is replaced by a fresh 2-class one (the toy data set has 2 classes)."""
+    from dpft.config import build
+
+    tree = _write_toy_checkpoint(tmp_path / "toy_haiku.npz")
+    config = _toy_config()
+    with config.unlocked():
+        config.model.checkpoint = str(tmp_path / "toy_haiku.npz")
+    model = build.build_model(config, num_classes=2)
+    _assert_params_are(model, tree, ["toy_mlp/~/dense", "toy_mlp/~/dense_1"])
+    fresh = models.create("toy_mlp", 2, seed=config.seed)
+    assert model.classifier.kernel.shape == (16, 2) and model.classifier.bias.shape == (2,)
+    np.testing.assert_array_equal(np.asarray(model.classifier.kernel[...]), np.asarray(fresh.classifier.kernel[...]))
+    np.testing.assert_array_equal(np.asarray(model.classifier.bias[...]), np.asarray(fresh.classifier.bias[...]))
+
+
+def test_toy_model_checkpoint_keeps_its_head_round_trips_and_names_errors(toy_entries, tmp_path):
+    from dpft.models import checkpoints
+
+    path = tmp_path / "toy_haiku.npz"
+    tree = _write_toy_checkpoint(path)
+    model = models.load_pretrained(path, "toy_mlp")  # the class count from the file's head
+    assert model.classifier.kernel.shape == (16, 5)
+    _assert_params_are(model, tree, TOY_MODULES)
+    checkpoints.save_model(model, tmp_path / "export.pkl")
+    with open(tmp_path / "export.pkl", "rb") as f:
+        exported = pickle.load(f)
+    assert exported.keys() == tree.keys()
+    for module, params in tree.items():
+        assert exported[module].keys() == params.keys()
+        for name, value in params.items():
+            np.testing.assert_array_equal(exported[module][name], value)
+    del tree["toy_mlp/~/dense_1"]["bias"]
+    path.write_bytes(pickle.dumps(tree, protocol=4))
+    with pytest.raises(checkpoints.CheckpointError, match=f"{path}: missing parameter toy_mlp/~/dense_1/bias"):
+        models.load_pretrained(path, "toy_mlp", num_classes=3)

@@ -17,10 +17,12 @@ Formats read (``read_checkpoint`` picks by content):
 Formats written: the Haiku pickle (plain nested dicts of numpy arrays, protocol 4,
 readable by the restricted unpickler) and the flat ``.npz``; round trips are exact.
 
-Names: the NNX attribute path maps to the Haiku name by joining with ``/~/`` under
-the model's root (``NFNet``) and renaming list entries ``blocks[i]`` to
-``nf_block`` (i = 0) / ``nf_block_{i}``, e.g. ``blocks[3].squeeze_excite.linear_1.w``
-<-> ``("NFNet/~/nf_block_3/~/squeeze_excite/~/linear_1", "w")``.
+Names: each model file declares how Haiku names its parameters (``Variant.haiku``, a
+``dpft.models.variant.HaikuLayout``) and which module is its head (``Variant.head``); this
+module holds no per-model table and imports no model family. The NNX attribute path maps to
+the Haiku name by joining with ``/~/`` under the layout's root (``NFNet``) and renaming list
+entries, e.g. for NFNet's ``blocks[i]`` -> ``nf_block`` (i = 0) / ``nf_block_{i}``:
+``blocks[3].squeeze_excite.linear_1.w`` <-> ``("NFNet/~/nf_block_3/~/squeeze_excite/~/linear_1", "w")``.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ import io
 import os
 import pickle
 import zipfile
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, TypeVar
 
 import numpy as np
 try:  # numpy >= 2
@@ -42,18 +44,11 @@ from flax import nnx
 
 from dpft import atomic_io, paths, remote_files
 from dpft.errors import UsageError
-from dpft.models.nfnet import NFNet
-from dpft.models.wrn import WideResNet
+from dpft.models import registry
+from dpft.models.variant import HaikuLayout
 
 HaikuTree = dict[str, dict[str, np.ndarray]]
-
-#: Per model class: (Haiku root module name, {list attribute: Haiku module prefix}).
-HAIKU_LAYOUT: dict[type, tuple[str, dict[str, str]]] = {
-    NFNet: ("NFNet", {"blocks": "nf_block"}),
-    WideResNet: ("WideResNet", {"blocks": "wrn_block"}),
-}
-#: The NNX attribute of the classification head of every model class.
-HEAD_ATTR = "linear"
+Key = TypeVar("Key")
 
 
 class CheckpointError(UsageError):
@@ -62,52 +57,87 @@ class CheckpointError(UsageError):
 
 # --------------------------------------------------------------------------- names
 
-def _layout(model: nnx.Module) -> tuple[str, dict[str, str]]:
-    for cls, layout in HAIKU_LAYOUT.items():
-        if isinstance(model, cls):
-            return layout
-    raise CheckpointError(f"no Haiku name layout for model class {type(model).__name__}")
+def _layout(model: nnx.Module) -> HaikuLayout:
+    """The Haiku layout declared by the Variant that builds ``model``."""
+    v = registry.variant_of(model)
+    if v.haiku is None:
+        raise CheckpointError(f"model class {type(model).__name__} (family {v.family!r}) declares no Haiku "
+                              "layout (Variant.haiku); it cannot read or write Haiku checkpoints")
+    return v.haiku
 
 
-def haiku_name(model: nnx.Module, path: tuple) -> tuple[str, str]:
-    """NNX parameter path (e.g. ``('blocks', 3, 'conv1', 'w')``) -> (Haiku module, param)."""
-    root, lists = _layout(model)
-    parts, i = [root], 0
-    *mods, param = path
+def _module_name(layout: HaikuLayout, mods: tuple) -> str:
+    """NNX module path (e.g. ``('blocks', 3, 'conv1')``) -> Haiku module name."""
+    parts, i = [layout.root], 0
     while i < len(mods):
         key = mods[i]
-        if key in lists and i + 1 < len(mods):
+        if key in layout.lists and i + 1 < len(mods):
             idx = int(mods[i + 1])
-            parts.append(lists[key] if idx == 0 else f"{lists[key]}_{idx}")
+            prefix = layout.lists[key]
+            parts.append(prefix if idx == 0 else f"{prefix}_{idx}")
             i += 2
         else:
             parts.append(str(key))
             i += 1
-    return "/~/".join(parts), str(param)
+    return "/~/".join(parts)
+
+
+def _haiku_name(layout: HaikuLayout, path: tuple) -> tuple[str, str]:
+    *mods, param = path
+    return _module_name(layout, tuple(mods)), str(param)
+
+
+def haiku_name(model: nnx.Module, path: tuple) -> tuple[str, str]:
+    """NNX parameter path (e.g. ``('blocks', 3, 'conv1', 'w')``) -> (Haiku module, param)."""
+    return _haiku_name(_layout(model), path)
 
 
 def param_table(model: nnx.Module) -> dict[tuple[str, str], tuple[tuple, Any]]:
     """{(Haiku module, param): (NNX path, shape)} for every ``nnx.Param`` of ``model``.
 
     Works on abstract models from ``nnx.eval_shape`` too (nothing is read)."""
-    table = {}
-    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        value = var.get_value()
-        table[haiku_name(model, tuple(path))] = (tuple(path), tuple(value.shape))
-    return table
+    layout = _layout(model)
+    return {_haiku_name(layout, tuple(path)): (tuple(path), tuple(var.get_value().shape))
+            for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
-def head_modules(model: nnx.Module) -> list[str]:
-    """Haiku module names of the classification head (e.g. ``["NFNet/~/linear"]``)."""
-    root, _ = _layout(model)
-    return [f"{root}/~/{HEAD_ATTR}"]
+def head_keys(table: Mapping[Key, tuple[tuple, Any]], model: nnx.Module) -> list[Key]:
+    """The keys of ``table`` ({checkpoint name: (NNX path, shape)}, any format) whose NNX path lies
+    under ``model``'s head (``Variant.head``); [] if it declares none. A declared head without
+    parameters is a ``CheckpointError``."""
+    v = registry.variant_of(model)
+    head = v.head_path
+    keys = [k for k, (path, _) in table.items() if tuple(str(p) for p in path[:len(head)]) == head]
+    if head and not keys:
+        raise CheckpointError(f"model {type(model).__name__} (family {v.family!r}): its head {v.head!r} "
+                              "(Variant.head) holds no parameters")
+    return keys
+
+
+def classes_of_head(model: nnx.Module, table: Mapping[Key, tuple[tuple, Any]], values: Mapping[Key, Any],
+                    source: str) -> int:
+    """The class count of a checkpoint's head: the common last axis (w [in, classes], b [classes]) of
+    ``values`` (the checkpoint by the names of ``table``, ``model``'s {name: (NNX path, shape)}) at
+    ``model``'s head keys."""
+    head = head_keys(table, model)
+    if not head:
+        raise CheckpointError(f"{source}: model {type(model).__name__} declares no head (Variant.head) to infer "
+                              "num_classes from; give num_classes")
+    name = lambda k: "/".join(k) if isinstance(k, tuple) else str(k)  # noqa: E731
+    sizes = {name(k): (np.shape(values[k])[-1] if np.ndim(values[k]) else None) for k in head if k in values}
+    if not sizes:
+        raise CheckpointError(f"{source}: no head parameter ({', '.join(map(name, head))}) to infer num_classes from")
+    if None in sizes.values() or len(set(sizes.values())) != 1:
+        raise CheckpointError(f"{source}: head parameters disagree on the class count (last axes {sizes})")
+    return int(next(iter(sizes.values())))
 
 
 def to_haiku_tree(model: nnx.Module) -> HaikuTree:
     """Export all parameters as ``{module: {param: np.ndarray}}`` (float32 copies)."""
     tree: HaikuTree = {}
+    layout = _layout(model)
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        module, param = haiku_name(model, tuple(path))
+        module, param = _haiku_name(layout, tuple(path))
         value = var.get_value()
         tree.setdefault(module, {})[param] = np.array(value)
     return tree
@@ -122,10 +152,10 @@ def apply_haiku_tree(model: nnx.Module, tree: Mapping[str, Mapping[str, Any]], *
     ``allow_missing`` (Haiku module names, or ``"head"`` for the classifier): those
     keep their initial values if absent or shaped differently. Errors name the parameter.
     """
+    table = param_table(model)
     allowed = set()
     for name in allow_missing:
-        allowed.update(head_modules(model) if name == "head" else [name])
-    table = param_table(model)
+        allowed.update({m for m, _ in head_keys(table, model)} if name == "head" else [name])
     kept: set[str] = set()
     for module, params in tree.items():
         for param in params:
@@ -154,13 +184,14 @@ def pure_to_haiku_tree(model: nnx.Module, pure: Mapping) -> HaikuTree:
     """A nested pure-dict NNX state (as orbax restores it, list indices possibly as
     strings) -> Haiku tree."""
     tree: HaikuTree = {}
+    layout = _layout(model)
 
     def walk(node: Any, path: tuple) -> None:
         if isinstance(node, Mapping):
             for k, v in node.items():
                 walk(v, path + (int(k) if isinstance(k, str) and k.isdigit() else k,))
         else:
-            module, param = haiku_name(model, path)
+            module, param = _haiku_name(layout, path)
             tree.setdefault(module, {})[param] = np.asarray(node)
 
     walk(pure, ())
@@ -469,3 +500,18 @@ def load_into(model: nnx.Module, path: str | os.PathLike, *,
     """Read ``path`` and load it into ``model`` in place; returns modules kept at init."""
     return apply_haiku_tree(model, read_checkpoint(path, model), allow_missing=allow_missing,
                             source=os.fspath(path))
+
+
+def load_pretrained(path: str | os.PathLike, variant: str, num_classes: int | None, *, allow_missing: Iterable[str],
+                    seed: int, dtype: Any, **overrides: Any) -> nnx.Module:
+    """`dpft.models.load_pretrained` for a Haiku pickle, flat npz or orbax checkpoint (the default
+    ``Variant.checkpoint_loader``): names from ``Variant.haiku``, the head from ``Variant.head``."""
+    source = os.fspath(path)
+    probe = nnx.eval_shape(lambda: registry.create(variant, 1, seed=seed, dtype=dtype, **overrides))
+    tree = read_checkpoint(path, probe)
+    if num_classes is None:
+        values = {(m, p): v for m, params in tree.items() for p, v in params.items()}
+        num_classes = classes_of_head(probe, param_table(probe), values, source)
+    model = registry.create(variant, num_classes, seed=seed, dtype=dtype, **overrides)
+    apply_haiku_tree(model, tree, allow_missing=allow_missing, source=source)
+    return model

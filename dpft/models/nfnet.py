@@ -7,8 +7,8 @@ depth without rescaling), same signal-propagation betas, final conv to
 
 Attribute names equal the Haiku module names (``stem_conv0``, ``conv1b``,
 ``squeeze_excite.linear_1``, ``skip_gain``, ``final_conv``, ``linear``); the list
-``blocks[i]`` is Haiku's ``nf_block`` (i = 0) / ``nf_block_{i}``. See
-``dpft.models.checkpoints`` for the mapping.
+``blocks[i]`` is Haiku's ``nf_block`` (i = 0) / ``nf_block_{i}`` (``HAIKU``, read by
+``dpft.models.checkpoints``).
 
 Randomness (dropout, stochastic depth) comes only from the ``key`` argument; the
 module holds no RNG state and no batch statistics.
@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dpft.models import layers
-from dpft.models.variant import Variant
+from dpft.models.variant import HaikuLayout, Variant
 from dpft.nn import ops, taps
 
 Array = jax.Array
@@ -206,17 +206,20 @@ _F_DEPTHS = {"f0": (1, 2, 6, 3), "f1": (2, 4, 12, 6), "f2": (3, 6, 18, 9), "f3":
 _F_RES = {"f0": (192, 256), "f1": (224, 320), "f2": (256, 352), "f3": (320, 416),
           "f4": (384, 512), "f5": (416, 544), "f6": (448, 576), "f7": (480, 608)}
 _F_DROP = {"f0": 0.2, "f1": 0.3, "f2": 0.4, "f3": 0.4, "f4": 0.5, "f5": 0.5, "f6": 0.5, "f7": 0.5}
+#: DeepMind's checkpoint names (``F0_haiku.npz``): root module "NFNet", blocks as nf_block[_i]; head "linear".
+HAIKU = HaikuLayout("NFNet", {"blocks": "nf_block"})
+_CHECKPOINT = dict(head="linear", haiku=HAIKU)
 
 VARIANTS: dict[str, Variant] = {
     f"nfnet_{v}": Variant("nfnet", NFNet, dict(
         width=(256, 512, 1536, 1536), depth=_F_DEPTHS[v], group_width=128, expansion=0.5,
         big_width=True, se_ratio=0.5, alpha=0.2, stochdepth_rate=0.1, drop_rate=_F_DROP[v],
-        final_conv_mult=2, activation="gelu"), *_F_RES[v])
+        final_conv_mult=2, activation="gelu"), *_F_RES[v], **_CHECKPOINT)
     for v in _F_DEPTHS
 }
 VARIANTS["nfnet_tiny"] = Variant("nfnet", NFNet, dict(
     width=(16, 32, 64, 64), depth=(1, 1, 1, 1), group_width=8, stem_width=(8, 8, 16),
-    stochdepth_rate=0.1, drop_rate=0.2), 32, 32)
+    stochdepth_rate=0.1, drop_rate=0.2), 32, 32, **_CHECKPOINT)
 VARIANTS["nfnet_micro"] = Variant("nfnet", NFNet, dict(
     width=(8, 16, 16, 16), depth=(1, 1, 1, 1), group_width=4, stem_width=(4, 4, 8),
-    stochdepth_rate=0.1, drop_rate=0.2), 32, 32)
+    stochdepth_rate=0.1, drop_rate=0.2), 32, 32, **_CHECKPOINT)

@@ -34,6 +34,8 @@ MODEL_FAMILIES = Registry("model family", {
     "wrn": "dpft.models.wrn:VARIANTS",
     "vit": "dpft.models.vit:VARIANTS",
 })
+#: The checkpoint reader of variants without their own ``checkpoint_loader`` (Haiku pickle, flat npz, orbax).
+HAIKU_LOADER = "dpft.models.checkpoints:load_pretrained"
 
 
 def variants() -> dict[str, Variant]:
@@ -52,7 +54,8 @@ def names() -> tuple[str, ...]:
     return tuple(variants())
 
 
-def _variant(name: str) -> Variant:
+def lookup(name: str) -> Variant:
+    """The Variant registered as ``name`` (case-insensitive); UsageError naming the choices if none."""
     table = variants()
     key = name.lower()
     if key not in table:
@@ -60,9 +63,21 @@ def _variant(name: str) -> Variant:
     return table[key]
 
 
+def variant_of(model: nnx.Module) -> Variant:
+    """The Variant whose builder is ``model``'s class (abstract models from ``nnx.eval_shape`` too):
+    what checkpoint I/O reads ``head`` and ``haiku`` from, so every variant of a class must agree on them."""
+    found = [v for v in variants().values() if v.builder is type(model)]
+    if not found:
+        raise UsageError(f"no registered model variant is built by {type(model).__name__}; "
+                         "register its Variant (dpft.models.registry.MODEL_FAMILIES)")
+    if any((v.head, v.haiku) != (found[0].head, found[0].haiku) for v in found):
+        raise ValueError(f"the variants built by {type(model).__name__} disagree on head / haiku layout")
+    return found[0]
+
+
 def variant_info(name: str) -> dict[str, Any]:
     """Plain-data description: family, train/test resolution (pixels) and constructor kwargs."""
-    v = _variant(name)
+    v = lookup(name)
     return {"name": name.lower(), "family": v.family, "train_imsize": v.train_imsize,
             "test_imsize": v.test_imsize, **{k: (list(x) if isinstance(x, tuple) else x)
                                              for k, x in v.kwargs.items()}}
@@ -75,7 +90,7 @@ def create(name: str, num_classes: int, *, seed: int = 0, dtype: Any = jnp.float
     ``dtype`` is the compute dtype (params stay float32); ``overrides`` replace
     constructor kwargs (e.g. ``drop_rate=0.0``, ``head_init="normal"``).
     """
-    v = _variant(name)
+    v = lookup(name)
     if not isinstance(num_classes, int) or num_classes < 1:
         raise UsageError(f"num_classes must be a positive int, got {num_classes!r}")
     kwargs = {**v.kwargs, **overrides}
@@ -88,26 +103,14 @@ def create(name: str, num_classes: int, *, seed: int = 0, dtype: Any = jnp.float
 def load_pretrained(path: str | os.PathLike, variant: str, num_classes: int | None = None, *,
                     allow_missing: Iterable[str] = ("head",), seed: int = 0,
                     dtype: Any = jnp.float32, **overrides: Any) -> nnx.Module:
-    """Build ``variant`` and load the checkpoint at ``path`` (any supported format).
+    """Build ``variant`` and load the checkpoint at ``path`` with its ``Variant.checkpoint_loader``
+    (default: ``HAIKU_LOADER``, names from ``Variant.haiku``).
 
-    ``num_classes=None`` takes the class count from the checkpoint's head. With a
-    different count the head is replaced (zeros init, as De et al. 2022) and every
-    other parameter loaded; this needs ``"head"`` in ``allow_missing``.
+    ``num_classes=None`` takes the class count from the checkpoint's head (``Variant.head``). With a
+    different count the head is replaced (the model's own init: zeros for NFNet, WRN and ViT, as
+    De et al. 2022) and every other parameter loaded; this needs ``"head"`` in ``allow_missing``.
     """
-    from dpft.models import checkpoints  # local: avoids a cycle at import time
-
-    loader = _variant(variant).checkpoint_loader
-    if loader:  # the family's own format (e.g. big_vision .npz for ViTs)
-        module, _, name = loader.partition(":")
-        return getattr(importlib.import_module(module), name)(
-            path, variant, num_classes, allow_missing=allow_missing, seed=seed, dtype=dtype, **overrides)
-    probe = nnx.eval_shape(lambda: create(variant, 1, seed=seed, dtype=dtype, **overrides))
-    tree = checkpoints.read_checkpoint(path, probe)
-    head = checkpoints.head_modules(probe)[0]
-    if num_classes is None:
-        if head not in tree or "b" not in tree[head]:
-            raise checkpoints.CheckpointError(f"{os.fspath(path)}: no head {head}/b to infer num_classes from")
-        num_classes = int(tree[head]["b"].shape[0])
-    model = create(variant, num_classes, seed=seed, dtype=dtype, **overrides)
-    checkpoints.apply_haiku_tree(model, tree, allow_missing=allow_missing, source=os.fspath(path))
-    return model
+    loader = lookup(variant).checkpoint_loader or HAIKU_LOADER
+    module, _, name = loader.partition(":")
+    return getattr(importlib.import_module(module), name)(
+        path, variant, num_classes, allow_missing=allow_missing, seed=seed, dtype=dtype, **overrides)

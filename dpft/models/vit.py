@@ -141,11 +141,11 @@ class ViT(nnx.Module):
 
 
 # ---------------------------------------------------------------- registered variants (big_vision sizes)
-_NPZ = "dpft.models.vit_checkpoints:load_pretrained"  # big_vision / AugReg .npz checkpoints
+_NPZ = dict(head="head", checkpoint_loader="dpft.models.vit_checkpoints:load_pretrained")  # big_vision .npz
 VARIANTS: dict[str, Variant] = {
-    "vit_ti16": Variant("vit", ViT, dict(width=192, depth=12, mlp_dim=768, num_heads=3), 224, 224, _NPZ),
-    "vit_s16": Variant("vit", ViT, dict(width=384, depth=12, mlp_dim=1536, num_heads=6), 224, 224, _NPZ),
-    "vit_b16": Variant("vit", ViT, dict(width=768, depth=12, mlp_dim=3072, num_heads=12), 224, 224, _NPZ),
+    "vit_ti16": Variant("vit", ViT, dict(width=192, depth=12, mlp_dim=768, num_heads=3), 224, 224, **_NPZ),
+    "vit_s16": Variant("vit", ViT, dict(width=384, depth=12, mlp_dim=1536, num_heads=6), 224, 224, **_NPZ),
+    "vit_b16": Variant("vit", ViT, dict(width=768, depth=12, mlp_dim=3072, num_heads=12), 224, 224, **_NPZ),
     "vit_micro": Variant("vit", ViT, dict(width=32, depth=2, mlp_dim=64, num_heads=2, patch_size=8, image_size=32),
-                         32, 32, _NPZ),
+                         32, 32, **_NPZ),
 }

@@ -39,7 +39,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dpft import atomic_io, paths, remote_files
-from dpft.models.checkpoints import CheckpointError
+from dpft.models import registry
+from dpft.models.checkpoints import CheckpointError, classes_of_head, head_keys
 from dpft.models.vit import ViT
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,6 @@ log = logging.getLogger(__name__)
 _BLOCK_NAMES = {"norm_0": "LayerNorm_0", "norm_1": "LayerNorm_1", "attention": "MultiHeadDotProductAttention_0",
                 "mlp_0": "MlpBlock_0/Dense_0", "mlp_1": "MlpBlock_0/Dense_1"}
 _TOP_NAMES = {("pos_embedding", "embedding"): "pos_embedding", ("cls_token", "token"): "cls"}
-HEAD_PREFIX = "head/"
 
 
 def bv_name(path: tuple) -> str:
@@ -214,13 +214,6 @@ def resample_posemb(posemb: np.ndarray, grid: int) -> np.ndarray:
 
 # --------------------------------------------------------------------------- loading
 
-def head_classes(flat: Mapping[str, np.ndarray], source: str) -> int:
-    """Number of classes of the checkpoint's head (``head/bias``)."""
-    if "head/bias" not in flat:
-        raise CheckpointError(f"{source}: no head/bias to infer num_classes from")
-    return int(flat["head/bias"].shape[0])
-
-
 def apply_flat(model: ViT, flat: Mapping[str, np.ndarray], *, allow_missing: Iterable[str] = ("head",),
                source: str = "checkpoint") -> list[str]:
     """Load a ``normalise``d checkpoint into ``model`` in place; returns the keys left at their init.
@@ -235,8 +228,8 @@ def apply_flat(model: ViT, flat: Mapping[str, np.ndarray], *, allow_missing: Ite
     table = param_table(model)
     flat = dict(flat)
     kept: list[str] = []
-    head_keys = [k for k in table if k.startswith(HEAD_PREFIX)]
-    replace_head = allow_head and any(k not in flat or flat[k].shape != table[k][1] for k in head_keys)
+    head = head_keys(table, model)
+    replace_head = allow_head and any(k not in flat or flat[k].shape != table[k][1] for k in head)
     pre_logits = sorted(k for k in flat if k.startswith("pre_logits/"))
     if pre_logits:
         if not replace_head:
@@ -253,7 +246,7 @@ def apply_flat(model: ViT, flat: Mapping[str, np.ndarray], *, allow_missing: Ite
     state = nnx.state(model, nnx.Param)
     variables = dict(nnx.to_flat_state(state))
     for key, (path, shape) in table.items():
-        if key.startswith(HEAD_PREFIX) and replace_head:
+        if key in head and replace_head:
             kept.append(key)
             continue
         if key not in flat:
@@ -274,12 +267,11 @@ def apply_flat(model: ViT, flat: Mapping[str, np.ndarray], *, allow_missing: Ite
 def load_pretrained(path: str | os.PathLike, variant: str, num_classes: int | None, *, allow_missing: Iterable[str],
                     seed: int, dtype: Any, **overrides: Any) -> nnx.Module:
     """`dpft.models.load_pretrained` for a big_vision/AugReg ViT `.npz` (the variants' checkpoint_loader)."""
-    from dpft.models.registry import create
-
     source = os.fspath(path)
     flat = normalise(read_flat(source), source)
     if num_classes is None:
-        num_classes = head_classes(flat, source)
-    model = create(variant, num_classes, seed=seed, dtype=dtype, **overrides)
+        probe = nnx.eval_shape(lambda: registry.create(variant, 1, seed=seed, dtype=dtype, **overrides))
+        num_classes = classes_of_head(probe, param_table(probe), flat, source)
+    model = registry.create(variant, num_classes, seed=seed, dtype=dtype, **overrides)
     apply_flat(model, flat, allow_missing=allow_missing, source=source)
     return model

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dpft.models import layers
-from dpft.models.variant import Variant
+from dpft.models.variant import HaikuLayout, Variant
 
 Array = jax.Array
 
@@ -82,6 +82,9 @@ class WideResNet(nnx.Module):
         return self.linear(jnp.mean(out, axis=(1, 2))).astype(jnp.float32)
 
 
+#: Checkpoint names: root module "WideResNet", blocks as wrn_block[_i]; head "linear".
+HAIKU = HaikuLayout("WideResNet", {"blocks": "wrn_block"})
+
 VARIANTS: dict[str, Variant] = {
-    "wrn_16_4": Variant("wrn", WideResNet, dict(depth=16, width=4, groups=16), 32, 32),
+    "wrn_16_4": Variant("wrn", WideResNet, dict(depth=16, width=4, groups=16), 32, 32, head="linear", haiku=HAIKU),
 }
