@@ -358,7 +358,8 @@ def test_hook_checkpoints_the_record_and_finishes_with_private_files_and_aggrega
     plan = types.SimpleNamespace(individual_epsilons=plan_epsilons, accountant="pld",
                                  clipping=types.SimpleNamespace(mode="flat"))
     run = accounting.compute_epsilon(Q, SIGMA, t, DELTA, "pld")
-    columns = {"example_id": np.arange(n) + 100, "label": np.arange(n) % 2, "attr_sex": np.where(np.arange(n) < 12, "F", "M")}
+    columns = {"example_id": np.arange(n) + 100, "label": np.arange(n) % 2,
+               "attr_sex": np.where(np.arange(n) < 12, "F", "M")}
     path = h.finish(str(tmp_path), plan, t, run, columns, task="multiclass", class_names=["a", "b"])
     got = files.read_individual_epsilons(path)
     np.testing.assert_array_equal(got["example_id"], columns["example_id"])

@@ -13,8 +13,8 @@ Both accountants compose one history per example from per-level pieces:
   ComposedDpEvent of those `dpsgd_event`s, number for number.
 - RDP: one update's RDP [O] per level from `make_accountant("rdp")`; a history's RDP is
   counts @ table (what the accountant adds up), converted to epsilon vectorised at the
-  accountant's own orders (`accounting.RDP_ORDERS`; before this module used them, individual RDP
-  used dp-accounting's default orders, unlike the run).
+  accountant's own orders. Individual RDP now uses the run's orders, `accounting.RDP_ORDERS`
+  (until issue 29 it used dp-accounting's default orders, so it was not the run's accountant).
 
 The values are estimates, as in the paper: norms are measured every `every` updates with the
 parameters of that update and held until the next record. They are *not* a formal guarantee for
