@@ -32,6 +32,22 @@ def test_epsilon_equals_dp_accounting_directly(q, sigma, steps, delta, accountan
     assert eps == pytest.approx(direct_epsilon(q, sigma, steps, delta, accountant), rel=1e-12)
 
 
+def test_make_accountant_is_the_runs_accountant_and_dpsgd_pld_its_own_pieces():
+    """Individual accounting composes `dpsgd_pld` pieces where an accountant cannot share them: the
+    pieces are the PLD accountant's own construction (equal epsilons, alone and composed in order),
+    and the RDP accountant uses RDP_ORDERS."""
+    assert list(accounting.make_accountant("rdp").orders) == list(accounting.RDP_ORDERS)
+    for q, sigma, steps in [(0.01, 1.0, 1000), (0.3, 0.8, 7)]:
+        assert accounting.pld_epsilon([accounting.dpsgd_pld(q, sigma, steps)], 1e-5) == \
+            accounting.compute_epsilon(q, sigma, steps, 1e-5, "pld")
+    segments = [(0.05, 2.2, 6), (0.05, 1.1, 9)]
+    acc = accounting.make_accountant("pld").compose(dp_accounting.ComposedDpEvent(
+        [accounting.dpsgd_event(*s) for s in segments]))
+    assert accounting.pld_epsilon([accounting.dpsgd_pld(*s) for s in segments], 1e-5) == acc.get_epsilon(1e-5)
+    with pytest.raises(ValueError, match="accountant"):
+        accounting.make_accountant("gdp")
+
+
 def test_epsilon_known_values_and_orderings():
     # DESIGN.md: q=0.01, sigma=1, 10,000 steps, delta=1e-5 -> 6.19 (PLD)
     assert accounting.compute_epsilon(0.01, 1.0, 10_000, 1e-5) == pytest.approx(6.19, rel=0.01)

@@ -255,8 +255,8 @@ def test_individual_accounting_records_the_clipped_k_view_norm_and_stays_within_
     result = trainer.run()
     with open(tmp_path / "run" / "individual_epsilon.json") as f:
         summary = json.load(f)
-    from dpft.privacy import individual
-    eps = individual.read_individual_epsilons(tmp_path / "run" / "individual_epsilon.npz")["epsilon"]
+    from dpft.privacy.individual import files as individual_files
+    eps = individual_files.read_individual_epsilons(tmp_path / "run" / "individual_epsilon.npz")["epsilon"]
     assert summary["accountant"] == "pld" and summary["run_epsilon"]["value"] == pytest.approx(result.epsilon_spent)
     assert np.all(eps <= result.epsilon_spent * (1 + 1e-12)) and np.all(eps >= 0)
     assert (os.stat(tmp_path / "run" / "individual_epsilon.npz").st_mode & 0o077) == 0

@@ -203,7 +203,7 @@ def test_metric_files_match_between_local_and_remote(tmp_path, gcs):
 
 def test_private_stats_and_predictions_on_remote(gcs, capsys):
     from dpft.evaluate import predictions as P
-    from dpft.privacy import individual
+    from dpft.privacy.individual import files as individual_files
     from dpft.testing.predictions import synthetic_predictions
     from dpft.train import logging_utils
 
@@ -215,9 +215,9 @@ def test_private_stats_and_predictions_on_remote(gcs, capsys):
     back = P.load_predictions(npz)
     np.testing.assert_array_equal(back.logits, np.asarray(syn["logits"], np.float32))
     np.testing.assert_array_equal(back.example_id, np.asarray(syn["example_id"]))
-    path = individual.write_individual_epsilons("gs://bucket/run", np.arange(4), np.array([.1, .2, .3, .4]),
-                                                {"sex": ["F", "M", "F", "M"]}, summary={"n": 4})
-    got = individual.read_individual_epsilons(path)
+    path = individual_files.write_individual_epsilons("gs://bucket/run", np.arange(4), np.array([.1, .2, .3, .4]),
+                                                      {"sex": ["F", "M", "F", "M"]}, summary={"n": 4})
+    got = individual_files.read_individual_epsilons(path)
     assert got["epsilon"].tolist() == [.1, .2, .3, .4] and got["attr_sex"].tolist() == ["F", "M", "F", "M"]
     err = capsys.readouterr().err
     for name in ("private/update_stats.jsonl", "predictions/3/test.npz", "individual_epsilon.npz"):

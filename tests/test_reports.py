@@ -304,9 +304,9 @@ def test_individual_epsilon_hook_in_report(tmp_path):
     assert "## Individual privacy" in (out / "report.md").read_text()
     _png_ok(out / "individual_epsilon.png")
     # The training loop's summary beside the npz adds the worst case and the loss correlation.
-    from dpft.privacy import individual
+    from dpft.privacy.individual import groups as individual_groups
     losses = eps ** 2  # monotone in eps: Spearman rho must be exactly 1
-    summary = individual.summarise(eps, {"sex": np.where(np.arange(80) % 2, "F", "M")}, None, losses,
+    summary = individual_groups.summarise(eps, {"sex": np.where(np.arange(80) % 2, "F", "M")}, None, losses,
                                    worst_case_epsilon=4.5)
     summary["run_epsilon"] = {"value": 4.5, "accountant": "pld"}
     summary["min_group_size"] = 41  # the run's setting: each sex has 40 examples -> suppressed

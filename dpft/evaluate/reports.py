@@ -172,9 +172,9 @@ def evaluate_predictions(test_path: str | os.PathLike, val_path: str | os.PathLi
     eps_path = paths.as_path(config.individual_epsilon_path) if config.individual_epsilon_path else (
         paths.as_path(preds.path).parent.parent.parent / INDIVIDUAL_EPSILON_FILE)
     if eps_path.is_file():
-        from dpft.privacy import individual
+        from dpft.privacy.individual import files as individual_files
 
-        arrays = individual.read_individual_epsilons(eps_path)
+        arrays = individual_files.read_individual_epsilons(eps_path)
         eps = arrays["epsilon"]
         eps_attrs = {k[len("attr_"):]: v for k, v in arrays.items() if k.startswith("attr_")}
         # The training loop's summary beside it: the run's epsilon and accountant (the same one
@@ -290,17 +290,17 @@ def individual_epsilon_summary(epsilon: np.ndarray, attrs: Mapping[str, np.ndarr
                                png_path: str | os.PathLike | None = None,
                                min_group_size: int | None = None) -> dict[str, Any]:
     """Quantiles of per-example epsilon [N], overall and per group of each attribute (str [N]),
-    by `dpft.privacy.individual.summarise` (keys n, mean, q05..q95; groups smaller than
+    by `dpft.privacy.individual.groups.summarise` (keys n, mean, q05..q95; groups smaller than
     `min_group_size` only {"n", "suppressed"}). Draws the histogram PNG (`plots.individual_epsilon_histogram`)
     if asked."""
-    from dpft.privacy import individual
+    from dpft.privacy.individual import groups as individual_groups
 
-    k = individual.MIN_GROUP_SIZE if min_group_size is None else int(min_group_size)
+    k = individual_groups.MIN_GROUP_SIZE if min_group_size is None else int(min_group_size)
     eps = np.asarray(epsilon, np.float64).reshape(-1)
     for attr, values in attrs.items():
         if np.asarray(values).shape != eps.shape:
             raise ValueError(f"attribute {attr!r} has shape {np.asarray(values).shape}, epsilon has {eps.shape}")
-    summary = individual.summarise(eps, attrs, min_group_size=k)
+    summary = individual_groups.summarise(eps, attrs, min_group_size=k)
     out: dict[str, Any] = {"overall": summary["overall"], "groups": summary["by_attribute"], "min_group_size": k}
     if png_path is not None:
         out["png"] = plots.individual_epsilon_histogram(eps, attrs, png_path, min_group_size=k)

@@ -10,7 +10,7 @@ Modules (one job each; this file imports none of them, so `dpft accountant` star
   plan            the one frozen privacy plan of a run (N, q, B, sigma, delta, clipping, secret, engine)
   keys            the run's CSPRNG secret and its separate key streams
   sensitivity     measured sensitivity of the clipped sum (removing one example)
-  individual      per-example (individual) privacy accounting
+  individual      per-example (individual) privacy accounting: norms, epsilons, groups, files, hook
   audit           statistics of the empirical privacy audit (Dirac canaries)
   accountant_cli  the `dpft accountant` command
 """

@@ -151,10 +151,10 @@ class PrivacyPlan:
 
     def individual_epsilons(self, recorder: Any, num_updates: int) -> np.ndarray:
         """Per-example epsilons [N] after `num_updates` with the run's accountant (see
-        `dpft.privacy.individual.individual_epsilons`), never above `epsilon_after(num_updates)`."""
-        from dpft.privacy import individual
+        `dpft.privacy.individual.epsilons.individual_epsilons`), never above `epsilon_after(num_updates)`."""
+        from dpft.privacy.individual import epsilons
 
-        eps = individual.individual_epsilons(
+        eps = epsilons.individual_epsilons(
             recorder, sampling_rate=self.sampling_rate, noise_multiplier=self.noise_multiplier,
             sensitivity=self.sensitivity, contribution=self.contribution_norm, num_updates=int(num_updates),
             delta=self.delta, accountant=self.accountant)

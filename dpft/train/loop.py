@@ -149,13 +149,14 @@ class Trainer:
                                                  self.augment, self.mesh)
         # Host values of every process, stacked (first call of each shape waits for all: distributed.together).
         self.gather = distributed.together(lambda x: multihost_utils.process_allgather(x, tiled=True), "gather")
-        self.individual = None  # the individual-accounting hook (dpft.privacy.individual)
+        self.individual = None  # the individual-accounting hook (dpft.privacy.individual.hook)
         if config.individual.enabled and self.plan.enabled:
-            from dpft.privacy import individual
-            self.individual = individual.IndividualHook.create(
+            from dpft.privacy.individual import groups as individual_groups
+            from dpft.privacy.individual import hook as individual_hook
+            self.individual = individual_hook.IndividualHook.create(
                 len(self.train_table), grid_width=float(config.individual.norm_grid),
                 every=int(config.individual.every),
-                min_group_size=int(config.individual.get("min_group_size", individual.MIN_GROUP_SIZE)))
+                min_group_size=int(config.individual.get("min_group_size", individual_groups.MIN_GROUP_SIZE)))
 
     def _loss(self, model):
         from dpft.privacy import adapters
