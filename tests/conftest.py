@@ -9,10 +9,13 @@ os.environ.setdefault("XLA_FLAGS", _cpu.xla_flags(8))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-    # One persistent XLA compilation cache per test process (each xdist worker), inherited by
-    # its `dpft` subprocesses: the many short trainings of the end-to-end tests compile each
-    # program once (a 6-update nfnet_micro `dpft train`: 31 s cold, 13 s warm). A hit is the
-    # same executable. tests/test_gpu_check.py removes it (it measures compiling).
+    # One persistent XLA compilation cache for the whole run: made by the first process that imports
+    # this file (pytest's controller under xdist, before it starts its workers, which inherit the
+    # variable), shared by every worker and by their `dpft` subprocesses. A program compiled by one
+    # test is loaded by every later test that builds the same program (a 6-update nfnet_micro
+    # `dpft train`: 31 s cold, 13 s warm). A hit is the same executable. jax writes cache entries
+    # atomically, so concurrent processes are safe. tests/test_gpu_check.py removes it (it measures
+    # compiling).
     import atexit
     import shutil
     import tempfile

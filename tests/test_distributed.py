@@ -229,3 +229,18 @@ def test_device_report_names_platform_and_warns_for_big_models_on_cpu():
     if jax.devices()[0].platform == "cpu":
         big = D.device_report("nfnet_f0", env={})
         assert len(big) == 2 and big[1].startswith("WARNING: training nfnet_f0 on CPU") and "jax[cuda12]" in big[1]
+
+
+def test_one_process_commands_under_a_multi_task_job_run_on_process_zero_only(tmp_path):
+    """`dpft audit`, `dpft demo` and a model-less `dpft evaluate` started as task 1 of a 2-task SLURM job
+    say so and exit 0 without doing the work (task 0 does it); nothing is written."""
+    from dpft.testing import cpu as cpu_env
+
+    env = cpu_env.subprocess_env(1, SLURM_JOB_ID="9", SLURM_NTASKS="2", SLURM_PROCID="1", SLURM_LOCALID="1")
+    for command in (["audit", "--steps", "1"], ["demo", "--workdir", str(tmp_path / "demo"), "--quick"],
+                    ["evaluate", "--compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "c")]):
+        r = subprocess.run([sys.executable, "-m", "dpft.cli", *command], env=env, capture_output=True, text=True,
+                           timeout=300, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert "runs on one process: process 0 of this slurm job runs it; process 1 of 2 exits" in r.stdout + r.stderr
+    assert sorted(os.listdir(tmp_path)) == []
