@@ -9,8 +9,9 @@ A record is a dict (see docs/interfaces.md):
   attrs       dict str -> str of subgroup attributes
 
 The table is grain `RandomAccessDataSource` compatible (`__len__`, `__getitem__`).
-Also here: the patient-split check, and the CSV index cache that
-`dpft prepare` writes and the loaders reuse.
+Also here: `DatasetSpec` (all dpft knows about a data set) and `options_from` (a loader's
+options), the patient-split check, and the CSV index cache that `dpft prepare` writes and
+`dpft.data.load_splits` reads back.
 """
 from __future__ import annotations
 
