@@ -84,7 +84,7 @@ def load_splits(root=None, **options):
     return splits
 
 
-DATASET = DatasetSpec(load_splits, ToyOptions, needs_root=False)
+DATASET = DatasetSpec(load_splits, ToyOptions, required_attributes=("group",), needs_root=False)
 '''
 
 

@@ -11,11 +11,12 @@ from __future__ import annotations
 from typing import Any
 
 from dpft.errors import DataError
-from dpft.data.base import DatasetSpec, ExampleTable, TableMeta
+from dpft.data.base import INDEX_OPTION, DatasetSpec, ExampleTable, TableMeta, read_index
 from dpft.registry import Registry
 
 #: The one data set registry: name -> "module:DATASET" (a `DatasetSpec`). Adding a data set is
-#: one new module with a `DATASET = DatasetSpec(load_splits, OptionsClass)` and one line here.
+#: one new module with a `DATASET = DatasetSpec(load_splits, OptionsClass, required_attributes=...)`
+#: and one line here; everything dpft knows about it is in that spec.
 DATASETS = Registry("data set", {
     "chexpert": "dpft.data.chexpert:DATASET",
     "mimic_cxr": "dpft.data.mimic_cxr:DATASET",
@@ -26,8 +27,13 @@ DATASETS = Registry("data set", {
 
 
 def dataset(name: str) -> DatasetSpec:
-    """The registered `DatasetSpec` of `name` (UsageError naming the choices if unknown)."""
-    return DATASETS.get(name)
+    """The registered `DatasetSpec` of `name` (UsageError naming the choices if unknown; TypeError
+    if its module registers something else)."""
+    spec = DATASETS.get(name)
+    if not isinstance(spec, DatasetSpec):
+        raise TypeError(f"data set {name!r}: {DATASETS.target(name)} is a {type(spec).__name__}, "
+                        f"not a dpft.data.base.DatasetSpec")
+    return spec
 
 
 def option_defaults(name: str) -> dict[str, Any]:
@@ -36,13 +42,22 @@ def option_defaults(name: str) -> dict[str, Any]:
     return dataset(name).option_defaults() if name in DATASETS else {}
 
 
+def path_options(name: str) -> tuple[str, ...]:
+    """The options of data set `name` that are paths (`DatasetSpec.option_paths`); () for an unknown name."""
+    return dataset(name).option_paths() if name in DATASETS else ()
+
+
 def load_splits(name: str, root: str | None = None, **options: Any) -> dict[str, ExampleTable]:
-    """All splits of data set `name` at `root` (options: the data set's options class fields)."""
+    """All splits of data set `name` at `root` (options: the data set's options class fields, and
+    `index_dir` for an indexed data set: read `dpft prepare --out DIR`'s DIR/index instead)."""
     spec = dataset(name)
     if root is None and spec.needs_root:
         raise DataError(f"data set {name!r} needs a data directory (root)")
+    index_dir = options.pop(INDEX_OPTION, None) if spec.indexed else None
+    if index_dir is not None:
+        return read_index(index_dir, spec.index_options(name, options))
     return spec.load_splits(root, **options)
 
 
 __all__ = ["DATASETS", "DatasetSpec", "DataError", "ExampleTable", "TableMeta", "dataset", "load_splits",
-           "option_defaults"]
+           "option_defaults", "path_options"]

@@ -9,8 +9,9 @@ A record is a dict (see docs/interfaces.md):
   attrs       dict str -> str of subgroup attributes
 
 The table is grain `RandomAccessDataSource` compatible (`__len__`, `__getitem__`).
-Also here: the patient-split check, and the CSV index cache that
-`dpft prepare` writes and the loaders reuse.
+Also here: `DatasetSpec` (all dpft knows about a data set) and `options_from` (a loader's
+options), the patient-split check, and the CSV index cache that `dpft prepare` writes and
+`dpft.data.load_splits` reads back.
 """
 from __future__ import annotations
 
@@ -27,25 +28,89 @@ from dpft.errors import DataError
 TASKS = ("multiclass", "multilabel")
 
 
+#: The loader option of an indexed data set that reads `dpft prepare --out DIR`'s `DIR/index`.
+INDEX_OPTION = "index_dir"
+
+
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
-    """What a data set module registers (its `DATASET`; the registry is `dpft.data.DATASETS`).
+    """Everything dpft knows about a data set: its module's `DATASET` (the registry is
+    `dpft.data.DATASETS`); the commands and the attribute check read it, never a list of names.
 
-    load_splits(root, **options) -> {split: ExampleTable}; options_class: the dataclass of its
-    loader options (each field settable as --config.data.options.<field>); extra_options:
-    keyword arguments it takes beside them, with defaults; needs_root: False for embedded data.
+    load_splits(root, **options) -> {split: ExampleTable}.
+    options_class: the dataclass of its loader options (each field settable as
+      --config.data.options.<field>; the loader builds it with `options_from`).
+    required_attributes: the fairness attributes a run asks for by default (`data.attributes`
+      None): none with a value in any row is a DataError, rows without one are counted. Must be
+      stated: `()` is the explicit choice of a data set without them (a spec without it fails).
+    attribute_hint: where those attributes come from, shown when none has a value.
+    path_options: the option fields that are paths (`dpft train` checks their scheme at once).
+    index_key: options object -> the options that change the content of its index; given,
+      `dpft prepare --out DIR` writes `DIR/index` and the option `index_dir` (a path) loads it.
+      None: no index.
+    needs_root: False for embedded data made in memory (no data directory, no files to check).
     """
 
     load_splits: Callable[..., "dict[str, ExampleTable]"]
     options_class: type
-    extra_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    _: dataclasses.KW_ONLY
+    required_attributes: tuple[str, ...] | None = None
+    attribute_hint: str = ""
+    path_options: tuple[str, ...] = ()
+    index_key: Callable[[Any], Mapping[str, Any]] | None = None
     needs_root: bool = True
 
+    def __post_init__(self) -> None:
+        where = f"DatasetSpec of {getattr(self.load_splits, '__module__', self.load_splits)!s}"
+        if self.required_attributes is None:
+            raise TypeError(f"{where}: required_attributes is not stated; give the fairness attributes a run "
+                            f"must have (e.g. ('sex', 'age')), or () for a data set without them")
+        if isinstance(self.required_attributes, str) or not all(
+                isinstance(a, str) and a for a in self.required_attributes):
+            raise TypeError(f"{where}: required_attributes must be a tuple of attribute names, "
+                            f"got {self.required_attributes!r}")
+        if not dataclasses.is_dataclass(self.options_class):
+            raise TypeError(f"{where}: options_class {self.options_class!r} is not a dataclass")
+        fields = {f.name for f in dataclasses.fields(self.options_class)}
+        unknown = [p for p in self.path_options if p not in fields]
+        if isinstance(self.path_options, str) or unknown:
+            raise TypeError(f"{where}: path_options {self.path_options!r} must name fields of "
+                            f"{self.options_class.__name__} ({sorted(fields)})")
+        object.__setattr__(self, "required_attributes", tuple(self.required_attributes))
+        object.__setattr__(self, "path_options", tuple(self.path_options))
+
+    @property
+    def indexed(self) -> bool:
+        """Whether `dpft prepare --out DIR` writes an index that `index_dir=DIR/index` loads."""
+        return self.index_key is not None
+
     def option_defaults(self) -> dict[str, Any]:
-        """{option: default} of every option the loader takes."""
+        """{option: default} of every option the loader takes (and `index_dir` when indexed)."""
         out = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())  # type: ignore[misc]
                for f in dataclasses.fields(self.options_class)}
-        return {**out, **self.extra_options}
+        return {**out, **({INDEX_OPTION: None} if self.indexed else {})}
+
+    def option_paths(self) -> tuple[str, ...]:
+        """The options that are paths: `path_options`, and `index_dir` when indexed."""
+        return self.path_options + ((INDEX_OPTION,) if self.indexed else ())
+
+    def index_options(self, name: str, options: Mapping[str, Any]) -> dict[str, Any]:
+        """What an index of data set `name` built with loader `options` records, and a load from it
+        must match: {"dataset": name, **index_key(options)}."""
+        if self.index_key is None:
+            raise DataError(f"data set {name!r} has no index (its DatasetSpec gives no index_key)")
+        return {"dataset": name, **self.index_key(options_from(self.options_class, options, name))}
+
+
+def options_from(cls: type, options: Mapping[str, Any], where: str) -> Any:
+    """Build the options dataclass `cls` from keyword options; unknown keys are a DataError."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(options) - names)
+    if unknown:
+        raise DataError(f"{where}: unknown option(s) {unknown}; known: {sorted(names)}")
+    return cls(**options)
+
+
 INDEX_VERSION = 1
 
 

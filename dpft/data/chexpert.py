@@ -26,15 +26,15 @@ from __future__ import annotations
 import dataclasses
 import io
 import re
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from dpft import paths, remote_files
 from dpft.data import subgroups
 from dpft.errors import DataError
-from dpft.data.base import DatasetSpec
-from dpft.data.base import ExampleTable, TableMeta, check_nonempty, check_patient_disjoint, from_records, hash_split, read_index
+from dpft.data.base import DatasetSpec, options_from
+from dpft.data.base import ExampleTable, TableMeta, check_nonempty, check_patient_disjoint, from_records, hash_split
 from dpft.data.base import read_csv
 
 LABELS: tuple[str, ...] = (
@@ -68,7 +68,7 @@ class CheXpertOptions:
         check_policy(self.uncertainty)
         if self.on_bad_image not in ("error", "skip"):
             raise DataError(f"chexpert.on_bad_image must be 'error' or 'skip', got {self.on_bad_image!r}")
-        subgroups.age_bin_labels(self.age_edges)
+        object.__setattr__(self, "age_edges", subgroups.checked_age_edges(self.age_edges))
 
     def index_key(self) -> dict[str, Any]:
         """The options that change the index content (not the file checks)."""
@@ -76,18 +76,6 @@ class CheXpertOptions:
         del d["check_files"], d["on_bad_image"]
         d["age_edges"] = list(d["age_edges"])
         return d
-
-
-def options_from(cls: type, options: Mapping[str, Any], where: str) -> Any:
-    """Build an options dataclass from keyword options; unknown keys are an error."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(options) - names)
-    if unknown:
-        raise DataError(f"{where}: unknown option(s) {unknown}; known: {sorted(names)}")
-    d = dict(options)
-    if "age_edges" in d:
-        d["age_edges"] = tuple(int(x) for x in d["age_edges"])
-    return cls(**d)
 
 
 def check_policy(policy: str) -> None:
@@ -244,13 +232,11 @@ def _records(df: Any, csv_path: str, base: str, id_offset: int, opts: CheXpertOp
     return records, missing
 
 
-def load_splits(root: str, *, index_dir: str | None = None, **options: Any) -> dict[str, ExampleTable]:
+def load_splits(root: str, **options: Any) -> dict[str, ExampleTable]:
     """{"train", "validation", "test"} tables of CheXpert at `root` (see module doc for options)."""
     import logging
 
     opts = options_from(CheXpertOptions, options, "chexpert")
-    if index_dir is not None:
-        return read_index(index_dir, {"dataset": "chexpert", **opts.index_key()})
     dataset_dir, base = locate(root)
     demo = find_demo(root, dataset_dir, opts.demo_path)
     if demo is None:
@@ -284,4 +270,11 @@ def load_splits(root: str, *, index_dir: str | None = None, **options: Any) -> d
     return splits
 
 
-DATASET = DatasetSpec(load_splits, CheXpertOptions, extra_options={"index_dir": None})  # `dpft prepare --out DIR` -> index_dir=DIR/index
+DATASET = DatasetSpec(
+    load_splits, CheXpertOptions,
+    required_attributes=("sex", "age", "race"),
+    attribute_hint="race comes from the CHEXPERT DEMO table: "
+                   "--config.data.options.demo_path=/path/CHEXPERT_DEMO.xlsx",
+    path_options=("demo_path",),
+    index_key=CheXpertOptions.index_key,  # `dpft prepare --out DIR` -> index_dir=DIR/index
+)

@@ -5,28 +5,20 @@ every split, with the count of each group. `dpft prepare`, `dpft train` and `dpf
 print it at the start; training records it in `WORKDIR/attribute_coverage.json`.
 
 Which attributes a run asks for: `data.attributes` (a tuple or "a,b" string; empty =
-none), by default `DEFAULT_REQUIRED[data set]`. A requested attribute that no row has is a
-`DataError` (the message says how to point to the demographics tables, or to leave it out);
-one that some rows lack is a loud warning with the count.
+none), by default the data set's `DatasetSpec.required_attributes`. A requested attribute that
+no row has is a `DataError` (the message gives the spec's `attribute_hint`: how to point to the
+demographics tables, or to leave it out); one that some rows lack is a loud warning with the count.
 """
 from __future__ import annotations
 
 import collections
 from typing import Any, Callable, Mapping, Sequence
 
+from dpft import data
 from dpft.errors import DataError
 from dpft.data.base import ExampleTable
 
 MISSING = "Unknown"
-DEFAULT_REQUIRED: dict[str, tuple[str, ...]] = {
-    "chexpert": ("sex", "age", "race"),
-    "mimic_cxr": ("sex", "age", "race", "insurance"),
-}
-HINTS: dict[str, str] = {
-    "chexpert": "race comes from the CHEXPERT DEMO table: --config.data.options.demo_path=/path/CHEXPERT_DEMO.xlsx",
-    "mimic_cxr": "sex, age, race and insurance come from MIMIC-IV patients.csv.gz/admissions.csv.gz: "
-                 "--config.data.options.mimic_iv_dir=/path/mimiciv/<version> (hosp/ or core/ are searched)",
-}
 
 
 def attribute_coverage(tables: Mapping[str, ExampleTable]) -> dict[str, Any]:
@@ -66,7 +58,7 @@ def format_coverage(coverage: Mapping[str, Any]) -> list[str]:
 def required_attributes(dataset: str, option: Any) -> tuple[str, ...]:
     """The attributes a run asks for: `option` (tuple, list or "a,b" string) or the data set's default."""
     if option is None:
-        return DEFAULT_REQUIRED.get(dataset, ())
+        return data.dataset(dataset).required_attributes
     if isinstance(option, str):
         return tuple(a.strip() for a in option.split(",") if a.strip())
     return tuple(str(a) for a in option)
@@ -77,7 +69,7 @@ def check_required(coverage: Mapping[str, Any], required: Sequence[str], dataset
     attrs = coverage["attributes"]
     absent = [a for a in required if a not in attrs or attrs[a]["with_value"] == 0]
     if absent:
-        hint = HINTS.get(dataset, "")
+        hint = data.dataset(dataset).attribute_hint
         raise DataError(f"{dataset}: requested fairness attribute(s) {absent} have no value in any row"
                         f"{'; ' + hint if hint else ''}; or ask for fewer with "
                         f"--config.data.attributes={','.join(a for a in required if a not in absent) or '()'}")

@@ -21,9 +21,8 @@ import numpy as np
 
 from dpft import paths
 from dpft.errors import DataError
-from dpft.data.base import DatasetSpec
+from dpft.data.base import DatasetSpec, options_from
 from dpft.data.base import ExampleTable, TableMeta, check_nonempty
-from dpft.data.chexpert import options_from
 
 NAME = "imagenet2012"
 
@@ -124,4 +123,4 @@ def load_splits(root: str, **options: Any) -> dict[str, ExampleTable]:
     return load_tfds_splits(root, NAME, "validation", opts.holdout)
 
 
-DATASET = DatasetSpec(load_splits, TfdsOptions)
+DATASET = DatasetSpec(load_splits, TfdsOptions, required_attributes=())  # no subgroup attributes

@@ -31,10 +31,10 @@ import numpy as np
 from dpft import paths, remote_files
 from dpft.data import subgroups
 from dpft.errors import DataError
-from dpft.data.base import DatasetSpec
-from dpft.data.base import ExampleTable, TableMeta, check_nonempty, check_patient_disjoint, from_records, read_index
+from dpft.data.base import DatasetSpec, options_from
+from dpft.data.base import ExampleTable, TableMeta, check_nonempty, check_patient_disjoint, from_records
 from dpft.data.base import read_csv
-from dpft.data.chexpert import EVAL_TASKS, LABELS, apply_policy, check_policy, options_from, parse_label_values
+from dpft.data.chexpert import EVAL_TASKS, LABELS, apply_policy, check_policy, parse_label_values
 
 PREFIX = "mimic-cxr-2.0.0"
 METADATA_COLUMNS = ("dicom_id", "subject_id", "study_id", "ViewPosition", "StudyDate")
@@ -61,7 +61,7 @@ class MimicOptions:
         if self.on_bad_image not in ("error", "skip"):
             raise DataError(f"mimic_cxr.on_bad_image must be 'error' or 'skip', got {self.on_bad_image!r}")
         object.__setattr__(self, "views", tuple(self.views))
-        subgroups.age_bin_labels(self.age_edges)
+        object.__setattr__(self, "age_edges", subgroups.checked_age_edges(self.age_edges))
 
     def index_key(self) -> dict[str, Any]:
         """The options that change the index content (not the file checks)."""
@@ -144,11 +144,9 @@ def read_demographics(p_path: str, a_path: str
     return people, social
 
 
-def load_splits(root: str, *, index_dir: str | None = None, **options: Any) -> dict[str, ExampleTable]:
+def load_splits(root: str, **options: Any) -> dict[str, ExampleTable]:
     """{"train", "validation", "test"} tables of MIMIC-CXR-JPG at `root` (options: `MimicOptions`)."""
     opts = options_from(MimicOptions, options, "mimic_cxr")
-    if index_dir is not None:
-        return read_index(index_dir, {"dataset": "mimic_cxr", **opts.index_key()})
     meta_path = paths.join(root, f"{PREFIX}-metadata.csv.gz")
     label_path = paths.join(root, f"{PREFIX}-{opts.labeler}.csv.gz")
     split_path = paths.join(root, f"{PREFIX}-split.csv.gz")
@@ -226,4 +224,11 @@ def load_splits(root: str, *, index_dir: str | None = None, **options: Any) -> d
     return splits
 
 
-DATASET = DatasetSpec(load_splits, MimicOptions, extra_options={"index_dir": None})  # `dpft prepare --out DIR` -> index_dir=DIR/index
+DATASET = DatasetSpec(
+    load_splits, MimicOptions,
+    required_attributes=("sex", "age", "race", "insurance"),
+    attribute_hint="sex, age, race and insurance come from MIMIC-IV patients.csv.gz/admissions.csv.gz: "
+                   "--config.data.options.mimic_iv_dir=/path/mimiciv/<version> (hosp/ or core/ are searched)",
+    path_options=("mimic_iv_dir",),
+    index_key=MimicOptions.index_key,  # `dpft prepare --out DIR` -> index_dir=DIR/index
+)

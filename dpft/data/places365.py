@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from dpft.data.base import DatasetSpec
+from dpft.data.base import DatasetSpec, options_from
 from dpft.data.base import ExampleTable
-from dpft.data.chexpert import options_from
 from dpft.data.imagenet import TfdsOptions, load_tfds_splits
 
 NAME = "places365_small"
@@ -22,4 +21,4 @@ def load_splits(root: str, **options: Any) -> dict[str, ExampleTable]:
     return load_tfds_splits(root, NAME, "validation", opts.holdout)
 
 
-DATASET = DatasetSpec(load_splits, TfdsOptions)
+DATASET = DatasetSpec(load_splits, TfdsOptions, required_attributes=())  # no subgroup attributes

@@ -2,9 +2,11 @@
 
 Checks: the CSV columns and label values (while loading), every referenced image exists
 and decodes (fully, so truncated JPEGs fail), patient split integrity, no empty split.
-Writes `<out>/summary.json` (counts per split and per subgroup) and, for the path-backed
-data sets (chexpert, mimic_cxr), `<out>/index/{<split>.csv, meta.json}`: load them again
-with `load_splits(name, root, index_dir="<out>/index", <same options>)`.
+Writes `<out>/summary.json` (counts per split and per subgroup) and, for the indexed data
+sets (a `DatasetSpec` with an `index_key`: chexpert, mimic_cxr), `<out>/index/{<split>.csv,
+meta.json}`: load them again with `load_splits(name, root, index_dir="<out>/index", <same options>)`.
+`--on-bad-image` goes to the loader as its option `on_bad_image` where it has one. Embedded data
+sets (`needs_root=False`: made in memory) need no --source and have no image files to check.
 """
 from __future__ import annotations
 
@@ -17,13 +19,12 @@ from typing import Any
 
 from dpft import atomic_io
 from dpft.errors import UsageError
-from dpft.data import DATASETS, load_splits
+from dpft.data import DATASETS, dataset, load_splits
 from dpft.data.augment import decode_image
 from dpft.errors import DataError
 from dpft.data.base import ExampleTable, write_index
 
 log = logging.getLogger(__name__)
-INDEXED = ("chexpert", "mimic_cxr")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -104,13 +105,14 @@ def summarize(tables: dict[str, ExampleTable]) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    spec = dataset(args.dataset)
     options = parse_options(args.set)
-    if args.dataset in INDEXED:
+    if "on_bad_image" in spec.option_defaults():
         options.setdefault("on_bad_image", args.on_bad_image)
     from dpft import paths
     paths.check_supported(args.source, "--source")  # local, or gs:// / s3:// / az:// through etils.epath
     paths.check_supported(args.out, "--out")
-    if args.dataset != "digits" and not args.source:
+    if spec.needs_root and not args.source:
         raise UsageError(f"--source is required for {args.dataset}")
     if args.source and not paths.isdir(args.source):
         raise UsageError(f"--source {args.source!r} is not a directory")
@@ -120,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
     tables = load_splits(args.dataset, args.source, **options)
     cov = coverage.report(tables, args.dataset, requested)  # printed; a requested attribute nowhere: error
     problems: list[str] = []
-    if args.dataset != "digits":  # digits images are arrays made in memory
+    if spec.needs_root:  # embedded data sets' images are arrays made in memory
         for split in list(tables):
             tables[split], p = check_images(tables[split], on_bad_image=args.on_bad_image, workers=args.workers,
                                             max_check=args.max_check, progress=not args.no_progress)
@@ -129,12 +131,8 @@ def run(args: argparse.Namespace) -> int:
                 raise DataError(f"{args.dataset}: split {split!r} is empty after skipping bad images")
     out = args.out or paths.join(args.source or ".", "dpft-index")
     atomic_io.make_dir(out)
-    if args.dataset in INDEXED:
-        from dpft.data import dataset
-        from dpft.data.chexpert import options_from
-
-        key = options_from(dataset(args.dataset).options_class, options, args.dataset).index_key()
-        write_index(tables, out, extra={"dataset": args.dataset, **key})
+    if spec.indexed:
+        write_index(tables, out, extra=spec.index_options(args.dataset, options))
     summary = summarize(tables)
     summary.update(dataset=args.dataset, source=args.source, options=options, skipped=len(problems),
                    attribute_coverage=cov,

@@ -39,6 +39,11 @@ def age_bin_labels(edges: Sequence[int] = DEFAULT_AGE_EDGES) -> tuple[str, ...]:
     return (f"0-{e[0]}",) + tuple(f"{a}-{b}" for a, b in zip(e[:-1], e[1:])) + (f"{e[-1]}+",)
 
 
+def checked_age_edges(edges: Sequence[int]) -> tuple[int, ...]:
+    """`edges` as a tuple of ints (how options classes store them), checked like `age_bin_labels`."""
+    return tuple(_check_edges(edges))
+
+
 def _check_edges(edges: Sequence[int]) -> list[int]:
     e = [int(x) for x in edges]
     if not e or any(b <= a for a, b in zip(e[:-1], e[1:])) or e[0] <= 0:

@@ -35,7 +35,8 @@ def run(args: argparse.Namespace) -> int:
     paths.check_credentials(args.workdir, "--workdir")  # gs:// without credentials: one line, at once
     paths.check_supported(config.data.root, "config.data.root")
     paths.check_supported(config.model.checkpoint, "config.model.checkpoint")
-    for key in ("mimic_iv_dir", "demo_path", "index_dir"):
+    from dpft.data import path_options
+    for key in path_options(str(config.data.name)):  # the data set's path options (its DatasetSpec)
         paths.check_supported(config.data.options.get(key, None), f"config.data.options.{key}")
     from dpft.config.validation import validate
     validate(config)  # refuse bad configs before loading data or compiling anything
