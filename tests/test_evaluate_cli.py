@@ -98,24 +98,8 @@ def test_params_polyak_refused_clearly_when_not_kept(tmp_path, capsys):
         evaluate_cli.predict_from_checkpoint(str(tmp_path), 1, ["test"], "polyak")
 
 
-@pytest.mark.slow
-def test_params_polyak_end_to_end(tmp_path):
-    """A tiny digits run that keeps a Polyak average is evaluated with --params polyak."""
-    wd = tmp_path / "run"
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    cmd = [sys.executable, "-m", "dpft.cli", "train", "--config", os.path.join(ROOT, "configs", "digits_demo.py"),
-           "--workdir", str(wd), "--config.train.num_updates=4", "--config.train.polyak=True",
-           "--config.train.lr_schedule.name=constant", "--config.train.lr_schedule.warmup_steps=0",
-           "--config.train.eval_every=0", "--config.train.checkpoint_every=4", "--config.individual.enabled=False",
-           "--config.eval.splits=('test',)"]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    r = subprocess.run([sys.executable, "-m", "dpft.cli", "evaluate", "--workdir", str(wd), "--params", "polyak",
-                        "--bootstrap", "20", "--no-plots"], capture_output=True, text=True, env=env, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    meta = json.loads((wd / "predictions" / "4" / "test.json").read_text())
-    assert meta["params"] == "polyak"
-    assert json.loads((wd / "eval" / "4" / "metrics.json").read_text())["meta"]["params"] == "polyak"
+# `dpft evaluate --params polyak` on a run that kept a Polyak average, in one process and in two:
+# tests/test_multihost_train.py::test_two_processes_train_and_evaluate_like_one_process.
 
 
 def test_real_layout_chexpert_with_three_test_patients(tmp_path, capsys):

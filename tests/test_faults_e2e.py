@@ -32,8 +32,8 @@ def base(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("fake_chexpert"))
     fake.write_fake_chexpert(root, n_patients=40, n_valid_patients=10, image_size=32)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DPFT_", "SLURM_", "TPU_"))}
+    # The test run's shared compilation cache (tests/conftest.py): the runs here load what others compiled.
     env.update(PYTHONPATH=REPO, JAX_PLATFORMS="cpu", XLA_FLAGS=cpu_env.xla_flags(1),
-               JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("xla_cache")),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     return {"root": root, "env": env, "tmp": tmp_path_factory}
 

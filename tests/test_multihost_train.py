@@ -39,7 +39,7 @@ UPDATES = 3
 OVERRIDES = [f"--config.train.num_updates={UPDATES}", "--config.train.lr_schedule.warmup_steps=1",
              "--config.train.batch_size=64", "--config.train.physical_batch_size=32",
              "--config.train.microbatch_size=4", "--config.privacy.insecure_fixed_noise_seed=7",
-             "--config.train.eval_every=0", f"--config.train.checkpoint_every={UPDATES}"]
+             "--config.train.eval_every=0", f"--config.train.checkpoint_every={UPDATES}", "--config.train.polyak=True"]
 ATOL = 2e-6  # see the module docstring
 TIMEOUT = 1500  # seconds per command: compile + 3 updates on a loaded 2-core machine
 
@@ -118,13 +118,16 @@ def test_two_processes_train_and_evaluate_like_one_process(reference):
     for split in ("validation", "test"):
         np.testing.assert_allclose(logits(workdir, split), logits(ref, split), rtol=0, atol=ATOL, err_msg=split)
 
-    ev = ["evaluate", "--bootstrap", "20", "--no-plots", "--params", "ema"]
+    ev = ["evaluate", "--bootstrap", "20", "--no-plots", "--params", "polyak"]  # training wrote the EMA's
     outs = dpft([*ev, "--workdir", workdir], devices=2, processes=2, log_dir=tmp, name="evaluate_2x2")
     assert "process 1 of 2: predictions of checkpoint 3 computed" in outs[1]
     assert "wrote " in outs[0] and "wrote " not in outs[1]
     dpft([*ev, "--workdir", ref], devices=4, processes=1, log_dir=tmp, name="evaluate_1x4")
     np.testing.assert_allclose(logits(workdir), logits(ref), rtol=0, atol=ATOL)
     metrics = [json.load(open(os.path.join(w, "eval", str(UPDATES), "metrics.json"))) for w in (workdir, ref)]
+    for w, m in zip((workdir, ref), metrics):  # the Polyak average was restored and evaluated
+        assert m["meta"]["params"] == "polyak"
+        assert json.load(open(os.path.join(w, "predictions", str(UPDATES), "test.json")))["params"] == "polyak"
     flat = [_numbers(m) for m in metrics]
     assert flat[0].keys() == flat[1].keys() and len(flat[0]) > 20
     for key in flat[0]:
