@@ -201,7 +201,7 @@ def fixed_plan(*, clipping: ClippingConfig, noise_multiplier: float, expected_ba
                secret: keys.RunSecret, num_examples: int | None = None, delta: float = 1e-5,
                accountant: str = "pld", grad_method: str = "vmap", num_updates: int = 1) -> PrivacyPlan:
     """A plan with sigma and B given (no calibration): for benchmarks and tests of the step.
-    Private iff the clipping mode is (not "none"); N defaults to ceil(B) (q = B / N)."""
+    Private iff the clipping mode's record is (every mode but "none"); N defaults to ceil(B) (q = B / N)."""
     private = clipping.record.private
     n = int(num_examples) if num_examples is not None else max(1, math.ceil(expected_batch_size))
     method = resolve_grad_method(grad_method, private, clipping.mode)

@@ -74,7 +74,7 @@ class AuditConfig:
         if not 0 < self.confidence < 1:
             raise bad("confidence", self.confidence, "need 0 < confidence < 1")
         try:
-            mode = clipping_mode(self)
+            mode = _clipping_record(self)
         except ValueError:  # unknown: refused below, naming the audit's choices
             mode = None
         if mode is None or not mode.audit:
@@ -122,7 +122,7 @@ class AuditResult:
         return dataclasses.asdict(self)
 
 
-def clipping_mode(config: AuditConfig):
+def _clipping_record(config: AuditConfig):
     """The `dpft.privacy.clipping.ClippingMode` of `config.clipping_mode` (UsageError if unknown)."""
     from dpft.privacy import clipping
 
@@ -147,7 +147,7 @@ def canary_plan(config: AuditConfig, noise_multiplier: float, params: Any):
     """
     from dpft.privacy import engine, keys, plan as plan_lib
 
-    private = clipping_mode(config).private
+    private = _clipping_record(config).private
     secret = (keys.RunSecret.insecure_fixed(config.insecure_fixed_noise_seed)
               if config.insecure_fixed_noise_seed >= 0 else keys.RunSecret.generate())
     clipping = (engine.ClippingConfig(mode=config.clipping_mode, clip_norm=config.clip_norm) if private
@@ -226,7 +226,7 @@ def claimed_epsilon(config: AuditConfig, noise_multiplier: float) -> float:
     """The accountant's epsilon for the run (inf for a non-private run); equals the plan's."""
     from dpft.privacy import accounting
 
-    if not clipping_mode(config).private or noise_multiplier == 0:
+    if not _clipping_record(config).private or noise_multiplier == 0:
         return math.inf
     return accounting.compute_epsilon(config.sampling_rate, noise_multiplier, config.steps, config.delta,
                                       config.accountant)
