@@ -62,7 +62,7 @@ def pieces(setup: common.Setup, names: tuple[str, ...] = PIECES) -> dict:
                                                 for x in jax.tree.leaves(g))))
 
     def clip_sum(g, n):
-        f = jnp.where(mask > 0, engine.clip_factors(n, 1.0, "flat", 0.0), 0.0)
+        f = jnp.where(mask > 0, engine.clip_factors(n, engine.ClippingConfig("flat", clip_norm=1.0)), 0.0)
         return jax.tree.map(lambda x: jnp.tensordot(f, x, axes=1), g)
 
     privatize = lambda g: noise.privatize(g, noise.noise_key(noise_base, 0), noise_multiplier=1.0, clip_norm=1.0,

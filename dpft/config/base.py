@@ -35,7 +35,10 @@ Fields (units in brackets):
   privacy.delta              0 = 1/N at run time
   privacy.noise_multiplier   sigma; 0 = calibrate from epsilon
   privacy.clip_norm          C, L2 bound on each example's (augmult-averaged) gradient
-  privacy.clipping           "flat" | "per_layer" | "automatic"
+  privacy.clipping           a private mode of dpft.privacy.clipping.MODES: "flat" | "per_layer" |
+                             "automatic" (each mode's record says which fields below it reads)
+  privacy.gamma              stabiliser of "automatic" clipping, g C / (||g|| + gamma) (> 0; read by
+                             automatic only); configs saved before it existed mean 0.01
   privacy.accountant         "pld" | "rdp"
   privacy.insecure_fixed_noise_seed  -1 = off (default: secret from the OS CSPRNG); >= 0 fixes
                              noise and selection for tests/debugging: NO privacy guarantee
@@ -126,6 +129,7 @@ def base_config(*, locked: bool = True) -> ConfigDict:
     c.privacy.noise_multiplier = 0.0
     c.privacy.clip_norm = 1.0
     c.privacy.clipping = "flat"
+    c.privacy.gamma = 0.01  # = dpft.privacy.clipping.HYPER_PARAMS["gamma"].default
     c.privacy.accountant = "pld"
     c.privacy.insecure_fixed_noise_seed = -1
 
@@ -431,8 +435,12 @@ def config_from_json(text: str) -> ConfigDict:
 def upgrade(data: dict[str, Any]) -> dict[str, Any]:
     """A config dict as written by an older dpft, brought to today's schema (a new dict): run
     options kept in `data.options` move to their typed fields (`LEGACY_RUN_OPTIONS`; None = the
-    default), and typed data fields it lacks get their defaults."""
+    default), and typed data fields and privacy fields (e.g. `privacy.gamma`) it lacks get their defaults."""
     data = json.loads(json.dumps(data))
+    privacy = data.get("privacy")
+    if isinstance(privacy, dict):
+        for key, value in base_config(locked=False).privacy.to_dict().items():
+            privacy.setdefault(key, value)
     section = data.get("data")
     if not isinstance(section, dict):
         return data

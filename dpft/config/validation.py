@@ -25,15 +25,14 @@ from dpft.config.base import CROPS
 from dpft.data import DATASETS
 from dpft.errors import ConfigError, NonFiniteError, UsageError
 from dpft.models import registry as models_registry
+from dpft.privacy import clipping
 from dpft.privacy.accounting import ACCOUNTANTS, SIGMA_RANGE
-from dpft.privacy.engine import CLIPPING_MODES
 from dpft.privacy.plan import GRAD_METHOD_CHOICES as GRAD_METHODS
 
 # Choices come from where they are implemented (the registries and the privacy modules).
 DTYPES = ("float32", "bfloat16")
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "warmup_cosine")
-CLIPPINGS = tuple(m for m in CLIPPING_MODES if m != "none")  # "none" = privacy.enabled=False
 EVAL_PARAMS = ("ema", "raw", "polyak")
 
 
@@ -202,7 +201,9 @@ def validate(
 
     # -- privacy
     enabled = c.boolean("privacy.enabled")
-    c.choice("privacy.clipping", CLIPPINGS)
+    clip_choices = clipping.names(private=True)  # "none" is privacy.enabled=False
+    clip_mode = c.choice("privacy.clipping", clip_choices)
+    clip_record = clipping.get(clip_mode) if clip_mode in clip_choices else None
     c.choice("privacy.accountant", ACCOUNTANTS)
     delta = c.number("privacy.delta")
     if delta is not _MISSING and not 0.0 <= delta < 1.0:
@@ -222,10 +223,9 @@ def validate(
                   f"(below: no meaningful privacy; above: the noise overflows)")
             sigma = _MISSING
     eps = c.value("privacy.epsilon")
-    clip = c.number("privacy.clip_norm")
     if enabled is True:
-        if clip is not _MISSING and not clip > 0:
-            c.add("privacy.clip_norm", clip, "must be > 0 when privacy.enabled")
+        if clip_record is not None:
+            notes.extend(_clipping_hyper_parameters(c, clip_mode, clip_record))
         if sigma is None or (sigma is not _MISSING and sigma == 0):
             if eps is _MISSING:
                 pass
@@ -259,8 +259,9 @@ def validate(
         method = c.choice("train.grad_method", GRAD_METHODS)
     except KeyError:
         method = "auto"
-    if method == "bookkeeping" and enabled is True and c.value("privacy.clipping") == "per_layer":
-        c.add("train.grad_method", method, "does not support config.privacy.clipping='per_layer' (use 'vmap' or 'auto')")
+    if enabled is True and clip_record is not None and method in clipping.ENGINES and not clip_record.supports(method):
+        use = " or ".join(repr(m) for m in ("auto",) + clip_record.engines)
+        c.add("train.grad_method", method, f"does not support config.privacy.clipping={clip_mode!r} (use {use})")
     if phys is not _MISSING and micro is not _MISSING and phys % micro:
         c.add("train.physical_batch_size", phys, f"is not a multiple of config.train.microbatch_size={micro}")
     if not _is_int(num_devices) or num_devices < 1:
@@ -331,6 +332,31 @@ def validate(
         raise ConfigError("invalid config: " + "; ".join(c.errors))
     for note in notes:
         warnings.warn(note, UserWarning, stacklevel=2)
+    return notes
+
+
+def _clipping_hyper_parameters(c: _Checker, mode: str, record: clipping.ClippingMode) -> list[str]:
+    """Check each run-config hyper-parameter `config.privacy.<name>` of the clipping modes
+    (`clipping.HYPER_PARAMS`): one the mode reads must be in its range; one it does not read and
+    that differs from its default gets a warning (returned). A field the config lacks is missing,
+    unless `may_be_absent` (a config saved before it existed: its default)."""
+    notes = []
+    for name, param in clipping.HYPER_PARAMS.items():
+        path = f"privacy.{name}"
+        if not param.run_config:
+            continue
+        try:
+            value = _get(c.config, path)
+        except KeyError:
+            value = _MISSING
+        if name in record.hyper and (value is not _MISSING or not param.may_be_absent):
+            value = c.number(path)  # reports a missing field
+            problem = param.check(value) if value is not _MISSING else None
+            if problem:
+                c.add(path, value, f"{problem} (read by config.privacy.clipping={mode!r})")
+        elif name not in record.hyper and _is_num(value) and value != param.default:
+            notes.append(f"config.{path}={value!r} has no effect: config.privacy.clipping={mode!r} does not read "
+                         f"it (read by {', '.join(clipping.readers(name))})")
     return notes
 
 

@@ -1,7 +1,8 @@
 """dpft.privacy: the model-agnostic DP-SGD machinery. Knows nothing of images or NFNets.
 
 Modules (one job each; this file imports none of them, so `dpft accountant` starts fast):
-  engine          per-example gradients, clipping (flat / per-layer / automatic / none), sums
+  clipping        the clipping modes (flat / per_layer / automatic / none): one record each
+  engine          per-example gradients, clipping, sums
   noise           THE one place where Gaussian noise is added (`privatize`), `noise_key`
   sampling        Poisson selection per update, fixed-shape physical batches
   accounting      epsilon (dp-accounting PLD/RDP), noise calibration, the `Ledger`

@@ -38,7 +38,9 @@ tapped parameter also used elsewhere (weight sharing), and nnx.BatchNorm. Per mi
    What lives from step 2 to step 3 per op is thus the smaller of g_i and (x_i, d_i), never
    patches. Both are exact.
 
-Per_layer clipping is not supported (raises); mode "none" delegates to the engine.
+Clipping modes whose record (`dpft.privacy.clipping`) lists the "bookkeeping" engine are
+supported (flat, automatic: one factor per example); others raise; a non-private mode ("none")
+delegates to the engine.
 References: Bu, Mao, Xu, "Scalable and efficient training of large convolutional neural
 networks with differential privacy" (NeurIPS 2022); Bu et al., "Differentially private
 optimization on large model at small cost" (ICML 2023).
@@ -54,10 +56,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from dpft.nn import nnx_layers, ops, taps
-from dpft.privacy import bk_layers, engine
+from dpft.privacy import bk_layers, clipping as clipping_lib, engine
 from dpft.privacy.engine import ClippingConfig, PyTree
 
-BK_MODES = ("flat", "automatic")
 GHOST_CHOICES = ("auto", "always", "never")
 F32 = jnp.float32
 #: weights [m] -> {param name: sum_i weights_i * per-example gradient_i} of one op.
@@ -400,15 +401,15 @@ def bk_clipped_grad_sum(loss_fn: Any, params: PyTree, batch: Mapping[str, jax.Ar
     matmul: "auto" (bfloat16 operands with float32 accumulation for layers computing in bfloat16,
     off CPU), "native" (the same on any backend) or "float32" (`bk_layers.native_operands`).
     Returns (grad_sum pytree like params float32, stats {"norms","loss","mask",<aux>}: [B]).
-    Raises ValueError for per_layer clipping, a loss without taps, or a model with
-    parameters outside tapped ops.
+    Raises ValueError for a clipping mode whose record does not list "bookkeeping" (per_layer),
+    a loss without taps, or a model with parameters outside tapped ops.
     """
-    if clipping.mode == "none":
+    if not clipping.record.private:
         return engine.clipped_grad_sum(loss_fn, params, batch, rng, clipping=clipping,
                                        microbatch_size=microbatch_size, position_offset=position_offset)
-    if clipping.mode not in BK_MODES:
+    if not clipping.record.supports("bookkeeping"):
         raise ValueError(f"bk_clipped_grad_sum: ClippingConfig.mode={clipping.mode!r} is not supported; "
-                         f"use one of {BK_MODES} or grad_method='vmap'")
+                         f"use one of {clipping_lib.names(private=True, engine='bookkeeping')} or grad_method='vmap'")
     if ghost not in GHOST_CHOICES:
         raise ValueError(f"bk_clipped_grad_sum: ghost={ghost!r}; use one of {GHOST_CHOICES}")
     if matmul not in bk_layers.MATMUL_CHOICES:
@@ -444,7 +445,7 @@ def bk_clipped_grad_sum(loss_fn: Any, params: PyTree, batch: Mapping[str, jax.Ar
         for g in free_grads.values():
             sq = sq + jnp.sum(jnp.square(g), axis=tuple(range(1, g.ndim)))
         norms = jnp.sqrt(sq)
-        factors = jnp.where(real, engine.clip_factors(norms, clipping.clip_norm, clipping.mode, clipping.gamma), 0.0)
+        factors = jnp.where(real, engine.clip_factors(norms, clipping), 0.0)
         grads = weighted_param_grads(summers, factors)
         acc = dict(acc)
         for key, s in specs.items():

@@ -6,15 +6,12 @@ returns the sum over real (mask == 1) examples of their clipped gradients. It ad
 noise: noise is added once per update, after summing over microbatches, devices and
 hosts, by `dpft.privacy.noise.privatize`.
 
-Clipping modes (`ClippingConfig.mode`), with g the per-example gradient over the whole
-parameter pytree, ||g|| its float32 L2 norm, C = `clip_norm`:
-
-* "flat":      g * min(1, C / ||g||)          (sensitivity C)
-* "per_layer": each leaf g_l * min(1, C_l / ||g_l||), with C_l from `per_layer_norms`,
-               or C_l = C / sqrt(n_leaves) when it is None (sensitivity sqrt(sum C_l^2)).
-* "automatic": g * C / (||g|| + gamma)        (Bu et al. 2022, scaled by C; sensitivity C)
-* "none":      non-private: no per-example gradients at all. One backward pass of
-               sum_i mask_i * loss_i; stats["norms"] is all zeros.
+Clipping modes (`ClippingConfig.mode`) are the records of `dpft.privacy.clipping` ("flat",
+"per_layer", "automatic", "none"; its table gives each formula). The engine reads the record,
+never the name: each example's float32 gradient g is multiplied by the mode's factor of ||g||,
+or, for a leaf-wise mode ("per_layer"), each leaf by the factor of its own norm and bound C_l.
+A non-private mode ("none") computes no per-example gradients at all: one backward pass of
+sum_i mask_i * loss_i; stats["norms"] is all zeros.
 
 Use `sensitivity(clipping, params)` for the L2 sensitivity that `privatize` must use as
 `clip_norm`.
@@ -26,17 +23,17 @@ Python branches on traced values. Each example's key is folded from its `example
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from dpft.privacy import clipping as clipping_lib
+
 PyTree = Any
 LossFn = Callable[[PyTree, Mapping[str, jax.Array], jax.Array], tuple[jax.Array, Mapping[str, jax.Array]]]
 
-CLIPPING_MODES = ("flat", "per_layer", "automatic", "none")
 # Batch keys that are never passed to the loss function.
 NON_VIEW_KEYS = ("mask", "example_id")
 RESERVED_STATS = ("norms", "loss", "mask")
@@ -46,61 +43,50 @@ RESERVED_STATS = ("norms", "loss", "mask")
 class ClippingConfig:
     """How per-example gradients are bounded.
 
-    mode: "flat" | "per_layer" | "automatic" | "none" (see the module docstring).
-    clip_norm: C > 0 (L2 norm over the whole parameter pytree; ignored by "none").
+    mode: a name in `dpft.privacy.clipping.MODES` ("flat" | "per_layer" | "automatic" | "none").
+    clip_norm: C > 0 (L2 norm over the whole parameter pytree; not read by "none").
     per_layer_norms: for "per_layer" only: a pytree with the structure of params whose
       leaves are floats C_l > 0; None splits C equally in squared norm, C_l = C/sqrt(n).
     gamma: stabiliser of automatic clipping, g * C / (||g|| + gamma); gamma > 0.
 
+    Each hyper-parameter the mode reads is checked against its range (`clipping.HYPER_PARAMS`);
+    an unknown mode raises a UsageError (a ValueError) naming it and the choices.
     Holds a pytree, so it is not hashable when per_layer_norms is set: close over it
     instead of passing it as a static jit argument.
     """
 
     mode: str = "flat"
-    clip_norm: float = 1.0
-    per_layer_norms: PyTree | None = None
-    gamma: float = 0.01
+    clip_norm: float = clipping_lib.HYPER_PARAMS["clip_norm"].default
+    per_layer_norms: PyTree | None = clipping_lib.HYPER_PARAMS["per_layer_norms"].default
+    gamma: float = clipping_lib.HYPER_PARAMS["gamma"].default
 
     def __post_init__(self) -> None:
-        if self.mode not in CLIPPING_MODES:
-            raise ValueError(f"ClippingConfig.mode: {self.mode!r} is not one of {CLIPPING_MODES}")
-        if self.mode != "none" and not (isinstance(self.clip_norm, (int, float)) and self.clip_norm > 0
-                                        and math.isfinite(self.clip_norm)):
-            raise ValueError(f"ClippingConfig.clip_norm: must be a finite float > 0, got {self.clip_norm!r}")
-        if self.mode == "automatic" and not self.gamma > 0:
-            raise ValueError(f"ClippingConfig.gamma: must be > 0, got {self.gamma!r}")
-        if self.per_layer_norms is not None:
-            if self.mode != "per_layer":
-                raise ValueError(f"ClippingConfig.per_layer_norms: only valid with mode='per_layer', "
-                                 f"got mode={self.mode!r}")
-            bad = [v for v in jax.tree.leaves(self.per_layer_norms) if not float(v) > 0]
-            if bad:
-                raise ValueError(f"ClippingConfig.per_layer_norms: every leaf must be > 0, got {bad[:3]}")
+        problems = clipping_lib.hyper_problems(self.mode, {name: getattr(self, name)
+                                                           for name in clipping_lib.HYPER_PARAMS})
+        if problems:
+            raise ValueError("; ".join(f"ClippingConfig.{p}" for p in problems))
+
+    @property
+    def record(self) -> clipping_lib.ClippingMode:
+        """The `dpft.privacy.clipping.ClippingMode` of `mode`."""
+        return clipping_lib.get(self.mode)
 
 
 #: The non-private baseline: no clipping (its clip norm is 0: it bounds nothing).
 NO_CLIPPING = ClippingConfig(mode="none", clip_norm=0.0)
 
 
-def layer_clip_norms(clipping: ClippingConfig, params: PyTree) -> PyTree:
-    """The per-leaf clipping norms C_l of "per_layer" mode, a pytree like params of floats."""
-    if clipping.per_layer_norms is None:
-        n = len(jax.tree.leaves(params))
-        return jax.tree.map(lambda _: clipping.clip_norm / math.sqrt(n), params)
-    try:
-        return jax.tree.map(lambda _, c: float(c), params, clipping.per_layer_norms)
-    except ValueError as e:
-        raise ValueError(f"ClippingConfig.per_layer_norms: structure does not match params: {e}") from e
+def leaf_bounds(clipping: ClippingConfig, params: PyTree) -> PyTree | None:
+    """The per-leaf bounds C_l (a pytree like params of floats) of a leaf-wise mode ("per_layer");
+    None for a mode with one factor per example."""
+    bounds = clipping.record.leaf_bounds
+    return None if bounds is None else bounds(clipping, params)
 
 
 def sensitivity(clipping: ClippingConfig, params: PyTree) -> float:
     """L2 sensitivity of the clipped sum to adding/removing one example (the `clip_norm`
-    that `privatize` needs). 0.0 for mode "none" (nothing is bounded: no DP)."""
-    if clipping.mode == "none":
-        return 0.0
-    if clipping.mode == "per_layer":
-        return math.sqrt(sum(c * c for c in jax.tree.leaves(layer_clip_norms(clipping, params))))
-    return float(clipping.clip_norm)
+    that `privatize` needs), from the mode's record. 0.0 for a non-private mode ("none")."""
+    return float(clipping.record.sensitivity(clipping, params))
 
 
 def global_norm_f32(tree: PyTree) -> jax.Array:
@@ -108,28 +94,32 @@ def global_norm_f32(tree: PyTree) -> jax.Array:
     return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
-def clip_factors(norm: jax.Array, clip_norm: float, mode: str, gamma: float) -> jax.Array:
-    """Multiplier applied to a gradient of L2 norm `norm` (any shape, float32)."""
-    if mode == "automatic":
-        return clip_norm / (norm + gamma)
-    # min(1, C/||g||) without dividing by zero: C / max(||g||, C).
-    return clip_norm / jnp.maximum(norm, clip_norm)
+def clip_factors(norm: jax.Array, clipping: ClippingConfig) -> jax.Array:
+    """Multiplier applied to a whole gradient of L2 norm `norm` (any shape, float32): the mode's
+    factor with bound C. ValueError for a mode without one factor per example (leaf-wise or non-private)."""
+    record = clipping.record
+    if record.factor is None or record.leaf_bounds is not None:
+        raise ValueError(f"clip_factors: clipping mode {clipping.mode!r} has no single factor per example")
+    return record.factor(norm, clipping.clip_norm, clipping)
 
 
 def clip_gradient(grad: PyTree, clipping: ClippingConfig, layer_norms: PyTree | None = None
                   ) -> tuple[PyTree, jax.Array]:
-    """Clip ONE example's gradient. Returns (clipped grad in float32, pre-clipping norm [])."""
+    """Clip ONE example's gradient. Returns (clipped grad in float32, pre-clipping norm []).
+    `layer_norms`: the mode's `leaf_bounds` for a leaf-wise mode (per_layer), else None."""
     grad = jax.tree.map(lambda g: g.astype(jnp.float32), grad)
     norm = global_norm_f32(grad)
-    if clipping.mode == "none":
+    record = clipping.record
+    if record.factor is None:
         return grad, norm
-    if clipping.mode == "per_layer":
+    if record.leaf_bounds is not None:
         if layer_norms is None:
-            raise ValueError("clip_gradient: per_layer mode needs layer_norms (see layer_clip_norms)")
+            raise ValueError(f"clip_gradient: mode {clipping.mode!r} clips each leaf; it needs layer_norms "
+                             "(see leaf_bounds)")
         clipped = jax.tree.map(
-            lambda g, c: g * clip_factors(global_norm_f32(g), c, "flat", 0.0), grad, layer_norms)
+            lambda g, c: g * record.factor(global_norm_f32(g), c, clipping), grad, layer_norms)
         return clipped, norm
-    factor = clip_factors(norm, clipping.clip_norm, clipping.mode, clipping.gamma)
+    factor = clip_factors(norm, clipping)
     return jax.tree.map(lambda g: g * factor, grad), norm
 
 
@@ -220,14 +210,14 @@ def clipped_grad_sum(loss_fn: LossFn, params: PyTree, batch: Mapping[str, jax.Ar
 
     Returns:
       grad_sum: pytree like params, float32: sum_i mask_i * clip(g_i).
-      stats: {"norms": [B] pre-clipping per-example L2 norm (0 in mode "none"),
+      stats: {"norms": [B] pre-clipping per-example L2 norm (0 in a non-private mode, "none"),
               "loss": [B], "mask": [B], <aux key>: [B]}; all 0 on padding rows.
     """
     views, mask = checked_views(batch, microbatch_size, "clipped_grad_sum")
     batch_size = mask.shape[0]
     num_micro = batch_size // microbatch_size
     positions = example_key_ids(batch, position_offset)
-    layer_norms = layer_clip_norms(clipping, params) if clipping.mode == "per_layer" else None
+    layer_norms = leaf_bounds(clipping, params)
     params = device_local_params(params, [mask, positions, raw_key(rng), *jax.tree.leaves(views)])
 
     def chunk(x: jax.Array) -> jax.Array:
@@ -267,7 +257,7 @@ def clipped_grad_sum(loss_fn: LossFn, params: PyTree, batch: Mapping[str, jax.Ar
         stats = {k: jnp.where(real, v.astype(jnp.float32), 0.0) for k, v in stats.items()}
         return acc, stats
 
-    body = nonprivate_body if clipping.mode == "none" else private_body
+    body = private_body if clipping.record.private else nonprivate_body
     init = jax.tree.map(lambda p: jnp.zeros_like(p, jnp.float32), params)
     if num_micro == 1:
         # No loop for a single microbatch: XLA:CPU runs convolutions inside loop bodies with

@@ -27,10 +27,11 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from dpft.privacy import accounting, bookkeeping, engine, keys, noise, sampling
+from dpft.privacy import accounting, bookkeeping, clipping as clipping_lib, engine, keys, noise, sampling
 from dpft.privacy.engine import ClippingConfig
 
-#: How the clipped per-example gradient sum is computed (same contract, same result).
+#: How the clipped per-example gradient sum is computed (same contract, same result); the keys
+#: are `clipping.ENGINES`, the engines a clipping mode's record may list.
 GRAD_METHODS: dict[str, Callable] = {"vmap": engine.clipped_grad_sum,
                                      "bookkeeping": bookkeeping.bk_clipped_grad_sum}
 GRAD_METHOD_CHOICES = ("auto",) + tuple(GRAD_METHODS)
@@ -70,20 +71,22 @@ class PrivacyPlan:
             raise PlanError(f"sampling_rate={self.sampling_rate!r} must be in (0, 1]")
         if not isinstance(self.secret, keys.RunSecret):
             raise PlanError("a privacy plan needs the run's secret (dpft.privacy.keys.RunSecret)")
+        mode = self.clipping.record
         if self.enabled:
             if not (self.noise_multiplier >= 0 and math.isfinite(self.noise_multiplier)):
                 raise PlanError(f"noise_multiplier={self.noise_multiplier!r}: a private plan needs a finite sigma >= 0")
             if not (self.sensitivity > 0 and math.isfinite(self.sensitivity)):
                 raise PlanError(f"sensitivity={self.sensitivity!r}: a private plan needs a finite sensitivity > 0")
-            if self.clipping.mode == "none":
-                raise PlanError("clipping mode 'none' cannot be private")
+            if not mode.private:
+                raise PlanError(f"clipping mode {self.clipping.mode!r} cannot be private")
             if not 0 < self.delta < 1:
                 raise PlanError(f"delta={self.delta!r} must be in (0, 1)")
-            if self.grad_method == "bookkeeping" and self.clipping.mode not in bookkeeping.BK_MODES:
-                raise PlanError(f"grad_method='bookkeeping' does not support clipping={self.clipping.mode!r}; "
-                                "use 'vmap'")
-        elif self.noise_multiplier != 0 or self.sensitivity != 0 or self.clipping.mode != "none":
-            raise PlanError("a non-private plan has noise_multiplier 0, sensitivity 0 and clipping 'none'")
+            if not mode.supports(self.grad_method):
+                raise PlanError(f"grad_method={self.grad_method!r} does not support clipping={self.clipping.mode!r}; "
+                                f"use one of {mode.engines}")
+        elif self.noise_multiplier != 0 or self.sensitivity != 0 or mode.private:
+            raise PlanError("a non-private plan has noise_multiplier 0, sensitivity 0 and a non-private clipping "
+                            f"({', '.join(clipping_lib.names(private=False))})")
 
     # ------------------------------------------------------------------ guarantee
     @property
@@ -138,16 +141,13 @@ class PrivacyPlan:
 
     # ------------------------------------------------------------------ individual accounting
     def contribution_norm(self, norms: np.ndarray) -> np.ndarray:
-        """L2 norm [...] that an example of (augmult-averaged) gradient norm `norms` [...] adds to the
-        clipped sum: min(n, C) (flat), C n / (n + gamma) (automatic), min(n, S) (per_layer: a bound)."""
+        """L2 norm float64 [...] that an example of (augmult-averaged) gradient norm `norms` [...] adds
+        to the clipped sum: the `contribution` of the clipping mode's record (`dpft.privacy.clipping`:
+        min(n, C) flat, C n / (n + gamma) automatic, min(n, S) per_layer: a bound)."""
         n = np.asarray(norms, np.float64)
         if not self.enabled:
             raise PlanError("contribution_norm: a non-private plan bounds nothing")
-        if self.clipping.mode == "automatic":
-            return self.clipping.clip_norm * n / (n + self.clipping.gamma)
-        if self.clipping.mode == "flat":
-            return np.minimum(n, self.clipping.clip_norm)
-        return np.minimum(n, self.sensitivity)
+        return np.asarray(self.clipping.record.contribution(n, self.clipping, self.sensitivity), np.float64)
 
     def individual_epsilons(self, recorder: Any, num_updates: int) -> np.ndarray:
         """Per-example epsilons [N] after `num_updates` with the run's accountant (see
@@ -201,8 +201,8 @@ def fixed_plan(*, clipping: ClippingConfig, noise_multiplier: float, expected_ba
                secret: keys.RunSecret, num_examples: int | None = None, delta: float = 1e-5,
                accountant: str = "pld", grad_method: str = "vmap", num_updates: int = 1) -> PrivacyPlan:
     """A plan with sigma and B given (no calibration): for benchmarks and tests of the step.
-    Private iff clipping.mode != "none"; N defaults to ceil(B) (q = B / N)."""
-    private = clipping.mode != "none"
+    Private iff the clipping mode's record is (every mode but "none"); N defaults to ceil(B) (q = B / N)."""
+    private = clipping.record.private
     n = int(num_examples) if num_examples is not None else max(1, math.ceil(expected_batch_size))
     method = resolve_grad_method(grad_method, private, clipping.mode)
     sens = engine.sensitivity(clipping, params) if private else 0.0
@@ -212,13 +212,17 @@ def fixed_plan(*, clipping: ClippingConfig, noise_multiplier: float, expected_ba
 
 
 def resolve_grad_method(method: str, enabled: bool, clipping_mode: str) -> str:
-    """"auto" -> "bookkeeping" for private flat/automatic clipping (any NNX model: dpft's layers and
-    standard flax layers alike, `dpft.nn.nnx_layers`), else "vmap"."""
+    """"auto" -> for a private run, the first engine of `clipping.AUTO_ENGINE_ORDER` that the
+    clipping mode's record supports ("bookkeeping" for flat/automatic: any NNX model, dpft's layers
+    and standard flax layers alike, `dpft.nn.nnx_layers`); else "vmap". An unknown mode raises."""
+    mode = clipping_lib.get(clipping_mode)
     if method not in GRAD_METHOD_CHOICES:
         raise PlanError(f"grad_method={method!r}; use one of {GRAD_METHOD_CHOICES}")
     if method != "auto":
         return method
-    return "bookkeeping" if enabled and clipping_mode in bookkeeping.BK_MODES else "vmap"
+    if not enabled:
+        return "vmap"
+    return next(e for e in clipping_lib.AUTO_ENGINE_ORDER if mode.supports(e))
 
 
 def make_plan(*, enabled: bool, num_examples: int, batch_size: float, num_updates: int,

@@ -28,7 +28,8 @@ class AuditConfig:
 
     epsilon: target epsilon the noise multiplier is calibrated to (ignored if
       noise_multiplier is set). noise_multiplier: explicit sigma (0 = no noise).
-    clipping_mode: an engine ClippingConfig mode ("flat"; "none" = non-private SGD).
+    clipping_mode: a mode of `dpft.privacy.clipping.MODES` whose record says the audit supports it
+      ("flat"; "none" = non-private SGD).
     noise_scale_for_testing: != 1 breaks DP on purpose, to test that the audit can fail: the run
       trains with sigma * scale while the claim is that of sigma (the step itself is untouched).
     guess_fractions: the (k+ = k-) candidates as fractions of m / 2 (Bonferroni over them).
@@ -72,14 +73,20 @@ class AuditConfig:
             raise bad("delta", self.delta, "need 0 < delta < 1")
         if not 0 < self.confidence < 1:
             raise bad("confidence", self.confidence, "need 0 < confidence < 1")
-        if self.clipping_mode not in ("flat", "none"):
-            raise bad("clipping_mode", self.clipping_mode, "the audit supports 'flat' and 'none'")
+        try:
+            mode = _clipping_record(self)
+        except ValueError:  # unknown: refused below, naming the audit's choices
+            mode = None
+        if mode is None or not mode.audit:
+            what = "unknown clipping mode" if mode is None else "a clipping mode the audit does not support"
+            raise bad("clipping_mode", self.clipping_mode, f"{what}; choose from {_audited_modes()}")
         if not self.canary_scale >= 1:
             raise bad("canary_scale", self.canary_scale, "need >= 1 (canary gradients must be clipped)")
         if not (isinstance(self.physical_batch_size, int) and self.physical_batch_size >= 1):
             raise bad("physical_batch_size", self.physical_batch_size, "need an int >= 1")
-        if self.noise_multiplier == 0 and self.clipping_mode != "none":
-            raise bad("noise_multiplier", self.noise_multiplier, "0 (no noise) only with clipping_mode='none'")
+        if self.noise_multiplier == 0 and mode.private:
+            raise bad("noise_multiplier", self.noise_multiplier,
+                      f"0 (no noise) only with a non-private clipping_mode ({_audited_modes(private=False)})")
         if self.noise_multiplier is not None and not math.isfinite(self.noise_multiplier):
             raise bad("noise_multiplier", self.noise_multiplier, "need a finite sigma")
         if self.dtype not in DTYPES:
@@ -115,6 +122,19 @@ class AuditResult:
         return dataclasses.asdict(self)
 
 
+def _clipping_record(config: AuditConfig):
+    """The `dpft.privacy.clipping.ClippingMode` of `config.clipping_mode` (UsageError if unknown)."""
+    from dpft.privacy import clipping
+
+    return clipping.get(config.clipping_mode)
+
+
+def _audited_modes(private: bool | None = None) -> str:
+    from dpft.privacy import clipping
+
+    return ", ".join(repr(n) for n in clipping.names(audit=True, private=private))
+
+
 def canary_inclusion(num_canaries: int, seed: int) -> np.ndarray:
     """bool [m]: canary i is in the training set (independent fair coins from `seed`)."""
     return np.random.default_rng([seed, 0xA0D1]).random(num_canaries) < 0.5
@@ -127,7 +147,7 @@ def canary_plan(config: AuditConfig, noise_multiplier: float, params: Any):
     """
     from dpft.privacy import engine, keys, plan as plan_lib
 
-    private = config.clipping_mode != "none"
+    private = _clipping_record(config).private
     secret = (keys.RunSecret.insecure_fixed(config.insecure_fixed_noise_seed)
               if config.insecure_fixed_noise_seed >= 0 else keys.RunSecret.generate())
     clipping = (engine.ClippingConfig(mode=config.clipping_mode, clip_norm=config.clip_norm) if private
@@ -206,7 +226,7 @@ def claimed_epsilon(config: AuditConfig, noise_multiplier: float) -> float:
     """The accountant's epsilon for the run (inf for a non-private run); equals the plan's."""
     from dpft.privacy import accounting
 
-    if config.clipping_mode == "none" or noise_multiplier == 0:
+    if not _clipping_record(config).private or noise_multiplier == 0:
         return math.inf
     return accounting.compute_epsilon(config.sampling_rate, noise_multiplier, config.steps, config.delta,
                                       config.accountant)

@@ -10,7 +10,7 @@ from typing import Any, Callable
 import ml_collections
 
 from dpft.errors import UsageError
-from dpft.privacy import adapters, engine, keys
+from dpft.privacy import adapters, clipping, engine, keys
 from dpft.privacy import plan as plan_lib
 from dpft.config import validation
 
@@ -25,10 +25,12 @@ def per_view_loss(task: str) -> Callable:
 
 
 def clipping_config(config: ml_collections.ConfigDict) -> engine.ClippingConfig:
-    """The clipping of `config.privacy` ("none" for the non-private baseline)."""
+    """The clipping of `config.privacy`: its mode with the hyper-parameters the mode's record reads
+    from the run config (clip_norm, gamma, ...); "none" for the non-private baseline."""
     if not config.privacy.enabled:
         return engine.NO_CLIPPING
-    return engine.ClippingConfig(mode=config.privacy.clipping, clip_norm=float(config.privacy.clip_norm))
+    mode = config.privacy.clipping
+    return engine.ClippingConfig(mode=mode, **clipping.run_config_values(mode, config.privacy))
 
 
 def run_secret(config: ml_collections.ConfigDict) -> keys.RunSecret:
