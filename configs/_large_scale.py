@@ -13,7 +13,7 @@ Berrada et al. 2023, arXiv:2308.10888, with the same recipe):
   - a constant learning rate (no decay).
 DeepMind's public NFNet checkpoints (https://storage.googleapis.com/dm-nfnets/F3_haiku.npz)
 were pre-trained on ImageNet: fine-tuning them privately on ImageNet protects nothing (fine on
-Places-365); see README.
+Places-365); see docs/data.md ("Pre-trained checkpoints").
 Resolution: NFNet-F3's own train/eval resolutions (320/416, Brock et al. 2021).
 Values marked (ours) could not be checked against the papers' tables while writing this
 file and should be tuned: learning rate and number of updates per epsilon.

@@ -35,7 +35,7 @@ class TfdsOptions:
 def prepare_command(name: str, data_dir: str) -> str:
     manual = " --manual_dir <folder with the official tars>" if name == NAME else ""
     return (f"pip install tensorflow-cpu tensorflow-datasets==4.9.10 apache-beam importlib_resources mlcroissant "
-            f"(in a separate environment; see README, 'TFDS data'), then "
+            f"(in a separate environment; see docs/data.md, 'TFDS data'), then "
             f"tfds build {name} --data_dir {data_dir}{manual} --file_format array_record")
 
 
