@@ -9,6 +9,7 @@ NFNets (grouped WS convs, squeeze-excite, skip gains, stochastic depth, dropout)
 from __future__ import annotations
 
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +18,7 @@ import pytest
 
 import dpft.models
 from dpft.nn import ops, taps
-from dpft.privacy import adapters, bookkeeping, engine, keys
+from dpft.privacy import adapters, bk_layers, bookkeeping, engine, keys
 from dpft.privacy import plan as plan_lib
 from dpft.privacy.engine import ClippingConfig
 from dpft.testing.jaxprs import float32_contractions, float32_convolutions, low_precision_dots
@@ -161,6 +162,17 @@ def test_linear_norms_match_brute_force(ghost, x_shape):
     d = jnp.asarray(rs.randn(*x_shape[:-1], 7), jnp.float32)
     got = bookkeeping.linear_sq_norms(params, x, d, ghost)
     np.testing.assert_allclose(np.asarray(got), brute_sq_norms(fn, params, x, d), rtol=2e-5)
+
+
+def test_the_route_rule_is_fewer_flops_per_example():
+    """`bk_layers.use_ghost`: matmul layers go ghost iff R (n + o) < n o, embeddings iff R^2 < V
+    (the decisions of the two former rules); "always"/"never" force the route."""
+    for r, n, o in itertools.product((1, 2, 7, 64, 197), (1, 3, 48, 768), (1, 5, 96, 3072)):
+        assert bk_layers.use_ghost("auto", bk_layers.matmul_flops(r, n, o)) == (r * (n + o) < n * o)
+    for r, v, f in itertools.product((1, 3, 10, 32), (2, 9, 100, 1024), (1, 8)):
+        assert bk_layers.use_ghost("auto", bk_layers.embed_flops(r, v, f)) == (r * r < v)
+    for flops in ((1, 2), (2, 1)):
+        assert bk_layers.use_ghost("always", flops) and not bk_layers.use_ghost("never", flops)
 
 
 def test_generic_norms_match_brute_force():

@@ -5,10 +5,10 @@ kinds "nnx_dense", "nnx_conv", "nnx_embed", "nnx_norm" of `dpft.nn.nnx_layers`).
 Dense and conv layers are a matmul g_i = A_i^T D_i per group (A: input rows, or conv patches
 with features ordered as the kernel's (*k, in/groups); D: output-gradient rows). The squared
 norm is either a ghost norm <A_i A_i^T, D_i D_i^T> (Li et al. 2022) or ||g_i||^2 of the
-materialised g_i, whichever needs fewer flops (Bu et al. 2023); the weighted sum
+materialised g_i, whichever needs fewer flops (`use_ghost`; Bu et al. 2023); the weighted sum
 sum_i w_i g_i is one contraction of (A, w D) on the ghost route, or of the kept g_i. An
 embedding's gradient is a scatter-add of D_i's rows at the indices: its norm is the ghost
-sum_{r,s} [idx_r = idx_s] <d_r, d_s> (or the materialised table when that is smaller).
+sum_{r,s} [idx_r = idx_s] <d_r, d_s> or the materialised table, by the same rule.
 Norms and sums are accumulated in float32; a row of weight 0 contributes exactly 0 (even with NaN
 activations: padding). Contractions take float32 operands at HIGHEST precision, or, on an
 accelerator with bfloat16 x and d ("native", `native_operands`), the layer's own bfloat16
@@ -77,12 +77,41 @@ def split_dot(spec: str, a: jax.Array, b: jax.Array, native: bool) -> jax.Array:
     return dot(spec, a, hi, True) + dot(spec, a, lo, True)
 
 
-def use_ghost(ghost: str, rows: int, fan_in: int, fan_out: int) -> bool:
-    """Ghost norm iff fewer flops than materialising, per group and example: R^2 (n + o) < R n o,
-    i.e. R (n + o) < n o (R rows); ghost "always"/"never" force the route."""
+def matmul_flops(rows: int, fan_in: int, fan_out: int) -> tuple[int, int]:
+    """(ghost, materialised) flops of one example's squared norm ||A^T D||^2 for one group,
+    A [R, n], D [R, o] (a dense layer's rows, a conv's patches): the two Gram matrices,
+    R^2 (n + o), against the product A^T D, R n o."""
+    return rows * rows * (fan_in + fan_out), rows * fan_in * fan_out
+
+
+def embed_flops(rows: int, vocab: int, features: int) -> tuple[int, int]:
+    """(ghost, materialised) flops of one example's squared norm of an embedding gradient, the
+    scatter-add of its R output-gradient rows [R, F] into a [V, F] table: the rows' Gram masked
+    by index equality, R^2 F, against the table, V F."""
+    return rows * rows * features, vocab * features
+
+
+def use_ghost(ghost: str, flops: tuple[int, int]) -> bool:
+    """The one route rule of every tapped layer (dpft's ws_conv and linear ops, nnx dense, conv
+    and embedding layers): a ghost norm (Li et al. 2022) or the materialised per-example
+    gradient, chosen per layer (Bu et al. 2023, mixed ghost clipping).
+
+    ``flops``: (ghost, materialised) flops of one example's norm (`matmul_flops`,
+    `embed_flops`). ghost "auto": the ghost norm iff it needs strictly fewer flops; "always" /
+    "never" force one route for every layer. Both routes are exact; only time and memory differ.
+    Measured (benchmarks/README.md): ViT-Ti/16 224 px, B=8, XLA:CPU, book-keeping accumulate
+    step 354.1 ms with "auto" against 465.7 ms with "always" (plain jax.grad 293.7 ms; section
+    "Logical batches, and where the rest of the CPU gap is"); ViT-Ti full step 0.76-0.78x the
+    plain step with "auto", 0.64x with "always" ("Peers on the same networks"). The rule counts
+    flops, not bytes: on NFNet-F0 at 192 px it puts 26 of 57 convolutions on the ghost route,
+    and the materialised ones write 6.5 GB of float32 per-example gradients per step at b=128
+    (432 MiB for each 12 x 12 grouped 3x3 conv, 122 MiB as ghost norms); whether a byte rule
+    fits a GPU better is unmeasured ("H200 results"; `benchmarks/gpu_check.py` method
+    ``bookkeeping_ghost`` runs "always" beside "auto")."""
     if ghost != "auto":
         return ghost == "always"
-    return rows * (fan_in + fan_out) < fan_in * fan_out
+    ghost_flops, materialised_flops = flops
+    return ghost_flops < materialised_flops
 
 
 def keep_per_example_grads(param_size: int, x_size: int, d_size: int) -> bool:
@@ -116,7 +145,7 @@ def matmul_norms(a: jax.Array, d: jax.Array, ghost: str, native: bool = False
     def grouped(v: jax.Array) -> jax.Array:  # [G, n, o] -> [g, n, o]
         return v.reshape((groups,) + v.shape[-2:])
 
-    if use_ghost(ghost, rows, n, o):
+    if use_ghost(ghost, matmul_flops(rows, n, o)):
         gram_a = dot(f"mr{G}n,ms{G}n->m{G}rs", a, a, native)
         gram_d = dot(f"mr{G}o,ms{G}o->m{G}rs", d, d, native)
         sq = jnp.sum(gram_a * gram_d, axis=tuple(range(1, gram_a.ndim)))
@@ -290,7 +319,7 @@ def conv_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, cfg:
         gk = gk.reshape((g,) + tuple(cfg.kernel_size) + (c // g, cout // g))
         return jnp.moveaxis(gk, 0, -2)
 
-    if use_ghost(ghost, rows, kt * (c // g), cout // g):
+    if use_ghost(ghost, matmul_flops(rows, kt * (c // g), cout // g)):
         p = conv_patches(xr, cfg)  # [N, *out, kt, C]
         a = jnp.moveaxis(p.reshape(p.shape[:-1] + (g, c // g)), -2, -3).reshape(m, -1, g, kt * (c // g))
         sq = matmul_norms(a, d.astype(cdt).reshape(m, rows, g, cout // g), ghost, native)[0]
@@ -330,7 +359,7 @@ def embed_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, cfg
     idx = jnp.where(valid, idx, v)  # one shared out-of-range slot, dropped by the scatter
     dd = jnp.where(valid[..., None], d.astype(F32).reshape(m, idx.shape[1], -1), 0.0)
     rows = idx.shape[1]
-    if ghost == "always" or (ghost == "auto" and rows * rows < v):
+    if use_ghost(ghost, embed_flops(rows, v, dd.shape[-1])):
         same = (idx[:, :, None] == idx[:, None, :]).astype(F32)
         sq = jnp.sum(same * jnp.einsum("mrf,msf->mrs", dd, dd, precision=HI), axis=(1, 2))
     else:
@@ -381,4 +410,4 @@ def layer_norms(kind: str, params: Mapping[str, jax.Array], x: jax.Array, d: jax
     return ROUTES[kind](params, x, d, cfg, ghost, matmul)
 
 
-__all__ = ["dense_norms", "conv_norms", "embed_norms", "norm_layer_norms", "conv_patches", "conv_patches_cm", "patches_weighted_sum", "keep_per_example_grads", "materialised_norms", "layer_norms", "matmul_norms", "use_ghost", "native_operands", "dot", "split_dot", "MATMUL_CHOICES"]
+__all__ = ["dense_norms", "conv_norms", "embed_norms", "norm_layer_norms", "conv_patches", "conv_patches_cm", "patches_weighted_sum", "keep_per_example_grads", "materialised_norms", "layer_norms", "matmul_norms", "use_ghost", "matmul_flops", "embed_flops", "native_operands", "dot", "split_dot", "MATMUL_CHOICES"]

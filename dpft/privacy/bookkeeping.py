@@ -19,7 +19,8 @@ tapped parameter also used elsewhere (weight sharing), and nnx.BatchNorm. Per mi
    * "linear" and "ws_conv": g_i = A_i^T D_i (A: input rows / conv patches, D: output
      gradients) either materialised per example with one batched matmul, or as a ghost norm
      <A_i A_i^T, D_i D_i^T> (Li et al. 2022), whichever needs fewer flops per layer (Bu et
-     al. 2023, mixed ghost clipping). For weight-standardised convs the gradient reaches the
+     al. 2023, mixed ghost clipping; `bk_layers.use_ghost`, the one rule of every tapped layer).
+     For weight-standardised convs the gradient reaches the
      raw weight through the standardisation's Jacobian J = gain*r*(I - e e^T - v v^T)
      (r = rsqrt(n var), e = 1/sqrt(n), v = (w - mean)/sqrt(n var), orthonormal), so
      ||J^T g||^2 = (gain r)^2 (||g||^2 - (e.g)^2 - (v.g)^2): exact, with the two dot
@@ -64,14 +65,6 @@ F32 = jnp.float32
 Summer = Callable[[jax.Array], dict]
 
 
-def _use_ghost(ghost: str, rows: int, fan_in: int, fan_out: int, groups: int) -> bool:
-    """Ghost norm iff it needs fewer flops than materialising: groups * R^2 * (n + o) versus
-    R * n * o * groups (R rows per example, n = fan_in, o = fan_out per group)."""
-    if ghost != "auto":
-        return ghost == "always"
-    return rows * (fan_in + fan_out) < fan_in * fan_out
-
-
 def _ghost_sq_norm(a: jax.Array, d: jax.Array, native: bool = False) -> jax.Array:
     """sum over groups of ||A_g^T D_g||_F^2 = <A_g A_g^T, D_g D_g^T> without forming A_g^T D_g.
     a [m, R, g, n] (bfloat16 if ``native``), d [m, R, g, o] float32 -> [m]."""
@@ -98,7 +91,7 @@ def linear_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, gh
     dd = d.astype(F32).reshape(m, -1, 1, n_out)
     b_rows = jnp.sum(dd, axis=1)[:, 0]  # [m, out]
     b_sq = jnp.sum(jnp.square(b_rows), axis=1)
-    if _use_ghost(ghost, a.shape[1], n_in, n_out, 1):
+    if bk_layers.use_ghost(ghost, bk_layers.matmul_flops(a.shape[1], n_in, n_out)):
         sq, ghost_sum = bk_layers.matmul_norms(a, d.astype(a.dtype).reshape(dd.shape), "always", native)
 
         def ghost_summer(weights: jax.Array) -> dict[str, jax.Array]:
@@ -195,7 +188,7 @@ def ws_conv_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, *
         (g,) = vjp(d_rows.reshape((-1,) + d.shape[-3:]))
         return g
 
-    if _use_ghost(ghost, rows, n, cout_g, groups):
+    if bk_layers.use_ghost(ghost, bk_layers.matmul_flops(rows, n, cout_g)):
         patches = conv_patches(xr, k, stride)  # [mK, H', W', k, k, in]
         a = patches.reshape(patches.shape[:-1] + (groups, cin_g))
         a = jnp.moveaxis(a, -2, -4).reshape(m, -1, groups, n)  # features (kh, kw, in/groups), as w's HWI
