@@ -142,13 +142,15 @@ def test_float32_contractions_of_norms_and_sums_run_at_highest_precision(ghost, 
 
 
 def test_conv_patches_reproduce_the_convolution():
+    """`bk_layers.conv_patches` of ws_conv's SAME convolution (`bookkeeping.ws_conv_config`: the one
+    patch builder of both route families) contracted with the kernel == the convolution."""
     rs = np.random.RandomState(0)
     for h, k, s in [(7, 3, 1), (7, 3, 2), (8, 3, 2), (6, 1, 2), (5, 5, 1)]:
         x = jnp.asarray(rs.randn(2, h, h, 3), jnp.float32)
         w = jnp.asarray(rs.randn(k, k, 3, 4), jnp.float32)
         want = jax.lax.conv_general_dilated(x, w, (s, s), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        p = bookkeeping.conv_patches(x, k, s)
-        got = jnp.einsum("bhwijc,ijco->bhwo", p, w)
+        p = bk_layers.conv_patches(x, bookkeeping.ws_conv_config(k, s, 1, (h, h)))  # [b, h', w', k k, c]
+        got = jnp.einsum("bhwpc,pco->bhwo", p, w.reshape(k * k, 3, 4))
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
 
 

@@ -278,6 +278,16 @@ def _patchify_cm(x: jax.Array, cfg: nnx_layers.Conv) -> jax.Array:
     return p.reshape((p.shape[0], g, -1) + tuple(outs))
 
 
+def patch_rows(xr: jax.Array, m: int, cfg: nnx_layers.Conv) -> jax.Array:
+    """A conv's patches as the ghost route's rows (`conv_patches`, row-major): xr [m K,
+    *spatial, C] -> [m, K * out positions, groups, prod(kernel_size) * C/groups], features in
+    the kernel's (*k, in/groups) order."""
+    g, c = cfg.groups, xr.shape[-1]
+    p = conv_patches(xr, cfg)  # [m K, *out, kt, C]
+    a = jnp.moveaxis(p.reshape(p.shape[:-1] + (g, c // g)), -2, -3)  # [m K, *out, g, kt, C/g]
+    return a.reshape(m, -1, g, p.shape[-2] * (c // g))
+
+
 def patches_weighted_sum(xr: jax.Array, d: jax.Array, weights: jax.Array, cfg: nnx_layers.Conv,
                          native: bool = False) -> jax.Array:
     """sum_i weights_i A_i^T D_i of a conv from its input and output gradient alone: xr [m K, *spatial, C]
@@ -295,7 +305,7 @@ def patches_weighted_sum(xr: jax.Array, d: jax.Array, weights: jax.Array, cfg: n
 def conv_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, cfg: nnx_layers.Conv,
                ghost: str = "auto", matmul: str = "auto") -> tuple[jax.Array, Summer]:
     """nnx.Conv: kernel [*k, in/groups, out], bias [out] (optional); x [m, ..., *spatial, in].
-    Ghost route: norms from row-major patches (`conv_patches`) and Gram matrices, the weighted
+    Ghost route: norms from row-major patches (`patch_rows`) and Gram matrices, the weighted
     sum from (x, d) alone (`patches_weighted_sum`; the norm's patches are not kept for it).
     Materialised route: channel-major patches (`conv_patches_cm`), one batched matmul per
     example, and the weighted sum of those per-example gradients where they are no larger than
@@ -320,8 +330,7 @@ def conv_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, cfg:
         return jnp.moveaxis(gk, 0, -2)
 
     if use_ghost(ghost, matmul_flops(rows, kt * (c // g), cout // g)):
-        p = conv_patches(xr, cfg)  # [N, *out, kt, C]
-        a = jnp.moveaxis(p.reshape(p.shape[:-1] + (g, c // g)), -2, -3).reshape(m, -1, g, kt * (c // g))
+        a = patch_rows(xr, m, cfg)  # [m, R, g, kt * cin_g]
         sq = matmul_norms(a, d.astype(cdt).reshape(m, rows, g, cout // g), ghost, native)[0]
         kernel_sum = xd_kernel_sum
     else:
@@ -410,4 +419,4 @@ def layer_norms(kind: str, params: Mapping[str, jax.Array], x: jax.Array, d: jax
     return ROUTES[kind](params, x, d, cfg, ghost, matmul)
 
 
-__all__ = ["dense_norms", "conv_norms", "embed_norms", "norm_layer_norms", "conv_patches", "conv_patches_cm", "patches_weighted_sum", "keep_per_example_grads", "materialised_norms", "layer_norms", "matmul_norms", "use_ghost", "matmul_flops", "embed_flops", "native_operands", "dot", "split_dot", "MATMUL_CHOICES"]
+__all__ = ["dense_norms", "conv_norms", "embed_norms", "norm_layer_norms", "conv_patches", "conv_patches_cm", "patch_rows", "patches_weighted_sum", "keep_per_example_grads", "materialised_norms", "layer_norms", "matmul_norms", "use_ghost", "matmul_flops", "embed_flops", "native_operands", "dot", "split_dot", "MATMUL_CHOICES"]

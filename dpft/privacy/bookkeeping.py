@@ -112,19 +112,11 @@ def linear_sq_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array,
     return linear_norms(params, x, d, ghost, matmul)[0]
 
 
-def conv_patches(x: jax.Array, k: int, stride: int) -> jax.Array:
-    """SAME-padded k x k patches of NHWC ``x`` by strided slicing (no convolution, unlike
-    `lax.conv_general_dilated_patches`, whose one-hot-filter conv costs (C k^2)^2 per position):
-    [B, H, W, C] -> [B, H', W', k, k, C], H' = ceil(H / stride)."""
-    if k == 1 and stride == 1:
-        return x[:, :, :, None, None, :]
-    (ph, qh), (pw, qw) = lax.padtype_to_pads(x.shape[1:3], (k, k), (stride, stride), "SAME")
-    xp = jnp.pad(x, ((0, 0), (ph, qh), (pw, qw), (0, 0)))
-    h_out = -(-x.shape[1] // stride)
-    w_out = -(-x.shape[2] // stride)
-    rows = [jnp.stack([xp[:, i:i + stride * (h_out - 1) + 1:stride, j:j + stride * (w_out - 1) + 1:stride, :]
-                       for j in range(k)], axis=3) for i in range(k)]
-    return jnp.stack(rows, axis=3)
+def ws_conv_config(k: int, stride: int, groups: int, spatial: tuple[int, int]) -> nnx_layers.Conv:
+    """The convolution of `ops.ws_conv` (k x k kernel, SAME padding of the [H, W] ``spatial``
+    input) as the conv record the patch builders of `bk_layers` take."""
+    pads = tuple(map(tuple, lax.padtype_to_pads(spatial, (k, k), (stride, stride), "SAME")))
+    return nnx_layers.Conv((k, k), (stride, stride), (1, 1), pads, groups)
 
 
 def ws_conv_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, *, stride: int,
@@ -163,9 +155,7 @@ def ws_conv_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, *
     bias_rows = jnp.sum(dd, axis=1)  # [m, groups, o]
     centred = (w - mean).reshape(n, groups, cout_g)  # HWI order, as the patches' features
 
-    cfg = nnx_layers.Conv((k, k), (stride, stride), (1, 1),
-                          tuple(map(tuple, lax.padtype_to_pads(xr.shape[1:3], (k, k), (stride, stride), "SAME"))),
-                          groups)
+    cfg = ws_conv_config(k, stride, groups, xr.shape[1:3])
 
     def xd_summer(weights: jax.Array) -> dict[str, jax.Array]:
         # From (x, weights * d) alone: patches rebuilt, one contraction (bfloat16 x with the
@@ -189,9 +179,7 @@ def ws_conv_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, *
         return g
 
     if bk_layers.use_ghost(ghost, bk_layers.matmul_flops(rows, n, cout_g)):
-        patches = conv_patches(xr, k, stride)  # [mK, H', W', k, k, in]
-        a = patches.reshape(patches.shape[:-1] + (groups, cin_g))
-        a = jnp.moveaxis(a, -2, -4).reshape(m, -1, groups, n)  # features (kh, kw, in/groups), as w's HWI
+        a = bk_layers.patch_rows(xr, m, cfg)  # [m, R, groups, n], features (kh, kw, in/groups), as w's HWI
         # e.g and c.g from the patches; ||g||^2 (channel-weighted) as a ghost norm.
         e_dot = bk_layers.dot("mrg,mrgo->mgo", jnp.sum(a, axis=-1, dtype=F32), dd, False) / math.sqrt(n)
         c_dot = bk_layers.dot("mrgo,mrgo->mgo", bk_layers.split_dot("mrgn,ngo->mrgo", a, centred, native), dd, False)
