@@ -157,6 +157,8 @@ def test_conv_patches_reproduce_the_convolution():
 @pytest.mark.parametrize("ghost", ["never", "always"])
 @pytest.mark.parametrize("x_shape", [(3, 2, 5), (3, 2, 4, 5)])
 def test_linear_norms_match_brute_force(ghost, x_shape):
+    """`ops.linear` through `bk_layers.dense_norms` (its parameters renamed): per-example norms and
+    the weighted sum == brute force; a row of weight 0 contributes exactly 0 even with NaN inputs."""
     rs = np.random.RandomState(1)
     params = {"w": jnp.asarray(rs.randn(5, 7), jnp.float32), "b": jnp.asarray(rs.randn(7), jnp.float32)}
     fn = functools.partial(ops.linear, dtype=jnp.float32)
@@ -164,6 +166,14 @@ def test_linear_norms_match_brute_force(ghost, x_shape):
     d = jnp.asarray(rs.randn(*x_shape[:-1], 7), jnp.float32)
     got = bookkeeping.linear_sq_norms(params, x, d, ghost)
     np.testing.assert_allclose(np.asarray(got), brute_sq_norms(fn, params, x, d), rtol=2e-5)
+    weights = jnp.asarray([0.5, 0.0, 2.0], jnp.float32)
+    _, summer = bookkeeping.linear_norms(params, x.at[1].set(jnp.nan), d, ghost)
+    sums = bookkeeping.weighted_param_grads({"l:linear": summer}, weights)["l:linear"]
+    assert set(sums) == set(params)
+    for name in params:
+        want = sum(float(weights[i]) * np.asarray(jax.grad(lambda p: jnp.sum(fn(p, x[i]) * d[i]))(params)[name],
+                                                    np.float64) for i in (0, 2))
+        np.testing.assert_allclose(np.asarray(sums[name]), want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
 
 
 def test_the_route_rule_is_fewer_flops_per_example():

@@ -79,31 +79,24 @@ def _weighted_rows(weights: jax.Array, v: jax.Array) -> jax.Array:
     return jnp.tensordot(weights, jnp.where(keep, v, 0.0), axes=1, precision=lax.Precision.HIGHEST)
 
 
+#: `ops.linear`'s parameter names -> those of `bk_layers.dense_norms` (nnx.Linear's).
+LINEAR_PARAMS = {"w": "kernel", "b": "bias"}
+
+
 def linear_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, ghost: str = "auto",
                  matmul: str = "auto") -> tuple[jax.Array, Summer]:
     """Per-example ||grad w||^2 + ||grad b||^2 of `ops.linear` ([m]) and the function weights [m]
-    -> the weighted sum of the per-example gradients (of the materialised ones, or on the ghost
-    route one contraction of (x, weights * d), `bk_layers.matmul_norms`).
+    -> the weighted sum of the per-example gradients: a dense layer contracting the last axis,
+    computed by `bk_layers.dense_norms` under dpft's parameter names (w [in, out], b [out]).
     x [m, ..., in], d [m, ..., out]."""
-    m, n_in, n_out = x.shape[0], x.shape[-1], d.shape[-1]
-    native = bk_layers.native_operands(matmul, x, d)
-    a = x.astype(x.dtype if native else F32).reshape(m, -1, 1, n_in)
-    dd = d.astype(F32).reshape(m, -1, 1, n_out)
-    b_rows = jnp.sum(dd, axis=1)[:, 0]  # [m, out]
-    b_sq = jnp.sum(jnp.square(b_rows), axis=1)
-    if bk_layers.use_ghost(ghost, bk_layers.matmul_flops(a.shape[1], n_in, n_out)):
-        sq, ghost_sum = bk_layers.matmul_norms(a, d.astype(a.dtype).reshape(dd.shape), "always", native)
-
-        def ghost_summer(weights: jax.Array) -> dict[str, jax.Array]:
-            return {"w": ghost_sum(weights)[0], "b": _weighted_rows(weights, b_rows)}
-
-        return sq + b_sq, ghost_summer
-    g = bk_layers.dot("mrgn,mrgo->mno", a, d.astype(a.dtype).reshape(dd.shape), native)
+    sq, dense_summer = bk_layers.dense_norms({LINEAR_PARAMS[n]: v for n, v in params.items()}, x, d,
+                                             nnx_layers.Dense((x.ndim - 2,)), ghost, matmul)
 
     def summer(weights: jax.Array) -> dict[str, jax.Array]:
-        return {"w": _weighted_rows(weights, g), "b": _weighted_rows(weights, b_rows)}
+        sums = dense_summer(weights)
+        return {n: sums[LINEAR_PARAMS[n]] for n in params}
 
-    return jnp.sum(jnp.square(g), axis=(1, 2)) + b_sq, summer
+    return sq, summer
 
 
 def linear_sq_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, ghost: str = "auto",
