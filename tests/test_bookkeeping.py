@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import dpft.models
-from dpft.nn import ops, taps
+from dpft.nn import nnx_layers, ops, taps
 from dpft.privacy import adapters, bk_layers, bookkeeping, engine, keys
 from dpft.privacy import plan as plan_lib
 from dpft.privacy.engine import ClippingConfig
@@ -185,6 +185,26 @@ def test_the_route_rule_is_fewer_flops_per_example():
         assert bk_layers.use_ghost("auto", bk_layers.embed_flops(r, v, f)) == (r * r < v)
     for flops in ((1, 2), (2, 1)):
         assert bk_layers.use_ghost("always", flops) and not bk_layers.use_ghost("never", flops)
+
+
+def test_every_route_asks_the_one_rule(monkeypatch):
+    """ws_conv and linear (dpft's ops) and nnx conv, dense and embedding layers each decide their
+    route by one call of `bk_layers.use_ghost`, with their own (ghost, materialised) flops."""
+    calls = []
+    real = bk_layers.use_ghost
+    monkeypatch.setattr(bk_layers, "use_ghost", lambda ghost, flops: calls.append(flops) or real(ghost, flops))
+    _, params, x, d = conv_case(1, 3, 2, 2)  # x [3, 2, 7, 7, 4], d [3, 2, 4, 4, 6], groups 2
+    bookkeeping.ws_conv_norms(params, x, d, stride=2, groups=2)
+    conv = nnx_layers.Conv((3, 3), (2, 2), (1, 1), ((1, 1), (1, 1)), 2)
+    bk_layers.conv_norms({"kernel": params["w"], "bias": params["bias"]}, x, d, conv)
+    lp = {"w": jnp.ones((4, 5), jnp.float32), "b": jnp.zeros((5,), jnp.float32)}
+    bookkeeping.linear_norms(lp, x, jnp.ones(x.shape[:-1] + (5,), jnp.float32))
+    bk_layers.dense_norms({"kernel": lp["w"]}, x, jnp.ones(x.shape[:-1] + (5,)), nnx_layers.Dense((3,)))
+    tokens = jnp.zeros((3, 2, 6), jnp.int32)
+    bk_layers.embed_norms({"embedding": jnp.ones((9, 4))}, tokens, jnp.ones((3, 2, 6, 4)), nnx_layers.Embed(9))
+    conv_flops = bk_layers.matmul_flops(2 * 4 * 4, 3 * 3 * 2, 3)  # K * out positions, k k in/groups, out/groups
+    dense_flops = bk_layers.matmul_flops(2 * 7 * 7, 4, 5)
+    assert calls == [conv_flops, conv_flops, dense_flops, dense_flops, bk_layers.embed_flops(12, 9, 4)]
 
 
 def test_generic_norms_match_brute_force():

@@ -1,6 +1,10 @@
 """Per-example gradient norms and weighted gradient sums of standard Flax NNX layers, from each
 example's layer input x and output gradient d (the book-keeping engine's step 2 and 3 for the
-kinds "nnx_dense", "nnx_conv", "nnx_embed", "nnx_norm" of `dpft.nn.nnx_layers`).
+kinds "nnx_dense", "nnx_conv", "nnx_embed", "nnx_norm" of `dpft.nn.nnx_layers`), and the pieces
+`dpft.privacy.bookkeeping` builds its ws_conv route from: the one route rule (`use_ghost`), the
+patches (`conv_patches`, `conv_patches_cm`), the Gram norms (`ghost_sq_norms`), the materialised
+conv gradients (`conv_grads`) and the weighted row sum (`weighted_rows`). dpft's ``ops.linear``
+is a dense layer here (`dense_norms`).
 
 Dense and conv layers are a matmul g_i = A_i^T D_i per group (A: input rows, or conv patches
 with features ordered as the kernel's (*k, in/groups); D: output-gradient rows). The squared
@@ -54,9 +58,10 @@ def native_operands(matmul: str, *arrays: jax.Array) -> bool:
 
 
 def dot(spec: str, a: jax.Array, b: jax.Array, native: bool) -> jax.Array:
-    """float32 einsum of two operands: bfloat16 operands with float32 accumulation if ``native``
-    (exact products), else both cast to float32 at HIGHEST precision."""
-    if native:
+    """float32 einsum of two operands: two bfloat16 operands with float32 accumulation if
+    ``native`` (exact products), else (also for a float32 operand, e.g. weighted output
+    gradients) both cast to float32 at HIGHEST precision, never the backend's default (TF32)."""
+    if native and a.dtype in LOW and b.dtype in LOW:
         return jnp.einsum(spec, a, b, preferred_element_type=F32)
     return jnp.einsum(spec, a.astype(F32), b.astype(F32), precision=HI)
 
@@ -129,43 +134,61 @@ def _keep(weights: jax.Array, v: jax.Array, scaled: bool) -> jax.Array:
     return jnp.where((weights != 0).reshape(shape), v * w if scaled else v, 0.0)
 
 
+def weighted_rows(weights: jax.Array, v: jax.Array) -> jax.Array:
+    """sum_i weights_i v_i over the leading axis, float32 at HIGHEST precision: weights [m],
+    v [m, ...] -> [...]. Rows of weight 0 give exactly 0 (even NaN: padding)."""
+    return jnp.tensordot(weights.astype(F32), _keep(weights, v, False), axes=1, precision=HI)
+
+
+def _one_group(a: jax.Array, d: jax.Array) -> tuple[str, jax.Array, jax.Array]:
+    """(group letter of an einsum spec, a, d) for a [m, R, g, n], d [m, R, g, o]: a size-1 group
+    axis is dropped ("", [m, R, n], [m, R, o]). As a batch dimension of the per-example dots it
+    made XLA:CPU lay the layer's activations out with that axis outermost and copy them before
+    and after each dot (benchmarks/README.md, "Size-1 axes around the per-example dots")."""
+    if a.shape[2] > 1:
+        return "g", a, d
+    return "", a.reshape(a.shape[:2] + a.shape[3:]), d.reshape(d.shape[:2] + d.shape[3:])
+
+
+def ghost_sq_norms(a: jax.Array, d: jax.Array, native: bool = False) -> jax.Array:
+    """sum over groups of ||A_ig^T D_ig||_F^2 = <A_ig A_ig^T, D_ig D_ig^T> without forming
+    A_ig^T D_ig: a [m, R, g, n], d [m, R, g, o] -> float32 [m]. Each Gram contracts its operand
+    in bfloat16 with float32 accumulation if ``native`` and that operand is bfloat16, else in
+    float32 at HIGHEST precision (`dot`)."""
+    G, a, d = _one_group(a, d)
+    gram_a = dot(f"mr{G}n,ms{G}n->m{G}rs", a, a, native)
+    gram_d = dot(f"mr{G}o,ms{G}o->m{G}rs", d, d, native)
+    return jnp.sum(gram_a * gram_d, axis=tuple(range(1, gram_a.ndim)))
+
+
 def matmul_norms(a: jax.Array, d: jax.Array, ghost: str, native: bool = False
                  ) -> tuple[jax.Array, Callable[[jax.Array], jax.Array]]:
     """a [m, R, g, n], d [m, R, g, o] (float32, or bfloat16 if ``native``) -> (sum_g ||A_ig^T
-    D_ig||^2 [m], weights -> sum_i w_i A_i^T D_i [g, n, o]), float32."""
-    rows, n, o = a.shape[1], a.shape[3], d.shape[3]
-    groups = a.shape[2]
-    # One group (dense layers, groups=1 convs): the contractions leave out the size-1 group axis,
-    # which as a batch dimension of the per-example dots made XLA:CPU lay the layer's activations
-    # out with that axis outermost and copy them before and after each dot.
-    G = "g" if groups > 1 else ""
-    if groups == 1:
-        a, d = a.reshape(a.shape[0], rows, n), d.reshape(d.shape[0], rows, o)
+    D_ig||^2 [m], weights -> sum_i w_i A_i^T D_i [g, n, o]), float32; the route by `use_ghost`."""
+    rows, groups, n, o = a.shape[1], a.shape[2], a.shape[3], d.shape[3]
 
     def grouped(v: jax.Array) -> jax.Array:  # [G, n, o] -> [g, n, o]
         return v.reshape((groups,) + v.shape[-2:])
 
     if use_ghost(ghost, matmul_flops(rows, n, o)):
-        gram_a = dot(f"mr{G}n,ms{G}n->m{G}rs", a, a, native)
-        gram_d = dot(f"mr{G}o,ms{G}o->m{G}rs", d, d, native)
-        sq = jnp.sum(gram_a * gram_d, axis=tuple(range(1, gram_a.ndim)))
-
         def ghost_sum(weights: jax.Array) -> jax.Array:
-            return grouped(split_dot(f"mr{G}n,mr{G}o->{G}no", _keep(weights, a, False),
-                                     _keep(weights, d.astype(F32), True), native))
+            G, aw, dw = _one_group(_keep(weights, a, False), _keep(weights, d.astype(F32), True))
+            return grouped(split_dot(f"mr{G}n,mr{G}o->{G}no", aw, dw, native))
 
-        return sq, ghost_sum
+        return ghost_sq_norms(a, d, native), ghost_sum
+    G, a, d = _one_group(a, d)
     if n <= o:
-        g, sum_spec = dot(f"mr{G}n,mr{G}o->m{G}no", a, d, native), f"m,m{G}no->{G}no"
+        g, transposed = dot(f"mr{G}n,mr{G}o->m{G}no", a, d, native), False
     else:
         # The per-example gradient transposed, G_i^T = D_i^T A_i [g, o, n]: a matmul transposes
         # the operand whose contracted rows are not its minor axis (the first), so the narrower
         # one goes first (on CPU, ViT's MLP output layer: a [m, 197, 768] transposed copy per
         # example otherwise); norms need no layout, and the kept sum is transposed once.
-        g, sum_spec = dot(f"mr{G}o,mr{G}n->m{G}on", d, a, native), f"m,m{G}on->{G}no"
+        g, transposed = dot(f"mr{G}o,mr{G}n->m{G}on", d, a, native), True
 
     def kept_sum(weights: jax.Array) -> jax.Array:
-        return grouped(jnp.einsum(sum_spec, weights.astype(F32), _keep(weights, g, False), precision=HI))
+        s = weighted_rows(weights, g)
+        return grouped(jnp.swapaxes(s, -1, -2) if transposed else s)
 
     return jnp.sum(jnp.square(g), axis=tuple(range(1, g.ndim))), kept_sum
 
@@ -181,8 +204,7 @@ def _with_bias(params: Mapping[str, jax.Array], sq: jax.Array, kernel_sum: Calla
     def summer(weights: jax.Array) -> dict[str, jax.Array]:
         out = {"kernel": to_kernel(kernel_sum(weights)).reshape(params["kernel"].shape)}
         if has_bias:
-            out["bias"] = jnp.einsum("m,mo->o", weights.astype(F32), _keep(weights, b_rows, False),
-                                     precision=HI).reshape(params["bias"].shape)
+            out["bias"] = weighted_rows(weights, b_rows).reshape(params["bias"].shape)
         return out
 
     return sq, summer
@@ -288,17 +310,39 @@ def patch_rows(xr: jax.Array, m: int, cfg: nnx_layers.Conv) -> jax.Array:
     return a.reshape(m, -1, g, p.shape[-2] * (c // g))
 
 
+def _patch_columns(xr: jax.Array, m: int, cfg: nnx_layers.Conv) -> jax.Array:
+    """Channel-major patches (`conv_patches_cm`) per example: xr [m K, *spatial, C] ->
+    [m, K, groups, n, R] (n = prod(kernel_size) * C/groups features in the kernel's order, R
+    output positions)."""
+    a = conv_patches_cm(xr, cfg)  # [m K, g, n, *out]
+    return a.reshape((m, a.shape[0] // m) + a.shape[1:3] + (math.prod(a.shape[3:]),))
+
+
+def _output_rows(d: jax.Array, a: jax.Array) -> jax.Array:
+    """d [m, K, *out spatial, out] as the rows of `_patch_columns`' a [m, K, g, n, R]:
+    [m, K, R, g, out/g]."""
+    return d.reshape(a.shape[:2] + (a.shape[-1], a.shape[2], -1))
+
+
+def conv_grads(xr: jax.Array, d: jax.Array, cfg: nnx_layers.Conv, native: bool = False) -> jax.Array:
+    """The per-example kernel gradients of a conv, materialised: G_i = sum_k A_ik^T D_ik, one
+    batched matmul of channel-major patches (no transpose of the patches). xr [m K, *spatial, C]
+    (float32, or bfloat16 if ``native``), d [m, K, *out spatial, out] -> float32 [m, groups,
+    prod(kernel_size) * C/groups, out/groups] (features in the kernel's order)."""
+    a = _patch_columns(xr, d.shape[0], cfg)
+    return dot("mkgnr,mkrgo->mgno", a, _output_rows(d.astype(a.dtype), a), native)
+
+
 def patches_weighted_sum(xr: jax.Array, d: jax.Array, weights: jax.Array, cfg: nnx_layers.Conv,
                          native: bool = False) -> jax.Array:
     """sum_i weights_i A_i^T D_i of a conv from its input and output gradient alone: xr [m K, *spatial, C]
     (float32, or bfloat16 if ``native``), d [m, K, *out spatial, out] -> float32 [groups,
     prod(kernel_size) * C/groups, out/groups] (features in the kernel's order). Rows of weight 0
     contribute exactly 0 (even NaN)."""
-    m, g = weights.shape[0], cfg.groups
+    m = weights.shape[0]
     xw = _keep(weights, xr.reshape((m, -1) + xr.shape[1:]), False).reshape(xr.shape)
-    a = conv_patches_cm(xw, cfg)  # [m K, g, n, *out]
-    a = a.reshape((m, a.shape[0] // m) + a.shape[1:3] + (math.prod(a.shape[3:]),))  # [m, K, g, n, R]
-    dw = _keep(weights, d.astype(F32), True).reshape(m, a.shape[1], a.shape[-1], g, -1)  # [m, K, R, g, o]
+    a = _patch_columns(xw, m, cfg)  # [m, K, g, n, R]
+    dw = _output_rows(_keep(weights, d.astype(F32), True), a)  # [m, K, R, g, o]
     return split_dot("mkgnr,mkrgo->gno", a, dw, native)
 
 
@@ -307,8 +351,8 @@ def conv_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, cfg:
     """nnx.Conv: kernel [*k, in/groups, out], bias [out] (optional); x [m, ..., *spatial, in].
     Ghost route: norms from row-major patches (`patch_rows`) and Gram matrices, the weighted
     sum from (x, d) alone (`patches_weighted_sum`; the norm's patches are not kept for it).
-    Materialised route: channel-major patches (`conv_patches_cm`), one batched matmul per
-    example, and the weighted sum of those per-example gradients where they are no larger than
+    Materialised route: channel-major patches, one batched matmul per example (`conv_grads`),
+    and the weighted sum of those per-example gradients where they are no larger than
     (x, d) per example (`keep_per_example_grads`), else from (x, d) as on the ghost route."""
     nd, g, m = len(cfg.kernel_size), cfg.groups, x.shape[0]
     native = native_operands(matmul, x, d)
@@ -330,31 +374,19 @@ def conv_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, cfg:
         return jnp.moveaxis(gk, 0, -2)
 
     if use_ghost(ghost, matmul_flops(rows, kt * (c // g), cout // g)):
-        a = patch_rows(xr, m, cfg)  # [m, R, g, kt * cin_g]
-        sq = matmul_norms(a, d.astype(cdt).reshape(m, rows, g, cout // g), ghost, native)[0]
+        sq = ghost_sq_norms(patch_rows(xr, m, cfg), d.astype(cdt).reshape(m, rows, g, cout // g), native)
         kernel_sum = xd_kernel_sum
     else:
-        a = conv_patches_cm(xr, cfg).reshape(m, -1, g, kt * (c // g), math.prod(out_sp))  # [m, K, g, n, R]
-        dd = d.astype(cdt).reshape(m, a.shape[1], -1, g, cout // g)  # [m, K, R, g, o]
-        sq, kept_sum = materialised_norms(a, dd, native)
+        gi = conv_grads(xr, d, cfg, native)  # [m, g, n, o]
+        sq = jnp.sum(jnp.square(gi), axis=(1, 2, 3))
+
+        def kept_sum(weights: jax.Array) -> jax.Array:
+            return weighted_rows(weights, gi)
+
         kernel_sum = kept_sum if keep_per_example_grads(params["kernel"].size, x.size // m, d.size // m) \
             else xd_kernel_sum
 
     return _with_bias(params, sq, kernel_sum, d_rows, to_kernel)
-
-
-def materialised_norms(a: jax.Array, d: jax.Array, native: bool = False
-                       ) -> tuple[jax.Array, Callable[[jax.Array], jax.Array]]:
-    """Channel-major patches a [m, K, g, n, R], output gradients d [m, K, R, g, o] (float32, or
-    bfloat16 if ``native``) ->
-    (sum_g ||G_ig||^2 [m], weights -> sum_i w_i G_i [g, n, o]) with the per-example gradient
-    G_i = sum_k A_ik^T D_ik [g, n, o] materialised once and reused by the sum."""
-    gi = dot("mkgnr,mkrgo->mgno", a, d, native)
-
-    def kept_sum(weights: jax.Array) -> jax.Array:
-        return jnp.einsum("m,mgno->gno", weights.astype(F32), _keep(weights, gi, False), precision=HI)
-
-    return jnp.sum(jnp.square(gi), axis=(1, 2, 3)), kept_sum
 
 
 def embed_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, cfg: nnx_layers.Embed,
@@ -403,8 +435,7 @@ def norm_layer_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array
     sq = sum(jnp.sum(jnp.square(g), axis=1) for g in grads.values())
 
     def summer(weights: jax.Array) -> dict[str, jax.Array]:
-        return {n: jnp.einsum("m,mf->f", weights.astype(F32), _keep(weights, g, False),
-                              precision=HI).reshape(params[n].shape) for n, g in grads.items()}
+        return {n: weighted_rows(weights, g).reshape(params[n].shape) for n, g in grads.items()}
 
     return sq, summer
 
@@ -419,4 +450,7 @@ def layer_norms(kind: str, params: Mapping[str, jax.Array], x: jax.Array, d: jax
     return ROUTES[kind](params, x, d, cfg, ghost, matmul)
 
 
-__all__ = ["dense_norms", "conv_norms", "embed_norms", "norm_layer_norms", "conv_patches", "conv_patches_cm", "patch_rows", "patches_weighted_sum", "keep_per_example_grads", "materialised_norms", "layer_norms", "matmul_norms", "use_ghost", "matmul_flops", "embed_flops", "native_operands", "dot", "split_dot", "MATMUL_CHOICES"]
+__all__ = ["dense_norms", "conv_norms", "embed_norms", "norm_layer_norms", "layer_norms", "use_ghost", "matmul_flops",
+           "embed_flops", "keep_per_example_grads", "matmul_norms", "ghost_sq_norms", "conv_grads", "conv_patches",
+           "conv_patches_cm", "patch_rows", "patches_weighted_sum", "weighted_rows", "native_operands", "dot",
+           "split_dot", "MATMUL_CHOICES"]

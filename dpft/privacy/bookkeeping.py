@@ -20,14 +20,15 @@ tapped parameter also used elsewhere (weight sharing), and nnx.BatchNorm. Per mi
      gradients) either materialised per example with one batched matmul, or as a ghost norm
      <A_i A_i^T, D_i D_i^T> (Li et al. 2022), whichever needs fewer flops per layer (Bu et
      al. 2023, mixed ghost clipping; `bk_layers.use_ghost`, the one rule of every tapped layer).
-     For weight-standardised convs the gradient reaches the
-     raw weight through the standardisation's Jacobian J = gain*r*(I - e e^T - v v^T)
-     (r = rsqrt(n var), e = 1/sqrt(n), v = (w - mean)/sqrt(n var), orthonormal), so
-     ||J^T g||^2 = (gain r)^2 (||g||^2 - (e.g)^2 - (v.g)^2): exact, with the two dot
-     products read off the patches too; the gain's gradient is r (w - mean).g.
+     "linear" is a dense layer of `bk_layers.dense_norms`; "ws_conv" shares its patches, Gram
+     norms and materialised gradients with nnx convs (`bk_layers`). For weight-standardised
+     convs the gradient reaches the raw weight through the standardisation's Jacobian
+     J = gain*r*(I - e e^T - v v^T) (r = rsqrt(n var), e = 1/sqrt(n), v = (w - mean)/sqrt(n var),
+     orthonormal), so ||J^T g||^2 = (gain r)^2 (||g||^2 - (e.g)^2 - (v.g)^2): exact, with the
+     two dot products read off the patches too; the gain's gradient is r (w - mean).g.
      While n var <= eps (the clamp of `standardize_weight`) the v term is absent.
    * "generic" (small ops: skip gains, GroupNorm): local per-example VJP of the op alone.
-   Materialised conv gradients come from channel-major patches (`bk_layers.conv_patches_cm`:
+   Materialised conv gradients come from channel-major patches (`bk_layers.conv_grads`:
    features in the kernel's HWI order, output positions last), so each g_i is one plain
    batched matmul with no transpose of the patches.
 3. The clipped sum per op: sum_i c_i g_i of the per-example gradients where step 2
@@ -63,20 +64,6 @@ GHOST_CHOICES = ("auto", "always", "never")
 F32 = jnp.float32
 #: weights [m] -> {param name: sum_i weights_i * per-example gradient_i} of one op.
 Summer = Callable[[jax.Array], dict]
-
-
-def _ghost_sq_norm(a: jax.Array, d: jax.Array, native: bool = False) -> jax.Array:
-    """sum over groups of ||A_g^T D_g||_F^2 = <A_g A_g^T, D_g D_g^T> without forming A_g^T D_g.
-    a [m, R, g, n] (bfloat16 if ``native``), d [m, R, g, o] float32 -> [m]."""
-    gram_a = bk_layers.dot("mrgn,msgn->mgrs", a, a, native)
-    gram_d = bk_layers.dot("mrgo,msgo->mgrs", d, d, False)
-    return jnp.sum(gram_a * gram_d, axis=(1, 2, 3))
-
-
-def _weighted_rows(weights: jax.Array, v: jax.Array) -> jax.Array:
-    """sum_i weights_i * v_i over the leading axis; rows of weight 0 give exactly 0 (even NaN)."""
-    keep = (weights != 0).reshape((-1,) + (1,) * (v.ndim - 1))
-    return jnp.tensordot(weights, jnp.where(keep, v, 0.0), axes=1, precision=lax.Precision.HIGHEST)
 
 
 #: `ops.linear`'s parameter names -> those of `bk_layers.dense_norms` (nnx.Linear's).
@@ -157,7 +144,7 @@ def ws_conv_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, *
         g_sum = bk_layers.patches_weighted_sum(xr, d, weights, cfg, native)  # [g, n, o]
         _, vjp = jax.vjp(ops.standardize_weight, w, gain)
         g_w, g_gain = vjp(jnp.moveaxis(g_sum, 0, 1).reshape(w.shape))
-        return {"w": g_w, "gain": g_gain, "bias": _weighted_rows(weights, bias_rows).reshape(cout)}
+        return {"w": g_w, "gain": g_gain, "bias": bk_layers.weighted_rows(weights, bias_rows).reshape(cout)}
 
     def conv_summer(weights: jax.Array) -> dict[str, jax.Array]:
         # Not native (float32 operands): one weight-gradient VJP of the op computed in float32 at
@@ -176,23 +163,21 @@ def ws_conv_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, *
         # e.g and c.g from the patches; ||g||^2 (channel-weighted) as a ghost norm.
         e_dot = bk_layers.dot("mrg,mrgo->mgo", jnp.sum(a, axis=-1, dtype=F32), dd, False) / math.sqrt(n)
         c_dot = bk_layers.dot("mrgo,mrgo->mgo", bk_layers.split_dot("mrgn,ngo->mrgo", a, centred, native), dd, False)
-        g_sq = _ghost_sq_norm(a, dd * scale, native)
+        g_sq = bk_layers.ghost_sq_norms(a, dd * scale, native)  # float32 d * scale: a float32 Gram
         summer = xd_summer if native else conv_summer  # the norm's patches are not kept for the sum
     else:
         # Materialised g = dL_i/dw_hat [m, groups, n, o] from channel-major patches (features in
         # w's HWI order, no transpose of the patches): every term is a contraction of it.
-        a = bk_layers.conv_patches_cm(xr, cfg).reshape(m, -1, groups, n, d.shape[-3] * d.shape[-2])
-        g = bk_layers.dot("mkgnr,mkrgo->mgno", a, d.astype(a.dtype).reshape(m, a.shape[1], -1, groups, cout_g),
-                          native)
+        g = bk_layers.conv_grads(xr, d, cfg, native)  # [m, groups, n, o]
         e_dot = jnp.sum(g, axis=2) / math.sqrt(n)
         c_dot = bk_layers.dot("mgno,ngo->mgo", g, centred, False)
         g_sq = jnp.sum(jnp.square(scale) * jnp.sum(jnp.square(g), axis=2), axis=(1, 2))
 
         def kept_summer(weights: jax.Array) -> dict[str, jax.Array]:
-            g_hat = jnp.moveaxis(_weighted_rows(weights, g), 0, 1).reshape(w.shape)  # [n, g, o] -> HWIO
+            g_hat = jnp.moveaxis(bk_layers.weighted_rows(weights, g), 0, 1).reshape(w.shape)  # [n, g, o] -> HWIO
             _, vjp = jax.vjp(ops.standardize_weight, w, gain)
             g_w, g_gain = vjp(g_hat)
-            return {"w": g_w, "gain": g_gain, "bias": _weighted_rows(weights, bias_rows).reshape(cout)}
+            return {"w": g_w, "gain": g_gain, "bias": bk_layers.weighted_rows(weights, bias_rows).reshape(cout)}
 
         # Keep g for the sum only where it is no larger than (x, d) per example.
         summer = kept_summer if bk_layers.keep_per_example_grads(w.size, x.size // m, d.size // m) else xd_summer
@@ -223,7 +208,7 @@ def generic_norms(fn: taps.OpFn, params: Mapping[str, jax.Array], x: jax.Array, 
     sq = sum(jnp.sum(jnp.square(v), axis=tuple(range(1, v.ndim))) for v in grads.values())
 
     def summer(weights: jax.Array) -> dict[str, jax.Array]:
-        return {n: _weighted_rows(weights, v) for n, v in grads.items()}
+        return {n: bk_layers.weighted_rows(weights, v) for n, v in grads.items()}
 
     return sq, summer
 
@@ -425,7 +410,7 @@ def bk_clipped_grad_sum(loss_fn: Any, params: PyTree, batch: Mapping[str, jax.Ar
             for pname, path in s.param_paths.items():
                 acc[name[path]] = acc[name[path]] + grads[key][pname]
         for n, g in free_grads.items():
-            acc[name[free[n]]] = acc[name[free[n]]] + _weighted_rows(factors, g)
+            acc[name[free[n]]] = acc[name[free[n]]] + bk_layers.weighted_rows(factors, g)
         stats = {"norms": norms, "loss": losses, **engine.aux_to_stats(aux)}
         stats = {k: jnp.where(real, v.astype(F32), 0.0) for k, v in stats.items()}
         return acc, stats
