@@ -9,6 +9,7 @@ NFNets (grouped WS convs, squeeze-excite, skip gains, stochastic depth, dropout)
 from __future__ import annotations
 
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -16,8 +17,8 @@ import numpy as np
 import pytest
 
 import dpft.models
-from dpft.nn import ops, taps
-from dpft.privacy import adapters, bookkeeping, engine, keys
+from dpft.nn import nnx_layers, ops, taps
+from dpft.privacy import adapters, bk_layers, bookkeeping, engine, keys
 from dpft.privacy import plan as plan_lib
 from dpft.privacy.engine import ClippingConfig
 from dpft.testing.jaxprs import float32_contractions, float32_convolutions, low_precision_dots
@@ -141,19 +142,23 @@ def test_float32_contractions_of_norms_and_sums_run_at_highest_precision(ghost, 
 
 
 def test_conv_patches_reproduce_the_convolution():
+    """`bk_layers.conv_patches` of ws_conv's SAME convolution (`bookkeeping.ws_conv_config`: the one
+    patch builder of both route families) contracted with the kernel == the convolution."""
     rs = np.random.RandomState(0)
     for h, k, s in [(7, 3, 1), (7, 3, 2), (8, 3, 2), (6, 1, 2), (5, 5, 1)]:
         x = jnp.asarray(rs.randn(2, h, h, 3), jnp.float32)
         w = jnp.asarray(rs.randn(k, k, 3, 4), jnp.float32)
         want = jax.lax.conv_general_dilated(x, w, (s, s), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        p = bookkeeping.conv_patches(x, k, s)
-        got = jnp.einsum("bhwijc,ijco->bhwo", p, w)
+        p = bk_layers.conv_patches(x, bookkeeping.ws_conv_config(k, s, 1, (h, h)))  # [b, h', w', k k, c]
+        got = jnp.einsum("bhwpc,pco->bhwo", p, w.reshape(k * k, 3, 4))
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("ghost", ["never", "always"])
 @pytest.mark.parametrize("x_shape", [(3, 2, 5), (3, 2, 4, 5)])
 def test_linear_norms_match_brute_force(ghost, x_shape):
+    """`ops.linear` through `bk_layers.dense_norms` (its parameters renamed): per-example norms and
+    the weighted sum == brute force; a row of weight 0 contributes exactly 0 even with NaN inputs."""
     rs = np.random.RandomState(1)
     params = {"w": jnp.asarray(rs.randn(5, 7), jnp.float32), "b": jnp.asarray(rs.randn(7), jnp.float32)}
     fn = functools.partial(ops.linear, dtype=jnp.float32)
@@ -161,6 +166,45 @@ def test_linear_norms_match_brute_force(ghost, x_shape):
     d = jnp.asarray(rs.randn(*x_shape[:-1], 7), jnp.float32)
     got = bookkeeping.linear_sq_norms(params, x, d, ghost)
     np.testing.assert_allclose(np.asarray(got), brute_sq_norms(fn, params, x, d), rtol=2e-5)
+    weights = jnp.asarray([0.5, 0.0, 2.0], jnp.float32)
+    _, summer = bookkeeping.linear_norms(params, x.at[1].set(jnp.nan), d, ghost)
+    sums = bookkeeping.weighted_param_grads({"l:linear": summer}, weights)["l:linear"]
+    assert set(sums) == set(params)
+    for name in params:
+        want = sum(float(weights[i]) * np.asarray(jax.grad(lambda p: jnp.sum(fn(p, x[i]) * d[i]))(params)[name],
+                                                    np.float64) for i in (0, 2))
+        np.testing.assert_allclose(np.asarray(sums[name]), want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
+
+
+def test_the_route_rule_is_fewer_flops_per_example():
+    """`bk_layers.use_ghost`: matmul layers go ghost iff R (n + o) < n o, embeddings iff R^2 < V
+    (the decisions of the two former rules); "always"/"never" force the route."""
+    for r, n, o in itertools.product((1, 2, 7, 64, 197), (1, 3, 48, 768), (1, 5, 96, 3072)):
+        assert bk_layers.use_ghost("auto", bk_layers.matmul_flops(r, n, o)) == (r * (n + o) < n * o)
+    for r, v, f in itertools.product((1, 3, 10, 32), (2, 9, 100, 1024), (1, 8)):
+        assert bk_layers.use_ghost("auto", bk_layers.embed_flops(r, v, f)) == (r * r < v)
+    for flops in ((1, 2), (2, 1)):
+        assert bk_layers.use_ghost("always", flops) and not bk_layers.use_ghost("never", flops)
+
+
+def test_every_route_asks_the_one_rule(monkeypatch):
+    """ws_conv and linear (dpft's ops) and nnx conv, dense and embedding layers each decide their
+    route by one call of `bk_layers.use_ghost`, with their own (ghost, materialised) flops."""
+    calls = []
+    real = bk_layers.use_ghost
+    monkeypatch.setattr(bk_layers, "use_ghost", lambda ghost, flops: calls.append(flops) or real(ghost, flops))
+    _, params, x, d = conv_case(1, 3, 2, 2)  # x [3, 2, 7, 7, 4], d [3, 2, 4, 4, 6], groups 2
+    bookkeeping.ws_conv_norms(params, x, d, stride=2, groups=2)
+    conv = nnx_layers.Conv((3, 3), (2, 2), (1, 1), ((1, 1), (1, 1)), 2)
+    bk_layers.conv_norms({"kernel": params["w"], "bias": params["bias"]}, x, d, conv)
+    lp = {"w": jnp.ones((4, 5), jnp.float32), "b": jnp.zeros((5,), jnp.float32)}
+    bookkeeping.linear_norms(lp, x, jnp.ones(x.shape[:-1] + (5,), jnp.float32))
+    bk_layers.dense_norms({"kernel": lp["w"]}, x, jnp.ones(x.shape[:-1] + (5,)), nnx_layers.Dense((3,)))
+    tokens = jnp.zeros((3, 2, 6), jnp.int32)
+    bk_layers.embed_norms({"embedding": jnp.ones((9, 4))}, tokens, jnp.ones((3, 2, 6, 4)), nnx_layers.Embed(9))
+    conv_flops = bk_layers.matmul_flops(2 * 4 * 4, 3 * 3 * 2, 3)  # K * out positions, k k in/groups, out/groups
+    dense_flops = bk_layers.matmul_flops(2 * 7 * 7, 4, 5)
+    assert calls == [conv_flops, conv_flops, dense_flops, dense_flops, bk_layers.embed_flops(12, 9, 4)]
 
 
 def test_generic_norms_match_brute_force():

@@ -1,14 +1,18 @@
 """Per-example gradient norms and weighted gradient sums of standard Flax NNX layers, from each
 example's layer input x and output gradient d (the book-keeping engine's step 2 and 3 for the
-kinds "nnx_dense", "nnx_conv", "nnx_embed", "nnx_norm" of `dpft.nn.nnx_layers`).
+kinds "nnx_dense", "nnx_conv", "nnx_embed", "nnx_norm" of `dpft.nn.nnx_layers`), and the pieces
+`dpft.privacy.bookkeeping` builds its ws_conv route from: the one route rule (`use_ghost`), the
+patches (`conv_patches`, `conv_patches_cm`), the Gram norms (`ghost_sq_norms`), the materialised
+conv gradients (`conv_grads`) and the weighted row sum (`weighted_rows`). dpft's ``ops.linear``
+is a dense layer here (`dense_norms`).
 
 Dense and conv layers are a matmul g_i = A_i^T D_i per group (A: input rows, or conv patches
 with features ordered as the kernel's (*k, in/groups); D: output-gradient rows). The squared
 norm is either a ghost norm <A_i A_i^T, D_i D_i^T> (Li et al. 2022) or ||g_i||^2 of the
-materialised g_i, whichever needs fewer flops (Bu et al. 2023); the weighted sum
+materialised g_i, whichever needs fewer flops (`use_ghost`; Bu et al. 2023); the weighted sum
 sum_i w_i g_i is one contraction of (A, w D) on the ghost route, or of the kept g_i. An
 embedding's gradient is a scatter-add of D_i's rows at the indices: its norm is the ghost
-sum_{r,s} [idx_r = idx_s] <d_r, d_s> (or the materialised table when that is smaller).
+sum_{r,s} [idx_r = idx_s] <d_r, d_s> or the materialised table, by the same rule.
 Norms and sums are accumulated in float32; a row of weight 0 contributes exactly 0 (even with NaN
 activations: padding). Contractions take float32 operands at HIGHEST precision, or, on an
 accelerator with bfloat16 x and d ("native", `native_operands`), the layer's own bfloat16
@@ -54,9 +58,10 @@ def native_operands(matmul: str, *arrays: jax.Array) -> bool:
 
 
 def dot(spec: str, a: jax.Array, b: jax.Array, native: bool) -> jax.Array:
-    """float32 einsum of two operands: bfloat16 operands with float32 accumulation if ``native``
-    (exact products), else both cast to float32 at HIGHEST precision."""
-    if native:
+    """float32 einsum of two operands: two bfloat16 operands with float32 accumulation if
+    ``native`` (exact products), else (also for a float32 operand, e.g. weighted output
+    gradients) both cast to float32 at HIGHEST precision, never the backend's default (TF32)."""
+    if native and a.dtype in LOW and b.dtype in LOW:
         return jnp.einsum(spec, a, b, preferred_element_type=F32)
     return jnp.einsum(spec, a.astype(F32), b.astype(F32), precision=HI)
 
@@ -77,12 +82,41 @@ def split_dot(spec: str, a: jax.Array, b: jax.Array, native: bool) -> jax.Array:
     return dot(spec, a, hi, True) + dot(spec, a, lo, True)
 
 
-def use_ghost(ghost: str, rows: int, fan_in: int, fan_out: int) -> bool:
-    """Ghost norm iff fewer flops than materialising, per group and example: R^2 (n + o) < R n o,
-    i.e. R (n + o) < n o (R rows); ghost "always"/"never" force the route."""
+def matmul_flops(rows: int, fan_in: int, fan_out: int) -> tuple[int, int]:
+    """(ghost, materialised) flops of one example's squared norm ||A^T D||^2 for one group,
+    A [R, n], D [R, o] (a dense layer's rows, a conv's patches): the two Gram matrices,
+    R^2 (n + o), against the product A^T D, R n o."""
+    return rows * rows * (fan_in + fan_out), rows * fan_in * fan_out
+
+
+def embed_flops(rows: int, vocab: int, features: int) -> tuple[int, int]:
+    """(ghost, materialised) flops of one example's squared norm of an embedding gradient, the
+    scatter-add of its R output-gradient rows [R, F] into a [V, F] table: the rows' Gram masked
+    by index equality, R^2 F, against the table, V F."""
+    return rows * rows * features, vocab * features
+
+
+def use_ghost(ghost: str, flops: tuple[int, int]) -> bool:
+    """The one route rule of every tapped layer (dpft's ws_conv and linear ops, nnx dense, conv
+    and embedding layers): a ghost norm (Li et al. 2022) or the materialised per-example
+    gradient, chosen per layer (Bu et al. 2023, mixed ghost clipping).
+
+    ``flops``: (ghost, materialised) flops of one example's norm (`matmul_flops`,
+    `embed_flops`). ghost "auto": the ghost norm iff it needs strictly fewer flops; "always" /
+    "never" force one route for every layer. Both routes are exact; only time and memory differ.
+    Measured (benchmarks/README.md): ViT-Ti/16 224 px, B=8, XLA:CPU, book-keeping accumulate
+    step 354.1 ms with "auto" against 465.7 ms with "always" (plain jax.grad 293.7 ms; section
+    "Logical batches, and where the rest of the CPU gap is"); ViT-Ti full step 0.76-0.78x the
+    plain step with "auto", 0.64x with "always" ("Peers on the same networks"). The rule counts
+    flops, not bytes: on NFNet-F0 at 192 px it puts 26 of 57 convolutions on the ghost route,
+    and the materialised ones write 6.5 GB of float32 per-example gradients per step at b=128
+    (432 MiB for each 12 x 12 grouped 3x3 conv, 122 MiB as ghost norms); whether a byte rule
+    fits a GPU better is unmeasured ("H200 results"; `benchmarks/gpu_check.py` method
+    ``bookkeeping_ghost`` runs "always" beside "auto")."""
     if ghost != "auto":
         return ghost == "always"
-    return rows * (fan_in + fan_out) < fan_in * fan_out
+    ghost_flops, materialised_flops = flops
+    return ghost_flops < materialised_flops
 
 
 def keep_per_example_grads(param_size: int, x_size: int, d_size: int) -> bool:
@@ -100,43 +134,61 @@ def _keep(weights: jax.Array, v: jax.Array, scaled: bool) -> jax.Array:
     return jnp.where((weights != 0).reshape(shape), v * w if scaled else v, 0.0)
 
 
+def weighted_rows(weights: jax.Array, v: jax.Array) -> jax.Array:
+    """sum_i weights_i v_i over the leading axis, float32 at HIGHEST precision: weights [m],
+    v [m, ...] -> [...]. Rows of weight 0 give exactly 0 (even NaN: padding)."""
+    return jnp.tensordot(weights.astype(F32), _keep(weights, v, False), axes=1, precision=HI)
+
+
+def _one_group(a: jax.Array, d: jax.Array) -> tuple[str, jax.Array, jax.Array]:
+    """(group letter of an einsum spec, a, d) for a [m, R, g, n], d [m, R, g, o]: a size-1 group
+    axis is dropped ("", [m, R, n], [m, R, o]). As a batch dimension of the per-example dots it
+    made XLA:CPU lay the layer's activations out with that axis outermost and copy them before
+    and after each dot (benchmarks/README.md, "Size-1 axes around the per-example dots")."""
+    if a.shape[2] > 1:
+        return "g", a, d
+    return "", a.reshape(a.shape[:2] + a.shape[3:]), d.reshape(d.shape[:2] + d.shape[3:])
+
+
+def ghost_sq_norms(a: jax.Array, d: jax.Array, native: bool = False) -> jax.Array:
+    """sum over groups of ||A_ig^T D_ig||_F^2 = <A_ig A_ig^T, D_ig D_ig^T> without forming
+    A_ig^T D_ig: a [m, R, g, n], d [m, R, g, o] -> float32 [m]. Each Gram contracts its operand
+    in bfloat16 with float32 accumulation if ``native`` and that operand is bfloat16, else in
+    float32 at HIGHEST precision (`dot`)."""
+    G, a, d = _one_group(a, d)
+    gram_a = dot(f"mr{G}n,ms{G}n->m{G}rs", a, a, native)
+    gram_d = dot(f"mr{G}o,ms{G}o->m{G}rs", d, d, native)
+    return jnp.sum(gram_a * gram_d, axis=tuple(range(1, gram_a.ndim)))
+
+
 def matmul_norms(a: jax.Array, d: jax.Array, ghost: str, native: bool = False
                  ) -> tuple[jax.Array, Callable[[jax.Array], jax.Array]]:
     """a [m, R, g, n], d [m, R, g, o] (float32, or bfloat16 if ``native``) -> (sum_g ||A_ig^T
-    D_ig||^2 [m], weights -> sum_i w_i A_i^T D_i [g, n, o]), float32."""
-    rows, n, o = a.shape[1], a.shape[3], d.shape[3]
-    groups = a.shape[2]
-    # One group (dense layers, groups=1 convs): the contractions leave out the size-1 group axis,
-    # which as a batch dimension of the per-example dots made XLA:CPU lay the layer's activations
-    # out with that axis outermost and copy them before and after each dot.
-    G = "g" if groups > 1 else ""
-    if groups == 1:
-        a, d = a.reshape(a.shape[0], rows, n), d.reshape(d.shape[0], rows, o)
+    D_ig||^2 [m], weights -> sum_i w_i A_i^T D_i [g, n, o]), float32; the route by `use_ghost`."""
+    rows, groups, n, o = a.shape[1], a.shape[2], a.shape[3], d.shape[3]
 
     def grouped(v: jax.Array) -> jax.Array:  # [G, n, o] -> [g, n, o]
         return v.reshape((groups,) + v.shape[-2:])
 
-    if use_ghost(ghost, rows, n, o):
-        gram_a = dot(f"mr{G}n,ms{G}n->m{G}rs", a, a, native)
-        gram_d = dot(f"mr{G}o,ms{G}o->m{G}rs", d, d, native)
-        sq = jnp.sum(gram_a * gram_d, axis=tuple(range(1, gram_a.ndim)))
-
+    if use_ghost(ghost, matmul_flops(rows, n, o)):
         def ghost_sum(weights: jax.Array) -> jax.Array:
-            return grouped(split_dot(f"mr{G}n,mr{G}o->{G}no", _keep(weights, a, False),
-                                     _keep(weights, d.astype(F32), True), native))
+            G, aw, dw = _one_group(_keep(weights, a, False), _keep(weights, d.astype(F32), True))
+            return grouped(split_dot(f"mr{G}n,mr{G}o->{G}no", aw, dw, native))
 
-        return sq, ghost_sum
+        return ghost_sq_norms(a, d, native), ghost_sum
+    G, a, d = _one_group(a, d)
     if n <= o:
-        g, sum_spec = dot(f"mr{G}n,mr{G}o->m{G}no", a, d, native), f"m,m{G}no->{G}no"
+        g, transposed = dot(f"mr{G}n,mr{G}o->m{G}no", a, d, native), False
     else:
         # The per-example gradient transposed, G_i^T = D_i^T A_i [g, o, n]: a matmul transposes
         # the operand whose contracted rows are not its minor axis (the first), so the narrower
         # one goes first (on CPU, ViT's MLP output layer: a [m, 197, 768] transposed copy per
         # example otherwise); norms need no layout, and the kept sum is transposed once.
-        g, sum_spec = dot(f"mr{G}o,mr{G}n->m{G}on", d, a, native), f"m,m{G}on->{G}no"
+        g, transposed = dot(f"mr{G}o,mr{G}n->m{G}on", d, a, native), True
 
     def kept_sum(weights: jax.Array) -> jax.Array:
-        return grouped(jnp.einsum(sum_spec, weights.astype(F32), _keep(weights, g, False), precision=HI))
+        s = weighted_rows(weights, g)
+        return grouped(jnp.swapaxes(s, -1, -2) if transposed else s)
 
     return jnp.sum(jnp.square(g), axis=tuple(range(1, g.ndim))), kept_sum
 
@@ -152,8 +204,7 @@ def _with_bias(params: Mapping[str, jax.Array], sq: jax.Array, kernel_sum: Calla
     def summer(weights: jax.Array) -> dict[str, jax.Array]:
         out = {"kernel": to_kernel(kernel_sum(weights)).reshape(params["kernel"].shape)}
         if has_bias:
-            out["bias"] = jnp.einsum("m,mo->o", weights.astype(F32), _keep(weights, b_rows, False),
-                                     precision=HI).reshape(params["bias"].shape)
+            out["bias"] = weighted_rows(weights, b_rows).reshape(params["bias"].shape)
         return out
 
     return sq, summer
@@ -249,27 +300,59 @@ def _patchify_cm(x: jax.Array, cfg: nnx_layers.Conv) -> jax.Array:
     return p.reshape((p.shape[0], g, -1) + tuple(outs))
 
 
+def patch_rows(xr: jax.Array, m: int, cfg: nnx_layers.Conv) -> jax.Array:
+    """A conv's patches as the ghost route's rows (`conv_patches`, row-major): xr [m K,
+    *spatial, C] -> [m, K * out positions, groups, prod(kernel_size) * C/groups], features in
+    the kernel's (*k, in/groups) order."""
+    g, c = cfg.groups, xr.shape[-1]
+    p = conv_patches(xr, cfg)  # [m K, *out, kt, C]
+    a = jnp.moveaxis(p.reshape(p.shape[:-1] + (g, c // g)), -2, -3)  # [m K, *out, g, kt, C/g]
+    return a.reshape(m, -1, g, p.shape[-2] * (c // g))
+
+
+def _patch_columns(xr: jax.Array, m: int, cfg: nnx_layers.Conv) -> jax.Array:
+    """Channel-major patches (`conv_patches_cm`) per example: xr [m K, *spatial, C] ->
+    [m, K, groups, n, R] (n = prod(kernel_size) * C/groups features in the kernel's order, R
+    output positions)."""
+    a = conv_patches_cm(xr, cfg)  # [m K, g, n, *out]
+    return a.reshape((m, a.shape[0] // m) + a.shape[1:3] + (math.prod(a.shape[3:]),))
+
+
+def _output_rows(d: jax.Array, a: jax.Array) -> jax.Array:
+    """d [m, K, *out spatial, out] as the rows of `_patch_columns`' a [m, K, g, n, R]:
+    [m, K, R, g, out/g]."""
+    return d.reshape(a.shape[:2] + (a.shape[-1], a.shape[2], -1))
+
+
+def conv_grads(xr: jax.Array, d: jax.Array, cfg: nnx_layers.Conv, native: bool = False) -> jax.Array:
+    """The per-example kernel gradients of a conv, materialised: G_i = sum_k A_ik^T D_ik, one
+    batched matmul of channel-major patches (no transpose of the patches). xr [m K, *spatial, C]
+    (float32, or bfloat16 if ``native``), d [m, K, *out spatial, out] -> float32 [m, groups,
+    prod(kernel_size) * C/groups, out/groups] (features in the kernel's order)."""
+    a = _patch_columns(xr, d.shape[0], cfg)
+    return dot("mkgnr,mkrgo->mgno", a, _output_rows(d.astype(a.dtype), a), native)
+
+
 def patches_weighted_sum(xr: jax.Array, d: jax.Array, weights: jax.Array, cfg: nnx_layers.Conv,
                          native: bool = False) -> jax.Array:
     """sum_i weights_i A_i^T D_i of a conv from its input and output gradient alone: xr [m K, *spatial, C]
     (float32, or bfloat16 if ``native``), d [m, K, *out spatial, out] -> float32 [groups,
     prod(kernel_size) * C/groups, out/groups] (features in the kernel's order). Rows of weight 0
     contribute exactly 0 (even NaN)."""
-    m, g = weights.shape[0], cfg.groups
+    m = weights.shape[0]
     xw = _keep(weights, xr.reshape((m, -1) + xr.shape[1:]), False).reshape(xr.shape)
-    a = conv_patches_cm(xw, cfg)  # [m K, g, n, *out]
-    a = a.reshape((m, a.shape[0] // m) + a.shape[1:3] + (math.prod(a.shape[3:]),))  # [m, K, g, n, R]
-    dw = _keep(weights, d.astype(F32), True).reshape(m, a.shape[1], a.shape[-1], g, -1)  # [m, K, R, g, o]
+    a = _patch_columns(xw, m, cfg)  # [m, K, g, n, R]
+    dw = _output_rows(_keep(weights, d.astype(F32), True), a)  # [m, K, R, g, o]
     return split_dot("mkgnr,mkrgo->gno", a, dw, native)
 
 
 def conv_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, cfg: nnx_layers.Conv,
                ghost: str = "auto", matmul: str = "auto") -> tuple[jax.Array, Summer]:
     """nnx.Conv: kernel [*k, in/groups, out], bias [out] (optional); x [m, ..., *spatial, in].
-    Ghost route: norms from row-major patches (`conv_patches`) and Gram matrices, the weighted
+    Ghost route: norms from row-major patches (`patch_rows`) and Gram matrices, the weighted
     sum from (x, d) alone (`patches_weighted_sum`; the norm's patches are not kept for it).
-    Materialised route: channel-major patches (`conv_patches_cm`), one batched matmul per
-    example, and the weighted sum of those per-example gradients where they are no larger than
+    Materialised route: channel-major patches, one batched matmul per example (`conv_grads`),
+    and the weighted sum of those per-example gradients where they are no larger than
     (x, d) per example (`keep_per_example_grads`), else from (x, d) as on the ghost route."""
     nd, g, m = len(cfg.kernel_size), cfg.groups, x.shape[0]
     native = native_operands(matmul, x, d)
@@ -290,33 +373,20 @@ def conv_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, cfg:
         gk = gk.reshape((g,) + tuple(cfg.kernel_size) + (c // g, cout // g))
         return jnp.moveaxis(gk, 0, -2)
 
-    if use_ghost(ghost, rows, kt * (c // g), cout // g):
-        p = conv_patches(xr, cfg)  # [N, *out, kt, C]
-        a = jnp.moveaxis(p.reshape(p.shape[:-1] + (g, c // g)), -2, -3).reshape(m, -1, g, kt * (c // g))
-        sq = matmul_norms(a, d.astype(cdt).reshape(m, rows, g, cout // g), ghost, native)[0]
+    if use_ghost(ghost, matmul_flops(rows, kt * (c // g), cout // g)):
+        sq = ghost_sq_norms(patch_rows(xr, m, cfg), d.astype(cdt).reshape(m, rows, g, cout // g), native)
         kernel_sum = xd_kernel_sum
     else:
-        a = conv_patches_cm(xr, cfg).reshape(m, -1, g, kt * (c // g), math.prod(out_sp))  # [m, K, g, n, R]
-        dd = d.astype(cdt).reshape(m, a.shape[1], -1, g, cout // g)  # [m, K, R, g, o]
-        sq, kept_sum = materialised_norms(a, dd, native)
+        gi = conv_grads(xr, d, cfg, native)  # [m, g, n, o]
+        sq = jnp.sum(jnp.square(gi), axis=(1, 2, 3))
+
+        def kept_sum(weights: jax.Array) -> jax.Array:
+            return weighted_rows(weights, gi)
+
         kernel_sum = kept_sum if keep_per_example_grads(params["kernel"].size, x.size // m, d.size // m) \
             else xd_kernel_sum
 
     return _with_bias(params, sq, kernel_sum, d_rows, to_kernel)
-
-
-def materialised_norms(a: jax.Array, d: jax.Array, native: bool = False
-                       ) -> tuple[jax.Array, Callable[[jax.Array], jax.Array]]:
-    """Channel-major patches a [m, K, g, n, R], output gradients d [m, K, R, g, o] (float32, or
-    bfloat16 if ``native``) ->
-    (sum_g ||G_ig||^2 [m], weights -> sum_i w_i G_i [g, n, o]) with the per-example gradient
-    G_i = sum_k A_ik^T D_ik [g, n, o] materialised once and reused by the sum."""
-    gi = dot("mkgnr,mkrgo->mgno", a, d, native)
-
-    def kept_sum(weights: jax.Array) -> jax.Array:
-        return jnp.einsum("m,mgno->gno", weights.astype(F32), _keep(weights, gi, False), precision=HI)
-
-    return jnp.sum(jnp.square(gi), axis=(1, 2, 3)), kept_sum
 
 
 def embed_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, cfg: nnx_layers.Embed,
@@ -330,7 +400,7 @@ def embed_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, cfg
     idx = jnp.where(valid, idx, v)  # one shared out-of-range slot, dropped by the scatter
     dd = jnp.where(valid[..., None], d.astype(F32).reshape(m, idx.shape[1], -1), 0.0)
     rows = idx.shape[1]
-    if ghost == "always" or (ghost == "auto" and rows * rows < v):
+    if use_ghost(ghost, embed_flops(rows, v, dd.shape[-1])):
         same = (idx[:, :, None] == idx[:, None, :]).astype(F32)
         sq = jnp.sum(same * jnp.einsum("mrf,msf->mrs", dd, dd, precision=HI), axis=(1, 2))
     else:
@@ -365,8 +435,7 @@ def norm_layer_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array
     sq = sum(jnp.sum(jnp.square(g), axis=1) for g in grads.values())
 
     def summer(weights: jax.Array) -> dict[str, jax.Array]:
-        return {n: jnp.einsum("m,mf->f", weights.astype(F32), _keep(weights, g, False),
-                              precision=HI).reshape(params[n].shape) for n, g in grads.items()}
+        return {n: weighted_rows(weights, g).reshape(params[n].shape) for n, g in grads.items()}
 
     return sq, summer
 
@@ -381,4 +450,7 @@ def layer_norms(kind: str, params: Mapping[str, jax.Array], x: jax.Array, d: jax
     return ROUTES[kind](params, x, d, cfg, ghost, matmul)
 
 
-__all__ = ["dense_norms", "conv_norms", "embed_norms", "norm_layer_norms", "conv_patches", "conv_patches_cm", "patches_weighted_sum", "keep_per_example_grads", "materialised_norms", "layer_norms", "matmul_norms", "use_ghost", "native_operands", "dot", "split_dot", "MATMUL_CHOICES"]
+__all__ = ["dense_norms", "conv_norms", "embed_norms", "norm_layer_norms", "layer_norms", "use_ghost", "matmul_flops",
+           "embed_flops", "keep_per_example_grads", "matmul_norms", "ghost_sq_norms", "conv_grads", "conv_patches",
+           "conv_patches_cm", "patch_rows", "patches_weighted_sum", "weighted_rows", "native_operands", "dot",
+           "split_dot", "MATMUL_CHOICES"]

@@ -19,14 +19,16 @@ tapped parameter also used elsewhere (weight sharing), and nnx.BatchNorm. Per mi
    * "linear" and "ws_conv": g_i = A_i^T D_i (A: input rows / conv patches, D: output
      gradients) either materialised per example with one batched matmul, or as a ghost norm
      <A_i A_i^T, D_i D_i^T> (Li et al. 2022), whichever needs fewer flops per layer (Bu et
-     al. 2023, mixed ghost clipping). For weight-standardised convs the gradient reaches the
-     raw weight through the standardisation's Jacobian J = gain*r*(I - e e^T - v v^T)
-     (r = rsqrt(n var), e = 1/sqrt(n), v = (w - mean)/sqrt(n var), orthonormal), so
-     ||J^T g||^2 = (gain r)^2 (||g||^2 - (e.g)^2 - (v.g)^2): exact, with the two dot
-     products read off the patches too; the gain's gradient is r (w - mean).g.
+     al. 2023, mixed ghost clipping; `bk_layers.use_ghost`, the one rule of every tapped layer).
+     "linear" is a dense layer of `bk_layers.dense_norms`; "ws_conv" shares its patches, Gram
+     norms and materialised gradients with nnx convs (`bk_layers`). For weight-standardised
+     convs the gradient reaches the raw weight through the standardisation's Jacobian
+     J = gain*r*(I - e e^T - v v^T) (r = rsqrt(n var), e = 1/sqrt(n), v = (w - mean)/sqrt(n var),
+     orthonormal), so ||J^T g||^2 = (gain r)^2 (||g||^2 - (e.g)^2 - (v.g)^2): exact, with the
+     two dot products read off the patches too; the gain's gradient is r (w - mean).g.
      While n var <= eps (the clamp of `standardize_weight`) the v term is absent.
    * "generic" (small ops: skip gains, GroupNorm): local per-example VJP of the op alone.
-   Materialised conv gradients come from channel-major patches (`bk_layers.conv_patches_cm`:
+   Materialised conv gradients come from channel-major patches (`bk_layers.conv_grads`:
    features in the kernel's HWI order, output positions last), so each g_i is one plain
    batched matmul with no transpose of the patches.
 3. The clipped sum per op: sum_i c_i g_i of the per-example gradients where step 2
@@ -65,53 +67,24 @@ F32 = jnp.float32
 Summer = Callable[[jax.Array], dict]
 
 
-def _use_ghost(ghost: str, rows: int, fan_in: int, fan_out: int, groups: int) -> bool:
-    """Ghost norm iff it needs fewer flops than materialising: groups * R^2 * (n + o) versus
-    R * n * o * groups (R rows per example, n = fan_in, o = fan_out per group)."""
-    if ghost != "auto":
-        return ghost == "always"
-    return rows * (fan_in + fan_out) < fan_in * fan_out
-
-
-def _ghost_sq_norm(a: jax.Array, d: jax.Array, native: bool = False) -> jax.Array:
-    """sum over groups of ||A_g^T D_g||_F^2 = <A_g A_g^T, D_g D_g^T> without forming A_g^T D_g.
-    a [m, R, g, n] (bfloat16 if ``native``), d [m, R, g, o] float32 -> [m]."""
-    gram_a = bk_layers.dot("mrgn,msgn->mgrs", a, a, native)
-    gram_d = bk_layers.dot("mrgo,msgo->mgrs", d, d, False)
-    return jnp.sum(gram_a * gram_d, axis=(1, 2, 3))
-
-
-def _weighted_rows(weights: jax.Array, v: jax.Array) -> jax.Array:
-    """sum_i weights_i * v_i over the leading axis; rows of weight 0 give exactly 0 (even NaN)."""
-    keep = (weights != 0).reshape((-1,) + (1,) * (v.ndim - 1))
-    return jnp.tensordot(weights, jnp.where(keep, v, 0.0), axes=1, precision=lax.Precision.HIGHEST)
+#: `ops.linear`'s parameter names -> those of `bk_layers.dense_norms` (nnx.Linear's).
+LINEAR_PARAMS = {"w": "kernel", "b": "bias"}
 
 
 def linear_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, ghost: str = "auto",
                  matmul: str = "auto") -> tuple[jax.Array, Summer]:
     """Per-example ||grad w||^2 + ||grad b||^2 of `ops.linear` ([m]) and the function weights [m]
-    -> the weighted sum of the per-example gradients (of the materialised ones, or on the ghost
-    route one contraction of (x, weights * d), `bk_layers.matmul_norms`).
+    -> the weighted sum of the per-example gradients: a dense layer contracting the last axis,
+    computed by `bk_layers.dense_norms` under dpft's parameter names (w [in, out], b [out]).
     x [m, ..., in], d [m, ..., out]."""
-    m, n_in, n_out = x.shape[0], x.shape[-1], d.shape[-1]
-    native = bk_layers.native_operands(matmul, x, d)
-    a = x.astype(x.dtype if native else F32).reshape(m, -1, 1, n_in)
-    dd = d.astype(F32).reshape(m, -1, 1, n_out)
-    b_rows = jnp.sum(dd, axis=1)[:, 0]  # [m, out]
-    b_sq = jnp.sum(jnp.square(b_rows), axis=1)
-    if _use_ghost(ghost, a.shape[1], n_in, n_out, 1):
-        sq, ghost_sum = bk_layers.matmul_norms(a, d.astype(a.dtype).reshape(dd.shape), "always", native)
-
-        def ghost_summer(weights: jax.Array) -> dict[str, jax.Array]:
-            return {"w": ghost_sum(weights)[0], "b": _weighted_rows(weights, b_rows)}
-
-        return sq + b_sq, ghost_summer
-    g = bk_layers.dot("mrgn,mrgo->mno", a, d.astype(a.dtype).reshape(dd.shape), native)
+    sq, dense_summer = bk_layers.dense_norms({LINEAR_PARAMS[n]: v for n, v in params.items()}, x, d,
+                                             nnx_layers.Dense((x.ndim - 2,)), ghost, matmul)
 
     def summer(weights: jax.Array) -> dict[str, jax.Array]:
-        return {"w": _weighted_rows(weights, g), "b": _weighted_rows(weights, b_rows)}
+        sums = dense_summer(weights)
+        return {n: sums[LINEAR_PARAMS[n]] for n in params}
 
-    return jnp.sum(jnp.square(g), axis=(1, 2)) + b_sq, summer
+    return sq, summer
 
 
 def linear_sq_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, ghost: str = "auto",
@@ -120,19 +93,11 @@ def linear_sq_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array,
     return linear_norms(params, x, d, ghost, matmul)[0]
 
 
-def conv_patches(x: jax.Array, k: int, stride: int) -> jax.Array:
-    """SAME-padded k x k patches of NHWC ``x`` by strided slicing (no convolution, unlike
-    `lax.conv_general_dilated_patches`, whose one-hot-filter conv costs (C k^2)^2 per position):
-    [B, H, W, C] -> [B, H', W', k, k, C], H' = ceil(H / stride)."""
-    if k == 1 and stride == 1:
-        return x[:, :, :, None, None, :]
-    (ph, qh), (pw, qw) = lax.padtype_to_pads(x.shape[1:3], (k, k), (stride, stride), "SAME")
-    xp = jnp.pad(x, ((0, 0), (ph, qh), (pw, qw), (0, 0)))
-    h_out = -(-x.shape[1] // stride)
-    w_out = -(-x.shape[2] // stride)
-    rows = [jnp.stack([xp[:, i:i + stride * (h_out - 1) + 1:stride, j:j + stride * (w_out - 1) + 1:stride, :]
-                       for j in range(k)], axis=3) for i in range(k)]
-    return jnp.stack(rows, axis=3)
+def ws_conv_config(k: int, stride: int, groups: int, spatial: tuple[int, int]) -> nnx_layers.Conv:
+    """The convolution of `ops.ws_conv` (k x k kernel, SAME padding of the [H, W] ``spatial``
+    input) as the conv record the patch builders of `bk_layers` take."""
+    pads = tuple(map(tuple, lax.padtype_to_pads(spatial, (k, k), (stride, stride), "SAME")))
+    return nnx_layers.Conv((k, k), (stride, stride), (1, 1), pads, groups)
 
 
 def ws_conv_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, *, stride: int,
@@ -171,9 +136,7 @@ def ws_conv_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, *
     bias_rows = jnp.sum(dd, axis=1)  # [m, groups, o]
     centred = (w - mean).reshape(n, groups, cout_g)  # HWI order, as the patches' features
 
-    cfg = nnx_layers.Conv((k, k), (stride, stride), (1, 1),
-                          tuple(map(tuple, lax.padtype_to_pads(xr.shape[1:3], (k, k), (stride, stride), "SAME"))),
-                          groups)
+    cfg = ws_conv_config(k, stride, groups, xr.shape[1:3])
 
     def xd_summer(weights: jax.Array) -> dict[str, jax.Array]:
         # From (x, weights * d) alone: patches rebuilt, one contraction (bfloat16 x with the
@@ -182,7 +145,7 @@ def ws_conv_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, *
         g_sum = bk_layers.patches_weighted_sum(xr, d, weights, cfg, native)  # [g, n, o]
         _, vjp = jax.vjp(ops.standardize_weight, w, gain)
         g_w, g_gain = vjp(jnp.moveaxis(g_sum, 0, 1).reshape(w.shape))
-        return {"w": g_w, "gain": g_gain, "bias": _weighted_rows(weights, bias_rows).reshape(cout)}
+        return {"w": g_w, "gain": g_gain, "bias": bk_layers.weighted_rows(weights, bias_rows).reshape(cout)}
 
     def conv_summer(weights: jax.Array) -> dict[str, jax.Array]:
         # Not native (float32 operands): one weight-gradient VJP of the op computed in float32 at
@@ -196,30 +159,26 @@ def ws_conv_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, *
         (g,) = vjp(d_rows.reshape((-1,) + d.shape[-3:]))
         return g
 
-    if _use_ghost(ghost, rows, n, cout_g, groups):
-        patches = conv_patches(xr, k, stride)  # [mK, H', W', k, k, in]
-        a = patches.reshape(patches.shape[:-1] + (groups, cin_g))
-        a = jnp.moveaxis(a, -2, -4).reshape(m, -1, groups, n)  # features (kh, kw, in/groups), as w's HWI
+    if bk_layers.use_ghost(ghost, bk_layers.matmul_flops(rows, n, cout_g)):
+        a = bk_layers.patch_rows(xr, m, cfg)  # [m, R, groups, n], features (kh, kw, in/groups), as w's HWI
         # e.g and c.g from the patches; ||g||^2 (channel-weighted) as a ghost norm.
         e_dot = bk_layers.dot("mrg,mrgo->mgo", jnp.sum(a, axis=-1, dtype=F32), dd, False) / math.sqrt(n)
         c_dot = bk_layers.dot("mrgo,mrgo->mgo", bk_layers.split_dot("mrgn,ngo->mrgo", a, centred, native), dd, False)
-        g_sq = _ghost_sq_norm(a, dd * scale, native)
+        g_sq = bk_layers.ghost_sq_norms(a, dd * scale, native)  # float32 d * scale: a float32 Gram
         summer = xd_summer if native else conv_summer  # the norm's patches are not kept for the sum
     else:
         # Materialised g = dL_i/dw_hat [m, groups, n, o] from channel-major patches (features in
         # w's HWI order, no transpose of the patches): every term is a contraction of it.
-        a = bk_layers.conv_patches_cm(xr, cfg).reshape(m, -1, groups, n, d.shape[-3] * d.shape[-2])
-        g = bk_layers.dot("mkgnr,mkrgo->mgno", a, d.astype(a.dtype).reshape(m, a.shape[1], -1, groups, cout_g),
-                          native)
+        g = bk_layers.conv_grads(xr, d, cfg, native)  # [m, groups, n, o]
         e_dot = jnp.sum(g, axis=2) / math.sqrt(n)
         c_dot = bk_layers.dot("mgno,ngo->mgo", g, centred, False)
         g_sq = jnp.sum(jnp.square(scale) * jnp.sum(jnp.square(g), axis=2), axis=(1, 2))
 
         def kept_summer(weights: jax.Array) -> dict[str, jax.Array]:
-            g_hat = jnp.moveaxis(_weighted_rows(weights, g), 0, 1).reshape(w.shape)  # [n, g, o] -> HWIO
+            g_hat = jnp.moveaxis(bk_layers.weighted_rows(weights, g), 0, 1).reshape(w.shape)  # [n, g, o] -> HWIO
             _, vjp = jax.vjp(ops.standardize_weight, w, gain)
             g_w, g_gain = vjp(g_hat)
-            return {"w": g_w, "gain": g_gain, "bias": _weighted_rows(weights, bias_rows).reshape(cout)}
+            return {"w": g_w, "gain": g_gain, "bias": bk_layers.weighted_rows(weights, bias_rows).reshape(cout)}
 
         # Keep g for the sum only where it is no larger than (x, d) per example.
         summer = kept_summer if bk_layers.keep_per_example_grads(w.size, x.size // m, d.size // m) else xd_summer
@@ -250,7 +209,7 @@ def generic_norms(fn: taps.OpFn, params: Mapping[str, jax.Array], x: jax.Array, 
     sq = sum(jnp.sum(jnp.square(v), axis=tuple(range(1, v.ndim))) for v in grads.values())
 
     def summer(weights: jax.Array) -> dict[str, jax.Array]:
-        return {n: _weighted_rows(weights, v) for n, v in grads.items()}
+        return {n: bk_layers.weighted_rows(weights, v) for n, v in grads.items()}
 
     return sq, summer
 
@@ -452,7 +411,7 @@ def bk_clipped_grad_sum(loss_fn: Any, params: PyTree, batch: Mapping[str, jax.Ar
             for pname, path in s.param_paths.items():
                 acc[name[path]] = acc[name[path]] + grads[key][pname]
         for n, g in free_grads.items():
-            acc[name[free[n]]] = acc[name[free[n]]] + _weighted_rows(factors, g)
+            acc[name[free[n]]] = acc[name[free[n]]] + bk_layers.weighted_rows(factors, g)
         stats = {"norms": norms, "loss": losses, **engine.aux_to_stats(aux)}
         stats = {k: jnp.where(real, v.astype(F32), 0.0) for k, v in stats.items()}
         return acc, stats
