@@ -41,12 +41,12 @@ from dpft import atomic_io, paths
 from dpft.errors import UsageError
 from dpft.data import pipeline
 from dpft.config import build
-from dpft.evaluate import predictor as predictor_lib
+from dpft.inference import predictor as predictor_lib
 from dpft.privacy import accounting, keys
 from dpft.privacy import plan as plan_lib
 from dpft import distributed
 from dpft.train import ledger_check, logging_utils, optim, preemption, step as step_lib
-from dpft.workdir import checkpointing
+from dpft.workdir import checkpointing, contract
 from dpft.train import workdir_lock
 from dpft.train import privacy_setup
 from dpft.config.base import config_from_json, config_to_json, flatten
@@ -184,29 +184,26 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def _pytrees(self) -> dict:
         s = self.state
-        trees = {"params": s["params"], "opt_state": s["opt_state"], "update": s["update"]}
-        if self.step_cfg.ema_decay > 0:
-            trees["ema"] = s["ema"]
-        if self.step_cfg.polyak:
-            trees["polyak"] = s["polyak"]
-        return trees
+        names = (contract.PARAMS, contract.OPT_STATE, contract.UPDATE) + tuple(
+            contract.PARAMS_ITEMS[a] for a in contract.averages_kept(self.config))
+        return {name: s[name] for name in names}
 
     def save(self, ckpt: checkpointing.Checkpointer) -> None:
         u = int(self.state["update"])
         check_finite_trees(self._pytrees(), u)  # never save a NaN checkpoint
         json_items = {
-            "data_state": self.iterator.get_state(),
-            "ledger": self.ledger.to_dict(),
-            "config": json.loads(config_to_json(self.config)),
-            "plan": self.plan.to_dict(),
-            "secret": self.plan.secret.to_json(),  # only ever stored inside checkpoints
+            contract.DATA_STATE: self.iterator.get_state(),
+            contract.LEDGER: self.ledger.to_dict(),
+            contract.CONFIG: json.loads(config_to_json(self.config)),
+            contract.PLAN: self.plan.to_dict(),
+            contract.SECRET: self.plan.secret.to_json(),  # only ever stored inside checkpoints
         }
         if self.individual is not None:
-            json_items["individual"] = self.individual.checkpoint_item(self.workdir, u,
+            json_items[contract.INDIVIDUAL] = self.individual.checkpoint_item(self.workdir, u,
                                                                        write=jax.process_index() == 0)
         ckpt.save(u, pytrees=self._pytrees(), json_items=json_items)
         if jax.process_index() == 0:
-            atomic_io.write_text(os.path.join(self.workdir, "ledger.json"), self.ledger.to_json())
+            contract.write_ledger(self.workdir, self.ledger)
 
     def restore(self, ckpt: checkpointing.Checkpointer, step: int | None = None) -> bool:
         """Restores checkpoint `step`, or (default) the newest intact one; False when there is none.
@@ -218,17 +215,10 @@ class Trainer:
         the plan raises CheckpointError (no fallback: the checkpoint was edited, not damaged).
         """
         def read(s: int) -> checkpointing.Restored:
-            try:  # compare configs BEFORE restoring arrays: a changed model would fail inside orbax
-                old_config = config_from_json(json.dumps(checkpointing.read_json_item(ckpt.directory, s, "config")))
-            except Exception as e:  # noqa: BLE001 - unreadable config item: this step is corrupt
-                raise checkpointing.CorruptCheckpoint(s, ckpt.directory, f"item 'config': {type(e).__name__}: "
-                                                      f"{str(e).strip()[:300]}") from e
-            check_resume_config(old_config, self.config, self.workdir)
+            # compare configs BEFORE restoring arrays: a changed model would fail inside orbax
+            check_resume_config(contract.checkpoint_config(ckpt.directory, s), self.config, self.workdir)
             r = ckpt.restore(s, targets=self._pytrees())
-            try:
-                ledger = accounting.Ledger.from_dict(r.json_items["ledger"])
-            except (KeyError, ValueError) as e:
-                raise checkpointing.CorruptCheckpoint(s, ckpt.directory, f"item 'ledger': {e}") from e
+            ledger = contract.checkpoint_ledger(r, ckpt.directory)
             ledger_check.check_ledger(
                 ledger, updates=int(np.asarray(r.pytrees["update"])), sampling_rate=self.plan.sampling_rate,
                 noise_multiplier=self.plan.noise_multiplier, private=self.plan.enabled,
@@ -265,11 +255,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ accounting
     def epsilon_spent(self) -> float:
-        if not self.plan.enabled:
-            return math.inf
-        if self.ledger.total_steps == 0:
-            return 0.0
-        return self.ledger.epsilon(self.plan.delta, self.plan.accountant)
+        return contract.epsilon_spent(self.ledger, self.plan.to_dict())
 
     # ------------------------------------------------------------------ one update
     def train_update(self, stop: Callable[[], bool] | None = None) -> dict | None:
@@ -309,12 +295,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
     def eval_params(self, which: str | None = None):
-        which = which or self.config.eval.params
-        if which == "ema" and self.step_cfg.ema_decay > 0:
-            return self.state["ema"], "ema"
-        if which == "polyak" and self.step_cfg.polyak:
-            return self.state["polyak"], "polyak"
-        return self.state["params"], "raw"
+        item, name = contract.eval_params(self.config, which)
+        return self.state[item], name
 
     def quick_eval(self, split: str) -> dict[str, float]:
         """The headline metric of `split` at the eval params (`Predictor.quick_eval`)."""
@@ -326,10 +308,8 @@ class Trainer:
     def write_predictions(self) -> dict[str, str]:
         """`predictions/<update>/<split>.npz` for every eval split (and validation, for thresholds)."""
         params, which = self.eval_params()
-        return self.predictor.write_predictions(
-            self.workdir, int(self.state["update"]), params, which, predictor_lib.eval_splits(self.config),
-            epsilon=self.epsilon_spent() if self.plan.enabled else None,
-            delta=self.plan.delta if self.plan.enabled else None)
+        return self.predictor.write_predictions(self.workdir, int(self.state["update"]), params, which,
+                                                ledger=self.ledger, plan=self.plan.to_dict())
 
     # ------------------------------------------------------------------ individual accounting
     def example_norms(self) -> tuple[np.ndarray, np.ndarray]:
@@ -380,12 +360,8 @@ class Trainer:
                 distributed.barrier("quarantine")  # process 0 moved them: every process sees the same steps
                 ckpt.refresh()
             if jax.process_index() == 0:  # derived from the restored checkpoint: never stale
-                atomic_io.write_text(os.path.join(self.workdir, "ledger.json"), self.ledger.to_json())
-                atomic_io.write_text(os.path.join(self.workdir, "config.json"), config_to_json(cfg))
-                atomic_io.write_text(os.path.join(self.workdir, "attribute_coverage.json"),
-                                   json.dumps(self.coverage, indent=2, sort_keys=True))
-                atomic_io.write_text(os.path.join(self.workdir, "privacy_plan.json"),
-                                   json.dumps(self.plan.to_dict(), indent=2))
+                contract.write_run_files(self.workdir, config=cfg, ledger=self.ledger, coverage=self.coverage,
+                                         plan=self.plan.to_dict())
             start = int(self.state["update"])
             total = self.plan.num_updates
             if not resumed:
