@@ -81,15 +81,15 @@ def test_validate_refuses_non_finite_anywhere_and_names_each():
 
 def test_resume_comparison_is_nan_safe():
     """A workdir written with NaN in its config (before NaN was refused) still resumes."""
-    from dpft.train import loop
+    from dpft.train import resume
     from dpft.config.base import load_config
 
     old = load_config(CONFIG, ["--config.train.optimizer.weight_decay=nan"])
     new = load_config(CONFIG, ["--config.train.optimizer.weight_decay=nan"])
-    loop.check_resume_config(old, new, "wd")  # no "nan -> nan" mismatch
+    resume.check_resume_config(old, new, "wd")  # no "nan -> nan" mismatch
     changed = load_config(CONFIG, ["--config.train.optimizer.weight_decay=0.1"])
     with pytest.raises(errors.UsageError, match="weight_decay: nan -> 0.1"):
-        loop.check_resume_config(old, changed, "wd")
+        resume.check_resume_config(old, changed, "wd")
 
 
 # ------------------------------------------------------------------------------ workdir

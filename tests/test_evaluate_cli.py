@@ -108,8 +108,8 @@ def test_real_layout_chexpert_with_three_test_patients(tmp_path, capsys):
     import numpy as np
 
     from dpft.data import fake, load_splits
-    from dpft.evaluate.predictions import write_predictions
-    from dpft.evaluate.predictor import table_columns
+    from dpft.workdir.predictions import write_predictions
+    from dpft.inference.predictor import table_columns
 
     root = tmp_path / "chexpert"
     fake.write_fake_chexpert(str(root), n_patients=30, n_valid_patients=3, image_size=16)

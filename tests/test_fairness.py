@@ -6,7 +6,7 @@ from fairlearn.metrics import (demographic_parity_difference, demographic_parity
 from sklearn.metrics import f1_score, roc_auc_score
 
 from dpft.evaluate import fairness as F
-from dpft.evaluate import metrics as M
+from dpft import metrics as M
 from dpft.testing.predictions import synthetic_predictions
 
 

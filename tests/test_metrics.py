@@ -5,8 +5,8 @@ from sklearn.metrics import recall_score, roc_auc_score, top_k_accuracy_score
 
 from dpft.errors import UsageError
 from dpft.evaluate import bootstrap as bs
-from dpft.evaluate import metrics as M
-from dpft.evaluate.predictions import load_predictions, write_predictions
+from dpft import metrics as M
+from dpft.workdir.predictions import load_predictions, write_predictions
 from dpft.testing.predictions import synthetic_predictions
 
 

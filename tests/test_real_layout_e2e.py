@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from dpft.data import fake
-from dpft.evaluate.predictions import load_predictions
+from dpft.workdir.predictions import load_predictions
 from dpft.testing import cpu as cpu_env
 
 pytestmark = pytest.mark.slow

@@ -202,7 +202,7 @@ def test_metric_files_match_between_local_and_remote(tmp_path, gcs):
 
 
 def test_private_stats_and_predictions_on_remote(gcs, capsys):
-    from dpft.evaluate import predictions as P
+    from dpft.workdir import predictions as P
     from dpft.privacy.individual import files as individual_files
     from dpft.testing.predictions import synthetic_predictions
     from dpft.train import logging_utils
@@ -417,7 +417,7 @@ def test_prepare_train_evaluate_with_everything_on_the_store(base, gcs, tmp_path
 
     from dpft import models
     from dpft.data import fake
-    from dpft.evaluate.predictions import load_predictions
+    from dpft.workdir.predictions import load_predictions
     from dpft.models import checkpoints
 
     local = str(tmp_path / "src")

@@ -11,7 +11,7 @@ from sklearn.metrics import roc_auc_score
 from dpft.errors import UsageError
 from dpft.evaluate import compare as C
 from dpft.evaluate import reports as R
-from dpft.evaluate.predictions import load_predictions, write_predictions
+from dpft.workdir.predictions import load_predictions, write_predictions
 from dpft.testing.predictions import synthetic_predictions, write_synthetic_workdir
 
 

@@ -24,7 +24,7 @@ from sklearn.metrics import roc_auc_score
 
 from dpft import cli
 from dpft.data import chexpert, fake
-from dpft.evaluate.predictions import load_predictions
+from dpft.workdir.predictions import load_predictions
 from dpft.privacy import accounting, keys
 from dpft.workdir import checkpointing
 from dpft.train import privacy_setup

@@ -1,7 +1,7 @@
 """Cluster (patient-level) bootstrap as weight matrices.
 
 A replicate draws P patients with replacement from the P distinct patient ids; every image of a
-patient drawn k times gets weight k. Metrics computed with these weights (metrics.py) equal the
+patient drawn k times gets weight k. Metrics computed with these weights (dpft/metrics.py) equal the
 metrics of the explicitly resampled data set, but all replicates share one sort / one matrix
 product, so 200 replicates over 10k predictions take about a second.
 

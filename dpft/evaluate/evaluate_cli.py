@@ -28,9 +28,10 @@ import argparse
 
 from dpft import paths as dpft_paths
 from dpft.errors import UsageError
+from dpft.workdir import contract
 
-#: The checkpoint items evaluation reads (copied from a remote workdir; never opt_state or secret).
-EVAL_ITEMS = ("params", "ema", "polyak", "config", "plan", "ledger")
+#: Why `--params` names an average the run did not keep (`contract.averages_kept`).
+NOT_KEPT = {"polyak": "kept no Polyak average (train.polyak=False)", "ema": "kept no EMA (train.ema_decay=0)"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -82,7 +83,7 @@ def eval_options(args: argparse.Namespace) -> dict:
 
 def _predictions_step(workdir: str, which: str) -> int:
     """The step of existing predictions (for --reuse-predictions): 'latest' = the largest."""
-    root = dpft_paths.join(workdir, "predictions")
+    root = contract.predictions_dir(workdir)
     steps = sorted(int(d) for d in dpft_paths.listdir(root) if d.isdigit()) if dpft_paths.isdir(root) else []
     if not steps:
         raise UsageError(f"{workdir}: --reuse-predictions but no predictions/<step>/ found")
@@ -107,16 +108,6 @@ def _checkpoint_step(workdir: str, which: str) -> int | None:
         return int(which)
     except ValueError:
         raise UsageError(f"--checkpoint must be an update index or 'latest', got {which!r}") from None
-
-
-def _params_item(config, params: str | None) -> tuple[str, str]:
-    """(checkpoint pytree item, params name) for `--params` (None: the run's eval.params)."""
-    which = params or str(config.eval.get("params", "ema"))
-    if which == "ema" and float(config.train.get("ema_decay", 0.0)) > 0:
-        return "ema", "ema"
-    if which == "polyak" and bool(config.train.get("polyak", False)):
-        return "polyak", "polyak"
-    return "params", "raw"
 
 
 def _same_step_everywhere(workdir: str, step: int | None) -> int | None:
@@ -146,46 +137,27 @@ def predict_from_checkpoint(workdir: str, step: int | None, splits: list[str], p
     """Restores the eval parameters of checkpoint `step` (None: the latest) of the run in `workdir`
     from a pinned, read-only snapshot and writes its predictions files -> (step, {split: path}).
 
-    Needs only the workdir contract (docs/interfaces.md): config.json, the checkpoint's config,
-    params/EMA/Polyak, plan and ledger items; the model runs through `dpft.evaluate.predictor`."""
-    import json
-
-    from dpft.config.base import config_from_json
-    from dpft.evaluate import predictor as predictor_lib
-    from dpft.privacy import accounting
+    Needs only the workdir contract (`dpft.workdir.contract`): config.json, the checkpoint's config,
+    params/EMA/Polyak, plan and ledger items; the model runs through `dpft.inference.predictor`."""
+    from dpft.inference.predictor import Predictor
     from dpft.workdir import checkpointing
 
-    from dpft import remote_files
-
-    config_path = dpft_paths.join(workdir, "config.json")
-    if not dpft_paths.isfile(config_path):
-        raise UsageError(f"{workdir}: no config.json (is this a `dpft train` workdir?)")
-    config = config_from_json(remote_files.read_text(config_path))
-    if params == "polyak" and not bool(config.train.get("polyak", False)):
-        raise UsageError(f"{workdir}: --params polyak, but this run kept no Polyak average (train.polyak=False)")
-    if params == "ema" and not float(config.train.get("ema_decay", 0.0)) > 0:
-        raise UsageError(f"{workdir}: --params ema, but this run kept no EMA (train.ema_decay=0)")
+    config = contract.read_config(workdir)
+    if params in NOT_KEPT and params not in contract.averages_kept(config):
+        raise UsageError(f"{workdir}: --params {params}, but this run {NOT_KEPT[params]}")
     step = _same_step_everywhere(workdir, step)
-    with checkpointing.pinned(workdir, step, items=EVAL_ITEMS, print_fn=print_fn) as (ckpt, chosen):
-        try:  # the model is built from the config the checkpoint was trained with
-            config = config_from_json(json.dumps(checkpointing.read_json_item(ckpt.directory, chosen, "config")))
-        except Exception as e:  # noqa: BLE001 - an unreadable item is a corrupt checkpoint
-            raise checkpointing.CorruptCheckpoint(chosen, ckpt.directory, f"item 'config': {e}") from e
+    with checkpointing.pinned(workdir, step, items=contract.EVAL_ITEMS, print_fn=print_fn) as (ckpt, chosen):
+        config = contract.checkpoint_config(ckpt.directory, chosen)  # the model the checkpoint was trained as
         with config.unlocked():
             config.eval.splits = tuple(splits)
-        item, which = _params_item(config, params)
-        predictor, template = predictor_lib.Predictor.from_config(config)
+        item, which = contract.eval_params(config, params)
+        predictor, template = Predictor.from_config(config)
         print_fn(f"running the model of checkpoint {chosen} ({which} params, read from {ckpt.directory}/{chosen}) "
                  f"over {', '.join(splits)} (and validation)...")
-        restored = ckpt.restore(chosen, targets={item: template}, items=("plan", "ledger"))
-    plan = restored.json_items.get("plan") or {}
-    epsilon = delta = None
-    if plan.get("enabled"):
-        ledger = accounting.Ledger.from_dict(restored.json_items["ledger"])
-        delta = float(plan["delta"])
-        epsilon = ledger.epsilon(delta, str(plan.get("accountant", "pld"))) if ledger.total_steps else 0.0
+        restored = ckpt.restore(chosen, targets={item: template}, items=(contract.PLAN, contract.LEDGER))
     paths = predictor.write_predictions(workdir, chosen, restored.pytrees[item], which,
-                                        predictor_lib.eval_splits(config), epsilon=epsilon, delta=delta)
+                                        ledger=contract.checkpoint_ledger(restored, ckpt.directory),
+                                        plan=restored.json_items.get(contract.PLAN) or {})
     return chosen, paths
 
 
@@ -221,9 +193,8 @@ def run(args: argparse.Namespace) -> int:
         if not dpft_paths.isdir(workdir):
             raise UsageError(f"--workdir {workdir} does not exist (or is not a directory)")
         step = _predictions_step(workdir, args.checkpoint)
-        pred_dir = dpft_paths.join(workdir, "predictions", str(step))
-        test_path = dpft_paths.join(pred_dir, f"{args.split}.npz")
-        val_path = dpft_paths.join(pred_dir, "validation.npz")
+        test_path = contract.predictions_path(workdir, step, args.split)
+        val_path = contract.predictions_path(workdir, step, contract.VALIDATION)
         if not dpft_paths.isfile(test_path):
             raise UsageError(f"{workdir}: --reuse-predictions but {test_path} does not exist")
     else:
@@ -241,15 +212,14 @@ def run(args: argparse.Namespace) -> int:
             print(f"process {jax.process_index()} of {jax.process_count()}: predictions of checkpoint {step} "
                   f"computed; process 0 writes them and the report")
             return 0
-        pred_dir = dpft_paths.join(workdir, "predictions", str(step))
-        test_path = paths.get(args.split, dpft_paths.join(pred_dir, f"{args.split}.npz"))
-        val_path = paths.get("validation", dpft_paths.join(pred_dir, "validation.npz"))
+        test_path = paths.get(args.split, contract.predictions_path(workdir, step, args.split))
+        val_path = paths.get(contract.VALIDATION, contract.predictions_path(workdir, step, contract.VALIDATION))
     if not dpft_paths.isfile(test_path):
         raise UsageError(f"{workdir}: split {args.split!r} has no predictions (does the data set have it?)")
     result = reports.evaluate_predictions(
-        test_path, val_path if dpft_paths.isfile(val_path) and args.split != "validation" else None,
+        test_path, val_path if dpft_paths.isfile(val_path) and args.split != contract.VALIDATION else None,
         out_dir=args.out, **options)
-    out_dir = args.out or dpft_paths.join(workdir, "eval", str(step))
+    out_dir = args.out or contract.eval_dir(workdir, step)
     print(render.render_markdown(result))
     print(f"wrote {out_dir}/metrics.json, report.md" + ("" if args.no_plots else " and plots"))
     return 0

@@ -28,7 +28,7 @@ Choices (also stated in every report, see `rules`):
   those with fewer patients than min_group_size. A group lacking a class for one task is never
   dropped: only its metrics that need that class are undefined.
 
-Every function works on one weight matrix (see metrics.py): None for the plain estimate, or
+Every function works on one weight matrix (see dpft/metrics.py): None for the plain estimate, or
 [R, N] bootstrap weights. Point estimates equal fairlearn / scikit-learn (tests compare them).
 """
 from __future__ import annotations
@@ -40,7 +40,7 @@ from typing import Mapping, Sequence
 import numpy as np
 from sklearn.metrics import precision_recall_curve, roc_curve
 
-from dpft.evaluate.metrics import EvalInputs, higher_is_better, metric_suite
+from dpft.metrics import EvalInputs, higher_is_better, metric_suite
 
 Key = tuple[str, ...]
 THRESHOLD_METHODS = ("youden", "fpr", "f1", "fixed")

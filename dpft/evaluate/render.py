@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from dpft.evaluate.metrics import higher_is_better
+from dpft.metrics import higher_is_better
 
 
 def fmt_stat(stat: Mapping[str, Any] | None, digits: int = 3, reason: bool = True) -> str:

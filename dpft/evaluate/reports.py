@@ -33,8 +33,8 @@ from dpft.evaluate import bootstrap as bs
 from dpft.evaluate import fairness as fair
 from dpft.evaluate import plots, render
 from dpft.evaluate.fairness import THRESHOLD_METHODS, group_index
-from dpft.evaluate.metrics import NO_FINDING, EvalInputs, headline_metrics, higher_is_better, make_inputs
-from dpft.evaluate.predictions import Predictions, load_predictions, split_paths
+from dpft.metrics import NO_FINDING, EvalInputs, headline_metrics, higher_is_better, make_inputs
+from dpft.workdir.predictions import Predictions, load_predictions, split_paths
 
 INDIVIDUAL_EPSILON_FILE = "individual_epsilon.npz"
 DEFAULT_RESAMPLES = 1000

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from dpft import atomic_io
-from dpft.evaluate.predictions import CHEXPERT_CLASSES, CHEXPERT_EVAL_TASKS, TASKS, write_predictions
+from dpft.workdir.predictions import CHEXPERT_CLASSES, CHEXPERT_EVAL_TASKS, TASKS, write_predictions
 
 
 def synthetic_predictions(n: int = 400, *, task: str = "multilabel", seed: int = 0, images_per_patient: int = 2,

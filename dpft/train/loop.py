@@ -1,11 +1,16 @@
 """The `dpft train` loop: Poisson-sampled DP-SGD updates, EMA, ledger, checkpoints, evaluation.
 
-One update u:
-  selection = Poisson(seed, u)        dpft.privacy.sampling via dpft.data.pipeline
-  for each physical batch j:          fixed shapes, padded; this host's share only
-      acc += clipped per-example grads (dpft.train.step.accumulate, on every device)
-  state = apply(state, acc)           psum, noise once, optax, EMA (dpft.train.step.apply)
-  ledger.record(q, sigma)             the accountant event that ran
+One update u (`Trainer.train_update`), then the run's bookkeeping (`Trainer.run`):
+  sample       selection = Poisson(secret, u): this host's physical batches (dpft.data.pipeline)
+  accumulate   acc += clipped per-example grads, batch by batch (dpft.train.step.accumulate)
+  privatize    psum, noise once (dpft.train.step.apply -> dpft.privacy.noise.privatize)
+  update       optax, EMA/Polyak (dpft.train.step.apply)
+  account      ledger.record(q, sigma): the accountant event that ran
+  checkpoint   every train.checkpoint_every updates, at the end and when stopped
+The collaborators (tables, model and loss, plan and secret, optimizer, state, compiled functions,
+data iterator, Predictor, individual-accounting hook) are wired by `dpft.train.wiring.build_run`;
+a `Trainer` is those parts plus this algorithm.
+
 Checkpoints (orbax) hold params, opt state, EMA, update index, data-iterator state, ledger
 and config; a run on a workdir with a checkpoint resumes from it and ends with the same
 parameters as an uninterrupted run. SIGTERM/SIGINT/SIGUSR1 are polled between physical
@@ -17,50 +22,38 @@ Faults: a run holds an exclusive lock on its workdir (`dpft.train.workdir_lock`)
 latest checkpoint (unreadable item or checksum mismatch) is reported, moved to
 `WORKDIR/corrupt_checkpoints/` and the newest intact one is used; if none is intact the run
 refuses to start (never from scratch over existing checkpoints). The restored ledger must
-match the update counter and the plan (`dpft.train.ledger_check`); `ledger.json` is rewritten
-from the restored checkpoint at every start. A non-finite loss, gradient or parameter stops
-the run before a checkpoint of it is saved.
+match the update counter and the plan (`dpft.train.resume`, `dpft.train.ledger_check`);
+`ledger.json` is rewritten from the restored checkpoint at every start. A non-finite loss,
+gradient or parameter stops the run before a checkpoint of it is saved.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import json
 import logging
-import math
-import os
 import signal
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import jax
-import jax.numpy as jnp
-from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
-from dpft import atomic_io, paths
-from dpft.errors import UsageError
+from dpft import distributed
+from dpft.config.base import config_to_json
+from dpft.config.validation import check_finite_trees, check_finite_update
 from dpft.data import pipeline
-from dpft.config import build
-from dpft.evaluate import predictor as predictor_lib
 from dpft.privacy import accounting, keys
 from dpft.privacy import plan as plan_lib
-from dpft import distributed
-from dpft.train import ledger_check, logging_utils, optim, preemption, step as step_lib
-from dpft.workdir import checkpointing
-from dpft.train import workdir_lock
-from dpft.train import privacy_setup
-from dpft.config.base import config_from_json, config_to_json, flatten
-from dpft.config.validation import check_finite_trees, check_finite_update, same_value, validate
+from dpft.train import logging_utils, preemption, resume, run_log, wiring, workdir_lock
+from dpft.train import step as step_lib
+from dpft.workdir import checkpointing, contract
 
 log = logging.getLogger(__name__)
 
 # Signals that stop a run cleanly (SLURM: `--signal=B:USR1@<lead>` before the time limit, TERM on preemption).
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
-
-# Fields that may change between a run and its resume (they do not affect what is trained).
-RESUMABLE_CHANGES = ("train.eval_every", "train.log_every", "train.checkpoint_every",
-                     "train.keep_checkpoints", "data.num_workers", "eval.batch_size", "eval.splits",
-                     "eval.params")
 
 
 @dataclasses.dataclass
@@ -75,138 +68,223 @@ class RunResult:
     predictions: dict[str, str]
 
 
-def check_resume_config(old: ml_collections.ConfigDict, new: ml_collections.ConfigDict, workdir: str) -> None:
-    """Refuse to resume with a config that changes what is trained (and so the guarantee)."""
-    a = flatten(json.loads(config_to_json(old)))
-    b = flatten(json.loads(config_to_json(new)))
-    # data.options keys a checkpoint written before they were listed lacks: equal when at their default.
-    from dpft.data import option_defaults
-    defaults = {f"data.options.{k}": v for k, v in json.loads(json.dumps(option_defaults(str(new.data.name)))).items()}
-    changed = sorted(k for k in set(a) | set(b)
-                     if not same_value(a.get(k), b.get(k)) and not k.startswith(RESUMABLE_CHANGES)
-                     and not (k not in a and k in defaults and same_value(b.get(k), defaults[k])))
-    if changed:
-        details = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in changed[:5])
-        raise UsageError(f"{workdir} holds a checkpoint of a different config ({details}); "
-                         f"use a new --workdir, or the same config to resume")
+@dataclasses.dataclass
+class Session:
+    """What one `Trainer.run` call holds open: checkpoints, the stop flag, the metric files."""
+
+    ckpt: checkpointing.Checkpointer
+    flag: preemption.PreemptionFlag
+    writer: logging_utils.MetricWriter
+    private_writer: logging_utils.PrivateStatsWriter
+    progress: logging_utils.Progress | None = None  # from the update the run starts at
+    window: dict[str, float] = dataclasses.field(default_factory=run_log.empty_window)
+
+
+@contextlib.contextmanager
+def open_session(workdir: str, keep: int) -> Iterator[Session]:
+    """The workdir lock (process 0), the checkpointer, the stop flag and the writers of one run call."""
+    with workdir_lock.WorkdirLock(workdir, enabled=jax.process_index() == 0), \
+            checkpointing.Checkpointer(workdir, keep=keep) as ckpt, \
+            preemption.PreemptionFlag(STOP_SIGNALS) as flag, \
+            logging_utils.MetricWriter(workdir) as writer, \
+            logging_utils.PrivateStatsWriter(workdir) as private_writer:
+        yield Session(ckpt, flag, writer, private_writer)
 
 
 def _device_batch(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k in ("image", "label", "label_mask", "mask", "example_id")}
 
 
-class Trainer:
-    """Holds the compiled functions and state of one run; `run()` trains to the end."""
+class Trainer(wiring.RunParts):
+    """One run: the parts `wiring.build_run` wires (attributes of the same names), its ledger, and the
+    algorithm over them; `run()` trains to the end."""
 
-    def __init__(self, config: ml_collections.ConfigDict, workdir: str, *,
-                 print_fn=print):
-        distributed.initialize_distributed()  # before any jax call that starts a backend
-        self.config = config
-        self.workdir = paths.absolute(workdir)
-        self.print = print_fn if jax.process_index() == 0 else (lambda *a, **k: None)
-        self.mesh = distributed.make_data_mesh()
-        self.tables = build.load_tables(config)
-        self.coverage = build.attribute_report(config, self.tables, self.print)  # printed, checked
-        split = build.train_split_name(config)
-        if split not in self.tables:
-            raise UsageError(f"config.data.train_split={split!r}: data set {config.data.name!r} "
-                             f"has splits {sorted(self.tables)}")
-        self.train_split = split
-        self.train_table = self.tables[split]
-        validate(config, num_examples=len(self.train_table), num_devices=jax.local_device_count())
-        self.augment = build.augment_config(config)
-        model = build.build_model(config, self.train_table.num_classes)
-        loss_fn, params, self.merge = self._loss(model)
-        self.plan = privacy_setup.privacy_plan(config, len(self.train_table), params, self._new_secret())
-        self.noise_key = self.plan.noise_base_key()  # derived once; an argument of every apply
-        self.step_cfg = step_lib.StepConfig(
-            plan=self.plan,
-            microbatch_size=int(config.train.microbatch_size),
-            ema_decay=float(config.train.ema_decay),
-            polyak=bool(config.train.polyak),
-        )
-        self.optimizer = optim.make_optimizer(config.train)
-        self.state = distributed.replicate(step_lib.init_state(params, self.optimizer, self.step_cfg), self.mesh)
-        self.accumulate = step_lib.make_accumulate_fn(loss_fn, self.step_cfg, self.mesh)
-        self.apply = step_lib.make_apply_fn(self.optimizer, self.step_cfg, self.mesh)
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str, *, print_fn=print):
+        super().__init__(**vars(wiring.build_run(config, workdir, print_fn=print_fn)))
         self.ledger = accounting.Ledger()
-        self.iterator = pipeline.TrainIterator(
-            self.train_table,
-            pipeline.TrainConfig(
-                sampling_rate=self.plan.sampling_rate,
-                physical_batch_size=int(config.train.physical_batch_size),
-                seed=int(config.seed),
-                selection_seed=self.plan.selection_seed(),
-                num_workers=int(config.data.num_workers),
-                worker_processes=int(config.data.worker_processes),
-                num_shards=jax.process_count(),
-                shard_index=jax.process_index(),
-                on_bad_image=str(config.data.options.get("on_bad_image", "error")),
-            ),
-            self.augment,
-        )
-        self.predictor = predictor_lib.Predictor(config, self.tables, predictor_lib.model_forward(self.merge),
-                                                 self.augment, self.mesh)
-        # Host values of every process, stacked (first call of each shape waits for all: distributed.together).
-        self.gather = distributed.together(lambda x: multihost_utils.process_allgather(x, tiled=True), "gather")
-        self.individual = None  # the individual-accounting hook (dpft.privacy.individual.hook)
-        if config.individual.enabled and self.plan.enabled:
-            from dpft.privacy.individual import groups as individual_groups
-            from dpft.privacy.individual import hook as individual_hook
-            self.individual = individual_hook.IndividualHook.create(
-                len(self.train_table), grid_width=float(config.individual.norm_grid),
-                every=int(config.individual.every),
-                min_group_size=int(config.individual.get("min_group_size", individual_groups.MIN_GROUP_SIZE)))
+        self.skipped_checkpoints: list[tuple[int, str]] = []
 
-    def _loss(self, model):
-        from dpft.privacy import adapters
-        return adapters.nnx_loss_fn(model, privacy_setup.per_view_loss(self.train_table.task))
+    @property
+    def updates_done(self) -> int:
+        """The index of the next update = the number of completed updates."""
+        return int(self.state[contract.UPDATE])
 
-    # ------------------------------------------------------------------ the run's secret
-    def _new_secret(self) -> keys.RunSecret:
-        """A fresh CSPRNG secret drawn on process 0 and broadcast (or the insecure fixed one)."""
-        secret = privacy_setup.run_secret(self.config)
-        if jax.process_count() > 1 and secret.is_secure:
-            words = distributed.together(multihost_utils.broadcast_one_to_all, "secret")(secret.to_words())
-            secret = keys.RunSecret.from_words(np.asarray(words), secret.source)
-        if not secret.is_secure:
-            self.print("WARNING: config.privacy.insecure_fixed_noise_seed is set: the noise and the batch "
-                       "selection are a public function of it; this run has NO privacy guarantee")
-        return secret
+    # ------------------------------------------------------------------ the run
+    def run(self, *, max_updates_this_call: int | None = None) -> RunResult:
+        """Trains (or resumes) to the plan's last update; stops early, checkpointed, on a signal or after
+        `max_updates_this_call` updates (`RunResult.preempted`)."""
+        workdir_lock.prepare_workdir(self.workdir)  # a file or an uncreatable path: one-line error
+        distributed.barrier("start")  # orbax's first collective comes next: start it together
+        with open_session(self.workdir, keep=int(self.config.train.keep_checkpoints)) as session:
+            self._start(session)
+            preempted = self._train(session, max_updates_this_call)
+            done = not preempted and self.updates_done >= self.plan.num_updates
+            predictions = self._finish(session) if done else {}
+        return RunResult(self.workdir, self.updates_done, self.plan, self.epsilon_spent(), preempted, predictions)
 
-    def _use_secret(self, secret: keys.RunSecret) -> None:
-        """Continue with `secret` (a resumed run's): the plan, the selection and the noise key."""
-        self.plan = self.plan.with_secret(secret)
-        self.noise_key = self.plan.noise_base_key()
-        self.step_cfg = dataclasses.replace(self.step_cfg, plan=self.plan)
-        self.iterator.config = dataclasses.replace(self.iterator.config, selection_seed=self.plan.selection_seed())
+    def _train(self, session: Session, max_updates: int | None) -> bool:
+        """Updates to the plan's last; True when stopped early (a signal, or `max_updates` done)."""
+        done_this_call = 0
+        while self.updates_done < self.plan.num_updates:
+            self._record_individual_norms()
+            summary = self.train_update(stop=lambda: self.agree(session.flag.requested))
+            if summary is None:  # stopped between physical batches: keep the last completed update
+                self._stop_mid_update(session)
+                return True
+            done_this_call += 1
+            u = self.updates_done
+            check_finite_update(summary, u, session.ckpt.latest_step())  # stop before a NaN is saved
+            self._log(session, u, summary)
+            self._quick_eval(session, u)
+            stop_now = self.agree(session.flag.requested or (max_updates is not None
+                                                             and done_this_call >= max_updates))
+            if self._checkpoint_due(u) or stop_now:
+                self.save(session.ckpt)
+            if stop_now:
+                self.print(f"stopping at update {u} ({'signal' if session.flag.requested else 'limit'}); "
+                           f"checkpoint saved; run the same command again to resume")
+                return True
+        return False
+
+    # ------------------------------------------------------------------ one update
+    def train_update(self, stop: Callable[[], bool] | None = None) -> dict | None:
+        """Runs the next update; returns host-side statistics of it (`run_log.update_summary`).
+
+        `stop` is polled before every physical batch: when it returns True the update is
+        abandoned — its partial accumulator (no noise yet, examples not yet accounted) is
+        discarded and the data iterator rewound to the update's start — and None is returned;
+        the state stays that of the last completed update.
+        """
+        accumulated = self._sample_and_accumulate(stop)
+        if accumulated is None:
+            return None
+        acc, stats = accumulated
+        self.state, info = self.apply(self.state, acc, self.noise_key)  # privatize (noise once), update
+        self._account()
+        return run_log.update_summary(stats, info, self.plan)
+
+    def _sample_and_accumulate(self, stop: Callable[[], bool] | None) -> tuple[Any, list[dict]] | None:
+        """The sum of clipped per-example gradients over the physical batches of the next update's
+        Poisson selection, and their statistics; None when `stop` fired (update abandoned, iterator rewound)."""
+        u = self.updates_done
+        if self.iterator.state["update_index"] != u:
+            raise RuntimeError(f"data iterator at update {self.iterator.state} but state at {u}")
+        acc = step_lib.zeros_accumulator(self.state["params"], self.mesh)
+        stats = []
+        batches = self.iterator.update_batches()
+        key = keys.dropout_key(int(self.config.seed), u)  # each example folds in its id (engine.example_key_ids)
+        for batch in batches:
+            if stop is not None and stop():
+                batches.close()
+                self.iterator.set_state({"update_index": u, "physical_batch_index": 0})
+                return None
+            device_batch = distributed.shard_batch(_device_batch(batch), self.mesh)
+            acc, batch_stats = self.accumulate(self.state["params"], acc, device_batch, key)
+            stats.append(batch_stats)
+        return acc, stats
+
+    def _account(self) -> None:
+        """Records the accountant event of the update that ran (none in a non-private run)."""
+        if self.plan.enabled:
+            self.ledger.record(self.plan.sampling_rate, self.plan.noise_multiplier)
+
+    def epsilon_spent(self) -> float:
+        return contract.epsilon_spent(self.ledger, self.plan.to_dict())
+
+    # ------------------------------------------------------------------ start, stop, end
+    def _start(self, session: Session) -> None:
+        """Device report, resume (quarantining corrupt checkpoints), the run's files, the announcement."""
+        for line in distributed.device_report(str(self.config.model.name)):
+            self.print(line)
+        resumed = self.restore(session.ckpt)
+        self._quarantine_skipped(session.ckpt)
+        if jax.process_index() == 0:  # derived from the restored checkpoint: never stale
+            contract.write_run_files(self.workdir, config=self.config, ledger=self.ledger, coverage=self.coverage,
+                                     plan=self.plan.to_dict())
+        if not resumed:
+            for line in run_log.announcement(self.plan, self.config):
+                self.print(line)
+        session.progress = logging_utils.Progress(self.plan.num_updates, start_step=self.updates_done,
+                                                  print_fn=self.print)
+
+    def _quarantine_skipped(self, ckpt: checkpointing.Checkpointer) -> None:
+        """Moves the corrupt checkpoints `restore` passed over aside (process 0): their steps are saved afresh."""
+        for s, reason in self.skipped_checkpoints:  # keep the evidence
+            if jax.process_index() == 0:
+                self.print(f"moved corrupt checkpoint {s} to {ckpt.quarantine(s, reason)}")
+        if self.skipped_checkpoints and jax.process_count() > 1:
+            distributed.barrier("quarantine")  # process 0 moved them: every process sees the same steps
+            ckpt.refresh()
+
+    def _stop_mid_update(self, session: Session) -> None:
+        """A signal arrived inside an update: save the last completed one (if not yet) and say so."""
+        u = self.updates_done
+        if session.ckpt.latest_step() != u:
+            self.save(session.ckpt)
+        self.print(f"stopping at update {u} (signal {session.flag.signal_name} in the middle of update {u + 1}, "
+                   f"whose partial accumulation is discarded); checkpoint of update {u} saved; "
+                   f"run the same command again to resume")
+
+    def _finish(self, session: Session) -> dict[str, str]:
+        """The end of a complete run: last checkpoint, final metrics, predictions, individual epsilons."""
+        u = self.updates_done
+        if session.ckpt.latest_step() != u:
+            self.save(session.ckpt)
+        final = {}
+        for split in (contract.VALIDATION, "test"):
+            if split in self.tables:
+                final.update(self.quick_eval(split))
+        session.writer.write(u, final)
+        predictions = self.write_predictions()
+        if self.individual is not None:
+            self.individual.finish(self.workdir, self.plan, u, self.epsilon_spent(),
+                                   self.columns(self.train_split), task=self.train_table.task,
+                                   class_names=self.train_table.class_names)
+        self.print(run_log.final_line(final, self.plan, self.epsilon_spent()))
+        return predictions
+
+    def _checkpoint_due(self, u: int) -> bool:
+        return u % int(self.config.train.checkpoint_every) == 0 or u == self.plan.num_updates
+
+    # ------------------------------------------------------------------ logging and quick evaluation
+    def _log(self, session: Session, u: int, summary: dict) -> None:
+        """Adds update `u` to the logging window; logs and empties it every train.log_every updates."""
+        run_log.add_to_window(session.window, summary)
+        if u % int(self.config.train.log_every) == 0 or u == self.plan.num_updates:
+            run_log.log_window(u, session.window, summary, plan=self.plan, epsilon_spent=self.epsilon_spent,
+                               progress=session.progress, writer=session.writer,
+                               private_writer=session.private_writer)
+            session.window = run_log.empty_window()
+
+    def _quick_eval(self, session: Session, u: int) -> None:
+        """The validation headline metric every train.eval_every updates (not at the last: `_finish`)."""
+        every = self.config.train.eval_every
+        if every and u % int(every) == 0 and u < self.plan.num_updates and contract.VALIDATION in self.tables:
+            session.writer.write(u, self.quick_eval(contract.VALIDATION))
+            session.progress.restart(u)
 
     # ------------------------------------------------------------------ checkpoints
     def _pytrees(self) -> dict:
-        s = self.state
-        trees = {"params": s["params"], "opt_state": s["opt_state"], "update": s["update"]}
-        if self.step_cfg.ema_decay > 0:
-            trees["ema"] = s["ema"]
-        if self.step_cfg.polyak:
-            trees["polyak"] = s["polyak"]
-        return trees
+        names = (contract.PARAMS, contract.OPT_STATE, contract.UPDATE) + tuple(
+            contract.PARAMS_ITEMS[a] for a in contract.averages_kept(self.config))
+        return {name: self.state[name] for name in names}
 
     def save(self, ckpt: checkpointing.Checkpointer) -> None:
-        u = int(self.state["update"])
+        u = self.updates_done
         check_finite_trees(self._pytrees(), u)  # never save a NaN checkpoint
         json_items = {
-            "data_state": self.iterator.get_state(),
-            "ledger": self.ledger.to_dict(),
-            "config": json.loads(config_to_json(self.config)),
-            "plan": self.plan.to_dict(),
-            "secret": self.plan.secret.to_json(),  # only ever stored inside checkpoints
+            contract.DATA_STATE: self.iterator.get_state(),
+            contract.LEDGER: self.ledger.to_dict(),
+            contract.CONFIG: json.loads(config_to_json(self.config)),
+            contract.PLAN: self.plan.to_dict(),
+            contract.SECRET: self.plan.secret.to_json(),  # only ever stored inside checkpoints
         }
         if self.individual is not None:
-            json_items["individual"] = self.individual.checkpoint_item(self.workdir, u,
-                                                                       write=jax.process_index() == 0)
+            json_items[contract.INDIVIDUAL] = self.individual.checkpoint_item(self.workdir, u,
+                                                                              write=jax.process_index() == 0)
         ckpt.save(u, pytrees=self._pytrees(), json_items=json_items)
         if jax.process_index() == 0:
-            atomic_io.write_text(os.path.join(self.workdir, "ledger.json"), self.ledger.to_json())
+            contract.write_ledger(self.workdir, self.ledger)
 
     def restore(self, ckpt: checkpointing.Checkpointer, step: int | None = None) -> bool:
         """Restores checkpoint `step`, or (default) the newest intact one; False when there is none.
@@ -215,43 +293,27 @@ class Trainer:
         listed in `self.skipped_checkpoints` and passed over; when none is intact a
         CheckpointError says so. A given `step` must be intact (CorruptCheckpoint otherwise).
         A changed config raises UsageError; a ledger that does not match the update counter and
-        the plan raises CheckpointError (no fallback: the checkpoint was edited, not damaged).
+        the plan raises CheckpointError (`resume.read_checkpoint`).
         """
-        def read(s: int) -> checkpointing.Restored:
-            try:  # compare configs BEFORE restoring arrays: a changed model would fail inside orbax
-                old_config = config_from_json(json.dumps(checkpointing.read_json_item(ckpt.directory, s, "config")))
-            except Exception as e:  # noqa: BLE001 - unreadable config item: this step is corrupt
-                raise checkpointing.CorruptCheckpoint(s, ckpt.directory, f"item 'config': {type(e).__name__}: "
-                                                      f"{str(e).strip()[:300]}") from e
-            check_resume_config(old_config, self.config, self.workdir)
-            r = ckpt.restore(s, targets=self._pytrees())
-            try:
-                ledger = accounting.Ledger.from_dict(r.json_items["ledger"])
-            except (KeyError, ValueError) as e:
-                raise checkpointing.CorruptCheckpoint(s, ckpt.directory, f"item 'ledger': {e}") from e
-            ledger_check.check_ledger(
-                ledger, updates=int(np.asarray(r.pytrees["update"])), sampling_rate=self.plan.sampling_rate,
-                noise_multiplier=self.plan.noise_multiplier, private=self.plan.enabled,
-                data_state=r.json_items.get("data_state"), where=f"checkpoint {ckpt.directory}/{s}")
-            r.json_items["ledger"] = ledger
-            return r
-
+        read = functools.partial(resume.read_checkpoint, ckpt, config=self.config, workdir=self.workdir,
+                                 targets=self._pytrees(), plan=self.plan)
         restored, self.skipped_checkpoints = checkpointing.newest_intact(ckpt, read, step, report=self.print)
         if restored is None:
             return False
+        items = restored.json_items
         self.state = dict(self.state, **restored.pytrees)
-        self.iterator.set_state(restored.json_items["data_state"])
-        self.ledger = restored.json_items["ledger"]
-        if "secret" in restored.json_items:
-            self._use_secret(keys.RunSecret.from_json(restored.json_items["secret"]))
+        self.iterator.set_state(items[contract.DATA_STATE])
+        self.ledger = items[contract.LEDGER]
+        if contract.SECRET in items:
+            wiring.use_secret(self, keys.RunSecret.from_json(items[contract.SECRET]))
         else:
-            self.print(f"WARNING: the checkpoint at update {int(self.state['update'])} holds no run secret (written "
+            self.print(f"WARNING: the checkpoint at update {self.updates_done} holds no run secret (written "
                        "before secret noise); the remaining updates use this start's fresh secret")
-        if self.individual is not None and "individual" in restored.json_items:
-            self.individual.restore(self.workdir, restored.json_items["individual"])
+        if self.individual is not None and contract.INDIVIDUAL in items:
+            self.individual.restore(self.workdir, items[contract.INDIVIDUAL])
         checked = f"{restored.verified} arrays verified" + (f", {restored.unchecked} without checksum"
                                                              if restored.unchecked else "")
-        self.print(f"resumed from {ckpt.directory}/{restored.step}: update {int(self.state['update'])}, "
+        self.print(f"resumed from {ckpt.directory}/{restored.step}: update {self.updates_done}, "
                    f"epsilon spent {self.epsilon_spent():.4g} ({checked})")
         return True
 
@@ -263,58 +325,11 @@ class Trainer:
             return bool(np.any(self.gather(np.asarray(flag))))
         return bool(flag)
 
-    # ------------------------------------------------------------------ accounting
-    def epsilon_spent(self) -> float:
-        if not self.plan.enabled:
-            return math.inf
-        if self.ledger.total_steps == 0:
-            return 0.0
-        return self.ledger.epsilon(self.plan.delta, self.plan.accountant)
-
-    # ------------------------------------------------------------------ one update
-    def train_update(self, stop: Callable[[], bool] | None = None) -> dict | None:
-        """Runs the next update; returns host-side statistics of it.
-
-        `stop` is polled before every physical batch: when it returns True the update is
-        abandoned — its partial accumulator (no noise yet, examples not yet accounted) is
-        discarded and the data iterator rewound to the update's start — and None is returned;
-        the state stays that of the last completed update.
-        """
-        u = int(self.state["update"])
-        if self.iterator.state["update_index"] != u:
-            raise RuntimeError(f"data iterator at update {self.iterator.state} but state at {u}")
-        acc = step_lib.zeros_accumulator(self.state["params"], self.mesh)
-        stats_list = []
-        batches = self.iterator.update_batches()
-        key = keys.dropout_key(int(self.config.seed), u)  # each example folds in its id (engine.example_key_ids)
-        for batch in batches:
-            if stop is not None and stop():
-                batches.close()
-                self.iterator.set_state({"update_index": u, "physical_batch_index": 0})
-                return None
-            device_batch = distributed.shard_batch(_device_batch(batch), self.mesh)
-            acc, stats = self.accumulate(self.state["params"], acc, device_batch, key)
-            stats_list.append(stats)
-        self.state, info = self.apply(self.state, acc, self.noise_key)
-        if self.plan.enabled:
-            self.ledger.record(self.plan.sampling_rate, self.plan.noise_multiplier)
-        # Four sums per physical batch, dispatched asynchronously; one transfer to the host.
-        clip = self.plan.clip_norm if self.plan.enabled else np.inf
-        totals = sum((jnp.stack([jnp.sum(s["mask"]), jnp.sum(s["loss"]), jnp.sum(s.get("accuracy", 0.0)),
-                                 jnp.sum((s["norms"] > clip) * s["mask"])]) for s in stats_list),
-                     jnp.zeros(4))
-        n, loss, acc_sum, clipped = (float(x) for x in jax.device_get(totals))
-        return {"examples": n, "loss_sum": loss, "accuracy_sum": acc_sum, "clipped": clipped,
-                "grad_norm": float(info["grad_norm"])}
-
     # ------------------------------------------------------------------ evaluation
     def eval_params(self, which: str | None = None):
-        which = which or self.config.eval.params
-        if which == "ema" and self.step_cfg.ema_decay > 0:
-            return self.state["ema"], "ema"
-        if which == "polyak" and self.step_cfg.polyak:
-            return self.state["polyak"], "polyak"
-        return self.state["params"], "raw"
+        """(params, name) to evaluate (`contract.eval_params`): `which`, else the run's eval.params."""
+        item, name = contract.eval_params(self.config, which)
+        return self.state[item], name
 
     def quick_eval(self, split: str) -> dict[str, float]:
         """The headline metric of `split` at the eval params (`Predictor.quick_eval`)."""
@@ -326,12 +341,15 @@ class Trainer:
     def write_predictions(self) -> dict[str, str]:
         """`predictions/<update>/<split>.npz` for every eval split (and validation, for thresholds)."""
         params, which = self.eval_params()
-        return self.predictor.write_predictions(
-            self.workdir, int(self.state["update"]), params, which, predictor_lib.eval_splits(self.config),
-            epsilon=self.epsilon_spent() if self.plan.enabled else None,
-            delta=self.plan.delta if self.plan.enabled else None)
+        return self.predictor.write_predictions(self.workdir, self.updates_done, params, which,
+                                                ledger=self.ledger, plan=self.plan.to_dict())
 
     # ------------------------------------------------------------------ individual accounting
+    def _record_individual_norms(self) -> None:
+        """Every individual.every updates (before the update), all examples' gradient norms."""
+        if self.individual is not None and self.individual.due(self.updates_done):
+            self.individual.record(self.updates_done, *self.example_norms())
+
     def example_norms(self) -> tuple[np.ndarray, np.ndarray]:
         """(norms, losses) float [N]: per-example gradient norm and loss of ALL training examples
         at the current params, in table order.
@@ -340,7 +358,7 @@ class Trainer:
         augmented views, drawn as update u would draw them (`pipeline.train_view_batches`), with
         the current parameters and no noise. Each host computes its shard; the norms are gathered.
         """
-        u = int(self.state["update"])
+        u = self.updates_done
         bs = int(self.config.train.physical_batch_size)
         chunks, loss_chunks = [], []
         key = keys.dropout_key(int(self.config.seed), u)  # the keys update u draws
@@ -358,135 +376,6 @@ class Trainer:
             loss_chunks.append(np.asarray(losses, np.float64))
         n = len(self.train_table)
         return np.concatenate(chunks)[:n], np.concatenate(loss_chunks)[:n]
-
-    # ------------------------------------------------------------------ the run
-    def run(self, *, max_updates_this_call: int | None = None) -> RunResult:
-        cfg = self.config
-        workdir_lock.prepare_workdir(self.workdir)  # a file or an uncreatable path: one-line error
-        preempted = False
-        distributed.barrier("start")  # orbax's first collective comes next: start it together
-        with workdir_lock.WorkdirLock(self.workdir, enabled=jax.process_index() == 0), \
-                checkpointing.Checkpointer(self.workdir, keep=int(cfg.train.keep_checkpoints)) as ckpt, \
-                preemption.PreemptionFlag(STOP_SIGNALS) as flag, \
-                logging_utils.MetricWriter(self.workdir) as writer, \
-                logging_utils.PrivateStatsWriter(self.workdir) as private_writer:
-            for line in distributed.device_report(str(cfg.model.name)):
-                self.print(line)
-            resumed = self.restore(ckpt)
-            for s, reason in self.skipped_checkpoints:  # save these steps afresh; keep the evidence
-                if jax.process_index() == 0:
-                    self.print(f"moved corrupt checkpoint {s} to {ckpt.quarantine(s, reason)}")
-            if self.skipped_checkpoints and jax.process_count() > 1:
-                distributed.barrier("quarantine")  # process 0 moved them: every process sees the same steps
-                ckpt.refresh()
-            if jax.process_index() == 0:  # derived from the restored checkpoint: never stale
-                atomic_io.write_text(os.path.join(self.workdir, "ledger.json"), self.ledger.to_json())
-                atomic_io.write_text(os.path.join(self.workdir, "config.json"), config_to_json(cfg))
-                atomic_io.write_text(os.path.join(self.workdir, "attribute_coverage.json"),
-                                   json.dumps(self.coverage, indent=2, sort_keys=True))
-                atomic_io.write_text(os.path.join(self.workdir, "privacy_plan.json"),
-                                   json.dumps(self.plan.to_dict(), indent=2))
-            start = int(self.state["update"])
-            total = self.plan.num_updates
-            if not resumed:
-                self._announce()
-            progress = logging_utils.Progress(total, start_step=start, print_fn=self.print)
-            window = {"examples": 0.0, "loss_sum": 0.0, "accuracy_sum": 0.0, "clipped": 0.0}
-            done_this_call = 0
-            while int(self.state["update"]) < total:
-                if self.individual is not None and self.individual.due(int(self.state["update"])):
-                    self.individual.record(int(self.state["update"]), *self.example_norms())
-                info = self.train_update(stop=lambda: self.agree(flag.requested))
-                if info is None:  # stopped between physical batches: keep the last completed update
-                    preempted = True
-                    u = int(self.state["update"])
-                    if ckpt.latest_step() != u:
-                        self.save(ckpt)
-                    self.print(f"stopping at update {u} (signal {flag.signal_name} in the middle of update {u + 1}, "
-                               f"whose partial accumulation is discarded); checkpoint of update {u} saved; "
-                               f"run the same command again to resume")
-                    break
-                done_this_call += 1
-                u = int(self.state["update"])
-                check_finite_update(info, u, ckpt.latest_step())  # stop before a NaN is saved
-                for k in window:
-                    window[k] += info[k]
-                if u % int(cfg.train.log_every) == 0 or u == total:
-                    self._log_window(u, window, info, progress, writer, private_writer)
-                    window = dict.fromkeys(window, 0.0)
-                if cfg.train.eval_every and u % int(cfg.train.eval_every) == 0 and u < total \
-                        and "validation" in self.tables:
-                    writer.write(u, self.quick_eval("validation"))
-                    progress.restart(u)
-                stop_now = self.agree(flag.requested or (max_updates_this_call is not None
-                                                     and done_this_call >= max_updates_this_call))
-                if u % int(cfg.train.checkpoint_every) == 0 or u == total or stop_now:
-                    self.save(ckpt)
-                if stop_now:
-                    preempted = True
-                    self.print(f"stopping at update {u} ({'signal' if flag.requested else 'limit'}); "
-                               f"checkpoint saved; run the same command again to resume")
-                    break
-            if not preempted and int(self.state["update"]) >= total:
-                if ckpt.latest_step() != int(self.state["update"]):
-                    self.save(ckpt)
-                final = {}
-                for split in ("validation", "test"):
-                    if split in self.tables:
-                        final.update(self.quick_eval(split))
-                writer.write(int(self.state["update"]), final)
-                preds = self.write_predictions()
-                if self.individual is not None:
-                    self.individual.finish(self.workdir, self.plan, int(self.state["update"]), self.epsilon_spent(),
-                                           self.columns(self.train_split), task=self.train_table.task,
-                                           class_names=self.train_table.class_names)
-                self.print("final: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items())
-                           + (f", epsilon {self.epsilon_spent():.4g} (delta {self.plan.delta:.3g})"
-                              if self.plan.enabled else ", non-private"))
-            else:
-                preds = {}
-        return RunResult(self.workdir, int(self.state["update"]), self.plan,
-                         self.epsilon_spent(), preempted, preds)
-
-    def _log_window(self, u: int, window: dict, info: dict, progress, writer, private_writer) -> None:
-        """Logs the updates since the last call. Per-update statistics of private batches (realised
-        batch size, training loss/accuracy, clipped fraction) are not covered by the DP guarantee:
-        in a private run they go only to the owner-only WORKDIR/private/update_stats.jsonl; the
-        public outputs (metrics files, TensorBoard, progress line) carry what the guarantee covers
-        (the noisy gradient's norm, epsilon) and rates at the expected batch size."""
-        n = max(window["examples"], 1.0)
-        stats = {"loss": window["loss_sum"] / n, "train_accuracy": window["accuracy_sum"] / n,
-                 "clipped_fraction": window["clipped"] / n, "examples": window["examples"]}
-        public = {"grad_norm": info["grad_norm"]}
-        if self.plan.enabled:
-            eps = self.epsilon_spent()
-            public["epsilon"] = eps
-            private_writer.write(u, stats)
-            updates = u - progress.last_step
-            progress.log(u, examples=updates * self.plan.expected_batch_size, epsilon=eps, expected=True)
-        else:
-            public.update(stats)
-            progress.log(u, examples=window["examples"], loss=stats["loss"])
-        writer.write(u, public)
-
-    def _announce(self) -> None:
-        p = self.plan
-        if p.enabled:
-            self.print(f"DP-SGD: N={p.num_examples}, expected batch {p.expected_batch_size:g} (q={p.sampling_rate:.4g}), "
-                       f"{p.num_updates} updates, sigma={p.noise_multiplier:.4f}, C={p.clip_norm:g} "
-                       f"({p.clipping.mode}, sensitivity {p.sensitivity:g}), engine {p.grad_method}, "
-                       f"delta={p.delta:.3g}, target epsilon={p.target_epsilon} ({p.accountant}); "
-                       f"epsilon at the end {p.epsilon_after(p.num_updates):.4g}")
-        else:
-            self.print(f"non-private: N={p.num_examples}, expected batch {p.expected_batch_size:g}, "
-                       f"{p.num_updates} updates (same code path, no clipping, no noise)")
-        self.print(f"devices: {jax.device_count()} ({jax.process_count()} process(es)), "
-                   f"physical batch {self.config.train.physical_batch_size} per host, "
-                   f"microbatch {self.config.train.microbatch_size}, augmult {self.config.data.augmult}")
-
-
-
-
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, **kwargs: Any) -> RunResult:

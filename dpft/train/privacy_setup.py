@@ -7,8 +7,12 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable
 
+import jax
+from jax.experimental import multihost_utils
 import ml_collections
+import numpy as np
 
+from dpft import distributed
 from dpft.errors import UsageError
 from dpft.privacy import adapters, clipping, engine, keys
 from dpft.privacy import plan as plan_lib
@@ -36,12 +40,25 @@ def clipping_config(config: ml_collections.ConfigDict) -> engine.ClippingConfig:
 def run_secret(config: ml_collections.ConfigDict) -> keys.RunSecret:
     """A fresh CSPRNG secret, or the insecure fixed one of `privacy.insecure_fixed_noise_seed` (>= 0).
 
-    Not multi-host aware: the training loop draws it on process 0 and broadcasts it.
+    Not multi-host aware: `shared_run_secret` draws it on process 0 and broadcasts it.
     """
     fixed = validation.insecure_fixed_noise_seed(config)
     if fixed is not None and int(fixed) >= 0:
         return keys.RunSecret.insecure_fixed(int(fixed))
     return keys.RunSecret.generate()
+
+
+def shared_run_secret(config: ml_collections.ConfigDict, print_fn: Callable[[str], None]) -> keys.RunSecret:
+    """The run's secret on every process: `run_secret` drawn on process 0 and broadcast (a collective:
+    every process calls it at the same point); `print_fn` gets the warning of an insecure fixed one."""
+    secret = run_secret(config)
+    if jax.process_count() > 1 and secret.is_secure:
+        words = distributed.together(multihost_utils.broadcast_one_to_all, "secret")(secret.to_words())
+        secret = keys.RunSecret.from_words(np.asarray(words), secret.source)
+    if not secret.is_secure:
+        print_fn("WARNING: config.privacy.insecure_fixed_noise_seed is set: the noise and the batch "
+                 "selection are a public function of it; this run has NO privacy guarantee")
+    return secret
 
 
 def privacy_plan(config: ml_collections.ConfigDict, num_examples: int, params: Any,

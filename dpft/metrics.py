@@ -1,5 +1,8 @@
 """Classification metrics on predictions, with optional bootstrap weights (pure numpy).
 
+Below both training and evaluation: the training loop's quick evaluation
+(`dpft.inference.predictor.Predictor.quick_eval`) and `dpft evaluate`'s reports read the same suite.
+
 Weights convention, used by every function here: `weights` is None (the plain estimate, one
 value, computed by scikit-learn where it defines the metric) or float [R, N], one row per
 bootstrap replicate, where row r holds how often each example was drawn (see bootstrap.py).

@@ -10,21 +10,21 @@ hosts, and the metadata comes from the table itself (same order on every host).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
 import jax
 from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
-from dpft import distributed
-from dpft import paths as dpft_paths
+from dpft import distributed, metrics
 from dpft.config import build
 from dpft.data import pipeline
 from dpft.data.augment import AugmentConfig
 from dpft.data.base import ExampleTable
-from dpft.evaluate import metrics
-from dpft.evaluate import predictions as predictions_lib
+from dpft.privacy.accounting import Ledger
+from dpft.workdir import contract
+from dpft.workdir import predictions as predictions_lib
 
 Forward = Callable[[Any, jax.Array], jax.Array]
 
@@ -110,7 +110,7 @@ class Predictor:
         return cols
 
     def quick_eval(self, split: str, params: Any) -> dict[str, float]:
-        """The headline metric of `split` from the evaluation metric suite (`dpft.evaluate.metrics`):
+        """The headline metric of `split` from the evaluation metric suite (`dpft.metrics`):
         multiclass top-1 accuracy as "<split>/accuracy"; multilabel mean AUC over the eval tasks
         as "<split>/mean_auc" (NaN when no task has both classes)."""
         out = self.predict_split(split, params)
@@ -128,12 +128,14 @@ class Predictor:
             return {f"{split}/accuracy": float(suite["top1"][0])}
         return {f"{split}/mean_auc": float(suite["auc_mean"][0]) if "auc_mean" in suite else float("nan")}
 
-    def write_predictions(self, workdir: str, step: int, params: Any, which: str, splits: Sequence[str], *,
-                          epsilon: float | None, delta: float | None) -> dict[str, str]:
-        """`workdir/predictions/<step>/<split>.npz` for each of `splits` the data has -> {split: path}.
-        Every host runs the model (its shard); process 0 writes."""
+    def write_predictions(self, workdir: str, step: int, params: Any, which: str, *, ledger: Ledger,
+                          plan: Mapping[str, Any]) -> dict[str, str]:
+        """`workdir/predictions/<step>/<split>.npz` of `params` (`which`: ema, raw or polyak) for each
+        prediction split (`contract.prediction_splits`) the data has -> {split: path}; epsilon and delta
+        from the run's `ledger` and public `plan` dict. Every host runs the model (its shard); process 0 writes."""
+        epsilon, delta = contract.predictions_privacy(ledger, plan)
         paths = {}
-        for split in splits:
+        for split in contract.prediction_splits(self.config):
             if split not in self.tables:
                 continue
             out = self.predict_split(split, params)
@@ -141,7 +143,7 @@ class Predictor:
                 continue
             table = self.tables[split]
             attrs = {k[len("attr_"):]: v for k, v in out.items() if k.startswith("attr_")}
-            path = dpft_paths.join(workdir, "predictions", str(step), f"{split}.npz")
+            path = contract.predictions_path(workdir, step, split)
             predictions_lib.write_predictions(
                 path, example_id=out["example_id"], patient_id=out["patient_id"], logits=out["logits"],
                 label=out["label"], label_mask=out.get("label_mask"), attrs=attrs, task=table.task,
@@ -150,7 +152,3 @@ class Predictor:
             paths[split] = path
         return paths
 
-
-def eval_splits(config: ml_collections.ConfigDict) -> list[str]:
-    """The splits predictions are written for: `eval.splits` plus validation (where thresholds are chosen)."""
-    return list(dict.fromkeys(list(config.eval.splits) + ["validation"]))

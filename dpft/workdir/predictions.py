@@ -21,9 +21,10 @@ import numpy as np
 
 from dpft import atomic_io, paths
 from dpft.errors import UsageError
+from dpft.workdir.contract import PARAMS_ITEMS
 
 TASKS = ("multiclass", "multilabel")
-PARAMS = ("ema", "raw", "polyak")  # which parameters made the predictions
+PARAMS = tuple(PARAMS_ITEMS)  # which parameters made the predictions: ema, raw, polyak
 META_KEYS = ("task", "class_names", "eval_tasks", "step", "params", "epsilon", "delta")
 CHEXPERT_CLASSES = ("No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion",
                     "Edema", "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion",

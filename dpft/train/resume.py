@@ -1,0 +1,61 @@
+"""What a resumed run checks in a checkpoint before it continues from it.
+
+`read_checkpoint` reads one step for `dpft.workdir.checkpointing.newest_intact`: the config it was
+trained with must be the run's (`check_resume_config`, before any array is read: a changed model
+would fail inside orbax), every item must read back intact, and its ledger must compose exactly its
+update counter with the plan's (q, sigma) (`dpft.train.ledger_check`).
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Mapping
+
+import ml_collections
+import numpy as np
+
+from dpft.config.base import config_to_json, flatten
+from dpft.config.validation import same_value
+from dpft.errors import UsageError
+from dpft.privacy.plan import PrivacyPlan
+from dpft.train import ledger_check
+from dpft.workdir import checkpointing, contract
+
+# Fields that may change between a run and its resume (they do not affect what is trained).
+RESUMABLE_CHANGES = ("train.eval_every", "train.log_every", "train.checkpoint_every",
+                     "train.keep_checkpoints", "data.num_workers", "eval.batch_size", "eval.splits",
+                     "eval.params")
+
+
+def check_resume_config(old: ml_collections.ConfigDict, new: ml_collections.ConfigDict, workdir: str) -> None:
+    """Refuse to resume with a config that changes what is trained (and so the guarantee)."""
+    a = flatten(json.loads(config_to_json(old)))
+    b = flatten(json.loads(config_to_json(new)))
+    # data.options keys a checkpoint written before they were listed lacks: equal when at their default.
+    from dpft.data import option_defaults
+    defaults = {f"data.options.{k}": v for k, v in json.loads(json.dumps(option_defaults(str(new.data.name)))).items()}
+    changed = sorted(k for k in set(a) | set(b)
+                     if not same_value(a.get(k), b.get(k)) and not k.startswith(RESUMABLE_CHANGES)
+                     and not (k not in a and k in defaults and same_value(b.get(k), defaults[k])))
+    if changed:
+        details = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in changed[:5])
+        raise UsageError(f"{workdir} holds a checkpoint of a different config ({details}); "
+                         f"use a new --workdir, or the same config to resume")
+
+
+def read_checkpoint(ckpt: checkpointing.Checkpointer, step: int, *, config: ml_collections.ConfigDict,
+                    workdir: str, targets: Mapping[str, Any], plan: PrivacyPlan) -> checkpointing.Restored:
+    """Checkpoint `step` of the run of `config`, checked; its ledger item is parsed (a `Ledger`).
+
+    A changed config raises UsageError; an unreadable item or checksum mismatch `CorruptCheckpoint`;
+    a ledger that does not match the update counter and the plan CheckpointError (no fallback: the
+    checkpoint was edited, not damaged).
+    """
+    check_resume_config(contract.checkpoint_config(ckpt.directory, step), config, workdir)
+    restored = ckpt.restore(step, targets=targets)
+    ledger = contract.checkpoint_ledger(restored, ckpt.directory)
+    ledger_check.check_ledger(
+        ledger, updates=int(np.asarray(restored.pytrees[contract.UPDATE])), sampling_rate=plan.sampling_rate,
+        noise_multiplier=plan.noise_multiplier, private=plan.enabled,
+        data_state=restored.json_items.get(contract.DATA_STATE), where=f"checkpoint {ckpt.directory}/{step}")
+    restored.json_items[contract.LEDGER] = ledger
+    return restored

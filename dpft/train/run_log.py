@@ -1,0 +1,90 @@
+"""What a training run reports: its announcement, each update's statistics, each logging window, the end.
+
+Per-update statistics of private batches (realised batch size, training loss/accuracy, clipped
+fraction) are not covered by the DP guarantee: in a private run they go only to the owner-only
+WORKDIR/private/update_stats.jsonl; the public outputs (metrics files, TensorBoard, progress line)
+carry what the guarantee covers (the noisy gradient's norm, epsilon) and rates at the expected
+batch size.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from dpft.privacy.plan import PrivacyPlan
+from dpft.train import logging_utils
+
+#: The sums of update statistics a logging window adds up.
+WINDOW_KEYS = ("examples", "loss_sum", "accuracy_sum", "clipped")
+
+
+def update_summary(stats: Sequence[Mapping[str, Any]], info: Mapping[str, Any], plan: PrivacyPlan) -> dict[str, float]:
+    """Host statistics of one update from its physical batches' `stats` (norms, loss, mask, aux [B]) and
+    `apply`'s `info`: examples, loss_sum, accuracy_sum, clipped (norm above C), grad_norm (noisy update)."""
+    clip = plan.clip_norm if plan.enabled else np.inf
+    # Four sums per physical batch, dispatched asynchronously; one transfer to the host.
+    totals = sum((jnp.stack([jnp.sum(s["mask"]), jnp.sum(s["loss"]), jnp.sum(s.get("accuracy", 0.0)),
+                             jnp.sum((s["norms"] > clip) * s["mask"])]) for s in stats),
+                 jnp.zeros(4))
+    n, loss, acc_sum, clipped = (float(x) for x in jax.device_get(totals))
+    return {"examples": n, "loss_sum": loss, "accuracy_sum": acc_sum, "clipped": clipped,
+            "grad_norm": float(info["grad_norm"])}
+
+
+def empty_window() -> dict[str, float]:
+    """A logging window with nothing in it yet."""
+    return dict.fromkeys(WINDOW_KEYS, 0.0)
+
+
+def add_to_window(window: dict[str, float], summary: Mapping[str, float]) -> None:
+    """Adds one update's `update_summary` to `window`."""
+    for k in window:
+        window[k] += summary[k]
+
+
+def log_window(u: int, window: Mapping[str, float], summary: Mapping[str, float], *, plan: PrivacyPlan,
+               epsilon_spent: Callable[[], float], progress: logging_utils.Progress,
+               writer: logging_utils.MetricWriter, private_writer: logging_utils.PrivateStatsWriter) -> None:
+    """Logs the updates of `window` (up to update `u`, whose `summary` gives the noisy gradient's norm):
+    private statistics apart in a private run (module docstring), public ones to the metric files."""
+    n = max(window["examples"], 1.0)
+    stats = {"loss": window["loss_sum"] / n, "train_accuracy": window["accuracy_sum"] / n,
+             "clipped_fraction": window["clipped"] / n, "examples": window["examples"]}
+    public = {"grad_norm": summary["grad_norm"]}
+    if plan.enabled:
+        eps = epsilon_spent()
+        public["epsilon"] = eps
+        private_writer.write(u, stats)
+        updates = u - progress.last_step
+        progress.log(u, examples=updates * plan.expected_batch_size, epsilon=eps, expected=True)
+    else:
+        public.update(stats)
+        progress.log(u, examples=window["examples"], loss=stats["loss"])
+    writer.write(u, public)
+
+
+def announcement(plan: PrivacyPlan, config: ml_collections.ConfigDict) -> list[str]:
+    """The lines a run prints when it starts afresh: its privacy plan and its device layout."""
+    p = plan
+    if p.enabled:
+        first = (f"DP-SGD: N={p.num_examples}, expected batch {p.expected_batch_size:g} (q={p.sampling_rate:.4g}), "
+                 f"{p.num_updates} updates, sigma={p.noise_multiplier:.4f}, C={p.clip_norm:g} "
+                 f"({p.clipping.mode}, sensitivity {p.sensitivity:g}), engine {p.grad_method}, "
+                 f"delta={p.delta:.3g}, target epsilon={p.target_epsilon} ({p.accountant}); "
+                 f"epsilon at the end {p.epsilon_after(p.num_updates):.4g}")
+    else:
+        first = (f"non-private: N={p.num_examples}, expected batch {p.expected_batch_size:g}, "
+                 f"{p.num_updates} updates (same code path, no clipping, no noise)")
+    return [first, f"devices: {jax.device_count()} ({jax.process_count()} process(es)), "
+                   f"physical batch {config.train.physical_batch_size} per host, "
+                   f"microbatch {config.train.microbatch_size}, augmult {config.data.augmult}"]
+
+
+def final_line(final: Mapping[str, float], plan: PrivacyPlan, epsilon: float) -> str:
+    """The last line of a completed run: its final metrics and epsilon."""
+    return ("final: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items())
+            + (f", epsilon {epsilon:.4g} (delta {plan.delta:.3g})" if plan.enabled else ", non-private"))

@@ -1,0 +1,150 @@
+"""The workdir contract: the names `dpft train` writes and `dpft evaluate` reads (docs/interfaces.md).
+
+One place for what both sides would otherwise spell: the files of a workdir, the items of a
+checkpoint, which parameters are evaluated, and the epsilon a run's ledger states. Training
+writes through these names and evaluation reads through them; neither spells them itself.
+The predictions format is `dpft.workdir.predictions`, the checkpoint format
+`dpft.workdir.checkpointing`.
+"""
+from __future__ import annotations
+
+import json
+import math
+from typing import TYPE_CHECKING, Any, Mapping
+
+import ml_collections
+
+from dpft import atomic_io, paths, remote_files
+from dpft.config.base import config_from_json, config_to_json
+from dpft.errors import UsageError
+
+if TYPE_CHECKING:  # imported where used: the names and paths above load without jax or dp-accounting
+    from dpft.privacy.accounting import Ledger
+    from dpft.workdir.checkpointing import Restored
+
+# ---------------------------------------------------------------- files of a workdir
+CONFIG_FILE = "config.json"  # the resolved config
+LEDGER_FILE = "ledger.json"  # accountant events that ran (also inside each checkpoint)
+PLAN_FILE = "privacy_plan.json"  # the plan's public dict (PrivacyPlan.to_dict: no secret)
+COVERAGE_FILE = "attribute_coverage.json"  # fairness attributes per split (dpft.data.coverage)
+PREDICTIONS_DIR = "predictions"  # predictions/<step>/<split>.npz (+ .json)
+EVAL_DIR = "eval"  # eval/<step>/metrics.json, report.md, *.png
+VALIDATION = "validation"  # the split where decision thresholds are chosen
+
+# ---------------------------------------------------------------- items of a checkpoint
+PARAMS, OPT_STATE, UPDATE, EMA, POLYAK = "params", "opt_state", "update", "ema", "polyak"  # pytrees
+DATA_STATE, LEDGER, CONFIG, PLAN, SECRET, INDIVIDUAL = (  # JSON documents
+    "data_state", "ledger", "config", "plan", "secret", "individual")
+#: The items evaluation reads (copied from a remote workdir): never opt_state or the run's secret.
+EVAL_ITEMS = (PARAMS, EMA, POLYAK, CONFIG, PLAN, LEDGER)
+#: Which parameters made predictions (predictions' `params`) -> the checkpoint item holding them.
+PARAMS_ITEMS = {"ema": EMA, "raw": PARAMS, "polyak": POLYAK}
+
+
+# ---------------------------------------------------------------- paths
+def workdir_file(workdir: str, name: str) -> str:
+    """`WORKDIR/<name>` (a URL for a remote workdir)."""
+    return paths.join(workdir, name)
+
+
+def predictions_dir(workdir: str, step: int | None = None) -> str:
+    """`WORKDIR/predictions`, or `WORKDIR/predictions/<step>`."""
+    root = paths.join(workdir, PREDICTIONS_DIR)
+    return root if step is None else paths.join(root, str(step))
+
+
+def predictions_path(workdir: str, step: int, split: str) -> str:
+    """`WORKDIR/predictions/<step>/<split>.npz`."""
+    return paths.join(predictions_dir(workdir, step), f"{split}.npz")
+
+
+def eval_dir(workdir: str, step: int) -> str:
+    """`WORKDIR/eval/<step>`: the report of the predictions of update `step`."""
+    return paths.join(workdir, EVAL_DIR, str(step))
+
+
+def prediction_splits(config: ml_collections.ConfigDict) -> list[str]:
+    """The splits predictions are written for: `eval.splits` plus validation (where thresholds are chosen)."""
+    return list(dict.fromkeys(list(config.eval.splits) + [VALIDATION]))
+
+
+# ---------------------------------------------------------------- which parameters
+def averages_kept(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The parameter averages a run keeps besides its raw params: "ema" (train.ema_decay > 0), "polyak"."""
+    kept = ("ema",) if float(config.train.get("ema_decay", 0.0)) > 0 else ()
+    return kept + (("polyak",) if bool(config.train.get("polyak", False)) else ())
+
+
+def eval_params(config: ml_collections.ConfigDict, requested: str | None = None) -> tuple[str, str]:
+    """(checkpoint item, params name) of the parameters to evaluate: `requested` (`--params`), else the
+    run's `eval.params`; an average the run did not keep falls back to the raw params ("params", "raw")."""
+    which = requested or str(config.eval.get("params", "ema"))
+    if which in averages_kept(config):
+        return PARAMS_ITEMS[which], which
+    return PARAMS, "raw"
+
+
+# ---------------------------------------------------------------- epsilon from a ledger
+def epsilon_spent(ledger: Ledger, plan: Mapping[str, Any]) -> float:
+    """Epsilon of the updates in `ledger` at the run's delta and accountant (`plan`: the plan's public
+    dict, as in privacy_plan.json and the checkpoint's plan item): inf for a non-private run, 0 before
+    the first update."""
+    if not plan.get("enabled"):
+        return math.inf
+    if ledger.total_steps == 0:
+        return 0.0
+    return ledger.epsilon(float(plan["delta"]), str(plan.get("accountant", "pld")))
+
+
+def predictions_privacy(ledger: Ledger, plan: Mapping[str, Any]) -> tuple[float | None, float | None]:
+    """(epsilon, delta) that predictions metadata states; (None, None) for a non-private run."""
+    if not plan.get("enabled"):
+        return None, None
+    return epsilon_spent(ledger, plan), float(plan["delta"])
+
+
+# ---------------------------------------------------------------- reading
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+    """`WORKDIR/config.json`; UsageError when it is not a `dpft train` workdir."""
+    path = workdir_file(workdir, CONFIG_FILE)
+    if not paths.isfile(path):
+        raise UsageError(f"{workdir}: no config.json (is this a `dpft train` workdir?)")
+    return config_from_json(remote_files.read_text(path))
+
+
+def checkpoint_config(directory: str, step: int) -> ml_collections.ConfigDict:
+    """The config checkpoint `step` was trained with, read without its arrays; an unreadable item
+    makes the step corrupt (`checkpointing.CorruptCheckpoint`)."""
+    from dpft.workdir import checkpointing
+
+    try:
+        return config_from_json(json.dumps(checkpointing.read_json_item(directory, step, CONFIG)))
+    except Exception as e:  # noqa: BLE001 - an unreadable config item: this step is corrupt
+        raise checkpointing.CorruptCheckpoint(step, directory, f"item 'config': {type(e).__name__}: "
+                                              f"{str(e).strip()[:300]}") from e
+
+
+def checkpoint_ledger(restored: Restored, directory: str) -> Ledger:
+    """The ledger item of a restored checkpoint; a malformed one makes the step corrupt."""
+    from dpft.privacy.accounting import Ledger
+    from dpft.workdir import checkpointing
+
+    try:
+        return Ledger.from_dict(restored.json_items[LEDGER])
+    except (KeyError, ValueError) as e:
+        raise checkpointing.CorruptCheckpoint(restored.step, directory, f"item 'ledger': {e}") from e
+
+
+# ---------------------------------------------------------------- writing (process 0 of a run)
+def write_ledger(workdir: str, ledger: Ledger) -> None:
+    """`WORKDIR/ledger.json` (atomic)."""
+    atomic_io.write_text(workdir_file(workdir, LEDGER_FILE), ledger.to_json())
+
+
+def write_run_files(workdir: str, *, config: ml_collections.ConfigDict, ledger: Ledger,
+                    coverage: Mapping[str, Any], plan: Mapping[str, Any]) -> None:
+    """The files a run (re)writes when it starts: ledger, config, attribute coverage and privacy plan."""
+    write_ledger(workdir, ledger)
+    atomic_io.write_text(workdir_file(workdir, CONFIG_FILE), config_to_json(config))
+    atomic_io.write_text(workdir_file(workdir, COVERAGE_FILE), json.dumps(coverage, indent=2, sort_keys=True))
+    atomic_io.write_text(workdir_file(workdir, PLAN_FILE), json.dumps(plan, indent=2))
