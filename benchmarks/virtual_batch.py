@@ -42,9 +42,9 @@ def one(batch: int, physical: int) -> dict:
     from dpft.train import step as step_lib
 
     n = 2 * batch
-    rs = np.random.RandomState(0)
-    images = rs.randn(n, RES * RES * CHANNELS).astype(np.float32)
-    labels = rs.randint(0, CLASSES, n).astype(np.int32)
+    rs = np.random.default_rng(0)
+    images = rs.standard_normal((n, RES * RES * CHANNELS), dtype=np.float32)  # no float64 transient
+    labels = rs.integers(0, CLASSES, n, dtype=np.int32)
 
     class Micro(nnx.Module):
         def __init__(self, rngs: nnx.Rngs):
