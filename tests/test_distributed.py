@@ -244,3 +244,18 @@ def test_one_process_commands_under_a_multi_task_job_run_on_process_zero_only(tm
         assert r.returncode == 0, r.stderr[-2000:]
         assert "runs on one process: process 0 of this slurm job runs it; process 1 of 2 exits" in r.stdout + r.stderr
     assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_importing_every_dpft_module_starts_no_jax_backend():
+    """jax.distributed.initialize() must come before any backend starts: no dpft module may start one
+    when it is imported (an import-time `jax.devices()` would crash every multi-process start-up)."""
+    code = ("import importlib, pkgutil, dpft\n"
+            "names = [m.name for m in pkgutil.walk_packages(dpft.__path__, 'dpft.')]\n"
+            "for n in names: importlib.import_module(n)\n"
+            "from jax._src import xla_bridge\n"
+            "print(len(names), xla_bridge.backends_are_initialized())\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    count, started = r.stdout.split()[-2:]
+    assert int(count) > 80 and started == "False", r.stdout
