@@ -1,11 +1,11 @@
-"""dpft.train.optim: learning-rate schedules and optimizers against their formulas."""
+"""dpft.config.optim: learning-rate schedules and optimizers against their formulas."""
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
 from dpft.config import base as cb
-from dpft.train import optim
+from dpft.config import optim
 
 
 def _train_cfg(**kw):

@@ -17,7 +17,7 @@ import ml_collections
 import optax
 
 from dpft import distributed, paths
-from dpft.config import build
+from dpft.config import build, optim
 from dpft.config.validation import validate
 from dpft.data import pipeline
 from dpft.data.augment import AugmentConfig
@@ -26,7 +26,7 @@ from dpft.errors import UsageError
 from dpft.inference.predictor import Predictor, model_forward
 from dpft.privacy import adapters, keys
 from dpft.privacy.plan import PrivacyPlan
-from dpft.train import optim, privacy_setup
+from dpft.train import privacy_setup
 from dpft.train import step as step_lib
 
 
