@@ -237,7 +237,7 @@ def test_config_privacy_gamma_reaches_the_engine_and_the_plan():
 
 
 def test_configs_saved_before_gamma_existed_load_with_its_default():
-    new = cb.base_config()
+    new = cb.load_config("configs/digits_demo.py")  # as `dpft train` saves it
     old = json.loads(cb.config_to_json(new))
     del old["privacy"]["gamma"]
     up = cb.config_from_json(json.dumps(old))
@@ -246,11 +246,13 @@ def test_configs_saved_before_gamma_existed_load_with_its_default():
     bare = cb.base_config(locked=False)  # a config object that lacks the field
     del bare.privacy["gamma"]
     bare.privacy.clipping, bare.privacy.delta = "automatic", 1e-5
-    validate(bare, num_examples=10_000)
-    assert privacy_setup.clipping_config(bare).gamma == 0.01
+    with pytest.raises(UsageError, match="config.privacy.gamma is missing"):  # consumers read fields: upgrade first
+        validate(bare, num_examples=10_000)
+    validate(cb.upgrade(bare), num_examples=10_000)
+    assert privacy_setup.clipping_config(cb.upgrade(bare)).gamma == 0.01
     del bare.privacy["clip_norm"]  # a field every config has had: missing is an error, not a default
     with pytest.raises(UsageError, match="config.privacy.clip_norm is missing"):
-        validate(bare, num_examples=10_000)
+        validate(cb.upgrade(bare), num_examples=10_000)
 
 
 # ----------------------------------------------------------------------------- every record

@@ -59,6 +59,6 @@ def test_paths_splits_and_items():
 def test_read_config_names_a_workdir_without_one(tmp_path):
     with pytest.raises(UsageError, match="no config.json"):
         contract.read_config(str(tmp_path))
-    c = cb.base_config()
+    c = cb.load_config("configs/digits_demo.py")  # as `dpft train` writes it
     (tmp_path / contract.CONFIG_FILE).write_text(cb.config_to_json(c))
     assert contract.read_config(str(tmp_path)).to_dict() == c.to_dict()

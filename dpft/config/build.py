@@ -14,15 +14,27 @@ from dpft.data.augment import AugmentConfig
 from dpft.data.base import ExampleTable
 from dpft.errors import UsageError
 
+#: config.model.dtype -> the compute dtype (params stay float32); also `dpft audit --dtype`.
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
 def loader_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """The keyword options of the data set's loader: `config.data.options` as a dict."""
     return dict(config.data.options.to_dict()) if config.data.options is not None else {}
 
 
+def bad_image_policy(config: ml_collections.ConfigDict) -> str:
+    """What the training pipeline does with an unreadable image: the loader option `on_bad_image` of
+    the data sets that read image files ("error" | "skip"); "error" for those without the option
+    (embedded data, which has no files to miss)."""
+    options = config.data.options
+    return str(options.on_bad_image) if "on_bad_image" in options else "error"
+
+
 def train_split_name(config: ml_collections.ConfigDict) -> str:
     """The split trained on: `data.train_split` (default "train"; the demo's public pre-training
     uses "public")."""
-    return str(config.data.get("train_split", "train"))
+    return str(config.data.train_split)
 
 
 def load_tables(config: ml_collections.ConfigDict) -> dict[str, ExampleTable]:
@@ -54,8 +66,7 @@ def attribute_report(config: ml_collections.ConfigDict, tables: dict[str, Exampl
     without -> a loud warning. Returns the coverage record (`dpft.data.coverage.report`)."""
     from dpft.data import coverage
 
-    requested = config.data.get("attributes", None)
-    return coverage.report(tables, str(config.data.name), requested, print_fn)
+    return coverage.report(tables, str(config.data.name), config.data.attributes, print_fn)
 
 
 def augment_config(config: ml_collections.ConfigDict, *, channels: int = 3) -> AugmentConfig:
@@ -78,10 +89,10 @@ def augment_config(config: ml_collections.ConfigDict, *, channels: int = 3) -> A
 
 
 def compute_dtype(config: ml_collections.ConfigDict) -> Any:
-    names = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-    if config.model.dtype not in names:
-        raise UsageError(f"config.model.dtype={config.model.dtype!r}; choose from {', '.join(names)}")
-    return names[config.model.dtype]
+    """The jax dtype of `config.model.dtype` (`COMPUTE_DTYPES`)."""
+    if config.model.dtype not in COMPUTE_DTYPES:
+        raise UsageError(f"config.model.dtype={config.model.dtype!r}; choose from {', '.join(COMPUTE_DTYPES)}")
+    return COMPUTE_DTYPES[config.model.dtype]
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int):
@@ -89,8 +100,7 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int):
     from dpft import models
 
     dtype = compute_dtype(config)
-    overrides = dict(config.model.get("overrides", {}) or {})
     if config.model.checkpoint:
         return models.load_pretrained(config.model.checkpoint, config.model.name, num_classes,
-                                      seed=config.seed, dtype=dtype, **overrides)
-    return models.create(config.model.name, num_classes, seed=config.seed, dtype=dtype, **overrides)
+                                      seed=config.seed, dtype=dtype)
+    return models.create(config.model.name, num_classes, seed=config.seed, dtype=dtype)

@@ -1,121 +1,54 @@
 """Check a run config before anything is compiled or loaded.
 
 `validate(config, num_examples=..., num_devices=...)` collects every problem and raises one
-`dpft.errors.UsageError` whose message names each offending field and its value, e.g.
+`dpft.errors.ConfigError` whose message names each offending field and its value, e.g.
 "config.train.physical_batch_size=100 is not a multiple of config.train.microbatch_size=16".
-Warnings (allowed but weakening) are issued with `warnings.warn` and also returned.
-
-Every number in a config must be finite (NaN and inf are refused wherever they appear:
-`nan < 0` is false, so range checks alone would let NaN through), and a given noise
-multiplier must lie in the range the accountant handles (`SIGMA_RANGE`).
+Every number must be finite (NaN and inf are refused wherever they appear, loader options included:
+`nan < 0` is false, so range checks alone would let NaN through); each field is checked against its
+schema record (`dpft.config.schema.FIELDS`: kind, range, choices); then `RULES`, one small function
+per rule between fields or about the run (paths, devices, N). Warnings (allowed but weakening) are
+issued with `warnings.warn` and also returned.
 Also here: `same_value` (config comparison for resuming, NaN-safe) and the guards that stop a
 run whose loss, gradient or parameters became non-finite (`check_finite_update`,
 `check_finite_trees`).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import ml_collections
 
 from dpft import paths
-from dpft.config.base import CROPS
-from dpft.data import DATASETS
+from dpft.config.fields import Range, is_int, is_number
+from dpft.config.schema import FIELDS, MISSING, lookup
 from dpft.errors import ConfigError, NonFiniteError, UsageError
-from dpft.models import registry as models_registry
-from dpft.privacy import clipping
-from dpft.privacy.accounting import ACCOUNTANTS, SIGMA_RANGE
-from dpft.privacy.plan import GRAD_METHOD_CHOICES as GRAD_METHODS
-
-# Choices come from where they are implemented (the registries and the privacy modules).
-DTYPES = ("float32", "bfloat16")
-OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
-SCHEDULES = ("constant", "cosine", "warmup_cosine")
-EVAL_PARAMS = ("ema", "raw", "polyak")
 
 
-def _get(config: ml_collections.ConfigDict, path: str) -> Any:
-    node: Any = config
-    for part in path.split("."):
-        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-            raise KeyError(path)
-        node = node[part]
-    return node
+@dataclasses.dataclass
+class Checked:
+    """What the rules read and write: the fields that passed their own checks (`value`), the facts
+    of the run, and the errors and notes found so far."""
 
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_num(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-class _Checker:
-    """Accumulates 'config.<field>=<value> <problem>' messages."""
-
-    def __init__(self, config: ml_collections.ConfigDict):
-        self.config = config
-        self.errors: list[str] = []
+    valid: dict[str, Any]
+    num_examples: int | None
+    num_devices: int
+    check_paths: bool
+    errors: list[str] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
 
     def value(self, path: str) -> Any:
-        try:
-            return _get(self.config, path)
-        except KeyError:
-            self.errors.append(f"config.{path} is missing")
-            return _MISSING
+        """The value of field `path` if it passed its own check, else MISSING."""
+        return self.valid[path] if path in self.valid else MISSING
 
     def add(self, path: str, value: Any, problem: str) -> None:
         self.errors.append(f"config.{path}={value!r} {problem}")
 
-    def choice(self, path: str, choices: tuple[str, ...]) -> Any:
-        v = self.value(path)
-        if v is not _MISSING and v not in choices:
-            self.add(path, v, f"is not one of {', '.join(choices)}")
-        return v
-
-    def integer(self, path: str, minimum: int | None = None) -> Any:
-        v = self.value(path)
-        if v is _MISSING:
-            return v
-        if not _is_int(v):
-            self.add(path, v, "must be an integer")
-            return _MISSING
-        if minimum is not None and v < minimum:
-            self.add(path, v, f"must be >= {minimum}")
-            return _MISSING
-        return v
-
-    def number(self, path: str) -> Any:
-        v = self.value(path)
-        if v is _MISSING:
-            return v
-        if not _is_num(v):
-            self.add(path, v, "must be a number")
-            return _MISSING
-        if not math.isfinite(v):
-            return _MISSING  # reported once by _non_finite
-        return float(v)
-
-    def boolean(self, path: str) -> Any:
-        v = self.value(path)
-        if v is not _MISSING and not isinstance(v, bool):
-            self.add(path, v, "must be true or false")
-            return _MISSING
-        return v
-
-
-_MISSING = object()
-
-
-def insecure_fixed_noise_seed(config: ml_collections.ConfigDict) -> Any:
-    """`privacy.insecure_fixed_noise_seed` (-1 = off; configs saved before the field existed: -1)."""
-    try:
-        return _get(config, "privacy.insecure_fixed_noise_seed")
-    except KeyError:
-        return -1
+    @property
+    def private(self) -> bool:
+        return self.value("privacy.enabled") is True
 
 
 def validate(
@@ -125,10 +58,10 @@ def validate(
     num_devices: int = 1,
     check_paths: bool = True,
 ) -> list[str]:
-    """Raise UsageError listing every invalid field/combination of `config`.
+    """Raise ConfigError (a UsageError) listing every invalid field/combination of `config`.
 
     Args:
-      config: the run config (see dpft/config/base.py).
+      config: the run config (fields: dpft/config/schema.py, docs/config.md).
       num_examples: N, the training-set size, when known (checks batch_size <= N).
       num_devices: local devices of this host that share the physical batch.
       check_paths: also require that model.checkpoint (if set) and data.root (all data sets
@@ -136,228 +69,167 @@ def validate(
     Returns:
       the warnings issued (strings); empty when there are none.
     """
-    c = _Checker(config)
-    notes: list[str] = []
+    if not is_int(num_devices) or num_devices < 1:
+        raise UsageError(f"number of devices {num_devices!r} must be a positive integer")
+    c = Checked({}, num_examples, num_devices, check_paths)
     for path, v in _numbers(config):
         if not math.isfinite(v):
             c.add(path, v, "must be a finite number")
-
-    # -- top level / model
-    c.integer("seed", 0)
-    name = c.value("model.name")
-    model_names = models_registry.names()
-    if name is not _MISSING and name not in model_names:
-        c.add("model.name", name, f"is not a known model ({', '.join(model_names)})")
-    c.choice("model.dtype", DTYPES)
-    ckpt = c.value("model.checkpoint")
-    if ckpt is not _MISSING:
-        if not isinstance(ckpt, str):
-            c.add("model.checkpoint", ckpt, "must be a path or ''")
-        elif ckpt and check_paths and not paths.exists(ckpt):
-            c.add("model.checkpoint", ckpt, "does not exist")
-
-    # -- data
-    data_name = c.choice("data.name", DATASETS.names())
-    root = c.value("data.root")
-    if root is not _MISSING and not isinstance(root, str):
-        c.add("data.root", root, "must be a path or ''")
-    elif (root is not _MISSING and data_name in DATASETS and DATASETS.get(data_name).needs_root
-          and check_paths):
-        if not root:
-            c.add("data.root", root, f"must name the {data_name} data directory")
-        elif check_paths and not paths.isdir(root):
-            c.add("data.root", root, "is not a directory")
-    c.integer("data.image_size", 1)
-    c.integer("data.eval_image_size", 1)
-    c.integer("data.augmult", 1)
-    c.boolean("data.random_crop")
-    c.boolean("data.random_flip")
-    c.integer("data.num_workers", 0)
-    c.integer("data.worker_processes", 0)
-    split = c.value("data.train_split")
-    if split is not _MISSING and not (isinstance(split, str) and split):
-        c.add("data.train_split", split, "must be a split name")
-    c.choice("data.crop", CROPS)
-    crop_fraction = c.number("data.eval_crop_fraction")
-    if crop_fraction is not _MISSING and not 0.0 <= crop_fraction <= 1.0:
-        c.add("data.eval_crop_fraction", crop_fraction, "must be in (0, 1], or 0 for the default")
-    attributes = c.value("data.attributes")
-    if attributes is not _MISSING and not (attributes is None or isinstance(attributes, str) or (
-            isinstance(attributes, (tuple, list)) and all(isinstance(a, str) for a in attributes))):
-        c.add("data.attributes", attributes, "must be None, 'a,b' or a tuple of attribute names")
-    fraction = c.number("data.imbalance.fraction")
-    if fraction is not _MISSING and not 0.0 <= fraction < 1.0:
-        c.add("data.imbalance.fraction", fraction, "must be in [0, 1) (0 = off)")
-    c.integer("data.imbalance.seed", -1)
-    for key in ("attribute", "group"):
-        v = c.value(f"data.imbalance.{key}")
-        if v is not _MISSING and not isinstance(v, str):
-            c.add(f"data.imbalance.{key}", v, "must be a string")
-        elif fraction is not _MISSING and fraction > 0 and not v:
-            c.add(f"data.imbalance.{key}", v, f"must be set when data.imbalance.fraction={fraction}")
-    opts = c.value("data.options")
-    if opts is not _MISSING and not isinstance(opts, ml_collections.ConfigDict):
-        c.add("data.options", opts, "must be a group of fields")
-
-    # -- privacy
-    enabled = c.boolean("privacy.enabled")
-    clip_choices = clipping.names(private=True)  # "none" is privacy.enabled=False
-    clip_mode = c.choice("privacy.clipping", clip_choices)
-    clip_record = clipping.get(clip_mode) if clip_mode in clip_choices else None
-    c.choice("privacy.accountant", ACCOUNTANTS)
-    delta = c.number("privacy.delta")
-    if delta is not _MISSING and not 0.0 <= delta < 1.0:
-        c.add("privacy.delta", delta, "must be in [0, 1) (0 means 1/N)")
-    sigma = c.value("privacy.noise_multiplier")
-    if sigma is not None and sigma is not _MISSING:
-        if not _is_num(sigma) or not math.isfinite(sigma):
-            if not _is_num(sigma):
-                c.add("privacy.noise_multiplier", sigma, "must be >= 0 (0 = calibrate from privacy.epsilon)")
-            sigma = _MISSING
-        elif sigma < 0:
-            c.add("privacy.noise_multiplier", sigma, "must be >= 0 (0 = calibrate from privacy.epsilon)")
-            sigma = _MISSING
-        elif sigma > 0 and enabled is True and not SIGMA_RANGE[0] <= sigma <= SIGMA_RANGE[1]:
-            c.add("privacy.noise_multiplier", sigma,
-                  f"must be 0 (calibrate from privacy.epsilon) or in [{SIGMA_RANGE[0]:g}, {SIGMA_RANGE[1]:g}] "
-                  f"(below: no meaningful privacy; above: the noise overflows)")
-            sigma = _MISSING
-    eps = c.value("privacy.epsilon")
-    if enabled is True:
-        if clip_record is not None:
-            notes.extend(_clipping_hyper_parameters(c, clip_mode, clip_record))
-        if sigma is None or (sigma is not _MISSING and sigma == 0):
-            if eps is _MISSING:
-                pass
-            elif not _is_num(eps) or not math.isfinite(eps) or not eps > 0:
-                if _is_num(eps) and not math.isfinite(eps):
-                    pass  # reported by the finiteness check at the top
-                else:
-                    c.add("privacy.epsilon", eps, "must be > 0 when privacy.enabled and privacy.noise_multiplier is unset (0)")
-        if num_examples is not None and _is_int(num_examples) and num_examples > 0 and delta is not _MISSING:
-            effective = delta if delta > 0 else 1.0 / num_examples
-            if effective >= 1.0 / num_examples:
-                notes.append(
-                    f"config.privacy.delta={delta!r} means delta={effective:.3g} >= 1/N = {1.0 / num_examples:.3g}: "
-                    "a weak guarantee (a mechanism that publishes one random example in full is (0, 1/N)-DP); "
-                    "set privacy.delta well below 1/N, e.g. 1/(10 N), for a meaningful claim")
-        fixed = insecure_fixed_noise_seed(c.config)
-        if fixed is not None:
-            if not _is_int(fixed) or fixed < -1:
-                c.add("privacy.insecure_fixed_noise_seed", fixed, "must be -1 (off, secret noise) or an int >= 0")
-            elif fixed >= 0:
-                notes.append(
-                    f"config.privacy.insecure_fixed_noise_seed={fixed}: the noise and the batch selection are a public "
-                    "function of this number; the run has NO differential-privacy guarantee (tests/debugging only)")
-
-    # -- train
-    batch = c.integer("train.batch_size", 1)
-    phys = c.integer("train.physical_batch_size", 1)
-    micro = c.integer("train.microbatch_size", 1)
-    try:  # optional: configs saved before it existed mean "auto"
-        _get(c.config, "train.grad_method")
-        method = c.choice("train.grad_method", GRAD_METHODS)
-    except KeyError:
-        method = "auto"
-    if enabled is True and clip_record is not None and method in clipping.ENGINES and not clip_record.supports(method):
-        use = " or ".join(repr(m) for m in ("auto",) + clip_record.engines)
-        c.add("train.grad_method", method, f"does not support config.privacy.clipping={clip_mode!r} (use {use})")
-    if phys is not _MISSING and micro is not _MISSING and phys % micro:
-        c.add("train.physical_batch_size", phys, f"is not a multiple of config.train.microbatch_size={micro}")
-    if not _is_int(num_devices) or num_devices < 1:
-        raise UsageError(f"number of devices {num_devices!r} must be a positive integer")
-    if phys is not _MISSING and phys % num_devices:
-        c.add("train.physical_batch_size", phys, f"is not divisible by the {num_devices} local devices")
-    elif phys is not _MISSING and micro is not _MISSING and not phys % micro and (phys // num_devices) % micro:
-        c.add(
-            "train.physical_batch_size", phys,
-            f"gives {phys // num_devices} examples per device, not a multiple of config.train.microbatch_size={micro}",
-        )
-    if num_examples is not None:
-        if not _is_int(num_examples) or num_examples < 1:
-            c.errors.append(f"the training set has {num_examples!r} examples; need at least 1")
-        elif batch is not _MISSING and batch > num_examples:
-            c.add("train.batch_size", batch, f"is larger than the training set (N={num_examples})")
-    updates = c.integer("train.num_updates", 1)
-    c.choice("train.optimizer.name", OPTIMIZERS)
-    lr = c.number("train.optimizer.learning_rate")
-    if lr is not _MISSING and not lr > 0:
-        c.add("train.optimizer.learning_rate", lr, "must be > 0")
-    mom = c.number("train.optimizer.momentum")
-    if mom is not _MISSING and not 0.0 <= mom < 1.0:
-        c.add("train.optimizer.momentum", mom, "must be in [0, 1)")
-    wd = c.number("train.optimizer.weight_decay")
-    if wd is not _MISSING and wd < 0:
-        c.add("train.optimizer.weight_decay", wd, "must be >= 0")
-    sched = c.choice("train.lr_schedule.name", SCHEDULES)
-    warm = c.integer("train.lr_schedule.warmup_steps", 0)
-    if sched == "warmup_cosine" and warm is not _MISSING and updates is not _MISSING and warm >= updates:
-        c.add("train.lr_schedule.warmup_steps", warm, f"must be < config.train.num_updates={updates}")
-    ema = c.number("train.ema_decay")
-    if ema is not _MISSING and not 0.0 <= ema < 1.0:
-        c.add("train.ema_decay", ema, "must be in [0, 1) (0 = off)")
-    polyak = c.boolean("train.polyak")
-    c.integer("train.log_every", 1)
-    c.integer("train.eval_every", 0)
-    c.integer("train.checkpoint_every", 0)
-    c.integer("train.keep_checkpoints", 1)
-
-    # -- eval
-    c.integer("eval.batch_size", 1)
-    params = c.choice("eval.params", EVAL_PARAMS)
-    if params == "ema" and ema is not _MISSING and ema == 0.0:
-        c.add("eval.params", params, "needs an average: config.train.ema_decay=0 turns EMA off")
-    if params == "polyak" and polyak is False:
-        c.add("eval.params", params, "needs the Polyak average: set config.train.polyak=True")
-    splits = c.value("eval.splits")
-    if splits is not _MISSING and (
-        not isinstance(splits, (tuple, list)) or not splits or not all(isinstance(s, str) and s for s in splits)
-    ):
-        c.add("eval.splits", splits, "must be a non-empty tuple of split names")
-
-    # -- individual accounting
-    ind = c.boolean("individual.enabled")
-    if ind is True:
-        c.integer("individual.every", 1)
-        grid = c.number("individual.norm_grid")
-        if grid is not _MISSING and not grid > 0:
-            c.add("individual.norm_grid", grid, "must be > 0")
-        try:  # optional: configs saved before it existed mean 20
-            _get(c.config, "individual.min_group_size")
-            c.integer("individual.min_group_size", 1)
-        except KeyError:
-            pass
-
+    for path, field in FIELDS.items():
+        value = lookup(config, path)
+        if value is MISSING:
+            c.errors.append(f"config.{path} is missing")
+        elif isinstance(value, float) and not math.isfinite(value):
+            continue  # reported above
+        elif field.only_if is None or lookup(config, field.only_if) is True:
+            problem = field.problem(value)
+            if problem:
+                c.add(path, value, problem)
+            else:
+                c.valid[path] = value
+    for rule in RULES:
+        rule(c)
     if c.errors:
         raise ConfigError("invalid config: " + "; ".join(c.errors))
-    for note in notes:
+    for note in c.notes:
         warnings.warn(note, UserWarning, stacklevel=2)
-    return notes
+    return c.notes
 
 
-def _clipping_hyper_parameters(c: _Checker, mode: str, record: clipping.ClippingMode) -> list[str]:
-    """Check each run-config hyper-parameter `config.privacy.<name>` of the clipping modes
-    (`clipping.HYPER_PARAMS`): one the mode reads must be in its range; one it does not read and
-    that differs from its default gets a warning (returned). A field the config lacks is missing,
-    unless `may_be_absent` (a config saved before it existed: its default)."""
-    notes = []
+# --------------------------------------------------------------------------- rules between fields
+
+
+def _checkpoint_exists(c: Checked) -> None:
+    ckpt = c.value("model.checkpoint")
+    if c.check_paths and ckpt not in (MISSING, "") and not paths.exists(ckpt):
+        c.add("model.checkpoint", ckpt, "does not exist")
+
+
+def _data_root_exists(c: Checked) -> None:
+    from dpft.data import dataset
+
+    name, root = c.value("data.name"), c.value("data.root")
+    if not c.check_paths or MISSING in (name, root) or not dataset(name).needs_root:
+        return
+    if not root:
+        c.add("data.root", root, f"must name the {name} data directory")
+    elif not paths.isdir(root):
+        c.add("data.root", root, "is not a directory")
+
+
+def _imbalance_names_its_subgroup(c: Checked) -> None:
+    fraction = c.value("data.imbalance.fraction")
+    for key in ("attribute", "group"):
+        v = c.value(f"data.imbalance.{key}")
+        if fraction is not MISSING and fraction > 0 and v == "":
+            c.add(f"data.imbalance.{key}", v, f"must be set when data.imbalance.fraction={fraction}")
+
+
+def _noise_multiplier_in_accountant_range(c: Checked) -> None:
+    from dpft.privacy.accounting import SIGMA_RANGE
+
+    sigma, allowed = c.value("privacy.noise_multiplier"), Range(*SIGMA_RANGE)
+    if c.private and is_number(sigma) and sigma > 0 and not allowed.contains(sigma):
+        c.add("privacy.noise_multiplier", sigma, f"must be 0 (calibrate from privacy.epsilon) or {allowed.text()} "
+              "(below: no meaningful privacy; above: the noise overflows)")
+
+
+def _epsilon_when_calibrating(c: Checked) -> None:
+    sigma, eps = c.value("privacy.noise_multiplier"), c.value("privacy.epsilon")
+    if c.private and (sigma is None or sigma == 0) and eps is not MISSING and not (eps is not None and eps > 0):
+        c.add("privacy.epsilon", eps, "must be > 0 when privacy.enabled and privacy.noise_multiplier is unset (0)")
+
+
+def _clipping_hyper_parameters(c: Checked) -> None:
+    """A run-config hyper-parameter `config.privacy.<name>` (`HYPER_PARAMS`) that the clipping mode reads
+    must be in its range; one it does not read and that differs from its default gets a warning."""
+    from dpft.privacy import clipping
+
+    mode = c.value("privacy.clipping")
+    if not c.private or mode is MISSING:
+        return
+    record = clipping.get(mode)
     for name, param in clipping.HYPER_PARAMS.items():
-        path = f"privacy.{name}"
-        if not param.run_config:
+        path, value = f"privacy.{name}", c.value(f"privacy.{name}")
+        if not param.run_config or value is MISSING:
             continue
-        try:
-            value = _get(c.config, path)
-        except KeyError:
-            value = _MISSING
-        if name in record.hyper and (value is not _MISSING or not param.may_be_absent):
-            value = c.number(path)  # reports a missing field
-            problem = param.check(value) if value is not _MISSING else None
-            if problem:
-                c.add(path, value, f"{problem} (read by config.privacy.clipping={mode!r})")
-        elif name not in record.hyper and _is_num(value) and value != param.default:
-            notes.append(f"config.{path}={value!r} has no effect: config.privacy.clipping={mode!r} does not read "
-                         f"it (read by {', '.join(clipping.readers(name))})")
-    return notes
+        if name in record.hyper and param.check(value):
+            c.add(path, value, f"{param.check(value)} (read by config.privacy.clipping={mode!r})")
+        elif name not in record.hyper and value != param.default:
+            c.notes.append(f"config.{path}={value!r} has no effect: config.privacy.clipping={mode!r} does not read "
+                           f"it (read by {', '.join(clipping.readers(name))})")
+
+
+def _engine_runs_the_clipping(c: Checked) -> None:
+    from dpft.privacy import clipping
+
+    mode, method = c.value("privacy.clipping"), c.value("train.grad_method")
+    if c.private and mode is not MISSING and method in clipping.ENGINES and not clipping.get(mode).supports(method):
+        use = " or ".join(repr(m) for m in ("auto",) + clipping.get(mode).engines)
+        c.add("train.grad_method", method, f"does not support config.privacy.clipping={mode!r} (use {use})")
+
+
+def _delta_is_weak(c: Checked) -> None:
+    n, delta = c.num_examples, c.value("privacy.delta")
+    if c.private and is_int(n) and n > 0 and delta is not MISSING:
+        effective = delta if delta > 0 else 1.0 / n
+        if effective >= 1.0 / n:
+            c.notes.append(
+                f"config.privacy.delta={delta!r} means delta={effective:.3g} >= 1/N = {1.0 / n:.3g}: "
+                "a weak guarantee (a mechanism that publishes one random example in full is (0, 1/N)-DP); "
+                "set privacy.delta well below 1/N, e.g. 1/(10 N), for a meaningful claim")
+
+
+def _fixed_noise_is_loud(c: Checked) -> None:
+    fixed = c.value("privacy.insecure_fixed_noise_seed")
+    if c.private and fixed is not MISSING and fixed >= 0:
+        c.notes.append(
+            f"config.privacy.insecure_fixed_noise_seed={fixed}: the noise and the batch selection are a public "
+            "function of this number; the run has NO differential-privacy guarantee (tests/debugging only)")
+
+
+def _batches_split_evenly(c: Checked) -> None:
+    phys, micro, ndev = c.value("train.physical_batch_size"), c.value("train.microbatch_size"), c.num_devices
+    if phys is not MISSING and micro is not MISSING and phys % micro:
+        c.add("train.physical_batch_size", phys, f"is not a multiple of config.train.microbatch_size={micro}")
+    if phys is not MISSING and phys % ndev:
+        c.add("train.physical_batch_size", phys, f"is not divisible by the {ndev} local devices")
+    elif phys is not MISSING and micro is not MISSING and not phys % micro and (phys // ndev) % micro:
+        c.add("train.physical_batch_size", phys,
+              f"gives {phys // ndev} examples per device, not a multiple of config.train.microbatch_size={micro}")
+
+
+def _batch_fits_the_data(c: Checked) -> None:
+    n, batch = c.num_examples, c.value("train.batch_size")
+    if n is None:
+        return
+    if not is_int(n) or n < 1:
+        c.errors.append(f"the training set has {n!r} examples; need at least 1")
+    elif batch is not MISSING and batch > n:
+        c.add("train.batch_size", batch, f"is larger than the training set (N={n})")
+
+
+def _warmup_before_the_end(c: Checked) -> None:
+    warm, updates = c.value("train.lr_schedule.warmup_steps"), c.value("train.num_updates")
+    if c.value("train.lr_schedule.name") == "warmup_cosine" and MISSING not in (warm, updates) and warm >= updates:
+        c.add("train.lr_schedule.warmup_steps", warm, f"must be < config.train.num_updates={updates}")
+
+
+def _evaluated_average_is_kept(c: Checked) -> None:
+    params = c.value("eval.params")
+    if params == "ema" and c.value("train.ema_decay") == 0.0:
+        c.add("eval.params", params, "needs an average: config.train.ema_decay=0 turns EMA off")
+    if params == "polyak" and c.value("train.polyak") is False:
+        c.add("eval.params", params, "needs the Polyak average: set config.train.polyak=True")
+
+
+#: The rules between fields (and about the run: paths, devices, N), in the order they report.
+RULES: tuple[Callable[[Checked], None], ...] = (
+    _checkpoint_exists, _data_root_exists, _imbalance_names_its_subgroup, _noise_multiplier_in_accountant_range,
+    _epsilon_when_calibrating, _clipping_hyper_parameters, _delta_is_weak, _fixed_noise_is_loud,
+    _engine_runs_the_clipping, _batches_split_evenly, _batch_fits_the_data, _warmup_before_the_end,
+    _evaluated_average_is_kept,
+)
 
 
 def _numbers(node: Any, prefix: str = "") -> Iterator[tuple[str, float]]:

@@ -24,10 +24,11 @@ run, and the run config never names it (`config.privacy.enabled=False` does).
 
 **Adding a mode is one record plus one registry line**: a `ClippingMode(...)` constant (here or
 in a new file) and `"name": "module:CONSTANT"` in `MODES`. It may read any hyper-parameter of
-`HYPER_PARAMS` (clip_norm, gamma, per_layer_norms); those marked `run_config` are set as
-`config.privacy.<name>`. A new hyper-parameter also needs a `ClippingConfig` field and, for the
-run config, a `config.privacy` field. tests/test_clipping_modes.py adds a toy mode this way and
-runs it through the engines, the plan, the run config and the audit.
+`HYPER_PARAMS` (`dpft.privacy.hyper_params`: clip_norm, gamma, per_layer_norms); those marked
+`run_config` are set as `config.privacy.<name>`. A new hyper-parameter also needs a `ClippingConfig`
+field and, for the run config, a `config.privacy` line in `dpft.config.schema`.
+tests/test_clipping_modes.py adds a toy mode this way and runs it through the engines, the plan,
+the run config and the audit.
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dpft.privacy.hyper_params import HYPER_PARAMS, HyperParam
 from dpft.registry import Registry
 
 PyTree = Any
@@ -56,47 +58,6 @@ class Hyper(Protocol):
     clip_norm: float
     gamma: float
     per_layer_norms: PyTree | None
-
-
-# --------------------------------------------------------------------------- hyper-parameters
-
-
-def _positive_finite(value: Any) -> str | None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (value > 0 and math.isfinite(value)):
-        return "must be > 0 and finite"
-    return None
-
-
-def _positive_leaves(value: Any) -> str | None:
-    if value is None:
-        return None
-    bad = [v for v in jax.tree.leaves(value) if not (float(v) > 0 and math.isfinite(float(v)))]
-    return f"every leaf must be > 0 and finite, got {bad[:3]}" if bad else None
-
-
-@dataclasses.dataclass(frozen=True)
-class HyperParam:
-    """A clipping hyper-parameter: its default, its valid range, and whether the run config sets it.
-
-    check(value) -> the problem ("must be > 0 and finite") or None when valid.
-    run_config: settable as `config.privacy.<name>` (a number); else only through `ClippingConfig`.
-    may_be_absent: a run config may lack the field (saved before it existed); it then means the default.
-    """
-
-    default: Any
-    check: Callable[[Any], str | None]
-    run_config: bool
-    doc: str
-    may_be_absent: bool = False
-
-
-HYPER_PARAMS: dict[str, HyperParam] = {
-    "clip_norm": HyperParam(1.0, _positive_finite, True, "C, L2 bound on an example's gradient"),
-    "gamma": HyperParam(0.01, _positive_finite, True, "stabiliser of automatic clipping, C / (||g|| + gamma)",
-                        may_be_absent=True),
-    "per_layer_norms": HyperParam(None, _positive_leaves, False,
-                                  "per_layer bounds C_l, a pytree like params; None = C / sqrt(#leaves) each"),
-}
 
 
 # --------------------------------------------------------------------------- the record
@@ -260,14 +221,8 @@ def readers(hyper_param: str) -> tuple[str, ...]:
 
 def run_config_values(mode: str, privacy: Mapping[str, Any]) -> dict[str, float]:
     """The hyper-parameters of `mode` settable in the run config, from its `config.privacy`
-    section, as floats. A field the section lacks is its default if `may_be_absent` (KeyError otherwise)."""
-    out = {}
-    for name in get(mode).hyper:
-        param = HYPER_PARAMS[name]
-        if param.run_config:
-            absent = param.may_be_absent and name not in privacy
-            out[name] = float(param.default if absent else privacy[name])
-    return out
+    section, as floats."""
+    return {name: float(privacy[name]) for name in get(mode).hyper if HYPER_PARAMS[name].run_config}
 
 
 __all__ = ["ClippingMode", "HyperParam", "HYPER_PARAMS", "MODES", "ENGINES", "AUTO_ENGINE_ORDER", "get", "names",

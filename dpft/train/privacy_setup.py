@@ -16,7 +16,6 @@ from dpft import distributed
 from dpft.errors import UsageError
 from dpft.privacy import adapters, clipping, engine, keys
 from dpft.privacy import plan as plan_lib
-from dpft.config import validation
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +41,9 @@ def run_secret(config: ml_collections.ConfigDict) -> keys.RunSecret:
 
     Not multi-host aware: `shared_run_secret` draws it on process 0 and broadcasts it.
     """
-    fixed = validation.insecure_fixed_noise_seed(config)
-    if fixed is not None and int(fixed) >= 0:
-        return keys.RunSecret.insecure_fixed(int(fixed))
+    fixed = int(config.privacy.insecure_fixed_noise_seed)
+    if fixed >= 0:
+        return keys.RunSecret.insecure_fixed(fixed)
     return keys.RunSecret.generate()
 
 
@@ -72,6 +71,6 @@ def privacy_plan(config: ml_collections.ConfigDict, num_examples: int, params: A
             epsilon=float(p.epsilon) if p.epsilon else None,
             noise_multiplier=float(p.noise_multiplier) if p.noise_multiplier else None,
             delta=float(p.delta) if p.delta else None, accountant=str(p.accountant),
-            grad_method=str(t.get("grad_method", "auto")))
+            grad_method=str(t.grad_method))
     except plan_lib.PlanError as e:
         raise UsageError(f"invalid privacy plan (config.privacy, config.train): {e}") from None

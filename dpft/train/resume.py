@@ -14,28 +14,23 @@ import ml_collections
 import numpy as np
 
 from dpft.config.base import config_to_json, flatten
+from dpft.config.schema import resumable_fields
 from dpft.config.validation import same_value
 from dpft.errors import UsageError
 from dpft.privacy.plan import PrivacyPlan
 from dpft.train import ledger_check
 from dpft.workdir import checkpointing, contract
 
-# Fields that may change between a run and its resume (they do not affect what is trained).
-RESUMABLE_CHANGES = ("train.eval_every", "train.log_every", "train.checkpoint_every",
-                     "train.keep_checkpoints", "data.num_workers", "eval.batch_size", "eval.splits",
-                     "eval.params")
-
 
 def check_resume_config(old: ml_collections.ConfigDict, new: ml_collections.ConfigDict, workdir: str) -> None:
-    """Refuse to resume with a config that changes what is trained (and so the guarantee)."""
+    """Refuse to resume with a config that changes what is trained (and so the guarantee): every field
+    but those the schema marks resumable (`dpft.config.schema.resumable_fields`) must be the same.
+    `old` is the checkpoint's config as `dpft.workdir.contract.checkpoint_config` reads it (upgraded
+    to today's schema, loader options included)."""
     a = flatten(json.loads(config_to_json(old)))
     b = flatten(json.loads(config_to_json(new)))
-    # data.options keys a checkpoint written before they were listed lacks: equal when at their default.
-    from dpft.data import option_defaults
-    defaults = {f"data.options.{k}": v for k, v in json.loads(json.dumps(option_defaults(str(new.data.name)))).items()}
-    changed = sorted(k for k in set(a) | set(b)
-                     if not same_value(a.get(k), b.get(k)) and not k.startswith(RESUMABLE_CHANGES)
-                     and not (k not in a and k in defaults and same_value(b.get(k), defaults[k])))
+    resumable = resumable_fields()
+    changed = sorted(k for k in set(a) | set(b) if k not in resumable and not same_value(a.get(k), b.get(k)))
     if changed:
         details = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in changed[:5])
         raise UsageError(f"{workdir} holds a checkpoint of a different config ({details}); "

@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     paths.check_supported(config.model.checkpoint, "config.model.checkpoint")
     from dpft.data import path_options
     for key in path_options(str(config.data.name)):  # the data set's path options (its DatasetSpec)
-        paths.check_supported(config.data.options.get(key, None), f"config.data.options.{key}")
+        paths.check_supported(config.data.options[key], f"config.data.options.{key}")
     from dpft.config.validation import validate
     validate(config)  # refuse bad configs before loading data or compiling anything
     from dpft import distributed

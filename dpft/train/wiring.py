@@ -113,7 +113,7 @@ def train_iterator(config: ml_collections.ConfigDict, table: ExampleTable, plan:
             worker_processes=int(config.data.worker_processes),
             num_shards=jax.process_count(),
             shard_index=jax.process_index(),
-            on_bad_image=str(config.data.options.get("on_bad_image", "error")),
+            on_bad_image=build.bad_image_policy(config),
         ),
         augment,
     )
@@ -123,11 +123,10 @@ def individual_hook(config: ml_collections.ConfigDict, plan: PrivacyPlan, num_ex
     """The individual-accounting hook (`config.individual`, private runs only), or None."""
     if not (config.individual.enabled and plan.enabled):
         return None
-    from dpft.privacy.individual import groups as individual_groups
     from dpft.privacy.individual import hook as individual_hook_lib
     return individual_hook_lib.IndividualHook.create(
         num_examples, grid_width=float(config.individual.norm_grid), every=int(config.individual.every),
-        min_group_size=int(config.individual.get("min_group_size", individual_groups.MIN_GROUP_SIZE)))
+        min_group_size=int(config.individual.min_group_size))
 
 
 def use_secret(parts: RunParts, secret: keys.RunSecret) -> None:

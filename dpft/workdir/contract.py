@@ -71,14 +71,14 @@ def prediction_splits(config: ml_collections.ConfigDict) -> list[str]:
 # ---------------------------------------------------------------- which parameters
 def averages_kept(config: ml_collections.ConfigDict) -> tuple[str, ...]:
     """The parameter averages a run keeps besides its raw params: "ema" (train.ema_decay > 0), "polyak"."""
-    kept = ("ema",) if float(config.train.get("ema_decay", 0.0)) > 0 else ()
-    return kept + (("polyak",) if bool(config.train.get("polyak", False)) else ())
+    kept = ("ema",) if float(config.train.ema_decay) > 0 else ()
+    return kept + (("polyak",) if bool(config.train.polyak) else ())
 
 
 def eval_params(config: ml_collections.ConfigDict, requested: str | None = None) -> tuple[str, str]:
     """(checkpoint item, params name) of the parameters to evaluate: `requested` (`--params`), else the
     run's `eval.params`; an average the run did not keep falls back to the raw params ("params", "raw")."""
-    which = requested or str(config.eval.get("params", "ema"))
+    which = requested or str(config.eval.params)
     if which in averages_kept(config):
         return PARAMS_ITEMS[which], which
     return PARAMS, "raw"
