@@ -125,6 +125,26 @@ def test_choices_come_from_the_records_of_what_they_name():
             f"privacy.{name}" not in schema.FIELDS)
 
 
+def test_audit_and_evaluate_options_take_their_records_from_the_same_mechanism():
+    from dpft.evaluate import evaluate_cli, reports
+    from dpft.train import audit_cli, canary_audit
+
+    fields = canary_audit.AuditConfig.__dataclass_fields__
+    assert fields["dtype"].metadata["field"].choices is schema.FIELDS["model.dtype"].choices
+    assert fields["grad_method"].metadata["field"].choices is schema.FIELDS["train.grad_method"].choices
+    with pytest.raises(ValueError, match=r"audit config: steps=0: must be in \[1, 1000000\]"):
+        canary_audit.AuditConfig(steps=0).validate()
+    with pytest.raises(UsageError, match=r"evaluate: invalid target_fpr=1.0: must be in \(0, 1\)"):
+        reports.make_config(target_fpr=1.0)
+    import argparse
+
+    for module, cls in ((audit_cli, canary_audit.AuditConfig), (evaluate_cli, reports.EvalConfig)):
+        parser = argparse.ArgumentParser()
+        module.add_arguments(parser)
+        defaults = vars(parser.parse_args([]))
+        assert {name: defaults[name] for name in module.FLAGS} == {name: getattr(cls(), name) for name in module.FLAGS}
+
+
 def test_overrides_read_values_as_the_schema_kind():
     c = cb.load_config("configs/digits_demo.py", ["--config.data.attributes=sex,race", "--config.seed=1e1",
                                                   "--config.data.options.minority_fraction=0.25"])

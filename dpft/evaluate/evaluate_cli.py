@@ -34,14 +34,20 @@ from dpft.workdir import contract
 NOT_KEPT = {"polyak": "kept no Polyak average (train.polyak=False)", "ema": "kept no EMA (train.ema_decay=0)"}
 
 
+#: EvalConfig field -> its `dpft evaluate` option (type, default, choices and help from the field's record).
+FLAGS = {"n_resamples": "bootstrap", "seed": "seed", "ci_level": "ci-level", "threshold_method": "threshold-method",
+         "target_fpr": "target-fpr", "fixed_threshold": "threshold", "min_group_size": "min-group-size"}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from dpft.evaluate.fairness import THRESHOLD_METHODS
-    from dpft.evaluate.reports import DEFAULT_RESAMPLES
+    from dpft.config.options import add_arguments as add_option_arguments
+    from dpft.config.schema import FIELDS
+    from dpft.evaluate.reports import EvalConfig
 
     parser.add_argument("--workdir", help="run directory written by `dpft train`")
     parser.add_argument("--checkpoint", default="latest", help="update index of the checkpoint, or 'latest'")
     parser.add_argument("--split", default="test", help="split to evaluate (default test)")
-    parser.add_argument("--params", choices=("ema", "raw", "polyak"), default=None,
+    parser.add_argument("--params", choices=FIELDS["eval.params"].choice_names(), default=None,
                         help="which parameters (default: the run's eval.params); polyak needs train.polyak=True")
     parser.add_argument("--reuse-predictions", action="store_true",
                         help="use existing predictions files instead of running the model (works without checkpoints)")
@@ -54,16 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default: every attribute)")
     parser.add_argument("--out", help="output directory (--compare: default ./compare; else WORKDIR/eval/<step>)")
     g = parser.add_argument_group("statistics and groups")
-    g.add_argument("--bootstrap", type=int, default=DEFAULT_RESAMPLES, metavar="R",
-                   help=f"patient-level bootstrap replicates (default {DEFAULT_RESAMPLES})")
-    g.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
-    g.add_argument("--ci-level", type=float, default=0.95, help="confidence level of the CIs (default 0.95)")
-    g.add_argument("--threshold-method", choices=THRESHOLD_METHODS, default="youden",
-                   help="multilabel decision threshold, chosen on validation (default youden)")
-    g.add_argument("--target-fpr", type=float, default=0.1, help="for --threshold-method fpr (default 0.1)")
-    g.add_argument("--threshold", type=float, default=0.5,
-                   help="the value for --threshold-method fixed, and the fallback where a method does not apply")
-    g.add_argument("--min-group-size", type=int, default=30, help="flag groups with fewer patients (default 30)")
+    add_option_arguments(g, EvalConfig, FLAGS)
     g.add_argument("--exclude-small-groups", action="store_true", help="leave small groups out of gaps and parity")
     g.add_argument("--intersect", action="append", default=[], metavar="A*B",
                    help="add an intersectional attribute, e.g. --intersect sex*race (repeatable)")
@@ -74,11 +71,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def eval_options(args: argparse.Namespace) -> dict:
     """The `reports.EvalConfig` fields given on the command line."""
-    return {"n_resamples": args.bootstrap, "seed": args.seed, "ci_level": args.ci_level,
-            "threshold_method": args.threshold_method, "target_fpr": args.target_fpr,
-            "fixed_threshold": args.threshold, "min_group_size": args.min_group_size,
-            "exclude_small_groups": args.exclude_small_groups, "intersections": tuple(args.intersect),
-            "exclude_groups": tuple(args.exclude_group), "plots": not args.no_plots}
+    return {**{name: getattr(args, name) for name in FLAGS}, "exclude_small_groups": args.exclude_small_groups,
+            "intersections": tuple(args.intersect), "exclude_groups": tuple(args.exclude_group),
+            "plots": not args.no_plots}
 
 
 def _predictions_step(workdir: str, which: str) -> int:

@@ -28,6 +28,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from dpft import atomic_io, paths
+from dpft.config.fields import FLOAT, INT, STR, Range
+from dpft.config.options import dataclass_problems, option
 from dpft.errors import UsageError
 from dpft.evaluate import bootstrap as bs
 from dpft.evaluate import fairness as fair
@@ -40,18 +42,26 @@ INDIVIDUAL_EPSILON_FILE = "individual_epsilon.npz"
 DEFAULT_RESAMPLES = 1000
 
 
+_UNIT_OPEN = Range(0.0, 1.0, low_open=True, high_open=True)  # (0, 1)
+
+
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    """Options of `evaluate_predictions` (all keyword arguments)."""
+    """Options of `evaluate_predictions` (all keyword arguments): plain data, a dataclass (no saved
+    config to upgrade), each field with its record (`dpft.config.fields.option`), which `make_config`
+    checks and `dpft evaluate` takes its options from."""
 
-    n_resamples: int = DEFAULT_RESAMPLES  # bootstrap replicates (patient-level)
-    seed: int = 0  # bootstrap seed
-    ci_level: float = 0.95
-    min_group_size: int = 30  # groups with fewer patients are flagged "small"
-    threshold_method: str = "youden"  # "youden" | "fpr" | "f1" | "fixed" (on validation predictions)
-    target_fpr: float = 0.1  # for threshold_method="fpr"
-    fixed_threshold: float = 0.5  # for "fixed", and the fallback where a method does not apply
-    max_ovr_classes: int = 20  # multiclass: per-class AUC/TPR/FPR/parity only up to this many classes
+    n_resamples: int = option(DEFAULT_RESAMPLES, INT, "patient-level bootstrap replicates", range=Range(1))
+    seed: int = option(0, INT, "bootstrap seed")
+    ci_level: float = option(0.95, FLOAT, "confidence level of the CIs", range=_UNIT_OPEN)
+    min_group_size: int = option(30, INT, "flag groups with fewer patients (\"small\")", range=Range(1))
+    threshold_method: str = option("youden", STR, "multilabel decision threshold, chosen on validation predictions",
+                                   choices=THRESHOLD_METHODS)
+    target_fpr: float = option(0.1, FLOAT, "the FPR of threshold_method fpr", range=_UNIT_OPEN)
+    fixed_threshold: float = option(0.5, FLOAT, "the threshold of threshold_method fixed, and the fallback where a "
+                                    "method does not apply", range=Range(0.0, 1.0))
+    max_ovr_classes: int = option(20, INT, "multiclass: per-class AUC/TPR/FPR/parity only up to this many classes",
+                                  range=Range(0))
     exclude_small_groups: bool = False  # leave "small" groups out of gaps and parity
     intersections: tuple[str, ...] = ()  # e.g. ("sex*race",): intersectional attributes
     exclude_groups: tuple[str, ...] = ()  # e.g. ("race=Unknown",): left out of gaps and parity
@@ -71,13 +81,8 @@ def make_config(**cfg: Any) -> EvalConfig:
             value = cfg[name]
             cfg[name] = (value,) if isinstance(value, str) else tuple(value or ())
     c = EvalConfig(**cfg)
-    checks = [("n_resamples", c.n_resamples >= 1), ("ci_level", 0 < c.ci_level < 1),
-              ("min_group_size", c.min_group_size >= 1), ("threshold_method", c.threshold_method in THRESHOLD_METHODS),
-              ("target_fpr", 0 < c.target_fpr < 1), ("max_ovr_classes", c.max_ovr_classes >= 0),
-              ("fixed_threshold", 0 <= c.fixed_threshold <= 1)]
-    for name, ok in checks:
-        if not ok:
-            raise UsageError(f"evaluate: invalid {name}={getattr(c, name)!r}")
+    for name, value, problem in dataclass_problems(c):
+        raise UsageError(f"evaluate: invalid {name}={value!r}: {problem}")
     return c
 
 

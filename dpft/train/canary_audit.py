@@ -17,17 +17,22 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from dpft.config.fields import FLOAT, INT, STR, Range
+from dpft.config.options import dataclass_problems, option
+from dpft.config.schema import FIELDS as RUN_FIELDS
 from dpft.privacy.audit import best_guess_bound, guess_counts
 
-DTYPES = ("float32", "bfloat16")
+MAX_SEED = 2**32 - 1  # seeds are uint32
+_UNIT_OPEN = Range(0.0, 1.0, low_open=True, high_open=True)  # (0, 1)
 
 
 @dataclasses.dataclass(frozen=True)
 class AuditConfig:
-    """What the audit trains (plain data).
+    """What the audit trains (plain data, a dataclass: `dpft audit`'s options, no saved config to
+    upgrade). Each field's record (`dpft.config.fields.option`: kind, range, choices, doc) is checked by
+    `problems`/`validate` and gives `dpft audit`'s options; the choices are those of the run config
+    (compute dtypes, accountants, engines).
 
-    epsilon: target epsilon the noise multiplier is calibrated to (ignored if
-      noise_multiplier is set). noise_multiplier: explicit sigma (0 = no noise).
     clipping_mode: a mode of `dpft.privacy.clipping.MODES` whose record says the audit supports it
       ("flat"; "none" = non-private SGD).
     noise_scale_for_testing: != 1 breaks DP on purpose, to test that the audit can fail: the run
@@ -35,69 +40,59 @@ class AuditConfig:
     guess_fractions: the (k+ = k-) candidates as fractions of m / 2 (Bonferroni over them).
     """
 
-    num_canaries: int = 1000
-    steps: int = 100
-    sampling_rate: float = 0.1
-    epsilon: float | None = 1.0
-    noise_multiplier: float | None = None
-    delta: float = 1e-5
+    num_canaries: int = option(1000, INT, "number of canaries m", range=Range(2))
+    steps: int = option(100, INT, "optimizer updates T", range=Range(1, 10**6))
+    sampling_rate: float = option(0.1, FLOAT, "Poisson rate q", range=Range(0.0, 1.0, low_open=True))
+    epsilon: float | None = option(1.0, FLOAT, "target epsilon; the noise multiplier is calibrated to it",
+                                   nullable=True)
+    noise_multiplier: float | None = option(None, FLOAT, "use this sigma instead of calibrating to the epsilon "
+                                            "(0 = no noise)", range=Range(0.0), nullable=True)
+    delta: float = option(1e-5, FLOAT, "delta", range=_UNIT_OPEN)
     clip_norm: float = 1.0
     clipping_mode: str = "flat"
-    canary_scale: float = 10.0
+    canary_scale: float = option(10.0, FLOAT, "canary gradient scale [C] (canary gradients must be clipped)",
+                                 range=Range(1.0))
     learning_rate: float = 1.0
-    noise_scale_for_testing: float = 1.0
-    confidence: float = 0.95
-    accountant: str = "pld"
-    physical_batch_size: int = 128
-    seed: int = 0  # public: canary inclusion and the layer's init; the noise secret is fresh per run
-    insecure_fixed_noise_seed: int = -1  # >= 0: a fixed, public noise secret (reproducible tests only)
-    dtype: str = "float32"  # compute dtype of the layer, as config.model.dtype
-    grad_method: str = "auto"  # as config.train.grad_method ("auto" = book-keeping)
+    noise_scale_for_testing: float = option(1.0, FLOAT, "scales the noise: != 1 breaks DP (testing the audit only)",
+                                            range=Range(0.0, low_open=True))
+    confidence: float = option(0.95, FLOAT, "confidence of the bound", range=_UNIT_OPEN)
+    accountant: str = option("pld", STR, "the accountant of the claimed epsilon",
+                             choices=RUN_FIELDS["privacy.accountant"].choices)
+    physical_batch_size: int = option(128, INT, "examples per physical batch", range=Range(1))
+    seed: int = option(0, INT, "public seed of canary inclusion and the layer's init (the noise secret is fresh "
+                       "per run)", range=Range(0, MAX_SEED))
+    insecure_fixed_noise_seed: int = option(-1, INT, "fix the noise secret to this public number (reproducible "
+                                            "tests only; -1 = fresh)", range=Range(-1, MAX_SEED), note="-1 = off")
+    dtype: str = option("float32", STR, "compute dtype of the audited step, as config.model.dtype",
+                        choices=RUN_FIELDS["model.dtype"].choices)
+    grad_method: str = option("auto", STR, "engine of the audited step, as config.train.grad_method",
+                              choices=RUN_FIELDS["train.grad_method"].choices)
     guess_fractions: tuple[float, ...] = (0.05, 0.1, 0.2, 0.4, 0.7, 1.0)
 
-    def validate(self) -> None:
-        def bad(field: str, value: Any, want: str) -> ValueError:
-            return ValueError(f"audit config: {field}={value!r}: {want}")
-
-        if not (isinstance(self.num_canaries, int) and self.num_canaries >= 2):
-            raise bad("num_canaries", self.num_canaries, "need an int >= 2")
-        if not (isinstance(self.steps, int) and self.steps >= 1):
-            raise bad("steps", self.steps, "need an int >= 1")
-        if not 0 < self.sampling_rate <= 1:
-            raise bad("sampling_rate", self.sampling_rate, "need 0 < q <= 1")
+    def problems(self) -> list[tuple[str, Any, str]]:
+        """(field, value, problem) of each invalid field; once every field is valid, of the rules
+        between fields."""
+        out = dataclass_problems(self)
+        if out:
+            return out
         if self.noise_multiplier is None and not (self.epsilon is not None and self.epsilon > 0):
-            raise bad("epsilon", self.epsilon, "need epsilon > 0 (or an explicit noise_multiplier)")
-        if self.noise_multiplier is not None and not self.noise_multiplier >= 0:
-            raise bad("noise_multiplier", self.noise_multiplier, "need sigma >= 0")
-        if not 0 < self.delta < 1:
-            raise bad("delta", self.delta, "need 0 < delta < 1")
-        if not 0 < self.confidence < 1:
-            raise bad("confidence", self.confidence, "need 0 < confidence < 1")
+            out.append(("epsilon", self.epsilon, "need epsilon > 0 (or an explicit noise_multiplier)"))
         try:
             mode = _clipping_record(self)
         except ValueError:  # unknown: refused below, naming the audit's choices
             mode = None
         if mode is None or not mode.audit:
             what = "unknown clipping mode" if mode is None else "a clipping mode the audit does not support"
-            raise bad("clipping_mode", self.clipping_mode, f"{what}; choose from {_audited_modes()}")
-        if not self.canary_scale >= 1:
-            raise bad("canary_scale", self.canary_scale, "need >= 1 (canary gradients must be clipped)")
-        if not (isinstance(self.physical_batch_size, int) and self.physical_batch_size >= 1):
-            raise bad("physical_batch_size", self.physical_batch_size, "need an int >= 1")
-        if self.noise_multiplier == 0 and mode.private:
-            raise bad("noise_multiplier", self.noise_multiplier,
-                      f"0 (no noise) only with a non-private clipping_mode ({_audited_modes(private=False)})")
-        if self.noise_multiplier is not None and not math.isfinite(self.noise_multiplier):
-            raise bad("noise_multiplier", self.noise_multiplier, "need a finite sigma")
-        if self.dtype not in DTYPES:
-            raise bad("dtype", self.dtype, f"choose from {DTYPES}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise bad("seed", self.seed, "need an int >= 0")
-        if (isinstance(self.insecure_fixed_noise_seed, bool) or not isinstance(self.insecure_fixed_noise_seed, int)
-                or self.insecure_fixed_noise_seed < -1):
-            raise bad("insecure_fixed_noise_seed", self.insecure_fixed_noise_seed, "need -1 (off) or an int >= 0")
-        if not self.noise_scale_for_testing > 0:
-            raise bad("noise_scale_for_testing", self.noise_scale_for_testing, "need > 0")
+            out.append(("clipping_mode", self.clipping_mode, f"{what}; choose from {_audited_modes()}"))
+        elif self.noise_multiplier == 0 and mode.private:
+            out.append(("noise_multiplier", self.noise_multiplier,
+                        f"0 (no noise) only with a non-private clipping_mode ({_audited_modes(private=False)})"))
+        return out
+
+    def validate(self) -> None:
+        """ValueError naming the first invalid field (`problems`)."""
+        for name, value, problem in self.problems():
+            raise ValueError(f"audit config: {name}={value!r}: {problem}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,7 +173,9 @@ def train_canaries(config: AuditConfig, noise_multiplier: float, included: np.nd
     from dpft.privacy.keys import dropout_key
 
     m = config.num_canaries
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.dtype]
+    from dpft.config.build import COMPUTE_DTYPES
+
+    dtype = COMPUTE_DTYPES[config.dtype]
     scale = config.canary_scale * config.clip_norm
 
     class CanaryModel(nnx.Module):
