@@ -176,7 +176,7 @@ FIELDS: dict[str, Field] = {
     "train.eval_every": Field(100, INT, "quick validation every that many updates (0 = never)", range=Range(0),
                               resumable=True),
     "train.checkpoint_every": Field(100, INT, "a checkpoint every that many updates (and at the last)",
-                                    range=Range(0), resumable=True),
+                                    range=Range(1), resumable=True),
     "train.log_every": Field(10, INT, "a log line every that many updates", range=Range(1), resumable=True),
     "train.keep_checkpoints": Field(3, INT, "checkpoints kept", range=Range(1), resumable=True),
     # -- eval
