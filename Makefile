@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_WORKERS ?= 2
+# --dist loadscope: a module's tests run in one worker, so its module-scoped fixtures (a trained
+# workdir, a benchmark run) are computed once, not once per worker.
+PYTEST_DIST ?= --dist loadscope
 
 .PHONY: install demo test test-fast bench clean
 
@@ -18,10 +21,10 @@ demo: install
 	$(BIN)/dpft demo --workdir ./dpft-demo
 
 test: install
-	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --durations=15 tests
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) $(PYTEST_DIST) --durations=15 tests
 
 test-fast: install
-	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) -m "not slow" tests
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) $(PYTEST_DIST) -m "not slow" tests
 
 bench: install
 	$(BIN)/pip install -q -e '.[bench]'

@@ -181,9 +181,7 @@ def test_removing_one_example_moves_the_clipped_sum_by_at_most_c(dtype, model):
 def _tiny_config(**privacy):
     from dpft.demo.recipe import recipe
     c = recipe(private=True, epsilon=4.0, updates=2, num_devices=jax.local_device_count())
-    c.model.name = "nfnet_micro"
-    with c.unlocked():  # no dropout: the brute-force norms below use their own keys
-        c.model.overrides = {"drop_rate": 0.0, "stochdepth_rate": 0.0}
+    c.model.name = "nfnet_micro"  # with its dropout and stochastic depth (keys: see below)
     c.train.batch_size = 32
     c.train.physical_batch_size = 16
     c.train.microbatch_size = 2
@@ -226,7 +224,8 @@ def test_fresh_runs_differ_fixed_insecure_runs_repeat_and_the_plan_says_so(tmp_p
 @pytest.mark.slow
 def test_individual_accounting_records_the_clipped_k_view_norm_and_stays_within_the_run(tmp_path):
     """The recorded norm is the norm of the gradient of the K-view mean loss with update u's
-    training views (brute force, one example at a time); individual epsilons use the run's
+    training views and the dropout key training gives the example (`fold_in(dropout_key(seed, u),
+    example_id)`; brute force, one example at a time); individual epsilons use the run's
     accountant and never exceed the run's epsilon."""
     from dpft.data import pipeline
     from dpft.privacy import adapters
@@ -244,12 +243,13 @@ def test_individual_accounting_records_the_clipped_k_view_norm_and_stays_within_
     for pos in range(4):
         row, _ = pipeline.load_train_row(trainer.train_table, trainer.augment, int(cfg.seed), "error", 0, pos)
         views = {k: jnp.asarray(row[k]) for k in ("image", "label")}
-        grad = jax.grad(lambda p: loss_fn(p, views, jax.random.key(0))[0])(params)
+        key = jax.random.fold_in(keys.dropout_key(int(cfg.seed), 0), row["example_id"])
+        grad = jax.grad(lambda p: loss_fn(p, views, key)[0])(params)
         norm = float(engine.global_norm_f32(grad))
         recorded = rec.bins[0, pos] * grid  # the recorder indexes table positions
         assert norm <= recorded + 1e-6 and recorded < norm + grid + 1e-6, (pos, norm, recorded)
         one = {k: v[:1] for k, v in views.items()}  # a single view (what was recorded before)
-        single = float(engine.global_norm_f32(jax.grad(lambda p: loss_fn(p, one, jax.random.key(0))[0])(params)))
+        single = float(engine.global_norm_f32(jax.grad(lambda p: loss_fn(p, one, key)[0])(params)))
         differs += abs(single - norm) > 2 * grid
     assert differs > 0, "with K = 2 the mean's norm differs from a single view's"
     result = trainer.run()
