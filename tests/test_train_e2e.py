@@ -8,9 +8,11 @@ the same cached executables.
 """
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -25,7 +27,7 @@ from sklearn.metrics import roc_auc_score
 from dpft import cli
 from dpft.data import chexpert, fake
 from dpft.workdir.predictions import load_predictions
-from dpft.privacy import accounting, keys
+from dpft.privacy import accounting, group, keys
 from dpft.workdir import checkpointing
 from dpft.train import privacy_setup
 from dpft.config.base import load_config
@@ -184,6 +186,18 @@ def test_ledger_epsilon_matches_accountant_and_target(base, run_a):
     with open(os.path.join(str(run_a), "privacy_plan.json")) as f:
         plan = json.load(f)
     assert plan["num_updates"] == UPDATES and plan["delta"] == pytest.approx(delta)
+    # The unit is one image; the patient with the most images (counted here from the image paths) gets
+    # the group-privacy epsilon of dpft.privacy.group, printed as a warning at the start.
+    table = chexpert.load_splits(base["root"], uncertainty="ones", frontal_only=True, age_edges=(18, 40, 60, 80))["train"]
+    per_patient = collections.Counter(re.search(r"patient\d+", str(r["image"])).group() for r in table.records())
+    k = max(per_patient.values())
+    assert plan["unit"] == "example" and plan["num_units"] == n
+    assert (plan["patients"]["count"], plan["patients"]["max_images"]) == (len(per_patient), k) and k > 1
+    patient_eps = group.group_epsilon([(q, entry.noise_multiplier, UPDATES)], k, delta)
+    assert plan["patients"]["epsilon_of_the_patient_with_the_most_images"] == pytest.approx(patient_eps, rel=1e-9)
+    assert patient_eps > eps
+    log = (run_a / "log.txt").read_text()
+    assert f"WARNING: privacy unit: one example (an image), not a patient. {len(per_patient)} patients" in log
 
 
 def checkpoint_secret(workdir, step) -> dict:

@@ -4,8 +4,9 @@ What the config builds apart from privacy (tables, augmentation, model) is `dpft
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 from jax.experimental import multihost_utils
@@ -14,7 +15,7 @@ import numpy as np
 
 from dpft import distributed
 from dpft.errors import UsageError
-from dpft.privacy import adapters, clipping, engine, keys
+from dpft.privacy import adapters, clipping, engine, group, keys
 from dpft.privacy import plan as plan_lib
 
 log = logging.getLogger(__name__)
@@ -61,11 +62,13 @@ def shared_run_secret(config: ml_collections.ConfigDict, print_fn: Callable[[str
 
 
 def privacy_plan(config: ml_collections.ConfigDict, num_examples: int, params: Any,
-                 secret: keys.RunSecret) -> plan_lib.PrivacyPlan:
-    """The run's privacy plan (`dpft.privacy.plan.make_plan`) from `config.privacy` and `config.train`."""
+                 secret: keys.RunSecret, patient_ids: Sequence[str] | None = None) -> plan_lib.PrivacyPlan:
+    """The run's privacy plan (`dpft.privacy.plan.make_plan`) from `config.privacy` and `config.train`;
+    with the training examples' `patient_ids` (one per example), a private plan also states the
+    epsilon of the patient with the most images (`dpft.privacy.group`)."""
     p, t = config.privacy, config.train
     try:
-        return plan_lib.make_plan(
+        plan = plan_lib.make_plan(
             enabled=bool(p.enabled), num_examples=int(num_examples), batch_size=float(t.batch_size),
             num_updates=int(t.num_updates), clipping=clipping_config(config), params=params, secret=secret,
             epsilon=float(p.epsilon) if p.epsilon else None,
@@ -74,3 +77,9 @@ def privacy_plan(config: ml_collections.ConfigDict, num_examples: int, params: A
             grad_method=str(t.grad_method))
     except plan_lib.PlanError as e:
         raise UsageError(f"invalid privacy plan (config.privacy, config.train): {e}") from None
+    if patient_ids is None or not plan.enabled or plan.noise_multiplier == 0:
+        return plan
+    counts = group.PatientCounts.from_ids(patient_ids)
+    report = group.patient_report(counts, plan.sampling_rate, plan.noise_multiplier, plan.num_updates, plan.delta,
+                                  run_epsilon=plan.epsilon_after(plan.num_updates))
+    return dataclasses.replace(plan, patients=report)
