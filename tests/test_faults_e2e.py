@@ -84,6 +84,13 @@ def ledger_in_checkpoint(workdir, step) -> dict:
         return json.load(f)
 
 
+def test_dpft_train_keeps_its_checkpoints_owner_only(trained):
+    """Through `dpft train`: the checkpoint tree (which holds the run's secret) is 0700 whatever the
+    umask (tests/test_private_files.py reads it as another user)."""
+    from dpft import atomic_io
+    assert atomic_io.is_owner_only(checkpointing.checkpoint_dir(trained))
+
+
 # ------------------------------------------------------------------------------ concurrency
 
 def test_second_train_exits_at_once_and_evaluate_beside_a_live_run(base, trained, tmp_path):
