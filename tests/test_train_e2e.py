@@ -229,6 +229,26 @@ def test_resume_equals_the_uninterrupted_run_bitwise(base, run_a):
                zip(jax.tree.leaves(at_resume.pytrees["params"]), jax.tree.leaves(b.pytrees["params"])))
 
 
+def test_resume_from_a_checkpoint_without_secret_has_no_guarantee(base, run_a):
+    """A checkpoint written before secret noise (no secret item): its updates used public noise, so
+    the resumed run says NO privacy guarantee in its warning, plan, final line and predictions."""
+    wd = base["tmp"].mktemp("run_no_secret")
+    shutil.copytree(str(run_a), str(wd), dirs_exist_ok=True)
+    shutil.rmtree(os.path.join(str(wd), "checkpoints", str(UPDATES)))
+    shutil.rmtree(os.path.join(str(wd), "checkpoints", str(UPDATES - 2), "secret"))
+    shutil.rmtree(os.path.join(str(wd), "predictions"))
+    proc = run_dpft(base, train_args(base, wd), wd / "log_resumed.txt")
+    assert proc.returncode == 0, proc.output[-3000:]
+    assert "holds no run secret" in proc.output and "this run has NO privacy guarantee" in proc.output
+    final = [line for line in proc.output.splitlines() if line.startswith("final: ")][-1]
+    assert "NO privacy guarantee (secret: csprng_after_public_noise" in final, final
+    plan = json.loads((wd / "privacy_plan.json").read_text())
+    assert plan["guarantee_valid"] is False and plan["secret_source"] == "csprng_after_public_noise"
+    test_json = json.loads((wd / "predictions" / str(UPDATES) / "test.json").read_text())
+    assert test_json["guarantee_valid"] is False
+    assert restore_all(wd, UPDATES).json_items["secret"]["source"] == "csprng_after_public_noise"
+
+
 def test_sigkill_then_resume_continues_with_the_runs_own_secret(base, run_a):
     wd = base["tmp"].mktemp("run_b")
     rc, out, killed_at = start_and_signal(base, wd, signal.SIGKILL, wd / "log_killed.txt")

@@ -31,7 +31,10 @@ import numpy as np
 
 SECRET_BYTES = 32
 SECRET_FORMAT = "dpft.secret/1"
-SOURCES = ("csprng", "insecure_fixed_noise_seed")
+#: csprng: a fresh secret (a valid guarantee); insecure_fixed_noise_seed: public (tests only);
+#: csprng_after_public_noise: fresh, but drawn when resuming a checkpoint that held no secret, so
+#: the updates before it used public noise (no guarantee for the run).
+SOURCES = ("csprng", "insecure_fixed_noise_seed", "csprng_after_public_noise")
 NOISE_DOMAIN = b"dpft-noise"
 SELECTION_DOMAIN = b"dpft-selection"
 DROPOUT_DOMAIN = 0xD0_0A17  # fold_in tag of the public dropout stream (never a fold of the noise key)

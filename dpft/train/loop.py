@@ -307,8 +307,12 @@ class Trainer(wiring.RunParts):
         if contract.SECRET in items:
             wiring.use_secret(self, keys.RunSecret.from_json(items[contract.SECRET]))
         else:
+            fresh = self.plan.secret
+            if fresh.is_secure:  # the updates so far used public noise: no guarantee for this run
+                wiring.use_secret(self, keys.RunSecret(fresh.value, "csprng_after_public_noise"))
             self.print(f"WARNING: the checkpoint at update {self.updates_done} holds no run secret (written "
-                       "before secret noise); the remaining updates use this start's fresh secret")
+                       "before secret noise): its updates used public noise, so this run has NO privacy "
+                       "guarantee; the remaining updates use this start's fresh secret")
         if self.individual is not None and contract.INDIVIDUAL in items:
             self.individual.restore(self.workdir, items[contract.INDIVIDUAL])
         checked = f"{restored.verified} arrays verified" + (f", {restored.unchecked} without checksum"

@@ -100,5 +100,11 @@ def patient_lines(plan: PrivacyPlan) -> list[str]:
 
 def final_line(final: Mapping[str, float], plan: PrivacyPlan, epsilon: float) -> str:
     """The last line of a completed run: its final metrics and epsilon."""
-    return ("final: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items())
-            + (f", epsilon {epsilon:.4g} (delta {plan.delta:.3g})" if plan.enabled else ", non-private"))
+    if not plan.enabled:
+        privacy = ", non-private"
+    elif not plan.guarantee_valid:
+        privacy = (f", NO privacy guarantee (secret: {plan.secret.source}; nominal epsilon {epsilon:.4g}, "
+                   f"delta {plan.delta:.3g})")
+    else:
+        privacy = f", epsilon {epsilon:.4g} (delta {plan.delta:.3g})"
+    return "final: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()) + privacy

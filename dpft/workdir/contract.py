@@ -96,11 +96,12 @@ def epsilon_spent(ledger: Ledger, plan: Mapping[str, Any]) -> float:
     return ledger.epsilon(float(plan["delta"]), str(plan.get("accountant", "pld")))
 
 
-def predictions_privacy(ledger: Ledger, plan: Mapping[str, Any]) -> tuple[float | None, float | None]:
-    """(epsilon, delta) that predictions metadata states; (None, None) for a non-private run."""
+def predictions_privacy(ledger: Ledger, plan: Mapping[str, Any]) -> tuple[float | None, float | None, bool | None]:
+    """(epsilon, delta, guarantee_valid) that predictions metadata states; (None, None, None) for a
+    non-private run. guarantee_valid False: epsilon is nominal (the noise was public, see the plan)."""
     if not plan.get("enabled"):
-        return None, None
-    return epsilon_spent(ledger, plan), float(plan["delta"])
+        return None, None, None
+    return epsilon_spent(ledger, plan), float(plan["delta"]), plan.get("guarantee_valid") is not False
 
 
 # ---------------------------------------------------------------- reading
