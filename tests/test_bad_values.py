@@ -279,7 +279,7 @@ def test_check_finite_update_and_trees():
 
 def test_check_ledger_refuses_every_mismatch():
     from dpft.privacy.accounting import Ledger
-    from dpft.train.ledger_check import check_ledger
+    from dpft.workdir.ledger_check import check_ledger
 
     ledger = Ledger()
     ledger.record(0.25, 1.5, n=12)

@@ -183,6 +183,34 @@ def test_tampered_ledger_is_refused(base, trained):
     assert steps_of(wd) == [2, 4]
 
 
+@pytest.mark.slow
+def test_evaluate_recomputes_epsilon_and_refuses_an_edited_ledger_or_plan(base, trained):
+    """The issue's attacks on `dpft evaluate`: fewer steps in the checkpoint's ledger, or a larger delta
+    in its plan, would report a smaller epsilon; evaluation checks both against the run's config and
+    data and exits 3 naming the field. The untouched run evaluates with the accountant's epsilon."""
+    clean = copy_run(base, trained, "eval_clean")
+    proc = dpft(base, ["evaluate", "--workdir", str(clean), "--bootstrap", "5", "--no-plots"])
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    plan = json.load(open(os.path.join(str(clean), "privacy_plan.json")))
+    eps = accounting.compute_epsilon(plan["sampling_rate"], plan["noise_multiplier"], UPDATES, plan["delta"])
+    meta = json.load(open(os.path.join(str(clean), "predictions", str(UPDATES), "test.json")))
+    assert meta["epsilon"] == pytest.approx(eps, rel=1e-9) and meta["guarantee_valid"] is True
+    for item, edit, says in (
+            ("ledger", lambda d: d["entries"][0].update(steps=3), "the ledger records 3 update(s) but the "
+                                                                  f"checkpoint is at update {UPDATES}"),
+            ("plan", lambda d: d.update(delta=0.3), "the recorded privacy plan has delta=0.3 but the run's config")):
+        wd = copy_run(base, trained, f"eval_{item}")
+        p = os.path.join(str(wd), "checkpoints", str(UPDATES), item, "metadata")
+        doc = json.load(open(p))
+        edit(doc)
+        json.dump(doc, open(p, "w"))
+        proc = dpft(base, ["evaluate", "--workdir", str(wd), "--bootstrap", "5", "--no-plots"])
+        line = last_line(proc.stderr)
+        assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-3000:]
+        assert says in line and "refusing to report an epsilon" in line, line
+        assert not os.path.exists(os.path.join(str(wd), "eval", str(UPDATES))), "nothing reported"
+
+
 def test_stale_ledger_json_is_rewritten_from_the_checkpoint(base, trained):
     """A crash between the final checkpoint and ledger.json leaves it stale; the next start repairs it."""
     wd = copy_run(base, trained, "stale_ledger")

@@ -90,7 +90,8 @@ def test_the_plan_of_a_chexpert_run_states_the_patient_with_the_most_images(tmp_
     from dpft.config import build
     from dpft.config.base import base_config
     from dpft.data import fake
-    from dpft.train import privacy_setup, run_log
+    from dpft.config import run_plan
+    from dpft.train import run_log
     from dpft.privacy import keys
 
     root = fake.write_fake_chexpert(str(tmp_path / "chexpert"), n_patients=30, n_valid_patients=6, image_size=16)
@@ -100,7 +101,7 @@ def test_the_plan_of_a_chexpert_run_states_the_patient_with_the_most_images(tmp_
     c.train.batch_size, c.train.num_updates = 8, 20
     tables = build.load_tables(c)
     table = tables["train"]
-    plan = privacy_setup.privacy_plan(c, len(table), {"w": np.zeros(3, np.float32)}, keys.RunSecret.insecure_fixed(1),
+    plan = run_plan.privacy_plan(c, len(table), {"w": np.zeros(3, np.float32)}, keys.RunSecret.insecure_fixed(1),
                                       patient_ids=build.patient_ids(c, table))
     per_patient = collections.Counter(re.search(r"patient\d+", str(r["image"])).group() for r in table.records())
     d = plan.to_dict()

@@ -29,7 +29,7 @@ from dpft.data import chexpert, fake
 from dpft.workdir.predictions import load_predictions
 from dpft.privacy import accounting, group, keys
 from dpft.workdir import checkpointing
-from dpft.train import privacy_setup
+from dpft.config import run_plan
 from dpft.config.base import load_config
 from dpft.testing import cpu as cpu_env
 
@@ -323,7 +323,7 @@ def test_budget_binds_when_sigma_is_given(base):
     config = load_config(CONFIG, base["overrides"] + ["--config.privacy.noise_multiplier=0.8",
                                                       "--config.privacy.epsilon=3.0",
                                                       "--config.train.num_updates=1000"])
-    plan = privacy_setup.privacy_plan(config, n, {"w": np.zeros(2)}, keys.RunSecret.generate())
+    plan = run_plan.privacy_plan(config, n, {"w": np.zeros(2)}, keys.RunSecret.generate())
     q, delta = 16 / n, 1 / n
     assert 1 <= plan.num_updates < 1000
     assert accounting.compute_epsilon(q, 0.8, plan.num_updates, delta) <= 3.0

@@ -134,6 +134,10 @@ def predict_from_checkpoint(workdir: str, step: int | None, splits: list[str], p
 
     Needs only the workdir contract (`dpft.workdir.contract`): config.json, the checkpoint's config,
     params/EMA/Polyak, plan and ledger items; the model runs through `dpft.inference.predictor`."""
+    import numpy as np
+
+    from dpft import distributed
+    from dpft.config import build
     from dpft.inference.predictor import Predictor
     from dpft.workdir import checkpointing
 
@@ -149,10 +153,17 @@ def predict_from_checkpoint(workdir: str, step: int | None, splits: list[str], p
         predictor, template = Predictor.from_config(config)
         print_fn(f"running the model of checkpoint {chosen} ({which} params, read from {ckpt.directory}/{chosen}) "
                  f"over {', '.join(splits)} (and validation)...")
-        restored = ckpt.restore(chosen, targets={item: template}, items=(contract.PLAN, contract.LEDGER))
-    paths = predictor.write_predictions(workdir, chosen, restored.pytrees[item], which,
-                                        ledger=contract.checkpoint_ledger(restored, ckpt.directory),
-                                        plan=restored.json_items.get(contract.PLAN) or {})
+        counter = distributed.replicate(np.zeros((), np.int32), predictor.mesh)
+        restored = ckpt.restore(chosen, targets={item: template, contract.UPDATE: counter},
+                                items=(contract.PLAN, contract.LEDGER))
+        ledger = contract.checkpoint_ledger(restored, ckpt.directory)
+        # epsilon is recomputed from the run's config and data, never taken from the checkpoint's word
+        plan = contract.verified_plan(
+            config, num_examples=len(predictor.tables[build.train_split_name(config)]),
+            params=restored.pytrees[item], recorded_plan=restored.json_items.get(contract.PLAN) or {},
+            ledger=ledger, updates=int(np.asarray(restored.pytrees[contract.UPDATE])),
+            where=f"{workdir}: checkpoint {chosen}")
+    paths = predictor.write_predictions(workdir, chosen, restored.pytrees[item], which, ledger=ledger, plan=plan)
     return chosen, paths
 
 

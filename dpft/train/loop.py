@@ -22,7 +22,7 @@ Faults: a run holds an exclusive lock on its workdir (`dpft.train.workdir_lock`)
 latest checkpoint (unreadable item or checksum mismatch) is reported, moved to
 `WORKDIR/corrupt_checkpoints/` and the newest intact one is used; if none is intact the run
 refuses to start (never from scratch over existing checkpoints). The restored ledger must
-match the update counter and the plan (`dpft.train.resume`, `dpft.train.ledger_check`);
+match the update counter and the plan (`dpft.train.resume`, `dpft.workdir.ledger_check`);
 `ledger.json` is rewritten from the restored checkpoint at every start. A non-finite loss,
 gradient or parameter stops the run before a checkpoint of it is saved.
 """
