@@ -211,6 +211,48 @@ def test_evaluate_recomputes_epsilon_and_refuses_an_edited_ledger_or_plan(base, 
         assert not os.path.exists(os.path.join(str(wd), "eval", str(UPDATES))), "nothing reported"
 
 
+@pytest.mark.slow
+def test_export_is_a_release_without_secret_that_evaluates_like_the_run(base, trained, tmp_path):
+    """`dpft export W --out DIR`: the last checkpoint's params (raw + kept averages), config, plan and
+    ledger, never the secret, optimizer state, data position or other steps; DIR evaluates to the
+    run's predictions and `dpft train` refuses it."""
+    import numpy as np
+
+    out = tmp_path / "release"
+    proc = dpft(base, ["export", str(trained), "--out", str(out)])
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "it holds no secret and no optimizer state" in proc.stdout
+    assert steps_of(out) == [UPDATES]
+    parts = {part for p in out.rglob("*") for part in p.relative_to(out).parts}
+    assert not parts & {"secret", "opt_state", "data_state", "individual", "private", "predictions"}, parts
+    for name in ("privacy_plan.json", "ledger.json", "config.json"):
+        assert json.load(open(out / name)) == json.load(open(os.path.join(str(trained), name))), name
+    with checkpointing.Checkpointer(str(trained), read_only=True) as a, \
+            checkpointing.Checkpointer(str(out), read_only=True) as b:
+        ra, rb = a.restore(UPDATES, items=("params", "ema", "polyak")), b.restore(UPDATES)
+    # configs/fake_chexpert_tiny.py keeps EMA and Polyak averages
+    assert set(rb.pytrees) == {"params", "ema", "polyak", "update"}
+    assert set(rb.json_items) == {"config", "plan", "ledger"}
+    for item in ("params", "ema", "polyak"):
+        for x, y in zip(jax_leaves(ra.pytrees[item]), jax_leaves(rb.pytrees[item])):
+            np.testing.assert_array_equal(x, y)
+    proc = dpft(base, ["evaluate", "--workdir", str(out), "--bootstrap", "5", "--no-plots"])
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    with np.load(out / "predictions" / str(UPDATES) / "test.npz") as f, \
+            np.load(os.path.join(str(trained), "predictions", str(UPDATES), "test.npz")) as g:
+        np.testing.assert_allclose(f["logits"], g["logits"], rtol=0, atol=1e-6)
+    proc = dpft(base, train_args(base, out), timeout=300)
+    assert proc.returncode == 2 and "is a release made by `dpft export`" in last_line(proc.stderr), proc.stderr[-2000:]
+    proc = dpft(base, ["export", str(trained), "--out", str(out)], timeout=300)
+    assert proc.returncode == 2 and "is not an empty directory" in last_line(proc.stderr)
+
+
+def jax_leaves(tree):
+    import jax
+    import numpy as np
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
 def test_stale_ledger_json_is_rewritten_from_the_checkpoint(base, trained):
     """A crash between the final checkpoint and ledger.json leaves it stale; the next start repairs it."""
     wd = copy_run(base, trained, "stale_ledger")

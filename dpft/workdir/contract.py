@@ -27,6 +27,7 @@ CONFIG_FILE = "config.json"  # the resolved config
 LEDGER_FILE = "ledger.json"  # accountant events that ran (also inside each checkpoint)
 PLAN_FILE = "privacy_plan.json"  # the plan's public dict (PrivacyPlan.to_dict: no secret)
 COVERAGE_FILE = "attribute_coverage.json"  # fairness attributes per split (dpft.data.coverage)
+EXPORT_FILE = "EXPORT.json"  # marks a release made by `dpft export` (no secret, no optimizer state)
 PREDICTIONS_DIR = "predictions"  # predictions/<step>/<split>.npz (+ .json)
 EVAL_DIR = "eval"  # eval/<step>/metrics.json, report.md, *.png
 VALIDATION = "validation"  # the split where decision thresholds are chosen
@@ -140,6 +141,14 @@ def verified_plan(config: ml_collections.ConfigDict, *, num_examples: int, param
                               noise_multiplier=expected["noise_multiplier"], private=bool(expected["enabled"]),
                               where=where, action="report an epsilon")
     return {**dict(recorded_plan), **{f: expected[f] for f in EPSILON_FIELDS}}
+
+
+def refuse_export_as_run(workdir: str) -> None:
+    """UsageError when `workdir` is a release of `dpft export`: it has no secret, optimizer state or
+    data position, so training cannot continue in it."""
+    if paths.isfile(workdir_file(workdir, EXPORT_FILE)):
+        raise UsageError(f"--workdir {workdir} is a release made by `dpft export` (no secret, no optimizer state): "
+                         f"it can be evaluated, not trained; train in a new --workdir")
 
 
 # ---------------------------------------------------------------- reading
