@@ -55,6 +55,7 @@ BAD_CONFIG = [
     ("train.optimizer.weight_decay", "nan"), ("train.optimizer.weight_decay", "inf"),
     ("train.optimizer.learning_rate", "inf"), ("train.optimizer.learning_rate", "nan"),
     ("train.optimizer.momentum", "nan"), ("train.ema_decay", "nan"), ("individual.norm_grid", "inf"),
+    ("seed", str(10**20)), ("train.num_updates", str(10**12)),  # an overflow in jax; a 99.8 TiB accountant
 ]
 
 
@@ -146,6 +147,7 @@ def test_accountant_bad_values_one_line(capsys, args, needle):
     (["--noise-multiplier", "inf"], "--noise-multiplier"), (["--noise-multiplier", "1e308"], "--noise-multiplier"),
     (["--seed", "-1"], "--seed"), (["--seed", str(2**40)], "--seed"), (["--epsilon", "nan"], "--epsilon"),
     (["--delta", "nan"], "--delta"), (["--sampling-rate", "inf"], "--sampling-rate"), (["--steps", "0"], "--steps"),
+    (["--canaries", str(10**11)], "--canaries"),  # 745 GiB
 ])
 def test_audit_bad_values_refused_before_training(capsys, monkeypatch, args, needle):
     from dpft.train import canary_audit as audit
