@@ -95,6 +95,16 @@ def test_resume_comparison_is_nan_safe():
 
 # ------------------------------------------------------------------------------ workdir
 
+def test_an_unknown_eval_split_is_refused_once_the_data_is_loaded(tmp_path, capsys):
+    digits = os.path.join(os.path.dirname(CONFIG), "digits_demo.py")
+    rc = cli.main(["train", "--config", digits, "--workdir", str(tmp_path / "run"), "--config.eval.splits=tset"])
+    err = capsys.readouterr().err  # (the data loads first: a host-memory note may come before)
+    errors_ = [l for l in err.splitlines() if l.startswith("dpft train: error: ")]
+    assert len(errors_) == 1 and "Traceback" not in err, err
+    line = errors_[0]
+    assert rc == 2 and "config.eval.splits=['tset']: ['tset'] not among the splits" in line and "'test'" in line, line
+
+
 def test_workdir_that_is_a_file_is_refused_before_data(tmp_path, capsys, no_data):
     f = tmp_path / "afile"
     f.write_text("x")

@@ -66,6 +66,10 @@ def build_run(config: ml_collections.ConfigDict, workdir: str, *, print_fn: Call
     tables = build.load_tables(config)
     coverage = build.attribute_report(config, tables, say)  # printed, checked
     split = train_split(config, tables)
+    unknown = [s for s in config.eval.splits if s not in tables]
+    if unknown:  # a typo would silently evaluate nothing on it
+        raise UsageError(f"config.eval.splits={list(config.eval.splits)}: {unknown} not among the splits of data set "
+                         f"{config.data.name!r}: {sorted(tables)}")
     table = tables[split]
     validate(config, num_examples=len(table), num_devices=jax.local_device_count())
     augment = build.augment_config(config)
