@@ -282,7 +282,7 @@ def test_check_finite_update_and_trees():
 
     check_finite_update({"loss_sum": 1.0, "grad_norm": 2.0}, 3, 2)
     for bad in ({"loss_sum": math.nan, "grad_norm": 1.0}, {"loss_sum": 1.0, "grad_norm": math.inf}):
-        with pytest.raises(errors.NonFiniteError, match="update 3: non-finite .*last saved: checkpoint 2"):
+        with pytest.raises(errors.NonFiniteError, match="update 3: non-finite .*last saved: checkpoint 2.*in a new --workdir"):
             check_finite_update(bad, 3, 2)
     check_finite_trees({"params": {"w": jnp.ones(3)}, "update": jnp.asarray(4)}, 4)
     with pytest.raises(errors.NonFiniteError, match="non-finite values in ema"):
