@@ -105,6 +105,27 @@ def test_an_unknown_eval_split_is_refused_once_the_data_is_loaded(tmp_path, caps
     assert rc == 2 and "config.eval.splits=['tset']: ['tset'] not among the splits" in line and "'test'" in line, line
 
 
+@pytest.mark.parametrize("source,line,says", [
+    ("def get_config(:\n    pass\n", 1, "SyntaxError: invalid syntax"),
+    ("import no_such_module_here\ndef get_config():\n    return None\n", 1,
+     "ModuleNotFoundError: No module named 'no_such_module_here'"),
+    ("def get_config():\n    x = 1\n    raise ValueError('boom')\n", 3, "ValueError: boom"),
+])
+def test_a_broken_config_file_is_one_line_naming_file_and_line(tmp_path, capsys, monkeypatch, source, line, says):
+    cfg = tmp_path / "broken.py"
+    cfg.write_text(source)
+    monkeypatch.delenv("DPFT_DEBUG", raising=False)
+    rc = cli.main(["train", "--config", str(cfg), "--workdir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    got = [l for l in err.splitlines() if l.startswith("dpft train: error: ")]
+    assert rc == 2 and len(got) == 1 and "Traceback" not in err, err
+    assert f"config file '{cfg}', line {line}: {says}" in got[0] and "DPFT_DEBUG=1" in got[0], got[0]
+    monkeypatch.setenv("DPFT_DEBUG", "1")  # the traceback for the author of the config
+    with pytest.raises(Exception) as info:
+        cli.main(["train", "--config", str(cfg), "--workdir", str(tmp_path / "run")])
+    assert not isinstance(info.value, errors.DpftError)
+
+
 def test_workdir_that_is_a_file_is_refused_before_data(tmp_path, capsys, no_data):
     f = tmp_path / "afile"
     f.write_text("x")
