@@ -154,6 +154,23 @@ def test_flipped_params_byte_in_latest_falls_back_to_previous(base, trained):
     assert r.verified > 0 and accounting.Ledger.from_dict(r.json_items["ledger"]).total_steps == UPDATES
 
 
+def test_evaluate_names_the_corrupt_checkpoint_and_the_newest_intact_one(base, trained):
+    """Not the pinned snapshot's internal path: the run's own checkpoint and a working --checkpoint."""
+    from test_checkpoint_integrity import _find_silent_flip, _flip
+
+    wd = copy_run(base, trained, "flipped_eval")
+    path, i = _find_silent_flip(os.path.join(str(wd), "checkpoints", "6", "params"))
+    _flip(path, i)
+    proc = dpft(base, ["evaluate", "--workdir", str(wd), "--params", "raw", "--bootstrap", "5", "--no-plots"])
+    line = last_line(proc.stderr)
+    assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert f"checkpoint {wd}/checkpoints/6 is corrupt: item 'params': checksum mismatch" in line, line
+    assert "the newest intact checkpoint is 4: rerun with --checkpoint 4" in line and checkpointing.PIN_DIR not in line
+    proc = dpft(base, ["evaluate", "--workdir", str(wd), "--params", "raw", "--checkpoint", "4", "--bootstrap", "5",
+                       "--no-plots"])
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+
+
 def test_no_intact_checkpoint_refuses_to_start(base, trained):
     wd = copy_run(base, trained, "all_corrupt")
     for s in steps_of(wd):
