@@ -201,10 +201,20 @@ def make_dir(path: str | os.PathLike, *, private: bool = False) -> str:
     return path
 
 
+def make_private_dir(path: str | os.PathLike) -> str:
+    """`make_dir(path, private=True)`, and an existing local `path` made owner-only (0700) too: what
+    lies below it (a run's secret in its checkpoints) is then out of reach of other users whatever
+    the modes of the files in it (a remote one gets the warning)."""
+    path = make_dir(path, private=True)
+    if not paths.is_remote(path) and not is_owner_only(path):
+        os.chmod(path, DIR_MODE)
+    return path
+
+
 def is_owner_only(path: str | os.PathLike) -> bool:
     """True when neither group nor others have any permission on local `path`."""
     return (os.stat(path).st_mode & 0o077) == 0
 
 
-__all__ = ["write_bytes", "write_text", "write_json", "append_text", "make_dir", "is_owner_only",
+__all__ = ["write_bytes", "write_text", "write_json", "append_text", "make_dir", "make_private_dir", "is_owner_only",
            "warn_not_private", "FILE_MODE", "DIR_MODE"]

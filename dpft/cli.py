@@ -1,4 +1,4 @@
-"""The `dpft` command: `train`, `evaluate`, `prepare`, `accountant`, `audit`, `demo`.
+"""The `dpft` command: `train`, `evaluate`, `prepare`, `accountant`, `audit`, `demo`, `export`.
 
 Each sub-command lives in the module of the package that does the work; that module
 exposes `add_arguments(parser)` and `run(args) -> int`. Only the chosen module is
@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "accountant": ("dpft.privacy.accountant_cli", "epsilon for (q, sigma, steps, delta) or sigma for a target epsilon"),
     "audit": ("dpft.train.audit_cli", "empirical lower bound on epsilon with canaries"),
     "demo": ("dpft.demo.cli", "the whole recipe offline on the embedded digits data"),
+    "export": ("dpft.evaluate.export_cli", "a trained model to share: params, config, plan, ledger; never the secret"),
 }
 
 #: Commands that run models: on CPU, glibc keeps their freed buffers for the next step.
@@ -38,7 +39,7 @@ HOST_MEMORY_COMMANDS = ("train", "evaluate", "demo", "audit")
 #: backend before it). `dpft evaluate` starts it itself, only when it runs a model.
 MULTI_PROCESS_COMMANDS = ("train",)
 #: Commands that run on one process: under a multi-process job, process 0 runs them, the others exit 0.
-ONE_PROCESS_COMMANDS = ("audit", "demo")
+ONE_PROCESS_COMMANDS = ("audit", "demo", "export")
 
 
 def _top_parser() -> argparse.ArgumentParser:

@@ -55,6 +55,7 @@ BAD_CONFIG = [
     ("train.optimizer.weight_decay", "nan"), ("train.optimizer.weight_decay", "inf"),
     ("train.optimizer.learning_rate", "inf"), ("train.optimizer.learning_rate", "nan"),
     ("train.optimizer.momentum", "nan"), ("train.ema_decay", "nan"), ("individual.norm_grid", "inf"),
+    ("seed", str(10**20)), ("train.num_updates", str(10**12)),  # an overflow in jax; a 99.8 TiB accountant
 ]
 
 
@@ -93,6 +94,37 @@ def test_resume_comparison_is_nan_safe():
 
 
 # ------------------------------------------------------------------------------ workdir
+
+def test_an_unknown_eval_split_is_refused_once_the_data_is_loaded(tmp_path, capsys):
+    digits = os.path.join(os.path.dirname(CONFIG), "digits_demo.py")
+    rc = cli.main(["train", "--config", digits, "--workdir", str(tmp_path / "run"), "--config.eval.splits=tset"])
+    err = capsys.readouterr().err  # (the data loads first: a host-memory note may come before)
+    errors_ = [l for l in err.splitlines() if l.startswith("dpft train: error: ")]
+    assert len(errors_) == 1 and "Traceback" not in err, err
+    line = errors_[0]
+    assert rc == 2 and "config.eval.splits=['tset']: ['tset'] not among the splits" in line and "'test'" in line, line
+
+
+@pytest.mark.parametrize("source,line,says", [
+    ("def get_config(:\n    pass\n", 1, "SyntaxError: invalid syntax"),
+    ("import no_such_module_here\ndef get_config():\n    return None\n", 1,
+     "ModuleNotFoundError: No module named 'no_such_module_here'"),
+    ("def get_config():\n    x = 1\n    raise ValueError('boom')\n", 3, "ValueError: boom"),
+])
+def test_a_broken_config_file_is_one_line_naming_file_and_line(tmp_path, capsys, monkeypatch, source, line, says):
+    cfg = tmp_path / "broken.py"
+    cfg.write_text(source)
+    monkeypatch.delenv("DPFT_DEBUG", raising=False)
+    rc = cli.main(["train", "--config", str(cfg), "--workdir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    got = [l for l in err.splitlines() if l.startswith("dpft train: error: ")]
+    assert rc == 2 and len(got) == 1 and "Traceback" not in err, err
+    assert f"config file '{cfg}', line {line}: {says}" in got[0] and "DPFT_DEBUG=1" in got[0], got[0]
+    monkeypatch.setenv("DPFT_DEBUG", "1")  # the traceback for the author of the config
+    with pytest.raises(Exception) as info:
+        cli.main(["train", "--config", str(cfg), "--workdir", str(tmp_path / "run")])
+    assert not isinstance(info.value, errors.DpftError)
+
 
 def test_workdir_that_is_a_file_is_refused_before_data(tmp_path, capsys, no_data):
     f = tmp_path / "afile"
@@ -146,6 +178,7 @@ def test_accountant_bad_values_one_line(capsys, args, needle):
     (["--noise-multiplier", "inf"], "--noise-multiplier"), (["--noise-multiplier", "1e308"], "--noise-multiplier"),
     (["--seed", "-1"], "--seed"), (["--seed", str(2**40)], "--seed"), (["--epsilon", "nan"], "--epsilon"),
     (["--delta", "nan"], "--delta"), (["--sampling-rate", "inf"], "--sampling-rate"), (["--steps", "0"], "--steps"),
+    (["--canaries", str(10**11)], "--canaries"),  # 745 GiB
 ])
 def test_audit_bad_values_refused_before_training(capsys, monkeypatch, args, needle):
     from dpft.train import canary_audit as audit
@@ -270,7 +303,7 @@ def test_check_finite_update_and_trees():
 
     check_finite_update({"loss_sum": 1.0, "grad_norm": 2.0}, 3, 2)
     for bad in ({"loss_sum": math.nan, "grad_norm": 1.0}, {"loss_sum": 1.0, "grad_norm": math.inf}):
-        with pytest.raises(errors.NonFiniteError, match="update 3: non-finite .*last saved: checkpoint 2"):
+        with pytest.raises(errors.NonFiniteError, match="update 3: non-finite .*last saved: checkpoint 2.*in a new --workdir"):
             check_finite_update(bad, 3, 2)
     check_finite_trees({"params": {"w": jnp.ones(3)}, "update": jnp.asarray(4)}, 4)
     with pytest.raises(errors.NonFiniteError, match="non-finite values in ema"):
@@ -279,7 +312,7 @@ def test_check_finite_update_and_trees():
 
 def test_check_ledger_refuses_every_mismatch():
     from dpft.privacy.accounting import Ledger
-    from dpft.train.ledger_check import check_ledger
+    from dpft.workdir.ledger_check import check_ledger
 
     ledger = Ledger()
     ledger.record(0.25, 1.5, n=12)

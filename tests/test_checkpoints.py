@@ -88,6 +88,30 @@ def test_missing_extra_and_misshaped_parameters_are_named(source):
     assert issubclass(ckpt.CheckpointError, UsageError)
 
 
+def test_non_numeric_and_non_finite_weights_are_refused_on_load(source, tmp_path):
+    """String or object arrays (even of numbers) and NaN/inf weights: refused when the pickle is loaded
+    into the model, naming the parameter (not later in jnp.asarray, or at update 1)."""
+    model = source[0]
+    tree = ckpt.to_haiku_tree(model)
+    name = "NFNet/~/stem_conv1"
+    w = tree[name]["w"]
+    for value, says in ((w.astype(str), "is not numeric"), (w.astype(object), "dtype object is not numeric"),
+                        (np.where(np.arange(w.size).reshape(w.shape) == 3, np.nan, w), "1 non-finite value"),
+                        (np.full(w.shape, np.inf, np.float32), f"{w.size} non-finite value")):
+        bad = {m: dict(p) for m, p in tree.items()}
+        bad[name]["w"] = value
+        with pytest.raises(ckpt.CheckpointError, match=f"{name}/w: .*{says}"):
+            ckpt.apply_haiku_tree(models.create("nfnet_micro", 5), bad)
+    # through the file format: a pickle with a string array passes the restricted loader, then is refused
+    bad = {m: dict(p) for m, p in tree.items()}
+    bad[name]["w"] = w.astype(str)
+    ckpt.write_haiku_pickle(bad, tmp_path / "strings_haiku.npz")
+    with pytest.raises(ckpt.CheckpointError, match="is not numeric"):
+        ckpt.load_into(models.create("nfnet_micro", 5), tmp_path / "strings_haiku.npz")
+    ckpt.apply_haiku_tree(models.create("nfnet_micro", 5), {m: {k: v.astype(jnp.bfloat16) for k, v in p.items()}
+                                                             for m, p in tree.items()})  # bf16 weights load
+
+
 def test_name_mapping_both_ways():
     model = nnx.eval_shape(lambda: models.create("nfnet_f0", 10))
     table = ckpt.param_table(model)

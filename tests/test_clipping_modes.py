@@ -25,7 +25,8 @@ from dpft.errors import UsageError
 from dpft.privacy import adapters, bookkeeping, clipping, engine, keys, sensitivity
 from dpft.privacy import plan as plan_lib
 from dpft.privacy.engine import ClippingConfig
-from dpft.train import canary_audit, privacy_setup
+from dpft.config import run_plan
+from dpft.train import canary_audit
 
 TOY_MODE = '''
 """A toy clipping mode: flat clipping scaled by one half, g * min(1, C / ||g||) / 2."""
@@ -170,8 +171,8 @@ def test_toy_mode_is_a_run_config_choice_with_its_engines_and_hyper_parameters(t
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing to warn about
         validate(c, num_examples=10_000)
-    assert privacy_setup.clipping_config(c) == ClippingConfig("scaled_flat", clip_norm=2.0)
-    assert privacy_setup.privacy_plan(c, 10_000, PARAMS, SECRET).sensitivity == pytest.approx(1.0)
+    assert run_plan.clipping_config(c) == ClippingConfig("scaled_flat", clip_norm=2.0)
+    assert run_plan.privacy_plan(c, 10_000, PARAMS, SECRET).sensitivity == pytest.approx(1.0)
     c.train.grad_method = "bookkeeping"
     with pytest.raises(UsageError, match=r"config.train.grad_method='bookkeeping' does not support "
                                          r"config.privacy.clipping='scaled_flat' \(use 'auto' or 'vmap'\)"):
@@ -187,7 +188,7 @@ def test_toy_mode_is_a_run_config_choice_with_its_engines_and_hyper_parameters(t
                                          r"'scaled_flat_bk' does not read it \(read by automatic\)"):
         validate(c, num_examples=10_000)
     c.privacy.enabled = False  # the baseline: no clipping, the toy mode is not read
-    assert privacy_setup.clipping_config(c) == engine.NO_CLIPPING
+    assert run_plan.clipping_config(c) == engine.NO_CLIPPING
 
 
 # ----------------------------------------------------------------------------- unknown modes
@@ -208,7 +209,7 @@ def test_an_unknown_mode_is_refused_everywhere_naming_the_value_and_the_choices(
     with pytest.raises(UsageError, match=r"config.privacy.clipping='bogus' is not one of flat, per_layer, automatic"):
         validate(c, num_examples=10_000)
     with pytest.raises(UsageError, match=unknown):
-        privacy_setup.clipping_config(c)
+        run_plan.clipping_config(c)
     with pytest.raises(ValueError, match=r"audit config: clipping_mode='bogus': unknown clipping mode; "
                                          r"choose from 'flat', 'none'"):
         canary_audit.AuditConfig(clipping_mode="bogus").validate()
@@ -223,12 +224,12 @@ def test_an_unknown_mode_is_refused_everywhere_naming_the_value_and_the_choices(
 def test_config_privacy_gamma_reaches_the_engine_and_the_plan():
     c = cb.load_config("configs/digits_demo.py", ["--config.privacy.clipping=automatic",
                                                   "--config.privacy.gamma=0.5", f"--config.privacy.clip_norm={C}"])
-    cfg = privacy_setup.clipping_config(c)
+    cfg = run_plan.clipping_config(c)
     assert cfg == ClippingConfig("automatic", clip_norm=C, gamma=0.5)
     grad_sum, _ = run(engine.clipped_grad_sum, cfg)
     want = np.sum((MASK * C / (NORMS + 0.5))[:, None] * GRADS, axis=0)
     np.testing.assert_allclose(flat(grad_sum), want, rtol=2e-5, atol=1e-7)
-    plan = privacy_setup.privacy_plan(c, 1000, PARAMS, SECRET)
+    plan = run_plan.privacy_plan(c, 1000, PARAMS, SECRET)
     np.testing.assert_allclose(plan.contribution_norm(NORMS), C * NORMS / (NORMS + 0.5))
     assert plan.to_dict()["clipping"] == {"mode": "automatic", "clip_norm": C, "gamma": 0.5}
     with pytest.raises(UsageError, match=r"config.privacy.gamma=0.0 must be > 0"):
@@ -249,7 +250,7 @@ def test_configs_saved_before_gamma_existed_load_with_its_default():
     with pytest.raises(UsageError, match="config.privacy.gamma is missing"):  # consumers read fields: upgrade first
         validate(bare, num_examples=10_000)
     validate(cb.upgrade(bare), num_examples=10_000)
-    assert privacy_setup.clipping_config(cb.upgrade(bare)).gamma == 0.01
+    assert run_plan.clipping_config(cb.upgrade(bare)).gamma == 0.01
     del bare.privacy["clip_norm"]  # a field every config has had: missing is an error, not a default
     with pytest.raises(UsageError, match="config.privacy.clip_norm is missing"):
         validate(cb.upgrade(bare), num_examples=10_000)

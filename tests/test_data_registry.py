@@ -214,6 +214,11 @@ def test_toy_data_set_with_demographics_prepare_train_evaluate(toy, tmp_path, ca
                          "--config.privacy.insecure_fixed_noise_seed=7", "--config.train.eval_every=0")
     assert rc == 0, out[-3000:] + err[-3000:]
     assert "WARNING: fairness attribute 'site' is missing ('Unknown') for 4 of 32 rows (train 4)" in out
+    # a fixed (public) noise seed: every place that shows epsilon says there is no guarantee
+    final = [line for line in out.splitlines() if line.startswith("final: ")][-1]
+    assert "NO privacy guarantee (secret: insecure_fixed_noise_seed; nominal epsilon" in final, final
+    with open(os.path.join(workdir, "predictions", "2", "test.json")) as f:
+        assert json.load(f)["guarantee_valid"] is False
     with open(os.path.join(workdir, "attribute_coverage.json")) as f:
         cov = json.load(f)
     assert cov["dataset"] == NAME and cov["requested"] == ["sex", "site"]
@@ -229,3 +234,4 @@ def test_toy_data_set_with_demographics_prepare_train_evaluate(toy, tmp_path, ca
     with open(os.path.join(workdir, "eval", "2", "report.md")) as f:
         report = f.read()
     assert "site" in report and "north" in report
+    assert "NO privacy guarantee (the run's noise was public; nominal epsilon=" in report

@@ -84,6 +84,13 @@ def ledger_in_checkpoint(workdir, step) -> dict:
         return json.load(f)
 
 
+def test_dpft_train_keeps_its_checkpoints_owner_only(trained):
+    """Through `dpft train`: the checkpoint tree (which holds the run's secret) is 0700 whatever the
+    umask (tests/test_private_files.py reads it as another user)."""
+    from dpft import atomic_io
+    assert atomic_io.is_owner_only(checkpointing.checkpoint_dir(trained))
+
+
 # ------------------------------------------------------------------------------ concurrency
 
 def test_second_train_exits_at_once_and_evaluate_beside_a_live_run(base, trained, tmp_path):
@@ -147,6 +154,23 @@ def test_flipped_params_byte_in_latest_falls_back_to_previous(base, trained):
     assert r.verified > 0 and accounting.Ledger.from_dict(r.json_items["ledger"]).total_steps == UPDATES
 
 
+def test_evaluate_names_the_corrupt_checkpoint_and_the_newest_intact_one(base, trained):
+    """Not the pinned snapshot's internal path: the run's own checkpoint and a working --checkpoint."""
+    from test_checkpoint_integrity import _find_silent_flip, _flip
+
+    wd = copy_run(base, trained, "flipped_eval")
+    path, i = _find_silent_flip(os.path.join(str(wd), "checkpoints", "6", "params"))
+    _flip(path, i)
+    proc = dpft(base, ["evaluate", "--workdir", str(wd), "--params", "raw", "--bootstrap", "5", "--no-plots"])
+    line = last_line(proc.stderr)
+    assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert f"checkpoint {wd}/checkpoints/6 is corrupt: item 'params': checksum mismatch" in line, line
+    assert "the newest intact checkpoint is 4: rerun with --checkpoint 4" in line and checkpointing.PIN_DIR not in line
+    proc = dpft(base, ["evaluate", "--workdir", str(wd), "--params", "raw", "--checkpoint", "4", "--bootstrap", "5",
+                       "--no-plots"])
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+
+
 def test_no_intact_checkpoint_refuses_to_start(base, trained):
     wd = copy_run(base, trained, "all_corrupt")
     for s in steps_of(wd):
@@ -174,6 +198,76 @@ def test_tampered_ledger_is_refused(base, trained):
     assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "the ledger records 1 update(s) but the checkpoint is at update 4" in line, line
     assert steps_of(wd) == [2, 4]
+
+
+@pytest.mark.slow
+def test_evaluate_recomputes_epsilon_and_refuses_an_edited_ledger_or_plan(base, trained):
+    """The issue's attacks on `dpft evaluate`: fewer steps in the checkpoint's ledger, or a larger delta
+    in its plan, would report a smaller epsilon; evaluation checks both against the run's config and
+    data and exits 3 naming the field. The untouched run evaluates with the accountant's epsilon."""
+    clean = copy_run(base, trained, "eval_clean")
+    proc = dpft(base, ["evaluate", "--workdir", str(clean), "--bootstrap", "5", "--no-plots"])
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    plan = json.load(open(os.path.join(str(clean), "privacy_plan.json")))
+    eps = accounting.compute_epsilon(plan["sampling_rate"], plan["noise_multiplier"], UPDATES, plan["delta"])
+    meta = json.load(open(os.path.join(str(clean), "predictions", str(UPDATES), "test.json")))
+    assert meta["epsilon"] == pytest.approx(eps, rel=1e-9) and meta["guarantee_valid"] is True
+    for item, edit, says in (
+            ("ledger", lambda d: d["entries"][0].update(steps=3), "the ledger records 3 update(s) but the "
+                                                                  f"checkpoint is at update {UPDATES}"),
+            ("plan", lambda d: d.update(delta=0.3), "the recorded privacy plan has delta=0.3 but the run's config")):
+        wd = copy_run(base, trained, f"eval_{item}")
+        p = os.path.join(str(wd), "checkpoints", str(UPDATES), item, "metadata")
+        doc = json.load(open(p))
+        edit(doc)
+        json.dump(doc, open(p, "w"))
+        proc = dpft(base, ["evaluate", "--workdir", str(wd), "--bootstrap", "5", "--no-plots"])
+        line = last_line(proc.stderr)
+        assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-3000:]
+        assert says in line and "refusing to report an epsilon" in line, line
+        assert not os.path.exists(os.path.join(str(wd), "eval", str(UPDATES))), "nothing reported"
+
+
+@pytest.mark.slow
+def test_export_is_a_release_without_secret_that_evaluates_like_the_run(base, trained, tmp_path):
+    """`dpft export W --out DIR`: the last checkpoint's params (raw + kept averages), config, plan and
+    ledger, never the secret, optimizer state, data position or other steps; DIR evaluates to the
+    run's predictions and `dpft train` refuses it."""
+    import numpy as np
+
+    out = tmp_path / "release"
+    proc = dpft(base, ["export", str(trained), "--out", str(out)])
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "it holds no secret and no optimizer state" in proc.stdout
+    assert steps_of(out) == [UPDATES]
+    parts = {part for p in out.rglob("*") for part in p.relative_to(out).parts}
+    assert not parts & {"secret", "opt_state", "data_state", "individual", "private", "predictions"}, parts
+    for name in ("privacy_plan.json", "ledger.json", "config.json"):
+        assert json.load(open(out / name)) == json.load(open(os.path.join(str(trained), name))), name
+    with checkpointing.Checkpointer(str(trained), read_only=True) as a, \
+            checkpointing.Checkpointer(str(out), read_only=True) as b:
+        ra, rb = a.restore(UPDATES, items=("params", "ema", "polyak")), b.restore(UPDATES)
+    # configs/fake_chexpert_tiny.py keeps EMA and Polyak averages
+    assert set(rb.pytrees) == {"params", "ema", "polyak", "update"}
+    assert set(rb.json_items) == {"config", "plan", "ledger"}
+    for item in ("params", "ema", "polyak"):
+        for x, y in zip(jax_leaves(ra.pytrees[item]), jax_leaves(rb.pytrees[item])):
+            np.testing.assert_array_equal(x, y)
+    proc = dpft(base, ["evaluate", "--workdir", str(out), "--bootstrap", "5", "--no-plots"])
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    with np.load(out / "predictions" / str(UPDATES) / "test.npz") as f, \
+            np.load(os.path.join(str(trained), "predictions", str(UPDATES), "test.npz")) as g:
+        np.testing.assert_allclose(f["logits"], g["logits"], rtol=0, atol=1e-6)
+    proc = dpft(base, train_args(base, out), timeout=300)
+    assert proc.returncode == 2 and "is a release made by `dpft export`" in last_line(proc.stderr), proc.stderr[-2000:]
+    proc = dpft(base, ["export", str(trained), "--out", str(out)], timeout=300)
+    assert proc.returncode == 2 and "is not an empty directory" in last_line(proc.stderr)
+
+
+def jax_leaves(tree):
+    import jax
+    import numpy as np
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
 
 
 def test_stale_ledger_json_is_rewritten_from_the_checkpoint(base, trained):

@@ -78,3 +78,22 @@ def test_noise_is_a_function_of_seed_and_update_only():
                                   np.asarray(jax.random.key_data(noise.noise_key(_base(3), 10))))
 
 
+
+
+def test_the_noise_needs_both_64_bit_streams():
+    """128 key bits: the draw is (z_1 + z_2) / sqrt(2) over two independent threefry streams, so a
+    guess of one stream's 64-bit key leaves half of the noise variance unknown (correlation 1/2)."""
+    assert keys.NOISE_KEY_BITS == 128 and _base(3).shape == (keys.NOISE_STREAMS,) == (2,)
+    zeros = {"w": jnp.zeros((40_000,), jnp.float32)}
+    k = noise.noise_key(_base(3), 0)
+    other = noise.noise_key(_base(4), 0)
+    draw = lambda key: flat(noise.privatize(zeros, key, noise_multiplier=1.0, clip_norm=1.0,  # noqa: E731
+                                            expected_batch_size=1.0))
+    full = draw(k)
+    assert abs(np.std(full) - 1.0) < 0.02
+    for s in range(2):  # one stream guessed right, the other not
+        mixed = jnp.stack([k[0], other[1]]) if s == 0 else jnp.stack([other[0], k[1]])
+        r = np.corrcoef(full, draw(mixed))[0, 1]
+        assert abs(r - 0.5) < 0.03, (s, r)
+    with pytest.raises(TypeError, match="2 threefry keys"):
+        noise.noise_key(k[0], 1)  # a single 64-bit key is refused

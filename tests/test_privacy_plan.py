@@ -64,14 +64,16 @@ def test_key_streams_never_collide_for_a_million_updates():
     u = jnp.arange(n, dtype=jnp.uint32)
     as64 = lambda k: np.asarray(k, np.uint64)[:, 0] << np.uint64(32) | np.asarray(k, np.uint64)[:, 1]  # noqa: E731
     base = keys.noise_base_key(keys.RunSecret.insecure_fixed(seed))
-    noise_keys = as64(jax.random.key_data(jax.vmap(lambda t: noise.noise_key(base, t))(u)))
+    assert base.shape == (keys.NOISE_STREAMS,) == (2,) and keys.NOISE_KEY_BITS == 128
+    both = jax.random.key_data(jax.vmap(lambda t: noise.noise_key(base, t))(u))  # [n, 2 streams, 2 words]
+    noise_keys = np.concatenate([as64(both[:, s]) for s in range(keys.NOISE_STREAMS)])
     dropout = as64(jax.random.key_data(jax.vmap(lambda t: keys.dropout_key(seed, t))(u)))
     # An example's dropout key folds its example id into the update's (engine.example_key_ids).
     example7 = as64(jax.random.key_data(jax.vmap(lambda t: jax.random.fold_in(keys.dropout_key(seed, t), 7))(u)))
     plain = as64(jax.random.key_data(jax.vmap(lambda t: jax.random.fold_in(jax.random.key(seed), t))(u)))
     streams = {"noise": noise_keys, "dropout": dropout, "dropout/example 7": example7, "fold_in(key(seed), u)": plain}
     for name, s in streams.items():
-        assert len(np.unique(s)) == n, name
+        assert len(np.unique(s)) == s.size == n * (keys.NOISE_STREAMS if name == "noise" else 1), name
     names = list(streams)
     for i, a in enumerate(names):
         for b in names[i + 1:]:

@@ -354,6 +354,20 @@ def test_compare_three_runs(tmp_path):
     _png_ok(tmp_path / "cmp" / "compare.png")
 
 
+def test_a_run_with_public_noise_says_no_guarantee_in_its_report_and_comparison(tmp_path):
+    wd = tmp_path / "insecure"
+    paths = write_synthetic_workdir(wd, n_test=120, n_val=80, step=3, guarantee_valid=False)
+    m = R.evaluate_predictions(paths["test"], paths["validation"], n_resamples=5, plots=False)
+    assert m["meta"]["guarantee_valid"] is False
+    assert "NO privacy guarantee (the run's noise was public; nominal epsilon=8.00" in (
+        wd / "eval" / "3" / "report.md").read_text()
+    secure = _fake_run(tmp_path, "secure", {"privacy": {"enabled": True, "epsilon": 4.0, "delta": 1e-5}}, 1.0)
+    C.compare_runs([str(wd), str(secure)], tmp_path / "cmp")
+    rows = {line.split("|")[1].strip(): line for line in (tmp_path / "cmp" / "compare.md").read_text().splitlines()
+            if line.startswith("| insecure") or line.startswith("| secure")}
+    assert "NO guarantee (nominal 8.00)" in rows["insecure"] and "NO guarantee" not in rows["secure"]
+
+
 def test_compare_errors(tmp_path):
     run = _fake_run(tmp_path, "r", {"privacy": {"epsilon": "abc"}}, 1.0)
     with pytest.raises(UsageError, match=r"config\.json.*privacy\.epsilon"):

@@ -8,9 +8,11 @@ the same cached executables.
 """
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -25,9 +27,9 @@ from sklearn.metrics import roc_auc_score
 from dpft import cli
 from dpft.data import chexpert, fake
 from dpft.workdir.predictions import load_predictions
-from dpft.privacy import accounting, keys
+from dpft.privacy import accounting, group, keys
 from dpft.workdir import checkpointing
-from dpft.train import privacy_setup
+from dpft.config import run_plan
 from dpft.config.base import load_config
 from dpft.testing import cpu as cpu_env
 
@@ -184,6 +186,18 @@ def test_ledger_epsilon_matches_accountant_and_target(base, run_a):
     with open(os.path.join(str(run_a), "privacy_plan.json")) as f:
         plan = json.load(f)
     assert plan["num_updates"] == UPDATES and plan["delta"] == pytest.approx(delta)
+    # The unit is one image; the patient with the most images (counted here from the image paths) gets
+    # the group-privacy epsilon of dpft.privacy.group, printed as a warning at the start.
+    table = chexpert.load_splits(base["root"], uncertainty="ones", frontal_only=True, age_edges=(18, 40, 60, 80))["train"]
+    per_patient = collections.Counter(re.search(r"patient\d+", str(r["image"])).group() for r in table.records())
+    k = max(per_patient.values())
+    assert plan["unit"] == "example" and plan["num_units"] == n
+    assert (plan["patients"]["count"], plan["patients"]["max_images"]) == (len(per_patient), k) and k > 1
+    patient_eps = group.group_epsilon([(q, entry.noise_multiplier, UPDATES)], k, delta)
+    assert plan["patients"]["epsilon_of_the_patient_with_the_most_images"] == pytest.approx(patient_eps, rel=1e-9)
+    assert patient_eps > eps
+    log = (run_a / "log.txt").read_text()
+    assert f"WARNING: privacy unit: one example (an image), not a patient. {len(per_patient)} patients" in log
 
 
 def checkpoint_secret(workdir, step) -> dict:
@@ -213,6 +227,26 @@ def test_resume_equals_the_uninterrupted_run_bitwise(base, run_a):
     at_resume = restore_all(run_a, UPDATES - 2)  # the comparison is not trivially true
     assert any(np.any(np.asarray(x) != np.asarray(y)) for x, y in
                zip(jax.tree.leaves(at_resume.pytrees["params"]), jax.tree.leaves(b.pytrees["params"])))
+
+
+def test_resume_from_a_checkpoint_without_secret_has_no_guarantee(base, run_a):
+    """A checkpoint written before secret noise (no secret item): its updates used public noise, so
+    the resumed run says NO privacy guarantee in its warning, plan, final line and predictions."""
+    wd = base["tmp"].mktemp("run_no_secret")
+    shutil.copytree(str(run_a), str(wd), dirs_exist_ok=True)
+    shutil.rmtree(os.path.join(str(wd), "checkpoints", str(UPDATES)))
+    shutil.rmtree(os.path.join(str(wd), "checkpoints", str(UPDATES - 2), "secret"))
+    shutil.rmtree(os.path.join(str(wd), "predictions"))
+    proc = run_dpft(base, train_args(base, wd), wd / "log_resumed.txt")
+    assert proc.returncode == 0, proc.output[-3000:]
+    assert "holds no run secret" in proc.output and "this run has NO privacy guarantee" in proc.output
+    final = [line for line in proc.output.splitlines() if line.startswith("final: ")][-1]
+    assert "NO privacy guarantee (secret: csprng_after_public_noise" in final, final
+    plan = json.loads((wd / "privacy_plan.json").read_text())
+    assert plan["guarantee_valid"] is False and plan["secret_source"] == "csprng_after_public_noise"
+    test_json = json.loads((wd / "predictions" / str(UPDATES) / "test.json").read_text())
+    assert test_json["guarantee_valid"] is False
+    assert restore_all(wd, UPDATES).json_items["secret"]["source"] == "csprng_after_public_noise"
 
 
 def test_sigkill_then_resume_continues_with_the_runs_own_secret(base, run_a):
@@ -289,7 +323,7 @@ def test_budget_binds_when_sigma_is_given(base):
     config = load_config(CONFIG, base["overrides"] + ["--config.privacy.noise_multiplier=0.8",
                                                       "--config.privacy.epsilon=3.0",
                                                       "--config.train.num_updates=1000"])
-    plan = privacy_setup.privacy_plan(config, n, {"w": np.zeros(2)}, keys.RunSecret.generate())
+    plan = run_plan.privacy_plan(config, n, {"w": np.zeros(2)}, keys.RunSecret.generate())
     q, delta = 16 / n, 1 / n
     assert 1 <= plan.num_updates < 1000
     assert accounting.compute_epsilon(q, 0.8, plan.num_updates, delta) <= 3.0

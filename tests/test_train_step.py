@@ -145,11 +145,15 @@ def unflatten_like(params, leaves_list):
 
 
 def expected_noise(update: int, sigma: float, clip: float, params) -> list[np.ndarray]:
-    """sigma*C*N(0, 1) per leaf with keys split(noise_key(seed, update), n_leaves) (the documented draw)."""
+    """sigma*C*(z_1 + z_2)/sqrt(2) per leaf, z_s ~ N(0, 1) with keys split(noise_key(seed, update)[s],
+    n_leaves) of the two 64-bit streams (the documented draw)."""
     ps = jax.tree.leaves(params)
-    keys = jax.random.split(noise.noise_key(NOISE_KEY, update), len(ps))
-    return [sigma * clip * np.asarray(jax.random.normal(k, p.shape, jnp.float32), np.float64)
-            for k, p in zip(keys, ps)]
+    k = noise.noise_key(NOISE_KEY, update)
+    assert k.shape == (2,)
+    k0, k1 = jax.random.split(k[0], len(ps)), jax.random.split(k[1], len(ps))
+    return [sigma * clip * (np.asarray(jax.random.normal(a, p.shape, jnp.float32), np.float64)
+                            + np.asarray(jax.random.normal(b, p.shape, jnp.float32), np.float64)) / np.sqrt(2.0)
+            for a, b, p in zip(k0, k1, ps)]
 
 
 # ----------------------------------------------------------------- tests
@@ -318,7 +322,7 @@ def test_the_noise_key_is_an_argument_never_a_constant_of_the_compiled_update():
     state = distributed.replicate(step_lib.init_state(params, optax.sgd(LR), cfg), mesh)
     acc = step_lib.zeros_accumulator(state["params"], mesh)
     words = [str(int(w)) for w in np.asarray(jax.random.key_data(NOISE_KEY)).ravel()]
-    assert len(words) == 2 and all(len(w) > 3 for w in words)
+    assert len(words) == 4 and all(len(w) > 3 for w in words)  # two 64-bit streams: 128 key bits
     program = jax.jit(apply).lower(state, acc, NOISE_KEY).as_text()
     assert not [w for w in words if w in program], "the noise key is compiled into the update"
     closed_over = jax.jit(lambda s, a: apply(s, a, NOISE_KEY)).lower(state, acc).as_text()

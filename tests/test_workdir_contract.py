@@ -35,12 +35,14 @@ def test_epsilon_comes_from_the_ledger_at_the_plans_delta_and_accountant():
     private = {"enabled": True, "delta": 1e-5, "accountant": "rdp"}
     assert contract.epsilon_spent(ledger, private) == 0.0  # before the first update
     assert contract.epsilon_spent(ledger, {"enabled": False}) == math.inf
-    assert contract.predictions_privacy(ledger, {"enabled": False}) == (None, None)
+    assert contract.predictions_privacy(ledger, {"enabled": False}) == (None, None, None)
     for _ in range(3):
         ledger.record(0.01, 1.0)
     eps = accounting.compute_epsilon(0.01, 1.0, 3, 1e-5, "rdp")
     assert contract.epsilon_spent(ledger, private) == pytest.approx(eps, rel=1e-9)
-    assert contract.predictions_privacy(ledger, private) == (pytest.approx(eps, rel=1e-9), 1e-5)
+    assert contract.predictions_privacy(ledger, private) == (pytest.approx(eps, rel=1e-9), 1e-5, True)
+    insecure = dict(private, guarantee_valid=False)  # public noise: epsilon is nominal
+    assert contract.predictions_privacy(ledger, insecure) == (pytest.approx(eps, rel=1e-9), 1e-5, False)
 
 
 def test_paths_splits_and_items():

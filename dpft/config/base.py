@@ -11,18 +11,20 @@ field fails instead of silently adding a new one. Experiment files `configs/<nam
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
 import sys
-from typing import Any, Sequence
+import traceback
+from typing import Any, Iterator, Sequence
 
 import ml_collections
 
 from dpft.config.overrides import apply_config_arg, apply_overrides, coerce_value, overridden
 from dpft.config.schema import base_config
 from dpft.config.upgrade import fill_option_defaults, upgrade
-from dpft.errors import UsageError
+from dpft.errors import ConfigError, DpftError, UsageError
 
 ConfigDict = ml_collections.ConfigDict
 
@@ -72,15 +74,37 @@ def _import_config_module(path: str) -> Any:
     return module
 
 
+@contextlib.contextmanager
+def _config_file_errors(path: str) -> Iterator[None]:
+    """A config file that does not import or whose get_config() raises: one line naming the file and
+    the line (`ConfigError`); the full traceback with DPFT_DEBUG=1."""
+    try:
+        yield
+    except DpftError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the user's code: any error, one line
+        if os.environ.get("DPFT_DEBUG") == "1":
+            raise
+        line = e.lineno if isinstance(e, SyntaxError) and e.filename == path else None
+        if line is None:
+            frames = [f for f in traceback.extract_tb(e.__traceback__) if os.path.abspath(f.filename) == os.path.abspath(path)]
+            line = frames[-1].lineno if frames else None
+        where = f"config file {path!r}" + (f", line {line}" if line else "")
+        raise ConfigError(f"{where}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+                          f"(DPFT_DEBUG=1 shows the traceback)") from None
+
+
 def _load_config_file(path_with_arg: str) -> ConfigDict:
     path, arg = _split_path_arg(path_with_arg)
     if not os.path.isfile(path):
         raise UsageError(f"config file {path!r} not found")
-    module = _import_config_module(path)
+    with _config_file_errors(path):
+        module = _import_config_module(path)
     get_config = getattr(module, "get_config", None)
     if get_config is None:
         raise UsageError(f"config file {path!r} has no get_config()")
-    config = get_config(arg) if arg is not None else get_config()
+    with _config_file_errors(path):
+        config = get_config(arg) if arg is not None else get_config()
     if not isinstance(config, ConfigDict):
         raise UsageError(f"config file {path!r}: get_config() returned {type(config).__name__}, not a ConfigDict")
     return config

@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from dpft.data.augment import AugmentConfig
 from dpft.data.base import ExampleTable
@@ -57,6 +58,14 @@ def load_tables(config: ml_collections.ConfigDict) -> dict[str, ExampleTable]:
         tables[split] = subsample_subgroup(tables[split], ImbalanceConfig(
             str(imb.attribute), str(imb.group), float(imb.fraction), seed=seed))
     return tables
+
+
+def patient_ids(config: ml_collections.ConfigDict, table: ExampleTable) -> np.ndarray | None:
+    """The patient id of every row of `table` where `config.data.name` has patients
+    (`DatasetSpec.has_patients`), else None (one example per unit; no records are read)."""
+    from dpft import data
+
+    return table.column("patient_id") if data.dataset(str(config.data.name)).has_patients else None
 
 
 def attribute_report(config: ml_collections.ConfigDict, tables: dict[str, ExampleTable],

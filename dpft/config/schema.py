@@ -19,6 +19,7 @@ import ml_collections
 
 from dpft.config.fields import (BOOL, FLOAT, GROUP, INT, NAMES, PATH, SPLIT, SPLITS, STR, Field, Kind, Range,
                                 kind_of)
+from dpft.privacy import limits
 from dpft.privacy.hyper_params import HYPER_PARAMS
 from dpft.privacy.individual.groups import MIN_GROUP_SIZE
 
@@ -97,7 +98,8 @@ _LEGACY = "2026-11-29"  # the run options that configs before this date kept in 
 
 FIELDS: dict[str, Field] = {
     "seed": Field(0, INT, "root of the PUBLIC random streams (init, augmentation, dropout); the noise and "
-                  "the Poisson selection come from a CSPRNG secret kept in the checkpoints", range=Range(0)),
+                  "the Poisson selection come from a CSPRNG secret kept in the checkpoints",
+                  range=Range(0, limits.MAX_SEED)),
     # -- model
     "model.name": Field("nfnet_f0", STR, "the model (nfnet_f0..nfnet_f7, nfnet_tiny, wrn_16_4, vit_b16, ...)",
                         choices=_models, choices_doc="a name of `dpft.models.registry.names()`",
@@ -163,7 +165,7 @@ FIELDS: dict[str, Field] = {
     "train.grad_method": Field("auto", STR, "how clipped per-example gradients are summed (same result); auto = "
                                "bookkeeping where the clipping mode allows it, else vmap", choices=_grad_methods,
                                added="2026-11-26"),
-    "train.num_updates": Field(100, INT, "optimizer updates", range=Range(1)),
+    "train.num_updates": Field(100, INT, "optimizer updates", range=Range(1, limits.MAX_STEPS)),
     "train.optimizer.name": Field("sgd", STR, "the optimizer (`dpft.config.optim.OPTIMIZERS`)", choices=_optimizers),
     "train.optimizer.learning_rate": Field(1.0, FLOAT, "peak learning rate", range=_POSITIVE),
     "train.optimizer.momentum": Field(0.0, FLOAT, "heavy-ball momentum (optimizer momentum)", range=_OPEN_UNIT),

@@ -262,7 +262,8 @@ def check_finite_update(info: Mapping[str, float], update: int, last_checkpoint:
         where = f"checkpoint {last_checkpoint}" if last_checkpoint is not None else "no checkpoint yet"
         raise NonFiniteError(
             f"update {update}: non-finite {', '.join(f'{k}={v}' for k, v in bad.items())}; stopped without "
-            f"saving (last saved: {where}); lower config.train.optimizer.learning_rate or check the data")
+            f"saving (last saved: {where}); lower config.train.optimizer.learning_rate in a new --workdir "
+            f"(a changed config cannot resume this one), or check the data")
 
 
 def check_finite_trees(trees: Mapping[str, Any], update: int) -> None:
@@ -278,4 +279,4 @@ def check_finite_trees(trees: Mapping[str, Any], update: int) -> None:
             bad.append(name)
     if bad:
         raise NonFiniteError(f"update {update}: non-finite values in {', '.join(bad)}; refusing to save a "
-                             f"checkpoint of them (lower config.train.optimizer.learning_rate)")
+                             f"checkpoint of them (lower config.train.optimizer.learning_rate, in a new --workdir)")

@@ -49,6 +49,9 @@ class DatasetSpec:
       `dpft prepare --out DIR` writes `DIR/index` and the option `index_dir` (a path) loads it.
       None: no index.
     needs_root: False for embedded data made in memory (no data directory, no files to check).
+    has_patients: True where the loader gives each example its patient's real id (a patient may
+      have several examples); the privacy plan then states the epsilon of the patient with the
+      most examples (`dpft.privacy.group`). False: one example per unit (patient_id = example_id).
     """
 
     load_splits: Callable[..., "dict[str, ExampleTable]"]
@@ -59,6 +62,7 @@ class DatasetSpec:
     path_options: tuple[str, ...] = ()
     index_key: Callable[[Any], Mapping[str, Any]] | None = None
     needs_root: bool = True
+    has_patients: bool = False
 
     def __post_init__(self) -> None:
         where = f"DatasetSpec of {getattr(self.load_splits, '__module__', self.load_splits)!s}"

@@ -276,5 +276,6 @@ DATASET = DatasetSpec(
     attribute_hint="race comes from the CHEXPERT DEMO table: "
                    "--config.data.options.demo_path=/path/CHEXPERT_DEMO.xlsx",
     path_options=("demo_path",),
+    has_patients=True,  # several studies / images per patient
     index_key=CheXpertOptions.index_key,  # `dpft prepare --out DIR` -> index_dir=DIR/index
 )

@@ -230,5 +230,6 @@ DATASET = DatasetSpec(
     attribute_hint="sex, age, race and insurance come from MIMIC-IV patients.csv.gz/admissions.csv.gz: "
                    "--config.data.options.mimic_iv_dir=/path/mimiciv/<version> (hosp/ or core/ are searched)",
     path_options=("mimic_iv_dir",),
+    has_patients=True,  # several studies / images per patient
     index_key=MimicOptions.index_key,  # `dpft prepare --out DIR` -> index_dir=DIR/index
 )

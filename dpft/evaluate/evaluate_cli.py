@@ -25,9 +25,10 @@ refused without creating anything.
 from __future__ import annotations
 
 import argparse
+import functools
 
 from dpft import paths as dpft_paths
-from dpft.errors import UsageError
+from dpft.errors import CheckpointError, UsageError
 from dpft.workdir import contract
 
 #: Why `--params` names an average the run did not keep (`contract.averages_kept`).
@@ -134,6 +135,10 @@ def predict_from_checkpoint(workdir: str, step: int | None, splits: list[str], p
 
     Needs only the workdir contract (`dpft.workdir.contract`): config.json, the checkpoint's config,
     params/EMA/Polyak, plan and ledger items; the model runs through `dpft.inference.predictor`."""
+    import numpy as np
+
+    from dpft import distributed
+    from dpft.config import build
     from dpft.inference.predictor import Predictor
     from dpft.workdir import checkpointing
 
@@ -141,19 +146,59 @@ def predict_from_checkpoint(workdir: str, step: int | None, splits: list[str], p
     if params in NOT_KEPT and params not in contract.averages_kept(config):
         raise UsageError(f"{workdir}: --params {params}, but this run {NOT_KEPT[params]}")
     step = _same_step_everywhere(workdir, step)
-    with checkpointing.pinned(workdir, step, items=contract.EVAL_ITEMS, print_fn=print_fn) as (ckpt, chosen):
-        config = contract.checkpoint_config(ckpt.directory, chosen)  # the model the checkpoint was trained as
-        with config.unlocked():
-            config.eval.splits = tuple(splits)
-        item, which = contract.eval_params(config, params)
-        predictor, template = Predictor.from_config(config)
-        print_fn(f"running the model of checkpoint {chosen} ({which} params, read from {ckpt.directory}/{chosen}) "
-                 f"over {', '.join(splits)} (and validation)...")
-        restored = ckpt.restore(chosen, targets={item: template}, items=(contract.PLAN, contract.LEDGER))
-    paths = predictor.write_predictions(workdir, chosen, restored.pytrees[item], which,
-                                        ledger=contract.checkpoint_ledger(restored, ckpt.directory),
-                                        plan=restored.json_items.get(contract.PLAN) or {})
+    verify = None  # step -> intact?, once the model's templates exist
+    try:
+        with checkpointing.pinned(workdir, step, items=contract.EVAL_ITEMS, print_fn=print_fn) as (ckpt, chosen):
+            config = contract.checkpoint_config(ckpt.directory, chosen)  # the model the checkpoint was trained as
+            with config.unlocked():
+                config.eval.splits = tuple(splits)
+            item, which = contract.eval_params(config, params)
+            predictor, template = Predictor.from_config(config)
+            print_fn(f"running the model of checkpoint {chosen} ({which} params, read from {ckpt.directory}/"
+                     f"{chosen}) over {', '.join(splits)} (and validation)...")
+            targets = {item: template, contract.UPDATE: distributed.replicate(np.zeros((), np.int32), predictor.mesh)}
+            verify = functools.partial(_intact, workdir, targets)
+            restored = ckpt.restore(chosen, targets=targets, items=(contract.PLAN, contract.LEDGER))
+            ledger = contract.checkpoint_ledger(restored, ckpt.directory)
+            # epsilon is recomputed from the run's config and data, never taken from the checkpoint's word
+            plan = contract.verified_plan(
+                config, num_examples=len(predictor.tables[build.train_split_name(config)]),
+                params=restored.pytrees[item], recorded_plan=restored.json_items.get(contract.PLAN) or {},
+                ledger=ledger, updates=int(np.asarray(restored.pytrees[contract.UPDATE])),
+                where=f"{workdir}: checkpoint {chosen}")
+    except checkpointing.CorruptCheckpoint as e:
+        raise CheckpointError(_corrupt_message(workdir, e, verify)) from None
+    paths = predictor.write_predictions(workdir, chosen, restored.pytrees[item], which, ledger=ledger, plan=plan)
     return chosen, paths
+
+
+def _intact(workdir: str, targets: dict, step: int) -> bool:
+    """Whether checkpoint `step` of `workdir` restores `targets`, its plan and ledger with every checksum."""
+    from dpft.workdir import checkpointing
+
+    try:
+        with checkpointing.pinned(workdir, step, items=contract.EVAL_ITEMS, print_fn=lambda *a: None) as (ckpt, s):
+            ckpt.restore(s, targets=targets, items=(contract.PLAN, contract.LEDGER))
+        return True
+    except CheckpointError:
+        return False
+
+
+def _corrupt_message(workdir: str, error, verify) -> str:
+    """The corrupt checkpoint by its real path (not the pinned snapshot's) and the newest intact older one
+    (checked with `verify` where the model's templates were built, else only named)."""
+    from dpft.workdir import checkpointing
+
+    real = dpft_paths.join(checkpointing.checkpoint_dir(workdir), str(error.step))
+    with checkpointing.Checkpointer(workdir, read_only=True) as live:
+        older = [s for s in sorted(live.all_steps(), reverse=True) if s < error.step]
+    if verify is not None:
+        good = next((s for s in older if verify(s)), None)
+        hint = (f"the newest intact checkpoint is {good}: rerun with --checkpoint {good}" if good is not None
+                else "no older checkpoint is intact")
+    else:
+        hint = f"try an older one: --checkpoint {older[0]}" if older else "there is no older checkpoint"
+    return f"checkpoint {real} is corrupt: {error.reason}; {hint}"
 
 
 def run(args: argparse.Namespace) -> int:

@@ -28,11 +28,22 @@ def direction(metric: str) -> str:
     return "higher is better" if higher_is_better(metric) else "lower is better"
 
 
+def privacy_text(meta: Mapping[str, Any]) -> str:
+    """What a report says of the run's privacy: non-private, "epsilon=.., delta=..", or NO guarantee
+    where the noise was public (insecure fixed seed, or updates before a resume without a secret)."""
+    if meta.get("epsilon") is None:
+        return "non-private"
+    eps = f"epsilon={meta['epsilon']:.2f}, delta={meta['delta']:g}"
+    if meta.get("guarantee_valid") is False:
+        return f"NO privacy guarantee (the run's noise was public; nominal {eps})"
+    return eps
+
+
 def render_markdown(result: Mapping[str, Any]) -> str:
     """report.md: meta and rules, overall table, per attribute a group table, gaps, gap to best, parity."""
     meta = result["meta"]
     level = int(round(meta["bootstrap"]["ci_level"] * 100))
-    eps = "non-private" if meta.get("epsilon") is None else f"epsilon={meta['epsilon']:.2f}, delta={meta['delta']:g}"
+    eps = privacy_text(meta)
     lines = [f"# Evaluation: {meta['split']} at step {meta['step']} ({meta['params']} params)", "",
              f"- task: {meta['task']}; {eps}",
              f"- {meta['n_examples']} examples (images) from {meta['n_patients']} patients",

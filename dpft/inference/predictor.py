@@ -133,7 +133,7 @@ class Predictor:
         """`workdir/predictions/<step>/<split>.npz` of `params` (`which`: ema, raw or polyak) for each
         prediction split (`contract.prediction_splits`) the data has -> {split: path}; epsilon and delta
         from the run's `ledger` and public `plan` dict. Every host runs the model (its shard); process 0 writes."""
-        epsilon, delta = contract.predictions_privacy(ledger, plan)
+        epsilon, delta, valid = contract.predictions_privacy(ledger, plan)
         paths = {}
         for split in contract.prediction_splits(self.config):
             if split not in self.tables:
@@ -148,7 +148,7 @@ class Predictor:
                 path, example_id=out["example_id"], patient_id=out["patient_id"], logits=out["logits"],
                 label=out["label"], label_mask=out.get("label_mask"), attrs=attrs, task=table.task,
                 class_names=table.class_names, eval_tasks=table.eval_tasks, step=step, params=which,
-                epsilon=epsilon, delta=delta)
+                epsilon=epsilon, delta=delta, guarantee_valid=valid)
             paths[split] = path
         return paths
 

@@ -175,7 +175,7 @@ def apply_haiku_tree(model: nnx.Module, tree: Mapping[str, Mapping[str, Any]], *
             raise CheckpointError(f"{source}: parameter {module}/{param} has shape "
                                   f"{tuple(np.shape(value))}, model expects {shape}")
         var = flat[path]
-        var.set_value(jnp.asarray(np.asarray(value), dtype=var.get_value().dtype))
+        var.set_value(jnp.asarray(checked_weight(value, f"{source}: {module}/{param}"), dtype=var.get_value().dtype))
     nnx.update(model, state)
     return sorted(kept)
 
@@ -336,6 +336,21 @@ class RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
     dispatch[pickle.ADDITEMS[0]] = lambda self: self._refuse("ADDITEMS")
     dispatch[pickle.INST[0]] = lambda self: self._refuse("INST")
     dispatch[pickle.OBJ[0]] = lambda self: self._refuse("OBJ")
+
+
+def checked_weight(value: Any, where: str) -> np.ndarray:
+    """`value` as an array if it is numeric (bool, int or float, bfloat16 included) and finite;
+    CheckpointError naming `where` otherwise (string/object arrays, NaN or inf weights would fail
+    much later, or train until update 1 and then blame the learning rate)."""
+    a = np.asarray(value)
+    if not (a.dtype.kind in "biu" or jnp.issubdtype(a.dtype, jnp.floating)):
+        raise CheckpointError(f"{where}: dtype {a.dtype} is not numeric (weights are float, int or bool arrays)")
+    if jnp.issubdtype(a.dtype, jnp.floating):
+        finite = np.isfinite(a.astype(np.float32))
+        if not finite.all():
+            raise CheckpointError(f"{where}: {int(finite.size - finite.sum())} non-finite value(s) (NaN or inf) "
+                                  f"of {finite.size} in the pre-trained weights")
+    return a
 
 
 def _to_plain(node: Any, where: str) -> Any:

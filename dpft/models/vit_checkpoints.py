@@ -40,7 +40,7 @@ from flax import nnx
 
 from dpft import atomic_io, paths, remote_files
 from dpft.models import registry
-from dpft.models.checkpoints import CheckpointError, classes_of_head, head_keys
+from dpft.models.checkpoints import CheckpointError, checked_weight, classes_of_head, head_keys
 from dpft.models.vit import ViT
 
 log = logging.getLogger(__name__)
@@ -251,7 +251,7 @@ def apply_flat(model: ViT, flat: Mapping[str, np.ndarray], *, allow_missing: Ite
             continue
         if key not in flat:
             raise CheckpointError(f"{source}: missing parameter {key} (model expects shape {shape})")
-        value = flat[key]
+        value = checked_weight(flat[key], f"{source}: {key}")
         if key == "pos_embedding" and value.shape != shape and value.ndim == 3 and value.shape[2] == shape[2]:
             value = resample_posemb(value, int(round(np.sqrt(shape[1]))))
             log.info("%s: pos_embedding resampled from %s to %s", source, flat[key].shape, shape)

@@ -14,4 +14,5 @@ Modules (one job each; this file imports none of them, so `dpft accountant` star
   individual      per-example (individual) privacy accounting: norms, epsilons, groups, files, hook
   audit           statistics of the empirical privacy audit (Dirac canaries)
   accountant_cli  the `dpft accountant` command
+  limits          numeric limits every command shares (updates, seeds, canaries)
 """

@@ -16,9 +16,10 @@ import math
 
 from dpft.errors import UsageError
 from dpft.privacy import accounting
+from dpft.privacy import limits
 from dpft.privacy.accounting import SIGMA_RANGE
 
-MAX_STEPS = 10**7
+MAX_STEPS = limits.MAX_STEPS
 # PLD's memory grows with the epsilon it represents (an epsilon of 10^4 at 10^7 steps needs
 # tens of GiB): above this RDP upper bound the PLD accountant is not run.
 PLD_EPSILON_LIMIT = 100.0

@@ -31,7 +31,10 @@ import numpy as np
 
 SECRET_BYTES = 32
 SECRET_FORMAT = "dpft.secret/1"
-SOURCES = ("csprng", "insecure_fixed_noise_seed")
+#: csprng: a fresh secret (a valid guarantee); insecure_fixed_noise_seed: public (tests only);
+#: csprng_after_public_noise: fresh, but drawn when resuming a checkpoint that held no secret, so
+#: the updates before it used public noise (no guarantee for the run).
+SOURCES = ("csprng", "insecure_fixed_noise_seed", "csprng_after_public_noise")
 NOISE_DOMAIN = b"dpft-noise"
 SELECTION_DOMAIN = b"dpft-selection"
 DROPOUT_DOMAIN = 0xD0_0A17  # fold_in tag of the public dropout stream (never a fold of the noise key)
@@ -95,10 +98,18 @@ def _derive(secret: RunSecret, domain: bytes, nbytes: int) -> bytes:
     return hashlib.blake2b(secret.value, digest_size=nbytes, person=domain).digest()
 
 
+#: Independent threefry streams the noise is drawn from (`dpft.privacy.noise.privatize` sums them):
+#: 64 key bits each, so predicting the noise means guessing NOISE_STREAMS * 64 = 128 bits.
+NOISE_STREAMS = 2
+NOISE_KEY_BITS = 64 * NOISE_STREAMS
+
+
 def noise_base_key(secret: RunSecret) -> jax.Array:
-    """The run's noise key (threefry, 64 bits derived from the 256-bit secret)."""
-    words = np.frombuffer(_derive(secret, NOISE_DOMAIN, 8), dtype="<u4").astype(np.uint32)
-    return jax.random.wrap_key_data(words, impl="threefry2x32")
+    """The run's noise key: NOISE_STREAMS independent threefry keys (key array [NOISE_STREAMS]) from
+    NOISE_KEY_BITS = 128 bits derived from the 256-bit secret (one 64-bit threefry key alone could
+    be found by a 2^64 search)."""
+    words = np.frombuffer(_derive(secret, NOISE_DOMAIN, 8 * NOISE_STREAMS), dtype="<u4").astype(np.uint32)
+    return jax.random.wrap_key_data(words.reshape(NOISE_STREAMS, 2), impl="threefry2x32")
 
 
 def selection_entropy(secret: RunSecret) -> int:
@@ -114,4 +125,4 @@ def dropout_key(seed: int, update: int | jax.Array) -> jax.Array:
     return jax.random.fold_in(base, update)
 
 
-__all__ = ["RunSecret", "noise_base_key", "selection_entropy", "dropout_key"]
+__all__ = ["RunSecret", "NOISE_STREAMS", "NOISE_KEY_BITS", "noise_base_key", "selection_entropy", "dropout_key"]

@@ -6,28 +6,43 @@ coordinate, then is divided by the *expected* batch size N*q (a public constant,
 the realised count). The key is `fold_in(noise base key, update index)`; the base key comes
 from the run's CSPRNG secret (`dpft.privacy.keys`), so it is identical on every device and
 host (every replica applies the same update) and no public value suffices to recompute it.
+The base key is `keys.NOISE_STREAMS` (2) independent threefry keys; each coordinate's draw is
+(z_1 + z_2) / sqrt(2), z_s ~ N(0, 1) from stream s, so recomputing the noise needs all 128 key bits.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from dpft.privacy import keys
+
 PyTree = Any
 
 
 def noise_key(base_key: jax.Array, update_index: int | jax.Array) -> jax.Array:
-    """Key of the noise of update `update_index`: fold_in(base_key, update_index).
+    """Keys [NOISE_STREAMS] of the noise of update `update_index`: fold_in(stream key, update_index)
+    for each stream of `base_key`.
 
     `base_key` is `dpft.privacy.keys.noise_base_key(secret)` (pass it as a traced argument,
     never as a compile-time constant). Pure function of its inputs, so identical on every
     device and host. `update_index` may be a traced integer scalar.
     """
-    if isinstance(base_key, int):
-        raise TypeError("noise_key takes the run's secret noise key (dpft.privacy.keys.noise_base_key), "
-                        "not an integer seed")
-    return jax.random.fold_in(base_key, update_index)
+    if isinstance(base_key, int) or jnp.shape(base_key) != (keys.NOISE_STREAMS,):
+        raise TypeError("noise_key takes the run's secret noise key (dpft.privacy.keys.noise_base_key: "
+                        f"{keys.NOISE_STREAMS} threefry keys), not {base_key!r:.80}")
+    return jax.vmap(lambda k: jax.random.fold_in(k, update_index))(base_key)
+
+
+def standard_normals(key: jax.Array, shapes: list[tuple[int, ...]]) -> list[jax.Array]:
+    """float32 N(0, 1) arrays of `shapes` from the [NOISE_STREAMS] keys of `noise_key`: the mean of
+    the streams' independent draws, times sqrt(NOISE_STREAMS) (so exactly unit variance)."""
+    per_stream = [jax.random.split(k, len(shapes)) for k in key]
+    scale = jnp.float32(1.0 / math.sqrt(keys.NOISE_STREAMS))
+    return [scale * sum(jax.random.normal(ks[i], shape, jnp.float32) for ks in per_stream)
+            for i, shape in enumerate(shapes)]
 
 
 def _is_concrete_zero(x: Any) -> bool:
@@ -40,8 +55,9 @@ def privatize(grad_sum: PyTree, key: jax.Array, *, noise_multiplier: float | jax
 
     Args:
       grad_sum: pytree of float arrays, the global sum of clipped per-example gradients.
-      key: from `noise_key(base_key, update_index)`; leaf i uses `split(key, n_leaves)[i]`
-        (leaves in `jax.tree.leaves` order).
+      key: [NOISE_STREAMS] from `noise_key(base_key, update_index)`; leaf i gets
+        (N(split(key[0], n)[i]) + N(split(key[1], n)[i])) / sqrt(2), n = n_leaves (leaves in
+        `jax.tree.leaves` order).
       noise_multiplier: sigma >= 0 (a Python 0 skips drawing: exact mean of the clipped sum).
       clip_norm: C, the L2 sensitivity of grad_sum (`engine.sensitivity`).
       expected_batch_size: N*q > 0 (`sampling.expected_batch_size`).
@@ -58,7 +74,6 @@ def privatize(grad_sum: PyTree, key: jax.Array, *, noise_multiplier: float | jax
     leaves = [jnp.asarray(x, jnp.float32) for x in leaves]
     if not _is_concrete_zero(noise_multiplier) and leaves:
         std = jnp.asarray(noise_multiplier, jnp.float32) * clip_norm
-        keys = jax.random.split(key, len(leaves))
-        leaves = [x + std * jax.random.normal(k, x.shape, jnp.float32) for x, k in zip(leaves, keys)]
+        leaves = [x + std * z for x, z in zip(leaves, standard_normals(key, [x.shape for x in leaves]))]
     leaves = [x / expected_batch_size for x in leaves]
     return jax.tree.unflatten(treedef, leaves)

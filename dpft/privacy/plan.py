@@ -61,6 +61,9 @@ class PrivacyPlan:
     accountant: str
     grad_method: str  # "vmap" | "bookkeeping"
     secret: keys.RunSecret = dataclasses.field(repr=False, compare=False)
+    #: How the examples group into patients and the epsilon of the patient with the most images
+    #: (`dpft.privacy.group.patient_report`); None where not computed (no table, not private).
+    patients: dict | None = None
 
     def __post_init__(self) -> None:
         if self.grad_method not in GRAD_METHODS:
@@ -173,6 +176,9 @@ class PrivacyPlan:
             "num_updates": self.num_updates, "accountant": self.accountant, "grad_method": self.grad_method,
             "sampling": "poisson", "secret_source": self.secret.source,
             "guarantee_valid": self.guarantee_valid,
+            # The privacy unit: one example (an image). A patient with several images is protected by
+            # group privacy only: "patients" gives their epsilon (dpft.privacy.group).
+            "unit": "example", "num_units": self.num_examples, "patients": self.patients,
         }
 
     @property

@@ -54,15 +54,16 @@ def synthetic_predictions(n: int = 400, *, task: str = "multilabel", seed: int =
 
 def write_synthetic_workdir(workdir: str | os.PathLike, *, task: str = "multilabel", step: int = 100,
                             n_test: int = 400, n_val: int = 300, epsilon: float | None = 8.0, seed: int = 0,
-                            bias: float = 1.0) -> dict[str, str]:
-    """A tiny workdir: config.json + predictions/<step>/{validation,test}.{npz,json}. Returns their paths."""
+                            bias: float = 1.0, guarantee_valid: bool | None = None) -> dict[str, str]:
+    """A tiny workdir: config.json + predictions/<step>/{validation,test}.{npz,json}. Returns their paths.
+    `guarantee_valid` False: predictions of a run whose noise was public (epsilon nominal)."""
     workdir = Path(workdir)
     pred_dir = workdir / "predictions" / str(step)
     delta = 1e-5 if epsilon is not None else None
     out = {}
     for split, n, s in (("validation", n_val, seed + 1), ("test", n_test, seed)):
         npz, _ = write_predictions(pred_dir / split, step=step, epsilon=epsilon, delta=delta,
-                                   **synthetic_predictions(n, task=task, seed=s, bias=bias))
+                                   guarantee_valid=guarantee_valid, **synthetic_predictions(n, task=task, seed=s, bias=bias))
         out[split] = npz
     config = {"privacy": {"enabled": epsilon is not None, "epsilon": epsilon, "delta": delta}}
     atomic_io.write_json(workdir / "config.json", config, indent=2)

@@ -20,9 +20,10 @@ import numpy as np
 from dpft.config.fields import FLOAT, INT, STR, Range
 from dpft.config.options import dataclass_problems, option
 from dpft.config.schema import FIELDS as RUN_FIELDS
+from dpft.privacy import limits
 from dpft.privacy.audit import best_guess_bound, guess_counts
 
-MAX_SEED = 2**32 - 1  # seeds are uint32
+MAX_SEED = limits.MAX_SEED  # seeds are uint32
 _UNIT_OPEN = Range(0.0, 1.0, low_open=True, high_open=True)  # (0, 1)
 
 
@@ -40,7 +41,7 @@ class AuditConfig:
     guess_fractions: the (k+ = k-) candidates as fractions of m / 2 (Bonferroni over them).
     """
 
-    num_canaries: int = option(1000, INT, "number of canaries m", range=Range(2))
+    num_canaries: int = option(1000, INT, "number of canaries m", range=Range(2, limits.MAX_CANARIES))
     steps: int = option(100, INT, "optimizer updates T", range=Range(1, 10**6))
     sampling_rate: float = option(0.1, FLOAT, "Poisson rate q", range=Range(0.0, 1.0, low_open=True))
     epsilon: float | None = option(1.0, FLOAT, "target epsilon; the noise multiplier is calibrated to it",

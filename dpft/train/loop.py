@@ -22,7 +22,7 @@ Faults: a run holds an exclusive lock on its workdir (`dpft.train.workdir_lock`)
 latest checkpoint (unreadable item or checksum mismatch) is reported, moved to
 `WORKDIR/corrupt_checkpoints/` and the newest intact one is used; if none is intact the run
 refuses to start (never from scratch over existing checkpoints). The restored ledger must
-match the update counter and the plan (`dpft.train.resume`, `dpft.train.ledger_check`);
+match the update counter and the plan (`dpft.train.resume`, `dpft.workdir.ledger_check`);
 `ledger.json` is rewritten from the restored checkpoint at every start. A non-finite loss,
 gradient or parameter stops the run before a checkpoint of it is saved.
 """
@@ -307,8 +307,12 @@ class Trainer(wiring.RunParts):
         if contract.SECRET in items:
             wiring.use_secret(self, keys.RunSecret.from_json(items[contract.SECRET]))
         else:
+            fresh = self.plan.secret
+            if fresh.is_secure:  # the updates so far used public noise: no guarantee for this run
+                wiring.use_secret(self, keys.RunSecret(fresh.value, "csprng_after_public_noise"))
             self.print(f"WARNING: the checkpoint at update {self.updates_done} holds no run secret (written "
-                       "before secret noise); the remaining updates use this start's fresh secret")
+                       "before secret noise): its updates used public noise, so this run has NO privacy "
+                       "guarantee; the remaining updates use this start's fresh secret")
         if self.individual is not None and contract.INDIVIDUAL in items:
             self.individual.restore(self.workdir, items[contract.INDIVIDUAL])
         checked = f"{restored.verified} arrays verified" + (f", {restored.unchecked} without checksum"

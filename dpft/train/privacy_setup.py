@@ -1,11 +1,12 @@
-"""The privacy side of a run's set-up: its loss, clipping, secret and privacy plan from the config.
+"""The privacy side of a run's set-up: its loss and its secret (drawn once, shared by every process).
 
-What the config builds apart from privacy (tables, augmentation, model) is `dpft.config.build`.
+The clipping and the privacy plan of a config are `dpft.config.run_plan`; what the config builds
+apart from privacy (tables, augmentation, model) is `dpft.config.build`.
 """
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 from jax.experimental import multihost_utils
@@ -14,10 +15,10 @@ import numpy as np
 
 from dpft import distributed
 from dpft.errors import UsageError
-from dpft.privacy import adapters, clipping, engine, keys
-from dpft.privacy import plan as plan_lib
+from dpft.privacy import adapters, keys
 
 log = logging.getLogger(__name__)
+
 
 def per_view_loss(task: str) -> Callable:
     if task == "multiclass":
@@ -25,15 +26,6 @@ def per_view_loss(task: str) -> Callable:
     if task == "multilabel":
         return adapters.sigmoid_binary_cross_entropy_loss
     raise UsageError(f"unknown task {task!r}")
-
-
-def clipping_config(config: ml_collections.ConfigDict) -> engine.ClippingConfig:
-    """The clipping of `config.privacy`: its mode with the hyper-parameters the mode's record reads
-    from the run config (clip_norm, gamma, ...); "none" for the non-private baseline."""
-    if not config.privacy.enabled:
-        return engine.NO_CLIPPING
-    mode = config.privacy.clipping
-    return engine.ClippingConfig(mode=mode, **clipping.run_config_values(mode, config.privacy))
 
 
 def run_secret(config: ml_collections.ConfigDict) -> keys.RunSecret:
@@ -58,19 +50,3 @@ def shared_run_secret(config: ml_collections.ConfigDict, print_fn: Callable[[str
         print_fn("WARNING: config.privacy.insecure_fixed_noise_seed is set: the noise and the batch "
                  "selection are a public function of it; this run has NO privacy guarantee")
     return secret
-
-
-def privacy_plan(config: ml_collections.ConfigDict, num_examples: int, params: Any,
-                 secret: keys.RunSecret) -> plan_lib.PrivacyPlan:
-    """The run's privacy plan (`dpft.privacy.plan.make_plan`) from `config.privacy` and `config.train`."""
-    p, t = config.privacy, config.train
-    try:
-        return plan_lib.make_plan(
-            enabled=bool(p.enabled), num_examples=int(num_examples), batch_size=float(t.batch_size),
-            num_updates=int(t.num_updates), clipping=clipping_config(config), params=params, secret=secret,
-            epsilon=float(p.epsilon) if p.epsilon else None,
-            noise_multiplier=float(p.noise_multiplier) if p.noise_multiplier else None,
-            delta=float(p.delta) if p.delta else None, accountant=str(p.accountant),
-            grad_method=str(t.grad_method))
-    except plan_lib.PlanError as e:
-        raise UsageError(f"invalid privacy plan (config.privacy, config.train): {e}") from None

@@ -3,7 +3,7 @@
 `read_checkpoint` reads one step for `dpft.workdir.checkpointing.newest_intact`: the config it was
 trained with must be the run's (`check_resume_config`, before any array is read: a changed model
 would fail inside orbax), every item must read back intact, and its ledger must compose exactly its
-update counter with the plan's (q, sigma) (`dpft.train.ledger_check`).
+update counter with the plan's (q, sigma) (`dpft.workdir.ledger_check`).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from dpft.config.schema import resumable_fields
 from dpft.config.validation import same_value
 from dpft.errors import UsageError
 from dpft.privacy.plan import PrivacyPlan
-from dpft.train import ledger_check
+from dpft.workdir import ledger_check
 from dpft.workdir import checkpointing, contract
 
 

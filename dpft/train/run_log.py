@@ -79,12 +79,32 @@ def announcement(plan: PrivacyPlan, config: ml_collections.ConfigDict) -> list[s
     else:
         first = (f"non-private: N={p.num_examples}, expected batch {p.expected_batch_size:g}, "
                  f"{p.num_updates} updates (same code path, no clipping, no noise)")
-    return [first, f"devices: {jax.device_count()} ({jax.process_count()} process(es)), "
+    return [first, *patient_lines(p), f"devices: {jax.device_count()} ({jax.process_count()} process(es)), "
                    f"physical batch {config.train.physical_batch_size} per host, "
                    f"microbatch {config.train.microbatch_size}, augmult {config.data.augmult}"]
 
 
+def patient_lines(plan: PrivacyPlan) -> list[str]:
+    """The privacy unit, and the warning for data with several images per patient (`plan.patients`)."""
+    pt = plan.patients
+    if not plan.enabled or not pt:
+        return []
+    if pt["max_images"] == 1:
+        return [f"privacy unit: one example; {pt['count']} patients with one image each: epsilon per patient = "
+                f"epsilon per image"]
+    eps = pt["epsilon_of_the_patient_with_the_most_images"]
+    return [f"WARNING: privacy unit: one example (an image), not a patient. {pt['count']} patients with up to "
+            f"{pt['max_images']} images: the patient with the most has epsilon {eps:.4g} at delta {plan.delta:.3g} "
+            f"(group privacy, PLD), not {plan.epsilon_after(plan.num_updates):.4g} (privacy_plan.json: patients)"]
+
+
 def final_line(final: Mapping[str, float], plan: PrivacyPlan, epsilon: float) -> str:
     """The last line of a completed run: its final metrics and epsilon."""
-    return ("final: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items())
-            + (f", epsilon {epsilon:.4g} (delta {plan.delta:.3g})" if plan.enabled else ", non-private"))
+    if not plan.enabled:
+        privacy = ", non-private"
+    elif not plan.guarantee_valid:
+        privacy = (f", NO privacy guarantee (secret: {plan.secret.source}; nominal epsilon {epsilon:.4g}, "
+                   f"delta {plan.delta:.3g})")
+    else:
+        privacy = f", epsilon {epsilon:.4g} (delta {plan.delta:.3g})"
+    return "final: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()) + privacy

@@ -33,6 +33,8 @@ def run(args: argparse.Namespace) -> int:
     # Local, or gs:// / s3:// / az:// through etils.epath (workdir, data, pre-trained checkpoint).
     paths.check_supported(args.workdir, "--workdir")
     paths.check_credentials(args.workdir, "--workdir")  # gs:// without credentials: one line, at once
+    from dpft.workdir import contract
+    contract.refuse_export_as_run(args.workdir)
     paths.check_supported(config.data.root, "config.data.root")
     paths.check_supported(config.model.checkpoint, "config.model.checkpoint")
     from dpft.data import path_options

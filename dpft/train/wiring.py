@@ -17,7 +17,7 @@ import ml_collections
 import optax
 
 from dpft import distributed, paths
-from dpft.config import build, optim
+from dpft.config import build, optim, run_plan
 from dpft.config.validation import validate
 from dpft.data import pipeline
 from dpft.data.augment import AugmentConfig
@@ -66,12 +66,17 @@ def build_run(config: ml_collections.ConfigDict, workdir: str, *, print_fn: Call
     tables = build.load_tables(config)
     coverage = build.attribute_report(config, tables, say)  # printed, checked
     split = train_split(config, tables)
+    unknown = [s for s in config.eval.splits if s not in tables]
+    if unknown:  # a typo would silently evaluate nothing on it
+        raise UsageError(f"config.eval.splits={list(config.eval.splits)}: {unknown} not among the splits of data set "
+                         f"{config.data.name!r}: {sorted(tables)}")
     table = tables[split]
     validate(config, num_examples=len(table), num_devices=jax.local_device_count())
     augment = build.augment_config(config)
     model = build.build_model(config, table.num_classes)
     loss_fn, params, merge = adapters.nnx_loss_fn(model, privacy_setup.per_view_loss(table.task))
-    plan = privacy_setup.privacy_plan(config, len(table), params, privacy_setup.shared_run_secret(config, say))
+    plan = run_plan.privacy_plan(config, len(table), params, privacy_setup.shared_run_secret(config, say),
+                                       patient_ids=build.patient_ids(config, table))
     step_cfg = step_lib.StepConfig(plan=plan, microbatch_size=int(config.train.microbatch_size),
                                    ema_decay=float(config.train.ema_decay), polyak=bool(config.train.polyak))
     optimizer = optim.make_optimizer(config.train)

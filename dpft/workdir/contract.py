@@ -16,7 +16,7 @@ import ml_collections
 
 from dpft import atomic_io, paths, remote_files
 from dpft.config.base import config_from_json, config_to_json
-from dpft.errors import UsageError
+from dpft.errors import CheckpointError, UsageError
 
 if TYPE_CHECKING:  # imported where used: the names and paths above load without jax or dp-accounting
     from dpft.privacy.accounting import Ledger
@@ -27,6 +27,7 @@ CONFIG_FILE = "config.json"  # the resolved config
 LEDGER_FILE = "ledger.json"  # accountant events that ran (also inside each checkpoint)
 PLAN_FILE = "privacy_plan.json"  # the plan's public dict (PrivacyPlan.to_dict: no secret)
 COVERAGE_FILE = "attribute_coverage.json"  # fairness attributes per split (dpft.data.coverage)
+EXPORT_FILE = "EXPORT.json"  # marks a release made by `dpft export` (no secret, no optimizer state)
 PREDICTIONS_DIR = "predictions"  # predictions/<step>/<split>.npz (+ .json)
 EVAL_DIR = "eval"  # eval/<step>/metrics.json, report.md, *.png
 VALIDATION = "validation"  # the split where decision thresholds are chosen
@@ -36,7 +37,7 @@ PARAMS, OPT_STATE, UPDATE, EMA, POLYAK = "params", "opt_state", "update", "ema",
 DATA_STATE, LEDGER, CONFIG, PLAN, SECRET, INDIVIDUAL = (  # JSON documents
     "data_state", "ledger", "config", "plan", "secret", "individual")
 #: The items evaluation reads (copied from a remote workdir): never opt_state or the run's secret.
-EVAL_ITEMS = (PARAMS, EMA, POLYAK, CONFIG, PLAN, LEDGER)
+EVAL_ITEMS = (PARAMS, EMA, POLYAK, UPDATE, CONFIG, PLAN, LEDGER)
 #: Which parameters made predictions (predictions' `params`) -> the checkpoint item holding them.
 PARAMS_ITEMS = {"ema": EMA, "raw": PARAMS, "polyak": POLYAK}
 
@@ -96,11 +97,58 @@ def epsilon_spent(ledger: Ledger, plan: Mapping[str, Any]) -> float:
     return ledger.epsilon(float(plan["delta"]), str(plan.get("accountant", "pld")))
 
 
-def predictions_privacy(ledger: Ledger, plan: Mapping[str, Any]) -> tuple[float | None, float | None]:
-    """(epsilon, delta) that predictions metadata states; (None, None) for a non-private run."""
+def predictions_privacy(ledger: Ledger, plan: Mapping[str, Any]) -> tuple[float | None, float | None, bool | None]:
+    """(epsilon, delta, guarantee_valid) that predictions metadata states; (None, None, None) for a
+    non-private run. guarantee_valid False: epsilon is nominal (the noise was public, see the plan)."""
     if not plan.get("enabled"):
-        return None, None
-    return epsilon_spent(ledger, plan), float(plan["delta"])
+        return None, None, None
+    return epsilon_spent(ledger, plan), float(plan["delta"]), plan.get("guarantee_valid") is not False
+
+
+# ---------------------------------------------------------------- a checkpoint's privacy record, checked
+#: The plan fields that decide epsilon: a checkpoint's recorded plan must agree with its config on each.
+EPSILON_FIELDS = ("enabled", "num_examples", "sampling_rate", "noise_multiplier", "delta", "accountant",
+                  "num_updates")
+
+
+def verified_plan(config: ml_collections.ConfigDict, *, num_examples: int, params: Any,
+                  recorded_plan: Mapping[str, Any], ledger: Ledger, updates: int, where: str) -> dict[str, Any]:
+    """The public plan dict to state epsilon with, once a checkpoint's `recorded_plan` and `ledger` are
+    checked against the plan its `config` gives for `num_examples` training examples
+    (`dpft.config.run_plan.privacy_plan`, as `dpft train` computed it): every field in EPSILON_FIELDS
+    agrees, and the ledger composes exactly `updates` (the checkpoint's checksummed update counter)
+    events of that (q, sigma) (`dpft.workdir.ledger_check`). Otherwise CheckpointError (exit 3)
+    naming the field: an edited ledger or plan never yields a different epsilon."""
+    from dpft.config import run_plan
+    from dpft.privacy import keys
+    from dpft.workdir import ledger_check
+
+    try:  # any secret: q, sigma and delta do not depend on it
+        expected = run_plan.privacy_plan(config, num_examples, params, keys.RunSecret.insecure_fixed(0)).to_dict()
+    except UsageError as e:
+        raise CheckpointError(f"{where}: its config gives no valid privacy plan ({e}); refusing to report an "
+                              f"epsilon") from None
+    for field in EPSILON_FIELDS:
+        got, want = recorded_plan.get(field), expected[field]
+        same = (got == want if isinstance(want, (bool, str)) or want is None
+                else isinstance(got, (int, float)) and not isinstance(got, bool)
+                and math.isclose(float(got), float(want), rel_tol=1e-9, abs_tol=0.0))
+        if not same:
+            raise CheckpointError(f"{where}: the recorded privacy plan has {field}={got!r} but the run's config "
+                                  f"and data give {want!r}: the plan or ledger was edited, or the data changed; "
+                                  f"refusing to report an epsilon")
+    ledger_check.check_ledger(ledger, updates=updates, sampling_rate=expected["sampling_rate"],
+                              noise_multiplier=expected["noise_multiplier"], private=bool(expected["enabled"]),
+                              where=where, action="report an epsilon")
+    return {**dict(recorded_plan), **{f: expected[f] for f in EPSILON_FIELDS}}
+
+
+def refuse_export_as_run(workdir: str) -> None:
+    """UsageError when `workdir` is a release of `dpft export`: it has no secret, optimizer state or
+    data position, so training cannot continue in it."""
+    if paths.isfile(workdir_file(workdir, EXPORT_FILE)):
+        raise UsageError(f"--workdir {workdir} is a release made by `dpft export` (no secret, no optimizer state): "
+                         f"it can be evaluated, not trained; train in a new --workdir")
 
 
 # ---------------------------------------------------------------- reading

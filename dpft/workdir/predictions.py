@@ -3,7 +3,8 @@
 `<split>.npz` holds `example_id` int [N], `patient_id` str [N], `logits` float32 [N, C],
 `label` int [N] (multiclass) or float32 [N, L] (multilabel, 0/1), `label_mask` float32 [N, L]
 (multilabel; 0 = ignored), `attr_<name>` str [N] per subgroup attribute. `<split>.json` beside it
-holds `{"task", "class_names", "eval_tasks", "step", "params", "epsilon", "delta"}`.
+holds `{"task", "class_names", "eval_tasks", "step", "params", "epsilon", "delta"}` and
+`"guarantee_valid"` (false: epsilon is nominal, the run's noise was public; absent in older files).
 
 Strings are stored as fixed-width unicode arrays so the file loads with `allow_pickle=False`.
 Synthetic predictions and workdirs for tests and notebooks: `dpft.testing.predictions`.
@@ -50,6 +51,7 @@ class Predictions:
     epsilon: float | None
     delta: float | None
     path: str = ""
+    guarantee_valid: bool | None = None  # False: epsilon is nominal (public noise); None: non-private / not recorded
 
     @property
     def n(self) -> int:
@@ -70,7 +72,8 @@ class Predictions:
 
     def meta(self) -> dict[str, Any]:
         return {"task": self.task, "class_names": list(self.class_names), "eval_tasks": list(self.eval_tasks),
-                "step": self.step, "params": self.params, "epsilon": self.epsilon, "delta": self.delta}
+                "step": self.step, "params": self.params, "epsilon": self.epsilon, "delta": self.delta,
+                "guarantee_valid": self.guarantee_valid}
 
 
 def split_paths(path: str | os.PathLike) -> tuple[Path, Path]:
@@ -142,7 +145,8 @@ def write_predictions(path: str | os.PathLike, *, example_id: np.ndarray, patien
                       logits: np.ndarray, label: np.ndarray, label_mask: np.ndarray | None = None,
                       attrs: Mapping[str, Sequence[str] | np.ndarray] | None = None, task: str,
                       class_names: Sequence[str], eval_tasks: Sequence[str] = (), step: int, params: str = "ema",
-                      epsilon: float | None = None, delta: float | None = None) -> tuple[str, str]:
+                      epsilon: float | None = None, delta: float | None = None,
+                      guarantee_valid: bool | None = None) -> tuple[str, str]:
     """Write `<split>.npz` and `<split>.json` (path with or without `.npz`); returns both paths.
 
     Validates like `load_predictions`, so a file written here always loads.
@@ -160,7 +164,8 @@ def write_predictions(path: str | os.PathLike, *, example_id: np.ndarray, patien
         arrays[f"attr_{name}"] = np.asarray(values).astype(str)
     meta = {"task": task, "class_names": [str(c) for c in class_names], "eval_tasks": [str(t) for t in eval_tasks],
             "step": int(step), "params": params, "epsilon": None if epsilon is None else float(epsilon),
-            "delta": None if delta is None else float(delta)}
+            "delta": None if delta is None else float(delta),
+            "guarantee_valid": None if guarantee_valid is None else bool(guarantee_valid)}
     _validate(npz, arrays, meta)
     npz.parent.mkdir(parents=True, exist_ok=True)
     # Per-patient rows (ids, attributes, labels): owner-only from the moment the file exists.
@@ -195,4 +200,5 @@ def load_predictions(path: str | os.PathLike) -> Predictions:
         label=arrays["label"].astype(np.int64 if meta["task"] == "multiclass" else np.float32),
         label_mask=None if mask is None else mask.astype(np.float32), attrs=attrs, task=meta["task"],
         class_names=tuple(meta["class_names"]), eval_tasks=tuple(meta["eval_tasks"]), step=int(meta["step"]),
-        params=meta["params"], epsilon=meta["epsilon"], delta=meta["delta"], path=str(npz))
+        params=meta["params"], epsilon=meta["epsilon"], delta=meta["delta"], path=str(npz),
+        guarantee_valid=meta.get("guarantee_valid"))

@@ -1,0 +1,47 @@
+"""The privacy plan of a run config: its clipping and its `PrivacyPlan`, computed from the config and
+the training data exactly as `dpft train` computes them. Training builds its plan here, and
+`dpft evaluate` rebuilds it to check a checkpoint's plan and ledger (`dpft.workdir.contract`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import ml_collections
+
+from dpft.errors import UsageError
+from dpft.privacy import clipping, engine, group, keys
+from dpft.privacy import plan as plan_lib
+
+
+def clipping_config(config: ml_collections.ConfigDict) -> engine.ClippingConfig:
+    """The clipping of `config.privacy`: its mode with the hyper-parameters the mode's record reads
+    from the run config (clip_norm, gamma, ...); "none" for the non-private baseline."""
+    if not config.privacy.enabled:
+        return engine.NO_CLIPPING
+    mode = config.privacy.clipping
+    return engine.ClippingConfig(mode=mode, **clipping.run_config_values(mode, config.privacy))
+
+
+def privacy_plan(config: ml_collections.ConfigDict, num_examples: int, params: Any,
+                 secret: keys.RunSecret, patient_ids: Sequence[str] | None = None) -> plan_lib.PrivacyPlan:
+    """The run's privacy plan (`dpft.privacy.plan.make_plan`) from `config.privacy` and `config.train`;
+    with the training examples' `patient_ids` (one per example), a private plan also states the
+    epsilon of the patient with the most images (`dpft.privacy.group`)."""
+    p, t = config.privacy, config.train
+    try:
+        plan = plan_lib.make_plan(
+            enabled=bool(p.enabled), num_examples=int(num_examples), batch_size=float(t.batch_size),
+            num_updates=int(t.num_updates), clipping=clipping_config(config), params=params, secret=secret,
+            epsilon=float(p.epsilon) if p.epsilon else None,
+            noise_multiplier=float(p.noise_multiplier) if p.noise_multiplier else None,
+            delta=float(p.delta) if p.delta else None, accountant=str(p.accountant),
+            grad_method=str(t.grad_method))
+    except plan_lib.PlanError as e:
+        raise UsageError(f"invalid privacy plan (config.privacy, config.train): {e}") from None
+    if patient_ids is None or not plan.enabled or plan.noise_multiplier == 0:
+        return plan
+    counts = group.PatientCounts.from_ids(patient_ids)
+    report = group.patient_report(counts, plan.sampling_rate, plan.noise_multiplier, plan.num_updates, plan.delta,
+                                  run_epsilon=plan.epsilon_after(plan.num_updates))
+    return dataclasses.replace(plan, patients=report)
