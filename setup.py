@@ -22,6 +22,7 @@ setuptools.setup(
         "tensorflow-datasets>=4.9.4,<5",
         "numpy>=1.26,<3",
         "scikit-learn>=1.4,<2",
+        "scipy>=1.11,<2",  # Binomial weights of the patient epsilon (dpft.privacy.group), audit statistics
         "fairlearn>=0.11,<0.16",
         "pandas>=2.1,<4",
         "pillow>=10,<14",
