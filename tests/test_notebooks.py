@@ -32,7 +32,10 @@ def kernel_manager(tmp_path):
             "display_name": "dpft test", "language": "python"}
     (spec_dir / "kernel.json").write_text(json.dumps(spec))
     ksm = KernelSpecManager(kernel_dirs=[str(tmp_path / "kernels")])
-    return KernelManager(kernel_name=KERNEL, kernel_spec_manager=ksm)
+    km = KernelManager(kernel_name=KERNEL, kernel_spec_manager=ksm)
+    yield km
+    if km.has_kernel:  # nbclient leaves a kernel it did not create running
+        km.shutdown_kernel(now=True)
 
 
 def _with_parameters(path, **params):
