@@ -186,8 +186,10 @@ def append_text(path: str | os.PathLike, text: str, *, private: bool = False) ->
 
 
 def make_dir(path: str | os.PathLike, *, private: bool = False) -> str:
-    """Create `path` and its parents if needed. private=True: a local directory made here is 0700
-    (a remote one gets a warning: object stores have no permissions)."""
+    """Create `path` and its parents if needed. private=True: the local directory is 0700, also one
+    that exists already with wider modes (what lies below it, e.g. a run's secret, is then out of
+    other users' reach whatever its files' modes); a remote one gets a warning (object stores have
+    no permissions)."""
     path = paths.to_str(path)
     if paths.is_remote(path):
         if private:
@@ -196,18 +198,8 @@ def make_dir(path: str | os.PathLike, *, private: bool = False) -> str:
         return path
     if not os.path.isdir(path):
         os.makedirs(path, mode=DIR_MODE if private else 0o777, exist_ok=True)
-        if private:
-            os.chmod(path, DIR_MODE)  # makedirs' mode is masked by the umask
-    return path
-
-
-def make_private_dir(path: str | os.PathLike) -> str:
-    """`make_dir(path, private=True)`, and an existing local `path` made owner-only (0700) too: what
-    lies below it (a run's secret in its checkpoints) is then out of reach of other users whatever
-    the modes of the files in it (a remote one gets the warning)."""
-    path = make_dir(path, private=True)
-    if not paths.is_remote(path) and not is_owner_only(path):
-        os.chmod(path, DIR_MODE)
+    if private and not is_owner_only(path):
+        os.chmod(path, DIR_MODE)  # makedirs' mode is masked by the umask; an older directory may be 0755
     return path
 
 
@@ -216,5 +208,5 @@ def is_owner_only(path: str | os.PathLike) -> bool:
     return (os.stat(path).st_mode & 0o077) == 0
 
 
-__all__ = ["write_bytes", "write_text", "write_json", "append_text", "make_dir", "make_private_dir", "is_owner_only",
+__all__ = ["write_bytes", "write_text", "write_json", "append_text", "make_dir", "is_owner_only",
            "warn_not_private", "FILE_MODE", "DIR_MODE"]

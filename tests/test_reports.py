@@ -361,6 +361,11 @@ def test_a_run_with_public_noise_says_no_guarantee_in_its_report_and_comparison(
     assert m["meta"]["guarantee_valid"] is False
     assert "NO privacy guarantee (the run's noise was public; nominal epsilon=8.00" in (
         wd / "eval" / "3" / "report.md").read_text()
+    old = tmp_path / "old"  # predictions from before guarantee_valid was recorded: said, not assumed
+    paths = write_synthetic_workdir(old, n_test=120, n_val=80, step=3)
+    R.evaluate_predictions(paths["test"], paths["validation"], n_resamples=5, plots=False)
+    assert "epsilon=8.00, delta=1e-05 (whether the noise was secret is not recorded" in (
+        old / "eval" / "3" / "report.md").read_text()
     secure = _fake_run(tmp_path, "secure", {"privacy": {"enabled": True, "epsilon": 4.0, "delta": 1e-5}}, 1.0)
     C.compare_runs([str(wd), str(secure)], tmp_path / "cmp")
     rows = {line.split("|")[1].strip(): line for line in (tmp_path / "cmp" / "compare.md").read_text().splitlines()

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+from typing import Any, Sequence
 
 from dpft import paths as dpft_paths
 from dpft.errors import CheckpointError, UsageError
@@ -135,10 +136,6 @@ def predict_from_checkpoint(workdir: str, step: int | None, splits: list[str], p
 
     Needs only the workdir contract (`dpft.workdir.contract`): config.json, the checkpoint's config,
     params/EMA/Polyak, plan and ledger items; the model runs through `dpft.inference.predictor`."""
-    import numpy as np
-
-    from dpft import distributed
-    from dpft.config import build
     from dpft.inference.predictor import Predictor
     from dpft.workdir import checkpointing
 
@@ -156,20 +153,43 @@ def predict_from_checkpoint(workdir: str, step: int | None, splits: list[str], p
             predictor, template = Predictor.from_config(config)
             print_fn(f"running the model of checkpoint {chosen} ({which} params, read from {ckpt.directory}/"
                      f"{chosen}) over {', '.join(splits)} (and validation)...")
-            targets = {item: template, contract.UPDATE: distributed.replicate(np.zeros((), np.int32), predictor.mesh)}
+            targets = param_targets([item], template, predictor)
             verify = functools.partial(_intact, workdir, targets)
-            restored = ckpt.restore(chosen, targets=targets, items=(contract.PLAN, contract.LEDGER))
-            ledger = contract.checkpoint_ledger(restored, ckpt.directory)
-            # epsilon is recomputed from the run's config and data, never taken from the checkpoint's word
-            plan = contract.verified_plan(
-                config, num_examples=len(predictor.tables[build.train_split_name(config)]),
-                params=restored.pytrees[item], recorded_plan=restored.json_items.get(contract.PLAN) or {},
-                ledger=ledger, updates=int(np.asarray(restored.pytrees[contract.UPDATE])),
-                where=f"{workdir}: checkpoint {chosen}")
+            restored, ledger, plan = restore_verified(ckpt, chosen, config, predictor, targets, workdir)
     except checkpointing.CorruptCheckpoint as e:
-        raise CheckpointError(_corrupt_message(workdir, e, verify)) from None
+        raise CheckpointError(corrupt_message(workdir, e, verify)) from None
     paths = predictor.write_predictions(workdir, chosen, restored.pytrees[item], which, ledger=ledger, plan=plan)
     return chosen, paths
+
+
+def param_targets(items: Sequence[str], template: Any, predictor: Any) -> dict[str, Any]:
+    """Restore targets: each parameter item in `items` into `template` (`Predictor.from_config`'s),
+    and the checkpoint's update counter (a replicated int32 scalar)."""
+    import numpy as np
+
+    from dpft import distributed
+
+    counter = distributed.replicate(np.zeros((), np.int32), predictor.mesh)
+    return {**{name: template for name in items}, contract.UPDATE: counter}
+
+
+def restore_verified(ckpt: Any, step: int, config: Any, predictor: Any, targets: dict[str, Any], workdir: str
+                     ) -> tuple[Any, Any, dict[str, Any]]:
+    """`targets`, plan and ledger of checkpoint `step` -> (restored, ledger, plan dict), the plan and
+    ledger checked against what the run's config and training data give (`contract.verified_plan`,
+    exit 3 otherwise): epsilon is recomputed, never taken from the checkpoint's word."""
+    import numpy as np
+
+    from dpft.config import build
+
+    restored = ckpt.restore(step, targets=targets, items=(contract.PLAN, contract.LEDGER))
+    ledger = contract.checkpoint_ledger(restored, ckpt.directory)
+    params = next(restored.pytrees[name] for name in targets if name != contract.UPDATE)
+    plan = contract.verified_plan(
+        config, num_examples=len(predictor.tables[build.train_split_name(config)]), params=params,
+        recorded_plan=restored.json_items.get(contract.PLAN) or {}, ledger=ledger,
+        updates=int(np.asarray(restored.pytrees[contract.UPDATE])), where=f"{workdir}: checkpoint {step}")
+    return restored, ledger, plan
 
 
 def _intact(workdir: str, targets: dict, step: int) -> bool:
@@ -184,7 +204,7 @@ def _intact(workdir: str, targets: dict, step: int) -> bool:
         return False
 
 
-def _corrupt_message(workdir: str, error, verify) -> str:
+def corrupt_message(workdir: str, error, verify) -> str:
     """The corrupt checkpoint by its real path (not the pinned snapshot's) and the newest intact older one
     (checked with `verify` where the model's templates were built, else only named)."""
     from dpft.workdir import checkpointing

@@ -17,7 +17,7 @@ import json
 import os
 import shutil
 
-from dpft.errors import UsageError
+from dpft.errors import CheckpointError, UsageError
 from dpft.workdir import contract
 
 #: What a release never contains.
@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dpft import atomic_io, paths
+    from dpft import paths
 
     workdir, out = paths.absolute(args.workdir), paths.absolute(args.out)
     if paths.is_remote(workdir) or paths.is_remote(out):
@@ -42,7 +42,12 @@ def run(args: argparse.Namespace) -> int:
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise UsageError(f"--out {out} exists and is not an empty directory; choose a new one")
     step = None if args.checkpoint == "latest" else _step(args.checkpoint)
-    release = read_release(workdir, step)
+    from dpft.evaluate.evaluate_cli import corrupt_message
+    from dpft.workdir import checkpointing
+    try:
+        release = read_release(workdir, step)
+    except checkpointing.CorruptCheckpoint as e:  # by the run's own path, not the pinned snapshot's
+        raise CheckpointError(corrupt_message(workdir, e, None)) from None
     tmp = f"{out.rstrip(os.sep)}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -52,7 +57,6 @@ def run(args: argparse.Namespace) -> int:
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    atomic_io.make_dir(out)
     print(f"exported checkpoint {release['step']} of {workdir} ({', '.join(release['pytrees'])}; epsilon "
           f"{release['epsilon_text']}) to {out}; it holds no secret and no optimizer state")
     return 0
@@ -68,11 +72,7 @@ def _step(text: str) -> int:
 def read_release(workdir: str, step: int | None) -> dict:
     """The parameters kept by the run, its config, and its checked plan and ledger, of checkpoint
     `step` (None: the latest) -> {"step", "pytrees", "config", "plan", "ledger", "epsilon_text"}."""
-    import numpy as np
-
-    from dpft import distributed
-    from dpft.config import build
-    from dpft.config.base import config_to_json
+    from dpft.evaluate.evaluate_cli import param_targets, restore_verified
     from dpft.inference.predictor import Predictor
     from dpft.workdir import checkpointing
 
@@ -80,42 +80,33 @@ def read_release(workdir: str, step: int | None) -> dict:
         config = contract.checkpoint_config(ckpt.directory, chosen)
         predictor, template = Predictor.from_config(config)
         names = [contract.PARAMS] + [contract.PARAMS_ITEMS[a] for a in contract.averages_kept(config)]
-        counter = distributed.replicate(np.zeros((), np.int32), predictor.mesh)
-        restored = ckpt.restore(chosen, targets={**{n: template for n in names}, contract.UPDATE: counter},
-                                items=(contract.PLAN, contract.LEDGER))
-        ledger = contract.checkpoint_ledger(restored, ckpt.directory)
-        plan = contract.verified_plan(
-            config, num_examples=len(predictor.tables[build.train_split_name(config)]),
-            params=restored.pytrees[contract.PARAMS], recorded_plan=restored.json_items.get(contract.PLAN) or {},
-            ledger=ledger, updates=int(np.asarray(restored.pytrees[contract.UPDATE])),
-            where=f"{workdir}: checkpoint {chosen}")
+        targets = param_targets(names, template, predictor)
+        restored, ledger, plan = restore_verified(ckpt, chosen, config, predictor, targets, workdir)
     eps = contract.epsilon_spent(ledger, plan)
     if not plan.get("enabled"):
         text = "non-private"
     else:
         text = f"{eps:.4g} at delta {plan['delta']:.3g}" + ("" if plan.get("guarantee_valid") is not False
                                                               else " (NO privacy guarantee: public noise)")
-    return {"step": chosen, "pytrees": {**{n: restored.pytrees[n] for n in names},
-                                        contract.UPDATE: restored.pytrees[contract.UPDATE]},
-            "config": json.loads(config_to_json(config)), "plan": plan, "ledger": ledger, "epsilon_text": text}
+    return {"step": chosen, "pytrees": {name: restored.pytrees[name] for name in targets},
+            "config": config, "plan": plan, "ledger": ledger, "epsilon_text": text}
 
 
 def write_release(directory: str, release: dict, *, source: str) -> None:
     """The release as a one-checkpoint workdir in `directory` (see the module doc)."""
     from dpft import atomic_io
-    from dpft.config.base import config_from_json, config_to_json
+    from dpft.config.base import config_to_json
     from dpft.workdir import checkpointing
 
     os.makedirs(directory)
     step = int(release["step"])
     with checkpointing.Checkpointer(directory, keep=1) as ckpt:
         ckpt.save(step, pytrees=release["pytrees"],
-                  json_items={contract.CONFIG: release["config"], contract.PLAN: release["plan"],
+                  json_items={contract.CONFIG: json.loads(config_to_json(release["config"])), contract.PLAN: release["plan"],
                               contract.LEDGER: release["ledger"].to_dict()})
     os.chmod(checkpointing.checkpoint_dir(directory), 0o755)  # no secret in it: a release is for sharing
     contract.write_ledger(directory, release["ledger"])
-    atomic_io.write_text(contract.workdir_file(directory, contract.CONFIG_FILE),
-                         config_to_json(config_from_json(json.dumps(release["config"]))))
+    atomic_io.write_text(contract.workdir_file(directory, contract.CONFIG_FILE), config_to_json(release["config"]))
     atomic_io.write_json(contract.workdir_file(directory, contract.PLAN_FILE), release["plan"], indent=2)
     atomic_io.write_json(contract.workdir_file(directory, contract.EXPORT_FILE),
                          {"source": source, "step": step, "items": sorted(release["pytrees"]),

@@ -36,6 +36,8 @@ def privacy_text(meta: Mapping[str, Any]) -> str:
     eps = f"epsilon={meta['epsilon']:.2f}, delta={meta['delta']:g}"
     if meta.get("guarantee_valid") is False:
         return f"NO privacy guarantee (the run's noise was public; nominal {eps})"
+    if meta.get("guarantee_valid") is None:  # predictions written before dpft recorded it
+        return f"{eps} (whether the noise was secret is not recorded in these predictions)"
     return eps
 
 

@@ -70,22 +70,24 @@ def log_window(u: int, window: Mapping[str, float], summary: Mapping[str, float]
 def announcement(plan: PrivacyPlan, config: ml_collections.ConfigDict) -> list[str]:
     """The lines a run prints when it starts afresh: its privacy plan and its device layout."""
     p = plan
+    end_eps = p.epsilon_after(p.num_updates)  # one accountant call for both lines
     if p.enabled:
         first = (f"DP-SGD: N={p.num_examples}, expected batch {p.expected_batch_size:g} (q={p.sampling_rate:.4g}), "
                  f"{p.num_updates} updates, sigma={p.noise_multiplier:.4f}, C={p.clip_norm:g} "
                  f"({p.clipping.mode}, sensitivity {p.sensitivity:g}), engine {p.grad_method}, "
                  f"delta={p.delta:.3g}, target epsilon={p.target_epsilon} ({p.accountant}); "
-                 f"epsilon at the end {p.epsilon_after(p.num_updates):.4g}")
+                 f"epsilon at the end {end_eps:.4g}")
     else:
         first = (f"non-private: N={p.num_examples}, expected batch {p.expected_batch_size:g}, "
                  f"{p.num_updates} updates (same code path, no clipping, no noise)")
-    return [first, *patient_lines(p), f"devices: {jax.device_count()} ({jax.process_count()} process(es)), "
+    return [first, *patient_lines(p, end_eps), f"devices: {jax.device_count()} ({jax.process_count()} process(es)), "
                    f"physical batch {config.train.physical_batch_size} per host, "
                    f"microbatch {config.train.microbatch_size}, augmult {config.data.augmult}"]
 
 
-def patient_lines(plan: PrivacyPlan) -> list[str]:
-    """The privacy unit, and the warning for data with several images per patient (`plan.patients`)."""
+def patient_lines(plan: PrivacyPlan, run_epsilon: float) -> list[str]:
+    """The privacy unit, and the warning for data with several images per patient (`plan.patients`;
+    `run_epsilon`: the plan's epsilon per image at the end)."""
     pt = plan.patients
     if not plan.enabled or not pt:
         return []
@@ -95,7 +97,7 @@ def patient_lines(plan: PrivacyPlan) -> list[str]:
     eps = pt["epsilon_of_the_patient_with_the_most_images"]
     return [f"WARNING: privacy unit: one example (an image), not a patient. {pt['count']} patients with up to "
             f"{pt['max_images']} images: the patient with the most has epsilon {eps:.4g} at delta {plan.delta:.3g} "
-            f"(group privacy, PLD), not {plan.epsilon_after(plan.num_updates):.4g} (privacy_plan.json: patients)"]
+            f"(group privacy, PLD), not {run_epsilon:.4g} (privacy_plan.json: patients)"]
 
 
 def final_line(final: Mapping[str, float], plan: PrivacyPlan, epsilon: float) -> str:

@@ -274,7 +274,7 @@ class Checkpointer:
         if not read_only:
             # Owner-only from before the first save: a checkpoint holds the run's secret (the noise),
             # and the files orbax writes in it get the umask's modes (0644 under umask 022).
-            atomic_io.make_private_dir(self.directory)
+            atomic_io.make_dir(self.directory, private=True)
         self._manager = self._open()
 
     def _open(self, cleanup: bool = True) -> ocp.CheckpointManager:
@@ -453,7 +453,7 @@ class Checkpointer:
         self.wait()
         src = paths.join(self.directory, str(int(step)))
         dest_root = paths.join(self.workdir, QUARANTINE_DIR)
-        atomic_io.make_private_dir(dest_root)  # a corrupt checkpoint still holds the secret
+        atomic_io.make_dir(dest_root, private=True)  # a corrupt checkpoint still holds the secret
         dest = paths.join(dest_root, f"{int(step)}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{os.getpid()}")
         if paths.is_remote(src):
             paths.as_path(src).rename(dest)  # copy + delete on an object store
@@ -613,7 +613,7 @@ def pinned(workdir: str | os.PathLike, step: int | None = None, *, items: Any = 
         return
     pin = os.path.join(workdir, PIN_DIR, f"{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
-        atomic_io.make_private_dir(os.path.join(workdir, PIN_DIR))  # hard links to the secret's files
+        atomic_io.make_dir(os.path.join(workdir, PIN_DIR), private=True)  # hard links to the secret's files
         os.makedirs(os.path.join(pin, "checkpoints"))
     except OSError as e:
         print_fn(f"note: cannot pin a snapshot in {workdir} ({describe_oserror(e)}); reading in place")
