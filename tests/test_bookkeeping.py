@@ -271,16 +271,19 @@ def test_nfnet_flat_clipping_equals_vmap_engine(ghost):
     assert_same(ref, got)
 
 
+@pytest.mark.slow  # > 30 s on 2 loaded cores (two compiles of a whole model)
 def test_nfnet_automatic_clipping_single_microbatch_equals_vmap_engine():
     ref, got = run_both("nfnet_micro", 16, ClippingConfig(mode="automatic", clip_norm=1.0, gamma=0.01), B)
     assert_same(ref, got)
 
 
+@pytest.mark.slow  # > 30 s on 2 loaded cores (two compiles of a whole model)
 def test_wrn_groupnorm_equals_vmap_engine():
     ref, got = run_both("wrn_16_4", 8, ClippingConfig(mode="flat", clip_norm=1.0), 4, k=1)
     assert_same(ref, got)
 
 
+@pytest.mark.slow  # > 30 s on 2 loaded cores (two compiles of a whole model)
 def test_nan_padding_rows_give_exactly_zero():
     ref, got = run_both("nfnet_micro", 16, ClippingConfig(mode="flat", clip_norm=0.1), 4, nan_padding=True)
     assert_same(ref, got)

@@ -93,6 +93,22 @@ def test_keep_last_n(tmp_path):
     assert sorted(p for p in os.listdir(tmp_path / "checkpoints") if p.isdigit()) == ["3", "4"]
 
 
+def test_prune_deletes_the_oldest_steps_beyond_keep_that_an_interrupted_run_left(tmp_path):
+    """A run killed before orbax's clean-up leaves more than `keep` steps; the next start prunes them."""
+    with ck.Checkpointer(tmp_path, keep=4) as c:
+        for step in (1, 2, 3, 4):
+            c.save(step, pytrees={"params": _state(step)["params"]}, json_items=_json(step))
+    with ck.Checkpointer(tmp_path, keep=2) as c:
+        assert c.all_steps() == [1, 2, 3, 4]  # opening deletes nothing (the newest may be corrupt)
+        assert c.prune() == [1, 2]
+        assert c.all_steps() == [3, 4] and c.prune() == []
+        newest = c.restore(4, targets={"params": _state(4)["params"]})
+    _assert_bitwise(newest.pytrees["params"], _state(4)["params"])
+    assert sorted(p for p in os.listdir(tmp_path / "checkpoints") if p.isdigit()) == ["3", "4"]
+    with ck.Checkpointer(tmp_path, read_only=True) as c, pytest.raises(ck.CheckpointError, match="read-only"):
+        c.prune()
+
+
 def test_crash_mid_save_leaves_previous_intact(tmp_path, monkeypatch):
     good = _state(1)
     c = ck.Checkpointer(tmp_path, keep=3)

@@ -44,6 +44,7 @@ def _probe(mode: str, extra_env: dict[str, str]) -> dict:
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # 30 s on 2 loaded cores
 @pytest.mark.skipif(host_memory._glibc() is None, reason="glibc only")
 def test_reused_host_memory_is_not_page_faulted_at_every_call():
     default = _probe("none", {})

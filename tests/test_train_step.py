@@ -145,15 +145,15 @@ def unflatten_like(params, leaves_list):
 
 
 def expected_noise(update: int, sigma: float, clip: float, params) -> list[np.ndarray]:
-    """sigma*C*(z_1 + z_2)/sqrt(2) per leaf, z_s ~ N(0, 1) with keys split(noise_key(seed, update)[s],
-    n_leaves) of the two 64-bit streams (the documented draw)."""
+    """sigma*C*(z_1 + z_2)/sqrt(2), z_s ~ N(0, 1) of shape (n,) with key noise_key(seed, update)[s] of the two
+    64-bit streams, n the number of parameters, cut into the leaves in order (the documented draw)."""
     ps = jax.tree.leaves(params)
     k = noise.noise_key(NOISE_KEY, update)
     assert k.shape == (2,)
-    k0, k1 = jax.random.split(k[0], len(ps)), jax.random.split(k[1], len(ps))
-    return [sigma * clip * (np.asarray(jax.random.normal(a, p.shape, jnp.float32), np.float64)
-                            + np.asarray(jax.random.normal(b, p.shape, jnp.float32), np.float64)) / np.sqrt(2.0)
-            for a, b, p in zip(k0, k1, ps)]
+    n = sum(p.size for p in ps)
+    z = sum(np.asarray(jax.random.normal(ks, (n,), jnp.float32), np.float64) for ks in k) / np.sqrt(2.0)
+    cuts = np.cumsum([p.size for p in ps])[:-1]
+    return [sigma * clip * part.reshape(p.shape) for part, p in zip(np.split(z, cuts), ps)]
 
 
 # ----------------------------------------------------------------- tests

@@ -6,9 +6,17 @@ patient with k images contributes J of them, J ~ Binomial(k, q), and the clipped
 most J * S (S the sensitivity of one example; the noise is N(0, (sigma S)^2)). Relative to S this
 is the mixture-of-Gaussians mechanism: output N(0, sigma^2) without the patient and
 sum_j P(J = j) N(j, sigma^2) with them (Binomial weights, j = 0..k). dp-accounting's PLD accountant
-composes that event exactly (`MixtureOfGaussiansDpEvent`, add-or-remove neighbours, the run's PLD
-discretisation), which is much tighter than the group-privacy bound k * epsilon. For k = 1 it is
-the run's own epsilon (the same Poisson-subsampled Gaussian).
+composes that event exactly (`MixtureOfGaussiansDpEvent`, add-or-remove neighbours), which is much
+tighter than the group-privacy bound k * epsilon. For k = 1 it is the run's own epsilon (the same
+Poisson-subsampled Gaussian).
+
+The mixture's PLD is discretised at `GROUP_DISCRETIZATION` = 1e-2, ten times coarser than the run's
+(`accounting.PLD_DISCRETIZATION`): dp-accounting builds a mixture PLD point by point in Python, and
+a pessimistic PLD is never below the exact epsilon at any interval. Measured against 1e-3
+(q, sigma, T, k): (0.29, 0.49, 6, 2) 21.1797 vs 21.1796, 0.8 s vs 5.8 s; (0.023, 3, 2000, 10)
+22.848 vs 22.810 (+0.17%), 0.12 s vs 1.0 s; (0.023, 3, 2000, 40) 169.57 vs 169.55, 0.38 s vs 3.0 s;
+(0.01, 1, 5000, 5) 33.49 vs 33.41 (+0.24%), 0.38 s vs 2.9 s; at small epsilons the excess is
+absolute, up to +0.021 (0.933 vs 0.913 for q = 0.01, sigma = 1, 200 updates, delta = 1e-5, k = 1).
 
 dp-accounting's RDP accountant has no mixture event: the patient's epsilon is always PLD, also for
 runs accounted with RDP (stated in the plan). Pure functions; scipy gives the Binomial weights.
@@ -28,6 +36,8 @@ from dpft.privacy import accounting
 
 #: The accountant of a patient's epsilon (the only one of dp-accounting that composes mixtures).
 GROUP_ACCOUNTANT = "pld"
+#: Its PLD value discretisation (module docstring: pessimistic, at most +0.08 above 1e-3, 7x faster).
+GROUP_DISCRETIZATION = 1e-2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,13 +81,17 @@ def group_event(sampling_rate: float, noise_multiplier: float, steps: int, group
         dp_event.MixtureOfGaussiansDpEvent(float(noise_multiplier), shifts, probs), int(steps))
 
 
-def group_epsilon(history: Sequence[tuple[float, float, int]], group_size: int, delta: float) -> float:
+def group_epsilon(history: Sequence[tuple[float, float, int]], group_size: int, delta: float,
+                  discretization: float = GROUP_DISCRETIZATION) -> float:
     """Epsilon at `delta` of a group of `group_size` examples over `history`, a list of
-    (sampling_rate, noise_multiplier, steps) pieces run in order (a ledger's entries, or a plan's one)."""
+    (sampling_rate, noise_multiplier, steps) pieces run in order (a ledger's entries, or a plan's one);
+    dp-accounting's PLD accountant at `discretization`."""
     if not history:
         return 0.0
     events = [group_event(q, sigma, steps, group_size) for q, sigma, steps in history if steps > 0]
-    return accounting.epsilon_of_event(dp_accounting.ComposedDpEvent(events), delta, GROUP_ACCOUNTANT)
+    pld = dp_accounting.pld.PLDAccountant(neighboring_relation=accounting.NEIGHBOURS,
+                                          value_discretization_interval=float(discretization))
+    return float(pld.compose(dp_accounting.ComposedDpEvent(events)).get_epsilon(delta))
 
 
 def patient_report(counts: PatientCounts, sampling_rate: float, noise_multiplier: float, steps: int,
@@ -88,8 +102,9 @@ def patient_report(counts: PatientCounts, sampling_rate: float, noise_multiplier
     eps = float(run_epsilon) if k == 1 else group_epsilon([(sampling_rate, noise_multiplier, steps)], k, delta)
     return {"count": counts.num_patients, "max_images": k,
             "images_per_patient": {str(n): m for n, m in counts.histogram.items()},
-            "epsilon_of_the_patient_with_the_most_images": eps, "accountant": GROUP_ACCOUNTANT}
+            "epsilon_of_the_patient_with_the_most_images": eps, "accountant": GROUP_ACCOUNTANT,
+            "discretization": GROUP_DISCRETIZATION if k > 1 else accounting.PLD_DISCRETIZATION}
 
 
-__all__ = ["GROUP_ACCOUNTANT", "PatientCounts", "binomial_weights", "group_event", "group_epsilon",
+__all__ = ["GROUP_ACCOUNTANT", "GROUP_DISCRETIZATION", "PatientCounts", "binomial_weights", "group_event", "group_epsilon",
            "patient_report"]

@@ -198,6 +198,7 @@ class Trainer(wiring.RunParts):
             self.print(line)
         resumed = self.restore(session.ckpt)
         self._quarantine_skipped(session.ckpt)
+        self._prune(session.ckpt)
         if jax.process_index() == 0:  # derived from the restored checkpoint: never stale
             contract.write_run_files(self.workdir, config=self.config, ledger=self.ledger, coverage=self.coverage,
                                      plan=self.plan.to_dict())
@@ -214,6 +215,16 @@ class Trainer(wiring.RunParts):
                 self.print(f"moved corrupt checkpoint {s} to {ckpt.quarantine(s, reason)}")
         if self.skipped_checkpoints and jax.process_count() > 1:
             distributed.barrier("quarantine")  # process 0 moved them: every process sees the same steps
+            ckpt.refresh()
+
+    def _prune(self, ckpt: checkpointing.Checkpointer) -> None:
+        """Process 0 deletes checkpoints beyond `train.keep_checkpoints` that a killed run left behind."""
+        gone = ckpt.prune() if jax.process_index() == 0 else []
+        if gone:
+            self.print(f"deleted checkpoint(s) {', '.join(map(str, gone))}: more than train.keep_checkpoints="
+                       f"{int(self.config.train.keep_checkpoints)} were left by an interrupted run")
+        if jax.process_count() > 1:
+            distributed.barrier("prune")  # every process sees the same steps
             ckpt.refresh()
 
     def _stop_mid_update(self, session: Session) -> None:

@@ -464,6 +464,18 @@ class Checkpointer:
         self._manager = self._open(cleanup=False)
         return dest
 
+    def prune(self) -> list[int]:
+        """Delete the oldest complete steps beyond `keep` (a run killed between orbax's save and its
+        clean-up leaves more); returns the deleted steps. Call it only once the newest step was
+        restored (verified): steps a restore passed over must be quarantined first."""
+        if self.read_only:
+            raise CheckpointError(f"{self.directory} was opened read-only; cannot delete checkpoints")
+        steps = self.all_steps()
+        surplus = steps[:-self._keep] if self._keep is not None and len(steps) > self._keep else []
+        for s in surplus:
+            self._manager.delete(s)
+        return surplus
+
     # -- lifetime
     def close(self) -> None:
         """Finish pending writes and release orbax's threads."""
