@@ -49,6 +49,8 @@ def jobs(quick: bool) -> list[dict]:
         {"name": "scaling", "py": sys.executable, "timeout": 600,
          "args": ["benchmarks.scaling", "--devices", *(["1", "2", "8"] if quick else ["1", "2", "4", "8"]),
                   "--batch", "32", *it]},
+        {"name": "noise_draw", "py": sys.executable, "timeout": 600,
+         "args": ["benchmarks.noise_draw", *it]},
         {"name": "profile_step", "py": sys.executable, "timeout": 300 if quick else 1200,
          "args": ["benchmarks.profile_step", "--models", *(["nfnet_tiny"] if quick else ["nfnet_tiny", "nfnet_f0"]),
                   "--batch", "16", *it]},

@@ -13,7 +13,7 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     # this file (pytest's controller under xdist, before it starts its workers, which inherit the
     # variable), shared by every worker and by their `dpft` subprocesses. A program compiled by one
     # test is loaded by every later test that builds the same program (a 6-update nfnet_micro
-    # `dpft train`: 31 s cold, 13 s warm). A hit is the same executable. jax writes cache entries
+    # `dpft train`: 53 s cold, 20 s warm). A hit is the same executable. jax writes cache entries
     # atomically, so concurrent processes are safe. tests/test_gpu_check.py removes it (it measures
     # compiling).
     import atexit
@@ -23,6 +23,11 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _CACHE = tempfile.mkdtemp(prefix="dpft-tests-jax-cache-")
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
     atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+    # Every program, not only those that compile in over 1 s (jax's default): a `dpft train` also
+    # compiles about 270 small programs (slices, comparisons, key folds; 7.3 s in all), which a warm
+    # run then loads too (a 6-update nfnet_micro run on 8 fake devices, warm: 24.9 s -> 19.6 s).
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import subprocess  # noqa: E402
 

@@ -5,12 +5,6 @@ between processes) 40 seconds for every participant to arrive and then aborts th
 (rc 134). On a loaded 2-core machine one device's share of a step can take longer than that, so
 every run on several fake devices gets generous timeouts instead: a slow machine makes a test
 slow, never kills it.
-
-Test runs also compile with LLVM optimisation level 0 (`TEST_COMPILE_FLAGS`): XLA's HLO passes are
-unchanged (the same programs, the same fusions), only the machine code is less optimised. A test's
-programs run a few steps on tiny shapes, so compiling dominates: a cold 3-update nfnet_micro
-`dpft train` on 4 fake devices compiles in 24.8 s instead of 41.7 s (43 s instead of 61 s in all).
-Benchmarks never use these flags (they time the default compiler).
 """
 from __future__ import annotations
 
@@ -21,16 +15,13 @@ from typing import Mapping
 COLLECTIVE_TIMEOUT_S = 1800
 COLLECTIVE_TIMEOUT_FLAGS = (f"--xla_cpu_collective_call_terminate_timeout_seconds={COLLECTIVE_TIMEOUT_S} "
                             f"--xla_cpu_collective_timeout_seconds={COLLECTIVE_TIMEOUT_S}")
-#: Faster XLA:CPU compiles for tests (see the module docstring).
-TEST_COMPILE_FLAGS = "--xla_backend_optimization_level=0"
 #: Variables that would make a child process join a cluster or a test's fake store by accident.
 CLUSTER_PREFIXES = ("DPFT_", "SLURM_", "TPU_", "JAX_COORDINATOR")
 
 
 def xla_flags(devices: int) -> str:
-    """XLA_FLAGS of a test run: `devices` fake CPU devices, the collective timeouts and
-    TEST_COMPILE_FLAGS above."""
-    return f"--xla_force_host_platform_device_count={int(devices)} {COLLECTIVE_TIMEOUT_FLAGS} {TEST_COMPILE_FLAGS}"
+    """XLA_FLAGS for `devices` fake CPU devices with the collective timeouts above."""
+    return f"--xla_force_host_platform_device_count={int(devices)} {COLLECTIVE_TIMEOUT_FLAGS}"
 
 
 def subprocess_env(devices: int, base: Mapping[str, str] | None = None, **extra: str) -> dict[str, str]:
