@@ -63,14 +63,17 @@ def _check_accounting_args(sampling_rate: float, noise_multiplier: float | None,
         raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
 
 
-def make_accountant(accountant: str = "pld") -> dp_accounting.PrivacyAccountant:
-    """A fresh run accountant: PLD (PLD_DISCRETIZATION) or RDP (RDP_ORDERS), add-or-remove-one.
+def make_accountant(accountant: str = "pld", pld_discretization: float = PLD_DISCRETIZATION
+                    ) -> dp_accounting.PrivacyAccountant:
+    """A fresh run accountant: PLD (`pld_discretization`, default PLD_DISCRETIZATION) or RDP
+    (RDP_ORDERS), add-or-remove-one.
 
-    The one factory: the ledger, the plan, calibration and individual accounting all use it.
+    The one factory: the ledger, the plan, calibration and individual accounting all use it (at the
+    default); a patient's group epsilon (`dpft.privacy.group`) uses PLD at a coarser interval.
     """
     if accountant == "pld":
         return dp_accounting.pld.PLDAccountant(neighboring_relation=NEIGHBOURS,
-                                                value_discretization_interval=PLD_DISCRETIZATION)
+                                                value_discretization_interval=float(pld_discretization))
     if accountant == "rdp":
         return dp_accounting.rdp.RdpAccountant(orders=list(RDP_ORDERS), neighboring_relation=NEIGHBOURS)
     raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
@@ -103,9 +106,10 @@ def dpsgd_event(sampling_rate: float, noise_multiplier: float, steps: int) -> dp
         steps)
 
 
-def epsilon_of_event(event: dp_accounting.DpEvent, delta: float, accountant: str = "pld") -> float:
-    """Epsilon at `delta` of any DpEvent with the chosen accountant."""
-    return float(make_accountant(accountant).compose(event).get_epsilon(delta))
+def epsilon_of_event(event: dp_accounting.DpEvent, delta: float, accountant: str = "pld",
+                     pld_discretization: float = PLD_DISCRETIZATION) -> float:
+    """Epsilon at `delta` of any DpEvent with the chosen accountant (`make_accountant`)."""
+    return float(make_accountant(accountant, pld_discretization).compose(event).get_epsilon(delta))
 
 
 def compute_epsilon(sampling_rate: float, noise_multiplier: float, steps: int, delta: float,

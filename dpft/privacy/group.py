@@ -89,9 +89,8 @@ def group_epsilon(history: Sequence[tuple[float, float, int]], group_size: int, 
     if not history:
         return 0.0
     events = [group_event(q, sigma, steps, group_size) for q, sigma, steps in history if steps > 0]
-    pld = dp_accounting.pld.PLDAccountant(neighboring_relation=accounting.NEIGHBOURS,
-                                          value_discretization_interval=float(discretization))
-    return float(pld.compose(dp_accounting.ComposedDpEvent(events)).get_epsilon(delta))
+    return accounting.epsilon_of_event(dp_accounting.ComposedDpEvent(events), delta, GROUP_ACCOUNTANT,
+                                       pld_discretization=discretization)
 
 
 def patient_report(counts: PatientCounts, sampling_rate: float, noise_multiplier: float, steps: int,
@@ -106,5 +105,5 @@ def patient_report(counts: PatientCounts, sampling_rate: float, noise_multiplier
             "discretization": GROUP_DISCRETIZATION if k > 1 else accounting.PLD_DISCRETIZATION}
 
 
-__all__ = ["GROUP_ACCOUNTANT", "GROUP_DISCRETIZATION", "PatientCounts", "binomial_weights", "group_event", "group_epsilon",
-           "patient_report"]
+__all__ = ["GROUP_ACCOUNTANT", "GROUP_DISCRETIZATION", "PatientCounts", "binomial_weights", "group_event",
+           "group_epsilon", "patient_report"]

@@ -11,6 +11,7 @@ The base key is `keys.NOISE_STREAMS` (2) independent threefry keys; each coordin
 """
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
@@ -41,19 +42,14 @@ def standard_normals(key: jax.Array, shapes: list[tuple[int, ...]]) -> list[jax.
 
     One draw of n = sum of the sizes per stream, `jax.random.normal(key[s], (n,))`; the streams'
     mean times sqrt(NOISE_STREAMS) (exactly unit variance) is cut, in order, into the shapes. One
-    draw, not one per leaf: XLA compiles a threefry hash per call (nfnet_micro's 97 leaves: 20.7 s
-    of XLA:CPU compile per leaf, 3.4 s for one draw; benchmarks/README.md), and a device runs one
-    kernel instead of one per leaf.
+    draw, not one per leaf: XLA compiles a threefry hash per call (nfnet_micro's 97 leaves: 16.3 s
+    of XLA:CPU compile drawn per leaf, 2.6 s drawn once; `python -m benchmarks.noise_draw`).
     """
     sizes = [math.prod(shape) for shape in shapes]
-    total = sum(sizes)
     scale = jnp.float32(1.0 / math.sqrt(keys.NOISE_STREAMS))
-    z = scale * sum(jax.random.normal(k, (total,), jnp.float32) for k in key)
-    out, start = [], 0
-    for shape, size in zip(shapes, sizes):
-        out.append(z[start:start + size].reshape(shape))
-        start += size
-    return out
+    z = scale * sum(jax.random.normal(k, (sum(sizes),), jnp.float32) for k in key)
+    cuts = list(itertools.accumulate(sizes))[:-1]
+    return [part.reshape(shape) for part, shape in zip(jnp.split(z, cuts), shapes)]
 
 
 def _is_concrete_zero(x: Any) -> bool:
