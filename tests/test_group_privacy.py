@@ -115,6 +115,11 @@ def test_the_plan_of_a_chexpert_run_states_the_patient_with_the_most_images(tmp_
     want = group.group_epsilon([(plan.sampling_rate, plan.noise_multiplier, plan.num_updates)], pt["max_images"],
                                plan.delta)
     assert pt["epsilon_of_the_patient_with_the_most_images"] == pytest.approx(want, rel=1e-9)
+    assert pt["discretization"] == group.GROUP_DISCRETIZATION == 1e-2  # the plan says how it was computed
+    # pessimistic: never below the same epsilon at the run's finer discretisation
+    fine = group.group_epsilon([(plan.sampling_rate, plan.noise_multiplier, plan.num_updates)], pt["max_images"],
+                               plan.delta, discretization=1e-3)
+    assert fine * (1 - 1e-9) <= want <= fine + 0.1
     assert want > plan.epsilon_after(plan.num_updates)
     lines = run_log.announcement(plan, c)
     assert any(l.startswith("WARNING: privacy unit: one example") and f"{want:.4g}" in l for l in lines), lines

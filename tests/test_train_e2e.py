@@ -195,6 +195,7 @@ def test_ledger_epsilon_matches_accountant_and_target(base, run_a):
     assert (plan["patients"]["count"], plan["patients"]["max_images"]) == (len(per_patient), k) and k > 1
     patient_eps = group.group_epsilon([(q, entry.noise_multiplier, UPDATES)], k, delta)
     assert plan["patients"]["epsilon_of_the_patient_with_the_most_images"] == pytest.approx(patient_eps, rel=1e-9)
+    assert plan["patients"]["discretization"] == group.GROUP_DISCRETIZATION
     assert patient_eps > eps
     log = (run_a / "log.txt").read_text()
     assert f"WARNING: privacy unit: one example (an image), not a patient. {len(per_patient)} patients" in log
