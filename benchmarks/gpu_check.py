@@ -55,7 +55,7 @@ from typing import Any
 
 #: model -> resolution (px) for the full run and for --smoke.
 FULL = {"nfnet_f0": 192, "vit_b16": 224}
-SMOKE = {"nfnet_micro": 32, "vit_micro": 32}
+SMOKE = {"nfnet_nano": 32, "vit_micro": 32}
 #: Default batch sizes (also the DP microbatch). H200, bf16: NFNet-F0 non-private b=128 used 8.0 GiB
 #: peak, book-keeping 10.8 GiB, ViT-B/16 non-private 13.7 GiB; x4 steps reach the memory limit in 3 sizes.
 BATCHES = {"full": (128, 512, 2048), "smoke": (2, 4)}
@@ -658,7 +658,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-s", type=float, default=450.0, help="seconds for the whole check (compile + timing)")
     ap.add_argument("--compile-s", type=float, default=330.0,
                     help="compile deadline, seconds after the start; the timing phase gets the rest of --budget-s")
-    ap.add_argument("--smoke", action="store_true", help="tiny models (nfnet_micro, vit_micro), runs on CPU")
+    ap.add_argument("--smoke", action="store_true", help="tiny models (nfnet_nano, vit_micro), runs on CPU")
     ap.add_argument("--allow-cpu", action="store_true", help="run the full models on CPU anyway")
     ap.add_argument("--models", nargs="+", default=None)
     ap.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS,

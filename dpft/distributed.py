@@ -381,7 +381,7 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
 
 
 # Models small enough to train on a CPU in reasonable time (tests, the demo).
-CPU_SIZED_MODELS = ("nfnet_micro", "nfnet_tiny")
+CPU_SIZED_MODELS = ("nfnet_nano", "nfnet_micro", "nfnet_tiny")
 
 
 def device_report(model_name: str, env: Mapping[str, str] | None = None) -> list[str]:

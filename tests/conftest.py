@@ -76,3 +76,20 @@ def gcs(tmp_path, monkeypatch):
 def base(request, tmp_path, gcs):
     """A directory to write in: a local one, or gs://bucket/... on the fake store."""
     return str(tmp_path / "local") if request.param == "local" else "gs://bucket/work"
+
+
+#: Test modules that take longest on CI's 2 cores, longest first (seconds of one worker, `pytest
+#: --durations=0`, 2026-12-07). Under `--dist loadscope` a module runs on one worker, and the workers
+#: take modules in collection order: starting with the longest (longest-processing-time-first
+#: scheduling) keeps one worker from running a 6-minute module alone at the end.
+LONGEST_FIRST = ("test_privacy_plan.py", "test_multihost_train.py", "test_slurm_local.py", "test_bookkeeping.py",
+                 "test_faults_e2e.py", "test_remote_paths.py", "test_train_e2e.py", "test_bookkeeping_nnx.py",
+                 "test_gpu_check.py", "test_demo.py", "test_real_layout_e2e.py", "test_preemption.py",
+                 "test_launch.py", "test_notebooks.py", "test_profile_step.py", "test_readme_commands.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Runs the modules of LONGEST_FIRST first, in that order; every other module after them in
+    collection order; the tests of a module keep their order."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items[:] = sorted(items, key=lambda item: rank.get(item.path.name, len(rank)))  # stable: keeps the order within

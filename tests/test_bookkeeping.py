@@ -265,15 +265,15 @@ def assert_same(ref, got, rtol=2e-5):
 @pytest.mark.slow
 @pytest.mark.parametrize("ghost", ["auto", "never", "always"])
 def test_nfnet_flat_clipping_equals_vmap_engine(ghost):
-    # nfnet_micro: grouped WS convs, SE, skip gains, stochastic depth and dropout (train=True).
-    ref, got = run_both("nfnet_micro", 16, ClippingConfig(mode="flat", clip_norm=0.1), 4, ghost=ghost)
+    # nfnet_nano: grouped WS convs, SE, skip gains, stochastic depth and dropout (train=True).
+    ref, got = run_both("nfnet_nano", 16, ClippingConfig(mode="flat", clip_norm=0.1), 4, ghost=ghost)
     assert np.all(np.asarray(ref[1]["norms"])[MASK > 0] > 0.1)  # clipping is active
     assert_same(ref, got)
 
 
 @pytest.mark.slow  # > 30 s on 2 loaded cores (two compiles of a whole model)
 def test_nfnet_automatic_clipping_single_microbatch_equals_vmap_engine():
-    ref, got = run_both("nfnet_micro", 16, ClippingConfig(mode="automatic", clip_norm=1.0, gamma=0.01), B)
+    ref, got = run_both("nfnet_nano", 16, ClippingConfig(mode="automatic", clip_norm=1.0, gamma=0.01), B)
     assert_same(ref, got)
 
 
@@ -285,18 +285,18 @@ def test_wrn_groupnorm_equals_vmap_engine():
 
 @pytest.mark.slow  # > 30 s on 2 loaded cores (two compiles of a whole model)
 def test_nan_padding_rows_give_exactly_zero():
-    ref, got = run_both("nfnet_micro", 16, ClippingConfig(mode="flat", clip_norm=0.1), 4, nan_padding=True)
+    ref, got = run_both("nfnet_nano", 16, ClippingConfig(mode="flat", clip_norm=0.1), 4, nan_padding=True)
     assert_same(ref, got)
     assert np.all(np.asarray(got[1]["norms"])[MASK == 0] == 0)
 
 
 def test_nonprivate_mode_delegates_to_engine():
-    ref, got = run_both("nfnet_micro", 16, ClippingConfig(mode="none", clip_norm=1.0), 4)
+    ref, got = run_both("nfnet_nano", 16, ClippingConfig(mode="none", clip_norm=1.0), 4)
     assert_same(ref, got, rtol=1e-6)
 
 
 def test_every_nfnet_parameter_is_tapped_once():
-    loss_fn, params = model_setup("nfnet_micro")
+    loss_fn, params = model_setup("nfnet_nano")
     batch = make_batch(1, 16)
     specs = bookkeeping.discover_ops(loss_fn.tapped, params, {k: v for k, v in batch.items() if k != "mask"},
                                      jax.random.key(0))
@@ -307,7 +307,7 @@ def test_every_nfnet_parameter_is_tapped_once():
 
 
 def test_errors_name_the_problem():
-    loss_fn, params = model_setup("nfnet_micro")
+    loss_fn, params = model_setup("nfnet_nano")
     batch = make_batch(1, 16)
     with pytest.raises(ValueError, match="per_layer"):
         bookkeeping.bk_clipped_grad_sum(loss_fn, params, batch, jax.random.key(0),
@@ -331,7 +331,7 @@ def test_eight_devices_equal_the_vmap_engine_on_eight_devices():
     from dpft.train import step as step_lib
     if jax.device_count() < 8:
         pytest.skip("needs 8 fake devices (tests/conftest.py)")
-    loss_fn, params = model_setup("nfnet_micro")
+    loss_fn, params = model_setup("nfnet_nano")
     mesh = distributed.make_data_mesh(jax.devices()[:8])
     rs = np.random.RandomState(3)
     n = 16
@@ -357,7 +357,7 @@ def test_eight_devices_equal_the_vmap_engine_on_eight_devices():
 @pytest.mark.slow
 def test_bfloat16_compute_matches_the_vmap_engine_to_bf16_precision():
     """Mixed precision: bf16 activations/perturbations, float32 params and norms."""
-    model = dpft.models.create("nfnet_micro", NUM_CLASSES, head_init="normal", dtype=jnp.bfloat16)
+    model = dpft.models.create("nfnet_nano", NUM_CLASSES, head_init="normal", dtype=jnp.bfloat16)
     loss_fn, params, _ = adapters.nnx_loss_fn(model, adapters.softmax_cross_entropy_loss)
     batch = make_batch(1, 16)
     clipping = ClippingConfig(mode="flat", clip_norm=0.1)

@@ -83,6 +83,31 @@ def test_round_trip_sharded_params(tmp_path):
     np.testing.assert_array_equal(np.asarray(out), np.asarray(x))
 
 
+
+def test_small_replicated_arrays_are_written_whole_and_big_ones_across_replicas(tmp_path, monkeypatch):
+    """A replicated array on 8 devices: orbax's replica-parallel save slices it once per replica (an eager
+    dispatch each). Slices under REPLICA_PARALLEL_MIN_BYTES are not worth it: small arrays are written
+    whole; an array whose slices reach the minimum is still split. Both restore bitwise."""
+    from orbax.checkpoint._src.serialization import replica_slices
+
+    if jax.device_count() != 8 or jax.default_backend() != "cpu":
+        pytest.skip("needs the 8 fake CPU devices of tests/conftest.py")
+    sliced = []
+    real_slice = replica_slices.jax.lax.slice_in_dim
+    monkeypatch.setattr(replica_slices.jax.lax, "slice_in_dim",
+                        lambda x, *a, **k: sliced.append(x.shape) or real_slice(x, *a, **k))
+    replicated = jax.NamedSharding(jax.make_mesh((8,), ("data",)), jax.P())
+    rows = ck.REPLICA_PARALLEL_MIN_BYTES // 4  # float32 rows of 8 values: each of 8 slices is 2 * MIN bytes
+    small = {"w": jnp.ones((3, 3, 2, 4)), "b": jnp.arange(8.0)}
+    big = {"w": jnp.arange(rows * 8, dtype=jnp.float32).reshape(rows, 8) / 7.0}
+    with ck.Checkpointer(tmp_path) as c:
+        for step, tree in ((1, small), (2, big)):
+            tree = jax.device_put(tree, replicated)
+            sliced.clear()
+            c.save(step, pytrees={"params": tree})
+            assert len(sliced) == (8 if step == 2 else 0), (step, sliced)
+            _assert_bitwise(c.restore(step, targets={"params": tree}).pytrees["params"], tree)
+
 def test_keep_last_n(tmp_path):
     with ck.Checkpointer(tmp_path, keep=2) as c:
         for step in (1, 2, 3, 4):

@@ -111,7 +111,7 @@ from dpft.config.base import base_config, finalize
 
 def get_config(arg=None):
     c = base_config(locked=False)
-    c.model.name = "nfnet_micro"
+    c.model.name = "nfnet_nano"
     c.data.name = "toy_clinic"
     c.data.image_size = c.data.eval_image_size = 16
     c.data.random_crop = c.data.random_flip = False
@@ -179,7 +179,7 @@ def _dpft(capsys, *args: str) -> tuple[int, str, str]:
     return rc, out.out, out.err
 
 
-@pytest.mark.slow  # ~80 s of CPU time, mostly compiling the nfnet_micro DP step
+@pytest.mark.slow  # ~80 s of CPU time, mostly compiling the nfnet_nano DP step
 def test_toy_data_set_with_demographics_prepare_train_evaluate(toy, tmp_path, capsys):
     root, prepared, workdir = str(tmp_path / "clinic"), str(tmp_path / "prepared"), str(tmp_path / "run")
     demo = write_clinic(root, str(tmp_path / "elsewhere"))

@@ -1,4 +1,4 @@
-"""Faults end to end, with real `dpft` processes on a fake CheXpert copy (nfnet_micro, 1 CPU device):
+"""Faults end to end, with real `dpft` processes on a fake CheXpert copy (nfnet_nano, 1 CPU device):
 two runs on one workdir, evaluation beside a live run, a corrupt latest checkpoint, a tampered
 ledger, a stale ledger.json, a diverging run, a full disk."""
 from __future__ import annotations
@@ -40,7 +40,7 @@ def base(tmp_path_factory):
 
 def train_args(base, workdir, *extra) -> list[str]:
     return ["train", "--config", CONFIG, "--workdir", str(workdir), f"--config.data.root={base['root']}",
-            "--config.model.name=nfnet_micro", "--config.train.eval_every=0", f"--config.train.num_updates={UPDATES}",
+            "--config.model.name=nfnet_nano", "--config.train.eval_every=0", f"--config.train.num_updates={UPDATES}",
             "--config.train.checkpoint_every=2", "--config.train.keep_checkpoints=3", *extra]
 
 

@@ -42,7 +42,7 @@ importlib.util.find_spec = lambda name, package=None: (
 """
 #: The smoke run of the shared fixture: one model, every method (vit_micro's workers run in
 #: test_the_all_ghost_bookkeeping_variant_runs_when_asked_for and test_a_failing_worker_...).
-MODELS_METHODS = [("nfnet_micro", meth) for meth in ("nonprivate", "bookkeeping", "vmap")]
+MODELS_METHODS = [("nfnet_nano", meth) for meth in ("nonprivate", "bookkeeping", "vmap")]
 
 
 def _run(env: dict, out, *extra: str) -> tuple[dict, str]:
@@ -67,8 +67,8 @@ def env(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def smoke(env, tmp_path_factory):
-    """The smoke run of nfnet_micro: 3 methods (3 workers compiling at once) at batch sizes 2 and 4, no memory limit."""
-    return _run(env, tmp_path_factory.mktemp("smoke"), "--models", "nfnet_micro", "--budget-s", "1500",
+    """The smoke run of nfnet_nano: 3 methods (3 workers compiling at once) at batch sizes 2 and 4, no memory limit."""
+    return _run(env, tmp_path_factory.mktemp("smoke"), "--models", "nfnet_nano", "--budget-s", "1500",
                 "--compile-s", "1200")
 
 
@@ -152,11 +152,11 @@ def test_ratios_and_summary_follow_from_the_rows(smoke):
 
 def test_a_memory_limit_between_two_sizes_skips_the_bigger_and_estimates_between(smoke, env, tmp_path):
     doc0, _ = smoke
-    p2, p4 = (r["predicted_mib"] for r in _rows(doc0, "nfnet_micro", "nonprivate"))
+    p2, p4 = (r["predicted_mib"] for r in _rows(doc0, "nfnet_nano", "nonprivate"))
     limit = p2 + 0.3 * (p4 - p2)
-    doc, md = _run(env, tmp_path, "--models", "nfnet_micro", "--methods", "nonprivate", "--budget-s", "600",
+    doc, md = _run(env, tmp_path, "--models", "nfnet_nano", "--methods", "nonprivate", "--budget-s", "600",
                    "--compile-s", "500", "--memory-limit-mib", repr(limit))
-    small, big = _rows(doc, "nfnet_micro", "nonprivate")
+    small, big = _rows(doc, "nfnet_nano", "nonprivate")
     assert small["predicted_mib"] == pytest.approx(p2) and big["predicted_mib"] == pytest.approx(p4)
     assert small["status"] == "ok" and small["examples_per_s"] > 0
     assert big["status"] == "oom_predicted" and "examples_per_s" not in big and "> memory limit" in big["cause"]
@@ -170,12 +170,12 @@ def test_a_memory_limit_between_two_sizes_skips_the_bigger_and_estimates_between
 
 def test_a_size_extrapolated_past_the_memory_limit_is_not_compiled(smoke, env, tmp_path):
     doc0, _ = smoke
-    p2, p4 = (r["predicted_mib"] for r in _rows(doc0, "nfnet_micro", "nonprivate"))
+    p2, p4 = (r["predicted_mib"] for r in _rows(doc0, "nfnet_nano", "nonprivate"))
     p8 = p4 + (p4 - p2) / 2 * 4  # the line through (2, p2) and (4, p4) at b = 8
     limit = p4 + 0.5 * (p8 - p4)
-    doc, _ = _run(env, tmp_path, "--models", "nfnet_micro", "--methods", "nonprivate", "--batches", "2", "4", "8",
+    doc, _ = _run(env, tmp_path, "--models", "nfnet_nano", "--methods", "nonprivate", "--batches", "2", "4", "8",
                   "16", "--budget-s", "600", "--compile-s", "500", "--memory-limit-mib", repr(limit))
-    rows = _rows(doc, "nfnet_micro", "nonprivate")
+    rows = _rows(doc, "nfnet_nano", "nonprivate")
     assert [(r["batch"], r["status"]) for r in rows] == [(2, "ok"), (4, "ok"), (8, "oom_predicted"),
                                                          (16, "oom_predicted")]
     for r in rows[2:]:
@@ -196,7 +196,7 @@ def test_the_all_ghost_bookkeeping_variant_runs_when_asked_for(env, tmp_path):
 
 
 def test_a_passed_compile_deadline_leaves_rows_with_the_cause(env, tmp_path):
-    doc, _ = _run(env, tmp_path, "--models", "nfnet_micro", "--methods", "nonprivate", "vmap", "--budget-s", "30",
+    doc, _ = _run(env, tmp_path, "--models", "nfnet_nano", "--methods", "nonprivate", "vmap", "--budget-s", "30",
                   "--compile-s", "0.5")
     assert [(r["method"], r["batch"], r["status"]) for r in doc["rows"]] == [
         (m, b, "compile_time_budget") for m in ("nonprivate", "vmap") for b in (2, 4)]
@@ -217,7 +217,7 @@ def test_sizes_compiled_before_the_deadline_are_timed_and_the_others_say_why(env
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     args = argparse.Namespace(out=str(tmp_path), iters=1, dtype="float32", memory_limit_mib=None, batches=[2, 4])
-    w = gpu_check.Worker(args, "nfnet_micro", "nonprivate", REPO)
+    w = gpu_check.Worker(args, "nfnet_nano", "nonprivate", REPO)
     # what compile_wait leaves: size 2 compiled, the worker stopped while compiling size 4
     gpu_check._append(os.path.join(w.ctl, "compiled.jsonl"),
                       {"batch": 2, "status": "compiled", "compile_start": 0.0, "compile_end": 1.0})

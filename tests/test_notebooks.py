@@ -142,7 +142,7 @@ def test_notebook_on_a_real_tiny_trained_workdir(tmp_path, kernel_manager):
                "--config.train.checkpoint_every=3", "--config.train.lr_schedule.name=constant",
                "--config.train.lr_schedule.warmup_steps=0", "--config.individual.enabled=False",
                # small: the notebook reads the predictions, the model does not matter
-               "--config.model.name=nfnet_micro", "--config.data.image_size=16", "--config.data.augmult=1",
+               "--config.model.name=nfnet_nano", "--config.data.image_size=16", "--config.data.augmult=1",
                "--config.train.batch_size=32", "--config.train.physical_batch_size=32", *extra]
         r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
         assert r.returncode == 0, r.stderr[-3000:]

@@ -33,7 +33,7 @@ def root(tmp_path_factory):
 
 def _overrides(root: str) -> list[str]:
     # Expected batch 48 in physical batches of 16: about 3 physical batches per update.
-    return [f"--config.data.root={root}", "--config.model.name=nfnet_micro", f"--config.train.num_updates={UPDATES}",
+    return [f"--config.data.root={root}", "--config.model.name=nfnet_nano", f"--config.train.num_updates={UPDATES}",
             "--config.train.batch_size=48", "--config.train.physical_batch_size=16", "--config.train.eval_every=0",
             "--config.train.checkpoint_every=100", "--config.privacy.insecure_fixed_noise_seed=7",
             "--config.eval.splits=test"]

@@ -12,7 +12,7 @@ from benchmarks import profile_step
 
 @pytest.mark.slow
 def test_every_piece_is_timed_and_bookkeeping_norms_match_vmap():
-    rows = profile_step.bench("nfnet_micro", 4, 1, resolution=16, dtype="float32")
+    rows = profile_step.bench("nfnet_nano", 4, 1, resolution=16, dtype="float32")
     assert [r["piece"] for r in rows] == list(profile_step.PIECES)
     assert all(r["seconds"] > 0 and r["resolution"] == 16 and r["dtype"] == "float32" for r in rows)
     base = next(r for r in rows if r["piece"] == "batched_backward")
@@ -23,7 +23,7 @@ def test_every_piece_is_timed_and_bookkeeping_norms_match_vmap():
 
 @pytest.mark.slow
 def test_only_the_pieces_asked_for_are_built():
-    rows = profile_step.bench("nfnet_micro", 2, 1, resolution=16, dtype="float32", names=("bk_norms", "bk_full_dp"))
+    rows = profile_step.bench("nfnet_nano", 2, 1, resolution=16, dtype="float32", names=("bk_norms", "bk_full_dp"))
     assert [r["piece"] for r in rows] == ["bk_norms", "bk_full_dp"]
     assert all(r["bk_norms_max_rel_diff"] is None and r["ratio_vs_batched_backward"] is None for r in rows)
 

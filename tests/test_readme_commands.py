@@ -8,7 +8,7 @@ Python's environment; the commands of one README section run in order, two secti
 
 - `dpft ...` runs for real (this checkout's code). Placeholder paths (`/data/...`, `/ckpt/...`)
   point at fake data sets in the real on-disk formats (`dpft.data.fake`) and a small Haiku-format
-  checkpoint; trainings get TINY overrides (nfnet_micro, small images and batches, 2 updates),
+  checkpoint; trainings get TINY overrides (nfnet_nano, small images and batches, 2 updates),
   evaluations a small bootstrap. `dpft evaluate` reads the workdir that the README's `dpft train`
   wrote.
 - `python launch/sweep.py ... --run`: `dpft` on PATH runs the sweep's first non-private job (train
@@ -54,11 +54,11 @@ MAX_README_LINES = 250
 SHELL_LANGS = {"", "sh", "bash", "shell", "console"}
 #: Overrides that make a README training tiny (fake data, CPU, seconds).
 TINY_TRAIN = ["--config.train.num_updates=2", "--config.train.eval_every=0", "--config.train.checkpoint_every=2"]
-TINY_MEDICAL = ["--config.model.name=nfnet_micro", "--config.model.dtype=float32", "--config.data.image_size=32",
+TINY_MEDICAL = ["--config.model.name=nfnet_nano", "--config.model.dtype=float32", "--config.data.image_size=32",
                 "--config.data.eval_image_size=32", "--config.data.augmult=1", "--config.train.batch_size=8",
                 "--config.train.physical_batch_size=8", "--config.train.microbatch_size=8",
                 "--config.eval.batch_size=16"]
-TINY_DIGITS = ["--config.model.name=nfnet_micro", "--config.train.batch_size=16",
+TINY_DIGITS = ["--config.model.name=nfnet_nano", "--config.train.batch_size=16",
                "--config.train.physical_batch_size=16", "--config.train.microbatch_size=16"]
 TINY_EVALUATE = ["--bootstrap", "20"]
 LOG_ENV = "DPFT_README_TEST_LOG"  # where the stubs record their arguments (one file per command)
@@ -340,7 +340,7 @@ class Runner:
                                   iv_root=os.path.join(data, "mimiciv", "2.2"), iv_layout="hosp")
         os.makedirs(os.path.join(root, "ckpt"))
         # DeepMind's F0_haiku.npz format (a Haiku pickle with an ImageNet head), of a tiny NFNet.
-        checkpoints.save_model(models.create("nfnet_micro", 1000, seed=3), os.path.join(root, "ckpt", "F0_haiku.npz"))
+        checkpoints.save_model(models.create("nfnet_nano", 1000, seed=3), os.path.join(root, "ckpt", "F0_haiku.npz"))
 
         self.stubs = os.path.join(root, "stubs")  # first on PATH for every command
         os.makedirs(self.stubs)

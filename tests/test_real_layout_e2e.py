@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "fake_chexpert_tiny.py")
 TIMEOUT = 900
-COMMON = ["--config.model.name=nfnet_micro", "--config.train.num_updates=2", "--config.train.eval_every=0",
+COMMON = ["--config.model.name=nfnet_nano", "--config.train.num_updates=2", "--config.train.eval_every=0",
           "--config.train.checkpoint_every=2", "--config.train.batch_size=8", "--config.train.physical_batch_size=8"]
 
 MIMIC_CONFIG = os.path.join(REPO, "configs", "fake_mimic_cxr_tiny.py")

@@ -378,7 +378,7 @@ def test_short_training_run_with_its_workdir_on_gs(gcs, tmp_path):
     url = "gs://bucket/run"
     env = dict(gcs, XLA_FLAGS=cpu_env.xla_flags(1))
     args = [sys.executable, "-c", TRAIN.format(tests=TESTS), "train", "--config", CONFIG, "--workdir", url,
-            f"--config.data.root={root}", "--config.model.name=nfnet_micro", "--config.train.eval_every=0",
+            f"--config.data.root={root}", "--config.model.name=nfnet_nano", "--config.train.eval_every=0",
             "--config.train.num_updates=2", "--config.train.checkpoint_every=2"]
     run = subprocess.run(args, env=env, cwd=REPO, capture_output=True, text=True, timeout=1500)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
@@ -438,7 +438,7 @@ def test_prepare_train_evaluate_with_everything_on_the_store(base, gcs, tmp_path
         extra = [f"--config.data.options.mimic_iv_dir={iv}"]
     shutil.copytree(local, store(root))
     atomic_io.make_dir(base)
-    checkpoints.save_model(models.create("nfnet_micro", 14, seed=3), paths.join(base, "pretrained.pkl"))
+    checkpoints.save_model(models.create("nfnet_nano", 14, seed=3), paths.join(base, "pretrained.pkl"))
 
     def dpft(*argv: str) -> subprocess.CompletedProcess:
         run = subprocess.run([sys.executable, "-c", TRAIN.format(tests=TESTS), *argv], cwd=REPO, capture_output=True,
@@ -451,7 +451,7 @@ def test_prepare_train_evaluate_with_everything_on_the_store(base, gcs, tmp_path
     workdir = paths.join(base, "run")
     dpft("train", "--config", config, "--workdir", workdir, f"--config.data.root={root}",
          f"--config.data.options.index_dir={paths.join(base, 'prepared', 'index')}",
-         f"--config.model.checkpoint={paths.join(base, 'pretrained.pkl')}", "--config.model.name=nfnet_micro",
+         f"--config.model.checkpoint={paths.join(base, 'pretrained.pkl')}", "--config.model.name=nfnet_nano",
          "--config.train.eval_every=0", "--config.train.num_updates=2", "--config.train.checkpoint_every=2",
          "--config.train.batch_size=8", "--config.train.physical_batch_size=8", *extra)
     ev = dpft("evaluate", "--workdir", workdir, "--bootstrap", "10")

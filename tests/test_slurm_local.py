@@ -48,7 +48,7 @@ def setup(tmp_path_factory):
     wrapper.write_text(f"#!/usr/bin/env bash\nexport PYTHONPATH={REPO} JAX_PLATFORMS=cpu\n"
                        f"exec {sys.executable} -m dpft.cli \"$@\"\n")
     wrapper.chmod(0o755)
-    overrides = [f"--config.data.root={root}", "--config.model.name=nfnet_micro", f"--config.train.num_updates={UPDATES}",
+    overrides = [f"--config.data.root={root}", "--config.model.name=nfnet_nano", f"--config.train.num_updates={UPDATES}",
                  "--config.train.batch_size=48", "--config.train.eval_every=0", "--config.train.checkpoint_every=1",
                  "--config.privacy.insecure_fixed_noise_seed=7", "--config.eval.splits=test"]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "DPFT_"))}

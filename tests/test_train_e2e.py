@@ -62,7 +62,7 @@ def base(tmp_path_factory):
                JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("xla_cache")),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     overrides = [f"--config.data.root={root}", f"--config.train.num_updates={UPDATES}",
-                 "--config.model.name=nfnet_micro", "--config.train.eval_every=0",
+                 "--config.model.name=nfnet_nano", "--config.train.eval_every=0",
                  "--config.train.checkpoint_every=2", "--config.train.keep_checkpoints=2"]
     return {"root": root, "env": env, "overrides": overrides, "tmp": tmp_path_factory}
 

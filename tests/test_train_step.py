@@ -327,3 +327,18 @@ def test_the_noise_key_is_an_argument_never_a_constant_of_the_compiled_update():
     assert not [w for w in words if w in program], "the noise key is compiled into the update"
     closed_over = jax.jit(lambda s, a: apply(s, a, NOISE_KEY)).lower(state, acc).as_text()
     assert all(w in closed_over for w in words), "the check cannot see a compiled-in key"
+
+
+def test_zeros_accumulator_is_one_program_of_sharded_float32_zeros():
+    """[D, *shape] float32 zeros sharded over the data axis, for every leaf; a second call of the same
+    structure and mesh runs the same compiled program (not one dispatch per leaf)."""
+    mesh = distributed.make_data_mesh()
+    params = {"w": jnp.ones((3, 4), jnp.bfloat16), "b": [jnp.ones((5,)), jnp.ones((2, 2, 2))]}
+    before = step_lib._zeros_fn.cache_info()
+    for _ in range(2):
+        acc = step_lib.zeros_accumulator(params, mesh)
+        for p, a in zip(jax.tree.leaves(params), jax.tree.leaves(acc)):
+            assert a.shape == (mesh.shape[distributed.DATA_AXIS], *p.shape) and a.dtype == jnp.float32
+            assert a.sharding.spec == jax.P(distributed.DATA_AXIS) and not np.asarray(a).any()
+    after = step_lib._zeros_fn.cache_info()
+    assert after.misses - before.misses <= 1 and after.hits - before.hits >= 1

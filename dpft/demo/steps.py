@@ -16,19 +16,19 @@ def enable_compilation_cache(workdir: str) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
-def pretrain(workdir: str, updates: int, print_fn=print) -> str:
+def pretrain(workdir: str, updates: int, print_fn=print, model: str = "nfnet_tiny") -> str:
     """Non-private training on the public split; returns the exported Haiku checkpoint path."""
     from dpft.models import checkpoints
     from dpft.train import loop
 
     run_dir = os.path.join(workdir, "public_pretraining")
-    path = os.path.join(run_dir, "nfnet_tiny_public.pkl")
+    path = os.path.join(run_dir, f"{model}_public.pkl")
     if os.path.isfile(path):
         print_fn(f"[1/4] public pre-training: reusing {path}")
         return path
     print_fn("[1/4] public pre-training (non-private, upright digits only)")
     trainer = loop.Trainer(recipe(private=False, updates=updates, train_split="public", minority_fraction=0.0,
-                                  learning_rate=3e-3),
+                                  learning_rate=3e-3, model=model),
                            run_dir, print_fn=lambda s: print_fn("      " + s))
     trainer.run()
     params, _ = trainer.eval_params()
@@ -67,7 +67,8 @@ def _summary_row(name: str, epsilon: float | None, result: dict, run_dir: str) -
 
 
 def fine_tune_sweep(workdir: str, checkpoint: str, epsilons: list[float], *, updates: int,
-                    minority_fraction: float, n_resamples: int, print_fn=print, tag: str = "") -> list[dict]:
+                    minority_fraction: float, n_resamples: int, print_fn=print, tag: str = "",
+                    model: str = "nfnet_tiny") -> list[dict]:
     """One DP run per epsilon plus a non-private run, each evaluated from its checkpoint."""
     from dpft.train import loop
 
@@ -78,14 +79,14 @@ def fine_tune_sweep(workdir: str, checkpoint: str, epsilons: list[float], *, upd
         run_dir = os.path.join(workdir, f"{tag}{name}")
         print_fn(f"      [{i + 1}/{len(runs)}] {name}{' ' + tag.rstrip('_/') if tag else ''}")
         cfg = recipe(private=private, epsilon=eps or 8.0, updates=updates, checkpoint=checkpoint,
-                     minority_fraction=minority_fraction)
+                     minority_fraction=minority_fraction, model=model)
         loop.Trainer(cfg, run_dir, print_fn=lambda s: print_fn("          " + s)).run()
         rows.append(_summary_row(name, eps, _eval_run(run_dir, n_resamples), run_dir))
     return rows
 
 
 def imbalance_study(workdir: str, checkpoint: str, fractions: list[float], epsilons: list[float], seeds: list[int],
-                    *, updates: int, n_resamples: int, print_fn=print) -> dict[str, Any]:
+                    *, updates: int, n_resamples: int, print_fn=print, model: str = "nfnet_tiny") -> dict[str, Any]:
     """Minority fraction x (epsilons + non-private) x seeds, each run evaluated from its checkpoint,
     then compared over minority fraction with one line per epsilon (mean and CI over seeds)."""
     from dpft.evaluate import compare
@@ -99,7 +100,7 @@ def imbalance_study(workdir: str, checkpoint: str, fractions: list[float], epsil
         run_dir = os.path.join(root, name)
         print_fn(f"      [{i + 1}/{len(grid)}] {name}")
         cfg = recipe(private=eps is not None, epsilon=eps or 8.0, updates=updates, checkpoint=checkpoint,
-                     minority_fraction=frac, seed=seed)
+                     minority_fraction=frac, seed=seed, model=model)
         with cfg.unlocked():
             cfg.individual.enabled = False  # individual epsilons: see the main runs; saves a pass per run
         if not os.path.isfile(os.path.join(run_dir, "eval", str(updates), "metrics.json")):

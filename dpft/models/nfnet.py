@@ -199,8 +199,9 @@ class NFNet(nnx.Module):
 
 
 # ---------------------------------------------------------------- registered variants
-# NFNet-F0..F7 follow the DeepMind variant table (Brock et al. 2021); nfnet_tiny / nfnet_micro
-# are small variants for tests and the demo (same blocks as F0).
+# NFNet-F0..F7 follow the DeepMind variant table (Brock et al. 2021); nfnet_tiny / nfnet_micro /
+# nfnet_nano are small variants for tests and the demo (same blocks as F0; nano has two stages, every
+# layer kind of the others, and compiles in about half the time: the end-to-end tests' model).
 _F_DEPTHS = {"f0": (1, 2, 6, 3), "f1": (2, 4, 12, 6), "f2": (3, 6, 18, 9), "f3": (4, 8, 24, 12),
              "f4": (5, 10, 30, 15), "f5": (6, 12, 36, 18), "f6": (7, 14, 42, 21), "f7": (8, 16, 48, 24)}
 _F_RES = {"f0": (192, 256), "f1": (224, 320), "f2": (256, 352), "f3": (320, 416),
@@ -220,6 +221,12 @@ VARIANTS: dict[str, Variant] = {
 VARIANTS["nfnet_tiny"] = Variant("nfnet", NFNet, dict(
     width=(16, 32, 64, 64), depth=(1, 1, 1, 1), group_width=8, stem_width=(8, 8, 16),
     stochdepth_rate=0.1, drop_rate=0.2), 32, 32, **_CHECKPOINT)
+VARIANTS["nfnet_nano"] = Variant("nfnet", NFNet, dict(
+    width=(8, 16), depth=(1, 1), strides=(1, 2), group_width=4, stem_width=(4, 4, 8),
+    stochdepth_rate=0.1, drop_rate=0.2), 32, 32, **_CHECKPOINT)
 VARIANTS["nfnet_micro"] = Variant("nfnet", NFNet, dict(
     width=(8, 16, 16, 16), depth=(1, 1, 1, 1), group_width=4, stem_width=(4, 4, 8),
+    stochdepth_rate=0.1, drop_rate=0.2), 32, 32, **_CHECKPOINT)
+VARIANTS["nfnet_nano"] = Variant("nfnet", NFNet, dict(
+    width=(8, 16), depth=(1, 1), strides=(1, 2), group_width=4, stem_width=(4, 4, 8),
     stochdepth_rate=0.1, drop_rate=0.2), 32, 32, **_CHECKPOINT)

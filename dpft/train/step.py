@@ -18,6 +18,7 @@ so the DP overhead is measured on identical code.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -63,12 +64,18 @@ def init_state(params: PyTree, optimizer: optax.GradientTransformation, cfg: Ste
 
 
 def zeros_accumulator(params: PyTree, mesh: Mesh) -> PyTree:
-    """Per-device partial gradient sums: leaves float32 [D, *param.shape], sharded over D."""
+    """Per-device partial gradient sums: leaves float32 [D, *param.shape], sharded over D. One
+    compiled program per (parameter structure, mesh), not one zeros-and-transfer per leaf and update."""
     d = mesh.shape[DATA_AXIS]
-    sharding = NamedSharding(mesh, P(DATA_AXIS))
-    return jax.tree.map(
-        lambda p: jax.device_put(jnp.zeros((d,) + p.shape, jnp.float32), sharding), params
-    )
+    leaves, treedef = jax.tree.flatten(params)
+    return _zeros_fn(treedef, tuple((d,) + tuple(p.shape) for p in leaves), NamedSharding(mesh, P(DATA_AXIS)))()
+
+
+@functools.lru_cache(maxsize=16)
+def _zeros_fn(treedef: Any, shapes: tuple[tuple[int, ...], ...], sharding: NamedSharding) -> Callable[[], PyTree]:
+    """A jitted `() -> pytree of float32 zeros of `shapes`, placed with `sharding`` (memoised per arguments)."""
+    return jax.jit(lambda: jax.tree.unflatten(treedef, [jnp.zeros(s, jnp.float32) for s in shapes]),
+                   out_shardings=sharding)
 
 
 def make_accumulate_fn(loss_fn: Callable, cfg: StepConfig, mesh: Mesh) -> Callable:

@@ -38,6 +38,15 @@ after the copy, that the step is still a complete checkpoint with the very same 
 and sizes) as before it; otherwise (a keep-N cleanup deleted it meanwhile) the copy is thrown
 away and the then-latest step copied instead (an explicit step fails). `quarantine` moves a
 corrupt step by copy-and-delete.
+
+Replicated arrays: orbax's default `ArrayHandler` on CPU splits every replicated array into one
+slice per replica ("replica-parallel" saving), each slice an eager `jax.lax.slice` dispatch. With 8
+devices a small model's ~100 leaves become ~800 dispatches per save (a 6-update nfnet_micro run on 8
+CPU devices spent 4.1 of its 22 s there). `Checkpointer` registers orbax's `ArrayHandler` with
+`min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_BYTES` (orbax's public
+`type_handlers.register_type_handler`; process-wide, as orbax's registry is): arrays whose slices
+would be smaller are written whole by replica 0; big arrays still spread over replicas, and on GPU
+orbax's default (no replica-parallel) is kept. The bytes on disk are the same either way.
 """
 from __future__ import annotations
 
@@ -69,6 +78,7 @@ CHECKSUM_FORMAT = "dpft.checksums/1"
 QUARANTINE_DIR = "corrupt_checkpoints"
 PIN_DIR = ".pins"
 _WRAP = "__value__"  # orbax StandardSave refuses a bare array: store {"__value__": x}
+REPLICA_PARALLEL_MIN_BYTES = 1 << 20  # bytes per replica slice below which a replicated array is written whole
 
 
 class CorruptCheckpoint(CheckpointError):
@@ -105,6 +115,17 @@ def _options(keep: int | None, async_save: bool, read_only: bool = False) -> ocp
         enable_async_checkpointing=async_save,
         **extra,
     )
+
+
+def _use_whole_small_arrays() -> None:
+    """Registers orbax's ArrayHandler with a minimum replica-slice size (module docstring); idempotent.
+    Keeps orbax's own default for whether to split at all (off on GPU, on elsewhere)."""
+    current = ocp.type_handlers.get_type_handler(jax.Array)
+    if getattr(current, "_min_slice_bytes_for_replica_parallel", None) == REPLICA_PARALLEL_MIN_BYTES:
+        return
+    ocp.type_handlers.register_type_handler(
+        jax.Array, ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_BYTES),
+        override=True)
 
 
 def _path_part(k: Any) -> str:
@@ -275,6 +296,7 @@ class Checkpointer:
             # Owner-only from before the first save: a checkpoint holds the run's secret (the noise),
             # and the files orbax writes in it get the umask's modes (0644 under umask 022).
             atomic_io.make_dir(self.directory, private=True)
+            _use_whole_small_arrays()
         self._manager = self._open()
 
     def _open(self, cleanup: bool = True) -> ocp.CheckpointManager:
