@@ -407,12 +407,14 @@ ATTRIBUTES = {"chexpert": ("sex", "age", "race"), "mimic_cxr": ("sex", "age", "r
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("base", ["gs"], indirect=True)
 @pytest.mark.parametrize("dataset", ["chexpert", "mimic_cxr"])
 def test_prepare_train_evaluate_with_everything_on_the_store(base, gcs, tmp_path, dataset):
     """Data root (and MIMIC-IV apart), the prepared index, the pre-trained checkpoint and the
-    workdir all under `base` (a local folder, or gs:// on the fake store): `dpft prepare`, a
-    2-update `dpft train` from the pre-trained checkpoint, `dpft evaluate --workdir` -> a report
-    with every subgroup attribute of the data set."""
+    workdir all under gs:// on the fake store: `dpft prepare`, a 2-update `dpft train` from the
+    pre-trained checkpoint, `dpft evaluate --workdir` -> a report with every subgroup attribute of
+    the data set. (The same commands on local folders: tests/test_data_registry.py's toy data set,
+    tests/test_readme_commands.py's CheXpert and MIMIC-CXR commands, tests/test_real_layout_e2e.py.)"""
     import shutil
 
     from dpft import models
