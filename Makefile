@@ -4,8 +4,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_WORKERS ?= 2
 # --dist loadscope: a module's tests run in one worker, so its module-scoped fixtures (a trained
-# workdir, a benchmark run) are computed once, not once per worker.
-PYTEST_DIST ?= --dist loadscope
+# workdir, a benchmark run) are computed once, not once per worker. --no-loadscope-reorder: modules
+# start in collection order, which tests/conftest.py sorts longest first (xdist's default order,
+# most tests first, left a 3-minute multi-host module running alone at the end).
+PYTEST_DIST ?= --dist loadscope --no-loadscope-reorder
 
 .PHONY: install demo test test-fast bench clean
 

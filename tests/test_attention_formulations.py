@@ -7,6 +7,7 @@ import pytest
 from benchmarks import attention_formulations as af
 
 
+@pytest.mark.slow  # quick tier: see docs/running.md
 def test_rows_and_equal_formulations():
     rows = af.run("vit_micro", batch=4, iters=1)
     assert {(r["formulation"], r["method"]) for r in rows} == {

@@ -290,6 +290,7 @@ def test_nan_padding_rows_give_exactly_zero():
     assert np.all(np.asarray(got[1]["norms"])[MASK == 0] == 0)
 
 
+@pytest.mark.slow  # quick tier: see docs/running.md
 def test_nonprivate_mode_delegates_to_engine():
     ref, got = run_both("nfnet_nano", 16, ClippingConfig(mode="none", clip_norm=1.0), 4)
     assert_same(ref, got, rtol=1e-6)

@@ -84,6 +84,7 @@ def test_patient_counts_and_bad_arguments():
     assert probs[3] == pytest.approx(0.25 ** 3)
 
 
+@pytest.mark.slow  # quick tier: see docs/running.md
 def test_the_plan_of_a_chexpert_run_states_the_patient_with_the_most_images(tmp_path):
     """Through the run's set-up on a fake CheXpert in the real on-disk format: the plan counts the
     patients (parsed here from the image paths, not the loader's patient_id), states the epsilon of the one with the most

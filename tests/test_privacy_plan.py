@@ -57,6 +57,7 @@ def test_public_values_do_not_determine_noise_or_selection():
     assert p1.secret.value.hex() not in json.dumps(d) and d["guarantee_valid"] is True
 
 
+@pytest.mark.slow  # quick tier: see docs/running.md
 def test_key_streams_never_collide_for_a_million_updates():
     """Noise keys (secret) vs dropout keys (public seed) vs the plain seed stream: even when a test
     fixes the secret to the public seed, no two streams share a key for updates < 10^6."""

@@ -158,6 +158,7 @@ def expected_noise(update: int, sigma: float, clip: float, params) -> list[np.nd
 
 # ----------------------------------------------------------------- tests
 
+@pytest.mark.slow  # quick tier: see docs/running.md
 def test_noiseless_update_8_devices_equals_1_device_and_reference():
     _, params = model_setup()
     batch = make_batch(0)

@@ -338,6 +338,7 @@ def test_interface_and_bad_input():
         models.create("vit_micro", 4, pool_type="map")
 
 
+@pytest.mark.slow  # quick tier: see docs/running.md
 def test_per_example_gradients_match_single_example_gradients():
     """vmap(grad) over a batch equals a loop of single-example grads (no cross-example mixing)."""
     model = models.create("vit_micro", 3, head_init="normal")
