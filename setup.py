@@ -43,7 +43,7 @@ setuptools.setup(
         "test": [
             "dm-haiku>=0.0.13,<0.1",  # the independent Haiku reference of the NFNet and the adapter tests
             "pytest>=8,<10",
-            "pytest-xdist>=3.5,<4",
+            "pytest-xdist>=3.8,<4",  # 3.8: --no-loadscope-reorder (Makefile)
             "hypothesis>=6.100,<7",
             "nbclient>=0.10,<1",
             "nbformat>=5.10,<6",
