@@ -6,7 +6,7 @@ import os
 import time
 from typing import Any
 
-from dpft.demo.recipe import MODELS
+from dpft.demo.recipe import DEFAULT_MODEL, MODELS
 from dpft.demo.report import summary_table, write_report
 from dpft.demo.steps import enable_compilation_cache, fine_tune_sweep, imbalance_study, pretrain
 from dpft.errors import UsageError
@@ -26,8 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--updates", type=int, default=40, help="DP fine-tuning updates per run")
     parser.add_argument("--pretrain-updates", type=int, default=150, help="public pre-training updates")
     parser.add_argument("--quick", action="store_true", help="fewer updates and bootstrap samples (smoke test)")
-    parser.add_argument("--model", default=MODELS[0], choices=MODELS,
-                        help=f"the NFNet (default {MODELS[0]}; nfnet_nano compiles in about half the time)")
+    parser.add_argument("--model", default=DEFAULT_MODEL, choices=MODELS,
+                        help=f"the NFNet (default {DEFAULT_MODEL}; nfnet_nano compiles in about half the time)")
 
 
 def _floats(text: str, name: str) -> list[float]:

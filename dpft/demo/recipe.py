@@ -9,12 +9,13 @@ import ml_collections
 MINORITY = "minority"  # the rare subgroup: digits rotated by 90 degrees
 #: NFNets small enough for the demo on a CPU; nfnet_tiny is the demo's, nfnet_nano a faster smoke run.
 MODELS = ("nfnet_tiny", "nfnet_micro", "nfnet_nano")
+DEFAULT_MODEL = MODELS[0]
 
 
 def recipe(*, private: bool, epsilon: float = 8.0, updates: int, checkpoint: str = "",
            train_split: str = "train", minority_fraction: float = 0.05, seed: int = 0,
            learning_rate: float = 1e-3, eval_minority_fraction: float = 0.1,
-           num_devices: int | None = None, model: str = "nfnet_tiny") -> ml_collections.ConfigDict:
+           num_devices: int | None = None, model: str = DEFAULT_MODEL) -> ml_collections.ConfigDict:
     """The demo's run config: tiny NFNet on 32x32 digits; the same fields as configs/*.py.
 
     The physical batch (64 examples per host) is split over `num_devices` local devices

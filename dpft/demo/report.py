@@ -37,7 +37,7 @@ def write_report(workdir: str, rows: list[dict], cmp: dict, study: dict, elapsed
                  args: argparse.Namespace) -> None:
     lines = [
         "# dpft demo report", "",
-        f"A small NFNet ({getattr(args, 'model', 'nfnet_tiny')}) pre-trained non-privately on the public (upright) "
+        f"A small NFNet ({args.model}) pre-trained non-privately on the public (upright) "
         "digits, then fine-tuned with "
         f"DP-SGD on the private split where rotated digits are {args.minority_fraction:g} of the examples. "
         "Test split: 10% rotated. Accuracy gap = max - min over the groups (patient-level bootstrap "

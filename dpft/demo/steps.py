@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from dpft.demo.recipe import MINORITY, recipe
+from dpft.demo.recipe import DEFAULT_MODEL, MINORITY, recipe
 
 
 def enable_compilation_cache(workdir: str) -> None:
@@ -16,7 +16,7 @@ def enable_compilation_cache(workdir: str) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
-def pretrain(workdir: str, updates: int, print_fn=print, model: str = "nfnet_tiny") -> str:
+def pretrain(workdir: str, updates: int, print_fn=print, model: str = DEFAULT_MODEL) -> str:
     """Non-private training on the public split; returns the exported Haiku checkpoint path."""
     from dpft.models import checkpoints
     from dpft.train import loop
@@ -68,7 +68,7 @@ def _summary_row(name: str, epsilon: float | None, result: dict, run_dir: str) -
 
 def fine_tune_sweep(workdir: str, checkpoint: str, epsilons: list[float], *, updates: int,
                     minority_fraction: float, n_resamples: int, print_fn=print, tag: str = "",
-                    model: str = "nfnet_tiny") -> list[dict]:
+                    model: str = DEFAULT_MODEL) -> list[dict]:
     """One DP run per epsilon plus a non-private run, each evaluated from its checkpoint."""
     from dpft.train import loop
 
@@ -86,7 +86,7 @@ def fine_tune_sweep(workdir: str, checkpoint: str, epsilons: list[float], *, upd
 
 
 def imbalance_study(workdir: str, checkpoint: str, fractions: list[float], epsilons: list[float], seeds: list[int],
-                    *, updates: int, n_resamples: int, print_fn=print, model: str = "nfnet_tiny") -> dict[str, Any]:
+                    *, updates: int, n_resamples: int, print_fn=print, model: str = DEFAULT_MODEL) -> dict[str, Any]:
     """Minority fraction x (epsilons + non-private) x seeds, each run evaluated from its checkpoint,
     then compared over minority fraction with one line per epsilon (mean and CI over seeds)."""
     from dpft.evaluate import compare

@@ -221,9 +221,6 @@ VARIANTS: dict[str, Variant] = {
 VARIANTS["nfnet_tiny"] = Variant("nfnet", NFNet, dict(
     width=(16, 32, 64, 64), depth=(1, 1, 1, 1), group_width=8, stem_width=(8, 8, 16),
     stochdepth_rate=0.1, drop_rate=0.2), 32, 32, **_CHECKPOINT)
-VARIANTS["nfnet_nano"] = Variant("nfnet", NFNet, dict(
-    width=(8, 16), depth=(1, 1), strides=(1, 2), group_width=4, stem_width=(4, 4, 8),
-    stochdepth_rate=0.1, drop_rate=0.2), 32, 32, **_CHECKPOINT)
 VARIANTS["nfnet_micro"] = Variant("nfnet", NFNet, dict(
     width=(8, 16, 16, 16), depth=(1, 1, 1, 1), group_width=4, stem_width=(4, 4, 8),
     stochdepth_rate=0.1, drop_rate=0.2), 32, 32, **_CHECKPOINT)

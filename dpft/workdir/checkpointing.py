@@ -118,11 +118,8 @@ def _options(keep: int | None, async_save: bool, read_only: bool = False) -> ocp
 
 
 def _use_whole_small_arrays() -> None:
-    """Registers orbax's ArrayHandler with a minimum replica-slice size (module docstring); idempotent.
-    Keeps orbax's own default for whether to split at all (off on GPU, on elsewhere)."""
-    current = ocp.type_handlers.get_type_handler(jax.Array)
-    if getattr(current, "_min_slice_bytes_for_replica_parallel", None) == REPLICA_PARALLEL_MIN_BYTES:
-        return
+    """Registers orbax's ArrayHandler with a minimum replica-slice size (module docstring). Keeps
+    orbax's own default for whether to split at all (off on GPU, on elsewhere)."""
     ocp.type_handlers.register_type_handler(
         jax.Array, ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_BYTES),
         override=True)
