@@ -5,6 +5,13 @@ Private Image Classification", arXiv:2308.10888, which fine-tunes an NFNet-F0 pr
 public data on CheXpert and MIMIC-CXR with DP-SGD at epsilon in {0.5, 1, 2, 4, 8}
 (PAPER_EPSILONS), batch size 4096, clipping norm C = 1e-3 and delta = 1/N.
 
+The privacy unit is the PATIENT (ours; the paper's guarantee is per image): Poisson sampling over
+patients, one clipped gradient per patient (`dpft.privacy.units`), so epsilon is per patient. Batch
+sizes are in patients: 1,024 patients is about the paper's 4,096 images per update at CheXpert's ~3.4
+images per patient. To reproduce the paper's per-image setting, override
+`--config.privacy.unit=example --config.train.batch_size=4096 --config.train.physical_batch_size=256
+--config.train.microbatch_size=32`.
+
 Values marked (ours) are not taken from the paper (or could not be checked against its
 tables while writing this file) and should be tuned: the learning rate (with C = 1e-3 the
 clipped mean gradient has norm <= 1e-3, so the learning rate is large), the number of
@@ -40,10 +47,11 @@ def medical_config(data_name: str, arg=None, options=None):
         c.data.options[key] = value
 
     c.privacy.clip_norm = 1e-3  # paper
+    c.privacy.unit = "patient"  # (ours) epsilon per patient; the paper's is per image (module doc)
 
-    c.train.batch_size = 4096  # paper
-    c.train.physical_batch_size = 256  # per host per step; accumulated up to the batch
-    c.train.microbatch_size = 32
+    c.train.batch_size = 1024  # patients per update, ~ the paper's 4096 images (module doc)
+    # train.physical_batch_size: the base 64 patients per host per step (x unit_cap image slots), accumulated
+    c.train.microbatch_size = 8  # patients
     c.train.num_updates = 1000  # (ours)
     c.train.optimizer.learning_rate = 4.0  # (ours) tune; effective step <= lr * C
     c.train.ema_decay = 0.9999  # with warm-up debiasing (dpft/train/ema.py)

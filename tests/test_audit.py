@@ -113,10 +113,24 @@ def test_broken_engine_is_caught_and_real_engine_passes():
     assert again.epsilon_lower_bound == bounds[5]  # a fixed secret reproduces the run exactly
 
 
+def test_canary_patients_break_a_per_image_claim_and_not_a_per_patient_one():
+    """Canaries with 10 images each: trained per image (unit example), one canary moves the sum by up
+    to 10 C per update, so the audit's bound exceeds the example-level epsilon (the claim is not a
+    per-patient one); trained per patient (one clipped gradient per canary), the same sigma passes."""
+    example = canary_audit.run_audit({**AUDIT, "images_per_canary": 10, "insecure_fixed_noise_seed": 1})
+    assert not example.passed and example.epsilon_lower_bound > 2 * example.epsilon_claimed
+    patient = canary_audit.run_audit({**AUDIT, "images_per_canary": 10, "unit": "patient",
+                                      "insecure_fixed_noise_seed": 1})
+    assert patient.passed and patient.noise_multiplier == example.noise_multiplier
+    assert patient.epsilon_lower_bound < 0.5 * patient.epsilon_claimed
+
+
 def test_cli_reports_and_fails_loudly(capsys):
     assert cli.main(["audit", "--canaries", "1000", "--steps", "100", "--json", "--insecure-fixed-noise-seed", "3"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["passed"] and out["epsilon_lower_bound"] <= out["epsilon_claimed"]
+    assert cli.main(["audit", "--unit", "patient", "--images-per-canary", "4", "--insecure-fixed-noise-seed", "3"]) == 0
+    assert "privacy unit patient, 4 image(s) per canary" in capsys.readouterr().out
     assert cli.main(["audit", "--noise-scale-for-testing", "0.1"]) == 1
     captured = capsys.readouterr()
     assert "AUDIT FAILED: empirical lower bound" in captured.err and "exceeds claimed epsilon 1.0" in captured.err

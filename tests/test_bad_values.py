@@ -57,6 +57,8 @@ BAD_CONFIG = [
     ("train.optimizer.learning_rate", "inf"), ("train.optimizer.learning_rate", "nan"),
     ("train.optimizer.momentum", "nan"), ("train.ema_decay", "nan"), ("individual.norm_grid", "inf"),
     ("seed", str(10**20)), ("train.num_updates", str(10**12)),  # an overflow in jax; a 99.8 TiB accountant
+    ("privacy.unit", "hospital"), ("privacy.unit_cap", "-1"),
+    ("privacy.unit_cap", "2"),  # a cap of a patient's images in an example-level run
 ]
 
 
@@ -67,6 +69,13 @@ def test_bad_config_value_is_refused_in_one_line_before_data(tmp_path, capsys, n
     assert rc == 2, line
     assert f"config.{field}=" in line, line
     assert not (tmp_path / "run").exists()  # nothing written either
+
+
+def test_patient_unit_on_data_without_patient_ids_is_one_line(tmp_path, capsys):
+    rc = cli.main(["train", "--config", os.path.join(REPO, "configs", "digits_demo.py"), "--workdir",
+                   str(tmp_path / "run"), "--config.privacy.unit=patient"])
+    line = _one_line_error(capsys.readouterr().err, "train")
+    assert rc == 2 and "config.privacy.unit='patient'" in line and "'digits'" in line, line
 
 
 def test_validate_refuses_non_finite_anywhere_and_names_each():

@@ -44,7 +44,8 @@ def test_config_files_are_complete_locked_and_valid(path):
 
 def test_paper_recipes():
     chex = cb.load_config(os.path.join(ROOT, "configs/chexpert_nfnet_f0.py"), [])
-    assert (chex.model.name, chex.privacy.clip_norm, chex.privacy.delta, chex.train.batch_size) == ("nfnet_f0", 1e-3, 0.0, 4096)
+    assert (chex.model.name, chex.privacy.clip_norm, chex.privacy.delta, chex.train.batch_size) == ("nfnet_f0", 1e-3, 0.0, 1024)
+    assert chex.privacy.unit == "patient"  # the medical recipes protect patients (batch sizes in patients)
     assert chex.privacy.epsilon == 8.0
     inet = cb.load_config(os.path.join(ROOT, "configs/imagenet_nfnet_f3.py"), ["--config.train.batch_size=262144"])
     assert (inet.model.name, inet.privacy.clip_norm, inet.privacy.delta, inet.data.augmult) == ("nfnet_f3", 1.0, 8e-7, 16)

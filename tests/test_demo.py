@@ -4,8 +4,11 @@ import os
 import subprocess
 import sys
 
+import dp_accounting
+from dp_accounting import dp_event
 import numpy as np
 import pytest
+from scipy import stats
 
 from dpft.demo import report as demo_report
 from dpft.demo.recipe import recipe
@@ -59,14 +62,15 @@ def test_bad_arguments_exit_2(tmp_path):
 
 @pytest.mark.slow
 def test_quick_demo_end_to_end(tmp_path):
-    """The real command: pre-training, one DP run and the non-private run, evaluation, report, and a
-    small imbalance study (one fraction x (one epsilon + non-private) x two seeds). With nfnet_nano (the
+    """The real command: pre-training, one DP run and the non-private run, evaluation, report, a
+    small imbalance study (one fraction x (one epsilon + non-private) x two seeds), and the privacy-unit
+    study (example vs patient at epsilon 8 per patient, checked with dp-accounting). With nfnet_nano (the
     demo's nfnet_tiny compiles in 1.6x its time; the recipe test above checks the default model)."""
     wd = tmp_path / "demo"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as a user runs it
     proc = subprocess.run([sys.executable, "-m", "dpft.cli", "demo", "--workdir", str(wd), "--quick",
                            "--model", "nfnet_nano", "--epsilons", "8", "--imbalance", "0.3", "--imbalance-epsilons",
-                           "4.98", "--seeds", "0,1"],
+                           "4.98", "--seeds", "0,1", "--units", "8"],
                           capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "[4/4] summary" in proc.stdout
@@ -100,3 +104,27 @@ def test_quick_demo_end_to_end(tmp_path):
         assert c["utility"]["n"] == 2 and set(c["parity"]["group"]) >= {"equalized_odds_difference"}
     assert "| 4.98 | 0.3 | 2 |" in report and "| non-private | 0.3 | 2 |" in report
     assert (wd / "imbalance" / "compare" / "compare.png").is_file()
+    # The privacy units side by side at the same epsilon per patient.
+    assert "## Privacy units" in report and "| patient |" in report and "| example |" in report
+    units = {r["unit"]: r for r in summary["units"]}
+    patient_plan = json.loads((wd / "units" / "patient" / "privacy_plan.json").read_text())
+    example_plan = json.loads((wd / "units" / "example" / "privacy_plan.json").read_text())
+    assert patient_plan["unit"] == "patient" and example_plan["unit"] == "example"
+    assert patient_plan["num_units"] == example_plan["patients"]["count"] < example_plan["num_units"]
+    # patient level: dp-accounting's Poisson Gaussian over patients; example level: the Binomial mixture of its
+    # patient with the most images (group privacy), recomputed here with dp-accounting, both at the target 8.
+    assert units["patient"]["epsilon_per_patient"] == pytest.approx(accounting.compute_epsilon(
+        patient_plan["sampling_rate"], patient_plan["noise_multiplier"], patient_plan["num_updates"],
+        patient_plan["delta"]), rel=1e-9)
+    k, q = example_plan["patients"]["max_images"], example_plan["sampling_rate"]
+    mixture = dp_event.MixtureOfGaussiansDpEvent(example_plan["noise_multiplier"], list(range(k + 1)),
+                                                 list(stats.binom.pmf(np.arange(k + 1), k, q)))
+    pld = dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-2)
+    pld.compose(mixture, example_plan["num_updates"])
+    assert units["example"]["epsilon_per_patient"] == pytest.approx(pld.get_epsilon(example_plan["delta"]), rel=1e-6)
+    for row in units.values():
+        assert 7.9 <= row["epsilon_per_patient"] <= 8.0 + 1e-6 and 0.0 <= row["accuracy"] <= 1.0
+    compared = (wd / "units" / "compare" / "compare.md").read_text()  # the sweep table states each run's unit
+    assert " per patient |" in compared and " per example |" in compared
+    assert units["example"]["epsilon_per_image"] < 8.0 and units["example"]["noise_multiplier"] > \
+        units["patient"]["noise_multiplier"]

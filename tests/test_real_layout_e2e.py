@@ -58,7 +58,17 @@ def _check(workdir: str, out: str, coverage: dict, attributes: tuple[str, ...]) 
         assert coverage["attributes"][a]["with_value"] > 0
 
 
-def test_chexpert_with_demo_table(tmp_path):
+def test_chexpert_with_demo_table_and_the_patient_as_unit(tmp_path):
+    """CheXpert with its DEMO table apart, trained with privacy.unit=patient through `dpft train` and
+    `dpft evaluate`: every fairness attribute reaches the predictions and the report; N counts the
+    training split's patients, epsilon per patient is dp-accounting's PLD on (B / N_patients, sigma, T)
+    (composed here directly), the report says "per patient", and individual accounting gives one epsilon
+    per patient. (Example-level CheXpert runs: the MIMIC tests below and tests/test_train_e2e.py.)"""
+    import dp_accounting
+    import numpy as np
+
+    from dpft.config import build
+    from dpft.config.base import load_config
     root = fake.write_fake_chexpert(str(tmp_path / "chexpert"), n_patients=24, n_valid_patients=6, demo="xlsx")
     demo = tmp_path / "stanford" / "CHEXPERT DEMO.xlsx"
     demo.parent.mkdir()
@@ -68,9 +78,36 @@ def test_chexpert_with_demo_table(tmp_path):
     assert bad.returncode == 2 and "race" in bad.stderr and "demo_path" in bad.stderr, bad.stderr[-2000:]
     assert "NO RACE" in bad.stderr
     workdir = str(tmp_path / "w")
-    out, cov = train_and_evaluate(TINY, workdir, f"--config.data.root={root}", f"--config.data.options.demo_path={demo}")
+    overrides = [f"--config.data.root={root}", f"--config.data.options.demo_path={demo}", "--config.privacy.unit=patient",
+                 "--config.privacy.unit_cap=2", "--config.individual.enabled=True", "--config.individual.every=1"]
+    out, cov = train_and_evaluate(TINY, workdir, *overrides)
     _check(workdir, out, cov, ("sex", "age", "race"))
     assert "WARNING: fairness attribute 'race' is missing" in out  # the writer leaves one patient out of DEMO
+
+    config = load_config(TINY, [o[2:] for o in COMMON + overrides])
+    table = build.load_tables(config)["train"]
+    patients = sorted(set(table.column("patient_id")))
+    assert len(patients) < len(table)  # several images per patient
+    with open(os.path.join(workdir, "privacy_plan.json")) as f:
+        plan = json.load(f)
+    assert plan["unit"] == "patient" and plan["num_examples"] == plan["num_units"] == len(patients)
+    assert plan["patients"]["cap"] == 2 and plan["patients"]["num_rows"] == len(table)
+    q = 8 / len(patients)
+    assert plan["sampling_rate"] == pytest.approx(q, rel=1e-12)
+    accountant = dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-3)
+    accountant.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(plan["noise_multiplier"])),
+                       plan["num_updates"])
+    want = accountant.get_epsilon(plan["delta"])
+    step = max(int(s) for s in os.listdir(os.path.join(workdir, "predictions")))
+    preds = load_predictions(os.path.join(workdir, "predictions", str(step), "test.npz"))
+    assert preds.epsilon == pytest.approx(want, rel=1e-3), (preds.epsilon, want)
+    assert preds.privacy_unit == "patient"
+    report = open(os.path.join(workdir, "eval", str(step), "report.md")).read()
+    assert f"epsilon={preds.epsilon:.2f}, delta={preds.delta:g} per patient" in report
+    assert "privacy unit: the patient" in out and f"N={len(patients)} patients" in out
+    indiv = np.load(os.path.join(workdir, "individual_epsilon.npz"))
+    assert indiv["example_id"].tolist() == list(range(len(patients)))
+    assert np.all(indiv["epsilon"] <= preds.epsilon * (1 + 1e-9)) and np.all(indiv["epsilon"] > 0)
 
 
 @pytest.mark.parametrize("layout,version", [("hosp", 2), ("core", 1)])
@@ -86,3 +123,4 @@ def test_mimic_with_mimic_iv_apart(tmp_path, layout, version):
     out, cov = train_and_evaluate(str(config), workdir, f"--config.data.root={root}",
                                   f"--config.data.options.mimic_iv_dir={iv}")
     _check(workdir, out, cov, ("sex", "age", "race", "insurance"))
+

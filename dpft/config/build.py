@@ -68,6 +68,34 @@ def patient_ids(config: ml_collections.ConfigDict, table: ExampleTable) -> np.nd
     return table.column("patient_id") if data.dataset(str(config.data.name)).has_patients else None
 
 
+def unit_index(config: ml_collections.ConfigDict, table: ExampleTable) -> Any:
+    """The privacy units of the training `table` (`dpft.privacy.units.UnitIndex`): None for
+    `privacy.unit="example"` (every row is a unit); the patients, with `privacy.unit_cap` (0 = from the
+    data), for "patient". UsageError naming the field when the data set has no patient ids or a row
+    has none; a patient in two splits is refused by the loaders (`dpft.data.base.check_patient_disjoint`)."""
+    from dpft import data
+    from dpft.privacy import units
+
+    unit, cap = str(config.privacy.unit), int(config.privacy.unit_cap)
+    if unit == "example":
+        return None
+    name = str(config.data.name)
+    if not data.dataset(name).has_patients:
+        raise UsageError(f"config.privacy.unit={unit!r}: data set {name!r} has one example per patient (no patient "
+                         f"ids), so its unit is the example; use privacy.unit='example'")
+    try:
+        return units.UnitIndex.from_patient_ids(table.column("patient_id"), cap,
+                                                where=f"{name}/{table.split} (config.privacy.unit={unit!r})")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def num_units(config: ml_collections.ConfigDict, table: ExampleTable) -> int:
+    """N of the privacy plan: rows of `table` (example-level) or its patients (`unit_index`)."""
+    index = unit_index(config, table)
+    return len(table) if index is None else index.num_units
+
+
 def attribute_report(config: ml_collections.ConfigDict, tables: dict[str, ExampleTable],
                      print_fn: Callable[[str], None] = print) -> dict[str, Any]:
     """Prints the per-attribute coverage of `tables` and checks the fairness attributes the run

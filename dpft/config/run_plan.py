@@ -10,7 +10,7 @@ from typing import Any, Sequence
 import ml_collections
 
 from dpft.errors import UsageError
-from dpft.privacy import clipping, engine, group, keys
+from dpft.privacy import clipping, engine, group, keys, units
 from dpft.privacy import plan as plan_lib
 
 
@@ -24,10 +24,13 @@ def clipping_config(config: ml_collections.ConfigDict) -> engine.ClippingConfig:
 
 
 def privacy_plan(config: ml_collections.ConfigDict, num_examples: int, params: Any,
-                 secret: keys.RunSecret, patient_ids: Sequence[str] | None = None) -> plan_lib.PrivacyPlan:
-    """The run's privacy plan (`dpft.privacy.plan.make_plan`) from `config.privacy` and `config.train`;
-    with the training examples' `patient_ids` (one per example), a private plan also states the
-    epsilon of the patient with the most images (`dpft.privacy.group`)."""
+                 secret: keys.RunSecret, patient_ids: Sequence[str] | None = None,
+                 unit_index: units.UnitIndex | None = None) -> plan_lib.PrivacyPlan:
+    """The run's privacy plan (`dpft.privacy.plan.make_plan`) from `config.privacy` and `config.train`
+    over `num_examples` privacy units (rows, or patients for `privacy.unit="patient"`:
+    `dpft.config.build.num_units`). Example-level with the training examples' `patient_ids` (one per
+    example): a private plan also states the epsilon of the patient with the most images
+    (`dpft.privacy.group`). Patient-level with the run's `unit_index`: the plan states its units and cap."""
     p, t = config.privacy, config.train
     try:
         plan = plan_lib.make_plan(
@@ -39,6 +42,9 @@ def privacy_plan(config: ml_collections.ConfigDict, num_examples: int, params: A
             grad_method=str(t.grad_method))
     except plan_lib.PlanError as e:
         raise UsageError(f"invalid privacy plan (config.privacy, config.train): {e}") from None
+    plan = dataclasses.replace(plan, unit=str(p.unit))
+    if plan.unit != "example":
+        return plan if unit_index is None else dataclasses.replace(plan, patients=unit_index.summary())
     if patient_ids is None or not plan.enabled or plan.noise_multiplier == 0:
         return plan
     counts = group.PatientCounts.from_ids(patient_ids)

@@ -63,6 +63,12 @@ def _clipping_modes() -> tuple[str, ...]:
     return clipping.names(private=True)  # "none" is privacy.enabled=False
 
 
+def _units() -> tuple[str, ...]:
+    from dpft.privacy.units import UNITS
+
+    return UNITS
+
+
 def _accountants() -> tuple[str, ...]:
     from dpft.privacy.accounting import ACCOUNTANTS
 
@@ -153,15 +159,24 @@ FIELDS: dict[str, Field] = {
                               choices_doc="a private mode of `dpft.privacy.clipping.MODES` (flat, per_layer, ...)"),
     "privacy.gamma": _hyper("gamma", added="2026-12-06"),
     "privacy.accountant": Field("pld", STR, "the accountant of every epsilon of the run", choices=_accountants),
+    "privacy.unit": Field("example", STR, "who (epsilon, delta) protects: example (one image) or patient (all the "
+                          "images of a patient: the data set must give patient ids); `dpft.privacy.units`",
+                          choices=_units, added="2026-12-07"),
+    "privacy.unit_cap": Field(0, INT, "privacy.unit=patient: the most images of one patient in an update (0 = from "
+                              "the data: the smallest cap that keeps 95% of the images)", range=Range(0),
+                              added="2026-12-07"),
     "privacy.insecure_fixed_noise_seed": Field(
         -1, INT, "-1 = off (the secret comes from the OS CSPRNG); >= 0 fixes the noise and the selection for "
         "tests: NO privacy guarantee", range=Range(-1), only_if="privacy.enabled", added=_LEGACY,
         problem_text="must be -1 (off, secret noise) or an int >= 0"),
     # -- train
-    "train.batch_size": Field(256, INT, "expected batch size B = q N per update [examples]", range=Range(1)),
-    "train.physical_batch_size": Field(64, INT, "examples per step on each host (a multiple of "
-                                       "train.microbatch_size)", range=Range(1)),
-    "train.microbatch_size": Field(16, INT, "examples per chunk of the per-example computation", range=Range(1)),
+    "train.batch_size": Field(256, INT, "expected batch size B = q N per update [privacy units: examples or "
+                              "patients]", range=Range(1)),
+    "train.physical_batch_size": Field(64, INT, "privacy units per step on each host (a multiple of "
+                                       "train.microbatch_size; a patient unit holds privacy.unit_cap images)",
+                                       range=Range(1)),
+    "train.microbatch_size": Field(16, INT, "privacy units (examples or patients) per chunk of the per-unit "
+                                  "computation", range=Range(1)),
     "train.grad_method": Field("auto", STR, "how clipped per-example gradients are summed (same result); auto = "
                                "bookkeeping where the clipping mode allows it, else vmap", choices=_grad_methods,
                                added="2026-11-26"),

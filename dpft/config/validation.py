@@ -209,6 +209,13 @@ def _batch_fits_the_data(c: Checked) -> None:
         c.add("train.batch_size", batch, f"is larger than the training set (N={n})")
 
 
+def _cap_needs_patient_unit(c: Checked) -> None:
+    cap, unit = c.value("privacy.unit_cap"), c.value("privacy.unit")
+    if cap not in (MISSING, 0) and unit == "example":
+        c.add("privacy.unit_cap", cap, "caps the images of a patient: it needs config.privacy.unit='patient' "
+              "(an example-level run has one image per unit)")
+
+
 def _warmup_before_the_end(c: Checked) -> None:
     warm, updates = c.value("train.lr_schedule.warmup_steps"), c.value("train.num_updates")
     if c.value("train.lr_schedule.name") == "warmup_cosine" and MISSING not in (warm, updates) and warm >= updates:
@@ -227,7 +234,8 @@ def _evaluated_average_is_kept(c: Checked) -> None:
 RULES: tuple[Callable[[Checked], None], ...] = (
     _checkpoint_exists, _data_root_exists, _imbalance_names_its_subgroup, _noise_multiplier_in_accountant_range,
     _epsilon_when_calibrating, _clipping_hyper_parameters, _delta_is_weak, _fixed_noise_is_loud,
-    _engine_runs_the_clipping, _batches_split_evenly, _batch_fits_the_data, _warmup_before_the_end,
+    _engine_runs_the_clipping, _batches_split_evenly, _batch_fits_the_data, _cap_needs_patient_unit,
+    _warmup_before_the_end,
     _evaluated_average_is_kept,
 )
 

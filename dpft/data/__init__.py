@@ -3,7 +3,8 @@
 `load_splits(name, root, **options)` -> {split: ExampleTable} for name in DATASETS:
   chexpert, mimic_cxr (path-backed, multi-label, subgroup attributes),
   imagenet, places365 (prepared TFDS dirs, read without TensorFlow),
-  digits (embedded, sklearn; with a rotated minority subgroup).
+  digits (embedded, sklearn; with a rotated minority subgroup), digits_patients (the same, grouped
+  into patients of 1-6 images: the privacy-unit demo).
 Training/eval batches: `dpft.data.pipeline.TrainIterator`, `dpft.data.pipeline.eval_batches`.
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ DATASETS = Registry("data set", {
     "imagenet": "dpft.data.imagenet:DATASET",
     "places365": "dpft.data.places365:DATASET",
     "digits": "dpft.data.digits:DATASET",
+    "digits_patients": "dpft.data.digits_patients:DATASET",
 })
 
 

@@ -30,6 +30,7 @@ import numpy as np
 from dpft.data.augment import AugmentConfig, decode_image, eval_view, example_rng, train_views
 from dpft.errors import DataError
 from dpft.data.base import ExampleTable
+from dpft.privacy.units import UnitIndex, unit_rows
 
 log = logging.getLogger(__name__)
 BAD_IMAGE_POLICIES = ("error", "skip")
@@ -120,17 +121,47 @@ def load_train_row(table: ExampleTable, augment: AugmentConfig, seed: int, on_ba
     return out, skipped
 
 
+def load_unit_row(table: ExampleTable, augment: AugmentConfig, seed: int, on_bad_image: str,
+                  update_index: int, unit: int, positions: np.ndarray) -> tuple[dict, list[tuple[str, Exception]]]:
+    """One training row of a privacy unit (a patient): its images `positions` [cap] (-1 = empty slot),
+    unit id `unit` (-1 = padding unit). The K views of every slot are stacked: "image" [cap*K, ...],
+    "label" [cap*K, ...], and "view_weight" [cap*K] = 1/K on the views of a real image, 0 elsewhere, so
+    the unit's loss is the sum over its images of their augmult-averaged losses
+    (`dpft.privacy.adapters`). A bad image skipped under on_bad_image="skip" gets weight 0."""
+    rows, skips = [], []
+    for pos in np.asarray(positions, np.int64).reshape(-1):
+        row, skipped = load_train_row(table, augment, seed, on_bad_image, update_index, int(pos) if unit >= 0 else -1)
+        if skipped is not None:
+            skips.append(skipped)
+        rows.append(row)
+    k = augment.augmult
+    out = {key: np.concatenate([r[key] for r in rows]) for key in rows[0] if key not in ("mask", "example_id")}
+    out["view_weight"] = np.repeat(np.asarray([r["mask"] for r in rows], np.float32) / k, k)
+    real = unit >= 0 and bool(out["view_weight"].any())
+    out["example_id"] = int(unit) if unit >= 0 else -1
+    out["mask"] = 1.0 if unit >= 0 else 0.0
+    if unit >= 0 and not real:
+        # Every image of the unit was skipped: it still counts as sampled (mask 1, zero gradient).
+        log.warning("unit %d: every image was skipped", unit)
+    return out, skips
+
+
 _WORKER_STATE: dict[str, Any] = {}  # per decoding process: set once by _init_worker
 
 
-def _init_worker(table: ExampleTable, augment: AugmentConfig, seed: int, on_bad_image: str) -> None:
-    _WORKER_STATE.update(table=table, augment=augment, seed=seed, on_bad_image=on_bad_image)
+def _init_worker(table: ExampleTable, augment: AugmentConfig, seed: int, on_bad_image: str,
+                 units: UnitIndex | None = None) -> None:
+    _WORKER_STATE.update(table=table, augment=augment, seed=seed, on_bad_image=on_bad_image, units=units)
 
 
-def _worker_load(args: tuple[int, int]) -> tuple[dict, tuple[str, str] | None]:
+def _worker_load(args: tuple) -> tuple[dict, list[tuple[str, str]]]:
     w = _WORKER_STATE
-    row, skipped = load_train_row(w["table"], w["augment"], w["seed"], w["on_bad_image"], *args)
-    return row, (None if skipped is None else (skipped[0], DataError(str(skipped[1]))))
+    if len(args) == 3:
+        row, skips = load_unit_row(w["table"], w["augment"], w["seed"], w["on_bad_image"], *args)
+    else:
+        row, skipped = load_train_row(w["table"], w["augment"], w["seed"], w["on_bad_image"], *args)
+        skips = [] if skipped is None else [skipped]
+    return row, [(where, DataError(str(err))) for where, err in skips]
 
 
 class TrainIterator:
@@ -142,10 +173,15 @@ class TrainIterator:
     """
 
     def __init__(self, table: ExampleTable, config: TrainConfig, augment: AugmentConfig | None = None,
-                 state: dict | None = None) -> None:
+                 state: dict | None = None, units: UnitIndex | None = None) -> None:
         if len(table) == 0:
             raise DataError(f"{table.meta.name}/{table.split}: cannot train on an empty split")
+        if units is not None and int(units.sizes.sum()) != len(table):
+            raise DataError(f"{table.meta.name}/{table.split}: the unit index covers {int(units.sizes.sum())} rows, "
+                            f"the split has {len(table)}")
         self.table = table
+        # None: every row is a unit (example-level batches, no view_weight); else Poisson over units.
+        self.units = None if units is None or units.unit == "example" else units
         self.config = config
         self.augment = augment or AugmentConfig()
         self._skips = _SkipCounter()
@@ -178,19 +214,24 @@ class TrainIterator:
         return self._skips.count
 
     @property
+    def num_units(self) -> int:
+        """N: rows (example-level) or units (patients) that Poisson sampling draws from."""
+        return len(self.table) if self.units is None else self.units.num_units
+
+    @property
     def expected_batch_size(self) -> float:
         """q * N: the public constant the noisy sum is divided by (over all shards)."""
-        return self.config.sampling_rate * len(self.table)
+        return self.config.sampling_rate * self.num_units
 
     # ---- selection ----
     def selection(self, update_index: int) -> np.ndarray:
-        """Sorted table positions selected (all shards) for `update_index`."""
+        """Sorted table positions (example-level) or unit ids selected (all shards) for `update_index`."""
         from dpft.privacy.sampling import poisson_selection
 
         if self.config.selection_seed is None:
             raise DataError("TrainConfig.selection_seed is unset: pass the run's secret selection seed "
                             "(dpft.privacy.plan.PrivacyPlan.selection_seed())")
-        return np.asarray(poisson_selection(int(self.config.selection_seed), int(update_index), len(self.table),
+        return np.asarray(poisson_selection(int(self.config.selection_seed), int(update_index), self.num_units,
                                             float(self.config.sampling_rate)), dtype=np.int64)
 
     def chunks(self, update_index: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -202,10 +243,21 @@ class TrainIterator:
                                 num_shards=int(c.num_shards), shard_index=int(c.shard_index))
 
     # ---- loading ----
-    def _load(self, update_index: int, pos: int) -> dict:
-        row, skipped = load_train_row(self.table, self.augment, self.config.seed, self.config.on_bad_image,
-                                      update_index, pos)
-        if skipped is not None:
+    def _load_args(self, update_index: int, positions: np.ndarray) -> list[tuple]:
+        """The arguments of each row's loader: (update, position) or, for units, (update, unit, its rows)."""
+        if self.units is None:
+            return [(update_index, int(p)) for p in positions]
+        rows = unit_rows(self.units, positions, seed=int(self.config.selection_seed), update_index=update_index)
+        return [(update_index, int(u), r) for u, r in zip(positions, rows)]
+
+    def _load(self, args: tuple) -> dict:
+        c = self.config
+        if len(args) == 3:
+            row, skips = load_unit_row(self.table, self.augment, c.seed, c.on_bad_image, *args)
+        else:
+            row, skipped = load_train_row(self.table, self.augment, c.seed, c.on_bad_image, *args)
+            skips = [] if skipped is None else [skipped]
+        for skipped in skips:
             self._skips.add(*skipped)
         return row
 
@@ -219,7 +271,7 @@ class TrainIterator:
             self._pool = concurrent.futures.ProcessPoolExecutor(
                 max_workers=self.config.worker_processes, mp_context=multiprocessing.get_context("spawn"),
                 initializer=_init_worker,
-                initargs=(self.table, self.augment, self.config.seed, self.config.on_bad_image))
+                initargs=(self.table, self.augment, self.config.seed, self.config.on_bad_image, self.units))
             weakref.finalize(self, self._pool.shutdown, wait=False, cancel_futures=True)
         return self._pool
 
@@ -228,9 +280,8 @@ class TrainIterator:
         n = self.config.worker_processes
         chunksize = max(1, len(positions) // (4 * n))
         out = []
-        for row, skipped in pool.map(_worker_load, [(update_index, int(p)) for p in positions],
-                                     chunksize=chunksize):
-            if skipped is not None:
+        for row, skips in pool.map(_worker_load, self._load_args(update_index, positions), chunksize=chunksize):
+            for skipped in skips:
                 self._skips.add(*skipped)
             out.append(row)
         return out
@@ -259,8 +310,8 @@ class TrainIterator:
             for j in range(len(chunks)):
                 yield self._collate(self._rows_in_processes(update_index, positions[j * b:(j + 1) * b]))
             return
-        ds = (grain.MapDataset.source(positions.tolist())
-              .map(lambda p: self._load(update_index, int(p)))
+        ds = (grain.MapDataset.source(self._load_args(update_index, positions))
+              .map(self._load)
               .batch(b, batch_fn=self._collate))
         yield from ds.to_iter_dataset(_read_options(self.config.num_workers, b))
 
@@ -302,14 +353,24 @@ def _shard_positions(num_examples: int, batch_size: int, num_shards: int, shard_
 
 def train_view_batches(table: ExampleTable, *, batch_size: int, augment: AugmentConfig, seed: int,
                        update_index: int, num_workers: int = 0, num_shards: int = 1, shard_index: int = 0,
-                       on_bad_image: str = "error") -> Iterator[dict]:
+                       on_bad_image: str = "error", units: UnitIndex | None = None,
+                       selection_seed: int | None = None) -> Iterator[dict]:
     """The whole split in order, as TRAINING batches (K augmented views of update `update_index`,
     the views training would use), fixed `batch_size`, mask 0 on padding; sharded as
-    `eval_batches`. For measuring the norm of the gradient that training clips."""
-    pos = _shard_positions(len(table), batch_size, num_shards, shard_index)
+    `eval_batches`. For measuring the norm of the gradient that training clips.
+    With `units` (patients): every unit in order, each row holding the images update `update_index`
+    would use (`unit_rows` with the secret `selection_seed`)."""
+    per_unit = units is not None and units.unit != "example"
+    pos = _shard_positions(units.num_units if per_unit else len(table), batch_size, num_shards, shard_index)
     skips = _SkipCounter()
 
     def load(p: int) -> dict:
+        if per_unit:
+            rows = unit_rows(units, np.asarray([p]), seed=int(selection_seed), update_index=update_index)[0]
+            row, unit_skips = load_unit_row(table, augment, seed, on_bad_image, update_index, p, rows)
+            for skipped in unit_skips:
+                skips.add(*skipped)
+            return row
         row, skipped = load_train_row(table, augment, seed, on_bad_image, update_index, p)
         if skipped is not None:
             skips.add(*skipped)

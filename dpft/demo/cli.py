@@ -8,7 +8,8 @@ from typing import Any
 
 from dpft.demo.recipe import DEFAULT_MODEL, MODELS
 from dpft.demo.report import summary_table, write_report
-from dpft.demo.steps import enable_compilation_cache, fine_tune_sweep, imbalance_study, pretrain
+from dpft.demo.report import units_table
+from dpft.demo.steps import enable_compilation_cache, fine_tune_sweep, imbalance_study, pretrain, unit_study
 from dpft.errors import UsageError
 
 
@@ -21,6 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also run the imbalance study at these minority fractions, e.g. 0.001,0.01,0.1,0.3")
     parser.add_argument("--imbalance-epsilons", default="1.15,4.98,16.2",
                         help="epsilons of the imbalance study (non-private is always added)")
+    parser.add_argument("--units", type=float, default=0.0, metavar="EPSILON",
+                        help="also compare the privacy units (example vs patient) at this epsilon per patient, on the "
+                             "digits grouped into patients of 1-6 images (digits_patients); 0 = off")
     parser.add_argument("--seeds", default="0,1,2", help="run seeds of the imbalance study (comma list, default 0,1,2)")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates per evaluation")
     parser.add_argument("--updates", type=int, default=40, help="DP fine-tuning updates per run")
@@ -53,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
     fractions = _floats(args.imbalance, "imbalance") if args.imbalance else []
     if any(e <= 0 for e in epsilons + _floats(args.imbalance_epsilons, "imbalance-epsilons")):
         raise UsageError(f"--epsilons must be > 0, got {args.epsilons!r}")
+    if args.units < 0:
+        raise UsageError(f"--units must be an epsilon > 0 (or 0: off), got {args.units!r}")
     if any(not 0 < f < 1 for f in fractions + [args.minority_fraction]):
         raise UsageError("minority fractions must be in (0, 1)")
     updates = max(4, args.updates // 4) if args.quick else args.updates
@@ -77,13 +83,21 @@ def run(args: argparse.Namespace) -> int:
               f"({n} runs)")
         study = imbalance_study(workdir, checkpoint, fractions, eps_study, seeds, updates=updates,
                                 n_resamples=n_resamples, model=args.model)
+    units: list[dict] = []
+    if args.units:
+        print(f"      privacy units: example vs patient at epsilon {args.units:g} per patient (digits_patients)")
+        units = unit_study(workdir, checkpoint, args.units, updates=updates, minority_fraction=args.minority_fraction,
+                           n_resamples=n_resamples, model=args.model)
     elapsed = time.monotonic() - t0
     print("[4/4] summary")
     table = summary_table(rows)
     print(table)
+    if units:
+        print("\nprivacy units at the same epsilon per patient:")
+        print(units_table(units))
     if study:
         print("\nimbalance study (" + study["files"]["md"] + "):")
         print(open(study["files"]["md"], encoding="utf-8").read().split("\n## Runs")[0].split("\n", 1)[1].strip())
-    write_report(workdir, rows, cmp, study, elapsed, args)
+    write_report(workdir, rows, cmp, study, elapsed, args, units)
     print(f"\nwhole demo: {elapsed / 60:.1f} min; report: {os.path.join(workdir, 'report.md')}")
     return 0

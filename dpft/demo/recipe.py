@@ -12,11 +12,17 @@ MODELS = ("nfnet_tiny", "nfnet_micro", "nfnet_nano")
 DEFAULT_MODEL = MODELS[0]
 
 
-def recipe(*, private: bool, epsilon: float = 8.0, updates: int, checkpoint: str = "",
+def recipe(*, private: bool, epsilon: float | None = 8.0, updates: int, checkpoint: str = "",
            train_split: str = "train", minority_fraction: float = 0.05, seed: int = 0,
            learning_rate: float = 1e-3, eval_minority_fraction: float = 0.1,
-           num_devices: int | None = None, model: str = DEFAULT_MODEL) -> ml_collections.ConfigDict:
+           num_devices: int | None = None, model: str = DEFAULT_MODEL, dataset: str = "digits",
+           unit: str = "example", batch_size: int = 128, noise_multiplier: float = 0.0,
+           delta: float = 0.0) -> ml_collections.ConfigDict:
     """The demo's run config: tiny NFNet on 32x32 digits; the same fields as configs/*.py.
+
+    The privacy-unit study trains on `dataset="digits_patients"` (the digits grouped into patients)
+    with `unit` "example" or "patient", a `batch_size` in units and, for the example-level run, the
+    `noise_multiplier` that gives its patients the patient-level run's epsilon (`epsilon` None).
 
     The physical batch (64 examples per host) is split over `num_devices` local devices
     (default: all of them); the microbatch is the largest divisor of the per-device share <= 16.
@@ -37,6 +43,7 @@ def recipe(*, private: bool, epsilon: float = 8.0, updates: int, checkpoint: str
         raise ValueError(f"demo recipe: model {model!r} is not one of {MODELS}")
     c.model.name = model
     c.model.checkpoint = checkpoint
+    c.data.name = dataset
     c.data.augmult = 2 if private else 1
     c.data.random_flip = False  # digits are not mirror-symmetric
     c.data.options = ml_collections.ConfigDict({
@@ -47,7 +54,10 @@ def recipe(*, private: bool, epsilon: float = 8.0, updates: int, checkpoint: str
     c.data.crop = "pad_crop"
     c.privacy.enabled = private
     c.privacy.epsilon = epsilon
-    c.train.batch_size = 128
+    c.privacy.noise_multiplier = noise_multiplier
+    c.privacy.delta = delta
+    c.privacy.unit = unit
+    c.train.batch_size = batch_size
     c.train.physical_batch_size = physical
     c.train.microbatch_size = microbatch  # 8-16: the fastest DP step on CPU (benchmarks/README.md)
     c.train.num_updates = updates

@@ -33,8 +33,21 @@ def summary_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def units_table(rows: list[dict]) -> str:
+    """The privacy-unit study (`dpft.demo.steps.unit_study`): per unit, sigma, epsilon per patient and
+    per image, accuracy overall and per group, the gap."""
+    lines = ["| privacy unit | sigma | epsilon per patient | epsilon per image | accuracy | majority acc. | "
+             "minority acc. | accuracy gap |", "|" + "---|" * 8]
+    for r in rows:
+        per_image = ("<= " if r["unit"] == "patient" else "") + f"{r['epsilon_per_image']:.2f}"
+        lines.append(f"| {r['unit']} | {r['noise_multiplier']:.3f} | {r['epsilon_per_patient']:.2f} | {per_image} | "
+                     f"{_fmt(r['accuracy'])} | {_fmt(r['majority_accuracy'])} | {_fmt(r['minority_accuracy'])} | "
+                     f"{_fmt(r['gap'])} |")
+    return "\n".join(lines)
+
+
 def write_report(workdir: str, rows: list[dict], cmp: dict, study: dict, elapsed: float,
-                 args: argparse.Namespace) -> None:
+                 args: argparse.Namespace, units: list[dict] | None = None) -> None:
     lines = [
         "# dpft demo report", "",
         f"A small NFNet ({args.model}) pre-trained non-privately on the public (upright) "
@@ -59,9 +72,18 @@ def write_report(workdir: str, rows: list[dict], cmp: dict, study: dict, elapsed
                   "accounting is off in these runs.", "",
                   f"![imbalance study]({rel}/compare.png)", "", table.strip(), "",
                   f"Per-run table and files: `{rel}/compare.md`, `{rel}/compare.json`.", ""]
+    if units:
+        lines += ["", "## Privacy units: the image or the patient, at the same epsilon per patient", "",
+                  f"The private split grouped into patients of 1 to {units[0]['max_images_per_patient']} images "
+                  "(`digits_patients`). `example`: Poisson sampling of images, one clipped gradient per image; its "
+                  "sigma is raised until the patient with the most images has the target epsilon (group privacy, "
+                  "dp-accounting's PLD of the Binomial mixture). `patient`: Poisson sampling of patients, one "
+                  "clipped gradient per patient (the sum of its images' gradients). Both use the same expected "
+                  "images per update.", "", units_table(units), ""]
     lines += ["", f"Whole demo: {elapsed / 60:.1f} minutes.",
               "Individual epsilons are sensitive data about individuals: they stay in each run's workdir."]
     atomic_io.write_text(os.path.join(workdir, "report.md"), "\n".join(lines) + "\n")
     atomic_io.write_json(os.path.join(workdir, "summary.json"),
-                         {"runs": rows, "imbalance": study.get("cells") if study else None, "elapsed_s": elapsed},
+                         {"runs": rows, "imbalance": study.get("cells") if study else None, "units": units or None,
+                          "elapsed_s": elapsed},
                          indent=2, default=str)

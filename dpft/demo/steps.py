@@ -109,3 +109,51 @@ def imbalance_study(workdir: str, checkpoint: str, fractions: list[float], epsil
         dirs.append(run_dir)
     return compare.compare_runs(dirs, os.path.join(root, "compare"), x="data.options.minority_fraction",
                                 series="privacy.epsilon")
+
+
+#: The unit study's delta (both runs): below 1 / N of the private split's images (about 520) and patients.
+UNIT_STUDY_DELTA = 1e-4
+
+
+def unit_study(workdir: str, checkpoint: str, epsilon: float, *, updates: int, minority_fraction: float,
+               n_resamples: int, print_fn=print, model: str = DEFAULT_MODEL) -> list[dict]:
+    """The same private data (digits grouped into patients, `digits_patients`) fine-tuned with each privacy
+    unit at the same epsilon PER PATIENT: "patient" (Poisson over patients, one clipped gradient per
+    patient, epsilon per patient = `epsilon`) and "example" (Poisson over images, sigma raised until the
+    patient with the most images has `epsilon`, `dpft.privacy.group.noise_for_group_epsilon`). Both take
+    the same expected number of images per update (128). Rows: accuracy, gap, epsilon per patient and
+    per image of each run; the sweep comparison over privacy.unit in WORKDIR/units/compare."""
+    from dpft.config import build
+    from dpft.privacy import group
+    from dpft.train import loop
+
+    probe = recipe(private=True, epsilon=epsilon, updates=updates, checkpoint=checkpoint, model=model,
+                   minority_fraction=minority_fraction, dataset="digits_patients", unit="patient")
+    table = build.load_tables(probe)[build.train_split_name(probe)]
+    counts = group.PatientCounts.from_ids(table.column("patient_id"))
+    images = 128
+    patients = max(1, round(images * counts.num_patients / len(table)))  # the same images per update
+    sigma = group.noise_for_group_epsilon(epsilon, images / len(table), updates, UNIT_STUDY_DELTA, counts.max_images)
+    runs = {"patient": dict(unit="patient", batch_size=patients, epsilon=epsilon),
+            "example": dict(unit="example", batch_size=images, epsilon=None, noise_multiplier=sigma)}
+    rows = []
+    for i, (unit, extra) in enumerate(runs.items()):
+        run_dir = os.path.join(workdir, "units", unit)
+        print_fn(f"      [{i + 1}/2] privacy unit {unit}")
+        cfg = recipe(private=True, updates=updates, checkpoint=checkpoint, model=model, delta=UNIT_STUDY_DELTA,
+                     minority_fraction=minority_fraction, dataset="digits_patients", **extra)
+        with cfg.unlocked():
+            cfg.individual.enabled = False
+        trainer = loop.Trainer(cfg, run_dir, print_fn=lambda s: print_fn("          " + s))
+        trainer.run()
+        run_eps = trainer.epsilon_spent()
+        per_patient = run_eps if unit == "patient" else trainer.plan.patients["epsilon_of_the_patient_with_the_most_images"]
+        row = _summary_row(unit, per_patient, _eval_run(run_dir, n_resamples), run_dir)
+        # An image is part of its patient: a patient-level run protects each image at least as well.
+        row.update(unit=unit, epsilon_per_patient=per_patient, epsilon_per_image=run_eps,
+                   noise_multiplier=trainer.plan.noise_multiplier, expected_batch=trainer.plan.expected_batch_size,
+                   num_units=trainer.plan.num_examples, max_images_per_patient=counts.max_images)
+        rows.append(row)
+    from dpft.evaluate import compare
+    compare.compare_runs([r["dir"] for r in rows], os.path.join(workdir, "units", "compare"), x="privacy.unit")
+    return rows

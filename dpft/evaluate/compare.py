@@ -115,7 +115,7 @@ def _row(run_dir: Path, step: int | None, x: str, series: str | None) -> dict[st
                "x": axis_value(run_dir, config, x), "series": axis_value(run_dir, config, series),
                "seeds": {k: v for k, v in flat.items() if _is_seed(k)},
                "epsilon": read_epsilon(run_dir), "epsilon_spent": m["meta"].get("epsilon"),
-               "guarantee_valid": m["meta"].get("guarantee_valid"),
+               "guarantee_valid": m["meta"].get("guarantee_valid"), "privacy_unit": m["meta"].get("privacy_unit"),
                "step": m["meta"]["step"], "task": m["meta"]["task"],
                "utility_metric": utility, "utility": m["overall"][utility], "gaps": {}, "parity": {}}
         for attr, metrics in m["gaps"].items():
@@ -273,6 +273,8 @@ def render_compare_markdown(result: dict[str, Any]) -> str:
               "|" + "---|" * (6 + bool(series))]
     for r in result["runs"]:
         spent = "-" if r["epsilon_spent"] is None else f"{r['epsilon_spent']:.2f}"
+        if r["epsilon_spent"] is not None and r.get("privacy_unit"):
+            spent = f"{spent} per {r['privacy_unit']}"
         if r["epsilon_spent"] is not None and r.get("guarantee_valid") is False:
             spent = f"NO guarantee (nominal {spent})"
         seeds = ", ".join(f"{k}={v}" for k, v in r["seeds"].items()) or "-"

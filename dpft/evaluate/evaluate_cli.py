@@ -186,7 +186,7 @@ def restore_verified(ckpt: Any, step: int, config: Any, predictor: Any, targets:
     ledger = contract.checkpoint_ledger(restored, ckpt.directory)
     params = next(restored.pytrees[name] for name in targets if name != contract.UPDATE)
     plan = contract.verified_plan(
-        config, num_examples=len(predictor.tables[build.train_split_name(config)]), params=params,
+        config, num_examples=build.num_units(config, predictor.tables[build.train_split_name(config)]), params=params,
         recorded_plan=restored.json_items.get(contract.PLAN) or {}, ledger=ledger,
         updates=int(np.asarray(restored.pytrees[contract.UPDATE])), where=f"{workdir}: checkpoint {step}")
     return restored, ledger, plan

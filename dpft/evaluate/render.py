@@ -29,11 +29,13 @@ def direction(metric: str) -> str:
 
 
 def privacy_text(meta: Mapping[str, Any]) -> str:
-    """What a report says of the run's privacy: non-private, "epsilon=.., delta=..", or NO guarantee
+    """What a report says of the run's privacy: non-private, "epsilon=.., delta=.. per <unit>" (the unit:
+    example or patient, where the predictions record it), or NO guarantee
     where the noise was public (insecure fixed seed, or updates before a resume without a secret)."""
     if meta.get("epsilon") is None:
         return "non-private"
-    eps = f"epsilon={meta['epsilon']:.2f}, delta={meta['delta']:g}"
+    unit = meta.get("privacy_unit")
+    eps = f"epsilon={meta['epsilon']:.2f}, delta={meta['delta']:g}" + (f" per {unit}" if unit else "")
     if meta.get("guarantee_valid") is False:
         return f"NO privacy guarantee (the run's noise was public; nominal {eps})"
     if meta.get("guarantee_valid") is None:  # predictions written before dpft recorded it

@@ -163,7 +163,7 @@ def evaluate_predictions(test_path: str | os.PathLike, val_path: str | os.PathLi
     result["meta"] = {
         "task": preds.task, "split": split_paths(preds.path)[0].stem, "step": preds.step, "params": preds.params,
         "epsilon": preds.epsilon, "delta": preds.delta, "guarantee_valid": preds.guarantee_valid,
-        "predictions": preds.path, "n_examples": preds.n,
+        "privacy_unit": preds.privacy_unit, "predictions": preds.path, "n_examples": preds.n,
         "n_patients": int(np.unique(preds.patient_id).size),
         "thresholds": {"method": config.threshold_method if (val is not None or config.threshold_method == "fixed")
                        else "default", "source": threshold_source, "values": thresholds, "per_task": per_task},

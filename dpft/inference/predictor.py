@@ -148,7 +148,7 @@ class Predictor:
                 path, example_id=out["example_id"], patient_id=out["patient_id"], logits=out["logits"],
                 label=out["label"], label_mask=out.get("label_mask"), attrs=attrs, task=table.task,
                 class_names=table.class_names, eval_tasks=table.eval_tasks, step=step, params=which,
-                epsilon=epsilon, delta=delta, guarantee_valid=valid)
+                epsilon=epsilon, delta=delta, guarantee_valid=valid, privacy_unit=plan.get("unit", "example"))
             paths[split] = path
         return paths
 

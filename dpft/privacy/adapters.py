@@ -6,6 +6,10 @@
 `per_view_loss(logits [K, ...], views) -> (losses [K], aux {name: [K]})` scores the K views of
 ONE example (a bare `losses` array is accepted too); the adapters average losses and aux over
 K, so the gradient of the loss is the augmult average of the per-view gradients.
+A privacy unit with several images (`dpft.privacy.units`, a patient) is one "example" whose views
+are its images' views stacked, [cap*K, ...], with `views["view_weight"]` [cap*K] (1/K on a real
+image's views, 0 on empty slots): its loss is sum_v weight_v * loss_v, the sum over its images of
+their augmult-averaged losses, and its aux the weighted mean over its real images.
 Two standard per-view losses are provided: `softmax_cross_entropy_loss` (int labels [K])
 and `sigmoid_binary_cross_entropy_loss` (float 0/1 labels [K, L] with `label_mask`).
 """
@@ -53,12 +57,23 @@ def sigmoid_binary_cross_entropy_loss(logits: jax.Array, views: Views) -> tuple[
     return losses, {"accuracy": accuracy}
 
 
-def _mean_over_views(out: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
+def _mean_over_views(out: Any, views: Views) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The example's loss: the mean over its K views, or, with views["view_weight"] [V] (a unit of
+    several images), sum_v weight_v * loss_v; aux: the mean, or the weighted mean over real images."""
     losses, aux = out if isinstance(out, tuple) else (out, {})
     if losses.ndim != 1:
         raise ValueError(f"per_view_loss must return losses of shape [K], got {losses.shape}")
-    return (jnp.mean(losses.astype(jnp.float32)),
-            {k: jnp.mean(jnp.asarray(v, jnp.float32)) for k, v in aux.items()})
+    losses = losses.astype(jnp.float32)
+    if "view_weight" not in views:
+        return jnp.mean(losses), {k: jnp.mean(jnp.asarray(v, jnp.float32)) for k, v in aux.items()}
+    weight = jnp.asarray(views["view_weight"], jnp.float32)
+    if weight.shape != losses.shape:
+        raise ValueError(f"views['view_weight'] has shape {weight.shape}; the losses have {losses.shape}")
+    total = jnp.maximum(jnp.sum(weight), jnp.finfo(jnp.float32).tiny)
+    # where, not multiply: an empty slot's (zero-image) loss never reaches the sum, even if not finite.
+    return (jnp.sum(jnp.where(weight > 0, weight * losses, 0.0)),
+            {k: jnp.sum(jnp.where(weight > 0, weight * jnp.asarray(v, jnp.float32), 0.0)) / total
+             for k, v in aux.items()})
 
 
 def accepts_train_and_key(fn: Callable) -> bool:
@@ -104,7 +119,7 @@ def nnx_loss_fn(model: nnx.Module, per_view_loss: PerViewLoss
             nnx_layers.install(module, recorder)
         images = views["image"]
         logits = module(images, train=True, key=rng) if pass_train_key else module(images)
-        return _mean_over_views(per_view_loss(logits, views))
+        return _mean_over_views(per_view_loss(logits, views), views)
 
     def loss_fn(p: nnx.State, views: Views, rng: jax.Array):
         return tapped_loss_fn(p, views, rng)
@@ -121,6 +136,6 @@ def haiku_loss_fn(transformed: Any, per_view_loss: PerViewLoss) -> LossFn:
     """
     def loss_fn(params: PyTree, views: Views, rng: jax.Array):
         logits = transformed.apply(params, rng, views["image"])
-        return _mean_over_views(per_view_loss(logits, views))
+        return _mean_over_views(per_view_loss(logits, views), views)
 
     return loss_fn

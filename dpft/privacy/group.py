@@ -93,6 +93,29 @@ def group_epsilon(history: Sequence[tuple[float, float, int]], group_size: int, 
                                        pld_discretization=discretization)
 
 
+def noise_for_group_epsilon(target_epsilon: float, sampling_rate: float, steps: int, delta: float, group_size: int,
+                            *, tolerance: float = 1e-3, discretization: float = GROUP_DISCRETIZATION) -> float:
+    """The smallest sigma (to relative `tolerance`, rounded up) at which a group of `group_size` examples has
+    epsilon <= `target_epsilon` after `steps` updates at `sampling_rate` (`group_epsilon`, bisection; epsilon
+    falls as sigma grows). An example-level run with this sigma protects its patients with up to
+    `group_size` images as a patient-level run at `target_epsilon` does (the demo's unit comparison)."""
+    if not target_epsilon > 0:
+        raise ValueError(f"target_epsilon must be > 0, got {target_epsilon!r}")
+
+    def eps(sigma: float) -> float:
+        return group_epsilon([(sampling_rate, sigma, steps)], group_size, delta, discretization)
+
+    lo, hi = 0.1, 1.0
+    while eps(hi) > target_epsilon:
+        lo, hi = hi, hi * 2
+        if hi > 1e4:
+            raise ValueError(f"no sigma <= 1e4 gives epsilon {target_epsilon} to a group of {group_size}")
+    while (hi - lo) > tolerance * hi:
+        mid = 0.5 * (lo + hi)
+        lo, hi = (lo, mid) if eps(mid) <= target_epsilon else (mid, hi)
+    return hi
+
+
 def patient_report(counts: PatientCounts, sampling_rate: float, noise_multiplier: float, steps: int,
                    delta: float, run_epsilon: float) -> dict:
     """The plan's "patients" entry: counts, and the epsilon of the patient with the most images
@@ -106,4 +129,4 @@ def patient_report(counts: PatientCounts, sampling_rate: float, noise_multiplier
 
 
 __all__ = ["GROUP_ACCOUNTANT", "GROUP_DISCRETIZATION", "PatientCounts", "binomial_weights", "group_event",
-           "group_epsilon", "patient_report"]
+           "group_epsilon", "noise_for_group_epsilon", "patient_report"]

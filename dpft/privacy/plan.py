@@ -27,7 +27,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from dpft.privacy import accounting, bookkeeping, clipping as clipping_lib, engine, keys, noise, sampling
+from dpft.privacy import accounting, bookkeeping, clipping as clipping_lib, engine, keys, noise, sampling, units
 from dpft.privacy.engine import ClippingConfig
 
 #: How the clipped per-example gradient sum is computed (same contract, same result); the keys
@@ -61,11 +61,17 @@ class PrivacyPlan:
     accountant: str
     grad_method: str  # "vmap" | "bookkeeping"
     secret: keys.RunSecret = dataclasses.field(repr=False, compare=False)
-    #: How the examples group into patients and the epsilon of the patient with the most images
-    #: (`dpft.privacy.group.patient_report`); None where not computed (no table, not private).
+    #: How the examples group into patients: in an example-level run the epsilon of the patient with
+    #: the most images (`dpft.privacy.group.patient_report`); in a patient-level run the units and the
+    #: cap (`dpft.privacy.units.UnitIndex.summary`). None where not computed (no table, not private).
     patients: dict | None = None
+    #: The privacy unit (`dpft.privacy.units.UNITS`): what num_examples counts, sampling draws and one
+    #: clipped gradient is: "example" (an image) or "patient" (all of a patient's images in the update).
+    unit: str = "example"
 
     def __post_init__(self) -> None:
+        if self.unit not in units.UNITS:
+            raise PlanError(f"unit={self.unit!r}; use one of {units.UNITS}")
         if self.grad_method not in GRAD_METHODS:
             raise PlanError(f"grad_method={self.grad_method!r}; use one of {tuple(GRAD_METHODS)}")
         if self.accountant not in accounting.ACCOUNTANTS:
@@ -176,9 +182,10 @@ class PrivacyPlan:
             "num_updates": self.num_updates, "accountant": self.accountant, "grad_method": self.grad_method,
             "sampling": "poisson", "secret_source": self.secret.source,
             "guarantee_valid": self.guarantee_valid,
-            # The privacy unit: one example (an image). A patient with several images is protected by
-            # group privacy only: "patients" gives their epsilon (dpft.privacy.group).
-            "unit": "example", "num_units": self.num_examples, "patients": self.patients,
+            # The privacy unit (dpft.privacy.units): "example" (an image; a patient with several images is
+            # protected by group privacy only, and "patients" gives their epsilon, dpft.privacy.group) or
+            # "patient" (num_examples counts patients; epsilon is per patient).
+            "unit": self.unit, "num_units": self.num_examples, "patients": self.patients,
         }
 
     @property

@@ -17,7 +17,8 @@ from dpft.errors import UsageError
 FLAGS = {"epsilon": "epsilon", "noise_multiplier": "noise-multiplier", "num_canaries": "canaries", "steps": "steps",
          "sampling_rate": "sampling-rate", "delta": "delta", "confidence": "confidence", "accountant": "accountant",
          "seed": "seed", "dtype": "dtype", "grad_method": "grad-method",
-         "insecure_fixed_noise_seed": "insecure-fixed-noise-seed"}
+         "insecure_fixed_noise_seed": "insecure-fixed-noise-seed", "unit": "unit",
+         "images_per_canary": "images-per-canary"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -69,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
               f"{result.epsilon_claimed:.4f}")
         secret = "secret noise" if config.insecure_fixed_noise_seed < 0 else "INSECURE fixed noise seed"
         print(f"audited: the production step (engine {result.engine}, dtype {config.dtype}, {secret})")
+        print(f"privacy unit {config.unit}, {config.images_per_canary} image(s) per canary")
         print(f"canaries {result.num_canaries} ({result.num_included} included), guesses {result.num_guesses}, "
               f"correct {result.correct}, noise multiplier {result.noise_multiplier:.4f}, steps {config.steps}, "
               f"q {config.sampling_rate:g}")

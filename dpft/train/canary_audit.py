@@ -8,6 +8,13 @@ the same engine (book-keeping by default) and compute dtype. Only the model and 
 audit's: a dpft tapped linear layer w in R^{m x 1} whose loss on canary i is -<w, s e_i> - b
 (s = `canary_scale` * C), so each included canary's clipped gradient points along its own
 coordinate. The statistics (p-values, lower bounds) are `dpft.privacy.audit`.
+
+Canary patients (`images_per_canary` k > 1): each canary has k images (the same Dirac row). With
+`unit="patient"` the run is patient-level (Poisson over canaries, one clipped gradient per canary
+from its k images, `dpft.privacy.units`) and the claim is the run's epsilon per patient. With
+`unit="example"` each image is sampled and clipped on its own (Poisson over the m k images), and the
+claim is still that example-level epsilon: the audit then measures what a patient with k images
+really gets, and fails for k large enough (a per-image epsilon is not a per-patient one).
 """
 from __future__ import annotations
 
@@ -59,7 +66,10 @@ class AuditConfig:
     confidence: float = option(0.95, FLOAT, "confidence of the bound", range=_UNIT_OPEN)
     accountant: str = option("pld", STR, "the accountant of the claimed epsilon",
                              choices=RUN_FIELDS["privacy.accountant"].choices)
-    physical_batch_size: int = option(128, INT, "examples per physical batch", range=Range(1))
+    physical_batch_size: int = option(128, INT, "privacy units per physical batch", range=Range(1))
+    unit: str = option("example", STR, "the privacy unit of the audited run (example | patient)",
+                       choices=RUN_FIELDS["privacy.unit"].choices)
+    images_per_canary: int = option(1, INT, "images of each canary (a canary patient when > 1)", range=Range(1, 64))
     seed: int = option(0, INT, "public seed of canary inclusion and the layer's init (the noise secret is fresh "
                        "per run)", range=Range(0, MAX_SEED))
     insecure_fixed_noise_seed: int = option(-1, INT, "fix the noise secret to this public number (reproducible "
@@ -148,11 +158,27 @@ def canary_plan(config: AuditConfig, noise_multiplier: float, params: Any):
               if config.insecure_fixed_noise_seed >= 0 else keys.RunSecret.generate())
     clipping = (engine.ClippingConfig(mode=config.clipping_mode, clip_norm=config.clip_norm) if private
                 else engine.NO_CLIPPING)
-    return plan_lib.make_plan(
-        enabled=private, num_examples=config.num_canaries,
-        batch_size=config.sampling_rate * config.num_canaries, num_updates=config.steps, clipping=clipping,
-        params=params, secret=secret, noise_multiplier=noise_multiplier if private else None,
+    n = config.num_canaries * (config.images_per_canary if config.unit == "example" else 1)
+    plan = plan_lib.make_plan(
+        enabled=private, num_examples=n, batch_size=config.sampling_rate * n, num_updates=config.steps,
+        clipping=clipping, params=params, secret=secret, noise_multiplier=noise_multiplier if private else None,
         delta=config.delta, accountant=config.accountant, grad_method=config.grad_method)
+    return dataclasses.replace(plan, unit=config.unit)
+
+
+def canary_batch(idx: np.ndarray, mask: np.ndarray, config: AuditConfig) -> dict:
+    """One physical batch of the audit run. Units (`idx`, -1 = padding) are canaries (patient level:
+    k images each, weight 1) or images (example level: image j is of canary j // k)."""
+    m, k, scale = config.num_canaries, config.images_per_canary, config.canary_scale * config.clip_norm
+    real = mask > 0
+    if config.unit == "patient":
+        rows = np.where(real[:, None, None], np.eye(m, dtype=np.float32)[np.maximum(idx, 0)][:, None, :] * scale, 0.0)
+        return {"image": np.repeat(rows, k, axis=1), "label": np.zeros([len(idx), k], np.int32),
+                "view_weight": np.repeat(real[:, None], k, axis=1).astype(np.float32), "mask": mask,
+                "example_id": idx.astype(np.int32)}
+    rows = np.where(real[:, None], np.eye(m, dtype=np.float32)[np.maximum(idx, 0) // k] * scale, 0.0)
+    return {"image": rows[:, None, :], "label": np.zeros([len(idx), 1], np.int32), "mask": mask,
+            "example_id": idx.astype(np.int32)}
 
 
 def train_canaries(config: AuditConfig, noise_multiplier: float, included: np.ndarray) -> tuple[np.ndarray, Any]:
@@ -205,15 +231,13 @@ def train_canaries(config: AuditConfig, noise_multiplier: float, included: np.nd
     w0 = np.asarray(params["linear"]["w"][...], np.float64)[:, 0]
     bsz = config.physical_batch_size
     from dpft.privacy import sampling
+    per_unit = config.images_per_canary if config.unit == "example" else 1  # units (images) per canary
     for t in range(config.steps):
         selected = plan.selection(t)
-        selected = selected[included[selected]]  # only included canaries are in the data set
+        selected = selected[included[selected // per_unit]]  # only included canaries are in the data set
         acc = step_lib.zeros_accumulator(state["params"], mesh)
-        for j, (idx, mask) in enumerate(sampling.physical_batches(selected, bsz)):
-            rows = np.where((mask > 0)[:, None], np.eye(m, dtype=np.float32)[np.maximum(idx, 0)] * scale, 0.0)
-            batch = {"image": rows[:, None, :], "label": np.zeros([bsz, 1], np.int32), "mask": mask,
-                     "example_id": idx.astype(np.int32)}
-            acc, _ = accumulate(state["params"], acc, distributed.shard_batch(batch, mesh),
+        for idx, mask in sampling.physical_batches(selected, bsz):
+            acc, _ = accumulate(state["params"], acc, distributed.shard_batch(canary_batch(idx, mask, config), mesh),
                                 dropout_key(config.seed, t))
         state, _ = apply(state, acc, noise_key)
     w_t = np.asarray(jax.device_get(state["params"]["linear"]["w"][...]), np.float64)[:, 0]

@@ -191,8 +191,10 @@ class Progress:
         start_step: int = 0,
         clock: Callable[[], float] = time.monotonic,
         print_fn: Callable[[str], Any] | None = print,
+        unit: str = "ex",
     ):
         self.total = int(total_updates)
+        self.unit = unit  # what the rate counts: "ex" (examples) or "patients" (privacy.unit="patient")
         self._clock = clock
         self._print = print_fn
         self._last_step = int(start_step)
@@ -223,7 +225,7 @@ class Progress:
         self._last_time, self._last_step = now, step
         width = len(str(self.total))
         parts = [f"update {step:>{width}d}/{self.total} ({100.0 * step / max(self.total, 1):5.1f}%)"]
-        unit = "ex/s (expected batch)" if expected else "ex/s"
+        unit = f"{self.unit}/s (expected batch)" if expected else f"{self.unit}/s"
         parts.append((f"{'~' if expected else ''}{rate:.1f} {unit}") if math.isfinite(rate) else f"? {unit}")
         if loss is not None:
             parts.append(f"loss {float(loss):.4f}")

@@ -92,7 +92,7 @@ def open_session(workdir: str, keep: int) -> Iterator[Session]:
 
 
 def _device_batch(batch: dict) -> dict:
-    return {k: v for k, v in batch.items() if k in ("image", "label", "label_mask", "mask", "example_id")}
+    return {k: v for k, v in batch.items() if k in ("image", "label", "label_mask", "view_weight", "mask", "example_id")}
 
 
 class Trainer(wiring.RunParts):
@@ -206,7 +206,8 @@ class Trainer(wiring.RunParts):
             for line in run_log.announcement(self.plan, self.config):
                 self.print(line)
         session.progress = logging_utils.Progress(self.plan.num_updates, start_step=self.updates_done,
-                                                  print_fn=self.print)
+                                                  print_fn=self.print,
+                                                  unit="ex" if self.plan.unit == "example" else f"{self.plan.unit}s")
 
     def _quarantine_skipped(self, ckpt: checkpointing.Checkpointer) -> None:
         """Moves the corrupt checkpoints `restore` passed over aside (process 0): their steps are saved afresh."""
@@ -248,8 +249,11 @@ class Trainer(wiring.RunParts):
         session.writer.write(u, final)
         predictions = self.write_predictions()
         if self.individual is not None:
-            self.individual.finish(self.workdir, self.plan, u, self.epsilon_spent(),
-                                   self.columns(self.train_split), task=self.train_table.task,
+            columns = self.columns(self.train_split)
+            if self.iterator.units is not None:  # one epsilon per patient
+                columns = self.iterator.units.unit_columns(columns)
+            self.individual.finish(self.workdir, self.plan, u, self.epsilon_spent(), columns,
+                                   task=self.train_table.task,
                                    class_names=self.train_table.class_names)
         self.print(run_log.final_line(final, self.plan, self.epsilon_spent()))
         return predictions
@@ -367,7 +371,7 @@ class Trainer(wiring.RunParts):
 
     def example_norms(self) -> tuple[np.ndarray, np.ndarray]:
         """(norms, losses) float [N]: per-example gradient norm and loss of ALL training examples
-        at the current params, in table order.
+        at the current params, in table order (per patient, in unit order, for privacy.unit="patient").
 
         The norm is the one training clips: of the gradient averaged over the example's K
         augmented views, drawn as update u would draw them (`pipeline.train_view_batches`), with
@@ -381,7 +385,8 @@ class Trainer(wiring.RunParts):
         for batch in pipeline.train_view_batches(
                 self.train_table, batch_size=bs, augment=self.augment, seed=int(self.config.seed), update_index=u,
                 num_workers=int(self.config.data.num_workers), num_shards=jax.process_count(),
-                shard_index=jax.process_index(), on_bad_image=self.iterator.config.on_bad_image):
+                shard_index=jax.process_index(), on_bad_image=self.iterator.config.on_bad_image,
+                units=self.iterator.units, selection_seed=self.iterator.config.selection_seed):
             acc, stats = self.accumulate(self.state["params"], acc,
                                          distributed.shard_batch(_device_batch(batch), self.mesh), key)
             norms, losses = stats["norms"], stats["loss"]
@@ -389,7 +394,7 @@ class Trainer(wiring.RunParts):
                 norms, losses = self.gather((norms, losses))
             chunks.append(np.asarray(norms, np.float64))
             loss_chunks.append(np.asarray(losses, np.float64))
-        n = len(self.train_table)
+        n = self.iterator.num_units
         return np.concatenate(chunks)[:n], np.concatenate(loss_chunks)[:n]
 
 

@@ -72,7 +72,7 @@ def announcement(plan: PrivacyPlan, config: ml_collections.ConfigDict) -> list[s
     p = plan
     end_eps = p.epsilon_after(p.num_updates)  # one accountant call for both lines
     if p.enabled:
-        first = (f"DP-SGD: N={p.num_examples}, expected batch {p.expected_batch_size:g} (q={p.sampling_rate:.4g}), "
+        first = (f"DP-SGD per {p.unit}: N={p.num_examples} {p.unit}s, expected batch {p.expected_batch_size:g} (q={p.sampling_rate:.4g}), "
                  f"{p.num_updates} updates, sigma={p.noise_multiplier:.4f}, C={p.clip_norm:g} "
                  f"({p.clipping.mode}, sensitivity {p.sensitivity:g}), engine {p.grad_method}, "
                  f"delta={p.delta:.3g}, target epsilon={p.target_epsilon} ({p.accountant}); "
@@ -91,6 +91,12 @@ def patient_lines(plan: PrivacyPlan, run_epsilon: float) -> list[str]:
     pt = plan.patients
     if not plan.enabled or not pt:
         return []
+    if plan.unit == "patient":
+        return [f"privacy unit: the patient. {pt['num_units']} patients, {pt['num_rows']} images (up to "
+                f"{pt['max_rows_per_unit']} per patient); each update uses at most {pt['cap']} images of a sampled "
+                f"patient (privacy.unit_cap): {pt['units_over_cap']} patients have more, "
+                f"{100 * pt['fraction_of_rows_within_cap']:.1f}% of the images are within the cap; epsilon "
+                f"{run_epsilon:.4g} at delta {plan.delta:.3g} is per patient"]
     if pt["max_images"] == 1:
         return [f"privacy unit: one example; {pt['count']} patients with one image each: epsilon per patient = "
                 f"epsilon per image"]

@@ -71,12 +71,14 @@ def build_run(config: ml_collections.ConfigDict, workdir: str, *, print_fn: Call
         raise UsageError(f"config.eval.splits={list(config.eval.splits)}: {unknown} not among the splits of data set "
                          f"{config.data.name!r}: {sorted(tables)}")
     table = tables[split]
-    validate(config, num_examples=len(table), num_devices=jax.local_device_count())
+    units = build.unit_index(config, table)  # None: every row is a privacy unit
+    num_units = len(table) if units is None else units.num_units
+    validate(config, num_examples=num_units, num_devices=jax.local_device_count())
     augment = build.augment_config(config)
     model = build.build_model(config, table.num_classes)
     loss_fn, params, merge = adapters.nnx_loss_fn(model, privacy_setup.per_view_loss(table.task))
-    plan = run_plan.privacy_plan(config, len(table), params, privacy_setup.shared_run_secret(config, say),
-                                       patient_ids=build.patient_ids(config, table))
+    plan = run_plan.privacy_plan(config, num_units, params, privacy_setup.shared_run_secret(config, say),
+                                 patient_ids=build.patient_ids(config, table), unit_index=units)
     step_cfg = step_lib.StepConfig(plan=plan, microbatch_size=int(config.train.microbatch_size),
                                    ema_decay=float(config.train.ema_decay), polyak=bool(config.train.polyak))
     optimizer = optim.make_optimizer(config.train)
@@ -87,11 +89,11 @@ def build_run(config: ml_collections.ConfigDict, workdir: str, *, print_fn: Call
         state=distributed.replicate(step_lib.init_state(params, optimizer, step_cfg), mesh),
         accumulate=step_lib.make_accumulate_fn(loss_fn, step_cfg, mesh),
         apply=step_lib.make_apply_fn(optimizer, step_cfg, mesh),
-        iterator=train_iterator(config, table, plan, augment),
+        iterator=train_iterator(config, table, plan, augment, units),
         predictor=Predictor(config, tables, model_forward(merge), augment, mesh),
         # Host values of every process, stacked (first call of each shape waits for all: distributed.together).
         gather=distributed.together(lambda x: multihost_utils.process_allgather(x, tiled=True), "gather"),
-        individual=individual_hook(config, plan, len(table)),
+        individual=individual_hook(config, plan, num_units),
     )
 
 
@@ -105,8 +107,9 @@ def train_split(config: ml_collections.ConfigDict, tables: dict[str, ExampleTabl
 
 
 def train_iterator(config: ml_collections.ConfigDict, table: ExampleTable, plan: PrivacyPlan,
-                   augment: AugmentConfig) -> pipeline.TrainIterator:
-    """This host's share of the physical batches of every update's Poisson selection (`plan`)."""
+                   augment: AugmentConfig, units: Any = None) -> pipeline.TrainIterator:
+    """This host's share of the physical batches of every update's Poisson selection (`plan`) over the
+    privacy units (`units`, a `dpft.privacy.units.UnitIndex`; None: every row is a unit)."""
     return pipeline.TrainIterator(
         table,
         pipeline.TrainConfig(
@@ -121,6 +124,7 @@ def train_iterator(config: ml_collections.ConfigDict, table: ExampleTable, plan:
             on_bad_image=build.bad_image_policy(config),
         ),
         augment,
+        units=units,
     )
 
 

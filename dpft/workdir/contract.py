@@ -107,8 +107,10 @@ def predictions_privacy(ledger: Ledger, plan: Mapping[str, Any]) -> tuple[float 
 
 # ---------------------------------------------------------------- a checkpoint's privacy record, checked
 #: The plan fields that decide epsilon: a checkpoint's recorded plan must agree with its config on each.
-EPSILON_FIELDS = ("enabled", "num_examples", "sampling_rate", "noise_multiplier", "delta", "accountant",
+EPSILON_FIELDS = ("enabled", "unit", "num_examples", "sampling_rate", "noise_multiplier", "delta", "accountant",
                   "num_updates")
+#: Values of EPSILON_FIELDS that plans recorded before the field existed mean (every run was per example).
+RECORDED_DEFAULTS = {"unit": "example"}
 
 
 def verified_plan(config: ml_collections.ConfigDict, *, num_examples: int, params: Any,
@@ -129,7 +131,7 @@ def verified_plan(config: ml_collections.ConfigDict, *, num_examples: int, param
         raise CheckpointError(f"{where}: its config gives no valid privacy plan ({e}); refusing to report an "
                               f"epsilon") from None
     for field in EPSILON_FIELDS:
-        got, want = recorded_plan.get(field), expected[field]
+        got, want = recorded_plan.get(field, RECORDED_DEFAULTS.get(field)), expected[field]
         same = (got == want if isinstance(want, (bool, str)) or want is None
                 else isinstance(got, (int, float)) and not isinstance(got, bool)
                 and math.isclose(float(got), float(want), rel_tol=1e-9, abs_tol=0.0))

@@ -52,6 +52,7 @@ class Predictions:
     delta: float | None
     path: str = ""
     guarantee_valid: bool | None = None  # False: epsilon is nominal (public noise); None: non-private / not recorded
+    privacy_unit: str | None = None  # who epsilon protects: "example" | "patient"; None: non-private / not recorded
 
     @property
     def n(self) -> int:
@@ -73,7 +74,7 @@ class Predictions:
     def meta(self) -> dict[str, Any]:
         return {"task": self.task, "class_names": list(self.class_names), "eval_tasks": list(self.eval_tasks),
                 "step": self.step, "params": self.params, "epsilon": self.epsilon, "delta": self.delta,
-                "guarantee_valid": self.guarantee_valid}
+                "guarantee_valid": self.guarantee_valid, "privacy_unit": self.privacy_unit}
 
 
 def split_paths(path: str | os.PathLike) -> tuple[Path, Path]:
@@ -146,7 +147,7 @@ def write_predictions(path: str | os.PathLike, *, example_id: np.ndarray, patien
                       attrs: Mapping[str, Sequence[str] | np.ndarray] | None = None, task: str,
                       class_names: Sequence[str], eval_tasks: Sequence[str] = (), step: int, params: str = "ema",
                       epsilon: float | None = None, delta: float | None = None,
-                      guarantee_valid: bool | None = None) -> tuple[str, str]:
+                      guarantee_valid: bool | None = None, privacy_unit: str | None = None) -> tuple[str, str]:
     """Write `<split>.npz` and `<split>.json` (path with or without `.npz`); returns both paths.
 
     Validates like `load_predictions`, so a file written here always loads.
@@ -165,7 +166,8 @@ def write_predictions(path: str | os.PathLike, *, example_id: np.ndarray, patien
     meta = {"task": task, "class_names": [str(c) for c in class_names], "eval_tasks": [str(t) for t in eval_tasks],
             "step": int(step), "params": params, "epsilon": None if epsilon is None else float(epsilon),
             "delta": None if delta is None else float(delta),
-            "guarantee_valid": None if guarantee_valid is None else bool(guarantee_valid)}
+            "guarantee_valid": None if guarantee_valid is None else bool(guarantee_valid),
+            "privacy_unit": None if epsilon is None or privacy_unit is None else str(privacy_unit)}
     _validate(npz, arrays, meta)
     npz.parent.mkdir(parents=True, exist_ok=True)
     # Per-patient rows (ids, attributes, labels): owner-only from the moment the file exists.
@@ -201,4 +203,4 @@ def load_predictions(path: str | os.PathLike) -> Predictions:
         label_mask=None if mask is None else mask.astype(np.float32), attrs=attrs, task=meta["task"],
         class_names=tuple(meta["class_names"]), eval_tasks=tuple(meta["eval_tasks"]), step=int(meta["step"]),
         params=meta["params"], epsilon=meta["epsilon"], delta=meta["delta"], path=str(npz),
-        guarantee_valid=meta.get("guarantee_valid"))
+        guarantee_valid=meta.get("guarantee_valid"), privacy_unit=meta.get("privacy_unit"))
