@@ -129,11 +129,12 @@ def test_eight_devices_equal_the_loop_over_patients():
         assert_close(step_lib.global_sum(acc, mesh), want)
 
 
-def test_removing_one_patient_moves_the_bf16_sum_by_at_most_c():
-    """Aligned patients (copies of one patient with two images and an empty slot) in bfloat16, both
-    engines and every ghost route: ||S - S_-p|| <= C (1 + 1e-4), and >= C (1 - 1e-3) (each is clipped)."""
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+def test_removing_one_patient_moves_the_sum_by_at_most_c(dtype):
+    """Aligned patients (copies of one patient with two images and an empty slot), both engines and
+    every ghost route: ||S - S_-p|| <= C (1 + 1e-4), and >= C (1 - 1e-3) (each is clipped)."""
     from dpft.privacy.sensitivity import aligned_batch, removal_distances
-    loss_fn, params = setup(jnp.bfloat16)
+    loss_fn, params = setup(dtype)
     one = unit_batch((2,), seed=4)
     base = {k: one[k][0] for k in ("image", "label", "view_weight")}
     size, c = 16, 0.01
@@ -249,7 +250,7 @@ def test_digits_patients_groups_digits_into_disjoint_single_group_patients():
 def test_noise_for_a_patients_epsilon_is_the_smallest_that_reaches_it():
     from dpft.privacy import group
     q, steps, delta, k = 0.25, 10, 1e-4, 4
-    sigma = group.noise_for_group_epsilon(8.0, q, steps, delta, k)
+    sigma = group.noise_for_group_epsilon(8.0, q, steps, delta, k, tolerance=1e-2)
     eps = lambda s: group.group_epsilon([(q, s, steps)], k, delta)
-    assert eps(sigma) <= 8.0 < eps(sigma * (1 - 2e-3))
-    assert sigma > group.noise_for_group_epsilon(8.0, q, steps, delta, 1)  # more images need more noise
+    assert eps(sigma) <= 8.0 < eps(sigma * (1 - 2e-2))
+    assert sigma > group.noise_for_group_epsilon(8.0, q, steps, delta, 1, tolerance=1e-2)  # more images: more noise
