@@ -263,7 +263,7 @@ def assert_same(ref, got, rtol=2e-5):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ghost", ["auto", "never", "always"])
+@pytest.mark.parametrize("ghost", ["never", "always"])  # "auto" picks one of the two per layer
 def test_nfnet_flat_clipping_equals_vmap_engine(ghost):
     # nfnet_nano: grouped WS convs, SE, skip gains, stochastic depth and dropout (train=True).
     ref, got = run_both("nfnet_nano", 16, ClippingConfig(mode="flat", clip_norm=0.1), 4, ghost=ghost)
