@@ -98,6 +98,40 @@ def test_silently_flipped_byte_is_detected(tmp_path, item):
             ckpt.restore(2)  # also without targets
 
 
+@pytest.mark.parametrize("item,edit", [("ledger", {"steps": 5}), ("data_state", {"update_index": 7})])
+def test_an_edited_json_item_is_corrupt_and_the_run_falls_back(tmp_path, item, edit):
+    """Every JSON item has its digest in the checksum record: a one-value edit of the latest step makes
+    it corrupt (naming the item), and the newest intact step is used; the same value written with other
+    spacing and key order is no edit."""
+    import json
+    states = _save_steps(tmp_path)
+    path = os.path.join(C.checkpoint_dir(tmp_path), "6", item, "metadata")
+    doc = json.load(open(path))
+    json.dump(doc, open(path, "w"), indent=3)  # re-serialised, same value
+    with C.Checkpointer(tmp_path) as ckpt:
+        assert ckpt.restore(6).json_items[item] == doc
+    json.dump({**doc, **edit}, open(path, "w"))
+    with C.Checkpointer(tmp_path) as ckpt:
+        with pytest.raises(C.CorruptCheckpoint, match=f"item '{item}': checksum mismatch"):
+            ckpt.restore(6, targets=dict(states[6]))
+        r, skipped = C.newest_intact(ckpt, lambda s: ckpt.restore(s, targets=dict(states[s])), report=lambda m: None)
+    assert r.step == 4 and [s for s, _ in skipped] == [6]
+
+
+def test_json_items_of_a_checkpoint_without_their_digests_are_read_unchecked(tmp_path):
+    """Checkpoints written before the JSON digests existed still restore (their arrays are checked)."""
+    import json
+    states = _save_steps(tmp_path, steps=(2,))
+    path = os.path.join(C.checkpoint_dir(tmp_path), "2", C.CHECKSUMS, "metadata")
+    record = json.load(open(path))
+    assert set(record["json"]) == {"ledger", "data_state"}
+    del record["json"]
+    json.dump(record, open(path, "w"))
+    with C.Checkpointer(tmp_path) as ckpt:
+        r = ckpt.restore(2, targets=dict(states[2]))
+    assert r.json_items["ledger"] == {"steps": 2} and r.verified > 0
+
+
 def _truncate(path: str) -> None:
     data = open(path, "rb").read()
     open(path, "wb").write(data[: len(data) // 2])

@@ -79,6 +79,21 @@ def copy_run(base, trained, name):
     return wd
 
 
+def edit_json_item(workdir, step, item, edit, *, keep_checksum: bool) -> None:
+    """Apply `edit` (dict -> None) to JSON item `item` of checkpoint `step`; with `keep_checksum` also
+    rewrite its digest in the checksum record (an editor who knows the format: the checks behind the
+    checksums must catch it)."""
+    p = os.path.join(str(workdir), "checkpoints", str(step), item, "metadata")
+    doc = json.load(open(p))
+    edit(doc)
+    json.dump(doc, open(p, "w"))
+    if keep_checksum:
+        q = os.path.join(str(workdir), "checkpoints", str(step), checkpointing.CHECKSUMS, "metadata")
+        record = json.load(open(q))
+        record["json"][item] = checkpointing.json_digest(doc)
+        json.dump(record, open(q, "w"))
+
+
 def ledger_in_checkpoint(workdir, step) -> dict:
     with open(os.path.join(str(workdir), "checkpoints", str(step), "ledger", "metadata")) as f:
         return json.load(f)
@@ -184,15 +199,48 @@ def test_no_intact_checkpoint_refuses_to_start(base, trained):
     assert steps_of(wd) == [2, 4, 6]  # nothing new trained or saved
 
 
+def test_every_json_item_of_a_checkpoint_is_checksummed(base, trained):
+    """Each JSON item of a real `dpft train` checkpoint (the secret, the data position, the plan, the
+    ledger, the config, ...), edited alone, makes the step corrupt, naming the item."""
+    wd = copy_run(base, trained, "json_items")
+    step_dir = os.path.join(str(wd), "checkpoints", "6")
+    items = json.load(open(os.path.join(step_dir, "manifest", "metadata")))["json"]
+    assert {"secret", "data_state", "plan", "ledger", "config"} <= set(items)
+    for item in items:
+        p = os.path.join(step_dir, item, "metadata")
+        original = open(p).read()
+        doc = json.loads(original)
+        json.dump({**doc, "edited": 1} if isinstance(doc, dict) else [doc, 1], open(p, "w"))
+        with checkpointing.Checkpointer(str(wd), read_only=True) as ckpt:
+            with pytest.raises(checkpointing.CorruptCheckpoint, match=f"item '{item}': checksum mismatch"):
+                ckpt.restore(6)
+        open(p, "w").write(original)
+
+
+def test_an_edited_data_position_falls_back_to_the_previous_checkpoint(base, trained):
+    """The review's case: physical_batch_index 0 -> 1 in the latest checkpoint resumed silently with another
+    model. Now step 6 is corrupt, the run resumes from 4 and ends where the untouched run ended."""
+    wd = copy_run(base, trained, "data_position")
+    edit_json_item(wd, 6, "data_state", lambda d: d.update(physical_batch_index=1), keep_checksum=False)
+    proc = dpft(base, train_args(base, wd))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "checkpoints/6 is corrupt: item 'data_state': checksum mismatch" in out, out[-3000:]
+    assert f"resumed from {wd}/checkpoints/4: update 4" in out
+    with checkpointing.Checkpointer(str(wd), read_only=True) as ckpt, \
+            checkpointing.Checkpointer(str(trained), read_only=True) as ref:
+        got, want = ckpt.restore(6), ref.restore(6)
+    for a, b in zip(jax_leaves(got.pytrees["params"]), jax_leaves(want.pytrees["params"])):
+        np.testing.assert_array_equal(a, b)  # the same secret and data: bitwise the untouched run
+
+
 def test_tampered_ledger_is_refused(base, trained):
-    """The issue's attack: fewer steps in the checkpoint's ledger would report a smaller epsilon."""
+    """The issue's attack: fewer steps in the checkpoint's ledger would report a smaller epsilon. With its
+    checksum rewritten too (an editor who knows the format), the ledger check refuses it."""
     wd = copy_run(base, trained, "tampered")
     shutil.rmtree(os.path.join(str(wd), "checkpoints", "6"))
-    p = os.path.join(str(wd), "checkpoints", "4", "ledger", "metadata")
-    ledger = json.load(open(p))
-    assert ledger["entries"][0]["steps"] == 4
-    ledger["entries"][0]["steps"] = 1
-    json.dump(ledger, open(p, "w"))
+    assert ledger_in_checkpoint(wd, 4)["entries"][0]["steps"] == 4
+    edit_json_item(wd, 4, "ledger", lambda d: d["entries"][0].update(steps=1), keep_checksum=True)
     proc = dpft(base, train_args(base, wd))
     line = last_line(proc.stderr)
     assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -217,10 +265,7 @@ def test_evaluate_recomputes_epsilon_and_refuses_an_edited_ledger_or_plan(base, 
                                                                   f"checkpoint is at update {UPDATES}"),
             ("plan", lambda d: d.update(delta=0.3), "the recorded privacy plan has delta=0.3 but the run's config")):
         wd = copy_run(base, trained, f"eval_{item}")
-        p = os.path.join(str(wd), "checkpoints", str(UPDATES), item, "metadata")
-        doc = json.load(open(p))
-        edit(doc)
-        json.dump(doc, open(p, "w"))
+        edit_json_item(wd, UPDATES, item, edit, keep_checksum=True)  # past the checksum: the plan/ledger check
         proc = dpft(base, ["evaluate", "--workdir", str(wd), "--bootstrap", "5", "--no-plots"])
         line = last_line(proc.stderr)
         assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-3000:]

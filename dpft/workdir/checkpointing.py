@@ -16,8 +16,10 @@ Typed PRNG keys (`jax.random.key`) are stored as their raw key data (uint32) and
 again on restore when the target holds a typed key.
 
 Integrity: every save also writes a `checksums` JSON item (in the same atomic orbax save)
-with the SHA-256 of every array leaf (dtype, shape and bytes); `restore` recomputes them on
-the restored arrays. A checksum mismatch, an unreadable item (orbax DATA_LOSS, a missing
+with the SHA-256 of every array leaf (dtype, shape and bytes) and of every JSON item (its
+canonical JSON text, `json_digest`: the secret, the data position, the plan, the ledger, the
+config, the individual-accounting state); `restore` recomputes them on what it read (checkpoints
+written before the JSON digests existed have their JSON items unchecked). A checksum mismatch, an unreadable item (orbax DATA_LOSS, a missing
 item, truncated JSON) makes `restore` raise `CorruptCheckpoint` (a `dpft.errors.CheckpointError`)
 naming the step and what failed; the training loop then falls back to the newest intact
 checkpoint (`dpft.train.loop.Trainer.restore`) and moves the corrupt one aside with
@@ -148,6 +150,13 @@ def _digest(x: Any) -> str | None:
     h = hashlib.sha256(f"{a.dtype.str}|{a.shape}|".encode())
     h.update(a.tobytes())
     return h.hexdigest()
+
+
+def json_digest(value: Any) -> str:
+    """SHA-256 of a JSON item's canonical text (sorted keys, no spaces): the same for the value saved and
+    the value JSON-restored (tuples become lists either way)."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def tree_checksums(tree: PyTree) -> tuple[dict[str, str], list[str]]:
@@ -348,6 +357,7 @@ class Checkpointer:
             storable = _storable(tree)
             checksums["items"][name], checksums["unchecked"][name] = tree_checksums(storable)
             args[name] = ocp.args.StandardSave(storable)
+        checksums["json"] = {name: json_digest(value) for name, value in json_items.items()}
         args[CHECKSUMS] = ocp.args.JsonSave(checksums)
         for name, value in json_items.items():
             args[name] = ocp.args.JsonSave(value)
@@ -428,6 +438,7 @@ class Checkpointer:
         verified, unchecked = 0, 0
         if has_sums:
             verified, unchecked = self._verify(step, out[CHECKSUMS], {n: out[n] for n in manifest["pytrees"]})
+            self._verify_json(step, out[CHECKSUMS], {n: out[n] for n in manifest["json"]})
         else:
             unchecked = sum(len(jax.tree.leaves(out[n])) for n in manifest["pytrees"])
         pytrees = {name: _unwrap(out[name], targets.get(name)) for name in manifest["pytrees"]}
@@ -457,6 +468,19 @@ class Checkpointer:
             verified += sum(1 for k in now if k in saved)
             unchecked += len(not_here) + sum(1 for k in now if k not in saved)
         return verified, unchecked
+
+    def _verify_json(self, step: int, checksums: Mapping[str, Any], items: Mapping[str, Any]) -> None:
+        """Compare restored JSON items with their saved digests (a record without "json": an older
+        checkpoint, unchecked); CorruptCheckpoint naming the first edited or unlisted item."""
+        saved = checksums.get("json")
+        if saved is None:
+            return
+        for name, value in items.items():
+            if not isinstance(saved, dict) or name not in saved:
+                raise CorruptCheckpoint(step, self.directory, f"no checksum for JSON item {name!r}")
+            if json_digest(value) != saved[name]:
+                raise CorruptCheckpoint(step, self.directory, f"item {name!r}: checksum mismatch (its JSON was "
+                                        "edited or damaged)")
 
     def refresh(self) -> None:
         """Reopen the orbax manager (after another process moved a step aside)."""
