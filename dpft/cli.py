@@ -1,4 +1,4 @@
-"""The `dpft` command: `train`, `evaluate`, `prepare`, `accountant`, `audit`, `demo`, `export`.
+"""The `dpft` command: `train`, `evaluate`, `prepare`, `accountant`, `audit`, `demo`, `export`, `verify`.
 
 Each sub-command lives in the module of the package that does the work; that module
 exposes `add_arguments(parser)` and `run(args) -> int`. Only the chosen module is
@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "audit": ("dpft.train.audit_cli", "empirical lower bound on epsilon with canaries"),
     "demo": ("dpft.demo.cli", "the whole recipe offline on the embedded digits data"),
     "export": ("dpft.evaluate.export_cli", "a trained model to share: params, config, plan, ledger; never the secret"),
+    "verify": ("dpft.evaluate.verify_cli", "read-only check of a workdir: checkpoints, plan and ledger, file modes"),
 }
 
 #: Commands that run models: on CPU, glibc keeps their freed buffers for the next step.
@@ -39,7 +40,7 @@ HOST_MEMORY_COMMANDS = ("train", "evaluate", "demo", "audit")
 #: backend before it). `dpft evaluate` starts it itself, only when it runs a model.
 MULTI_PROCESS_COMMANDS = ("train",)
 #: Commands that run on one process: under a multi-process job, process 0 runs them, the others exit 0.
-ONE_PROCESS_COMMANDS = ("audit", "demo", "export")
+ONE_PROCESS_COMMANDS = ("audit", "demo", "export", "verify")
 
 
 def _top_parser() -> argparse.ArgumentParser:

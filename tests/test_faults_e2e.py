@@ -234,6 +234,33 @@ def test_an_edited_data_position_falls_back_to_the_previous_checkpoint(base, tra
         np.testing.assert_array_equal(a, b)  # the same secret and data: bitwise the untouched run
 
 
+def test_verify_lists_every_problem_and_passes_a_clean_run(base, trained):
+    """`dpft verify`: a clean run passes (exit 0); a run with a silently flipped array in step 6, a
+    ledger of step 4 edited with its checksum rewritten, and a checkpoint tree opened to other users
+    gets one line per problem and exit 3, and nothing in it changes."""
+    from test_checkpoint_integrity import _find_silent_flip, _flip
+
+    clean = copy_run(base, trained, "verify_clean")
+    proc = dpft(base, ["verify", str(clean)])
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "3 checkpoint(s) intact (steps 2, 4, 6)" in proc.stdout
+    wd = copy_run(base, trained, "verify_bad")
+    path, i = _find_silent_flip(os.path.join(str(wd), "checkpoints", "6", "params"))
+    _flip(path, i)
+    edit_json_item(wd, 4, "ledger", lambda d: d["entries"][0].update(steps=1), keep_checksum=True)
+    os.chmod(os.path.join(str(wd), "checkpoints"), 0o755)
+    before = sorted(os.path.join(r, f) for r, _, fs in os.walk(str(wd)) for f in fs)
+    proc = dpft(base, ["verify", str(wd)])
+    assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-3000:]
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("dpft verify: ")]
+    assert len(lines) == 3, proc.stdout
+    assert "checkpoint 6: corrupt: item 'params': checksum mismatch" in lines[0]
+    assert "checkpoint 4: " in lines[1] and "the ledger records 1 update(s) but the checkpoint is at update 4" in lines[1]
+    assert lines[2].startswith(f"dpft verify: {wd}/checkpoints: mode drwxr-xr-x") and "owner-only" in lines[2]
+    assert "3 problem(s)" in last_line(proc.stderr)
+    assert sorted(os.path.join(r, f) for r, _, fs in os.walk(str(wd)) for f in fs) == before  # read-only
+
+
 def test_tampered_ledger_is_refused(base, trained):
     """The issue's attack: fewer steps in the checkpoint's ledger would report a smaller epsilon. With its
     checksum rewritten too (an editor who knows the format), the ledger check refuses it."""
