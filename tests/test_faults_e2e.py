@@ -374,10 +374,13 @@ def test_disk_full_during_training_is_one_line_exit_5(base, tmpfs_mount):
     run = tmpfs_mount("300k") / "run"
     proc = dpft(base, train_args(base, run))
     assert proc.returncode == 5, proc.stderr[-3000:]
-    # orbax's and tensorboardX's background threads still log their own failures (not ours to
-    # silence); dpft's verdict is one line that names the cause. Which write hits the full disk
+    # orbax's and tensorboardX's background threads report their own failures into
+    # WORKDIR/logs/libraries.log (dpft.train.library_logs; 170 traceback lines on the terminal before):
+    # dpft's verdict is the last line, one line that names the cause. Which write hits the full disk
     # first (the checkpoint, or a log file beside it) depends on timing; the checkpoint's error
     # also names the step.
+    assert "Traceback" not in proc.stderr and "Exception in thread" not in proc.stderr, proc.stderr[-3000:]
+    assert last_line(proc.stderr).startswith("dpft train: error: "), proc.stderr[-3000:]
     ours = [l for l in proc.stderr.splitlines() if l.startswith("dpft train: error: ")]
     anywhere = [l[:300] for l in proc.stderr.splitlines() if "dpft train: error: " in l]
     assert len(ours) == 1, (anywhere, proc.stderr[-3000:])

@@ -1,5 +1,6 @@
 """dpft.train.logging_utils: metric files and the progress line."""
 import csv
+import os
 import glob
 import json
 
@@ -49,3 +50,32 @@ def test_progress_line_and_eta_with_injected_clock():
     assert format_duration(90061) == "1 day, 1:01:01"
     assert format_duration(float("nan")) == "?"
     assert p.line(20, examples=0).endswith("ETA ?")
+
+
+def test_library_failures_go_to_the_workdir_log_not_the_terminal(tmp_path):
+    """An absl error (orbax's writer threads), an uncaught exception in a thread (tensorboardX's flusher)
+    and one in an atexit callback (tensorboardX's clean-up) land in WORKDIR/logs/libraries.log; stderr
+    keeps one line saying so, and dpft's own lines."""
+    import subprocess
+    import sys
+    script = f"""
+import atexit, logging, sys, threading
+from dpft.train import library_logs
+logging.basicConfig()
+print(library_logs.route_to({str(tmp_path)!r}))
+logging.getLogger("absl").error("writer thread: RESOURCE_EXHAUSTED")
+t = threading.Thread(target=lambda: 1 / 0, name="flusher"); t.start(); t.join()
+def cleanup():
+    raise OSError(28, "No space left on device")
+atexit.register(cleanup)
+print("dpft train: error: the verdict", file=sys.stderr)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={k: v for k, v in os.environ.items() if k != "DPFT_DEBUG"})
+    assert proc.returncode == 0, proc.stderr
+    log = (tmp_path / "logs" / "libraries.log").read_text()
+    assert proc.stdout.strip() == str(tmp_path / "logs" / "libraries.log")
+    assert "RESOURCE_EXHAUSTED" in log and "ZeroDivisionError" in log and "No space left on device" in log
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"dpft train: the libraries' own messages go to {tmp_path}/logs/"
+                                                "libraries.log", "dpft train: error: the verdict"]

@@ -42,6 +42,8 @@ def run(args: argparse.Namespace) -> int:
         paths.check_supported(config.data.options[key], f"config.data.options.{key}")
     from dpft.config.validation import validate
     validate(config)  # refuse bad configs before loading data or compiling anything
+    from dpft.train import library_logs
+    library_logs.route_to(args.workdir)  # orbax's / tensorboardX's own tracebacks: a file, not the terminal
     from dpft import distributed
     from dpft.train import loop, workdir_lock
     # One run per workdir, checked before any data is loaded: a second `dpft train` exits at once.
