@@ -128,6 +128,20 @@ def test_parity_small_inputs_undefined_not_zero_and_no_crash(y, p, g):
         assert out["demographic_parity_difference"] == 0.0 and out["demographic_parity_ratio"] == 1.0
 
 
+def test_equalized_odds_ratio_is_not_hidden_by_a_zero_over_zero_fpr_ratio():
+    """The review's case (digit 0): no false positives in any group (FPR ratio 0/0) while the minority's
+    TPR is 0: the equalized-odds ratio is 0, the worst disparity, as fairlearn says; not undefined. The
+    difference is the TPR gap. Only when neither component is defined is it undefined."""
+    y = np.array([1] * 30 + [0] * 30 + [1] * 5 + [0] * 5)
+    p = np.array([1] * 29 + [0] + [0] * 30 + [0] * 5 + [0] * 5)
+    g = np.array(["majority"] * 60 + ["minority"] * 10)
+    out = F.parity(y, p, g)
+    assert np.isnan(F.rate_ratio(np.array([[0.0], [0.0]]))[0])  # the FPR ratio alone: 0/0
+    assert out["equalized_odds_ratio"] == equalized_odds_ratio(y, p, sensitive_features=g) == 0.0
+    assert out["equalized_odds_difference"] == pytest.approx(equalized_odds_difference(y, p, sensitive_features=g))
+    assert out["equalized_odds_difference"] == pytest.approx(29 / 30)
+
+
 def test_ratio_undefined_when_every_rate_is_zero():
     v = np.zeros((3, 1))
     assert np.isnan(F.rate_ratio(v)[0]) and F.rate_difference(v)[0] == 0.0
@@ -284,17 +298,18 @@ def test_small_and_missing_class_are_separate_facts():
     assert info["missing_class"]["Edema"].startswith("0 positive /")
 
 
-def test_ratio_of_zero_rates_is_undefined_with_reason():
-    """Perfect predictions: FPR 0 in every group, so the equalized odds ratio is 0/0 (undefined);
-    fairlearn's own value for the same data is compared where it is defined."""
+def test_ratio_of_zero_rates_is_left_out_of_the_equalized_odds_ratio():
+    """Perfect predictions: FPR 0 in every group, so the FPR ratio is 0/0 and the equalized odds ratio is
+    the TPR ratio alone, 1.0, as fairlearn (until 2026-12-07 dpft left it undefined, which hid the
+    worst tasks: tests above)."""
     kw = synthetic_predictions(200, task="multiclass", seed=15, num_classes=3)
     kw["logits"] = 10.0 * np.eye(3)[kw["label"]]
     inp = _inputs(kw)
     plan = _plan(inp, kw["attrs"])
     out = F.all_metrics(inp, plan)
     key = ("parity", "group", "equalized_odds_ratio/class_1")
-    assert np.isnan(out[key][0])
-    assert F.undefined_reason(key, inp, plan, out) == "class_1: every compared group has fpr 0 (ratio 0/0)"
+    g = np.asarray(kw["attrs"]["group"])
+    assert out[key][0] == 1.0 == equalized_odds_ratio(inp.binary_label[:, 1], inp.decision[:, 1], sensitive_features=g)
     assert out[("parity", "group", "equalized_odds_difference/class_1")][0] == 0.0  # defined: 0 is the true value
     assert out[("parity", "group", "equal_opportunity_ratio/class_1")][0] == 1.0
     g = np.asarray(kw["attrs"]["group"])

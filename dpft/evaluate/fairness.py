@@ -11,7 +11,9 @@ Choices (also stated in every report, see `rules`):
 - Parity metrics (fairlearn's definitions, method "between_groups"), per task T over the groups
   that count: demographic parity difference/ratio = max - min / min / max of the selection rate;
   equal opportunity difference/ratio = the same for the TPR; equalized odds difference = max of
-  the TPR and FPR differences, ratio = min of the TPR and FPR ratios. A group without positives
+  the TPR and FPR differences, ratio = min of the TPR and FPR ratios that are defined (fairlearn: a
+  TPR ratio of 0 with every FPR 0, a 0/0 FPR ratio, is an equalized-odds ratio of 0, the worst
+  disparity, not undefined). A group without positives
   (negatives) of T has no TPR (FPR) and is left out of that rate's comparison (fairlearn would
   count it as 0). Any comparison over fewer than two groups with a defined value is undefined
   (NaN), never 0; a ratio with max = 0 is undefined.
@@ -232,7 +234,7 @@ def parity_metrics(selection: np.ndarray, tpr: np.ndarray, fpr: np.ndarray) -> d
         warnings.simplefilter("ignore", RuntimeWarning)
         tpr_d, fpr_d, tpr_r, fpr_r = rate_difference(tpr), rate_difference(fpr), rate_ratio(tpr), rate_ratio(fpr)
         eqo_d = np.where(np.isnan(tpr_d) | np.isnan(fpr_d), np.nan, np.fmax(tpr_d, fpr_d))
-        eqo_r = np.where(np.isnan(tpr_r) | np.isnan(fpr_r), np.nan, np.fmin(tpr_r, fpr_r))
+        eqo_r = np.fmin(tpr_r, fpr_r)  # the smaller of the defined ratios; NaN only when neither is defined
     return {"demographic_parity_difference": rate_difference(selection),
             "demographic_parity_ratio": rate_ratio(selection),
             "equal_opportunity_difference": tpr_d, "equal_opportunity_ratio": tpr_r,
@@ -409,6 +411,8 @@ def rules(method_note: str, exclude_small: bool, min_group_size: int) -> list[st
         "defined) are null in metrics.json and 'n/a (reason)' here, never 0",
         "equal opportunity / equalized odds: groups without positives (negatives) of a task are left out of "
         "its TPR (FPR) comparison (fairlearn would count their rate as 0)",
+        "equalized odds ratio = the smaller of the TPR and FPR ratios that are defined (as fairlearn: a 0/0 FPR "
+        "ratio, every FPR 0, does not hide a TPR ratio of 0)",
         "group mean metrics (auc_mean, accuracy_mean, auc_macro) average only the tasks defined in every "
         "compared group of the attribute (listed per attribute)",
         "'worst' in gap tables is the minimum over groups (maximum for FPR/underdiagnosis); its CI is the CI "
