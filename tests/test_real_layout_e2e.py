@@ -108,6 +108,37 @@ def test_chexpert_with_demo_table_and_the_patient_as_unit(tmp_path):
     indiv = np.load(os.path.join(workdir, "individual_epsilon.npz"))
     assert indiv["example_id"].tolist() == list(range(len(patients)))
     assert np.all(indiv["epsilon"] <= preds.epsilon * (1 + 1e-9)) and np.all(indiv["epsilon"] > 0)
+    # Evaluation reads the demographics as training did: with the DEMO table moved away, `dpft evaluate`
+    # refuses (exit 2, naming the option) instead of writing a report without race.
+    assert "attribute coverage: race " in out  # evaluate printed the coverage too (and training)
+    os.replace(demo, tmp_path / "moved.xlsx")
+    ev = dpft("evaluate", "--workdir", workdir, "--bootstrap", "10")
+    errors = [l for l in ev.stderr.splitlines() if l.startswith("dpft evaluate: error: ")]
+    assert ev.returncode == 2 and len(errors) == 1, ev.stdout[-2000:] + ev.stderr[-2000:]
+    assert "demographics table not found (option demo_path)" in errors[0], errors[0]
+
+
+def test_evaluate_refuses_an_attribute_that_vanished_since_training(tmp_path):
+    """A DEMO table found by the default search at training time and gone at evaluation: race has no value
+    now, although the run's attribute_coverage.json recorded values; evaluation refuses, naming race."""
+    from dpft.config.base import load_config
+    from dpft.errors import DataError
+    from dpft.evaluate.evaluate_cli import check_coverage
+    from dpft.config import build
+    root = fake.write_fake_chexpert(str(tmp_path / "chexpert"), n_patients=24, n_valid_patients=6, demo=None)
+    config = load_config(TINY, [f"--config.data.root={root}", "--config.data.attributes=sex,age"])
+    tables = build.load_tables(config)
+    then = build.attribute_report(config, tables, print_fn=lambda s: None)
+    then["attributes"]["race"] = {"n": 10, "with_value": 10, "groups": {"White": 10}, "splits": {}}
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "attribute_coverage.json").write_text(json.dumps(then))
+    lines = []
+    with pytest.raises(DataError, match=r"attribute\(s\) \['race'\] had values when the run trained"):
+        check_coverage(str(tmp_path / "w"), config, tables, lines.append)
+    assert lines[0].startswith("attribute coverage: sex ") and not any(" race " in l for l in lines), lines
+    del then["attributes"]["race"]
+    (tmp_path / "w" / "attribute_coverage.json").write_text(json.dumps(then))
+    assert check_coverage(str(tmp_path / "w"), config, tables, lines.append)["requested"] == ["sex", "age"]
 
 
 @pytest.mark.parametrize("layout,version", [("hosp", 2), ("core", 1)])

@@ -241,10 +241,25 @@ def test_intersections_and_user_exclusions(tmp_path):
         roc_auc_score(preds.label[rows, j], preds.logits[rows, j]))
     assert any("race=Asian" in n for n in m["meta"]["notes"])
     _png_ok(tmp_path / "eval" / "9" / "groups_sex_race.png")
-    with pytest.raises(UsageError, match="no such group"):
-        R.evaluate_predictions(paths["test"], n_resamples=5, plots=False, exclude_groups=["race=Martian"])
+    # Excluding a group the split lacks is a note naming the groups (plain strings), not an error.
+    absent = R.evaluate_predictions(paths["test"], n_resamples=5, plots=False, exclude_groups=["race=Martian"])
+    note = next(n for n in absent["meta"]["notes"] if "race=Martian" in n)
+    assert "match no group" in note and "(groups: Asian, Black, White)" in note and "np.str_" not in note
+    assert absent["meta"]["groups_compared"]["race"] == ["Asian", "Black", "White"]
     with pytest.raises(UsageError, match="unknown attribute"):
         R.evaluate_predictions(paths["test"], n_resamples=5, plots=False, intersections=["sex*site"])
+
+
+def test_an_empty_attribute_value_is_the_unknown_group_and_can_be_excluded(tmp_path):
+    kw = synthetic_predictions(300, task="multilabel", seed=3)
+    race = np.asarray(kw["attrs"]["race"]).astype(object)
+    race[:40] = ""
+    kw["attrs"] = {**kw["attrs"], "race": race.astype(str)}
+    npz, _ = write_predictions(tmp_path / "test", step=1, **kw)
+    out = R.evaluate_predictions(npz, n_resamples=5, plots=False, exclude_groups=["race=Unknown"],
+                                 out_dir=str(tmp_path / "eval"))
+    assert "" not in out["groups"]["race"] and out["groups"]["race"]["Unknown"]["n"] >= 40
+    assert out["groups"]["race"]["Unknown"]["excluded"] == "excluded by the user (race=Unknown)"
 
 
 def test_plots_accept_a_ci_that_excludes_the_point(tmp_path, ml_run):

@@ -151,6 +151,7 @@ def predict_from_checkpoint(workdir: str, step: int | None, splits: list[str], p
                 config.eval.splits = tuple(splits)
             item, which = contract.eval_params(config, params)
             predictor, template = Predictor.from_config(config)
+            check_coverage(workdir, config, predictor.tables, print_fn)
             print_fn(f"running the model of checkpoint {chosen} ({which} params, read from {ckpt.directory}/"
                      f"{chosen}) over {', '.join(splits)} (and validation)...")
             targets = param_targets([item], template, predictor)
@@ -160,6 +161,31 @@ def predict_from_checkpoint(workdir: str, step: int | None, splits: list[str], p
         raise CheckpointError(corrupt_message(workdir, e, verify)) from None
     paths = predictor.write_predictions(workdir, chosen, restored.pytrees[item], which, ledger=ledger, plan=plan)
     return chosen, paths
+
+
+def check_coverage(workdir: str, config: Any, tables: Any, print_fn=print) -> dict[str, Any]:
+    """Prints the attribute coverage of the data evaluated now and checks it as training did
+    (`build.attribute_report`: a requested attribute without any value is a DataError, exit 2); also
+    refuses an attribute that had values when the run trained (`WORKDIR/attribute_coverage.json`) and
+    has none now (e.g. the demographics table moved): the report would silently lose that attribute."""
+    import json
+
+    from dpft import remote_files
+    from dpft.config import build
+    from dpft.errors import DataError
+
+    now = build.attribute_report(config, tables, print_fn)
+    path = contract.workdir_file(workdir, contract.COVERAGE_FILE)
+    if not dpft_paths.isfile(path):
+        return now
+    then = json.loads(remote_files.read_text(path)).get("attributes", {})
+    vanished = [a for a, e in then.items()
+                if e.get("with_value", 0) > 0 and now["attributes"].get(a, {}).get("with_value", 0) == 0]
+    if vanished:
+        raise DataError(f"{workdir}: fairness attribute(s) {vanished} had values when the run trained "
+                        f"({contract.COVERAGE_FILE}) but have none in the data evaluated now: point the data "
+                        f"options at the demographics again (config.data.options of the run)")
+    return now
 
 
 def param_targets(items: Sequence[str], template: Any, predictor: Any) -> dict[str, Any]:

@@ -30,6 +30,7 @@ import numpy as np
 from dpft import atomic_io, paths
 from dpft.config.fields import FLOAT, INT, STR, Range
 from dpft.config.options import dataclass_problems, option
+from dpft.data.coverage import MISSING
 from dpft.errors import UsageError
 from dpft.evaluate import bootstrap as bs
 from dpft.evaluate import fairness as fair
@@ -39,6 +40,7 @@ from dpft.metrics import NO_FINDING, EvalInputs, headline_metrics, higher_is_bet
 from dpft.workdir.predictions import Predictions, load_predictions, split_paths
 
 INDIVIDUAL_EPSILON_FILE = "individual_epsilon.npz"
+MISSING_GROUP = MISSING  # an attribute value that is missing or empty (dpft.data.coverage)
 DEFAULT_RESAMPLES = 1000
 
 
@@ -215,6 +217,9 @@ def evaluate_inputs(inp: EvalInputs, patient_id: np.ndarray, attrs: Mapping[str,
     """overall / groups / gaps / parity (nested, with CIs and reasons for undefined values) for
     prepared inputs, plus `notes` and `meta_extra`; no files written."""
     patient_id = np.asarray(patient_id).astype(str)
+    # An empty attribute value is a missing one: the group "Unknown", which --exclude-group can name.
+    attrs = {a: np.where(np.char.strip(np.asarray(v).astype(str)) == "", MISSING_GROUP, np.asarray(v).astype(str))
+             for a, v in attrs.items()}
     try:
         attrs = fair.add_intersections(attrs, config.intersections)
         exclusions = fair.parse_exclusions(config.exclude_groups, attrs)
@@ -233,9 +238,9 @@ def evaluate_inputs(inp: EvalInputs, patient_id: np.ndarray, attrs: Mapping[str,
             groups_meta[attr][g] = info
             if info["excluded"] is None:
                 included[attr].append(g)
-        for g in exclusions.get(attr, ()):
-            if g not in groups_meta[attr]:
-                raise UsageError(f"evaluate: group exclusion {attr}={g}: no such group; have {sorted(groups_meta[attr])}")
+    # Excluding a group this split does not have is a note, not an error (a test split may lack it).
+    absent = [f"{attr}={g} (groups: {', '.join(sorted(str(x) for x in groups_meta[attr]))})"
+              for attr, groups in exclusions.items() for g in sorted(groups) if g not in groups_meta[attr]]
     plan = fair.plan_groups(inp, attrs, included)
     point = fair.all_metrics(inp, plan, None)
     reps = bs.bootstrap(lambda w: fair.all_metrics(inp, plan, w), patient_id,
@@ -282,6 +287,9 @@ def evaluate_inputs(inp: EvalInputs, patient_id: np.ndarray, attrs: Mapping[str,
             if m["excluded"] and m["excluded"].startswith("excluded by the user")]
     if user:
         result["notes"].append("excluded by the user from gaps and parity: " + ", ".join(user))
+    if absent:
+        result["notes"].append("group exclusions that match no group of this split (nothing excluded): "
+                               + "; ".join(absent))
     result["meta_extra"] = {
         "groups_compared": {a: list(v) for a, v in plan.included.items()},
         "common_tasks": {a: {m: list(t) for m, t in v.items()} for a, v in plan.common_tasks.items()},
