@@ -119,6 +119,20 @@ def test_mistyped_workdir_is_an_error(tmp_path, kernel_manager):
     assert not (tmp_path / "out" / "synthetic_run").exists()
 
 
+def test_mistyped_compare_glob_is_an_error_not_synthetic_runs(tmp_path, kernel_manager):
+    """A real WORKDIR with a COMPARE glob that matches nothing stops at the comparison cell, naming the glob;
+    the notebook never switches to synthetic runs beside a real run."""
+    from dpft.testing.predictions import write_synthetic_workdir
+    write_synthetic_workdir(tmp_path / "run", task="multilabel", n_test=200, n_val=150)
+    nb = _with_parameters(FAIRNESS, WORKDIR=str(tmp_path / "run"), COMPARE=str(tmp_path / "no_such" / "*"),
+                          N_RESAMPLES=20, OUT_DIR=str(tmp_path / "out"))
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    with pytest.raises(CellExecutionError, match="matches no run directory"):
+        _execute(nb, kernel_manager, cwd)
+    assert not (tmp_path / "out" / "sweep").exists() and (tmp_path / "out" / "eval" / "report.md").is_file()
+
+
 def _tree_digest(path):
     h = hashlib.sha256()
     for p in sorted(Path(path).rglob("*")):
