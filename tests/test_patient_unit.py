@@ -109,6 +109,7 @@ def test_patient_clipped_sum_equals_a_loop_over_patients(method, mode):
     np.testing.assert_allclose(np.asarray(stats["norms"]), want_norms, rtol=2e-5)
 
 
+@pytest.mark.slow  # quick tier: the brute-force sums above (docs/running.md)
 def test_eight_devices_equal_the_loop_over_patients():
     from dpft import distributed
     from dpft.train import step as step_lib
@@ -129,6 +130,7 @@ def test_eight_devices_equal_the_loop_over_patients():
         assert_close(step_lib.global_sum(acc, mesh), want)
 
 
+@pytest.mark.slow  # quick tier: the brute-force sums above (docs/running.md)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
 def test_removing_one_patient_moves_the_sum_by_at_most_c(dtype):
     """Aligned patients (copies of one patient with two images and an empty slot), both engines and
@@ -247,6 +249,7 @@ def test_digits_patients_groups_digits_into_disjoint_single_group_patients():
             assert seen.setdefault(p, split) == split  # no patient in two splits
 
 
+@pytest.mark.slow  # quick tier: the brute-force sums above (docs/running.md)
 def test_noise_for_a_patients_epsilon_is_the_smallest_that_reaches_it():
     from dpft.privacy import group
     q, steps, delta, k = 0.25, 10, 1e-4, 4

@@ -412,6 +412,7 @@ def _study(root, fractions=(0.01, 0.3), epsilons=(1.15, 4.98, None), seeds=(0, 1
     return runs
 
 
+@pytest.mark.slow  # quick tier budget (docs/running.md)
 def test_compare_two_axes_with_seeds(tmp_path):
     from scipy import stats
 
