@@ -65,7 +65,7 @@ def test_slurm_sbatch_runs_srun_with_overrides(tmp_path):
     env.pop("DPFT_COORDINATOR_ADDRESS", None)
     r = subprocess.run(["bash", os.path.join(LAUNCH, "slurm.sbatch"), "c.py", str(tmp_path / "w"), "--config.seed=3"],
                        capture_output=True, text=True, env=env, check=True)
-    assert r.stdout.splitlines() == ["srun", "--kill-on-bad-exit=1", "dpft", "train", "--config", "c.py",
+    assert r.stdout.splitlines() == ["srun", "--kill-on-bad-exit=0", "--wait=300", "dpft", "train", "--config", "c.py",
                                       "--workdir", str(tmp_path / "w"), "--config.seed=3"]
 
 
