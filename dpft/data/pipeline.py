@@ -127,7 +127,8 @@ def load_unit_row(table: ExampleTable, augment: AugmentConfig, seed: int, on_bad
     unit id `unit` (-1 = padding unit). The K views of every slot are stacked: "image" [cap*K, ...],
     "label" [cap*K, ...], and "view_weight" [cap*K] = 1/K on the views of a real image, 0 elsewhere, so
     the unit's loss is the sum over its images of their augmult-averaged losses
-    (`dpft.privacy.adapters`). A bad image skipped under on_bad_image="skip" gets weight 0."""
+    (`dpft.privacy.adapters`). A bad image skipped under on_bad_image="skip" gets weight 0 (and is
+    counted with the skipped images; a unit left without images still counts as sampled)."""
     rows, skips = [], []
     for pos in np.asarray(positions, np.int64).reshape(-1):
         row, skipped = load_train_row(table, augment, seed, on_bad_image, update_index, int(pos) if unit >= 0 else -1)
@@ -137,13 +138,19 @@ def load_unit_row(table: ExampleTable, augment: AugmentConfig, seed: int, on_bad
     k = augment.augmult
     out = {key: np.concatenate([r[key] for r in rows]) for key in rows[0] if key not in ("mask", "example_id")}
     out["view_weight"] = np.repeat(np.asarray([r["mask"] for r in rows], np.float32) / k, k)
-    real = unit >= 0 and bool(out["view_weight"].any())
     out["example_id"] = int(unit) if unit >= 0 else -1
     out["mask"] = 1.0 if unit >= 0 else 0.0
-    if unit >= 0 and not real:
-        # Every image of the unit was skipped: it still counts as sampled (mask 1, zero gradient).
-        log.warning("unit %d: every image was skipped", unit)
     return out, skips
+
+
+def load_any_row(table: ExampleTable, augment: AugmentConfig, seed: int, on_bad_image: str,
+                 args: tuple) -> tuple[dict, list[tuple[str, Exception]]]:
+    """(row, skipped images) of loader arguments `args`: (update, position) for an example row,
+    (update, unit, its positions) for a unit row (`TrainIterator._load_args`)."""
+    if len(args) == 3:
+        return load_unit_row(table, augment, seed, on_bad_image, *args)
+    row, skipped = load_train_row(table, augment, seed, on_bad_image, *args)
+    return row, [] if skipped is None else [skipped]
 
 
 _WORKER_STATE: dict[str, Any] = {}  # per decoding process: set once by _init_worker
@@ -156,11 +163,7 @@ def _init_worker(table: ExampleTable, augment: AugmentConfig, seed: int, on_bad_
 
 def _worker_load(args: tuple) -> tuple[dict, list[tuple[str, str]]]:
     w = _WORKER_STATE
-    if len(args) == 3:
-        row, skips = load_unit_row(w["table"], w["augment"], w["seed"], w["on_bad_image"], *args)
-    else:
-        row, skipped = load_train_row(w["table"], w["augment"], w["seed"], w["on_bad_image"], *args)
-        skips = [] if skipped is None else [skipped]
+    row, skips = load_any_row(w["table"], w["augment"], w["seed"], w["on_bad_image"], args)
     return row, [(where, DataError(str(err))) for where, err in skips]
 
 
@@ -180,8 +183,7 @@ class TrainIterator:
             raise DataError(f"{table.meta.name}/{table.split}: the unit index covers {int(units.sizes.sum())} rows, "
                             f"the split has {len(table)}")
         self.table = table
-        # None: every row is a unit (example-level batches, no view_weight); else Poisson over units.
-        self.units = None if units is None or units.unit == "example" else units
+        self.units = units  # None: every row is a unit (example-level batches, no view_weight)
         self.config = config
         self.augment = augment or AugmentConfig()
         self._skips = _SkipCounter()
@@ -251,12 +253,7 @@ class TrainIterator:
         return [(update_index, int(u), r) for u, r in zip(positions, rows)]
 
     def _load(self, args: tuple) -> dict:
-        c = self.config
-        if len(args) == 3:
-            row, skips = load_unit_row(self.table, self.augment, c.seed, c.on_bad_image, *args)
-        else:
-            row, skipped = load_train_row(self.table, self.augment, c.seed, c.on_bad_image, *args)
-            skips = [] if skipped is None else [skipped]
+        row, skips = load_any_row(self.table, self.augment, self.config.seed, self.config.on_bad_image, args)
         for skipped in skips:
             self._skips.add(*skipped)
         return row
@@ -360,19 +357,15 @@ def train_view_batches(table: ExampleTable, *, batch_size: int, augment: Augment
     `eval_batches`. For measuring the norm of the gradient that training clips.
     With `units` (patients): every unit in order, each row holding the images update `update_index`
     would use (`unit_rows` with the secret `selection_seed`)."""
-    per_unit = units is not None and units.unit != "example"
-    pos = _shard_positions(units.num_units if per_unit else len(table), batch_size, num_shards, shard_index)
+    pos = _shard_positions(len(table) if units is None else units.num_units, batch_size, num_shards, shard_index)
     skips = _SkipCounter()
 
     def load(p: int) -> dict:
-        if per_unit:
-            rows = unit_rows(units, np.asarray([p]), seed=int(selection_seed), update_index=update_index)[0]
-            row, unit_skips = load_unit_row(table, augment, seed, on_bad_image, update_index, p, rows)
-            for skipped in unit_skips:
-                skips.add(*skipped)
-            return row
-        row, skipped = load_train_row(table, augment, seed, on_bad_image, update_index, p)
-        if skipped is not None:
+        args: tuple = (update_index, p)
+        if units is not None:
+            args += (unit_rows(units, np.asarray([p]), seed=int(selection_seed), update_index=update_index)[0],)
+        row, row_skips = load_any_row(table, augment, seed, on_bad_image, args)
+        for skipped in row_skips:
             skips.add(*skipped)
         return row
 

@@ -34,9 +34,9 @@ _SUBSET_TAG = 0x5553  # "US": the stream of the per-update subsets of over-cap u
 class UnitIndex:
     """Table positions grouped by privacy unit.
 
-    unit: "example" | "patient". names: the unit's id (patient id, or str(position)) [U].
-    offsets: int64 [U + 1]; rows[offsets[u]:offsets[u + 1]] are unit u's table positions (table order).
-    cap: image slots per unit row (>= 1; 1 for "example").
+    unit: a multi-row unit of `UNITS` ("patient"; an example-level run has no index). names: the
+    units' ids (patient ids) [U]. offsets: int64 [U + 1]; rows[offsets[u]:offsets[u + 1]] are unit u's
+    table positions (table order). cap: image slots per unit row (>= 1).
     """
 
     unit: str
@@ -50,12 +50,6 @@ class UnitIndex:
             raise ValueError(f"privacy.unit={self.unit!r}; use one of {UNITS}")
         if isinstance(self.cap, bool) or not isinstance(self.cap, (int, np.integer)) or self.cap < 1:
             raise ValueError(f"privacy.unit_cap: the images per unit and update must be an int >= 1, got {self.cap!r}")
-
-    @classmethod
-    def examples(cls, num_rows: int) -> "UnitIndex":
-        """One unit per row (the example-level unit)."""
-        return cls("example", tuple(str(i) for i in range(num_rows)), np.arange(num_rows + 1, dtype=np.int64),
-                   np.arange(num_rows, dtype=np.int64), 1)
 
     @classmethod
     def from_patient_ids(cls, patient_ids: Sequence[str], cap: int = 0, where: str = "training split"

@@ -158,12 +158,18 @@ def canary_plan(config: AuditConfig, noise_multiplier: float, params: Any):
               if config.insecure_fixed_noise_seed >= 0 else keys.RunSecret.generate())
     clipping = (engine.ClippingConfig(mode=config.clipping_mode, clip_norm=config.clip_norm) if private
                 else engine.NO_CLIPPING)
-    n = config.num_canaries * (config.images_per_canary if config.unit == "example" else 1)
+    n = config.num_canaries * units_per_canary(config)
     plan = plan_lib.make_plan(
         enabled=private, num_examples=n, batch_size=config.sampling_rate * n, num_updates=config.steps,
         clipping=clipping, params=params, secret=secret, noise_multiplier=noise_multiplier if private else None,
         delta=config.delta, accountant=config.accountant, grad_method=config.grad_method)
     return dataclasses.replace(plan, unit=config.unit)
+
+
+def units_per_canary(config: AuditConfig) -> int:
+    """Privacy units of one canary: its k images at the example level (unit j is of canary j // k), 1 for
+    a canary patient."""
+    return config.images_per_canary if config.unit == "example" else 1
 
 
 def canary_batch(idx: np.ndarray, mask: np.ndarray, config: AuditConfig) -> dict:
@@ -231,10 +237,10 @@ def train_canaries(config: AuditConfig, noise_multiplier: float, included: np.nd
     w0 = np.asarray(params["linear"]["w"][...], np.float64)[:, 0]
     bsz = config.physical_batch_size
     from dpft.privacy import sampling
-    per_unit = config.images_per_canary if config.unit == "example" else 1  # units (images) per canary
+    per_canary = units_per_canary(config)
     for t in range(config.steps):
         selected = plan.selection(t)
-        selected = selected[included[selected // per_unit]]  # only included canaries are in the data set
+        selected = selected[included[selected // per_canary]]  # only included canaries are in the data set
         acc = step_lib.zeros_accumulator(state["params"], mesh)
         for idx, mask in sampling.physical_batches(selected, bsz):
             acc, _ = accumulate(state["params"], acc, distributed.shard_batch(canary_batch(idx, mask, config), mesh),
