@@ -38,12 +38,18 @@ def test_make_accountant_is_the_runs_accountant_and_dpsgd_pld_its_own_pieces():
     and the RDP accountant uses RDP_ORDERS."""
     assert list(accounting.make_accountant("rdp").orders) == list(accounting.RDP_ORDERS)
     for q, sigma, steps in [(0.01, 1.0, 1000), (0.3, 0.8, 7)]:
-        assert accounting.pld_epsilon([accounting.dpsgd_pld(q, sigma, steps)], 1e-5) == \
-            accounting.compute_epsilon(q, sigma, steps, 1e-5, "pld")
+        by_accountant = accounting.epsilon_of_event(accounting.dpsgd_event(q, sigma, steps), 1e-5, "pld")
+        assert accounting.pld_epsilon([accounting.dpsgd_pld(q, sigma, steps)], 1e-5) == by_accountant
+        for _ in range(2):  # compute_epsilon reuses the step's cached PLD: the same number every time
+            assert accounting.compute_epsilon(q, sigma, steps, 1e-5, "pld") == by_accountant
     segments = [(0.05, 2.2, 6), (0.05, 1.1, 9)]
     acc = accounting.make_accountant("pld").compose(dp_accounting.ComposedDpEvent(
         [accounting.dpsgd_event(*s) for s in segments]))
     assert accounting.pld_epsilon([accounting.dpsgd_pld(*s) for s in segments], 1e-5) == acc.get_epsilon(1e-5)
+    ledger = accounting.Ledger()
+    for q, sigma, n in segments:
+        ledger.record(q, sigma, n)
+    assert ledger.epsilon(1e-5, "pld") == acc.get_epsilon(1e-5) == ledger.epsilon(1e-5, "pld")
     with pytest.raises(ValueError, match="accountant"):
         accounting.make_accountant("gdp")
 

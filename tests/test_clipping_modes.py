@@ -131,7 +131,7 @@ def test_toy_mode_runs_through_the_vmap_engine_as_brute_force_numpy_clipping(toy
     grad_sum, stats = run(engine.clipped_grad_sum, cfg)
     factors = 0.5 * np.minimum(1.0, C / NORMS)
     want = np.sum((MASK * factors)[:, None] * GRADS, axis=0)
-    np.testing.assert_allclose(flat(grad_sum), want, rtol=2e-5, atol=1e-7)
+    np.testing.assert_allclose(flat(grad_sum), want, rtol=2e-5, atol=1e-6)  # float32 sums of ~1: a few ulps
     np.testing.assert_allclose(np.asarray(stats["norms"]), MASK * NORMS, rtol=1e-5)
     assert engine.sensitivity(cfg, PARAMS) == pytest.approx(0.5 * C)
 
@@ -159,7 +159,7 @@ def test_bookkeeping_refuses_the_toy_mode_unless_its_record_lists_it(toy_mode):
     cfg = ClippingConfig("scaled_flat_bk", clip_norm=C)
     bk_sum, bk_stats = run(bookkeeping.bk_clipped_grad_sum, cfg)
     want = np.sum((MASK * 0.5 * np.minimum(1.0, C / NORMS))[:, None] * GRADS, axis=0)
-    np.testing.assert_allclose(flat(bk_sum), want, rtol=2e-5, atol=1e-7)
+    np.testing.assert_allclose(flat(bk_sum), want, rtol=2e-5, atol=1e-6)
     np.testing.assert_allclose(np.asarray(bk_stats["norms"]), MASK * NORMS, rtol=1e-5)
 
 
@@ -228,7 +228,7 @@ def test_config_privacy_gamma_reaches_the_engine_and_the_plan():
     assert cfg == ClippingConfig("automatic", clip_norm=C, gamma=0.5)
     grad_sum, _ = run(engine.clipped_grad_sum, cfg)
     want = np.sum((MASK * C / (NORMS + 0.5))[:, None] * GRADS, axis=0)
-    np.testing.assert_allclose(flat(grad_sum), want, rtol=2e-5, atol=1e-7)
+    np.testing.assert_allclose(flat(grad_sum), want, rtol=2e-5, atol=1e-6)
     plan = run_plan.privacy_plan(c, 1000, PARAMS, SECRET)
     np.testing.assert_allclose(plan.contribution_norm(NORMS), C * NORMS / (NORMS + 0.5))
     assert plan.to_dict()["clipping"] == {"mode": "automatic", "clip_norm": C, "gamma": 0.5}

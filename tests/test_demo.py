@@ -14,6 +14,7 @@ from dpft.demo import report as demo_report
 from dpft.demo.recipe import recipe
 from dpft.privacy import accounting
 from dpft.config.validation import validate
+from dpft.testing import cpu as cpu_env
 
 
 @pytest.mark.parametrize("private", [True, False])
@@ -68,7 +69,7 @@ def test_quick_demo_end_to_end(tmp_path):
     study (example vs patient at epsilon 8 per patient, checked with dp-accounting). With nfnet_nano (the
     demo's nfnet_tiny compiles in 1.6x its time; the recipe test above checks the default model)."""
     wd = tmp_path / "demo"
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as a user runs it
+    env = dict(os.environ, XLA_FLAGS=cpu_env.xla_flags(1))  # one CPU device, as a user runs it
     proc = subprocess.run([sys.executable, "-m", "dpft.cli", "demo", "--workdir", str(wd), "--quick",
                            "--model", "nfnet_nano", "--epsilons", "8", "--imbalance", "0.3", "--imbalance-epsilons",
                            "4.98", "--seeds", "0", "--units", "8"],

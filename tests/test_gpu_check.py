@@ -17,6 +17,8 @@ import sys
 
 import pytest
 
+from dpft.testing import cpu as cpu_env
+
 from benchmarks.gpu_check import estimate_max_batch
 
 pytestmark = pytest.mark.slow
@@ -60,8 +62,8 @@ def env(tmp_path_factory):
     site = tmp_path_factory.mktemp("site")
     (site / "sitecustomize.py").write_text(BLOCKER)
     # no persistent compilation cache (tests/conftest.py): the check measures compiling
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR")}
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([str(site), REPO]))
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=cpu_env.xla_flags(1), PYTHONPATH=os.pathsep.join([str(site), REPO]))
     return env
 
 

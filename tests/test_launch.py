@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+from dpft.testing import cpu as cpu_env
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(ROOT, "launch")
@@ -297,7 +299,7 @@ def test_imbalance_recipe_from_configs_sweep_and_compare(tmp_path):
     (fraction x epsilon x seed + baseline, from the pre-training's checkpoint), then --compare; nfnet_nano
     instead of the configs' nfnet_tiny (0.6x the compile time). One seed:
     the aggregation over seeds (cells of 2 runs) is tested by tests/test_demo.py's imbalance study."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = dict(os.environ, XLA_FLAGS=cpu_env.xla_flags(1))  # one CPU device
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     dpft = tmp_path / "dpft"
     dpft.write_text(f'#!/usr/bin/env bash\nexec {shlex.quote(sys.executable)} -m dpft.cli "$@"\n')

@@ -17,6 +17,8 @@ from jupyter_client.manager import KernelManager
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
+from dpft.testing import cpu as cpu_env
+
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 FAIRNESS = ROOT / "notebooks" / "fairness_report.ipynb"
@@ -145,7 +147,7 @@ def _tree_digest(path):
 def test_notebook_on_a_real_tiny_trained_workdir(tmp_path, kernel_manager):
     """Two tiny digits runs (DP and non-private) trained and evaluated by the CLI, then the notebook
     on them: it reads their predictions, writes only to OUT_DIR, and compares the two runs."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = dict(os.environ, XLA_FLAGS=cpu_env.xla_flags(1))  # one CPU device
     runs = tmp_path / "runs"
     for name, extra in (("eps_8", []), ("non_private", ["--config.privacy.enabled=False",
                                                          "--config.train.optimizer.name=adam",

@@ -79,15 +79,23 @@ def make_accountant(accountant: str = "pld", pld_discretization: float = PLD_DIS
     raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
 
 
+@functools.lru_cache(maxsize=16)
+def _dpsgd_step_pld(sampling_rate: float, noise_multiplier: float) -> pld_lib.PrivacyLossDistribution:
+    """One update's PLD (immutable), kept per (q, sigma): building it is most of an epsilon's cost
+    (0.10 s of 0.13 s for q 0.29, sigma 0.49, 6 steps), and a run asks for the epsilon after each
+    update, checkpoint and report with the same (q, sigma)."""
+    return pld_lib.from_gaussian_mechanism(
+        standard_deviation=noise_multiplier, value_discretization_interval=PLD_DISCRETIZATION,
+        sampling_prob=sampling_rate, neighboring_relation=NEIGHBOURS)
+
+
 def dpsgd_pld(sampling_rate: float, noise_multiplier: float, steps: int) -> pld_lib.PrivacyLossDistribution:
     """The PLD that `make_accountant("pld")` composes for `dpsgd_event(q, sigma, steps)`: the same
     mechanism, discretisation, neighbouring relation and self-composition (tests pin equal epsilons).
 
     For callers that compose many histories from shared pieces, which an accountant cannot hold.
     """
-    return pld_lib.from_gaussian_mechanism(
-        standard_deviation=float(noise_multiplier), value_discretization_interval=PLD_DISCRETIZATION,
-        sampling_prob=float(sampling_rate), neighboring_relation=NEIGHBOURS).self_compose(int(steps))
+    return _dpsgd_step_pld(float(sampling_rate), float(noise_multiplier)).self_compose(int(steps))
 
 
 def pld_epsilon(pieces: Sequence[pld_lib.PrivacyLossDistribution], delta: float) -> float:
@@ -116,6 +124,8 @@ def compute_epsilon(sampling_rate: float, noise_multiplier: float, steps: int, d
                     accountant: str = "pld") -> float:
     """Epsilon of `steps` DP-SGD updates with Poisson rate q and noise multiplier sigma."""
     _check_accounting_args(sampling_rate, noise_multiplier, steps, delta, accountant)
+    if accountant == "pld":  # the run accountant's own pieces, the step's PLD cached
+        return pld_epsilon([dpsgd_pld(sampling_rate, noise_multiplier, steps)], delta)
     return epsilon_of_event(dpsgd_event(sampling_rate, noise_multiplier, steps), delta, accountant)
 
 
@@ -218,6 +228,8 @@ class Ledger:
             return 0.0
         if any(e.noise_multiplier == 0 for e in self.entries):
             return math.inf
+        if accountant == "pld":  # what make_accountant("pld") composes for dp_event(), steps' PLDs cached
+            return pld_epsilon([dpsgd_pld(e.sampling_rate, e.noise_multiplier, e.steps) for e in self.entries], delta)
         return epsilon_of_event(self.dp_event(), delta, accountant)
 
     def to_dict(self) -> dict[str, Any]:
