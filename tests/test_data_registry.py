@@ -159,6 +159,7 @@ def test_what_the_commands_read_of_each_registered_data_set():
         "places365": ((), (), False, True),
         "digits": ((), (), False, False),
         "digits_patients": ((), (), False, False),
+        "canaries": ((), (), False, False),
     }
     assert "demo_path=" in data.dataset("chexpert").attribute_hint
     assert "mimic_iv_dir=" in data.dataset("mimic_cxr").attribute_hint

@@ -4,7 +4,7 @@
   chexpert, mimic_cxr (path-backed, multi-label, subgroup attributes),
   imagenet, places365 (prepared TFDS dirs, read without TensorFlow),
   digits (embedded, sklearn; with a rotated minority subgroup), digits_patients (the same, grouped
-  into patients of 1-6 images: the privacy-unit demo).
+  into patients of 1-6 images: the privacy-unit demo), canaries (`dpft audit`'s Dirac canaries).
 Training/eval batches: `dpft.data.pipeline.TrainIterator`, `dpft.data.pipeline.eval_batches`.
 """
 from __future__ import annotations
@@ -25,6 +25,7 @@ DATASETS = Registry("data set", {
     "places365": "dpft.data.places365:DATASET",
     "digits": "dpft.data.digits:DATASET",
     "digits_patients": "dpft.data.digits_patients:DATASET",
+    "canaries": "dpft.data.canaries:DATASET",
 })
 
 

@@ -14,6 +14,7 @@ Each model file registers its names in a ``VARIANTS`` dict (``dpft.models.varian
   * ``vit_ti16``, ``vit_s16``, ``vit_b16``: ViT-Ti/S/B with 16x16 patches at 224 px
     (big_vision sizes); ``vit_micro``: width 32, depth 2, 2 heads, 8x8 patches at 32 px, for
     tests. See ``dpft.models.vit``; checkpoints: ``dpft.models.vit_checkpoints``.
+  * ``canary_linear_32`` / ``_64`` / ``_128``: ``dpft audit``'s Dirac-canary model (``dpft.models.canary``).
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ MODEL_FAMILIES = Registry("model family", {
     "nfnet": "dpft.models.nfnet:VARIANTS",
     "wrn": "dpft.models.wrn:VARIANTS",
     "vit": "dpft.models.vit:VARIANTS",
+    "canary": "dpft.models.canary:VARIANTS",
 })
 #: The checkpoint reader of variants without their own ``checkpoint_loader`` (Haiku pickle, flat npz, orbax).
 HAIKU_LOADER = "dpft.models.checkpoints:load_pretrained"

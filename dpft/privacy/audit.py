@@ -1,11 +1,11 @@
-"""Empirical privacy auditing: a lower bound on epsilon from ONE training run.
+"""Empirical privacy auditing: lower bounds on epsilon from ONE training run (one-run and Gaussian tests).
 
 Method (Steinke, Nasr & Jagielski 2023, "Privacy Auditing with One (1) Training Run",
 arXiv:2305.08846):
 
 1. m canaries, each included in the training set independently with probability 1/2.
-2. Train once through the production step (`dpft.train.canary_audit`: the same privacy
-   plan, engine, compute dtype, secret noise and selection and step functions as `dpft train`).
+2. Train once with the production Trainer (`dpft.train.canary_audit`: the same privacy plan,
+   data iterator, engine, compute dtype, secret noise and selection and step functions as `dpft train`).
 3. Score every canary; guess "included" for the k+ highest scores, "excluded" for the
    k- lowest, abstain on the rest: r = k+ + k- guesses, v of them correct.
 4. Under (eps, delta)-DP, P[v' >= v] <= p_value(m, r, v, eps, delta) (their Theorem 5.2,
@@ -20,16 +20,19 @@ arXiv:2305.08846):
    level a / G, so the max is still a valid (1 - a) lower bound.
 
 This module holds the statistics (pure functions); the audit run lives in
-`dpft.train.canary_audit` because it trains with the training step.
+`dpft.train.canary_audit` because it trains with the production Trainer.
 
-Canaries there are "Dirac" gradient canaries (white-box, the strongest cheap setting):
-a linear model w in R^m, the loss of canary i is -<w, s e_i> (s = `canary_scale` * C,
-so its gradient, after clipping, is exactly -C e_i whatever w is). The data set holds only
-the included canaries; DP must hold for every data set, so this one is allowed. Plain SGD
-(no momentum) makes the final model reveal the sum of all noisy updates, and the score of
-canary i, its loss reduction loss_i(w_0) - loss_i(w_T) = s * (w_T - w_0)_i, is its
-coordinate of that sum: ~ (times sampled) * C + N(0, T sigma^2 C^2) (up to the public
-1 / expected batch size). Excluded canaries score pure noise.
+Canaries there are "Dirac" gradient canaries (white-box, the strongest cheap setting): the
+model is one linear unit over the pixels of canary images with one white pixel each
+(`dpft.models.canary`), so canary i's gradient, after clipping, is exactly C e_i on w (w_i its
+coordinate). The data set holds only the included canaries; DP must hold for every data set,
+so this one is allowed. Plain SGD (no momentum) makes the final model reveal the sum of all
+noisy updates: the score of canary i, (w_T - w_0)_i B / lr, is ~ (times sampled) * C +
+N(0, T sigma^2 C^2). Excluded canaries score pure noise.
+
+The Gaussian test (`gaussian_audit`) reads the same scores parametrically: the excluded canaries
+measure the noise, the included ones the sensitivity; far more power than the one-run bound
+against a wrong C or sigma, under the assumption that the run is a subsampled Gaussian mechanism.
 
 Also `clopper_pearson_epsilon_lower_bound`: the classical threshold-attack bound.
 """
@@ -172,3 +175,138 @@ def clopper_pearson_epsilon_lower_bound(tp: int, fp: int, tn: int, fn: int, delt
         if num > 0:
             candidates.append(math.inf if den <= 0 else math.log(num / den))
     return max(candidates)
+
+
+# ---------------------------------------------------------------------------------------
+# The Gaussian test: measured sensitivity and noise of the subsampled Gaussian mechanism.
+# ---------------------------------------------------------------------------------------
+
+#: Fewest included and excluded canaries the Gaussian test accepts (its intervals are normal/chi-square ones).
+GAUSSIAN_MIN_CANARIES = 30
+
+
+@dataclasses.dataclass(frozen=True)
+class GaussianAudit:
+    """The Gaussian test's measurements, in units of the run's scores (the clip norm's scale).
+
+    sensitivity: one unit's contribution to an update's sum (estimate, lower confidence bound);
+    noise_std: the noise's standard deviation per update and coordinate (estimate, upper bound);
+    noise_multiplier_upper: noise_std_upper / sensitivity_lower (inf when the lower bound is <= 0);
+    epsilon_lower_bound: the accountant's epsilon of (q, noise_multiplier_upper, T): a lower confidence
+    bound on the run's epsilon if the run is a Poisson-subsampled Gaussian mechanism.
+    """
+
+    sensitivity: float
+    sensitivity_lower: float
+    noise_std: float
+    noise_std_upper: float
+    noise_multiplier_upper: float
+    epsilon_lower_bound: float
+    claimed_epsilon: float
+    passed: bool
+    confidence: float
+    num_included: int
+    num_excluded: int
+    expected_sensitivity: float = 0.0  # what the claim says: C
+    expected_noise_std: float = 0.0  # sigma C
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _gaussian_bounds(x_in: np.ndarray, x_out: np.ndarray, sampling_rate: float, steps: int, confidence: float
+                     ) -> tuple[np.ndarray, ...]:
+    """(sensitivity, its lower bound, noise std, its upper bound) from scores [..., n_in] and [..., n_out]
+    (leading axes: independent runs), each bound at level (1 - confidence) / 2."""
+    n_in, n_out = x_in.shape[-1], x_out.shape[-1]
+    alpha = (1.0 - confidence) / 2.0
+    var_out, var_in = np.var(x_out, axis=-1, ddof=1), np.var(x_in, axis=-1, ddof=1)
+    noise_std = np.sqrt(var_out / steps)
+    noise_std_upper = np.sqrt((n_out - 1) * var_out / float(scipy.stats.chi2.ppf(alpha, n_out - 1)) / steps)
+    diff = np.mean(x_in, axis=-1) - np.mean(x_out, axis=-1)
+    se = np.sqrt(var_in / n_in + var_out / n_out)
+    scale = sampling_rate * steps
+    return diff / scale, (diff - float(scipy.stats.norm.ppf(1.0 - alpha)) * se) / scale, noise_std, noise_std_upper
+
+
+def gaussian_audit(scores_in: np.ndarray, scores_out: np.ndarray, *, sampling_rate: float, steps: int,
+                   clip_norm: float, noise_multiplier: float, delta: float, confidence: float,
+                   accountant: str, claimed_epsilon: float) -> GaussianAudit:
+    """Tests the claim that the run is T updates of Poisson(q)-subsampled Gaussian noise sigma C on a sum
+    of contributions of norm <= C, from the canary scores of one run.
+
+    Model (white-box Dirac canaries, `dpft.train.canary_audit`): an excluded canary's score is the sum of
+    its noise coordinates, ~ N(0, T s^2) (s the noise std per update); an included canary's adds
+    Binomial(T, q) x D (D its contribution per sampled update). So
+      s^2 = var(excluded) / T: upper bound from the chi-square interval of the variance;
+      D = (mean(included) - mean(excluded)) / (q T): lower bound from the normal interval of the difference;
+    each at level (1 - confidence) / 2 (Bonferroni). The mechanism with sensitivity D and noise s has the
+    noise multiplier s / D, and epsilon falls as it grows, so the accountant's epsilon at
+    s_upper / D_lower is a lower confidence bound on the epsilon of the run as it ran. Passed: that bound
+    <= the claim. The claim's own C and sigma C are reported beside (expected_*), not used.
+    """
+    from dpft.privacy import accounting
+
+    x_in, x_out = np.asarray(scores_in, np.float64), np.asarray(scores_out, np.float64)
+    n_in, n_out = len(x_in), len(x_out)
+    if min(n_in, n_out) < GAUSSIAN_MIN_CANARIES:
+        raise ValueError(f"gaussian_audit: needs >= {GAUSSIAN_MIN_CANARIES} included and excluded canaries, "
+                         f"got {n_in} and {n_out}; use more canaries")
+    if not (0 < confidence < 1 and 0 < sampling_rate <= 1 and steps >= 1):
+        raise ValueError(f"gaussian_audit: confidence in (0, 1), q in (0, 1], steps >= 1 required; got "
+                         f"{confidence}, {sampling_rate}, {steps}")
+    sensitivity, sensitivity_lower, noise_std, noise_std_upper = (
+        float(v) for v in _gaussian_bounds(x_in, x_out, sampling_rate, steps, confidence))
+    if sensitivity_lower <= 0:
+        multiplier, eps = math.inf, 0.0
+    else:
+        multiplier = noise_std_upper / sensitivity_lower
+        low, high = accounting.SIGMA_RANGE
+        eps = 0.0 if multiplier >= high else accounting.compute_epsilon(
+            sampling_rate, max(multiplier, low), steps, delta, accountant)
+    return GaussianAudit(
+        sensitivity=sensitivity, sensitivity_lower=sensitivity_lower, noise_std=noise_std,
+        noise_std_upper=noise_std_upper, noise_multiplier_upper=multiplier, epsilon_lower_bound=float(eps),
+        claimed_epsilon=float(claimed_epsilon), passed=bool(eps <= claimed_epsilon), confidence=confidence,
+        num_included=n_in, num_excluded=n_out, expected_sensitivity=float(clip_norm),
+        expected_noise_std=float(noise_multiplier * clip_norm))
+
+
+def gaussian_detection_rate(*, num_included: int, num_excluded: int, sampling_rate: float, steps: int,
+                            noise_multiplier: float, sensitivity_ratio: float = 1.0, noise_ratio: float = 1.0,
+                            confidence: float = 0.95, trials: int = 2000, seed: int = 0) -> float:
+    """The share of runs whose `gaussian_audit` fails, for a run that contributes `sensitivity_ratio` x C
+    per sampled unit and adds noise `noise_ratio` x sigma C, against the claim (C, sigma): simulated under
+    the test's model, `trials` runs (C = 1). The test fails iff noise_std_upper / sensitivity_lower <
+    sigma (epsilon falls with the noise multiplier), so no accountant is needed."""
+    rng = np.random.default_rng(seed)
+    noise = noise_ratio * noise_multiplier * math.sqrt(steps)
+    x_out = rng.normal(0.0, noise, (trials, num_excluded))
+    x_in = (rng.binomial(steps, sampling_rate, (trials, num_included)) * sensitivity_ratio
+            + rng.normal(0.0, noise, (trials, num_included)))
+    _, lower, _, upper = _gaussian_bounds(x_in, x_out, sampling_rate, steps, confidence)
+    return float(np.mean((lower > 0) & (upper < noise_multiplier * lower)))
+
+
+def smallest_detected_break(*, num_included: int, num_excluded: int, sampling_rate: float, steps: int,
+                            noise_multiplier: float, confidence: float = 0.95, power: float = 0.9,
+                            kind: str = "sensitivity") -> float:
+    """The Gaussian test's power: the smallest sensitivity ratio (kind "sensitivity", > 1) or the largest
+    noise ratio (kind "noise", < 1) that it detects in at least `power` of runs (simulated,
+    `gaussian_detection_rate`; bisection to 0.01)."""
+    if kind not in ("sensitivity", "noise"):
+        raise ValueError(f"smallest_detected_break: kind must be 'sensitivity' or 'noise', got {kind!r}")
+
+    def detects(r: float) -> bool:
+        ratios = {"sensitivity_ratio": r} if kind == "sensitivity" else {"noise_ratio": r}
+        return gaussian_detection_rate(num_included=num_included, num_excluded=num_excluded,
+                                       sampling_rate=sampling_rate, steps=steps, noise_multiplier=noise_multiplier,
+                                       confidence=confidence, **ratios) >= power
+
+    good, bad = (64.0, 1.0) if kind == "sensitivity" else (1e-3, 1.0)  # detected, not detected
+    if not detects(good):
+        return math.inf if kind == "sensitivity" else 0.0
+    while abs(good - bad) > 0.01:
+        mid = math.sqrt(good * bad)
+        good, bad = (mid, bad) if detects(mid) else (good, mid)
+    return good

@@ -1,8 +1,9 @@
 """Numeric limits every command shares (`dpft train`'s config schema, `dpft accountant`, `dpft audit`).
 
 Beyond them the arithmetic overflows or the memory explodes before any useful work: 10^12 updates
-made the accountant allocate 99.8 TiB, 10^11 canaries 745 GiB, a seed of 10^20 overflowed inside
-jax. No import: the config schema reads them at start-up.
+made the accountant allocate 99.8 TiB, a seed of 10^20 overflowed inside jax. No import: the config
+schema reads them at start-up. (`dpft audit`'s canaries are bounded by their images:
+`dpft.data.canaries.MAX_CANARIES`.)
 """
 from __future__ import annotations
 
@@ -10,7 +11,4 @@ from __future__ import annotations
 MAX_STEPS = 10**7
 #: Seeds are uint32 (jax PRNG keys, numpy generators).
 MAX_SEED = 2**32 - 1
-#: Canaries of one `dpft audit` run (each is a training example and a membership guess).
-MAX_CANARIES = 10**7
-
-__all__ = ["MAX_STEPS", "MAX_SEED", "MAX_CANARIES"]
+__all__ = ["MAX_STEPS", "MAX_SEED"]
