@@ -3,6 +3,7 @@ two runs on one workdir, evaluation beside a live run, a corrupt latest checkpoi
 ledger, a stale ledger.json, a diverging run, a full disk."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -184,6 +185,33 @@ def test_evaluate_names_the_corrupt_checkpoint_and_the_newest_intact_one(base, t
     proc = dpft(base, ["evaluate", "--workdir", str(wd), "--params", "raw", "--checkpoint", "4", "--bootstrap", "5",
                        "--no-plots"])
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+
+
+def test_other_params_never_overwrite_the_predictions_a_report_was_computed_from(base, trained):
+    """`dpft evaluate --params raw --out ELSEWHERE` on a run whose own choice is the EMA writes
+    predictions/<step>/raw/, never over predictions/<step>/test.npz, which eval/<step>/metrics.json was
+    computed from (its SHA-256 recorded there); a predictions file rewritten anyway makes `--compare`
+    refuse that metrics.json."""
+    wd = copy_run(base, trained, "params_apart")
+    step_dir = os.path.join(str(wd), "predictions", str(UPDATES))
+    proc = dpft(base, ["evaluate", "--workdir", str(wd), "--reuse-predictions", "--bootstrap", "5", "--no-plots"])
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    metrics = json.load(open(os.path.join(str(wd), "eval", str(UPDATES), "metrics.json")))
+    own = open(os.path.join(step_dir, "test.npz"), "rb").read()
+    assert metrics["meta"]["params"] == "ema" and metrics["meta"]["predictions_sha256"] == \
+        hashlib.sha256(own + open(os.path.join(step_dir, "test.json"), "rb").read()).hexdigest()
+    proc = dpft(base, ["evaluate", "--workdir", str(wd), "--params", "raw", "--out", str(wd / "elsewhere"),
+                       "--bootstrap", "5", "--no-plots"])
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert open(os.path.join(step_dir, "test.npz"), "rb").read() == own  # untouched
+    assert json.load(open(os.path.join(step_dir, "raw", "test.json")))["params"] == "raw"
+    assert json.load(open(wd / "elsewhere" / "metrics.json"))["meta"]["params"] == "raw"
+    assert dpft(base, ["evaluate", "--compare", str(wd), "--out", str(wd / "cmp")]).returncode == 0
+    for ext in ("npz", "json"):  # what the old layout did: the raw predictions over the EMA's
+        shutil.copyfile(os.path.join(step_dir, "raw", f"test.{ext}"), os.path.join(step_dir, f"test.{ext}"))
+    proc = dpft(base, ["evaluate", "--compare", str(wd), "--out", str(wd / "cmp2")])
+    line = last_line(proc.stderr)
+    assert proc.returncode == 2 and "metrics.json: computed from other predictions than" in line, line
 
 
 def test_no_intact_checkpoint_refuses_to_start(base, trained):

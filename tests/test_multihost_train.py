@@ -85,8 +85,9 @@ def train(tmp, devices: int, processes: int = 1) -> tuple[str, list[str]]:
     return workdir, outs
 
 
-def logits(workdir: str, split: str = "test") -> np.ndarray:
-    with np.load(os.path.join(workdir, "predictions", str(UPDATES), f"{split}.npz")) as f:
+def logits(workdir: str, split: str = "test", params: str = "") -> np.ndarray:
+    """The logits of predictions/<UPDATES>/[<params>/]<split>.npz (params: not the run's own choice)."""
+    with np.load(os.path.join(workdir, "predictions", str(UPDATES), params, f"{split}.npz")) as f:
         return np.asarray(f["logits"])
 
 
@@ -97,8 +98,7 @@ def ledger(workdir: str) -> dict:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """The run as 1 process x 4 devices: the reference every other layout is compared with. Its
-    predictions are read here, once: `dpft evaluate --params polyak` below rewrites that file."""
+    """The run as 1 process x 4 devices: the reference every other layout is compared with."""
     tmp = tmp_path_factory.mktemp("multihost")
     workdir, (out,) = train(tmp, devices=4)
     assert "processes: 1 (this is 0), local devices: 4, global devices: 4" in out
@@ -123,11 +123,13 @@ def test_two_processes_train_and_evaluate_like_one_process(reference):
     assert "process 1 of 2: predictions of checkpoint 3 computed" in outs[1]
     assert "wrote " in outs[0] and "wrote " not in outs[1]
     dpft([*ev, "--workdir", ref], devices=4, processes=1, log_dir=tmp, name="evaluate_1x4")
-    np.testing.assert_allclose(logits(workdir), logits(ref), rtol=0, atol=ATOL)
-    metrics = [json.load(open(os.path.join(w, "eval", str(UPDATES), "metrics.json"))) for w in (workdir, ref)]
-    for w, m in zip((workdir, ref), metrics):  # the Polyak average was restored and evaluated
+    np.testing.assert_allclose(logits(workdir, params="polyak"), logits(ref, params="polyak"), rtol=0, atol=ATOL)
+    metrics = [json.load(open(os.path.join(w, "eval", str(UPDATES), "polyak", "metrics.json"))) for w in (workdir, ref)]
+    for w, m in zip((workdir, ref), metrics):  # the Polyak average was restored and evaluated, in its own folders
         assert m["meta"]["params"] == "polyak"
-        assert json.load(open(os.path.join(w, "predictions", str(UPDATES), "test.json")))["params"] == "polyak"
+        assert json.load(open(os.path.join(w, "predictions", str(UPDATES), "polyak", "test.json")))["params"] == "polyak"
+        assert json.load(open(os.path.join(w, "predictions", str(UPDATES), "test.json")))["params"] == "ema"  # kept
+    np.testing.assert_array_equal(logits(ref), ref_logits["test"])  # training's EMA predictions untouched
     flat = [_numbers(m) for m in metrics]
     assert flat[0].keys() == flat[1].keys() and len(flat[0]) > 20
     for key in flat[0]:

@@ -32,6 +32,7 @@ from dpft.config.base import flatten
 from dpft.errors import UsageError
 from dpft.evaluate.fairness import PARITY_METRICS
 from dpft.evaluate.plots import draw_interval, pyplot, save_figure
+from dpft.workdir.predictions import check_digest
 from dpft.evaluate.render import fmt_stat
 
 EPSILON = "privacy.epsilon"
@@ -107,6 +108,11 @@ def _is_seed(field: str) -> bool:
 def _row(run_dir: Path, step: int | None, x: str, series: str | None) -> dict[str, Any]:
     path = find_metrics(run_dir, step)
     m = _read_json(path)
+    meta = m.get("meta", {}) if isinstance(m, dict) else {}
+    for file, sha in ((meta.get("predictions"), meta.get("predictions_sha256")),
+                      (meta.get("validation_predictions"), meta.get("validation_sha256"))):
+        if file and sha:  # the predictions these metrics were computed from, unchanged
+            check_digest(file, sha, str(path))
     config = _read_json(run_dir / "config.json")
     flat = flatten(config)
     try:

@@ -9,7 +9,9 @@
 
 The first form restores the checkpoint, runs the model over the split (and over the
 validation split, where the decision thresholds are chosen), writes
-`DIR/predictions/<step>/<split>.npz`, then `DIR/eval/<step>/{metrics.json, report.md, *.png}`
+`DIR/predictions/<step>/<split>.npz`, then `DIR/eval/<step>/{metrics.json, report.md, *.png}`; with
+`--params` other than the run's own `eval.params`, `DIR/predictions/<step>/<params>/` and
+`DIR/eval/<step>/<params>/` (one choice never overwrites another's)
 (or --out). With --reuse-predictions it reads existing predictions and needs no checkpoint.
 The second builds the sweep table and plots over any config axis, seeds aggregated (compare.py).
 
@@ -305,7 +307,7 @@ def run(args: argparse.Namespace) -> int:
     result = reports.evaluate_predictions(
         test_path, val_path if dpft_paths.isfile(val_path) and args.split != contract.VALIDATION else None,
         out_dir=args.out, **options)
-    out_dir = args.out or contract.eval_dir(workdir, step)
+    out_dir = args.out or str(reports.default_out_dir(test_path))
     print(render.render_markdown(result))
     print(f"wrote {out_dir}/metrics.json, report.md" + ("" if args.no_plots else " and plots"))
     return 0

@@ -37,7 +37,8 @@ from dpft.evaluate import fairness as fair
 from dpft.evaluate import plots, render
 from dpft.evaluate.fairness import THRESHOLD_METHODS, group_index
 from dpft.metrics import NO_FINDING, EvalInputs, headline_metrics, higher_is_better, make_inputs
-from dpft.workdir.predictions import Predictions, load_predictions, split_paths
+from dpft.workdir import contract
+from dpft.workdir.predictions import Predictions, digest, load_predictions, split_paths
 
 INDIVIDUAL_EPSILON_FILE = "individual_epsilon.npz"
 MISSING_GROUP = MISSING  # an attribute value that is missing or empty (dpft.data.coverage)
@@ -132,14 +133,22 @@ def _thresholds(preds: Predictions, val: Predictions | None,
     return {n: t.value for n, t in chosen.items()}, per, source
 
 
+def default_out_dir(predictions_path: str | os.PathLike) -> Any:
+    """The report folder of a predictions file in a workdir, an `etils.epath.Path` (local, or gs://...):
+    `WORKDIR/eval/<step>` for `WORKDIR/predictions/<step>/<split>.npz` and `WORKDIR/eval/<step>/<params>`
+    for `WORKDIR/predictions/<step>/<params>/<split>.npz` (`contract.predictions_path`)."""
+    npz = paths.as_path(predictions_path)
+    step_dir, params = npz.parent, None
+    if step_dir.name in contract.PARAMS_ITEMS and step_dir.parent.parent.name == contract.PREDICTIONS_DIR:
+        step_dir, params = step_dir.parent, step_dir.name
+    if step_dir.parent.name != contract.PREDICTIONS_DIR or not step_dir.name.isdigit():
+        raise UsageError(f"{npz}: not under WORKDIR/predictions/<step>/; pass out_dir")
+    return paths.as_path(contract.eval_dir(str(step_dir.parent.parent), int(step_dir.name), params))
+
+
 def _out_dir(preds: Predictions, cfg: EvalConfig) -> Any:
     """An `etils.epath.Path` (local, or gs://... for a remote workdir)."""
-    if cfg.out_dir is not None:
-        return paths.as_path(cfg.out_dir)
-    npz = paths.as_path(preds.path)
-    if npz.parent.parent.name != "predictions":
-        raise UsageError(f"{npz}: not under WORKDIR/predictions/<step>/; pass out_dir")
-    return npz.parent.parent.parent / "eval" / str(preds.step)
+    return paths.as_path(cfg.out_dir) if cfg.out_dir is not None else default_out_dir(preds.path)
 
 
 def evaluate_predictions(test_path: str | os.PathLike, val_path: str | os.PathLike | None = None,
@@ -165,7 +174,9 @@ def evaluate_predictions(test_path: str | os.PathLike, val_path: str | os.PathLi
     result["meta"] = {
         "task": preds.task, "split": split_paths(preds.path)[0].stem, "step": preds.step, "params": preds.params,
         "epsilon": preds.epsilon, "delta": preds.delta, "guarantee_valid": preds.guarantee_valid,
-        "privacy_unit": preds.privacy_unit, "predictions": preds.path, "n_examples": preds.n,
+        "privacy_unit": preds.privacy_unit, "predictions": preds.path, "predictions_sha256": digest(preds.path),
+        "validation_predictions": None if val is None else val.path,
+        "validation_sha256": None if val is None else digest(val.path), "n_examples": preds.n,
         "n_patients": int(np.unique(preds.patient_id).size),
         "thresholds": {"method": config.threshold_method if (val is not None or config.threshold_method == "fixed")
                        else "default", "source": threshold_source, "values": thresholds, "per_task": per_task},

@@ -131,8 +131,9 @@ class Predictor:
     def write_predictions(self, workdir: str, step: int, params: Any, which: str, *, ledger: Ledger,
                           plan: Mapping[str, Any]) -> dict[str, str]:
         """`workdir/predictions/<step>/<split>.npz` of `params` (`which`: ema, raw or polyak) for each
-        prediction split (`contract.prediction_splits`) the data has -> {split: path}; epsilon and delta
-        from the run's `ledger` and public `plan` dict. Every host runs the model (its shard); process 0 writes."""
+        prediction split (`contract.prediction_splits`) the data has -> {split: path}; a choice other than
+        the run's `eval.params` in its own folder (`contract.predictions_path`). Epsilon and delta from the
+        run's `ledger` and public `plan` dict. Every host runs the model (its shard); process 0 writes."""
         epsilon, delta, valid = contract.predictions_privacy(ledger, plan)
         paths = {}
         for split in contract.prediction_splits(self.config):
@@ -143,7 +144,7 @@ class Predictor:
                 continue
             table = self.tables[split]
             attrs = {k[len("attr_"):]: v for k, v in out.items() if k.startswith("attr_")}
-            path = contract.predictions_path(workdir, step, split)
+            path = contract.predictions_path(workdir, step, split, contract.own_params(self.config, which))
             predictions_lib.write_predictions(
                 path, example_id=out["example_id"], patient_id=out["patient_id"], logits=out["logits"],
                 label=out["label"], label_mask=out.get("label_mask"), attrs=attrs, task=table.task,

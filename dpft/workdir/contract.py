@@ -28,8 +28,8 @@ LEDGER_FILE = "ledger.json"  # accountant events that ran (also inside each chec
 PLAN_FILE = "privacy_plan.json"  # the plan's public dict (PrivacyPlan.to_dict: no secret)
 COVERAGE_FILE = "attribute_coverage.json"  # fairness attributes per split (dpft.data.coverage)
 EXPORT_FILE = "EXPORT.json"  # marks a release made by `dpft export` (no secret, no optimizer state)
-PREDICTIONS_DIR = "predictions"  # predictions/<step>/<split>.npz (+ .json)
-EVAL_DIR = "eval"  # eval/<step>/metrics.json, report.md, *.png
+PREDICTIONS_DIR = "predictions"  # predictions/<step>/[<params>/]<split>.npz (+ .json)
+EVAL_DIR = "eval"  # eval/<step>/[<params>/]metrics.json, report.md, *.png
 VALIDATION = "validation"  # the split where decision thresholds are chosen
 
 # ---------------------------------------------------------------- items of a checkpoint
@@ -54,14 +54,25 @@ def predictions_dir(workdir: str, step: int | None = None) -> str:
     return root if step is None else paths.join(root, str(step))
 
 
-def predictions_path(workdir: str, step: int, split: str) -> str:
-    """`WORKDIR/predictions/<step>/<split>.npz`."""
-    return paths.join(predictions_dir(workdir, step), f"{split}.npz")
+def predictions_path(workdir: str, step: int, split: str, params: str | None = None) -> str:
+    """`WORKDIR/predictions/<step>/<split>.npz`: the predictions of the run's own parameter choice (its
+    `eval.params`, what training writes); `params` another choice ("ema", "raw", "polyak"): its own
+    `WORKDIR/predictions/<step>/<params>/<split>.npz`, so one choice never overwrites another's."""
+    where = predictions_dir(workdir, step)
+    return paths.join(where if params is None else paths.join(where, params), f"{split}.npz")
 
 
-def eval_dir(workdir: str, step: int) -> str:
-    """`WORKDIR/eval/<step>`: the report of the predictions of update `step`."""
-    return paths.join(workdir, EVAL_DIR, str(step))
+def own_params(config: ml_collections.ConfigDict, which: str) -> str | None:
+    """None where `which` is the run's own parameter choice (`eval_params(config)`), else `which`: the
+    `params` of `predictions_path` and `eval_dir`."""
+    return None if which == eval_params(config)[1] else which
+
+
+def eval_dir(workdir: str, step: int, params: str | None = None) -> str:
+    """`WORKDIR/eval/<step>`: the report of the predictions of update `step` (`params`: of another
+    parameter choice than the run's own, `WORKDIR/eval/<step>/<params>`, as `predictions_path`)."""
+    where = paths.join(workdir, EVAL_DIR, str(step))
+    return where if params is None else paths.join(where, params)
 
 
 def prediction_splits(config: ml_collections.ConfigDict) -> list[str]:

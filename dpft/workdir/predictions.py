@@ -86,6 +86,26 @@ def split_paths(path: str | os.PathLike) -> tuple[Path, Path]:
     return p.with_name(p.name + ".npz"), p.with_name(p.name + ".json")
 
 
+def digest(path: str | os.PathLike) -> str:
+    """SHA-256 (hex) of a predictions file: its `.npz` then its `.json` bytes. metrics.json records it
+    (`predictions_sha256`) and readers compare it with the file they find (`check_digest`)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for part in split_paths(path):
+        h.update(part.read_bytes())
+    return h.hexdigest()
+
+
+def check_digest(path: str | os.PathLike, want: str, reader: str) -> None:
+    """UsageError naming `reader` (the metrics.json) when the predictions file at `path` no longer has
+    the digest `want` the reader was computed from; nothing when the file is gone (a copied eval folder)."""
+    npz, _ = split_paths(path)
+    if npz.exists() and digest(path) != want:
+        raise UsageError(f"{reader}: computed from other predictions than {npz} now holds (its SHA-256 differs: "
+                         f"rewritten since); re-run dpft evaluate to get metrics of the current file")
+
+
 def _fail(file: Path, field: str, msg: str) -> UsageError:
     return UsageError(f"{file}: field {field!r}: {msg}")
 
