@@ -91,3 +91,24 @@ def test_digits_splits_and_minority():
         assert np.abs(img.astype(int) - expected.astype(int)).max() <= 1
     with pytest.raises(DataError, match="rotation"):
         digits.load_splits(rotation=45)
+
+
+def test_each_run_seed_draws_its_own_minority_subsample():
+    """The train split's minority comes from the run's seed (`minority_seed` -1, resolved by
+    `build.load_tables`): seeds 0, 1, 2 keep different minority examples, each the same count; the
+    other splits stay put; run seed 0 keeps what option seed 0 gave before (subsample seed 1)."""
+    from dpft.config import build
+    from dpft.demo.recipe import recipe
+    minority, others = [], []
+    for seed in (0, 1, 2):
+        tables = build.load_tables(recipe(private=True, updates=1, seed=seed, num_devices=1, minority_fraction=0.05))
+        train = tables["train"]
+        minority.append(frozenset(train.column("example_id")[train.column("attr:group") == "minority"].tolist()))
+        others.append(tables["test"].column("example_id").tolist())
+    assert len({len(m) for m in minority}) == 1 and len(set(minority)) == 3
+    assert others[0] == others[1] == others[2]
+    before = digits.load_splits(split_fractions=(0.2, 0.55, 0.1, 0.15), minority_fraction=0.05,
+                                eval_minority_fraction=0.1, minority_seed=0)["train"]
+    assert minority[0] == frozenset(before.column("example_id")[before.column("attr:group") == "minority"].tolist())
+    with pytest.raises(DataError, match="minority_seed"):
+        digits.load_splits(minority_seed=-2)

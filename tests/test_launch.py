@@ -7,6 +7,7 @@ import shlex
 import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -335,6 +336,12 @@ def test_imbalance_recipe_from_configs_sweep_and_compare(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     cmp = json.loads((out / "compare.json").read_text())
     assert [(c["series"], c["x"], c["n_runs"]) for c in cmp["cells"]] == [(4.98, 0.3, 1), (None, 0.3, 1)]
+    for run in cmp["runs"]:  # the realised subgroup sizes of each run's training split
+        cov = json.loads((Path(run["run_dir"]) / "attribute_coverage.json").read_text())
+        assert run["train_groups"]["group"] == cov["attributes"]["group"]["splits"]["train"]["groups"]
+        n = run["train_groups"]["group"]
+        assert 0.25 < n["minority"] / (n["minority"] + n["majority"]) < 0.35
+    assert f"group: majority {n['majority']}, minority {n['minority']}" in (out / "compare.md").read_text()
 
 
 # ----------------------------------------------------------------------------- SLURM resources, preemption

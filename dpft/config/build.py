@@ -20,8 +20,15 @@ COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def loader_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """The keyword options of the data set's loader: `config.data.options` as a dict."""
-    return dict(config.data.options.to_dict()) if config.data.options is not None else {}
+    """The keyword options of the data set's loader: `config.data.options` as a dict, with the run's
+    `seed` for each of the data set's `run_seed_options` left at -1."""
+    from dpft import data
+
+    options = dict(config.data.options.to_dict()) if config.data.options is not None else {}
+    for name in data.dataset(str(config.data.name)).run_seed_options:
+        if int(options.get(name, -1)) == -1:
+            options[name] = int(config.seed)
+    return options
 
 
 def bad_image_policy(config: ml_collections.ConfigDict) -> str:

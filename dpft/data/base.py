@@ -52,6 +52,8 @@ class DatasetSpec:
     has_patients: True where the loader gives each example its patient's real id (a patient may
       have several examples); the privacy plan then states the epsilon of the patient with the
       most examples (`dpft.privacy.group`). False: one example per unit (patient_id = example_id).
+    run_seed_options: integer options whose value -1 means the run's `seed` (resolved by
+      `dpft.config.build.loader_options`): data a study should redraw for each seed (a subsample).
     """
 
     load_splits: Callable[..., "dict[str, ExampleTable]"]
@@ -63,6 +65,7 @@ class DatasetSpec:
     index_key: Callable[[Any], Mapping[str, Any]] | None = None
     needs_root: bool = True
     has_patients: bool = False
+    run_seed_options: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         where = f"DatasetSpec of {getattr(self.load_splits, '__module__', self.load_splits)!s}"
@@ -76,12 +79,14 @@ class DatasetSpec:
         if not dataclasses.is_dataclass(self.options_class):
             raise TypeError(f"{where}: options_class {self.options_class!r} is not a dataclass")
         fields = {f.name for f in dataclasses.fields(self.options_class)}
-        unknown = [p for p in self.path_options if p not in fields]
-        if isinstance(self.path_options, str) or unknown:
-            raise TypeError(f"{where}: path_options {self.path_options!r} must name fields of "
-                            f"{self.options_class.__name__} ({sorted(fields)})")
+        for name in ("path_options", "run_seed_options"):
+            value = getattr(self, name)
+            if isinstance(value, str) or any(p not in fields for p in value):
+                raise TypeError(f"{where}: {name} {value!r} must name fields of "
+                                f"{self.options_class.__name__} ({sorted(fields)})")
         object.__setattr__(self, "required_attributes", tuple(self.required_attributes))
         object.__setattr__(self, "path_options", tuple(self.path_options))
+        object.__setattr__(self, "run_seed_options", tuple(self.run_seed_options))
 
     @property
     def indexed(self) -> bool:

@@ -23,7 +23,8 @@ MISSING = "Unknown"
 
 def attribute_coverage(tables: Mapping[str, ExampleTable]) -> dict[str, Any]:
     """{"attributes": {name: {"n", "with_value", "groups": {value: count},
-    "splits": {split: {"n", "with_value"}}}}} over every split of `tables`."""
+    "splits": {split: {"n", "with_value", "groups": {value: count}}}}}} over every split of `tables`
+    (the training split's groups: the realised subgroup sizes of an imbalance study)."""
     out: dict[str, dict[str, Any]] = {}
     names = list(dict.fromkeys(a for t in tables.values() for a in t.attribute_names))
     for split, table in tables.items():
@@ -40,7 +41,7 @@ def attribute_coverage(tables: Mapping[str, ExampleTable]) -> dict[str, Any]:
             entry["n"] += n
             entry["with_value"] += known
             entry["groups"].update(counts[a])
-            entry["splits"][split] = {"n": n, "with_value": known}
+            entry["splits"][split] = {"n": n, "with_value": known, "groups": dict(sorted(counts[a].items()))}
     for entry in out.values():
         entry["groups"] = dict(sorted(entry["groups"].items()))
     return {"attributes": out}

@@ -37,7 +37,10 @@ class DigitsOptions:
     minority_fraction: float = 0.1  # share of the minority in the private train split
     eval_minority_fraction: float = 0.5
     public_minority_fraction: float = 0.0
-    seed: int = 0
+    seed: int = 0  # the split and the evaluation splits' minority
+    #: Seed of the train split's minority subsample; -1 = the run's `seed` (`DatasetSpec.run_seed_options`:
+    #: each seed of a study draws its own minority examples), or `seed` where no run resolves it.
+    minority_seed: int = -1
 
     def __post_init__(self) -> None:
         if self.rotation not in ROTATIONS:
@@ -49,6 +52,8 @@ class DigitsOptions:
         if len(f) != 4 or min(f) <= 0 or abs(sum(f) - 1) > 1e-6:
             raise DataError(f"digits.split_fractions must be 4 positive numbers summing to 1, got {self.split_fractions}")
         object.__setattr__(self, "split_fractions", f)
+        if isinstance(self.minority_seed, bool) or not isinstance(self.minority_seed, int) or self.minority_seed < -1:
+            raise DataError(f"digits.minority_seed must be an int >= -1, got {self.minority_seed!r}")
         for name in ("minority_fraction", "eval_minority_fraction", "public_minority_fraction"):
             if not 0 <= getattr(self, name) < 1:
                 raise DataError(f"digits.{name} must be in [0, 1), got {getattr(self, name)!r}")
@@ -96,11 +101,13 @@ def load_splits(root: str | None = None, **options: Any) -> dict[str, ExampleTab
         minority[rng.permutation(len(ids))[:int(round(share[name] * len(ids)))]] = True
         splits[name] = from_records(_split_records(ids, minority, upright, rotated, labels), split=name, meta=meta)
     if opts.minority_fraction > 0:
+        seed = opts.minority_seed if opts.minority_seed >= 0 else opts.seed
         splits["train"] = subsample_subgroup(splits["train"], ImbalanceConfig(
-            "group", "minority", opts.minority_fraction, seed=opts.seed + 1))
+            "group", "minority", opts.minority_fraction, seed=seed + 1))
     check_nonempty(splits, "digits")
     return splits
 
 
 # `group` is a synthetic subgroup for the demo, not a demographic a run must have.
-DATASET = DatasetSpec(load_splits, DigitsOptions, required_attributes=(), needs_root=False)
+DATASET = DatasetSpec(load_splits, DigitsOptions, required_attributes=(), needs_root=False,
+                      run_seed_options=("minority_seed",))

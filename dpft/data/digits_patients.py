@@ -69,4 +69,4 @@ def load_splits(root: str | None = None, **options: Any) -> dict[str, ExampleTab
 
 
 DATASET = DatasetSpec(load_splits, DigitsPatientsOptions, required_attributes=(), needs_root=False,
-                      has_patients=True)
+                      has_patients=True, run_seed_options=("minority_seed",))

@@ -132,8 +132,21 @@ def _row(run_dir: Path, step: int | None, x: str, series: str | None) -> dict[st
             row["parity"][attr] = {p: par[f"{p}/mean"] for p in PARITY_METRICS if f"{p}/mean" in par}
     except (KeyError, IndexError, TypeError) as e:
         raise UsageError(f"{path}: missing field {e} (not written by dpft.evaluate.reports?)") from None
+    row["train_groups"] = train_groups(run_dir, flat)
     row["_config"] = flat
     return row
+
+
+def train_groups(run_dir: Path, flat_config: dict[str, Any]) -> dict[str, dict[str, int]]:
+    """{attribute: {group: examples}} of the run's training split (its attribute_coverage.json; {} where
+    the run has none or predates the per-split counts): the realised subgroup sizes of a study."""
+    path = run_dir / "attribute_coverage.json"
+    if not path.is_file():
+        return {}
+    split = str(flat_config.get("data.train_split", "train"))
+    attrs = _read_json(path).get("attributes", {})
+    return {a: dict(e["splits"][split]["groups"]) for a, e in attrs.items()
+            if isinstance(e, dict) and "groups" in e.get("splits", {}).get(split, {})}
 
 
 def seed_summary(values: Sequence[float | None], level: float = 0.95,
@@ -275,8 +288,8 @@ def render_compare_markdown(result: dict[str, Any]) -> str:
             lines += [f"## Attribute {a}", ""]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(s.replace("|", "\\|") for s in r) + " |" for r in rows] + [""]
-    lines += ["## Runs", "", "| run | " + (f"{series} | " if series else "") + f"{x} | epsilon spent | step | seeds | {m} |",
-              "|" + "---|" * (6 + bool(series))]
+    lines += ["## Runs", "", "| run | " + (f"{series} | " if series else "") + f"{x} | epsilon spent | step | seeds | {m} "
+              "| training examples per group |", "|" + "---|" * (7 + bool(series))]
     for r in result["runs"]:
         spent = "-" if r["epsilon_spent"] is None else f"{r['epsilon_spent']:.2f}"
         if r["epsilon_spent"] is not None and r.get("privacy_unit"):
@@ -284,8 +297,10 @@ def render_compare_markdown(result: dict[str, Any]) -> str:
         if r["epsilon_spent"] is not None and r.get("guarantee_valid") is False:
             spent = f"NO guarantee (nominal {spent})"
         seeds = ", ".join(f"{k}={v}" for k, v in r["seeds"].items()) or "-"
+        groups = "; ".join(f"{a}: " + ", ".join(f"{g} {n}" for g, n in counts.items())
+                           for a, counts in r.get("train_groups", {}).items() if a in (attrs or [])) or "-"
         cells = [r["run"]] + ([fmt_value(series, r["series"])] if series else []) + [
-            fmt_value(x, r["x"]), spent, str(r["step"]), seeds, fmt_stat(r["utility"])]
+            fmt_value(x, r["x"]), spent, str(r["step"]), seeds, fmt_stat(r["utility"]), groups]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
