@@ -440,9 +440,10 @@ def test_compare_two_axes_with_seeds(tmp_path):
     out2 = C.compare_runs(runs, tmp_path / "cmp2", series="data.options.minority_fraction")
     assert [c["x"] for c in out2["cells"]] == [1.15, 4.98, None] * 2
     _png_ok(tmp_path / "cmp2" / "compare.png")
-    # one seed: a mean without an interval; a run with an undefined gap is counted, not averaged as 0
+    # one seed: the run's own bootstrap interval; a run with an undefined gap is counted, not averaged as 0
     one = C.compare_runs(runs[:1], tmp_path / "cmp3", x="data.options.minority_fraction", series="privacy.epsilon")
-    assert one["cells"][0]["utility"]["ci"] == [None, None]
+    assert one["cells"][0]["utility"]["ci"] == _strict_json(runs[0] / "eval" / "3" / "metrics.json")[
+        "overall"]["auc_mean"]["ci"] and one["cells"][0]["utility"]["ci_kind"] == "bootstrap of one run"
     m = _strict_json(runs[1] / "eval" / "3" / "metrics.json")
     m["gaps"]["sex"]["auc_mean"]["gap"] = {"value": None, "ci": [None, None], "n_valid": 0, "undefined": "x"}
     (runs[1] / "eval" / "3" / "metrics.json").write_text(json.dumps(m))
@@ -451,6 +452,34 @@ def test_compare_two_axes_with_seeds(tmp_path):
     assert gap["n"] == 1 and gap["n_undefined"] == 1
     assert gap["value"] == pytest.approx(_strict_json(runs[0] / "eval" / "3" / "metrics.json")
                                          ["gaps"]["sex"]["auc_mean"]["gap"]["value"])
+
+
+def test_compare_honours_the_ci_level_and_shows_what_each_cell_rests_on(tmp_path):
+    """--ci-level sets the t interval over seeds; a cell of one run shows that run's bootstrap interval
+    (marked *), and a cell whose value only some runs define says how many ("n 1/2")."""
+    from scipy import stats
+
+    runs = _study(tmp_path, fractions=(0.01,), epsilons=(1.15,), seeds=(0, 1))
+    values = [_strict_json(r / "eval" / "3" / "metrics.json")["overall"]["auc_mean"]["value"] for r in runs]
+    for level in (0.8, 0.99):
+        out = C.compare_runs(runs, tmp_path / f"cmp{level}", x="data.options.minority_fraction", ci_level=level)
+        half = stats.t.ppf((1 + level) / 2, 1) * np.std(values, ddof=1) / np.sqrt(2)
+        assert out["cells"][0]["utility"]["ci"] == pytest.approx(
+            np.clip([np.mean(values) - half, np.mean(values) + half], 0, 1))
+    from dpft import cli  # through the command: --ci-level reaches the comparison
+    assert cli.main(["evaluate", "--compare", *map(str, runs), "--x", "data.options.minority_fraction",
+                     "--ci-level", "0.8", "--out", str(tmp_path / "cli")]) == 0
+    assert _strict_json(tmp_path / "cli" / "compare.json")["cells"][0]["utility"] == \
+        _strict_json(tmp_path / "cmp0.8" / "compare.json")["cells"][0]["utility"]
+    m = _strict_json(runs[1] / "eval" / "3" / "metrics.json")
+    m["gaps"]["sex"]["auc_mean"]["gap"] = {"value": None, "ci": [None, None], "n_valid": 0, "undefined": "x"}
+    (runs[1] / "eval" / "3" / "metrics.json").write_text(json.dumps(m))
+    out = C.compare_runs(runs, tmp_path / "cmp", x="data.options.minority_fraction", attribute="sex")
+    gap = out["cells"][0]["gaps"]["sex"]
+    own = _strict_json(runs[0] / "eval" / "3" / "metrics.json")["gaps"]["sex"]["auc_mean"]["gap"]
+    assert gap["ci"] == own["ci"] and gap["ci_kind"] == "bootstrap of one run"
+    row = next(line for line in (tmp_path / "cmp" / "compare.md").read_text().splitlines() if line.startswith("| 0.01"))
+    assert f"{own['value']:.3f} [{own['ci'][0]:.3f}, {own['ci'][1]:.3f}]* (n 1/2)" in row
 
 
 def test_compare_refuses_to_average_runs_that_differ_beyond_seeds(tmp_path):

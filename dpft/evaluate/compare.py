@@ -23,7 +23,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -173,6 +173,29 @@ def seed_summary(values: Sequence[float | None], level: float = 0.95,
     return out
 
 
+def cell_summary(stats: Sequence[Mapping[str, Any] | None], level: float = 0.95) -> dict[str, Any]:
+    """`seed_summary` of the runs' statistics ({"value", "ci"} dicts; None = undefined); "ci_kind" says
+    which interval: "t over seeds" (>= 2 defined values), or, where one run gives the only value, that
+    run's own bootstrap interval over patients ("bootstrap of one run", at its `dpft evaluate --ci-level`),
+    so a single-run cell still shows its uncertainty."""
+    out = seed_summary([(s or {}).get("value") for s in stats], level)
+    out["ci_kind"] = "t over seeds" if out["n"] >= 2 else None
+    if out["n"] == 1:
+        (one,) = [s for s in stats if s and s.get("value") is not None]
+        ci = one.get("ci") or [None, None]
+        if None not in ci:
+            out["ci"], out["ci_kind"] = [float(ci[0]), float(ci[1])], "bootstrap of one run"
+    return out
+
+
+def fmt_cell(stat: Mapping[str, Any] | None) -> str:
+    """A compare.md cell: `fmt_stat`, a trailing * where the interval is one run's bootstrap, and
+    "(n k/m)" where only k of the cell's m runs define the value."""
+    text = fmt_stat(stat) + ("*" if (stat or {}).get("ci_kind") == "bootstrap of one run" else "")
+    missing = (stat or {}).get("n_undefined", 0)
+    return f"{text} (n {stat['n']}/{stat['n'] + missing})" if missing and stat.get("n") else text
+
+
 def _sort_key(v: Any) -> tuple:
     if v is None:
         return (2, 0.0, "")
@@ -217,12 +240,11 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLi
     for (_, _), runs in cells.items():
         cell = {"series": runs[0]["series"], "x": runs[0]["x"], "runs": [r["run"] for r in runs],
                 "n_runs": len(runs), "seeds": [r["seeds"] for r in runs],
-                "utility": seed_summary([r["utility"]["value"] for r in runs], ci_level), "gaps": {}, "parity": {}}
+                "utility": cell_summary([r["utility"] for r in runs], ci_level), "gaps": {}, "parity": {}}
         for a in attrs:
-            cell["gaps"][a] = seed_summary([(r["gaps"].get(a) or {}).get("gap", {}).get("value") for r in runs],
-                                           ci_level)
-            cell["parity"][a] = {p: seed_summary([((r["parity"].get(a) or {}).get(p) or {}).get("value")
-                                                  for r in runs], ci_level) for p in PARITY_METRICS}
+            cell["gaps"][a] = cell_summary([(r["gaps"].get(a) or {}).get("gap") for r in runs], ci_level)
+            cell["parity"][a] = {p: cell_summary([(r["parity"].get(a) or {}).get(p) for r in runs], ci_level)
+                                 for p in PARITY_METRICS}
         out_cells.append(cell)
     for r in rows:
         del r["_config"]
@@ -265,8 +287,9 @@ def render_compare_markdown(result: dict[str, Any]) -> str:
     m, attrs, x, series = result["utility_metric"], result["attributes"], result["x"], result["series"]
     level = int(round(result["ci_level"] * 100))
     lines = [f"# Sweep: {m}, subgroup gap and parity over {x}" + (f" and {series}" if series else ""), "",
-             f"Each cell: mean over its runs (seeds) [{level}% t interval over seeds, clipped to [0, 1]; none "
-             "with one seed]. "
+             f"Each cell: mean over its runs (seeds) [{level}% t interval over seeds, clipped to [0, 1]; a "
+             "cell of one run: that run's bootstrap interval over patients, marked *]; (n k/m): only k of "
+             "its m runs define the value. "
              f"Gap = max - min of {m} over the compared groups; parity metrics are fairlearn's "
              "(between groups), averaged over the tasks where each is defined. Differences: lower is "
              "better; ratios: higher is better. Undefined values are n/a, never 0.", ""]
@@ -280,9 +303,9 @@ def render_compare_markdown(result: dict[str, Any]) -> str:
         rows = []
         for c in result["cells"]:
             cells = ([fmt_value(series, c["series"])] if series else []) + [fmt_value(x, c["x"]), str(c["n_runs"]),
-                                                                             fmt_stat(c["utility"])]
+                                                                             fmt_cell(c["utility"])]
             if a is not None:
-                cells += [fmt_stat(c["gaps"][a])] + [fmt_stat(c["parity"][a][p]) for p in PARITY_METRICS]
+                cells += [fmt_cell(c["gaps"][a])] + [fmt_cell(c["parity"][a][p]) for p in PARITY_METRICS]
             rows.append(cells)
         if a is not None:
             lines += [f"## Attribute {a}", ""]

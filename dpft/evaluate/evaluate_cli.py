@@ -261,7 +261,8 @@ def run(args: argparse.Namespace) -> int:
             return 0
     if args.compare:
         out = args.out or "compare"
-        result = compare.compare_runs(args.compare, out, x=args.x, series=args.series, attribute=args.attribute)
+        result = compare.compare_runs(args.compare, out, x=args.x, series=args.series, attribute=args.attribute,
+                                      ci_level=args.ci_level)
         print(compare.render_compare_markdown(result))
         print(f"wrote {', '.join(result['files'].values())}")
         return 0
