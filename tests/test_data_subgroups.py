@@ -33,6 +33,17 @@ def test_race_grouping(raw, group):
     assert subgroups.group_race(raw) == group
 
 
+def test_a_persons_race_ignores_unknowns_and_keeps_conflicts_apart():
+    """The review's case: [UNKNOWN, UNKNOWN, BLACK/AFRICAN AMERICAN] is Black (unknowns are not a vote);
+    two documented groups are Conflicting whatever their counts or spelling; variants of one group agree."""
+    assert subgroups.person_race(["UNKNOWN", "UNKNOWN", "BLACK/AFRICAN AMERICAN"]) == "Black"
+    assert subgroups.person_race(["WHITE", "WHITE", "ASIAN - CHINESE"]) == "Conflicting"
+    assert subgroups.person_race(["ASIAN - CHINESE", "WHITE", "WHITE"]) == "Conflicting"  # no alphabetical pick
+    assert subgroups.person_race(["WHITE - OTHER EUROPEAN", "White", "PATIENT DECLINED TO ANSWER"]) == "White"
+    assert subgroups.person_race(["", "UNABLE TO OBTAIN"]) == subgroups.person_race([]) == "Unknown"
+    assert "Conflicting" in subgroups.RACE_GROUPS and "Conflicting" in subgroups.RACE_RULE
+
+
 def test_insurance_and_sex():
     assert [subgroups.group_insurance(v) for v in ["Medicare", "Medicaid", "Private", "Other", ""]] == \
         ["Medicare", "Medicaid", "Other", "Other", "Unknown"]

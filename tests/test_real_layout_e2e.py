@@ -154,4 +154,15 @@ def test_mimic_with_mimic_iv_apart(tmp_path, layout, version):
     out, cov = train_and_evaluate(str(config), workdir, f"--config.data.root={root}",
                                   f"--config.data.options.mimic_iv_dir={iv}")
     _check(workdir, out, cov, ("sex", "age", "race", "insurance"))
+    # The race rule on the real layout: unknown-type admissions are not a vote, a documented conflict is its
+    # own group, and the report states the rule.
+    from dpft.data.subgroups import RACE_RULE
+    manifest = fake.read_manifest(root)
+    step = max(int(s) for s in os.listdir(os.path.join(workdir, "predictions")))
+    preds = load_predictions(os.path.join(workdir, "predictions", str(step), "test.npz"))
+    want = {m["subject"]: m["race"] for m in manifest["images"].values()}
+    assert [want[p] for p in preds.patient_id] == list(preds.attrs["race"]) and "Conflicting" in preds.attrs["race"]
+    metrics = json.load(open(os.path.join(workdir, "eval", str(step), "metrics.json")))
+    assert RACE_RULE in metrics["meta"]["rules"] and RACE_RULE in open(
+        os.path.join(workdir, "eval", str(step), "report.md")).read()
 

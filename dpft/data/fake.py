@@ -142,8 +142,12 @@ def write_fake_mimic_cxr(root: str, n_subjects: int = 9, *, seed: int = 0, image
     lists them under `unlabeled` ({dicom_id: study}) and not under `images`.
 
     Subjects are dealt to train / validate / test in turn. `iv_version` 2 writes a `race`
-    column, 1 an `ethnicity` column. Each subject gets 3 admissions: 2 with the chosen race
-    / insurance, 1 with another group's value (the mode must win). Manifest `images`:
+    column, 1 an `ethnicity` column. Each subject gets 3 admissions: insurance 2 with the chosen
+    value, 1 with another group's (the mode must win); race by case (k // 3) % 3 (each split gets every
+    case): 0 two unknown-type
+    values and the chosen race (it must win: unknowns are not a vote), 1 the chosen race twice and
+    another documented group's (a documented conflict: "Conflicting"), 2 the chosen race and an
+    unknown-type value. Manifest `images`:
     {dicom_id: {subject, study, split, view, sex, age_bin, race, insurance, labels, line}}.
     """
     import pandas as pd
@@ -161,11 +165,17 @@ def write_fake_mimic_cxr(root: str, n_subjects: int = 9, *, seed: int = 0, image
         gender = "M" if k % 2 == 0 else "F"
         anchor_year = 2150 + 10 * k
         race, ins = races[k % len(races)], insurances[k % len(insurances)]
-        other_race, other_ins = races[(k + 1) % len(races)], insurances[(k + 1) % len(insurances)]
+        other_ins = insurances[(k + 1) % len(insurances)]
         race_raw = RACE_RAW[race][k % len(RACE_RAW[race])]
         if race == "Unknown" and race_raw == "":  # the mode ignores blanks: write a non-blank unknown
             race_raw = "UNKNOWN"
-        for r, i in ((race_raw, ins), (race_raw, ins), (RACE_RAW[other_race][0] or "UNKNOWN", INSURANCE_RAW[other_ins][0])):
+        documented_other = next(r for r in races[k % len(races) + 1:] + races if r not in (race, "Unknown"))
+        race_values = {0: ["UNKNOWN", "Patient Refused", race_raw],
+                       1: [race_raw, race_raw, RACE_RAW[documented_other][0]],
+                       2: [race_raw, "UNABLE TO OBTAIN", race_raw]}[(k // 3) % 3]
+        if (k // 3) % 3 == 1:  # the expected group of a documented conflict; an unknown one leaves the other's
+            race = "Conflicting" if race != "Unknown" else documented_other
+        for r, i in zip(race_values, (ins, ins, INSURANCE_RAW[other_ins][0])):
             hadm += 1
             admissions.append({"subject_id": subject, "hadm_id": str(hadm), "admittime": "2150-01-01 00:00:00",
                                "insurance": i, ("race" if iv_version >= 2 else "ethnicity"): r})

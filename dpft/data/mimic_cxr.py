@@ -11,10 +11,10 @@ unless `data.attributes` leaves out sex, age, race and insurance).
 
 Attributes: sex ("M"/"F" -> Male/Female), age at the study = anchor_age + (year of
 StudyDate YYYYMMDD) - anchor_year, binned with `age_edges`; race from `race` (MIMIC-IV v2+)
-or `ethnicity` (v1) grouped by `subgroups.group_race`; insurance grouped by
-`subgroups.group_insurance`; view (ViewPosition). A subject's race and insurance are the
-most frequent non-blank values over their admissions (ties: alphabetical first); no
-admission -> "Unknown".
+or `ethnicity` (v1) over the subject's admissions by `subgroups.person_race` (unknown-type values
+ignored, different documented groups "Conflicting"); insurance grouped by
+`subgroups.group_insurance`; view (ViewPosition). A subject's insurance is the most frequent
+non-blank value over their admissions (ties: alphabetical first); no admission -> "Unknown".
 Labels and uncertainty policies as in `dpft.data.chexpert`. A study with no row in the
 label file (8 of 227,835 in 2.0.0) is skipped, counted and reported. Splits from the official split
 file ("validate" -> "validation"); a subject in two splits is an error.
@@ -125,7 +125,8 @@ def find_iv_tables(root: str, iv_dir: str | None) -> tuple[str, str] | None:
 
 def read_demographics(p_path: str, a_path: str
                       ) -> tuple[dict[str, tuple[str, int | None, int | None]], dict[str, tuple[str, str]]]:
-    """({subject: (gender, anchor_age, anchor_year)}, {subject: (raw race, raw insurance)})."""
+    """({subject: (gender, anchor_age, anchor_year)}, {subject: (race group, raw insurance)}): the race
+    from all the subject's admissions (`subgroups.person_race`), the insurance their most frequent value."""
     pat = _read(p_path, ("subject_id", "gender", "anchor_age", "anchor_year"))
     people = {}
     for i, (s, g, age, year) in enumerate(pat[["subject_id", "gender", "anchor_age", "anchor_year"]].itertuples(index=False)):
@@ -140,7 +141,7 @@ def read_demographics(p_path: str, a_path: str
                         f"columns present: {list(adm.columns)}")
     social = {}
     for s, grp in adm.groupby("subject_id"):
-        social[s] = (_mode(grp[race_col].tolist()), _mode(grp["insurance"].tolist()))
+        social[s] = (subgroups.person_race(grp[race_col].tolist()), _mode(grp["insurance"].tolist()))
     return people, social
 
 
@@ -205,9 +206,9 @@ def load_splits(root: str, **options: Any) -> dict[str, ExampleTable]:
                 if len(date) < 4 or not date[:4].isdigit():
                     raise DataError(f"{where}, column 'StudyDate': {date!r} is not YYYYMMDD")
                 age = anchor_age + int(date[:4]) - anchor_year
-            race, ins = social.get(subj, ("", ""))
+            race, ins = social.get(subj, ("Unknown", ""))
             attrs.update(sex=subgroups.group_sex(gender), age=subgroups.age_bin(age, opts.age_edges),
-                         race=subgroups.group_race(race), insurance=subgroups.group_insurance(ins))
+                         race=race, insurance=subgroups.group_insurance(ins))
         by_split[split_of[dicom]].append({"example_id": i, "patient_id": str(subj), "image": img,
                                           "label": label[j], "label_mask": mask[j], "attrs": attrs})
     if missing:

@@ -13,6 +13,11 @@ Race grouping (`group_race`), applied to CheXpert `PRIMARY_RACE` and MIMIC-IV
 So "White, Hispanic" is White, "Black, non-Hispanic" Black, "HISPANIC/LATINO - ..." Other,
 "Native Hawaiian or Other Pacific Islander" Other.
 
+A person with several records (MIMIC-IV: one race per admission; `person_race`): the groups of the
+documented values, unknown-type ones ignored; one group -> that group, none -> "Unknown", two or
+more different groups -> "Conflicting" (a separate, counted category, as published MIMIC fairness
+work keeps it: never a majority vote or an alphabetical pick). RACE_RULE says it in reports.
+
 Insurance grouping (`group_insurance`): "Medicare" / "Medicaid" by prefix, blank ->
 "Unknown", everything else (Private, Other, No charge, ...) -> "Other".
 """
@@ -28,7 +33,9 @@ from dpft.errors import DataError
 from dpft.data.base import ExampleTable
 
 DEFAULT_AGE_EDGES: tuple[int, ...] = (18, 40, 60, 80)
-RACE_GROUPS = ("White", "Black", "Asian", "Other", "Unknown")
+RACE_GROUPS = ("White", "Black", "Asian", "Other", "Unknown", "Conflicting")
+RACE_RULE = ("race of a person with several records (MIMIC-IV admissions): the group of the documented values, "
+             "unknown-type values ignored; none documented: Unknown; different documented groups: Conflicting")
 _UNKNOWN_PREFIXES = ("unknown", "patient refused", "patient declined", "declined", "unable to obtain",
                      "not specified", "nan", "race and ethnicity unknown")
 
@@ -94,6 +101,15 @@ def group_race(value: object) -> str:
     if v.startswith("asian"):
         return "Asian"
     return "Other"
+
+
+def person_race(values: Sequence[object]) -> str:
+    """One person's race group from all their raw race strings (module doc: unknown-type values
+    ignored; several documented groups -> "Conflicting")."""
+    documented = {group_race(v) for v in values} - {"Unknown"}
+    if not documented:
+        return "Unknown"
+    return documented.pop() if len(documented) == 1 else "Conflicting"
 
 
 def group_insurance(value: object) -> str:

@@ -31,6 +31,7 @@ from dpft import atomic_io, paths
 from dpft.config.fields import FLOAT, INT, STR, Range
 from dpft.config.options import dataclass_problems, option
 from dpft.data.coverage import MISSING
+from dpft.data.subgroups import RACE_RULE
 from dpft.errors import UsageError
 from dpft.evaluate import bootstrap as bs
 from dpft.evaluate import fairness as fair
@@ -183,7 +184,8 @@ def evaluate_predictions(test_path: str | os.PathLike, val_path: str | os.PathLi
         "bootstrap": {"n_resamples": config.n_resamples, "seed": config.seed, "ci_level": config.ci_level,
                       "unit": "patient"},
         "headline": headline_metrics(inp), "config": dataclasses.asdict(config),
-        "rules": fair.rules(threshold_source, config.exclude_small_groups, config.min_group_size),
+        "rules": fair.rules(threshold_source, config.exclude_small_groups, config.min_group_size) + (
+            [RACE_RULE] if "Conflicting" in set(np.asarray(preds.attrs.get("race", [])).tolist()) else []),
         "notes": notes + result.pop("notes"), **extra,
     }
     out = _out_dir(preds, config)
