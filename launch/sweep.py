@@ -26,7 +26,7 @@ The imbalance study (minority fraction x epsilon x seeds, with the non-private b
         --series privacy.epsilon --out runs/imbalance-compare
 Without --run/--slurm the commands are printed; --run runs them one after the other on this
 host (a job that exits 75, stopped early with its state saved, is rerun to resume it; any
-other non-zero exit stops the sweep); --slurm FILE writes a SLURM array script (one array
+other non-zero exit stops the sweep), sharing a persistent XLA compilation cache (--compile-cache); --slurm FILE writes a SLURM array script (one array
 task per job, with launch/slurm.sbatch's resources and preemption handling) to submit with
 `sbatch FILE`.
 Every job's config is loaded and its overrides applied before anything runs, so a typo in a
@@ -212,6 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --run, treat a job stopped early (exit 75) as failed instead of rerunning it")
     p.add_argument("--no-check", action="store_true", help="do not load the config to check the overrides")
     p.add_argument("--dpft", default="dpft", help="the dpft executable")
+    p.add_argument("--compile-cache", default=None, metavar="DIR",
+                   help="with --run, the persistent XLA compilation cache the jobs share (default WORKDIR-jax-cache, "
+                        "or $JAX_COMPILATION_CACHE_DIR when set; '' = none): a job loads the programs an earlier job "
+                        "of the same shapes compiled")
     return p
 
 
@@ -270,15 +274,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(shlex.join(cmd) + extra)
         return 0
     failed = 0
+    env = job_environment(args)
     for i, cmd in enumerate(commands):
         print(f"[{i + 1}/{len(commands)}] {shlex.join(cmd)}", flush=True)
         os.makedirs(jobs[i][0], exist_ok=True)
-        rc = subprocess.call(cmd)
+        rc = subprocess.call(cmd, env=env)
         while rc == STOPPED_EARLY and args.resume_stopped:
             print(f"sweep: job {i} stopped early (exit {STOPPED_EARLY}); rerunning it to resume", file=sys.stderr)
-            rc = subprocess.call(cmd)
+            rc = subprocess.call(cmd, env=env)
         if rc == 0 and args.evaluate:
-            rc = subprocess.call(evaluate_command(args.dpft, jobs[i][0]), stdout=subprocess.DEVNULL)
+            rc = subprocess.call(evaluate_command(args.dpft, jobs[i][0]), stdout=subprocess.DEVNULL, env=env)
         if rc != 0:
             failed += 1
             print(f"sweep: job {i} exited with {rc}", file=sys.stderr)
@@ -287,6 +292,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not failed:
         print(f"compare with: {compare_hint}")
     return 1 if failed else 0
+
+
+def job_environment(args: argparse.Namespace) -> dict[str, str]:
+    """The environment of --run's jobs: this one, with a persistent XLA compilation cache they share
+    (--compile-cache; the jobs of a study compile the same programs, seed after seed). Outside WORKDIR,
+    so WORKDIR/* stays the runs."""
+    env = dict(os.environ)
+    cache = args.compile_cache if args.compile_cache is not None else (
+        env.get("JAX_COMPILATION_CACHE_DIR") or args.workdir.rstrip("/") + "-jax-cache")
+    if cache:
+        env["JAX_COMPILATION_CACHE_DIR"] = os.path.abspath(cache)
+    else:
+        env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    return env
 
 
 def compare_command(args: argparse.Namespace) -> str:

@@ -71,7 +71,7 @@ def test_quick_demo_end_to_end(tmp_path):
     wd = tmp_path / "demo"
     env = dict(os.environ, XLA_FLAGS=cpu_env.xla_flags(1))  # one CPU device, as a user runs it
     proc = subprocess.run([sys.executable, "-m", "dpft.cli", "demo", "--workdir", str(wd), "--quick",
-                           "--model", "nfnet_nano", "--epsilons", "8", "--imbalance", "0.3", "--imbalance-epsilons",
+                           "--model", "nfnet_nano", "--updates", "16", "--pretrain-updates", "16", "--epsilons", "8", "--imbalance", "0.3", "--imbalance-epsilons",
                            "4.98", "--seeds", "0", "--units", "8"],
                           capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]

@@ -205,6 +205,25 @@ def test_sweep_run_executes_sequentially(tmp_path, capsys):
     assert sorted(os.listdir(tmp_path / "runs")) == ["seed-1", "seed-2"]
 
 
+def test_sweep_run_jobs_share_one_compilation_cache(tmp_path, monkeypatch):
+    """--run's jobs see one persistent XLA cache: WORKDIR-jax-cache by default, an existing
+    $JAX_COMPILATION_CACHE_DIR kept, --compile-cache DIR, or none with --compile-cache ''."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    fake = bindir / "env-dpft"
+    fake.write_text('#!/usr/bin/env bash\necho "${JAX_COMPILATION_CACHE_DIR:-none}" >> "$(dirname "$0")/caches"\n')
+    fake.chmod(0o755)
+    runs = tmp_path / "runs"
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    for extra in ([], ["--compile-cache", str(tmp_path / "mine")], ["--compile-cache", ""]):
+        assert sweep.main(["--config", DIGITS, "--workdir", str(runs), "--sweep", "seed=1,2", "--run", "--dpft",
+                           str(fake), *extra]) == 0
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "outer"))
+    assert sweep.main(["--config", DIGITS, "--workdir", str(runs), "--sweep", "seed=1", "--run", "--dpft", str(fake)]) == 0
+    assert (bindir / "caches").read_text().split() == [f"{runs}-jax-cache"] * 2 + [str(tmp_path / "mine")] * 2 + \
+        ["none"] * 2 + [str(tmp_path / "outer")]
+
+
 def test_sweep_slurm_array_script(tmp_path):
     out = tmp_path / "sweep.sbatch"
     rc = sweep.main(["--config", DIGITS, "--workdir", str(tmp_path / "runs"), "--sweep", "privacy.epsilon=1,8",
