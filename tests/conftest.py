@@ -79,13 +79,14 @@ def base(request, tmp_path, gcs):
 
 
 #: Test modules that take longest on CI's 2 cores, longest first (seconds of one worker, `pytest
-#: --durations=0`, 2026-12-07). Under `--dist loadscope` a module runs on one worker, and the workers
+#: --durations=0`, 2026-12-07, after the audit moved to the Trainer). Under `--dist loadscope` a module runs on one worker, and the workers
 #: take modules in collection order: starting with the longest (longest-processing-time-first
 #: scheduling) keeps one worker from running a 6-minute module alone at the end.
-LONGEST_FIRST = ("test_privacy_plan.py", "test_multihost_train.py", "test_slurm_local.py", "test_bookkeeping.py",
-                 "test_faults_e2e.py", "test_remote_paths.py", "test_train_e2e.py", "test_bookkeeping_nnx.py",
-                 "test_gpu_check.py", "test_demo.py", "test_real_layout_e2e.py", "test_preemption.py",
-                 "test_launch.py", "test_notebooks.py", "test_profile_step.py", "test_readme_commands.py")
+LONGEST_FIRST = ("test_faults_e2e.py", "test_privacy_plan.py", "test_multihost_train.py", "test_slurm_local.py",
+                 "test_bookkeeping.py", "test_train_e2e.py", "test_demo.py", "test_bookkeeping_nnx.py",
+                 "test_gpu_check.py", "test_real_layout_e2e.py", "test_remote_paths.py", "test_launch.py",
+                 "test_audit.py", "test_readme_commands.py", "test_notebooks.py", "test_vit.py", "test_preemption.py",
+                 "test_distributed.py", "test_nfnet.py", "test_profile_step.py")
 
 
 def pytest_collection_modifyitems(config, items):
