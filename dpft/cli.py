@@ -25,7 +25,7 @@ from dpft import errors, host_memory
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("dpft.train.train_cli", "fine-tune a model with DP-SGD from a config"),
     "evaluate": ("dpft.evaluate.evaluate_cli", "evaluate checkpoints: metrics and subgroup gaps"),
-    "prepare": ("dpft.data.prepare_cli", "validate a data directory and build its index"),
+    "prepare": ("dpft.config.prepare_cli", "validate a data directory and build its index"),
     "accountant": ("dpft.privacy.accountant_cli", "epsilon for (q, sigma, steps, delta) or sigma for a target epsilon"),
     "audit": ("dpft.train.audit_cli", "empirical lower bound on epsilon with canaries"),
     "demo": ("dpft.demo.cli", "the whole recipe offline on the embedded digits data"),

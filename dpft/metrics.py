@@ -15,6 +15,10 @@ one-vs-rest for multiclass with at most `max_ovr_classes` classes):
               tpr/T, fpr/T, selection_rate/T (decision: argmax == T, no threshold)
   multilabel: auc/T, auc_mean, accuracy/T, accuracy_mean, tpr/T, fpr/T, selection_rate/T
               (decision: sigmoid(logit) >= threshold[T]; labels with label_mask == 0 excluded),
+  both, per task: fnr/T (1 - TPR), ppv/T (precision: positives among predicted positives),
+              balanced_accuracy/T ((TPR + TNR) / 2), brier/T (mean squared error of the task's
+              probability), ece/T (expected calibration error over ECE_BINS equal-width bins:
+              sum over bins of |positives - summed probability| / N),
               underdiagnosis (if "No Finding" is a class: predicted No Finding among examples
               whose No Finding label is 0, i.e. the FPR of No Finding; Seyyed-Kalantari et al. 2021)
 """
@@ -28,7 +32,8 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 NO_FINDING = "No Finding"
-LOWER_IS_BETTER = ("fpr", "underdiagnosis")  # metric-name prefixes where smaller is better
+LOWER_IS_BETTER = ("fpr", "fnr", "brier", "ece", "underdiagnosis")  # metric-name prefixes where smaller is better
+ECE_BINS = 10
 
 
 def higher_is_better(metric: str) -> bool:
@@ -105,6 +110,19 @@ def auc(y: np.ndarray, score: np.ndarray, weights: np.ndarray | None = None,
     if y.size == 0 or y.all() or not y.any():
         return np.array([np.nan])
     return np.array([roc_auc_score(y, score)])
+
+
+def calibration_error(y: np.ndarray, p: np.ndarray, valid: np.ndarray, weights: np.ndarray | None = None,
+                      bins: int = ECE_BINS) -> np.ndarray:
+    """Expected calibration error of probabilities p [N] for labels y [N] over the `valid` rows: equal-width
+    bins of p, sum over bins of |sum(y) - sum(p)| / N (= sum of n_b / N |accuracy_b - confidence_b|); [R]."""
+    b = np.minimum((np.asarray(p, np.float64) * bins).astype(int), bins - 1)
+    member = ((b[:, None] == np.arange(bins)[None, :]) & np.asarray(valid, bool)[:, None]).astype(np.float64)
+    w = _rows(weights, len(b))
+    gap = np.abs(w @ (member * np.asarray(y, np.float64)[:, None]) - w @ (member * np.asarray(p, np.float64)[:, None]))
+    total = (w @ member).sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, gap.sum(axis=1) / np.where(total > 0, total, 1.0), np.nan)
 
 
 def per_class_accuracy(correct: np.ndarray, label: np.ndarray, num_classes: int,
@@ -222,6 +240,10 @@ def metric_suite(inp: EvalInputs, weights: np.ndarray | None = None, *, overall:
         ratios[f"tpr/{t}"] = (d, v & y[:, j])
         ratios[f"fpr/{t}"] = (d, v & ~y[:, j])
         ratios[f"selection_rate/{t}"] = (d, v)
+        ratios[f"fnr/{t}"] = (~d, v & y[:, j])
+        ratios[f"ppv/{t}"] = (y[:, j], v & d)
+        ratios[f"brier/{t}"] = ((inp.probs[:, j] - y[:, j]) ** 2, v)
+        out[f"ece/{t}"] = calibration_error(y[:, j], inp.probs[:, j], v, weights)
     nf = inp.no_finding
     if nf is not None:
         ratios["underdiagnosis"] = (inp.decision[:, nf], inp.valid[:, nf] & ~y[:, nf])
@@ -233,6 +255,8 @@ def metric_suite(inp: EvalInputs, weights: np.ndarray | None = None, *, overall:
         with np.errstate(invalid="ignore", divide="ignore"):
             val = np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
         out.update({name: val[:, m] for m, name in enumerate(ratios)})
+        for t in inp.tasks:
+            out[f"balanced_accuracy/{t}"] = (out[f"tpr/{t}"] + 1.0 - out[f"fpr/{t}"]) / 2.0
     if inp.tasks:
         key = "auc_mean" if inp.task == "multilabel" else "auc_macro"
         out[key] = _nanmean_rows([out[f"auc/{t}"] for t in inp.tasks])

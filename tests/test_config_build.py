@@ -23,7 +23,8 @@ def _digits_config(*, imbalance=None, **fields):
 
 def test_run_options_are_not_passed_to_the_loader():
     c = _digits_config(train_split="public", crop="none", minority_fraction=0.1)
-    assert build.loader_options(c) == {"minority_fraction": 0.1}
+    # (minority_seed: the digits' run-seed option, -1 resolved to the run's seed: DatasetSpec.run_seed_options)
+    assert build.loader_options(c) == {"minority_fraction": 0.1, "minority_seed": int(c.seed)}
     assert build.train_split_name(c) == "public" and build.augment_config(c).crop == "none"
 
 

@@ -118,6 +118,38 @@ def _edit_csv(path, fn):
     df.to_csv(path, index=False)
 
 
+def test_rows_left_out_are_counted_per_attribute_group(root):
+    """frontal_only: every lateral row is counted, per sex group, in the split it would have joined (train.csv's
+    in train or validation, valid.csv's in test), in the tables, the attribute coverage and its printout."""
+    from dpft.data import coverage, subgroups
+
+    man = fake.read_manifest(root)["images"]
+    tables = chexpert.load_splits(root, frontal_only=True)
+    want = {"train.csv": {}, "valid.csv": {}}
+    for rel, m in man.items():
+        if m["view"] == "Lateral":
+            by = want["train.csv" if m["split"] == "train" else "valid.csv"]
+            g = subgroups.group_sex(m["sex"])
+            by[g] = by.get(g, 0) + 1
+    assert sum(want["train.csv"].values()) > 0 and sum(want["valid.csv"].values()) > 0
+    why = chexpert.EXCLUDED_VIEW
+
+    def sex_counts(splits):
+        out = {}
+        for s in splits:
+            for g, n in tables[s].excluded.get(why, {}).get("sex", {}).items():
+                out[g] = out.get(g, 0) + n
+        return out
+
+    assert sex_counts(["train", "validation"]) == want["train.csv"] and sex_counts(["test"]) == want["valid.csv"]
+    cov = coverage.attribute_coverage(tables)
+    assert cov["attributes"]["sex"]["splits"]["test"]["excluded"][why] == {
+        "n": sum(want["valid.csv"].values()), "groups": want["valid.csv"]}
+    total = sum(want["train.csv"].values()) + sum(want["valid.csv"].values())
+    assert any(line.startswith(f"excluded ({why}): sex {total} (") for line in coverage.format_coverage(cov))
+    assert all(not t.excluded for t in chexpert.load_splits(root).values())  # nothing left out by default
+
+
 def test_missing_column(root, tmp_path):
     d = _copy(root, tmp_path)
     _edit_csv(os.path.join(d, "CheXpert-v1.0-small", "train.csv"), lambda df: df.rename(columns={"Edema": "Oedema"}))
@@ -185,8 +217,20 @@ def test_prepare_cli_index_roundtrip_and_truncated_jpeg(root, tmp_path, capsys):
     # The index is read by the generic loader (the data set's DatasetSpec says it has one).
     assert load_splits("chexpert", d, index_dir=os.path.join(out, "index"), uncertainty="zeros")["test"][0][
         "example_id"] == direct["test"][0]["example_id"]
-    with pytest.raises(DataError, match="rerun `dpft prepare`"):
+    with pytest.raises(DataError, match="rerun `dpft prepare`") as e:
         load_splits("chexpert", d, index_dir=os.path.join(out, "index"), uncertainty="ones")
+    assert "uncertainty: index 'zeros', run 'ones'" in str(e.value) and "--set uncertainty=\"ones\"" in str(e.value)
+    # --config: the index of the options the run config trains with (the README's prepare -> index_dir path).
+    from dpft.config.base import load_config
+    medical = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                           "chexpert_nfnet_f0.py")
+    assert cli.main(["prepare", "chexpert", "--source", d, "--out", str(tmp_path / "prep2"), "--no-progress",
+                     "--config", medical]) == 0
+    options = {k: v for k, v in load_config(medical).data.options.to_dict().items() if k != "index_dir"}
+    assert options["frontal_only"] is True
+    via_index = load_splits("chexpert", d, index_dir=str(tmp_path / "prep2" / "index"), **options)
+    assert {k: len(t) for k, t in via_index.items()} == {k: len(t) for k, t in chexpert.load_splits(d, **options).items()}
+    assert cli.main(["prepare", "mimic_cxr", "--source", d, "--out", str(tmp_path / "x"), "--config", medical]) == 2
     # Truncate one JPEG: prepare names the file and exits 2; with skip it drops and counts it.
     rel = sorted(fake.read_manifest(root)["images"])[0]
     with open(os.path.join(d, rel), "rb") as f:

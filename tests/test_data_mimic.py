@@ -155,3 +155,37 @@ def test_studies_without_label_row_skipped_and_counted(tmp_path, caplog):
     assert set(got) == set(man["images"])
     assert not set(got) & set(man["unlabeled"])
     assert f"skipped {len(man['unlabeled'])} image(s) of 2 stud(ies) without a row" in caplog.text
+    # Counted per attribute group in the split each image would have joined.
+    assert len(man["unlabeled"]) == sum(sum(t.excluded[mimic_cxr.EXCLUDED_UNLABELED]["sex"].values())
+                                        for t in splits.values() if t.excluded)
+
+
+def test_uncompressed_csv_copies_are_read_like_the_gz_files(root, tmp_path):
+    import gzip
+
+    d = str(tmp_path / "plain")
+    shutil.copytree(root, d)
+    for dirpath, _, names in os.walk(d):
+        for n in names:
+            if n.endswith(".csv.gz"):
+                with gzip.open(os.path.join(dirpath, n), "rb") as f, open(os.path.join(dirpath, n[:-3]), "wb") as g:
+                    g.write(f.read())
+                os.remove(os.path.join(dirpath, n))
+    want, got = mimic_cxr.load_splits(root), mimic_cxr.load_splits(d)
+    assert {k: [(r["patient_id"], r["attrs"]) for r in t.records()] for k, t in got.items()} == \
+        {k: [(r["patient_id"], r["attrs"]) for r in t.records()] for k, t in want.items()}
+
+
+def test_views_left_out_are_counted_per_attribute_group(root):
+    """The default PA/AP filter: every other image counted per sex group in the split it would have joined."""
+    man = fake.read_manifest(root)["images"]
+    names = {"train": "train", "validate": "validation", "test": "test"}
+    want: dict = {}
+    for m in man.values():
+        if m["view"] not in ("PA", "AP"):
+            want[(names[m["split"]], m["sex"])] = want.get((names[m["split"]], m["sex"]), 0) + 1
+    splits = mimic_cxr.load_splits(root)
+    got = {(s, g): n for s, t in splits.items()
+           for g, n in t.excluded.get(mimic_cxr.EXCLUDED_VIEW, {}).get("sex", {}).items()}
+    assert got == want and sum(want.values()) > 0
+    assert all(not t.excluded for t in mimic_cxr.load_splits(root, views=()).values())

@@ -225,7 +225,9 @@ def test_toy_data_set_with_demographics_prepare_train_evaluate(toy, tmp_path, ca
         cov = json.load(f)
     assert cov["dataset"] == NAME and cov["requested"] == ["sex", "site"]
     assert cov["attributes"]["site"]["groups"] == {"Unknown": 4, "north": 14, "south": 14}
-    assert cov["attributes"]["sex"]["splits"]["train"] == {"n": 16, "with_value": 14}
+    assert cov["attributes"]["sex"]["splits"]["train"] == {"n": 16, "with_value": 14,
+                                                         "groups": {"Female": 6, "Male": 8, "Unknown": 2},
+                                                         "excluded": {}}
 
     rc, out, err = _dpft(capsys, "evaluate", "--workdir", workdir, "--bootstrap", "10", "--no-plots",
                          "--min-group-size", "1")

@@ -98,6 +98,62 @@ def test_multilabel_suite_respects_label_mask():
         np.testing.assert_allclose(out2[key], out[key])
 
 
+def _ece_loop(y, p, bins=10):
+    """Expected calibration error by an explicit loop over equal-width bins (sum n_b / N |acc_b - conf_b|)."""
+    total = 0.0
+    for b in range(bins):
+        lo, hi = b / bins, (b + 1) / bins
+        sel = (p >= lo) & ((p < hi) if b < bins - 1 else (p <= hi))
+        if sel.any():
+            total += sel.sum() / len(p) * abs(y[sel].mean() - p[sel].mean())
+    return total
+
+
+@pytest.mark.parametrize("task", ["multilabel", "multiclass"])
+def test_fnr_ppv_balanced_accuracy_brier_ece_match_sklearn_and_fairlearn(task):
+    """Per task, overall and by group: FNR = 1 - recall, PPV = precision, balanced accuracy, Brier score
+    (scikit-learn, fairlearn's MetricFrame by group) and ECE (a loop over bins); with bootstrap weights,
+    a replicate equals the metric on its drawn rows."""
+    import functools
+
+    from fairlearn.metrics import MetricFrame
+    from sklearn.metrics import balanced_accuracy_score, brier_score_loss
+    from sklearn.metrics import precision_score as _precision
+
+    precision_score = functools.partial(_precision, zero_division=np.nan)  # undefined is NaN, as in dpft
+
+    kw = synthetic_predictions(400, task=task, seed=5)
+    inp = _inputs(kw)
+    out = M.metric_suite(inp)
+    group = np.random.default_rng(1).choice(["a", "b", "c"], size=400)
+    for t, j in zip(inp.tasks, inp.task_index):
+        keep = inp.valid[:, j]
+        y, d, p = inp.binary_label[keep, j], inp.decision[keep, j], inp.probs[keep, j]
+        assert out[f"fnr/{t}"][0] == pytest.approx(1 - recall_score(y, d), rel=1e-12)
+        assert out[f"ppv/{t}"][0] == pytest.approx(precision_score(y, d), rel=1e-12, nan_ok=True)
+        assert out[f"balanced_accuracy/{t}"][0] == pytest.approx(balanced_accuracy_score(y, d), rel=1e-12)
+        assert out[f"brier/{t}"][0] == pytest.approx(brier_score_loss(y, p), rel=1e-12)
+        assert out[f"ece/{t}"][0] == pytest.approx(_ece_loop(y, p), rel=1e-12)
+        frame = MetricFrame(metrics={"ppv": precision_score, "bacc": balanced_accuracy_score}, y_true=y, y_pred=d,
+                            sensitive_features=group[keep])
+        brier = MetricFrame(metrics=brier_score_loss, y_true=y, y_pred=p, sensitive_features=group[keep])
+        for g in ("a", "b", "c"):
+            sub = M.metric_suite(inp.subset(np.flatnonzero(group == g)))
+            assert sub[f"ppv/{t}"][0] == pytest.approx(frame.by_group.loc[g, "ppv"], rel=1e-12, nan_ok=True)
+            assert sub[f"balanced_accuracy/{t}"][0] == pytest.approx(frame.by_group.loc[g, "bacc"], rel=1e-12)
+            assert sub[f"brier/{t}"][0] == pytest.approx(brier.by_group.loc[g], rel=1e-12)
+    rng = np.random.default_rng(2)
+    draws = rng.integers(0, 400, size=(3, 400))
+    weights = np.stack([np.bincount(r, minlength=400) for r in draws]).astype(np.float64)
+    boot = M.metric_suite(inp, weights)
+    for r, rows in enumerate(draws):
+        once = M.metric_suite(inp.subset(rows))
+        for t in inp.tasks:
+            for m in ("ece", "brier", "ppv", "fnr", "balanced_accuracy"):
+                assert boot[f"{m}/{t}"][r] == pytest.approx(once[f"{m}/{t}"][0], rel=1e-9, nan_ok=True)
+    assert not M.higher_is_better("ece/Edema") and not M.higher_is_better("fnr/x") and M.higher_is_better("ppv/x")
+
+
 def test_underdiagnosis_hand_computed():
     # classes: No Finding, Edema. Rows with No Finding label 0 (a finding): 0, 1, 2; predicted NF (p >= .5): 0, 2
     label = np.array([[0, 1], [0, 1], [0, 1], [1, 0], [0, 1]], np.float32)

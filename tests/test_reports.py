@@ -64,6 +64,37 @@ def test_report_files_written_and_parseable(ml_run):
     assert result["overall"] == m["overall"]
 
 
+def test_groups_csv_is_every_number_of_the_group_tables_one_per_row(ml_run):
+    """groups.csv read back with pandas: one row per (scope, attribute, group, metric/task), equal to
+    metrics.json's value and interval (a walk of metrics.json here); undefined values are empty cells
+    with their reason; an AUC recomputed with sklearn for one group row."""
+    import pandas as pd
+
+    wd, paths, _ = ml_run
+    out = wd / "eval" / "12"
+    m = _strict_json(out / "metrics.json")
+    df = pd.read_csv(out / "groups.csv", keep_default_na=False, na_values=[""])
+    want = {("overall", "", "", name): stat for name, stat in m["overall"].items()}
+    for attr, groups in m["groups"].items():
+        for group, entry in groups.items():
+            want.update({("group", attr, group, name): stat for name, stat in entry["metrics"].items()})
+    assert len(df) == len(want)
+    for row in df.itertuples(index=False):
+        name = row.metric + (f"/{row.task}" if isinstance(row.task, str) and row.task else "")
+        stat = want[(row.scope, row.attribute if isinstance(row.attribute, str) else "",
+                     row.group if isinstance(row.group, str) else "", name)]
+        if stat["value"] is None:
+            assert np.isnan(row.value) and row.undefined == stat["undefined"]
+        else:
+            assert row.value == pytest.approx(stat["value"], rel=1e-12)
+            assert [row.ci_low, row.ci_high] == pytest.approx(stat["ci"], rel=1e-12)
+    preds = load_predictions(paths["test"])
+    j, sel = preds.class_names.index("Edema"), (preds.attrs["sex"] == "F")
+    keep = sel & (preds.label_mask[:, j] > 0)
+    got = df[(df.attribute == "sex") & (df.group == "F") & (df.metric == "auc") & (df.task == "Edema")].value.item()
+    assert got == pytest.approx(roc_auc_score(preds.label[keep, j], preds.logits[keep, j]), rel=1e-6)
+
+
 def test_thresholds_fall_back_to_half_without_validation(tmp_path):
     paths = write_synthetic_workdir(tmp_path, n_test=200, n_val=50)
     m = R.evaluate_predictions(paths["test"], n_resamples=10, plots=False, out_dir=str(tmp_path / "out"))
@@ -480,6 +511,40 @@ def test_compare_honours_the_ci_level_and_shows_what_each_cell_rests_on(tmp_path
     assert gap["ci"] == own["ci"] and gap["ci_kind"] == "bootstrap of one run"
     row = next(line for line in (tmp_path / "cmp" / "compare.md").read_text().splitlines() if line.startswith("| 0.01"))
     assert f"{own['value']:.3f} [{own['ci'][0]:.3f}, {own['ci'][1]:.3f}]* (n 1/2)" in row
+
+
+def test_private_minus_non_private_gap_is_paired_by_seed_on_the_same_test_rows(tmp_path):
+    """The imbalance study's question, per fraction: the private gap minus the non-private one. Point: the
+    mean over seeds of the differences of each run's own metrics.json gaps (recomputed here from its
+    predictions); interval: a paired bootstrap over patients and seeds, which cancels the shared patient
+    noise (identical runs differ by exactly 0) and is narrower than the unpaired one."""
+    runs = []
+    for eps, bias in ((1.15, 2.5), (None, 1.0)):
+        for sd in (0, 1):
+            wd = tmp_path / f"f0.1_e{eps}_s{sd}"
+            paths = write_synthetic_workdir(wd, n_test=300, n_val=200, step=3, seed=7, bias=bias + 0.1 * sd)
+            (wd / "config.json").write_text(json.dumps({"privacy": {"enabled": eps is not None, "epsilon": eps or 8.0},
+                                                        "data": {"options": {"minority_fraction": 0.1}}, "seed": sd}))
+            R.evaluate_predictions(paths["test"], paths["validation"], n_resamples=40, plots=False)
+            runs.append(wd)
+    out = C.compare_runs(runs, tmp_path / "cmp", x="data.options.minority_fraction", series="privacy.epsilon",
+                         attribute="sex")
+    (p,) = out["paired"]
+    gaps = {r.name: _strict_json(r / "eval" / "3" / "metrics.json")["gaps"]["sex"]["auc_mean"]["gap"]["value"]
+            for r in runs}
+    per_seed = [gaps[f"f0.1_e1.15_s{sd}"] - gaps[f"f0.1_eNone_s{sd}"] for sd in (0, 1)]
+    assert p["series"] == 1.15 and p["x"] == 0.1 and p["n_pairs"] == 2
+    assert p["per_seed"] == pytest.approx(per_seed, rel=1e-9) and p["value"] == pytest.approx(np.mean(per_seed))
+    assert p["ci"][0] < p["value"] < p["ci"][1]
+    assert "## Private minus non-private gap (paired)" in (tmp_path / "cmp" / "compare.md").read_text()
+    from dpft.evaluate import paired
+    docs = [(_strict_json(r / "eval" / "3" / "metrics.json"), str(r / "eval" / "3" / "metrics.json")) for r in runs]
+    same = paired.paired_gap_difference([(docs[2], docs[2]), (docs[3], docs[3])], "sex")
+    assert same["value"] == 0.0 and same["ci"] == [0.0, 0.0]
+    unpaired = [paired.gap_replicates(d, path, "sex", 200, s)[1] for (d, path), s in ((docs[0], 1), (docs[2], 2))]
+    width = lambda v: np.subtract(*np.nanquantile(v, [0.975, 0.025]))  # noqa: E731
+    one = paired.paired_gap_difference([(docs[0], docs[2])], "sex")
+    assert one["ci"][1] - one["ci"][0] < width(unpaired[0] - unpaired[1])
 
 
 def test_compare_refuses_to_average_runs_that_differ_beyond_seeds(tmp_path):

@@ -167,12 +167,16 @@ class ExampleTable:
         meta: TableMeta,
         transform: Callable[[Any], dict] | None = None,
         indices: np.ndarray | None = None,
+        excluded: Mapping[str, Mapping[str, Mapping[str, int]]] | None = None,
     ) -> None:
         self._source = source
         self._transform = transform
         self._indices = None if indices is None else np.asarray(indices, dtype=np.int64)
         self.split = split
         self.meta = meta
+        #: Rows of this split the loader left out, by reason and attribute group: {reason: {attribute: {group:
+        #: count}}} (`count_excluded`); a filter that removes one group more than another is a fairness fact.
+        self.excluded = {r: {a: dict(g) for a, g in by.items()} for r, by in (excluded or {}).items()}
 
     # -- grain RandomAccessDataSource protocol --
     def __len__(self) -> int:
@@ -216,7 +220,7 @@ class ExampleTable:
         pos = np.asarray(list(positions) if not isinstance(positions, np.ndarray) else positions, dtype=np.int64)
         base = pos if self._indices is None else self._indices[pos]
         return ExampleTable(self._source, split=split or self.split, meta=self.meta,
-                            transform=self._transform, indices=base)
+                            transform=self._transform, indices=base, excluded=self.excluded)
 
     def records(self) -> Iterable[dict]:
         for i in range(len(self)):
@@ -238,12 +242,24 @@ class ExampleTable:
         return np.asarray(vals, dtype=object if key == "patient_id" else None)
 
 
-def from_records(records: Sequence[dict], *, split: str, meta: TableMeta) -> ExampleTable:
-    """A table over an in-memory list of records (checks ids are unique)."""
+def from_records(records: Sequence[dict], *, split: str, meta: TableMeta,
+                 excluded: Mapping[str, Mapping[str, Mapping[str, int]]] | None = None) -> ExampleTable:
+    """A table over an in-memory list of records (checks ids are unique); `excluded`: `ExampleTable.excluded`."""
     ids = [int(r["example_id"]) for r in records]
     if len(set(ids)) != len(ids):
         raise DataError(f"{meta.name}/{split}: example_id values are not unique")
-    return ExampleTable(list(records), split=split, meta=meta)
+    return ExampleTable(list(records), split=split, meta=meta, excluded=excluded)
+
+
+def count_excluded(rows: Iterable[tuple[str, str, Mapping[str, str]]]) -> dict[str, dict[str, dict[str, dict[str, int]]]]:
+    """{split: {reason: {attribute: {group: count}}}} of excluded rows given as (split, reason, attrs)."""
+    out: dict[str, dict[str, dict[str, dict[str, int]]]] = {}
+    for split, reason, attrs in rows:
+        by_attr = out.setdefault(split, {}).setdefault(reason, {})
+        for a, g in attrs.items():
+            by_attr.setdefault(a, {})
+            by_attr[a][g] = by_attr[a].get(g, 0) + 1
+    return {s: {r: {a: dict(sorted(g.items())) for a, g in by.items()} for r, by in rs.items()} for s, rs in out.items()}
 
 
 def stable_unit_hash(key: str, salt: str = "") -> float:
@@ -325,6 +341,7 @@ def write_index(tables: Mapping[str, ExampleTable], out_dir: str, extra: Mapping
         atomic_io.write_text(paths.join(index_dir, f"{split}.csv"), pd.DataFrame(rows).to_csv(index=False))
     atomic_io.write_json(paths.join(index_dir, "meta.json"),
                          {"version": INDEX_VERSION, "meta": meta.to_json(), "splits": sorted(tables),
+                          "excluded": {split: t.excluded for split, t in tables.items() if t.excluded},
                           "options": dict(extra or {})}, indent=2, sort_keys=True)
     return index_dir
 
@@ -341,8 +358,13 @@ def read_index(index_dir: str, options: Mapping[str, Any] | None = None) -> dict
     if stored.get("version") != INDEX_VERSION:
         raise DataError(f"{meta_path}: index version {stored.get('version')!r}, expected {INDEX_VERSION}")
     if options is not None and dict(stored.get("options", {})) != json.loads(json.dumps(dict(options))):
-        raise DataError(f"{meta_path}: index was built with options {stored.get('options')}, "
-                        f"requested {dict(options)}; rerun `dpft prepare` with these options")
+        built, wanted = dict(stored.get("options", {})), json.loads(json.dumps(dict(options)))
+        differ = sorted(k for k in set(built) | set(wanted) if built.get(k) != wanted.get(k))
+        how = ", ".join(f"{k}: index {built.get(k)!r}, run {wanted.get(k)!r}" for k in differ)
+        raise DataError(f"{meta_path}: the index was built with other loader options ({how}); rerun `dpft prepare` "
+                        "with " + " ".join(f"--set {k}={json.dumps(wanted.get(k))}" for k in differ)
+                        + " or train with " + " ".join(f"--config.data.options.{k}={json.dumps(built.get(k))}"
+                                                        for k in differ))
     meta = TableMeta.from_json(stored["meta"])
     out = {}
     for split in stored["splits"]:
@@ -358,5 +380,5 @@ def read_index(index_dir: str, options: Mapping[str, Any] | None = None) -> dict
             else:
                 rec["label"] = int(row["label"])
             records.append(rec)
-        out[split] = from_records(records, split=split, meta=meta)
+        out[split] = from_records(records, split=split, meta=meta, excluded=stored.get("excluded", {}).get(split))
     return out

@@ -35,6 +35,7 @@ from dpft.data import subgroups
 from dpft.errors import DataError
 from dpft.data.base import DatasetSpec, options_from
 from dpft.data.base import ExampleTable, TableMeta, check_nonempty, check_patient_disjoint, from_records, hash_split
+from dpft.data.base import count_excluded
 from dpft.data.base import read_csv
 
 LABELS: tuple[str, ...] = (
@@ -201,27 +202,35 @@ def _read_csv(path: str) -> Any:
     return df
 
 
+#: Why a row of the CSVs is not in any split (counted per attribute group: `ExampleTable.excluded`).
+EXCLUDED_VIEW, EXCLUDED_MISSING = "lateral view (frontal_only)", "missing image"
+
+
 def _records(df: Any, csv_path: str, base: str, id_offset: int, opts: CheXpertOptions,
-             race: dict[str, str] | None, files: remote_files.FileSet) -> tuple[list[dict], list[int]]:
+             race: dict[str, str] | None, files: remote_files.FileSet
+             ) -> tuple[list[dict], list[int], list[tuple[str, str, dict]]]:
+    """(records, lines of missing images, excluded rows as (reason, patient id, attrs))."""
     raw = parse_label_values(df, csv_path)
     label, mask = apply_policy(raw, opts.uncertainty, opts.mask_blank)
-    records, missing, bad_ages = [], [], []
+    records, missing, bad_ages, excluded = [], [], [], []
     for i, row in enumerate(df[list(META_COLUMNS)].itertuples(index=False)):
         rel, sex, age, view = row[0], row[1], row[2], row[3]
+        pid = patient_id_from_path(rel, f"{csv_path}: line {i + 2}, column 'Path'")
+        attrs = {"sex": subgroups.group_sex(sex), "age": subgroups.age_bin(age, opts.age_edges)}
+        if race is not None:
+            attrs["race"] = subgroups.group_race(race.get(pid))
         if opts.frontal_only and view.strip() != "Frontal":
+            excluded.append((EXCLUDED_VIEW, pid, attrs))
             continue
         if subgroups.unparseable_age(age):
             bad_ages.append((i + 2, age))
-        pid = patient_id_from_path(rel, f"{csv_path}: line {i + 2}, column 'Path'")
         img = paths.join(base, rel)
         if opts.check_files and not files.exists(img):
             if opts.on_bad_image == "error":
                 raise DataError(f"{csv_path}: line {i + 2}, column 'Path': image {img!r} does not exist")
             missing.append(i + 2)
+            excluded.append((EXCLUDED_MISSING, pid, attrs))
             continue
-        attrs = {"sex": subgroups.group_sex(sex), "age": subgroups.age_bin(age, opts.age_edges)}
-        if race is not None:
-            attrs["race"] = subgroups.group_race(race.get(pid))
         records.append({"example_id": id_offset + i, "patient_id": pid, "image": img,
                         "label": label[i], "label_mask": mask[i], "attrs": attrs})
     if bad_ages:  # counted as "Unknown" like blanks, but never silently
@@ -229,7 +238,7 @@ def _records(df: Any, csv_path: str, base: str, id_offset: int, opts: CheXpertOp
         logging.getLogger(__name__).warning(
             "chexpert: %s: %d unparseable Age value(s) counted as age group 'Unknown' (lines %s, values %s)",
             csv_path, len(bad_ages), [n for n, _ in bad_ages[:5]], [v for _, v in bad_ages[:5]])
-    return records, missing
+    return records, missing, excluded
 
 
 def load_splits(root: str, **options: Any) -> dict[str, ExampleTable]:
@@ -248,8 +257,8 @@ def load_splits(root: str, **options: Any) -> dict[str, ExampleTable]:
     train_csv, valid_csv = paths.join(dataset_dir, "train.csv"), paths.join(dataset_dir, "valid.csv")
     train_df, valid_df = _read_csv(train_csv), _read_csv(valid_csv)
     files = remote_files.FileSet(base)  # on an object store: one listing, not one request per image
-    train_recs, miss_t = _records(train_df, train_csv, base, 0, opts, race, files)
-    test_recs, miss_v = _records(valid_df, valid_csv, base, len(train_df), opts, race, files)
+    train_recs, miss_t, out_t = _records(train_df, train_csv, base, 0, opts, race, files)
+    test_recs, miss_v, out_v = _records(valid_df, valid_csv, base, len(train_df), opts, race, files)
     if miss_t or miss_v:
         logging.getLogger(__name__).warning("chexpert: skipped %d missing images (train.csv lines %s, "
                                             "valid.csv lines %s)", len(miss_t) + len(miss_v), miss_t[:5], miss_v[:5])
@@ -259,10 +268,16 @@ def load_splits(root: str, **options: Any) -> dict[str, ExampleTable]:
     is_val = hash_split([r["patient_id"] for r in train_recs], opts.val_fraction)
     meta = TableMeta(name="chexpert", task="multilabel", class_names=LABELS, eval_tasks=EVAL_TASKS,
                      attribute_names=("sex", "age") + (("race",) if race is not None else ()))
+    out_val = hash_split([pid for _, pid, _ in out_t], opts.val_fraction)  # where each excluded row would be
+    excluded = count_excluded(
+        [("validation" if v else "train", why, attrs) for (why, _, attrs), v in zip(out_t, out_val)]
+        + [("test", why, attrs) for why, _, attrs in out_v])
     splits = {
-        "train": from_records([r for r, v in zip(train_recs, is_val) if not v], split="train", meta=meta),
-        "validation": from_records([r for r, v in zip(train_recs, is_val) if v], split="validation", meta=meta),
-        "test": from_records(test_recs, split="test", meta=meta),
+        "train": from_records([r for r, v in zip(train_recs, is_val) if not v], split="train", meta=meta,
+                              excluded=excluded.get("train")),
+        "validation": from_records([r for r, v in zip(train_recs, is_val) if v], split="validation", meta=meta,
+                                   excluded=excluded.get("validation")),
+        "test": from_records(test_recs, split="test", meta=meta, excluded=excluded.get("test")),
     }
     if opts.val_fraction == 0:
         del splits["validation"]

@@ -23,8 +23,9 @@ MISSING = "Unknown"
 
 def attribute_coverage(tables: Mapping[str, ExampleTable]) -> dict[str, Any]:
     """{"attributes": {name: {"n", "with_value", "groups": {value: count},
-    "splits": {split: {"n", "with_value", "groups": {value: count}}}}}} over every split of `tables`
-    (the training split's groups: the realised subgroup sizes of an imbalance study)."""
+    "splits": {split: {"n", "with_value", "groups": {value: count}, "excluded": {reason: {"n", "groups"}}}}}}}
+    over every split of `tables` (the training split's groups: the realised subgroup sizes of an imbalance
+    study; "excluded": the rows the loader left out of the split, by reason: `ExampleTable.excluded`)."""
     out: dict[str, dict[str, Any]] = {}
     names = list(dict.fromkeys(a for t in tables.values() for a in t.attribute_names))
     for split, table in tables.items():
@@ -41,19 +42,28 @@ def attribute_coverage(tables: Mapping[str, ExampleTable]) -> dict[str, Any]:
             entry["n"] += n
             entry["with_value"] += known
             entry["groups"].update(counts[a])
-            entry["splits"][split] = {"n": n, "with_value": known, "groups": dict(sorted(counts[a].items()))}
+            entry["splits"][split] = {"n": n, "with_value": known, "groups": dict(sorted(counts[a].items())),
+                                      "excluded": {why: {"n": sum(by[a].values()), "groups": dict(by[a])}
+                                                   for why, by in table.excluded.items() if a in by}}
     for entry in out.values():
         entry["groups"] = dict(sorted(entry["groups"].items()))
     return {"attributes": out}
 
 
 def format_coverage(coverage: Mapping[str, Any]) -> list[str]:
-    """One line per attribute: `attribute coverage: sex 120/124 (Female=60, Male=60, Unknown=4)`."""
-    lines = []
+    """One line per attribute: `attribute coverage: sex 120/124 (Female=60, Male=60, Unknown=4)`, and one per
+    attribute and exclusion reason: `excluded (lateral view (frontal_only)): sex 41 (Female=30, Male=11)`."""
+    lines, excluded = [], []
     for a, e in coverage["attributes"].items():
         groups = ", ".join(f"{v}={c}" for v, c in e["groups"].items())
         lines.append(f"attribute coverage: {a} {e['with_value']}/{e['n']} ({groups})")
-    return lines or ["attribute coverage: the data set has no subgroup attributes"]
+        totals: dict[str, collections.Counter] = {}
+        for info in e["splits"].values():
+            for why, ex in info.get("excluded", {}).items():
+                totals.setdefault(why, collections.Counter()).update(ex["groups"])
+        excluded += [f"excluded ({why}): {a} {sum(c.values())} (" + ", ".join(f"{g}={n}" for g, n in sorted(c.items()))
+                     + ")" for why, c in totals.items()]
+    return (lines + excluded) or ["attribute coverage: the data set has no subgroup attributes"]
 
 
 def required_attributes(dataset: str, option: Any) -> tuple[str, ...]:

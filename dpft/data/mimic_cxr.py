@@ -32,7 +32,7 @@ from dpft import paths, remote_files
 from dpft.data import subgroups
 from dpft.errors import DataError
 from dpft.data.base import DatasetSpec, options_from
-from dpft.data.base import ExampleTable, TableMeta, check_nonempty, check_patient_disjoint, from_records
+from dpft.data.base import ExampleTable, TableMeta, check_nonempty, check_patient_disjoint, count_excluded, from_records
 from dpft.data.base import read_csv
 from dpft.data.chexpert import EVAL_TASKS, LABELS, apply_policy, check_policy, parse_label_values
 
@@ -78,8 +78,11 @@ def image_path(root: str, subject_id: str, study_id: str, dicom_id: str) -> str:
 
 
 def _read(path: str, columns: tuple[str, ...]) -> Any:
+    """The CSV at `path` (a `.csv.gz` as PhysioNet ships it, or its uncompressed `.csv` copy beside it)."""
+    if not paths.exists(path) and path.endswith(".csv.gz") and paths.exists(path[:-3]):
+        path = path[:-3]
     if not paths.exists(path):
-        raise DataError(f"{path}: file not found")
+        raise DataError(f"{path}: file not found" + (f" (nor {path[:-3]})" if path.endswith(".csv.gz") else ""))
     try:
         df = read_csv(path, dtype=str, keep_default_na=False)
     except Exception as e:  # noqa: BLE001
@@ -98,6 +101,8 @@ def _mode(values: list[str]) -> str:
     return str(uniq[int(np.argmax(counts))])  # np.unique sorts: ties -> alphabetical first
 
 
+#: Why an image of the metadata is in no split (counted per attribute group: `ExampleTable.excluded`).
+EXCLUDED_VIEW, EXCLUDED_UNLABELED, EXCLUDED_MISSING = "view filter (views)", "study without labels", "missing image"
 IV_SUBDIRS = ("", "hosp", "core")  # flat, MIMIC-IV v2+ (hosp/), MIMIC-IV v1.0 (core/)
 IV_TABLES = ("patients.csv.gz", "admissions.csv.gz")
 
@@ -110,9 +115,9 @@ def find_iv_tables(root: str, iv_dir: str | None) -> tuple[str, str] | None:
     """
     base = iv_dir or root
     found = []
-    for name in IV_TABLES:
-        hits = [p for p in (paths.join(base, sub, name) if sub else paths.join(base, name) for sub in IV_SUBDIRS)
-                if paths.exists(p)]
+    for name in IV_TABLES:  # each as .csv.gz or an uncompressed .csv copy
+        hits = [p for p in (paths.join(base, sub, n) if sub else paths.join(base, n) for sub in IV_SUBDIRS
+                            for n in (name, name[:-3])) if paths.exists(p)]
         found.append(hits[0] if hits else None)
     if all(found):
         return found[0], found[1]
@@ -180,24 +185,10 @@ def load_splits(root: str, **options: Any) -> dict[str, ExampleTable]:
     files = remote_files.FileSet(paths.join(root, "files"))  # on an object store: one listing of the images
     by_split: dict[str, list[dict]] = {"train": [], "validation": [], "test": []}
     missing, unlabeled, unlabeled_images = 0, set(), 0
+    excluded = []  # (split, reason, attrs) of every image left out: counted per attribute group
     cols = md[list(METADATA_COLUMNS)].itertuples(index=False)
     for i, (dicom, subj, study, view, date) in enumerate(cols):
         where = f"{meta_path}: line {i + 2}"
-        if opts.views and view not in opts.views:
-            continue
-        if dicom not in split_of:
-            raise DataError(f"{where}: dicom_id {dicom!r} not in {split_path}")
-        if (subj, study) not in study_row:
-            unlabeled.add((subj, study))
-            unlabeled_images += 1
-            continue
-        img = image_path(root, subj, study, dicom)
-        if opts.check_files and not files.exists(img):
-            if opts.on_bad_image == "error":
-                raise DataError(f"{where}: image {img!r} does not exist")
-            missing += 1
-            continue
-        j = study_row[(subj, study)]
         attrs = {"view": view or "Unknown"}
         if iv:
             gender, anchor_age, anchor_year = people.get(subj, ("", None, None))
@@ -209,6 +200,24 @@ def load_splits(root: str, **options: Any) -> dict[str, ExampleTable]:
             race, ins = social.get(subj, ("Unknown", ""))
             attrs.update(sex=subgroups.group_sex(gender), age=subgroups.age_bin(age, opts.age_edges),
                          race=race, insurance=subgroups.group_insurance(ins))
+        if opts.views and view not in opts.views:
+            excluded.append((split_of.get(dicom, "unassigned"), EXCLUDED_VIEW, attrs))
+            continue
+        if dicom not in split_of:
+            raise DataError(f"{where}: dicom_id {dicom!r} not in {split_path}")
+        if (subj, study) not in study_row:
+            unlabeled.add((subj, study))
+            unlabeled_images += 1
+            excluded.append((split_of[dicom], EXCLUDED_UNLABELED, attrs))
+            continue
+        img = image_path(root, subj, study, dicom)
+        if opts.check_files and not files.exists(img):
+            if opts.on_bad_image == "error":
+                raise DataError(f"{where}: image {img!r} does not exist")
+            missing += 1
+            excluded.append((split_of[dicom], EXCLUDED_MISSING, attrs))
+            continue
+        j = study_row[(subj, study)]
         by_split[split_of[dicom]].append({"example_id": i, "patient_id": str(subj), "image": img,
                                           "label": label[j], "label_mask": mask[j], "attrs": attrs})
     if missing:
@@ -220,7 +229,8 @@ def load_splits(root: str, **options: Any) -> dict[str, ExampleTable]:
     check_patient_disjoint({k: [r["patient_id"] for r in v] for k, v in by_split.items()}, split_path)
     meta = TableMeta(name="mimic_cxr", task="multilabel", class_names=LABELS, eval_tasks=EVAL_TASKS,
                      attribute_names=attribute_names)
-    splits = {k: from_records(v, split=k, meta=meta) for k, v in by_split.items()}
+    out = count_excluded(excluded)
+    splits = {k: from_records(v, split=k, meta=meta, excluded=out.get(k)) for k, v in by_split.items()}
     check_nonempty(splits, f"mimic_cxr at {root}")
     return splits
 

@@ -217,7 +217,8 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLi
                  x: str = EPSILON, series: str | None = None, attribute: str | None = None,
                  ci_level: float = 0.95) -> dict[str, Any]:
     """Cells (series, x) over runs, seeds aggregated; per cell: utility, gap and parity (mean over
-    seeds, CI over seeds). Writes compare.{json,md,png} to out_dir and returns the compare.json dict."""
+    seeds, CI over seeds); "paired": private minus non-private gaps (`paired_differences`). Writes
+    compare.{json,md,png} to out_dir and returns the compare.json dict."""
     if not run_dirs:
         raise UsageError("compare: no run directories given")
     if series is not None and series == x:
@@ -246,10 +247,11 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLi
             cell["parity"][a] = {p: cell_summary([(r["parity"].get(a) or {}).get(p) for r in runs], ci_level)
                                  for p in PARITY_METRICS}
         out_cells.append(cell)
+    paired = paired_differences(cells, x, series, attrs, ci_level)
     for r in rows:
         del r["_config"]
     result = {"x": x, "series": series, "utility_metric": rows[0]["utility_metric"], "attributes": attrs,
-              "ci_level": ci_level, "cells": out_cells, "runs": rows}
+              "ci_level": ci_level, "cells": out_cells, "runs": rows, "paired": paired}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_io.write_json(out / "compare.json", result, indent=2, allow_nan=False, default=str)
@@ -257,6 +259,38 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLi
     plot_compare(result, out / "compare.png")
     result["files"] = {k: str(out / f"compare.{k}") for k in ("json", "md", "png")}
     return result
+
+
+def paired_differences(cells: dict[tuple, list[dict]], x: str, series: str | None, attrs: Sequence[str],
+                       level: float) -> list[dict[str, Any]]:
+    """For each cell of private runs that has a non-private baseline cell (the epsilon axis None, the other
+    axis equal), per attribute: the gap of the private runs minus the baseline's, paired by seed on the same
+    test rows (`dpft.evaluate.paired`). [] when the epsilon axis is not compared or there is no baseline."""
+    from dpft.evaluate import paired
+
+    if EPSILON not in (x, series):
+        return []
+    eps_is_x = x == EPSILON
+    out = []
+    for key, runs in cells.items():
+        eps = key[1] if eps_is_x else key[0]
+        if eps is None:
+            continue
+        base = cells.get((key[0], None) if eps_is_x else (None, key[1]))
+        if not base:
+            continue
+        by_seed = {json.dumps(r["seeds"], sort_keys=True): r for r in base}
+        pairs = [(r, by_seed[json.dumps(r["seeds"], sort_keys=True)]) for r in runs
+                 if json.dumps(r["seeds"], sort_keys=True) in by_seed]
+        if not pairs:
+            continue
+        docs = [((_read_json(Path(a["metrics_path"])), a["metrics_path"]),
+                 (_read_json(Path(b["metrics_path"])), b["metrics_path"])) for a, b in pairs]
+        for attr in attrs:
+            out.append({"series": runs[0]["series"], "x": runs[0]["x"], "attribute": attr,
+                        "runs": [[a["run"], b["run"]] for a, b in pairs],
+                        **paired.paired_gap_difference(docs, attr, level=level)})
+    return out
 
 
 def _freeze(v: Any) -> Any:
@@ -311,6 +345,19 @@ def render_compare_markdown(result: dict[str, Any]) -> str:
             lines += [f"## Attribute {a}", ""]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(s.replace("|", "\\|") for s in r) + " |" for r in rows] + [""]
+    if result.get("paired"):
+        lines += ["## Private minus non-private gap (paired)", "",
+                  f"Per cell of private runs: the mean over seeds of ({m} gap of the private run - gap of the "
+                  "non-private run of the same seed), both on the same test rows, with the "
+                  f"{level}% percentile interval of a paired bootstrap resampling patients and seeds together "
+                  "(> 0: DP widens the gap).", "",
+                  "| " + " | ".join(([series] if series else []) + [x, "attribute", "seeds", "difference"]) + " |",
+                  "|" + "---|" * (4 + bool(series))]
+        for p in result["paired"]:
+            cells = ([fmt_value(series, p["series"])] if series else []) + [
+                fmt_value(x, p["x"]), p["attribute"], str(p["n_pairs"]), fmt_stat(p)]
+            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        lines.append("")
     lines += ["## Runs", "", "| run | " + (f"{series} | " if series else "") + f"{x} | epsilon spent | step | seeds | {m} "
               "| training examples per group |", "|" + "---|" * (7 + bool(series))]
     for r in result["runs"]:

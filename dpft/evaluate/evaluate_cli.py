@@ -9,7 +9,7 @@
 
 The first form restores the checkpoint, runs the model over the split (and over the
 validation split, where the decision thresholds are chosen), writes
-`DIR/predictions/<step>/<split>.npz`, then `DIR/eval/<step>/{metrics.json, report.md, *.png}`; with
+`DIR/predictions/<step>/<split>.npz`, then `DIR/eval/<step>/{metrics.json, report.md, groups.csv, *.png}`; with
 `--params` other than the run's own `eval.params`, `DIR/predictions/<step>/<params>/` and
 `DIR/eval/<step>/<params>/` (one choice never overwrites another's)
 (or --out). With --reuse-predictions it reads existing predictions and needs no checkpoint.
@@ -310,5 +310,5 @@ def run(args: argparse.Namespace) -> int:
         out_dir=args.out, **options)
     out_dir = args.out or str(reports.default_out_dir(test_path))
     print(render.render_markdown(result))
-    print(f"wrote {out_dir}/metrics.json, report.md" + ("" if args.no_plots else " and plots"))
+    print(f"wrote {out_dir}/metrics.json, report.md, groups.csv" + ("" if args.no_plots else " and plots"))
     return 0

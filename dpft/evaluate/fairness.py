@@ -50,6 +50,13 @@ INTERSECTION_SEP = "&"  # attribute "sex&race", group "F & White"
 MEAN_METRICS = {"auc_mean": "auc", "accuracy_mean": "accuracy", "auc_macro": "auc"}  # mean -> component prefix
 PARITY_METRICS = ("demographic_parity_difference", "demographic_parity_ratio", "equal_opportunity_difference",
                   "equal_opportunity_ratio", "equalized_odds_difference", "equalized_odds_ratio")
+#: fairlearn's other methods: each group against the whole split (`method="to_overall"`: the largest
+#: |rate_g - rate_overall|, the smallest min(rate_g / rate_overall, rate_overall / rate_g)) and equalized
+#: odds aggregated by the mean of its TPR and FPR components (`agg="mean"`; the six above are
+#: `between_groups` with `agg="worst_case"`). In metrics.json and the report; the sweep compares the six.
+MORE_PARITY_METRICS = tuple(f"{m}_to_overall" for m in PARITY_METRICS) + (
+    "equalized_odds_difference_mean_agg", "equalized_odds_ratio_mean_agg")
+ALL_PARITY_METRICS = PARITY_METRICS + MORE_PARITY_METRICS
 
 
 # ----------------------------------------------------------------------------- thresholds
@@ -228,35 +235,80 @@ def rate_ratio(v: np.ndarray) -> np.ndarray:
     return np.where(_defined_count(v) >= 2, r, np.nan)
 
 
-def parity_metrics(selection: np.ndarray, tpr: np.ndarray, fpr: np.ndarray) -> dict[str, np.ndarray]:
-    """The six parity metrics (fairlearn's between-groups definitions) from per-group rates [G, R]."""
+def difference_to_overall(v: np.ndarray, overall: np.ndarray) -> np.ndarray:
+    """max over groups of |rate_g - rate_overall|: v [G, R], overall [R] -> [R] (NaN with fewer than two
+    defined groups: one group is the whole split, nothing is compared)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        d = np.nanmax(np.abs(v - overall[None, :]), axis=0)
+    return np.where((_defined_count(v) >= 2) & ~np.isnan(overall), d, np.nan)
+
+
+def ratio_to_overall(v: np.ndarray, overall: np.ndarray) -> np.ndarray:
+    """min over groups of min(rate_g / rate_overall, rate_overall / rate_g) -> [R]; a 0/0 pair is left out
+    (as fairlearn: NaN, then ignored), a group rate 0 against a positive overall rate gives 0."""
+    o = overall[None, :]
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        r = np.fmin(np.where(o > 0, v / np.where(o > 0, o, 1.0), np.nan), np.where(v > 0, o / np.where(v > 0, v, 1.0),
+                                                                                   np.nan))
+        r = np.nanmin(np.where(np.isnan(v) | np.isnan(o), np.nan, r), axis=0)
+    return np.where(_defined_count(v) >= 2, r, np.nan)
+
+
+def parity_metrics(selection: np.ndarray, tpr: np.ndarray, fpr: np.ndarray,
+                   overall: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """The six parity metrics (fairlearn's between-groups definitions) from per-group rates [G, R]; with
+    `overall` (the whole split's selection rate, TPR and FPR, each [R]) also MORE_PARITY_METRICS."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         tpr_d, fpr_d, tpr_r, fpr_r = rate_difference(tpr), rate_difference(fpr), rate_ratio(tpr), rate_ratio(fpr)
         eqo_d = np.where(np.isnan(tpr_d) | np.isnan(fpr_d), np.nan, np.fmax(tpr_d, fpr_d))
         eqo_r = np.fmin(tpr_r, fpr_r)  # the smaller of the defined ratios; NaN only when neither is defined
-    return {"demographic_parity_difference": rate_difference(selection),
-            "demographic_parity_ratio": rate_ratio(selection),
-            "equal_opportunity_difference": tpr_d, "equal_opportunity_ratio": tpr_r,
-            "equalized_odds_difference": eqo_d, "equalized_odds_ratio": eqo_r}
+    out = {"demographic_parity_difference": rate_difference(selection),
+           "demographic_parity_ratio": rate_ratio(selection),
+           "equal_opportunity_difference": tpr_d, "equal_opportunity_ratio": tpr_r,
+           "equalized_odds_difference": eqo_d, "equalized_odds_ratio": eqo_r}
+    if overall is None:
+        return out
+    sel_o, tpr_o, fpr_o = (np.asarray(x, np.float64) for x in overall)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        tpr_do, fpr_do = difference_to_overall(tpr, tpr_o), difference_to_overall(fpr, fpr_o)
+        tpr_ro, fpr_ro = ratio_to_overall(tpr, tpr_o), ratio_to_overall(fpr, fpr_o)
+        out.update({
+            "demographic_parity_difference_to_overall": difference_to_overall(selection, sel_o),
+            "demographic_parity_ratio_to_overall": ratio_to_overall(selection, sel_o),
+            "equal_opportunity_difference_to_overall": tpr_do, "equal_opportunity_ratio_to_overall": tpr_ro,
+            "equalized_odds_difference_to_overall": np.where(np.isnan(tpr_do) | np.isnan(fpr_do), np.nan,
+                                                             np.fmax(tpr_do, fpr_do)),
+            "equalized_odds_ratio_to_overall": np.fmin(tpr_ro, fpr_ro),
+            "equalized_odds_difference_mean_agg": (tpr_d + fpr_d) / 2.0,
+            "equalized_odds_ratio_mean_agg": (tpr_r + fpr_r) / 2.0})
+    return out
 
 
 def parity(y_true: np.ndarray, y_pred: np.ndarray, sensitive: np.ndarray,
            sample_weight: np.ndarray | None = None) -> dict[str, float]:
-    """The six parity metrics of binary y_true, y_pred [N] between the groups of sensitive (str [N]).
-    Groups without positives (negatives) are left out of the TPR (FPR) comparisons; undefined -> NaN."""
+    """Every parity metric (ALL_PARITY_METRICS) of binary y_true, y_pred [N] over the groups of sensitive
+    (str [N]). Groups without positives (negatives) are left out of the TPR (FPR) comparisons; undefined -> NaN."""
     y_true, y_pred = np.asarray(y_true).astype(bool), np.asarray(y_pred).astype(np.float64)
     w = np.ones(y_true.shape[0]) if sample_weight is None else np.asarray(sample_weight, np.float64)
-    rates = {"sel": [], "tpr": [], "fpr": []}
-    for idx in group_index(sensitive).values():
-        yt, yp, wg = y_true[idx], y_pred[idx], w[idx]
+
+    def rates_of(yt, yp, wg) -> dict[str, float]:
+        out = {}
         for key, rows in (("sel", np.ones_like(yt)), ("tpr", yt), ("fpr", ~yt)):
             den = float((wg * rows).sum())
-            rates[key].append(float((wg * rows * yp).sum()) / den if den > 0 else np.nan)
-    arr = {k: np.asarray(v, np.float64).reshape(-1, 1) for k, v in rates.items()}
-    if not rates["sel"]:
-        return {m: float("nan") for m in PARITY_METRICS}
-    return {m: float(v[0]) for m, v in parity_metrics(arr["sel"], arr["tpr"], arr["fpr"]).items()}
+            out[key] = float((wg * rows * yp).sum()) / den if den > 0 else np.nan
+        return out
+
+    groups = [rates_of(y_true[idx], y_pred[idx], w[idx]) for idx in group_index(sensitive).values()]
+    if not groups:
+        return {m: float("nan") for m in ALL_PARITY_METRICS}
+    arr = {k: np.asarray([g[k] for g in groups], np.float64).reshape(-1, 1) for k in ("sel", "tpr", "fpr")}
+    whole = rates_of(y_true, y_pred, w)
+    overall = tuple(np.asarray([whole[k]]) for k in ("sel", "tpr", "fpr"))
+    return {m: float(v[0]) for m, v in parity_metrics(arr["sel"], arr["tpr"], arr["fpr"], overall).items()}
 
 
 # ----------------------------------------------------------------------------- the whole evaluation
@@ -286,6 +338,7 @@ def plan_groups(inp: EvalInputs, attrs: Mapping[str, np.ndarray],
                 included: Mapping[str, Sequence[str]] | None = None) -> GroupPlan:
     """A GroupPlan from the point estimates (included default: every group)."""
     inc, common, ptasks = {}, {}, {}
+    whole = metric_suite(inp)
     for attr, values in attrs.items():
         per_group = _group_suites(inp, values, None)
         inc[attr] = tuple(g for g in per_group if included is None or g in included.get(attr, per_group))
@@ -295,21 +348,23 @@ def plan_groups(inp: EvalInputs, attrs: Mapping[str, np.ndarray],
                 continue
             common[attr][mean] = tuple(t for t in inp.tasks if inc[attr] and all(
                 not np.isnan(per_group[g][f"{prefix}/{t}"][0]) for g in inc[attr]))
-        ptasks[attr] = {m: [] for m in PARITY_METRICS}
+        ptasks[attr] = {m: [] for m in ALL_PARITY_METRICS}
         for t in inp.tasks:
-            p = _parity_of(per_group, inc[attr], t)
-            for m in PARITY_METRICS:
+            p = _parity_of(per_group, inc[attr], t, whole)
+            for m in ALL_PARITY_METRICS:
                 if not np.isnan(p[m][0]):
                     ptasks[attr][m].append(t)
         ptasks[attr] = {m: tuple(v) for m, v in ptasks[attr].items()}
     return GroupPlan(attrs=dict(attrs), included=inc, common_tasks=common, parity_tasks=ptasks)
 
 
-def _parity_of(per_group: Mapping[str, Mapping[str, np.ndarray]], included: Sequence[str], t: str) -> dict:
+def _parity_of(per_group: Mapping[str, Mapping[str, np.ndarray]], included: Sequence[str], t: str,
+               overall: Mapping[str, np.ndarray]) -> dict:
+    """Every parity metric of task t over the included groups (`overall`: the whole split's metric suite)."""
     if not included:
-        return {m: np.array([np.nan]) for m in PARITY_METRICS}
+        return {m: np.array([np.nan]) for m in ALL_PARITY_METRICS}
     rates = [np.stack([per_group[g][f"{r}/{t}"] for g in included]) for r in ("selection_rate", "tpr", "fpr")]
-    return parity_metrics(*rates)
+    return parity_metrics(*rates, overall=tuple(overall[f"{r}/{t}"] for r in ("selection_rate", "tpr", "fpr")))
 
 
 def _mean_rows(cols: Sequence[np.ndarray], r: int) -> np.ndarray:
@@ -329,7 +384,8 @@ def all_metrics(inp: EvalInputs, plan: GroupPlan, weights: np.ndarray | None = N
     metrics average plan.common_tasks.
     """
     r = 1 if weights is None else int(np.asarray(weights).shape[0])
-    out: dict[Key, np.ndarray] = {("overall", m): v for m, v in metric_suite(inp, weights, overall=True).items()}
+    whole = metric_suite(inp, weights, overall=True)
+    out: dict[Key, np.ndarray] = {("overall", m): v for m, v in whole.items()}
     for attr, values in plan.attrs.items():
         per_group = _group_suites(inp, values, weights)
         for g, suite in per_group.items():
@@ -343,11 +399,11 @@ def all_metrics(inp: EvalInputs, plan: GroupPlan, weights: np.ndarray | None = N
         for m in per_group[included[0]]:
             stats = summarise_groups({g: per_group[g][m] for g in included}, m)
             out.update({("gap", attr, m, s): v for s, v in stats.items()})
-        per_task = {t: _parity_of(per_group, included, t) for t in inp.tasks}
+        per_task = {t: _parity_of(per_group, included, t, whole) for t in inp.tasks}
         for t, p in per_task.items():
             out.update({("parity", attr, f"{m}/{t}"): v for m, v in p.items()})
         if inp.tasks:
-            for m in PARITY_METRICS:
+            for m in ALL_PARITY_METRICS:
                 out[("parity", attr, f"{m}/mean")] = _mean_rows([per_task[t][m] for t in plan.parity_tasks[attr][m]], r)
     return out
 
@@ -413,6 +469,9 @@ def rules(method_note: str, exclude_small: bool, min_group_size: int) -> list[st
         "its TPR (FPR) comparison (fairlearn would count their rate as 0)",
         "equalized odds ratio = the smaller of the TPR and FPR ratios that are defined (as fairlearn: a 0/0 FPR "
         "ratio, every FPR 0, does not hide a TPR ratio of 0)",
+        "*_to_overall: each compared group against the whole split (all its rows, as fairlearn's method='to_overall'); "
+        "*_mean_agg: the mean of the TPR and FPR components (fairlearn's agg='mean'); the others compare the "
+        "groups with each other (method='between_groups', agg='worst_case')",
         "group mean metrics (auc_mean, accuracy_mean, auc_macro) average only the tasks defined in every "
         "compared group of the attribute (listed per attribute)",
         "'worst' in gap tables is the minimum over groups (maximum for FPR/underdiagnosis); its CI is the CI "

@@ -1,4 +1,5 @@
-"""Evaluate a predictions file: metrics.json, report.md and PNG plots in WORKDIR/eval/<step>/.
+"""Evaluate a predictions file: metrics.json, report.md, groups.csv (tidy, `dpft.evaluate.tidy`) and PNG
+plots in WORKDIR/eval/<step>/.
 
 This module assembles the result; `render` writes the Markdown, `plots` the PNGs.
 
@@ -35,7 +36,7 @@ from dpft.data.subgroups import RACE_RULE
 from dpft.errors import UsageError
 from dpft.evaluate import bootstrap as bs
 from dpft.evaluate import fairness as fair
-from dpft.evaluate import plots, render
+from dpft.evaluate import plots, render, tidy
 from dpft.evaluate.fairness import THRESHOLD_METHODS, group_index
 from dpft.metrics import NO_FINDING, EvalInputs, headline_metrics, higher_is_better, make_inputs
 from dpft.workdir import contract
@@ -212,6 +213,7 @@ def evaluate_predictions(test_path: str | os.PathLike, val_path: str | os.PathLi
                     result["individual_epsilon"][key] = extra_eps[key]
     atomic_io.write_json(out / "metrics.json", result, indent=2, allow_nan=False)
     atomic_io.write_text(out / "report.md", render.render_markdown(result))
+    tidy.write_tidy_csv(result, out / "groups.csv")
     if config.plots:
         plots.write_group_plots(result, out)
     return result

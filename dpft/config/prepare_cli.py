@@ -1,10 +1,13 @@
-"""`dpft prepare <dataset> --source DIR [--out DIR]`: validate a data dir and build its index.
+"""`dpft prepare <dataset> --source DIR [--out DIR] [--config CONFIG]`: validate a data dir and build its index.
 
 Checks: the CSV columns and label values (while loading), every referenced image exists
 and decodes (fully, so truncated JPEGs fail), patient split integrity, no empty split.
 Writes `<out>/summary.json` (counts per split and per subgroup) and, for the indexed data
 sets (a `DatasetSpec` with an `index_key`: chexpert, mimic_cxr), `<out>/index/{<split>.csv,
-meta.json}`: load them again with `load_splits(name, root, index_dir="<out>/index", <same options>)`.
+meta.json}`: load them again with `load_splits(name, root, index_dir="<out>/index", <same options>)`;
+`--config` takes the options from the run config that will train on the index (a mismatch is refused
+at load time, naming the options that differ); reading run configs is why this command lives in
+`dpft.config`, above the data sets it loads.
 `--on-bad-image` goes to the loader as its option `on_bad_image` where it has one. Embedded data
 sets (`needs_root=False`: made in memory) need no --source and have no image files to check.
 """
@@ -31,6 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dataset", choices=DATASETS.names())
     parser.add_argument("--source", help="data directory (not needed for digits)")
     parser.add_argument("--out", help="where to write summary.json and index/ (default: <source>/dpft-index)")
+    parser.add_argument("--config", default=None, metavar="CONFIG",
+                        help="take the loader options from this run config (its data.options, e.g. "
+                             "configs/chexpert_nfnet_f0.py), so the index is the one that run loads with index_dir; "
+                             "--set overrides them")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a loader option, e.g. uncertainty=zeros, frontal_only=true (JSON values)")
     parser.add_argument("--on-bad-image", choices=("error", "skip"), default="error",
@@ -104,9 +111,22 @@ def summarize(tables: dict[str, ExampleTable]) -> dict[str, Any]:
     return {"splits": out}
 
 
+def config_options(path: str, dataset_name: str) -> dict[str, Any]:
+    """The loader options of the run config at `path` (`config.data.options`, without index_dir and the
+    options a run resolves itself); UsageError if it trains another data set."""
+    from dpft.config.base import load_config
+
+    config = load_config(path)
+    if str(config.data.name) != dataset_name:
+        raise UsageError(f"--config {path}: trains data set {config.data.name!r}, not {dataset_name!r}")
+    options = dict(config.data.options.to_dict()) if config.data.options is not None else {}
+    options.pop("index_dir", None)
+    return json.loads(json.dumps(options, default=list))
+
+
 def run(args: argparse.Namespace) -> int:
     spec = dataset(args.dataset)
-    options = parse_options(args.set)
+    options = {**(config_options(args.config, args.dataset) if args.config else {}), **parse_options(args.set)}
     if "on_bad_image" in spec.option_defaults():
         options.setdefault("on_bad_image", args.on_bad_image)
     from dpft import paths
@@ -134,8 +154,12 @@ def run(args: argparse.Namespace) -> int:
     if spec.indexed:
         write_index(tables, out, extra=spec.index_options(args.dataset, options))
     summary = summarize(tables)
+    excluded: dict[str, int] = {}  # rows the loader left out, by reason (per group: attribute_coverage)
+    for table in tables.values():
+        for why, by_attr in table.excluded.items():
+            excluded[why] = excluded.get(why, 0) + (sum(next(iter(by_attr.values())).values()) if by_attr else 0)
     summary.update(dataset=args.dataset, source=args.source, options=options, skipped=len(problems),
-                   attribute_coverage=cov,
+                   excluded_by_loader=excluded, attribute_coverage=cov,
                    skipped_examples=problems[:100])
     atomic_io.write_json(paths.join(out, "summary.json"), summary, indent=2, sort_keys=True)
     for split, info in summary["splits"].items():
@@ -143,5 +167,7 @@ def run(args: argparse.Namespace) -> int:
                           for a, vc in info.get("attrs", {}).items())
         print(f"{split}: {info['examples']} examples" + (f", {info['patients']} patients" if "patients" in info else "")
               + (f" | {attrs}" if attrs else ""))
-    print(f"skipped {len(problems)} bad images; wrote {out}")
+    left_out = "; ".join(f"{why} {n}" for why, n in excluded.items())
+    print(f"skipped {len(problems)} bad images" + (f"; left out by the loader: {left_out}" if left_out else "")
+          + f"; wrote {out}")
     return 0
