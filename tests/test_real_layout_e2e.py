@@ -141,7 +141,9 @@ def test_evaluate_refuses_an_attribute_that_vanished_since_training(tmp_path):
     assert check_coverage(str(tmp_path / "w"), config, tables, lines.append)["requested"] == ["sex", "age"]
 
 
-@pytest.mark.parametrize("layout,version", [("hosp", 2), ("core", 1)])
+#: One layout end to end (the v1.0 core/ and flat layouts, and the ethnicity column of v1, are read by the same
+#: loader: tests/test_data_mimic.py::test_mimic_iv_in_separate_folder_every_layout checks them row by row).
+@pytest.mark.parametrize("layout,version", [("hosp", 2)])
 def test_mimic_with_mimic_iv_apart(tmp_path, layout, version):
     root, iv = str(tmp_path / "mimic-cxr-jpg" / "2.0.0"), str(tmp_path / "mimiciv" / f"{version}.0")
     fake.write_fake_mimic_cxr(root, n_subjects=24, iv_root=iv, iv_layout=layout, iv_version=version,
