@@ -281,6 +281,46 @@ def test_intersections_and_user_exclusions(tmp_path):
         R.evaluate_predictions(paths["test"], n_resamples=5, plots=False, intersections=["sex*site"])
 
 
+def test_control_features_compare_groups_within_each_stratum_as_fairlearn(tmp_path):
+    """`dpft evaluate --control age`: the sex comparison within each age bin ('sex|age=<bin>'), equal to
+    fairlearn's MetricFrame(..., control_features=age).difference() / .ratio() per bin (selection rate, TPR:
+    demographic parity and equal opportunity), and an AUC gap within a bin equal to sklearn on that bin's
+    rows; the rows of other bins are a group left out, named."""
+    from fairlearn.metrics import MetricFrame, selection_rate, true_positive_rate
+
+    from dpft import cli
+
+    paths = write_synthetic_workdir(tmp_path, n_test=800, n_val=300, step=4)
+    assert cli.main(["evaluate", "--workdir", str(tmp_path), "--reuse-predictions", "--bootstrap", "10",
+                     "--no-plots", "--control", "age"]) == 0
+    m = _strict_json(tmp_path / "eval" / "4" / "metrics.json")
+    preds = load_predictions(paths["test"])
+    thr = m["meta"]["thresholds"]["values"]
+    t = "Edema"
+    j = preds.class_names.index(t)
+    keep = preds.label_mask[:, j] > 0
+    y = preds.label[keep, j] > 0.5
+    d = preds.probabilities()[keep, j] >= thr[t]
+    sex, age = np.asarray(preds.attrs["sex"])[keep], np.asarray(preds.attrs["age"])[keep]
+    frames = {f: MetricFrame(metrics=f, y_true=y, y_pred=d, sensitive_features=sex, control_features=age)
+              for f in (selection_rate, true_positive_rate)}
+    for level in sorted(set(age.tolist())):
+        par = m["parity"][f"sex|age={level}"]
+        for f, name in ((selection_rate, "demographic_parity"), (true_positive_rate, "equal_opportunity")):
+            assert par[f"{name}_difference/{t}"]["value"] == pytest.approx(frames[f].difference().loc[level], abs=1e-12)
+            assert par[f"{name}_ratio/{t}"]["value"] == pytest.approx(frames[f].ratio().loc[level], abs=1e-12)
+        groups = m["groups"][f"sex|age={level}"]
+        assert groups["(outside the stratum)"]["excluded"] == f"rows outside the stratum age={level} (control feature)"
+        rows = (np.asarray(preds.attrs["age"]) == level) & (preds.label_mask[:, j] > 0)
+        for g in ("F", "M"):
+            sel = rows & (np.asarray(preds.attrs["sex"]) == g)
+            assert groups[g]["metrics"][f"auc/{t}"]["value"] == pytest.approx(
+                roc_auc_score(preds.label[sel, j], preds.logits[sel, j]))
+    assert "sex|age=18-40" in (tmp_path / "eval" / "4" / "report.md").read_text()
+    assert cli.main(["evaluate", "--workdir", str(tmp_path), "--reuse-predictions", "--no-plots",
+                     "--control", "site"]) == 2
+
+
 def test_an_empty_attribute_value_is_the_unknown_group_and_can_be_excluded(tmp_path):
     kw = synthetic_predictions(300, task="multilabel", seed=3)
     race = np.asarray(kw["attrs"]["race"]).astype(object)

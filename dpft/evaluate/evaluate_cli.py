@@ -3,7 +3,7 @@
     dpft evaluate --workdir DIR [--checkpoint STEP|latest] [--split test] [--params ema|raw|polyak]
                   [--reuse-predictions] [--bootstrap 1000] [--seed 0] [--ci-level 0.95]
                   [--threshold-method youden|fpr|f1|fixed] [--target-fpr 0.1] [--threshold 0.5]
-                  [--min-group-size 30] [--exclude-small-groups] [--intersect sex*race]
+                  [--min-group-size 30] [--exclude-small-groups] [--intersect sex*race] [--control age]
                   [--exclude-group race=Unknown] [--out DIR] [--no-plots]
     dpft evaluate --compare DIR1 DIR2 ... [--x privacy.epsilon] [--series FIELD] [--out DIR]
 
@@ -68,6 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--exclude-small-groups", action="store_true", help="leave small groups out of gaps and parity")
     g.add_argument("--intersect", action="append", default=[], metavar="A*B",
                    help="add an intersectional attribute, e.g. --intersect sex*race (repeatable)")
+    g.add_argument("--control", action="append", default=[], metavar="ATTRIBUTE",
+                   help="a control feature (fairlearn's control_features): compare every other attribute's groups "
+                        "within each of its values, e.g. --control age gives the sex gap in each age bin (repeatable)")
     g.add_argument("--exclude-group", action="append", default=[], metavar="ATTR=GROUP",
                    help="leave a group out of gaps and parity, e.g. --exclude-group race=Unknown (repeatable)")
     g.add_argument("--no-plots", action="store_true", help="write no PNGs")
@@ -77,6 +80,7 @@ def eval_options(args: argparse.Namespace) -> dict:
     """The `reports.EvalConfig` fields given on the command line."""
     return {**{name: getattr(args, name) for name in FLAGS}, "exclude_small_groups": args.exclude_small_groups,
             "intersections": tuple(args.intersect), "exclude_groups": tuple(args.exclude_group),
+            "control_features": tuple(args.control),
             "plots": not args.no_plots}
 
 

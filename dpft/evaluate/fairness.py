@@ -152,6 +152,31 @@ def add_intersections(attrs: Mapping[str, np.ndarray], specs: Sequence[str]) -> 
     return out
 
 
+#: The group of a conditional attribute's rows outside its stratum (never compared).
+OUTSIDE_STRATUM = "(outside the stratum)"
+
+
+def add_conditionals(attrs: Mapping[str, np.ndarray], controls: Sequence[str]) -> tuple[dict[str, np.ndarray],
+                                                                                         dict[str, str]]:
+    """attrs plus, for each control feature C (fairlearn's `control_features`) and every other attribute A
+    and value c of C, the attribute 'A|C=c': A's groups within the rows where C == c, OUTSIDE_STRATUM
+    elsewhere (left out of its gaps and parity) -> (attrs, {conditional attribute: its stratum 'C=c'}).
+    Its gaps and parity compare A's groups within the stratum; its `*_to_overall` metrics still compare
+    with the whole split. ValueError for an unknown control."""
+    out = {k: np.asarray(v).astype(str) for k, v in attrs.items()}
+    strata: dict[str, str] = {}
+    for control in controls:
+        if control not in attrs:
+            raise ValueError(f"control feature {control!r}: unknown attribute; known: {sorted(attrs)}")
+        levels = out[control]
+        for a in [k for k in attrs if k != control and control not in k.split(INTERSECTION_SEP)]:
+            for c in sorted(set(levels.tolist())):
+                name = f"{a}|{control}={c}"
+                out[name] = np.where(levels == c, out[a], OUTSIDE_STRATUM)
+                strata[name] = f"{control}={c}"
+    return out, strata
+
+
 def parse_exclusions(specs: Sequence[str], attrs: Mapping[str, np.ndarray]) -> dict[str, set[str]]:
     """['race=Unknown', ...] -> {'race': {'Unknown'}}; ValueError on a malformed spec or unknown attribute."""
     out: dict[str, set[str]] = {}

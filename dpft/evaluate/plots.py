@@ -78,11 +78,12 @@ def plot_group_metric(result: Mapping[str, Any], attr: str, metric: str, ax: Any
 
 
 def write_group_plots(result: Mapping[str, Any], out_dir: str | os.PathLike) -> list[str]:
-    """One PNG per attribute, `groups_<attr>.png`, a panel per plotted metric. Returns the paths."""
+    """One PNG per attribute, `groups_<attr>.png`, a panel per plotted metric (not for the conditional
+    attributes of control features, 'A|C=c': their numbers are in the report). Returns the paths."""
     plt = pyplot()
     paths = []
     metrics = plot_metrics(result)
-    for attr in result["groups"]:
+    for attr in [a for a in result["groups"] if "|" not in a]:
         width = max(4.0, 0.9 * len(result["groups"][attr]))
         fig, axes = plt.subplots(1, max(1, len(metrics)), figsize=(width * max(1, len(metrics)), 3.8), squeeze=False)
         for ax, m in zip(axes[0], metrics):

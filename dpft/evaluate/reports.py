@@ -69,6 +69,7 @@ class EvalConfig:
                                   range=Range(0))
     exclude_small_groups: bool = False  # leave "small" groups out of gaps and parity
     intersections: tuple[str, ...] = ()  # e.g. ("sex*race",): intersectional attributes
+    control_features: tuple[str, ...] = ()  # e.g. ("age",): every other attribute compared within each age bin
     exclude_groups: tuple[str, ...] = ()  # e.g. ("race=Unknown",): left out of gaps and parity
     out_dir: str | None = None  # default WORKDIR/eval/<step>
     plots: bool = True
@@ -81,7 +82,7 @@ def make_config(**cfg: Any) -> EvalConfig:
     unknown = sorted(set(cfg) - fields)
     if unknown:
         raise UsageError(f"evaluate: unknown option(s) {unknown}; known: {sorted(fields)}")
-    for name in ("intersections", "exclude_groups"):
+    for name in ("intersections", "exclude_groups", "control_features"):
         if name in cfg:
             value = cfg[name]
             cfg[name] = (value,) if isinstance(value, str) else tuple(value or ())
@@ -237,6 +238,7 @@ def evaluate_inputs(inp: EvalInputs, patient_id: np.ndarray, attrs: Mapping[str,
              for a, v in attrs.items()}
     try:
         attrs = fair.add_intersections(attrs, config.intersections)
+        attrs, strata = fair.add_conditionals(attrs, config.control_features)
         exclusions = fair.parse_exclusions(config.exclude_groups, attrs)
     except ValueError as e:
         raise UsageError(f"evaluate: {e}") from None
@@ -246,7 +248,9 @@ def evaluate_inputs(inp: EvalInputs, patient_id: np.ndarray, attrs: Mapping[str,
         groups_meta[attr], included[attr] = {}, []
         for g, idx in group_index(values).items():
             info = fair.group_info(inp.subset(idx), patient_id[idx], config.min_group_size)
-            info["excluded"] = fair.excluded_by_user(attr, g, exclusions)
+            outside = attr in strata and g == fair.OUTSIDE_STRATUM
+            info["excluded"] = (f"rows outside the stratum {strata[attr]} (control feature)" if outside
+                                else fair.excluded_by_user(attr, g, exclusions))
             if info["excluded"] is None and info["small"] and config.exclude_small_groups:
                 info["excluded"] = f"small group left out ({info['small_reason']})"
             info["flags"] = _group_flags(info)
@@ -293,7 +297,8 @@ def evaluate_inputs(inp: EvalInputs, patient_id: np.ndarray, attrs: Mapping[str,
             lo, hi = (min(vals, key=vals.get), max(vals, key=vals.get)) if len(vals) >= 2 else (None, None)
             worst, best = (lo, hi) if higher_is_better(m) else (hi, lo)
             entry["worst_group"], entry["best_group"] = worst, best
-    flagged = [f"{a}={g}" for a, gm in groups_meta.items() for g, m in gm.items() if m["small"]]
+    flagged = [f"{a}={g}" for a, gm in groups_meta.items() for g, m in gm.items()
+               if m["small"] and g != fair.OUTSIDE_STRATUM]
     if flagged:
         verb = "excluded from" if config.exclude_small_groups else "included in"
         result["notes"].append(f"small groups (< {config.min_group_size} patients; {verb} gaps and parity): "
