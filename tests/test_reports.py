@@ -95,6 +95,25 @@ def test_groups_csv_is_every_number_of_the_group_tables_one_per_row(ml_run):
     assert got == pytest.approx(roc_auc_score(preds.label[keep, j], preds.logits[keep, j]), rel=1e-6)
 
 
+def test_roc_curves_and_reliability_diagrams_per_group(ml_run):
+    """roc_<attr>.png and calibration_<attr>.png per attribute; the reliability points equal scikit-learn's
+    calibration_curve (uniform bins)."""
+    from sklearn.calibration import calibration_curve
+
+    wd, _, _ = ml_run
+    for attr in ("sex", "age", "race"):
+        for kind in ("roc", "calibration"):
+            _png_ok(wd / "eval" / "12" / f"{kind}_{attr}.png")
+    rng = np.random.default_rng(4)
+    p = rng.random(500)
+    y = rng.random(500) < p
+    mean_p, frac, count = plots.reliability(y, p, bins=10)
+    want_frac, want_p = calibration_curve(y, p, n_bins=10, strategy="uniform")
+    np.testing.assert_allclose(frac, want_frac, rtol=1e-12)
+    np.testing.assert_allclose(mean_p, want_p, rtol=1e-12)
+    assert count.sum() == 500
+
+
 def test_thresholds_fall_back_to_half_without_validation(tmp_path):
     paths = write_synthetic_workdir(tmp_path, n_test=200, n_val=50)
     m = R.evaluate_predictions(paths["test"], n_resamples=10, plots=False, out_dir=str(tmp_path / "out"))

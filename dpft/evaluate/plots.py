@@ -1,4 +1,5 @@
-"""PNG plots of evaluation results: per-group metrics with CIs, individual-epsilon histograms."""
+"""PNG plots of evaluation results: per-group metrics with CIs, ROC curves and reliability diagrams per
+group, individual-epsilon histograms."""
 from __future__ import annotations
 
 import os
@@ -116,3 +117,57 @@ def individual_epsilon_histogram(eps: np.ndarray, attrs: Mapping[str, np.ndarray
         ax.set_xlabel("individual epsilon")
     fig.tight_layout()
     return save_figure(fig, png_path)
+
+
+MAX_CURVE_TASKS = 5  # tasks drawn per curve figure (multi-label eval tasks, or the first one-vs-rest classes)
+
+
+def reliability(y: np.ndarray, p: np.ndarray, bins: int = 10) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mean predicted probability, fraction of positives, count) of the non-empty equal-width bins of p:
+    the points of a reliability diagram (scikit-learn's `calibration_curve(strategy="uniform")`, plus counts)."""
+    p = np.asarray(p, np.float64)
+    b = np.minimum((p * bins).astype(int), bins - 1)
+    count = np.bincount(b, minlength=bins)
+    ok = count > 0
+    mean_p = np.bincount(b, weights=p, minlength=bins)[ok] / count[ok]
+    frac = np.bincount(b, weights=np.asarray(y, np.float64), minlength=bins)[ok] / count[ok]
+    return mean_p, frac, count[ok]
+
+
+def write_curve_plots(inp: Any, attrs: Mapping[str, np.ndarray], included: Mapping[str, Any],
+                      out_dir: str | os.PathLike) -> list[str]:
+    """Per attribute (not the conditional 'A|C=c' ones), `roc_<attr>.png` and `calibration_<attr>.png`: a
+    panel per task (at most MAX_CURVE_TASKS), one curve per compared group (its valid rows; a group
+    without both classes of a task is left out of that ROC panel). Returns the paths."""
+    from sklearn.metrics import roc_curve
+
+    plt = pyplot()
+    paths = []
+    tasks = list(zip(inp.tasks, inp.task_index))[:MAX_CURVE_TASKS]
+    if not tasks:
+        return paths
+    y_all = inp.binary_label
+    for attr in [a for a in attrs if "|" not in a]:
+        groups = {g: idx for g, idx in group_index(attrs[attr]).items() if g in included.get(attr, ())}
+        safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in attr)
+        for kind in ("roc", "calibration"):
+            fig, axes = plt.subplots(1, len(tasks), figsize=(3.6 * len(tasks), 3.4), squeeze=False)
+            for ax, (t, j) in zip(axes[0], tasks):
+                for g, idx in groups.items():
+                    rows = idx[inp.valid[idx, j]]
+                    y, prob = y_all[rows, j], inp.probs[rows, j]
+                    if kind == "roc" and 0 < y.sum() < len(y):
+                        fpr, tpr, _ = roc_curve(y, prob)
+                        ax.plot(fpr, tpr, label=f"{g} (n={len(y)})")
+                    elif kind == "calibration" and len(y):
+                        mean_p, frac, _ = reliability(y, prob)
+                        ax.plot(mean_p, frac, marker="o", label=f"{g} (n={len(y)})")
+                ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+                ax.set_title(t, fontsize=9)
+                ax.set_xlabel("false positive rate" if kind == "roc" else "mean predicted probability", fontsize=8)
+                ax.set_ylabel("true positive rate" if kind == "roc" else "fraction of positives", fontsize=8)
+                ax.legend(fontsize=6)
+            fig.suptitle(f"{'ROC curves' if kind == 'roc' else 'reliability diagrams'} by {attr}", fontsize=10)
+            fig.tight_layout()
+            paths.append(save_figure(fig, dpft_paths.join(out_dir, f"{kind}_{safe}.png")))
+    return paths

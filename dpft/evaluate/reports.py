@@ -217,6 +217,8 @@ def evaluate_predictions(test_path: str | os.PathLike, val_path: str | os.PathLi
     tidy.write_tidy_csv(result, out / "groups.csv")
     if config.plots:
         plots.write_group_plots(result, out)
+        plots.write_curve_plots(inp, {a: np.asarray(v).astype(str) for a, v in preds.attrs.items()},
+                                result["meta"]["groups_compared"], out)
     return result
 
 
