@@ -443,11 +443,12 @@ def plot_compare(result: dict[str, Any], path: str | os.PathLike) -> None:
             better = "higher" if p.endswith("ratio") else "lower"
             ax.set_ylabel(f"{p.replace('_', ' ')}\n(mean over tasks; {better} is better)", fontsize=7)
             ax.set_title(f"{p.replace('_', ' ')} over {a}", fontsize=9)
+        ax.set_ylim(-0.02, 1.02)  # every compared metric lies in [0, 1]: a fixed scale, so noise never looks large
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=6, title=series, title_fontsize=6)
     for k in range(len(panels), nrow * ncol):
         axes[k // ncol][k % ncol].axis("off")
-    fig.suptitle(f"mean over seeds with {level}% t intervals over seeds, clipped to [0, 1] (none with one seed); "
-                 "series dodged along x for legibility", fontsize=8)
+    fig.suptitle(f"mean over seeds with {level}% t intervals over seeds, clipped to [0, 1] (one run: its bootstrap "
+                 "interval over patients); y from 0 to 1; series dodged along x for legibility", fontsize=8)
     fig.tight_layout()
     save_figure(fig, path)
