@@ -5,7 +5,9 @@ import os
 # 8 fake CPU devices whose collectives wait for a slow, loaded machine instead of aborting after 40 s.
 from dpft.testing import cpu as _cpu  # noqa: E402
 
-os.environ.setdefault("XLA_FLAGS", _cpu.xla_flags(8))
+# The test process compiles at LLVM -O0 (`_cpu.TEST_COMPILE_FLAGS`: its programs are tiny, compiling is most
+# of their time); its multi-device subprocess runs do not (`_cpu.xla_flags`).
+os.environ.setdefault("XLA_FLAGS", _cpu.xla_flags(8, fast_compile=True))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:

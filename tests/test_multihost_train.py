@@ -61,8 +61,10 @@ def dpft(args: list[str], devices: int, processes: int, log_dir, name: str) -> l
         log = open(os.path.join(str(log_dir), f"{name}.{i}.log"), "w")
         logs.append(log)
         procs.append(subprocess.Popen([sys.executable, "-m", "dpft.cli", *args], cwd=REPO, stdout=log,
-                                      stderr=subprocess.STDOUT, env=cpu_env.subprocess_env(devices, PYTHONPATH=REPO,
-                                                                                             **extra)))
+                                      stderr=subprocess.STDOUT,
+                                      # every layout compiled alike (optimised), so only the layout differs
+                                      env=cpu_env.subprocess_env(devices, fast_compile=False, PYTHONPATH=REPO,
+                                                                 **extra)))
     try:
         for p in procs:
             p.wait(timeout=TIMEOUT)

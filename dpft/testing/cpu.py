@@ -20,20 +20,26 @@ COLLECTIVE_TIMEOUT_FLAGS = (f"--xla_cpu_collective_call_terminate_timeout_second
 #: unchanged; only the machine code is less optimised). The suite's programs are tiny, so compiling,
 #: not running, is most of their time: measured on 2 cores, two NFNet engine-equality tests 70.5 ->
 #: 45.3 s CPU, a cold 6-update `dpft train` 38.8 -> 27.8 s, a warm one 14.7 -> 12.8 s. Benchmarks never
-#: use these flags (they do not import this module).
+#: use these flags (they do not import this module). Not for subprocess runs on several fake devices:
+#: with -O0 an in-process all-reduce of the SLURM test's `dpft train` (2 devices per task) never got its
+#: second participant in 2 of 5 runs (2026-12-07, benchmarks/README.md), so those compile optimised.
 TEST_COMPILE_FLAGS = "--xla_backend_optimization_level=0"
 #: Variables that would make a child process join a cluster or a test's fake store by accident.
 CLUSTER_PREFIXES = ("DPFT_", "SLURM_", "TPU_", "JAX_COORDINATOR")
 
 
-def xla_flags(devices: int) -> str:
-    """XLA_FLAGS for `devices` fake CPU devices with the collective timeouts and test compile flags above."""
-    return f"--xla_force_host_platform_device_count={int(devices)} {COLLECTIVE_TIMEOUT_FLAGS} {TEST_COMPILE_FLAGS}"
+def xla_flags(devices: int, fast_compile: bool | None = None) -> str:
+    """XLA_FLAGS for `devices` fake CPU devices with the collective timeouts above, and TEST_COMPILE_FLAGS
+    where `fast_compile` (default: one device only; the test process itself opts in, tests/conftest.py)."""
+    fast = devices == 1 if fast_compile is None else fast_compile
+    return (f"--xla_force_host_platform_device_count={int(devices)} {COLLECTIVE_TIMEOUT_FLAGS}"
+            + (f" {TEST_COMPILE_FLAGS}" if fast else ""))
 
 
-def subprocess_env(devices: int, base: Mapping[str, str] | None = None, **extra: str) -> dict[str, str]:
+def subprocess_env(devices: int, base: Mapping[str, str] | None = None, *, fast_compile: bool | None = None,
+                   **extra: str) -> dict[str, str]:
     """A child's environment: `base` (default os.environ) without cluster variables, on the CPU with
-    `devices` fake devices, plus `extra`."""
+    `devices` fake devices (`xla_flags(devices, fast_compile)`), plus `extra`."""
     env = {k: v for k, v in (os.environ if base is None else base).items() if not k.startswith(CLUSTER_PREFIXES)}
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(devices), **extra)
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(devices, fast_compile), **extra)
     return env
