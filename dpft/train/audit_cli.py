@@ -106,8 +106,9 @@ def run(args: argparse.Namespace) -> int:
             failed.append(f"gaussian lower bound {g['epsilon_lower_bound']:.4f} (measured sensitivity "
                           f"{g['sensitivity']:.4g} vs C {g['expected_sensitivity']:.4g}, noise std "
                           f"{g['noise_std']:.4g} vs {g['expected_noise_std']:.4g})")
-        print(f"AUDIT FAILED: {'; '.join(failed)} exceeds claimed epsilon {result.epsilon_claimed:.4f}",
-              file=sys.stderr)
+        print(f"AUDIT FAILED: {'; '.join(failed)} exceeds claimed epsilon {result.epsilon_claimed:.4f} (a correct "
+              f"run fails with probability <= {1 - result.confidence:.0%}: rerun with a fresh secret before "
+              "concluding)", file=sys.stderr)
         return 1
     return 0
 
