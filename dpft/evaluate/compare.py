@@ -271,7 +271,7 @@ def paired_differences(cells: dict[tuple, list[dict]], x: str, series: str | Non
     if EPSILON not in (x, series):
         return []
     eps_is_x = x == EPSILON
-    out = []
+    out, cache = [], {}  # a baseline shared by several private cells is resampled once
     for key, runs in cells.items():
         eps = key[1] if eps_is_x else key[0]
         if eps is None:
@@ -289,7 +289,7 @@ def paired_differences(cells: dict[tuple, list[dict]], x: str, series: str | Non
         for attr in attrs:
             out.append({"series": runs[0]["series"], "x": runs[0]["x"], "attribute": attr,
                         "runs": [[a["run"], b["run"]] for a, b in pairs],
-                        **paired.paired_gap_difference(docs, attr, level=level)})
+                        **paired.paired_gap_difference(docs, attr, level=level, cache=cache)})
     return out
 
 

@@ -48,15 +48,25 @@ def gap_replicates(metrics: Mapping[str, Any], metrics_path: str, attribute: str
 
 
 def paired_gap_difference(pairs: Sequence[tuple[tuple[Mapping, str], tuple[Mapping, str]]], attribute: str, *,
-                          n_resamples: int = 200, seed: int = 0, level: float = 0.95) -> dict[str, Any]:
+                          n_resamples: int = 200, seed: int = 0, level: float = 0.95,
+                          cache: dict | None = None) -> dict[str, Any]:
     """Mean over seeds of (gap of the private run - gap of its baseline), with the paired interval (module
-    doc). `pairs`: ((metrics, path) of the private run, (metrics, path) of its baseline), one per seed."""
+    doc). `pairs`: ((metrics, path) of the private run, (metrics, path) of its baseline), one per seed.
+    `cache`: {(path, attribute): gap_replicates} shared between calls, so a baseline that several private
+    cells pair with is read and resampled once."""
     if not pairs:
         raise ValueError("paired_gap_difference: no pairs")
+    cache = {} if cache is None else cache
+
+    def replicates(metrics: Mapping, path: str) -> tuple[float, np.ndarray, np.ndarray]:
+        if (path, attribute) not in cache:
+            cache[path, attribute] = gap_replicates(metrics, path, attribute, n_resamples, seed)
+        return cache[path, attribute]
+
     points, reps = [], []
     for (m_dp, p_dp), (m_np, p_np) in pairs:
-        g_dp, r_dp, ids_dp = gap_replicates(m_dp, p_dp, attribute, n_resamples, seed)
-        g_np, r_np, ids_np = gap_replicates(m_np, p_np, attribute, n_resamples, seed)
+        g_dp, r_dp, ids_dp = replicates(m_dp, p_dp)
+        g_np, r_np, ids_np = replicates(m_np, p_np)
         if not np.array_equal(ids_dp, ids_np):
             raise UsageError(f"{p_dp} and {p_np}: evaluated on different test rows; a paired comparison needs the same")
         points.append(g_dp - g_np)
