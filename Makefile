@@ -8,6 +8,11 @@ PYTEST_WORKERS ?= 2
 # start in collection order, which tests/conftest.py sorts longest first (xdist's default order,
 # most tests first, left a 3-minute multi-host module running alone at the end).
 PYTEST_DIST ?= --dist loadscope --no-loadscope-reorder
+# A worker that dies (a segfault, an abort) fails its test and ends the run at once, naming the test in
+# the summary: pytest-xdist 3.8's loadscope scheduler re-queues a dead worker's finished modules for
+# its replacement, which then waits forever (pytest-dev/pytest-xdist#1378; one CI run of ours hung
+# so until its 90-minute limit).
+PYTEST_CRASH ?= --max-worker-restart=0
 
 .PHONY: install demo test test-fast bench clean
 
@@ -23,10 +28,10 @@ demo: install
 	$(BIN)/dpft demo --workdir ./dpft-demo
 
 test: install
-	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) $(PYTEST_DIST) --durations=15 tests
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) $(PYTEST_DIST) $(PYTEST_CRASH) --durations=15 tests
 
 test-fast: install
-	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) $(PYTEST_DIST) -m "not slow" tests
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) $(PYTEST_DIST) $(PYTEST_CRASH) -m "not slow" tests
 
 bench: install
 	$(BIN)/pip install -q -e '.[bench]'

@@ -5,9 +5,10 @@ import os
 # 8 fake CPU devices whose collectives wait for a slow, loaded machine instead of aborting after 40 s.
 from dpft.testing import cpu as _cpu  # noqa: E402
 
-# The test process compiles at LLVM -O0 (`_cpu.TEST_COMPILE_FLAGS`: its programs are tiny, compiling is most
-# of their time); its multi-device subprocess runs do not (`_cpu.xla_flags`).
-os.environ.setdefault("XLA_FLAGS", _cpu.xla_flags(8, fast_compile=True))
+# Optimised code, like every multi-device run of the suite (`_cpu.xla_flags`): with LLVM at -O0 this
+# process's in-process collectives over its 8 devices crashed one CI run's worker (2026-12-07), as an
+# -O0 all-reduce had hung the SLURM test's runs before. Only one-device subprocesses compile at -O0.
+os.environ.setdefault("XLA_FLAGS", _cpu.xla_flags(8))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:

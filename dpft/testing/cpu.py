@@ -20,9 +20,10 @@ COLLECTIVE_TIMEOUT_FLAGS = (f"--xla_cpu_collective_call_terminate_timeout_second
 #: unchanged; only the machine code is less optimised). The suite's programs are tiny, so compiling,
 #: not running, is most of their time: measured on 2 cores, two NFNet engine-equality tests 70.5 ->
 #: 45.3 s CPU, a cold 6-update `dpft train` 38.8 -> 27.8 s, a warm one 14.7 -> 12.8 s. Benchmarks never
-#: use these flags (they do not import this module). Not for subprocess runs on several fake devices:
-#: with -O0 an in-process all-reduce of the SLURM test's `dpft train` (2 devices per task) never got its
-#: second participant in 2 of 5 runs (2026-12-07, benchmarks/README.md), so those compile optimised.
+#: use these flags (they do not import this module). Only for one-device processes: with -O0 an
+#: in-process all-reduce of the SLURM test's `dpft train` (2 devices per task) never got its second
+#: participant in 2 of 5 runs, and a CI run whose test process (8 devices) compiled at -O0 lost a
+#: worker near its end (2026-12-07, benchmarks/README.md); every multi-device process compiles optimised.
 TEST_COMPILE_FLAGS = "--xla_backend_optimization_level=0"
 #: Variables that would make a child process join a cluster or a test's fake store by accident.
 CLUSTER_PREFIXES = ("DPFT_", "SLURM_", "TPU_", "JAX_COORDINATOR")
@@ -30,7 +31,7 @@ CLUSTER_PREFIXES = ("DPFT_", "SLURM_", "TPU_", "JAX_COORDINATOR")
 
 def xla_flags(devices: int, fast_compile: bool | None = None) -> str:
     """XLA_FLAGS for `devices` fake CPU devices with the collective timeouts above, and TEST_COMPILE_FLAGS
-    where `fast_compile` (default: one device only; the test process itself opts in, tests/conftest.py)."""
+    where `fast_compile` (default: one device only)."""
     fast = devices == 1 if fast_compile is None else fast_compile
     return (f"--xla_force_host_platform_device_count={int(devices)} {COLLECTIVE_TIMEOUT_FLAGS}"
             + (f" {TEST_COMPILE_FLAGS}" if fast else ""))
