@@ -303,7 +303,7 @@ def test_intersections_and_user_exclusions(tmp_path):
 def test_control_features_compare_groups_within_each_stratum_as_fairlearn(tmp_path):
     """`dpft evaluate --control age`: the sex comparison within each age bin ('sex|age=<bin>'), equal to
     fairlearn's MetricFrame(..., control_features=age).difference() / .ratio() per bin (selection rate, TPR:
-    demographic parity and equal opportunity), and an AUC gap within a bin equal to sklearn on that bin's
+    demographic parity and equal opportunity; between groups and to the bin's overall), and an AUC gap within a bin equal to sklearn on that bin's
     rows; the rows of other bins are a group left out, named."""
     from fairlearn.metrics import MetricFrame, selection_rate, true_positive_rate
 
@@ -328,6 +328,11 @@ def test_control_features_compare_groups_within_each_stratum_as_fairlearn(tmp_pa
         for f, name in ((selection_rate, "demographic_parity"), (true_positive_rate, "equal_opportunity")):
             assert par[f"{name}_difference/{t}"]["value"] == pytest.approx(frames[f].difference().loc[level], abs=1e-12)
             assert par[f"{name}_ratio/{t}"]["value"] == pytest.approx(frames[f].ratio().loc[level], abs=1e-12)
+            # to_overall: each group against the whole stratum (its rows of every group), not the whole split
+            assert par[f"{name}_difference_to_overall/{t}"]["value"] == pytest.approx(
+                frames[f].difference(method="to_overall").loc[level], abs=1e-12)
+            assert par[f"{name}_ratio_to_overall/{t}"]["value"] == pytest.approx(
+                frames[f].ratio(method="to_overall").loc[level], abs=1e-12)
         groups = m["groups"][f"sex|age={level}"]
         assert groups["(outside the stratum)"]["excluded"] == f"rows outside the stratum age={level} (control feature)"
         rows = (np.asarray(preds.attrs["age"]) == level) & (preds.label_mask[:, j] > 0)

@@ -161,8 +161,9 @@ def add_conditionals(attrs: Mapping[str, np.ndarray], controls: Sequence[str]) -
     """attrs plus, for each control feature C (fairlearn's `control_features`) and every other attribute A
     and value c of C, the attribute 'A|C=c': A's groups within the rows where C == c, OUTSIDE_STRATUM
     elsewhere (left out of its gaps and parity) -> (attrs, {conditional attribute: its stratum 'C=c'}).
-    Its gaps and parity compare A's groups within the stratum; its `*_to_overall` metrics still compare
-    with the whole split. ValueError for an unknown control."""
+    Its gaps and parity compare A's groups within the stratum, its `*_to_overall` metrics each group with
+    the whole stratum (as fairlearn's `method="to_overall"` with control features). ValueError for an
+    unknown control."""
     out = {k: np.asarray(v).astype(str) for k, v in attrs.items()}
     strata: dict[str, str] = {}
     for control in controls:
@@ -359,6 +360,16 @@ def _group_suites(inp: EvalInputs, values: np.ndarray, weights: np.ndarray | Non
             for g, idx in group_index(values).items()}
 
 
+def _reference_suite(inp: EvalInputs, values: np.ndarray, weights: np.ndarray | None,
+                     whole: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+    """What `*_to_overall` compares an attribute's groups with: the whole split (`whole`), or for a
+    conditional attribute (`add_conditionals`) the rows of its stratum, all of its groups together."""
+    inside = np.flatnonzero(np.asarray(values).astype(str) != OUTSIDE_STRATUM)
+    if inside.size == inp.n:
+        return whole
+    return metric_suite(inp.subset(inside), None if weights is None else weights[:, inside], overall=True)
+
+
 def plan_groups(inp: EvalInputs, attrs: Mapping[str, np.ndarray],
                 included: Mapping[str, Sequence[str]] | None = None) -> GroupPlan:
     """A GroupPlan from the point estimates (included default: every group)."""
@@ -374,8 +385,9 @@ def plan_groups(inp: EvalInputs, attrs: Mapping[str, np.ndarray],
             common[attr][mean] = tuple(t for t in inp.tasks if inc[attr] and all(
                 not np.isnan(per_group[g][f"{prefix}/{t}"][0]) for g in inc[attr]))
         ptasks[attr] = {m: [] for m in ALL_PARITY_METRICS}
+        reference = _reference_suite(inp, values, None, whole)
         for t in inp.tasks:
-            p = _parity_of(per_group, inc[attr], t, whole)
+            p = _parity_of(per_group, inc[attr], t, reference)
             for m in ALL_PARITY_METRICS:
                 if not np.isnan(p[m][0]):
                     ptasks[attr][m].append(t)
@@ -385,7 +397,8 @@ def plan_groups(inp: EvalInputs, attrs: Mapping[str, np.ndarray],
 
 def _parity_of(per_group: Mapping[str, Mapping[str, np.ndarray]], included: Sequence[str], t: str,
                overall: Mapping[str, np.ndarray]) -> dict:
-    """Every parity metric of task t over the included groups (`overall`: the whole split's metric suite)."""
+    """Every parity metric of task t over the included groups (`overall`: the metric suite `*_to_overall`
+    compares with, `_reference_suite`)."""
     if not included:
         return {m: np.array([np.nan]) for m in ALL_PARITY_METRICS}
     rates = [np.stack([per_group[g][f"{r}/{t}"] for g in included]) for r in ("selection_rate", "tpr", "fpr")]
@@ -424,7 +437,8 @@ def all_metrics(inp: EvalInputs, plan: GroupPlan, weights: np.ndarray | None = N
         for m in per_group[included[0]]:
             stats = summarise_groups({g: per_group[g][m] for g in included}, m)
             out.update({("gap", attr, m, s): v for s, v in stats.items()})
-        per_task = {t: _parity_of(per_group, included, t, whole) for t in inp.tasks}
+        reference = _reference_suite(inp, values, weights, whole)
+        per_task = {t: _parity_of(per_group, included, t, reference) for t in inp.tasks}
         for t, p in per_task.items():
             out.update({("parity", attr, f"{m}/{t}"): v for m, v in p.items()})
         if inp.tasks:
@@ -494,7 +508,8 @@ def rules(method_note: str, exclude_small: bool, min_group_size: int) -> list[st
         "its TPR (FPR) comparison (fairlearn would count their rate as 0)",
         "equalized odds ratio = the smaller of the TPR and FPR ratios that are defined (as fairlearn: a 0/0 FPR "
         "ratio, every FPR 0, does not hide a TPR ratio of 0)",
-        "*_to_overall: each compared group against the whole split (all its rows, as fairlearn's method='to_overall'); "
+        "*_to_overall: each compared group against the whole split (all its rows, as fairlearn's method='to_overall'; "
+        "for a conditional attribute 'A|C=c', against all rows of the stratum C=c); "
         "*_mean_agg: the mean of the TPR and FPR components (fairlearn's agg='mean'); the others compare the "
         "groups with each other (method='between_groups', agg='worst_case')",
         "group mean metrics (auc_mean, accuracy_mean, auc_macro) average only the tasks defined in every "
