@@ -211,7 +211,8 @@ def programs(setup: common.Setup, names: tuple[str, ...]) -> dict[str, tuple[Cal
     unknown = sorted(set(names) - set(makers))
     if unknown:
         raise ValueError(f"cost_model: unknown programs {unknown}; choose from {sorted(makers)}")
-    return {n: (jax.jit(makers[n]()[0]), makers[n]()[1]) for n in names}
+    made = {n: makers[n]() for n in names}
+    return {n: (jax.jit(fn), args) for n, (fn, args) in made.items()}
 
 
 def dp_step_row(rows: list[dict]) -> dict | None:

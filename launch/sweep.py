@@ -24,9 +24,10 @@ The imbalance study (minority fraction x epsilon x seeds, with the non-private b
         --sweep privacy.epsilon=1.15,4.98,16.2 --seeds 0,1,2 --baseline private=False --evaluate --run
     dpft evaluate --compare runs/imbalance/* --x data.options.minority_fraction \
         --series privacy.epsilon --out runs/imbalance-compare
-Without --run/--slurm the commands are printed; --run runs them one after the other on this
-host (a job that exits 75, stopped early with its state saved, is rerun to resume it; any
-other non-zero exit stops the sweep), sharing a persistent XLA compilation cache (--compile-cache); --slurm FILE writes a SLURM array script (one array
+Without --run/--slurm the commands are printed; --run runs them on this host, one after the
+other or up to --jobs N at once (a job that exits 75, stopped early with its state saved, is rerun
+to resume it; any other non-zero exit stops the sweep: no new job starts), sharing a persistent XLA
+compilation cache (--compile-cache); --slurm FILE writes a SLURM array script (one array
 task per job, with launch/slurm.sbatch's resources and preemption handling) to submit with
 `sbatch FILE`.
 Every job's config is loaded and its overrides applied before anything runs, so a typo in a
@@ -41,7 +42,9 @@ import re
 import shlex
 import subprocess
 import sys
-from typing import Sequence
+import threading
+from concurrent import futures
+from typing import IO, Sequence
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STOPPED_EARLY = 75  # dpft.errors.STOPPED_EARLY_EXIT_CODE: the run saved its state; rerun to resume
@@ -207,6 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--slurm", metavar="FILE", help="write a SLURM array script to FILE")
     p.add_argument("--sbatch-option", action="append", default=[], metavar="OPT",
                    help="extra #SBATCH line for --slurm, e.g. --sbatch-option=--gpus-per-node=8")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="with --run, run up to N jobs at once, each job's output in JOB/sweep.log (default 1: one "
+                        "after the other, output here); on a CPU host 2 overlaps one job's start-up, checkpoints "
+                        "and evaluation with another's training")
     p.add_argument("--keep-going", action="store_true", help="with --run, continue after a failed job")
     p.add_argument("--no-resume-stopped", dest="resume_stopped", action="store_false",
                    help="with --run, treat a job stopped early (exit 75) as failed instead of rerunning it")
@@ -273,25 +280,52 @@ def main(argv: Sequence[str] | None = None) -> int:
             extra = f" && {shlex.join(evaluate_command(args.dpft, job[0]))}" if args.evaluate else ""
             print(shlex.join(cmd) + extra)
         return 0
-    failed = 0
+    if args.jobs < 1:
+        print(f"sweep: error: --jobs {args.jobs}: give a number of jobs >= 1", file=sys.stderr)
+        return 2
     env = job_environment(args)
-    for i, cmd in enumerate(commands):
-        print(f"[{i + 1}/{len(commands)}] {shlex.join(cmd)}", flush=True)
+    stop = threading.Event()  # set by a failed job without --keep-going: no new job starts
+
+    def one(i: int) -> int | None:
+        if stop.is_set():
+            return None
         os.makedirs(jobs[i][0], exist_ok=True)
-        rc = subprocess.call(cmd, env=env)
-        while rc == STOPPED_EARLY and args.resume_stopped:
-            print(f"sweep: job {i} stopped early (exit {STOPPED_EARLY}); rerunning it to resume", file=sys.stderr)
-            rc = subprocess.call(cmd, env=env)
-        if rc == 0 and args.evaluate:
-            rc = subprocess.call(evaluate_command(args.dpft, jobs[i][0]), stdout=subprocess.DEVNULL, env=env)
+        if args.jobs == 1:
+            print(f"[{i + 1}/{len(commands)}] {shlex.join(commands[i])}", flush=True)
+            rc = run_job(commands[i], jobs[i][0], args, env, None)
+        else:
+            log_path = os.path.join(jobs[i][0], "sweep.log")
+            print(f"[{i + 1}/{len(commands)}] started (output in {log_path}): {shlex.join(commands[i])}", flush=True)
+            with open(log_path, "a", encoding="utf-8") as log:
+                rc = run_job(commands[i], jobs[i][0], args, env, log)
+            print(f"[{i + 1}/{len(commands)}] {'done' if rc == 0 else f'exited with {rc}'}: {jobs[i][0]}", flush=True)
         if rc != 0:
-            failed += 1
             print(f"sweep: job {i} exited with {rc}", file=sys.stderr)
             if not args.keep_going:
-                return rc
-    if not failed:
+                stop.set()
+        return rc
+
+    with futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        codes = list(pool.map(one, range(len(commands))))
+    failures = [rc for rc in codes if rc not in (0, None)]
+    if failures and not args.keep_going:
+        return failures[0]
+    if not failures:
         print(f"compare with: {compare_hint}")
-    return 1 if failed else 0
+    return 1 if failures else 0
+
+
+def run_job(cmd: list[str], workdir: str, args: argparse.Namespace, env: dict[str, str], out: IO | None) -> int:
+    """One --run job: the training (rerun while it exits 75, stopped early with its state saved, unless
+    --no-resume-stopped), then with --evaluate `dpft evaluate`; output to `out` (None: this process's).
+    Returns the first non-zero exit status, else 0."""
+    rc = subprocess.call(cmd, env=env, stdout=out, stderr=out)
+    while rc == STOPPED_EARLY and args.resume_stopped:
+        print(f"sweep: job {workdir} stopped early (exit {STOPPED_EARLY}); rerunning it to resume", file=sys.stderr)
+        rc = subprocess.call(cmd, env=env, stdout=out, stderr=out)
+    if rc == 0 and args.evaluate:
+        rc = subprocess.call(evaluate_command(args.dpft, workdir), stdout=subprocess.DEVNULL, stderr=out, env=env)
+    return rc
 
 
 def job_environment(args: argparse.Namespace) -> dict[str, str]:

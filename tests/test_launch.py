@@ -472,3 +472,42 @@ def test_sweep_run_reruns_a_job_stopped_early(tmp_path, capsys):
     assert "stopped early" in capsys.readouterr().err
 
 
+
+
+def test_sweep_run_jobs_at_once_with_a_log_per_job_and_a_failure_stops_new_jobs(tmp_path, capsys):
+    """--jobs 2: two jobs run at the same time (each fake job waits until it has seen the other start),
+    each job's output goes to its JOB/sweep.log, then evaluate follows its training; a failed job lets the
+    running one finish but starts no new one (without --keep-going), and --jobs 0 is a usage error."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    fake = tmp_path / "dpft"
+    fake.write_text(f"""#!/usr/bin/env bash
+if [[ $1 == evaluate ]]; then echo evaluated >> "$3/evaluated"; exit 0; fi
+wd=$(for a in "$@"; do [[ $prev == --workdir ]] && echo "$a"; prev=$a; done)
+name=$(basename "$wd")
+if [[ $name == seed-3 ]]; then touch {marks}/failed; exit 3; fi
+if [[ $name == seed-4 ]]; then  # ends well after seed-3 failed (the sweep then starts no new job)
+  for i in $(seq 1 600); do [[ -e {marks}/failed ]] && break; sleep 0.1; done; sleep 3; exit 0; fi
+touch {marks}/"$name"
+for i in $(seq 1 600); do [[ $(ls {marks} | wc -l) -ge 2 ]] && break; sleep 0.1; done
+echo "training $name, $(ls {marks} | wc -l) started"
+exit 0
+""")
+    fake.chmod(0o755)
+    runs = tmp_path / "runs"
+    assert sweep.main(["--config", DIGITS, "--workdir", str(runs), "--sweep", "seed=1,2", "--run", "--jobs", "2",
+                       "--evaluate", "--dpft", str(fake), "--no-check"]) == 0
+    for seed in (1, 2):
+        assert (runs / f"seed-{seed}" / "sweep.log").read_text().strip() == f"training seed-{seed}, 2 started"
+        assert (runs / f"seed-{seed}" / "evaluated").read_text().split() == ["evaluated"]
+    out = capsys.readouterr().out
+    assert "[1/2] started (output in" in out and "[2/2] done" in out and "compare with:" in out
+
+    runs = tmp_path / "runs2"
+    rc = sweep.main(["--config", DIGITS, "--workdir", str(runs), "--sweep", "seed=3,4,5", "--run", "--jobs", "2",
+                     "--dpft", str(fake), "--no-check"])
+    assert rc == 3
+    assert (runs / "seed-4" / "sweep.log").is_file() and not (runs / "seed-5").exists()  # started, never started
+    assert "sweep: job 0 exited with 3" in capsys.readouterr().err
+    assert sweep.main(["--config", DIGITS, "--workdir", str(runs), "--sweep", "seed=1", "--run", "--jobs", "0",
+                       "--dpft", str(fake), "--no-check"]) == 2
