@@ -54,6 +54,9 @@ def jobs(quick: bool) -> list[dict]:
         {"name": "profile_step", "py": sys.executable, "timeout": 300 if quick else 1200,
          "args": ["benchmarks.profile_step", "--models", *(["nfnet_tiny"] if quick else ["nfnet_tiny", "nfnet_f0"]),
                   "--batch", "16", *it]},
+        {"name": "cost_model", "py": sys.executable, "timeout": 1200 if quick else 3600,
+         "args": ["benchmarks.cost_model", "--models", *(["nfnet_f0"] if quick else ["nfnet_f0", "vit_b16"]),
+                  "--batch", *(["16"] if quick else ["16", "128"])]},
     ]
 
 
