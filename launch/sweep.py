@@ -259,6 +259,8 @@ def make_jobs(args: argparse.Namespace) -> list[tuple]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.jobs < 1:
+            raise SweepError(f"--jobs {args.jobs}: give a number of jobs >= 1")
         jobs = make_jobs(args)
         if not args.no_check:
             check_jobs(args.config, jobs)
@@ -280,9 +282,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             extra = f" && {shlex.join(evaluate_command(args.dpft, job[0]))}" if args.evaluate else ""
             print(shlex.join(cmd) + extra)
         return 0
-    if args.jobs < 1:
-        print(f"sweep: error: --jobs {args.jobs}: give a number of jobs >= 1", file=sys.stderr)
-        return 2
     env = job_environment(args)
     stop = threading.Event()  # set by a failed job without --keep-going: no new job starts
 
