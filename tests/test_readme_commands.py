@@ -382,12 +382,19 @@ args = sys.argv[1:]
 open(os.environ[{LOG_ENV!r}], "a").write(json.dumps(["sweep-dpft"] + args) + "\\n")
 workdir = args[args.index("--workdir") + 1]
 first = os.environ[{LOG_ENV!r}] + ".real"
-if args[0] == "train" and not os.path.exists(first) and "non-private" in os.path.basename(workdir):
-    open(first, "w").write(workdir)
+if args[0] == "train" and "non-private" in os.path.basename(workdir):
+    try:  # the first such job claims the marker atomically (sweep.py --jobs N runs jobs at once)
+        fd = os.open(first, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        os.write(fd, workdir.encode())
+        os.close(fd)
+    except FileExistsError:
+        pass
 if os.path.exists(first) and open(first).read() == workdir:
     os.execv({real!r}, [{real!r}, *args])
-if args[0] == "train" and os.path.isdir(workdir) and not os.listdir(workdir):
-    os.rmdir(workdir)  # sweep.py made it; a job that did not run leaves nothing behind
+if args[0] == "train" and os.path.isdir(workdir) and set(os.listdir(workdir)) <= {{"sweep.log"}}:
+    for name in os.listdir(workdir):  # sweep.py made it (and, with --jobs, the job's log): a job that
+        os.unlink(os.path.join(workdir, name))  # did not run leaves nothing behind
+    os.rmdir(workdir)
 """)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("DPFT_", "SLURM_", "SRUN_", "TPU_"))}
         env.update(PATH=os.pathsep.join([self.stubs, bindir, env.get("PATH", "")]), PYTHONPATH=REPO,
@@ -511,7 +518,8 @@ if args[0] == "train" and os.path.isdir(workdir) and not os.listdir(workdir):
             real = [w for w in trains if os.path.isfile(os.path.join(self.work, w, "ledger.json"))]
             assert len(real) == 1 and "non-private" in real[0], (real, out[-2000:])
             evaluated = [c[c.index("--workdir") + 1] for c in calls if c[1] == "evaluate"]
-            assert evaluated == trains if "--evaluate" in words else not evaluated, evaluated
+            # with --jobs N, jobs (train, then evaluate) interleave: every trained job is evaluated once
+            assert sorted(evaluated) == sorted(trains) if "--evaluate" in words else not evaluated, evaluated
             for workdir in trains:
                 self.workdirs[workdir] = config
         else:
