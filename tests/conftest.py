@@ -5,9 +5,10 @@ import os
 # 8 fake CPU devices whose collectives wait for a slow, loaded machine instead of aborting after 40 s.
 from dpft.testing import cpu as _cpu  # noqa: E402
 
-# Optimised code, like every multi-device run of the suite (`_cpu.xla_flags`): with LLVM at -O0 this
-# process's in-process collectives over its 8 devices crashed one CI run's worker (2026-12-07), as an
-# -O0 all-reduce had hung the SLURM test's runs before. Only one-device subprocesses compile at -O0.
+# Programs over several devices compile optimised, like every multi-device run of the suite
+# (`_cpu.xla_flags`): with LLVM at -O0 for everything, this process's in-process collectives over its 8
+# devices crashed one CI run's worker (2026-12-07), as an -O0 all-reduce had hung the SLURM test's runs
+# before. Programs on one device (most of this process's) compile at -O0, per program, below.
 os.environ.setdefault("XLA_FLAGS", _cpu.xla_flags(8))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -31,6 +32,9 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     # run then loads too (a 6-update nfnet_micro run on 8 fake devices, warm: 24.9 s -> 19.6 s).
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+# One-device programs at LLVM -O0 (`_cpu.fast_compile_one_device_programs`); imports jax.
+_cpu.fast_compile_one_device_programs()
 
 import subprocess  # noqa: E402
 

@@ -37,6 +37,37 @@ def xla_flags(devices: int, fast_compile: bool | None = None) -> str:
             + (f" {TEST_COMPILE_FLAGS}" if fast else ""))
 
 
+def fast_compile_one_device_programs() -> None:
+    """From now on this process compiles every program that runs on one device at LLVM -O0
+    (TEST_COMPILE_FLAGS' setting, per program), and every program over several devices optimised.
+
+    For the test process, whose 8 fake devices must compile optimised (see TEST_COMPILE_FLAGS) while
+    most of its programs run on one device. XLA takes the level per compilation
+    (`DebugOptions.xla_backend_optimization_level`), so this wraps the one function through which jax
+    builds a program's compile options, `jax._src.compiler.get_compile_options`; the persistent
+    compilation cache keys include these options, so -O0 and optimised executables never mix. Raises
+    if jax no longer has that function (a jax upgrade must not silently make the suite slow).
+    Imports jax: call it after XLA_FLAGS is set.
+    """
+    from jax._src import compiler  # the hook point: jax has no public per-program setting for this
+
+    original = getattr(compiler, "get_compile_options", None)
+    if original is None or not callable(original):
+        raise RuntimeError("jax._src.compiler.get_compile_options is gone: update "
+                           "dpft.testing.cpu.fast_compile_one_device_programs for this jax version")
+    if getattr(original, "_dpft_fast_one_device", False):
+        return
+
+    def get_compile_options(num_replicas, num_partitions, *args, **kwargs):
+        options = original(num_replicas, num_partitions, *args, **kwargs)
+        if num_replicas * num_partitions == 1:
+            options.executable_build_options.debug_options.xla_backend_optimization_level = 0
+        return options
+
+    get_compile_options._dpft_fast_one_device = True
+    compiler.get_compile_options = get_compile_options
+
+
 def subprocess_env(devices: int, base: Mapping[str, str] | None = None, *, fast_compile: bool | None = None,
                    **extra: str) -> dict[str, str]:
     """A child's environment: `base` (default os.environ) without cluster variables, on the CPU with
