@@ -24,7 +24,8 @@ from benchmarks import common
 
 
 def per_leaf(key: jax.Array, shapes: list[tuple[int, ...]]) -> list[jax.Array]:
-    """The former draw: leaf i is (N(split(key[0], n)[i]) + N(split(key[1], n)[i])) / sqrt(2)."""
+    """The former draw: leaf i is the sum over streams s of N(split(key[s], n)[i]), divided by
+    sqrt(NOISE_STREAMS) (`keys.NOISE_STREAMS` streams, 3 since issue 31; 2 when this was measured)."""
     splits = [jax.random.split(k, len(shapes)) for k in key]
     scale = 1.0 / math.sqrt(len(splits))
     return [scale * sum(jax.random.normal(ks[i], shape, jnp.float32) for ks in splits)

@@ -132,6 +132,36 @@ def test_json_items_of_a_checkpoint_without_their_digests_are_read_unchecked(tmp
     assert r.json_items["ledger"] == {"steps": 2} and r.verified > 0
 
 
+def test_the_config_item_read_alone_is_checked_against_the_checksum_record(tmp_path):
+    """`read_json_item` (what `contract.checkpoint_config` reads for resume, evaluate, verify and export before
+    any array) checks the item's digest as `restore` does: an edited config makes the step corrupt, naming
+    the item, before any caller compares or builds a model from it; a checkpoint without JSON digests is
+    read unchecked."""
+    import json
+
+    from dpft.config.base import config_to_json, load_config
+    from dpft.workdir import contract
+
+    config = load_config(os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "fake_chexpert_tiny.py"))
+    with C.Checkpointer(tmp_path, keep=5) as ckpt:
+        ckpt.save(2, pytrees={"params": {"w": jnp.ones(3)}}, json_items={"config": json.loads(config_to_json(config))})
+    directory = C.checkpoint_dir(tmp_path)
+    assert contract.checkpoint_config(directory, 2).train.optimizer.learning_rate == 4.0
+    path = os.path.join(directory, "2", "config", "metadata")
+    doc = json.load(open(path))
+    doc["train"]["optimizer"]["learning_rate"] = 123.0
+    json.dump(doc, open(path, "w"))
+    with pytest.raises(C.CorruptCheckpoint, match=r"checkpoints/2 is corrupt: item 'config': checksum mismatch"):
+        contract.checkpoint_config(directory, 2)
+    with pytest.raises(C.CorruptCheckpoint, match="item 'config': checksum mismatch"):
+        C.read_json_item(directory, 2, "config")
+    record_path = os.path.join(directory, "2", C.CHECKSUMS, "metadata")
+    record = json.load(open(record_path))
+    del record["json"]  # as written before the JSON digests existed
+    json.dump(record, open(record_path, "w"))
+    assert contract.checkpoint_config(directory, 2).train.optimizer.learning_rate == 123.0
+
+
 def _truncate(path: str) -> None:
     data = open(path, "rb").read()
     open(path, "wb").write(data[: len(data) // 2])

@@ -266,6 +266,50 @@ def test_an_edited_data_position_falls_back_to_the_previous_checkpoint(base, tra
         np.testing.assert_array_equal(a, b)  # the same secret and data: bitwise the untouched run
 
 
+def test_an_edited_config_item_falls_back_to_the_previous_checkpoint(base, trained):
+    """The review's case: a learning rate edited in the latest checkpoint's config item made `dpft train`
+    exit 2 ("a different config"), as its config was compared before its digest was checked. Now step 6
+    is corrupt naming item 'config', the run resumes from 4 and ends where the untouched run ended."""
+    wd = copy_run(base, trained, "config_item")
+    edit_json_item(wd, 6, "config", lambda d: d["train"]["optimizer"].update(learning_rate=123.0),
+                   keep_checksum=False)
+    proc = dpft(base, train_args(base, wd))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "checkpoints/6 is corrupt: item 'config': checksum mismatch" in out, out[-3000:]
+    assert f"resumed from {wd}/checkpoints/4: update 4" in out and "different config" not in out
+    with checkpointing.Checkpointer(str(wd), read_only=True) as ckpt, \
+            checkpointing.Checkpointer(str(trained), read_only=True) as ref:
+        got, want = ckpt.restore(6), ref.restore(6)
+    assert got.json_items["config"]["train"]["optimizer"]["learning_rate"] == 4.0
+    for a, b in zip(jax_leaves(got.pytrees["params"]), jax_leaves(want.pytrees["params"])):
+        np.testing.assert_array_equal(a, b)  # the same secret and data: bitwise the untouched run
+
+
+def test_a_flipped_byte_of_the_individual_norms_falls_back_to_the_previous_checkpoint(base, tmp_path):
+    """Individual accounting's per-example norms (`individual_norms/<update>.npz`) live beside the checkpoint;
+    the checkpoint's `individual` item records their SHA-256. A byte flipped in step 6's file makes step 6
+    corrupt (naming the item), the run resumes from 4 and ends with the individual epsilons of the untouched
+    run; the norms directory is owner-only."""
+    from dpft import atomic_io
+    from test_individual import _flip_norms_byte
+
+    wd = tmp_path / "individual"
+    args = train_args(base, wd, "--config.individual.enabled=True", "--config.individual.every=2")
+    proc = dpft(base, args)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert atomic_io.is_owner_only(os.path.join(str(wd), "individual_norms"))
+    want = np.load(os.path.join(str(wd), "individual_epsilon.npz"))["epsilon"]
+    _flip_norms_byte(os.path.join(str(wd), "individual_norms", "6.npz"))
+    proc = dpft(base, args)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "checkpoints/6 is corrupt: item 'individual': norm recorder" in out and "differs from the recorded" in out, \
+        out[-3000:]
+    assert f"resumed from {wd}/checkpoints/4: update 4" in out and "Traceback" not in out
+    np.testing.assert_array_equal(np.load(os.path.join(str(wd), "individual_epsilon.npz"))["epsilon"], want)
+
+
 def test_verify_lists_every_problem_and_passes_a_clean_run(base, trained):
     """`dpft verify`: a clean run passes (exit 0); a run with a silently flipped array in step 6, a
     ledger of step 4 edited with its checksum rewritten, and a checkpoint tree opened to other users

@@ -1,5 +1,7 @@
 """Individual privacy accounting: checked against dp_accounting's RdpAccountant and PLDAccountant directly,
 and against the run's own ledger epsilon (`dpft.privacy.accounting`)."""
+import functools
+import hashlib
 import json
 import os
 import types
@@ -346,8 +348,12 @@ def test_hook_checkpoints_the_record_and_finishes_with_private_files_and_aggrega
             h.record(u, rng.choice([0.25, 0.5, 2.0], n), rng.uniform(0, 1, n))  # few distinct histories: fast
     assert h.recorder.update_indices.tolist() == [0, 3]
     item = h.checkpoint_item(str(tmp_path), t, write=True)
-    assert item == {"norms_file": os.path.join("individual_norms", f"{t}.npz")}
+    norms_file = tmp_path / "individual_norms" / f"{t}.npz"
+    assert item == {"norms_file": os.path.join("individual_norms", f"{t}.npz"),
+                    "sha256": hashlib.sha256(norms_file.read_bytes()).hexdigest()}
+    assert h.checkpoint_item(str(tmp_path / "elsewhere"), t, write=False)["sha256"] == item["sha256"]  # other hosts
     assert (os.stat(tmp_path / item["norms_file"]).st_mode & 0o077) == 0
+    assert (os.stat(tmp_path / "individual_norms").st_mode & 0o077) == 0
     resumed = hook.IndividualHook.create(n, grid_width=1 / 64, every=3)
     resumed.restore(str(tmp_path), item)
     np.testing.assert_array_equal(resumed.recorder.bins, h.recorder.bins)
@@ -370,3 +376,86 @@ def test_hook_checkpoints_the_record_and_finishes_with_private_files_and_aggrega
     assert summary["run_epsilon"] == {"value": run, "accountant": "pld"} and summary["clipping"] == "flat"
     assert summary["by_attribute"]["sex"]["F"]["n"] == 12 and summary["min_group_size"] == 10
     assert "min" not in json.dumps(summary).replace("min_group_size", "") and '"max"' not in json.dumps(summary)
+
+
+def _flip_norms_byte(path) -> None:
+    """Flip the last byte of the `bins` array's data in a norms .npz (stored uncompressed)."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        info = z.getinfo("bins.npy")
+    data = bytearray(open(path, "rb").read())
+    name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26:info.header_offset + 30])
+    data[info.header_offset + 30 + name_len + extra_len + info.compress_size - 1] ^= 0x01
+    open(path, "wb").write(bytes(data))
+
+
+def test_norms_file_is_written_owner_only_with_the_same_bytes_for_the_same_state(tmp_path):
+    """`save_norms` writes the bytes `norms_bytes` gives (no time stamp: equal on every host, so every
+    host states the same SHA-256) into a directory made owner-only, also one that was world-readable."""
+    rec = NormRecorder(7, 0.25, every=2)
+    rec.record_all(0, np.linspace(0, 2, 7))
+    h = hook.IndividualHook(rec)
+    (tmp_path / "individual_norms").mkdir(mode=0o755)
+    os.chmod(tmp_path / "individual_norms", 0o755)
+    item = h.checkpoint_item(str(tmp_path), 2, write=True)
+    assert (os.stat(tmp_path / "individual_norms").st_mode & 0o777) == 0o700
+    assert (tmp_path / item["norms_file"]).read_bytes() == files.norms_bytes(rec) == files.norms_bytes(
+        NormRecorder.from_state_dict(rec.state_dict()))
+    assert files.norms_sha256(rec) == item["sha256"]
+    np.testing.assert_array_equal(hook.IndividualHook.read_norms(str(tmp_path), item).bins, rec.bins)
+    _flip_norms_byte(tmp_path / item["norms_file"])
+    with pytest.raises(ValueError, match=r"individual_norms/2\.npz'?: SHA-256 .* differs from the recorded"):
+        hook.IndividualHook.read_norms(str(tmp_path), item)
+    other = hook.IndividualHook(NormRecorder(7, 0.25, every=2)).checkpoint_item(str(tmp_path), 3, write=True)
+    os.replace(tmp_path / other["norms_file"], tmp_path / item["norms_file"])  # a valid file of another state
+    with pytest.raises(ValueError, match="differs from the recorded"):
+        hook.IndividualHook.read_norms(str(tmp_path), item)
+    _flip_norms_byte(tmp_path / item["norms_file"])
+    old_item = {"norms_file": item["norms_file"]}  # written before the digest was recorded: unchecked
+    with pytest.raises(ValueError, match="cannot read norm recorder"):  # ... but zip's CRC still refuses it
+        hook.IndividualHook.read_norms(str(tmp_path), old_item)
+
+
+def test_a_flipped_byte_of_the_individual_norms_file_makes_the_step_corrupt_and_the_resume_falls_back(tmp_path):
+    """`WORKDIR/individual_norms/<update>.npz` is outside the orbax checkpoint; its SHA-256 is in the checkpoint's
+    (checksummed) `individual` item. One flipped byte of step 6's file makes step 6 corrupt, naming the item, and
+    `dpft train`'s resume (`resume.read_checkpoint` under `newest_intact`) restores step 4 and its recorder."""
+    import jax.numpy as jnp
+
+    from dpft.config.base import config_to_json, load_config
+    from dpft.train import resume
+    from dpft.workdir import checkpointing
+
+    config = load_config(os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "fake_chexpert_tiny.py"))
+    plan = types.SimpleNamespace(sampling_rate=Q, noise_multiplier=SIGMA, enabled=True)
+    h = hook.IndividualHook.create(9, grid_width=1 / 8, every=2)
+    rng = np.random.default_rng(3)
+    recorders = {}
+    with checkpointing.Checkpointer(str(tmp_path), keep=5) as ckpt:
+        for u in range(7):
+            if u in (4, 6):
+                ledger = accounting.Ledger()
+                ledger.record(Q, SIGMA, u)
+                ckpt.save(u, pytrees={"params": {"w": jnp.full(3, float(u))}, "update": jnp.asarray(u, jnp.int32)},
+                          json_items={"ledger": ledger.to_dict(), "config": json.loads(config_to_json(config)),
+                                      "individual": h.checkpoint_item(str(tmp_path), u, write=True)})
+                recorders[u] = NormRecorder.from_state_dict(h.recorder.state_dict())
+            if h.due(u):
+                h.record(u, rng.uniform(0, 2, 9), rng.uniform(0, 1, 9))
+    _flip_norms_byte(tmp_path / "individual_norms" / "6.npz")
+    resumed = hook.IndividualHook.create(9, grid_width=1 / 8, every=2)
+    with checkpointing.Checkpointer(str(tmp_path), read_only=True) as ckpt:
+        ckpt.restore(6)  # the orbax checkpoint itself is intact
+        read = functools.partial(resume.read_checkpoint, ckpt, config=config, workdir=str(tmp_path), targets=None,
+                                 plan=plan, individual=resumed)
+        with pytest.raises(checkpointing.CorruptCheckpoint, match=r"checkpoints/6 is corrupt: item 'individual': "
+                           r"norm recorder .*individual_norms/6\.npz'?: SHA-256 .* differs"):
+            read(6)
+        restored, skipped = checkpointing.newest_intact(ckpt, read, report=lambda m: None)
+    assert restored.step == 4 and [s for s, _ in skipped] == [6] and "'individual'" in skipped[0][1]
+    got = restored.json_items["individual"]
+    assert isinstance(got, NormRecorder) and got.update_indices.tolist() == [0, 2]
+    np.testing.assert_array_equal(got.update_indices, recorders[4].update_indices)
+    np.testing.assert_array_equal(got.bins, recorders[4].bins)

@@ -80,10 +80,12 @@ def test_noise_is_a_function_of_seed_and_update_only():
 
 
 
-def test_the_noise_needs_both_64_bit_streams():
-    """128 key bits: the draw is (z_1 + z_2) / sqrt(2) over two independent threefry streams, so a
-    guess of one stream's 64-bit key leaves half of the noise variance unknown (correlation 1/2)."""
-    assert keys.NOISE_KEY_BITS == 128 and _base(3).shape == (keys.NOISE_STREAMS,) == (2,)
+def test_the_noise_needs_all_three_64_bit_streams():
+    """192 key bits: the draw is (z_1 + z_2 + z_3) / sqrt(3) over three independent threefry streams
+    (two were not enough: a meet in the middle finds two 64-bit keys from the noise in ~2^64; three
+    cost ~2^128). A guess of all but one stream's key leaves a third of the noise variance unknown
+    (correlation 2/3); a guess of one stream, two thirds (correlation 1/3)."""
+    assert keys.NOISE_KEY_BITS == 192 and _base(3).shape == (keys.NOISE_STREAMS,) == (3,)
     zeros = {"w": jnp.zeros((40_000,), jnp.float32)}
     k = noise.noise_key(_base(3), 0)
     other = noise.noise_key(_base(4), 0)
@@ -91,9 +93,13 @@ def test_the_noise_needs_both_64_bit_streams():
                                             expected_batch_size=1.0))
     full = draw(k)
     assert abs(np.std(full) - 1.0) < 0.02
-    for s in range(2):  # one stream guessed right, the other not
-        mixed = jnp.stack([k[0], other[1]]) if s == 0 else jnp.stack([other[0], k[1]])
+    for right in ((0, 1), (0, 2), (1, 2), (0,), (1,), (2,)):  # these streams guessed right, the others not
+        mixed = jnp.stack([k[s] if s in right else other[s] for s in range(3)])
         r = np.corrcoef(full, draw(mixed))[0, 1]
-        assert abs(r - 0.5) < 0.03, (s, r)
-    with pytest.raises(TypeError, match="2 threefry keys"):
+        assert abs(r - len(right) / 3) < 0.03, (right, r)
+    np.testing.assert_array_equal(draw(jnp.stack([k[0], k[1], k[2]])), full)
+    for wrong in (k[:2], jnp.stack([k[0], k[1], k[2], other[0]])):  # two streams (or four) are refused
+        with pytest.raises(TypeError, match="3 threefry keys"):
+            noise.noise_key(wrong, 1)
+    with pytest.raises(TypeError, match="3 threefry keys"):
         noise.noise_key(k[0], 1)  # a single 64-bit key is refused

@@ -66,8 +66,8 @@ def test_key_streams_never_collide_for_262144_updates():
     u = jnp.arange(n, dtype=jnp.uint32)
     as64 = lambda k: np.asarray(k, np.uint64)[:, 0] << np.uint64(32) | np.asarray(k, np.uint64)[:, 1]  # noqa: E731
     base = keys.noise_base_key(keys.RunSecret.insecure_fixed(seed))
-    assert base.shape == (keys.NOISE_STREAMS,) == (2,) and keys.NOISE_KEY_BITS == 128
-    both = jax.random.key_data(jax.vmap(lambda t: noise.noise_key(base, t))(u))  # [n, 2 streams, 2 words]
+    assert base.shape == (keys.NOISE_STREAMS,) == (3,) and keys.NOISE_KEY_BITS == 192
+    both = jax.random.key_data(jax.vmap(lambda t: noise.noise_key(base, t))(u))  # [n, 3 streams, 2 words]
     noise_keys = np.concatenate([as64(both[:, s]) for s in range(keys.NOISE_STREAMS)])
     dropout = as64(jax.random.key_data(jax.vmap(lambda t: keys.dropout_key(seed, t))(u)))
     # An example's dropout key folds its example id into the update's (engine.example_key_ids).

@@ -91,3 +91,31 @@ def test_an_existing_world_readable_checkpoint_tree_is_made_owner_only(shared_di
         assert not atomic_io.is_owner_only(ck.checkpoint_dir(wd))
         ck.Checkpointer(wd, keep=2).close()
     assert atomic_io.is_owner_only(ck.checkpoint_dir(wd))
+
+
+def test_individual_norms_are_owner_only_and_verify_lists_them_when_not(shared_dir):
+    """The per-example norms of individual accounting (`WORKDIR/individual_norms/<update>.npz`) sit outside the
+    checkpoint tree: their directory is made owner-only under umask 022, and `dpft verify` lists a
+    world-readable one (and a world-readable norms file in it) as a private path open to other users."""
+    import numpy as np
+
+    from dpft.evaluate import verify_cli
+    from dpft.privacy.individual import hook
+    from dpft.privacy.individual.norms import NormRecorder
+
+    wd = os.path.join(shared_dir, "run")
+    rec = NormRecorder(5, 0.5, every=1)
+    rec.record_all(0, np.linspace(0, 2, 5))
+    with umask(0o022):
+        os.makedirs(wd)
+        item = hook.IndividualHook(rec).checkpoint_item(wd, 1, write=True)
+    norms_dir, norms_file = os.path.join(wd, "individual_norms"), os.path.join(wd, item["norms_file"])
+    assert atomic_io.is_owner_only(norms_dir) and atomic_io.is_owner_only(norms_file)
+    assert norms_dir in verify_cli.private_paths(wd) and norms_file in verify_cli.private_paths(wd)
+    assert verify_cli.permission_problems(wd) == []
+    os.chmod(norms_dir, 0o755)
+    os.chmod(norms_file, 0o644)
+    problems = verify_cli.permission_problems(wd)
+    assert len(problems) == 2, problems
+    assert problems[0].startswith(f"{norms_dir}: mode drwxr-xr-x lets other users read it")
+    assert problems[1].startswith(f"{norms_file}: mode -rw-r--r-- lets other users read it")

@@ -145,13 +145,13 @@ def unflatten_like(params, leaves_list):
 
 
 def expected_noise(update: int, sigma: float, clip: float, params) -> list[np.ndarray]:
-    """sigma*C*(z_1 + z_2)/sqrt(2), z_s ~ N(0, 1) of shape (n,) with key noise_key(seed, update)[s] of the two
-    64-bit streams, n the number of parameters, cut into the leaves in order (the documented draw)."""
+    """sigma*C*(z_1 + z_2 + z_3)/sqrt(3), z_s ~ N(0, 1) of shape (n,) with key noise_key(seed, update)[s] of
+    the three 64-bit streams, n the number of parameters, cut into the leaves in order (the documented draw)."""
     ps = jax.tree.leaves(params)
     k = noise.noise_key(NOISE_KEY, update)
-    assert k.shape == (2,)
+    assert k.shape == (3,)
     n = sum(p.size for p in ps)
-    z = sum(np.asarray(jax.random.normal(ks, (n,), jnp.float32), np.float64) for ks in k) / np.sqrt(2.0)
+    z = sum(np.asarray(jax.random.normal(ks, (n,), jnp.float32), np.float64) for ks in k) / np.sqrt(3.0)
     cuts = np.cumsum([p.size for p in ps])[:-1]
     return [sigma * clip * part.reshape(p.shape) for part, p in zip(np.split(z, cuts), ps)]
 
@@ -323,7 +323,7 @@ def test_the_noise_key_is_an_argument_never_a_constant_of_the_compiled_update():
     state = distributed.replicate(step_lib.init_state(params, optax.sgd(LR), cfg), mesh)
     acc = step_lib.zeros_accumulator(state["params"], mesh)
     words = [str(int(w)) for w in np.asarray(jax.random.key_data(NOISE_KEY)).ravel()]
-    assert len(words) == 4 and all(len(w) > 3 for w in words)  # two 64-bit streams: 128 key bits
+    assert len(words) == 6 and all(len(w) > 3 for w in words)  # three 64-bit streams: 192 key bits
     program = jax.jit(apply).lower(state, acc, NOISE_KEY).as_text()
     assert not [w for w in words if w in program], "the noise key is compiled into the update"
     closed_over = jax.jit(lambda s, a: apply(s, a, NOISE_KEY)).lower(state, acc).as_text()

@@ -7,8 +7,8 @@ WORKDIR/.pins, removed again), so a live run may go on training meanwhile; nothi
 * the plan and ledger of every intact checkpoint against its config and the training data
   (`contract.verified_plan`: what `dpft evaluate` checks before it states an epsilon);
 * the private files (the checkpoint tree with the run's secret, quarantined checkpoints, the private
-  statistics, individual epsilons, predictions with patient ids): owner-only (no group or other
-  permission), local workdirs only.
+  statistics, the per-example norms of individual accounting, individual epsilons, predictions with
+  patient ids): owner-only (no group or other permission), local workdirs only.
 
 Exit 0 when nothing is wrong, 3 (checkpoint) when anything is, after printing every problem.
 """
@@ -29,10 +29,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def private_paths(workdir: str) -> list[str]:
     """The workdir's files and folders that must be owner-only (those that exist)."""
+    from dpft.privacy.individual import files as individual_files
     from dpft.workdir import checkpointing
 
     patterns = [checkpointing.checkpoint_dir(workdir), os.path.join(workdir, "corrupt_checkpoints"),
-                os.path.join(workdir, "private"), os.path.join(workdir, "individual_epsilon.npz"),
+                os.path.join(workdir, "private"), os.path.join(workdir, individual_files.NORMS_DIR),
+                os.path.join(workdir, individual_files.NORMS_DIR, "*.npz"),
+                os.path.join(workdir, individual_files.NPZ_NAME),
                 os.path.join(workdir, "predictions", "*", "*.npz")]
     return sorted(p for pattern in patterns for p in glob.glob(pattern))
 

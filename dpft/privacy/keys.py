@@ -4,7 +4,8 @@ Secret streams (what the DP guarantee rests on) come from a `RunSecret`: 256 bit
 the operating system's CSPRNG (`secrets.token_bytes`) when a run starts, stored only inside
 the run's checkpoints (never in config.json, logs, metrics or reports), restored on resume.
 
-* noise:     a threefry key, `noise_base_key(secret)`, folded with the update index;
+* noise:     NOISE_STREAMS (3) threefry keys, `noise_base_key(secret)`, each folded with the
+             update index (192 key bits; guessing them costs about 2^128, see NOISE_STREAMS);
 * selection: Poisson batch selection, `selection_entropy(secret)` (a 128-bit integer that
              seeds numpy's Philox through `SeedSequence`).
 
@@ -98,16 +99,21 @@ def _derive(secret: RunSecret, domain: bytes, nbytes: int) -> bytes:
     return hashlib.blake2b(secret.value, digest_size=nbytes, person=domain).digest()
 
 
-#: Independent threefry streams the noise is drawn from (`dpft.privacy.noise.privatize` sums them):
-#: 64 key bits each, so predicting the noise means guessing NOISE_STREAMS * 64 = 128 bits.
-NOISE_STREAMS = 2
+#: Independent threefry streams the noise is drawn from (`dpft.privacy.noise.standard_normals` sums
+#: them): 64 key bits each, NOISE_KEY_BITS = 192 in all. Recomputing the noise by brute force costs
+#: 2^192 draws; the best generic attack on a sum of separately keyed streams, meet in the middle (one
+#: stream's 2^64 draws against the other two's 2^128 pairs, 3-SUM-like), about 2^128 draws with 2^64
+#: stored values. Two streams were not enough: knowing the noise z, an adversary tabulates z_2(k_2)
+#: for all 2^64 k_2 and, per k_1, looks up sqrt(2) z - z_1(k_1): 2^64 time and memory.
+NOISE_STREAMS = 3
 NOISE_KEY_BITS = 64 * NOISE_STREAMS
 
 
 def noise_base_key(secret: RunSecret) -> jax.Array:
     """The run's noise key: NOISE_STREAMS independent threefry keys (key array [NOISE_STREAMS]) from
-    NOISE_KEY_BITS = 128 bits derived from the 256-bit secret (one 64-bit threefry key alone could
-    be found by a 2^64 search)."""
+    NOISE_KEY_BITS = 192 bits derived from the 256-bit secret under NOISE_DOMAIN (BLAKE2b; 64 bits per
+    stream, so one threefry key alone would fall to a 2^64 search; see NOISE_STREAMS for the attack
+    costs of the sum)."""
     words = np.frombuffer(_derive(secret, NOISE_DOMAIN, 8 * NOISE_STREAMS), dtype="<u4").astype(np.uint32)
     return jax.random.wrap_key_data(words.reshape(NOISE_STREAMS, 2), impl="threefry2x32")
 

@@ -6,8 +6,9 @@ coordinate, then is divided by the *expected* batch size N*q (a public constant,
 the realised count). The key is `fold_in(noise base key, update index)`; the base key comes
 from the run's CSPRNG secret (`dpft.privacy.keys`), so it is identical on every device and
 host (every replica applies the same update) and no public value suffices to recompute it.
-The base key is `keys.NOISE_STREAMS` (2) independent threefry keys; each coordinate's draw is
-(z_1 + z_2) / sqrt(2), z_s ~ N(0, 1) from stream s, so recomputing the noise needs all 128 key bits.
+The base key is `keys.NOISE_STREAMS` (3) independent threefry keys; each coordinate's draw is
+(z_1 + z_2 + z_3) / sqrt(3), z_s ~ N(0, 1) from stream s, so recomputing the noise needs all 192 key
+bits (brute force 2^192; meet in the middle about 2^128 draws with 2^64 stored: `keys.NOISE_STREAMS`).
 """
 from __future__ import annotations
 
@@ -63,8 +64,8 @@ def privatize(grad_sum: PyTree, key: jax.Array, *, noise_multiplier: float | jax
     Args:
       grad_sum: pytree of float arrays, the global sum of clipped per-example gradients.
       key: [NOISE_STREAMS] from `noise_key(base_key, update_index)`; the leaves, flattened and
-        concatenated in `jax.tree.leaves` order (n values), get (N(key[0], (n,)) + N(key[1], (n,))) / sqrt(2)
-        (`standard_normals`).
+        concatenated in `jax.tree.leaves` order (n values), get the sum over streams s of
+        N(key[s], (n,)), divided by sqrt(NOISE_STREAMS) (`standard_normals`).
       noise_multiplier: sigma >= 0 (a Python 0 skips drawing: exact mean of the clipped sum).
       clip_norm: C, the L2 sensitivity of grad_sum (`engine.sensitivity`).
       expected_batch_size: N*q > 0 (`sampling.expected_batch_size`).

@@ -311,7 +311,7 @@ class Trainer(wiring.RunParts):
         the plan raises CheckpointError (`resume.read_checkpoint`).
         """
         read = functools.partial(resume.read_checkpoint, ckpt, config=self.config, workdir=self.workdir,
-                                 targets=self._pytrees(), plan=self.plan)
+                                 targets=self._pytrees(), plan=self.plan, individual=self.individual)
         restored, self.skipped_checkpoints = checkpointing.newest_intact(ckpt, read, step, report=self.print)
         if restored is None:
             return False
@@ -329,7 +329,7 @@ class Trainer(wiring.RunParts):
                        "before secret noise): its updates used public noise, so this run has NO privacy "
                        "guarantee; the remaining updates use this start's fresh secret")
         if self.individual is not None and contract.INDIVIDUAL in items:
-            self.individual.restore(self.workdir, items[contract.INDIVIDUAL])
+            self.individual.recorder = items[contract.INDIVIDUAL]  # read and checked by `read`
         checked = f"{restored.verified} arrays verified" + (f", {restored.unchecked} without checksum"
                                                              if restored.unchecked else "")
         self.print(f"resumed from {ckpt.directory}/{restored.step}: update {self.updates_done}, "

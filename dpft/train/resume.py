@@ -2,8 +2,11 @@
 
 `read_checkpoint` reads one step for `dpft.workdir.checkpointing.newest_intact`: the config it was
 trained with must be the run's (`check_resume_config`, before any array is read: a changed model
-would fail inside orbax), every item must read back intact, and its ledger must compose exactly its
-update counter with the plan's (q, sigma) (`dpft.workdir.ledger_check`).
+would fail inside orbax; the config item is checked against the step's checksum record first, so an
+edited one makes the step corrupt rather than "a different config"), every item must read back
+intact, its ledger must compose exactly its update counter with the plan's (q, sigma)
+(`dpft.workdir.ledger_check`), and the individual-accounting norms file its `individual` item points
+to must have the SHA-256 the item records (`read_individual`).
 """
 from __future__ import annotations
 
@@ -37,13 +40,26 @@ def check_resume_config(old: ml_collections.ConfigDict, new: ml_collections.Conf
                          f"use a new --workdir, or the same config to resume")
 
 
-def read_checkpoint(ckpt: checkpointing.Checkpointer, step: int, *, config: ml_collections.ConfigDict,
-                    workdir: str, targets: Mapping[str, Any], plan: PrivacyPlan) -> checkpointing.Restored:
-    """Checkpoint `step` of the run of `config`, checked; its ledger item is parsed (a `Ledger`).
+def read_individual(individual: Any, restored: checkpointing.Restored, directory: str, workdir: str) -> Any:
+    """The norm recorder of a restored checkpoint's `individual` item (`IndividualHook.read_norms`: the
+    file `WORKDIR/individual_norms/<update>.npz`, checked against the item's SHA-256); an unreadable or
+    edited file, or a malformed item, makes the step corrupt (`CorruptCheckpoint` naming the item)."""
+    try:
+        return individual.read_norms(workdir, restored.json_items[contract.INDIVIDUAL])
+    except (KeyError, TypeError, ValueError) as e:
+        raise checkpointing.CorruptCheckpoint(restored.step, directory, f"item {contract.INDIVIDUAL!r}: {e}") from e
 
-    A changed config raises UsageError; an unreadable item or checksum mismatch `CorruptCheckpoint`;
-    a ledger that does not match the update counter and the plan CheckpointError (no fallback: the
-    checkpoint was edited, not damaged).
+
+def read_checkpoint(ckpt: checkpointing.Checkpointer, step: int, *, config: ml_collections.ConfigDict,
+                    workdir: str, targets: Mapping[str, Any], plan: PrivacyPlan,
+                    individual: Any = None) -> checkpointing.Restored:
+    """Checkpoint `step` of the run of `config`, checked; its ledger item is parsed (a `Ledger`) and,
+    with `individual` (the run's `IndividualHook`), its `individual` item read (a `NormRecorder`).
+
+    An unreadable item, a checksum mismatch (the config item's before configs are compared) or an
+    individual-accounting file that differs from its recorded SHA-256 raise `CorruptCheckpoint`; a
+    changed config UsageError; a ledger that does not match the update counter and the plan
+    CheckpointError (no fallback: the checkpoint was edited, not damaged).
     """
     check_resume_config(contract.checkpoint_config(ckpt.directory, step), config, workdir)
     restored = ckpt.restore(step, targets=targets)
@@ -53,4 +69,6 @@ def read_checkpoint(ckpt: checkpointing.Checkpointer, step: int, *, config: ml_c
         noise_multiplier=plan.noise_multiplier, private=plan.enabled,
         data_state=restored.json_items.get(contract.DATA_STATE), where=f"checkpoint {ckpt.directory}/{step}")
     restored.json_items[contract.LEDGER] = ledger
+    if individual is not None and contract.INDIVIDUAL in restored.json_items:
+        restored.json_items[contract.INDIVIDUAL] = read_individual(individual, restored, ckpt.directory, workdir)
     return restored

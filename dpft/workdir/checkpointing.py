@@ -18,7 +18,8 @@ again on restore when the target holds a typed key.
 Integrity: every save also writes a `checksums` JSON item (in the same atomic orbax save)
 with the SHA-256 of every array leaf (dtype, shape and bytes) and of every JSON item (its
 canonical JSON text, `json_digest`: the secret, the data position, the plan, the ledger, the
-config, the individual-accounting state); `restore` recomputes them on what it read (checkpoints
+config, the individual-accounting state); `restore` recomputes them on what it read, and so does
+`read_json_item`, which reads one JSON item alone (the config, before any array is read; checkpoints
 written before the JSON digests existed have their JSON items unchecked). A checksum mismatch, an unreadable item (orbax DATA_LOSS, a missing
 item, truncated JSON) makes `restore` raise `CorruptCheckpoint` (a `dpft.errors.CheckpointError`)
 naming the step and what failed; the training loop then falls back to the newest intact
@@ -214,6 +215,20 @@ def _settle(threads_before: set[threading.Thread], timeout: float = 30.0) -> Non
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0][:300] if text else ''}"
+
+
+def json_item_problem(checksums: Mapping[str, Any], name: str, value: Any) -> str | None:
+    """Why JSON item `name` (read back as `value`) does not match its digest in the checksum record
+    `checksums` (a step's `checksums` item), or None when it matches or the record predates JSON
+    digests (no "json" entry: an older checkpoint, unchecked)."""
+    saved = checksums.get("json")
+    if saved is None:
+        return None
+    if not isinstance(saved, dict) or name not in saved:
+        return f"no checksum for JSON item {name!r}"
+    if json_digest(value) != saved[name]:
+        return f"item {name!r}: checksum mismatch (its JSON was edited or damaged)"
+    return None
 
 
 def latest_step(workdir: str | os.PathLike) -> int | None:
@@ -472,15 +487,10 @@ class Checkpointer:
     def _verify_json(self, step: int, checksums: Mapping[str, Any], items: Mapping[str, Any]) -> None:
         """Compare restored JSON items with their saved digests (a record without "json": an older
         checkpoint, unchecked); CorruptCheckpoint naming the first edited or unlisted item."""
-        saved = checksums.get("json")
-        if saved is None:
-            return
         for name, value in items.items():
-            if not isinstance(saved, dict) or name not in saved:
-                raise CorruptCheckpoint(step, self.directory, f"no checksum for JSON item {name!r}")
-            if json_digest(value) != saved[name]:
-                raise CorruptCheckpoint(step, self.directory, f"item {name!r}: checksum mismatch (its JSON was "
-                                        "edited or damaged)")
+            problem = json_item_problem(checksums, name, value)
+            if problem is not None:
+                raise CorruptCheckpoint(step, self.directory, problem)
 
     def refresh(self) -> None:
         """Reopen the orbax manager (after another process moved a step aside)."""
@@ -694,6 +704,27 @@ def pinned(workdir: str | os.PathLike, step: int | None = None, *, items: Any = 
 
 
 def read_json_item(checkpoint_directory: str, step: int, item: str) -> Any:
-    """One JSON item (e.g. "config", "plan", "ledger") of checkpoint `step`, without reading arrays."""
-    with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as reader:
-        return reader.restore(os.path.join(checkpoint_directory, str(step), item), args=ocp.args.JsonRestore())
+    """One JSON item (e.g. "config", "plan", "ledger") of checkpoint `step`, without reading arrays,
+    checked as `Checkpointer.restore` checks it: its digest must equal the one in the step's checksum
+    record. Raises CorruptCheckpoint naming the item when the manifest, the record or the item is
+    unreadable, or the item was edited (a checkpoint without JSON digests: unchecked)."""
+    def read(name: str) -> Any:
+        try:
+            with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as reader:
+                return reader.restore(os.path.join(checkpoint_directory, str(step), name),
+                                      args=ocp.args.JsonRestore())
+        except Exception as e:  # noqa: BLE001 - missing item, truncated JSON, ...: this step is corrupt
+            raise CorruptCheckpoint(step, checkpoint_directory, f"item {name!r}: {_first_line(e)}") from e
+
+    manifest = read(MANIFEST)
+    if not isinstance(manifest, dict) or not {"pytrees", "json"} <= set(manifest):
+        raise CorruptCheckpoint(step, checkpoint_directory, f"item {MANIFEST!r}: not a dpft manifest")
+    value = read(item)
+    if manifest.get("checksums"):
+        checksums = read(CHECKSUMS)
+        if not isinstance(checksums, dict) or checksums.get("format") != CHECKSUM_FORMAT:
+            raise CorruptCheckpoint(step, checkpoint_directory, f"item {CHECKSUMS!r} is not a dpft checksum record")
+        problem = json_item_problem(checksums, item, value)
+        if problem is not None:
+            raise CorruptCheckpoint(step, checkpoint_directory, problem)
+    return value

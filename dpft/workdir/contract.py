@@ -174,8 +174,10 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def checkpoint_config(directory: str, step: int) -> ml_collections.ConfigDict:
-    """The config checkpoint `step` was trained with, read without its arrays; an unreadable item
-    makes the step corrupt (`checkpointing.CorruptCheckpoint`)."""
+    """The config checkpoint `step` was trained with, read without its arrays and checked against the
+    step's checksum record (`checkpointing.read_json_item`); an unreadable or edited item makes the
+    step corrupt (`checkpointing.CorruptCheckpoint`), so that a resumed run falls back to the newest
+    intact checkpoint instead of refusing a config nobody ran."""
     from dpft.workdir import checkpointing
 
     try:
@@ -196,6 +198,8 @@ def checkpoint_ledger(restored: Restored, directory: str) -> Ledger:
         raise checkpointing.CorruptCheckpoint(restored.step, directory, f"item 'ledger': {e}") from e
 
 
+    except checkpointing.CorruptCheckpoint:
+        raise
 # ---------------------------------------------------------------- writing (process 0 of a run)
 def write_ledger(workdir: str, ledger: Ledger) -> None:
     """`WORKDIR/ledger.json` (atomic)."""

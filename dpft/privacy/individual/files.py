@@ -1,14 +1,18 @@
 """The files of individual accounting (formats in docs/interfaces.md), local or gs://, written only
 through `dpft.atomic_io`; per-example files are owner-only.
 
-- `WORKDIR/individual_norms/<update>.npz`: a `NormRecorder`'s state (`save_norms` / `load_norms`).
+- `WORKDIR/individual_norms/<update>.npz`: a `NormRecorder`'s state (`save_norms` / `load_norms`), in an
+  owner-only directory. Its bytes depend only on the state (`norms_bytes`: no time stamps), so every
+  process of a run states the same SHA-256 for it (`norms_sha256`), which the checkpoint records.
 - `WORKDIR/individual_epsilon.npz`: example_id int64 [N], epsilon float64 [N], attr_<name> str [N],
   with `INDIVIDUAL_PRIVACY_README.md` beside it; `individual_epsilon.json`: aggregates only.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import os
+import zipfile
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -47,23 +51,53 @@ def _readable(path: str | os.PathLike) -> Any:
     return path
 
 
-def _load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """All arrays of the .npz at `path` (no pickles); OSError / ValueError when unreadable."""
-    with np.load(_readable(path), allow_pickle=False) as z:
+def _load_npz(path: str | os.PathLike | io.BytesIO) -> dict[str, np.ndarray]:
+    """All arrays of the .npz at `path` (or in a BytesIO; no pickles); OSError / ValueError when unreadable."""
+    with np.load(path if isinstance(path, io.BytesIO) else _readable(path), allow_pickle=False) as z:
         return {k: z[k] for k in z.files}
 
 
-def save_norms(recorder: NormRecorder, path: str | os.PathLike) -> None:
-    """Writes the recorder's state to `path` (.npz), atomically and owner-only (per-example norms)."""
-    atomic_io.write_bytes(path, lambda f: np.savez(f, **recorder.state_dict()), private=True)
+def norms_bytes(recorder: NormRecorder) -> bytes:
+    """The recorder's state as .npz bytes (an uncompressed zip of .npy members, like `np.savez`), the
+    same bytes for the same state: members in name order with a fixed date (np.savez stamps the time)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as z:
+        for name, value in sorted(recorder.state_dict().items()):
+            member = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            with z.open(member, "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asanyarray(value), allow_pickle=False)
+    return buffer.getvalue()
 
 
-def load_norms(path: str | os.PathLike) -> NormRecorder:
-    """The recorder saved at `path` by `save_norms`; ValueError naming the file when unreadable."""
+def norms_sha256(recorder: NormRecorder) -> str:
+    """SHA-256 (hex) of the file `save_norms` writes for `recorder` (of `norms_bytes`)."""
+    return hashlib.sha256(norms_bytes(recorder)).hexdigest()
+
+
+def save_norms(recorder: NormRecorder, path: str | os.PathLike) -> str:
+    """Writes the recorder's state to `path` (.npz, `norms_bytes`), atomically and owner-only
+    (per-example norms) -> the file's SHA-256 (hex)."""
+    data = norms_bytes(recorder)
+    atomic_io.write_bytes(path, data, private=True)
+    return hashlib.sha256(data).hexdigest()
+
+
+def load_norms(path: str | os.PathLike, sha256: str | None = None) -> NormRecorder:
+    """The recorder saved at `path` by `save_norms`; with `sha256` (as `save_norms` returned it) the
+    file's bytes must have that digest. ValueError naming the file when unreadable or different."""
+    where = os.fspath(path)
     try:
-        return NormRecorder.from_state_dict(_load_npz(path))
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read norm recorder {os.fspath(path)!r}: {e}") from e
+        data = paths.as_path(path).read_bytes()
+    except OSError as e:
+        raise ValueError(f"cannot read norm recorder {where!r}: {e}") from e
+    got = hashlib.sha256(data).hexdigest()
+    if sha256 is not None and got != sha256:
+        raise ValueError(f"norm recorder {where!r}: SHA-256 {got[:16]}... differs from the recorded "
+                         f"{str(sha256)[:16]}... (the file was edited or damaged)")
+    try:
+        return NormRecorder.from_state_dict(_load_npz(io.BytesIO(data)))
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise ValueError(f"cannot read norm recorder {where!r}: {e}") from e
 
 
 def write_individual_epsilons(workdir: str | os.PathLike, example_ids: np.ndarray, epsilons: np.ndarray,

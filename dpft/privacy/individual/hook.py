@@ -39,17 +39,29 @@ class IndividualHook:
         self.last_losses = np.asarray(losses, np.float64)
 
     def checkpoint_item(self, workdir: str, update: int, *, write: bool) -> dict[str, str]:
-        """Saves the recorder as WORKDIR/individual_norms/<update>.npz (when `write`: process 0) and
-        returns the checkpoint's JSON item {"norms_file": relative path}."""
+        """Saves the recorder as WORKDIR/individual_norms/<update>.npz (when `write`: process 0; the
+        directory owner-only) and returns the checkpoint's JSON item {"norms_file": relative path,
+        "sha256": the file's SHA-256 (hex)}: the item is checksummed with the checkpoint, so the
+        digest brings the file under the checkpoint's integrity check (`read_norms`). Every process
+        returns the same item (the file's bytes depend only on the recorder, `files.norms_bytes`)."""
         path = os.path.join(workdir, files.NORMS_DIR, f"{update}.npz")
         if write:
-            atomic_io.make_dir(os.path.dirname(path))
-            files.save_norms(self.recorder, path)
-        return {"norms_file": os.path.relpath(path, workdir)}
+            atomic_io.make_dir(os.path.dirname(path), private=True)
+            digest = files.save_norms(self.recorder, path)
+        else:
+            digest = files.norms_sha256(self.recorder)
+        return {"norms_file": os.path.relpath(path, workdir), "sha256": digest}
+
+    @staticmethod
+    def read_norms(workdir: str, item: Mapping[str, Any]) -> NormRecorder:
+        """The recorder a checkpoint's JSON item (`checkpoint_item`) points to, its file checked against
+        the item's SHA-256 (an item without one, written before the digest was recorded: unchecked).
+        ValueError naming the file when it is unreadable or differs; KeyError/TypeError for a malformed item."""
+        return files.load_norms(os.path.join(workdir, item["norms_file"]), item.get("sha256"))
 
     def restore(self, workdir: str, item: Mapping[str, Any]) -> None:
-        """Continues from a checkpoint's JSON item (`checkpoint_item`)."""
-        self.recorder = files.load_norms(os.path.join(workdir, item["norms_file"]))
+        """Continues from a checkpoint's JSON item (`checkpoint_item`), checked (`read_norms`)."""
+        self.recorder = self.read_norms(workdir, item)
 
     def finish(self, workdir: str, plan: Any, updates: int, run_epsilon: float, columns: Mapping[str, np.ndarray],
                *, task: str, class_names: Sequence[str]) -> str:
