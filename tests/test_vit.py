@@ -288,6 +288,29 @@ def test_unreadable_files_are_named(tmp_path):
     assert str(bad) in _message(e) and "not an .npz" in _message(e)
 
 
+def test_non_numeric_and_non_finite_weights_are_refused_on_load(tmp_path):
+    """As for the Haiku path (tests/test_checkpoints.py): string or object arrays (even of numbers) and
+    NaN/inf weights are refused by `apply_flat`, naming the parameter; through a file, a string array is
+    refused when it is read and a NaN when it is loaded."""
+    _, _, flat = reference()
+    name = "Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel"
+    w = vc.normalise(flat)[name]
+    model = models.create("vit_micro", CLASSES)
+    for value, says in ((w.astype(str), "is not numeric"), (w.astype(object), "dtype object is not numeric"),
+                        (np.where(np.arange(w.size).reshape(w.shape) == 3, np.nan, w), "1 non-finite value"),
+                        (np.full(w.shape, np.inf, np.float32), f"{w.size} non-finite value")):
+        bad = dict(vc.normalise(flat), **{name: value})
+        with pytest.raises(checkpoints.CheckpointError, match=f"src.npz: {name}: .*{says}") as e:
+            vc.apply_flat(model, bad, source="src.npz")
+        _message(e)
+    with pytest.raises(checkpoints.CheckpointError, match=f"{name} has dtype <U.*expected floating point"):
+        models.load_pretrained(save(tmp_path, dict(flat, **{name: w.astype(str)}), "strings.npz"), "vit_micro")
+    nan = np.where(np.arange(w.size).reshape(w.shape) == 3, np.nan, w).astype(np.float32)
+    path = save(tmp_path, dict(flat, **{name: nan}), "nan.npz")
+    with pytest.raises(checkpoints.CheckpointError, match=f"{path}: {name}: 1 non-finite value"):
+        models.load_pretrained(path, "vit_micro")
+
+
 # ------------------------------------------------------------------ sizes, dtypes, interface
 
 def vit_param_count(width, depth, mlp, classes, patch=16, image=224, tok=True):
