@@ -151,8 +151,9 @@ def test_the_config_item_read_alone_is_checked_against_the_checksum_record(tmp_p
     doc = json.load(open(path))
     doc["train"]["optimizer"]["learning_rate"] = 123.0
     json.dump(doc, open(path, "w"))
-    with pytest.raises(C.CorruptCheckpoint, match=r"checkpoints/2 is corrupt: item 'config': checksum mismatch"):
+    with pytest.raises(C.CorruptCheckpoint, match=r"checkpoints/2 is corrupt: item 'config': checksum mismatch") as e:
         contract.checkpoint_config(directory, 2)
+    assert e.value.reason == "item 'config': checksum mismatch (its JSON was edited or damaged)"  # not re-wrapped
     with pytest.raises(C.CorruptCheckpoint, match="item 'config': checksum mismatch"):
         C.read_json_item(directory, 2, "config")
     record_path = os.path.join(directory, "2", C.CHECKSUMS, "metadata")

@@ -182,6 +182,8 @@ def checkpoint_config(directory: str, step: int) -> ml_collections.ConfigDict:
 
     try:
         return config_from_json(json.dumps(checkpointing.read_json_item(directory, step, CONFIG)))
+    except checkpointing.CorruptCheckpoint:
+        raise
     except Exception as e:  # noqa: BLE001 - an unreadable config item: this step is corrupt
         raise checkpointing.CorruptCheckpoint(step, directory, f"item 'config': {type(e).__name__}: "
                                               f"{str(e).strip()[:300]}") from e
@@ -198,8 +200,6 @@ def checkpoint_ledger(restored: Restored, directory: str) -> Ledger:
         raise checkpointing.CorruptCheckpoint(restored.step, directory, f"item 'ledger': {e}") from e
 
 
-    except checkpointing.CorruptCheckpoint:
-        raise
 # ---------------------------------------------------------------- writing (process 0 of a run)
 def write_ledger(workdir: str, ledger: Ledger) -> None:
     """`WORKDIR/ledger.json` (atomic)."""
