@@ -12,6 +12,7 @@ import csv
 import dataclasses
 import json
 import os
+import re
 import sys
 import types
 from typing import Any
@@ -219,6 +220,7 @@ def test_toy_data_set_with_demographics_prepare_train_evaluate(toy, tmp_path, ca
     # a fixed (public) noise seed: every place that shows epsilon says there is no guarantee
     final = [line for line in out.splitlines() if line.startswith("final: ")][-1]
     assert "NO privacy guarantee (secret: insecure_fixed_noise_seed; nominal epsilon" in final, final
+    assert_no_bare_epsilon(out, workdir)
     with open(os.path.join(workdir, "predictions", "2", "test.json")) as f:
         assert json.load(f)["guarantee_valid"] is False
     with open(os.path.join(workdir, "attribute_coverage.json")) as f:
@@ -239,3 +241,35 @@ def test_toy_data_set_with_demographics_prepare_train_evaluate(toy, tmp_path, ca
         report = f.read()
     assert "site" in report and "north" in report
     assert "NO privacy guarantee (the run's noise was public; nominal epsilon=" in report
+
+    rc, out, err = _dpft(capsys, "evaluate", "--compare", workdir, "--out", str(tmp_path / "compare"))
+    assert rc == 0, out[-3000:] + err[-3000:]
+    assert f"| 8.00 {NO_GUARANTEE} | 1 |" in out, out  # the run's cell in every table
+    assert not [line for line in out.splitlines() if line.startswith("| 8.00 |")], out
+    assert re.search(r"^\| run \| 8\.00 \| [0-9.]+ per example \(NO GUARANTEE: public noise\) \|", out, re.M), out
+
+
+NO_GUARANTEE = "(NO GUARANTEE: public noise)"
+
+
+def assert_no_bare_epsilon(out: str, workdir: str) -> None:
+    """Issue 31: every epsilon a run with public noise shows says there is no guarantee: the start-up
+    lines, every progress line, metrics.jsonl (guarantee_valid false beside each epsilon) and
+    TensorBoard (epsilon under the tag epsilon/NO_GUARANTEE_public_noise, never "epsilon")."""
+    from dpft.testing.events import scalars
+
+    lines = out.splitlines()
+    shown = [line for line in lines if re.search(r"\beps(ilon)?\b[^|;]*?\d", line)]
+    start = [line for line in lines if line.startswith("DP-SGD per ")]
+    progress = [line for line in lines if line.startswith("update ") and " | eps " in line]
+    assert len(start) == 1, start
+    assert re.search(r"; epsilon at the end [0-9.]+ \(NO GUARANTEE: public noise\)$", start[0]), start
+    assert progress and all(f"{NO_GUARANTEE} | ETA" in line for line in progress), progress
+    bare = [line for line in shown if NO_GUARANTEE not in line and "NO privacy guarantee" not in line]
+    assert not bare, bare
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f if '"epsilon"' in line]
+    assert records and all(r["guarantee_valid"] is False for r in records), records
+    tags = scalars(workdir)
+    assert "epsilon" not in tags and tags["epsilon/NO_GUARANTEE_public_noise"] == [  # float32 in TensorBoard
+        (r["step"], pytest.approx(r["epsilon"], rel=1e-6)) for r in records]

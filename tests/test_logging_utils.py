@@ -7,6 +7,7 @@ import json
 import jax.numpy as jnp
 import numpy as np
 
+from dpft.testing.events import scalars
 from dpft.train.logging_utils import MetricWriter, Progress, format_duration
 
 
@@ -50,6 +51,28 @@ def test_progress_line_and_eta_with_injected_clock():
     assert format_duration(90061) == "1 day, 1:01:01"
     assert format_duration(float("nan")) == "?"
     assert p.line(20, examples=0).endswith("ETA ?")
+
+
+def test_an_epsilon_without_guarantee_says_so_in_the_progress_line_and_tensorboard(tmp_path):
+    """Issue 31: a run whose noise was public (guarantee_valid False) never shows a bare epsilon: the
+    progress line marks it, and TensorBoard files it under its own tag; True and None (older callers)
+    leave both as they were."""
+    now = [0.0]
+    p = Progress(100, clock=lambda: now[0], print_fn=None)
+    now[0] = 1.0
+    assert p.line(1, examples=8, epsilon=2.0, guarantee_valid=False).split(" | ")[2] == \
+        "eps 2 (NO GUARANTEE: public noise)"
+    for valid in (True, None):
+        now[0] += 1.0
+        assert p.line(2, examples=8, epsilon=2.0, guarantee_valid=valid).split(" | ")[2] == "eps 2"
+    with MetricWriter(tmp_path, process_index=0) as w:
+        w.write(1, {"epsilon": 2.0, "guarantee_valid": False, "grad_norm": 0.5},
+                tensorboard_tags={"epsilon": "epsilon/NO_GUARANTEE_public_noise"})
+        w.write(2, {"epsilon": 3.0, "guarantee_valid": True})
+    assert scalars(tmp_path) == {"epsilon/NO_GUARANTEE_public_noise": [(1, 2.0)], "grad_norm": [(1, 0.5)],
+                                 "epsilon": [(2, 3.0)]}
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0] == {"step": 1, "epsilon": 2.0, "guarantee_valid": False, "grad_norm": 0.5}
 
 
 def test_library_failures_go_to_the_workdir_log_not_the_terminal(tmp_path):

@@ -480,7 +480,38 @@ def test_a_run_with_public_noise_says_no_guarantee_in_its_report_and_comparison(
     C.compare_runs([str(wd), str(secure)], tmp_path / "cmp")
     rows = {line.split("|")[1].strip(): line for line in (tmp_path / "cmp" / "compare.md").read_text().splitlines()
             if line.startswith("| insecure") or line.startswith("| secure")}
-    assert "NO guarantee (nominal 8.00)" in rows["insecure"] and "NO guarantee" not in rows["secure"]
+    assert "8.00 (NO GUARANTEE: public noise)" in rows["insecure"] and "NO GUARANTEE" not in rows["secure"]
+
+
+def test_every_epsilon_label_of_a_comparison_marks_a_group_with_a_run_without_guarantee(tmp_path, monkeypatch):
+    """Issue 31: not only the run's row: the aggregate cells' x column, the paired differences, the
+    plot's x ticks and compare.json say "NO GUARANTEE" for a cell holding a run whose noise was public;
+    the cells of secure runs do not."""
+    def run(name, epsilon, guarantee_valid, bias):  # the same test rows in every run: paired differences
+        paths = write_synthetic_workdir(tmp_path / name, n_test=120, n_val=80, step=3, bias=bias,
+                                        epsilon=8.0 if epsilon else None, guarantee_valid=guarantee_valid)
+        (tmp_path / name / "config.json").write_text(json.dumps({"privacy": {"enabled": bool(epsilon),
+                                                                              "epsilon": epsilon}}))
+        R.evaluate_predictions(paths["test"], paths["validation"], n_resamples=5, plots=False)
+        return str(tmp_path / name)
+
+    runs = [run("insecure", 8.0, False, 1.0), run("secure", 4.0, True, 1.5), run("nonpriv", None, None, 0.2)]
+    figures = []
+    monkeypatch.setattr(C, "save_figure", lambda fig, path: figures.append(fig))
+    out = C.compare_runs(runs, tmp_path / "cmp", attribute="sex")
+    mark = "(NO GUARANTEE: public noise)"
+    assert [c["no_guarantee_runs"] for c in out["cells"]] == [[], ["insecure"], []]  # x 4, 8, non-private
+    assert [p["no_guarantee_runs"] for p in out["paired"]] == [[], ["insecure"]]
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    tables = md.split("## Runs")[0].splitlines()
+    assert [line.split("|")[1].strip() for line in tables if line.startswith("| 8.00")] == [f"8.00 {mark}"] * 2
+    assert [line.split("|")[1].strip() for line in tables if line.startswith("| 4.00")] == ["4.00"] * 2
+    assert not [line for line in tables if line.startswith("| non-private") and "NO GUARANTEE" in line]
+    assert f"Marked {mark}" in md
+    ticks = {t.get_text() for ax in figures[0].axes for t in ax.get_xticklabels()}
+    assert ticks == {"4.00", f"8.00\n{mark}"}, ticks
+    cmd_out = C.render_compare_markdown(_strict_json(tmp_path / "cmp" / "compare.json"))
+    assert cmd_out == md  # what `dpft evaluate --compare` prints and compare.md: from compare.json alone
 
 
 def test_compare_errors(tmp_path):

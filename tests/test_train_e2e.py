@@ -32,6 +32,7 @@ from dpft.workdir import checkpointing
 from dpft.config import run_plan
 from dpft.config.base import load_config
 from dpft.testing import cpu as cpu_env
+from dpft.testing.events import scalars
 
 pytestmark = pytest.mark.slow
 
@@ -249,6 +250,19 @@ def test_resume_from_a_checkpoint_without_secret_has_no_guarantee(base, run_a):
     assert "holds no run secret" in proc.output and "this run has NO privacy guarantee" in proc.output
     final = [line for line in proc.output.splitlines() if line.startswith("final: ")][-1]
     assert "NO privacy guarantee (secret: csprng_after_public_noise" in final, final
+    # Issue 31: every epsilon of the resumed run says so: the resume line, the progress lines, the
+    # metrics (guarantee_valid false beside epsilon) and TensorBoard (its own tag).
+    lines = proc.output.splitlines()
+    resumed = [line for line in lines if line.startswith("resumed from ")]
+    assert len(resumed) == 1 and re.search(r", epsilon spent [0-9.]+ \(NO GUARANTEE: public noise\) \(", resumed[0])
+    progress = [line for line in lines if line.startswith("update ") and " | eps " in line]
+    assert len(progress) == 2 and all("(NO GUARANTEE: public noise) | ETA" in line for line in progress), progress
+    with open(wd / "metrics.jsonl") as f:  # run_a's records of updates 1-6, then the resumed run's 5 and 6
+        records = [json.loads(line) for line in f if '"epsilon"' in line]
+    assert [(r["step"], r["guarantee_valid"]) for r in records[-3:]] == [(UPDATES, True), (UPDATES - 1, False),
+                                                                       (UPDATES, False)]
+    tags = scalars(str(wd))
+    assert [step for step, _ in tags["epsilon/NO_GUARANTEE_public_noise"]] == [UPDATES - 1, UPDATES]
     plan = json.loads((wd / "privacy_plan.json").read_text())
     assert plan["guarantee_valid"] is False and plan["secret_source"] == "csprng_after_public_noise"
     test_json = json.loads((wd / "predictions" / str(UPDATES) / "test.json").read_text())
@@ -293,6 +307,11 @@ def test_what_leaves_the_workdir_is_covered_or_private(base, run_a):
         public = [json.loads(line) for line in f]
     keys_seen = set().union(*public)
     assert {"epsilon", "grad_norm"} <= keys_seen
+    # A secure run's epsilon is a guarantee: no "NO GUARANTEE" anywhere (issue 31 marks only public noise).
+    assert all(r["guarantee_valid"] is True for r in public if "epsilon" in r)
+    tags = scalars(str(run_a))
+    assert [step for step, _ in tags["epsilon"]] == list(range(1, UPDATES + 1))
+    assert not [t for t in tags if "GUARANTEE" in t], tags
     assert not keys_seen & {"examples", "loss", "train_accuracy", "clipped_fraction"}, keys_seen
     private = os.path.join(str(run_a), "private", "update_stats.jsonl")
     assert (os.stat(private).st_mode & 0o077) == 0 and (os.stat(os.path.dirname(private)).st_mode & 0o077) == 0
@@ -308,6 +327,9 @@ def test_what_leaves_the_workdir_is_covered_or_private(base, run_a):
     with open(os.path.join(str(run_a), "log.txt")) as f:
         log = f.read()
     assert "ex/s (expected batch)" in log and "loss" not in log.split("DP-SGD")[-1].split("final:")[0]
+    progress = [line for line in log.splitlines() if line.startswith("update ") and " | eps " in line]
+    assert len(progress) == UPDATES and "; epsilon at the end " in log
+    assert "NO GUARANTEE" not in log and "NO privacy guarantee" not in log, log[-3000:]
     assert "host malloc: glibc " in log and "keeps freed memory for reuse" in log  # CPU platform (dpft.host_memory)
 
 

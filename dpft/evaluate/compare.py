@@ -15,6 +15,11 @@ Quantities per run: the headline utility (auc_mean / top1) and, per subgroup att
 (max - min over compared groups) and every parity metric averaged over tasks
 (`<parity metric>/mean` of metrics.json).
 
+A run whose metrics say `guarantee_valid: false` (public noise: its epsilon is nominal) is marked
+"(NO GUARANTEE: public noise)" (`contract.mark_epsilon`) wherever it shows: its row of the runs
+table, and the x label of every cell and paired difference it is in (tables and plot ticks);
+compare.json lists such runs per cell as "no_guarantee_runs".
+
 `compare_runs(run_dirs, out_dir, x=..., series=...)` writes compare.json, compare.md and compare.png.
 """
 from __future__ import annotations
@@ -32,6 +37,7 @@ from dpft.config.base import flatten
 from dpft.errors import UsageError
 from dpft.evaluate.fairness import PARITY_METRICS
 from dpft.evaluate.plots import draw_interval, pyplot, save_figure
+from dpft.workdir import contract
 from dpft.workdir.predictions import check_digest
 from dpft.evaluate.render import fmt_stat
 
@@ -213,6 +219,18 @@ def fmt_value(field: str | None, v: Any) -> str:
     return "-" if v is None else str(v)
 
 
+def no_guarantee_runs(runs: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Names of the `runs` (rows of `_row`) whose metrics say guarantee_valid false (public noise)."""
+    return [r["run"] for r in runs if r.get("guarantee_valid") is False]
+
+
+def axis_label(field: str | None, v: Any, group: Mapping[str, Any] | None = None) -> str:
+    """`fmt_value` of a cell's (or paired difference's) axis value, marked "(NO GUARANTEE: public noise)"
+    where `group` (a cell of compare.json) holds a run without a guarantee."""
+    flagged = bool((group or {}).get("no_guarantee_runs"))
+    return contract.mark_epsilon(fmt_value(field, v), False if flagged else None)
+
+
 def compare_runs(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, *, step: int | None = None,
                  x: str = EPSILON, series: str | None = None, attribute: str | None = None,
                  ci_level: float = 0.95) -> dict[str, Any]:
@@ -240,7 +258,7 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLi
     out_cells = []
     for (_, _), runs in cells.items():
         cell = {"series": runs[0]["series"], "x": runs[0]["x"], "runs": [r["run"] for r in runs],
-                "n_runs": len(runs), "seeds": [r["seeds"] for r in runs],
+                "n_runs": len(runs), "seeds": [r["seeds"] for r in runs], "no_guarantee_runs": no_guarantee_runs(runs),
                 "utility": cell_summary([r["utility"] for r in runs], ci_level), "gaps": {}, "parity": {}}
         for a in attrs:
             cell["gaps"][a] = cell_summary([(r["gaps"].get(a) or {}).get("gap") for r in runs], ci_level)
@@ -289,6 +307,7 @@ def paired_differences(cells: dict[tuple, list[dict]], x: str, series: str | Non
         for attr in attrs:
             out.append({"series": runs[0]["series"], "x": runs[0]["x"], "attribute": attr,
                         "runs": [[a["run"], b["run"]] for a, b in pairs],
+                        "no_guarantee_runs": no_guarantee_runs([a for a, _ in pairs]),
                         **paired.paired_gap_difference(docs, attr, level=level, cache=cache)})
     return out
 
@@ -327,6 +346,10 @@ def render_compare_markdown(result: dict[str, Any]) -> str:
              f"Gap = max - min of {m} over the compared groups; parity metrics are fairlearn's "
              "(between groups), averaged over the tasks where each is defined. Differences: lower is "
              "better; ratios: higher is better. Undefined values are n/a, never 0.", ""]
+    if any(c.get("no_guarantee_runs") for c in result["cells"]):
+        lines += [f"Marked ({contract.NO_GUARANTEE}): a cell with a run whose noise was public (an insecure "
+                  "fixed noise seed, or updates before a resume without a secret); its epsilon is nominal, not a "
+                  "differential-privacy guarantee.", ""]
     par_short = {"demographic_parity_difference": "DP diff", "equal_opportunity_difference": "EO diff",
                  "equalized_odds_difference": "EqOdds diff", "demographic_parity_ratio": "DP ratio",
                  "equal_opportunity_ratio": "EO ratio", "equalized_odds_ratio": "EqOdds ratio"}
@@ -336,7 +359,7 @@ def render_compare_markdown(result: dict[str, Any]) -> str:
             header += [f"{m} gap ({a})"] + [f"{par_short[p]} ({a})" for p in PARITY_METRICS]
         rows = []
         for c in result["cells"]:
-            cells = ([fmt_value(series, c["series"])] if series else []) + [fmt_value(x, c["x"]), str(c["n_runs"]),
+            cells = ([fmt_value(series, c["series"])] if series else []) + [axis_label(x, c["x"], c), str(c["n_runs"]),
                                                                              fmt_cell(c["utility"])]
             if a is not None:
                 cells += [fmt_cell(c["gaps"][a])] + [fmt_cell(c["parity"][a][p]) for p in PARITY_METRICS]
@@ -355,7 +378,7 @@ def render_compare_markdown(result: dict[str, Any]) -> str:
                   "|" + "---|" * (4 + bool(series))]
         for p in result["paired"]:
             cells = ([fmt_value(series, p["series"])] if series else []) + [
-                fmt_value(x, p["x"]), p["attribute"], str(p["n_pairs"]), fmt_stat(p)]
+                axis_label(x, p["x"], p), p["attribute"], str(p["n_pairs"]), fmt_stat(p)]
             lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
         lines.append("")
     lines += ["## Runs", "", "| run | " + (f"{series} | " if series else "") + f"{x} | epsilon spent | step | seeds | {m} "
@@ -364,8 +387,8 @@ def render_compare_markdown(result: dict[str, Any]) -> str:
         spent = "-" if r["epsilon_spent"] is None else f"{r['epsilon_spent']:.2f}"
         if r["epsilon_spent"] is not None and r.get("privacy_unit"):
             spent = f"{spent} per {r['privacy_unit']}"
-        if r["epsilon_spent"] is not None and r.get("guarantee_valid") is False:
-            spent = f"NO guarantee (nominal {spent})"
+        if r["epsilon_spent"] is not None:
+            spent = contract.mark_epsilon(spent, r.get("guarantee_valid"))
         seeds = ", ".join(f"{k}={v}" for k, v in r["seeds"].items()) or "-"
         groups = "; ".join(f"{a}: " + ", ".join(f"{g} {n}" for g, n in counts.items())
                            for a, counts in r.get("train_groups", {}).items() if a in (attrs or [])) or "-"
@@ -377,6 +400,14 @@ def render_compare_markdown(result: dict[str, Any]) -> str:
 
 def _numeric(values: Sequence[Any]) -> bool:
     return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+
+
+def tick_label(result: Mapping[str, Any], v: Any) -> str:
+    """The plot's tick label of x value `v`: `axis_label`, marked where a cell at `v` (any series) holds a
+    run without a guarantee; the mark on a line of its own."""
+    flagged = {"no_guarantee_runs": [n for c in result["cells"] if _freeze(c["x"]) == _freeze(v)
+                                     for n in c.get("no_guarantee_runs", [])]}
+    return axis_label(result["x"], v, flagged).replace(f" ({contract.NO_GUARANTEE})", f"\n({contract.NO_GUARANTEE})")
 
 
 def plot_compare(result: dict[str, Any], path: str | os.PathLike) -> None:
@@ -421,17 +452,17 @@ def plot_compare(result: dict[str, Any], path: str | os.PathLike) -> None:
                 if c["x"] is None and stat(c)["value"] is not None:
                     s = stat(c)
                     ax.axhline(s["value"], ls="--", color=color,
-                               label=(f"{label}, " if label else "") + f"{fmt_value(x, None)}")
+                               label=(f"{label}, " if label else "") + axis_label(x, None, c))
                     if s["ci"][0] is not None:
                         ax.axhspan(s["ci"][0], s["ci"][1], color=color, alpha=0.12)
         if numeric:
             if log:
                 ax.set_xscale("log")
             ticks = sorted(set(xs_all))
-            ax.set_xticks(ticks, [fmt_value(x, t) for t in ticks], fontsize=7)
+            ax.set_xticks(ticks, [tick_label(result, t) for t in ticks], fontsize=7)
             ax.minorticks_off()
         else:
-            ax.set_xticks(list(positions.values()), [fmt_value(x, v) for v in positions], fontsize=7)
+            ax.set_xticks(list(positions.values()), [tick_label(result, v) for v in positions], fontsize=7)
         ax.set_xlabel(x, fontsize=8)
         if kind == "utility":
             ax.set_ylabel(f"{m} (higher is better)", fontsize=8)

@@ -86,8 +86,7 @@ def read_release(workdir: str, step: int | None) -> dict:
     if not plan.get("enabled"):
         text = "non-private"
     else:
-        text = f"{eps:.4g} at delta {plan['delta']:.3g}" + ("" if plan.get("guarantee_valid") is not False
-                                                              else " (NO privacy guarantee: public noise)")
+        text = contract.mark_epsilon(f"{eps:.4g} at delta {plan['delta']:.3g}", plan.get("guarantee_valid"))
     return {"step": chosen, "pytrees": {name: restored.pytrees[name] for name in targets},
             "config": config, "plan": plan, "ledger": ledger, "epsilon_text": text}
 

@@ -6,13 +6,16 @@
     record brings a new key the header grows: the file is rewritten (atomically, through
     `dpft.atomic_io`) with the wider header and empty cells for old rows.
     Re-opening an existing workdir (resume) continues the same files;
-  - TensorBoard event files (tensorboardX) in WORKDIR for the numeric values (local workdirs
-    only: on a `gs://` workdir the JSONL and CSV files are the record).
+  - TensorBoard event files (tensorboardX) in WORKDIR for the numeric values, each under its name
+    or the tag `write(..., tensorboard_tags=)` gives it (a run without a privacy guarantee logs
+    epsilon as "epsilon/NO_GUARANTEE_public_noise"; local workdirs only: on a `gs://` workdir the
+    JSONL and CSV files are the record).
 Only process 0 writes (multi-host runs log once). Appends on a remote workdir rewrite the whole
 object (`atomic_io.append_text`).
 
 `Progress(total_updates)` formats one line per log step:
   "update 120/1000 (12.0%) | 512.3 ex/s | loss 0.6931 | eps 1.23 | ETA 0:14:02"
+("eps 1.23 (NO GUARANTEE: public noise)" in a run whose noise was public).
 examples/s and ETA use the time between consecutive log calls (an injectable clock).
 """
 from __future__ import annotations
@@ -30,6 +33,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from dpft import atomic_io, paths
+from dpft.workdir import contract
 
 
 def _plain(value: Any) -> Any:
@@ -92,8 +96,10 @@ class MetricWriter:
 
             self._tb = SummaryWriter(logdir=self.workdir)
 
-    def write(self, step: int, metrics: Mapping[str, Any]) -> None:
-        """Record `metrics` (name -> scalar or string) for update `step`."""
+    def write(self, step: int, metrics: Mapping[str, Any], *,
+              tensorboard_tags: Mapping[str, str] | None = None) -> None:
+        """Record `metrics` (name -> scalar, bool or string) for update `step`; in TensorBoard the
+        finite numbers (not bools), under the tag `tensorboard_tags` gives a name (default the name)."""
         if not self.active:
             return
         record = {str(k): _plain(v) for k, v in metrics.items()}
@@ -104,7 +110,7 @@ class MetricWriter:
         if self._tb is not None:
             for k, v in record.items():
                 if _is_number(v) and math.isfinite(float(v)):
-                    self._tb.add_scalar(k, float(v), int(step))
+                    self._tb.add_scalar((tensorboard_tags or {}).get(k, k), float(v), int(step))
 
     def _write_csv(self, step: int, record: Mapping[str, Any]) -> None:
         new = [k for k in record if k not in self._columns]
@@ -211,11 +217,12 @@ class Progress:
         self._last_time = self._clock()
 
     def line(self, step: int, *, examples: float, loss: float | None = None, epsilon: float | None = None,
-             expected: bool = False) -> str:
+             expected: bool = False, guarantee_valid: bool | None = None) -> str:
         """The progress line for `step` (updates done); advances the reference point.
 
         expected=True: `examples` is the expected count (updates x expected batch size), shown
-        as "~... ex/s (expected batch)" -- private runs never show realised batch sizes."""
+        as "~... ex/s (expected batch)" -- private runs never show realised batch sizes.
+        guarantee_valid=False (the plan's: public noise): "eps 1.23 (NO GUARANTEE: public noise)"."""
         now = self._clock()
         dt = now - self._last_time
         dsteps = step - self._last_step
@@ -230,14 +237,15 @@ class Progress:
         if loss is not None:
             parts.append(f"loss {float(loss):.4f}")
         if epsilon is not None:
-            parts.append(f"eps {float(epsilon):.3g}")
+            parts.append(contract.mark_epsilon(f"eps {float(epsilon):.3g}", guarantee_valid))
         parts.append(f"ETA {format_duration(eta)}")
         return " | ".join(parts)
 
     def log(self, step: int, *, examples: float, loss: float | None = None, epsilon: float | None = None,
-            expected: bool = False) -> str:
+            expected: bool = False, guarantee_valid: bool | None = None) -> str:
         """Format (see `line`) and print the line; returns it."""
-        text = self.line(step, examples=examples, loss=loss, epsilon=epsilon, expected=expected)
+        text = self.line(step, examples=examples, loss=loss, epsilon=epsilon, expected=expected,
+                         guarantee_valid=guarantee_valid)
         if self._print is not None:
             self._print(text)
         return text

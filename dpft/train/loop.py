@@ -332,8 +332,8 @@ class Trainer(wiring.RunParts):
             self.individual.recorder = items[contract.INDIVIDUAL]  # read and checked by `read`
         checked = f"{restored.verified} arrays verified" + (f", {restored.unchecked} without checksum"
                                                              if restored.unchecked else "")
-        self.print(f"resumed from {ckpt.directory}/{restored.step}: update {self.updates_done}, "
-                   f"epsilon spent {self.epsilon_spent():.4g} ({checked})")
+        spent = contract.mark_epsilon(f"epsilon spent {self.epsilon_spent():.4g}", self.plan.guarantee_valid)
+        self.print(f"resumed from {ckpt.directory}/{restored.step}: update {self.updates_done}, {spent} ({checked})")
         return True
 
     # ------------------------------------------------------------------ several processes

@@ -4,7 +4,10 @@ Per-update statistics of private batches (realised batch size, training loss/acc
 fraction) are not covered by the DP guarantee: in a private run they go only to the owner-only
 WORKDIR/private/update_stats.jsonl; the public outputs (metrics files, TensorBoard, progress line)
 carry what the guarantee covers (the noisy gradient's norm, epsilon) and rates at the expected
-batch size.
+batch size. Where the plan has no guarantee (public noise: `PrivacyPlan.guarantee_valid`), every epsilon
+they show says so (`contract.mark_epsilon`): the start-up and progress lines, metrics.jsonl/csv
+(`guarantee_valid` beside `epsilon`), TensorBoard (tag `contract.EPSILON_TAG_NO_GUARANTEE`) and the
+final line.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import numpy as np
 
 from dpft.privacy.plan import PrivacyPlan
 from dpft.train import logging_utils
+from dpft.workdir import contract
 
 #: The sums of update statistics a logging window adds up.
 WINDOW_KEYS = ("examples", "loss_sum", "accuracy_sum", "clipped")
@@ -54,17 +58,21 @@ def log_window(u: int, window: Mapping[str, float], summary: Mapping[str, float]
     n = max(window["examples"], 1.0)
     stats = {"loss": window["loss_sum"] / n, "train_accuracy": window["accuracy_sum"] / n,
              "clipped_fraction": window["clipped"] / n, "examples": window["examples"]}
-    public = {"grad_norm": summary["grad_norm"]}
+    public: dict[str, Any] = {"grad_norm": summary["grad_norm"]}
+    tags = {}
     if plan.enabled:
-        eps = epsilon_spent()
-        public["epsilon"] = eps
+        eps, valid = epsilon_spent(), plan.guarantee_valid
+        public.update(epsilon=eps, guarantee_valid=valid)
+        if not valid:
+            tags["epsilon"] = contract.EPSILON_TAG_NO_GUARANTEE
         private_writer.write(u, stats)
         updates = u - progress.last_step
-        progress.log(u, examples=updates * plan.expected_batch_size, epsilon=eps, expected=True)
+        progress.log(u, examples=updates * plan.expected_batch_size, epsilon=eps, expected=True,
+                     guarantee_valid=valid)
     else:
         public.update(stats)
         progress.log(u, examples=window["examples"], loss=stats["loss"])
-    writer.write(u, public)
+    writer.write(u, public, tensorboard_tags=tags)
 
 
 def announcement(plan: PrivacyPlan, config: ml_collections.ConfigDict) -> list[str]:
@@ -76,7 +84,7 @@ def announcement(plan: PrivacyPlan, config: ml_collections.ConfigDict) -> list[s
                  f"{p.num_updates} updates, sigma={p.noise_multiplier:.4f}, C={p.clip_norm:g} "
                  f"({p.clipping.mode}, sensitivity {p.sensitivity:g}), engine {p.grad_method}, "
                  f"delta={p.delta:.3g}, target epsilon={p.target_epsilon} ({p.accountant}); "
-                 f"epsilon at the end {end_eps:.4g}")
+                 + contract.mark_epsilon(f"epsilon at the end {end_eps:.4g}", p.guarantee_valid))
     else:
         first = (f"non-private: N={p.num_examples}, expected batch {p.expected_batch_size:g}, "
                  f"{p.num_updates} updates (same code path, no clipping, no noise)")
@@ -91,19 +99,20 @@ def patient_lines(plan: PrivacyPlan, run_epsilon: float) -> list[str]:
     pt = plan.patients
     if not plan.enabled or not pt:
         return []
+    mark = lambda line: contract.mark_epsilon(line, plan.guarantee_valid)  # noqa: E731
     if plan.unit == "patient":
-        return [f"privacy unit: the patient. {pt['num_units']} patients, {pt['num_rows']} images (up to "
-                f"{pt['max_rows_per_unit']} per patient); each update uses at most {pt['cap']} images of a sampled "
-                f"patient (privacy.unit_cap): {pt['units_over_cap']} patients have more, "
-                f"{100 * pt['fraction_of_rows_within_cap']:.1f}% of the images are within the cap; epsilon "
-                f"{run_epsilon:.4g} at delta {plan.delta:.3g} is per patient"]
+        return [mark(f"privacy unit: the patient. {pt['num_units']} patients, {pt['num_rows']} images (up to "
+                     f"{pt['max_rows_per_unit']} per patient); each update uses at most {pt['cap']} images of a "
+                     f"sampled patient (privacy.unit_cap): {pt['units_over_cap']} patients have more, "
+                     f"{100 * pt['fraction_of_rows_within_cap']:.1f}% of the images are within the cap; epsilon "
+                     f"{run_epsilon:.4g} at delta {plan.delta:.3g} is per patient")]
     if pt["max_images"] == 1:
         return [f"privacy unit: one example; {pt['count']} patients with one image each: epsilon per patient = "
                 f"epsilon per image"]
     eps = pt["epsilon_of_the_patient_with_the_most_images"]
-    return [f"WARNING: privacy unit: one example (an image), not a patient. {pt['count']} patients with up to "
-            f"{pt['max_images']} images: the patient with the most has epsilon {eps:.4g} at delta {plan.delta:.3g} "
-            f"(group privacy, PLD), not {run_epsilon:.4g} (privacy_plan.json: patients)"]
+    return [mark(f"WARNING: privacy unit: one example (an image), not a patient. {pt['count']} patients with up "
+                 f"to {pt['max_images']} images: the patient with the most has epsilon {eps:.4g} at delta "
+                 f"{plan.delta:.3g} (group privacy, PLD), not {run_epsilon:.4g} (privacy_plan.json: patients)")]
 
 
 def final_line(final: Mapping[str, float], plan: PrivacyPlan, epsilon: float) -> str:

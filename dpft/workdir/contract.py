@@ -116,6 +116,22 @@ def predictions_privacy(ledger: Ledger, plan: Mapping[str, Any]) -> tuple[float 
     return epsilon_spent(ledger, plan), float(plan["delta"]), plan.get("guarantee_valid") is not False
 
 
+# ---------------------------------------------------------------- epsilon without a guarantee
+#: What every output that shows a run's epsilon adds where its plan's `guarantee_valid` is false: the
+#: noise was public (an insecure fixed noise seed, or updates before a resume from a checkpoint without
+#: a secret), so the epsilon is nominal. One spelling for the progress, start and resume lines, the
+#: comparison's cells, axes and runs (`mark_epsilon`) and TensorBoard's tag (`EPSILON_TAG_NO_GUARANTEE`).
+NO_GUARANTEE = "NO GUARANTEE: public noise"
+#: TensorBoard tag of epsilon in a run without a guarantee (tags allow [-/\w.] only); "epsilon" otherwise.
+EPSILON_TAG_NO_GUARANTEE = "epsilon/" + NO_GUARANTEE.replace(": ", "_").replace(" ", "_")
+
+
+def mark_epsilon(text: str, guarantee_valid: bool | None) -> str:
+    """`text` (an epsilon as shown, e.g. "eps 2.00") followed by " (NO GUARANTEE: public noise)" where
+    `guarantee_valid` is False; unchanged where it is True or None (non-private, or not recorded)."""
+    return f"{text} ({NO_GUARANTEE})" if guarantee_valid is False else text
+
+
 # ---------------------------------------------------------------- a checkpoint's privacy record, checked
 #: The plan fields that decide epsilon: a checkpoint's recorded plan must agree with its config on each.
 EPSILON_FIELDS = ("enabled", "unit", "num_examples", "sampling_rate", "noise_multiplier", "delta", "accountant",
