@@ -2,7 +2,8 @@
 so a CPU shows the programs of the GPU shapes (NFNet-F0 192 px, ViT-B/16 224 px, batch 128, bf16).
 
     python -m benchmarks.cost_model [--models nfnet_f0 vit_b16] [--batch 16 128] [--dtype bfloat16]
-                                    [--programs batched_backward bk_full_dp ...] [--no-layers] [--json out.json]
+                                    [--ghost auto bytes] [--programs batched_backward bk_full_dp ...]
+                                    [--no-layers] [--json out.json]
 
 Programs, one microbatch of B examples (K = 1), parameters, batch and keys as arguments (never
 compile-time constants, as in training):
@@ -13,6 +14,8 @@ compile-time constants, as in training):
   bk_clipped_sum     `bookkeeping.bk_clipped_grad_sum` (tap pass, norms and clipped sum in one program)
   noise_flat         `noise.privatize` of ONE float32 vector with the model's parameter count
   bk_full_dp         bk_clipped_sum + `noise.privatize` of the parameter tree: the DP step as it runs
+The book-keeping programs are compiled once per route rule of ``--ghost`` (`bk_layers.use_ghost`:
+"auto" = fewer flops, the rule training uses; "bytes" = fewer bytes written; column ``ghost``).
 Per program: compile seconds (`lowered.compile()`; the persistent compilation cache is off), XLA's
 cost analysis (flops, bytes accessed) and memory analysis (temp, argument, output bytes), and each as
 a ratio to ``batched_backward``.
@@ -24,12 +27,11 @@ parameter). So the flops and bytes of the DP step are read as bk_clipped_sum + n
 ``dp_step``), its compile time and temp memory from bk_full_dp. Issue 33's goals for ``dp_step``:
 bytes accessed <= 1.5x, temp <= 1.3x, compile <= 1.5x.
 
-Per tapped layer (``--no-layers`` leaves it out): the route book-keeping takes (`bk_layers.use_ghost`,
-which counts flops only), both routes' flops for one example's norm (`bk_layers.matmul_flops`, per
-group), and the bytes each route writes per example: the materialised float32 per-example gradient,
+Per tapped layer (``--no-layers`` leaves it out): the route each rule takes (`bk_layers.use_ghost`
+"auto" and "bytes"), both routes' flops for one example's norm and the bytes each route writes per
+example (`bk_layers.matmul_cost`, times the groups): the materialised float32 per-example gradient,
 groups x n x o x 4, against the ghost norm's two float32 Gram matrices, groups x 2 x R^2 x 4. The
-totals at batch B say how many bytes the flop rule writes and how many a rule that picked the route
-with fewer bytes would. The shapes are read by tracing each layer's own norm function
+totals at batch B say how many bytes the flop rule writes and how many the byte rule does. The shapes are read by tracing each layer's own norm function
 (`bookkeeping.op_norms`) and recording its `matmul_flops` calls, so the table follows the code.
 """
 from __future__ import annotations
@@ -50,7 +52,6 @@ BASELINE = "batched_backward"
 DP_STEP = "dp_step"
 #: Issue 33's goals for the DP step against the non-private one (compile only, CPU, GPU shapes).
 GOALS = {"bytes_accessed": 1.5, "temp_bytes": 1.3, "compile_s": 1.5}
-F32_BYTES = 4
 
 
 def program_costs(fn: Callable, *args: Any) -> dict[str, float]:
@@ -114,14 +115,13 @@ def layer_routes(setup: common.Setup) -> list[dict]:
             continue
         r, n, o = calls[0]
         groups = _groups(spec)
-        ghost_flops, mat_flops = real(r, n, o)
-        ghost = bk_layers.use_ghost("auto", (ghost_flops, mat_flops))
-        mat_bytes, ghost_bytes = groups * n * o * F32_BYTES, groups * 2 * r * r * F32_BYTES
+        cost = bk_layers.matmul_cost(r, n, o)
+        route = {rule: "ghost" if bk_layers.use_ghost(rule, cost) else "materialised" for rule in ("auto", "bytes")}
         rows.append({"model": setup.name, "layer": key, "kind": spec.kind, "rows": r, "fan_in": n, "fan_out": o,
-                     "groups": groups, "route": "ghost" if ghost else "materialised",
-                     "ghost_flops": groups * ghost_flops, "materialised_flops": groups * mat_flops,
-                     "ghost_bytes": ghost_bytes, "materialised_bytes": mat_bytes,
-                     "fewer_bytes_route": "ghost" if ghost_bytes < mat_bytes else "materialised"})
+                     "groups": groups, "route": route["auto"],
+                     "ghost_flops": groups * cost.ghost_flops, "materialised_flops": groups * cost.materialised_flops,
+                     "ghost_bytes": groups * cost.ghost_bytes, "materialised_bytes": groups * cost.materialised_bytes,
+                     "fewer_bytes_route": route["bytes"]})
     return rows
 
 
@@ -146,10 +146,15 @@ def route_totals(layers: list[dict], batch: int) -> dict[str, Any]:
             "layers_that_would_change": [l["layer"] for l in layers if l["route"] != l["fewer_bytes_route"]]}
 
 
-def programs(setup: common.Setup, names: tuple[str, ...]) -> dict[str, tuple[Callable, tuple]]:
-    """name -> (jitted fn, args) of each program in `names` (module doc). The args are the setup's
-    concrete arrays, or shapes (`jax.eval_shape`) where they would be another program's output:
-    `lower` takes both as arguments, so nothing is a compile-time constant and nothing runs."""
+#: Programs that do not depend on book-keeping's route rule (compiled once, whatever --ghost says).
+RULE_FREE = ("batched_backward", "bk_tap_pass", "noise_flat")
+
+
+def programs(setup: common.Setup, names: tuple[str, ...], ghost: str = "auto") -> dict[str, tuple[Callable, tuple]]:
+    """name -> (jitted fn, args) of each program in `names` (module doc), book-keeping's norms under
+    route rule `ghost` (`bk_layers.use_ghost`). The args are the setup's concrete arrays, or shapes
+    (`jax.eval_shape`) where they would be another program's output: `lower` takes both as
+    arguments, so nothing is a compile-time constant and nothing runs."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -181,15 +186,16 @@ def programs(setup: common.Setup, names: tuple[str, ...]) -> dict[str, tuple[Cal
         return bookkeeping.tap_pass(setup.loss_fn.tapped, p, specs, views_of(bt), ks)[2:]
 
     def norms(p, x, d):
-        return bookkeeping.per_example_norms(specs, op_params(p), x, d)[0]
+        return bookkeeping.per_example_norms(specs, op_params(p), x, d, ghost)[0]
 
     def norms_and_sum(p, x, d, mask):
-        sq, summers = bookkeeping.per_example_norms(specs, op_params(p), x, d)
+        sq, summers = bookkeeping.per_example_norms(specs, op_params(p), x, d, ghost)
         weights = jnp.where(mask > 0, jnp.minimum(1.0, 1.0 / jnp.sqrt(jnp.maximum(sq, 1e-24))), 0.0)
         return sq, bookkeeping.weighted_param_grads(summers, weights)
 
     def clipped_sum(p, bt, key):
-        return bookkeeping.bk_clipped_grad_sum(setup.loss_fn, p, bt, key, clipping=clipping, microbatch_size=b)[0]
+        return bookkeeping.bk_clipped_grad_sum(setup.loss_fn, p, bt, key, clipping=clipping, microbatch_size=b,
+                                             ghost=ghost)[0]
 
     def privatize(g, nk):
         return noise.privatize(g, nk, noise_multiplier=1.0, clip_norm=1.0, expected_batch_size=float(b))
@@ -215,15 +221,15 @@ def programs(setup: common.Setup, names: tuple[str, ...]) -> dict[str, tuple[Cal
     return {n: (jax.jit(fn), args) for n, (fn, args) in made.items()}
 
 
-def dp_step_row(rows: list[dict]) -> dict | None:
-    """The DP step of one (model, batch) from its programs' rows: flops and bytes accessed of
-    bk_clipped_sum + noise_flat (see the module doc), compile seconds and memory of bk_full_dp;
-    None unless all three were compiled."""
-    by = {r["program"]: r for r in rows}
+def dp_step_row(rows: list[dict], ghost: str = "auto") -> dict | None:
+    """The DP step of one (model, batch) under route rule `ghost` from its programs' rows: flops and
+    bytes accessed of bk_clipped_sum + noise_flat (see the module doc), compile seconds and memory
+    of bk_full_dp; None unless all three were compiled."""
+    by = {r["program"]: r for r in rows if r.get("ghost") in (ghost, "-")}
     if not {"bk_clipped_sum", "noise_flat", "bk_full_dp"} <= set(by):
         return None
     full = by["bk_full_dp"]
-    row = {k: full[k] for k in ("model", "resolution", "batch", "dtype", "compile_s", "temp_bytes",
+    row = {k: full[k] for k in ("model", "resolution", "batch", "dtype", "ghost", "compile_s", "temp_bytes",
                                 "argument_bytes", "output_bytes", "code_bytes")}
     row.update(program=DP_STEP, flops=by["bk_clipped_sum"]["flops"] + by["noise_flat"]["flops"],
                bytes_accessed=by["bk_clipped_sum"]["bytes_accessed"] + by["noise_flat"]["bytes_accessed"])
@@ -231,19 +237,23 @@ def dp_step_row(rows: list[dict]) -> dict | None:
 
 
 def bench(name: str, batch: int, dtype: str | None, names: tuple[str, ...], layers: bool,
-          resolution: int | None = None) -> tuple[list[dict], dict | None]:
-    """Compile `names` of model `name` at `batch`: (rows, with the dp_step row where it follows;
-    route summary or None)."""
+          resolution: int | None = None, ghosts: tuple[str, ...] = ("auto",)) -> tuple[list[dict], dict | None]:
+    """Compile `names` of model `name` at `batch`, the book-keeping programs once per route rule in
+    `ghosts`: (rows, with a dp_step row per rule where it follows; route summary or None)."""
     import jax.numpy as jnp
 
     setup = common.make_setup(name, batch, resolution=resolution, dtype=getattr(jnp, dtype) if dtype else None)
     rows = []
-    for program, (fn, args) in programs(setup, names).items():
-        rows.append({"model": name, "resolution": int(setup.batch["image"].shape[2]), "batch": batch,
-                     "dtype": dtype or "model default", "program": program, **program_costs(fn, *args)})
-        print(json.dumps(rows[-1]), flush=True)
-    dp = dp_step_row(rows)
-    rows += [dp] if dp else []
+    for i, ghost in enumerate(ghosts):
+        wanted = tuple(n for n in names if n not in RULE_FREE or i == 0)
+        for program, (fn, args) in programs(setup, wanted, ghost).items():
+            rows.append({"model": name, "resolution": int(setup.batch["image"].shape[2]), "batch": batch,
+                         "dtype": dtype or "model default", "ghost": "-" if program in RULE_FREE else ghost,
+                         "program": program, **program_costs(fn, *args)})
+            print(json.dumps(rows[-1]), flush=True)
+    for ghost in ghosts:
+        dp = dp_step_row(rows, ghost)
+        rows += [dp] if dp else []
     summary = None
     if layers:
         per_layer = layer_routes(setup)
@@ -262,8 +272,15 @@ def goal_lines(rows: list[dict]) -> list[str]:
             v = r.get(f"{k}_ratio")
             parts.append(f"{k} {v:.2f}x (goal <= {limit}x: {'met' if v is not None and v <= limit else 'NOT met'})"
                          if v is not None else f"{k} n/a")
-        out.append(f"{r['model']} batch {r['batch']}: " + ", ".join(parts))
+        out.append(f"{r['model']} batch {r['batch']} (routes: {r['ghost']}): " + ", ".join(parts))
     return out
+
+
+def bk_layers_choices() -> tuple[str, ...]:
+    """`bk_layers.GHOST_CHOICES` (imported when the command runs, not when this module is)."""
+    from dpft.privacy import bk_layers
+
+    return bk_layers.GHOST_CHOICES
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -275,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--programs", nargs="+", default=list(PROGRAMS), choices=PROGRAMS,
                     help=f"programs to compile (ratios need {BASELINE}; the dp_step row needs bk_clipped_sum, "
                          "noise_flat and bk_full_dp)")
+    ap.add_argument("--ghost", nargs="+", default=["auto"], choices=bk_layers_choices(),
+                    help="book-keeping's route rules to compile the DP step under (auto: fewer flops, training's; "
+                         "bytes: fewer bytes written)")
     ap.add_argument("--no-layers", action="store_true", help="leave out the per-layer route table")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
@@ -285,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for m in args.models:
             for b in args.batch:
-                r, s = bench(m, b, args.dtype, tuple(args.programs), not args.no_layers, args.resolution)
+                r, s = bench(m, b, args.dtype, tuple(args.programs), not args.no_layers, args.resolution,
+                             tuple(dict.fromkeys(args.ghost)))
                 rows += r
                 routes += [s] if s else []
     finally:
@@ -293,14 +314,14 @@ def main(argv: list[str] | None = None) -> int:
     with_ratios(rows)
     for r in rows:
         r["temp_mib"], r["gbytes_accessed"], r["gflops"] = r["temp_bytes"] / 2 ** 20, r["bytes_accessed"] / 1e9, r["flops"] / 1e9
-    print(common.markdown_table(rows, ["model", "resolution", "batch", "dtype", "program", "compile_s", "compile_s_ratio",
+    print(common.markdown_table(rows, ["model", "resolution", "batch", "dtype", "ghost", "program", "compile_s", "compile_s_ratio",
                                        "gflops", "flops_ratio", "gbytes_accessed", "bytes_accessed_ratio",
                                        "temp_mib", "temp_bytes_ratio"]))
     for s in routes:
         print(f"\n{s['model']} batch {s['batch']}: {s['ghost_layers']} of {s['layers']} matmul layers ghost; "
               f"bytes written by the routes: flop rule {s['flop_rule_mib']:.0f} MiB "
               f"(materialised per-example gradients {s['materialised_gradients_mib']:.0f} MiB), "
-              f"fewer-bytes rule {s['fewer_bytes_rule_mib']:.0f} MiB; "
+              f"byte rule {s['fewer_bytes_rule_mib']:.0f} MiB; "
               f"{len(s['layers_that_would_change'])} layers would change route")
     for line in goal_lines(rows):
         print(line)

@@ -10,7 +10,9 @@ params). One "step" on a batch of b examples, jitted, with an SGD update:
   * bookkeeping: ``bookkeeping.bk_clipped_grad_sum`` (flat clipping, C = 1) + ``noise.privatize``
                  (sigma = 1, a fixed plan: no accountant needed);
   * vmap:        ``engine.clipped_grad_sum`` (vmap of per-example grads) + the same noise step;
-  * bookkeeping_ghost (only if --methods names it): book-keeping with ghost norms for every layer.
+  * bookkeeping_ghost (only if --methods names it): book-keeping with ghost norms for every layer;
+  * bookkeeping_bytes (only if --methods names it): book-keeping with each layer's route by fewer
+                 bytes written (`bk_layers.use_ghost` "bytes") instead of fewer flops.
 DP steps use microbatch = b (one vmapped chunk, no accumulation loop).
 
 Protocol (XLA's GPU compile autotunes by running kernels on the GPU, and compiling dominates: on an
@@ -61,8 +63,11 @@ SMOKE = {"nfnet_nano": 32, "vit_micro": 32}
 BATCHES = {"full": (128, 512, 2048), "smoke": (2, 4)}
 #: Every method, in timing order; the check runs DEFAULT_METHODS unless --methods names others.
 #: bookkeeping_ghost: book-keeping with ghost norms for every layer (ghost="always"), to compare
-#: with the flop-based per-layer rule of "bookkeeping" on a device where bytes may matter more.
-METHODS = ("nonprivate", "bookkeeping", "vmap", "bookkeeping_ghost")
+#: with the flop-based per-layer rule of "bookkeeping" on a device where bytes may matter more;
+#: bookkeeping_bytes: the per-layer rule by bytes written (ghost="bytes").
+METHODS = ("nonprivate", "bookkeeping", "vmap", "bookkeeping_ghost", "bookkeeping_bytes")
+#: The route rule (`bk_layers.use_ghost`) of each book-keeping method.
+GHOST_RULE = {"bookkeeping": "auto", "bookkeeping_ghost": "always", "bookkeeping_bytes": "bytes"}
 DEFAULT_METHODS = METHODS[:3]
 NUM_CLASSES = 10
 OOM_MARKERS = ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory", "OOM")
@@ -111,9 +116,8 @@ def make_step(model_name: str, method: str, resolution: int, dtype_name: str):
             loss, grads = jax.value_and_grad(batch_loss)(p, batch, ks["data"])
             return jax.tree.map(lambda x, g: x - lr * g.astype(x.dtype), p, grads), loss
     else:
-        clipped_sum = (functools.partial(bookkeeping.bk_clipped_grad_sum,
-                                         ghost="always" if method == "bookkeeping_ghost" else "auto")
-                       if method.startswith("bookkeeping") else engine.clipped_grad_sum)
+        clipped_sum = (functools.partial(bookkeeping.bk_clipped_grad_sum, ghost=GHOST_RULE[method])
+                       if method in GHOST_RULE else engine.clipped_grad_sum)
         clipping = engine.ClippingConfig(mode="flat", clip_norm=1.0)
         def step(p, batch, ks):
             b = batch["mask"].shape[0]
@@ -662,7 +666,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--allow-cpu", action="store_true", help="run the full models on CPU anyway")
     ap.add_argument("--models", nargs="+", default=None)
     ap.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS,
-                    help=f"default {' '.join(DEFAULT_METHODS)}; also bookkeeping_ghost (ghost norms for every layer)")
+                    help=f"default {' '.join(DEFAULT_METHODS)}; also bookkeeping_ghost (ghost norms for every layer), "
+                         "bookkeeping_bytes (routes by bytes written)")
     ap.add_argument("--batches", nargs="+", type=int, default=None,
                     help=f"batch sizes (= DP microbatch) of every model and method (default {BATCHES['full']}, "
                          f"--smoke {BATCHES['smoke']})")

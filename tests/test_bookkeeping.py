@@ -176,23 +176,34 @@ def test_linear_norms_match_brute_force(ghost, x_shape):
         np.testing.assert_allclose(np.asarray(sums[name]), want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
 
 
-def test_the_route_rule_is_fewer_flops_per_example():
-    """`bk_layers.use_ghost`: matmul layers go ghost iff R (n + o) < n o, embeddings iff R^2 < V
-    (the decisions of the two former rules); "always"/"never" force the route."""
-    for r, n, o in itertools.product((1, 2, 7, 64, 197), (1, 3, 48, 768), (1, 5, 96, 3072)):
-        assert bk_layers.use_ghost("auto", bk_layers.matmul_flops(r, n, o)) == (r * (n + o) < n * o)
+def test_the_route_rules_count_flops_or_bytes_per_example():
+    """`bk_layers.use_ghost`: under "auto" matmul layers go ghost iff R (n + o) < n o, embeddings iff
+    R^2 < V (the decisions of the two former rules); under "bytes" iff the two R x R Gram matrices are
+    smaller than the per-example gradient, 2 R^2 < n o (embeddings: 2 R^2 < V F), on a tie by flops;
+    "always"/"never" force the route; an unknown rule is an error."""
+    for r, n, o in itertools.product((1, 2, 7, 10, 64, 197), (1, 3, 16, 48, 768), (1, 5, 16, 96, 3072)):
+        cost = bk_layers.matmul_cost(r, n, o)
+        assert bk_layers.use_ghost("auto", cost) == (r * (n + o) < n * o)
+        assert bk_layers.use_ghost("bytes", cost) == (2 * r * r < n * o or (2 * r * r == n * o and r * (n + o) < n * o))
     for r, v, f in itertools.product((1, 3, 10, 32), (2, 9, 100, 1024), (1, 8)):
-        assert bk_layers.use_ghost("auto", bk_layers.embed_flops(r, v, f)) == (r * r < v)
-    for flops in ((1, 2), (2, 1)):
-        assert bk_layers.use_ghost("always", flops) and not bk_layers.use_ghost("never", flops)
+        cost = bk_layers.embed_cost(r, v, f)
+        assert bk_layers.use_ghost("auto", cost) == (r * r < v)
+        assert bk_layers.use_ghost("bytes", cost) == (2 * r * r < v * f or (2 * r * r == v * f and r * r < v))
+    # the rules differ: 10 rows of 16 -> 16 features need fewer flops materialised, fewer bytes as ghost norms
+    cost = bk_layers.matmul_cost(10, 16, 16)
+    assert not bk_layers.use_ghost("auto", cost) and bk_layers.use_ghost("bytes", cost)
+    for cost in (bk_layers.RouteCost(1, 2, 2, 1), bk_layers.RouteCost(2, 1, 1, 2)):
+        assert bk_layers.use_ghost("always", cost) and not bk_layers.use_ghost("never", cost)
+    with pytest.raises(ValueError, match="ghost='fewest'"):
+        bk_layers.use_ghost("fewest", cost)
 
 
 def test_every_route_asks_the_one_rule(monkeypatch):
     """ws_conv and linear (dpft's ops) and nnx conv, dense and embedding layers each decide their
-    route by one call of `bk_layers.use_ghost`, with their own (ghost, materialised) flops."""
+    route by one call of `bk_layers.use_ghost`, with their own (ghost, materialised) flops and bytes."""
     calls = []
     real = bk_layers.use_ghost
-    monkeypatch.setattr(bk_layers, "use_ghost", lambda ghost, flops: calls.append(flops) or real(ghost, flops))
+    monkeypatch.setattr(bk_layers, "use_ghost", lambda ghost, cost: calls.append(cost) or real(ghost, cost))
     _, params, x, d = conv_case(1, 3, 2, 2)  # x [3, 2, 7, 7, 4], d [3, 2, 4, 4, 6], groups 2
     bookkeeping.ws_conv_norms(params, x, d, stride=2, groups=2)
     conv = nnx_layers.Conv((3, 3), (2, 2), (1, 1), ((1, 1), (1, 1)), 2)
@@ -202,9 +213,10 @@ def test_every_route_asks_the_one_rule(monkeypatch):
     bk_layers.dense_norms({"kernel": lp["w"]}, x, jnp.ones(x.shape[:-1] + (5,)), nnx_layers.Dense((3,)))
     tokens = jnp.zeros((3, 2, 6), jnp.int32)
     bk_layers.embed_norms({"embedding": jnp.ones((9, 4))}, tokens, jnp.ones((3, 2, 6, 4)), nnx_layers.Embed(9))
-    conv_flops = bk_layers.matmul_flops(2 * 4 * 4, 3 * 3 * 2, 3)  # K * out positions, k k in/groups, out/groups
-    dense_flops = bk_layers.matmul_flops(2 * 7 * 7, 4, 5)
-    assert calls == [conv_flops, conv_flops, dense_flops, dense_flops, bk_layers.embed_flops(12, 9, 4)]
+    conv_cost = bk_layers.matmul_cost(2 * 4 * 4, 3 * 3 * 2, 3)  # K * out positions, k k in/groups, out/groups
+    dense_cost = bk_layers.matmul_cost(2 * 7 * 7, 4, 5)
+    assert calls == [conv_cost, conv_cost, dense_cost, dense_cost, bk_layers.embed_cost(12, 9, 4)]
+    assert conv_cost == (32 * 32 * 21, 32 * 18 * 3, 2 * 32 * 32 * 4, 18 * 3 * 4)  # flops and float32 bytes by hand
 
 
 def test_generic_norms_match_brute_force():

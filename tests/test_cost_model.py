@@ -54,8 +54,8 @@ def test_layer_routes_equal_the_shapes_worked_out_by_hand():
     assert conv["route"] == "materialised" and conv["fewer_bytes_route"] == "materialised"
     # head: one row per example, 384 -> 5
     assert (head["rows"], head["fan_in"], head["fan_out"], head["groups"]) == (1, 384, 5, 1)
-    assert head["route"] == ("ghost" if bk_layers.use_ghost("auto", bk_layers.matmul_flops(1, 384, 5))
-                             else "materialised") == "ghost"
+    assert head["route"] == ("ghost" if bk_layers.use_ghost("auto", bk_layers.matmul_cost(1, 384, 5))
+                             else "materialised") == "ghost" == head["fewer_bytes_route"]
     totals = cost_model.route_totals(list(rows.values()), batch=10)
     expected = 10 * (conv["materialised_bytes"] + head["ghost_bytes"]) / 2 ** 20
     assert np.isclose(totals["flop_rule_mib"], expected) and totals["layers_that_would_change"] == []
@@ -65,21 +65,31 @@ def test_layer_routes_equal_the_shapes_worked_out_by_hand():
 @pytest.mark.slow
 def test_command_compiles_the_programs_and_reports_ratios(tmp_path, capsys):
     out = tmp_path / "cost.json"
-    assert cost_model.main(["--models", "vit_micro", "--batch", "2", "--dtype", "float32", "--programs",
-                            "batched_backward", "bk_clipped_sum", "noise_flat", "bk_full_dp", "--json", str(out)]) == 0
+    assert cost_model.main(["--models", "vit_micro", "--batch", "2", "--dtype", "float32", "--ghost", "auto", "bytes",
+                            "--programs", "batched_backward", "bk_clipped_sum", "noise_flat", "bk_full_dp",
+                            "--json", str(out)]) == 0
     doc = json.loads(out.read_text())
-    rows = {r["program"]: r for r in doc["rows"]}
-    assert set(rows) == {"batched_backward", "bk_clipped_sum", "noise_flat", "bk_full_dp", "dp_step"}
-    base, dp, full = rows["batched_backward"], rows["dp_step"], rows["bk_full_dp"]
-    # The DP step: flops and bytes of the clipped sum plus one flat draw; compile time and memory of the real program.
-    assert dp["flops"] == rows["bk_clipped_sum"]["flops"] + rows["noise_flat"]["flops"]
-    assert (dp["compile_s"], dp["temp_bytes"]) == (full["compile_s"], full["temp_bytes"])
-    assert base["flops_ratio"] == 1.0 and np.isclose(dp["bytes_accessed_ratio"], dp["bytes_accessed"] / base["bytes_accessed"])
-    assert rows["bk_clipped_sum"]["flops"] > base["flops"]  # the norms and the clipping come on top of the gradient
+    rows = {(r["program"], r["ghost"]): r for r in doc["rows"]}
+    assert set(rows) == {("batched_backward", "-"), ("noise_flat", "-")} | {
+        (p, g) for p in ("bk_clipped_sum", "bk_full_dp", "dp_step") for g in ("auto", "bytes")}
+    base = rows["batched_backward", "-"]
+    for ghost in ("auto", "bytes"):
+        dp, full, clipped = rows["dp_step", ghost], rows["bk_full_dp", ghost], rows["bk_clipped_sum", ghost]
+        # The DP step: flops and bytes of the clipped sum plus one flat draw; compile time and memory of the real program.
+        assert dp["flops"] == clipped["flops"] + rows["noise_flat", "-"]["flops"]
+        assert (dp["compile_s"], dp["temp_bytes"]) == (full["compile_s"], full["temp_bytes"])
+        assert np.isclose(dp["bytes_accessed_ratio"], dp["bytes_accessed"] / base["bytes_accessed"])
+        assert clipped["flops"] > base["flops"]  # the norms and the clipping come on top of the gradient
+    assert base["flops_ratio"] == 1.0
     # The flat draw: one normal per parameter, at a fixed cost each whatever the model.
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(common.make_setup("vit_micro", 2).params))
-    assert rows["noise_flat"]["argument_bytes"] >= 4 * n_params
+    assert rows["noise_flat", "-"]["argument_bytes"] >= 4 * n_params
     (routes,) = doc["routes"]
     assert routes["layers"] == len(routes["per_layer"]) > 0
+    # the byte rule's layers: the routes the rule function takes for each layer's shapes
+    for layer in routes["per_layer"]:
+        cost = bk_layers.matmul_cost(layer["rows"], layer["fan_in"], layer["fan_out"])
+        assert layer["fewer_bytes_route"] == ("ghost" if bk_layers.use_ghost("bytes", cost) else "materialised")
     printed = capsys.readouterr().out
-    assert "vit_micro batch 2: bytes_accessed" in printed and "goal <= 1.5x" in printed
+    assert "vit_micro batch 2 (routes: auto): bytes_accessed" in printed and "goal <= 1.5x" in printed
+    assert "vit_micro batch 2 (routes: bytes): bytes_accessed" in printed

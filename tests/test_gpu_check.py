@@ -19,6 +19,7 @@ import pytest
 
 from dpft.testing import cpu as cpu_env
 
+from benchmarks import gpu_check
 from benchmarks.gpu_check import estimate_max_batch
 
 pytestmark = pytest.mark.slow
@@ -188,13 +189,17 @@ def test_a_size_extrapolated_past_the_memory_limit_is_not_compiled(smoke, env, t
     assert 4 <= s["est_max_microbatch"] < 8
 
 
-def test_the_all_ghost_bookkeeping_variant_runs_when_asked_for(env, tmp_path):
+def test_the_route_rule_variants_run_when_asked_for(env, tmp_path):
+    """bookkeeping_ghost (every layer ghost) and bookkeeping_bytes (routes by bytes) are timed beside the
+    non-private step, each with the rule `GHOST_RULE` names."""
+    assert gpu_check.GHOST_RULE == {"bookkeeping": "auto", "bookkeeping_ghost": "always", "bookkeeping_bytes": "bytes"}
     doc, md = _run(env, tmp_path, "--models", "vit_micro", "--methods", "nonprivate", "bookkeeping_ghost",
-                   "--batches", "2", "--budget-s", "600", "--compile-s", "500")
-    assert [(r["method"], r["status"]) for r in doc["rows"]] == [("nonprivate", "ok"), ("bookkeeping_ghost", "ok")]
-    ghost = doc["rows"][1]
-    assert ghost["ratio_vs_best_nonprivate"] == pytest.approx(ghost["examples_per_s"] / doc["rows"][0]["examples_per_s"])
-    assert "| vit_micro | bookkeeping_ghost |" in md
+                   "bookkeeping_bytes", "--batches", "2", "--budget-s", "600", "--compile-s", "500")
+    assert [(r["method"], r["status"]) for r in doc["rows"]] == [("nonprivate", "ok"), ("bookkeeping_ghost", "ok"),
+                                                                 ("bookkeeping_bytes", "ok")]
+    for row in doc["rows"][1:]:
+        assert row["ratio_vs_best_nonprivate"] == pytest.approx(row["examples_per_s"] / doc["rows"][0]["examples_per_s"])
+        assert f"| vit_micro | {row['method']} |" in md
 
 
 def test_a_passed_compile_deadline_leaves_rows_with_the_cause(env, tmp_path):

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Callable, Mapping
+from typing import Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +37,7 @@ from jax import lax
 from dpft.nn import nnx_layers
 
 F32 = jnp.float32
+F32_BYTES = 4
 #: Full float32 matmuls for norms and sums (GPUs would otherwise use TF32 for float32 dots, and a
 #: norm 0.1% low lets a clipped contribution exceed C).
 HI = lax.Precision.HIGHEST
@@ -96,27 +97,60 @@ def embed_flops(rows: int, vocab: int, features: int) -> tuple[int, int]:
     return rows * rows * features, vocab * features
 
 
-def use_ghost(ghost: str, flops: tuple[int, int]) -> bool:
+class RouteCost(NamedTuple):
+    """What one example's squared norm costs on each route, for one group of one layer: flops, and
+    the float32 bytes the route writes (ghost: its R x R Gram matrices; materialised: the per-example
+    gradient, or an embedding's [V, F] table)."""
+
+    ghost_flops: int
+    materialised_flops: int
+    ghost_bytes: int
+    materialised_bytes: int
+
+
+def matmul_cost(rows: int, fan_in: int, fan_out: int) -> RouteCost:
+    """`RouteCost` of a matmul norm (`matmul_flops`): bytes 2 R^2 x 4 (A A^T and D D^T) against n o x 4."""
+    ghost_flops, materialised_flops = matmul_flops(rows, fan_in, fan_out)
+    return RouteCost(ghost_flops, materialised_flops, 2 * rows * rows * F32_BYTES, fan_in * fan_out * F32_BYTES)
+
+
+def embed_cost(rows: int, vocab: int, features: int) -> RouteCost:
+    """`RouteCost` of an embedding norm (`embed_flops`): bytes 2 R^2 x 4 (the index mask and the rows'
+    Gram) against the table, V F x 4."""
+    ghost_flops, materialised_flops = embed_flops(rows, vocab, features)
+    return RouteCost(ghost_flops, materialised_flops, 2 * rows * rows * F32_BYTES, vocab * features * F32_BYTES)
+
+
+#: The route rules of `use_ghost`: "auto" (fewer flops), "bytes" (fewer bytes written), or one route
+#: for every layer ("always" ghost, "never" ghost).
+GHOST_CHOICES = ("auto", "bytes", "always", "never")
+
+
+def use_ghost(ghost: str, cost: RouteCost) -> bool:
     """The one route rule of every tapped layer (dpft's ws_conv and linear ops, nnx dense, conv
     and embedding layers): a ghost norm (Li et al. 2022) or the materialised per-example
     gradient, chosen per layer (Bu et al. 2023, mixed ghost clipping).
 
-    ``flops``: (ghost, materialised) flops of one example's norm (`matmul_flops`,
-    `embed_flops`). ghost "auto": the ghost norm iff it needs strictly fewer flops; "always" /
-    "never" force one route for every layer. Both routes are exact; only time and memory differ.
-    Measured (benchmarks/README.md): ViT-Ti/16 224 px, B=8, XLA:CPU, book-keeping accumulate
-    step 354.1 ms with "auto" against 465.7 ms with "always" (plain jax.grad 293.7 ms; section
-    "Logical batches, and where the rest of the CPU gap is"); ViT-Ti full step 0.76-0.78x the
-    plain step with "auto", 0.64x with "always" ("Peers on the same networks"). The rule counts
-    flops, not bytes: on NFNet-F0 at 192 px it puts 26 of 57 convolutions on the ghost route,
-    and the materialised ones write 6.5 GB of float32 per-example gradients per step at b=128
-    (432 MiB for each 12 x 12 grouped 3x3 conv, 122 MiB as ghost norms); whether a byte rule
-    fits a GPU better is unmeasured ("H200 results"; `benchmarks/gpu_check.py` method
-    ``bookkeeping_ghost`` runs "always" beside "auto")."""
-    if ghost != "auto":
+    ``cost``: both routes' flops and bytes for one example's norm (`matmul_cost`, `embed_cost`).
+    ghost "auto": the ghost norm iff it needs strictly fewer flops; "bytes": iff it writes strictly
+    fewer bytes, on a tie fewer flops (the space rule of Bu et al.'s mixed ghost clipping, 2 R^2 <
+    n o for a matmul); "always" / "never" force one route for every layer. Both routes are exact;
+    only time and memory differ. Measured (benchmarks/README.md): ViT-Ti/16 224 px, B=8, XLA:CPU,
+    book-keeping accumulate step 354.1 ms with "auto" against 465.7 ms with "always" (plain jax.grad
+    293.7 ms; section "Logical batches, and where the rest of the CPU gap is"); ViT-Ti full step
+    0.76-0.78x the plain step with "auto", 0.64x with "always" ("Peers on the same networks"). The
+    flop rule puts 51 of NFNet-F0's 82 matmul layers (192 px) on the ghost route, and its materialised
+    ones write float32 per-example gradients (432 MiB for each 12 x 12 grouped 3x3 conv at b=128, 122
+    MiB as ghost norms); what the byte rule does to the compiled DP step is `benchmarks/cost_model.py
+    --ghost auto bytes`, and whether it is faster on a GPU is `benchmarks/gpu_check.py`'s method
+    ``bookkeeping_bytes`` (unmeasured: benchmarks/README.md)."""
+    if ghost not in GHOST_CHOICES:
+        raise ValueError(f"ghost={ghost!r}; use one of {GHOST_CHOICES}")
+    if ghost in ("always", "never"):
         return ghost == "always"
-    ghost_flops, materialised_flops = flops
-    return ghost_flops < materialised_flops
+    if ghost == "bytes" and cost.ghost_bytes != cost.materialised_bytes:
+        return cost.ghost_bytes < cost.materialised_bytes
+    return cost.ghost_flops < cost.materialised_flops
 
 
 def keep_per_example_grads(param_size: int, x_size: int, d_size: int) -> bool:
@@ -170,7 +204,7 @@ def matmul_norms(a: jax.Array, d: jax.Array, ghost: str, native: bool = False
     def grouped(v: jax.Array) -> jax.Array:  # [G, n, o] -> [g, n, o]
         return v.reshape((groups,) + v.shape[-2:])
 
-    if use_ghost(ghost, matmul_flops(rows, n, o)):
+    if use_ghost(ghost, matmul_cost(rows, n, o)):
         def ghost_sum(weights: jax.Array) -> jax.Array:
             G, aw, dw = _one_group(_keep(weights, a, False), _keep(weights, d.astype(F32), True))
             return grouped(split_dot(f"mr{G}n,mr{G}o->{G}no", aw, dw, native))
@@ -373,7 +407,7 @@ def conv_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, cfg:
         gk = gk.reshape((g,) + tuple(cfg.kernel_size) + (c // g, cout // g))
         return jnp.moveaxis(gk, 0, -2)
 
-    if use_ghost(ghost, matmul_flops(rows, kt * (c // g), cout // g)):
+    if use_ghost(ghost, matmul_cost(rows, kt * (c // g), cout // g)):
         sq = ghost_sq_norms(patch_rows(xr, m, cfg), d.astype(cdt).reshape(m, rows, g, cout // g), native)
         kernel_sum = xd_kernel_sum
     else:
@@ -400,7 +434,7 @@ def embed_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, cfg
     idx = jnp.where(valid, idx, v)  # one shared out-of-range slot, dropped by the scatter
     dd = jnp.where(valid[..., None], d.astype(F32).reshape(m, idx.shape[1], -1), 0.0)
     rows = idx.shape[1]
-    if use_ghost(ghost, embed_flops(rows, v, dd.shape[-1])):
+    if use_ghost(ghost, embed_cost(rows, v, dd.shape[-1])):
         same = (idx[:, :, None] == idx[:, None, :]).astype(F32)
         sq = jnp.sum(same * jnp.einsum("mrf,msf->mrs", dd, dd, precision=HI), axis=(1, 2))
     else:
@@ -451,6 +485,7 @@ def layer_norms(kind: str, params: Mapping[str, jax.Array], x: jax.Array, d: jax
 
 
 __all__ = ["dense_norms", "conv_norms", "embed_norms", "norm_layer_norms", "layer_norms", "use_ghost", "matmul_flops",
-           "embed_flops", "keep_per_example_grads", "matmul_norms", "ghost_sq_norms", "conv_grads", "conv_patches",
+           "matmul_cost", "embed_cost", "RouteCost", "GHOST_CHOICES", "embed_flops", "keep_per_example_grads",
+           "matmul_norms", "ghost_sq_norms", "conv_grads", "conv_patches",
            "conv_patches_cm", "patch_rows", "patches_weighted_sum", "weighted_rows", "native_operands", "dot",
            "split_dot", "MATMUL_CHOICES"]

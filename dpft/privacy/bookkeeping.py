@@ -61,7 +61,7 @@ from dpft.nn import nnx_layers, ops, taps
 from dpft.privacy import bk_layers, clipping as clipping_lib, engine
 from dpft.privacy.engine import ClippingConfig, PyTree
 
-GHOST_CHOICES = ("auto", "always", "never")
+GHOST_CHOICES = bk_layers.GHOST_CHOICES
 F32 = jnp.float32
 #: weights [m] -> {param name: sum_i weights_i * per-example gradient_i} of one op.
 Summer = Callable[[jax.Array], dict]
@@ -159,7 +159,7 @@ def ws_conv_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, *
         (g,) = vjp(d_rows.reshape((-1,) + d.shape[-3:]))
         return g
 
-    if bk_layers.use_ghost(ghost, bk_layers.matmul_flops(rows, n, cout_g)):
+    if bk_layers.use_ghost(ghost, bk_layers.matmul_cost(rows, n, cout_g)):
         a = bk_layers.patch_rows(xr, m, cfg)  # [m, R, groups, n], features (kh, kw, in/groups), as w's HWI
         # e.g and c.g from the patches; ||g||^2 (channel-weighted) as a ghost norm.
         e_dot = bk_layers.dot("mrg,mrgo->mgo", jnp.sum(a, axis=-1, dtype=F32), dd, False) / math.sqrt(n)
@@ -356,7 +356,7 @@ def bk_clipped_grad_sum(loss_fn: Any, params: PyTree, batch: Mapping[str, jax.Ar
     """`engine.clipped_grad_sum`, computed by book-keeping (module doc).
 
     Args: as `engine.clipped_grad_sum`; `loss_fn` must carry `loss_fn.tapped` (made by
-    `adapters.nnx_loss_fn`). ghost: "auto" (per layer, fewer flops), "always" or "never".
+    `adapters.nnx_loss_fn`). ghost: "auto" (per layer, fewer flops), "bytes" (fewer bytes), "always" or "never".
     matmul: "auto" (bfloat16 operands with float32 accumulation for layers computing in bfloat16,
     off CPU), "native" (the same on any backend) or "float32" (`bk_layers.native_operands`).
     Returns (grad_sum pytree like params float32, stats {"norms","loss","mask",<aux>}: [B]).
