@@ -19,7 +19,8 @@ from typing import Any, Callable
 import numpy as np
 
 #: Benchmarked models: name -> (resolution in pixels, number of classes).
-MODELS = {"nfnet_tiny": (32, 10), "nfnet_f0": (192, 10), "vit_ti16": (224, 10)}
+MODELS = {"nfnet_tiny": (32, 10), "nfnet_f0": (192, 10), "vit_ti16": (224, 10), "vit_s16": (224, 10),
+          "vit_b16": (224, 10)}
 
 
 def machine_info() -> dict[str, Any]:
