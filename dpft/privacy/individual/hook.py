@@ -59,10 +59,6 @@ class IndividualHook:
         ValueError naming the file when it is unreadable or differs; KeyError/TypeError for a malformed item."""
         return files.load_norms(os.path.join(workdir, item["norms_file"]), item.get("sha256"))
 
-    def restore(self, workdir: str, item: Mapping[str, Any]) -> None:
-        """Continues from a checkpoint's JSON item (`checkpoint_item`), checked (`read_norms`)."""
-        self.recorder = self.read_norms(workdir, item)
-
     def finish(self, workdir: str, plan: Any, updates: int, run_epsilon: float, columns: Mapping[str, np.ndarray],
                *, task: str, class_names: Sequence[str]) -> str:
         """Individual epsilons after `updates` by the run's plan (`PrivacyPlan.individual_epsilons`, the
