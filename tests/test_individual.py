@@ -459,3 +459,10 @@ def test_a_flipped_byte_of_the_individual_norms_file_makes_the_step_corrupt_and_
     assert isinstance(got, NormRecorder) and got.update_indices.tolist() == [0, 2]
     np.testing.assert_array_equal(got.update_indices, recorders[4].update_indices)
     np.testing.assert_array_equal(got.bins, recorders[4].bins)
+    # an item written before the digest was recorded: read unchecked, and counted as such (never silent)
+    with checkpointing.Checkpointer(str(tmp_path), read_only=True) as ckpt:
+        restored = ckpt.restore(4)
+        unchecked = restored.unchecked
+        restored.json_items["individual"].pop("sha256")
+        got = resume.read_individual(resumed, restored, ckpt.directory, str(tmp_path))
+    assert restored.unchecked == unchecked + 1 and got.update_indices.tolist() == [0, 2]

@@ -43,9 +43,14 @@ def check_resume_config(old: ml_collections.ConfigDict, new: ml_collections.Conf
 def read_individual(individual: Any, restored: checkpointing.Restored, directory: str, workdir: str) -> Any:
     """The norm recorder of a restored checkpoint's `individual` item (`IndividualHook.read_norms`: the
     file `WORKDIR/individual_norms/<update>.npz`, checked against the item's SHA-256); an unreadable or
-    edited file, or a malformed item, makes the step corrupt (`CorruptCheckpoint` naming the item)."""
+    edited file, or a malformed item, makes the step corrupt (`CorruptCheckpoint` naming the item); a file
+    whose item records no SHA-256 (older checkpoints) is read unchecked and counted in `restored.unchecked`."""
     try:
-        return individual.read_norms(workdir, restored.json_items[contract.INDIVIDUAL])
+        item = restored.json_items[contract.INDIVIDUAL]
+        recorder = individual.read_norms(workdir, item)
+        if "sha256" not in item:  # written before the digest was recorded: read unchecked, and counted
+            restored.unchecked += 1  # the resume line says "N without checksum"
+        return recorder
     except (KeyError, TypeError, ValueError) as e:
         raise checkpointing.CorruptCheckpoint(restored.step, directory, f"item {contract.INDIVIDUAL!r}: {e}") from e
 

@@ -285,7 +285,7 @@ class Restored:
     pytrees: dict[str, PyTree]
     json_items: dict[str, Any]
     verified: int = 0  # array leaves whose checksum matched
-    unchecked: int = 0  # array leaves without a checksum (not addressable, or an old checkpoint)
+    unchecked: int = 0  # array leaves (or files a JSON item points to) without a checksum: an old checkpoint
 
 
 class Checkpointer:
