@@ -32,6 +32,20 @@ task per job, with launch/slurm.sbatch's resources and preemption handling) to s
 `sbatch FILE`.
 Every job's config is loaded and its overrides applied before anything runs, so a typo in a
 field name or a value of the wrong type fails here (--no-check skips this).
+
+Private selection (Papernot & Steinke 2022; `dpft.privacy.selection`): instead of the grid,
+
+    python launch/sweep.py --config C --workdir runs/tune --sweep train.learning_rate=0.5,1,2 \
+        --sweep train.clip_norm=0.5,1 --private-selection geometric --trials-mean 8 --evaluate --run
+    dpft evaluate --compare runs/tune/* --out runs/tune-compare
+
+draws the number of trials K (here geometric with mean 8, from the OS's CSPRNG) and, per trial, one
+value of every axis and a seed, at random; it writes WORKDIR/selection.json once (a rerun reuses it:
+K is never redrawn) and runs trials WORKDIR/trial-000 ... Each trial is evaluated on the validation
+split (TRIAL/selection/metrics.json); `dpft evaluate --compare` of the trials selects the best by
+--select-by (default: the headline metric) and reports the (epsilon, delta) of releasing it, the
+trials' cost included. Axes that change the privacy accounting (privacy.*, data.*, the batch size,
+the number of updates) are refused: every trial must be the same DP mechanism.
 """
 from __future__ import annotations
 
@@ -116,7 +130,7 @@ def train_command(dpft: str, config: str, workdir: str, overrides: Sequence[str]
 def check_jobs(config: str, jobs: Sequence[tuple]) -> None:
     """Load the config with each job's overrides (UsageError on a bad field or value); a job may
     carry its own config path as a third element (the baseline's CONFIG:ARG)."""
-    sys.path.insert(0, os.path.dirname(HERE))
+    _dpft_importable()
     from dpft.config.base import load_config
 
     for job in jobs:
@@ -146,7 +160,7 @@ def _option_name(opt: str) -> str:
 
 def slurm_array_script(
     jobs: Sequence[tuple], *, config: str, sbatch_options: Sequence[str] = (), job_name_: str = "dpft-sweep",
-    evaluate: str | None = None,
+    evaluate: str | None = None, select: bool = False,
 ) -> str:
     """A bash script for `sbatch`: array task i trains job i.
 
@@ -185,6 +199,8 @@ def slurm_array_script(
                   'rc=0',
                   'while true; do rc=0; wait "$pid" || rc=$?; kill -0 "$pid" 2>/dev/null || break; done',
                   '[ "$rc" -eq 0 ] || exit "$rc"',
+                  *([shlex.join(selection_evaluate_command(evaluate, "WORKDIR")).replace("WORKDIR", '"${args[1]}"')]
+                    if select else []),
                   f'exec {shlex.quote(evaluate)} evaluate --workdir "${{args[1]}}" --reuse-predictions', ""]
     else:
         # exec: the batch shell itself runs slurm.sbatch's body, so SLURM's SIGUSR1 reaches its trap.
@@ -219,6 +235,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --run, treat a job stopped early (exit 75) as failed instead of rerunning it")
     p.add_argument("--no-check", action="store_true", help="do not load the config to check the overrides")
     p.add_argument("--dpft", default="dpft", help="the dpft executable")
+    p.add_argument("--private-selection", metavar="DIST", default=None,
+                   help="run a random number of trials with random hyper-parameters and select privately: DIST = "
+                        "poisson | geometric | logarithmic | negative_binomial:ETA (with --trials-mean)")
+    p.add_argument("--trials-mean", type=float, default=None, metavar="M",
+                   help="with --private-selection, the expected number of trials (>= 1)")
+    p.add_argument("--select-by", default=None, metavar="METRIC",
+                   help="with --private-selection, the validation metric to maximise (default: the headline metric)")
     p.add_argument("--compile-cache", default=None, metavar="DIR",
                    help="with --run, the persistent XLA compilation cache the jobs share (default WORKDIR-jax-cache, "
                         "or $JAX_COMPILATION_CACHE_DIR when set; '' = none): a job loads the programs an earlier job "
@@ -226,18 +249,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def make_jobs(args: argparse.Namespace) -> list[tuple]:
-    """[(workdir, overrides)] for every combination of the sweeps, then the baseline jobs
-    (workdir, overrides, config) if asked."""
-    specs = list(args.sweep) + ([f"seed={args.seeds}"] if getattr(args, "seeds", None) else [])
-    if not specs:
-        raise SweepError("give at least one --sweep FIELD=V1,V2,... (or --seeds)")
+def fixed_overrides(args: argparse.Namespace) -> list[str]:
+    """--set FIELD=VALUE as --config.FIELD=VALUE."""
     fixed = []
     for s in args.set:
         body = s.lstrip("-")
         if "=" not in body:
             raise SweepError(f"--set {s!r} must look like FIELD=VALUE")
         fixed.append("--" + (body if body.startswith("config.") else "config." + body))
+    return fixed
+
+
+def make_jobs(args: argparse.Namespace) -> list[tuple]:
+    """[(workdir, overrides)] for every combination of the sweeps, then the baseline jobs
+    (workdir, overrides, config) if asked; with --private-selection, the trials (`selection_trials`)."""
+    if getattr(args, "private_selection", None) is not None:
+        return selection_trials(args)[0]
+    specs = list(args.sweep) + ([f"seed={args.seeds}"] if getattr(args, "seeds", None) else [])
+    if not specs:
+        raise SweepError("give at least one --sweep FIELD=V1,V2,... (or --seeds)")
+    fixed = fixed_overrides(args)
     sweeps = [parse_sweep(s) for s in specs]
     jobs: list[tuple] = []
     for assignment in expand(sweeps):
@@ -256,23 +287,116 @@ def make_jobs(args: argparse.Namespace) -> list[tuple]:
     return jobs
 
 
+def _dpft_importable() -> None:
+    """This checkout's dpft importable (the script also runs from a checkout without an install)."""
+    root = os.path.dirname(HERE)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+
+
+def selection_trials(args: argparse.Namespace) -> tuple[list[tuple], dict]:
+    """The jobs of --private-selection and the selection record: read from WORKDIR/selection.json when a
+    previous call wrote it (the same settings required: K is drawn once), else drawn now (not yet written:
+    `write_selection`)."""
+    from dpft.privacy import selection
+
+    if args.trials_mean is None:
+        raise SweepError("--private-selection needs --trials-mean M (the expected number of trials)")
+    if getattr(args, "seeds", None) or getattr(args, "baseline", None) is not None:
+        raise SweepError("--private-selection draws each trial's seed itself and selects among private runs: "
+                         "drop --seeds and --baseline")
+    if not args.sweep:
+        raise SweepError("--private-selection needs the candidates: give at least one --sweep FIELD=V1,V2,...")
+    axes = [parse_sweep(s) for s in args.sweep]
+    fields = [f for f, _ in axes]
+    if len(set(fields)) != len(fields):
+        raise SweepError(f"a field is swept twice: {fields}")
+    for field in fields:
+        if field == "seed" or selection.accounting_field(field):
+            raise SweepError(f"--private-selection: --sweep {field}=... would make the trials differ in their "
+                             f"privacy accounting (or their seed, which each trial draws): every trial must be the "
+                             f"same DP mechanism; sweep training hyper-parameters only")
+    try:
+        scheme = selection.Scheme(args.private_selection, float(args.trials_mean))
+    except ValueError as e:
+        raise SweepError(f"--private-selection {args.private_selection} --trials-mean {args.trials_mean}: {e}") from None
+    path = os.path.join(args.workdir, selection.SELECTION_FILE)
+    if os.path.exists(path):
+        import json
+
+        with open(path, encoding="utf-8") as f:
+            try:
+                old_scheme, doc = selection.read_selection_doc(json.load(f), path)
+            except json.JSONDecodeError as e:
+                raise SweepError(f"{path}: not valid JSON ({e})") from None
+        if old_scheme != scheme or [list(a) for a in doc["axes"]] != [[f, list(v)] for f, v in axes] \
+                or doc.get("metric") != args.select_by:
+            raise SweepError(f"{path} holds a selection drawn with other settings ({doc['scheme']}, axes "
+                             f"{doc['axes']}, metric {doc.get('metric')}): its trials are the selection; rerun with "
+                             "those settings, or use another --workdir (drawing K again would void the guarantee)")
+    else:
+        trials = selection.draw_trials(axes, selection.draw_num_trials(scheme))
+        doc = selection.selection_doc(scheme, axes, trials, args.select_by)
+    fixed = fixed_overrides(args)
+    jobs = [(os.path.join(args.workdir, t["name"]), fixed + job_overrides(t["assignment"])) for t in doc["trials"]]
+    return jobs, doc
+
+
+def write_selection(args: argparse.Namespace, doc: dict) -> None:
+    """WORKDIR/selection.json, once (owner-only: it says which trials exist before any result does)."""
+    _dpft_importable()
+    from dpft import atomic_io
+    from dpft.privacy import selection
+
+    path = os.path.join(args.workdir, selection.SELECTION_FILE)
+    if os.path.exists(path):
+        return
+    os.makedirs(args.workdir, exist_ok=True)
+    atomic_io.write_json(path, doc, indent=2, private=True)
+    print(f"private selection: {doc['num_trials']} trials drawn ({doc['scheme']['distribution']}, mean "
+          f"{doc['scheme']['mean']:g}); written to {path}", flush=True)
+
+
+def selection_evaluate_command(dpft: str, workdir: str) -> list[str]:
+    """A trial's evaluation on the validation split, where the selection's score is read."""
+    _dpft_importable()
+    from dpft.privacy import selection
+    from dpft.workdir import contract
+
+    return [dpft, "evaluate", "--workdir", workdir, "--reuse-predictions", "--split", contract.VALIDATION,
+            "--out", os.path.join(workdir, selection.SELECTION_EVAL_DIR), "--no-plots"]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    selection_doc = None
     try:
         if args.jobs < 1:
             raise SweepError(f"--jobs {args.jobs}: give a number of jobs >= 1")
-        jobs = make_jobs(args)
+        if args.private_selection is None and (args.trials_mean is not None or args.select_by is not None):
+            raise SweepError("--trials-mean and --select-by belong to --private-selection")
+        if args.private_selection is not None:
+            jobs, selection_doc = selection_trials(args)
+            args.evaluate = True  # the trials' metrics: the comparison's table and the selection's scores
+        else:
+            jobs = make_jobs(args)
         if not args.no_check:
             check_jobs(args.config, jobs)
     except ValueError as e:  # SweepError and dpft.cli.UsageError
         print(f"sweep: error: {e}", file=sys.stderr)
         return 2
+    if selection_doc is not None:
+        write_selection(args, selection_doc)
+        if not jobs:
+            print("private selection: K = 0 trials drawn (Poisson): nothing runs and nothing is released")
+            return 0
     commands = [train_command(args.dpft, job[2] if len(job) > 2 else args.config, job[0], job[1]) for job in jobs]
     compare_hint = compare_command(args)
     if args.slurm:
         with open(args.slurm, "w", encoding="utf-8") as f:
             f.write(slurm_array_script(jobs, config=args.config, sbatch_options=args.sbatch_option,
-                                       evaluate=args.dpft if args.evaluate else None))
+                                       evaluate=args.dpft if args.evaluate else None,
+                                       select=selection_doc is not None))
         os.chmod(args.slurm, 0o755)
         print(f"wrote {args.slurm} ({len(jobs)} array tasks); submit with: sbatch {shlex.quote(args.slurm)}")
         print(f"then: {compare_hint}")
@@ -280,6 +404,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.run:
         for job, cmd in zip(jobs, commands):
             extra = f" && {shlex.join(evaluate_command(args.dpft, job[0]))}" if args.evaluate else ""
+            if selection_doc is not None:
+                extra += f" && {shlex.join(selection_evaluate_command(args.dpft, job[0]))}"
             print(shlex.join(cmd) + extra)
         return 0
     env = job_environment(args)
@@ -324,6 +450,9 @@ def run_job(cmd: list[str], workdir: str, args: argparse.Namespace, env: dict[st
         rc = subprocess.call(cmd, env=env, stdout=out, stderr=out)
     if rc == 0 and args.evaluate:
         rc = subprocess.call(evaluate_command(args.dpft, workdir), stdout=subprocess.DEVNULL, stderr=out, env=env)
+    if rc == 0 and args.private_selection is not None:
+        rc = subprocess.call(selection_evaluate_command(args.dpft, workdir), stdout=subprocess.DEVNULL, stderr=out,
+                             env=env)
     return rc
 
 
@@ -346,6 +475,9 @@ def compare_command(args: argparse.Namespace) -> str:
     fields = [parse_sweep(s)[0] for s in args.sweep]
     x = "privacy.epsilon" if "privacy.epsilon" in fields else (fields[0] if fields else "seed")
     others = [f for f in fields if f != x and "seed" not in f.split(".")[-1]]  # seeds are aggregated
+    if getattr(args, "private_selection", None) is not None:  # the trials only (WORKDIR also holds selection.json)
+        return " ".join([shlex.quote(args.dpft), "evaluate", "--compare", os.path.join(args.workdir, "trial-*"),
+                         "--out", shlex.quote(args.workdir.rstrip("/") + "-compare")])
     cmd = [args.dpft, "evaluate", "--compare", os.path.join(args.workdir, "*"), "--x", x]
     if others:
         cmd += ["--series", others[0]]

@@ -36,6 +36,7 @@ from dpft import atomic_io
 from dpft.config.base import flatten
 from dpft.errors import UsageError
 from dpft.evaluate.fairness import PARITY_METRICS
+from dpft.evaluate import selected
 from dpft.evaluate.plots import draw_interval, pyplot, save_figure
 from dpft.workdir import contract
 from dpft.workdir.predictions import check_digest
@@ -233,12 +234,15 @@ def axis_label(field: str | None, v: Any, group: Mapping[str, Any] | None = None
 
 def compare_runs(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, *, step: int | None = None,
                  x: str = EPSILON, series: str | None = None, attribute: str | None = None,
-                 ci_level: float = 0.95) -> dict[str, Any]:
+                 ci_level: float = 0.95, select_by: str | None = None) -> dict[str, Any]:
     """Cells (series, x) over runs, seeds aggregated; per cell: utility, gap and parity (mean over
-    seeds, CI over seeds); "paired": private minus non-private gaps (`paired_differences`). Writes
+    seeds, CI over seeds); "paired": private minus non-private gaps (`paired_differences`); "selection":
+    the selected run and the privacy of releasing it (`dpft.evaluate.selected`: accounted for the trials
+    of a private selection, said to be unaccounted for `select_by` over other runs). Writes
     compare.{json,md,png} to out_dir and returns the compare.json dict."""
     if not run_dirs:
         raise UsageError("compare: no run directories given")
+    record = selected.selection_record(run_dirs)
     if series is not None and series == x:
         raise UsageError(f"compare: --x and --series are the same field {x!r}")
     rows = [_row(Path(d), step, x, series) for d in run_dirs]
@@ -254,7 +258,7 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLi
     cells: dict[tuple, list[dict]] = {}
     for r in rows:
         cells.setdefault((_freeze(r["series"]), _freeze(r["x"])), []).append(r)
-    _check_cells(cells, x, series)
+    _check_cells(cells, x, series, free=[f for f, _ in record[1]["axes"]] if record else ())
     out_cells = []
     for (_, _), runs in cells.items():
         cell = {"series": runs[0]["series"], "x": runs[0]["x"], "runs": [r["run"] for r in runs],
@@ -266,10 +270,14 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLi
                                  for p in PARITY_METRICS}
         out_cells.append(cell)
     paired = paired_differences(cells, x, series, attrs, ci_level)
+    choice = (selected.private_selection(*record, run_dirs, select_by) if record
+              else selected.plain_selection(rows, select_by) if select_by else None)
     for r in rows:
         del r["_config"]
     result = {"x": x, "series": series, "utility_metric": rows[0]["utility_metric"], "attributes": attrs,
               "ci_level": ci_level, "cells": out_cells, "runs": rows, "paired": paired}
+    if choice is not None:
+        result["selection"] = choice
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_io.write_json(out / "compare.json", result, indent=2, allow_nan=False, default=str)
@@ -316,13 +324,14 @@ def _freeze(v: Any) -> Any:
     return tuple(v) if isinstance(v, list) else v
 
 
-def _check_cells(cells: dict[tuple, list[dict]], x: str, series: str | None) -> None:
-    """Runs of one cell may differ only in seed fields (and the privacy fields a non-private run drops)."""
+def _check_cells(cells: dict[tuple, list[dict]], x: str, series: str | None, free: Sequence[str] = ()) -> None:
+    """Runs of one cell may differ only in seed fields (and the privacy fields a non-private run drops), and
+    in `free` fields (a private selection's axes: its trials are random draws of them)."""
     for runs in cells.values():
         if len(runs) < 2:
             continue
         keys = set().union(*(r["_config"] for r in runs))
-        differ = sorted(k for k in keys if not _is_seed(k) and k not in (x, series)
+        differ = sorted(k for k in keys if not _is_seed(k) and k not in (x, series) and k not in free
                         and len({repr(r["_config"].get(k)) for r in runs}) > 1)
         if differ:
             names = ", ".join(r["run"] for r in runs)
@@ -395,6 +404,8 @@ def render_compare_markdown(result: dict[str, Any]) -> str:
         cells = [r["run"]] + ([fmt_value(series, r["series"])] if series else []) + [
             fmt_value(x, r["x"]), spent, str(r["step"]), seeds, fmt_stat(r["utility"]), groups]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    if result.get("selection"):
+        lines += selected.render(result["selection"])
     return "\n".join(lines) + "\n"
 
 

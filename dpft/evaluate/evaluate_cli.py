@@ -5,7 +5,7 @@
                   [--threshold-method youden|fpr|f1|fixed] [--target-fpr 0.1] [--threshold 0.5]
                   [--min-group-size 30] [--exclude-small-groups] [--intersect sex*race] [--control age]
                   [--exclude-group race=Unknown] [--out DIR] [--no-plots]
-    dpft evaluate --compare DIR1 DIR2 ... [--x privacy.epsilon] [--series FIELD] [--out DIR]
+    dpft evaluate --compare DIR1 DIR2 ... [--x privacy.epsilon] [--series FIELD] [--select-by METRIC] [--out DIR]
 
 The first form restores the checkpoint, runs the model over the split (and over the
 validation split, where the decision thresholds are chosen), writes
@@ -13,7 +13,9 @@ validation split, where the decision thresholds are chosen), writes
 `--params` other than the run's own `eval.params`, `DIR/predictions/<step>/<params>/` and
 `DIR/eval/<step>/<params>/` (one choice never overwrites another's)
 (or --out). With --reuse-predictions it reads existing predictions and needs no checkpoint.
-The second builds the sweep table and plots over any config axis, seeds aggregated (compare.py).
+The second builds the sweep table and plots over any config axis, seeds aggregated (compare.py), and
+the selected run with the privacy of its choice (selected.py: the trials of `launch/sweep.py
+--private-selection` are selected and accounted; `--select-by` over other runs is said unaccounted).
 
 Evaluation may run beside a live `dpft train` on the same workdir: checkpoints are opened
 read-only (nothing is created, cleaned up or deleted) and the step read is pinned as a
@@ -62,6 +64,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="--compare: config field giving one line per value (e.g. data.options.minority_fraction)")
     parser.add_argument("--attribute", default=None, help="--compare: the subgroup attribute of the gaps and parity "
                         "(default: every attribute)")
+    parser.add_argument("--select-by", default=None, metavar="METRIC",
+                        help="--compare: select the best run by this overall metric (the trials of launch/sweep.py "
+                             "--private-selection are selected, and accounted, without it: by their validation metric)")
     parser.add_argument("--out", help="output directory (--compare: default ./compare; else WORKDIR/eval/<step>)")
     g = parser.add_argument_group("statistics and groups")
     add_option_arguments(g, EvalConfig, FLAGS)
@@ -266,10 +271,12 @@ def run(args: argparse.Namespace) -> int:
     if args.compare:
         out = args.out or "compare"
         result = compare.compare_runs(args.compare, out, x=args.x, series=args.series, attribute=args.attribute,
-                                      ci_level=args.ci_level)
+                                      ci_level=args.ci_level, select_by=args.select_by)
         print(compare.render_compare_markdown(result))
         print(f"wrote {', '.join(result['files'].values())}")
         return 0
+    if args.select_by is not None:
+        raise UsageError("--select-by belongs to --compare (it selects among the compared runs)")
     if not args.workdir:
         raise UsageError("give --workdir DIR (or --compare DIR ...)")
     options = eval_options(args)
