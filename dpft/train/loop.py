@@ -101,7 +101,7 @@ class Trainer(wiring.RunParts):
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str, *, print_fn=print):
         super().__init__(**vars(wiring.build_run(config, workdir, print_fn=print_fn)))
-        self.ledger = accounting.Ledger()
+        self.ledger = self.plan.new_ledger()  # DP-SGD's, or BandMF's (its bands)
         self.skipped_checkpoints: list[tuple[int, str]] = []
 
     @property
@@ -281,7 +281,8 @@ class Trainer(wiring.RunParts):
     # ------------------------------------------------------------------ checkpoints
     def _pytrees(self) -> dict:
         names = (contract.PARAMS, contract.OPT_STATE, contract.UPDATE) + tuple(
-            contract.PARAMS_ITEMS[a] for a in contract.averages_kept(self.config))
+            contract.PARAMS_ITEMS[a] for a in contract.averages_kept(self.config)) + (
+            (contract.NOISE_STATE,) if self.plan.correlated else ())  # BandMF: private, checkpoints only
         return {name: self.state[name] for name in names}
 
     def save(self, ckpt: checkpointing.Checkpointer) -> None:

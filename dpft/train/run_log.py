@@ -110,6 +110,9 @@ def patient_lines(plan: PrivacyPlan, run_epsilon: float) -> list[str]:
         return [f"privacy unit: one example; {pt['count']} patients with one image each: epsilon per patient = "
                 f"epsilon per image"]
     eps = pt["epsilon_of_the_patient_with_the_most_images"]
+    if eps is None:  # not computed (privacy.mechanism=bandmf): said, never printed as a number
+        return [f"WARNING: privacy unit: one example (an image), not a patient. {pt['count']} patients with up to "
+                f"{pt['max_images']} images; {pt['not_computed']}"]
     return [mark(f"WARNING: privacy unit: one example (an image), not a patient. {pt['count']} patients with up "
                  f"to {pt['max_images']} images: the patient with the most has epsilon {eps:.4g} at delta "
                  f"{plan.delta:.3g} (group privacy, PLD), not {run_epsilon:.4g} (privacy_plan.json: patients)")]

@@ -122,6 +122,7 @@ def train_iterator(config: ml_collections.ConfigDict, table: ExampleTable, plan:
             num_shards=jax.process_count(),
             shard_index=jax.process_index(),
             on_bad_image=build.bad_image_policy(config),
+            bands=plan.bands,  # BandMF: cyclic Poisson over the plan's groups (the plan's `selection`)
         ),
         augment,
         units=units,
