@@ -110,6 +110,27 @@ def test_one_band_is_dp_sgds_noise_bit_for_bit():
         np.testing.assert_array_equal(b1.selection(t), sgd.selection(t))
 
 
+def test_a_resumed_run_continues_with_its_checkpoints_strategy():
+    """`wiring.use_strategy` (what a resume does when the checkpoint's plan records other coefficients):
+    the plan, its sensitivity and the compiled apply all use the recorded strategy."""
+    import types
+
+    from dpft.train import wiring
+
+    plan = _plan(bands=3, updates=6)
+    mesh = distributed.make_data_mesh(jax.devices()[:1])
+    parts = types.SimpleNamespace(plan=plan, step_cfg=step_lib.StepConfig(plan=plan, microbatch_size=1),
+                                  optimizer=optax.sgd(1.0), mesh=mesh, apply=None)
+    wiring.use_strategy(parts, [1.0, 0.5, 0.25])
+    assert parts.plan.strategy.coefs == (1.0, 0.5, 0.25) and parts.step_cfg.plan is parts.plan
+    assert parts.plan.strategy.sensitivity == pytest.approx(float(np.sqrt(1 + 0.25 + 0.0625)), rel=1e-6)
+    assert callable(parts.apply)
+    want = np.linalg.solve(bandmf.dense_strategy([1.0, 0.5, 0.25], 4), _secret_normals(plan, 4))
+    np.testing.assert_allclose(_realised_noise(parts.plan, 4), want, rtol=2e-4, atol=2e-4)
+    with pytest.raises(ValueError, match="3 coefficients"):
+        wiring.use_strategy(parts, [1.0, 0.5])
+
+
 # ----------------------------------------------------------------------------- strategy, sensitivity, epsilon
 
 def test_strategy_and_sensitivity_are_jax_privacys():

@@ -331,11 +331,22 @@ class Trainer(wiring.RunParts):
                        "guarantee; the remaining updates use this start's fresh secret")
         if self.individual is not None and contract.INDIVIDUAL in items:
             self.individual.recorder = items[contract.INDIVIDUAL]  # read and checked by `read`
+        self._continue_strategy(items.get(contract.PLAN) or {})
         checked = f"{restored.verified} arrays verified" + (f", {restored.unchecked} without checksum"
                                                              if restored.unchecked else "")
         spent = contract.mark_epsilon(f"epsilon spent {self.epsilon_spent():.4g}", self.plan.guarantee_valid)
         self.print(f"resumed from {ckpt.directory}/{restored.step}: update {self.updates_done}, {spent} ({checked})")
         return True
+
+    def _continue_strategy(self, recorded_plan: dict) -> None:
+        """BandMF: continue with the strategy the checkpoint's noise state was made with (its plan's
+        coefficients), should today's optimisation give other bits (another machine), and say so."""
+        recorded = (recorded_plan.get("bandmf") or {}).get("coefs")
+        if self.plan.mechanism != "bandmf" or recorded is None or tuple(recorded) == self.plan.strategy.coefs:
+            return
+        wiring.use_strategy(self, recorded)
+        self.print(f"note: continuing with the checkpoint's BandMF strategy {list(recorded)} (optimised again, it "
+                   f"differs in the last bits); its sensitivity {self.plan.strategy.sensitivity:.9g}")
 
     # ------------------------------------------------------------------ several processes
     def agree(self, flag: bool) -> bool:

@@ -139,6 +139,19 @@ def individual_hook(config: ml_collections.ConfigDict, plan: PrivacyPlan, num_ex
         min_group_size=int(config.individual.min_group_size))
 
 
+def use_strategy(parts: RunParts, coefs: Any) -> None:
+    """Continue `parts` with BandMF strategy coefficients `coefs` (a resumed run's, as its checkpoint's plan
+    records them: the noise state was made with them): the plan, the step config and the compiled apply."""
+    from dpft.privacy import bandmf
+
+    strategy = parts.plan.strategy
+    c = bandmf.check_coefs(coefs, strategy.bands, "the checkpoint's strategy")
+    parts.plan = dataclasses.replace(parts.plan, strategy=bandmf.Strategy(
+        tuple(float(x) for x in c), strategy.source, bandmf.sensitivity(c, parts.plan.num_updates)))
+    parts.step_cfg = dataclasses.replace(parts.step_cfg, plan=parts.plan)
+    parts.apply = step_lib.make_apply_fn(parts.optimizer, parts.step_cfg, parts.mesh)
+
+
 def use_secret(parts: RunParts, secret: keys.RunSecret) -> None:
     """Continue `parts` with `secret` (a resumed run's): the plan, the noise key, the step config and
     the batch selection."""
