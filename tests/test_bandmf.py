@@ -203,11 +203,14 @@ def test_ledger_check_refuses_a_ledger_of_another_mechanism():
 
 def test_selection_is_a_partition_respecting_cyclic_poisson():
     """Each example is only ever selected at updates congruent to its group mod b, the groups partition
-    [0, N) with sizes floor/ceil(N/b), depend on the secret, and each is sampled at rate b q."""
+    [0, N) (each example's group uniform and independent: sizes about N/b, an example's group does not
+    depend on N), depend on the secret, and each is sampled at rate b q."""
     n, b, q, seed = 1001, 4, 0.02, keys.selection_entropy(SECRET)
     groups = [sampling.group_members(seed, n, b, g) for g in range(b)]
     assert sorted(np.concatenate(groups).tolist()) == list(range(n))
-    assert sorted(len(g) for g in groups) == [250, 250, 250, 251]
+    assert all(abs(len(g) - n / b) < 4 * np.sqrt(n / b) for g in groups)
+    fewer = [sampling.group_members(seed, n - 1, b, g) for g in range(b)]  # one example removed
+    assert all(np.array_equal(f, g[g < n - 1]) for f, g in zip(fewer, groups))
     group_of = np.empty(n, np.int64)
     for g, members in enumerate(groups):
         group_of[members] = g

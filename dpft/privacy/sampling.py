@@ -18,9 +18,10 @@ reveals roughly how many examples were sampled. That count is the one thing an o
 of the timing learns; DP of the model output is not affected, but do not publish
 per-update timings if that matters to you.
 
-Cyclic Poisson selection (BandMF, `bands` b > 1): the N examples are split once into b groups of
-floor or ceil(N/b) by a secret permutation (`group_members`); update t samples group t mod b, each
-member independently at rate b*q (expected batch still about q N). An example is only ever
+Cyclic Poisson selection (BandMF, `bands` b > 1): each example is put once into one of b groups,
+independently and uniformly, from the secret (`group_members`: jax_privacy's INDEPENDENT partition,
+the one compatible with add-or-remove-one neighbours; an equal split is not); update t samples
+group t mod b, each member independently at rate b*q (expected batch q N). An example is only ever
 selected at updates congruent to its group mod b: participations are at least b apart (b-min-sep),
 what BandMF's amplified accounting assumes. b = 1 is `poisson_selection` exactly.
 
@@ -79,16 +80,17 @@ def poisson_selection(seed: int, update_index: int, num_examples: int, sampling_
 
 @functools.lru_cache(maxsize=4)
 def _partition(seed: int, num_examples: int, bands: int) -> tuple[np.ndarray, ...]:
-    perm = _generator(seed, num_examples, _PARTITION_TAG).permutation(num_examples)
-    groups = tuple(np.sort(perm[g::bands]).astype(np.int64) for g in range(bands))
+    # Example i's group is the i-th draw of a stream of (seed, bands): independent of N and of the others.
+    group_of = _generator(seed, bands, _PARTITION_TAG).integers(0, bands, size=num_examples)
+    groups = tuple(np.flatnonzero(group_of == g).astype(np.int64) for g in range(bands))
     for g in groups:
         g.setflags(write=False)
     return groups
 
 
 def group_members(seed: int, num_examples: int, bands: int, group: int) -> np.ndarray:
-    """Sorted int64 positions of group `group` of the run's secret partition of [0, N) into `bands` groups
-    (sizes floor or ceil(N/bands): the permutation's positions group, group+bands, ...)."""
+    """Sorted int64 positions of group `group` of the run's secret partition of [0, N) into `bands` groups:
+    each example's group uniform in [0, bands), independently of the others (sizes Binomial(N, 1/bands))."""
     seed = _check_nonneg_int("seed", seed)
     num_examples = _check_nonneg_int("num_examples", num_examples)
     if isinstance(bands, bool) or not isinstance(bands, (int, np.integer)) or not 1 <= bands <= max(1, num_examples):
@@ -113,8 +115,8 @@ def cyclic_poisson_selection(seed: int, update_index: int, num_examples: int, sa
     if not rate <= 1:
         raise ValueError(f"bands*sampling_rate = {bands}*{sampling_rate} must be <= 1")
     members = group_members(seed, num_examples, bands, update_index % int(bands))
-    rng = _generator(seed, update_index, _POISSON_TAG)
-    return members[rng.random(len(members)) < rate]
+    u = _generator(seed, update_index, _POISSON_TAG).random(num_examples)  # example i's own draw, as Poisson's
+    return members[u[members] < rate]
 
 
 def num_physical_batches(num_selected: int, physical_batch_size: int, num_shards: int = 1) -> int:
