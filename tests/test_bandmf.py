@@ -334,6 +334,7 @@ def _restore(workdir, step):
 def test_dpft_train_bandmf_resumes_bitwise_and_evaluate_recomputes_its_epsilon(tmp_path, capsys):
     a = tmp_path / "a"
     assert cli.main(_train_args(a)) == 0, capsys.readouterr().err[-3000:]
+    assert "BandMF (b=2 bands and cyclic Poisson groups, strategy optimized" in capsys.readouterr().out
     full = _restore(a, E2E_UPDATES)
     assert "noise_state" in full.pytrees  # b - 1 = 1 correlated noise vector per parameter
     ns = jax.tree.leaves(full.pytrees["noise_state"])

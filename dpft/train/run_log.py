@@ -80,7 +80,10 @@ def announcement(plan: PrivacyPlan, config: ml_collections.ConfigDict) -> list[s
     p = plan
     end_eps = p.epsilon_after(p.num_updates)  # one accountant call for both lines
     if p.enabled:
-        first = (f"DP-SGD per {p.unit}: N={p.num_examples} {p.unit}s, expected batch {p.expected_batch_size:g} (q={p.sampling_rate:.4g}), "
+        mechanism = "DP-SGD" if p.mechanism == "dpsgd" else (
+            f"BandMF (b={p.bands} bands and cyclic Poisson groups, strategy {p.strategy.source}: "
+            f"{', '.join(f'{c:.4g}' for c in p.strategy.coefs)}, its sensitivity {p.strategy.sensitivity:.4g})")
+        first = (f"{mechanism} per {p.unit}: N={p.num_examples} {p.unit}s, expected batch {p.expected_batch_size:g} (q={p.sampling_rate:.4g}), "
                  f"{p.num_updates} updates, sigma={p.noise_multiplier:.4f}, C={p.clip_norm:g} "
                  f"({p.clipping.mode}, sensitivity {p.sensitivity:g}), engine {p.grad_method}, "
                  f"delta={p.delta:.3g}, target epsilon={p.target_epsilon} ({p.accountant}); "
