@@ -310,6 +310,25 @@ def test_bands_times_batch_beyond_the_data_is_refused():
     validate(_digits("--config.privacy.mechanism=bandmf", "--config.privacy.bandmf.bands=4"), num_examples=1500)
 
 
+def test_example_level_patients_get_no_dp_sgd_group_epsilon_and_say_so():
+    """On data with several images per patient, an example-level BandMF plan states no patient epsilon (the
+    group analysis is DP-SGD's): `not_computed` says so, the start line too, never a number."""
+    from dpft.config import run_plan
+    from dpft.train import run_log
+
+    config = _digits("--config.privacy.mechanism=bandmf", "--config.privacy.bandmf.bands=2",
+                     "--config.train.num_updates=6", "--config.train.batch_size=50")
+    ids = [f"p{i // 2}" for i in range(1000)]  # two images per patient
+    plan = run_plan.privacy_plan(config, 1000, PARAMS, SECRET, patient_ids=ids)
+    assert plan.mechanism == "bandmf" and plan.patients["epsilon_of_the_patient_with_the_most_images"] is None
+    assert "dpsgd only" in plan.patients["not_computed"] and plan.patients["max_images"] == 2
+    (line,) = run_log.patient_lines(plan, plan.epsilon_after(6))
+    assert "privacy.unit='patient'" in line and "epsilon" not in line.split(";")[0]
+    sgd = run_plan.privacy_plan(_digits("--config.train.num_updates=6", "--config.train.batch_size=50"), 1000,
+                                PARAMS, SECRET, patient_ids=ids)
+    assert sgd.patients["epsilon_of_the_patient_with_the_most_images"] > sgd.epsilon_after(6)
+
+
 # ----------------------------------------------------------------------------- dpft train, resumed bitwise
 
 E2E_UPDATES = 4
