@@ -310,6 +310,23 @@ def test_bands_times_batch_beyond_the_data_is_refused():
     validate(_digits("--config.privacy.mechanism=bandmf", "--config.privacy.bandmf.bands=4"), num_examples=1500)
 
 
+def test_a_strategy_file_is_the_runs_strategy(tmp_path):
+    from dpft.config import run_plan
+
+    path = str(tmp_path / "c.npy")
+    np.save(path, np.array([1.0, 0.6, 0.3]))
+    config = _digits("--config.privacy.mechanism=bandmf", "--config.privacy.bandmf.bands=3",
+                     f"--config.privacy.bandmf.strategy={path}", "--config.train.num_updates=6",
+                     "--config.train.batch_size=50")
+    validate(config, num_examples=1000)
+    plan = run_plan.privacy_plan(config, 1000, PARAMS, SECRET)
+    assert plan.strategy.coefs == (1.0, 0.6, 0.3) and plan.strategy.source == path
+    assert plan.to_dict()["bandmf"]["strategy_sensitivity"] == pytest.approx(np.sqrt(1.45), rel=1e-6)
+    np.save(path, np.array([1.0, 0.6]))  # two coefficients for three bands
+    with pytest.raises(errors.UsageError, match="3 band"):
+        run_plan.privacy_plan(config, 1000, PARAMS, SECRET)
+
+
 def test_example_level_patients_get_no_dp_sgd_group_epsilon_and_say_so():
     """On data with several images per patient, an example-level BandMF plan states no patient epsilon (the
     group analysis is DP-SGD's): `not_computed` says so, the start line too, never a number."""
