@@ -131,6 +131,29 @@ def test_a_resumed_run_continues_with_its_checkpoints_strategy():
         wiring.use_strategy(parts, [1.0, 0.5])
 
 
+def test_every_process_uses_process_0s_strategy(monkeypatch):
+    """With several processes, `privacy_setup.shared_strategy` gives every process process 0's coefficients
+    bit for bit (here process 0's differ in the last bit: another machine's optimisation)."""
+    from dpft.train import privacy_setup
+
+    plan = _plan(bands=3, updates=6)
+    theirs = np.nextafter(np.asarray(plan.strategy.coefs), 2.0)
+    sent = {}
+
+    def broadcast(words):
+        sent["words"] = np.array(words)
+        return np.asarray(theirs, "<f8").view("<u4")
+
+    monkeypatch.setattr(privacy_setup.distributed, "together", lambda fn, name: fn)
+    monkeypatch.setattr(privacy_setup.multihost_utils, "broadcast_one_to_all", broadcast)
+    assert privacy_setup.shared_strategy(plan) is plan  # one process: nothing sent
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    shared = privacy_setup.shared_strategy(plan)
+    assert np.array_equal(sent["words"].view("<f8"), np.asarray(plan.strategy.coefs))
+    assert shared.strategy.coefs == tuple(theirs) and shared.strategy.coefs != plan.strategy.coefs
+    assert privacy_setup.shared_strategy(_plan(mechanism="dpsgd")).strategy is None
+
+
 # ----------------------------------------------------------------------------- strategy, sensitivity, epsilon
 
 def test_strategy_and_sensitivity_are_jax_privacys():

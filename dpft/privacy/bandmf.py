@@ -46,6 +46,12 @@ class Strategy:
     def bands(self) -> int:
         return len(self.coefs)
 
+    def with_coefs(self, coefs: np.ndarray, num_updates: int) -> "Strategy":
+        """The same strategy with other `coefs` (b floats: a checkpoint's, or process 0's), its sensitivity
+        recomputed. ValueError when they are not b valid coefficients."""
+        c = check_coefs(coefs, self.bands, f"strategy {self.source!r}")
+        return Strategy(tuple(float(x) for x in c), self.source, sensitivity(c, num_updates))
+
     def to_dict(self) -> dict:
         return {"bands": self.bands, "coefs": list(self.coefs), "source": self.source,
                 "strategy_sensitivity": self.sensitivity}

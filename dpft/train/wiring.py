@@ -79,6 +79,7 @@ def build_run(config: ml_collections.ConfigDict, workdir: str, *, print_fn: Call
     loss_fn, params, merge = adapters.nnx_loss_fn(model, privacy_setup.per_view_loss(table.task))
     plan = run_plan.privacy_plan(config, num_units, params, privacy_setup.shared_run_secret(config, say),
                                  patient_ids=build.patient_ids(config, table), unit_index=units)
+    plan = privacy_setup.shared_strategy(plan)  # BandMF: process 0's coefficients on every process
     step_cfg = step_lib.StepConfig(plan=plan, microbatch_size=int(config.train.microbatch_size),
                                    ema_decay=float(config.train.ema_decay), polyak=bool(config.train.polyak))
     optimizer = optim.make_optimizer(config.train)
@@ -142,12 +143,7 @@ def individual_hook(config: ml_collections.ConfigDict, plan: PrivacyPlan, num_ex
 def use_strategy(parts: RunParts, coefs: Any) -> None:
     """Continue `parts` with BandMF strategy coefficients `coefs` (a resumed run's, as its checkpoint's plan
     records them: the noise state was made with them): the plan, the step config and the compiled apply."""
-    from dpft.privacy import bandmf
-
-    strategy = parts.plan.strategy
-    c = bandmf.check_coefs(coefs, strategy.bands, "the checkpoint's strategy")
-    parts.plan = dataclasses.replace(parts.plan, strategy=bandmf.Strategy(
-        tuple(float(x) for x in c), strategy.source, bandmf.sensitivity(c, parts.plan.num_updates)))
+    parts.plan = dataclasses.replace(parts.plan, strategy=parts.plan.strategy.with_coefs(coefs, parts.plan.num_updates))
     parts.step_cfg = dataclasses.replace(parts.step_cfg, plan=parts.plan)
     parts.apply = step_lib.make_apply_fn(parts.optimizer, parts.step_cfg, parts.mesh)
 
