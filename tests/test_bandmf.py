@@ -207,6 +207,19 @@ def test_epsilon_is_jax_privacys_amplified_event_and_calibration_hits_the_target
     assert sgd.noise_multiplier != sigma
 
 
+def test_dpft_accountant_bands_gives_the_plans_epsilon_and_sigma(capsys):
+    plan = _plan(bands=3, updates=30)
+    base = ["accountant", "--sampling-rate", str(plan.sampling_rate), "--steps", "30", "--delta", str(plan.delta),
+            "--bands", "3", "--json"]
+    assert cli.main(base + ["--noise-multiplier", repr(plan.noise_multiplier)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["bands"] == 3 and out["epsilon"] == pytest.approx(plan.epsilon_after(30), rel=1e-9)
+    assert cli.main(base + ["--target-epsilon", "4"]) == 0
+    assert json.loads(capsys.readouterr().out)["noise_multiplier"] == pytest.approx(plan.noise_multiplier, rel=1e-6)
+    assert cli.main(base[:-3] + ["--bands", "40", "--noise-multiplier", "1"]) == 2  # more bands than steps
+    assert "--bands" in capsys.readouterr().err
+
+
 def test_ledger_check_refuses_a_ledger_of_another_mechanism():
     from dpft.workdir import ledger_check
 
