@@ -275,6 +275,31 @@ def test_data_pipeline_selects_like_the_plan():
         np.testing.assert_array_equal(it.selection(t), plan.selection(t))
 
 
+def test_patient_units_are_selected_by_cyclic_poisson(tmp_path):
+    """privacy.unit=patient: the groups and the selection are over patients; an update's batches hold the
+    images of exactly the patients of its group that cyclic Poisson selected."""
+    from dpft.data import fake, load_splits, pipeline
+    from dpft.data.augment import AugmentConfig
+    from dpft.privacy import units
+
+    fake.write_fake_chexpert(str(tmp_path), n_patients=30, n_valid_patients=3, seed=1)
+    table = load_splits("chexpert", str(tmp_path))["train"]
+    index = units.UnitIndex.from_patient_ids(table.column("patient_id"), cap=2)
+    cfg = pipeline.TrainConfig(sampling_rate=0.3, physical_batch_size=4, selection_seed=11, bands=3)
+    it = pipeline.TrainIterator(table, cfg, AugmentConfig(image_size=8, augmult=1, crop="none", flip=False),
+                                units=index)
+    group_of = np.empty(index.num_units, np.int64)
+    for g in range(3):
+        group_of[sampling.group_members(11, index.num_units, 3, g)] = g
+    seen = 0
+    for u in range(6):
+        chosen = sampling.cyclic_poisson_selection(11, u, index.num_units, 0.3, 3)
+        ids = np.concatenate([b["example_id"] for b in it.update_batches()])
+        assert sorted(ids[ids >= 0].tolist()) == chosen.tolist() and np.all(group_of[chosen] == u % 3)
+        seen += len(chosen)
+    assert seen > 0
+
+
 # ----------------------------------------------------------------------------- sensitivity in bf16
 
 @pytest.mark.slow  # 15-33 s on 2 shared cores (the bf16 NFNet's compile)
