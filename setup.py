@@ -33,6 +33,8 @@ setuptools.setup(
         "tqdm>=4.66,<5",
         "etils[epath]>=1.7",  # local and gs:// / s3:// paths (dpft.paths, dpft.atomic_io)
         "fsspec>=2024.12",  # pipe_file(mode="create"): the remote workdir lock
+        # BandMF (privacy.mechanism="bandmf"): strategy optimisation, sensitivity, amplified accounting
+        "jax-privacy>=2.0,<3",
     ],
     extras_require={
         # Haiku models through dpft.privacy.adapters.haiku_loss_fn (DeepMind checkpoints are read without it).

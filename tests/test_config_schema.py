@@ -107,7 +107,7 @@ def test_choices_come_from_the_records_of_what_they_name():
     from dpft.data import DATASETS
     from dpft.data.augment import CROPS
     from dpft.models import registry
-    from dpft.privacy import clipping, units
+    from dpft.privacy import bandmf, clipping, units
     from dpft.privacy.accounting import ACCOUNTANTS
     from dpft.privacy.plan import GRAD_METHOD_CHOICES
     from dpft.workdir import contract
@@ -118,7 +118,8 @@ def test_choices_come_from_the_records_of_what_they_name():
         "data.crop": ("auto",) + CROPS, "privacy.clipping": clipping.names(private=True),
         "privacy.accountant": ACCOUNTANTS, "train.grad_method": GRAD_METHOD_CHOICES,
         "train.optimizer.name": tuple(optim.OPTIMIZERS), "train.lr_schedule.name": tuple(optim.SCHEDULES),
-        "eval.params": tuple(contract.PARAMS_ITEMS), "privacy.unit": units.UNITS}
+        "eval.params": tuple(contract.PARAMS_ITEMS), "privacy.unit": units.UNITS,
+        "privacy.mechanism": bandmf.MECHANISMS}
     # Each run-config hyper-parameter of the clipping modes is a privacy field at the record's default.
     for name, param in clipping.HYPER_PARAMS.items():
         assert (schema.FIELDS[f"privacy.{name}"].default == param.default) if param.run_config else (

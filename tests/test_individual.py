@@ -429,7 +429,7 @@ def test_a_flipped_byte_of_the_individual_norms_file_makes_the_step_corrupt_and_
     from dpft.workdir import checkpointing
 
     config = load_config(os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "fake_chexpert_tiny.py"))
-    plan = types.SimpleNamespace(sampling_rate=Q, noise_multiplier=SIGMA, enabled=True)
+    plan = types.SimpleNamespace(sampling_rate=Q, noise_multiplier=SIGMA, enabled=True, ledger_bands=None)
     h = hook.IndividualHook.create(9, grid_width=1 / 8, every=2)
     rng = np.random.default_rng(3)
     recorders = {}

@@ -39,7 +39,8 @@ def privacy_plan(config: ml_collections.ConfigDict, num_examples: int, params: A
             epsilon=float(p.epsilon) if p.epsilon else None,
             noise_multiplier=float(p.noise_multiplier) if p.noise_multiplier else None,
             delta=float(p.delta) if p.delta else None, accountant=str(p.accountant),
-            grad_method=str(t.grad_method))
+            grad_method=str(t.grad_method), mechanism=str(p.mechanism), bands=int(p.bandmf.bands),
+            strategy=str(p.bandmf.strategy))
     except plan_lib.PlanError as e:
         raise UsageError(f"invalid privacy plan (config.privacy, config.train): {e}") from None
     plan = dataclasses.replace(plan, unit=str(p.unit))
@@ -48,6 +49,13 @@ def privacy_plan(config: ml_collections.ConfigDict, num_examples: int, params: A
     if patient_ids is None or not plan.enabled or plan.noise_multiplier == 0:
         return plan
     counts = group.PatientCounts.from_ids(patient_ids)
+    if plan.mechanism != "dpsgd" and counts.max_images > 1:  # group privacy is computed for DP-SGD only
+        report = {"count": counts.num_patients, "max_images": counts.max_images,
+                  "images_per_patient": {str(n): m for n, m in counts.histogram.items()},
+                  "epsilon_of_the_patient_with_the_most_images": None,
+                  "not_computed": f"privacy.mechanism={plan.mechanism!r}: a patient's group epsilon is computed for "
+                                  f"dpsgd only; use privacy.unit='patient' for a per-patient guarantee"}
+        return dataclasses.replace(plan, patients=report)
     report = group.patient_report(counts, plan.sampling_rate, plan.noise_multiplier, plan.num_updates, plan.delta,
                                   run_epsilon=plan.epsilon_after(plan.num_updates))
     return dataclasses.replace(plan, patients=report)

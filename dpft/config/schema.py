@@ -75,6 +75,12 @@ def _accountants() -> tuple[str, ...]:
     return ACCOUNTANTS
 
 
+def _mechanisms() -> tuple[str, ...]:
+    from dpft.privacy.bandmf import MECHANISMS
+
+    return MECHANISMS
+
+
 def _grad_methods() -> tuple[str, ...]:
     from dpft.privacy.plan import GRAD_METHOD_CHOICES
 
@@ -165,6 +171,16 @@ FIELDS: dict[str, Field] = {
     "privacy.unit_cap": Field(0, INT, "privacy.unit=patient: the most images of one patient in an update (0 = from "
                               "the data: the smallest cap that keeps 95% of the images)", range=Range(0),
                               added="2026-12-07"),
+    "privacy.mechanism": Field("dpsgd", STR, "the noise mechanism: dpsgd (independent noise per update, Poisson "
+                               "sampling) or bandmf (noise correlated by a banded Toeplitz strategy, cyclic Poisson "
+                               "sampling over privacy.bandmf.bands groups); `dpft.privacy.bandmf`",
+                               choices=_mechanisms, only_if="privacy.enabled", added="2026-12-08"),
+    "privacy.bandmf.bands": Field(1, INT, "privacy.mechanism=bandmf: bands b of the strategy = groups of the cyclic "
+                                  "Poisson sampling (each sampled every b-th update at rate b*q); 1 = DP-SGD's noise",
+                                  range=Range(1), only_if="privacy.enabled", added="2026-12-08"),
+    "privacy.bandmf.strategy": Field("optimized", STR, "privacy.mechanism=bandmf: 'optimized' (jax_privacy's banded "
+                                     "Toeplitz optimum for train.num_updates) or a .npy file of the b coefficients",
+                                     only_if="privacy.enabled", added="2026-12-08"),
     "privacy.insecure_fixed_noise_seed": Field(
         -1, INT, "-1 = off (the secret comes from the OS CSPRNG); >= 0 fixes the noise and the selection for "
         "tests: NO privacy guarantee", range=Range(-1), only_if="privacy.enabled", added=_LEGACY,

@@ -230,13 +230,41 @@ def _evaluated_average_is_kept(c: Checked) -> None:
         c.add("eval.params", params, "needs the Polyak average: set config.train.polyak=True")
 
 
+def _bandmf_is_covered(c: Checked) -> None:
+    """privacy.mechanism=bandmf: bands within the run and the data, what the BandMF accountant covers (no
+    individual accounting), a readable strategy file; bands or a strategy without bandmf have no effect."""
+    mech, bands, strategy = (c.value(f"privacy.{k}") for k in ("mechanism", "bandmf.bands", "bandmf.strategy"))
+    if not c.private or mech is MISSING:
+        return
+    if mech != "bandmf":
+        for path, value, default in (("privacy.bandmf.bands", bands, 1), ("privacy.bandmf.strategy", strategy,
+                                                                         "optimized")):
+            if value not in (MISSING, default):
+                c.add(path, value, f"needs config.privacy.mechanism='bandmf' (it is {mech!r})")
+        return
+    updates, batch, n = c.value("train.num_updates"), c.value("train.batch_size"), c.num_examples
+    if bands is not MISSING and updates is not MISSING and bands > updates:
+        c.add("privacy.bandmf.bands", bands, f"exceeds config.train.num_updates={updates}")
+    if bands is not MISSING and batch is not MISSING and is_int(n) and n > 0 and bands * batch > n:
+        c.add("privacy.bandmf.bands", bands, f"times config.train.batch_size={batch} exceeds N={n}: each of the "
+              f"{bands} groups of about N/{bands} is sampled at rate bands*batch_size/N <= 1")
+    if c.value("individual.enabled") is True:
+        c.add("individual.enabled", True, "is not covered with config.privacy.mechanism='bandmf' (individual "
+              "accounting is DP-SGD's)")
+    if strategy not in (MISSING, "optimized"):
+        if not str(strategy).endswith(".npy"):
+            c.add("privacy.bandmf.strategy", strategy, "must be 'optimized' or a .npy file of the b coefficients")
+        elif c.check_paths and not paths.isfile(strategy):
+            c.add("privacy.bandmf.strategy", strategy, "does not exist")
+
+
 #: The rules between fields (and about the run: paths, devices, N), in the order they report.
 RULES: tuple[Callable[[Checked], None], ...] = (
     _checkpoint_exists, _data_root_exists, _imbalance_names_its_subgroup, _noise_multiplier_in_accountant_range,
     _epsilon_when_calibrating, _clipping_hyper_parameters, _delta_is_weak, _fixed_noise_is_loud,
     _engine_runs_the_clipping, _batches_split_evenly, _batch_fits_the_data, _cap_needs_patient_unit,
     _warmup_before_the_end,
-    _evaluated_average_is_kept,
+    _evaluated_average_is_kept, _bandmf_is_covered,
 )
 
 

@@ -49,8 +49,12 @@ class TrainConfig:
     num_shards: int = 1  # hosts; each decodes only its part of the selection
     shard_index: int = 0
     on_bad_image: str = "error"  # "error" | "skip" (the row becomes padding, counted and logged)
+    #: BandMF's groups: > 1 selects by cyclic Poisson sampling (`sampling.cyclic_poisson_selection`), 1 Poisson.
+    bands: int = 1
 
     def __post_init__(self) -> None:
+        if isinstance(self.bands, bool) or not isinstance(self.bands, int) or self.bands < 1:
+            raise DataError(f"data: bands must be an int >= 1, got {self.bands!r}")
         if not 0.0 < self.sampling_rate <= 1.0:
             raise DataError(f"data.sampling_rate must be in (0, 1], got {self.sampling_rate!r}")
         if self.physical_batch_size < 1 or self.num_workers < 0 or self.worker_processes < 0:
@@ -227,12 +231,17 @@ class TrainIterator:
 
     # ---- selection ----
     def selection(self, update_index: int) -> np.ndarray:
-        """Sorted table positions (example-level) or unit ids selected (all shards) for `update_index`."""
-        from dpft.privacy.sampling import poisson_selection
+        """Sorted table positions (example-level) or unit ids selected (all shards) for `update_index`
+        (cyclic Poisson over `config.bands` groups when bands > 1)."""
+        from dpft.privacy.sampling import cyclic_poisson_selection, poisson_selection
 
         if self.config.selection_seed is None:
             raise DataError("TrainConfig.selection_seed is unset: pass the run's secret selection seed "
                             "(dpft.privacy.plan.PrivacyPlan.selection_seed())")
+        if self.config.bands > 1:
+            return np.asarray(cyclic_poisson_selection(int(self.config.selection_seed), int(update_index),
+                                                       self.num_units, float(self.config.sampling_rate),
+                                                       int(self.config.bands)), dtype=np.int64)
         return np.asarray(poisson_selection(int(self.config.selection_seed), int(update_index), self.num_units,
                                             float(self.config.sampling_rate)), dtype=np.int64)
 

@@ -14,6 +14,12 @@ accountant `make_accountant` makes: PLD at `PLD_DISCRETIZATION`, or RDP at `RDP_
 add-or-remove-one neighbours. `dpsgd_pld` / `pld_epsilon` give the pieces of that PLD
 accountant for callers that compose many histories from shared, cached pieces.
 
+BandMF (`privacy.mechanism="bandmf"`, b bands): cyclic Poisson sampling over b groups at rate b*q
+and noise correlated by a banded strategy of column norm 1 is jax_privacy's
+`amplified_bandmf_event(sigma, T, num_bands=b, sampling_prob=b*q)`: ceil(T/b) DP-SGD events at
+rate b*q (`bandmf_event`), so both accountants take it. Functions that take `bands` read None as
+DP-SGD; a ledger records its `bands` (None: DP-SGD).
+
 Shuffling (fixed-size batches from permutations) is NOT accounted for here: there is
 no shuffle accountant in dpft; an epsilon computed with these functions for a shuffled
 run is not a proven guarantee.
@@ -45,7 +51,8 @@ RDP_ORDERS: tuple[float, ...] = tuple(
 SIGMA_RANGE = (0.1, 1e6)
 SIGMA_MIN = 0.2     # calibration search range for the noise multiplier
 SIGMA_MAX = 1000.0
-LEDGER_FORMAT = "dpft.ledger/1"
+LEDGER_FORMAT = "dpft.ledger/1"  # DP-SGD ledgers (unchanged since before BandMF)
+LEDGER_FORMAT_MF = "dpft.ledger/2"  # ledgers that name their mechanism (BandMF)
 
 
 def _check_accounting_args(sampling_rate: float, noise_multiplier: float | None, steps: int,
@@ -114,6 +121,28 @@ def dpsgd_event(sampling_rate: float, noise_multiplier: float, steps: int) -> dp
         steps)
 
 
+def bandmf_event(sampling_rate: float, noise_multiplier: float, steps: int, bands: int) -> dp_accounting.DpEvent:
+    """`steps` BandMF updates with `bands` groups, each update sampling its group at rate bands*q (expected
+    batch q N): jax_privacy's `amplified_bandmf_event` (strategy of largest column norm 1)."""
+    from jax_privacy.experimental import accounting as jp_accounting
+
+    if isinstance(bands, bool) or not isinstance(bands, int) or bands < 1:
+        raise ValueError(f"bands must be an int >= 1, got {bands!r}")
+    if not 0 < bands * sampling_rate <= 1:
+        raise ValueError(f"bands*sampling_rate = {bands}*{sampling_rate} must be in (0, 1] (each group is sampled "
+                         f"at rate bands*q)")
+    return jp_accounting.amplified_bandmf_event(noise_multiplier, steps, num_bands=bands,
+                                                sampling_prob=bands * sampling_rate)
+
+
+def run_event(sampling_rate: float, noise_multiplier: float, steps: int, bands: int | None = None
+              ) -> dp_accounting.DpEvent:
+    """The event of `steps` updates: DP-SGD (`bands` None) or BandMF with `bands` groups."""
+    if bands is None:
+        return dpsgd_event(sampling_rate, noise_multiplier, steps)
+    return bandmf_event(sampling_rate, noise_multiplier, steps, bands)
+
+
 def epsilon_of_event(event: dp_accounting.DpEvent, delta: float, accountant: str = "pld",
                      pld_discretization: float = PLD_DISCRETIZATION) -> float:
     """Epsilon at `delta` of any DpEvent with the chosen accountant (`make_accountant`)."""
@@ -121,17 +150,21 @@ def epsilon_of_event(event: dp_accounting.DpEvent, delta: float, accountant: str
 
 
 def compute_epsilon(sampling_rate: float, noise_multiplier: float, steps: int, delta: float,
-                    accountant: str = "pld") -> float:
-    """Epsilon of `steps` DP-SGD updates with Poisson rate q and noise multiplier sigma."""
+                    accountant: str = "pld", bands: int | None = None) -> float:
+    """Epsilon of `steps` DP-SGD updates with Poisson rate q and noise multiplier sigma (`bands` None), or
+    of `steps` BandMF updates with `bands` groups (`bandmf_event`)."""
     _check_accounting_args(sampling_rate, noise_multiplier, steps, delta, accountant)
+    if bands is not None:
+        return epsilon_of_event(bandmf_event(sampling_rate, noise_multiplier, steps, bands), delta, accountant)
     if accountant == "pld":  # the run accountant's own pieces, the step's PLD cached
         return pld_epsilon([dpsgd_pld(sampling_rate, noise_multiplier, steps)], delta)
     return epsilon_of_event(dpsgd_event(sampling_rate, noise_multiplier, steps), delta, accountant)
 
 
 def calibrate_noise_multiplier(target_epsilon: float, sampling_rate: float, steps: int, delta: float,
-                               accountant: str = "pld", tol: float = 1e-4) -> float:
-    """Smallest sigma (within `tol`) whose epsilon after `steps` updates is <= target_epsilon.
+                               accountant: str = "pld", tol: float = 1e-4, bands: int | None = None) -> float:
+    """Smallest sigma (within `tol`) whose epsilon after `steps` updates is <= target_epsilon; the
+    updates are DP-SGD's (`bands` None) or BandMF's with `bands` groups (`run_event`).
 
     Searches sigma in [SIGMA_MIN, SIGMA_MAX] (bracket found by doubling/halving from 1,
     then Brent's method via `dp_accounting.calibrate_dp_mechanism`). Raises ValueError when
@@ -144,7 +177,7 @@ def calibrate_noise_multiplier(target_epsilon: float, sampling_rate: float, step
 
     @functools.lru_cache(maxsize=None)
     def eps(sigma: float) -> float:
-        return epsilon_of_event(dpsgd_event(sampling_rate, sigma, steps), delta, accountant)
+        return epsilon_of_event(run_event(sampling_rate, sigma, steps, bands), delta, accountant)
 
     lo, hi = 1.0, 1.0
     if eps(1.0) > target_epsilon:   # need more noise: grow hi until the target is met
@@ -170,7 +203,7 @@ def calibrate_noise_multiplier(target_epsilon: float, sampling_rate: float, step
                 break
     sigma = mechanism_calibration.calibrate_dp_mechanism(
         lambda: make_accountant(accountant),
-        lambda s: dpsgd_event(sampling_rate, s, steps),
+        lambda s: run_event(sampling_rate, s, steps, bands),
         target_epsilon, delta,
         bracket_interval=mechanism_calibration.ExplicitBracketInterval(lo, hi),
         tol=tol)
@@ -188,12 +221,19 @@ class LedgerEntry:
 
 @dataclasses.dataclass
 class Ledger:
-    """What ran, as data: a list of LedgerEntry (consecutive identical (q, sigma) merged).
+    """What ran, as data: a list of LedgerEntry (consecutive identical (q, sigma) merged), and the
+    mechanism: `bands` None for DP-SGD, else BandMF with that many bands (a BandMF ledger holds one
+    (q, sigma): its updates' noise is correlated, so they are accounted as one `bandmf_event`).
 
     A noise multiplier of 0 (a non-private update) makes the epsilon infinite.
     """
 
     entries: list[LedgerEntry] = dataclasses.field(default_factory=list)
+    bands: int | None = None
+
+    @property
+    def mechanism(self) -> str:
+        return "dpsgd" if self.bands is None else "bandmf"
 
     def record(self, sampling_rate: float, noise_multiplier: float, n: int = 1) -> None:
         """Append n updates with rate q and noise multiplier sigma (merging with the last entry)."""
@@ -218,6 +258,11 @@ class Ledger:
         """The composition of all recorded updates (NoOpDpEvent when empty)."""
         if not self.entries:
             return dp_accounting.NoOpDpEvent()
+        if self.bands is not None:
+            if len(self.entries) != 1:
+                raise ValueError(f"ledger: a BandMF ledger holds one (q, sigma), got {len(self.entries)} entries")
+            e = self.entries[0]
+            return bandmf_event(e.sampling_rate, e.noise_multiplier, e.steps, self.bands)
         events = [dpsgd_event(e.sampling_rate, e.noise_multiplier, e.steps) for e in self.entries]
         return events[0] if len(events) == 1 else dp_accounting.ComposedDpEvent(events)
 
@@ -228,19 +273,29 @@ class Ledger:
             return 0.0
         if any(e.noise_multiplier == 0 for e in self.entries):
             return math.inf
-        if accountant == "pld":  # what make_accountant("pld") composes for dp_event(), steps' PLDs cached
+        if accountant == "pld" and self.bands is None:  # make_accountant("pld") of dp_event(), PLDs cached
             return pld_epsilon([dpsgd_pld(e.sampling_rate, e.noise_multiplier, e.steps) for e in self.entries], delta)
         return epsilon_of_event(self.dp_event(), delta, accountant)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": LEDGER_FORMAT, "entries": [dataclasses.asdict(e) for e in self.entries]}
+        entries = [dataclasses.asdict(e) for e in self.entries]
+        if self.bands is None:
+            return {"format": LEDGER_FORMAT, "entries": entries}
+        return {"format": LEDGER_FORMAT_MF, "mechanism": {"name": "bandmf", "bands": self.bands}, "entries": entries}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Ledger":
-        if not isinstance(data, dict) or data.get("format") != LEDGER_FORMAT:
-            raise ValueError(f"ledger: field 'format' must be {LEDGER_FORMAT!r}, got "
+        if not isinstance(data, dict) or data.get("format") not in (LEDGER_FORMAT, LEDGER_FORMAT_MF):
+            raise ValueError(f"ledger: field 'format' must be {LEDGER_FORMAT!r} or {LEDGER_FORMAT_MF!r}, got "
                              f"{data.get('format') if isinstance(data, dict) else type(data).__name__!r}")
         ledger = cls()
+        if data["format"] == LEDGER_FORMAT_MF:
+            mech = data.get("mechanism")
+            if not (isinstance(mech, dict) and mech.get("name") == "bandmf" and isinstance(mech.get("bands"), int)
+                    and not isinstance(mech.get("bands"), bool) and mech["bands"] >= 1):
+                raise ValueError(f"ledger: field 'mechanism' must be {{'name': 'bandmf', 'bands': int >= 1}}, "
+                                 f"got {mech!r}")
+            ledger.bands = int(mech["bands"])
         for i, e in enumerate(data.get("entries", [])):
             try:
                 entry = LedgerEntry(float(e["sampling_rate"]), float(e["noise_multiplier"]), int(e["steps"]))

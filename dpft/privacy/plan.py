@@ -15,6 +15,11 @@ engine that computes clipped sums, and the run's secret key streams. The plan th
                               (what individual accounting charges);
 * `individual_epsilons(...)`  per-example epsilons with the run's accountant, <= the run's epsilon.
 
+BandMF (`mechanism="bandmf"`, `strategy` a `dpft.privacy.bandmf.Strategy` of b bands): the selection
+is cyclic Poisson over b groups (`sampling.cyclic_poisson_selection`), the noise step is
+`noisy_mean_correlated` (`noise.privatize_correlated`, with the noise state `init_noise_state`), and
+every epsilon is jax_privacy's amplified BandMF event (`accounting.bandmf_event`).
+
 Invariants checked on construction: a private (clipping) plan has a measured sensitivity > 0
 and a finite sigma >= 0 (sigma = 0, clipping without noise, is a diagnostic with epsilon = inf
 that `make_plan` never builds); a non-private one has neither (nothing defaults to 0 silently).
@@ -27,7 +32,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from dpft.privacy import accounting, bookkeeping, clipping as clipping_lib, engine, keys, noise, sampling, units
+from dpft.privacy import accounting, bandmf, bookkeeping, clipping as clipping_lib, engine, keys, noise, sampling, units
 from dpft.privacy.engine import ClippingConfig
 
 #: How the clipped per-example gradient sum is computed (same contract, same result); the keys
@@ -68,8 +73,19 @@ class PrivacyPlan:
     #: The privacy unit (`dpft.privacy.units.UNITS`): what num_examples counts, sampling draws and one
     #: clipped gradient is: "example" (an image) or "patient" (all of a patient's images in the update).
     unit: str = "example"
+    #: The noise mechanism (`bandmf.MECHANISMS`): "dpsgd" (independent noise per update) or "bandmf"
+    #: (correlated by `strategy`, cyclic Poisson selection over strategy.bands groups).
+    mechanism: str = "dpsgd"
+    strategy: bandmf.Strategy | None = None
 
     def __post_init__(self) -> None:
+        if self.mechanism not in bandmf.MECHANISMS:
+            raise PlanError(f"mechanism={self.mechanism!r}; use one of {bandmf.MECHANISMS}")
+        if (self.mechanism == "bandmf") != isinstance(self.strategy, bandmf.Strategy):
+            raise PlanError(f"mechanism={self.mechanism!r} needs a BandMF strategy iff it is 'bandmf'")
+        if self.mechanism == "bandmf" and not self.bands * self.sampling_rate <= 1:
+            raise PlanError(f"bandmf: bands*q = {self.bands}*{self.sampling_rate:.4g} > 1: each of the {self.bands} "
+                            f"groups is sampled at rate bands*q")
         if self.unit not in units.UNITS:
             raise PlanError(f"unit={self.unit!r}; use one of {units.UNITS}")
         if self.grad_method not in GRAD_METHODS:
@@ -103,6 +119,25 @@ class PrivacyPlan:
         """True when the run's epsilon is a DP guarantee: private with noise, and a CSPRNG secret."""
         return self.enabled and self.noise_multiplier > 0 and self.secret.is_secure
 
+    @property
+    def bands(self) -> int:
+        """Groups of the selection and bands of the noise: 1 for DP-SGD."""
+        return self.strategy.bands if self.strategy is not None else 1
+
+    @property
+    def ledger_bands(self) -> int | None:
+        """What the accounting functions and the `Ledger` take as `bands`: None for DP-SGD."""
+        return self.strategy.bands if self.mechanism == "bandmf" else None
+
+    @property
+    def correlated(self) -> bool:
+        """True when the noise step keeps a noise state (BandMF with b > 1, private)."""
+        return self.enabled and self.mechanism == "bandmf" and self.bands > 1
+
+    def new_ledger(self) -> accounting.Ledger:
+        """An empty ledger of this plan's mechanism."""
+        return accounting.Ledger(bands=self.ledger_bands)
+
     def epsilon_after(self, updates: int) -> float:
         """Epsilon after `updates` updates of this plan (inf when not private)."""
         if not self.enabled or self.noise_multiplier == 0:
@@ -110,7 +145,7 @@ class PrivacyPlan:
         if updates <= 0:
             return 0.0
         return accounting.compute_epsilon(self.sampling_rate, self.noise_multiplier, int(updates), self.delta,
-                                          accountant=self.accountant)
+                                          accountant=self.accountant, bands=self.ledger_bands)
 
     # ------------------------------------------------------------------ secret streams
     def with_secret(self, secret: keys.RunSecret) -> "PrivacyPlan":
@@ -122,7 +157,11 @@ class PrivacyPlan:
         return keys.selection_entropy(self.secret)
 
     def selection(self, update: int) -> np.ndarray:
-        """Sorted int64 positions in [0, N) of the examples of update `update` (Poisson, rate q)."""
+        """Sorted int64 positions in [0, N) of the examples of update `update` (Poisson, rate q; BandMF:
+        cyclic Poisson over `bands` groups)."""
+        if self.mechanism == "bandmf":
+            return sampling.cyclic_poisson_selection(self.selection_seed(), int(update), self.num_examples,
+                                                     self.sampling_rate, self.bands)
         return sampling.poisson_selection(self.selection_seed(), int(update), self.num_examples, self.sampling_rate)
 
     def noise_base_key(self):
@@ -148,6 +187,22 @@ class PrivacyPlan:
         return noise.privatize(grad_sum, noise.noise_key(base_key, update), noise_multiplier=sigma,
                                clip_norm=self.sensitivity, expected_batch_size=self.expected_batch_size)
 
+    def init_noise_state(self, params: Any) -> Any:
+        """BandMF's noise state before update 0 (`noise.init_noise_state`: leaves [b-1, *shape])."""
+        return noise.init_noise_state(params, self.bands)
+
+    def noisy_mean_correlated(self, grad_sum: Any, base_key: Any, update: Any, noise_state: Any,
+                              noise_multiplier: Any = None) -> tuple[Any, Any]:
+        """BandMF's noise step: (grad_sum + sigma S sens(C) (C^-1 Z)_update) / B and the next noise state
+        (`noise.privatize_correlated`); Z_update is the same draw `noisy_mean` adds."""
+        if self.mechanism != "bandmf" or not self.enabled or self.noise_multiplier == 0:
+            raise PlanError("noisy_mean_correlated: the plan is not a private BandMF plan")
+        sigma = self.noise_multiplier if noise_multiplier is None else noise_multiplier
+        return noise.privatize_correlated(
+            grad_sum, noise.noise_key(base_key, update), noise_state, coefs=self.strategy.coefs,
+            noise_multiplier=sigma, clip_norm=self.sensitivity * self.strategy.sensitivity,
+            expected_batch_size=self.expected_batch_size)
+
     # ------------------------------------------------------------------ individual accounting
     def contribution_norm(self, norms: np.ndarray) -> np.ndarray:
         """L2 norm float64 [...] that an example of (augmult-averaged) gradient norm `norms` [...] adds
@@ -163,6 +218,8 @@ class PrivacyPlan:
         `dpft.privacy.individual.epsilons.individual_epsilons`), never above `epsilon_after(num_updates)`."""
         from dpft.privacy.individual import epsilons
 
+        if self.mechanism != "dpsgd":
+            raise PlanError(f"individual accounting covers DP-SGD only, not mechanism={self.mechanism!r}")
         eps = epsilons.individual_epsilons(
             recorder, sampling_rate=self.sampling_rate, noise_multiplier=self.noise_multiplier,
             sensitivity=self.sensitivity, contribution=self.contribution_norm, num_updates=int(num_updates),
@@ -186,6 +243,8 @@ class PrivacyPlan:
             # protected by group privacy only, and "patients" gives their epsilon, dpft.privacy.group) or
             # "patient" (num_examples counts patients; epsilon is per patient).
             "unit": self.unit, "num_units": self.num_examples, "patients": self.patients,
+            "mechanism": self.mechanism, "bands": self.bands,
+            **({"sampling": "cyclic_poisson", "bandmf": self.strategy.to_dict()} if self.mechanism == "bandmf" else {}),
         }
 
     @property
@@ -194,10 +253,11 @@ class PrivacyPlan:
         return float(self.clipping.clip_norm) if self.enabled else 0.0
 
 
-def _max_updates_within(target: float, q: float, sigma: float, delta: float, limit: int, accountant: str) -> int:
+def _max_updates_within(target: float, q: float, sigma: float, delta: float, limit: int, accountant: str,
+                        bands: int | None = None) -> int:
     """Largest T <= limit with epsilon(q, sigma, T, delta) <= target (binary search)."""
     def eps(t: int) -> float:
-        return accounting.compute_epsilon(q, sigma, t, delta, accountant=accountant)
+        return accounting.compute_epsilon(q, sigma, t, delta, accountant=accountant, bands=bands)
     if eps(limit) <= target:
         return limit
     lo, hi = 0, limit
@@ -241,12 +301,15 @@ def resolve_grad_method(method: str, enabled: bool, clipping_mode: str) -> str:
 def make_plan(*, enabled: bool, num_examples: int, batch_size: float, num_updates: int,
               clipping: ClippingConfig, params: Any, secret: keys.RunSecret, epsilon: float | None = None,
               noise_multiplier: float | None = None, delta: float | None = None, accountant: str = "pld",
-              grad_method: str = "auto") -> PrivacyPlan:
+              grad_method: str = "auto", mechanism: str = "dpsgd", bands: int = 1,
+              strategy: str = bandmf.STRATEGY_OPTIMIZED) -> PrivacyPlan:
     """The plan of a run of `num_updates` updates with expected batch `batch_size` on N examples.
 
     Private: sigma = `noise_multiplier` if given (> 0), else calibrated so that epsilon after
     `num_updates` <= `epsilon`; with both, the run is cut to the largest number of updates within
     `epsilon`. delta defaults to 1/N. The sensitivity is measured from `clipping` and `params`.
+    `mechanism` "bandmf" (private only): `bands` groups and bands, the strategy (`bandmf.make_strategy`:
+    "optimized" for the final number of updates, or a .npy path), accounted as BandMF.
     Raises PlanError naming the parameter.
     """
     n = int(num_examples)
@@ -263,12 +326,17 @@ def make_plan(*, enabled: bool, num_examples: int, batch_size: float, num_update
     if not enabled:
         none = engine.NO_CLIPPING
         return PrivacyPlan(False, n, q, b, 0.0, none, 0.0, 0.0, None, updates, accountant, method, secret)
+    if mechanism not in bandmf.MECHANISMS:
+        raise PlanError(f"mechanism={mechanism!r}; use one of {bandmf.MECHANISMS}")
+    mf_bands = int(bands) if mechanism == "bandmf" else None
+    if mf_bands is not None and not (1 <= mf_bands <= updates and mf_bands * q <= 1):
+        raise PlanError(f"bands={bands!r} must be in [1, num_updates={updates}] with bands*q <= 1 (q={q:.4g})")
     delta = float(delta) if delta else 1.0 / n
     target = float(epsilon) if epsilon is not None and epsilon > 0 else None
     if noise_multiplier is not None and noise_multiplier > 0:
         sigma = float(noise_multiplier)
         if target is not None:
-            updates = _max_updates_within(target, q, sigma, delta, updates, accountant)
+            updates = _max_updates_within(target, q, sigma, delta, updates, accountant, mf_bands)
             if updates < 1:
                 raise PlanError(f"noise_multiplier={sigma} cannot run one update within epsilon={target} "
                                 f"(q={q:.4g}, delta={delta:.3g})")
@@ -276,11 +344,20 @@ def make_plan(*, enabled: bool, num_examples: int, batch_size: float, num_update
         if target is None:
             raise PlanError("epsilon must be > 0 when privacy is enabled and noise_multiplier is unset")
         try:
-            sigma = accounting.calibrate_noise_multiplier(target, q, updates, delta, accountant=accountant)
+            sigma = accounting.calibrate_noise_multiplier(target, q, updates, delta, accountant=accountant,
+                                                          bands=mf_bands)
         except ValueError as e:
             raise PlanError(f"epsilon={target}: {e}") from None
+    mf = None
+    if mf_bands is not None:
+        if updates < mf_bands:
+            raise PlanError(f"bands={mf_bands} exceeds the {updates} update(s) that fit in epsilon={target}")
+        try:
+            mf = bandmf.make_strategy(strategy, mf_bands, updates)
+        except ValueError as e:
+            raise PlanError(f"bandmf strategy: {e}") from None
     return PrivacyPlan(True, n, q, b, sigma, clipping, engine.sensitivity(clipping, params), delta, target,
-                       updates, accountant, method, secret)
+                       updates, accountant, method, secret, mechanism=mechanism, strategy=mf)
 
 
 __all__ = ["PrivacyPlan", "PlanError", "make_plan", "fixed_plan", "GRAD_METHODS", "resolve_grad_method"]

@@ -18,6 +18,13 @@ reveals roughly how many examples were sampled. That count is the one thing an o
 of the timing learns; DP of the model output is not affected, but do not publish
 per-update timings if that matters to you.
 
+Cyclic Poisson selection (BandMF, `bands` b > 1): each example is put once into one of b groups,
+independently and uniformly, from the secret (`group_members`: jax_privacy's INDEPENDENT partition,
+the one compatible with add-or-remove-one neighbours; an equal split is not); update t samples
+group t mod b, each member independently at rate b*q (expected batch q N). An example is only ever
+selected at updates congruent to its group mod b: participations are at least b apart (b-min-sep),
+what BandMF's amplified accounting assumes. b = 1 is `poisson_selection` exactly.
+
 There is no shuffled (fixed-size) batching: the accountant analyses Poisson sampling, and
 that is the only selection dpft runs.
 
@@ -26,9 +33,12 @@ secret): which examples an update used is itself private.
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 _POISSON_TAG = 0x5053  # "PS": separates these streams from other users of (seed, index)
+_PARTITION_TAG = 0x4350  # "CP": the cyclic-Poisson partition (one permutation per run)
 
 
 def _check_nonneg_int(name: str, value: int) -> int:
@@ -66,6 +76,47 @@ def poisson_selection(seed: int, update_index: int, num_examples: int, sampling_
     _check_rate(sampling_rate)
     rng = _generator(seed, update_index, _POISSON_TAG)
     return np.flatnonzero(rng.random(num_examples) < sampling_rate).astype(np.int64)
+
+
+@functools.lru_cache(maxsize=4)
+def _partition(seed: int, num_examples: int, bands: int) -> tuple[np.ndarray, ...]:
+    # Example i's group is the i-th draw of a stream of (seed, bands): independent of N and of the others.
+    group_of = _generator(seed, bands, _PARTITION_TAG).integers(0, bands, size=num_examples)
+    groups = tuple(np.flatnonzero(group_of == g).astype(np.int64) for g in range(bands))
+    for g in groups:
+        g.setflags(write=False)
+    return groups
+
+
+def group_members(seed: int, num_examples: int, bands: int, group: int) -> np.ndarray:
+    """Sorted int64 positions of group `group` of the run's secret partition of [0, N) into `bands` groups:
+    each example's group uniform in [0, bands), independently of the others (sizes Binomial(N, 1/bands))."""
+    seed = _check_nonneg_int("seed", seed)
+    num_examples = _check_nonneg_int("num_examples", num_examples)
+    if isinstance(bands, bool) or not isinstance(bands, (int, np.integer)) or not 1 <= bands <= max(1, num_examples):
+        raise ValueError(f"bands must be an int in [1, N={num_examples}], got {bands!r}")
+    if not 0 <= group < bands:
+        raise ValueError(f"group must be in [0, {bands}), got {group!r}")
+    return _partition(seed, num_examples, int(bands))[int(group)]
+
+
+def cyclic_poisson_selection(seed: int, update_index: int, num_examples: int, sampling_rate: float,
+                             bands: int) -> np.ndarray:
+    """Sorted int64 indices in [0, N) selected for update `update_index` by cyclic Poisson sampling: the
+    members of group update_index mod `bands` (`group_members`), each with probability bands*q.
+
+    bands = 1 is `poisson_selection(seed, update_index, N, q)`, draw for draw.
+    """
+    _check_rate(sampling_rate)
+    if bands == 1:
+        return poisson_selection(seed, update_index, num_examples, sampling_rate)
+    update_index = _check_nonneg_int("update_index", update_index)
+    rate = float(bands) * float(sampling_rate)
+    if not rate <= 1:
+        raise ValueError(f"bands*sampling_rate = {bands}*{sampling_rate} must be <= 1")
+    members = group_members(seed, num_examples, bands, update_index % int(bands))
+    u = _generator(seed, update_index, _POISSON_TAG).random(num_examples)  # example i's own draw, as Poisson's
+    return members[u[members] < rate]
 
 
 def num_physical_batches(num_selected: int, physical_batch_size: int, num_shards: int = 1) -> int:
@@ -106,5 +157,5 @@ def sampling_rate_for(batch_size: float, num_examples: int) -> float:
     return float(batch_size) / float(num_examples)
 
 
-__all__ = ["expected_batch_size", "poisson_selection", "physical_batches", "num_physical_batches",
+__all__ = ["expected_batch_size", "poisson_selection", "cyclic_poisson_selection", "group_members", "physical_batches", "num_physical_batches",
            "sampling_rate_for"]

@@ -101,7 +101,7 @@ class Trainer(wiring.RunParts):
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str, *, print_fn=print):
         super().__init__(**vars(wiring.build_run(config, workdir, print_fn=print_fn)))
-        self.ledger = accounting.Ledger()
+        self.ledger = self.plan.new_ledger()  # DP-SGD's, or BandMF's (its bands)
         self.skipped_checkpoints: list[tuple[int, str]] = []
 
     @property
@@ -281,7 +281,8 @@ class Trainer(wiring.RunParts):
     # ------------------------------------------------------------------ checkpoints
     def _pytrees(self) -> dict:
         names = (contract.PARAMS, contract.OPT_STATE, contract.UPDATE) + tuple(
-            contract.PARAMS_ITEMS[a] for a in contract.averages_kept(self.config))
+            contract.PARAMS_ITEMS[a] for a in contract.averages_kept(self.config)) + (
+            (contract.NOISE_STATE,) if self.plan.correlated else ())  # BandMF: private, checkpoints only
         return {name: self.state[name] for name in names}
 
     def save(self, ckpt: checkpointing.Checkpointer) -> None:
@@ -330,11 +331,22 @@ class Trainer(wiring.RunParts):
                        "guarantee; the remaining updates use this start's fresh secret")
         if self.individual is not None and contract.INDIVIDUAL in items:
             self.individual.recorder = items[contract.INDIVIDUAL]  # read and checked by `read`
+        self._continue_strategy(items.get(contract.PLAN) or {})
         checked = f"{restored.verified} arrays verified" + (f", {restored.unchecked} without checksum"
                                                              if restored.unchecked else "")
         spent = contract.mark_epsilon(f"epsilon spent {self.epsilon_spent():.4g}", self.plan.guarantee_valid)
         self.print(f"resumed from {ckpt.directory}/{restored.step}: update {self.updates_done}, {spent} ({checked})")
         return True
+
+    def _continue_strategy(self, recorded_plan: dict) -> None:
+        """BandMF: continue with the strategy the checkpoint's noise state was made with (its plan's
+        coefficients), should today's optimisation give other bits (another machine), and say so."""
+        recorded = (recorded_plan.get("bandmf") or {}).get("coefs")
+        if self.plan.mechanism != "bandmf" or recorded is None or tuple(recorded) == self.plan.strategy.coefs:
+            return
+        wiring.use_strategy(self, recorded)
+        self.print(f"note: continuing with the checkpoint's BandMF strategy {list(recorded)} (optimised again, it "
+                   f"differs in the last bits); its sensitivity {self.plan.strategy.sensitivity:.9g}")
 
     # ------------------------------------------------------------------ several processes
     def agree(self, flag: bool) -> bool:

@@ -5,6 +5,7 @@ apart from privacy (tables, augmentation, model) is `dpft.config.build`.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Callable
 
@@ -16,6 +17,7 @@ import numpy as np
 from dpft import distributed
 from dpft.errors import UsageError
 from dpft.privacy import adapters, keys
+from dpft.privacy.plan import PrivacyPlan
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,21 @@ def run_secret(config: ml_collections.ConfigDict) -> keys.RunSecret:
     if fixed >= 0:
         return keys.RunSecret.insecure_fixed(fixed)
     return keys.RunSecret.generate()
+
+
+def shared_strategy(plan: PrivacyPlan) -> PrivacyPlan:
+    """`plan` with process 0's BandMF strategy coefficients on every process (a collective when several
+    processes run BandMF: every process calls it at the same point). Each process optimises the strategy
+    itself, and another CPU or GPU may give other last bits; the coefficients are compiled into the noise
+    step, so every replica must use the same ones. Sent bit for bit (float64 as uint32 words)."""
+    if jax.process_count() == 1 or plan.mechanism != "bandmf":
+        return plan
+    words = np.asarray(plan.strategy.coefs, "<f8").view("<u4")
+    words = distributed.together(multihost_utils.broadcast_one_to_all, "strategy")(words)
+    coefs = np.asarray(words, "<u4").view("<f8")
+    if tuple(float(c) for c in coefs) == plan.strategy.coefs:
+        return plan
+    return dataclasses.replace(plan, strategy=plan.strategy.with_coefs(coefs, plan.num_updates))
 
 
 def shared_run_secret(config: ml_collections.ConfigDict, print_fn: Callable[[str], None]) -> keys.RunSecret:

@@ -71,7 +71,7 @@ def read_checkpoint(ckpt: checkpointing.Checkpointer, step: int, *, config: ml_c
     ledger = contract.checkpoint_ledger(restored, ckpt.directory)
     ledger_check.check_ledger(
         ledger, updates=int(np.asarray(restored.pytrees[contract.UPDATE])), sampling_rate=plan.sampling_rate,
-        noise_multiplier=plan.noise_multiplier, private=plan.enabled,
+        noise_multiplier=plan.noise_multiplier, private=plan.enabled, bands=plan.ledger_bands,
         data_state=restored.json_items.get(contract.DATA_STATE), where=f"checkpoint {ckpt.directory}/{step}")
     restored.json_items[contract.LEDGER] = ledger
     if individual is not None and contract.INDIVIDUAL in restored.json_items:

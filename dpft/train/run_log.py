@@ -80,7 +80,10 @@ def announcement(plan: PrivacyPlan, config: ml_collections.ConfigDict) -> list[s
     p = plan
     end_eps = p.epsilon_after(p.num_updates)  # one accountant call for both lines
     if p.enabled:
-        first = (f"DP-SGD per {p.unit}: N={p.num_examples} {p.unit}s, expected batch {p.expected_batch_size:g} (q={p.sampling_rate:.4g}), "
+        mechanism = "DP-SGD" if p.mechanism == "dpsgd" else (
+            f"BandMF (b={p.bands} bands and cyclic Poisson groups, strategy {p.strategy.source}: "
+            f"{', '.join(f'{c:.4g}' for c in p.strategy.coefs)}, its sensitivity {p.strategy.sensitivity:.4g})")
+        first = (f"{mechanism} per {p.unit}: N={p.num_examples} {p.unit}s, expected batch {p.expected_batch_size:g} (q={p.sampling_rate:.4g}), "
                  f"{p.num_updates} updates, sigma={p.noise_multiplier:.4f}, C={p.clip_norm:g} "
                  f"({p.clipping.mode}, sensitivity {p.sensitivity:g}), engine {p.grad_method}, "
                  f"delta={p.delta:.3g}, target epsilon={p.target_epsilon} ({p.accountant}); "
@@ -110,6 +113,9 @@ def patient_lines(plan: PrivacyPlan, run_epsilon: float) -> list[str]:
         return [f"privacy unit: one example; {pt['count']} patients with one image each: epsilon per patient = "
                 f"epsilon per image"]
     eps = pt["epsilon_of_the_patient_with_the_most_images"]
+    if eps is None:  # not computed (privacy.mechanism=bandmf): said, never printed as a number
+        return [f"WARNING: privacy unit: one example (an image), not a patient. {pt['count']} patients with up to "
+                f"{pt['max_images']} images; {pt['not_computed']}"]
     return [mark(f"WARNING: privacy unit: one example (an image), not a patient. {pt['count']} patients with up "
                  f"to {pt['max_images']} images: the patient with the most has epsilon {eps:.4g} at delta "
                  f"{plan.delta:.3g} (group privacy, PLD), not {run_epsilon:.4g} (privacy_plan.json: patients)")]

@@ -10,6 +10,9 @@ One optimizer update is
      `noise_key(secret base key, update)` -- the base key is an argument (never compiled in),
      replicated, so every device draws the same noise and applies the same update -- and
      divides by the expected batch size. Then the optax update and the EMA.
+     BandMF (`plan.correlated`): the plan's `noisy_mean_correlated` instead, which reads and returns
+     the noise state `state["noise_state"]` (the last b-1 correlated noise vectors, float32 leaves
+     [b-1, *param.shape], replicated like the params; private: kept only in checkpoints).
 
 Every privacy decision (engine, clipping, sigma, sensitivity, B) comes from the run's
 `dpft.privacy.plan.PrivacyPlan`. A non-private plan runs the same functions as ordinary SGD,
@@ -50,8 +53,13 @@ class StepConfig:
             raise ValueError(f"StepConfig.microbatch_size={self.microbatch_size!r} must be >= 1")
 
 
+#: The train state's item of BandMF's noise state (present iff the plan is `correlated`).
+NOISE_STATE = "noise_state"
+
+
 def init_state(params: PyTree, optimizer: optax.GradientTransformation, cfg: StepConfig) -> dict:
-    """The train state: params, opt_state, EMA (float32), Polyak average, update index."""
+    """The train state: params, opt_state, EMA (float32), Polyak average, update index; with BandMF
+    (b > 1) also the noise state (`plan.init_noise_state`, zeros)."""
     state = {
         "params": params,
         "opt_state": optimizer.init(params),
@@ -59,6 +67,8 @@ def init_state(params: PyTree, optimizer: optax.GradientTransformation, cfg: Ste
     }
     state["ema"] = ema_lib.ema_init(params) if cfg.ema_decay > 0 else {}
     state["polyak"] = ema_lib.polyak_init(params) if cfg.polyak else {}
+    if cfg.plan.correlated:
+        state[NOISE_STATE] = cfg.plan.init_noise_state(params)
     # Own buffer per leaf: the EMA of float32 params may alias them, and apply() donates state.
     return jax.tree.map(lambda x: jnp.array(x, copy=True), state)
 
@@ -131,12 +141,17 @@ def make_apply_fn(
     def apply(state, acc, noise_base_key, noise_multiplier):
         total = global_sum(acc, mesh)
         update = state["update"]
-        grad = plan.noisy_mean(total, noise_base_key, update, noise_multiplier)
+        extra = {}
+        if plan.correlated:  # BandMF: the noise of this update depends on the last b-1 (the noise state)
+            grad, extra[NOISE_STATE] = plan.noisy_mean_correlated(total, noise_base_key, update, state[NOISE_STATE],
+                                                                  noise_multiplier)
+        else:
+            grad = plan.noisy_mean(total, noise_base_key, update, noise_multiplier)
         params = state["params"]
         grad = jax.tree.map(lambda g, p: g.astype(p.dtype), grad, params)
         updates, opt_state = optimizer.update(grad, state["opt_state"], params)
         params = optax.apply_updates(params, updates)
-        new = dict(state, params=params, opt_state=opt_state, update=update + 1)
+        new = dict(state, params=params, opt_state=opt_state, update=update + 1, **extra)
         if cfg.ema_decay > 0:
             new["ema"] = ema_lib.ema_update(state["ema"], params, cfg.ema_decay, update)
         if cfg.polyak:

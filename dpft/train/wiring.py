@@ -79,6 +79,7 @@ def build_run(config: ml_collections.ConfigDict, workdir: str, *, print_fn: Call
     loss_fn, params, merge = adapters.nnx_loss_fn(model, privacy_setup.per_view_loss(table.task))
     plan = run_plan.privacy_plan(config, num_units, params, privacy_setup.shared_run_secret(config, say),
                                  patient_ids=build.patient_ids(config, table), unit_index=units)
+    plan = privacy_setup.shared_strategy(plan)  # BandMF: process 0's coefficients on every process
     step_cfg = step_lib.StepConfig(plan=plan, microbatch_size=int(config.train.microbatch_size),
                                    ema_decay=float(config.train.ema_decay), polyak=bool(config.train.polyak))
     optimizer = optim.make_optimizer(config.train)
@@ -122,6 +123,7 @@ def train_iterator(config: ml_collections.ConfigDict, table: ExampleTable, plan:
             num_shards=jax.process_count(),
             shard_index=jax.process_index(),
             on_bad_image=build.bad_image_policy(config),
+            bands=plan.bands,  # BandMF: cyclic Poisson over the plan's groups (the plan's `selection`)
         ),
         augment,
         units=units,
@@ -136,6 +138,14 @@ def individual_hook(config: ml_collections.ConfigDict, plan: PrivacyPlan, num_ex
     return individual_hook_lib.IndividualHook.create(
         num_examples, grid_width=float(config.individual.norm_grid), every=int(config.individual.every),
         min_group_size=int(config.individual.min_group_size))
+
+
+def use_strategy(parts: RunParts, coefs: Any) -> None:
+    """Continue `parts` with BandMF strategy coefficients `coefs` (a resumed run's, as its checkpoint's plan
+    records them: the noise state was made with them): the plan, the step config and the compiled apply."""
+    parts.plan = dataclasses.replace(parts.plan, strategy=parts.plan.strategy.with_coefs(coefs, parts.plan.num_updates))
+    parts.step_cfg = dataclasses.replace(parts.step_cfg, plan=parts.plan)
+    parts.apply = step_lib.make_apply_fn(parts.optimizer, parts.step_cfg, parts.mesh)
 
 
 def use_secret(parts: RunParts, secret: keys.RunSecret) -> None:

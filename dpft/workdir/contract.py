@@ -34,6 +34,9 @@ VALIDATION = "validation"  # the split where decision thresholds are chosen
 
 # ---------------------------------------------------------------- items of a checkpoint
 PARAMS, OPT_STATE, UPDATE, EMA, POLYAK = "params", "opt_state", "update", "ema", "polyak"  # pytrees
+#: BandMF's noise state (the last b-1 correlated noise vectors, `dpft.train.step.NOISE_STATE`): derived from the
+#: secret noise, so private like it: never in EVAL_ITEMS or an export.
+NOISE_STATE = "noise_state"
 DATA_STATE, LEDGER, CONFIG, PLAN, SECRET, INDIVIDUAL = (  # JSON documents
     "data_state", "ledger", "config", "plan", "secret", "individual")
 #: The items evaluation reads (copied from a remote workdir): never opt_state or the run's secret.
@@ -135,9 +138,9 @@ def mark_epsilon(text: str, guarantee_valid: bool | None) -> str:
 # ---------------------------------------------------------------- a checkpoint's privacy record, checked
 #: The plan fields that decide epsilon: a checkpoint's recorded plan must agree with its config on each.
 EPSILON_FIELDS = ("enabled", "unit", "num_examples", "sampling_rate", "noise_multiplier", "delta", "accountant",
-                  "num_updates")
-#: Values of EPSILON_FIELDS that plans recorded before the field existed mean (every run was per example).
-RECORDED_DEFAULTS = {"unit": "example"}
+                  "num_updates", "mechanism", "bands")
+#: Values of EPSILON_FIELDS that plans recorded before the field existed mean (every run was per example, DP-SGD).
+RECORDED_DEFAULTS = {"unit": "example", "mechanism": "dpsgd", "bands": 1}
 
 
 def verified_plan(config: ml_collections.ConfigDict, *, num_examples: int, params: Any,
@@ -167,6 +170,7 @@ def verified_plan(config: ml_collections.ConfigDict, *, num_examples: int, param
                                   f"and data give {want!r}: the plan or ledger was edited, or the data changed; "
                                   f"refusing to report an epsilon")
     ledger_check.check_ledger(ledger, updates=updates, sampling_rate=expected["sampling_rate"],
+                              bands=expected["bands"] if expected["mechanism"] == "bandmf" else None,
                               noise_multiplier=expected["noise_multiplier"], private=bool(expected["enabled"]),
                               where=where, action="report an epsilon")
     return {**dict(recorded_plan), **{f: expected[f] for f in EPSILON_FIELDS}}

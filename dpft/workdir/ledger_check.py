@@ -3,7 +3,8 @@
 `check_ledger` is pure: given the ledger of a checkpoint, its update counter, its data
 position and the run's plan (q, sigma), it raises `CheckpointError` unless
   * the ledger composes exactly `updates` DP-SGD events (none for a non-private run),
-  * every one of them has the plan's sampling rate and noise multiplier, and
+  * every one of them has the plan's sampling rate and noise multiplier, the ledger the plan's
+    mechanism (`bands`: None for DP-SGD, else BandMF's), and
   * the data iterator stands at the same update.
 A ledger edited to report fewer updates (a smaller epsilon) is refused, not trusted: by `dpft train`
 before it resumes, and by `dpft evaluate` before it reports an epsilon (`dpft.workdir.contract`).
@@ -22,7 +23,7 @@ def _close(a: float, b: float) -> bool:
 
 def check_ledger(ledger: Any, *, updates: int, sampling_rate: float, noise_multiplier: float,
                  private: bool, data_state: Mapping[str, Any] | None = None, where: str = "checkpoint",
-                 action: str = "resume") -> None:
+                 action: str = "resume", bands: int | None = None) -> None:
     """Raise CheckpointError unless `ledger` (a `dpft.privacy.accounting.Ledger`) matches the checkpoint.
 
     Args:
@@ -33,7 +34,12 @@ def check_ledger(ledger: Any, *, updates: int, sampling_rate: float, noise_multi
       data_state: the checkpoint's data-iterator state; its `update_index` must equal `updates`.
       where: names the checkpoint in the message.
       action: what is refused ("resume", "report an epsilon").
+      bands: the plan's BandMF bands, None for DP-SGD; the ledger's `bands` must be the same.
     """
+    if private and getattr(ledger, "bands", None) != bands:
+        raise CheckpointError(
+            f"{where}: the ledger records mechanism {getattr(ledger, 'mechanism', '?')!r} (bands "
+            f"{getattr(ledger, 'bands', None)!r}) but the run's plan has bands {bands!r}; refusing to {action}")
     entries = list(getattr(ledger, "entries", []))
     total = sum(int(e.steps) for e in entries)
     expected = int(updates) if private else 0
