@@ -3,6 +3,7 @@ against the paper's theorems computed here, `launch/sweep.py --private-selection
 that `dpft evaluate --compare` reports (accounted for a private selection, said unaccounted otherwise)."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -123,14 +124,22 @@ def test_selection_costs_more_than_one_trial_less_than_composing_them_and_grows_
 
 # ----------------------------------------------------------------------------- launch/sweep.py
 
-def _sweep(tmp_path, *extra, workdir="tune"):
-    return subprocess.run([sys.executable, SWEEP, "--config", FINETUNE, "--workdir", str(tmp_path / workdir),
-                           "--sweep", "train.optimizer.learning_rate=0.5,1,2", "--sweep", "privacy.clip_norm=0.5,1",
-                           *extra], capture_output=True, text=True, timeout=300, cwd=ROOT)
+_spec = importlib.util.spec_from_file_location("dpft_launch_sweep_selection", SWEEP)
+sweep = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(sweep)
 
 
-def test_sweep_draws_trials_once_and_keeps_them(tmp_path):
-    r = _sweep(tmp_path, "--private-selection", "negative_binomial:0.5", "--trials-mean", "6")
+def _sweep(tmp_path, capsys, *extra, workdir="tune"):
+    """launch/sweep.py's main in this process (its end-to-end run is the slow test below) ->
+    (returncode, stdout, stderr)."""
+    rc = sweep.main(["--config", FINETUNE, "--workdir", str(tmp_path / workdir), "--sweep",
+                     "train.optimizer.learning_rate=0.5,1,2", "--sweep", "privacy.clip_norm=0.5,1", *extra])
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess([], rc, out.out, out.err)
+
+
+def test_sweep_draws_trials_once_and_keeps_them(tmp_path, capsys):
+    r = _sweep(tmp_path, capsys, "--private-selection", "negative_binomial:0.5", "--trials-mean", "6")
     assert r.returncode == 0, r.stderr
     path = tmp_path / "tune" / selection.SELECTION_FILE
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
@@ -150,11 +159,11 @@ def test_sweep_draws_trials_once_and_keeps_them(tmp_path):
         assert f"--split validation --out {tmp_path / 'tune' / t['name'] / 'selection'}" in line
     # A rerun reuses the draw (K is never drawn again) ...
     before = path.read_text()
-    r = _sweep(tmp_path, "--private-selection", "negative_binomial:0.5", "--trials-mean", "6")
+    r = _sweep(tmp_path, capsys, "--private-selection", "negative_binomial:0.5", "--trials-mean", "6")
     assert r.returncode == 0 and path.read_text() == before
     assert [line for line in r.stdout.splitlines() if line.startswith("dpft train")] == commands
     # ... and refuses other settings, leaving the record as it was.
-    r = _sweep(tmp_path, "--private-selection", "geometric", "--trials-mean", "6")
+    r = _sweep(tmp_path, capsys, "--private-selection", "geometric", "--trials-mean", "6")
     assert r.returncode == 2 and "drawing K again would void the guarantee" in r.stderr
     assert path.read_text() == before
 
@@ -166,21 +175,21 @@ def test_sweep_draws_trials_once_and_keeps_them(tmp_path):
     (["--seeds", "0,1"], "drop --seeds and --baseline"),
     ([], "needs --trials-mean"),
 ])
-def test_sweep_refuses_what_the_selection_does_not_cover(tmp_path, extra, problem):
+def test_sweep_refuses_what_the_selection_does_not_cover(tmp_path, capsys, extra, problem):
     args = ["--private-selection", "geometric"] + ([] if problem == "needs --trials-mean" else ["--trials-mean", "4"])
-    r = _sweep(tmp_path, *args, *extra)
+    r = _sweep(tmp_path, capsys, *args, *extra)
     assert r.returncode == 2 and problem in r.stderr, r.stderr
     assert not (tmp_path / "tune").exists()
 
 
-def test_selection_flags_without_private_selection_are_refused(tmp_path):
-    r = _sweep(tmp_path, "--trials-mean", "4")
+def test_selection_flags_without_private_selection_are_refused(tmp_path, capsys):
+    r = _sweep(tmp_path, capsys, "--trials-mean", "4")
     assert r.returncode == 2 and "belong to --private-selection" in r.stderr
 
 
-def test_slurm_array_script_scores_each_trial_on_the_validation_split(tmp_path):
+def test_slurm_array_script_scores_each_trial_on_the_validation_split(tmp_path, capsys):
     script = tmp_path / "tune.sbatch"
-    r = _sweep(tmp_path, "--private-selection", "geometric", "--trials-mean", "3", "--slurm", str(script))
+    r = _sweep(tmp_path, capsys, "--private-selection", "geometric", "--trials-mean", "3", "--slurm", str(script))
     assert r.returncode == 0, r.stderr
     text = script.read_text()
     assert 'evaluate --workdir "${args[1]}" --reuse-predictions --split validation --out "${args[1]}"/selection' in text
