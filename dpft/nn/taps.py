@@ -30,6 +30,11 @@ parameters before the model is built (`dpft.privacy.adapters.nnx_loss_fn`), for 
 used outside any tapped op ("free" parameters: class tokens, position embeddings, unknown
 layers), whose per-example gradient is then the gradient w.r.t. the
 perturbation.
+
+``frozen`` {param path} (both modes): an op that uses a frozen parameter (`dpft.nn.partition`) is not
+tapped at all: it computes ``fn(params, x)`` with the module's own values and is listed in
+``skipped``; a trainable parameter of such an op (e.g. the gain of a conv whose kernel is frozen) is
+then used outside any tapped op, so the engine treats it as free.
 """
 from __future__ import annotations
 
@@ -74,7 +79,7 @@ class Recorder:
 
     def __init__(self, mode: str, perturbations: Mapping[str, Array] | None = None, *,
                  tap_params: Mapping[tuple, Array] | None = None,
-                 param_perturbations: Mapping[tuple, Array] | None = None):
+                 param_perturbations: Mapping[tuple, Array] | None = None, frozen: frozenset = frozenset()):
         if mode not in ("discover", "record"):
             raise ValueError(f"Recorder: mode must be 'discover' or 'record', got {mode!r}")
         if mode == "record" and perturbations is None:
@@ -83,6 +88,8 @@ class Recorder:
         self.perturbations = perturbations
         self.tap_params = tap_params
         self.param_perturbations = dict(param_perturbations or {})
+        self.frozen = frozenset(frozen)
+        self.skipped: list[str] = []  # keys of the ops not tapped because they use a frozen parameter
         self.specs: dict[str, OpSpec] = {}
         self.inputs: dict[str, Array] = {}
 
@@ -91,6 +98,9 @@ class Recorder:
         if kind not in KINDS:
             raise ValueError(f"tap {op_key(path, op)}: unknown kind {kind!r}; use one of {KINDS}")
         key = op_key(path, op)
+        if self.frozen and any(tuple(path) + (n,) in self.frozen for n in params):
+            self.skipped.append(key)
+            return fn(params, x)
         if self.mode == "discover" and self.tap_params is not None:
             missing = [n for n in params if tuple(path) + (n,) not in self.tap_params]
             if missing:

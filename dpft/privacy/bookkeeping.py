@@ -245,6 +245,7 @@ class Discovery:
 
     specs: Mapping[str, taps.OpSpec]
     free: Mapping[str, tuple]
+    skipped: tuple[str, ...] = ()  # ops not tapped: they use a frozen parameter (`taps.Recorder.frozen`)
 
 
 def _used_inputs(closed: Any) -> list[bool]:
@@ -254,9 +255,10 @@ def _used_inputs(closed: Any) -> list[bool]:
     return list(used)
 
 
-def discover(tapped_loss: Any, params: PyTree, views: Mapping[str, jax.Array], rng: jax.Array) -> Discovery:
+def discover(tapped_loss: Any, params: PyTree, views: Mapping[str, jax.Array], rng: jax.Array,
+             frozen: frozenset = frozenset()) -> Discovery:
     """The tapped ops and the free parameters of one example's forward pass (traced, nothing
-    computed). The ops compute with a second copy of the parameters (`taps.Recorder.tap_params`),
+    computed). `params` is the trainable tree; an op using a `frozen` parameter path is not tapped. The ops compute with a second copy of the parameters (`taps.Recorder.tap_params`),
     so the trace shows whether a tapped op's parameter is also used elsewhere. Raises ValueError
     naming the layer for a parameter used by two tapped ops, or by a tapped op and elsewhere."""
     view0 = jax.tree.map(lambda v: v[0], views)
@@ -265,9 +267,9 @@ def discover(tapped_loss: Any, params: PyTree, views: Mapping[str, jax.Array], r
 
     def traced(model_params, tap_params, view, key):
         flat = {taps.param_path(kp): v for kp, v in jax.tree_util.tree_leaves_with_path(tap_params)}
-        recorder = taps.Recorder("discover", tap_params=flat)
+        recorder = taps.Recorder("discover", tap_params=flat, frozen=frozen)
         out = tapped_loss(model_params, view, key, recorder)
-        found["specs"] = recorder.specs
+        found["specs"], found["skipped"] = recorder.specs, tuple(recorder.skipped)
         return out
 
     closed = jax.make_jaxpr(traced)(params, params, view0, rng)
@@ -286,7 +288,7 @@ def discover(tapped_loss: Any, params: PyTree, views: Mapping[str, jax.Array], r
                                  "weight sharing is not supported; use grad_method='vmap'")
             used[path] = spec.key
     free = {"/".join(map(str, p)): p for p in paths if p not in used}
-    return Discovery(specs, free)
+    return Discovery(specs, free, found["skipped"])
 
 
 def discover_ops(tapped_loss: Any, params: PyTree, views: Mapping[str, jax.Array], rng: jax.Array
@@ -296,7 +298,8 @@ def discover_ops(tapped_loss: Any, params: PyTree, views: Mapping[str, jax.Array
 
 
 def tap_pass(tapped_loss: Any, params: PyTree, specs: Mapping[str, taps.OpSpec],
-             views: Mapping[str, jax.Array], keys: jax.Array, free: Mapping[str, tuple] | None = None):
+             views: Mapping[str, jax.Array], keys: jax.Array, free: Mapping[str, tuple] | None = None,
+             frozen: frozenset = frozenset()):
     """Step 1: one batched forward + backward w.r.t. zero perturbations of every op's output and
     of every free parameter (``free`` {name: param path}).
 
@@ -311,7 +314,8 @@ def tap_pass(tapped_loss: Any, params: PyTree, specs: Mapping[str, taps.OpSpec],
 
     def per_example(perturbations, view, key):
         op_p = {k: perturbations[k] for k in specs}
-        recorder = taps.Recorder("record", op_p, param_perturbations={free[n]: perturbations[n] for n in free})
+        recorder = taps.Recorder("record", op_p, param_perturbations={free[n]: perturbations[n] for n in free},
+                                 frozen=frozen)
         loss, aux = tapped_loss(params, view, key, recorder)
         return loss, (aux, recorder.inputs)
 
@@ -382,7 +386,10 @@ def bk_clipped_grad_sum(loss_fn: Any, params: PyTree, batch: Mapping[str, jax.Ar
     num_micro = batch_size // microbatch_size
     positions = engine.example_key_ids(batch, position_offset)
     params = engine.device_local_params(params, [mask, positions, engine.raw_key(rng), *jax.tree.leaves(views)])
-    found = discover(tapped, params, views, rng)
+    # A loss over a trainable subset (`dpft.privacy.adapters.restrict_loss`) names its frozen paths:
+    # their ops are neither tapped nor normed (cheaper), their trainable parameters are free.
+    frozen = frozenset(getattr(loss_fn, "frozen_paths", frozenset()))
+    found = discover(tapped, params, views, rng, frozen)
     specs, free = found.specs, found.free
     flat_params = {taps.param_path(kp): leaf for kp, leaf in jax.tree_util.tree_leaves_with_path(params)}
     name = {path: "/".join(map(str, path)) for path in flat_params}  # sortable keys for the scan carry
@@ -398,7 +405,7 @@ def bk_clipped_grad_sum(loss_fn: Any, params: PyTree, batch: Mapping[str, jax.Ar
         views_mb, mask_mb, pos_mb = x
         keys = jax.vmap(lambda p: jax.random.fold_in(rng, p))(pos_mb)
         real = mask_mb > 0
-        losses, aux, inputs, out_grads = tap_pass(tapped, params, specs, views_mb, keys, free)
+        losses, aux, inputs, out_grads = tap_pass(tapped, params, specs, views_mb, keys, free, frozen)
         sq, summers = per_example_norms(specs, op_params, inputs, out_grads, ghost, matmul)
         free_grads = {n: out_grads[n].astype(F32) for n in free}
         for g in free_grads.values():

@@ -169,7 +169,7 @@ class Trainer(wiring.RunParts):
         u = self.updates_done
         if self.iterator.state["update_index"] != u:
             raise RuntimeError(f"data iterator at update {self.iterator.state} but state at {u}")
-        acc = step_lib.zeros_accumulator(self.state["params"], self.mesh)
+        acc = step_lib.zeros_accumulator(step_lib.trainable_part(self.state["params"], self.step_cfg), self.mesh)
         stats = []
         batches = self.iterator.update_batches()
         key = keys.dropout_key(int(self.config.seed), u)  # each example folds in its id (engine.example_key_ids)
@@ -381,7 +381,8 @@ class Trainer(wiring.RunParts):
         bs = int(self.config.train.physical_batch_size)
         chunks, loss_chunks = [], []
         key = keys.dropout_key(int(self.config.seed), u)  # the keys update u draws
-        acc = step_lib.zeros_accumulator(self.state["params"], self.mesh)  # reused: only the stats matter
+        # reused: only the stats matter
+        acc = step_lib.zeros_accumulator(step_lib.trainable_part(self.state["params"], self.step_cfg), self.mesh)
         for batch in pipeline.train_view_batches(
                 self.train_table, batch_size=bs, augment=self.augment, seed=int(self.config.seed), update_index=u,
                 num_workers=int(self.config.data.num_workers), num_shards=jax.process_count(),

@@ -88,7 +88,7 @@ def announcement(plan: PrivacyPlan, config: ml_collections.ConfigDict) -> list[s
     else:
         first = (f"non-private: N={p.num_examples}, expected batch {p.expected_batch_size:g}, "
                  f"{p.num_updates} updates (same code path, no clipping, no noise)")
-    return [first, *patient_lines(p, end_eps), f"devices: {jax.device_count()} ({jax.process_count()} process(es)), "
+    return [first, f"trainable: {p.trained_text()}", *patient_lines(p, end_eps), f"devices: {jax.device_count()} ({jax.process_count()} process(es)), "
                    f"physical batch {config.train.physical_batch_size} per host, "
                    f"microbatch {config.train.microbatch_size}, augmult {config.data.augmult}"]
 

@@ -11,6 +11,12 @@ One optimizer update is
      replicated, so every device draws the same noise and applies the same update -- and
      divides by the expected batch size. Then the optax update and the EMA.
 
+With a `dpft.nn.partition.Partition` (`config.train.trainable`), `state["params"]` stays the whole
+model (what checkpoints, evaluation and export read) but only its trainable part is differentiated,
+clipped, summed, noised, given to the optimizer and averaged (EMA, Polyak); the frozen leaves are
+passed through untouched (bit-identical), in the params and in the averages. Without one (None,
+"all"), every function below is the code it was before partitions existed.
+
 Every privacy decision (engine, clipping, sigma, sensitivity, B) comes from the run's
 `dpft.privacy.plan.PrivacyPlan`. A non-private plan runs the same functions as ordinary SGD,
 so the DP overhead is measured on identical code.
@@ -27,6 +33,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from dpft.nn.partition import Partition
+from dpft.privacy import adapters
 from dpft.privacy.plan import PrivacyPlan
 from dpft.train import ema as ema_lib
 from dpft.distributed import DATA_AXIS, together
@@ -42,6 +50,7 @@ class StepConfig:
     microbatch_size: int  # examples per chunk of the per-example computation on one device
     ema_decay: float = 0.0  # 0 = no EMA
     polyak: bool = False
+    partition: Partition | None = None  # None: every parameter is trained ("all")
 
     def __post_init__(self) -> None:
         if not isinstance(self.plan, PrivacyPlan):
@@ -50,11 +59,25 @@ class StepConfig:
             raise ValueError(f"StepConfig.microbatch_size={self.microbatch_size!r} must be >= 1")
 
 
+def trainable_part(params: PyTree, cfg: StepConfig) -> PyTree:
+    """The part of `params` that is trained (all of it without a partition)."""
+    return params if cfg.partition is None else cfg.partition.trainable(params)
+
+
+def _through_trainable(fn: Callable, cfg: StepConfig, *trees: PyTree) -> PyTree:
+    """`fn(*trainable parts)` combined with the frozen part of the first tree (untouched); `fn(*trees)`
+    without a partition."""
+    if cfg.partition is None:
+        return fn(*trees)
+    parts = [cfg.partition.split(t) for t in trees]
+    return Partition.combine(fn(*(t for t, _ in parts)), parts[0][1])
+
+
 def init_state(params: PyTree, optimizer: optax.GradientTransformation, cfg: StepConfig) -> dict:
-    """The train state: params, opt_state, EMA (float32), Polyak average, update index."""
+    """The train state: params, opt_state (of the trainable part), EMA (float32), Polyak average, update index."""
     state = {
         "params": params,
-        "opt_state": optimizer.init(params),
+        "opt_state": optimizer.init(trainable_part(params, cfg)),
         "update": jnp.zeros((), jnp.int32),
     }
     state["ema"] = ema_lib.ema_init(params) if cfg.ema_decay > 0 else {}
@@ -81,7 +104,8 @@ def _zeros_fn(treedef: Any, shapes: tuple[tuple[int, ...], ...], sharding: Named
 def make_accumulate_fn(loss_fn: Callable, cfg: StepConfig, mesh: Mesh) -> Callable:
     """Returns jitted `accumulate(params, acc, batch, key) -> (acc, stats)`.
 
-    params: replicated pytree; acc: per-device sums [D, ...] (donated); batch: the
+    params: replicated pytree (the whole model); acc: per-device sums [D, ...] of the trainable part
+    (`trainable_part`; donated); batch: the
     training-batch dict sharded over its leading axis; key: replicated key.
     stats: dict of [B_global] arrays (norms, loss, mask, aux), sharded like the batch.
     """
@@ -91,7 +115,11 @@ def make_accumulate_fn(loss_fn: Callable, cfg: StepConfig, mesh: Mesh) -> Callab
     def per_device(params, acc, batch, key):
         # Each example's key is fold_in(key, its example_id) (engine.example_key_ids): the same on
         # any device layout, so no device index is folded in here.
-        grad_sum, stats = plan.clipped_sum(loss_fn, params, batch, key, microbatch_size=cfg.microbatch_size)
+        loss = loss_fn
+        if cfg.partition is not None:  # the engine sees the trainable part only
+            params, frozen = cfg.partition.split(params)
+            loss = adapters.restrict_loss(loss_fn, frozen, Partition.combine, cfg.partition.frozen)
+        grad_sum, stats = plan.clipped_sum(loss, params, batch, key, microbatch_size=cfg.microbatch_size)
         acc = jax.tree.map(lambda a, g: a + g[None].astype(jnp.float32), acc, grad_sum)
         return acc, stats
 
@@ -131,16 +159,18 @@ def make_apply_fn(
     def apply(state, acc, noise_base_key, noise_multiplier):
         total = global_sum(acc, mesh)
         update = state["update"]
-        grad = plan.noisy_mean(total, noise_base_key, update, noise_multiplier)
-        params = state["params"]
-        grad = jax.tree.map(lambda g, p: g.astype(p.dtype), grad, params)
-        updates, opt_state = optimizer.update(grad, state["opt_state"], params)
-        params = optax.apply_updates(params, updates)
+        grad = plan.noisy_mean(total, noise_base_key, update, noise_multiplier)  # trainable part only
+        trained = trainable_part(state["params"], cfg)
+        grad = jax.tree.map(lambda g, p: g.astype(p.dtype), grad, trained)
+        updates, opt_state = optimizer.update(grad, state["opt_state"], trained)
+        params = _through_trainable(lambda p: optax.apply_updates(p, updates), cfg, state["params"])
         new = dict(state, params=params, opt_state=opt_state, update=update + 1)
         if cfg.ema_decay > 0:
-            new["ema"] = ema_lib.ema_update(state["ema"], params, cfg.ema_decay, update)
+            new["ema"] = _through_trainable(lambda e, p: ema_lib.ema_update(e, p, cfg.ema_decay, update), cfg,
+                                            state["ema"], params)
         if cfg.polyak:
-            new["polyak"] = ema_lib.polyak_update(state["polyak"], params, update)
+            new["polyak"] = _through_trainable(lambda a, p: ema_lib.polyak_update(a, p, update), cfg,
+                                               state["polyak"], params)
         info = {"grad_norm": optax.global_norm(grad), "update": update}
         return new, info
 
