@@ -9,7 +9,8 @@ Forms (`parse` checks the syntax; `partition` needs the model):
                      (scaled weight standardisation), so the equivalents are each `layers.WSConv2D`'s
                      per-channel affine `gain` and `bias` and each NFBlock's `skip_gain`;
   "regex:<pattern>"  the parameters whose '/'-joined path ('blocks/0/conv1/w') `re.search`es the pattern;
-  "lora:<r>"         LoRA of rank r (`dpft.models.lora`): not a subset of the parameters, see there.
+  "lora:<r>"         LoRA of rank r on every dense and conv kernel outside the head, the head fully trained
+                     (`dpft.nn.lora`: not a subset of the parameters, see there).
 A regex that does not compile or matches no parameter is a UsageError naming the field, the value
 and example paths.
 """
@@ -22,6 +23,7 @@ from flax import nnx
 
 from dpft.errors import UsageError
 from dpft.models import layers
+from dpft.nn import lora
 from dpft.nn.partition import Partition, param_paths, path_name
 
 FIELD = "config.train.trainable"
@@ -88,15 +90,19 @@ def examples(paths: list[tuple], n: int = 6) -> str:
     return ", ".join(path_name(p) for p in paths[:n]) + (", ..." if len(paths) > n else "")
 
 
-def partition(value: str, model: nnx.Module, params: nnx.State, head: str) -> Partition | None:
+def partition(value: str, model: nnx.Module, params: nnx.State, head: str, seed: int = 0
+              ) -> Partition | lora.Lora | None:
     """The partition of `params` (the model's nnx.Param State) that `value` trains; None for "all"
-    (the unpartitioned step). For "lora:<r>" use `dpft.models.lora` (ValueError here)."""
+    (the unpartitioned step); a `dpft.nn.lora.Lora` (factors initialised from `seed`) for "lora:<r>"."""
     form, arg = parse(value)
     if form == "all":
         return None
     paths = param_paths(params)
     if form == "lora":
-        raise ValueError("partition: 'lora:<r>' adds parameters; build it with dpft.models.lora")
+        try:
+            return lora.Lora.create(value, arg, params, frozenset(head_paths(paths, head)), seed)
+        except ValueError as e:
+            raise UsageError(f"{FIELD}={value!r}: {e}") from None
     if form == "head":
         keep = head_paths(paths, head)
     elif form == "norms_and_head":

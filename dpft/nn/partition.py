@@ -65,9 +65,28 @@ class Partition:
         """The whole params State again (inverse of `split`)."""
         return nnx.merge_state(trainable, frozen)
 
-    def describe(self, params: PyTree) -> str:
-        """"head, 1,290 of 3,400,000 parameters noised"."""
-        return f"{self.name}, {count(self.trainable(params)):,} of {count(params):,} parameters noised"
+    # The protocol of `dpft.train.step` (shared with `dpft.nn.lora.Lora`): what the compiled step reads
+    # from the train state, how it splits, and what an update writes back.
+    def init_items(self, params: nnx.State) -> dict:
+        """Extra train-state items besides "params" (none: the frozen leaves stay in "params")."""
+        return {}
+
+    def step_input(self, state: dict) -> nnx.State:
+        """What `accumulate` receives from the train state: the whole params State."""
+        return state["params"]
+
+    def split_input(self, x: nnx.State) -> tuple[nnx.State, nnx.State]:
+        """(trainable, frozen) of `step_input`."""
+        return self.split(x)
+
+    def updated(self, state: dict, trainable: nnx.State) -> dict:
+        """The state items an update writes: "params" with its trainable leaves replaced."""
+        return {"params": self.combine(trainable, self.split(state["params"])[1])}
+
+    @property
+    def averaged(self) -> "Partition":
+        """The leaves of "params" the EMA and Polyak average update (the others are passed through)."""
+        return self
 
 
 __all__ = ["Partition", "param_paths", "path_name", "count"]

@@ -50,7 +50,8 @@ class StepConfig:
     microbatch_size: int  # examples per chunk of the per-example computation on one device
     ema_decay: float = 0.0  # 0 = no EMA
     polyak: bool = False
-    partition: Partition | None = None  # None: every parameter is trained ("all")
+    #: None: every parameter is trained ("all"); a `Partition` or a `dpft.nn.lora.Lora` (same protocol).
+    partition: Any = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.plan, PrivacyPlan):
@@ -59,25 +60,43 @@ class StepConfig:
             raise ValueError(f"StepConfig.microbatch_size={self.microbatch_size!r} must be >= 1")
 
 
-def trainable_part(params: PyTree, cfg: StepConfig) -> PyTree:
-    """The part of `params` that is trained (all of it without a partition)."""
-    return params if cfg.partition is None else cfg.partition.trainable(params)
+def step_input(state: dict, cfg: StepConfig) -> PyTree:
+    """What `accumulate` receives from the train state: its params (with LoRA also its factors)."""
+    return state["params"] if cfg.partition is None else cfg.partition.step_input(state)
 
 
-def _through_trainable(fn: Callable, cfg: StepConfig, *trees: PyTree) -> PyTree:
-    """`fn(*trainable parts)` combined with the frozen part of the first tree (untouched); `fn(*trees)`
+def trainable_part(state: dict, cfg: StepConfig) -> PyTree:
+    """The trained tree of a train state (its params without a partition): what is clipped, noised and
+    given to the optimizer; the accumulator has its structure."""
+    if cfg.partition is None:
+        return state["params"]
+    return cfg.partition.split_input(cfg.partition.step_input(state))[0]
+
+
+def trained_tree(params: PyTree, partition: Any) -> PyTree:
+    """The trained tree of a fresh run with `params` and `partition` (None: params)."""
+    if partition is None:
+        return params
+    return partition.split_input(partition.step_input({"params": params, **partition.init_items(params)}))[0]
+
+
+def _through_averaged(fn: Callable, cfg: StepConfig, *trees: PyTree) -> PyTree:
+    """`fn(*averaged parts)` combined with the other leaves of the first tree (untouched); `fn(*trees)`
     without a partition."""
     if cfg.partition is None:
         return fn(*trees)
-    parts = [cfg.partition.split(t) for t in trees]
+    parts = [cfg.partition.averaged.split(t) for t in trees]
     return Partition.combine(fn(*(t for t, _ in parts)), parts[0][1])
 
 
 def init_state(params: PyTree, optimizer: optax.GradientTransformation, cfg: StepConfig) -> dict:
-    """The train state: params, opt_state (of the trainable part), EMA (float32), Polyak average, update index."""
+    """The train state: params, opt_state (of the trained tree), EMA (float32), Polyak average, update
+    index, and a partition's own items (LoRA: "lora")."""
+    extra = {} if cfg.partition is None else cfg.partition.init_items(params)
     state = {
         "params": params,
-        "opt_state": optimizer.init(trainable_part(params, cfg)),
+        **extra,
+        "opt_state": optimizer.init(trainable_part({"params": params, **extra}, cfg)),
         "update": jnp.zeros((), jnp.int32),
     }
     state["ema"] = ema_lib.ema_init(params) if cfg.ema_decay > 0 else {}
@@ -104,8 +123,8 @@ def _zeros_fn(treedef: Any, shapes: tuple[tuple[int, ...], ...], sharding: Named
 def make_accumulate_fn(loss_fn: Callable, cfg: StepConfig, mesh: Mesh) -> Callable:
     """Returns jitted `accumulate(params, acc, batch, key) -> (acc, stats)`.
 
-    params: replicated pytree (the whole model); acc: per-device sums [D, ...] of the trainable part
-    (`trainable_part`; donated); batch: the
+    params: replicated `step_input(state)` (the whole model); acc: per-device sums [D, ...] of the
+    trained tree (`trainable_part`; donated); batch: the
     training-batch dict sharded over its leading axis; key: replicated key.
     stats: dict of [B_global] arrays (norms, loss, mask, aux), sharded like the batch.
     """
@@ -117,8 +136,8 @@ def make_accumulate_fn(loss_fn: Callable, cfg: StepConfig, mesh: Mesh) -> Callab
         # any device layout, so no device index is folded in here.
         loss = loss_fn
         if cfg.partition is not None:  # the engine sees the trainable part only
-            params, frozen = cfg.partition.split(params)
-            loss = adapters.restrict_loss(loss_fn, frozen, Partition.combine, cfg.partition.frozen)
+            params, frozen = cfg.partition.split_input(params)
+            loss = adapters.restrict_loss(loss_fn, frozen, cfg.partition.combine, cfg.partition.frozen)
         grad_sum, stats = plan.clipped_sum(loss, params, batch, key, microbatch_size=cfg.microbatch_size)
         acc = jax.tree.map(lambda a, g: a + g[None].astype(jnp.float32), acc, grad_sum)
         return acc, stats
@@ -160,17 +179,19 @@ def make_apply_fn(
         total = global_sum(acc, mesh)
         update = state["update"]
         grad = plan.noisy_mean(total, noise_base_key, update, noise_multiplier)  # trainable part only
-        trained = trainable_part(state["params"], cfg)
+        trained = trainable_part(state, cfg)
         grad = jax.tree.map(lambda g, p: g.astype(p.dtype), grad, trained)
         updates, opt_state = optimizer.update(grad, state["opt_state"], trained)
-        params = _through_trainable(lambda p: optax.apply_updates(p, updates), cfg, state["params"])
-        new = dict(state, params=params, opt_state=opt_state, update=update + 1)
+        trained = optax.apply_updates(trained, updates)
+        new = dict(state, opt_state=opt_state, update=update + 1)
+        new.update({"params": trained} if cfg.partition is None else cfg.partition.updated(state, trained))
+        params = new["params"]
         if cfg.ema_decay > 0:
-            new["ema"] = _through_trainable(lambda e, p: ema_lib.ema_update(e, p, cfg.ema_decay, update), cfg,
-                                            state["ema"], params)
+            new["ema"] = _through_averaged(lambda e, p: ema_lib.ema_update(e, p, cfg.ema_decay, update), cfg,
+                                           state["ema"], params)
         if cfg.polyak:
-            new["polyak"] = _through_trainable(lambda a, p: ema_lib.polyak_update(a, p, update), cfg,
-                                               state["polyak"], params)
+            new["polyak"] = _through_averaged(lambda a, p: ema_lib.polyak_update(a, p, update), cfg,
+                                              state["polyak"], params)
         info = {"grad_norm": optax.global_norm(grad), "update": update}
         return new, info
 

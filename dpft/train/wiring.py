@@ -79,8 +79,8 @@ def build_run(config: ml_collections.ConfigDict, workdir: str, *, print_fn: Call
     model = build.build_model(config, table.num_classes)
     loss_fn, params, merge = adapters.nnx_loss_fn(model, privacy_setup.per_view_loss(table.task))
     partition = trainable.partition(str(config.train.trainable), model, params,
-                                    registry.lookup(str(config.model.name)).head)
-    trained = params if partition is None else partition.trainable(params)  # what is clipped and noised
+                                    registry.lookup(str(config.model.name)).head, seed=int(config.seed))
+    trained = step_lib.trained_tree(params, partition)  # what is clipped and noised
     plan = run_plan.privacy_plan(config, num_units, trained, privacy_setup.shared_run_secret(config, say),
                                  patient_ids=build.patient_ids(config, table), unit_index=units)
     plan = dataclasses.replace(plan, trainable=str(config.train.trainable), model_size=num_scalars(params))
