@@ -40,6 +40,11 @@ tapped parameter also used elsewhere (weight sharing), and nnx.BatchNorm. Per mi
    What lives from step 2 to step 3 per op is thus the smaller of g_i and (x_i, d_i), never
    patches. Both are exact.
 
+A loss over a trainable subset (`dpft.privacy.adapters.restrict_loss`, `config.train.trainable`) names
+its frozen parameter paths (`loss_fn.frozen_paths`): an op that uses one is not tapped (no input kept,
+no output gradient recorded, no norm), its trainable parameters (if any) are free; only the trained
+tree's ops cost norms, so a frozen layer costs its forward and backward pass only.
+
 Clipping modes whose record (`dpft.privacy.clipping`) lists the "bookkeeping" engine are
 supported (flat, automatic: one factor per example); others raise; a non-private mode ("none")
 delegates to the engine.
