@@ -50,7 +50,7 @@ def _batch(size: int = 16, channels: int = 3):
 
 
 def _nfnet():
-    return registry.create("nfnet_nano", 5, seed=0)
+    return registry.create("nfnet_nano", 5, seed=0, head_init="normal")  # a zero head: zero gradients below it
 
 
 def _brute_force(loss_fn, params, part, batch, rng):
@@ -70,7 +70,10 @@ def _brute_force(loss_fn, params, part, batch, rng):
 
 
 @pytest.mark.parametrize("model_name,spec", [("nfnet", "head"), ("nfnet", "norms_and_head"),
-                                             ("nfnet", "regex:stem_conv1|linear"), ("gn_cnn", "norms_and_head")])
+                                             ("nfnet", "regex:stem_conv1|linear"),
+                                             # a conv's bias alone (affine route), a gain alone (free route)
+                                             ("nfnet", "regex:^(stem_conv0/bias|stem_conv1/gain|linear/)"),
+                                             ("gn_cnn", "norms_and_head")])
 @pytest.mark.parametrize("method", ["vmap", "bookkeeping"])
 def test_clipped_sum_of_the_trainable_subset_equals_brute_force(model_name, spec, method):
     model = _nfnet() if model_name == "nfnet" else GroupNormConvNet(3, 5, channels=(4, 8, 8), groups=2)
@@ -93,17 +96,20 @@ def test_clipped_sum_of_the_trainable_subset_equals_brute_force(model_name, spec
 
 
 def test_bookkeeping_taps_no_op_with_a_frozen_parameter():
-    """Discovery of the restricted loss: no tapped op uses a frozen parameter (they are skipped: cheaper),
-    a trainable parameter of a skipped op is free; with "all" every op is tapped."""
+    """Discovery of the restricted loss: no tapped op trains a frozen parameter; ops whose parameters are all
+    frozen are skipped (cheaper); a conv with a frozen kernel and trained gain/bias is tapped on its
+    affine route (`taps.PARTIAL_ROUTES`); with "all" every op is tapped."""
     model = _nfnet()
     loss_fn, params, _ = adapters.nnx_loss_fn(model, _ce)
     views = {k: v for k, v in _batch().items() if k != "mask"}
     rng = jax.random.key(0)
     everything = bookkeeping.discover(loss_fn.tapped, params, views, rng)
     assert len(everything.specs) > 10 and not everything.skipped
+    convs = {k for k, s in everything.specs.items() if s.kind == "ws_conv"}
     skip_gains = {"blocks/0:skip_gain", "blocks/1:skip_gain"}  # NFBlock's skip_gain: its own (generic) op
-    for spec, tapped_ops in (("head", {"linear:linear"}), ("norms_and_head", {"linear:linear"} | skip_gains),
-                             ("regex:^(stem_conv0|linear)/", {"stem_conv0:conv", "linear:linear"})):
+    for spec, tapped_ops in (("head", {"linear:linear"}), ("norms_and_head", {"linear:linear"} | skip_gains | convs),
+                             ("regex:^(stem_conv0|linear)/", {"stem_conv0:conv", "linear:linear"}),
+                             ("regex:^(stem_conv0/bias|linear/)", {"linear:linear", "stem_conv0:conv"})):
         part = trainable.partition(spec, model, params, "linear")
         t, f = part.split(params)
         restricted = adapters.restrict_loss(loss_fn, f, part.combine, part.frozen)
@@ -111,13 +117,13 @@ def test_bookkeeping_taps_no_op_with_a_frozen_parameter():
         assert set(found.specs) == tapped_ops, spec
         for s in found.specs.values():
             assert not set(s.param_paths.values()) & part.frozen
-        assert len(found.skipped) == len(everything.specs) - len(tapped_ops)
-        if spec == "norms_and_head":  # the gains of frozen-kernel convs: free (perturbation route)
-            assert ("stem_conv0", "gain") in set(found.free.values())
-            assert set(found.free.values()) == set(partition_lib.param_paths(t)) - {
-                ("linear", "w"), ("linear", "b"), ("blocks", 0, "skip_gain"), ("blocks", 1, "skip_gain")}
-        else:
-            assert not found.free
+            assert set(s.frozen_paths.values()) <= part.frozen
+        assert set(found.skipped) == set(everything.specs) - tapped_ops
+        assert not found.free  # every trained parameter is normed by its op's route
+        if spec == "norms_and_head":
+            assert all(set(found.specs[k].frozen_paths) == {"w"} for k in convs)
+        if spec.startswith("regex:^(stem_conv0/bias"):
+            assert set(found.specs["stem_conv0:conv"].param_paths) == {"bias"}
 
 
 def test_norms_and_head_selects_the_documented_parameters():

@@ -134,7 +134,8 @@ def restrict_loss(loss_fn: LossFn, frozen: PyTree, combine: Callable[[PyTree, Py
     frozen), views, rng)` (`dpft.nn.partition.Partition.split/combine`), so the engine differentiates,
     clips and sums over t alone and the frozen part is a constant of the loss. `frozen` may be traced
     (an argument of the compiled step, never a compiled-in constant). `.tapped` likewise (when
-    `loss_fn` has one); `.frozen_paths` tells `dpft.privacy.bookkeeping` which ops not to tap."""
+    `loss_fn` has one); `.frozen_paths` tells `dpft.privacy.bookkeeping` which ops not to tap (and
+    `.frozen_values` gives it the frozen kernels of the ops it norms for their trained gain and bias)."""
     def restricted(t: PyTree, views: Views, rng: jax.Array):
         return loss_fn(combine(t, frozen), views, rng)
 
@@ -142,6 +143,7 @@ def restrict_loss(loss_fn: LossFn, frozen: PyTree, combine: Callable[[PyTree, Py
     if tapped is not None:
         restricted.tapped = lambda t, views, rng, recorder=None: tapped(combine(t, frozen), views, rng, recorder)
     restricted.frozen_paths = frozenset(frozen_paths)
+    restricted.frozen_values = frozen  # read by book-keeping's routes for partly frozen ops (a frozen conv kernel)
     return restricted
 
 

@@ -201,6 +201,30 @@ def ws_conv_sq_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array
     return ws_conv_norms(params, x, d, stride=stride, groups=groups, ghost=ghost, eps=eps, matmul=matmul)[0]
 
 
+def ws_conv_affine_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, *, stride: int, groups: int,
+                         dtype: Any, trained: tuple[str, ...]) -> tuple[jax.Array, Summer]:
+    """Per-example squared norm [m] of the gradient w.r.t. the `trained` ones of (gain, bias) of
+    `ops.ws_conv` whose kernel w is frozen, and their summer. The op is z = gain * u + bias per output
+    channel with u = ws_conv(x; w, gain=1, bias=0) (the standardisation is linear in the gain), so
+    dL_i/dgain = sum over example i's rows of d * u, dL_i/dbias = sum of d: one ordinary batched conv
+    with the shared kernel, no per-example weight gradient. x [m, K, H, W, in], d [m, K, H', W', out]."""
+    m, out = x.shape[0], d.shape[-1]
+    dd = d.astype(F32).reshape(m, -1, out)
+    grads = {}
+    if "gain" in trained:
+        ones = {"w": params["w"], "gain": jnp.ones((out,), F32), "bias": jnp.zeros((out,), F32)}
+        u = ops.ws_conv(ones, x.reshape((-1,) + x.shape[-3:]), stride=stride, groups=groups, dtype=dtype)
+        grads["gain"] = jnp.sum(dd * u.astype(F32).reshape(m, -1, out), axis=1)
+    if "bias" in trained:
+        grads["bias"] = jnp.sum(dd, axis=1)
+    sq = sum(jnp.sum(jnp.square(g), axis=1) for g in grads.values())
+
+    def summer(weights: jax.Array) -> dict[str, jax.Array]:
+        return {n: bk_layers.weighted_rows(weights, g) for n, g in grads.items()}
+
+    return sq, summer
+
+
 def generic_norms(fn: taps.OpFn, params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array
                   ) -> tuple[jax.Array, Summer]:
     """Per-example squared norm [m] of the VJP of `fn(params, x_i)` at d_i, materialised (float32),
@@ -232,6 +256,9 @@ def op_norms(spec: taps.OpSpec, params: Mapping[str, jax.Array], x: jax.Array, d
         kw = getattr(spec.fn, "keywords", None)
         if getattr(spec.fn, "func", None) is not ops.ws_conv or kw is None:
             raise ValueError(f"tap {spec.key}: kind 'ws_conv' needs fn = functools.partial(ops.ws_conv, ...)")
+        if spec.frozen_paths:  # frozen kernel (taps.PARTIAL_ROUTES): gain and/or bias trained
+            return ws_conv_affine_norms(params, x, d, stride=kw["stride"], groups=kw["groups"], dtype=kw["dtype"],
+                                        trained=tuple(spec.param_paths))
         return ws_conv_norms(params, x, d, stride=kw["stride"], groups=kw["groups"], ghost=ghost, matmul=matmul)
     if spec.kind == "linear":
         if getattr(spec.fn, "func", None) is not ops.linear:
@@ -398,7 +425,12 @@ def bk_clipped_grad_sum(loss_fn: Any, params: PyTree, batch: Mapping[str, jax.Ar
     specs, free = found.specs, found.free
     flat_params = {taps.param_path(kp): leaf for kp, leaf in jax.tree_util.tree_leaves_with_path(params)}
     name = {path: "/".join(map(str, path)) for path in flat_params}  # sortable keys for the scan carry
-    op_params = {key: {pname: flat_params[path] for pname, path in spec.param_paths.items()}
+    # A partly frozen op's frozen parameters (`taps.PARTIAL_ROUTES`) come from the restricted loss's
+    # frozen part (`adapters.restrict_loss`); the norm routes read them, nothing is summed into them.
+    frozen_flat = {taps.param_path(kp): leaf for kp, leaf in
+                   jax.tree_util.tree_leaves_with_path(getattr(loss_fn, "frozen_values", {}))}
+    op_params = {key: {**{pname: flat_params[path] for pname, path in spec.param_paths.items()},
+                       **{pname: frozen_flat[path] for pname, path in spec.frozen_paths.items()}}
                  for key, spec in specs.items()}
 
     def chunk(x: jax.Array) -> jax.Array:
