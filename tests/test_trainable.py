@@ -260,28 +260,46 @@ def _flat(tree) -> dict[str, np.ndarray]:
             for p, x in zip(partition_lib.param_paths(tree), jax.tree.leaves(tree))}
 
 
+def _run_dpft_train(root, workdir, value: str, capsys) -> list[str]:
+    """`dpft train` (in-process) -> its output lines."""
+    from dpft import cli
+    assert cli.main(["train", "--config", TINY, "--workdir", str(workdir), *_overrides(root, value)]) == 0
+    return capsys.readouterr().out.splitlines()
+
+
+def _initial_and_final(root, workdir, value: str):
+    """(the run's wiring with its initial state, the final checkpoint's state) of a finished workdir."""
+    from dpft.workdir import checkpointing
+    t = loop.Trainer(load_config(TINY, _overrides(root, value)), str(workdir), print_fn=lambda *a: None)
+    initial = dict(t.state)
+    with checkpointing.Checkpointer(str(workdir), keep=2) as ckpt:
+        assert t.restore(ckpt)
+    return t, initial, t.state
+
+
 @pytest.mark.parametrize("value,trained", [
     ("head", {"linear/w", "linear/b"}),
     pytest.param("lora:2", None, marks=pytest.mark.slow),  # the head and every kernel "w" (merged) change
 ])
-def test_updates_leave_frozen_parameters_bit_identical(root, tmp_path, value, trained):
+def test_dpft_train_leaves_frozen_parameters_bit_identical(root, tmp_path, capsys, value, trained):
+    """`dpft train` with train.trainable: 2 updates; the final checkpoint's frozen params and EMA are the
+    initial ones bit for bit, the trained ones changed; the plan's dimension is the trained count and the
+    start-up line says it."""
     if jax.device_count() not in (1, 2, 4, 8):
         pytest.skip("physical batch 16 = devices x 2 x k")
-    config = load_config(TINY, _overrides(root, value))
-    lines: list[str] = []
-    t = loop.Trainer(config, str(tmp_path / "run"), print_fn=lambda *a: lines.append(" ".join(map(str, a))))
-    before = _flat(t.state["params"])
-    ema_before = _flat(t.state["ema"])
-    t.run()
-    after, ema_after = _flat(t.state["params"]), _flat(t.state["ema"])
+    lines = _run_dpft_train(root, tmp_path / "run", value, capsys)
+    t, initial, final = _initial_and_final(root, tmp_path / "run", value)
+    assert int(final["update"]) == 2
+    before, after = _flat(initial["params"]), _flat(final["params"])
     changed = {k for k in before if not np.array_equal(before[k], after[k])}
     if trained is None:
         trained = {k for k in before if k.endswith("/w")} | {"linear/b"}
     assert changed == trained
+    ema_before, ema_after = _flat(initial["ema"]), _flat(final["ema"])
     assert {k for k in ema_before if not np.array_equal(ema_before[k], ema_after[k])} == trained
-    dim = partition_lib.count(step_lib.trainable_part(t.state, t.step_cfg))
+    dim = partition_lib.count(step_lib.trainable_part(final, t.step_cfg))
     assert t.plan.dimension == dim and t.plan.to_dict()["dimension"] == dim
-    assert t.plan.model_size == partition_lib.count(t.state["params"]) == 3696
+    assert t.plan.model_size == partition_lib.count(final["params"]) == 3696
     assert f"trainable: {value}, {dim:,} of 3,696 parameters noised" in lines
     if value.startswith("lora"):
         assert t.plan.grad_method == "vmap" and "lora" in t._pytrees()
