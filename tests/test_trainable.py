@@ -135,7 +135,8 @@ def test_norms_and_head_selects_the_documented_parameters():
     cnn = GroupNormConvNet(3, 5, channels=(4, 8, 8), groups=2)
     _, p2, _ = adapters.nnx_loss_fn(cnn, _ce)
     kept = set(partition_lib.param_paths(trainable.partition("norms_and_head", cnn, p2, "head").trainable(p2)))
-    assert kept == {("norms", i, n) for i in range(3) for n in ("scale", "bias")} | {("head", "kernel"), ("head", "bias")}
+    norms = {("norms", i, n) for i in range(3) for n in ("scale", "bias")}
+    assert kept == norms | {("head", "kernel"), ("head", "bias")}
 
 
 def test_lora_merged_forward_equals_unmerged_and_the_base_model_at_init():
@@ -159,7 +160,8 @@ def test_lora_merged_forward_equals_unmerged_and_the_base_model_at_init():
     key = lora.factor_key(("convs", 0, "kernel"))
     a, b = t["factors"][key]["a"], t["factors"][key]["b"]
     w0 = cnn.convs[0].kernel[...]
-    patches = jax.lax.conv_general_dilated_patches(x, (3, 3), (1, 1), "SAME", dimension_numbers=("NHWC", "OIHW", "NHWC"))
+    patches = jax.lax.conv_general_dilated_patches(x, (3, 3), (1, 1), "SAME",
+                                                   dimension_numbers=("NHWC", "OIHW", "NHWC"))
     # patches' features are (in, kh, kw): reorder W0 and A to that order
     w0_rows = jnp.transpose(w0, (2, 0, 1, 3)).reshape(-1, w0.shape[-1])
     a_rows = jnp.transpose(a.reshape(3, 3, 3, -1), (2, 0, 1, 3)).reshape(27, -1)
@@ -308,7 +310,7 @@ def test_dpft_train_leaves_frozen_parameters_bit_identical(root, tmp_path, capsy
 @pytest.mark.slow
 def test_lora_run_resumes_bitwise_and_evaluates_the_merged_model(root, tmp_path):
     """2 updates straight vs 1, stop, resume, 1: identical params, factors, EMA, optimizer state; `dpft
-    evaluate` of the LoRA workdir needs no LoRA (its params item is the merged model)."""
+    evaluate` and `dpft export` of the LoRA workdir need no LoRA (its params item is the merged model)."""
     from dpft import cli
     config = load_config(TINY, _overrides(root, "lora:2"))
     whole = loop.Trainer(config, str(tmp_path / "a"), print_fn=lambda *a: None)
@@ -322,3 +324,6 @@ def test_lora_run_resumes_bitwise_and_evaluates_the_merged_model(root, tmp_path)
         for a, b in zip(jax.tree.leaves(whole.state[name]), jax.tree.leaves(second.state[name])):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert cli.main(["evaluate", "--workdir", str(tmp_path / "a")]) == 0
+    assert cli.main(["export", str(tmp_path / "a"), "--out", str(tmp_path / "release")]) == 0
+    released = [p.name for p in (tmp_path / "release").rglob("*") if p.is_dir()]
+    assert "lora" not in released  # the release is the merged model only

@@ -253,8 +253,8 @@ def _evaluated_average_is_kept(c: Checked) -> None:
 RULES: tuple[Callable[[Checked], None], ...] = (
     _checkpoint_exists, _data_root_exists, _imbalance_names_its_subgroup, _noise_multiplier_in_accountant_range,
     _epsilon_when_calibrating, _clipping_hyper_parameters, _delta_is_weak, _fixed_noise_is_loud,
-    _engine_runs_the_clipping, _trainable_is_a_form, _batches_split_evenly, _batch_fits_the_data, _cap_needs_patient_unit,
-    _warmup_before_the_end,
+    _engine_runs_the_clipping, _trainable_is_a_form, _batches_split_evenly, _batch_fits_the_data,
+    _cap_needs_patient_unit, _warmup_before_the_end,
     _evaluated_average_is_kept,
 )
 

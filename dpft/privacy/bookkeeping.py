@@ -290,7 +290,8 @@ def _used_inputs(closed: Any) -> list[bool]:
 def discover(tapped_loss: Any, params: PyTree, views: Mapping[str, jax.Array], rng: jax.Array,
              frozen: frozenset = frozenset()) -> Discovery:
     """The tapped ops and the free parameters of one example's forward pass (traced, nothing
-    computed). `params` is the trainable tree; an op using a `frozen` parameter path is not tapped. The ops compute with a second copy of the parameters (`taps.Recorder.tap_params`),
+    computed). `params` is the trainable tree; an op using a `frozen` parameter path is not tapped
+    (`taps.Recorder.frozen`). The ops compute with a second copy of the parameters (`taps.Recorder.tap_params`),
     so the trace shows whether a tapped op's parameter is also used elsewhere. Raises ValueError
     naming the layer for a parameter used by two tapped ops, or by a tapped op and elsewhere."""
     view0 = jax.tree.map(lambda v: v[0], views)
