@@ -23,6 +23,15 @@ def clipping_config(config: ml_collections.ConfigDict) -> engine.ClippingConfig:
     return engine.ClippingConfig(mode=mode, **clipping.run_config_values(mode, config.privacy))
 
 
+def grad_method(config: ml_collections.ConfigDict) -> str:
+    """`config.train.grad_method`, except that "auto" picks "vmap" for `train.trainable="lora:<r>"`
+    (its factors are not parameters of a tapped layer: `dpft.config.validation` refuses "bookkeeping")."""
+    method = str(config.train.grad_method)
+    if method == "auto" and str(config.train.trainable).startswith("lora:"):
+        return "vmap"
+    return method
+
+
 def privacy_plan(config: ml_collections.ConfigDict, num_examples: int, params: Any,
                  secret: keys.RunSecret, patient_ids: Sequence[str] | None = None,
                  unit_index: units.UnitIndex | None = None) -> plan_lib.PrivacyPlan:
@@ -39,7 +48,7 @@ def privacy_plan(config: ml_collections.ConfigDict, num_examples: int, params: A
             epsilon=float(p.epsilon) if p.epsilon else None,
             noise_multiplier=float(p.noise_multiplier) if p.noise_multiplier else None,
             delta=float(p.delta) if p.delta else None, accountant=str(p.accountant),
-            grad_method=str(t.grad_method), mechanism=str(p.mechanism), bands=int(p.bandmf.bands),
+            grad_method=grad_method(config), mechanism=str(p.mechanism), bands=int(p.bandmf.bands),
             strategy=str(p.bandmf.strategy))
     except plan_lib.PlanError as e:
         raise UsageError(f"invalid privacy plan (config.privacy, config.train): {e}") from None

@@ -196,6 +196,9 @@ FIELDS: dict[str, Field] = {
     "train.grad_method": Field("auto", STR, "how clipped per-example gradients are summed (same result); auto = "
                                "bookkeeping where the clipping mode allows it, else vmap", choices=_grad_methods,
                                added="2026-11-26"),
+    "train.trainable": Field("all", STR, "what is trained (clipped, noised, updated): all, head, norms_and_head, "
+                             "regex:<pattern> (re.search on '/'-joined parameter paths) or lora:<rank> "
+                             "(`dpft.models.trainable`)", added="2026-12-08"),
     "train.num_updates": Field(100, INT, "optimizer updates", range=Range(1, limits.MAX_STEPS)),
     "train.optimizer.name": Field("sgd", STR, "the optimizer (`dpft.config.optim.OPTIMIZERS`)", choices=_optimizers),
     "train.optimizer.learning_rate": Field(1.0, FLOAT, "peak learning rate", range=_POSITIVE),

@@ -169,6 +169,25 @@ def _engine_runs_the_clipping(c: Checked) -> None:
         c.add("train.grad_method", method, f"does not support config.privacy.clipping={mode!r} (use {use})")
 
 
+def _trainable_is_a_form(c: Checked) -> None:
+    """`train.trainable` is one of its forms (`dpft.models.trainable.parse`: a regex must compile); LoRA
+    factors are no parameters of a tapped layer, so "lora:<r>" refuses grad_method="bookkeeping"."""
+    from dpft.errors import UsageError
+    from dpft.models import trainable
+
+    value, method = c.value("train.trainable"), c.value("train.grad_method")
+    if value is MISSING:
+        return
+    try:
+        form, _ = trainable.parse(value)
+    except UsageError as e:
+        c.add("train.trainable", value, str(e).split(": ", 1)[-1])
+        return
+    if form == "lora" and method == "bookkeeping" and c.private:
+        c.add("train.grad_method", method, f"cannot train config.train.trainable={value!r} (LoRA factors are not "
+              "parameters of a tapped layer); use 'vmap' or 'auto'")
+
+
 def _delta_is_weak(c: Checked) -> None:
     n, delta = c.num_examples, c.value("privacy.delta")
     if c.private and is_int(n) and n > 0 and delta is not MISSING:
@@ -262,8 +281,8 @@ def _bandmf_is_covered(c: Checked) -> None:
 RULES: tuple[Callable[[Checked], None], ...] = (
     _checkpoint_exists, _data_root_exists, _imbalance_names_its_subgroup, _noise_multiplier_in_accountant_range,
     _epsilon_when_calibrating, _clipping_hyper_parameters, _delta_is_weak, _fixed_noise_is_loud,
-    _engine_runs_the_clipping, _batches_split_evenly, _batch_fits_the_data, _cap_needs_patient_unit,
-    _warmup_before_the_end,
+    _engine_runs_the_clipping, _trainable_is_a_form, _batches_split_evenly, _batch_fits_the_data,
+    _cap_needs_patient_unit, _warmup_before_the_end,
     _evaluated_average_is_kept, _bandmf_is_covered,
 )
 

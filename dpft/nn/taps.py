@@ -30,6 +30,14 @@ parameters before the model is built (`dpft.privacy.adapters.nnx_loss_fn`), for 
 used outside any tapped op ("free" parameters: class tokens, position embeddings, unknown
 layers), whose per-example gradient is then the gradient w.r.t. the
 perturbation.
+
+``frozen`` {param path} (both modes): an op whose parameters are all frozen (`dpft.nn.partition`) is
+not tapped at all: it computes ``fn(params, x)`` with the module's own values and is listed in
+``skipped``. An op with frozen and trainable parameters is tapped if its kind has a route for that
+(``PARTIAL_ROUTES``: a "ws_conv" whose kernel ``w`` is frozen, its ``bias`` (and ``gain``) trained, the
+NFNet form of "norms_and_head"): its ``OpSpec.param_paths`` name the trainable ones only, and
+``OpSpec.frozen_paths`` the others; else it is skipped too, and its trainable parameters are used
+outside any tapped op, so the engine treats them as free (exact, but a per-example copy of them).
 """
 from __future__ import annotations
 
@@ -42,6 +50,8 @@ from flax import nnx
 Array = jax.Array
 OpFn = Callable[[Mapping[str, Array], Array], Array]
 KINDS = ("ws_conv", "linear", "generic", "nnx_dense", "nnx_conv", "nnx_embed", "nnx_norm")
+#: kind -> the parameter names that may be frozen while the others are trained, with a norm route for it.
+PARTIAL_ROUTES = {"ws_conv": frozenset({"w", "gain"})}
 _ATTR = "_dpft_tap"
 
 
@@ -56,6 +66,7 @@ class OpSpec:
     param_paths: Mapping[str, tuple]
     z: jax.ShapeDtypeStruct
     layer: Any = None  # kinds "nnx_*": the layer's configuration (`dpft.nn.nnx_layers`)
+    frozen_paths: Mapping[str, tuple] = dataclasses.field(default_factory=dict)  # {param name: path}: not trained
 
 
 def op_key(path: tuple, op: str) -> str:
@@ -74,7 +85,7 @@ class Recorder:
 
     def __init__(self, mode: str, perturbations: Mapping[str, Array] | None = None, *,
                  tap_params: Mapping[tuple, Array] | None = None,
-                 param_perturbations: Mapping[tuple, Array] | None = None):
+                 param_perturbations: Mapping[tuple, Array] | None = None, frozen: frozenset = frozenset()):
         if mode not in ("discover", "record"):
             raise ValueError(f"Recorder: mode must be 'discover' or 'record', got {mode!r}")
         if mode == "record" and perturbations is None:
@@ -83,6 +94,8 @@ class Recorder:
         self.perturbations = perturbations
         self.tap_params = tap_params
         self.param_perturbations = dict(param_perturbations or {})
+        self.frozen = frozenset(frozen)
+        self.skipped: list[str] = []  # keys of the ops not tapped because they use a frozen parameter
         self.specs: dict[str, OpSpec] = {}
         self.inputs: dict[str, Array] = {}
 
@@ -91,26 +104,33 @@ class Recorder:
         if kind not in KINDS:
             raise ValueError(f"tap {op_key(path, op)}: unknown kind {kind!r}; use one of {KINDS}")
         key = op_key(path, op)
+        frozen = {n for n in params if tuple(path) + (n,) in self.frozen}
+        if frozen and (frozen == set(params) or not frozen <= PARTIAL_ROUTES.get(kind, frozenset())):
+            self.skipped.append(key)
+            return fn(params, x)
         if self.mode == "discover" and self.tap_params is not None:
-            missing = [n for n in params if tuple(path) + (n,) not in self.tap_params]
+            missing = [n for n in params if tuple(path) + (n,) not in self.tap_params and n not in frozen]
             if missing:
                 raise ValueError(f"tap {key}: params {missing} are not nnx.Param attributes of the module "
                                  "(a tap must name the module's own parameters)")
             for n, v in params.items():
+                if n in frozen:
+                    continue
                 full = self.tap_params[tuple(path) + (n,)]
                 if tuple(full.shape) != tuple(v.shape):
                     raise ValueError(f"tap {key}: parameter {n} has shape {tuple(v.shape)} in the layer's call but "
                                      f"{tuple(full.shape)} in the model (a layer applied inside nnx.scan/nnx.vmap "
                                      "over stacked parameters?); the book-keeping engine needs each layer called "
                                      "once with its own parameters; use grad_method='vmap'")
-            params = {n: self.tap_params[tuple(path) + (n,)] for n in params}
+            params = {n: v if n in frozen else self.tap_params[tuple(path) + (n,)] for n, v in params.items()}
         z = fn(params, x)
         if key in self.specs or key in self.inputs:
             raise ValueError(f"tap {key}: called twice in one forward pass (weight sharing is not "
                              "supported by the book-keeping engine; use grad_method='vmap')")
         if self.mode == "discover":
-            self.specs[key] = OpSpec(key, kind, fn, {n: tuple(path) + (n,) for n in params},
-                                     jax.ShapeDtypeStruct(z.shape, z.dtype), layer)
+            self.specs[key] = OpSpec(key, kind, fn, {n: tuple(path) + (n,) for n in params if n not in frozen},
+                                     jax.ShapeDtypeStruct(z.shape, z.dtype), layer,
+                                     {n: tuple(path) + (n,) for n in sorted(frozen)})
             return z
         if key not in self.perturbations:
             raise ValueError(f"tap {key}: no perturbation for this op (the model's ops changed "

@@ -128,6 +128,25 @@ def nnx_loss_fn(model: nnx.Module, per_view_loss: PerViewLoss
     return loss_fn, params, merge
 
 
+def restrict_loss(loss_fn: LossFn, frozen: PyTree, combine: Callable[[PyTree, PyTree], PyTree],
+                  frozen_paths: frozenset) -> LossFn:
+    """`loss_fn` as a function of the trainable part only: `restricted(t, views, rng) = loss_fn(combine(t,
+    frozen), views, rng)` (`dpft.nn.partition.Partition.split/combine`), so the engine differentiates,
+    clips and sums over t alone and the frozen part is a constant of the loss. `frozen` may be traced
+    (an argument of the compiled step, never a compiled-in constant). `.tapped` likewise (when
+    `loss_fn` has one); `.frozen_paths` tells `dpft.privacy.bookkeeping` which ops not to tap (and
+    `.frozen_values` gives it the frozen kernels of the ops it norms for their trained gain and bias)."""
+    def restricted(t: PyTree, views: Views, rng: jax.Array):
+        return loss_fn(combine(t, frozen), views, rng)
+
+    tapped = getattr(loss_fn, "tapped", None)
+    if tapped is not None:
+        restricted.tapped = lambda t, views, rng, recorder=None: tapped(combine(t, frozen), views, rng, recorder)
+    restricted.frozen_paths = frozenset(frozen_paths)
+    restricted.frozen_values = frozen  # read by book-keeping's routes for partly frozen ops (a frozen conv kernel)
+    return restricted
+
+
 def haiku_loss_fn(transformed: Any, per_view_loss: PerViewLoss) -> LossFn:
     """Loss function for `transformed = hk.transform(f)` with `f(images [K,H,W,C]) -> logits`.
 

@@ -40,6 +40,11 @@ tapped parameter also used elsewhere (weight sharing), and nnx.BatchNorm. Per mi
    What lives from step 2 to step 3 per op is thus the smaller of g_i and (x_i, d_i), never
    patches. Both are exact.
 
+A loss over a trainable subset (`dpft.privacy.adapters.restrict_loss`, `config.train.trainable`) names
+its frozen parameter paths (`loss_fn.frozen_paths`): an op that uses one is not tapped (no input kept,
+no output gradient recorded, no norm), its trainable parameters (if any) are free; only the trained
+tree's ops cost norms, so a frozen layer costs its forward and backward pass only.
+
 Clipping modes whose record (`dpft.privacy.clipping`) lists the "bookkeeping" engine are
 supported (flat, automatic: one factor per example); others raise; a non-private mode ("none")
 delegates to the engine.
@@ -196,6 +201,30 @@ def ws_conv_sq_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array
     return ws_conv_norms(params, x, d, stride=stride, groups=groups, ghost=ghost, eps=eps, matmul=matmul)[0]
 
 
+def ws_conv_affine_norms(params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array, *, stride: int, groups: int,
+                         dtype: Any, trained: tuple[str, ...]) -> tuple[jax.Array, Summer]:
+    """Per-example squared norm [m] of the gradient w.r.t. the `trained` ones of (gain, bias) of
+    `ops.ws_conv` whose kernel w is frozen, and their summer. The op is z = gain * u + bias per output
+    channel with u = ws_conv(x; w, gain=1, bias=0) (the standardisation is linear in the gain), so
+    dL_i/dgain = sum over example i's rows of d * u, dL_i/dbias = sum of d: one ordinary batched conv
+    with the shared kernel, no per-example weight gradient. x [m, K, H, W, in], d [m, K, H', W', out]."""
+    m, out = x.shape[0], d.shape[-1]
+    dd = d.astype(F32).reshape(m, -1, out)
+    grads = {}
+    if "gain" in trained:
+        ones = {"w": params["w"], "gain": jnp.ones((out,), F32), "bias": jnp.zeros((out,), F32)}
+        u = ops.ws_conv(ones, x.reshape((-1,) + x.shape[-3:]), stride=stride, groups=groups, dtype=dtype)
+        grads["gain"] = jnp.sum(dd * u.astype(F32).reshape(m, -1, out), axis=1)
+    if "bias" in trained:
+        grads["bias"] = jnp.sum(dd, axis=1)
+    sq = sum(jnp.sum(jnp.square(g), axis=1) for g in grads.values())
+
+    def summer(weights: jax.Array) -> dict[str, jax.Array]:
+        return {n: bk_layers.weighted_rows(weights, g) for n, g in grads.items()}
+
+    return sq, summer
+
+
 def generic_norms(fn: taps.OpFn, params: Mapping[str, jax.Array], x: jax.Array, d: jax.Array
                   ) -> tuple[jax.Array, Summer]:
     """Per-example squared norm [m] of the VJP of `fn(params, x_i)` at d_i, materialised (float32),
@@ -227,6 +256,9 @@ def op_norms(spec: taps.OpSpec, params: Mapping[str, jax.Array], x: jax.Array, d
         kw = getattr(spec.fn, "keywords", None)
         if getattr(spec.fn, "func", None) is not ops.ws_conv or kw is None:
             raise ValueError(f"tap {spec.key}: kind 'ws_conv' needs fn = functools.partial(ops.ws_conv, ...)")
+        if spec.frozen_paths:  # frozen kernel (taps.PARTIAL_ROUTES): gain and/or bias trained
+            return ws_conv_affine_norms(params, x, d, stride=kw["stride"], groups=kw["groups"], dtype=kw["dtype"],
+                                        trained=tuple(spec.param_paths))
         return ws_conv_norms(params, x, d, stride=kw["stride"], groups=kw["groups"], ghost=ghost, matmul=matmul)
     if spec.kind == "linear":
         if getattr(spec.fn, "func", None) is not ops.linear:
@@ -245,6 +277,7 @@ class Discovery:
 
     specs: Mapping[str, taps.OpSpec]
     free: Mapping[str, tuple]
+    skipped: tuple[str, ...] = ()  # ops not tapped: they use a frozen parameter (`taps.Recorder.frozen`)
 
 
 def _used_inputs(closed: Any) -> list[bool]:
@@ -254,9 +287,11 @@ def _used_inputs(closed: Any) -> list[bool]:
     return list(used)
 
 
-def discover(tapped_loss: Any, params: PyTree, views: Mapping[str, jax.Array], rng: jax.Array) -> Discovery:
+def discover(tapped_loss: Any, params: PyTree, views: Mapping[str, jax.Array], rng: jax.Array,
+             frozen: frozenset = frozenset()) -> Discovery:
     """The tapped ops and the free parameters of one example's forward pass (traced, nothing
-    computed). The ops compute with a second copy of the parameters (`taps.Recorder.tap_params`),
+    computed). `params` is the trainable tree; an op using a `frozen` parameter path is not tapped
+    (`taps.Recorder.frozen`). The ops compute with a second copy of the parameters (`taps.Recorder.tap_params`),
     so the trace shows whether a tapped op's parameter is also used elsewhere. Raises ValueError
     naming the layer for a parameter used by two tapped ops, or by a tapped op and elsewhere."""
     view0 = jax.tree.map(lambda v: v[0], views)
@@ -265,9 +300,9 @@ def discover(tapped_loss: Any, params: PyTree, views: Mapping[str, jax.Array], r
 
     def traced(model_params, tap_params, view, key):
         flat = {taps.param_path(kp): v for kp, v in jax.tree_util.tree_leaves_with_path(tap_params)}
-        recorder = taps.Recorder("discover", tap_params=flat)
+        recorder = taps.Recorder("discover", tap_params=flat, frozen=frozen)
         out = tapped_loss(model_params, view, key, recorder)
-        found["specs"] = recorder.specs
+        found["specs"], found["skipped"] = recorder.specs, tuple(recorder.skipped)
         return out
 
     closed = jax.make_jaxpr(traced)(params, params, view0, rng)
@@ -286,7 +321,7 @@ def discover(tapped_loss: Any, params: PyTree, views: Mapping[str, jax.Array], r
                                  "weight sharing is not supported; use grad_method='vmap'")
             used[path] = spec.key
     free = {"/".join(map(str, p)): p for p in paths if p not in used}
-    return Discovery(specs, free)
+    return Discovery(specs, free, found["skipped"])
 
 
 def discover_ops(tapped_loss: Any, params: PyTree, views: Mapping[str, jax.Array], rng: jax.Array
@@ -296,7 +331,8 @@ def discover_ops(tapped_loss: Any, params: PyTree, views: Mapping[str, jax.Array
 
 
 def tap_pass(tapped_loss: Any, params: PyTree, specs: Mapping[str, taps.OpSpec],
-             views: Mapping[str, jax.Array], keys: jax.Array, free: Mapping[str, tuple] | None = None):
+             views: Mapping[str, jax.Array], keys: jax.Array, free: Mapping[str, tuple] | None = None,
+             frozen: frozenset = frozenset()):
     """Step 1: one batched forward + backward w.r.t. zero perturbations of every op's output and
     of every free parameter (``free`` {name: param path}).
 
@@ -311,7 +347,8 @@ def tap_pass(tapped_loss: Any, params: PyTree, specs: Mapping[str, taps.OpSpec],
 
     def per_example(perturbations, view, key):
         op_p = {k: perturbations[k] for k in specs}
-        recorder = taps.Recorder("record", op_p, param_perturbations={free[n]: perturbations[n] for n in free})
+        recorder = taps.Recorder("record", op_p, param_perturbations={free[n]: perturbations[n] for n in free},
+                                 frozen=frozen)
         loss, aux = tapped_loss(params, view, key, recorder)
         return loss, (aux, recorder.inputs)
 
@@ -382,11 +419,19 @@ def bk_clipped_grad_sum(loss_fn: Any, params: PyTree, batch: Mapping[str, jax.Ar
     num_micro = batch_size // microbatch_size
     positions = engine.example_key_ids(batch, position_offset)
     params = engine.device_local_params(params, [mask, positions, engine.raw_key(rng), *jax.tree.leaves(views)])
-    found = discover(tapped, params, views, rng)
+    # A loss over a trainable subset (`dpft.privacy.adapters.restrict_loss`) names its frozen paths:
+    # their ops are neither tapped nor normed (cheaper), their trainable parameters are free.
+    frozen = frozenset(getattr(loss_fn, "frozen_paths", frozenset()))
+    found = discover(tapped, params, views, rng, frozen)
     specs, free = found.specs, found.free
     flat_params = {taps.param_path(kp): leaf for kp, leaf in jax.tree_util.tree_leaves_with_path(params)}
     name = {path: "/".join(map(str, path)) for path in flat_params}  # sortable keys for the scan carry
-    op_params = {key: {pname: flat_params[path] for pname, path in spec.param_paths.items()}
+    # A partly frozen op's frozen parameters (`taps.PARTIAL_ROUTES`) come from the restricted loss's
+    # frozen part (`adapters.restrict_loss`); the norm routes read them, nothing is summed into them.
+    frozen_flat = {taps.param_path(kp): leaf for kp, leaf in
+                   jax.tree_util.tree_leaves_with_path(getattr(loss_fn, "frozen_values", {}))}
+    op_params = {key: {**{pname: flat_params[path] for pname, path in spec.param_paths.items()},
+                       **{pname: frozen_flat[path] for pname, path in spec.frozen_paths.items()}}
                  for key, spec in specs.items()}
 
     def chunk(x: jax.Array) -> jax.Array:
@@ -398,7 +443,7 @@ def bk_clipped_grad_sum(loss_fn: Any, params: PyTree, batch: Mapping[str, jax.Ar
         views_mb, mask_mb, pos_mb = x
         keys = jax.vmap(lambda p: jax.random.fold_in(rng, p))(pos_mb)
         real = mask_mb > 0
-        losses, aux, inputs, out_grads = tap_pass(tapped, params, specs, views_mb, keys, free)
+        losses, aux, inputs, out_grads = tap_pass(tapped, params, specs, views_mb, keys, free, frozen)
         sq, summers = per_example_norms(specs, op_params, inputs, out_grads, ghost, matmul)
         free_grads = {n: out_grads[n].astype(F32) for n in free}
         for g in free_grads.values():

@@ -30,6 +30,7 @@ import dataclasses
 import math
 from typing import Any, Callable, Mapping
 
+import jax
 import numpy as np
 
 from dpft.privacy import accounting, bandmf, bookkeeping, clipping as clipping_lib, engine, keys, noise, sampling, units
@@ -77,6 +78,11 @@ class PrivacyPlan:
     #: (correlated by `strategy`, cyclic Poisson selection over strategy.bands groups).
     mechanism: str = "dpsgd"
     strategy: bandmf.Strategy | None = None
+    #: What is trained (`config.train.trainable`): "all", "head", ...; `dimension` is the number of
+    #: scalars of the trained (clipped and noised) tree, `model_size` that of the whole model.
+    trainable: str = "all"
+    dimension: int = 0
+    model_size: int = 0
 
     def __post_init__(self) -> None:
         if self.mechanism not in bandmf.MECHANISMS:
@@ -245,12 +251,24 @@ class PrivacyPlan:
             "unit": self.unit, "num_units": self.num_examples, "patients": self.patients,
             "mechanism": self.mechanism, "bands": self.bands,
             **({"sampling": "cyclic_poisson", "bandmf": self.strategy.to_dict()} if self.mechanism == "bandmf" else {}),
+            # What is trained: the noise has `dimension` coordinates (the trainable parameters).
+            "trainable": self.trainable, "dimension": self.dimension, "model_size": self.model_size,
         }
+
+    def trained_text(self) -> str:
+        """"head, 1,290 of 3,400,000 parameters noised" ("trained" in a non-private plan)."""
+        verb = "noised" if self.enabled else "trained"
+        return f"{self.trainable}, {self.dimension:,} of {self.model_size:,} parameters {verb}"
 
     @property
     def clip_norm(self) -> float:
         """C of the clipping (0.0 when not private)."""
         return float(self.clipping.clip_norm) if self.enabled else 0.0
+
+
+def num_scalars(params: Any) -> int:
+    """Number of scalars of a params pytree (the dimension of its noise)."""
+    return int(sum(math.prod(np.shape(x)) for x in jax.tree.leaves(params)))
 
 
 def _max_updates_within(target: float, q: float, sigma: float, delta: float, limit: int, accountant: str,
@@ -281,7 +299,8 @@ def fixed_plan(*, clipping: ClippingConfig, noise_multiplier: float, expected_ba
     sens = engine.sensitivity(clipping, params) if private else 0.0
     return PrivacyPlan(private, n, float(expected_batch_size) / n, float(expected_batch_size),
                        float(noise_multiplier) if private else 0.0, clipping, sens,
-                       float(delta) if private else 0.0, None, int(num_updates), accountant, method, secret)
+                       float(delta) if private else 0.0, None, int(num_updates), accountant, method, secret,
+                       dimension=num_scalars(params), model_size=num_scalars(params))
 
 
 def resolve_grad_method(method: str, enabled: bool, clipping_mode: str) -> str:
@@ -325,7 +344,8 @@ def make_plan(*, enabled: bool, num_examples: int, batch_size: float, num_update
     method = resolve_grad_method(grad_method, enabled, clipping.mode)
     if not enabled:
         none = engine.NO_CLIPPING
-        return PrivacyPlan(False, n, q, b, 0.0, none, 0.0, 0.0, None, updates, accountant, method, secret)
+        return PrivacyPlan(False, n, q, b, 0.0, none, 0.0, 0.0, None, updates, accountant, method, secret,
+                           dimension=num_scalars(params), model_size=num_scalars(params))
     if mechanism not in bandmf.MECHANISMS:
         raise PlanError(f"mechanism={mechanism!r}; use one of {bandmf.MECHANISMS}")
     mf_bands = int(bands) if mechanism == "bandmf" else None
@@ -357,7 +377,8 @@ def make_plan(*, enabled: bool, num_examples: int, batch_size: float, num_update
         except ValueError as e:
             raise PlanError(f"bandmf strategy: {e}") from None
     return PrivacyPlan(True, n, q, b, sigma, clipping, engine.sensitivity(clipping, params), delta, target,
-                       updates, accountant, method, secret, mechanism=mechanism, strategy=mf)
+                       updates, accountant, method, secret, mechanism=mechanism, strategy=mf,
+                       dimension=num_scalars(params), model_size=num_scalars(params))
 
 
 __all__ = ["PrivacyPlan", "PlanError", "make_plan", "fixed_plan", "GRAD_METHODS", "resolve_grad_method"]

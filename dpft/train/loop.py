@@ -169,7 +169,7 @@ class Trainer(wiring.RunParts):
         u = self.updates_done
         if self.iterator.state["update_index"] != u:
             raise RuntimeError(f"data iterator at update {self.iterator.state} but state at {u}")
-        acc = step_lib.zeros_accumulator(self.state["params"], self.mesh)
+        acc = step_lib.zeros_accumulator(step_lib.trainable_part(self.state, self.step_cfg), self.mesh)
         stats = []
         batches = self.iterator.update_batches()
         key = keys.dropout_key(int(self.config.seed), u)  # each example folds in its id (engine.example_key_ids)
@@ -179,7 +179,7 @@ class Trainer(wiring.RunParts):
                 self.iterator.set_state({"update_index": u, "physical_batch_index": 0})
                 return None
             device_batch = distributed.shard_batch(_device_batch(batch), self.mesh)
-            acc, batch_stats = self.accumulate(self.state["params"], acc, device_batch, key)
+            acc, batch_stats = self.accumulate(step_lib.step_input(self.state, self.step_cfg), acc, device_batch, key)
             stats.append(batch_stats)
         return acc, stats
 
@@ -283,6 +283,7 @@ class Trainer(wiring.RunParts):
         names = (contract.PARAMS, contract.OPT_STATE, contract.UPDATE) + tuple(
             contract.PARAMS_ITEMS[a] for a in contract.averages_kept(self.config)) + (
             (contract.NOISE_STATE,) if self.plan.correlated else ())  # BandMF: private, checkpoints only
+        names += (contract.LORA,) if contract.LORA in self.state else ()  # train.trainable="lora:<r>"
         return {name: self.state[name] for name in names}
 
     def save(self, ckpt: checkpointing.Checkpointer) -> None:
@@ -393,13 +394,14 @@ class Trainer(wiring.RunParts):
         bs = int(self.config.train.physical_batch_size)
         chunks, loss_chunks = [], []
         key = keys.dropout_key(int(self.config.seed), u)  # the keys update u draws
-        acc = step_lib.zeros_accumulator(self.state["params"], self.mesh)  # reused: only the stats matter
+        # reused: only the stats matter
+        acc = step_lib.zeros_accumulator(step_lib.trainable_part(self.state, self.step_cfg), self.mesh)
         for batch in pipeline.train_view_batches(
                 self.train_table, batch_size=bs, augment=self.augment, seed=int(self.config.seed), update_index=u,
                 num_workers=int(self.config.data.num_workers), num_shards=jax.process_count(),
                 shard_index=jax.process_index(), on_bad_image=self.iterator.config.on_bad_image,
                 units=self.iterator.units, selection_seed=self.iterator.config.selection_seed):
-            acc, stats = self.accumulate(self.state["params"], acc,
+            acc, stats = self.accumulate(step_lib.step_input(self.state, self.step_cfg), acc,
                                          distributed.shard_batch(_device_batch(batch), self.mesh), key)
             norms, losses = stats["norms"], stats["loss"]
             if jax.process_count() > 1:

@@ -91,7 +91,8 @@ def announcement(plan: PrivacyPlan, config: ml_collections.ConfigDict) -> list[s
     else:
         first = (f"non-private: N={p.num_examples}, expected batch {p.expected_batch_size:g}, "
                  f"{p.num_updates} updates (same code path, no clipping, no noise)")
-    return [first, *patient_lines(p, end_eps), f"devices: {jax.device_count()} ({jax.process_count()} process(es)), "
+    trained = f"trainable: {p.trained_text()}"  # "trainable: head, 1,290 of 51,470 parameters noised"
+    return [first, trained, *patient_lines(p, end_eps), f"devices: {jax.device_count()} ({jax.process_count()} process(es)), "
                    f"physical batch {config.train.physical_batch_size} per host, "
                    f"microbatch {config.train.microbatch_size}, augmult {config.data.augmult}"]
 

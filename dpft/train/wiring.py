@@ -24,8 +24,9 @@ from dpft.data.augment import AugmentConfig
 from dpft.data.base import ExampleTable
 from dpft.errors import UsageError
 from dpft.inference.predictor import Predictor, model_forward
+from dpft.models import registry, trainable
 from dpft.privacy import adapters, keys
-from dpft.privacy.plan import PrivacyPlan
+from dpft.privacy.plan import PrivacyPlan, num_scalars
 from dpft.train import privacy_setup
 from dpft.train import step as step_lib
 
@@ -77,11 +78,16 @@ def build_run(config: ml_collections.ConfigDict, workdir: str, *, print_fn: Call
     augment = build.augment_config(config)
     model = build.build_model(config, table.num_classes)
     loss_fn, params, merge = adapters.nnx_loss_fn(model, privacy_setup.per_view_loss(table.task))
-    plan = run_plan.privacy_plan(config, num_units, params, privacy_setup.shared_run_secret(config, say),
+    partition = trainable.partition(str(config.train.trainable), model, params,
+                                    registry.lookup(str(config.model.name)).head, seed=int(config.seed))
+    trained = step_lib.trained_tree(params, partition)  # what is clipped and noised
+    plan = run_plan.privacy_plan(config, num_units, trained, privacy_setup.shared_run_secret(config, say),
                                  patient_ids=build.patient_ids(config, table), unit_index=units)
+    plan = dataclasses.replace(plan, trainable=str(config.train.trainable), model_size=num_scalars(params))
     plan = privacy_setup.shared_strategy(plan)  # BandMF: process 0's coefficients on every process
     step_cfg = step_lib.StepConfig(plan=plan, microbatch_size=int(config.train.microbatch_size),
-                                   ema_decay=float(config.train.ema_decay), polyak=bool(config.train.polyak))
+                                   ema_decay=float(config.train.ema_decay), polyak=bool(config.train.polyak),
+                                   partition=partition)
     optimizer = optim.make_optimizer(config.train)
     return RunParts(
         config=config, workdir=paths.absolute(workdir), print=say, mesh=mesh, tables=tables, coverage=coverage,

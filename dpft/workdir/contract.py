@@ -39,6 +39,9 @@ PARAMS, OPT_STATE, UPDATE, EMA, POLYAK = "params", "opt_state", "update", "ema",
 NOISE_STATE = "noise_state"
 DATA_STATE, LEDGER, CONFIG, PLAN, SECRET, INDIVIDUAL = (  # JSON documents
     "data_state", "ledger", "config", "plan", "secret", "individual")
+#: train.trainable="lora:<r>" only: the LoRA factors and the pre-trained kernels they adapt
+#: (`dpft.nn.lora`), for resuming; "params" holds the merged model, so evaluation never reads it.
+LORA = "lora"
 #: The items evaluation reads (copied from a remote workdir): never opt_state or the run's secret.
 EVAL_ITEMS = (PARAMS, EMA, POLYAK, UPDATE, CONFIG, PLAN, LEDGER)
 #: Which parameters made predictions (predictions' `params`) -> the checkpoint item holding them.
