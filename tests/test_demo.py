@@ -10,11 +10,41 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from dpft.demo import mechanisms
 from dpft.demo import report as demo_report
 from dpft.demo.recipe import recipe
 from dpft.privacy import accounting
 from dpft.config.validation import validate
 from dpft.testing import cpu as cpu_env
+
+
+@pytest.mark.parametrize("variant", list(mechanisms.VARIANTS))
+def test_every_mechanisms_variant_is_a_valid_run_config_with_its_fields(variant):
+    cfg = mechanisms.variant_config(variant, epsilon=4.0, seed=1, updates=40, checkpoint="", model="nfnet_nano",
+                                    minority_fraction=0.05)
+    validate(cfg, num_examples=521, num_devices=1)  # the digits' private split
+    for field, value in mechanisms.VARIANTS[variant].items():
+        node = cfg
+        for part in field.split("."):
+            node = node[part]
+        assert node == value
+    assert cfg.privacy.mechanism == mechanisms.VARIANTS[variant].get("privacy.mechanism", "dpsgd")
+    assert cfg.train.trainable == mechanisms.VARIANTS[variant].get("train.trainable", "all")
+    assert cfg.seed == 1 and cfg.privacy.epsilon == 4.0 and cfg.train.log_every == 1
+
+
+def test_a_variant_naming_a_missing_field_is_refused(monkeypatch):
+    monkeypatch.setitem(mechanisms.VARIANTS, "typo", {"train.trainabel": "head"})
+    with pytest.raises(KeyError, match="train.trainabel"):
+        mechanisms.variant_config("typo", epsilon=4.0, seed=0, updates=40, checkpoint="", model="nfnet_nano",
+                                  minority_fraction=0.05)
+
+
+def test_update_seconds_is_the_median_interval_after_the_first_two_updates():
+    stamps = [(0.0, 1), (30.0, 2), (31.0, 3), (31.5, 4), (32.5, 5), (33.0, 6), (35.0, 8)]
+    # intervals from update 3 on: 0.5, 1.0, 0.5, 1.0 per update (the last spans two updates)
+    assert mechanisms.update_seconds(stamps) == pytest.approx(0.75)
+    assert mechanisms.update_seconds([(0.0, 1), (1.0, 2), (2.0, 3), (3.0, 4)]) is None  # one interval
 
 
 @pytest.mark.parametrize("private", [True, False])
@@ -130,3 +160,24 @@ def test_quick_demo_end_to_end(tmp_path):
     assert " per patient |" in compared and " per example |" in compared
     assert units["example"]["epsilon_per_image"] < 8.0 and units["example"]["noise_multiplier"] > \
         units["patient"]["noise_multiplier"]
+    # The mechanisms study in the same workdir (its public pre-training is reused): every variant runs, is
+    # evaluated, compared and timed, and each run's plan says what it ran.
+    proc = subprocess.run([sys.executable, "-m", "dpft.cli", "demo", "--workdir", str(wd), "--study", "mechanisms",
+                           "--quick", "--model", "nfnet_nano", "--updates", "24", "--pretrain-updates", "16",
+                           "--epsilons", "8", "--seeds", "0"], capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "public pre-training: reusing" in proc.stdout and "[3/3] summary" in proc.stdout
+    study = json.loads((wd / "mechanisms" / "summary.json").read_text())
+    assert [r["variant"] for r in study["rows"]] == list(mechanisms.VARIANTS)
+    for r in study["rows"]:
+        assert r["n_runs"] == 1 and 0.0 <= r["accuracy"]["value"] <= 1.0 and r["seconds_per_update"] > 0, r
+    md = (wd / "mechanisms" / "report.md").read_text()
+    assert all(f"| {v} | 8 | 1 |" in md for v in mechanisms.VARIANTS)
+    for name in ("mechanism", "trainable"):
+        assert (wd / "mechanisms" / f"compare_{name}" / "compare.json").is_file()
+    plans = {v: json.loads((wd / "mechanisms" / f"{v}_epsilon-8_seed-0" / "privacy_plan.json").read_text())
+             for v in mechanisms.VARIANTS}
+    assert plans["bandmf-all"]["mechanism"] == "bandmf" and plans["bandmf-all"]["bands"] == mechanisms.BANDS
+    assert plans["dpsgd-all"]["mechanism"] == "dpsgd" and plans["dpsgd-all"]["dimension"] == plans["dpsgd-all"]["model_size"]
+    for v, form in (("dpsgd-head", "head"), ("dpsgd-norms_and_head", "norms_and_head"), ("dpsgd-lora4", "lora:4")):
+        assert plans[v]["trainable"] == form and plans[v]["dimension"] < plans["dpsgd-all"]["dimension"]
