@@ -249,12 +249,12 @@ def root(tmp_path_factory):
     return fake.write_fake_chexpert(str(tmp_path_factory.mktemp("chexpert")), n_patients=20, n_valid_patients=4)
 
 
-def _overrides(root: str, value: str, updates: int = 2) -> list[str]:
+def _overrides(root: str, value: str, updates: int = 2, extra: tuple = ()) -> list[str]:
     return [f"--config.data.root={root}", "--config.model.name=nfnet_nano", f"--config.train.num_updates={updates}",
             "--config.train.batch_size=8", "--config.train.physical_batch_size=16",
             "--config.train.microbatch_size=2", "--config.data.augmult=1", "--config.train.eval_every=0",
             "--config.train.checkpoint_every=1", "--config.privacy.insecure_fixed_noise_seed=7",
-            "--config.privacy.clip_norm=1.0", "--config.eval.splits=test", f"--config.train.trainable={value}"]
+            "--config.privacy.clip_norm=1.0", "--config.eval.splits=test", f"--config.train.trainable={value}", *extra]
 
 
 def _flat(tree) -> dict[str, np.ndarray]:
@@ -262,35 +262,40 @@ def _flat(tree) -> dict[str, np.ndarray]:
             for p, x in zip(partition_lib.param_paths(tree), jax.tree.leaves(tree))}
 
 
-def _run_dpft_train(root, workdir, value: str, capsys) -> list[str]:
+def _run_dpft_train(root, workdir, value: str, capsys, extra: tuple = ()) -> list[str]:
     """`dpft train` (in-process) -> its output lines."""
     from dpft import cli
-    assert cli.main(["train", "--config", TINY, "--workdir", str(workdir), *_overrides(root, value)]) == 0
+    assert cli.main(["train", "--config", TINY, "--workdir", str(workdir), *_overrides(root, value, extra=extra)]) == 0
     return capsys.readouterr().out.splitlines()
 
 
-def _initial_and_final(root, workdir, value: str):
+def _initial_and_final(root, workdir, value: str, extra: tuple = ()):
     """(the run's wiring with its initial state, the final checkpoint's state) of a finished workdir."""
     from dpft.workdir import checkpointing
-    t = loop.Trainer(load_config(TINY, _overrides(root, value)), str(workdir), print_fn=lambda *a: None)
+    t = loop.Trainer(load_config(TINY, _overrides(root, value, extra=extra)), str(workdir), print_fn=lambda *a: None)
     initial = dict(t.state)
     with checkpointing.Checkpointer(str(workdir), keep=2) as ckpt:
         assert t.restore(ckpt)
     return t, initial, t.state
 
 
-@pytest.mark.parametrize("value,trained", [
-    ("head", {"linear/w", "linear/b"}),
-    pytest.param("lora:2", None, marks=pytest.mark.slow),  # the head and every kernel "w" (merged) change
-])
-def test_dpft_train_leaves_frozen_parameters_bit_identical(root, tmp_path, capsys, value, trained):
+BANDMF = ("--config.privacy.mechanism=bandmf", "--config.privacy.bandmf.bands=2")
+
+
+@pytest.mark.parametrize("value,trained,extra", [
+    ("head", {"linear/w", "linear/b"}, ()),
+    # BandMF's correlated noise over the trained tree only: its noise state has the head's shape
+    ("head", {"linear/w", "linear/b"}, BANDMF),
+    pytest.param("lora:2", None, (), marks=pytest.mark.slow),  # the head and every kernel "w" (merged) change
+], ids=["head", "head-bandmf", "lora:2"])
+def test_dpft_train_leaves_frozen_parameters_bit_identical(root, tmp_path, capsys, value, trained, extra):
     """`dpft train` with train.trainable: 2 updates; the final checkpoint's frozen params and EMA are the
     initial ones bit for bit, the trained ones changed; the plan's dimension is the trained count and the
     start-up line says it."""
     if jax.device_count() not in (1, 2, 4, 8):
         pytest.skip("physical batch 16 = devices x 2 x k")
-    lines = _run_dpft_train(root, tmp_path / "run", value, capsys)
-    t, initial, final = _initial_and_final(root, tmp_path / "run", value)
+    lines = _run_dpft_train(root, tmp_path / "run", value, capsys, extra)
+    t, initial, final = _initial_and_final(root, tmp_path / "run", value, extra)
     assert int(final["update"]) == 2
     before, after = _flat(initial["params"]), _flat(final["params"])
     changed = {k for k in before if not np.array_equal(before[k], after[k])}
@@ -305,6 +310,12 @@ def test_dpft_train_leaves_frozen_parameters_bit_identical(root, tmp_path, capsy
     assert f"trainable: {value}, {dim:,} of 3,696 parameters noised" in lines
     if value.startswith("lora"):
         assert t.plan.grad_method == "vmap" and "lora" in t._pytrees()
+    if extra:  # BandMF: one correlated noise vector (b - 1 = 1) per TRAINED parameter, and it moved
+        assert t.plan.correlated and t.plan.bands == 2
+        trained_tree = step_lib.trainable_part(final, t.step_cfg)
+        assert jax.tree.structure(final["noise_state"]) == jax.tree.structure(trained_tree)
+        for z, p in zip(jax.tree.leaves(final["noise_state"]), jax.tree.leaves(trained_tree)):
+            assert z.shape == (1,) + p.shape and np.any(np.asarray(z) != 0)
 
 
 @pytest.mark.slow
