@@ -388,6 +388,24 @@ def test_a_strategy_file_is_the_runs_strategy(tmp_path):
     np.save(path, np.array([1.0, 0.6]))  # two coefficients for three bands
     with pytest.raises(errors.UsageError, match="3 band"):
         run_plan.privacy_plan(config, 1000, PARAMS, SECRET)
+    np.save(path, np.array([1.0, 2.5, 1.2]))  # x^2 + 2.5x + 1.2 has a root of modulus 1.85: C^-1 unstable
+    with pytest.raises(errors.UsageError, match="unstable .* modulus 1.85"):
+        run_plan.privacy_plan(config, 1000, PARAMS, SECRET)
+
+
+def test_the_stability_check_is_what_the_noise_recursion_does():
+    """C^-1 Z over 80 updates: bounded for the file strategy accepted above and for jax-privacy's optimum,
+    exploding for the refused one (the check's reason)."""
+    z = np.random.default_rng(0).standard_normal((80, 1))
+    y = {}
+    for name, c in (("ok", [1.0, 0.6, 0.3]), ("optimized", list(bandmf.optimized_coefs(80, 4))),
+                    ("unstable", [1.0, 2.5, 1.2])):
+        y[name] = np.linalg.solve(bandmf.dense_strategy(np.array(c), 80), z)
+    assert np.abs(y["ok"]).max() < 10 and np.abs(y["optimized"]).max() < 10
+    assert np.abs(y["unstable"]).max() > 1e15
+    bandmf.check_coefs(np.array([1.0, 0.6, 0.3]), 3, "ok")
+    with pytest.raises(ValueError, match="unstable"):
+        bandmf.check_coefs(np.array([1.0, 2.5, 1.2]), 3, "unstable")
 
 
 def test_example_level_patients_get_no_dp_sgd_group_epsilon_and_say_so():

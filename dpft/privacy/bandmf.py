@@ -65,6 +65,13 @@ def check_coefs(coefs: np.ndarray, bands: int, where: str) -> np.ndarray:
         raise ValueError(f"{where}: a strategy of {bands} band(s) needs {bands} coefficients, got shape {c.shape}")
     if not np.all(np.isfinite(c)) or not c[0] > 0:
         raise ValueError(f"{where}: coefficients must be finite with coefs[0] > 0 (C invertible), got {c.tolist()}")
+    # The noise recursion y_t = (z_t - sum_j c_j y_{t-j}) / c_0 is stable iff every root of
+    # c_0 x^(b-1) + ... + c_(b-1) lies inside the unit circle; otherwise the noise grows without bound
+    # over the updates (jax-privacy's optimised strategies: largest root 0.55 at n=6 b=3, 0.96 at n=1000 b=16).
+    largest = float(np.max(np.abs(np.roots(c)))) if bands > 1 else 0.0
+    if not largest < 1.0:
+        raise ValueError(f"{where}: C^-1 is unstable (a root of the coefficients' polynomial has modulus "
+                         f"{largest:.4g} >= 1: the correlated noise would grow without bound), got {c.tolist()}")
     return c
 
 
