@@ -126,7 +126,7 @@ def run_mechanisms_study(args: argparse.Namespace, workdir: str, checkpoint: str
     command = "dpft demo --study mechanisms " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in (("workdir", args.workdir), ("epsilons", args.epsilons),
                                                     ("seeds", args.seeds), ("updates", args.updates),
-                                                    ("model", args.model)))
+                                                    ("model", args.model), ("bootstrap", args.bootstrap)))
     report = ["# Mechanisms study", "", f"Made by `{command}`{' --quick' if args.quick else ''} in "
               f"{elapsed / 60:.1f} min.", "",
               f"The demo's private fine-tuning ({args.model}, {updates} updates of expected batch 128 on about 520 "
