@@ -307,3 +307,15 @@ def test_private_selection_through_sweep_and_compare(tmp_path):
     assert sel["epsilon"] == pytest.approx(
         selection.selection_epsilon(trial, selection.Scheme("geometric", 1.0), plan["delta"]), rel=1e-9)
     assert "## Selection" in r.stdout
+
+
+def test_a_selection_of_bandmf_trials_is_accounted_with_their_mechanism(tmp_path):
+    """The trials' ledgers are used whole: a BandMF ledger (bands recorded) gives the selection over BandMF's
+    event, not over DP-SGD's event of the same (q, sigma, T)."""
+    mf = accounting.Ledger([accounting.LedgerEntry(0.02, 1.2, 150)], bands=2)
+    trials = [_trial(tmp_path, "trial-000", 0.3, ledger=mf), _trial(tmp_path, "trial-001", 2.0, ledger=mf)]
+    _record(tmp_path, [t.name for t in trials])
+    sel = C.compare_runs([str(t) for t in trials], tmp_path / "cmp")["selection"]
+    scheme = selection.Scheme("geometric", 3.0)
+    assert sel["epsilon"] == pytest.approx(selection.selection_epsilon(mf.dp_event(), scheme, 1e-5), rel=1e-12)
+    assert sel["epsilon"] != pytest.approx(selection.selection_epsilon(LEDGER.dp_event(), scheme, 1e-5), rel=1e-3)

@@ -258,7 +258,7 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLi
     cells: dict[tuple, list[dict]] = {}
     for r in rows:
         cells.setdefault((_freeze(r["series"]), _freeze(r["x"])), []).append(r)
-    _check_cells(cells, x, series, free=[f for f, _ in record[1]["axes"]] if record else ())
+    _check_cells(cells, x, series, free=[f for f, _ in record[2]["axes"]] if record else ())
     out_cells = []
     for (_, _), runs in cells.items():
         cell = {"series": runs[0]["series"], "x": runs[0]["x"], "runs": [r["run"] for r in runs],

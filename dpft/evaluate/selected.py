@@ -43,9 +43,9 @@ def _read_json(path: Path) -> Any:
         raise UsageError(f"{path}: not valid JSON ({e})") from None
 
 
-def selection_record(run_dirs: Sequence[str | Path]) -> tuple[Path, dict] | None:
-    """(path, doc) of the `selection.json` beside the runs when they all share the parent that holds one;
-    UsageError when the runs are not exactly its trials."""
+def selection_record(run_dirs: Sequence[str | Path]) -> tuple[Path, selection_lib.Scheme, dict] | None:
+    """(path, its Scheme, doc) of the `selection.json` beside the runs when they all share the parent that
+    holds one; UsageError when the runs are not exactly its trials."""
     parents = {Path(d).resolve().parent for d in run_dirs}
     if len(parents) != 1:
         return None
@@ -53,7 +53,7 @@ def selection_record(run_dirs: Sequence[str | Path]) -> tuple[Path, dict] | None
     if not path.is_file():
         return None
     try:
-        _, doc = selection_lib.read_selection_doc(_read_json(path), str(path))
+        scheme, doc = selection_lib.read_selection_doc(_read_json(path), str(path))
     except ValueError as e:
         raise UsageError(str(e)) from None
     names = sorted(Path(d).name for d in run_dirs)
@@ -61,7 +61,7 @@ def selection_record(run_dirs: Sequence[str | Path]) -> tuple[Path, dict] | None
     if names != trials:
         raise UsageError(f"{path}: the compared runs {names} are not the {len(trials)} trials it drew {trials}: a "
                          "private selection compares all its trials and nothing else")
-    return path, doc
+    return path, scheme, doc
 
 
 def _metric(metrics: Mapping[str, Any], metric: str, path: Path) -> float:
@@ -74,9 +74,9 @@ def _metric(metrics: Mapping[str, Any], metric: str, path: Path) -> float:
     return float(value)
 
 
-def private_selection(path: Path, doc: dict, run_dirs: Sequence[str | Path], select_by: str | None) -> dict[str, Any]:
+def private_selection(path: Path, scheme: selection_lib.Scheme, doc: dict, run_dirs: Sequence[str | Path],
+                      select_by: str | None) -> dict[str, Any]:
     """The accounted selection over the trials of `doc` (see the module doc)."""
-    scheme, _ = selection_lib.read_selection_doc(doc, str(path))
     metric = select_by or doc.get("metric")
     scores, ledgers, deltas, valid, units = {}, {}, set(), set(), set()
     for d in sorted(Path(r) for r in run_dirs):
@@ -96,17 +96,17 @@ def private_selection(path: Path, doc: dict, run_dirs: Sequence[str | Path], sel
         if eps is None or not math.isclose(ledger.epsilon(float(meta["delta"])), float(eps), rel_tol=1e-9):
             raise UsageError(f"{d / contract.LEDGER_FILE}: its epsilon is not the {eps} that evaluation verified from "
                              f"the checkpoint ({mpath})")
-        ledgers[d.name] = ledger.to_dict()["entries"]
+        ledgers[d.name] = ledger  # its whole record: the mechanism (BandMF's bands) and every entry
         run_eps = float(eps)
         deltas.add(float(meta["delta"]))
         valid.add(meta.get("guarantee_valid"))
         units.add(meta.get("privacy_unit"))
-    if len({json.dumps(e, sort_keys=True) for e in ledgers.values()}) != 1 or len(deltas) != 1 or len(units) != 1:
+    if len({l.to_json() for l in ledgers.values()}) != 1 or len(deltas) != 1 or len(units) != 1:
         raise UsageError(f"{path}: the trials differ in their privacy accounting (ledgers, delta or privacy unit): "
                          "a private selection needs every trial to be the same DP mechanism")
     best = max(sorted(scores), key=lambda n: scores[n])  # ties: the first by name
     delta = deltas.pop()
-    trial_ledger = Ledger.from_dict({"format": "dpft.ledger/1", "entries": next(iter(ledgers.values()))})
+    trial_ledger = next(iter(ledgers.values()))
     event = trial_ledger.dp_event()
     return {
         "accounted": True, "selected": best, "metric": metric, "split": contract.VALIDATION,
