@@ -257,6 +257,9 @@ def test_a_private_selection_compares_all_its_trials_and_one_mechanism(tmp_path)
     (trials[1] / "ledger.json").write_text(other.to_json())  # another mechanism, epsilon not the verified one
     with pytest.raises(UsageError, match="not the .* that evaluation verified"):
         C.compare_runs([str(t) for t in trials], tmp_path / "cmp")
+    (trials[1] / "ledger.json").unlink()
+    with pytest.raises(UsageError, match="ledger.json: file not found"):
+        C.compare_runs([str(t) for t in trials], tmp_path / "cmp")
     _trial(tmp_path, "trial-001", 2.0, ledger=other)  # a trial that really ran longer
     with pytest.raises(UsageError, match="differ in their privacy accounting"):
         C.compare_runs([str(t) for t in trials], tmp_path / "cmp")

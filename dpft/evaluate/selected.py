@@ -91,7 +91,13 @@ def private_selection(path: Path, scheme: selection_lib.Scheme, doc: dict, run_d
                              "trials are scored on the validation split")
         metric = metric or meta["headline"][0]
         scores[d.name] = _metric(m, metric, mpath)
-        ledger = Ledger.from_json((d / contract.LEDGER_FILE).read_text())
+        lpath = d / contract.LEDGER_FILE
+        if not lpath.is_file():
+            raise UsageError(f"{lpath}: file not found (a trial without its ledger cannot be accounted)")
+        try:
+            ledger = Ledger.from_json(lpath.read_text())
+        except ValueError as e:
+            raise UsageError(f"{lpath}: {e}") from None
         eps = meta.get("epsilon")
         if eps is None or not math.isclose(ledger.epsilon(float(meta["delta"])), float(eps), rel_tol=1e-9):
             raise UsageError(f"{d / contract.LEDGER_FILE}: its epsilon is not the {eps} that evaluation verified from "
