@@ -15,6 +15,7 @@ import statistics
 import time
 from typing import Any, Callable
 
+from dpft import atomic_io
 from dpft.demo.recipe import DEFAULT_MODEL, recipe
 
 #: BandMF's band width in the study (the strategy is optimised for the run's number of updates).
@@ -96,8 +97,7 @@ def mechanisms_study(workdir: str, checkpoint: str, epsilons: list[float], seeds
             loop.Trainer(cfg, run_dir, print_fn=_timed_printer(stamps, lambda s: None)).run()
             _eval_run(run_dir, n_resamples, plots=False)
             seconds = update_seconds(stamps)
-            with open(timing, "w", encoding="utf-8") as f:
-                f.write("" if seconds is None else repr(seconds))
+            atomic_io.write_text(timing, "" if seconds is None else repr(seconds))
         text = open(timing, encoding="utf-8").read().strip() if os.path.isfile(timing) else ""
         if text:
             times.setdefault((variant, eps), []).append(float(text))
